@@ -1,0 +1,138 @@
+//! Map names, capacities and the numeric codes both sides agree on.
+
+/// Workload slots per node. Slot 0 is reserved: packets seen at an attachment point that has
+/// no workload registered are counted there and always pass.
+pub const MAX_WORKLOADS: u32 = 1024;
+/// The slot that collects traffic of attachment points with no registered workload.
+pub const SLOT_UNREGISTERED: u32 = 0;
+
+/// Capacity of the peer address to identity trie (pod IPs and CIDRs).
+pub const IDENTITY_CAPACITY: u32 = 1 << 17;
+/// Capacity of the policy trie (ruleset, peer, protocol, port prefix).
+pub const POLICY_CAPACITY: u32 = 1 << 18;
+/// Capacity of the per-ruleset ipBlock trie.
+pub const CIDR_RULE_CAPACITY: u32 = 1 << 15;
+/// Default capacity of the connection tracking LRU; the agent may size it at load time.
+pub const CONNTRACK_CAPACITY: u32 = 1 << 18;
+/// Capacity of the first-fragment port cache.
+pub const FRAGMENT_CAPACITY: u32 = 8192;
+/// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
+pub const EVENT_RING_BYTES: u32 = 1 << 18;
+/// How many cgroup ancestors the cgroup program walks to find the workload of a socket that
+/// lives in a child cgroup of the attached directory (a container inside a pod).
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// How many IPv6 extension headers the parser skips before giving up.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
+
+/// Map names as they appear in the object file (and as pin names under bpffs).
+pub mod map_names {
+    pub const WORKLOADS: &str = "WORKLOADS";
+    pub const TC_SLOTS: &str = "TC_SLOTS";
+    pub const CGROUP_SLOTS: &str = "CGROUP_SLOTS";
+    pub const IDENTITIES: &str = "IDENTITIES";
+    pub const POLICY: &str = "POLICY";
+    pub const CIDR_RULES: &str = "CIDR_RULES";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_BUCKETS: &str = "EVENT_BUCKETS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const DIAG: &str = "DIAG";
+}
+
+/// Program names in the object file.
+pub mod program_names {
+    /// TC on the host side of the workload's interface, host ingress = workload egress.
+    pub const TC_FROM_POD: &str = "tc_from_pod";
+    /// TC on the host side of the workload's interface, host egress = workload ingress.
+    pub const TC_TO_POD: &str = "tc_to_pod";
+    /// cgroup_skb ingress on the workload's cgroup v2 directory.
+    pub const CG_INGRESS: &str = "cg_ingress";
+    /// cgroup_skb egress on the workload's cgroup v2 directory.
+    pub const CG_EGRESS: &str = "cg_egress";
+}
+
+/// Direction, always the workload's: ingress is traffic into the workload.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+pub const DIRECTIONS: usize = 2;
+
+/// Verdict of a packet.
+pub const VERDICT_ALLOWED: u8 = 0;
+pub const VERDICT_WOULD_DROP: u8 = 1;
+pub const VERDICT_DROPPED: u8 = 2;
+pub const VERDICTS: usize = 3;
+
+/// Mode of a workload.
+pub const MODE_LOG: u8 = 0;
+pub const MODE_DROP: u8 = 1;
+
+/// Address families as stored in keys (the IP version number).
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers the datapath understands.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Identity of addresses that belong to no workload: "outside the cluster".
+/// Only ipBlock rules match it.
+pub const IDENTITY_WORLD: u32 = 1;
+/// First identity the agent hands out to a set of workloads (namespace + labels).
+pub const IDENTITY_FIRST_WORKLOAD: u32 = 256;
+/// Peers of the policy trie at or above this value are ipBlock sets of one ruleset (the CIDR
+/// trie maps an address to one of them), not workload identities.
+pub const PEER_CIDR_SET_BASE: u32 = 0x8000_0000;
+
+/// Datapath diagnostics: indices of the per-CPU `DIAG` array.
+pub mod diag {
+    /// Non-IP frames (ARP, LLDP...): passed, not counted per workload.
+    pub const NON_IP: u32 = 0;
+    /// Headers shorter than they claim or than the packet: counted, verdict by isolation.
+    pub const TRUNCATED: u32 = 1;
+    /// IPv4 header length or version that makes no sense.
+    pub const BAD_HEADER: u32 = 2;
+    /// More IPv6 extension headers than the parser follows, or ESP.
+    pub const IPV6_EXT_UNPARSED: u32 = 3;
+    /// A non-first fragment whose first fragment was never seen.
+    pub const FRAGMENT_UNKNOWN: u32 = 4;
+    /// A non-first fragment that got its ports from the first one.
+    pub const FRAGMENT_MATCHED: u32 = 5;
+    /// Connection tracking insert failed.
+    pub const CT_INSERT_FAILED: u32 = 6;
+    /// Flow events written to the ring buffer.
+    pub const EVENT_EMITTED: u32 = 7;
+    /// Flow events suppressed by the per-workload token bucket.
+    pub const EVENT_RATE_LIMITED: u32 = 8;
+    /// Flow events lost because the ring buffer was full.
+    pub const EVENT_LOST: u32 = 9;
+    /// IPv6 neighbour discovery and MLD: always passed, not counted per workload.
+    pub const ICMPV6_LINK_CONTROL: u32 = 10;
+    /// ICMP errors that matched a tracked flow.
+    pub const ICMP_RELATED: u32 = 11;
+    /// Packets at an attachment point with no registered workload.
+    pub const UNREGISTERED: u32 = 12;
+    /// Number of diagnostic counters.
+    pub const COUNT: u32 = 13;
+
+    /// Names, in index order, for metrics and `status`.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "non_ip",
+        "truncated",
+        "bad_header",
+        "ipv6_ext_unparsed",
+        "fragment_unknown",
+        "fragment_matched",
+        "ct_insert_failed",
+        "event_emitted",
+        "event_rate_limited",
+        "event_lost",
+        "icmpv6_link_control",
+        "icmp_related",
+        "unregistered",
+    ];
+}

@@ -1,0 +1,89 @@
+//! Workload configuration, identity and policy keys.
+
+use crate::user_pod;
+
+/// Per-workload configuration, indexed by slot in the `WORKLOADS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadConfig {
+    /// `workload_flags` bits.
+    pub flags: u32,
+    /// `MODE_LOG` or `MODE_DROP`.
+    pub mode: u32,
+    /// Ruleset of the policy trie for each direction (index `DIR_INGRESS` / `DIR_EGRESS`).
+    pub ruleset: [u32; 2],
+    /// Bumped by the agent whenever the workload's rules, isolation or peers change, so
+    /// tracked flows are re-evaluated on their next packet. Never reused for a slot.
+    pub epoch: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<WorkloadConfig>() == 24);
+
+/// Bits of `WorkloadConfig::flags`.
+pub mod workload_flags {
+    /// The slot holds a workload.
+    pub const ACTIVE: u32 = 1 << 0;
+    /// At least one policy selects the workload for ingress.
+    pub const ISOLATED_INGRESS: u32 = 1 << 1;
+    /// At least one policy selects the workload for egress.
+    pub const ISOLATED_EGRESS: u32 = 1 << 2;
+
+    /// The isolation bit of a direction (`DIR_INGRESS` / `DIR_EGRESS`).
+    pub const fn isolated(direction: u8) -> u32 {
+        if direction == crate::DIR_INGRESS {
+            ISOLATED_INGRESS
+        } else {
+            ISOLATED_EGRESS
+        }
+    }
+}
+
+/// Data of an LPM trie key over an address: `{scope, family}` are always matched in full,
+/// then the address bits. Prefix length = 64 + address prefix length.
+///
+/// `scope` is 0 in the identity trie and the ruleset in the ipBlock trie. IPv4 uses the
+/// first four bytes of `addr`; `family` keeps `::/0` from matching IPv4 peers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LpmAddr {
+    pub scope: u32,
+    pub family: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<LpmAddr>() == 24);
+
+/// Bits of `LpmAddr` before the address.
+pub const LPM_ADDR_FIXED_BITS: u32 = 64;
+
+/// Data of a policy trie key: one allowed (peer, protocol, port prefix) of a ruleset.
+///
+/// Prefix lengths: 64 = any protocol and port (a rule without ports), 72 = one protocol,
+/// any port, 72 + n = the first n bits of the port (big-endian, so ranges split into
+/// aligned blocks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub ruleset: u32,
+    /// Workload identity, or `PEER_CIDR_SET_BASE | n` for ipBlock set n of the ruleset.
+    pub peer: u32,
+    pub proto: u8,
+    /// Destination port, big-endian.
+    pub port: [u8; 2],
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+/// Prefix lengths of `PolicyKey`.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 64;
+pub const POLICY_PREFIX_ANY_PORT: u32 = 72;
+pub const POLICY_PREFIX_FULL: u32 = 88;
+
+/// Value of a policy trie entry: which compiled rule allowed it, for attribution.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub rule: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
+
+user_pod!(WorkloadConfig, LpmAddr, PolicyKey, PolicyValue);

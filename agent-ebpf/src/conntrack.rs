@@ -1,0 +1,204 @@
+//! Connection tracking: one LRU entry per (workload, flow), keyed from the workload's side
+//! so both directions of a connection find it with one lookup.
+//!
+//! An entry caches the policy decision of its flow. The mode is applied per packet, so a flip
+//! from log to drop takes effect on established would-drop flows at once; a change of the
+//! workload's epoch (its rules, isolation or peers changed) re-evaluates the flow on its next
+//! packet.
+
+use agent_common::{
+    Config, CtEntry, CtKey, DECISION_ALLOW, DIR_EGRESS, MODE_LOG, PROTO_TCP, WorkloadConfig,
+    tcp_state,
+};
+
+use crate::{
+    CONNTRACK,
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
+    policy::{self, Decision},
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// The tracking key of a packet seen by workload `slot` in `direction`.
+#[inline(always)]
+pub fn key_of(t: &Tuple, family: u8, slot: u32, direction: u8) -> CtKey {
+    if direction == DIR_EGRESS {
+        CtKey {
+            local: t.src,
+            remote: t.dst,
+            slot,
+            local_port: t.src_port,
+            remote_port: t.dst_port,
+            proto: t.proto,
+            family,
+            _pad: [0; 2],
+        }
+    } else {
+        CtKey {
+            local: t.dst,
+            remote: t.src,
+            slot,
+            local_port: t.dst_port,
+            remote_port: t.src_port,
+            proto: t.proto,
+            family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// The port policy is evaluated on: the one of the side that accepted the flow.
+#[inline(always)]
+fn service_port(key: &CtKey, origin: u8) -> u16 {
+    if origin == DIR_EGRESS {
+        key.remote_port
+    } else {
+        key.local_port
+    }
+}
+
+#[inline(always)]
+fn lifetime_ns(config: &Config, proto: u8, state: u8) -> u64 {
+    let seconds = if proto != PROTO_TCP {
+        config.ct_other_s
+    } else if state & tcp_state::RST != 0
+        || state & (tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY)
+            == (tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY)
+    {
+        config.ct_tcp_closing_s
+    } else if state & tcp_state::REPLY_SEEN != 0 {
+        config.ct_tcp_established_s
+    } else {
+        config.ct_tcp_opening_s
+    };
+    seconds as u64 * NS_PER_SEC
+}
+
+#[inline(always)]
+fn next_state(state: u8, proto: u8, flags: u8, from_origin: bool) -> u8 {
+    if proto != PROTO_TCP {
+        return state;
+    }
+    let mut s = state;
+    if !from_origin {
+        s |= tcp_state::REPLY_SEEN;
+    }
+    if flags & TCP_RST != 0 {
+        s |= tcp_state::RST;
+    }
+    if flags & TCP_FIN != 0 {
+        s |= if from_origin {
+            tcp_state::FIN_ORIGIN
+        } else {
+            tcp_state::FIN_REPLY
+        };
+    }
+    s
+}
+
+/// Outcome of tracking one packet.
+pub struct Tracked {
+    pub decision: Decision,
+    /// The packet opened a flow (or re-opened one whose decision was stale): worth an event.
+    pub new_flow: bool,
+}
+
+/// Looks up the packet's flow, evaluates policy when the flow is new or its decision stale,
+/// and records the flow. Denied flows of a workload in drop mode are not recorded: they
+/// have no replies, and a flood of them must not evict live connections.
+#[inline(always)]
+pub fn track(
+    config: &Config,
+    workload: &WorkloadConfig,
+    key: &CtKey,
+    direction: u8,
+    tcp_flags: u8,
+    now: u64,
+) -> Tracked {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: the pointer comes from a successful lookup; LRU values stay valid for the
+        // program run. Concurrent CPUs may race on the plain fields: the worst outcome is a
+        // stale expiry or state bit, corrected by the next packet.
+        let entry: &mut CtEntry = unsafe { &mut *entry };
+        let reopened_tcp = key.proto == PROTO_TCP
+            && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            && entry.tcp_state & (tcp_state::RST | tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY)
+                != 0;
+        if entry.expires_ns > now && !reopened_tcp {
+            let mut new_flow = false;
+            if entry.epoch != workload.epoch {
+                let d = policy::evaluate(
+                    workload,
+                    entry.origin,
+                    key.family,
+                    &key.remote,
+                    key.proto,
+                    service_port(key, entry.origin),
+                );
+                new_flow = d.decision != entry.decision;
+                entry.decision = d.decision;
+                entry.epoch = workload.epoch;
+            }
+            let state = next_state(
+                entry.tcp_state,
+                key.proto,
+                tcp_flags,
+                direction == entry.origin,
+            );
+            entry.tcp_state = state;
+            entry.expires_ns = now + lifetime_ns(config, key.proto, state);
+            // Per-flow packet counts feed the live flow view; a race between CPUs may lose
+            // one, the exact accounting lives in the per-CPU counters.
+            entry.packets[(direction & 1) as usize] += 1;
+            return Tracked {
+                decision: Decision {
+                    decision: entry.decision,
+                    peer: 0,
+                },
+                new_flow,
+            };
+        }
+    }
+
+    let decision = policy::evaluate(
+        workload,
+        direction,
+        key.family,
+        &key.remote,
+        key.proto,
+        service_port(key, direction),
+    );
+    if decision.decision == DECISION_ALLOW || workload.mode == MODE_LOG as u32 {
+        let state = next_state(0, key.proto, tcp_flags, true);
+        let mut packets = [0u64; 2];
+        packets[(direction & 1) as usize] = 1;
+        let entry = CtEntry {
+            expires_ns: now + lifetime_ns(config, key.proto, state),
+            packets,
+            epoch: workload.epoch,
+            origin: direction,
+            decision: decision.decision,
+            tcp_state: state,
+            _pad: 0,
+        };
+        if CONNTRACK.insert(key, &entry, 0).is_err() {
+            crate::counters::diag(agent_common::diag::CT_INSERT_FAILED);
+        }
+    }
+    Tracked {
+        decision,
+        new_flow: true,
+    }
+}
+
+/// The cached decision of the flow an ICMP error relates to, if that flow is tracked.
+#[inline(always)]
+pub fn related_decision(key: &CtKey, now: u64) -> Option<u8> {
+    // SAFETY: read-only use of a value from a successful lookup.
+    let entry = unsafe { CONNTRACK.get(key) }?;
+    if entry.expires_ns > now {
+        Some(entry.decision)
+    } else {
+        None
+    }
+}

@@ -1,0 +1,27 @@
+//! Per-CPU packet and byte counters by (workload, direction, verdict), and diagnostics.
+
+use agent_common::{Counter, counter_index};
+
+use crate::{COUNTERS, DIAG};
+
+/// Adds a packet (or a GSO aggregate of `segments`) to its workload counter.
+#[inline(always)]
+pub fn count(slot: u32, direction: u8, verdict: u8, segments: u32, bytes: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter_index(slot, direction, verdict)) {
+        // SAFETY: per-CPU slot; nothing else writes it while this program runs on this CPU.
+        unsafe {
+            let c: &mut Counter = &mut *c;
+            c.packets += segments as u64;
+            c.bytes += bytes as u64;
+        }
+    }
+}
+
+/// Bumps a `diag` counter.
+#[inline(always)]
+pub fn diag(index: u32) {
+    if let Some(c) = DIAG.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 }
+    }
+}

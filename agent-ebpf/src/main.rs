@@ -1,0 +1,336 @@
+//! Tollgate's kernel programs.
+//!
+//! Four entry points share one pipeline: find the workload of the attachment point, parse,
+//! track the connection, decide new flows by policy, count, sample would-drops and drops.
+//! - `tc_from_pod` / `tc_to_pod`: TC (TCX or clsact) on the host side of a workload's
+//!   interface. Host ingress is the workload's egress and the other way round.
+//! - `cg_ingress` / `cg_egress`: cgroup_skb on the workload's cgroup v2 directory.
+//!
+//! User space decides everything it can (identities, rules, isolation, mode) and hands it
+//! down as map entries; this side stays small and bounded.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod counters;
+mod events;
+mod identity;
+mod parse;
+mod policy;
+
+use agent_common::{
+    CIDR_RULE_CAPACITY, CONNTRACK_CAPACITY, COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey,
+    DECISION_ALLOW, DIR_EGRESS, DIR_INGRESS, EVENT_RING_BYTES, EventBucket, FRAGMENT_CAPACITY,
+    FragKey, FragPorts, IDENTITY_CAPACITY, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG,
+    POLICY_CAPACITY, PolicyKey, PolicyValue, SLOT_UNREGISTERED, VERDICT_ALLOWED, VERDICT_DROPPED,
+    VERDICT_WOULD_DROP, WorkloadConfig, diag, workload_flags,
+};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    macros::{cgroup_skb, classifier, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
+};
+
+use crate::parse::{Kind, Packet, ParseError};
+
+/// Per-workload configuration, by slot.
+#[map]
+static WORKLOADS: Array<WorkloadConfig> = Array::pinned(MAX_WORKLOADS, 0);
+/// Host-side interface index to workload slot (TC attachments).
+#[map]
+static TC_SLOTS: HashMap<u32, u32> = HashMap::pinned(MAX_WORKLOADS, 0);
+/// cgroup v2 id to workload slot (cgroup attachments).
+#[map]
+static CGROUP_SLOTS: HashMap<u64, u32> = HashMap::pinned(MAX_WORKLOADS, 0);
+/// Peer address to identity.
+#[map]
+static IDENTITIES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(IDENTITY_CAPACITY, 0);
+/// Allowed (ruleset, peer, protocol, port prefix).
+#[map]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(POLICY_CAPACITY, 0);
+/// (ruleset, address prefix) to the ipBlock set it falls in, a peer of `POLICY`.
+#[map]
+static CIDR_RULES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(CIDR_RULE_CAPACITY, 0);
+/// Connection tracking.
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_CAPACITY, 0);
+/// Ports of fragmented datagrams, from their first fragment.
+#[map]
+static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGMENT_CAPACITY, 0);
+/// Packets and bytes by (slot, direction, verdict).
+#[map]
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_WORKLOADS * COUNTERS_PER_SLOT, 0);
+/// Sampled would-drop and drop events.
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+/// Event token bucket per slot.
+#[map]
+static EVENT_BUCKETS: Array<EventBucket> = Array::pinned(MAX_WORKLOADS, 0);
+/// Node-wide settings (one entry).
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+/// Datapath diagnostics (`agent_common::diag`).
+#[map]
+static DIAG: PerCpuArray<u64> = PerCpuArray::pinned(diag::COUNT, 0);
+
+const ETH_HLEN: u32 = 14;
+
+/// What to do with the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Pass,
+    Drop,
+}
+
+#[classifier]
+pub fn tc_from_pod(ctx: TcContext) -> i32 {
+    tc_action(handle(&ctx.skb, ETH_HLEN, DIR_EGRESS, tc_slot(&ctx.skb)))
+}
+
+#[classifier]
+pub fn tc_to_pod(ctx: TcContext) -> i32 {
+    tc_action(handle(&ctx.skb, ETH_HLEN, DIR_INGRESS, tc_slot(&ctx.skb)))
+}
+
+#[cgroup_skb(ingress)]
+pub fn cg_ingress(ctx: SkBuffContext) -> i32 {
+    cgroup_action(handle(&ctx.skb, 0, DIR_INGRESS, cgroup_slot(&ctx.skb)))
+}
+
+#[cgroup_skb(egress)]
+pub fn cg_egress(ctx: SkBuffContext) -> i32 {
+    cgroup_action(handle(&ctx.skb, 0, DIR_EGRESS, cgroup_slot(&ctx.skb)))
+}
+
+/// Pass means "no opinion" (`TC_ACT_UNSPEC`, TCX_NEXT): programs of other agents or the CNI
+/// attached after ours still run.
+#[inline(always)]
+fn tc_action(action: Action) -> i32 {
+    match action {
+        Action::Pass => TC_ACT_UNSPEC,
+        Action::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[inline(always)]
+fn cgroup_action(action: Action) -> i32 {
+    match action {
+        Action::Pass => 1,
+        Action::Drop => 0,
+    }
+}
+
+#[inline(always)]
+fn tc_slot(skb: &SkBuff) -> u32 {
+    // SAFETY: context field read.
+    let ifindex = unsafe { (*skb.skb).ifindex };
+    // SAFETY: read-only use of the looked-up value.
+    match unsafe { TC_SLOTS.get(&ifindex) } {
+        Some(slot) => *slot,
+        None => SLOT_UNREGISTERED,
+    }
+}
+
+/// The workload of the socket's cgroup: the cgroup itself, or (for a container inside a pod
+/// directory) the first registered ancestor.
+#[inline(always)]
+fn cgroup_slot(skb: &SkBuff) -> u32 {
+    // SAFETY: helper call on the program's own context.
+    let id = unsafe { bpf_skb_cgroup_id(skb.skb) };
+    // SAFETY: read-only use of the looked-up value.
+    if let Some(slot) = unsafe { CGROUP_SLOTS.get(&id) } {
+        return *slot;
+    }
+    for level in 1..MAX_CGROUP_DEPTH {
+        // SAFETY: as above.
+        let ancestor = unsafe { bpf_skb_ancestor_cgroup_id(skb.skb, level as i32) };
+        if ancestor == 0 || ancestor == id {
+            break;
+        }
+        // SAFETY: read-only use of the looked-up value.
+        if let Some(slot) = unsafe { CGROUP_SLOTS.get(&ancestor) } {
+            return *slot;
+        }
+    }
+    SLOT_UNREGISTERED
+}
+
+/// Segments on the wire of this skb (GSO/GRO aggregates count as what they carry).
+#[inline(always)]
+fn segments(skb: &SkBuff) -> u32 {
+    // SAFETY: context field read.
+    let segs = unsafe { (*skb.skb).gso_segs };
+    if segs > 1 { segs } else { 1 }
+}
+
+#[inline(always)]
+fn verdict_of(decision: u8, mode: u32) -> u8 {
+    if decision == DECISION_ALLOW {
+        VERDICT_ALLOWED
+    } else if mode == MODE_LOG as u32 {
+        VERDICT_WOULD_DROP
+    } else {
+        VERDICT_DROPPED
+    }
+}
+
+#[inline(always)]
+fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
+    let mut pkt = Packet::new();
+    let parsed = parse::parse(skb, l3, &mut pkt);
+    if parsed == Err(ParseError::NonIp) {
+        counters::diag(diag::NON_IP);
+        return Action::Pass;
+    }
+    let bytes = skb.len().saturating_sub(l3);
+    let segs = segments(skb);
+
+    let Some(workload) = WORKLOADS.get(slot) else {
+        return Action::Pass;
+    };
+    if slot == SLOT_UNREGISTERED || workload.flags & workload_flags::ACTIVE == 0 {
+        counters::diag(diag::UNREGISTERED);
+        counters::count(SLOT_UNREGISTERED, direction, VERDICT_ALLOWED, segs, bytes);
+        return Action::Pass;
+    }
+    let isolated = workload.flags & workload_flags::isolated(direction) != 0;
+
+    if let Err(err) = parsed {
+        counters::diag(match err {
+            ParseError::Truncated => diag::TRUNCATED,
+            ParseError::BadHeader => diag::BAD_HEADER,
+            _ => diag::IPV6_EXT_UNPARSED,
+        });
+        // No policy can allow what cannot be read: denied where the workload is isolated.
+        return finish_unmatched(workload, slot, direction, isolated, segs, bytes);
+    }
+
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match pkt.kind {
+        Kind::LinkControl => {
+            counters::diag(diag::ICMPV6_LINK_CONTROL);
+            return Action::Pass;
+        }
+        Kind::LaterFragment => {
+            let fkey = frag_key(&pkt);
+            // SAFETY: read-only use of the looked-up value.
+            match unsafe { FRAGMENTS.get(&fkey) } {
+                Some(ports) if ports.expires_ns > now => {
+                    counters::diag(diag::FRAGMENT_MATCHED);
+                    pkt.tuple.src_port = ports.src_port;
+                    pkt.tuple.dst_port = ports.dst_port;
+                }
+                _ => {
+                    counters::diag(diag::FRAGMENT_UNKNOWN);
+                    return finish_unmatched(workload, slot, direction, isolated, segs, bytes);
+                }
+            }
+        }
+        _ => {}
+    }
+
+    let Some(config) = CONFIG.get(0) else {
+        return Action::Pass;
+    };
+
+    if pkt.first_fragment {
+        let ports = FragPorts {
+            expires_ns: now + config.fragment_timeout_s as u64 * 1_000_000_000,
+            src_port: pkt.tuple.src_port,
+            dst_port: pkt.tuple.dst_port,
+            _pad: 0,
+        };
+        let _ = FRAGMENTS.insert(&frag_key(&pkt), &ports, 0);
+    }
+
+    let mut tracked = None;
+    if pkt.kind == Kind::IcmpError {
+        let related = conntrack::key_of(&pkt.related, pkt.family, slot, direction);
+        if let Some(decision) = conntrack::related_decision(&related, now) {
+            counters::diag(diag::ICMP_RELATED);
+            tracked = Some(conntrack::Tracked {
+                decision: policy::Decision { decision, peer: 0 },
+                new_flow: false,
+            });
+        }
+    }
+    let tracked = match tracked {
+        Some(t) => t,
+        None => {
+            let key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction);
+            conntrack::track(config, workload, &key, direction, pkt.tcp_flags, now)
+        }
+    };
+
+    let verdict = verdict_of(tracked.decision.decision, workload.mode);
+    counters::count(slot, direction, verdict, segs, bytes);
+    if verdict == VERDICT_ALLOWED {
+        return Action::Pass;
+    }
+    if tracked.new_flow || verdict == VERDICT_DROPPED {
+        let info = events::EventInfo {
+            slot,
+            direction,
+            verdict,
+            peer: tracked.decision.peer,
+            epoch: workload.epoch,
+            len: bytes,
+        };
+        events::emit(config, &pkt, &info, now);
+    }
+    if verdict == VERDICT_DROPPED {
+        Action::Drop
+    } else {
+        Action::Pass
+    }
+}
+
+/// Verdict of a packet no flow can be found for (unreadable, or a fragment whose first
+/// fragment was never seen): allowed unless the workload is isolated in that direction.
+#[inline(always)]
+fn finish_unmatched(
+    workload: &WorkloadConfig,
+    slot: u32,
+    direction: u8,
+    isolated: bool,
+    segs: u32,
+    bytes: u32,
+) -> Action {
+    let decision = if isolated {
+        agent_common::DECISION_DENY
+    } else {
+        DECISION_ALLOW
+    };
+    let verdict = verdict_of(decision, workload.mode);
+    counters::count(slot, direction, verdict, segs, bytes);
+    if verdict == VERDICT_DROPPED {
+        Action::Drop
+    } else {
+        Action::Pass
+    }
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        src: pkt.tuple.src,
+        dst: pkt.tuple.dst,
+        id: pkt.frag_id,
+        proto: pkt.tuple.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

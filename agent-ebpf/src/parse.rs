@@ -1,0 +1,334 @@
+//! Bounds-checked header parsing: IPv4 (with options), IPv6 (extension headers, bounded),
+//! TCP, UDP, ICMP, ICMPv6, and the packet quoted inside ICMP errors.
+//!
+//! Every read goes through `bpf_skb_load_bytes`, which fails instead of reading past the
+//! packet, so a truncated header is an error, never a wrong value.
+
+use agent_common::{
+    FAMILY_IPV4, FAMILY_IPV6, MAX_IPV6_EXT_HEADERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+};
+use aya_ebpf::programs::sk_buff::SkBuff;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+
+/// Why a packet could not be parsed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not IPv4 or IPv6 (ARP, LLDP...).
+    NonIp,
+    /// A header runs past the end of the packet.
+    Truncated,
+    /// A header field is impossible (version, header length).
+    BadHeader,
+    /// More IPv6 extension headers than `MAX_IPV6_EXT_HEADERS`.
+    Ipv6ExtUnparsed,
+}
+
+/// What kind of packet this is, as far as policy is concerned.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP, UDP, ICMP echo or any other protocol: a flow of its own.
+    Flow,
+    /// An ICMP error quoting a packet: `related` holds the flow it belongs to.
+    IcmpError,
+    /// IPv6 neighbour discovery or MLD: link plumbing, always passes.
+    LinkControl,
+    /// A fragment after the first: no L4 header, ports come from the first fragment.
+    LaterFragment,
+}
+
+/// The 5-tuple of a packet (or of the flow an ICMP error relates to).
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order. ICMP echo: both hold the identifier. Other ICMP: 0.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+}
+
+impl Tuple {
+    const EMPTY: Tuple = Tuple {
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        proto: 0,
+    };
+}
+
+/// A parsed packet.
+pub struct Packet {
+    pub family: u8,
+    pub kind: Kind,
+    pub tuple: Tuple,
+    /// For `Kind::IcmpError`: the quoted packet's flow, turned around so it reads in the
+    /// direction the error travels (as if it were a reply of that flow).
+    pub related: Tuple,
+    pub tcp_flags: u8,
+    /// IP identification, for fragments.
+    pub frag_id: u32,
+    /// First fragment of a fragmented datagram: its ports are remembered for the rest.
+    pub first_fragment: bool,
+}
+
+impl Packet {
+    pub const fn new() -> Packet {
+        Packet {
+            family: 0,
+            kind: Kind::Flow,
+            tuple: Tuple::EMPTY,
+            related: Tuple::EMPTY,
+            tcp_flags: 0,
+            frag_id: 0,
+            first_fragment: false,
+        }
+    }
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[inline(always)]
+fn load<T>(skb: &SkBuff, offset: u32) -> Result<T, ParseError> {
+    skb.load::<T>(offset as usize)
+        .map_err(|_| ParseError::Truncated)
+}
+
+#[inline(always)]
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Parses the packet whose network header starts at `l3` (14 on a TC/ethernet hook, 0 on a
+/// cgroup_skb hook).
+#[inline(always)]
+pub fn parse(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ethertype = u16::from_be(unsafe { (*skb.skb).protocol } as u16);
+    match ethertype {
+        ETH_P_IP => parse_ipv4(skb, l3, pkt),
+        ETH_P_IPV6 => parse_ipv6(skb, l3, pkt),
+        _ => Err(ParseError::NonIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> {
+    let h: [u8; 20] = load(skb, l3)?;
+    if h[0] >> 4 != 4 {
+        return Err(ParseError::BadHeader);
+    }
+    let header_len = ((h[0] & 0x0f) as u32) * 4;
+    let total_len = be16(&h, 2) as u32;
+    if header_len < 20 || total_len < header_len {
+        return Err(ParseError::BadHeader);
+    }
+    if total_len > skb.len().saturating_sub(l3) {
+        return Err(ParseError::Truncated);
+    }
+    pkt.family = FAMILY_IPV4;
+    pkt.tuple.proto = h[9];
+    pkt.tuple.src[..4].copy_from_slice(&h[12..16]);
+    pkt.tuple.dst[..4].copy_from_slice(&h[16..20]);
+    let frag = be16(&h, 6);
+    pkt.frag_id = be16(&h, 4) as u32;
+    if frag & 0x1fff != 0 {
+        pkt.kind = Kind::LaterFragment;
+        return Ok(());
+    }
+    pkt.first_fragment = frag & 0x2000 != 0;
+    parse_l4(skb, l3 + header_len, pkt)
+}
+
+#[inline(always)]
+fn parse_ipv6(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> {
+    let h: [u8; 40] = load(skb, l3)?;
+    if h[0] >> 4 != 6 {
+        return Err(ParseError::BadHeader);
+    }
+    let payload_len = be16(&h, 4) as u32;
+    // Payload length 0 is a jumbogram (hop-by-hop option): nothing to check here.
+    if payload_len != 0 && payload_len + 40 > skb.len().saturating_sub(l3) {
+        return Err(ParseError::Truncated);
+    }
+    pkt.family = FAMILY_IPV6;
+    pkt.tuple.src.copy_from_slice(&h[8..24]);
+    pkt.tuple.dst.copy_from_slice(&h[24..40]);
+    let mut next = h[6];
+    let mut off = l3 + 40;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let e: [u8; 2] = load(skb, off)?;
+                next = e[0];
+                off += (e[1] as u32 + 1) * 8;
+            }
+            IPV6_AUTH => {
+                let e: [u8; 2] = load(skb, off)?;
+                next = e[0];
+                off += (e[1] as u32 + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let f: [u8; 8] = load(skb, off)?;
+                next = f[0];
+                let offset_flags = be16(&f, 2);
+                pkt.frag_id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
+                off += 8;
+                if offset_flags & 0xfff8 != 0 {
+                    pkt.tuple.proto = next;
+                    pkt.kind = Kind::LaterFragment;
+                    return Ok(());
+                }
+                pkt.first_fragment = offset_flags & 1 != 0;
+            }
+            _ => break,
+        }
+    }
+    if matches!(
+        next,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT
+    ) {
+        return Err(ParseError::Ipv6ExtUnparsed);
+    }
+    pkt.tuple.proto = next;
+    parse_l4(skb, off, pkt)
+}
+
+#[inline(always)]
+fn parse_l4(skb: &SkBuff, off: u32, pkt: &mut Packet) -> Result<(), ParseError> {
+    match pkt.tuple.proto {
+        PROTO_TCP => {
+            let t: [u8; 14] = load(skb, off)?;
+            pkt.tuple.src_port = be16(&t, 0);
+            pkt.tuple.dst_port = be16(&t, 2);
+            pkt.tcp_flags = t[13];
+        }
+        PROTO_UDP => {
+            let u: [u8; 4] = load(skb, off)?;
+            pkt.tuple.src_port = be16(&u, 0);
+            pkt.tuple.dst_port = be16(&u, 2);
+        }
+        PROTO_ICMP => {
+            let i: [u8; 8] = load(skb, off)?;
+            match i[0] {
+                // echo reply, echo request
+                0 | 8 => set_echo_id(pkt, be16(&i, 4)),
+                // destination unreachable, source quench, time exceeded, parameter problem
+                3 | 4 | 11 | 12 => parse_icmp_error(skb, off + 8, FAMILY_IPV4, pkt),
+                _ => {}
+            }
+        }
+        PROTO_ICMPV6 => {
+            let i: [u8; 8] = load(skb, off)?;
+            match i[0] {
+                128 | 129 => set_echo_id(pkt, be16(&i, 4)),
+                // destination unreachable, packet too big, time exceeded, parameter problem
+                1..=4 => parse_icmp_error(skb, off + 8, FAMILY_IPV6, pkt),
+                // MLD query/report/done, router/neighbour solicitation/advertisement,
+                // redirect, MLDv2 report
+                130..=137 | 143 => pkt.kind = Kind::LinkControl,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_echo_id(pkt: &mut Packet, id: u16) {
+    pkt.tuple.src_port = id;
+    pkt.tuple.dst_port = id;
+}
+
+/// Reads the packet quoted by an ICMP error. When the quote is unreadable the error stays a
+/// plain ICMP packet of its own (`Kind::Flow`), evaluated like any other.
+#[inline(always)]
+fn parse_icmp_error(skb: &SkBuff, off: u32, family: u8, pkt: &mut Packet) {
+    let inner = if family == FAMILY_IPV4 {
+        quoted_ipv4(skb, off)
+    } else {
+        quoted_ipv6(skb, off)
+    };
+    if let Ok(quoted) = inner {
+        // The quoted packet went the other way: turn it around.
+        pkt.related = Tuple {
+            src: quoted.dst,
+            dst: quoted.src,
+            src_port: quoted.dst_port,
+            dst_port: quoted.src_port,
+            proto: quoted.proto,
+        };
+        pkt.kind = Kind::IcmpError;
+    }
+}
+
+#[inline(always)]
+fn quoted_ipv4(skb: &SkBuff, off: u32) -> Result<Tuple, ParseError> {
+    let h: [u8; 20] = load(skb, off)?;
+    let header_len = ((h[0] & 0x0f) as u32) * 4;
+    if h[0] >> 4 != 4 || header_len < 20 {
+        return Err(ParseError::BadHeader);
+    }
+    let mut t = Tuple::EMPTY;
+    t.proto = h[9];
+    t.src[..4].copy_from_slice(&h[12..16]);
+    t.dst[..4].copy_from_slice(&h[16..20]);
+    quoted_ports(
+        skb,
+        off + header_len,
+        be16(&h, 6) & 0x1fff != 0,
+        PROTO_ICMP,
+        &mut t,
+    )?;
+    Ok(t)
+}
+
+#[inline(always)]
+fn quoted_ipv6(skb: &SkBuff, off: u32) -> Result<Tuple, ParseError> {
+    let h: [u8; 40] = load(skb, off)?;
+    if h[0] >> 4 != 6 {
+        return Err(ParseError::BadHeader);
+    }
+    let mut t = Tuple::EMPTY;
+    t.proto = h[6];
+    t.src.copy_from_slice(&h[8..24]);
+    t.dst.copy_from_slice(&h[24..40]);
+    quoted_ports(skb, off + 40, false, PROTO_ICMPV6, &mut t)?;
+    Ok(t)
+}
+
+/// Ports of a quoted packet: TCP/UDP ports, or the echo identifier of a quoted echo request.
+#[inline(always)]
+fn quoted_ports(
+    skb: &SkBuff,
+    off: u32,
+    later_fragment: bool,
+    icmp: u8,
+    t: &mut Tuple,
+) -> Result<(), ParseError> {
+    if later_fragment {
+        return Ok(());
+    }
+    if t.proto == PROTO_TCP || t.proto == PROTO_UDP {
+        let p: [u8; 4] = load(skb, off)?;
+        t.src_port = be16(&p, 0);
+        t.dst_port = be16(&p, 2);
+    } else if t.proto == icmp {
+        let i: [u8; 8] = load(skb, off)?;
+        t.src_port = be16(&i, 4);
+        t.dst_port = t.src_port;
+    }
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The loaded datapath: the embedded object in the kernel, its maps, and what is attached.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{CONNTRACK_CAPACITY, map_names};
+use aya::{Ebpf, EbpfLoader, maps::RingBuf};
+
+use crate::{
+    attach::{self, AttachError, AttachMethod, AttachPoint, Attachment, TcMode},
+    flowlog::EventReader,
+    maps::{DatapathMaps, MapsError},
+    pins,
+};
+
+/// The kernel object, built from `agent-ebpf` by build.rs and embedded: one file to ship.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// Errors of loading and driving the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("bpffs at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load the eBPF object (pins under {pin_dir}): {source}")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("slot {slot} is already attached at {point:?}")]
+    AlreadyAttached { slot: u32, point: AttachPoint },
+    #[error("event ring buffer: {0}")]
+    Events(String),
+}
+
+/// How to load the datapath.
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Directory on bpffs where maps are pinned; a later load with the same directory adopts
+    /// them (counters, tracked flows and rules continue).
+    pub pin_dir: PathBuf,
+    /// Capacity of the connection tracking table.
+    pub conntrack_capacity: u32,
+    /// How TC programs attach.
+    pub tc_mode: TcMode,
+}
+
+impl DatapathOptions {
+    /// Defaults with maps pinned under `pin_dir`.
+    pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
+        DatapathOptions {
+            pin_dir: pin_dir.into(),
+            conntrack_capacity: CONNTRACK_CAPACITY,
+            tc_mode: TcMode::Auto,
+        }
+    }
+}
+
+/// Summary of one attached workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedWorkload {
+    pub slot: u32,
+    pub point: AttachPoint,
+    pub method: AttachMethod,
+}
+
+/// The datapath of this node.
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// Typed map handles.
+    pub maps: DatapathMaps,
+    attachments: BTreeMap<u32, Attachment>,
+    options: DatapathOptions,
+}
+
+impl Datapath {
+    /// Loads the embedded object: maps pinned (or adopted) under the pin directory, programs
+    /// loaded and verified, nothing attached yet.
+    pub fn load(options: DatapathOptions) -> Result<Self, DatapathError> {
+        raise_memlock_limit();
+        pins::ensure_bpffs_dir(&options.pin_dir).map_err(|source| DatapathError::Bpffs {
+            path: options.pin_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&options.pin_dir)
+            .map_max_entries(map_names::CONNTRACK, options.conntrack_capacity)
+            .load(EBPF_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                pin_dir: options.pin_dir.clone(),
+                source: Box::new(source),
+            })?;
+        attach::load_programs(&mut ebpf)?;
+        let maps = DatapathMaps::new(&mut ebpf)?;
+        Ok(Datapath {
+            ebpf,
+            maps,
+            attachments: BTreeMap::new(),
+            options,
+        })
+    }
+
+    /// The options this datapath was loaded with.
+    pub fn options(&self) -> &DatapathOptions {
+        &self.options
+    }
+
+    /// Attaches the programs for workload `slot` at `point`. The slot is routed before the
+    /// programs attach, so the first packet already counts for the workload.
+    pub fn attach(
+        &mut self,
+        slot: u32,
+        point: &AttachPoint,
+    ) -> Result<AttachMethod, DatapathError> {
+        if let Some(existing) = self.attachments.get(&slot) {
+            return Err(DatapathError::AlreadyAttached {
+                slot,
+                point: existing.point.clone(),
+            });
+        }
+        let key = attach::point_key(point)?;
+        self.route(point, key, Some(slot))?;
+        match attach::attach(&mut self.ebpf, point, self.options.tc_mode) {
+            Ok(attachment) => {
+                let method = attachment.method;
+                self.attachments.insert(slot, attachment);
+                Ok(method)
+            }
+            Err(e) => {
+                self.route(point, key, None)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn route(&mut self, point: &AttachPoint, key: u64, slot: Option<u32>) -> Result<(), MapsError> {
+        match (point, slot) {
+            (AttachPoint::Tc { .. }, Some(slot)) => self.maps.set_tc_slot(key as u32, slot),
+            (AttachPoint::Tc { .. }, None) => self.maps.remove_tc_slot(key as u32),
+            (AttachPoint::Cgroup { .. }, Some(slot)) => self.maps.set_cgroup_slot(key, slot),
+            (AttachPoint::Cgroup { .. }, None) => self.maps.remove_cgroup_slot(key),
+        }
+    }
+
+    /// Takes the programs off workload `slot` and forgets its routing. Its rules and
+    /// counters stay until `maps.clear_workload`.
+    pub fn detach(&mut self, slot: u32) -> Result<bool, DatapathError> {
+        let Some(attachment) = self.attachments.remove(&slot) else {
+            return Ok(false);
+        };
+        let (point, key) = (attachment.point.clone(), attachment.key);
+        attach::detach(&mut self.ebpf, attachment)?;
+        self.route(&point, key, None)?;
+        Ok(true)
+    }
+
+    /// What is attached, by slot.
+    pub fn attached(&self) -> Vec<AttachedWorkload> {
+        self.attachments
+            .iter()
+            .map(|(slot, a)| AttachedWorkload {
+                slot: *slot,
+                point: a.point.clone(),
+                method: a.method,
+            })
+            .collect()
+    }
+
+    /// The reader of flow events. The ring buffer has one consumer: call once.
+    pub fn events(&mut self) -> Result<EventReader, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(map_names::EVENTS)
+            .ok_or_else(|| DatapathError::Events("map missing or already taken".into()))?;
+        let ring = RingBuf::try_from(map).map_err(|e| DatapathError::Events(e.to_string()))?;
+        Ok(EventReader::new(ring))
+    }
+
+    /// Detaches everything, then removes the pinned maps: nothing of this datapath stays in
+    /// the kernel once the process exits.
+    pub fn remove(mut self) -> Result<(), DatapathError> {
+        let slots: Vec<u32> = self.attachments.keys().copied().collect();
+        for slot in slots {
+            self.detach(slot)?;
+        }
+        let pin_dir = self.options.pin_dir.clone();
+        drop(self);
+        pins::remove_pins(&pin_dir).map_err(|source| DatapathError::Bpffs {
+            path: pin_dir,
+            source,
+        })
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}
+
+/// Whether `path` exists on a bpffs mount.
+pub fn is_on_bpffs(path: &Path) -> bool {
+    pins::is_bpffs(path)
+}
+
+/// Result of running a program on one packet with `BPF_PROG_TEST_RUN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value (TC: -1 pass, 2 drop; cgroup: 1 pass, 0 drop).
+    pub retval: i32,
+    /// Average run time per repetition, ns, as the kernel measured it.
+    pub duration_ns: u32,
+}
+
+/// `union bpf_attr` as used by BPF_PROG_TEST_RUN (uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+impl Datapath {
+    /// Runs a loaded program on `packet` (an ethernet frame for TC programs) `repeat` times
+    /// in the kernel with BPF_PROG_TEST_RUN. The packet arrives on the loopback device of
+    /// the caller's network namespace: route its ifindex (1) to a slot to attribute it.
+    pub fn test_run(
+        &self,
+        prog: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> std::io::Result<TestRun> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let program = self.ebpf.program(prog).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("program {prog}"))
+        })?;
+        let fd = program
+            .fd()
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .as_fd()
+            .as_raw_fd();
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut attr = TestRunAttr {
+            prog_fd: fd as u32,
+            data_size_in: packet.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: packet.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat,
+            ..Default::default()
+        };
+        // SAFETY: attr points at valid buffers that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRunAttr,
+                size_of::<TestRunAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(TestRun {
+            retval: attr.retval as i32,
+            duration_ns: attr.duration,
+        })
+    }
+}

@@ -1,0 +1,14 @@
+//! Tollgate: per-workload eBPF packet accounting, dry-run and enforced network policy.
+//!
+//! Library side of the `tollgate` binary. Dependencies flow one way: `datapath` drives
+//! `attach` and `maps`; `maps` writes what `compile` produces.
+
+pub mod attach;
+pub mod compile;
+pub mod datapath;
+pub mod flowlog;
+pub mod maps;
+pub mod pins;
+
+pub use datapath::{Datapath, DatapathError, DatapathOptions};
+pub use maps::{Mode, WorkloadPolicy};

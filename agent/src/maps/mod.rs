@@ -1,0 +1,542 @@
+//! Typed handles on the datapath's maps, and diff-and-apply of compiled entries.
+//!
+//! Updates are make-before-break: new entries are written before stale ones are removed, and
+//! a workload's configuration (which points at its rulesets and carries its epoch) is written
+//! after its rules, so no packet ever sees a half-applied change as a deny.
+
+use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::net::IpAddr;
+
+use agent_common::{
+    COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIRECTIONS, EventBucket, LpmAddr,
+    MAX_WORKLOADS, MODE_DROP, MODE_LOG, PolicyKey, PolicyValue, VERDICTS, WorkloadConfig,
+    counter_index, diag, map_names, workload_flags,
+};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+};
+use ipnet::IpNet;
+
+use crate::compile::{
+    AllowRule, CidrSetIds, RuleError, RulesetEntries, compile_ruleset,
+    rules::{LpmKeyOrd, lpm_addr},
+};
+
+/// Errors of map access.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {name} is missing from the object")]
+    Missing { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("slot {slot} is out of range (1..{MAX_WORKLOADS})")]
+    BadSlot { slot: u32 },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rules of slot {slot}: {source}")]
+    Rules {
+        slot: u32,
+        #[source]
+        source: RuleError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Enforcement mode of a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Evaluate, count and sample would-drops, let them pass.
+    Log,
+    /// Drop what policy does not allow.
+    Drop,
+}
+
+impl Mode {
+    fn code(self) -> u32 {
+        match self {
+            Mode::Log => MODE_LOG as u32,
+            Mode::Drop => MODE_DROP as u32,
+        }
+    }
+    /// `log` or `drop`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Log => "log",
+            Mode::Drop => "drop",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "log" => Ok(Mode::Log),
+            "drop" => Ok(Mode::Drop),
+            other => Err(format!("unknown mode {other:?} (expected log or drop)")),
+        }
+    }
+}
+
+/// Everything the datapath needs to know to enforce one workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadPolicy {
+    pub mode: Mode,
+    /// Isolated for ingress: only `ingress` rules allow traffic in.
+    pub isolated_ingress: bool,
+    /// Isolated for egress: only `egress` rules allow traffic out.
+    pub isolated_egress: bool,
+    pub ingress: Vec<AllowRule>,
+    pub egress: Vec<AllowRule>,
+}
+
+impl WorkloadPolicy {
+    /// A workload no policy selects: everything is allowed and counted.
+    pub fn open(mode: Mode) -> Self {
+        WorkloadPolicy {
+            mode,
+            isolated_ingress: false,
+            isolated_egress: false,
+            ingress: vec![],
+            egress: vec![],
+        }
+    }
+}
+
+/// Packets and bytes of a workload, by direction then verdict.
+pub type WorkloadCounters = [[Counter; VERDICTS]; DIRECTIONS];
+
+/// Ruleset of a slot's direction: two per slot, never shared, so a workload's update never
+/// touches another's entries.
+pub const fn ruleset_of(slot: u32, direction: u8) -> u32 {
+    slot * 2 + direction as u32
+}
+
+/// Typed handles on every map of the datapath.
+pub struct DatapathMaps {
+    workloads: Array<MapData, WorkloadConfig>,
+    tc_slots: HashMap<MapData, u32, u32>,
+    cgroup_slots: HashMap<MapData, u64, u32>,
+    identities: LpmTrie<MapData, LpmAddr, u32>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    cidr_rules: LpmTrie<MapData, LpmAddr, u32>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    counters: PerCpuArray<MapData, Counter>,
+    event_buckets: Array<MapData, EventBucket>,
+    config: Array<MapData, Config>,
+    diag: PerCpuArray<MapData, u64>,
+    /// What this process wrote per ruleset, to diff the next update against.
+    written: StdHashMap<u32, RulesetEntries>,
+    set_ids: CidrSetIds,
+    next_epoch: u32,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing { name })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl DatapathMaps {
+    /// Takes the maps out of a loaded object. The epoch counter continues after the highest
+    /// epoch found, so flows tracked before a restart are re-evaluated, never trusted blindly.
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        let workloads: Array<MapData, WorkloadConfig> = take(ebpf, map_names::WORKLOADS)?;
+        let max_epoch = workloads
+            .iter()
+            .filter_map(Result::ok)
+            .map(|w| w.epoch)
+            .max()
+            .unwrap_or(0);
+        let mut maps = DatapathMaps {
+            workloads,
+            tc_slots: take(ebpf, map_names::TC_SLOTS)?,
+            cgroup_slots: take(ebpf, map_names::CGROUP_SLOTS)?,
+            identities: take(ebpf, map_names::IDENTITIES)?,
+            policy: take(ebpf, map_names::POLICY)?,
+            cidr_rules: take(ebpf, map_names::CIDR_RULES)?,
+            conntrack: take(ebpf, map_names::CONNTRACK)?,
+            counters: take(ebpf, map_names::COUNTERS)?,
+            event_buckets: take(ebpf, map_names::EVENT_BUCKETS)?,
+            config: take(ebpf, map_names::CONFIG)?,
+            diag: take(ebpf, map_names::DIAG)?,
+            written: StdHashMap::new(),
+            set_ids: CidrSetIds::default(),
+            next_epoch: max_epoch.wrapping_add(1).max(1),
+        };
+        if maps.config()? == zeroed_config() {
+            maps.set_config(&Config::default())?;
+        }
+        Ok(maps)
+    }
+
+    /// Node-wide datapath settings.
+    pub fn config(&self) -> Result<Config, MapsError> {
+        self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Replaces the node-wide datapath settings.
+    pub fn set_config(&mut self, config: &Config) -> Result<(), MapsError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::CONFIG))
+    }
+
+    fn check_slot(slot: u32) -> Result<(), MapsError> {
+        if slot == 0 || slot >= MAX_WORKLOADS {
+            return Err(MapsError::BadSlot { slot });
+        }
+        Ok(())
+    }
+
+    /// Writes a workload's rules, isolation and mode. Rules go first, the configuration that
+    /// points at them last, with a new epoch so tracked flows are re-evaluated.
+    pub fn set_workload(&mut self, slot: u32, policy: &WorkloadPolicy) -> Result<(), MapsError> {
+        Self::check_slot(slot)?;
+        let mut compiled = Vec::with_capacity(2);
+        for (direction, rules) in [
+            (agent_common::DIR_INGRESS, &policy.ingress),
+            (agent_common::DIR_EGRESS, &policy.egress),
+        ] {
+            let ruleset = ruleset_of(slot, direction);
+            let entries = compile_ruleset(ruleset, rules, &mut self.set_ids)
+                .map_err(|source| MapsError::Rules { slot, source })?;
+            compiled.push((ruleset, entries));
+        }
+        // Make: every new entry of both directions.
+        for (ruleset, entries) in &compiled {
+            self.write_new_entries(*ruleset, entries)?;
+        }
+        let mut flags = workload_flags::ACTIVE;
+        if policy.isolated_ingress {
+            flags |= workload_flags::ISOLATED_INGRESS;
+        }
+        if policy.isolated_egress {
+            flags |= workload_flags::ISOLATED_EGRESS;
+        }
+        let config = WorkloadConfig {
+            flags,
+            mode: policy.mode.code(),
+            ruleset: [
+                ruleset_of(slot, agent_common::DIR_INGRESS),
+                ruleset_of(slot, agent_common::DIR_EGRESS),
+            ],
+            epoch: self.take_epoch(),
+            _pad: 0,
+        };
+        self.workloads
+            .set(slot, config, 0)
+            .map_err(map_err(map_names::WORKLOADS))?;
+        // Break: what the new rules no longer contain.
+        for (ruleset, entries) in compiled {
+            self.remove_stale_entries(ruleset, &entries)?;
+            self.written.insert(ruleset, entries);
+        }
+        Ok(())
+    }
+
+    /// Changes only the mode of a workload: one map write, no re-evaluation needed since
+    /// the mode is applied per packet.
+    pub fn set_mode(&mut self, slot: u32, mode: Mode) -> Result<(), MapsError> {
+        Self::check_slot(slot)?;
+        let mut config = self
+            .workloads
+            .get(&slot, 0)
+            .map_err(map_err(map_names::WORKLOADS))?;
+        config.mode = mode.code();
+        self.workloads
+            .set(slot, config, 0)
+            .map_err(map_err(map_names::WORKLOADS))
+    }
+
+    /// The configuration of a slot as the datapath sees it.
+    pub fn workload(&self, slot: u32) -> Result<WorkloadConfig, MapsError> {
+        self.workloads
+            .get(&slot, 0)
+            .map_err(map_err(map_names::WORKLOADS))
+    }
+
+    /// Removes a workload: its slot is inactive (packets count as unregistered), its rules,
+    /// counters, event bucket and tracked flows are gone.
+    pub fn clear_workload(&mut self, slot: u32) -> Result<(), MapsError> {
+        Self::check_slot(slot)?;
+        self.workloads
+            .set(slot, WorkloadConfig::default(), 0)
+            .map_err(map_err(map_names::WORKLOADS))?;
+        for direction in [agent_common::DIR_INGRESS, agent_common::DIR_EGRESS] {
+            let ruleset = ruleset_of(slot, direction);
+            self.remove_stale_entries(ruleset, &RulesetEntries::default())?;
+            self.written.remove(&ruleset);
+            self.set_ids.forget(ruleset);
+        }
+        for i in 0..COUNTERS_PER_SLOT {
+            let zero = zero_per_cpu::<Counter>().map_err(|source| MapsError::Io {
+                what: "per-CPU counter values",
+                source,
+            })?;
+            self.counters
+                .set(slot * COUNTERS_PER_SLOT + i, zero, 0)
+                .map_err(map_err(map_names::COUNTERS))?;
+        }
+        self.event_buckets
+            .set(slot, EventBucket::default(), 0)
+            .map_err(map_err(map_names::EVENT_BUCKETS))?;
+        let stale: Vec<CtKey> = self
+            .conntrack
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.slot == slot)
+            .collect();
+        for key in stale {
+            // Entries may already be gone (LRU eviction): not an error.
+            let _ = self.conntrack.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn take_epoch(&mut self) -> u32 {
+        let epoch = self.next_epoch;
+        self.next_epoch = self.next_epoch.wrapping_add(1).max(1);
+        epoch
+    }
+
+    fn write_new_entries(
+        &mut self,
+        ruleset: u32,
+        entries: &RulesetEntries,
+    ) -> Result<(), MapsError> {
+        let old = self.written.get(&ruleset);
+        for (key, rule) in &entries.policy {
+            if old.and_then(|o| o.policy.get(key)) != Some(rule) {
+                self.policy
+                    .insert(&Key::new(key.0, key.1), PolicyValue { rule: *rule }, 0)
+                    .map_err(map_err(map_names::POLICY))?;
+            }
+        }
+        for (key, set) in &entries.cidr {
+            if old.and_then(|o| o.cidr.get(key)) != Some(set) {
+                self.cidr_rules
+                    .insert(&Key::new(key.0, key.1), *set, 0)
+                    .map_err(map_err(map_names::CIDR_RULES))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_stale_entries(
+        &mut self,
+        ruleset: u32,
+        new: &RulesetEntries,
+    ) -> Result<(), MapsError> {
+        let Some(old) = self.written.get(&ruleset) else {
+            return Ok(());
+        };
+        let stale_cidr: Vec<_> = old
+            .cidr
+            .keys()
+            .filter(|k| !new.cidr.contains_key(k))
+            .copied()
+            .collect();
+        let stale_policy: Vec<_> = old
+            .policy
+            .keys()
+            .filter(|k| !new.policy.contains_key(k))
+            .copied()
+            .collect();
+        // Addresses first, so none points at a peer whose entries are being removed.
+        for key in stale_cidr {
+            remove_lpm(&mut self.cidr_rules, key, map_names::CIDR_RULES)?;
+        }
+        for key in stale_policy {
+            remove_lpm(&mut self.policy, key, map_names::POLICY)?;
+        }
+        Ok(())
+    }
+
+    /// Names an address or prefix as an identity (pod IPs as /32 and /128).
+    pub fn set_identity(&mut self, net: IpNet, identity: u32) -> Result<(), MapsError> {
+        let key = lpm_addr(0, &net);
+        self.identities
+            .insert(&Key::new(key.0, key.1), identity, 0)
+            .map_err(map_err(map_names::IDENTITIES))
+    }
+
+    /// Forgets an identity entry; the address becomes `world` (or its next shorter prefix).
+    pub fn remove_identity(&mut self, net: IpNet) -> Result<(), MapsError> {
+        remove_lpm(
+            &mut self.identities,
+            lpm_addr(0, &net),
+            map_names::IDENTITIES,
+        )
+    }
+
+    /// Identity entries as the datapath holds them.
+    pub fn identities(&self) -> Result<BTreeMap<LpmKeyOrd<LpmAddr>, u32>, MapsError> {
+        let mut out = BTreeMap::new();
+        for item in self.identities.iter() {
+            let (key, id) = item.map_err(map_err(map_names::IDENTITIES))?;
+            out.insert(LpmKeyOrd(key.prefix_len(), key.data()), id);
+        }
+        Ok(out)
+    }
+
+    /// Routes packets of a host-side interface to a slot.
+    pub fn set_tc_slot(&mut self, ifindex: u32, slot: u32) -> Result<(), MapsError> {
+        self.tc_slots
+            .insert(ifindex, slot, 0)
+            .map_err(map_err(map_names::TC_SLOTS))
+    }
+
+    pub fn remove_tc_slot(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        ignore_missing(self.tc_slots.remove(&ifindex)).map_err(map_err(map_names::TC_SLOTS))
+    }
+
+    /// Routes packets of sockets in a cgroup (and its children) to a slot.
+    pub fn set_cgroup_slot(&mut self, cgroup_id: u64, slot: u32) -> Result<(), MapsError> {
+        self.cgroup_slots
+            .insert(cgroup_id, slot, 0)
+            .map_err(map_err(map_names::CGROUP_SLOTS))
+    }
+
+    pub fn remove_cgroup_slot(&mut self, cgroup_id: u64) -> Result<(), MapsError> {
+        ignore_missing(self.cgroup_slots.remove(&cgroup_id))
+            .map_err(map_err(map_names::CGROUP_SLOTS))
+    }
+
+    /// Number of entries in the TC and cgroup routing maps (for leak checks).
+    pub fn routing_entries(&self) -> (usize, usize) {
+        (
+            self.tc_slots.keys().count(),
+            self.cgroup_slots.keys().count(),
+        )
+    }
+
+    /// Counters of a slot, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<WorkloadCounters, MapsError> {
+        let mut out = [[Counter::default(); VERDICTS]; DIRECTIONS];
+        for (direction, per_dir) in out.iter_mut().enumerate() {
+            for (verdict, c) in per_dir.iter_mut().enumerate() {
+                let index = counter_index(slot, direction as u8, verdict as u8);
+                let values = self
+                    .counters
+                    .get(&index, 0)
+                    .map_err(map_err(map_names::COUNTERS))?;
+                for v in values.iter() {
+                    c.packets += v.packets;
+                    c.bytes += v.bytes;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Datapath diagnostics, summed over CPUs, in `diag::NAMES` order.
+    pub fn diag(&self) -> Result<[u64; diag::COUNT as usize], MapsError> {
+        let mut out = [0u64; diag::COUNT as usize];
+        for (i, total) in out.iter_mut().enumerate() {
+            let values = self
+                .diag
+                .get(&(i as u32), 0)
+                .map_err(map_err(map_names::DIAG))?;
+            *total = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Event bucket of a slot (how many events it suppressed).
+    pub fn event_bucket(&self, slot: u32) -> Result<EventBucket, MapsError> {
+        self.event_buckets
+            .get(&slot, 0)
+            .map_err(map_err(map_names::EVENT_BUCKETS))
+    }
+
+    /// Tracked flows (all slots).
+    pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Number of entries in the policy and ipBlock tries.
+    pub fn policy_entries(&self) -> (usize, usize) {
+        (self.policy.keys().count(), self.cidr_rules.keys().count())
+    }
+
+    /// Writes raw policy entries (benchmarks fill the trie to a given size with this).
+    pub fn insert_raw_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), MapsError> {
+        self.policy
+            .insert(&Key::new(prefix, key), PolicyValue { rule: 0 }, 0)
+            .map_err(map_err(map_names::POLICY))
+    }
+
+    /// Writes a raw connection tracking entry (benchmarks fill the table with this).
+    pub fn insert_raw_conntrack(&mut self, key: CtKey, entry: CtEntry) -> Result<(), MapsError> {
+        self.conntrack
+            .insert(key, entry, 0)
+            .map_err(map_err(map_names::CONNTRACK))
+    }
+}
+
+/// An IP address as the 16-byte field of keys and events (IPv4 in the first four bytes).
+pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => out = v6.octets(),
+    }
+    out
+}
+
+/// The address of a 16-byte key field.
+pub fn addr_from_bytes(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == agent_common::FAMILY_IPV4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(*bytes)
+    }
+}
+
+fn zeroed_config() -> Config {
+    Config {
+        ct_tcp_established_s: 0,
+        ct_tcp_opening_s: 0,
+        ct_tcp_closing_s: 0,
+        ct_other_s: 0,
+        event_interval_ns: 0,
+        event_burst: 0,
+        fragment_timeout_s: 0,
+    }
+}
+
+fn remove_lpm<K: aya::Pod, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    key: LpmKeyOrd<K>,
+    name: &'static str,
+) -> Result<(), MapsError> {
+    ignore_missing(trie.remove(&Key::new(key.0, key.1))).map_err(map_err(name))
+}
+
+fn zero_per_cpu<T: aya::Pod + Default>() -> Result<aya::maps::PerCpuValues<T>, std::io::Error> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    aya::maps::PerCpuValues::try_from(vec![T::default(); cpus])
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}

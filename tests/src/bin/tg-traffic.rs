@@ -1,0 +1,240 @@
+//! Traffic helper run inside test pods: TCP and UDP echo servers, and clients that report
+//! what got through as one JSON object.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo servers on [::] (IPv4 and IPv6); prints "ready" once all are bound.
+    Serve {
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+    },
+    /// Connects and exchanges echoes of 64 bytes.
+    Tcp {
+        #[arg(long)]
+        to: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        messages: u32,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// Sends datagrams one by one, each waiting for its echo.
+    Udp {
+        #[arg(long)]
+        to: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        source_port: Option<u16>,
+    },
+    /// One datagram to each of `flows` consecutive ports, no waiting.
+    Burst {
+        #[arg(long)]
+        to: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        flows: u32,
+    },
+}
+
+fn main() {
+    match Cli::parse().command {
+        Cmd::Serve { tcp, udp } => serve(&tcp, &udp),
+        Cmd::Tcp {
+            to,
+            port,
+            messages,
+            timeout_ms,
+        } => tcp_client(to, port, messages, Duration::from_millis(timeout_ms)),
+        Cmd::Udp {
+            to,
+            port,
+            count,
+            size,
+            timeout_ms,
+            source_port,
+        } => udp_client(
+            to,
+            port,
+            count,
+            size,
+            Duration::from_millis(timeout_ms),
+            source_port,
+        ),
+        Cmd::Burst { to, port, flows } => burst(to, port, flows),
+    }
+}
+
+fn serve(tcp: &[u16], udp: &[u16]) {
+    let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    let mut threads = Vec::new();
+    for &port in tcp {
+        let listener = TcpListener::bind(SocketAddr::new(any, port)).expect("bind tcp");
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || echo_stream(stream));
+            }
+        }));
+    }
+    for &port in udp {
+        let socket = UdpSocket::bind(SocketAddr::new(any, port)).expect("bind udp");
+        threads.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }));
+    }
+    println!("ready");
+    std::io::stdout().flush().ok();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn echo_stream(mut stream: TcpStream) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn tcp_client(to: IpAddr, port: u16, messages: u32, timeout: Duration) {
+    let addr = SocketAddr::new(to, port);
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            print_json(
+                serde_json::json!({"connected": false, "echoed": 0, "error": e.to_string()}),
+            );
+            return;
+        }
+    };
+    stream.set_read_timeout(Some(timeout)).ok();
+    stream.set_nodelay(true).ok();
+    let msg = [0x42u8; 64];
+    let mut echoed = 0;
+    let mut error = None;
+    for _ in 0..messages {
+        let mut back = [0u8; 64];
+        match stream
+            .write_all(&msg)
+            .and_then(|_| stream.read_exact(&mut back))
+        {
+            Ok(()) => echoed += 1,
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    print_json(serde_json::json!({"connected": true, "echoed": echoed, "error": error}));
+}
+
+fn udp_socket(to: IpAddr, source_port: u16) -> UdpSocket {
+    let bind: SocketAddr = match to {
+        IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), source_port),
+        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), source_port),
+    };
+    let socket = UdpSocket::bind(bind).expect("bind udp client");
+    // Let the kernel fragment datagrams larger than the MTU instead of refusing them.
+    let (level, opt, val) = match to {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        ),
+    };
+    // SAFETY: plain setsockopt with an int.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const i32).cast(),
+            size_of::<i32>() as u32,
+        );
+    }
+    socket
+}
+
+fn udp_client(
+    to: IpAddr,
+    port: u16,
+    count: u32,
+    size: usize,
+    timeout: Duration,
+    source_port: Option<u16>,
+) {
+    let socket = udp_socket(to, source_port.unwrap_or(0));
+    socket
+        .connect(SocketAddr::new(to, port))
+        .expect("connect udp");
+    socket.set_read_timeout(Some(timeout)).ok();
+    let msg = vec![0x17u8; size];
+    let mut buf = vec![0u8; size.max(1) + 1];
+    let (mut sent, mut echoed, mut error) = (0, 0, None);
+    for _ in 0..count {
+        if let Err(e) = socket.send(&msg) {
+            error = Some(e.to_string());
+            break;
+        }
+        sent += 1;
+        match socket.recv(&mut buf) {
+            Ok(n) if n == size => echoed += 1,
+            Ok(_) => {}
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    print_json(serde_json::json!({"sent": sent, "echoed": echoed, "error": error}));
+}
+
+fn burst(to: IpAddr, port: u16, flows: u32) {
+    let socket = udp_socket(to, 0);
+    let mut sent = 0;
+    let mut error = None;
+    for i in 0..flows {
+        match socket.send_to(b"x", SocketAddr::new(to, port.wrapping_add(i as u16))) {
+            Ok(_) => sent += 1,
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    print_json(serde_json::json!({"sent": sent, "echoed": 0, "error": error}));
+}

@@ -1,0 +1,179 @@
+//! Real traffic from inside pods: the `tg-traffic` helper (TCP/UDP echo clients and
+//! servers) and iputils `ping`.
+
+use std::{net::IpAddr, path::PathBuf, sync::OnceLock, time::Duration};
+
+use serde::Deserialize;
+
+use crate::Pod;
+
+/// Path of the `tg-traffic` binary, built beside the test binaries.
+pub fn helper() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("TG_TRAFFIC") {
+            return p;
+        }
+        let exe = std::env::current_exe().expect("current exe");
+        let mut dir: PathBuf = exe.parent().expect("exe dir").into();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let path = dir.join("tg-traffic");
+        assert!(
+            path.exists(),
+            "{} is missing: build the tests package",
+            path.display()
+        );
+        path.to_string_lossy().into_owned()
+    })
+}
+
+/// Result of a TCP exchange.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct TcpResult {
+    pub connected: bool,
+    /// Messages sent and echoed back in full.
+    pub echoed: u32,
+    pub error: Option<String>,
+}
+
+/// Result of a UDP exchange.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct UdpResult {
+    pub sent: u32,
+    pub echoed: u32,
+    pub error: Option<String>,
+}
+
+fn run_helper<T: for<'de> Deserialize<'de>>(pod: &Pod, args: &[String]) -> T {
+    let out = pod
+        .command(helper())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run tg-traffic in {}: {e}", pod.name));
+    assert!(
+        out.status.success(),
+        "tg-traffic {args:?} in {}: {}",
+        pod.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tg-traffic output {:?}: {e}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Connects from `pod` to `to:port` and exchanges `messages` echoes of 64 bytes.
+pub fn tcp(pod: &Pod, to: IpAddr, port: u16, messages: u32, timeout: Duration) -> TcpResult {
+    run_helper(
+        pod,
+        &[
+            "tcp".into(),
+            "--to".into(),
+            to.to_string(),
+            "--port".into(),
+            port.to_string(),
+            "--messages".into(),
+            messages.to_string(),
+            "--timeout-ms".into(),
+            timeout.as_millis().to_string(),
+        ],
+    )
+}
+
+/// Sends `count` datagrams of `size` bytes from `pod` to `to:port`, each waiting for its echo.
+pub fn udp(
+    pod: &Pod,
+    to: IpAddr,
+    port: u16,
+    count: u32,
+    size: usize,
+    timeout: Duration,
+) -> UdpResult {
+    udp_from(pod, to, port, count, size, timeout, None)
+}
+
+/// Like `udp`, from a fixed source port (so repeated runs are one flow).
+pub fn udp_from(
+    pod: &Pod,
+    to: IpAddr,
+    port: u16,
+    count: u32,
+    size: usize,
+    timeout: Duration,
+    source_port: Option<u16>,
+) -> UdpResult {
+    let mut args = vec![
+        "udp".into(),
+        "--to".into(),
+        to.to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--count".into(),
+        count.to_string(),
+        "--size".into(),
+        size.to_string(),
+        "--timeout-ms".into(),
+        timeout.as_millis().to_string(),
+    ];
+    if let Some(p) = source_port {
+        args.extend(["--source-port".into(), p.to_string()]);
+    }
+    run_helper(pod, &args)
+}
+
+/// Sends one datagram to each of `flows` consecutive destination ports, not waiting for
+/// echoes: a burst of distinct new flows.
+pub fn udp_burst(pod: &Pod, to: IpAddr, first_port: u16, flows: u32) -> UdpResult {
+    run_helper(
+        pod,
+        &[
+            "burst".into(),
+            "--to".into(),
+            to.to_string(),
+            "--port".into(),
+            first_port.to_string(),
+            "--flows".into(),
+            flows.to_string(),
+        ],
+    )
+}
+
+/// Pings `to` `count` times from `pod`; returns the number of replies.
+pub fn ping(pod: &Pod, to: IpAddr, count: u32) -> u32 {
+    let out = pod
+        .command("ping")
+        .args([
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+        ])
+        .arg(to.to_string())
+        .output()
+        .expect("run ping (iputils-ping)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| {
+            panic!(
+                "ping output: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let received: u32 = line
+        .split(',')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("ping summary: {line}"));
+    received
+}
