@@ -123,6 +123,16 @@ impl Datapath {
         slot: u32,
         point: &AttachPoint,
     ) -> Result<AttachMethod, DatapathError> {
+        self.attach_with(slot, point, self.options.tc_mode)
+    }
+
+    /// Like `attach`, choosing how TC programs attach for this workload.
+    pub fn attach_with(
+        &mut self,
+        slot: u32,
+        point: &AttachPoint,
+        tc_mode: TcMode,
+    ) -> Result<AttachMethod, DatapathError> {
         if let Some(existing) = self.attachments.get(&slot) {
             return Err(DatapathError::AlreadyAttached {
                 slot,
@@ -131,7 +141,7 @@ impl Datapath {
         }
         let key = attach::point_key(point)?;
         self.route(point, key, Some(slot))?;
-        match attach::attach(&mut self.ebpf, point, self.options.tc_mode) {
+        match attach::attach(&mut self.ebpf, point, tc_mode) {
             Ok(attachment) => {
                 let method = attachment.method;
                 self.attachments.insert(slot, attachment);
@@ -163,6 +173,14 @@ impl Datapath {
         attach::detach(&mut self.ebpf, attachment)?;
         self.route(&point, key, None)?;
         Ok(true)
+    }
+
+    /// Kernel ids of the loaded programs (what `bpftool prog` and `bpftool link` show).
+    pub fn program_ids(&self) -> Vec<u32> {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
+            .collect()
     }
 
     /// What is attached, by slot.

@@ -68,6 +68,18 @@ fn run_helper<T: for<'de> Deserialize<'de>>(pod: &Pod, args: &[String]) -> T {
 
 /// Connects from `pod` to `to:port` and exchanges `messages` echoes of 64 bytes.
 pub fn tcp(pod: &Pod, to: IpAddr, port: u16, messages: u32, timeout: Duration) -> TcpResult {
+    tcp_hold(pod, to, port, messages, timeout, Duration::ZERO)
+}
+
+/// Like `tcp`, keeping the connection open for `hold` after the last echo.
+pub fn tcp_hold(
+    pod: &Pod,
+    to: IpAddr,
+    port: u16,
+    messages: u32,
+    timeout: Duration,
+    hold: Duration,
+) -> TcpResult {
     run_helper(
         pod,
         &[
@@ -80,6 +92,8 @@ pub fn tcp(pod: &Pod, to: IpAddr, port: u16, messages: u32, timeout: Duration) -
             messages.to_string(),
             "--timeout-ms".into(),
             timeout.as_millis().to_string(),
+            "--hold-ms".into(),
+            hold.as_millis().to_string(),
         ],
     )
 }

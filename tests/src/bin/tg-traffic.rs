@@ -35,6 +35,9 @@ enum Cmd {
         messages: u32,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// Keeps the connection open this long after the last echo.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
     },
     /// Sends datagrams one by one, each waiting for its echo.
     Udp {
@@ -70,7 +73,14 @@ fn main() {
             port,
             messages,
             timeout_ms,
-        } => tcp_client(to, port, messages, Duration::from_millis(timeout_ms)),
+            hold_ms,
+        } => tcp_client(
+            to,
+            port,
+            messages,
+            Duration::from_millis(timeout_ms),
+            Duration::from_millis(hold_ms),
+        ),
         Cmd::Udp {
             to,
             port,
@@ -130,7 +140,7 @@ fn print_json(v: serde_json::Value) {
     println!("{v}");
 }
 
-fn tcp_client(to: IpAddr, port: u16, messages: u32, timeout: Duration) {
+fn tcp_client(to: IpAddr, port: u16, messages: u32, timeout: Duration, hold: Duration) {
     let addr = SocketAddr::new(to, port);
     let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
         Ok(s) => s,
@@ -159,7 +169,11 @@ fn tcp_client(to: IpAddr, port: u16, messages: u32, timeout: Duration) {
             }
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    std::thread::sleep(hold);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Wait for the server's FIN, so the connection is closed on both sides when we exit.
+    let mut rest = [0u8; 64];
+    let _ = stream.read(&mut rest);
     print_json(serde_json::json!({"connected": true, "echoed": echoed, "error": error}));
 }
 

@@ -1,0 +1,464 @@
+//! Edges of the datapath: detach leaves nothing behind, connection tracking lifetimes, the
+//! event rate limit under a flood, and malformed packets run through the real program with
+//! BPF_PROG_TEST_RUN.
+
+use std::{process::Command, time::Duration};
+
+use agent_common::{Config, DIR_INGRESS, diag, program_names, tcp_state, workload_flags};
+use tollgate::{
+    Mode, WorkloadPolicy,
+    attach::{AttachMethod, AttachPoint, TcMode},
+    maps::addr_bytes,
+};
+use tollgate_tests::{
+    Lab, run,
+    support::{
+        PATIENT, Packets, allow_tcp, allow_udp, attach_cgroup, attach_tc, measure, register,
+    },
+    traffic, wait_for,
+};
+
+const ID_A: u32 = 300;
+const ID_B: u32 = 301;
+
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = run("bpftool", &[&["-j"], args].concat());
+    serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).expect("bpftool json")
+}
+
+/// Links (TCX and cgroup) whose program is one of `ids`.
+fn links_of(ids: &[u32]) -> Vec<serde_json::Value> {
+    bpftool_json(&["link", "show"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| {
+            l["prog_id"]
+                .as_u64()
+                .is_some_and(|p| ids.contains(&(p as u32)))
+        })
+        .collect()
+}
+
+fn tc_filters(lab: &Lab, iface: &str, hook: &str) -> String {
+    run(
+        "ip",
+        &[
+            "netns", "exec", &lab.node, "tc", "filter", "show", "dev", iface, hook,
+        ],
+    )
+}
+
+#[test]
+fn detach_leaves_nothing_behind() {
+    let mut lab = Lab::new();
+    let a = lab.add_pod("a");
+    let b = lab.add_pod("b");
+    let c = lab.add_pod("c");
+    lab.serve(&a, &[], &[53]);
+    let mut dp = lab.datapath(TcMode::Auto);
+    for slot in 1..=3 {
+        dp.maps
+            .set_workload(slot, &WorkloadPolicy::open(Mode::Drop))
+            .unwrap();
+    }
+    let ids = dp.program_ids();
+    assert_eq!(ids.len(), 4);
+
+    assert_eq!(attach_tc(&lab, &mut dp, 1, &a), AttachMethod::Tcx);
+    let method = lab
+        .in_node(|| {
+            dp.attach_with(
+                2,
+                &AttachPoint::Tc {
+                    iface: b.host_if.clone(),
+                },
+                TcMode::Clsact,
+            )
+        })
+        .unwrap();
+    assert_eq!(method, AttachMethod::Clsact);
+    attach_cgroup(&mut dp, 3, &c);
+
+    // Attached: 2 TCX links, 2 cgroup links, 2 clsact filters.
+    assert_eq!(links_of(&ids).len(), 4, "{:?}", links_of(&ids));
+    assert!(tc_filters(&lab, &b.host_if, "ingress").contains(program_names::TC_FROM_POD));
+    assert!(tc_filters(&lab, &b.host_if, "egress").contains(program_names::TC_TO_POD));
+    let cg = run("bpftool", &["cgroup", "show", c.cgroup.to_str().unwrap()]);
+    assert!(
+        cg.contains(program_names::CG_INGRESS) && cg.contains(program_names::CG_EGRESS),
+        "{cg}"
+    );
+    assert_eq!(dp.maps.routing_entries(), (2, 1));
+    let got = measure(&lab, &dp, 1, || {
+        assert_eq!(traffic::ping(&b, a.addr(false), 2), 2)
+    });
+    assert_eq!(got.in_allowed, 2);
+
+    // clsact filters are netlink objects of the node namespace: detach from there, as the
+    // agent (which runs in it) does.
+    lab.in_node(|| {
+        for slot in 1..=3 {
+            assert!(dp.detach(slot).unwrap());
+        }
+        assert!(!dp.detach(1).unwrap(), "detaching twice is a no-op");
+    });
+    assert!(links_of(&ids).is_empty(), "{:?}", links_of(&ids));
+    for iface in [&a.host_if, &b.host_if] {
+        for hook in ["ingress", "egress"] {
+            assert_eq!(tc_filters(&lab, iface, hook).trim(), "", "{iface} {hook}");
+        }
+    }
+    let cg = run("bpftool", &["cgroup", "show", c.cgroup.to_str().unwrap()]);
+    assert_eq!(cg.trim(), "", "{cg}");
+    assert_eq!(dp.maps.routing_entries(), (0, 0));
+
+    // Traffic flows and nothing counts it any more.
+    let got = measure(&lab, &dp, 1, || {
+        assert_eq!(traffic::ping(&b, a.addr(false), 2), 2);
+        assert_eq!(traffic::udp(&c, a.addr(true), 53, 2, 64, PATIENT).echoed, 2);
+    });
+    assert_eq!(got, Packets::default());
+
+    // Removing the datapath unloads the programs and its pins.
+    dp.remove().unwrap();
+    assert!(!lab.pin_dir.exists());
+    for id in ids {
+        wait_for(Duration::from_secs(5), "program unload", || {
+            let gone = !Command::new("bpftool")
+                .args(["prog", "show", "id", &id.to_string()])
+                .output()
+                .unwrap()
+                .status
+                .success();
+            gone.then_some(())
+        });
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn closed_tcp_connections_expire_sooner_than_established_ones() {
+    let mut lab = Lab::new();
+    let a = lab.add_pod("a");
+    let b = lab.add_pod("b");
+    lab.serve(&b, &[80], &[53]);
+    let mut dp = lab.datapath(TcMode::Auto);
+    register(&mut dp, &a, ID_A);
+    dp.maps
+        .set_config(&Config {
+            ct_tcp_established_s: 3600,
+            ct_tcp_closing_s: 2,
+            ct_other_s: 30,
+            ..Config::default()
+        })
+        .unwrap();
+    let policy = WorkloadPolicy {
+        mode: Mode::Drop,
+        isolated_ingress: true,
+        isolated_egress: false,
+        ingress: vec![allow_tcp(ID_A, 80), allow_udp(ID_A, 53)],
+        egress: vec![],
+    };
+    dp.maps.set_workload(1, &policy).unwrap();
+    attach_tc(&lab, &mut dp, 1, &b);
+
+    let entry_for_port = |dp: &tollgate::Datapath, proto: u8| {
+        dp.maps
+            .conntrack()
+            .into_iter()
+            .filter(|(k, _)| {
+                k.slot == 1 && k.proto == proto && k.remote == addr_bytes(a.addr(false))
+            })
+            .collect::<Vec<_>>()
+    };
+
+    std::thread::scope(|s| {
+        let client = s
+            .spawn(|| traffic::tcp_hold(&a, b.addr(false), 80, 2, PATIENT, Duration::from_secs(3)));
+        let open = wait_for(Duration::from_secs(2), "tracked connection", || {
+            entry_for_port(&dp, 6)
+                .into_iter()
+                .find(|(_, e)| e.packets[DIR_INGRESS as usize] >= 3)
+        });
+        let left = open.1.expires_ns.saturating_sub(monotonic_ns());
+        assert!(open.1.tcp_state & tcp_state::REPLY_SEEN != 0);
+        assert!(left > 3000 * 1_000_000_000, "established: {left} ns left");
+        assert_eq!(open.0.local_port, 80);
+        assert_eq!(open.1.origin, DIR_INGRESS);
+        assert_eq!(client.join().unwrap().echoed, 2);
+    });
+    lab.settle();
+    let (_, closed) = entry_for_port(&dp, 6)
+        .pop()
+        .expect("closed connection entry");
+    assert_eq!(
+        closed.tcp_state & (tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY),
+        tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY
+    );
+    let left = closed.expires_ns.saturating_sub(monotonic_ns());
+    assert!(left <= 2_000_000_000, "closed: {left} ns left");
+
+    assert_eq!(
+        traffic::udp(&a, b.addr(false), 53, 1, 64, PATIENT).echoed,
+        1
+    );
+    let (_, udp) = entry_for_port(&dp, 17).pop().expect("udp entry");
+    let left = udp.expires_ns.saturating_sub(monotonic_ns());
+    assert!(
+        left > 25_000_000_000 && left <= 30_000_000_000,
+        "udp: {left} ns left"
+    );
+}
+
+#[test]
+fn a_flood_of_denied_flows_is_rate_limited_in_the_kernel_and_every_suppressed_event_counted() {
+    let mut lab = Lab::new();
+    let a = lab.add_pod("a");
+    let b = lab.add_pod("b");
+    let mut dp = lab.datapath(TcMode::Auto);
+    register(&mut dp, &a, ID_A);
+    register(&mut dp, &b, ID_B);
+    // One event per second, bursts of 5.
+    dp.maps
+        .set_config(&Config {
+            event_interval_ns: 1_000_000_000,
+            event_burst: 5,
+            ..Config::default()
+        })
+        .unwrap();
+    let policy = WorkloadPolicy {
+        mode: Mode::Log,
+        isolated_ingress: true,
+        isolated_egress: false,
+        ingress: vec![],
+        egress: vec![],
+    };
+    dp.maps.set_workload(1, &policy).unwrap();
+    attach_tc(&lab, &mut dp, 1, &b);
+    let mut events = dp.events().unwrap();
+
+    let started = std::time::Instant::now();
+    let got = measure(&lab, &dp, 1, || {
+        let r = traffic::udp_burst(&a, b.addr(false), 20000, 2000);
+        assert_eq!(r.sent, 2000, "{r:?}");
+    });
+    let elapsed = started.elapsed().as_secs() + 1;
+    assert_eq!(got.in_would_drop, 2000, "every packet is counted: {got:?}");
+    let mut seen = events.wait(Duration::from_millis(500));
+    seen.extend(events.drain());
+    let bucket = dp.maps.event_bucket(1).unwrap();
+    let d = dp.maps.diag().unwrap();
+    assert_eq!(
+        seen.len() as u64 + bucket.suppressed,
+        2000,
+        "each new flow is either logged or counted as suppressed"
+    );
+    assert_eq!(d[diag::EVENT_EMITTED as usize], seen.len() as u64);
+    assert_eq!(d[diag::EVENT_RATE_LIMITED as usize], bucket.suppressed);
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    assert!(
+        (5..=5 + elapsed + cpus).contains(&(seen.len() as u64)),
+        "burst of 5 plus 1/s (and at most one per CPU racing): {} events in {elapsed}s",
+        seen.len()
+    );
+}
+
+// --- malformed packets through BPF_PROG_TEST_RUN -------------------------------------------
+
+const PASS: i32 = -1;
+const DROP: i32 = 2;
+
+fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    f.extend(ethertype.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+fn ipv4(proto: u8, frag: u16, l4: &[u8]) -> Vec<u8> {
+    let total = 20 + l4.len() as u16;
+    let mut h = vec![0x45, 0];
+    h.extend(total.to_be_bytes());
+    h.extend([0x12, 0x34]);
+    h.extend(frag.to_be_bytes());
+    h.extend([64, proto, 0, 0, 10, 1, 0, 10, 10, 1, 0, 11]);
+    h.extend(l4);
+    h
+}
+
+fn udp_header(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend(sport.to_be_bytes());
+    u.extend(dport.to_be_bytes());
+    u.extend((8 + payload as u16).to_be_bytes());
+    u.extend([0, 0]);
+    u.extend(vec![0u8; payload]);
+    u
+}
+
+fn ipv6(next: u8, rest: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend((rest.len() as u16).to_be_bytes());
+    h.extend([next, 64]);
+    h.extend([0xfd, 0x77, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10]);
+    h.extend([0xfd, 0x77, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 11]);
+    h.extend(rest);
+    h
+}
+
+#[test]
+fn malformed_packets_are_counted_and_never_misattributed() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    // Packets of BPF_PROG_TEST_RUN arrive on the loopback device (ifindex 1) of the node
+    // namespace; tc_from_pod sees them as egress of slot 1.
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    let isolated = |dp: &mut tollgate::Datapath, mode: Mode| {
+        dp.maps
+            .set_workload(
+                1,
+                &WorkloadPolicy {
+                    mode,
+                    isolated_ingress: false,
+                    isolated_egress: true,
+                    ingress: vec![],
+                    egress: vec![],
+                },
+            )
+            .unwrap()
+    };
+    let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
+        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, frame, 1))
+            .unwrap()
+            .retval
+    };
+
+    let truncated_v4 = {
+        let mut f = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 53, 40)));
+        f.truncate(14 + 30);
+        f
+    };
+    let bad_ihl = {
+        let mut p = ipv4(17, 0, &udp_header(1000, 53, 0));
+        p[0] = 0x44;
+        eth(0x0800, &p)
+    };
+    let short_tcp = {
+        // The IP header is whole; the TCP header behind it is 10 bytes of the 14 needed.
+        eth(0x0800, &ipv4(6, 0, &[0u8; 10]))
+    };
+    let deep_v6 = {
+        // Seven hop-by-hop headers in a row: more than the parser follows.
+        let mut rest = Vec::new();
+        for _ in 0..7 {
+            rest.extend([0u8, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        rest[48] = 17;
+        rest.extend(udp_header(1000, 53, 0));
+        eth(0x86DD, &ipv6(0, &rest))
+    };
+    let orphan_fragment = eth(0x0800, &ipv4(17, 100, &[0u8; 16]));
+    let arp = eth(0x0806, &[0u8; 28]);
+    let neighbour_solicitation = eth(0x86DD, &ipv6(58, &[135, 0, 0, 0, 0, 0, 0, 0]));
+    let valid = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 53, 8)));
+
+    // Not isolated: everything passes and counts as allowed, link plumbing is not counted.
+    dp.maps
+        .set_workload(1, &WorkloadPolicy::open(Mode::Drop))
+        .unwrap();
+    let before = Packets::read(&dp, 1);
+    for frame in [
+        &truncated_v4,
+        &bad_ihl,
+        &short_tcp,
+        &deep_v6,
+        &orphan_fragment,
+        &arp,
+        &neighbour_solicitation,
+        &valid,
+    ] {
+        assert_eq!(runs(&dp, frame), PASS);
+    }
+    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 6);
+    let d = dp.maps.diag().unwrap();
+    assert_eq!(
+        d[diag::TRUNCATED as usize],
+        2,
+        "short IPv4 packet and short TCP header"
+    );
+    assert_eq!(d[diag::BAD_HEADER as usize], 1);
+    assert_eq!(d[diag::IPV6_EXT_UNPARSED as usize], 1);
+    assert_eq!(d[diag::FRAGMENT_UNKNOWN as usize], 1);
+    assert_eq!(d[diag::NON_IP as usize], 1);
+    assert_eq!(d[diag::ICMPV6_LINK_CONTROL as usize], 1);
+    let tracked: Vec<_> = dp.maps.conntrack();
+    assert_eq!(
+        tracked.len(),
+        1,
+        "only the valid packet opened a flow: {tracked:?}"
+    );
+    assert_eq!(
+        (tracked[0].0.local_port, tracked[0].0.remote_port),
+        (1000, 53)
+    );
+
+    // Isolated in drop mode: what cannot be read cannot be allowed.
+    isolated(&mut dp, Mode::Drop);
+    assert_eq!(
+        dp.maps.workload(1).unwrap().flags & workload_flags::ISOLATED_EGRESS,
+        workload_flags::ISOLATED_EGRESS
+    );
+    let before = Packets::read(&dp, 1);
+    for frame in [
+        &truncated_v4,
+        &bad_ihl,
+        &short_tcp,
+        &deep_v6,
+        &orphan_fragment,
+    ] {
+        assert_eq!(runs(&dp, frame), DROP);
+    }
+    assert_eq!(runs(&dp, &arp), PASS);
+    assert_eq!(
+        runs(&dp, &neighbour_solicitation),
+        PASS,
+        "IPv6 must keep resolving neighbours"
+    );
+    assert_eq!(
+        Packets::read(&dp, 1).since(before),
+        Packets {
+            out_dropped: 5,
+            ..Default::default()
+        }
+    );
+
+    // Log mode: the same packets pass as would_drop.
+    isolated(&mut dp, Mode::Log);
+    let before = Packets::read(&dp, 1);
+    for frame in [
+        &truncated_v4,
+        &bad_ihl,
+        &short_tcp,
+        &deep_v6,
+        &orphan_fragment,
+    ] {
+        assert_eq!(runs(&dp, frame), PASS);
+    }
+    assert_eq!(Packets::read(&dp, 1).since(before).out_would_drop, 5);
+    assert_eq!(
+        dp.maps.conntrack().len(),
+        1,
+        "malformed packets track nothing"
+    );
+}
