@@ -51,6 +51,8 @@ pub mod program_names {
     pub const CG_INGRESS: &str = "cg_ingress";
     /// cgroup_skb egress on the workload's cgroup v2 directory.
     pub const CG_EGRESS: &str = "cg_egress";
+    /// An empty TC program, the baseline of benchmarks; never attached.
+    pub const TC_BASELINE: &str = "tc_baseline";
 }
 
 /// Direction, always the workload's: ingress is traffic into the workload.

@@ -181,7 +181,7 @@ pub fn track(
             tcp_state: state,
             _pad: 0,
         };
-        if CONNTRACK.insert(key, &entry, 0).is_err() {
+        if CONNTRACK.insert(key, entry, 0).is_err() {
             crate::counters::diag(agent_common::diag::CT_INSERT_FAILED);
         }
     }

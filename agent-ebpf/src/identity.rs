@@ -22,7 +22,7 @@ pub fn lpm_key(scope: u32, family: u8, addr: &[u8; 16]) -> Key<LpmAddr> {
 /// Identity of a peer address.
 #[inline(always)]
 pub fn identity_of(family: u8, addr: &[u8; 16]) -> u32 {
-    match IDENTITIES.get(&lpm_key(0, family, addr)) {
+    match IDENTITIES.get(lpm_key(0, family, addr)) {
         Some(id) => *id,
         None => IDENTITY_WORLD,
     }

@@ -104,13 +104,20 @@ pub fn cg_egress(ctx: SkBuffContext) -> i32 {
     cgroup_action(handle(&ctx.skb, 0, DIR_EGRESS, cgroup_slot(&ctx.skb)))
 }
 
+/// Does nothing: the baseline benchmarks measure the pipeline against (the cost of the
+/// hook and of BPF_PROG_TEST_RUN itself). Never attached by the agent.
+#[classifier]
+pub fn tc_baseline(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 /// Pass means "no opinion" (`TC_ACT_UNSPEC`, TCX_NEXT): programs of other agents or the CNI
 /// attached after ours still run.
 #[inline(always)]
 fn tc_action(action: Action) -> i32 {
     match action {
         Action::Pass => TC_ACT_UNSPEC,
-        Action::Drop => TC_ACT_SHOT as i32,
+        Action::Drop => TC_ACT_SHOT,
     }
 }
 
@@ -127,7 +134,7 @@ fn tc_slot(skb: &SkBuff) -> u32 {
     // SAFETY: context field read.
     let ifindex = unsafe { (*skb.skb).ifindex };
     // SAFETY: read-only use of the looked-up value.
-    match unsafe { TC_SLOTS.get(&ifindex) } {
+    match unsafe { TC_SLOTS.get(ifindex) } {
         Some(slot) => *slot,
         None => SLOT_UNREGISTERED,
     }
@@ -140,7 +147,7 @@ fn cgroup_slot(skb: &SkBuff) -> u32 {
     // SAFETY: helper call on the program's own context.
     let id = unsafe { bpf_skb_cgroup_id(skb.skb) };
     // SAFETY: read-only use of the looked-up value.
-    if let Some(slot) = unsafe { CGROUP_SLOTS.get(&id) } {
+    if let Some(slot) = unsafe { CGROUP_SLOTS.get(id) } {
         return *slot;
     }
     for level in 1..MAX_CGROUP_DEPTH {
@@ -150,7 +157,7 @@ fn cgroup_slot(skb: &SkBuff) -> u32 {
             break;
         }
         // SAFETY: read-only use of the looked-up value.
-        if let Some(slot) = unsafe { CGROUP_SLOTS.get(&ancestor) } {
+        if let Some(slot) = unsafe { CGROUP_SLOTS.get(ancestor) } {
             return *slot;
         }
     }
@@ -217,7 +224,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         Kind::LaterFragment => {
             let fkey = frag_key(&pkt);
             // SAFETY: read-only use of the looked-up value.
-            match unsafe { FRAGMENTS.get(&fkey) } {
+            match unsafe { FRAGMENTS.get(fkey) } {
                 Some(ports) if ports.expires_ns > now => {
                     counters::diag(diag::FRAGMENT_MATCHED);
                     pkt.tuple.src_port = ports.src_port;
@@ -243,7 +250,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             dst_port: pkt.tuple.dst_port,
             _pad: 0,
         };
-        let _ = FRAGMENTS.insert(&frag_key(&pkt), &ports, 0);
+        let _ = FRAGMENTS.insert(frag_key(&pkt), ports, 0);
     }
 
     let mut tracked = None;

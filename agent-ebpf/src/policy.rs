@@ -59,13 +59,13 @@ pub fn evaluate(
             peer,
         };
     }
-    if let Some(set) = CIDR_RULES.get(&identity::lpm_key(ruleset, family, remote)) {
-        if allows(ruleset, *set, proto, port) {
-            return Decision {
-                decision: DECISION_ALLOW,
-                peer,
-            };
-        }
+    if let Some(set) = CIDR_RULES.get(identity::lpm_key(ruleset, family, remote))
+        && allows(ruleset, *set, proto, port)
+    {
+        return Decision {
+            decision: DECISION_ALLOW,
+            peer,
+        };
     }
     Decision {
         decision: DECISION_DENY,

@@ -35,13 +35,19 @@ pub enum DatapathError {
         source: Box<aya::EbpfError>,
     },
     #[error(transparent)]
-    Attach(#[from] AttachError),
+    Attach(Box<AttachError>),
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("slot {slot} is already attached at {point:?}")]
     AlreadyAttached { slot: u32, point: AttachPoint },
     #[error("event ring buffer: {0}")]
     Events(String),
+}
+
+impl From<AttachError> for DatapathError {
+    fn from(e: AttachError) -> Self {
+        DatapathError::Attach(Box::new(e))
+    }
 }
 
 /// How to load the datapath.

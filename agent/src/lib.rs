@@ -4,6 +4,7 @@
 //! `attach` and `maps`; `maps` writes what `compile` produces.
 
 pub mod attach;
+pub mod cli;
 pub mod compile;
 pub mod datapath;
 pub mod flowlog;

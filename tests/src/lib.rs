@@ -8,6 +8,7 @@
 //! namespaces the lab created, and dropping the lab removes them, its cgroups and pins, also
 //! when a test panics.
 
+pub mod frames;
 pub mod support;
 pub mod traffic;
 
@@ -161,7 +162,7 @@ impl Lab {
             SEQ.fetch_add(1, Ordering::SeqCst)
         );
         let node = format!("{id}-node");
-        let cgroup_dir = cgroup2_root().join(format!("{id}"));
+        let cgroup_dir = cgroup2_root().join(&id);
         let lab = Lab {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{id}")),
             id,
@@ -460,38 +461,5 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Removes namespaces, cgroups and pins left by a test run that was killed.
-pub fn sweep_leftovers() {
-    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            if name.starts_with(PREFIX) {
-                let _ = Command::new("ip").args(["netns", "del", name]).status();
-            }
-        }
-    }
-    for root in [cgroup2_root(), PathBuf::from("/sys/fs/bpf")] {
-        if let Ok(entries) = fs::read_dir(&root) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(PREFIX) {
-                    let path = e.path();
-                    if root.starts_with("/sys/fs/bpf") {
-                        let _ = fs::remove_dir_all(&path);
-                    } else {
-                        if let Ok(children) = fs::read_dir(&path) {
-                            for c in children.flatten() {
-                                if c.path().is_dir() {
-                                    let _ = fs::remove_dir(c.path());
-                                }
-                            }
-                        }
-                        let _ = fs::remove_dir(&path);
-                    }
-                }
-            }
-        }
     }
 }

@@ -11,7 +11,9 @@ use tollgate::{
     maps::addr_bytes,
 };
 use tollgate_tests::{
-    Lab, run,
+    Lab,
+    frames::{eth, ipv4, ipv6, udp_header},
+    run,
     support::{
         PATIENT, Packets, allow_tcp, allow_udp, attach_cgroup, attach_tc, measure, register,
     },
@@ -64,7 +66,7 @@ fn detach_leaves_nothing_behind() {
             .unwrap();
     }
     let ids = dp.program_ids();
-    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.len(), 5, "four programs and the benchmark baseline");
 
     assert_eq!(attach_tc(&lab, &mut dp, 1, &a), AttachMethod::Tcx);
     let method = lab
@@ -278,44 +280,6 @@ fn a_flood_of_denied_flows_is_rate_limited_in_the_kernel_and_every_suppressed_ev
 
 const PASS: i32 = -1;
 const DROP: i32 = 2;
-
-fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
-    f.extend(ethertype.to_be_bytes());
-    f.extend(payload);
-    f
-}
-
-fn ipv4(proto: u8, frag: u16, l4: &[u8]) -> Vec<u8> {
-    let total = 20 + l4.len() as u16;
-    let mut h = vec![0x45, 0];
-    h.extend(total.to_be_bytes());
-    h.extend([0x12, 0x34]);
-    h.extend(frag.to_be_bytes());
-    h.extend([64, proto, 0, 0, 10, 1, 0, 10, 10, 1, 0, 11]);
-    h.extend(l4);
-    h
-}
-
-fn udp_header(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
-    let mut u = Vec::new();
-    u.extend(sport.to_be_bytes());
-    u.extend(dport.to_be_bytes());
-    u.extend((8 + payload as u16).to_be_bytes());
-    u.extend([0, 0]);
-    u.extend(vec![0u8; payload]);
-    u
-}
-
-fn ipv6(next: u8, rest: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend((rest.len() as u16).to_be_bytes());
-    h.extend([next, 64]);
-    h.extend([0xfd, 0x77, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10]);
-    h.extend([0xfd, 0x77, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 11]);
-    h.extend(rest);
-    h
-}
 
 #[test]
 fn malformed_packets_are_counted_and_never_misattributed() {

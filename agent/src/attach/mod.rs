@@ -134,9 +134,13 @@ pub struct Attachment {
     links: Vec<LinkHandle>,
 }
 
-/// Loads the four programs of the object into the kernel.
+/// Loads the programs of the object into the kernel.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
-    for prog in [program_names::TC_FROM_POD, program_names::TC_TO_POD] {
+    for prog in [
+        program_names::TC_FROM_POD,
+        program_names::TC_TO_POD,
+        program_names::TC_BASELINE,
+    ] {
         classifier(ebpf, prog)?
             .load()
             .map_err(|source| AttachError::Program { prog, source })?;
