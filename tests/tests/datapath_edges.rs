@@ -336,6 +336,15 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     let arp = eth(0x0806, &[0u8; 28]);
     let neighbour_solicitation = eth(0x86DD, &ipv6(58, &[135, 0, 0, 0, 0, 0, 0, 0]));
     let valid = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 53, 8)));
+    // IPv4 with 8 bytes of options (IHL 7): the UDP header starts after them.
+    let with_options = {
+        let mut p = ipv4(17, 0, &udp_header(2000, 5353, 8));
+        p[0] = 0x47;
+        p.splice(20..20, [1u8, 1, 1, 1, 1, 1, 1, 0]);
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        eth(0x0800, &p)
+    };
 
     // Not isolated: everything passes and counts as allowed, link plumbing is not counted.
     dp.maps
@@ -351,10 +360,11 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         &arp,
         &neighbour_solicitation,
         &valid,
+        &with_options,
     ] {
         assert_eq!(runs(&dp, frame), PASS);
     }
-    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 6);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 7);
     let d = dp.maps.diag().unwrap();
     assert_eq!(
         d[diag::TRUNCATED as usize],
@@ -366,15 +376,17 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     assert_eq!(d[diag::FRAGMENT_UNKNOWN as usize], 1);
     assert_eq!(d[diag::NON_IP as usize], 1);
     assert_eq!(d[diag::ICMPV6_LINK_CONTROL as usize], 1);
-    let tracked: Vec<_> = dp.maps.conntrack();
+    let mut tracked: Vec<(u16, u16)> = dp
+        .maps
+        .conntrack()
+        .iter()
+        .map(|(k, _)| (k.local_port, k.remote_port))
+        .collect();
+    tracked.sort();
     assert_eq!(
-        tracked.len(),
-        1,
-        "only the valid packet opened a flow: {tracked:?}"
-    );
-    assert_eq!(
-        (tracked[0].0.local_port, tracked[0].0.remote_port),
-        (1000, 53)
+        tracked,
+        vec![(1000, 53), (2000, 5353)],
+        "only the valid packets opened flows, with the ports behind the IPv4 options"
     );
 
     // Isolated in drop mode: what cannot be read cannot be allowed.
@@ -422,7 +434,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     assert_eq!(Packets::read(&dp, 1).since(before).out_would_drop, 5);
     assert_eq!(
         dp.maps.conntrack().len(),
-        1,
+        2,
         "malformed packets track nothing"
     );
 }
