@@ -1,0 +1,206 @@
+//! The offline evaluator behind `tollgate check`: the kernel's decision procedure run over the
+//! very map entries the agent would write, with the LPM lookups done in memory.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use agent_common::{
+    DIR_EGRESS, DIR_INGRESS, FAMILY_IPV4, FAMILY_IPV6, IDENTITY_WORLD, LPM_ADDR_FIXED_BITS,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO,
+};
+use ipnet::IpNet;
+
+use super::{
+    policy::{Compiled, PodKey},
+    rules::{CidrSetIds, RuleError, RulesetEntries, compile_ruleset},
+};
+use crate::maps::addr_bytes;
+
+/// A decision on one side of a flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SideDecision {
+    pub allowed: bool,
+    /// The policies that decided: the one whose rule allowed, or every policy isolating the
+    /// pod in that direction when none did. Empty when no policy isolates the pod.
+    pub policies: Vec<String>,
+}
+
+/// Evaluates flows the way the datapath does.
+pub struct Evaluator {
+    pub compiled: Compiled,
+    entries: BTreeMap<PodKey, [RulesetEntries; 2]>,
+}
+
+const INGRESS_RULESET: u32 = 0;
+const EGRESS_RULESET: u32 = 1;
+
+impl Evaluator {
+    /// Compiles every pod's rulesets into entries.
+    pub fn new(compiled: Compiled) -> Result<Self, (PodKey, RuleError)> {
+        let mut entries = BTreeMap::new();
+        for (key, pod) in &compiled.pods {
+            let mut ids = CidrSetIds::default();
+            let ingress = compile_ruleset(INGRESS_RULESET, &pod.ingress, &mut ids).map_err(|e| (key.clone(), e))?;
+            let egress = compile_ruleset(EGRESS_RULESET, &pod.egress, &mut ids).map_err(|e| (key.clone(), e))?;
+            entries.insert(key.clone(), [ingress, egress]);
+        }
+        Ok(Evaluator { compiled, entries })
+    }
+
+    /// Identity of an address: longest prefix in the identity entries, else world.
+    pub fn identity_of(&self, ip: IpAddr) -> u32 {
+        self.compiled
+            .addresses
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, id)| *id)
+            .unwrap_or(IDENTITY_WORLD)
+    }
+
+    /// The decision of `pod` in `direction` on a new flow with `peer`, to `port`.
+    pub fn decide(&self, pod: &PodKey, direction: u8, peer: IpAddr, proto: u8, port: u16) -> Option<SideDecision> {
+        let policy = self.compiled.pods.get(pod)?;
+        let (isolated, isolating, ruleset) = if direction == DIR_INGRESS {
+            (policy.isolated_ingress, &policy.ingress_policies, INGRESS_RULESET)
+        } else {
+            (policy.isolated_egress, &policy.egress_policies, EGRESS_RULESET)
+        };
+        if !isolated {
+            return Some(SideDecision {
+                allowed: true,
+                policies: vec![],
+            });
+        }
+        let entries = &self.entries.get(pod)?[(direction & 1) as usize];
+        let identity = self.identity_of(peer);
+        let mut rule = None;
+        if identity != IDENTITY_WORLD {
+            rule = policy_lookup(entries, ruleset, identity, proto, port);
+        }
+        if rule.is_none()
+            && let Some(set) = cidr_lookup(entries, ruleset, peer)
+        {
+            rule = policy_lookup(entries, ruleset, set, proto, port);
+        }
+        Some(match rule {
+            Some(rule) => SideDecision {
+                allowed: true,
+                policies: self.compiled.policy_of_rule(rule).map(str::to_string).into_iter().collect(),
+            },
+            None => SideDecision {
+                allowed: false,
+                policies: isolating.clone(),
+            },
+        })
+    }
+
+    /// Both sides of a flow from `src` to `dst`. A side that is not a pod of the cluster has
+    /// nothing to enforce there: it allows.
+    pub fn flow(&self, src: Endpoint, dst: Endpoint, proto: u8, port: u16) -> (SideDecision, SideDecision) {
+        let open = || SideDecision {
+            allowed: true,
+            policies: vec![],
+        };
+        let egress = match &src.pod {
+            Some(pod) => self.decide(pod, DIR_EGRESS, dst.ip, proto, port).unwrap_or_else(open),
+            None => open(),
+        };
+        let ingress = match &dst.pod {
+            Some(pod) => self.decide(pod, DIR_INGRESS, src.ip, proto, port).unwrap_or_else(open),
+            None => open(),
+        };
+        (egress, ingress)
+    }
+}
+
+/// One end of a flow: an address, and the pod it belongs to if any.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub pod: Option<PodKey>,
+}
+
+fn policy_lookup(entries: &RulesetEntries, ruleset: u32, peer: u32, proto: u8, port: u16) -> Option<u32> {
+    entries
+        .policy
+        .iter()
+        .filter(|(k, _)| k.1.ruleset == ruleset && k.1.peer == peer)
+        .filter(|(k, _)| {
+            let prefix = k.0;
+            if prefix <= POLICY_PREFIX_ANY_PROTO {
+                return true;
+            }
+            if k.1.proto != proto {
+                return false;
+            }
+            let bits = prefix.saturating_sub(POLICY_PREFIX_ANY_PORT);
+            if bits == 0 {
+                return true;
+            }
+            let shift = 16 - bits;
+            (u16::from_be_bytes(k.1.port) as u32 >> shift) == (port as u32 >> shift)
+        })
+        .max_by_key(|(k, _)| k.0)
+        .map(|(_, rule)| *rule)
+}
+
+fn cidr_lookup(entries: &RulesetEntries, ruleset: u32, ip: IpAddr) -> Option<u32> {
+    let family = if ip.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 } as u32;
+    let addr = addr_bytes(ip);
+    entries
+        .cidr
+        .iter()
+        .filter(|(k, _)| k.1.scope == ruleset && k.1.family == family)
+        .filter(|(k, _)| {
+            let bits = (k.0 - LPM_ADDR_FIXED_BITS) as usize;
+            prefix_matches(&k.1.addr, &addr, bits)
+        })
+        .max_by_key(|(k, _)| k.0)
+        .map(|(_, set)| *set)
+}
+
+fn prefix_matches(a: &[u8; 16], b: &[u8; 16], bits: usize) -> bool {
+    let full = bits / 8;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    let rest = bits % 8;
+    rest == 0 || (a[full] >> (8 - rest)) == (b[full] >> (8 - rest))
+}
+
+/// Parses `NAMESPACE/POD` or an IP address into an endpoint of the evaluator's cluster.
+pub fn endpoint(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Endpoint, String> {
+    if let Ok(ip) = spec.parse::<IpAddr>() {
+        return Ok(Endpoint {
+            ip,
+            pod: ev.compiled.pod_of_address(ip).cloned(),
+        });
+    }
+    if let Ok(net) = spec.parse::<IpNet>() {
+        return Err(format!("{net}: give an address, not a prefix"));
+    }
+    let (ns, name) = spec
+        .split_once('/')
+        .ok_or_else(|| format!("{spec:?} is neither NAMESPACE/POD nor an IP address"))?;
+    let key = (ns.to_string(), name.to_string());
+    let pod = ev
+        .compiled
+        .pods
+        .get(&key)
+        .ok_or_else(|| format!("pod {spec} is not in the cluster state"))?;
+    let _ = pod;
+    let ips: Vec<IpAddr> = ev
+        .compiled
+        .address_pods
+        .iter()
+        .filter(|(_, k)| **k == key)
+        .map(|(ip, _)| *ip)
+        .collect();
+    let ip = ips
+        .iter()
+        .find(|ip| ip.is_ipv6() == prefer_v6)
+        .or(ips.first())
+        .copied()
+        .ok_or_else(|| format!("pod {spec} has no IP address"))?;
+    Ok(Endpoint { ip, pod: Some(key) })
+}

@@ -1,0 +1,279 @@
+//! The desired-state model the compiler works on: namespaces, pods and validated
+//! NetworkPolicies, independent of where they came from (files, the Kubernetes API).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+
+/// Labels of a pod or namespace.
+pub type Labels = BTreeMap<String, String>;
+
+/// A label selector (`matchLabels` AND every `matchExpressions` requirement). The empty
+/// selector matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Selector {
+    pub match_labels: BTreeMap<String, String>,
+    pub expressions: Vec<Requirement>,
+}
+
+/// One `matchExpressions` requirement.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    pub values: BTreeSet<String>,
+}
+
+/// Operators of `matchExpressions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl Selector {
+    /// Whether the selector selects an object with `labels`.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.expressions.iter().all(|r| r.matches(labels))
+    }
+}
+
+impl Requirement {
+    fn matches(&self, labels: &Labels) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            Operator::In => value.is_some_and(|v| self.values.contains(v)),
+            // NotIn also holds when the label is absent, as in Kubernetes.
+            Operator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            Operator::Exists => value.is_some(),
+            Operator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+/// Transport protocols of NetworkPolicy ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    /// Accepted, compiled, but this kernel has no SCTP: reported as unsupported.
+    Sctp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => agent_common::PROTO_TCP,
+            Protocol::Udp => agent_common::PROTO_UDP,
+            Protocol::Sctp => agent_common::PROTO_SCTP,
+        }
+    }
+
+    /// Kubernetes spelling: `TCP`, `UDP`, `SCTP`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
+    /// Parses the Kubernetes spelling.
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+/// The port part of a NetworkPolicy port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortRef {
+    /// No `port`: every port of the protocol.
+    Any,
+    /// `port` (with `endPort`: `first..=last`).
+    Range(u16, u16),
+    /// A named container port, resolved against each destination pod.
+    Named(String),
+}
+
+/// One entry of a rule's `ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub port: PortRef,
+}
+
+/// One entry of a rule's `from` / `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PeerSpec {
+    /// Pods chosen by selectors. `namespaces: None` means the policy's own namespace;
+    /// `pods: None` means every pod of the chosen namespaces.
+    Pods {
+        namespaces: Option<Selector>,
+        pods: Option<Selector>,
+    },
+    /// Addresses in `cidr` but in none of `except`, pods included.
+    IpBlock { cidr: IpNet, except: Vec<IpNet> },
+}
+
+/// One ingress or egress rule. Empty `peers`: every peer. Empty `ports`: every port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleSpec {
+    pub peers: Vec<PeerSpec>,
+    pub ports: Vec<PortSpec>,
+}
+
+/// A validated NetworkPolicy, its policyTypes already defaulted: `ingress` is `Some` when
+/// the policy applies to ingress (possibly with no rules: deny all), likewise `egress`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Policy {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: Selector,
+    pub ingress: Option<Vec<RuleSpec>>,
+    pub egress: Option<Vec<RuleSpec>>,
+}
+
+impl Policy {
+    /// `NAMESPACE/NAME`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A named container port of a pod.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A pod as policy sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub annotations: BTreeMap<String, String>,
+    /// Pod IPs (`status.podIPs`); empty while pending. Host-network pods share the node's
+    /// addresses, which are not theirs to name: they have none here.
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<NamedPort>,
+    /// The top owning controller (see `workload_name`).
+    pub workload: String,
+    pub host_network: bool,
+    pub node_name: Option<String>,
+}
+
+impl PodInfo {
+    /// `NAMESPACE/NAME`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The number of a named port for a protocol.
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+}
+
+/// A namespace as policy sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: Labels,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Everything the compiler needs: the cluster as the sources see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    pub namespaces: BTreeMap<String, NamespaceInfo>,
+    /// By (namespace, name).
+    pub pods: BTreeMap<(String, String), PodInfo>,
+    /// By (namespace, name).
+    pub policies: BTreeMap<(String, String), Policy>,
+}
+
+impl ClusterState {
+    /// Labels of a namespace. A namespace the state does not list still has the label
+    /// `kubernetes.io/metadata.name`, which the API server sets on every namespace.
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        match self.namespaces.get(namespace) {
+            Some(ns) => {
+                let mut labels = ns.labels.clone();
+                labels
+                    .entry("kubernetes.io/metadata.name".into())
+                    .or_insert_with(|| namespace.into());
+                labels
+            }
+            None => Labels::from([("kubernetes.io/metadata.name".into(), namespace.into())]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
+        Requirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn selectors_follow_kubernetes_semantics() {
+        let l = labels(&[("app", "ledger"), ("tier", "db")]);
+        assert!(Selector::default().matches(&l), "empty selects all");
+        assert!(Selector::default().matches(&Labels::new()));
+        let s = |expressions| Selector {
+            match_labels: BTreeMap::new(),
+            expressions,
+        };
+        assert!(s(vec![req("app", Operator::In, &["ledger", "pot"])]).matches(&l));
+        assert!(!s(vec![req("app", Operator::In, &["pot"])]).matches(&l));
+        assert!(!s(vec![req("app", Operator::NotIn, &["ledger"])]).matches(&l));
+        assert!(s(vec![req("team", Operator::NotIn, &["x"])]).matches(&l), "absent key");
+        assert!(s(vec![req("tier", Operator::Exists, &[])]).matches(&l));
+        assert!(!s(vec![req("team", Operator::Exists, &[])]).matches(&l));
+        assert!(s(vec![req("team", Operator::DoesNotExist, &[])]).matches(&l));
+        let both = Selector {
+            match_labels: labels(&[("app", "ledger")]),
+            expressions: vec![req("tier", Operator::In, &["web"])],
+        };
+        assert!(!both.matches(&l), "matchLabels AND matchExpressions");
+    }
+
+    #[test]
+    fn every_namespace_has_its_name_label() {
+        let state = ClusterState::default();
+        assert_eq!(
+            state.namespace_labels("x").get("kubernetes.io/metadata.name"),
+            Some(&"x".to_string())
+        );
+    }
+}

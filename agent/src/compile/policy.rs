@@ -1,0 +1,424 @@
+//! NetworkPolicy semantics: which policies select a pod, whether that isolates it in a
+//! direction, and the union of their rules as allow rules over identities and ipBlocks.
+//!
+//! Traffic between two pods is decided twice: at the source's egress and at the
+//! destination's ingress. Each pod's rules here cover one side.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use agent_common::IDENTITY_FIRST_WORKLOAD;
+use ipnet::IpNet;
+
+use super::{
+    model::{ClusterState, Labels, PeerSpec, PodInfo, Policy, PortRef, PortSpec, RuleSpec},
+    rules::{AllowRule, Peer, PortMatch},
+};
+use crate::{maps::Mode, sources::convert::MODE_ANNOTATION};
+
+/// (namespace, name) of a pod.
+pub type PodKey = (String, String);
+
+/// Identities: pods with the same namespace and labels share one number. Numbers are stable
+/// while the (namespace, labels) exists and never reused afterwards.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityAllocator {
+    ids: BTreeMap<(String, Labels), u32>,
+    next: u32,
+}
+
+impl IdentityAllocator {
+    /// The identity of (namespace, labels), allocated on first use.
+    pub fn get(&mut self, namespace: &str, labels: &Labels) -> u32 {
+        if self.next < IDENTITY_FIRST_WORKLOAD {
+            self.next = IDENTITY_FIRST_WORKLOAD;
+        }
+        let key = (namespace.to_string(), labels.clone());
+        if let Some(id) = self.ids.get(&key) {
+            return *id;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.ids.insert(key, id);
+        id
+    }
+
+    fn retain(&mut self, used: &BTreeSet<u32>) {
+        self.ids.retain(|_, id| used.contains(id));
+    }
+}
+
+/// One identity and the pods that have it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityInfo {
+    pub namespace: String,
+    pub labels: Labels,
+    pub pods: Vec<PodKey>,
+}
+
+/// What policy says about one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPolicy {
+    pub mode: Mode,
+    pub isolated_ingress: bool,
+    pub isolated_egress: bool,
+    pub ingress: Vec<AllowRule>,
+    pub egress: Vec<AllowRule>,
+    /// Policies that select the pod for ingress / egress (`NAMESPACE/NAME`).
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+}
+
+impl PodPolicy {
+    /// The datapath's view of it.
+    pub fn workload_policy(&self) -> crate::maps::WorkloadPolicy {
+        crate::maps::WorkloadPolicy {
+            mode: self.mode,
+            isolated_ingress: self.isolated_ingress,
+            isolated_egress: self.isolated_egress,
+            ingress: self.ingress.clone(),
+            egress: self.egress.clone(),
+        }
+    }
+}
+
+/// The compiled cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// Pod address (/32, /128) to identity: the `IDENTITIES` map.
+    pub addresses: BTreeMap<IpNet, u32>,
+    pub pod_identity: BTreeMap<PodKey, u32>,
+    pub identities: BTreeMap<u32, IdentityInfo>,
+    /// Per compiled pod.
+    pub pods: BTreeMap<PodKey, PodPolicy>,
+    /// Rule ids (map values) to the policy they came from.
+    pub rule_policies: Vec<String>,
+    /// Pod addresses to their pod.
+    pub address_pods: BTreeMap<IpAddr, PodKey>,
+}
+
+impl Compiled {
+    /// The policy a rule id came from.
+    pub fn policy_of_rule(&self, rule: u32) -> Option<&str> {
+        self.rule_policies.get(rule as usize).map(String::as_str)
+    }
+
+    /// The pod that owns an address, if any.
+    pub fn pod_of_address(&self, ip: IpAddr) -> Option<&PodKey> {
+        self.address_pods.get(&ip)
+    }
+}
+
+/// The mode a pod runs in, from annotations: pod, then namespace, then the default.
+pub fn mode_of(state: &ClusterState, pod: &PodInfo, default: Mode) -> Mode {
+    let parse = |a: Option<&String>| a.and_then(|v| v.parse::<Mode>().ok());
+    parse(pod.annotations.get(MODE_ANNOTATION))
+        .or_else(|| {
+            state
+                .namespaces
+                .get(&pod.namespace)
+                .and_then(|ns| parse(ns.annotations.get(MODE_ANNOTATION)))
+        })
+        .unwrap_or(default)
+}
+
+struct Context<'a> {
+    state: &'a ClusterState,
+    identities: &'a BTreeMap<u32, IdentityInfo>,
+    rule_ids: BTreeMap<String, u32>,
+}
+
+impl Context<'_> {
+    /// Identities selected by a pod peer of a policy in `policy_ns`.
+    fn selected_identities(
+        &self,
+        policy_ns: &str,
+        namespaces: &Option<super::model::Selector>,
+        pods: &Option<super::model::Selector>,
+    ) -> Vec<u32> {
+        self.identities
+            .iter()
+            .filter(|(_, info)| match namespaces {
+                None => info.namespace == policy_ns,
+                Some(sel) => sel.matches(&self.state.namespace_labels(&info.namespace)),
+            })
+            .filter(|(_, info)| pods.as_ref().is_none_or(|sel| sel.matches(&info.labels)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn pod(&self, key: &PodKey) -> Option<&PodInfo> {
+        self.state.pods.get(key)
+    }
+}
+
+fn port_match(spec: &PortSpec, number: Option<u16>) -> Option<PortMatch> {
+    let proto = spec.protocol.number();
+    match (&spec.port, number) {
+        (PortRef::Any, _) => Some(PortMatch::Protocol(proto)),
+        (PortRef::Range(first, last), _) => Some(PortMatch::Range {
+            proto,
+            first: *first,
+            last: *last,
+        }),
+        (PortRef::Named(_), Some(n)) => Some(PortMatch::Range {
+            proto,
+            first: n,
+            last: n,
+        }),
+        (PortRef::Named(_), None) => None,
+    }
+}
+
+fn single_address(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+/// Allow rules of one ingress rule of `policy` for pod `target`.
+fn ingress_rules(ctx: &Context, policy: &Policy, rule: &RuleSpec, target: &PodInfo, rule_id: u32, out: &mut Vec<AllowRule>) {
+    // Named ports resolve against the destination: the pod itself.
+    let ports: Vec<PortMatch> = if rule.ports.is_empty() {
+        vec![PortMatch::Any]
+    } else {
+        rule.ports
+            .iter()
+            .filter_map(|p| {
+                let named = match &p.port {
+                    PortRef::Named(n) => target.named_port(n, p.protocol),
+                    _ => None,
+                };
+                port_match(p, named)
+            })
+            .collect()
+    };
+    if ports.is_empty() {
+        return;
+    }
+    let peers = peers_of(ctx, policy, rule);
+    for peer in peers {
+        for ports in &ports {
+            out.push(AllowRule {
+                peer: peer.clone(),
+                ports: *ports,
+                rule_id,
+            });
+        }
+    }
+}
+
+/// The peers a rule names: identities and ipBlocks; everyone when it names none.
+fn peers_of(ctx: &Context, policy: &Policy, rule: &RuleSpec) -> Vec<Peer> {
+    if rule.peers.is_empty() {
+        return Peer::everyone().to_vec();
+    }
+    let mut out = Vec::new();
+    for peer in &rule.peers {
+        match peer {
+            PeerSpec::Pods { namespaces, pods } => out.extend(
+                ctx.selected_identities(&policy.namespace, namespaces, pods)
+                    .into_iter()
+                    .map(Peer::Identity),
+            ),
+            PeerSpec::IpBlock { cidr, except } => out.push(Peer::Cidr {
+                net: *cidr,
+                except: except.clone(),
+            }),
+        }
+    }
+    out
+}
+
+/// Allow rules of one egress rule. Named ports resolve against each destination pod: where
+/// the pods of one identity disagree on the number, the rule goes per pod address.
+fn egress_rules(ctx: &Context, policy: &Policy, rule: &RuleSpec, rule_id: u32, out: &mut Vec<AllowRule>) {
+    let (numbered, named): (Vec<&PortSpec>, Vec<&PortSpec>) = rule
+        .ports
+        .iter()
+        .partition(|p| !matches!(p.port, PortRef::Named(_)));
+    if rule.ports.is_empty() || !numbered.is_empty() {
+        let ports: Vec<PortMatch> = if rule.ports.is_empty() {
+            vec![PortMatch::Any]
+        } else {
+            numbered.iter().filter_map(|p| port_match(p, None)).collect()
+        };
+        for peer in peers_of(ctx, policy, rule) {
+            for ports in &ports {
+                out.push(AllowRule {
+                    peer: peer.clone(),
+                    ports: *ports,
+                    rule_id,
+                });
+            }
+        }
+    }
+    if named.is_empty() {
+        return;
+    }
+    // Destination pods of the rule, grouped by identity.
+    let mut groups: BTreeMap<u32, Vec<&PodInfo>> = BTreeMap::new();
+    let mut block_pods: Vec<&PodInfo> = Vec::new();
+    let everyone = rule.peers.is_empty();
+    for (id, info) in ctx.identities {
+        let selected = everyone
+            || rule.peers.iter().any(|p| match p {
+                PeerSpec::Pods { namespaces, pods } => {
+                    (match namespaces {
+                        None => info.namespace == policy.namespace,
+                        Some(sel) => sel.matches(&ctx.state.namespace_labels(&info.namespace)),
+                    }) && pods.as_ref().is_none_or(|sel| sel.matches(&info.labels))
+                }
+                PeerSpec::IpBlock { .. } => false,
+            });
+        if selected {
+            groups.insert(*id, info.pods.iter().filter_map(|k| ctx.pod(k)).collect());
+        }
+    }
+    for p in rule.peers.iter() {
+        if let PeerSpec::IpBlock { cidr, except } = p {
+            for pod in ctx.state.pods.values() {
+                if pod.ips.iter().any(|ip| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))) {
+                    block_pods.push(pod);
+                }
+            }
+        }
+    }
+    for spec in named {
+        let PortRef::Named(name) = &spec.port else { continue };
+        for (id, pods) in &groups {
+            let numbers: BTreeSet<Option<u16>> = pods.iter().map(|p| p.named_port(name, spec.protocol)).collect();
+            match numbers.iter().collect::<Vec<_>>().as_slice() {
+                [Some(n)] => out.push(AllowRule {
+                    peer: Peer::Identity(*id),
+                    ports: port_match(spec, Some(*n)).expect("resolved"),
+                    rule_id,
+                }),
+                _ => {
+                    for pod in pods {
+                        if let Some(n) = pod.named_port(name, spec.protocol) {
+                            for ip in &pod.ips {
+                                out.push(AllowRule {
+                                    peer: Peer::Cidr {
+                                        net: single_address(*ip),
+                                        except: vec![],
+                                    },
+                                    ports: port_match(spec, Some(n)).expect("resolved"),
+                                    rule_id,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for pod in &block_pods {
+            if let Some(n) = pod.named_port(name, spec.protocol) {
+                for ip in &pod.ips {
+                    let in_block = rule.peers.iter().any(|p| match p {
+                        PeerSpec::IpBlock { cidr, except } => cidr.contains(ip) && !except.iter().any(|e| e.contains(ip)),
+                        _ => false,
+                    });
+                    if in_block {
+                        out.push(AllowRule {
+                            peer: Peer::Cidr {
+                                net: single_address(*ip),
+                                except: vec![],
+                            },
+                            ports: port_match(spec, Some(n)).expect("resolved"),
+                            rule_id,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Compiles the cluster for the pods in `targets` (every pod when `None`).
+pub fn compile(
+    state: &ClusterState,
+    allocator: &mut IdentityAllocator,
+    targets: Option<&BTreeSet<PodKey>>,
+    default_mode: Mode,
+) -> Compiled {
+    let mut compiled = Compiled::default();
+    // Identities of every pod; only pods with addresses can be peers.
+    for (key, pod) in &state.pods {
+        let id = allocator.get(&pod.namespace, &pod.labels);
+        compiled.pod_identity.insert(key.clone(), id);
+        let info = compiled.identities.entry(id).or_insert_with(|| IdentityInfo {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            pods: vec![],
+        });
+        if !pod.ips.is_empty() {
+            info.pods.push(key.clone());
+        }
+        for ip in &pod.ips {
+            compiled.addresses.insert(single_address(*ip), id);
+            compiled.address_pods.insert(*ip, key.clone());
+        }
+    }
+    allocator.retain(&compiled.identities.keys().copied().collect());
+    // Identities without addressed pods cannot be peers.
+    let peer_identities: BTreeMap<u32, IdentityInfo> = compiled
+        .identities
+        .iter()
+        .filter(|(_, i)| !i.pods.is_empty())
+        .map(|(id, i)| (*id, i.clone()))
+        .collect();
+    let mut ctx = Context {
+        state,
+        identities: &peer_identities,
+        rule_ids: BTreeMap::new(),
+    };
+    for policy in state.policies.values() {
+        let next = ctx.rule_ids.len() as u32;
+        ctx.rule_ids.entry(policy.id()).or_insert(next);
+    }
+    compiled.rule_policies = {
+        let mut v = vec![String::new(); ctx.rule_ids.len()];
+        for (name, id) in &ctx.rule_ids {
+            v[*id as usize] = name.clone();
+        }
+        v
+    };
+
+    for (key, pod) in &state.pods {
+        if targets.is_some_and(|t| !t.contains(key)) {
+            continue;
+        }
+        let mut result = PodPolicy {
+            mode: mode_of(state, pod, default_mode),
+            isolated_ingress: false,
+            isolated_egress: false,
+            ingress: vec![],
+            egress: vec![],
+            ingress_policies: vec![],
+            egress_policies: vec![],
+        };
+        for policy in state.policies.values() {
+            if policy.namespace != pod.namespace || !policy.pod_selector.matches(&pod.labels) {
+                continue;
+            }
+            let rule_id = ctx.rule_ids[&policy.id()];
+            if let Some(rules) = &policy.ingress {
+                result.isolated_ingress = true;
+                result.ingress_policies.push(policy.id());
+                for rule in rules {
+                    ingress_rules(&ctx, policy, rule, pod, rule_id, &mut result.ingress);
+                }
+            }
+            if let Some(rules) = &policy.egress {
+                result.isolated_egress = true;
+                result.egress_policies.push(policy.id());
+                for rule in rules {
+                    egress_rules(&ctx, policy, rule, rule_id, &mut result.egress);
+                }
+            }
+        }
+        compiled.pods.insert(key.clone(), result);
+    }
+    compiled
+}

@@ -1,0 +1,433 @@
+//! Kubernetes objects (k8s-openapi types) to the compiler's model, with the validation the
+//! API server would do. Every error names the field it is about.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use ipnet::IpNet;
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod},
+        networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    },
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
+
+use crate::compile::model::{
+    NamedPort, NamespaceInfo, Operator, PeerSpec, PodInfo, Policy, PortRef, PortSpec, Protocol,
+    Requirement, RuleSpec, Selector,
+};
+
+/// Annotation that sets a workload's mode (on pods and namespaces).
+pub const MODE_ANNOTATION: &str = "tollgate.io/mode";
+/// Annotation naming the host-side interface of a pod.
+pub const INTERFACE_ANNOTATION: &str = "tollgate.io/interface";
+/// Annotation naming the cgroup v2 directory of a pod.
+pub const CGROUP_ANNOTATION: &str = "tollgate.io/cgroup";
+
+type Result<T> = std::result::Result<T, String>;
+
+fn check_mode_annotation(annotations: &std::collections::BTreeMap<String, String>) -> Result<()> {
+    match annotations.get(MODE_ANNOTATION).map(String::as_str) {
+        None | Some("log") | Some("drop") => Ok(()),
+        Some(other) => Err(format!(
+            "metadata.annotations[{MODE_ANNOTATION}]: {other:?} is not a mode (log or drop)"
+        )),
+    }
+}
+
+/// A Namespace.
+pub fn namespace(ns: &Namespace) -> Result<NamespaceInfo> {
+    let name = ns.metadata.name.clone().ok_or("metadata.name is missing")?;
+    let annotations = ns.metadata.annotations.clone().unwrap_or_default();
+    check_mode_annotation(&annotations)?;
+    Ok(NamespaceInfo {
+        name,
+        labels: ns.metadata.labels.clone().unwrap_or_default(),
+        annotations,
+    })
+}
+
+/// Whether a pod has finished (its addresses may already belong to someone else).
+pub fn pod_is_terminated(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    )
+}
+
+/// A Pod.
+pub fn pod(pod: &Pod) -> Result<PodInfo> {
+    let meta = &pod.metadata;
+    let name = meta.name.clone().ok_or("metadata.name is missing")?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    check_mode_annotation(&annotations)?;
+    let labels = meta.labels.clone().unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+
+    let mut ips = Vec::new();
+    if !host_network {
+        let status = pod.status.as_ref();
+        let listed: Vec<String> = match status.and_then(|s| s.pod_ips.as_ref()) {
+            Some(list) if !list.is_empty() => list.iter().map(|p| p.ip.clone()).collect(),
+            _ => status.and_then(|s| s.pod_ip.clone()).into_iter().collect(),
+        };
+        for (i, ip) in listed.iter().enumerate() {
+            let parsed: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("status.podIPs[{i}].ip: {ip:?} is not an IP address"))?;
+            if !ips.contains(&parsed) {
+                ips.push(parsed);
+            }
+        }
+    }
+
+    let mut ports = Vec::new();
+    if let Some(spec) = spec {
+        let containers = spec
+            .containers
+            .iter()
+            .map(|c| ("containers", c))
+            .chain(spec.init_containers.iter().flatten().map(|c| ("initContainers", c)));
+        for (ci, (field, container)) in containers.enumerate() {
+            for (pi, p) in container.ports.iter().flatten().enumerate() {
+                let at = || format!("spec.{field}[{ci}].ports[{pi}]");
+                let number = u16::try_from(p.container_port)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("{}.containerPort: {} is out of range 1-65535", at(), p.container_port))?;
+                let protocol = match p.protocol.as_deref() {
+                    None => Protocol::Tcp,
+                    Some(s) => Protocol::parse(s).ok_or_else(|| format!("{}.protocol: {s:?} is not TCP, UDP or SCTP", at()))?,
+                };
+                if let Some(port_name) = &p.name {
+                    ports.push(NamedPort {
+                        name: port_name.clone(),
+                        port: number,
+                        protocol,
+                    });
+                }
+            }
+        }
+    }
+
+    Ok(PodInfo {
+        workload: workload_name(pod, &name),
+        namespace,
+        name,
+        labels,
+        annotations,
+        ips,
+        ports,
+        host_network,
+        node_name: spec.and_then(|s| s.node_name.clone()),
+    })
+}
+
+/// The pod's top owning controller, the way operators name services: a ReplicaSet's pod
+/// belongs to its Deployment (the ReplicaSet name less the pod-template hash), a Job named
+/// `NAME-<minutes>` to the CronJob NAME, StatefulSet and DaemonSet pods to them; a pod with
+/// no owner is its own workload.
+pub fn workload_name(pod: &Pod, pod_name: &str) -> String {
+    let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
+    let Some(owner) = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.first())
+    else {
+        return pod_name.to_string();
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            let hash = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("pod-template-hash"));
+            match hash.and_then(|h| owner.name.strip_suffix(&format!("-{h}"))) {
+                Some(deployment) => deployment.to_string(),
+                None => owner.name.clone(),
+            }
+        }
+        "Job" => match owner.name.rsplit_once('-') {
+            // CronJobs name their Jobs NAME-<scheduled time in minutes>.
+            Some((cronjob, suffix))
+                if suffix.len() >= 8 && suffix.chars().all(|c| c.is_ascii_digit()) =>
+            {
+                cronjob.to_string()
+            }
+            _ => owner.name.clone(),
+        },
+        _ => owner.name.clone(),
+    }
+}
+
+fn selector(s: &LabelSelector, at: &str) -> Result<Selector> {
+    let mut out = Selector {
+        match_labels: s.match_labels.clone().unwrap_or_default().into_iter().collect(),
+        expressions: vec![],
+    };
+    for (i, e) in s.match_expressions.iter().flatten().enumerate() {
+        let at = format!("{at}.matchExpressions[{i}]");
+        let operator = match e.operator.as_str() {
+            "In" => Operator::In,
+            "NotIn" => Operator::NotIn,
+            "Exists" => Operator::Exists,
+            "DoesNotExist" => Operator::DoesNotExist,
+            other => {
+                return Err(format!(
+                    "{at}.operator: unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)"
+                ));
+            }
+        };
+        let values: BTreeSet<String> = e.values.clone().unwrap_or_default().into_iter().collect();
+        match operator {
+            Operator::In | Operator::NotIn if values.is_empty() => {
+                return Err(format!("{at}.values: must be non-empty for {}", e.operator));
+            }
+            Operator::Exists | Operator::DoesNotExist if !values.is_empty() => {
+                return Err(format!("{at}.values: must be empty for {}", e.operator));
+            }
+            _ => {}
+        }
+        if e.key.is_empty() {
+            return Err(format!("{at}.key: must not be empty"));
+        }
+        out.expressions.push(Requirement {
+            key: e.key.clone(),
+            operator,
+            values,
+        });
+    }
+    Ok(out)
+}
+
+fn cidr(s: &str, at: &str) -> Result<IpNet> {
+    s.parse::<IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| format!("{at}: {s:?} is not a CIDR"))
+}
+
+fn peer(p: &NetworkPolicyPeer, at: &str) -> Result<PeerSpec> {
+    match (&p.ip_block, &p.namespace_selector, &p.pod_selector) {
+        (Some(block), None, None) => {
+            let net = cidr(&block.cidr, &format!("{at}.ipBlock.cidr"))?;
+            let mut except = Vec::new();
+            for (i, e) in block.except.iter().flatten().enumerate() {
+                let at = format!("{at}.ipBlock.except[{i}]");
+                let e = cidr(e, &at)?;
+                let same_family = net.addr().is_ipv4() == e.addr().is_ipv4();
+                if !same_family || !net.contains(&e) || e.prefix_len() <= net.prefix_len() {
+                    return Err(format!("{at}: {e} must be a strict subset of {net}"));
+                }
+                except.push(e);
+            }
+            Ok(PeerSpec::IpBlock { cidr: net, except })
+        }
+        (Some(_), _, _) => Err(format!(
+            "{at}: ipBlock may not be combined with podSelector or namespaceSelector"
+        )),
+        (None, None, None) => Err(format!(
+            "{at}: must specify podSelector, namespaceSelector or ipBlock"
+        )),
+        (None, ns, pods) => Ok(PeerSpec::Pods {
+            namespaces: ns
+                .as_ref()
+                .map(|s| selector(s, &format!("{at}.namespaceSelector")))
+                .transpose()?,
+            pods: pods
+                .as_ref()
+                .map(|s| selector(s, &format!("{at}.podSelector")))
+                .transpose()?,
+        }),
+    }
+}
+
+/// Whether `name` is a valid port name (IANA_SVC_NAME: 1-15 lowercase letters, digits and
+/// dashes, at least one letter, no leading, trailing or double dash).
+fn valid_port_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+fn port(p: &NetworkPolicyPort, at: &str) -> Result<PortSpec> {
+    let protocol = match p.protocol.as_deref() {
+        None => Protocol::Tcp,
+        Some(s) => Protocol::parse(s)
+            .ok_or_else(|| format!("{at}.protocol: {s:?} is not TCP, UDP or SCTP"))?,
+    };
+    let number = |n: i32, field: &str| {
+        u16::try_from(n)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{at}.{field}: {n} is out of range 1-65535"))
+    };
+    let port = match (&p.port, p.end_port) {
+        (None, None) => PortRef::Any,
+        (None, Some(_)) => return Err(format!("{at}.endPort: requires port")),
+        (Some(IntOrString::Int(n)), end) => {
+            let first = number(*n, "port")?;
+            let last = match end {
+                None => first,
+                Some(e) => {
+                    let last = number(e, "endPort")?;
+                    if last < first {
+                        return Err(format!("{at}.endPort: {last} is below port {first}"));
+                    }
+                    last
+                }
+            };
+            PortRef::Range(first, last)
+        }
+        (Some(IntOrString::String(name)), None) => {
+            if !valid_port_name(name) {
+                return Err(format!("{at}.port: {name:?} is not a port number or a valid port name"));
+            }
+            PortRef::Named(name.clone())
+        }
+        (Some(IntOrString::String(_)), Some(_)) => {
+            return Err(format!("{at}.endPort: may not be used with a named port"));
+        }
+    };
+    Ok(PortSpec { protocol, port })
+}
+
+fn rule(
+    peers: Option<&Vec<NetworkPolicyPeer>>,
+    ports: Option<&Vec<NetworkPolicyPort>>,
+    at: &str,
+    peer_field: &str,
+) -> Result<RuleSpec> {
+    let mut out = RuleSpec::default();
+    for (i, p) in peers.into_iter().flatten().enumerate() {
+        out.peers.push(peer(p, &format!("{at}.{peer_field}[{i}]"))?);
+    }
+    for (i, p) in ports.into_iter().flatten().enumerate() {
+        out.ports.push(port(p, &format!("{at}.ports[{i}]"))?);
+    }
+    Ok(out)
+}
+
+/// A NetworkPolicy, validated, with policyTypes defaulted as the API server does: Ingress
+/// always, Egress when the policy has egress rules.
+pub fn network_policy(np: &NetworkPolicy) -> Result<Policy> {
+    let name = np.metadata.name.clone().ok_or("metadata.name is missing")?;
+    let namespace = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let spec = np.spec.as_ref().ok_or("spec is missing")?;
+    let pod_selector = spec
+        .pod_selector
+        .as_ref()
+        .ok_or("spec.podSelector is missing (use {} to select every pod)")?;
+    let pod_selector = selector(pod_selector, "spec.podSelector")?;
+    let (mut wants_ingress, mut wants_egress) = (false, false);
+    match &spec.policy_types {
+        Some(types) if !types.is_empty() => {
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => wants_ingress = true,
+                    "Egress" => wants_egress = true,
+                    other => {
+                        return Err(format!(
+                            "spec.policyTypes[{i}]: {other:?} is not Ingress or Egress"
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {
+            wants_ingress = true;
+            wants_egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
+        }
+    }
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.iter().flatten().enumerate() {
+        ingress.push(rule(r.from.as_ref(), r.ports.as_ref(), &format!("spec.ingress[{i}]"), "from")?);
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.iter().flatten().enumerate() {
+        egress.push(rule(r.to.as_ref(), r.ports.as_ref(), &format!("spec.egress[{i}]"), "to")?);
+    }
+    Ok(Policy {
+        namespace,
+        name,
+        pod_selector,
+        ingress: wants_ingress.then_some(ingress),
+        egress: wants_egress.then_some(egress),
+    })
+}
+
+/// Field names NetworkPolicy knows, by path shape; anything else is a typo the API server
+/// would reject (strict field validation), not something to ignore silently.
+pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
+    use serde_norway::Value;
+    fn keys(v: &Value) -> Vec<String> {
+        match v {
+            Value::Mapping(m) => m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect(),
+            _ => vec![],
+        }
+    }
+    fn check(v: &Value, allowed: &[&str], at: &str) -> Option<String> {
+        keys(v)
+            .into_iter()
+            .find(|k| !allowed.contains(&k.as_str()))
+            .map(|k| format!("{at}.{k}: unknown field (expected one of {})", allowed.join(", ")))
+    }
+    fn selector(v: &Value, at: &str) -> Option<String> {
+        check(v, &["matchLabels", "matchExpressions"], at).or_else(|| {
+            v.get("matchExpressions")
+                .and_then(Value::as_sequence)
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .find_map(|(i, e)| {
+                    check(e, &["key", "operator", "values"], &format!("{at}.matchExpressions[{i}]"))
+                })
+        })
+    }
+    fn rules(v: &Value, field: &str, peer_field: &str) -> Option<String> {
+        v.get(field)
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .find_map(|(i, r)| {
+                let at = format!("spec.{field}[{i}]");
+                check(r, &[peer_field, "ports"], &at)
+                    .or_else(|| {
+                        r.get(peer_field)
+                            .and_then(Value::as_sequence)
+                            .into_iter()
+                            .flatten()
+                            .enumerate()
+                            .find_map(|(j, p)| {
+                                let at = format!("{at}.{peer_field}[{j}]");
+                                check(p, &["podSelector", "namespaceSelector", "ipBlock"], &at)
+                                    .or_else(|| p.get("podSelector").and_then(|s| selector(s, &format!("{at}.podSelector"))))
+                                    .or_else(|| {
+                                        p.get("namespaceSelector")
+                                            .and_then(|s| selector(s, &format!("{at}.namespaceSelector")))
+                                    })
+                                    .or_else(|| p.get("ipBlock").and_then(|b| check(b, &["cidr", "except"], &format!("{at}.ipBlock"))))
+                            })
+                    })
+                    .or_else(|| {
+                        r.get("ports")
+                            .and_then(Value::as_sequence)
+                            .into_iter()
+                            .flatten()
+                            .enumerate()
+                            .find_map(|(j, p)| check(p, &["protocol", "port", "endPort"], &format!("{at}.ports[{j}]")))
+                    })
+            })
+    }
+    check(spec, &["podSelector", "ingress", "egress", "policyTypes"], "spec")
+        .or_else(|| spec.get("podSelector").and_then(|s| selector(s, "spec.podSelector")))
+        .or_else(|| rules(spec, "ingress", "from"))
+        .or_else(|| rules(spec, "egress", "to"))
+}

@@ -1,0 +1,509 @@
+//! The local source: `--cluster-state PATH`, a file or a directory of Kubernetes YAML
+//! (multi-document, `kind: List` and `kind: *List` all accepted), re-read when it changes.
+//!
+//! A bad object is rejected with its kind, namespace/name and the reason; the last good
+//! version of that object stays in force. A file that is not YAML at all keeps the last good
+//! version of everything it held.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use serde::Deserialize as _;
+use serde_norway::Value;
+
+use super::convert;
+use crate::compile::model::{ClusterState, NamespaceInfo, PodInfo, Policy};
+
+/// What kind of object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+}
+
+/// Identity of an object across reloads.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind.as_str(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        }
+    }
+}
+
+/// A converted object.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(NamespaceInfo),
+    Pod(PodInfo),
+    Policy(Policy),
+}
+
+/// A rejected object (or file).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectError {
+    /// The object, when it could be identified.
+    pub object: Option<ObjectKey>,
+    /// File it came from.
+    pub file: PathBuf,
+    pub reason: String,
+    /// Whether a last good version stays in force instead.
+    pub kept_last_good: bool,
+}
+
+impl std::fmt::Display for ObjectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.object {
+            Some(key) => write!(f, "{key} ({}): {}", self.file.display(), self.reason)?,
+            None => write!(f, "{}: {}", self.file.display(), self.reason)?,
+        }
+        if self.kept_last_good {
+            write!(f, "; the last good version stays in force")?;
+        }
+        Ok(())
+    }
+}
+
+/// The result of one load.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub state: ClusterState,
+    /// Everything rejected in this load.
+    pub errors: Vec<ObjectError>,
+    /// Errors not reported by the previous load (what `tollgate_policy_errors_total` counts).
+    pub new_errors: Vec<ObjectError>,
+    /// Notes that are not errors (SCTP rules on a kernel without SCTP, duplicates).
+    pub warnings: Vec<String>,
+}
+
+/// Parses the documents of one file into objects and per-object errors. Fails as a whole
+/// only when the text is not YAML.
+pub fn parse_file(text: &str, file: &Path) -> Result<Vec<Result<(ObjectKey, Object), ObjectError>>, String> {
+    let mut out = Vec::new();
+    for document in serde_norway::Deserializer::from_str(text) {
+        let value = Value::deserialize(document).map_err(|e| format!("not valid YAML: {e}"))?;
+        if value.is_null() {
+            continue;
+        }
+        collect(value, file, &mut out);
+    }
+    Ok(out)
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_str()
+}
+
+fn collect(value: Value, file: &Path, out: &mut Vec<Result<(ObjectKey, Object), ObjectError>>) {
+    let kind = str_at(&value, &["kind"]).unwrap_or("").to_string();
+    if kind == "List" || kind.ends_with("List") {
+        if let Some(items) = value.get("items").and_then(Value::as_sequence) {
+            for item in items {
+                collect(item.clone(), file, out);
+            }
+        }
+        return;
+    }
+    let kind = match kind.as_str() {
+        "Namespace" => Kind::Namespace,
+        "Pod" => Kind::Pod,
+        "NetworkPolicy" => Kind::NetworkPolicy,
+        // Services, Deployments... are not policy inputs.
+        _ => return,
+    };
+    let namespace = match kind {
+        Kind::Namespace => String::new(),
+        _ => str_at(&value, &["metadata", "namespace"]).unwrap_or("default").to_string(),
+    };
+    let name = str_at(&value, &["metadata", "name"]).map(str::to_string);
+    let key = name.clone().map(|name| ObjectKey {
+        kind,
+        namespace: namespace.clone(),
+        name,
+    });
+    let error = |reason: String| ObjectError {
+        object: key.clone(),
+        file: file.to_path_buf(),
+        reason,
+        kept_last_good: false,
+    };
+    if name.is_none() {
+        out.push(Err(error("metadata.name is missing".into())));
+        return;
+    }
+    let converted = match kind {
+        Kind::Namespace => serde_norway::from_value::<Namespace>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|ns| convert::namespace(&ns))
+            .map(Object::Namespace),
+        Kind::Pod => serde_norway::from_value::<Pod>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|pod| {
+                if convert::pod_is_terminated(&pod) {
+                    Err(String::new())
+                } else {
+                    convert::pod(&pod)
+                }
+            })
+            .map(Object::Pod),
+        Kind::NetworkPolicy => {
+            if let Some(unknown) = value.get("spec").and_then(convert::unknown_policy_fields) {
+                Err(unknown)
+            } else {
+                serde_norway::from_value::<NetworkPolicy>(value)
+                    .map_err(|e| e.to_string())
+                    .and_then(|np| convert::network_policy(&np))
+                    .map(Object::Policy)
+            }
+        }
+    };
+    match converted {
+        Ok(object) => out.push(Ok((key.expect("named"), object))),
+        // A finished pod is not an error, just not part of the network any more.
+        Err(reason) if reason.is_empty() => {}
+        Err(reason) => out.push(Err(error(reason))),
+    }
+}
+
+/// File list and modification times: what changes when the cluster state changes.
+type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+/// Reads `--cluster-state`, remembering the last good version of every object and file.
+pub struct FileSource {
+    path: PathBuf,
+    last_good_files: BTreeMap<PathBuf, Vec<(ObjectKey, Object)>>,
+    last_good_objects: BTreeMap<ObjectKey, Object>,
+    previous_errors: BTreeSet<(Option<ObjectKey>, PathBuf, String)>,
+    fingerprint: Option<Fingerprint>,
+}
+
+impl FileSource {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileSource {
+            path: path.into(),
+            last_good_files: BTreeMap::new(),
+            last_good_objects: BTreeMap::new(),
+            previous_errors: BTreeSet::new(),
+            fingerprint: None,
+        }
+    }
+
+    /// The path being read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>, String> {
+        let meta = std::fs::metadata(&self.path)
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        if meta.is_file() {
+            return Ok(vec![self.path.clone()]);
+        }
+        let mut files = Vec::new();
+        let mut dirs = vec![self.path.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for entry in entries.flatten() {
+                let p = entry.path();
+                let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                if hidden {
+                    continue;
+                }
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                ) {
+                    files.push(p);
+                }
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    fn current_fingerprint(&self) -> Fingerprint {
+        self.files()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let meta = std::fs::metadata(&p).ok();
+                let modified = meta.as_ref().and_then(|m| m.modified().ok());
+                let len = meta.map(|m| m.len()).unwrap_or(0);
+                (p, modified, len)
+            })
+            .collect()
+    }
+
+    /// Whether the files changed since the last load (cheap: a directory listing and stats).
+    pub fn changed(&self) -> bool {
+        self.fingerprint.as_ref() != Some(&self.current_fingerprint())
+    }
+
+    /// Reads everything. Never fails as a whole: what cannot be read is reported and its
+    /// last good state used.
+    pub fn load(&mut self) -> Loaded {
+        self.fingerprint = Some(self.current_fingerprint());
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        let files = match self.files() {
+            Ok(files) => files,
+            Err(reason) => {
+                errors.push(ObjectError {
+                    object: None,
+                    file: self.path.clone(),
+                    reason,
+                    kept_last_good: !self.last_good_files.is_empty(),
+                });
+                self.last_good_files.keys().cloned().collect()
+            }
+        };
+        let mut new_files = BTreeMap::new();
+        for file in files {
+            let parsed = std::fs::read_to_string(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|text| parse_file(&text, &file));
+            let file_objects = match parsed {
+                Ok(items) => {
+                    let mut good = Vec::new();
+                    for item in items {
+                        match item {
+                            Ok((key, object)) => {
+                                self.last_good_objects.insert(key.clone(), object.clone());
+                                good.push((key, object));
+                            }
+                            Err(mut e) => {
+                                if let Some(last) = e.object.as_ref().and_then(|k| self.last_good_objects.get(k)) {
+                                    e.kept_last_good = true;
+                                    good.push((e.object.clone().expect("key"), last.clone()));
+                                }
+                                errors.push(e);
+                            }
+                        }
+                    }
+                    good
+                }
+                Err(reason) => {
+                    let last = self.last_good_files.get(&file).cloned();
+                    errors.push(ObjectError {
+                        object: None,
+                        file: file.clone(),
+                        reason,
+                        kept_last_good: last.is_some(),
+                    });
+                    last.unwrap_or_default()
+                }
+            };
+            for (key, object) in &file_objects {
+                if objects.insert(key.clone(), object.clone()).is_some() {
+                    warnings.push(format!("{key} is defined more than once; the last definition wins"));
+                }
+            }
+            new_files.insert(file, file_objects);
+        }
+        self.last_good_files = new_files;
+        // Forget last-good versions of objects that are gone from every file.
+        self.last_good_objects.retain(|k, _| objects.contains_key(k));
+
+        let mut state = ClusterState::default();
+        for (key, object) in objects {
+            match object {
+                Object::Namespace(ns) => {
+                    state.namespaces.insert(key.name, ns);
+                }
+                Object::Pod(pod) => {
+                    state.pods.insert((key.namespace, key.name), pod);
+                }
+                Object::Policy(policy) => {
+                    let sctp = policy
+                        .ingress
+                        .iter()
+                        .chain(policy.egress.iter())
+                        .flatten()
+                        .flat_map(|r| &r.ports)
+                        .any(|p| p.protocol == crate::compile::model::Protocol::Sctp);
+                    if sctp {
+                        warnings.push(format!(
+                            "NetworkPolicy {}: SCTP rules are accepted but unsupported by this kernel (no SCTP traffic can match)",
+                            policy.id()
+                        ));
+                    }
+                    state.policies.insert((key.namespace, key.name), policy);
+                }
+            }
+        }
+        let current: BTreeSet<_> = errors
+            .iter()
+            .map(|e| (e.object.clone(), e.file.clone(), e.reason.clone()))
+            .collect();
+        let new_errors = errors
+            .iter()
+            .filter(|e| !self.previous_errors.contains(&(e.object.clone(), e.file.clone(), e.reason.clone())))
+            .cloned()
+            .collect();
+        self.previous_errors = current;
+        Loaded {
+            state,
+            errors,
+            new_errors,
+            warnings,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = include_str!("../../../tests/fixtures/kubectl-dump.yaml");
+
+    #[test]
+    fn kubectl_dump_loads_as_it_is() {
+        let items = parse_file(SAMPLE, Path::new("dump.yaml")).unwrap();
+        let errors: Vec<_> = items.iter().filter_map(|i| i.as_ref().err()).collect();
+        assert!(errors.is_empty(), "{errors:?}");
+        let objects: Vec<_> = items.into_iter().map(Result::unwrap).collect();
+        let count = |k: Kind| objects.iter().filter(|(key, _)| key.kind == k).count();
+        assert_eq!(count(Kind::Namespace), 3);
+        assert_eq!(count(Kind::Pod), 6);
+        assert_eq!(count(Kind::NetworkPolicy), 5);
+        let ledger = objects
+            .iter()
+            .find_map(|(k, o)| match o {
+                Object::Pod(p) if k.name == "ledger-7d9c8b5f4-x2x9q" => Some(p),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(ledger.workload, "ledger", "ReplicaSet less its pod-template hash");
+        assert_eq!(ledger.ips.len(), 2, "dual stack");
+        assert_eq!(ledger.named_port("http", crate::compile::model::Protocol::Tcp), Some(8080));
+        let prometheus = objects.iter().find(|(k, _)| k.name == "prometheus-0").unwrap();
+        match &prometheus.1 {
+            Object::Pod(p) => assert_eq!(p.workload, "prometheus"),
+            other => panic!("{other:?}"),
+        }
+        let policy = objects
+            .iter()
+            .find_map(|(k, o)| match o {
+                Object::Policy(p) if k.name == "default-deny" => Some(p),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(policy.ingress, Some(vec![]));
+        assert_eq!(policy.egress, Some(vec![]));
+    }
+
+    fn load_one(yaml: &str) -> Result<Object, String> {
+        let mut items = parse_file(yaml, Path::new("t.yaml"))?;
+        assert_eq!(items.len(), 1, "{items:?}");
+        items.pop().unwrap().map(|(_, o)| o).map_err(|e| e.to_string())
+    }
+
+    fn policy(spec: &str) -> Result<Object, String> {
+        load_one(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n{spec}"
+        ))
+    }
+
+    #[test]
+    fn bad_policies_are_rejected_with_name_and_reason() {
+        let cases = [
+            ("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]", "spec.ingress[0].from[0].ipBlock.cidr"),
+            ("  podSelector: {}\n  ingress: [{ports: [{port: 70000}]}]", "out of range"),
+            ("  podSelector: {}\n  ingress: [{ports: [{port: 80, endPort: 79}]}]", "endPort"),
+            ("  podSelector: {matchExpressions: [{key: a, operator: Maybe, values: [b]}]}", "unknown operator"),
+            ("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]", "strict subset"),
+            ("  podSelector: {}\n  ingres: []", "spec.ingres: unknown field"),
+            ("  podSelector: {}\n  ingress: [{ports: [{port: 80, protocol: ICMP}]}]", "not TCP, UDP or SCTP"),
+            ("  podSelector: {}\n  ingress: [{from: [{}]}]", "must specify"),
+            ("  podSelector: {}\n  ingress: [{ports: [{port: [1]}]}]", "t.yaml"),
+            ("  ingress: []", "podSelector is missing"),
+            ("  podSelector: {}\n  policyTypes: [Sideways]", "policyTypes[0]"),
+        ];
+        for (spec, expected) in cases {
+            let err = policy(spec).expect_err(spec);
+            assert!(err.contains("NetworkPolicy x/p"), "{err}");
+            assert!(err.contains(expected), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn policy_types_default_like_the_api_server() {
+        let p = |spec: &str| match policy(spec).unwrap() {
+            Object::Policy(p) => p,
+            other => panic!("{other:?}"),
+        };
+        let only_ingress = p("  podSelector: {}");
+        assert_eq!((only_ingress.ingress.is_some(), only_ingress.egress.is_some()), (true, false));
+        let empty_egress = p("  podSelector: {}\n  egress: []");
+        assert_eq!(empty_egress.egress, None, "an empty egress list does not imply Egress");
+        let with_egress = p("  podSelector: {}\n  egress: [{}]");
+        assert!(with_egress.egress.is_some());
+        let egress_only = p("  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]");
+        assert_eq!(egress_only.ingress, None, "explicit policyTypes win");
+    }
+
+    #[test]
+    fn the_last_good_version_of_a_bad_object_stays_in_force() {
+        let dir = std::env::temp_dir().join(format!("tollgate-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("state.yaml");
+        let good = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: {}, ingress: [{ports: [{port: 80}]}]}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n";
+        std::fs::write(&file, good).unwrap();
+        let mut source = FileSource::new(&dir);
+        let first = source.load();
+        assert!(first.errors.is_empty());
+        assert_eq!(first.state.policies.len(), 1);
+        assert!(!source.changed());
+
+        std::fs::write(&file, good.replace("port: 80", "port: 99999").replace("name: x}\n", "name: x, labels: {a: b}}\n")).unwrap();
+        let second = source.load();
+        assert_eq!(second.errors.len(), 1);
+        assert!(second.errors[0].kept_last_good);
+        assert_eq!(second.new_errors.len(), 1);
+        assert_eq!(second.state.policies, first.state.policies, "the last good policy stays");
+        assert_eq!(second.state.namespaces["x"].labels.get("a").map(String::as_str), Some("b"), "the rest moves on");
+
+        let third = source.load();
+        assert_eq!(third.new_errors.len(), 0, "the same error is counted once");
+
+        std::fs::write(&file, "{ not: yaml: at all").unwrap();
+        let fourth = source.load();
+        assert!(fourth.errors[0].reason.contains("not valid YAML"), "{:?}", fourth.errors);
+        assert_eq!(fourth.state.namespaces.len(), 1, "a broken file keeps its last good objects");
+        assert_eq!(fourth.state.policies.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
