@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod flowlog;
 pub mod maps;
 pub mod pins;
+pub mod reconcile;
 pub mod sources;
 
 pub use datapath::{Datapath, DatapathError, DatapathOptions};

@@ -191,3 +191,16 @@ pub fn ping(pod: &Pod, to: IpAddr, count: u32) -> u32 {
         .unwrap_or_else(|| panic!("ping summary: {line}"));
     received
 }
+
+/// Probes `targets` (`IP:PORT/tcp|udp`, IPv6 as `[IP]:PORT/...`) concurrently from `pod`.
+pub fn probe(pod: &Pod, targets: &[String], timeout: Duration) -> Vec<bool> {
+    let mut args = vec![
+        "probe".to_string(),
+        "--timeout-ms".into(),
+        timeout.as_millis().to_string(),
+    ];
+    for t in targets {
+        args.extend(["--target".into(), t.clone()]);
+    }
+    run_helper(pod, &args)
+}

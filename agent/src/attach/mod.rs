@@ -6,6 +6,8 @@
 //! - `cgroup`: the workload's cgroup v2 directory (cgroup_skb ingress and egress), which
 //!   works with any CNI and for host-network pods.
 
+pub mod routes;
+
 use std::{
     fs::File,
     os::unix::fs::MetadataExt as _,

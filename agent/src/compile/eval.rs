@@ -39,8 +39,10 @@ impl Evaluator {
         let mut entries = BTreeMap::new();
         for (key, pod) in &compiled.pods {
             let mut ids = CidrSetIds::default();
-            let ingress = compile_ruleset(INGRESS_RULESET, &pod.ingress, &mut ids).map_err(|e| (key.clone(), e))?;
-            let egress = compile_ruleset(EGRESS_RULESET, &pod.egress, &mut ids).map_err(|e| (key.clone(), e))?;
+            let ingress = compile_ruleset(INGRESS_RULESET, &pod.ingress, &mut ids)
+                .map_err(|e| (key.clone(), e))?;
+            let egress = compile_ruleset(EGRESS_RULESET, &pod.egress, &mut ids)
+                .map_err(|e| (key.clone(), e))?;
             entries.insert(key.clone(), [ingress, egress]);
         }
         Ok(Evaluator { compiled, entries })
@@ -58,12 +60,27 @@ impl Evaluator {
     }
 
     /// The decision of `pod` in `direction` on a new flow with `peer`, to `port`.
-    pub fn decide(&self, pod: &PodKey, direction: u8, peer: IpAddr, proto: u8, port: u16) -> Option<SideDecision> {
+    pub fn decide(
+        &self,
+        pod: &PodKey,
+        direction: u8,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<SideDecision> {
         let policy = self.compiled.pods.get(pod)?;
         let (isolated, isolating, ruleset) = if direction == DIR_INGRESS {
-            (policy.isolated_ingress, &policy.ingress_policies, INGRESS_RULESET)
+            (
+                policy.isolated_ingress,
+                &policy.ingress_policies,
+                INGRESS_RULESET,
+            )
         } else {
-            (policy.isolated_egress, &policy.egress_policies, EGRESS_RULESET)
+            (
+                policy.isolated_egress,
+                &policy.egress_policies,
+                EGRESS_RULESET,
+            )
         };
         if !isolated {
             return Some(SideDecision {
@@ -85,7 +102,12 @@ impl Evaluator {
         Some(match rule {
             Some(rule) => SideDecision {
                 allowed: true,
-                policies: self.compiled.policy_of_rule(rule).map(str::to_string).into_iter().collect(),
+                policies: self
+                    .compiled
+                    .policy_of_rule(rule)
+                    .map(str::to_string)
+                    .into_iter()
+                    .collect(),
             },
             None => SideDecision {
                 allowed: false,
@@ -96,17 +118,27 @@ impl Evaluator {
 
     /// Both sides of a flow from `src` to `dst`. A side that is not a pod of the cluster has
     /// nothing to enforce there: it allows.
-    pub fn flow(&self, src: Endpoint, dst: Endpoint, proto: u8, port: u16) -> (SideDecision, SideDecision) {
+    pub fn flow(
+        &self,
+        src: Endpoint,
+        dst: Endpoint,
+        proto: u8,
+        port: u16,
+    ) -> (SideDecision, SideDecision) {
         let open = || SideDecision {
             allowed: true,
             policies: vec![],
         };
         let egress = match &src.pod {
-            Some(pod) => self.decide(pod, DIR_EGRESS, dst.ip, proto, port).unwrap_or_else(open),
+            Some(pod) => self
+                .decide(pod, DIR_EGRESS, dst.ip, proto, port)
+                .unwrap_or_else(open),
             None => open(),
         };
         let ingress = match &dst.pod {
-            Some(pod) => self.decide(pod, DIR_INGRESS, src.ip, proto, port).unwrap_or_else(open),
+            Some(pod) => self
+                .decide(pod, DIR_INGRESS, src.ip, proto, port)
+                .unwrap_or_else(open),
             None => open(),
         };
         (egress, ingress)
@@ -120,7 +152,13 @@ pub struct Endpoint {
     pub pod: Option<PodKey>,
 }
 
-fn policy_lookup(entries: &RulesetEntries, ruleset: u32, peer: u32, proto: u8, port: u16) -> Option<u32> {
+fn policy_lookup(
+    entries: &RulesetEntries,
+    ruleset: u32,
+    peer: u32,
+    proto: u8,
+    port: u16,
+) -> Option<u32> {
     entries
         .policy
         .iter()
@@ -145,7 +183,11 @@ fn policy_lookup(entries: &RulesetEntries, ruleset: u32, peer: u32, proto: u8, p
 }
 
 fn cidr_lookup(entries: &RulesetEntries, ruleset: u32, ip: IpAddr) -> Option<u32> {
-    let family = if ip.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 } as u32;
+    let family = if ip.is_ipv4() {
+        FAMILY_IPV4
+    } else {
+        FAMILY_IPV6
+    } as u32;
     let addr = addr_bytes(ip);
     entries
         .cidr

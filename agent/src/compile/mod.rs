@@ -10,4 +10,6 @@ pub mod model;
 pub mod policy;
 pub mod rules;
 
-pub use rules::{AllowRule, CidrSetIds, Peer, PortMatch, RuleError, RulesetEntries, compile_ruleset};
+pub use rules::{
+    AllowRule, CidrSetIds, Peer, PortMatch, RuleError, RulesetEntries, compile_ruleset,
+};

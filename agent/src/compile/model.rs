@@ -234,7 +234,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
@@ -257,7 +260,10 @@ mod tests {
         assert!(s(vec![req("app", Operator::In, &["ledger", "pot"])]).matches(&l));
         assert!(!s(vec![req("app", Operator::In, &["pot"])]).matches(&l));
         assert!(!s(vec![req("app", Operator::NotIn, &["ledger"])]).matches(&l));
-        assert!(s(vec![req("team", Operator::NotIn, &["x"])]).matches(&l), "absent key");
+        assert!(
+            s(vec![req("team", Operator::NotIn, &["x"])]).matches(&l),
+            "absent key"
+        );
         assert!(s(vec![req("tier", Operator::Exists, &[])]).matches(&l));
         assert!(!s(vec![req("team", Operator::Exists, &[])]).matches(&l));
         assert!(s(vec![req("team", Operator::DoesNotExist, &[])]).matches(&l));
@@ -272,7 +278,9 @@ mod tests {
     fn every_namespace_has_its_name_label() {
         let state = ClusterState::default();
         assert_eq!(
-            state.namespace_labels("x").get("kubernetes.io/metadata.name"),
+            state
+                .namespace_labels("x")
+                .get("kubernetes.io/metadata.name"),
             Some(&"x".to_string())
         );
     }

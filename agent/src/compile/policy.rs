@@ -177,7 +177,14 @@ fn single_address(ip: IpAddr) -> IpNet {
 }
 
 /// Allow rules of one ingress rule of `policy` for pod `target`.
-fn ingress_rules(ctx: &Context, policy: &Policy, rule: &RuleSpec, target: &PodInfo, rule_id: u32, out: &mut Vec<AllowRule>) {
+fn ingress_rules(
+    ctx: &Context,
+    policy: &Policy,
+    rule: &RuleSpec,
+    target: &PodInfo,
+    rule_id: u32,
+    out: &mut Vec<AllowRule>,
+) {
     // Named ports resolve against the destination: the pod itself.
     let ports: Vec<PortMatch> = if rule.ports.is_empty() {
         vec![PortMatch::Any]
@@ -232,7 +239,13 @@ fn peers_of(ctx: &Context, policy: &Policy, rule: &RuleSpec) -> Vec<Peer> {
 
 /// Allow rules of one egress rule. Named ports resolve against each destination pod: where
 /// the pods of one identity disagree on the number, the rule goes per pod address.
-fn egress_rules(ctx: &Context, policy: &Policy, rule: &RuleSpec, rule_id: u32, out: &mut Vec<AllowRule>) {
+fn egress_rules(
+    ctx: &Context,
+    policy: &Policy,
+    rule: &RuleSpec,
+    rule_id: u32,
+    out: &mut Vec<AllowRule>,
+) {
     let (numbered, named): (Vec<&PortSpec>, Vec<&PortSpec>) = rule
         .ports
         .iter()
@@ -241,7 +254,10 @@ fn egress_rules(ctx: &Context, policy: &Policy, rule: &RuleSpec, rule_id: u32, o
         let ports: Vec<PortMatch> = if rule.ports.is_empty() {
             vec![PortMatch::Any]
         } else {
-            numbered.iter().filter_map(|p| port_match(p, None)).collect()
+            numbered
+                .iter()
+                .filter_map(|p| port_match(p, None))
+                .collect()
         };
         for peer in peers_of(ctx, policy, rule) {
             for ports in &ports {
@@ -278,16 +294,25 @@ fn egress_rules(ctx: &Context, policy: &Policy, rule: &RuleSpec, rule_id: u32, o
     for p in rule.peers.iter() {
         if let PeerSpec::IpBlock { cidr, except } = p {
             for pod in ctx.state.pods.values() {
-                if pod.ips.iter().any(|ip| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))) {
+                if pod
+                    .ips
+                    .iter()
+                    .any(|ip| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip)))
+                {
                     block_pods.push(pod);
                 }
             }
         }
     }
     for spec in named {
-        let PortRef::Named(name) = &spec.port else { continue };
+        let PortRef::Named(name) = &spec.port else {
+            continue;
+        };
         for (id, pods) in &groups {
-            let numbers: BTreeSet<Option<u16>> = pods.iter().map(|p| p.named_port(name, spec.protocol)).collect();
+            let numbers: BTreeSet<Option<u16>> = pods
+                .iter()
+                .map(|p| p.named_port(name, spec.protocol))
+                .collect();
             match numbers.iter().collect::<Vec<_>>().as_slice() {
                 [Some(n)] => out.push(AllowRule {
                     peer: Peer::Identity(*id),
@@ -316,7 +341,9 @@ fn egress_rules(ctx: &Context, policy: &Policy, rule: &RuleSpec, rule_id: u32, o
             if let Some(n) = pod.named_port(name, spec.protocol) {
                 for ip in &pod.ips {
                     let in_block = rule.peers.iter().any(|p| match p {
-                        PeerSpec::IpBlock { cidr, except } => cidr.contains(ip) && !except.iter().any(|e| e.contains(ip)),
+                        PeerSpec::IpBlock { cidr, except } => {
+                            cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))
+                        }
                         _ => false,
                     });
                     if in_block {
@@ -347,11 +374,14 @@ pub fn compile(
     for (key, pod) in &state.pods {
         let id = allocator.get(&pod.namespace, &pod.labels);
         compiled.pod_identity.insert(key.clone(), id);
-        let info = compiled.identities.entry(id).or_insert_with(|| IdentityInfo {
-            namespace: pod.namespace.clone(),
-            labels: pod.labels.clone(),
-            pods: vec![],
-        });
+        let info = compiled
+            .identities
+            .entry(id)
+            .or_insert_with(|| IdentityInfo {
+                namespace: pod.namespace.clone(),
+                labels: pod.labels.clone(),
+                pods: vec![],
+            });
         if !pod.ips.is_empty() {
             info.pods.push(key.clone());
         }

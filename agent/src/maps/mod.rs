@@ -116,6 +116,12 @@ impl WorkloadPolicy {
     }
 }
 
+/// Rules of a workload written but not yet in force (see `DatapathMaps::stage_rules`).
+#[derive(Debug)]
+pub struct StagedRules {
+    rulesets: Vec<(u32, RulesetEntries)>,
+}
+
 /// Packets and bytes of a workload, by direction then verdict.
 pub type WorkloadCounters = [[Counter; VERDICTS]; DIRECTIONS];
 
@@ -204,11 +210,25 @@ impl DatapathMaps {
         Ok(())
     }
 
-    /// Writes a workload's rules, isolation and mode. Rules go first, the configuration that
-    /// points at them last, with a new epoch so tracked flows are re-evaluated.
+    /// Writes a workload's rules, isolation and mode, make-before-break: new entries, then
+    /// the configuration, then removal of stale entries, then a new epoch so tracked flows
+    /// are re-evaluated against exactly the new rules.
     pub fn set_workload(&mut self, slot: u32, policy: &WorkloadPolicy) -> Result<(), MapsError> {
+        let staged = self.stage_rules(slot, policy)?;
+        self.write_config(slot, policy)?;
+        self.finish_rules(staged)?;
+        self.bump_epoch(slot)
+    }
+
+    /// Phase 1 (make): compiles the workload's rules and writes every entry it did not have.
+    /// Nothing is removed and nothing points at the new entries yet.
+    pub fn stage_rules(
+        &mut self,
+        slot: u32,
+        policy: &WorkloadPolicy,
+    ) -> Result<StagedRules, MapsError> {
         Self::check_slot(slot)?;
-        let mut compiled = Vec::with_capacity(2);
+        let mut rulesets = Vec::with_capacity(2);
         for (direction, rules) in [
             (agent_common::DIR_INGRESS, &policy.ingress),
             (agent_common::DIR_EGRESS, &policy.egress),
@@ -216,12 +236,20 @@ impl DatapathMaps {
             let ruleset = ruleset_of(slot, direction);
             let entries = compile_ruleset(ruleset, rules, &mut self.set_ids)
                 .map_err(|source| MapsError::Rules { slot, source })?;
-            compiled.push((ruleset, entries));
+            rulesets.push((ruleset, entries));
         }
-        // Make: every new entry of both directions.
-        for (ruleset, entries) in &compiled {
+        for (ruleset, entries) in &rulesets {
             self.write_new_entries(*ruleset, entries)?;
         }
+        Ok(StagedRules { rulesets })
+    }
+
+    /// Phase 2: the workload's isolation, mode and rulesets. The epoch stays (a slot that
+    /// never had one gets its first), so tracked flows keep their decisions until
+    /// `bump_epoch`.
+    pub fn write_config(&mut self, slot: u32, policy: &WorkloadPolicy) -> Result<(), MapsError> {
+        Self::check_slot(slot)?;
+        let current = self.workload(slot)?;
         let mut flags = workload_flags::ACTIVE;
         if policy.isolated_ingress {
             flags |= workload_flags::ISOLATED_INGRESS;
@@ -229,6 +257,11 @@ impl DatapathMaps {
         if policy.isolated_egress {
             flags |= workload_flags::ISOLATED_EGRESS;
         }
+        let epoch = if current.flags & workload_flags::ACTIVE != 0 && current.epoch != 0 {
+            current.epoch
+        } else {
+            self.take_epoch()
+        };
         let config = WorkloadConfig {
             flags,
             mode: policy.mode.code(),
@@ -236,18 +269,43 @@ impl DatapathMaps {
                 ruleset_of(slot, agent_common::DIR_INGRESS),
                 ruleset_of(slot, agent_common::DIR_EGRESS),
             ],
-            epoch: self.take_epoch(),
+            epoch,
             _pad: 0,
         };
-        self.workloads
-            .set(slot, config, 0)
-            .map_err(map_err(map_names::WORKLOADS))?;
-        // Break: what the new rules no longer contain.
-        for (ruleset, entries) in compiled {
+        if config != current {
+            self.workloads
+                .set(slot, config, 0)
+                .map_err(map_err(map_names::WORKLOADS))?;
+        }
+        Ok(())
+    }
+
+    /// Phase 3 (break): removes what the staged rules no longer contain.
+    pub fn finish_rules(&mut self, staged: StagedRules) -> Result<(), MapsError> {
+        for (ruleset, entries) in staged.rulesets {
             self.remove_stale_entries(ruleset, &entries)?;
             self.written.insert(ruleset, entries);
         }
         Ok(())
+    }
+
+    /// Phase 4: a new epoch for the workload: each tracked flow is decided again, against
+    /// the current rules and identities, on its next packet.
+    pub fn bump_epoch(&mut self, slot: u32) -> Result<(), MapsError> {
+        Self::check_slot(slot)?;
+        let mut config = self.workload(slot)?;
+        config.epoch = self.take_epoch();
+        self.workloads
+            .set(slot, config, 0)
+            .map_err(map_err(map_names::WORKLOADS))
+    }
+
+    /// Whether the staged rules differ from those in force.
+    pub fn rules_changed(&self, staged: &StagedRules) -> bool {
+        staged
+            .rulesets
+            .iter()
+            .any(|(ruleset, entries)| self.written.get(ruleset) != Some(entries))
     }
 
     /// Changes only the mode of a workload: one map write, no re-evaluation needed since

@@ -85,21 +85,30 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
 
     let mut ports = Vec::new();
     if let Some(spec) = spec {
-        let containers = spec
-            .containers
-            .iter()
-            .map(|c| ("containers", c))
-            .chain(spec.init_containers.iter().flatten().map(|c| ("initContainers", c)));
+        let containers = spec.containers.iter().map(|c| ("containers", c)).chain(
+            spec.init_containers
+                .iter()
+                .flatten()
+                .map(|c| ("initContainers", c)),
+        );
         for (ci, (field, container)) in containers.enumerate() {
             for (pi, p) in container.ports.iter().flatten().enumerate() {
                 let at = || format!("spec.{field}[{ci}].ports[{pi}]");
                 let number = u16::try_from(p.container_port)
                     .ok()
                     .filter(|n| *n > 0)
-                    .ok_or_else(|| format!("{}.containerPort: {} is out of range 1-65535", at(), p.container_port))?;
+                    .ok_or_else(|| {
+                        format!(
+                            "{}.containerPort: {} is out of range 1-65535",
+                            at(),
+                            p.container_port
+                        )
+                    })?;
                 let protocol = match p.protocol.as_deref() {
                     None => Protocol::Tcp,
-                    Some(s) => Protocol::parse(s).ok_or_else(|| format!("{}.protocol: {s:?} is not TCP, UDP or SCTP", at()))?,
+                    Some(s) => Protocol::parse(s).ok_or_else(|| {
+                        format!("{}.protocol: {s:?} is not TCP, UDP or SCTP", at())
+                    })?,
                 };
                 if let Some(port_name) = &p.name {
                     ports.push(NamedPort {
@@ -165,7 +174,12 @@ pub fn workload_name(pod: &Pod, pod_name: &str) -> String {
 
 fn selector(s: &LabelSelector, at: &str) -> Result<Selector> {
     let mut out = Selector {
-        match_labels: s.match_labels.clone().unwrap_or_default().into_iter().collect(),
+        match_labels: s
+            .match_labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
         expressions: vec![],
     };
     for (i, e) in s.match_expressions.iter().flatten().enumerate() {
@@ -249,7 +263,9 @@ fn peer(p: &NetworkPolicyPeer, at: &str) -> Result<PeerSpec> {
 fn valid_port_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 15
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && name.chars().any(|c| c.is_ascii_lowercase())
         && !name.starts_with('-')
         && !name.ends_with('-')
@@ -287,7 +303,9 @@ fn port(p: &NetworkPolicyPort, at: &str) -> Result<PortSpec> {
         }
         (Some(IntOrString::String(name)), None) => {
             if !valid_port_name(name) {
-                return Err(format!("{at}.port: {name:?} is not a port number or a valid port name"));
+                return Err(format!(
+                    "{at}.port: {name:?} is not a port number or a valid port name"
+                ));
             }
             PortRef::Named(name.clone())
         }
@@ -318,7 +336,11 @@ fn rule(
 /// always, Egress when the policy has egress rules.
 pub fn network_policy(np: &NetworkPolicy) -> Result<Policy> {
     let name = np.metadata.name.clone().ok_or("metadata.name is missing")?;
-    let namespace = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = np
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let spec = np.spec.as_ref().ok_or("spec is missing")?;
     let pod_selector = spec
         .pod_selector
@@ -347,11 +369,21 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<Policy> {
     }
     let mut ingress = Vec::new();
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
-        ingress.push(rule(r.from.as_ref(), r.ports.as_ref(), &format!("spec.ingress[{i}]"), "from")?);
+        ingress.push(rule(
+            r.from.as_ref(),
+            r.ports.as_ref(),
+            &format!("spec.ingress[{i}]"),
+            "from",
+        )?);
     }
     let mut egress = Vec::new();
     for (i, r) in spec.egress.iter().flatten().enumerate() {
-        egress.push(rule(r.to.as_ref(), r.ports.as_ref(), &format!("spec.egress[{i}]"), "to")?);
+        egress.push(rule(
+            r.to.as_ref(),
+            r.ports.as_ref(),
+            &format!("spec.egress[{i}]"),
+            "to",
+        )?);
     }
     Ok(Policy {
         namespace,
@@ -368,7 +400,10 @@ pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
     use serde_norway::Value;
     fn keys(v: &Value) -> Vec<String> {
         match v {
-            Value::Mapping(m) => m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect(),
+            Value::Mapping(m) => m
+                .keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect(),
             _ => vec![],
         }
     }
@@ -376,7 +411,12 @@ pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
         keys(v)
             .into_iter()
             .find(|k| !allowed.contains(&k.as_str()))
-            .map(|k| format!("{at}.{k}: unknown field (expected one of {})", allowed.join(", ")))
+            .map(|k| {
+                format!(
+                    "{at}.{k}: unknown field (expected one of {})",
+                    allowed.join(", ")
+                )
+            })
     }
     fn selector(v: &Value, at: &str) -> Option<String> {
         check(v, &["matchLabels", "matchExpressions"], at).or_else(|| {
@@ -386,7 +426,11 @@ pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
                 .flatten()
                 .enumerate()
                 .find_map(|(i, e)| {
-                    check(e, &["key", "operator", "values"], &format!("{at}.matchExpressions[{i}]"))
+                    check(
+                        e,
+                        &["key", "operator", "values"],
+                        &format!("{at}.matchExpressions[{i}]"),
+                    )
                 })
         })
     }
@@ -408,12 +452,20 @@ pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
                             .find_map(|(j, p)| {
                                 let at = format!("{at}.{peer_field}[{j}]");
                                 check(p, &["podSelector", "namespaceSelector", "ipBlock"], &at)
-                                    .or_else(|| p.get("podSelector").and_then(|s| selector(s, &format!("{at}.podSelector"))))
                                     .or_else(|| {
-                                        p.get("namespaceSelector")
-                                            .and_then(|s| selector(s, &format!("{at}.namespaceSelector")))
+                                        p.get("podSelector")
+                                            .and_then(|s| selector(s, &format!("{at}.podSelector")))
                                     })
-                                    .or_else(|| p.get("ipBlock").and_then(|b| check(b, &["cidr", "except"], &format!("{at}.ipBlock"))))
+                                    .or_else(|| {
+                                        p.get("namespaceSelector").and_then(|s| {
+                                            selector(s, &format!("{at}.namespaceSelector"))
+                                        })
+                                    })
+                                    .or_else(|| {
+                                        p.get("ipBlock").and_then(|b| {
+                                            check(b, &["cidr", "except"], &format!("{at}.ipBlock"))
+                                        })
+                                    })
                             })
                     })
                     .or_else(|| {
@@ -422,12 +474,25 @@ pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
                             .into_iter()
                             .flatten()
                             .enumerate()
-                            .find_map(|(j, p)| check(p, &["protocol", "port", "endPort"], &format!("{at}.ports[{j}]")))
+                            .find_map(|(j, p)| {
+                                check(
+                                    p,
+                                    &["protocol", "port", "endPort"],
+                                    &format!("{at}.ports[{j}]"),
+                                )
+                            })
                     })
             })
     }
-    check(spec, &["podSelector", "ingress", "egress", "policyTypes"], "spec")
-        .or_else(|| spec.get("podSelector").and_then(|s| selector(s, "spec.podSelector")))
-        .or_else(|| rules(spec, "ingress", "from"))
-        .or_else(|| rules(spec, "egress", "to"))
+    check(
+        spec,
+        &["podSelector", "ingress", "egress", "policyTypes"],
+        "spec",
+    )
+    .or_else(|| {
+        spec.get("podSelector")
+            .and_then(|s| selector(s, "spec.podSelector"))
+    })
+    .or_else(|| rules(spec, "ingress", "from"))
+    .or_else(|| rules(spec, "egress", "to"))
 }

@@ -104,7 +104,10 @@ pub struct Loaded {
 
 /// Parses the documents of one file into objects and per-object errors. Fails as a whole
 /// only when the text is not YAML.
-pub fn parse_file(text: &str, file: &Path) -> Result<Vec<Result<(ObjectKey, Object), ObjectError>>, String> {
+pub fn parse_file(
+    text: &str,
+    file: &Path,
+) -> Result<Vec<Result<(ObjectKey, Object), ObjectError>>, String> {
     let mut out = Vec::new();
     for document in serde_norway::Deserializer::from_str(text) {
         let value = Value::deserialize(document).map_err(|e| format!("not valid YAML: {e}"))?;
@@ -143,7 +146,9 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Result<(ObjectKey, Object), 
     };
     let namespace = match kind {
         Kind::Namespace => String::new(),
-        _ => str_at(&value, &["metadata", "namespace"]).unwrap_or("default").to_string(),
+        _ => str_at(&value, &["metadata", "namespace"])
+            .unwrap_or("default")
+            .to_string(),
     };
     let name = str_at(&value, &["metadata", "name"]).map(str::to_string);
     let key = name.clone().map(|name| ObjectKey {
@@ -224,8 +229,8 @@ impl FileSource {
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, String> {
-        let meta = std::fs::metadata(&self.path)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let meta =
+            std::fs::metadata(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
         if meta.is_file() {
             return Ok(vec![self.path.clone()]);
         }
@@ -235,7 +240,9 @@ impl FileSource {
             let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             for entry in entries.flatten() {
                 let p = entry.path();
-                let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                let hidden = p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'));
                 if hidden {
                     continue;
                 }
@@ -305,7 +312,11 @@ impl FileSource {
                                 good.push((key, object));
                             }
                             Err(mut e) => {
-                                if let Some(last) = e.object.as_ref().and_then(|k| self.last_good_objects.get(k)) {
+                                if let Some(last) = e
+                                    .object
+                                    .as_ref()
+                                    .and_then(|k| self.last_good_objects.get(k))
+                                {
                                     e.kept_last_good = true;
                                     good.push((e.object.clone().expect("key"), last.clone()));
                                 }
@@ -328,14 +339,17 @@ impl FileSource {
             };
             for (key, object) in &file_objects {
                 if objects.insert(key.clone(), object.clone()).is_some() {
-                    warnings.push(format!("{key} is defined more than once; the last definition wins"));
+                    warnings.push(format!(
+                        "{key} is defined more than once; the last definition wins"
+                    ));
                 }
             }
             new_files.insert(file, file_objects);
         }
         self.last_good_files = new_files;
         // Forget last-good versions of objects that are gone from every file.
-        self.last_good_objects.retain(|k, _| objects.contains_key(k));
+        self.last_good_objects
+            .retain(|k, _| objects.contains_key(k));
 
         let mut state = ClusterState::default();
         for (key, object) in objects {
@@ -370,7 +384,13 @@ impl FileSource {
             .collect();
         let new_errors = errors
             .iter()
-            .filter(|e| !self.previous_errors.contains(&(e.object.clone(), e.file.clone(), e.reason.clone())))
+            .filter(|e| {
+                !self.previous_errors.contains(&(
+                    e.object.clone(),
+                    e.file.clone(),
+                    e.reason.clone(),
+                ))
+            })
             .cloned()
             .collect();
         self.previous_errors = current;
@@ -406,10 +426,19 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        assert_eq!(ledger.workload, "ledger", "ReplicaSet less its pod-template hash");
+        assert_eq!(
+            ledger.workload, "ledger",
+            "ReplicaSet less its pod-template hash"
+        );
         assert_eq!(ledger.ips.len(), 2, "dual stack");
-        assert_eq!(ledger.named_port("http", crate::compile::model::Protocol::Tcp), Some(8080));
-        let prometheus = objects.iter().find(|(k, _)| k.name == "prometheus-0").unwrap();
+        assert_eq!(
+            ledger.named_port("http", crate::compile::model::Protocol::Tcp),
+            Some(8080)
+        );
+        let prometheus = objects
+            .iter()
+            .find(|(k, _)| k.name == "prometheus-0")
+            .unwrap();
         match &prometheus.1 {
             Object::Pod(p) => assert_eq!(p.workload, "prometheus"),
             other => panic!("{other:?}"),
@@ -428,7 +457,11 @@ mod tests {
     fn load_one(yaml: &str) -> Result<Object, String> {
         let mut items = parse_file(yaml, Path::new("t.yaml"))?;
         assert_eq!(items.len(), 1, "{items:?}");
-        items.pop().unwrap().map(|(_, o)| o).map_err(|e| e.to_string())
+        items
+            .pop()
+            .unwrap()
+            .map(|(_, o)| o)
+            .map_err(|e| e.to_string())
     }
 
     fn policy(spec: &str) -> Result<Object, String> {
@@ -440,17 +473,47 @@ mod tests {
     #[test]
     fn bad_policies_are_rejected_with_name_and_reason() {
         let cases = [
-            ("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]", "spec.ingress[0].from[0].ipBlock.cidr"),
-            ("  podSelector: {}\n  ingress: [{ports: [{port: 70000}]}]", "out of range"),
-            ("  podSelector: {}\n  ingress: [{ports: [{port: 80, endPort: 79}]}]", "endPort"),
-            ("  podSelector: {matchExpressions: [{key: a, operator: Maybe, values: [b]}]}", "unknown operator"),
-            ("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]", "strict subset"),
-            ("  podSelector: {}\n  ingres: []", "spec.ingres: unknown field"),
-            ("  podSelector: {}\n  ingress: [{ports: [{port: 80, protocol: ICMP}]}]", "not TCP, UDP or SCTP"),
-            ("  podSelector: {}\n  ingress: [{from: [{}]}]", "must specify"),
-            ("  podSelector: {}\n  ingress: [{ports: [{port: [1]}]}]", "t.yaml"),
+            (
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]",
+                "spec.ingress[0].from[0].ipBlock.cidr",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: 70000}]}]",
+                "out of range",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: 80, endPort: 79}]}]",
+                "endPort",
+            ),
+            (
+                "  podSelector: {matchExpressions: [{key: a, operator: Maybe, values: [b]}]}",
+                "unknown operator",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]",
+                "strict subset",
+            ),
+            (
+                "  podSelector: {}\n  ingres: []",
+                "spec.ingres: unknown field",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: 80, protocol: ICMP}]}]",
+                "not TCP, UDP or SCTP",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{from: [{}]}]",
+                "must specify",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: [1]}]}]",
+                "t.yaml",
+            ),
             ("  ingress: []", "podSelector is missing"),
-            ("  podSelector: {}\n  policyTypes: [Sideways]", "policyTypes[0]"),
+            (
+                "  podSelector: {}\n  policyTypes: [Sideways]",
+                "policyTypes[0]",
+            ),
         ];
         for (spec, expected) in cases {
             let err = policy(spec).expect_err(spec);
@@ -466,9 +529,18 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let only_ingress = p("  podSelector: {}");
-        assert_eq!((only_ingress.ingress.is_some(), only_ingress.egress.is_some()), (true, false));
+        assert_eq!(
+            (
+                only_ingress.ingress.is_some(),
+                only_ingress.egress.is_some()
+            ),
+            (true, false)
+        );
         let empty_egress = p("  podSelector: {}\n  egress: []");
-        assert_eq!(empty_egress.egress, None, "an empty egress list does not imply Egress");
+        assert_eq!(
+            empty_egress.egress, None,
+            "an empty egress list does not imply Egress"
+        );
         let with_egress = p("  podSelector: {}\n  egress: [{}]");
         assert!(with_egress.egress.is_some());
         let egress_only = p("  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]");
@@ -488,21 +560,44 @@ mod tests {
         assert_eq!(first.state.policies.len(), 1);
         assert!(!source.changed());
 
-        std::fs::write(&file, good.replace("port: 80", "port: 99999").replace("name: x}\n", "name: x, labels: {a: b}}\n")).unwrap();
+        std::fs::write(
+            &file,
+            good.replace("port: 80", "port: 99999")
+                .replace("name: x}\n", "name: x, labels: {a: b}}\n"),
+        )
+        .unwrap();
         let second = source.load();
         assert_eq!(second.errors.len(), 1);
         assert!(second.errors[0].kept_last_good);
         assert_eq!(second.new_errors.len(), 1);
-        assert_eq!(second.state.policies, first.state.policies, "the last good policy stays");
-        assert_eq!(second.state.namespaces["x"].labels.get("a").map(String::as_str), Some("b"), "the rest moves on");
+        assert_eq!(
+            second.state.policies, first.state.policies,
+            "the last good policy stays"
+        );
+        assert_eq!(
+            second.state.namespaces["x"]
+                .labels
+                .get("a")
+                .map(String::as_str),
+            Some("b"),
+            "the rest moves on"
+        );
 
         let third = source.load();
         assert_eq!(third.new_errors.len(), 0, "the same error is counted once");
 
         std::fs::write(&file, "{ not: yaml: at all").unwrap();
         let fourth = source.load();
-        assert!(fourth.errors[0].reason.contains("not valid YAML"), "{:?}", fourth.errors);
-        assert_eq!(fourth.state.namespaces.len(), 1, "a broken file keeps its last good objects");
+        assert!(
+            fourth.errors[0].reason.contains("not valid YAML"),
+            "{:?}",
+            fourth.errors
+        );
+        assert_eq!(
+            fourth.state.namespaces.len(),
+            1,
+            "a broken file keeps its last good objects"
+        );
         assert_eq!(fourth.state.policies.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -54,6 +54,14 @@ enum Cmd {
         #[arg(long)]
         source_port: Option<u16>,
     },
+    /// Probes many targets at once (`IP:PORT/tcp|udp`): a TCP connect and echo, or a UDP
+    /// datagram and its echo. Prints a JSON array of booleans in target order.
+    Probe {
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// One datagram to each of `flows` consecutive ports, no waiting.
     Burst {
         #[arg(long)]
@@ -97,6 +105,10 @@ fn main() {
             source_port,
         ),
         Cmd::Burst { to, port, flows } => burst(to, port, flows),
+        Cmd::Probe {
+            targets,
+            timeout_ms,
+        } => probe(&targets, Duration::from_millis(timeout_ms)),
     }
 }
 
@@ -251,4 +263,43 @@ fn burst(to: IpAddr, port: u16, flows: u32) {
         }
     }
     print_json(serde_json::json!({"sent": sent, "echoed": 0, "error": error}));
+}
+
+fn probe_one(target: &str, timeout: Duration) -> bool {
+    let Some((addr, proto)) = target.rsplit_once('/') else {
+        return false;
+    };
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        return false;
+    };
+    if proto == "udp" {
+        let socket = udp_socket(addr.ip(), 0);
+        if socket.connect(addr).is_err() || socket.send(b"probe").is_err() {
+            return false;
+        }
+        socket.set_read_timeout(Some(timeout)).ok();
+        let mut buf = [0u8; 16];
+        matches!(socket.recv(&mut buf), Ok(5))
+    } else {
+        let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
+            return false;
+        };
+        stream.set_read_timeout(Some(timeout)).ok();
+        let mut back = [0u8; 5];
+        stream.write_all(b"probe").is_ok() && stream.read_exact(&mut back).is_ok()
+    }
+}
+
+fn probe(targets: &[String], timeout: Duration) {
+    let results: Vec<bool> = std::thread::scope(|s| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|t| s.spawn(move || probe_one(t, timeout)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(false))
+            .collect()
+    });
+    print_json(serde_json::json!(results));
 }
