@@ -47,6 +47,9 @@ pub struct ReconcileReport {
     pub detached: Vec<String>,
     pub updated: Vec<String>,
     pub identities_changed: usize,
+    /// Policy, ipBlock and identity entries this reconcile wrote and removed.
+    pub entries_written: u64,
+    pub entries_removed: u64,
     /// Workloads that could not be attached or programmed, with the reason. The rest of the
     /// node was reconciled; these keep their previous state and are retried next time.
     pub errors: Vec<String>,
@@ -158,6 +161,7 @@ impl Reconciler {
         );
         let _enter = span.enter();
         let mut report = ReconcileReport::default();
+        let stats_before = self.datapath.maps.stats;
 
         let mut local: BTreeMap<PodKey, AttachPoint> = BTreeMap::new();
         for (key, pod) in &state.pods {
@@ -314,6 +318,16 @@ impl Reconciler {
             self.datapath.maps.bump_epoch(slot)?;
         }
         self.compiled = compiled;
+        report.entries_written = self.datapath.maps.stats.written - stats_before.written;
+        report.entries_removed = self.datapath.maps.stats.removed - stats_before.removed;
+        info!(
+            attached = report.attached.len(),
+            detached = report.detached.len(),
+            updated = report.updated.len(),
+            written = report.entries_written,
+            removed = report.entries_removed,
+            "reconciled"
+        );
         Ok(report)
     }
 

@@ -116,6 +116,13 @@ impl WorkloadPolicy {
     }
 }
 
+/// How many map entries updates wrote and removed: what "incremental" means, measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    pub written: u64,
+    pub removed: u64,
+}
+
 /// Rules of a workload written but not yet in force (see `DatapathMaps::stage_rules`).
 #[derive(Debug)]
 pub struct StagedRules {
@@ -147,6 +154,8 @@ pub struct DatapathMaps {
     /// What this process wrote per ruleset, to diff the next update against.
     written: StdHashMap<u32, RulesetEntries>,
     set_ids: CidrSetIds,
+    /// Map entries written and removed since load (policy, ipBlock and identity entries).
+    pub stats: WriteStats,
     next_epoch: u32,
 }
 
@@ -183,6 +192,7 @@ impl DatapathMaps {
             diag: take(ebpf, map_names::DIAG)?,
             written: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
+            stats: WriteStats::default(),
             next_epoch: max_epoch.wrapping_add(1).max(1),
         };
         if maps.config()? == zeroed_config() {
@@ -384,6 +394,7 @@ impl DatapathMaps {
                 self.policy
                     .insert(&Key::new(key.0, key.1), PolicyValue { rule: *rule }, 0)
                     .map_err(map_err(map_names::POLICY))?;
+                self.stats.written += 1;
             }
         }
         for (key, set) in &entries.cidr {
@@ -391,6 +402,7 @@ impl DatapathMaps {
                 self.cidr_rules
                     .insert(&Key::new(key.0, key.1), *set, 0)
                     .map_err(map_err(map_names::CIDR_RULES))?;
+                self.stats.written += 1;
             }
         }
         Ok(())
@@ -417,6 +429,7 @@ impl DatapathMaps {
             .copied()
             .collect();
         // Addresses first, so none points at a peer whose entries are being removed.
+        self.stats.removed += (stale_cidr.len() + stale_policy.len()) as u64;
         for key in stale_cidr {
             remove_lpm(&mut self.cidr_rules, key, map_names::CIDR_RULES)?;
         }
@@ -429,6 +442,7 @@ impl DatapathMaps {
     /// Names an address or prefix as an identity (pod IPs as /32 and /128).
     pub fn set_identity(&mut self, net: IpNet, identity: u32) -> Result<(), MapsError> {
         let key = lpm_addr(0, &net);
+        self.stats.written += 1;
         self.identities
             .insert(&Key::new(key.0, key.1), identity, 0)
             .map_err(map_err(map_names::IDENTITIES))
@@ -436,6 +450,7 @@ impl DatapathMaps {
 
     /// Forgets an identity entry; the address becomes `world` (or its next shorter prefix).
     pub fn remove_identity(&mut self, net: IpNet) -> Result<(), MapsError> {
+        self.stats.removed += 1;
         remove_lpm(
             &mut self.identities,
             lpm_addr(0, &net),
@@ -526,6 +541,14 @@ impl DatapathMaps {
     /// Tracked flows (all slots).
     pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
         self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Forgets every tracked flow: each one is decided again from its next packet.
+    pub fn flush_conntrack(&mut self) {
+        let keys: Vec<CtKey> = self.conntrack.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = self.conntrack.remove(&key);
+        }
     }
 
     /// Number of entries in the policy and ipBlock tries.

@@ -127,7 +127,7 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str()
 }
 
-fn collect(value: Value, file: &Path, out: &mut Vec<Result<(ObjectKey, Object), ObjectError>>) {
+fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
     let kind = str_at(&value, &["kind"]).unwrap_or("").to_string();
     if kind == "List" || kind.ends_with("List") {
         if let Some(items) = value.get("items").and_then(Value::as_sequence) {
