@@ -102,12 +102,12 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
+/// One parsed object, or why it was rejected.
+pub type Parsed = Result<(ObjectKey, Object), ObjectError>;
+
 /// Parses the documents of one file into objects and per-object errors. Fails as a whole
 /// only when the text is not YAML.
-pub fn parse_file(
-    text: &str,
-    file: &Path,
-) -> Result<Vec<Result<(ObjectKey, Object), ObjectError>>, String> {
+pub fn parse_file(text: &str, file: &Path) -> Result<Vec<Parsed>, String> {
     let mut out = Vec::new();
     for document in serde_norway::Deserializer::from_str(text) {
         let value = Value::deserialize(document).map_err(|e| format!("not valid YAML: {e}"))?;
