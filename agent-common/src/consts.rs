@@ -14,6 +14,9 @@ pub const POLICY_CAPACITY: u32 = 1 << 18;
 pub const CIDR_RULE_CAPACITY: u32 = 1 << 15;
 /// Default capacity of the connection tracking LRU; the agent may size it at load time.
 pub const CONNTRACK_CAPACITY: u32 = 1 << 18;
+/// Capacity of the per-flow counters (LRU: the agent reads them every few seconds, so an
+/// eviction loses at most the packets of one interval).
+pub const FLOW_COUNTER_CAPACITY: u32 = 1 << 16;
 /// Capacity of the first-fragment port cache.
 pub const FRAGMENT_CAPACITY: u32 = 8192;
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
@@ -23,6 +26,40 @@ pub const EVENT_RING_BYTES: u32 = 1 << 18;
 pub const MAX_CGROUP_DEPTH: u32 = 16;
 /// How many IPv6 extension headers the parser skips before giving up.
 pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
+
+/// Version of the map layout: bumped by hand when a map's meaning changes, and mixed with
+/// the sizes of every shared type so a changed struct cannot slip through. Pinned maps of
+/// another layout are never adopted.
+pub const LAYOUT_VERSION: u64 = {
+    use core::mem::size_of;
+    let manual: u64 = 1;
+    let sizes = [
+        size_of::<crate::CtKey>(),
+        size_of::<crate::CtEntry>(),
+        size_of::<crate::FragKey>(),
+        size_of::<crate::FragPorts>(),
+        size_of::<crate::Config>(),
+        size_of::<crate::WorkloadConfig>(),
+        size_of::<crate::LpmAddr>(),
+        size_of::<crate::PolicyKey>(),
+        size_of::<crate::PolicyValue>(),
+        size_of::<crate::Counter>(),
+        size_of::<crate::FlowCounterKey>(),
+        size_of::<crate::FlowEvent>(),
+        size_of::<crate::EventBucket>(),
+        MAX_WORKLOADS as usize,
+        diag::COUNT as usize,
+    ];
+    // FNV-1a over the sizes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ manual;
+    let mut i = 0;
+    while i < sizes.len() {
+        h ^= sizes[i] as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+};
 
 /// Map names as they appear in the object file (and as pin names under bpffs).
 pub mod map_names {
@@ -35,10 +72,13 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUCKETS: &str = "EVENT_BUCKETS";
     pub const CONFIG: &str = "CONFIG";
     pub const DIAG: &str = "DIAG";
+    /// One u64: `LAYOUT_VERSION` of the agent that created the pins.
+    pub const LAYOUT: &str = "LAYOUT";
 }
 
 /// Program names in the object file.

@@ -22,4 +22,22 @@ pub const fn counter_index(slot: u32, direction: u8, verdict: u8) -> u32 {
     slot * COUNTERS_PER_SLOT + direction as u32 * VERDICTS as u32 + verdict as u32
 }
 
-user_pod!(Counter);
+/// Key of the per-flow counters: one peer pair at workload level, by packet direction and
+/// verdict. `port` is the port of the side that accepted the flow (0 for ICMP), `origin`
+/// the direction of the packet that opened it (who is the client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowCounterKey {
+    pub slot: u32,
+    /// Identity of the peer (`IDENTITY_WORLD` outside the cluster).
+    pub peer: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub origin: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowCounterKey>() == 16);
+
+user_pod!(Counter, FlowCounterKey);

@@ -55,8 +55,11 @@ pub struct CtEntry {
     /// `tcp_state` bits.
     pub tcp_state: u8,
     pub _pad: u8,
+    /// Identity of the remote side when the decision was taken.
+    pub peer: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
 /// Key of the fragment cache: one IP datagram.
 #[repr(C)]

@@ -99,6 +99,8 @@ fn next_state(state: u8, proto: u8, flags: u8, from_origin: bool) -> u8 {
 /// Outcome of tracking one packet.
 pub struct Tracked {
     pub decision: Decision,
+    /// Direction of the packet that opened the flow.
+    pub origin: u8,
     /// The packet opened a flow (or re-opened one whose decision was stale): worth an event.
     pub new_flow: bool,
 }
@@ -137,6 +139,7 @@ pub fn track(
                 );
                 new_flow = d.decision != entry.decision;
                 entry.decision = d.decision;
+                entry.peer = d.peer;
                 entry.epoch = workload.epoch;
             }
             let state = next_state(
@@ -153,8 +156,9 @@ pub fn track(
             return Tracked {
                 decision: Decision {
                     decision: entry.decision,
-                    peer: 0,
+                    peer: entry.peer,
                 },
+                origin: entry.origin,
                 new_flow,
             };
         }
@@ -180,6 +184,8 @@ pub fn track(
             decision: decision.decision,
             tcp_state: state,
             _pad: 0,
+            peer: decision.peer,
+            _pad2: 0,
         };
         if CONNTRACK.insert(key, entry, 0).is_err() {
             crate::counters::diag(agent_common::diag::CT_INSERT_FAILED);
@@ -187,18 +193,32 @@ pub fn track(
     }
     Tracked {
         decision,
+        origin: direction,
         new_flow: true,
     }
 }
 
-/// The cached decision of the flow an ICMP error relates to, if that flow is tracked.
+/// The flow an ICMP error relates to, if it is tracked: its decision as `Tracked`.
 #[inline(always)]
-pub fn related_decision(key: &CtKey, now: u64) -> Option<u8> {
+pub fn related(key: &CtKey, now: u64) -> Option<Tracked> {
     // SAFETY: read-only use of a value from a successful lookup.
     let entry = unsafe { CONNTRACK.get(key) }?;
     if entry.expires_ns > now {
-        Some(entry.decision)
+        Some(Tracked {
+            decision: Decision {
+                decision: entry.decision,
+                peer: entry.peer,
+            },
+            origin: entry.origin,
+            new_flow: false,
+        })
     } else {
         None
     }
+}
+
+/// The port policy is evaluated on, for a flow key and its origin (public for counters).
+#[inline(always)]
+pub fn flow_port(key: &CtKey, origin: u8) -> u16 {
+    service_port(key, origin)
 }

@@ -1,8 +1,8 @@
 //! Per-CPU packet and byte counters by (workload, direction, verdict), and diagnostics.
 
-use agent_common::{Counter, counter_index};
+use agent_common::{Counter, FlowCounterKey, counter_index};
 
-use crate::{COUNTERS, DIAG};
+use crate::{COUNTERS, DIAG, FLOW_COUNTERS};
 
 /// Adds a packet (or a GSO aggregate of `segments`) to its workload counter.
 #[inline(always)]
@@ -23,5 +23,24 @@ pub fn diag(index: u32) {
     if let Some(c) = DIAG.get_ptr_mut(index) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 }
+    }
+}
+
+/// Adds a packet to its peer-pair counter, creating it on first use.
+#[inline(always)]
+pub fn count_flow(key: &FlowCounterKey, segments: u32, bytes: u32) {
+    match FLOW_COUNTERS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of a successful lookup.
+        Some(c) => unsafe {
+            (*c).packets += segments as u64;
+            (*c).bytes += bytes as u64;
+        },
+        None => {
+            let c = Counter {
+                packets: segments as u64,
+                bytes: bytes as u64,
+            };
+            let _ = FLOW_COUNTERS.insert(key, c, 0);
+        }
     }
 }

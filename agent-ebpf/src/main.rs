@@ -20,16 +20,17 @@ mod policy;
 
 use agent_common::{
     CIDR_RULE_CAPACITY, CONNTRACK_CAPACITY, COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey,
-    DECISION_ALLOW, DIR_EGRESS, DIR_INGRESS, EVENT_RING_BYTES, EventBucket, FRAGMENT_CAPACITY,
-    FragKey, FragPorts, IDENTITY_CAPACITY, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG,
-    POLICY_CAPACITY, PolicyKey, PolicyValue, SLOT_UNREGISTERED, VERDICT_ALLOWED, VERDICT_DROPPED,
+    DECISION_ALLOW, DIR_EGRESS, DIR_INGRESS, EVENT_RING_BYTES, EventBucket, FLOW_COUNTER_CAPACITY,
+    FRAGMENT_CAPACITY, FlowCounterKey, FragKey, FragPorts, IDENTITY_CAPACITY, LpmAddr,
+    MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    PolicyKey, PolicyValue, SLOT_UNREGISTERED, VERDICT_ALLOWED, VERDICT_DROPPED,
     VERDICT_WOULD_DROP, WorkloadConfig, diag, workload_flags,
 };
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::{cgroup_skb, classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
 };
 
@@ -62,6 +63,10 @@ static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGMENT_C
 /// Packets and bytes by (slot, direction, verdict).
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_WORKLOADS * COUNTERS_PER_SLOT, 0);
+/// Packets and bytes per peer pair at workload level.
+#[map]
+static FLOW_COUNTERS: LruPerCpuHashMap<FlowCounterKey, Counter> =
+    LruPerCpuHashMap::pinned(FLOW_COUNTER_CAPACITY, 0);
 /// Sampled would-drop and drop events.
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
@@ -74,6 +79,10 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// Datapath diagnostics (`agent_common::diag`).
 #[map]
 static DIAG: PerCpuArray<u64> = PerCpuArray::pinned(diag::COUNT, 0);
+
+/// `LAYOUT_VERSION` of the agent that created the pins; read by agents, never by programs.
+#[map]
+static LAYOUT: Array<u64> = Array::pinned(1, 0);
 
 const ETH_HLEN: u32 = 14;
 
@@ -254,26 +263,40 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
 
     let mut tracked = None;
+    let mut key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction);
     if pkt.kind == Kind::IcmpError {
         let related = conntrack::key_of(&pkt.related, pkt.family, slot, direction);
-        if let Some(decision) = conntrack::related_decision(&related, now) {
+        if let Some(t) = conntrack::related(&related, now) {
             counters::diag(diag::ICMP_RELATED);
-            tracked = Some(conntrack::Tracked {
-                decision: policy::Decision { decision, peer: 0 },
-                new_flow: false,
-            });
+            tracked = Some(t);
+            key = related;
         }
     }
     let tracked = match tracked {
         Some(t) => t,
-        None => {
-            let key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction);
-            conntrack::track(config, workload, &key, direction, pkt.tcp_flags, now)
-        }
+        None => conntrack::track(config, workload, &key, direction, pkt.tcp_flags, now),
     };
 
     let verdict = verdict_of(tracked.decision.decision, workload.mode);
     counters::count(slot, direction, verdict, segs, bytes);
+    let port = match key.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => conntrack::flow_port(&key, tracked.origin),
+        _ => 0,
+    };
+    counters::count_flow(
+        &FlowCounterKey {
+            slot,
+            peer: tracked.decision.peer,
+            port,
+            proto: key.proto,
+            direction,
+            verdict,
+            origin: tracked.origin,
+            _pad: [0; 2],
+        },
+        segs,
+        bytes,
+    );
     if verdict == VERDICT_ALLOWED {
         return Action::Pass;
     }

@@ -5,11 +5,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{CONNTRACK_CAPACITY, map_names};
+use agent_common::{CONNTRACK_CAPACITY, LAYOUT_VERSION, map_names};
 use aya::{Ebpf, EbpfLoader, maps::RingBuf};
 
 use crate::{
-    attach::{self, AttachError, AttachMethod, AttachPoint, Attachment, TcMode},
+    attach::{self, AttachError, AttachMethod, AttachPoint, Attachment, RouteKey, TcMode},
     flowlog::EventReader,
     maps::{DatapathMaps, MapsError},
     pins,
@@ -39,7 +39,21 @@ pub enum DatapathError {
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("slot {slot} is already attached at {point:?}")]
-    AlreadyAttached { slot: u32, point: AttachPoint },
+    AlreadyAttached {
+        slot: u32,
+        point: Option<AttachPoint>,
+    },
+    #[error(
+        "the pinned state under {pin_dir} has map layout {found:x?}, this binary uses {expected:x}: \
+         it was left by a different Tollgate version. Nothing was changed. Either run the \
+         version that wrote it, or start with --reset-state to detach the old programs and \
+         remove their pins (enforcement lapses until this agent has attached again)"
+    )]
+    LayoutMismatch {
+        pin_dir: PathBuf,
+        found: Option<u64>,
+        expected: u64,
+    },
     #[error("event ring buffer: {0}")]
     Events(String),
 }
@@ -77,8 +91,9 @@ impl DatapathOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachedWorkload {
     pub slot: u32,
-    pub point: AttachPoint,
+    pub point: Option<AttachPoint>,
     pub method: AttachMethod,
+    pub key: RouteKey,
 }
 
 /// The datapath of this node.
@@ -92,13 +107,16 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the embedded object: maps pinned (or adopted) under the pin directory, programs
-    /// loaded and verified, nothing attached yet.
+    /// loaded and verified, and whatever an earlier agent left attached adopted: its pinned
+    /// links switched to the new programs in place. Pins of another map layout are refused
+    /// before anything is touched.
     pub fn load(options: DatapathOptions) -> Result<Self, DatapathError> {
         raise_memlock_limit();
         pins::ensure_bpffs_dir(&options.pin_dir).map_err(|source| DatapathError::Bpffs {
             path: options.pin_dir.clone(),
             source,
         })?;
+        check_layout(&options.pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&options.pin_dir)
             .map_max_entries(map_names::CONNTRACK, options.conntrack_capacity)
@@ -109,10 +127,16 @@ impl Datapath {
             })?;
         attach::load_programs(&mut ebpf)?;
         let maps = DatapathMaps::new(&mut ebpf)?;
+        let attachments = attach::adopt(
+            &mut ebpf,
+            &options.pin_dir,
+            &maps.tc_routes(),
+            &maps.cgroup_routes(),
+        )?;
         Ok(Datapath {
             ebpf,
             maps,
-            attachments: BTreeMap::new(),
+            attachments,
             options,
         })
     }
@@ -146,26 +170,26 @@ impl Datapath {
             });
         }
         let key = attach::point_key(point)?;
-        self.route(point, key, Some(slot))?;
-        match attach::attach(&mut self.ebpf, point, tc_mode) {
+        self.route(key, Some(slot))?;
+        match attach::attach(&mut self.ebpf, point, tc_mode, &self.options.pin_dir, slot) {
             Ok(attachment) => {
                 let method = attachment.method;
                 self.attachments.insert(slot, attachment);
                 Ok(method)
             }
             Err(e) => {
-                self.route(point, key, None)?;
+                self.route(key, None)?;
                 Err(e.into())
             }
         }
     }
 
-    fn route(&mut self, point: &AttachPoint, key: u64, slot: Option<u32>) -> Result<(), MapsError> {
-        match (point, slot) {
-            (AttachPoint::Tc { .. }, Some(slot)) => self.maps.set_tc_slot(key as u32, slot),
-            (AttachPoint::Tc { .. }, None) => self.maps.remove_tc_slot(key as u32),
-            (AttachPoint::Cgroup { .. }, Some(slot)) => self.maps.set_cgroup_slot(key, slot),
-            (AttachPoint::Cgroup { .. }, None) => self.maps.remove_cgroup_slot(key),
+    fn route(&mut self, key: RouteKey, slot: Option<u32>) -> Result<(), MapsError> {
+        match (key, slot) {
+            (RouteKey::Ifindex(i), Some(slot)) => self.maps.set_tc_slot(i, slot),
+            (RouteKey::Ifindex(i), None) => self.maps.remove_tc_slot(i),
+            (RouteKey::Cgroup(c), Some(slot)) => self.maps.set_cgroup_slot(c, slot),
+            (RouteKey::Cgroup(c), None) => self.maps.remove_cgroup_slot(c),
         }
     }
 
@@ -175,18 +199,18 @@ impl Datapath {
         let Some(attachment) = self.attachments.remove(&slot) else {
             return Ok(false);
         };
-        let (point, key) = (attachment.point.clone(), attachment.key);
-        attach::detach(&mut self.ebpf, attachment)?;
-        self.route(&point, key, None)?;
+        let key = attachment.key;
+        attach::detach(attachment)?;
+        self.route(key, None)?;
         Ok(true)
     }
 
-    /// Kernel ids of the loaded programs (what `bpftool prog` and `bpftool link` show).
-    pub fn program_ids(&self) -> Vec<u32> {
-        self.ebpf
-            .programs()
-            .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
-            .collect()
+    /// The slot already attached (possibly adopted from an earlier agent) at `key`, naming its
+    /// attachment point from now on.
+    pub fn claim(&mut self, key: RouteKey, point: &AttachPoint) -> Option<(u32, AttachMethod)> {
+        let (slot, a) = self.attachments.iter_mut().find(|(_, a)| a.key == key)?;
+        a.point = Some(point.clone());
+        Some((*slot, a.method))
     }
 
     /// What is attached, by slot.
@@ -197,7 +221,16 @@ impl Datapath {
                 slot: *slot,
                 point: a.point.clone(),
                 method: a.method,
+                key: a.key,
             })
+            .collect()
+    }
+
+    /// Kernel ids of the loaded programs (what `bpftool prog` and `bpftool link` show).
+    pub fn program_ids(&self) -> Vec<u32> {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
             .collect()
     }
 
@@ -212,7 +245,7 @@ impl Datapath {
     }
 
     /// Detaches everything, then removes the pinned maps: nothing of this datapath stays in
-    /// the kernel once the process exits.
+    /// the kernel once the process exits (`--detach-on-exit`).
     pub fn remove(mut self) -> Result<(), DatapathError> {
         let slots: Vec<u32> = self.attachments.keys().copied().collect();
         for slot in slots {
@@ -224,6 +257,30 @@ impl Datapath {
             path: pin_dir,
             source,
         })
+    }
+}
+
+/// Refuses pins written by an agent with another map layout: adopting them would mean reading
+/// and writing maps whose keys and values mean something else.
+fn check_layout(pin_dir: &Path) -> Result<(), DatapathError> {
+    let layout_pin = pin_dir.join(map_names::LAYOUT);
+    let has_pins = std::fs::read_dir(pin_dir).is_ok_and(|mut d| d.next().is_some());
+    if !has_pins {
+        return Ok(());
+    }
+    let found = aya::maps::MapData::from_pin(&layout_pin)
+        .ok()
+        .and_then(|data| aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(data)).ok())
+        .and_then(|array| array.get(&0, 0).ok());
+    match found {
+        Some(v) if v == LAYOUT_VERSION => Ok(()),
+        // Maps created by this layout but not yet stamped (an agent killed mid-start).
+        Some(0) => Ok(()),
+        other => Err(DatapathError::LayoutMismatch {
+            pin_dir: pin_dir.into(),
+            found: other,
+            expected: LAYOUT_VERSION,
+        }),
     }
 }
 

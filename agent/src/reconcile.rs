@@ -19,7 +19,7 @@ use tracing::{info, info_span, warn};
 
 use crate::{
     Datapath, DatapathError,
-    attach::{AttachMethod, AttachPoint, routes},
+    attach::{self, AttachMethod, AttachPoint, routes},
     compile::{
         model::{ClusterState, PodInfo},
         policy::{Compiled, IdentityAllocator, PodKey, compile},
@@ -199,23 +199,38 @@ impl Reconciler {
         }
 
         // 1. make
-        let used: BTreeSet<u32> = self.workloads.values().map(|w| w.slot).collect();
+        let mut used: BTreeSet<u32> = self.workloads.values().map(|w| w.slot).collect();
+        // Slots attached by an earlier agent (adopted at load) stay reserved until claimed.
+        used.extend(self.datapath.attached().iter().map(|a| a.slot));
         let mut free = (1..agent_common::MAX_WORKLOADS).filter(|s| !used.contains(s));
         let mut staged = Vec::new();
+        let mut adopted: BTreeMap<PodKey, AttachMethod> = BTreeMap::new();
         for (key, point) in &local {
             let pod_policy = &compiled.pods[key];
             let policy = pod_policy.workload_policy();
             let slot = match self.workloads.get(key) {
                 Some(w) => w.slot,
-                None => match free.next() {
-                    Some(s) => s,
-                    None => {
-                        report
-                            .errors
-                            .push(format!("{}/{}: no free workload slot", key.0, key.1));
-                        continue;
+                None => {
+                    let claimed = attach::point_key(point)
+                        .ok()
+                        .and_then(|route| self.datapath.claim(route, point));
+                    match claimed {
+                        Some((slot, method)) => {
+                            info!(namespace = %key.0, pod = %key.1, slot, "adopted the running attachment");
+                            adopted.insert(key.clone(), method);
+                            slot
+                        }
+                        None => match free.next() {
+                            Some(s) => s,
+                            None => {
+                                report
+                                    .errors
+                                    .push(format!("{}/{}: no free workload slot", key.0, key.1));
+                                continue;
+                            }
+                        },
                     }
-                },
+                }
             };
             match self.datapath.maps.stage_rules(slot, &policy) {
                 Ok(s) => staged.push((key.clone(), point.clone(), slot, policy, s)),
@@ -257,8 +272,11 @@ impl Reconciler {
                 to_finish.push(staged_rules);
                 continue;
             }
-            let method = match existing {
-                Some(w) => w.method,
+            let method = match existing
+                .map(|w| w.method)
+                .or_else(|| adopted.get(&key).copied())
+            {
+                Some(m) => m,
                 None => match self.datapath.attach(slot, &point) {
                     Ok(m) => {
                         info!(namespace = %key.0, pod = %key.1, slot, attach = m.as_str(), "attached");
@@ -295,6 +313,19 @@ impl Reconciler {
                 },
             );
             to_finish.push(staged_rules);
+        }
+
+        // Attachments adopted from an earlier agent that no local workload claimed.
+        let claimed: BTreeSet<u32> = self.workloads.values().map(|w| w.slot).collect();
+        for stale in self.datapath.attached() {
+            if !claimed.contains(&stale.slot) {
+                self.datapath.detach(stale.slot)?;
+                self.datapath.maps.clear_workload(stale.slot)?;
+                info!(
+                    slot = stale.slot,
+                    "detached an adopted attachment no pod claims"
+                );
+            }
         }
 
         // 4. break

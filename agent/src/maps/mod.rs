@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::net::IpAddr;
 
 use agent_common::{
-    COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIRECTIONS, EventBucket, LpmAddr,
-    MAX_WORKLOADS, MODE_DROP, MODE_LOG, PolicyKey, PolicyValue, VERDICTS, WorkloadConfig,
-    counter_index, diag, map_names, workload_flags,
+    COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIRECTIONS, EventBucket, FlowCounterKey,
+    LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, PolicyKey, PolicyValue, VERDICTS,
+    WorkloadConfig, counter_index, diag, map_names, workload_flags,
 };
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use ipnet::IpNet;
 
@@ -148,6 +148,7 @@ pub struct DatapathMaps {
     cidr_rules: LpmTrie<MapData, LpmAddr, u32>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     counters: PerCpuArray<MapData, Counter>,
+    flow_counters: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
     event_buckets: Array<MapData, EventBucket>,
     config: Array<MapData, Config>,
     diag: PerCpuArray<MapData, u64>,
@@ -156,6 +157,7 @@ pub struct DatapathMaps {
     set_ids: CidrSetIds,
     /// Map entries written and removed since load (policy, ipBlock and identity entries).
     pub stats: WriteStats,
+    conntrack_capacity: u64,
     next_epoch: u32,
 }
 
@@ -172,6 +174,13 @@ impl DatapathMaps {
     /// epoch found, so flows tracked before a restart are re-evaluated, never trusted blindly.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         let workloads: Array<MapData, WorkloadConfig> = take(ebpf, map_names::WORKLOADS)?;
+        let conntrack_capacity = ebpf
+            .map(map_names::CONNTRACK)
+            .and_then(|m| match m {
+                aya::maps::Map::LruHashMap(d) => d.info().ok().map(|i| i.max_entries() as u64),
+                _ => None,
+            })
+            .unwrap_or(agent_common::CONNTRACK_CAPACITY as u64);
         let max_epoch = workloads
             .iter()
             .filter_map(Result::ok)
@@ -187,18 +196,50 @@ impl DatapathMaps {
             cidr_rules: take(ebpf, map_names::CIDR_RULES)?,
             conntrack: take(ebpf, map_names::CONNTRACK)?,
             counters: take(ebpf, map_names::COUNTERS)?,
+            flow_counters: take(ebpf, map_names::FLOW_COUNTERS)?,
             event_buckets: take(ebpf, map_names::EVENT_BUCKETS)?,
             config: take(ebpf, map_names::CONFIG)?,
             diag: take(ebpf, map_names::DIAG)?,
             written: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
             stats: WriteStats::default(),
+            conntrack_capacity,
             next_epoch: max_epoch.wrapping_add(1).max(1),
         };
         if maps.config()? == zeroed_config() {
             maps.set_config(&Config::default())?;
         }
+        // Stamp the layout these maps were created with (see `Datapath::load`).
+        let mut layout: Array<MapData, u64> = take(ebpf, map_names::LAYOUT)?;
+        layout
+            .set(0, LAYOUT_VERSION, 0)
+            .map_err(map_err(map_names::LAYOUT))?;
+        maps.rebuild_written()?;
         Ok(maps)
+    }
+
+    /// What an earlier agent wrote, read back from the tries, so the first update after a
+    /// restart removes what is no longer wanted instead of leaking it.
+    fn rebuild_written(&mut self) -> Result<(), MapsError> {
+        for item in self.policy.iter() {
+            let (key, value) = item.map_err(map_err(map_names::POLICY))?;
+            let data = key.data();
+            self.written
+                .entry(data.ruleset)
+                .or_default()
+                .policy
+                .insert(LpmKeyOrd(key.prefix_len(), data), value.rule);
+        }
+        for item in self.cidr_rules.iter() {
+            let (key, set) = item.map_err(map_err(map_names::CIDR_RULES))?;
+            let data = key.data();
+            self.written
+                .entry(data.scope)
+                .or_default()
+                .cidr
+                .insert(LpmKeyOrd(key.prefix_len(), data), set);
+        }
+        Ok(())
     }
 
     /// Node-wide datapath settings.
@@ -491,6 +532,16 @@ impl DatapathMaps {
             .map_err(map_err(map_names::CGROUP_SLOTS))
     }
 
+    /// TC routing entries: (ifindex, slot).
+    pub fn tc_routes(&self) -> Vec<(u32, u32)> {
+        self.tc_slots.iter().filter_map(Result::ok).collect()
+    }
+
+    /// cgroup routing entries: (cgroup id, slot).
+    pub fn cgroup_routes(&self) -> Vec<(u64, u32)> {
+        self.cgroup_slots.iter().filter_map(Result::ok).collect()
+    }
+
     /// Number of entries in the TC and cgroup routing maps (for leak checks).
     pub fn routing_entries(&self) -> (usize, usize) {
         (
@@ -529,6 +580,76 @@ impl DatapathMaps {
             *total = values.iter().sum();
         }
         Ok(out)
+    }
+
+    /// Per peer-pair counters, summed over CPUs.
+    pub fn flow_counters(&self) -> Vec<(FlowCounterKey, Counter)> {
+        self.flow_counters
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, values)| {
+                let mut c = Counter::default();
+                for v in values.iter() {
+                    c.packets += v.packets;
+                    c.bytes += v.bytes;
+                }
+                (k, c)
+            })
+            .collect()
+    }
+
+    /// Entries in use and capacity of each map, for `tollgate_map_entries` and
+    /// `tollgate_map_capacity`. Hash and trie sizes are counted by walking their keys.
+    pub fn occupancy(&self) -> Vec<(&'static str, u64, u64)> {
+        let count = |n: usize| n as u64;
+        vec![
+            (
+                map_names::WORKLOADS,
+                count(
+                    self.workloads
+                        .iter()
+                        .filter_map(Result::ok)
+                        .filter(|w| w.flags & workload_flags::ACTIVE != 0)
+                        .count(),
+                ),
+                self.workloads.len() as u64,
+            ),
+            (
+                map_names::TC_SLOTS,
+                count(self.tc_slots.keys().count()),
+                MAX_WORKLOADS as u64,
+            ),
+            (
+                map_names::CGROUP_SLOTS,
+                count(self.cgroup_slots.keys().count()),
+                MAX_WORKLOADS as u64,
+            ),
+            (
+                map_names::IDENTITIES,
+                count(self.identities.keys().count()),
+                agent_common::IDENTITY_CAPACITY as u64,
+            ),
+            (
+                map_names::POLICY,
+                count(self.policy.keys().count()),
+                agent_common::POLICY_CAPACITY as u64,
+            ),
+            (
+                map_names::CIDR_RULES,
+                count(self.cidr_rules.keys().count()),
+                agent_common::CIDR_RULE_CAPACITY as u64,
+            ),
+            (
+                map_names::CONNTRACK,
+                count(self.conntrack.keys().count()),
+                self.conntrack_capacity,
+            ),
+            (
+                map_names::FLOW_COUNTERS,
+                count(self.flow_counters.keys().count()),
+                agent_common::FLOW_COUNTER_CAPACITY as u64,
+            ),
+        ]
     }
 
     /// Event bucket of a slot (how many events it suppressed).
