@@ -6,7 +6,15 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::{Datapath, DatapathOptions, attach, pins};
+use std::path::PathBuf;
+
+use crate::{
+    Datapath, DatapathOptions,
+    admin::{self, Request, Response},
+    attach, daemon,
+    maps::Mode,
+    pins,
+};
 
 /// Tollgate: per-workload eBPF packet accounting, dry-run and enforced network policy.
 #[derive(Parser, Debug)]
@@ -18,6 +26,48 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the agent: attach every local workload, keep the datapath in line with the
+    /// cluster state, serve metrics and the admin socket, write the flow log.
+    ///
+    /// Stopping the agent leaves enforcement in place (programs and maps stay pinned under
+    /// --bpffs) and a restarted agent adopts them; only --detach-on-exit takes them off.
+    Run(RunArgs),
+    /// Show the workloads of the running agent: attach kind, isolation, mode, counters, time
+    /// since the last would-drop.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Admin socket of the running agent.
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Set or clear the runtime mode override of workloads (above pod and namespace
+    /// annotations and --default-mode). Reaches the datapath at once, survives restarts and
+    /// is written to the audit log.
+    Mode {
+        #[command(subcommand)]
+        action: ModeAction,
+        /// Admin socket of the running agent.
+        #[arg(long, global = true, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Live view of the busiest flows and the latest would-drops, refreshed every --interval.
+    Flows {
+        /// Rows of the busiest flows.
+        #[arg(long, default_value_t = 15)]
+        limit: usize,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+        /// Print once and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Admin socket of the running agent.
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Evaluate flows offline against a cluster state, with the same compiler and decision
     /// procedure as the datapath; no kernel needed.
     ///
@@ -48,6 +98,79 @@ pub enum Command {
     },
 }
 
+/// `tollgate run` flags.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// File or directory of Kubernetes YAML (Namespaces, Pods with status.podIPs,
+    /// NetworkPolicies; multi-document and `kind: List`), re-read when it changes.
+    #[arg(long)]
+    pub cluster_state: PathBuf,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:9402")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = pins::DEFAULT_BPFFS_DIR)]
+    pub bpffs: PathBuf,
+    /// Directory for the agent's own state: mode overrides, audit log, persisted counters.
+    #[arg(long, default_value = "/var/lib/tollgate")]
+    pub state_dir: PathBuf,
+    /// Admin socket for `status`, `mode` and `flows` (root only).
+    #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+    pub admin_socket: PathBuf,
+    /// Mode of workloads without an override or a tollgate.io/mode annotation.
+    #[arg(long, default_value = "log")]
+    pub default_mode: Mode,
+    /// Write the flow log (JSON lines) to this file instead of stdout.
+    #[arg(long)]
+    pub flow_log: Option<PathBuf>,
+    /// Flow events per second per workload (enforced in the kernel; 0 turns events off).
+    #[arg(long, default_value_t = 10)]
+    pub log_rate: u32,
+    /// Flow events a workload may emit back to back before --log-rate applies.
+    #[arg(long, default_value_t = 20)]
+    pub log_burst: u32,
+    /// Upper bound on tollgate_flow_packets_total series; packets beyond it are counted in
+    /// tollgate_flow_series_overflow_total.
+    #[arg(long, default_value_t = 10000)]
+    pub max_flow_series: usize,
+    /// Detach every program and remove the pins when the agent stops.
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Remove pins and programs left by an earlier agent before starting (needed after an
+    /// upgrade that changed the map layout; enforcement lapses until workloads re-attach).
+    #[arg(long)]
+    pub reset_state: bool,
+    /// Name of this node in the flow log.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How often the cluster state is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+    /// How TC programs attach: auto (TCX on 6.6+, else clsact), tcx or clsact.
+    #[arg(long, value_enum, default_value_t = TcModeArg::Auto)]
+    pub tc_mode: TcModeArg,
+    /// Capacity of the connection tracking table.
+    #[arg(long, default_value_t = agent_common::CONNTRACK_CAPACITY)]
+    pub conntrack_capacity: u32,
+}
+
+/// `--tc-mode` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum TcModeArg {
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// `tollgate mode` actions.
+#[derive(Subcommand, Debug)]
+pub enum ModeAction {
+    /// Set the mode of TARGET (NAMESPACE/POD, NAMESPACE/* or *).
+    Set { target: String, mode: Mode },
+    /// Remove the override of TARGET; annotations and --default-mode apply again.
+    Clear { target: String },
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -64,8 +187,25 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
+        Command::Run(args) => run(args).map(|()| ExitCode::SUCCESS),
+        Command::Status {
+            output,
+            admin_socket,
+        } => status(&admin_socket, output),
+        Command::Mode {
+            action,
+            admin_socket,
+        } => mode(&admin_socket, action),
+        Command::Flows {
+            limit,
+            interval,
+            once,
+            output,
+            admin_socket,
+        } => flows(&admin_socket, limit, interval, once, output),
         Command::Selftest { bpffs } => selftest(&bpffs).map(|()| ExitCode::SUCCESS),
         Command::Check {
             cluster_state,
@@ -261,4 +401,217 @@ fn selftest(bpffs: &std::path::Path) -> anyhow::Result<()> {
         .context("removing the self-test datapath")?;
     println!("removed: nothing left attached or pinned");
     Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node_name = args.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into())
+    });
+    let options = daemon::RunOptions {
+        cluster_state: args.cluster_state,
+        metrics_addr: args.metrics_addr,
+        bpffs: args.bpffs,
+        state_dir: args.state_dir,
+        admin_socket: args.admin_socket,
+        default_mode: args.default_mode,
+        flow_log: args.flow_log,
+        log_rate: args.log_rate,
+        log_burst: args.log_burst,
+        max_flow_series: args.max_flow_series,
+        detach_on_exit: args.detach_on_exit,
+        reset_state: args.reset_state,
+        node_name,
+        poll_interval: std::time::Duration::from_millis(args.poll_interval_ms.max(50)),
+        tc_mode: match args.tc_mode {
+            TcModeArg::Auto => attach::TcMode::Auto,
+            TcModeArg::Tcx => attach::TcMode::Tcx,
+            TcModeArg::Clsact => attach::TcMode::Clsact,
+        },
+        conntrack_capacity: args.conntrack_capacity,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(daemon::run(options))
+}
+
+fn expect_response(resp: Response) -> anyhow::Result<Response> {
+    match resp {
+        Response::Error { message } => anyhow::bail!("{message}"),
+        other => Ok(other),
+    }
+}
+
+fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> {
+    let Response::Status(status) = expect_response(admin::request(socket, &Request::Status)?)?
+    else {
+        anyhow::bail!("unexpected reply");
+    };
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "node {}: {} workloads, {} policies{}",
+        status.node,
+        status.workloads.len(),
+        status.policies,
+        if status.ready { "" } else { " (not ready)" }
+    );
+    for e in &status.policy_errors {
+        println!("rejected: {e}");
+    }
+    println!(
+        "{:<36} {:<7} {:<9} {:<5} {:>20} {:>20} {:>15}",
+        "NAMESPACE/POD",
+        "ATTACH",
+        "ISOLATED",
+        "MODE",
+        "IN allow/would/drop",
+        "OUT allow/would/drop",
+        "LAST WOULD-DROP"
+    );
+    for w in &status.workloads {
+        let iso = match (w.isolated_ingress, w.isolated_egress) {
+            (true, true) => "in,out",
+            (true, false) => "in",
+            (false, true) => "out",
+            (false, false) => "-",
+        };
+        let last = match w.seconds_since_would_drop {
+            Some(s) => format!("{}s ago", s),
+            None => "never".into(),
+        };
+        println!(
+            "{:<36} {:<7} {:<9} {:<5} {:>20} {:>20} {:>15}",
+            format!("{}/{}", w.namespace, w.pod),
+            w.attach,
+            iso,
+            w.mode.as_str(),
+            format!(
+                "{}/{}/{}",
+                w.ingress.allowed, w.ingress.would_drop, w.ingress.dropped
+            ),
+            format!(
+                "{}/{}/{}",
+                w.egress.allowed, w.egress.would_drop, w.egress.dropped
+            ),
+            last
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode> {
+    let (target, mode) = match action {
+        ModeAction::Set { target, mode } => (target, Some(mode)),
+        ModeAction::Clear { target } => (target, None),
+    };
+    if let Err(e) = admin::Target::parse(&target) {
+        eprintln!("tollgate: {e}");
+        return Ok(ExitCode::from(2));
+    }
+    let who = std::env::var("SUDO_USER").ok();
+    let reply = admin::request(socket, &Request::Mode { target, mode, who })?;
+    let Response::Mode(change) = expect_response(reply)? else {
+        anyhow::bail!("unexpected reply");
+    };
+    match change.new {
+        Some(m) => println!(
+            "{}: mode {} (was {})",
+            change.target,
+            m.as_str(),
+            change.old.map_or("not set", |m| m.as_str())
+        ),
+        None => println!(
+            "{}: override cleared (was {})",
+            change.target,
+            change.old.map_or("not set", |m| m.as_str())
+        ),
+    }
+    for (pod, old, new) in &change.changed {
+        println!("  {pod}: {} -> {}", old.as_str(), new.as_str());
+    }
+    if change.matched == 0 {
+        println!(
+            "  (no workload on this node matches {} yet; the override applies when one does)",
+            change.target
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn flows(
+    socket: &std::path::Path,
+    limit: usize,
+    interval: u64,
+    once: bool,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let mut previous: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    loop {
+        let reply = admin::request(
+            socket,
+            &Request::Flows {
+                limit: limit.max(1) * 4,
+            },
+        )?;
+        let Response::Flows(flows) = expect_response(reply)? else {
+            anyhow::bail!("unexpected reply");
+        };
+        if output == Output::Json {
+            println!("{}", serde_json::to_string(&flows)?);
+        } else {
+            if !once {
+                print!("\x1b[2J\x1b[H");
+            }
+            println!(
+                "{:<8} {:<10} {:<32} {:<32} {:<10} {:>12} {:>9}",
+                "DIR", "VERDICT", "SRC", "DST", "PROTO/PORT", "PACKETS", "PKT/S"
+            );
+            let mut rows: Vec<_> = flows
+                .busiest
+                .iter()
+                .map(|r| {
+                    let id = format!(
+                        "{}{}{}{}{}{}",
+                        r.direction, r.verdict, r.src, r.dst, r.protocol, r.port
+                    );
+                    let rate = previous
+                        .get(&id)
+                        .map(|p| r.packets.saturating_sub(*p) as f64 / interval.max(1) as f64);
+                    previous.insert(id, r.packets);
+                    (r, rate)
+                })
+                .collect();
+            rows.sort_by(|a, b| {
+                b.1.unwrap_or(0.0)
+                    .total_cmp(&a.1.unwrap_or(0.0))
+                    .then(b.0.packets.cmp(&a.0.packets))
+            });
+            for (r, rate) in rows.into_iter().take(limit) {
+                println!(
+                    "{:<8} {:<10} {:<32} {:<32} {:<10} {:>12} {:>9}",
+                    r.direction,
+                    r.verdict,
+                    r.src,
+                    r.dst,
+                    format!("{}/{}", r.protocol, r.port),
+                    r.packets,
+                    rate.map_or("-".into(), |r| format!("{r:.1}"))
+                );
+            }
+            println!("\nlatest would-drops and drops:");
+            for r in flows.recent_denied.iter().rev().take(10) {
+                println!("  {r}");
+            }
+        }
+        if once {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(interval.max(1)));
+    }
 }

@@ -247,12 +247,17 @@ impl Datapath {
     /// Detaches everything, then removes the pinned maps: nothing of this datapath stays in
     /// the kernel once the process exits (`--detach-on-exit`).
     pub fn remove(mut self) -> Result<(), DatapathError> {
+        self.detach_and_unpin()
+    }
+
+    /// Detaches every workload and removes every pin; the maps live on only as long as this
+    /// process holds them.
+    pub fn detach_and_unpin(&mut self) -> Result<(), DatapathError> {
         let slots: Vec<u32> = self.attachments.keys().copied().collect();
         for slot in slots {
             self.detach(slot)?;
         }
         let pin_dir = self.options.pin_dir.clone();
-        drop(self);
         pins::remove_pins(&pin_dir).map_err(|source| DatapathError::Bpffs {
             path: pin_dir,
             source,

@@ -3,12 +3,15 @@
 //! Library side of the `tollgate` binary. Dependencies flow one way: `datapath` drives
 //! `attach` and `maps`; `maps` writes what `compile` produces.
 
+pub mod admin;
 pub mod attach;
 pub mod cli;
 pub mod compile;
+pub mod daemon;
 pub mod datapath;
 pub mod flowlog;
 pub mod maps;
+pub mod metrics;
 pub mod pins;
 pub mod reconcile;
 pub mod sources;

@@ -19,10 +19,11 @@ use tracing::{info, info_span, warn};
 
 use crate::{
     Datapath, DatapathError,
+    admin::Overrides,
     attach::{self, AttachMethod, AttachPoint, routes},
     compile::{
         model::{ClusterState, PodInfo},
-        policy::{Compiled, IdentityAllocator, PodKey, compile},
+        policy::{Compiled, IdentityAllocator, PodKey, compile, mode_and_source},
     },
     maps::{MapsError, Mode, WorkloadPolicy},
     sources::convert::{CGROUP_ANNOTATION, INTERFACE_ANNOTATION},
@@ -38,6 +39,8 @@ pub struct LocalWorkload {
     pub policy: WorkloadPolicy,
     pub ingress_policies: Vec<String>,
     pub egress_policies: Vec<String>,
+    /// Where the mode comes from: `override`, `pod`, `namespace` or `default`.
+    pub mode_source: &'static str,
 }
 
 /// What one reconcile did.
@@ -90,8 +93,8 @@ pub struct Reconciler {
     workloads: BTreeMap<PodKey, LocalWorkload>,
     addresses: BTreeMap<IpNet, u32>,
     compiled: Compiled,
-    /// Runtime mode overrides by pod (set through the admin socket), above annotations.
-    overrides: BTreeMap<PodKey, Mode>,
+    /// Runtime mode overrides (set through the admin socket), above annotations.
+    pub overrides: Overrides,
 }
 
 impl Reconciler {
@@ -103,7 +106,7 @@ impl Reconciler {
             workloads: BTreeMap::new(),
             addresses: BTreeMap::new(),
             compiled: Compiled::default(),
-            overrides: BTreeMap::new(),
+            overrides: Overrides::default(),
         }
     }
 
@@ -144,14 +147,6 @@ impl Reconciler {
             .map(|iface| AttachPoint::Tc { iface })
     }
 
-    /// Sets or clears the runtime mode override of a pod (applied on the next reconcile).
-    pub fn set_override(&mut self, pod: PodKey, mode: Option<Mode>) {
-        match mode {
-            Some(m) => self.overrides.insert(pod, m),
-            None => self.overrides.remove(&pod),
-        };
-    }
-
     /// Brings the datapath in line with `state`.
     pub fn reconcile(&mut self, state: &ClusterState) -> Result<ReconcileReport, DatapathError> {
         let span = info_span!(
@@ -176,10 +171,16 @@ impl Reconciler {
             Some(&targets),
             self.options.default_mode,
         );
-        for (key, mode) in &self.overrides {
-            if let Some(p) = compiled.pods.get_mut(key) {
-                p.mode = *mode;
-            }
+        let mut mode_sources = BTreeMap::new();
+        for (key, p) in compiled.pods.iter_mut() {
+            let source = match self.overrides.mode_for(key) {
+                Some(mode) => {
+                    p.mode = mode;
+                    "override"
+                }
+                None => mode_and_source(state, &state.pods[key], self.options.default_mode).1,
+            };
+            mode_sources.insert(key.clone(), source);
         }
 
         // Workloads that are gone or moved: detach first, so nothing routes to a slot that
@@ -310,6 +311,7 @@ impl Reconciler {
                     policy,
                     ingress_policies: pod_policy.ingress_policies.clone(),
                     egress_policies: pod_policy.egress_policies.clone(),
+                    mode_source: mode_sources.get(&key).copied().unwrap_or("default"),
                 },
             );
             to_finish.push(staged_rules);

@@ -8,6 +8,7 @@
 //! namespaces the lab created, and dropping the lab removes them, its cgroups and pins, also
 //! when a test panics.
 
+pub mod agent;
 pub mod conformance;
 pub mod frames;
 pub mod support;

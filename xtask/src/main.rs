@@ -51,7 +51,14 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "iputils-ping", "procps"];
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "iputils-ping",
+    "procps",
+    "util-linux",
+    "prometheus",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -68,6 +75,8 @@ fn main() -> Result<()> {
             require_root("the end-to-end tests load eBPF programs and create network namespaces")?;
             setup()?;
             sweep_leftovers();
+            // The end-to-end tests run the `tollgate` binary itself.
+            cargo(&root, &["build", "--package", "tollgate", "--bins"])?;
             // Default members: everything but the kernel crate, which only builds for BPF.
             let mut cmd = vec!["test", "--no-fail-fast"];
             cmd.extend(args.iter().map(String::as_str));

@@ -113,15 +113,23 @@ impl Compiled {
 
 /// The mode a pod runs in, from annotations: pod, then namespace, then the default.
 pub fn mode_of(state: &ClusterState, pod: &PodInfo, default: Mode) -> Mode {
+    mode_and_source(state, pod, default).0
+}
+
+/// The mode of a pod and where it comes from: `pod`, `namespace` or `default`.
+pub fn mode_and_source(state: &ClusterState, pod: &PodInfo, default: Mode) -> (Mode, &'static str) {
     let parse = |a: Option<&String>| a.and_then(|v| v.parse::<Mode>().ok());
-    parse(pod.annotations.get(MODE_ANNOTATION))
-        .or_else(|| {
-            state
-                .namespaces
-                .get(&pod.namespace)
-                .and_then(|ns| parse(ns.annotations.get(MODE_ANNOTATION)))
-        })
-        .unwrap_or(default)
+    if let Some(m) = parse(pod.annotations.get(MODE_ANNOTATION)) {
+        return (m, "pod");
+    }
+    let ns = state
+        .namespaces
+        .get(&pod.namespace)
+        .and_then(|ns| parse(ns.annotations.get(MODE_ANNOTATION)));
+    match ns {
+        Some(m) => (m, "namespace"),
+        None => (default, "default"),
+    }
 }
 
 struct Context<'a> {

@@ -48,9 +48,138 @@ impl EventReader {
             unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
         }
     }
+}
 
-    /// The raw file descriptor, for async readiness.
-    pub fn as_raw_fd(&self) -> i32 {
+impl std::os::fd::AsRawFd for EventReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.ring.as_fd().as_raw_fd()
+    }
+}
+
+/// A workload or peer in a flow log record.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Endpoint {
+    pub namespace: String,
+    pub pod: String,
+    pub workload: String,
+}
+
+/// What the flow log needs to name a slot.
+#[derive(Clone, Debug, Default)]
+pub struct SlotNames {
+    pub endpoint: Option<Endpoint>,
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+}
+
+/// Names for slots and addresses, refreshed after every reconcile.
+#[derive(Clone, Debug, Default)]
+pub struct Naming {
+    pub node: String,
+    pub slots: std::collections::HashMap<u32, SlotNames>,
+    pub addresses: std::collections::HashMap<std::net::IpAddr, Endpoint>,
+}
+
+/// One flow log line (JSON).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct FlowRecord {
+    pub time: String,
+    pub node: String,
+    pub verdict: String,
+    pub direction: String,
+    pub protocol: String,
+    pub src_ip: String,
+    pub src_port: u16,
+    pub dst_ip: String,
+    pub dst_port: u16,
+    /// `null` for addresses outside the cluster.
+    pub src: Option<Endpoint>,
+    pub dst: Option<Endpoint>,
+    pub mode: String,
+    /// Policies that isolate the workload in this direction (`NAMESPACE/NAME`).
+    pub policies: Vec<String>,
+}
+
+/// The name of an IP protocol number.
+pub fn protocol_name(proto: u8) -> String {
+    match proto {
+        agent_common::PROTO_TCP => "tcp".into(),
+        agent_common::PROTO_UDP => "udp".into(),
+        agent_common::PROTO_ICMP => "icmp".into(),
+        agent_common::PROTO_ICMPV6 => "icmpv6".into(),
+        agent_common::PROTO_SCTP => "sctp".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) timestamp.
+pub fn wall_time(monotonic_ns: u64) -> std::time::SystemTime {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    std::time::SystemTime::now() - Duration::from_nanos(now_mono.saturating_sub(monotonic_ns))
+}
+
+impl Naming {
+    /// The flow log record of an event.
+    pub fn record(&self, e: &FlowEvent) -> FlowRecord {
+        use crate::maps::addr_from_bytes;
+        let src = addr_from_bytes(e.family, &e.src);
+        let dst = addr_from_bytes(e.family, &e.dst);
+        let slot = self.slots.get(&e.slot).cloned().unwrap_or_default();
+        let ingress = e.direction == agent_common::DIR_INGRESS;
+        // The workload is one end for sure; the other is named by its address.
+        let (src_ep, dst_ep) = if ingress {
+            (
+                self.addresses.get(&src).cloned(),
+                slot.endpoint
+                    .clone()
+                    .or_else(|| self.addresses.get(&dst).cloned()),
+            )
+        } else {
+            (
+                slot.endpoint
+                    .clone()
+                    .or_else(|| self.addresses.get(&src).cloned()),
+                self.addresses.get(&dst).cloned(),
+            )
+        };
+        let is_echo = matches!(
+            e.proto,
+            agent_common::PROTO_ICMP | agent_common::PROTO_ICMPV6
+        );
+        FlowRecord {
+            time: humantime::format_rfc3339_millis(wall_time(e.time_ns)).to_string(),
+            node: self.node.clone(),
+            verdict: match e.verdict {
+                agent_common::VERDICT_DROPPED => "dropped",
+                agent_common::VERDICT_WOULD_DROP => "would_drop",
+                _ => "allowed",
+            }
+            .into(),
+            direction: if ingress { "ingress" } else { "egress" }.into(),
+            protocol: protocol_name(e.proto),
+            src_ip: src.to_string(),
+            src_port: if is_echo { 0 } else { e.src_port },
+            dst_ip: dst.to_string(),
+            dst_port: if is_echo { 0 } else { e.dst_port },
+            src: src_ep,
+            dst: dst_ep,
+            mode: if e.verdict == agent_common::VERDICT_DROPPED {
+                "drop"
+            } else {
+                "log"
+            }
+            .into(),
+            policies: if ingress {
+                slot.ingress_policies
+            } else {
+                slot.egress_policies
+            },
+        }
     }
 }

@@ -1,0 +1,314 @@
+//! The admin interface: a Unix socket (root only, peer credentials checked) that `tollgate
+//! status`, `tollgate mode` and `tollgate flows` talk to, one JSON request and one JSON
+//! reply per connection. Also the runtime mode overrides and their audit log.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{compile::policy::PodKey, maps::Mode};
+
+/// Default path of the admin socket (`--admin-socket`).
+pub const DEFAULT_SOCKET: &str = "/run/tollgate/admin.sock";
+
+/// A request to the running agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Sets (mode `Some`) or clears (`None`) the runtime override of a target.
+    Mode {
+        target: String,
+        mode: Option<Mode>,
+        /// Who asked, as the client knows it (e.g. `$SUDO_USER`); the agent adds the peer's
+        /// uid and pid from the socket.
+        who: Option<String>,
+    },
+    /// The busiest flow series and the latest would-drops.
+    Flows {
+        limit: usize,
+    },
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Mode(ModeChange),
+    Flows(Flows),
+    Error { message: String },
+}
+
+/// Packets and bytes of one direction by verdict.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirectionCounters {
+    pub allowed: u64,
+    pub would_drop: u64,
+    pub dropped: u64,
+    pub allowed_bytes: u64,
+    pub would_drop_bytes: u64,
+    pub dropped_bytes: u64,
+}
+
+/// One workload in `status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    pub namespace: String,
+    pub pod: String,
+    pub workload: String,
+    /// `tcx`, `clsact` or `cgroup`.
+    pub attach: String,
+    /// Interface or cgroup directory.
+    pub attached_at: String,
+    pub isolated_ingress: bool,
+    pub isolated_egress: bool,
+    pub mode: Mode,
+    /// Where the mode comes from: `override`, `pod`, `namespace` or `default`.
+    pub mode_source: String,
+    pub ingress: DirectionCounters,
+    pub egress: DirectionCounters,
+    /// Seconds since the last would-drop, if any was seen.
+    pub seconds_since_would_drop: Option<u64>,
+}
+
+/// The agent's state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub ready: bool,
+    pub workloads: Vec<WorkloadStatus>,
+    pub policies: usize,
+    pub policy_errors: Vec<String>,
+    pub overrides: BTreeMap<String, Mode>,
+}
+
+/// What a mode change did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModeChange {
+    pub target: String,
+    pub old: Option<Mode>,
+    pub new: Option<Mode>,
+    /// Workloads whose effective mode changed: (namespace/pod, old, new).
+    pub changed: Vec<(String, Mode, Mode)>,
+    /// Workloads the target matches.
+    pub matched: usize,
+}
+
+/// One flow series.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlowRow {
+    pub direction: String,
+    pub verdict: String,
+    pub src: String,
+    pub dst: String,
+    pub protocol: String,
+    pub port: String,
+    pub packets: u64,
+}
+
+/// The answer to `flows`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Flows {
+    pub busiest: Vec<FlowRow>,
+    /// Latest flow log records (would-drops and drops), newest last.
+    pub recent_denied: Vec<serde_json::Value>,
+}
+
+/// Sends one request to the agent and reads its reply.
+pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    use anyhow::Context as _;
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connect to the agent at {} (is `tollgate run` running, and are you root?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .context("read the agent's reply")?;
+    serde_json::from_str(&reply).with_context(|| format!("the agent's reply {reply:?}"))
+}
+
+/// A runtime override target: `NAMESPACE/POD`, `NAMESPACE/*` or `*`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    All,
+    Namespace(String),
+    Pod(String, String),
+}
+
+impl Target {
+    /// Parses a target, with a clear error for anything else.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        if s == "*" {
+            return Ok(Target::All);
+        }
+        match s.split_once('/') {
+            Some((ns, "*")) if valid_name(ns) => Ok(Target::Namespace(ns.into())),
+            Some((ns, pod)) if valid_name(ns) && valid_name(pod) => {
+                Ok(Target::Pod(ns.into(), pod.into()))
+            }
+            _ => Err(format!(
+                "{s:?} is not a target: use NAMESPACE/POD, NAMESPACE/* or *"
+            )),
+        }
+    }
+
+    /// How specific the target is (higher wins).
+    fn rank(&self) -> u8 {
+        match self {
+            Target::All => 0,
+            Target::Namespace(_) => 1,
+            Target::Pod(..) => 2,
+        }
+    }
+
+    fn matches(&self, pod: &PodKey) -> bool {
+        match self {
+            Target::All => true,
+            Target::Namespace(ns) => *ns == pod.0,
+            Target::Pod(ns, name) => *ns == pod.0 && *name == pod.1,
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+/// Runtime mode overrides by target, persisted in the state directory.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Overrides {
+    pub targets: BTreeMap<String, Mode>,
+}
+
+impl Overrides {
+    /// The override that applies to a pod: the most specific matching target.
+    pub fn mode_for(&self, pod: &PodKey) -> Option<Mode> {
+        self.targets
+            .iter()
+            .filter_map(|(t, m)| Target::parse(t).ok().map(|t| (t, *m)))
+            .filter(|(t, _)| t.matches(pod))
+            .max_by_key(|(t, _)| t.rank())
+            .map(|(_, m)| m)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Overrides> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (fix or remove the file)", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Overrides::default()),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        write_atomic(
+            path,
+            serde_json::to_string_pretty(self)
+                .expect("serializable")
+                .as_bytes(),
+        )
+    }
+}
+
+/// Writes a file by rename, so a crash leaves the old or the new content, never half.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp: PathBuf = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// One line of the audit log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub time: String,
+    pub who: String,
+    pub target: String,
+    pub old_mode: Option<Mode>,
+    pub new_mode: Option<Mode>,
+    /// Workloads whose effective mode changed.
+    pub changed: Vec<(String, Mode, Mode)>,
+}
+
+/// Appends a record to the audit log (JSON lines).
+pub fn audit(path: &Path, record: &AuditRecord) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut line = serde_json::to_string(record).expect("serializable");
+    line.push('\n');
+    f.write_all(line.as_bytes())?;
+    f.sync_data()
+}
+
+/// The peer's credentials on a Unix socket: (uid, pid).
+pub fn peer_credentials(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<(u32, i32)> {
+    use std::os::fd::AsRawFd as _;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: valid socket fd and a ucred-sized buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_specific_override_wins() {
+        let mut o = Overrides::default();
+        o.targets.insert("*".into(), Mode::Drop);
+        o.targets.insert("bank/*".into(), Mode::Log);
+        o.targets.insert("bank/ledger-1".into(), Mode::Drop);
+        let pod = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        assert_eq!(o.mode_for(&pod("bank", "ledger-1")), Some(Mode::Drop));
+        assert_eq!(o.mode_for(&pod("bank", "pot-1")), Some(Mode::Log));
+        assert_eq!(o.mode_for(&pod("monitoring", "p")), Some(Mode::Drop));
+        assert_eq!(Overrides::default().mode_for(&pod("a", "b")), None);
+    }
+
+    #[test]
+    fn targets_are_validated() {
+        assert_eq!(Target::parse("*"), Ok(Target::All));
+        assert_eq!(
+            Target::parse("bank/*"),
+            Ok(Target::Namespace("bank".into()))
+        );
+        assert!(Target::parse("bank").is_err());
+        assert!(Target::parse("Bank/x").is_err());
+        assert!(Target::parse("/x").is_err());
+    }
+}

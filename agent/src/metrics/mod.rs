@@ -1,0 +1,195 @@
+//! Prometheus metrics (OpenMetrics text) read from the datapath at scrape time. Read-only on
+//! the kernel: counters come straight from the per-CPU maps, so they are exact and, being
+//! pinned, continue across agent restarts.
+
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
+
+/// Labels as (name, value) pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// A snapshot of everything a scrape reports, taken under the agent's lock.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// (labels namespace/pod/direction/verdict, packets, bytes).
+    pub packets: Vec<(Labels, u64, u64)>,
+    pub flow_packets: Vec<(Labels, u64)>,
+    pub flow_overflow: u64,
+    /// (namespace, pod, mode).
+    pub modes: Vec<(String, String, &'static str)>,
+    /// (namespace, pod, direction, isolated).
+    pub isolated: Vec<(String, String, &'static str, bool)>,
+    /// (namespace, pod, unix seconds).
+    pub last_would_drop: Vec<(String, String, u64)>,
+    pub flow_log_written: u64,
+    pub flow_log_rate_limited: u64,
+    pub flow_log_lost: u64,
+    pub policy_errors: u64,
+    /// (map, entries, capacity).
+    pub maps: Vec<(&'static str, u64, u64)>,
+    /// (reason, packets).
+    pub diagnostics: Vec<(&'static str, u64)>,
+    pub workloads: u64,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn counter_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let probe = ConstCounter::new(0u64);
+    let mut family = encoder.encode_descriptor(name, help, None, probe.metric_type())?;
+    for (l, v) in series {
+        ConstCounter::new(v).encode(family.encode_family(&l)?)?;
+    }
+    Ok(())
+}
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels, i64)>,
+) -> Result<(), std::fmt::Error> {
+    let probe = ConstGauge::new(0i64);
+    let mut family = encoder.encode_descriptor(name, help, None, probe.metric_type())?;
+    for (l, v) in series {
+        ConstGauge::new(v).encode(family.encode_family(&l)?)?;
+    }
+    Ok(())
+}
+
+impl Snapshot {
+    /// Encodes every family. Counter names get `_total` from the encoder.
+    pub fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        counter_family(
+            e,
+            "tollgate_packets",
+            "Packets seen by workload, direction and verdict (GSO aggregates count as their segments)",
+            self.packets.iter().map(|(l, p, _)| (l.clone(), *p)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_bytes",
+            "L3 bytes seen by workload, direction and verdict",
+            self.packets.iter().map(|(l, _, b)| (l.clone(), *b)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_flow_packets",
+            "Packets per peer pair at workload level (world for addresses outside the cluster), bounded by --max-flow-series",
+            self.flow_packets.iter().cloned(),
+        )?;
+        counter_family(
+            e,
+            "tollgate_flow_series_overflow",
+            "Packets not attributed to a tollgate_flow_packets_total series because --max-flow-series was reached",
+            [(vec![], self.flow_overflow)],
+        )?;
+        gauge_family(
+            e,
+            "tollgate_workload_mode",
+            "1 for the current mode of a workload (log or drop), 0 for the other",
+            self.modes.iter().flat_map(|(ns, pod, mode)| {
+                ["log", "drop"].map(|m| {
+                    (
+                        labels(&[("namespace", ns), ("pod", pod), ("mode", m)]),
+                        (m == *mode) as i64,
+                    )
+                })
+            }),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_workload_isolated",
+            "1 when at least one policy selects the workload for that direction",
+            self.isolated.iter().map(|(ns, pod, dir, iso)| {
+                (
+                    labels(&[("namespace", ns), ("pod", pod), ("direction", dir)]),
+                    *iso as i64,
+                )
+            }),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_workload_last_would_drop_timestamp_seconds",
+            "Unix time of the last would-drop of a workload (absent if none was seen)",
+            self.last_would_drop
+                .iter()
+                .map(|(ns, pod, t)| (labels(&[("namespace", ns), ("pod", pod)]), *t as i64)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_flow_log_events",
+            "Flow events by outcome: written to the flow log, rate_limited in the kernel, lost (ring buffer full or write failed)",
+            [
+                (labels(&[("outcome", "written")]), self.flow_log_written),
+                (
+                    labels(&[("outcome", "rate_limited")]),
+                    self.flow_log_rate_limited,
+                ),
+                (labels(&[("outcome", "lost")]), self.flow_log_lost),
+            ],
+        )?;
+        counter_family(
+            e,
+            "tollgate_policy_errors",
+            "Kubernetes objects rejected (invalid YAML, wrong types, invalid CIDR or port, unknown operator...)",
+            [(vec![], self.policy_errors)],
+        )?;
+        gauge_family(
+            e,
+            "tollgate_map_entries",
+            "Entries in each BPF map",
+            self.maps
+                .iter()
+                .map(|(m, n, _)| (labels(&[("map", m)]), *n as i64)),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_map_capacity",
+            "Capacity of each BPF map",
+            self.maps
+                .iter()
+                .map(|(m, _, c)| (labels(&[("map", m)]), *c as i64)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_datapath_diagnostics",
+            "Datapath events by reason: unparsable packets, fragments, link plumbing, conntrack and event ring outcomes",
+            self.diagnostics
+                .iter()
+                .map(|(r, v)| (labels(&[("reason", r)]), *v)),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_workloads",
+            "Workloads attached on this node",
+            [(vec![], self.workloads as i64)],
+        )?;
+        gauge_family(
+            e,
+            "tollgate_build_info",
+            "Build of the running agent",
+            [(
+                labels(&[
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("layout", &format!("{:x}", agent_common::LAYOUT_VERSION)),
+                ]),
+                1,
+            )],
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! The `tollgate` binary as operators run it: `tollgate run` inside the lab's node namespace
+//! (through `nsenter --net`, which keeps /sys/fs/bpf and cgroupfs visible), and the CLI.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use crate::Lab;
+
+/// Path of the `tollgate` binary (built by `cargo test` for the agent's own CLI tests).
+pub fn tollgate_bin() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("TOLLGATE_BIN") {
+            return p;
+        }
+        let exe = std::env::current_exe().expect("current exe");
+        let mut dir: PathBuf = exe.parent().expect("exe dir").into();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let path = dir.join("tollgate");
+        assert!(
+            path.exists(),
+            "{} is missing: `cargo xtask test` builds it (cargo build -p tollgate)",
+            path.display()
+        );
+        path.to_string_lossy().into_owned()
+    })
+}
+
+/// A running `tollgate run`.
+pub struct Agent {
+    child: Option<Child>,
+    pub node: String,
+    /// Holds the cluster state, state directory, admin socket, flow log.
+    pub dir: PathBuf,
+    pub cluster_state: PathBuf,
+    pub metrics: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub flow_log: PathBuf,
+    pub bpffs: PathBuf,
+    args: Vec<String>,
+}
+
+impl Agent {
+    /// Starts the agent in the lab's node namespace on `cluster_state` (a directory).
+    pub fn start(lab: &Lab, dir: &Path, extra: &[&str]) -> Agent {
+        let cluster_state = dir.join("cluster");
+        std::fs::create_dir_all(&cluster_state).unwrap();
+        let mut agent = Agent {
+            child: None,
+            node: lab.node.clone(),
+            dir: dir.into(),
+            cluster_state: cluster_state.clone(),
+            metrics: "127.0.0.1:9402".parse().unwrap(),
+            admin_socket: dir.join("admin.sock"),
+            flow_log: dir.join("flows.log"),
+            bpffs: lab.pin_dir.clone(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg(tollgate_bin())
+            .arg("run")
+            .arg("--cluster-state")
+            .arg(&self.cluster_state)
+            .arg("--metrics-addr")
+            .arg(self.metrics.to_string())
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .arg("--flow-log")
+            .arg(&self.flow_log)
+            .arg("--node-name")
+            .arg("lab-node")
+            .arg("--poll-interval-ms")
+            .arg("200")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("agent.log")).unwrap())
+            .spawn()
+            .expect("spawn tollgate run");
+        self.child = Some(child);
+    }
+
+    /// Waits until /readyz answers 200.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("tollgate run exited with {status}:\n{}", self.log());
+            }
+            if self.http("/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's own log (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// A plain HTTP GET against the agent, from inside the node namespace.
+    pub fn http(&self, path: &str) -> Option<(u16, String)> {
+        let node = self.node.clone();
+        let addr = self.metrics;
+        let path = path.to_string();
+        std::thread::spawn(move || {
+            let _guard = crate::NetNsGuard::enter(&node);
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            let code = text.split_whitespace().nth(1)?.parse().ok()?;
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Some((code, body))
+        })
+        .join()
+        .ok()
+        .flatten()
+    }
+
+    /// The /metrics text.
+    pub fn metrics_text(&self) -> String {
+        let (code, body) = self.http("/metrics").expect("scrape /metrics");
+        assert_eq!(code, 200);
+        body
+    }
+
+    /// Runs a `tollgate` CLI command against this agent's admin socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(tollgate_bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()
+            .expect("run tollgate")
+    }
+
+    /// Kills the agent without a chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: plain signal to our child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().expect("wait")
+    }
+
+    /// Starts the agent again with the same options.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// The flow log records written so far.
+    pub fn flow_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.flow_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("flow log line is JSON"))
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The value of one sample in an OpenMetrics text, `name{labels}` given exactly as the
+/// labels appear after sorting by name is not assumed: every given label must match.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .reduce(|a, b| a + b)
+}

@@ -1,0 +1,772 @@
+//! `tollgate run` as operators run it, on real traffic: metrics, flow log, runtime mode flips,
+//! restarts that lose nothing, and a real Prometheus server scraping it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use tollgate_tests::{
+    Lab, Pod,
+    agent::{Agent, sample},
+    support::{FAIL_FAST, PATIENT},
+    traffic, wait_for,
+};
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tollgate-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A small bank: bank/ledger (isolated for ingress: only pot on 8080, monitoring on 9090),
+/// bank/pot, bank/frontend, monitoring/prometheus.
+struct Bank {
+    lab: Lab,
+    ledger: Pod,
+    pot: Pod,
+    frontend: Pod,
+    prometheus: Pod,
+    dir: PathBuf,
+}
+
+const LEDGER_POD: &str = "ledger-7d9c8b5f4-x2x9q";
+
+fn pod_yaml(pod: &Pod, ns: &str, name: &str, labels: &str, owner: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {labels}\n{owner}spec:\n  containers: [{{name: c, image: i, ports: [{{name: http, containerPort: 8080}}, {{name: http-udp, containerPort: 8080, protocol: UDP}}]}}]\nstatus:\n  phase: Running\n  podIPs: [{{ip: {}}}, {{ip: {}}}]\n",
+        pod.ipv4, pod.ipv6
+    )
+}
+
+const LEDGER_POLICY: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: ledger-ingress, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: ledger}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: pot}}}]\n    ports: [{port: http-udp, protocol: UDP}, {port: http}]\n  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]\n    ports: [{port: 9090}]\n";
+
+fn bank(tag: &str) -> Bank {
+    let mut lab = Lab::new();
+    let ledger = lab.add_pod("ledger");
+    let pot = lab.add_pod("pot");
+    let frontend = lab.add_pod("frontend");
+    let prometheus = lab.add_pod("prom");
+    lab.serve(&ledger, &[8080, 9090], &[8080]);
+    let dir = temp_dir(tag);
+    Bank {
+        lab,
+        ledger,
+        pot,
+        frontend,
+        prometheus,
+        dir,
+    }
+}
+
+impl Bank {
+    fn cluster_yaml(&self, extra: &str) -> String {
+        let mut y = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: bank, labels: {team: core}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: monitoring}\n",
+        );
+        y += &pod_yaml(
+            &self.ledger,
+            "bank",
+            LEDGER_POD,
+            "{app: ledger, pod-template-hash: 7d9c8b5f4}",
+            "  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: ledger-7d9c8b5f4, uid: u1, controller: true}]\n",
+        );
+        y += &pod_yaml(&self.pot, "bank", "pot-0", "{app: pot}", "");
+        y += &pod_yaml(&self.frontend, "bank", "frontend-0", "{app: frontend}", "");
+        y += &pod_yaml(
+            &self.prometheus,
+            "monitoring",
+            "prometheus-0",
+            "{app: prometheus}",
+            "",
+        );
+        y += LEDGER_POLICY;
+        y += extra;
+        y
+    }
+
+    fn write_state(&self, agent: &Agent, extra: &str) {
+        std::fs::write(
+            agent.cluster_state.join("bank.yaml"),
+            self.cluster_yaml(extra),
+        )
+        .unwrap();
+    }
+
+    fn start(&self, extra_args: &[&str]) -> Agent {
+        let mut agent = Agent::start(&self.lab, &self.dir, extra_args);
+        self.write_state(&agent, "");
+        agent.wait_ready();
+        // The first reconcile can race the file write: wait for all four workloads.
+        wait_for(Duration::from_secs(10), "four workloads", || {
+            (status_json(&agent)["workloads"].as_array()?.len() == 4).then_some(())
+        });
+        agent
+    }
+}
+
+fn status_json(agent: &Agent) -> serde_json::Value {
+    let out = agent.cli(&["status", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+fn ledger_packets(text: &str, direction: &str, verdict: &str) -> f64 {
+    sample(
+        text,
+        "tollgate_packets_total",
+        &[
+            ("namespace", "bank"),
+            ("pod", LEDGER_POD),
+            ("direction", direction),
+            ("verdict", verdict),
+        ],
+    )
+    .unwrap_or_else(|| panic!("no tollgate_packets_total for ledger {direction} {verdict}"))
+}
+
+#[test]
+fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
+    let bank = bank("agent-e2e");
+    let mut agent = bank.start(&[]);
+    assert_eq!(agent.http("/healthz").map(|r| r.0), Some(200));
+
+    let status = status_json(&agent);
+    let ledger = status["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pod"] == LEDGER_POD)
+        .expect("ledger in status")
+        .clone();
+    assert_eq!(ledger["workload"], "ledger");
+    assert_eq!(ledger["attach"], "tcx");
+    assert_eq!(ledger["isolated_ingress"], true);
+    assert_eq!(ledger["isolated_egress"], false);
+    assert_eq!(ledger["mode"], "log");
+    assert_eq!(ledger["mode_source"], "default");
+
+    // Allowed, and would-drops that pass in log mode.
+    assert_eq!(
+        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 5, 64, PATIENT).echoed,
+        5
+    );
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            4,
+            64,
+            PATIENT
+        )
+        .echoed,
+        4
+    );
+    bank.lab.settle();
+    let m = agent.metrics_text();
+    assert_eq!(ledger_packets(&m, "ingress", "allowed"), 5.0);
+    assert_eq!(ledger_packets(&m, "ingress", "would_drop"), 4.0);
+    assert_eq!(
+        ledger_packets(&m, "egress", "would_drop"),
+        4.0,
+        "replies of would-drop flows"
+    );
+    assert_eq!(ledger_packets(&m, "ingress", "dropped"), 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_flow_packets_total",
+            &[
+                ("direction", "ingress"),
+                ("verdict", "would_drop"),
+                ("src_namespace", "bank"),
+                ("src_workload", "frontend-0"),
+                ("dst_namespace", "bank"),
+                ("dst_workload", "ledger"),
+                ("protocol", "udp"),
+                ("port", "8080"),
+            ]
+        ),
+        Some(8.0),
+        "seen at the ledger's ingress: 4 datagrams and their 4 echoes"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_workload_mode",
+            &[("pod", LEDGER_POD), ("mode", "log")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_workload_isolated",
+            &[("pod", LEDGER_POD), ("direction", "ingress")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_flow_log_events_total",
+            &[("outcome", "written")]
+        ),
+        Some(1.0)
+    );
+    assert!(sample(&m, "tollgate_map_capacity", &[("map", "CONNTRACK")]).unwrap() > 0.0);
+    assert_eq!(sample(&m, "tollgate_build_info", &[]), Some(1.0));
+
+    // The flow log: one record for the one would-drop flow.
+    let records = wait_for(Duration::from_secs(3), "flow log record", || {
+        let r = agent.flow_records();
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["verdict"], "would_drop");
+    assert_eq!(r["direction"], "ingress");
+    assert_eq!(r["protocol"], "udp");
+    assert_eq!(r["node"], "lab-node");
+    assert_eq!(r["mode"], "log");
+    assert_eq!(r["dst_port"], 8080);
+    assert_eq!(r["src_ip"], bank.frontend.ipv4.to_string());
+    assert_eq!(r["dst_ip"], bank.ledger.ipv4.to_string());
+    assert_eq!(r["src"]["workload"], "frontend-0");
+    assert_eq!(
+        r["dst"],
+        serde_json::json!({"namespace": "bank", "pod": LEDGER_POD, "workload": "ledger"})
+    );
+    assert_eq!(r["policies"], serde_json::json!(["bank/ledger-ingress"]));
+    assert!(
+        humantime::parse_rfc3339(r["time"].as_str().unwrap()).is_ok(),
+        "{}",
+        r["time"]
+    );
+
+    // Flip the ledger to drop: in force when the command returns.
+    let out = agent.cli(&["mode", "set", &format!("bank/{LEDGER_POD}"), "drop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = traffic::udp(
+        &bank.frontend,
+        bank.ledger.addr(false),
+        8080,
+        3,
+        64,
+        FAIL_FAST,
+    );
+    assert_eq!(r.echoed, 0, "dropped right after the flip: {r:?}");
+    assert_eq!(
+        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 3, 64, PATIENT).echoed,
+        3
+    );
+    bank.lab.settle();
+    let m = agent.metrics_text();
+    assert_eq!(ledger_packets(&m, "ingress", "dropped"), 3.0);
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_workload_mode",
+            &[("pod", LEDGER_POD), ("mode", "drop")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        status_json(&agent)["overrides"][format!("bank/{LEDGER_POD}")],
+        "drop"
+    );
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(bank.dir.join("state/audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["target"], format!("bank/{LEDGER_POD}"));
+    assert_eq!(audit[0]["old_mode"], serde_json::Value::Null);
+    assert_eq!(audit[0]["new_mode"], "drop");
+    assert!(audit[0]["who"].as_str().unwrap().contains("uid=0"));
+
+    // A bad target is bad usage.
+    assert_eq!(
+        agent.cli(&["mode", "set", "Bank", "drop"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        agent
+            .cli(&["mode", "set", "bank/x", "sideways"])
+            .status
+            .code(),
+        Some(2)
+    );
+
+    // Clearing the override: log mode again.
+    assert!(
+        agent
+            .cli(&["mode", "clear", &format!("bank/{LEDGER_POD}")])
+            .status
+            .success()
+    );
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            1,
+            64,
+            PATIENT
+        )
+        .echoed,
+        1
+    );
+
+    // The cluster state is watched: a new policy allowing the frontend applies within a
+    // second or so, and a broken one is rejected, counted, and changes nothing else.
+    let allow_frontend = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: ledger-from-frontend, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: ledger}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: frontend}}}]}]\n";
+    let broken = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: bank}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/40}}]}]\n";
+    bank.write_state(&agent, &format!("{allow_frontend}{broken}"));
+    wait_for(Duration::from_secs(5), "new policy in force", || {
+        let s = status_json(&agent);
+        (s["policies"] == 2 && !s["policy_errors"].as_array()?.is_empty()).then_some(())
+    });
+    let m = agent.metrics_text();
+    assert_eq!(sample(&m, "tollgate_policy_errors_total", &[]), Some(1.0));
+    let before = ledger_packets(&m, "ingress", "would_drop");
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            2,
+            64,
+            PATIENT
+        )
+        .echoed,
+        2
+    );
+    bank.lab.settle();
+    assert_eq!(
+        ledger_packets(&agent.metrics_text(), "ingress", "would_drop"),
+        before,
+        "frontend is allowed now"
+    );
+    let status = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
+    assert!(
+        status.contains("rejected: NetworkPolicy bank/broken"),
+        "{status}"
+    );
+    assert!(status.contains(LEDGER_POD));
+
+    // `flows --once` shows the busiest flows.
+    let out = agent.cli(&["flows", "--once", "-o", "json"]);
+    assert!(out.status.success());
+    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!flows["busiest"].as_array().unwrap().is_empty());
+    assert!(agent.stop().success());
+}
+
+fn our_links(bpffs: &Path) -> usize {
+    std::fs::read_dir(bpffs.join("links"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
+    let bank = bank("agent-restart");
+    let mut agent = bank.start(&["--default-mode", "drop"]);
+    assert_eq!(
+        our_links(&agent.bpffs),
+        8,
+        "4 workloads x 2 TCX links, pinned"
+    );
+    let tcx_links = || {
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show"])
+            .output()
+            .unwrap();
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        links.as_array().map(|l| l.len()).unwrap_or(0)
+    };
+    let links_before = tcx_links();
+
+    let (stream, during) = std::thread::scope(|s| {
+        // A steady allowed stream (each datagram waits for its echo) across the kill.
+        let stream = s.spawn(|| {
+            traffic::udp_from(
+                &bank.pot,
+                bank.ledger.addr(false),
+                8080,
+                2500,
+                64,
+                PATIENT,
+                Some(46000),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let before = agent.metrics_text();
+        agent.kill9();
+        // While the agent is down, enforcement goes on.
+        let denied = traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            2,
+            64,
+            FAIL_FAST,
+        );
+        assert_eq!(denied.echoed, 0, "still enforced while the agent is down");
+        std::thread::sleep(Duration::from_millis(300));
+        agent.restart();
+        let stream = stream.join().unwrap();
+        (stream, before)
+    });
+    assert_eq!(
+        (stream.sent, stream.echoed),
+        (2500, 2500),
+        "no packet lost: {stream:?}"
+    );
+    assert_eq!(
+        our_links(&agent.bpffs),
+        8,
+        "adopted, nothing attached twice"
+    );
+    assert_eq!(
+        tcx_links(),
+        links_before,
+        "the kernel holds as many links as before the kill"
+    );
+    bank.lab.settle();
+    let after = agent.metrics_text();
+    // Every counter series continued from where it was.
+    for line in during.lines().filter(|l| {
+        l.starts_with("tollgate_packets_total") || l.starts_with("tollgate_flow_packets_total")
+    }) {
+        let (series, v) = line.rsplit_once(' ').unwrap();
+        let before: f64 = v.parse().unwrap();
+        let now = after
+            .lines()
+            .find(|l| l.rsplit_once(' ').map(|x| x.0) == Some(series))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{series} vanished after the restart"));
+        assert!(now >= before, "{series}: {before} -> {now}");
+    }
+    // Exact: every datagram of the stream, before, during and after the kill.
+    assert_eq!(ledger_packets(&after, "ingress", "allowed"), 2500.0);
+    assert_eq!(ledger_packets(&after, "ingress", "dropped"), 2.0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
+    let bank = bank("agent-stop");
+    let mut agent = bank.start(&["--default-mode", "drop"]);
+    assert!(agent.stop().success());
+    assert_eq!(our_links(&agent.bpffs), 8);
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            1,
+            64,
+            FAIL_FAST
+        )
+        .echoed,
+        0,
+        "still enforced"
+    );
+
+    // A map layout from another version is refused, and nothing changes.
+    let layout = agent.bpffs.join("LAYOUT");
+    {
+        use aya::maps::{Array, Map, MapData};
+        let mut array =
+            Array::<_, u64>::try_from(Map::Array(MapData::from_pin(&layout).unwrap())).unwrap();
+        let current = array.get(&0, 0).unwrap();
+        array.set(0, current ^ 0xdead, 0).unwrap();
+    }
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", bank.lab.node))
+        .arg(tollgate_tests::agent::tollgate_bin())
+        .args(["run", "--cluster-state"])
+        .arg(&agent.cluster_state)
+        .arg("--bpffs")
+        .arg(&agent.bpffs)
+        .arg("--state-dir")
+        .arg(bank.dir.join("state"))
+        .arg("--admin-socket")
+        .arg(bank.dir.join("other.sock"))
+        .arg("--metrics-addr")
+        .arg("127.0.0.1:9499")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("map layout") && err.contains("--reset-state"),
+        "{err}"
+    );
+    assert_eq!(our_links(&agent.bpffs), 8, "nothing was changed");
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            1,
+            64,
+            FAIL_FAST
+        )
+        .echoed,
+        0
+    );
+
+    // --reset-state starts over; --detach-on-exit takes everything off at the end.
+    let mut fresh = Agent::start(
+        &bank.lab,
+        &bank.dir,
+        &[
+            "--default-mode",
+            "drop",
+            "--reset-state",
+            "--detach-on-exit",
+        ],
+    );
+    fresh.wait_ready();
+    wait_for(Duration::from_secs(10), "re-attached", || {
+        (our_links(&fresh.bpffs) == 8).then_some(())
+    });
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            1,
+            64,
+            FAIL_FAST
+        )
+        .echoed,
+        0
+    );
+    assert!(fresh.stop().success());
+    assert!(!fresh.bpffs.exists(), "pins removed");
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            1,
+            64,
+            PATIENT
+        )
+        .echoed,
+        1,
+        "no longer enforced"
+    );
+    drop(agent);
+}
+
+#[test]
+fn a_flood_of_would_drops_does_not_flood_the_flow_log() {
+    let bank = bank("agent-flood");
+    let agent = bank.start(&["--log-rate", "5", "--log-burst", "5"]);
+    let started = Instant::now();
+    let cpu_before = agent_cpu_ticks(&agent);
+    let r = traffic::udp_burst(&bank.frontend, bank.ledger.addr(false), 20000, 3000);
+    assert_eq!(r.sent, 3000);
+    bank.lab.settle();
+    std::thread::sleep(Duration::from_millis(500));
+    let elapsed = started.elapsed().as_secs_f64();
+    let m = agent.metrics_text();
+    let written = sample(
+        &m,
+        "tollgate_flow_log_events_total",
+        &[("outcome", "written")],
+    )
+    .unwrap();
+    let limited = sample(
+        &m,
+        "tollgate_flow_log_events_total",
+        &[("outcome", "rate_limited")],
+    )
+    .unwrap();
+    let lost = sample(&m, "tollgate_flow_log_events_total", &[("outcome", "lost")]).unwrap();
+    assert_eq!(
+        ledger_packets(&m, "ingress", "would_drop"),
+        3000.0,
+        "every packet is counted"
+    );
+    assert_eq!(
+        written + limited + lost,
+        3000.0,
+        "each new flow is logged or counted as suppressed"
+    );
+    assert_eq!(lost, 0.0);
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    assert!(
+        written >= 5.0 && written <= 5.0 + 5.0 * elapsed.ceil() + cpus,
+        "{written} lines in {elapsed:.1}s at 5/s with bursts of 5"
+    );
+    assert_eq!(agent.flow_records().len() as f64, written);
+    let cpu = (agent_cpu_ticks(&agent) - cpu_before) as f64 / 100.0;
+    eprintln!("agent CPU during a flood of 3000 would-drop flows: {cpu:.2}s over {elapsed:.1}s");
+}
+
+fn agent_cpu_ticks(agent: &Agent) -> u64 {
+    // The agent runs as a child of nsenter, which execs it: the pid is the agent's.
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.contains("run") && c.contains(agent.admin_socket.to_str().unwrap())
+            })
+        });
+    let Some(pid) = pid else { return 0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|x| x.1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    fields
+        .get(11)
+        .and_then(|u| u.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+}
+
+#[test]
+fn prometheus_scrapes_what_the_traffic_was() {
+    let bank = bank("agent-prometheus");
+    let agent = bank.start(&[]);
+    assert_eq!(
+        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 7, 64, PATIENT).echoed,
+        7
+    );
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            3,
+            64,
+            PATIENT
+        )
+        .echoed,
+        3
+    );
+    assert_eq!(
+        traffic::ping(&bank.prometheus, bank.ledger.addr(false), 2),
+        2
+    );
+    bank.lab.settle();
+
+    let prom_dir = bank.dir.join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    std::fs::write(
+        prom_dir.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n- job_name: tollgate\n  static_configs: [{{targets: ['{}']}}]\n",
+            agent.metrics
+        ),
+    )
+    .unwrap();
+    let mut prom = Command::new("ip")
+        .args(["netns", "exec", &bank.lab.node, "prometheus"])
+        .arg(format!(
+            "--config.file={}",
+            prom_dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            prom_dir.join("data").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:19090")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(prom_dir.join("prometheus.log")).unwrap())
+        .spawn()
+        .expect("run prometheus (Debian package prometheus)");
+    let query = |q: &str| -> Option<f64> {
+        let node = bank.lab.node.clone();
+        let q = q.to_string();
+        std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let _g = tollgate_tests::NetNsGuard::enter(&node);
+            let mut s = std::net::TcpStream::connect("127.0.0.1:19090").ok()?;
+            let enc: String = q
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            write!(
+                s,
+                "GET /api/v1/query?query={enc} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            let body = text.split_once("\r\n\r\n")?.1;
+            let start = body.find('{')?;
+            let v: serde_json::Value =
+                serde_json::from_str(body[start..].trim_end_matches(|c: char| c != '}')).ok()?;
+            v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let ledger = format!("namespace=\"bank\",pod=\"{LEDGER_POD}\"");
+        let cases = [
+            (format!("tollgate_packets_total{{{ledger},direction=\"ingress\",verdict=\"allowed\"}}"), 7.0),
+            // The frontend's datagrams and the pings (monitoring may only use 9090).
+            (format!("tollgate_packets_total{{{ledger},direction=\"ingress\",verdict=\"would_drop\"}}"), 3.0 + 2.0),
+            (format!("sum(tollgate_packets_total{{{ledger},direction=\"egress\"}})"), 7.0 + 3.0 + 2.0),
+            // Seen at the ledger (ingress): each datagram and its echo.
+            ("sum(tollgate_flow_packets_total{src_workload=\"pot-0\",dst_workload=\"ledger\",direction=\"ingress\",verdict=\"allowed\",protocol=\"udp\",port=\"8080\"})".to_string(), 14.0),
+            // Seen at pot (egress): the same flow from its source.
+            ("sum(tollgate_flow_packets_total{src_workload=\"pot-0\",dst_workload=\"ledger\",direction=\"egress\",verdict=\"allowed\"})".to_string(), 14.0),
+            ("sum(tollgate_flow_packets_total{src_namespace=\"monitoring\",dst_workload=\"ledger\",direction=\"ingress\",verdict=\"would_drop\",protocol=\"icmp\"})".to_string(), 4.0),
+            (format!("tollgate_workload_isolated{{{ledger},direction=\"ingress\"}}"), 1.0),
+        ];
+        for (q, expected) in cases {
+            let got = wait_for(
+                Duration::from_secs(30),
+                &format!("prometheus answers {q}"),
+                || query(&q),
+            );
+            assert_eq!(got, expected, "{q}");
+        }
+    }));
+    let _ = prom.kill();
+    let _ = prom.wait();
+    if let Err(e) = result {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(prom_dir.join("prometheus.log")).unwrap_or_default()
+        );
+        std::panic::resume_unwind(e);
+    }
+    drop(agent);
+}
