@@ -108,18 +108,20 @@ fn main() -> Result<()> {
             require_root("the demo loads eBPF programs and creates network namespaces")?;
             setup()?;
             sweep_leftovers();
-            // The demo runs the traffic helper inside the pods: build every binary.
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--quiet",
-                    "--release",
-                    "--package",
-                    "tollgate-tests",
-                    "--bins",
-                ],
-            )?;
+            // The demo runs `tollgate` itself, and the traffic helper inside the pods.
+            for package in ["tollgate", "tollgate-tests"] {
+                cargo(
+                    &root,
+                    &[
+                        "build",
+                        "--quiet",
+                        "--release",
+                        "--package",
+                        package,
+                        "--bins",
+                    ],
+                )?;
+            }
             sh(
                 root.join("target/release/tg-demo")
                     .to_str()
