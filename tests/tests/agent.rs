@@ -252,7 +252,12 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
     );
 
     // Flip the ledger to drop: in force when the command returns.
+    let flip = Instant::now();
     let out = agent.cli(&["mode", "set", &format!("bank/{LEDGER_POD}"), "drop"]);
+    eprintln!(
+        "mode flip round trip (CLI to datapath and back): {:?}",
+        flip.elapsed()
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -296,6 +301,26 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
     assert_eq!(audit[0]["old_mode"], serde_json::Value::Null);
     assert_eq!(audit[0]["new_mode"], "drop");
     assert!(audit[0]["who"].as_str().unwrap().contains("uid=0"));
+
+    // Only root may talk to the agent.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            tollgate_tests::agent::tollgate_bin(),
+            "status",
+            "--admin-socket",
+        ])
+        .arg(&agent.admin_socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("are you root"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A bad target is bad usage.
     assert_eq!(
@@ -390,15 +415,36 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
         8,
         "4 workloads x 2 TCX links, pinned"
     );
-    let tcx_links = || {
-        let out = Command::new("bpftool")
-            .args(["-j", "link", "show"])
-            .output()
-            .unwrap();
-        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        links.as_array().map(|l| l.len()).unwrap_or(0)
+    // What the kernel has attached on the pods' interfaces, one program per hook.
+    let tcx_programs = || -> Vec<(String, Vec<String>)> {
+        bank.lab.in_node(|| {
+            [&bank.ledger, &bank.pot, &bank.frontend, &bank.prometheus]
+                .iter()
+                .flat_map(|p| {
+                    [
+                        aya::programs::TcAttachType::Ingress,
+                        aya::programs::TcAttachType::Egress,
+                    ]
+                    .map(|t| {
+                        let (_, progs) =
+                            aya::programs::SchedClassifier::query_tcx(&p.host_if, t).unwrap();
+                        (
+                            format!("{} {t:?}", p.host_if),
+                            progs
+                                .iter()
+                                .map(|i| i.name_as_str().unwrap_or("?").to_string())
+                                .collect(),
+                        )
+                    })
+                })
+                .collect()
+        })
     };
-    let links_before = tcx_links();
+    let attached_before = tcx_programs();
+    assert!(
+        attached_before.iter().all(|(_, progs)| progs.len() == 1),
+        "{attached_before:?}"
+    );
 
     let (stream, during) = std::thread::scope(|s| {
         // A steady allowed stream (each datagram waits for its echo) across the kill.
@@ -442,9 +488,9 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
         "adopted, nothing attached twice"
     );
     assert_eq!(
-        tcx_links(),
-        links_before,
-        "the kernel holds as many links as before the kill"
+        tcx_programs(),
+        attached_before,
+        "one program per hook, as before the kill"
     );
     bank.lab.settle();
     let after = agent.metrics_text();
@@ -579,7 +625,14 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
 #[test]
 fn a_flood_of_would_drops_does_not_flood_the_flow_log() {
     let bank = bank("agent-flood");
-    let agent = bank.start(&["--log-rate", "5", "--log-burst", "5"]);
+    let agent = bank.start(&[
+        "--log-rate",
+        "5",
+        "--log-burst",
+        "5",
+        "--max-flow-series",
+        "3",
+    ]);
     let started = Instant::now();
     let cpu_before = agent_cpu_ticks(&agent);
     let r = traffic::udp_burst(&bank.frontend, bank.ledger.addr(false), 20000, 3000);
@@ -618,6 +671,30 @@ fn a_flood_of_would_drops_does_not_flood_the_flow_log() {
         "{written} lines in {elapsed:.1}s at 5/s with bursts of 5"
     );
     assert_eq!(agent.flow_records().len() as f64, written);
+    // 3,000 destination ports are 3,000 peer-pair series at the ledger: bounded, the rest counted.
+    let series = m
+        .lines()
+        .filter(|l| l.starts_with("tollgate_flow_packets_total{"))
+        .count();
+    assert!(series <= 3, "{series} flow series");
+    let overflow = sample(&m, "tollgate_flow_series_overflow_total", &[]).unwrap();
+    let in_series = sample(&m, "tollgate_flow_packets_total", &[]).unwrap_or(0.0);
+    let frontend_egress = sample(
+        &m,
+        "tollgate_flow_packets_total",
+        &[("src_workload", "frontend-0"), ("direction", "egress")],
+    )
+    .unwrap_or(0.0);
+    assert!(overflow > 0.0);
+    // Each datagram is seen at the frontend's egress and the ledger's ingress; the ledger's
+    // port unreachable errors (the kernel rate-limits them) at the ledger's egress and the
+    // frontend's ingress.
+    let errors = ledger_packets(&m, "egress", "would_drop");
+    assert_eq!(
+        in_series + overflow,
+        3000.0 * 2.0 + errors * 2.0,
+        "{in_series} in series + {overflow} overflow ({frontend_egress} at the frontend, {errors} ICMP errors)"
+    );
     let cpu = (agent_cpu_ticks(&agent) - cpu_before) as f64 / 100.0;
     eprintln!("agent CPU during a flood of 3000 would-drop flows: {cpu:.2}s over {elapsed:.1}s");
 }
