@@ -449,7 +449,10 @@ impl Shared {
         overrides
             .save(&self.overrides_file())
             .map_err(|e| format!("persist overrides: {e}"))?;
-        self.apply();
+        let state = std::mem::take(&mut self.state);
+        let applied = self.rec.apply_modes(&state);
+        self.state = state;
+        applied.map_err(|e| format!("apply the mode: {e}"))?;
         let target_parsed = Target::parse(target)?;
         let matched = self
             .rec

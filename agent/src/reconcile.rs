@@ -23,7 +23,9 @@ use crate::{
     attach::{self, AttachMethod, AttachPoint, routes},
     compile::{
         model::{ClusterState, PodInfo},
-        policy::{Compiled, IdentityAllocator, PodKey, compile, mode_and_source},
+        policy::{
+            CompileCache, Compiled, IdentityAllocator, PodKey, compile_cached, mode_and_source,
+        },
     },
     maps::{MapsError, Mode, WorkloadPolicy},
     sources::convert::{CGROUP_ANNOTATION, INTERFACE_ANNOTATION},
@@ -90,8 +92,9 @@ pub struct Reconciler {
     pub datapath: Datapath,
     pub options: ReconcilerOptions,
     allocator: IdentityAllocator,
+    cache: CompileCache,
     workloads: BTreeMap<PodKey, LocalWorkload>,
-    addresses: BTreeMap<IpNet, u32>,
+    addresses: std::sync::Arc<BTreeMap<IpNet, u32>>,
     compiled: Compiled,
     /// Runtime mode overrides (set through the admin socket), above annotations.
     pub overrides: Overrides,
@@ -103,8 +106,9 @@ impl Reconciler {
             datapath,
             options,
             allocator: IdentityAllocator::default(),
+            cache: CompileCache::default(),
             workloads: BTreeMap::new(),
-            addresses: BTreeMap::new(),
+            addresses: Default::default(),
             compiled: Compiled::default(),
             overrides: Overrides::default(),
         }
@@ -121,7 +125,7 @@ impl Reconciler {
     }
 
     /// Where a pod attaches on this node, if it is local.
-    fn attach_point(&self, pod: &PodInfo) -> Option<AttachPoint> {
+    fn attach_point(&self, pod: &PodInfo, routes: &routes::RouteTables) -> Option<AttachPoint> {
         if let (Some(node), Some(pod_node)) = (&self.options.node_name, &pod.node_name)
             && node != pod_node
         {
@@ -143,7 +147,7 @@ impl Reconciler {
         }
         pod.ips
             .iter()
-            .find_map(|ip| routes::local_interface(*ip))
+            .find_map(|ip| routes.local_interface(*ip))
             .map(|iface| AttachPoint::Tc { iface })
     }
 
@@ -159,17 +163,19 @@ impl Reconciler {
         let stats_before = self.datapath.maps.stats;
 
         let mut local: BTreeMap<PodKey, AttachPoint> = BTreeMap::new();
+        let routes = routes::RouteTables::read();
         for (key, pod) in &state.pods {
-            if let Some(point) = self.attach_point(pod) {
+            if let Some(point) = self.attach_point(pod, &routes) {
                 local.insert(key.clone(), point);
             }
         }
         let targets: BTreeSet<PodKey> = local.keys().cloned().collect();
-        let mut compiled = compile(
+        let mut compiled = compile_cached(
             state,
             &mut self.allocator,
             Some(&targets),
             self.options.default_mode,
+            &mut self.cache,
         );
         let mut mode_sources = BTreeMap::new();
         for (key, p) in compiled.pods.iter_mut() {
@@ -206,6 +212,7 @@ impl Reconciler {
         let mut free = (1..agent_common::MAX_WORKLOADS).filter(|s| !used.contains(s));
         let mut staged = Vec::new();
         let mut adopted: BTreeMap<PodKey, AttachMethod> = BTreeMap::new();
+        let mut unchanged: Vec<PodKey> = Vec::new();
         for (key, point) in &local {
             let pod_policy = &compiled.pods[key];
             let policy = pod_policy.workload_policy();
@@ -233,6 +240,12 @@ impl Reconciler {
                     }
                 }
             };
+            // Nothing changed for this workload: no entries to stage (the common case of a
+            // change elsewhere in a large cluster).
+            if self.workloads.get(key).is_some_and(|w| w.policy == policy) {
+                unchanged.push(key.clone());
+                continue;
+            }
             match self.datapath.maps.stage_rules(slot, &policy) {
                 Ok(s) => staged.push((key.clone(), point.clone(), slot, policy, s)),
                 Err(e) => {
@@ -242,20 +255,28 @@ impl Reconciler {
             }
         }
 
-        // 2. identities of new and changed addresses
-        let identities_changed = compiled
-            .addresses
-            .iter()
-            .filter(|(net, id)| self.addresses.get(*net) != Some(*id))
-            .count()
-            + self
+        // 2. identities of new and changed addresses (nothing to compare when the compiler
+        // reused the identities of the last reconcile)
+        let same_identities = std::sync::Arc::ptr_eq(&self.addresses, &compiled.addresses);
+        let identities_changed = if same_identities {
+            0
+        } else {
+            compiled
                 .addresses
-                .keys()
-                .filter(|net| !compiled.addresses.contains_key(*net))
-                .count();
-        for (net, id) in &compiled.addresses {
-            if self.addresses.get(net) != Some(id) {
-                self.datapath.maps.set_identity(*net, *id)?;
+                .iter()
+                .filter(|(net, id)| self.addresses.get(*net) != Some(*id))
+                .count()
+                + self
+                    .addresses
+                    .keys()
+                    .filter(|net| !compiled.addresses.contains_key(*net))
+                    .count()
+        };
+        if !same_identities {
+            for (net, id) in compiled.addresses.iter() {
+                if self.addresses.get(net) != Some(id) {
+                    self.datapath.maps.set_identity(*net, *id)?;
+                }
             }
         }
         report.identities_changed = identities_changed;
@@ -317,6 +338,19 @@ impl Reconciler {
             to_finish.push(staged_rules);
         }
 
+        for key in unchanged {
+            let pod_policy = &compiled.pods[&key];
+            let source = mode_sources.get(&key).copied().unwrap_or("default");
+            if let Some(w) = self.workloads.get_mut(&key) {
+                if w.pod != state.pods[&key] {
+                    w.pod = state.pods[&key].clone();
+                }
+                w.ingress_policies.clone_from(&pod_policy.ingress_policies);
+                w.egress_policies.clone_from(&pod_policy.egress_policies);
+                w.mode_source = source;
+            }
+        }
+
         // Attachments adopted from an earlier agent that no local workload claimed.
         let claimed: BTreeSet<u32> = self.workloads.values().map(|w| w.slot).collect();
         for stale in self.datapath.attached() {
@@ -334,9 +368,11 @@ impl Reconciler {
         for staged_rules in to_finish {
             self.datapath.maps.finish_rules(staged_rules)?;
         }
-        for net in self.addresses.keys() {
-            if !compiled.addresses.contains_key(net) {
-                self.datapath.maps.remove_identity(*net)?;
+        if !same_identities {
+            for net in self.addresses.keys() {
+                if !compiled.addresses.contains_key(net) {
+                    self.datapath.maps.remove_identity(*net)?;
+                }
             }
         }
         self.addresses = compiled.addresses.clone();
@@ -362,6 +398,32 @@ impl Reconciler {
             "reconciled"
         );
         Ok(report)
+    }
+
+    /// Applies the current overrides and annotations to the modes of attached workloads:
+    /// one map write per workload whose mode changes, no recompile. What `tollgate mode`
+    /// does, so a flip takes microseconds, not a reconcile.
+    pub fn apply_modes(
+        &mut self,
+        state: &ClusterState,
+    ) -> Result<Vec<(PodKey, Mode, Mode)>, MapsError> {
+        let mut changed = Vec::new();
+        for (key, w) in self.workloads.iter_mut() {
+            let (mode, source) = match self.overrides.mode_for(key) {
+                Some(m) => (m, "override"),
+                None => match state.pods.get(key) {
+                    Some(pod) => mode_and_source(state, pod, self.options.default_mode),
+                    None => continue,
+                },
+            };
+            w.mode_source = source;
+            if w.policy.mode != mode {
+                self.datapath.maps.set_mode(w.slot, mode)?;
+                changed.push((key.clone(), w.policy.mode, mode));
+                w.policy.mode = mode;
+            }
+        }
+        Ok(changed)
     }
 
     /// Detaches every workload and forgets its state (`--detach-on-exit`, tests).

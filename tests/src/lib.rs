@@ -9,6 +9,7 @@
 //! when a test panics.
 
 pub mod agent;
+pub mod bench_control;
 pub mod conformance;
 pub mod frames;
 pub mod support;

@@ -2,81 +2,115 @@
 //! the route to its IP leaves through a local interface (the routed layout of Calico and
 //! most CNIs: a /32 or /128 per pod on its host-side veth).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
+#[cfg(test)]
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// The interface a direct (gateway-less, non-default) route for `ip` leaves through, read
-/// from this thread's network namespace. `None` for addresses reached via a gateway, the
-/// default route or loopback.
+/// The routing tables of this thread's network namespace, parsed once per reconcile.
+pub struct RouteTables {
+    /// (destination, mask, gateway, interface), host-order u32s.
+    ipv4: Vec<(u32, u32, u32, String)>,
+    /// (destination, prefix length, next hop, interface).
+    ipv6: Vec<(u128, u32, u128, String)>,
+}
+
+impl RouteTables {
+    /// Reads `/proc/thread-self/net/route` and `ipv6_route`.
+    pub fn read() -> RouteTables {
+        RouteTables::parse(
+            &std::fs::read_to_string("/proc/thread-self/net/route").unwrap_or_default(),
+            &std::fs::read_to_string("/proc/thread-self/net/ipv6_route").unwrap_or_default(),
+        )
+    }
+
+    fn parse(ipv4: &str, ipv6: &str) -> RouteTables {
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...; little-endian hex.
+        let v4 = ipv4
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 8 {
+                    return None;
+                }
+                Some((
+                    u32::from_str_radix(f[1], 16).ok()?,
+                    u32::from_str_radix(f[7], 16).ok()?,
+                    u32::from_str_radix(f[2], 16).ok()?,
+                    f[0].to_string(),
+                ))
+            })
+            .collect();
+        // dest prefixlen src srcprefixlen nexthop metric refcnt use flags iface
+        let v6 = ipv6
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 10 {
+                    return None;
+                }
+                Some((
+                    u128::from_str_radix(f[0], 16).ok()?,
+                    u32::from_str_radix(f[1], 16).ok()?,
+                    u128::from_str_radix(f[4], 16).ok()?,
+                    f[9].to_string(),
+                ))
+            })
+            .collect();
+        RouteTables { ipv4: v4, ipv6: v6 }
+    }
+
+    /// The interface a direct (gateway-less, non-default) route for `ip` leaves through.
+    /// `None` for addresses reached via a gateway, the default route or loopback.
+    pub fn local_interface(&self, ip: IpAddr) -> Option<String> {
+        match ip {
+            IpAddr::V4(v4) => {
+                let addr = u32::from_le_bytes(v4.octets());
+                let (mask, gateway, iface) = self
+                    .ipv4
+                    .iter()
+                    .filter(|(dest, mask, _, _)| addr & mask == *dest)
+                    .max_by_key(|(_, mask, _, _)| mask.count_ones())
+                    .map(|(_, m, g, i)| (*m, *g, i))?;
+                (mask != 0 && gateway == 0 && iface != "lo").then(|| iface.clone())
+            }
+            IpAddr::V6(v6) => {
+                let addr = u128::from(v6);
+                let (len, next_hop, iface) = self
+                    .ipv6
+                    .iter()
+                    .filter(|(dest, len, _, _)| {
+                        let mask = if *len == 0 {
+                            0
+                        } else {
+                            u128::MAX << (128 - (*len).min(128))
+                        };
+                        addr & mask == *dest
+                    })
+                    .max_by_key(|(_, len, _, _)| *len)
+                    .map(|(_, l, n, i)| (*l, *n, i))?;
+                (len != 0 && next_hop == 0 && iface != "lo").then(|| iface.clone())
+            }
+        }
+    }
+}
+
+/// `RouteTables::read().local_interface(ip)`, for a single lookup.
 pub fn local_interface(ip: IpAddr) -> Option<String> {
-    match ip {
-        IpAddr::V4(v4) => {
-            let table = std::fs::read_to_string("/proc/thread-self/net/route").ok()?;
-            ipv4_route(&table, v4)
-        }
-        IpAddr::V6(v6) => {
-            let table = std::fs::read_to_string("/proc/thread-self/net/ipv6_route").ok()?;
-            ipv6_route(&table, v6)
-        }
-    }
-}
-
-fn ipv4_route(table: &str, ip: Ipv4Addr) -> Option<String> {
-    // Iface Destination Gateway Flags RefCnt Use Metric Mask ...; addresses in host order
-    // of a little-endian u32 as hex.
-    let addr = u32::from_le_bytes(ip.octets());
-    let mut best: Option<(u32, &str, u32)> = None;
-    for line in table.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 {
-            continue;
-        }
-        let (Ok(dest), Ok(gateway), Ok(mask)) = (
-            u32::from_str_radix(f[1], 16),
-            u32::from_str_radix(f[2], 16),
-            u32::from_str_radix(f[7], 16),
-        ) else {
-            continue;
-        };
-        if addr & mask == dest && best.is_none_or(|(m, _, _)| mask.count_ones() > m.count_ones()) {
-            best = Some((mask, f[0], gateway));
-        }
-    }
-    let (mask, iface, gateway) = best?;
-    (mask != 0 && gateway == 0 && iface != "lo").then(|| iface.to_string())
-}
-
-fn ipv6_route(table: &str, ip: Ipv6Addr) -> Option<String> {
-    // dest prefixlen src srcprefixlen nexthop metric refcnt use flags iface
-    let addr = u128::from(ip);
-    let mut best: Option<(u32, String, u128)> = None;
-    for line in table.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 10 {
-            continue;
-        }
-        let (Ok(dest), Ok(len), Ok(next_hop)) = (
-            u128::from_str_radix(f[0], 16),
-            u32::from_str_radix(f[1], 16),
-            u128::from_str_radix(f[4], 16),
-        ) else {
-            continue;
-        };
-        let mask = if len == 0 {
-            0
-        } else {
-            u128::MAX << (128 - len.min(128))
-        };
-        if addr & mask == dest && best.as_ref().is_none_or(|(l, _, _)| len > *l) {
-            best = Some((len, f[9].to_string(), next_hop));
-        }
-    }
-    let (len, iface, next_hop) = best?;
-    (len != 0 && next_hop == 0 && iface != "lo").then_some(iface)
+    RouteTables::read().local_interface(ip)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ipv4_route(table: &str, ip: Ipv4Addr) -> Option<String> {
+        RouteTables::parse(table, "").local_interface(IpAddr::V4(ip))
+    }
+
+    fn ipv6_route(table: &str, ip: Ipv6Addr) -> Option<String> {
+        RouteTables::parse("", table).local_interface(IpAddr::V6(ip))
+    }
 
     #[test]
     fn host_routes_name_the_pod_interface() {

@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use agent_common::IDENTITY_FIRST_WORKLOAD;
@@ -84,19 +85,20 @@ impl PodPolicy {
     }
 }
 
-/// The compiled cluster.
+/// The compiled cluster. The identity maps are shared (`Arc`) between compiles that found
+/// no pod or namespace change, so an unrelated policy change neither rebuilds nor diffs them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     /// Pod address (/32, /128) to identity: the `IDENTITIES` map.
-    pub addresses: BTreeMap<IpNet, u32>,
-    pub pod_identity: BTreeMap<PodKey, u32>,
-    pub identities: BTreeMap<u32, IdentityInfo>,
+    pub addresses: Arc<BTreeMap<IpNet, u32>>,
+    pub pod_identity: Arc<BTreeMap<PodKey, u32>>,
+    pub identities: Arc<BTreeMap<u32, IdentityInfo>>,
     /// Per compiled pod.
     pub pods: BTreeMap<PodKey, PodPolicy>,
     /// Rule ids (map values) to the policy they came from.
     pub rule_policies: Vec<String>,
     /// Pod addresses to their pod.
-    pub address_pods: BTreeMap<IpAddr, PodKey>,
+    pub address_pods: Arc<BTreeMap<IpAddr, PodKey>>,
 }
 
 impl Compiled {
@@ -136,6 +138,8 @@ struct Context<'a> {
     state: &'a ClusterState,
     identities: &'a BTreeMap<u32, IdentityInfo>,
     rule_ids: BTreeMap<String, u32>,
+    /// Labels of every namespace that has pods, computed once per compile.
+    namespace_labels: BTreeMap<String, Labels>,
 }
 
 impl Context<'_> {
@@ -150,7 +154,7 @@ impl Context<'_> {
             .iter()
             .filter(|(_, info)| match namespaces {
                 None => info.namespace == policy_ns,
-                Some(sel) => sel.matches(&self.state.namespace_labels(&info.namespace)),
+                Some(sel) => sel.matches(&self.namespace_labels[&info.namespace]),
             })
             .filter(|(_, info)| pods.as_ref().is_none_or(|sel| sel.matches(&info.labels)))
             .map(|(id, _)| *id)
@@ -290,7 +294,7 @@ fn egress_rules(
                 PeerSpec::Pods { namespaces, pods } => {
                     (match namespaces {
                         None => info.namespace == policy.namespace,
-                        Some(sel) => sel.matches(&ctx.state.namespace_labels(&info.namespace)),
+                        Some(sel) => sel.matches(&ctx.namespace_labels[&info.namespace]),
                     }) && pods.as_ref().is_none_or(|sel| sel.matches(&info.labels))
                 }
                 PeerSpec::IpBlock { .. } => false,
@@ -370,6 +374,83 @@ fn egress_rules(
     }
 }
 
+/// What a pod's compiled policy depends on beyond its own policies: the identities (with the
+/// namespace labels they are matched by) and, for named ports and ipBlocks, every pod's
+/// addresses and ports. When this and a pod's inputs are unchanged, its result is reused.
+#[derive(Clone, Debug, Default)]
+pub struct CompileCache {
+    universe: u64,
+    /// Per pod: hash of (pod inputs, selecting policies), and the result.
+    pods: BTreeMap<PodKey, (u64, PodPolicy)>,
+    /// Identities as of the last compile, and a hash of the pods and namespaces they came from.
+    identities: Option<(u64, Arc<IdentityPart>)>,
+}
+
+/// Everything derived from pods and namespaces alone.
+#[derive(Debug, Default)]
+struct IdentityPart {
+    addresses: Arc<BTreeMap<IpNet, u32>>,
+    pod_identity: Arc<BTreeMap<PodKey, u32>>,
+    identities: Arc<BTreeMap<u32, IdentityInfo>>,
+    address_pods: Arc<BTreeMap<IpAddr, PodKey>>,
+    peer_identities: BTreeMap<u32, IdentityInfo>,
+    namespace_labels: BTreeMap<String, Labels>,
+}
+
+fn identity_part(state: &ClusterState, allocator: &mut IdentityAllocator) -> IdentityPart {
+    let mut pod_identity = BTreeMap::new();
+    let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
+    let mut addresses = BTreeMap::new();
+    let mut address_pods = BTreeMap::new();
+    for (key, pod) in &state.pods {
+        let id = allocator.get(&pod.namespace, &pod.labels);
+        pod_identity.insert(key.clone(), id);
+        let info = identities.entry(id).or_insert_with(|| IdentityInfo {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            pods: vec![],
+        });
+        if !pod.ips.is_empty() {
+            info.pods.push(key.clone());
+        }
+        for ip in &pod.ips {
+            addresses.insert(single_address(*ip), id);
+            address_pods.insert(*ip, key.clone());
+        }
+    }
+    allocator.retain(&identities.keys().copied().collect());
+    // Identities without addressed pods cannot be peers.
+    let peer_identities: BTreeMap<u32, IdentityInfo> = identities
+        .iter()
+        .filter(|(_, i)| !i.pods.is_empty())
+        .map(|(id, i)| (*id, i.clone()))
+        .collect();
+    let namespace_labels: BTreeMap<String, Labels> = peer_identities
+        .values()
+        .map(|i| i.namespace.clone())
+        .chain(state.namespaces.keys().cloned())
+        .map(|ns| {
+            let labels = state.namespace_labels(&ns);
+            (ns, labels)
+        })
+        .collect();
+    IdentityPart {
+        addresses: Arc::new(addresses),
+        pod_identity: Arc::new(pod_identity),
+        identities: Arc::new(identities),
+        address_pods: Arc::new(address_pods),
+        peer_identities,
+        namespace_labels,
+    }
+}
+
+fn hash_of(v: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
 /// Compiles the cluster for the pods in `targets` (every pod when `None`).
 pub fn compile(
     state: &ClusterState,
@@ -377,39 +458,57 @@ pub fn compile(
     targets: Option<&BTreeSet<PodKey>>,
     default_mode: Mode,
 ) -> Compiled {
+    compile_cached(
+        state,
+        allocator,
+        targets,
+        default_mode,
+        &mut CompileCache::default(),
+    )
+}
+
+/// `compile`, reusing what `cache` holds from the previous compile where its inputs did not
+/// change: a policy change recompiles only the pods that policy selects (before or after).
+pub fn compile_cached(
+    state: &ClusterState,
+    allocator: &mut IdentityAllocator,
+    targets: Option<&BTreeSet<PodKey>>,
+    default_mode: Mode,
+    cache: &mut CompileCache,
+) -> Compiled {
     let mut compiled = Compiled::default();
-    // Identities of every pod; only pods with addresses can be peers.
-    for (key, pod) in &state.pods {
-        let id = allocator.get(&pod.namespace, &pod.labels);
-        compiled.pod_identity.insert(key.clone(), id);
-        let info = compiled
-            .identities
-            .entry(id)
-            .or_insert_with(|| IdentityInfo {
-                namespace: pod.namespace.clone(),
-                labels: pod.labels.clone(),
-                pods: vec![],
-            });
-        if !pod.ips.is_empty() {
-            info.pods.push(key.clone());
+    // Identities depend on pods (namespace, labels, addresses) and namespaces only.
+    let pods_hash = hash_of(&(
+        state
+            .pods
+            .iter()
+            .map(|(k, p)| (k, &p.labels, &p.ips))
+            .collect::<Vec<_>>(),
+        &state
+            .namespaces
+            .iter()
+            .map(|(n, ns)| (n, &ns.labels))
+            .collect::<Vec<_>>(),
+    ));
+    let part = match &cache.identities {
+        Some((h, part)) if *h == pods_hash => part.clone(),
+        _ => {
+            let part = Arc::new(identity_part(state, allocator));
+            cache.identities = Some((pods_hash, part.clone()));
+            part
         }
-        for ip in &pod.ips {
-            compiled.addresses.insert(single_address(*ip), id);
-            compiled.address_pods.insert(*ip, key.clone());
-        }
-    }
-    allocator.retain(&compiled.identities.keys().copied().collect());
-    // Identities without addressed pods cannot be peers.
-    let peer_identities: BTreeMap<u32, IdentityInfo> = compiled
-        .identities
-        .iter()
-        .filter(|(_, i)| !i.pods.is_empty())
-        .map(|(id, i)| (*id, i.clone()))
-        .collect();
+    };
+    compiled.addresses = part.addresses.clone();
+    compiled.pod_identity = part.pod_identity.clone();
+    compiled.identities = part.identities.clone();
+    compiled.address_pods = part.address_pods.clone();
+    let peer_identities = &part.peer_identities;
+    let namespace_labels = part.namespace_labels.clone();
     let mut ctx = Context {
         state,
-        identities: &peer_identities,
+        identities: peer_identities,
         rule_ids: BTreeMap::new(),
+        namespace_labels,
     };
     for policy in state.policies.values() {
         let next = ctx.rule_ids.len() as u32;
@@ -423,12 +522,63 @@ pub fn compile(
         v
     };
 
-    for (key, pod) in &state.pods {
-        if targets.is_some_and(|t| !t.contains(key)) {
+    // The universe every pod's result depends on.
+    let uses_pod_ports = state.policies.values().any(|p| {
+        p.egress.iter().flatten().any(|r| {
+            r.ports
+                .iter()
+                .any(|port| matches!(port.port, PortRef::Named(_)))
+        })
+    });
+    let universe = hash_of(&(
+        peer_identities
+            .iter()
+            .map(|(id, i)| (*id, &i.namespace, &i.labels))
+            .collect::<Vec<_>>(),
+        &ctx.namespace_labels,
+        &ctx.rule_ids,
+        uses_pod_ports.then(|| {
+            state
+                .pods
+                .values()
+                .map(|p| (&p.ips, &p.ports))
+                .collect::<Vec<_>>()
+        }),
+    ));
+    if universe != cache.universe {
+        cache.pods.clear();
+        cache.universe = universe;
+    }
+
+    let mut policies_by_namespace: BTreeMap<&str, Vec<&Policy>> = BTreeMap::new();
+    for p in state.policies.values() {
+        policies_by_namespace
+            .entry(p.namespace.as_str())
+            .or_default()
+            .push(p);
+    }
+    let pods: Box<dyn Iterator<Item = (&PodKey, &PodInfo)>> = match targets {
+        Some(t) => Box::new(t.iter().filter_map(|k| state.pods.get_key_value(k))),
+        None => Box::new(state.pods.iter()),
+    };
+    for (key, pod) in pods {
+        let selecting: Vec<&Policy> = policies_by_namespace
+            .get(pod.namespace.as_str())
+            .into_iter()
+            .flatten()
+            .filter(|p| p.pod_selector.matches(&pod.labels))
+            .copied()
+            .collect();
+        let mode = mode_of(state, pod, default_mode);
+        let input = hash_of(&(&pod.labels, &pod.ports, &selecting, mode as u8));
+        if let Some((h, cached)) = cache.pods.get(key)
+            && *h == input
+        {
+            compiled.pods.insert(key.clone(), cached.clone());
             continue;
         }
         let mut result = PodPolicy {
-            mode: mode_of(state, pod, default_mode),
+            mode,
             isolated_ingress: false,
             isolated_egress: false,
             ingress: vec![],
@@ -436,10 +586,7 @@ pub fn compile(
             ingress_policies: vec![],
             egress_policies: vec![],
         };
-        for policy in state.policies.values() {
-            if policy.namespace != pod.namespace || !policy.pod_selector.matches(&pod.labels) {
-                continue;
-            }
+        for policy in selecting {
             let rule_id = ctx.rule_ids[&policy.id()];
             if let Some(rules) = &policy.ingress {
                 result.isolated_ingress = true;
@@ -456,7 +603,11 @@ pub fn compile(
                 }
             }
         }
+        cache.pods.insert(key.clone(), (input, result.clone()));
         compiled.pods.insert(key.clone(), result);
+    }
+    if let Some(t) = targets {
+        cache.pods.retain(|k, _| t.contains(k));
     }
     compiled
 }

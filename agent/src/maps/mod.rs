@@ -57,6 +57,7 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
 /// Enforcement mode of a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u8)]
 pub enum Mode {
     /// Evaluate, count and sample would-drops, let them pass.
     Log,

@@ -210,7 +210,11 @@ pub struct FileSource {
     last_good_objects: BTreeMap<ObjectKey, Object>,
     previous_errors: BTreeSet<(Option<ObjectKey>, PathBuf, String)>,
     fingerprint: Option<Fingerprint>,
+    /// Per file: a hash of its content at the last read, and the errors it gave.
+    file_stamps: BTreeMap<PathBuf, FileStamp>,
 }
+
+type FileStamp = (u64, Vec<ObjectError>);
 
 impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -220,6 +224,7 @@ impl FileSource {
             last_good_objects: BTreeMap::new(),
             previous_errors: BTreeSet::new(),
             fingerprint: None,
+            file_stamps: BTreeMap::new(),
         }
     }
 
@@ -273,9 +278,18 @@ impl FileSource {
             .collect()
     }
 
-    /// Whether the files changed since the last load (cheap: a directory listing and stats).
+    /// Whether the files may have changed since the last load (cheap: a directory listing
+    /// and stats). A file modified in the last two seconds always counts as changed: its
+    /// timestamp may be too coarse to show a second write (`load` then compares contents).
     pub fn changed(&self) -> bool {
-        self.fingerprint.as_ref() != Some(&self.current_fingerprint())
+        let current = self.current_fingerprint();
+        let recent = current.iter().any(|(_, modified, _)| {
+            modified.is_some_and(|m| {
+                m.elapsed()
+                    .is_ok_and(|age| age < std::time::Duration::from_secs(2))
+            })
+        });
+        recent || self.fingerprint.as_ref() != Some(&current)
     }
 
     /// Reads everything. Never fails as a whole: what cannot be read is reported and its
@@ -298,10 +312,45 @@ impl FileSource {
             }
         };
         let mut new_files = BTreeMap::new();
+        let mut new_stamps = BTreeMap::new();
         for file in files {
-            let parsed = std::fs::read_to_string(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|text| parse_file(&text, &file));
+            // A file whose content did not change since the last load keeps what it gave
+            // then, errors included: only changed files are parsed and validated again. The
+            // content is compared, not the modification time, which can be too coarse to
+            // tell two quick writes apart.
+            let content = std::fs::read(&file).ok();
+            let stamp = content.as_ref().map(|c| {
+                use std::hash::{Hash as _, Hasher as _};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                c.hash(&mut h);
+                h.finish()
+            });
+            if let (Some(stamp), Some((old_stamp, old_errors))) =
+                (stamp, self.file_stamps.get(&file))
+                && stamp == *old_stamp
+                && let Some(objects_of_file) = self.last_good_files.get(&file)
+            {
+                errors.extend(old_errors.iter().cloned());
+                for (key, object) in objects_of_file {
+                    if objects.insert(key.clone(), object.clone()).is_some() {
+                        warnings.push(format!(
+                            "{key} is defined more than once; the last definition wins"
+                        ));
+                    }
+                }
+                new_stamps.insert(file.clone(), (stamp, old_errors.clone()));
+                new_files.insert(file.clone(), objects_of_file.clone());
+                continue;
+            }
+            let errors_before = errors.len();
+            let parsed = match content {
+                Some(bytes) => String::from_utf8(bytes)
+                    .map_err(|e| format!("not UTF-8: {e}"))
+                    .and_then(|text| parse_file(&text, &file)),
+                None => std::fs::read(&file)
+                    .map(|_| Vec::new())
+                    .map_err(|e| e.to_string()),
+            };
             let file_objects = match parsed {
                 Ok(items) => {
                     let mut good = Vec::new();
@@ -344,9 +393,13 @@ impl FileSource {
                     ));
                 }
             }
+            if let Some(stamp) = stamp {
+                new_stamps.insert(file.clone(), (stamp, errors[errors_before..].to_vec()));
+            }
             new_files.insert(file, file_objects);
         }
         self.last_good_files = new_files;
+        self.file_stamps = new_stamps;
         // Forget last-good versions of objects that are gone from every file.
         self.last_good_objects
             .retain(|k, _| objects.contains_key(k));
@@ -558,6 +611,26 @@ mod tests {
         let first = source.load();
         assert!(first.errors.is_empty());
         assert_eq!(first.state.policies.len(), 1);
+        assert!(
+            source.changed(),
+            "written a moment ago: its timestamp cannot be trusted yet"
+        );
+        // An hour old and unchanged since the last load: nothing to do.
+        let path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+        let old = libc::timeval {
+            tv_sec: (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                - 3600) as i64,
+            tv_usec: 0,
+        };
+        // SAFETY: valid path and two timevals.
+        assert_eq!(
+            unsafe { libc::utimes(path.as_ptr(), [old, old].as_ptr()) },
+            0
+        );
+        source.load();
         assert!(!source.changed());
 
         std::fs::write(

@@ -33,6 +33,9 @@ struct Args {
     /// Where to write benchmarks.md and benchmarks.json.
     #[arg(long, default_value = "docs")]
     out: PathBuf,
+    /// Sections to run (default: all): datapath, control, net.
+    #[arg(long)]
+    only: Vec<String>,
 }
 
 #[derive(Serialize, Clone)]
@@ -144,6 +147,21 @@ impl Bench<'_> {
 
 fn main() {
     let args = Args::parse();
+    let wants = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
+    let datapath = if wants("datapath") {
+        datapath_figures(&args)
+    } else {
+        vec![]
+    };
+    let control = if wants("control") {
+        tollgate_tests::bench_control::run(args.runs as usize)
+    } else {
+        vec![]
+    };
+    write_reports(&args, &datapath, &control);
+}
+
+fn datapath_figures(args: &Args) -> Vec<Figure> {
     let lab = Lab::new();
     let mut options = tollgate::DatapathOptions::new(&lab.pin_dir);
     options.conntrack_capacity = 1 << 21;
@@ -185,7 +203,7 @@ fn main() {
     let mut bench = Bench {
         lab: &lab,
         dp,
-        args: &args,
+        args,
         next_source: 0,
     };
     let mut figures = Vec::new();
@@ -274,9 +292,9 @@ fn main() {
         )
     }));
 
-    write_reports(&args, &figures);
     let Bench { dp, .. } = bench;
     lab.in_node(|| dp.remove()).expect("remove datapath");
+    figures
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -287,7 +305,11 @@ fn sh(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn write_reports(args: &Args, figures: &[Figure]) {
+fn write_reports(
+    args: &Args,
+    figures: &[Figure],
+    control: &[tollgate_tests::bench_control::ControlFigure],
+) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()

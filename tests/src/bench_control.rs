@@ -1,0 +1,454 @@
+//! Control-plane benchmark: a generated cluster shaped like the reference bank (1,500
+//! services, 20,000 pods, 9,300 allowed service-to-service connections), 250 of its pods
+//! local to this node (attached through their cgroup directories, so no namespaces are
+//! needed). Measures what an operator waits for: cold full sync, a single policy change, a
+//! mode flip, map memory, and the agent's memory and scrape time.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tollgate::{
+    Mode,
+    attach::TcMode,
+    reconcile::{Reconciler, ReconcilerOptions},
+    sources::FileSource,
+};
+
+use crate::{Lab, agent::Agent, cgroup2_root};
+
+pub const SERVICES: usize = 1500;
+pub const PODS: usize = 20_000;
+pub const CONNECTIONS: usize = 9300;
+pub const NAMESPACES: usize = 30;
+pub const LOCAL_PODS: usize = 250;
+
+/// A generated cluster.
+pub struct BankCluster {
+    /// Cluster state YAML, one file per namespace group (`cluster/*.yaml`).
+    pub files: Vec<(String, String)>,
+    /// (service index of dst) -> callers, for the single-change benchmark.
+    pub callers: Vec<Vec<usize>>,
+    /// Local pods: (namespace, name).
+    pub local: Vec<(String, String)>,
+    pub cgroup_root: PathBuf,
+}
+
+fn service_ns(s: usize) -> String {
+    format!("ns-{:02}", s % NAMESPACES)
+}
+
+fn service_name(s: usize) -> String {
+    format!("svc-{s:04}")
+}
+
+fn policy_yaml(dst: usize, callers: &[usize]) -> String {
+    let mut y = format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {}-ingress, namespace: {}}}\nspec:\n  podSelector: {{matchLabels: {{app: {}}}}}\n  ingress:\n  - ports: [{{port: 8080}}]\n    from:\n",
+        service_name(dst),
+        service_ns(dst),
+        service_name(dst)
+    );
+    for c in callers {
+        writeln!(
+            y,
+            "    - {{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, podSelector: {{matchLabels: {{app: {}}}}}}}",
+            service_ns(*c),
+            service_name(*c)
+        )
+        .unwrap();
+    }
+    y
+}
+
+impl BankCluster {
+    /// Generates the cluster; `cgroup_root` holds the local pods' cgroup directories.
+    pub fn generate(cgroup_root: &Path) -> BankCluster {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut edges = BTreeSet::new();
+        while edges.len() < CONNECTIONS {
+            let src = (next() % SERVICES as u64) as usize;
+            let dst = (next() % SERVICES as u64) as usize;
+            if src != dst {
+                edges.insert((dst, src));
+            }
+        }
+        let mut callers = vec![Vec::new(); SERVICES];
+        for (dst, src) in &edges {
+            callers[*dst].push(*src);
+        }
+        let mut files: Vec<(String, String)> = Vec::new();
+        let mut namespaces = String::new();
+        for n in 0..NAMESPACES {
+            writeln!(
+                namespaces,
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n:02}, labels: {{team: team-{}}}}}",
+                n % 7
+            )
+            .unwrap();
+        }
+        files.push(("namespaces.yaml".into(), namespaces));
+        let mut local = Vec::new();
+        let mut pod_files = vec![String::new(); 20];
+        let mut pod = 0usize;
+        for s in 0..SERVICES {
+            let replicas = if s < PODS % SERVICES {
+                PODS / SERVICES + 1
+            } else {
+                PODS / SERVICES
+            };
+            for r in 0..replicas {
+                let name = format!("{}-6d5f7c8b9-{r:03}", service_name(s));
+                let ns = service_ns(s);
+                let ip = format!(
+                    "10.{}.{}.{}",
+                    128 + pod / 62500,
+                    (pod / 250) % 250,
+                    pod % 250 + 1
+                );
+                let annotations = if pod % (PODS / LOCAL_PODS) == 0 {
+                    let dir = cgroup_root.join(&name);
+                    local.push((ns.clone(), name.clone()));
+                    format!("  annotations: {{tollgate.io/cgroup: {}}}\n", dir.display())
+                } else {
+                    String::new()
+                };
+                writeln!(
+                    pod_files[pod % 20],
+                    "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: {}, pod-template-hash: 6d5f7c8b9}}\n{annotations}  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {}-6d5f7c8b9, uid: u, controller: true}}]\nspec:\n  containers: [{{name: app, image: registry.example/app:1, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  phase: Running\n  podIPs: [{{ip: {ip}}}]",
+                    service_name(s),
+                    service_name(s)
+                )
+                .unwrap();
+                pod += 1;
+            }
+        }
+        for (i, text) in pod_files.into_iter().enumerate() {
+            files.push((format!("pods-{i:02}.yaml"), text));
+        }
+        let mut policy_files = vec![String::new(); 10];
+        for (dst, c) in callers.iter().enumerate() {
+            if !c.is_empty() {
+                policy_files[dst % 10] += &policy_yaml(dst, c);
+            }
+        }
+        for (i, text) in policy_files.into_iter().enumerate() {
+            files.push((format!("policies-{i}.yaml"), text));
+        }
+        BankCluster {
+            files,
+            callers,
+            local,
+            cgroup_root: cgroup_root.into(),
+        }
+    }
+
+    pub fn write(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for (name, text) in &self.files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        for (_, pod) in &self.local {
+            std::fs::create_dir_all(self.cgroup_root.join(pod)).unwrap();
+        }
+    }
+
+    /// The policy file holding the policy of `dst`, with `extra` added to its callers.
+    pub fn policy_file_with(&self, dst: usize, extra: Option<usize>) -> (String, String) {
+        let file = dst % 10;
+        let mut text = String::new();
+        for (d, c) in self.callers.iter().enumerate() {
+            if d % 10 != file || c.is_empty() {
+                continue;
+            }
+            let mut c = c.clone();
+            if d == dst
+                && let Some(e) = extra
+            {
+                c.push(e);
+            }
+            text += &policy_yaml(d, &c);
+        }
+        (format!("policies-{file}.yaml"), text)
+    }
+
+    pub fn remove_cgroups(&self) {
+        for (_, pod) in &self.local {
+            let _ = std::fs::remove_dir(self.cgroup_root.join(pod));
+        }
+        let _ = std::fs::remove_dir(&self.cgroup_root);
+    }
+}
+
+/// One control-plane figure: median, min, max in milliseconds (or another unit).
+#[derive(Clone, Debug, Serialize)]
+pub struct ControlFigure {
+    pub what: String,
+    pub unit: String,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub runs: usize,
+}
+
+fn figure(what: &str, unit: &str, mut samples: Vec<f64>) -> ControlFigure {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let f = ControlFigure {
+        what: what.into(),
+        unit: unit.into(),
+        median: samples[samples.len() / 2],
+        min: samples[0],
+        max: samples[samples.len() - 1],
+        runs: samples.len(),
+    };
+    eprintln!(
+        "{what:<60} {:>10.2} {unit} (min {:.2}, max {:.2})",
+        f.median, f.min, f.max
+    );
+    f
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Memory the kernel charges for the maps pinned under `dir` (bpftool's bytes_memlock).
+fn map_memory(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_file() || !e.path().is_dir())
+        .filter_map(|e| {
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(e.path())
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v["bytes_memlock"].as_u64()
+        })
+        .sum()
+}
+
+/// Runs the control-plane benchmark.
+pub fn run(runs: usize) -> Vec<ControlFigure> {
+    let lab = Lab::new();
+    let cgroups = cgroup2_root().join(format!("{}-bench", lab.id));
+    std::fs::create_dir_all(&cgroups).unwrap();
+    let cluster = BankCluster::generate(&cgroups);
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-control-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state_dir = dir.join("cluster");
+    cluster.write(&state_dir);
+    let yaml_bytes: usize = cluster.files.iter().map(|(_, t)| t.len()).sum();
+    eprintln!(
+        "generated: {SERVICES} services, {PODS} pods, {CONNECTIONS} connections, {} MB of YAML, {} local pods",
+        yaml_bytes / 1_000_000,
+        cluster.local.len()
+    );
+    let mut out = Vec::new();
+    let (mut parse, mut cold, mut memory, mut entries) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs.max(1) {
+        let pin_dir = lab.pin_dir.join("cold");
+        let mut options = tollgate::DatapathOptions::new(&pin_dir);
+        options.tc_mode = TcMode::Auto;
+        let datapath = tollgate::Datapath::load(options).unwrap();
+        let mut rec = Reconciler::new(
+            datapath,
+            ReconcilerOptions {
+                default_mode: Mode::Log,
+                ..Default::default()
+            },
+        );
+        let mut source = FileSource::new(&state_dir);
+        let started = Instant::now();
+        let loaded = source.load();
+        parse.push(ms(started.elapsed()));
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors.first());
+        let started = Instant::now();
+        let report = rec.reconcile(&loaded.state).unwrap();
+        cold.push(ms(started.elapsed()));
+        assert!(report.errors.is_empty(), "{:?}", report.errors.first());
+        assert_eq!(rec.workloads().len(), cluster.local.len());
+        memory.push(map_memory(&pin_dir) as f64 / 1_048_576.0);
+        let (policy, cidr) = rec.datapath.maps.policy_entries();
+        entries.push((policy + cidr) as f64);
+        rec.detach_all().unwrap();
+        rec.datapath.detach_and_unpin().unwrap();
+    }
+    out.push(figure(
+        "read and validate the cluster state (files)",
+        "ms",
+        parse,
+    ));
+    out.push(figure(
+        "cold full sync: compile, program maps, attach 250 workloads",
+        "ms",
+        cold,
+    ));
+    out.push(figure(
+        "policy and ipBlock entries for the 250 local workloads",
+        "entries",
+        entries,
+    ));
+    out.push(figure(
+        "BPF map memory (all maps, bytes_memlock)",
+        "MiB",
+        memory,
+    ));
+
+    // Warm agent state: single changes and mode flips.
+    let pin_dir = lab.pin_dir.join("warm");
+    let datapath = tollgate::Datapath::load(tollgate::DatapathOptions::new(&pin_dir)).unwrap();
+    let mut rec = Reconciler::new(
+        datapath,
+        ReconcilerOptions {
+            default_mode: Mode::Log,
+            ..Default::default()
+        },
+    );
+    let mut source = FileSource::new(&state_dir);
+    let loaded = source.load();
+    rec.reconcile(&loaded.state).unwrap();
+    // A service with a local pod, and a new caller for it.
+    let local_service = |pod: &str| pod[4..8].parse::<usize>().unwrap();
+    let dst = local_service(&cluster.local[3].1);
+    let caller = (dst + 7) % SERVICES;
+    let (mut change_apply, mut change_total, mut change_written) = (vec![], vec![], vec![]);
+    for i in 0..(runs.max(1) * 2) {
+        let extra = (i % 2 == 0).then_some(caller);
+        let (file, text) = cluster.policy_file_with(dst, extra);
+        let started = Instant::now();
+        std::fs::write(state_dir.join(&file), text).unwrap();
+        let loaded = source.load();
+        let loaded_at = Instant::now();
+        let report = rec.reconcile(&loaded.state).unwrap();
+        change_apply.push(ms(loaded_at.elapsed()));
+        change_total.push(ms(started.elapsed()));
+        change_written.push((report.entries_written + report.entries_removed) as f64);
+        assert_eq!(
+            report.updated.len(),
+            rec.workloads()
+                .keys()
+                .filter(|k| local_service(&k.1) == dst)
+                .count()
+        );
+    }
+    out.push(figure(
+        "single policy change: compile and apply (reconcile)",
+        "ms",
+        change_apply,
+    ));
+    out.push(figure(
+        "single policy change: file written to datapath enforcing",
+        "ms",
+        change_total,
+    ));
+    out.push(figure(
+        "single policy change: map entries written + removed",
+        "entries",
+        change_written,
+    ));
+
+    let (mut flip, mut flip_direct) = (vec![], vec![]);
+    let target = cluster.local[5].clone();
+    let slot = rec.workloads()[&target].slot;
+    for i in 0..(runs.max(1) * 2) {
+        let mode = if i % 2 == 0 { Mode::Drop } else { Mode::Log };
+        let started = Instant::now();
+        rec.overrides
+            .targets
+            .insert(format!("{}/{}", target.0, target.1), mode);
+        let changed = rec.apply_modes(&loaded.state).unwrap();
+        flip.push(ms(started.elapsed()));
+        assert_eq!(changed.len(), 1);
+        let started = Instant::now();
+        rec.datapath.maps.set_mode(slot, mode).unwrap();
+        flip_direct.push(ms(started.elapsed()));
+        // A later reconcile agrees with the flip and writes nothing.
+        let report = rec.reconcile(&loaded.state).unwrap();
+        assert_eq!(report.entries_written + report.entries_removed, 0);
+    }
+    out.push(figure(
+        "mode flip as the admin socket does it (override, then map write)",
+        "ms",
+        flip,
+    ));
+    out.push(figure("mode flip, the map write alone", "ms", flip_direct));
+    rec.detach_all().unwrap();
+    rec.datapath.detach_and_unpin().unwrap();
+    drop(rec);
+
+    // The agent itself with 250 local workloads: memory and scrape time.
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let mut agent = Agent::start(&lab, &agent_dir, &["--detach-on-exit"]);
+    for (name, text) in &cluster.files {
+        std::fs::write(agent.cluster_state.join(name), text).unwrap();
+    }
+    agent.wait_ready();
+    crate::wait_for(
+        Duration::from_secs(60),
+        "250 workloads in the agent",
+        || {
+            let m = agent.metrics_text();
+            (crate::agent::sample(&m, "tollgate_workloads", &[]) == Some(LOCAL_PODS as f64))
+                .then_some(())
+        },
+    );
+    let (mut scrape, mut size) = (vec![], vec![]);
+    for _ in 0..10 {
+        let started = Instant::now();
+        let text = agent.metrics_text();
+        scrape.push(ms(started.elapsed()));
+        size.push(text.len() as f64 / 1024.0);
+    }
+    let rss = agent_rss_kib(&agent) as f64 / 1024.0;
+    out.push(figure(
+        "agent: /metrics scrape with 250 workloads",
+        "ms",
+        scrape,
+    ));
+    out.push(figure("agent: /metrics response size", "KiB", size));
+    out.push(figure(
+        "agent: resident memory with 250 workloads, 20,000 pods known",
+        "MiB",
+        vec![rss],
+    ));
+    agent.stop();
+    drop(agent);
+    cluster.remove_cgroups();
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn agent_rss_kib(agent: &Agent) -> u64 {
+    let sock = agent.admin_socket.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.contains(&sock) && c.contains("run"))
+        })
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
