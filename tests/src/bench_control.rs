@@ -116,7 +116,7 @@ impl BankCluster {
                     (pod / 250) % 250,
                     pod % 250 + 1
                 );
-                let annotations = if pod % (PODS / LOCAL_PODS) == 0 {
+                let annotations = if pod.is_multiple_of(PODS / LOCAL_PODS) {
                     let dir = cgroup_root.join(&name);
                     local.push((ns.clone(), name.clone()));
                     format!("  annotations: {{tollgate.io/cgroup: {}}}\n", dir.display())

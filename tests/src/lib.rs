@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod bench_control;
+pub mod bench_net;
 pub mod conformance;
 pub mod frames;
 pub mod support;
@@ -381,6 +382,19 @@ impl Lab {
             "{program} in {} did not start",
             pod.name
         );
+        self.children.push(child);
+    }
+
+    /// Starts a long-running process inside a pod without waiting for it; killed when the lab
+    /// drops.
+    pub fn spawn_background(&mut self, pod: &Pod, program: &str, args: &[&str]) {
+        let child = pod
+            .command(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program} in {}: {e}", pod.name));
         self.children.push(child);
     }
 

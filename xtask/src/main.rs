@@ -38,6 +38,9 @@ enum Task {
         /// Repetitions per measurement.
         #[arg(long, default_value_t = 5)]
         runs: u32,
+        /// Only these sections: datapath, control, net (default: all three).
+        #[arg(long)]
+        only: Vec<String>,
     },
     /// The local demo: network-namespace workloads of a small bank, a sample policy set,
     /// would-drops in log mode, then the ledger flipped to drop. Cleans up after itself.
@@ -59,6 +62,7 @@ const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     "prometheus",
 ];
+const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf", "iptables", "nftables"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -82,27 +86,32 @@ fn main() -> Result<()> {
             cmd.extend(args.iter().map(String::as_str));
             cargo(&root, &cmd)
         }
-        Task::Bench { runs } => {
+        Task::Bench { runs, only } => {
             require_root("benchmarks load eBPF programs")?;
             setup()?;
+            apt_install(BENCH_PACKAGES.iter())?;
             let runs = runs.to_string();
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--quiet",
-                    "--release",
-                    "--package",
-                    "tollgate-tests",
-                    "--bins",
-                ],
-            )?;
+            // The control-plane and traffic benchmarks run `tollgate` itself.
+            for package in ["tollgate", "tollgate-tests"] {
+                cargo(
+                    &root,
+                    &[
+                        "build",
+                        "--quiet",
+                        "--release",
+                        "--package",
+                        package,
+                        "--bins",
+                    ],
+                )?;
+            }
             let bench = root.join("target/release/tg-bench");
             let out = root.join("docs");
-            sh(
-                bench.to_str().expect("utf-8 path"),
-                &["--runs", &runs, "--out", out.to_str().expect("utf-8 path")],
-            )
+            let mut bench_args = vec!["--runs", &runs, "--out", out.to_str().expect("utf-8 path")];
+            for section in &only {
+                bench_args.extend(["--only", section.as_str()]);
+            }
+            sh(bench.to_str().expect("utf-8 path"), &bench_args)
         }
         Task::Demo => {
             require_root("the demo loads eBPF programs and creates network namespaces")?;

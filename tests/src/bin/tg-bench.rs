@@ -33,6 +33,9 @@ struct Args {
     /// Where to write benchmarks.md and benchmarks.json.
     #[arg(long, default_value = "docs")]
     out: PathBuf,
+    /// Runs of the traffic benchmark (each config, every run; about a minute per run).
+    #[arg(long, default_value_t = 3)]
+    net_runs: u32,
     /// Sections to run (default: all): datapath, control, net.
     #[arg(long)]
     only: Vec<String>,
@@ -158,7 +161,12 @@ fn main() {
     } else {
         vec![]
     };
-    write_reports(&args, &datapath, &control);
+    let net = if wants("net") {
+        tollgate_tests::bench_net::run(args.net_runs as usize)
+    } else {
+        vec![]
+    };
+    write_reports(&args, &datapath, &control, &net);
 }
 
 fn datapath_figures(args: &Args) -> Vec<Figure> {
@@ -292,6 +300,12 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
         )
     }));
 
+    figures.push(bench.figure("new allowed flow", filled, ct, |b| {
+        (
+            b.new_flows(program_names::TC_FROM_POD),
+            b.new_flows(program_names::TC_BASELINE),
+        )
+    }));
     let Bench { dp, .. } = bench;
     lab.in_node(|| dp.remove()).expect("remove datapath");
     figures
@@ -309,6 +323,7 @@ fn write_reports(
     args: &Args,
     figures: &[Figure],
     control: &[tollgate_tests::bench_control::ControlFigure],
+    net: &[tollgate_tests::bench_net::NetFigure],
 ) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -429,12 +444,20 @@ fn write_reports(
         large,
     )
     .unwrap();
+    if !net.is_empty() {
+        net_section(&mut md, net, args);
+    }
+    if !control.is_empty() {
+        control_section(&mut md, control, args);
+    }
     std::fs::create_dir_all(&args.out).expect("create output dir");
     std::fs::write(args.out.join("benchmarks.md"), md).expect("write benchmarks.md");
     let json = serde_json::json!({
         "machine": {"cpu": cpu, "cores": cores, "kernel": kernel, "date": date},
-        "runs": args.runs, "repeat": args.repeat, "calls": args.calls,
+        "runs": args.runs, "repeat": args.repeat, "calls": args.calls, "net_runs": args.net_runs,
         "figures": figures,
+        "traffic": net,
+        "control_plane": control,
     });
     std::fs::write(
         args.out.join("benchmarks.json"),
@@ -445,4 +468,104 @@ fn write_reports(
         "wrote {}/benchmarks.md and benchmarks.json",
         args.out.display()
     );
+}
+
+fn net_section(md: &mut String, net: &[tollgate_tests::bench_net::NetFigure], args: &Args) {
+    let base = &net[0];
+    let ratio = |v: Option<f64>, b: Option<f64>| match (v, b) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.3}", v / b),
+        _ => "-".into(),
+    };
+    let fmt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    writeln!(
+        md,
+        "\n## Traffic between two workloads over veth\n\n\
+         Client pod to server pod through the lab's node namespace (veth, routed), every \
+         configuration measured in each of {} interleaved runs, medians reported, ratios to \
+         the no-program baseline of the same run. TCP throughput: `iperf3 -t 2`. Small UDP \
+         packets: `iperf3 -u -b 0 -l 64 -t 2`, packets received per second. Request/response \
+         latency: `sockperf ping-pong -m 64 -t 2` (UDP), p50 and p99. New connections: TCP \
+         connect, 1-byte request and reply, close, back to back for 2 s (the cost of a new \
+         flow: where a linear rule chain shows).\n\n\
+         Tollgate: both workloads attached (TCX), isolated both ways, each with a policy of \
+         N allowed peers (the other workload among them). iptables: what Calico renders for \
+         the same job: a chain per workload and direction with a counted rule per allowed peer \
+         (calico-accountant reads those counters), the client's rule last, conntrack \
+         accepting established flows. nftables: the same with the peers in a set.\n",
+        args.net_runs
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| configuration | peers | TCP Gbit/s | ratio | UDP kpps | ratio | p50 us | p99 us | p99 - baseline us | new conn/s | ratio |"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    .unwrap();
+    for f in net {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+            f.config,
+            f.rules,
+            fmt(f.tcp_gbps, 2),
+            ratio(f.tcp_gbps, base.tcp_gbps),
+            fmt(f.udp_kpps, 0),
+            ratio(f.udp_kpps, base.udp_kpps),
+            fmt(f.latency_p50_us, 1),
+            fmt(f.latency_p99_us, 1),
+            match (f.latency_p99_us, base.latency_p99_us) {
+                (Some(v), Some(b)) => format!("{:+.1}", v - b),
+                _ => "-".into(),
+            },
+            f.new_connections_per_s,
+            ratio(
+                Some(f.new_connections_per_s),
+                Some(base.new_connections_per_s)
+            ),
+        )
+        .unwrap();
+    }
+    writeln!(
+        md,
+        "\nMin and max of every figure are in `benchmarks.json` (`traffic[].spread`)."
+    )
+    .unwrap();
+}
+
+fn control_section(
+    md: &mut String,
+    control: &[tollgate_tests::bench_control::ControlFigure],
+    args: &Args,
+) {
+    writeln!(
+        md,
+        "\n## Control plane at the reference bank's size\n\n\
+         A generated cluster: {} services in {} namespaces, {} pods, {} allowed \
+         service-to-service connections (one ingress policy per called service, a peer per \
+         caller, named port), as Kubernetes YAML files; {} of the pods are local to this node \
+         and attached through their cgroup directories. Cold sync starts from empty pins; a \
+         single change adds or removes one caller of a service that has a local pod; the \
+         agent figures come from `tollgate run` itself. Median of {} runs (min, max).\n",
+        tollgate_tests::bench_control::SERVICES,
+        tollgate_tests::bench_control::NAMESPACES,
+        tollgate_tests::bench_control::PODS,
+        tollgate_tests::bench_control::CONNECTIONS,
+        tollgate_tests::bench_control::LOCAL_PODS,
+        args.runs
+    )
+    .unwrap();
+    writeln!(md, "| what | median | min | max | unit |").unwrap();
+    writeln!(md, "|---|---:|---:|---:|---|").unwrap();
+    for f in control {
+        writeln!(
+            md,
+            "| {} | {:.2} | {:.2} | {:.2} | {} |",
+            f.what, f.median, f.min, f.max, f.unit
+        )
+        .unwrap();
+    }
 }

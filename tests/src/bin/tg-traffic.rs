@@ -62,6 +62,16 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// New TCP connections back to back for `seconds` (connect, 1-byte request and echo,
+    /// close); prints how many completed.
+    Crr {
+        #[arg(long)]
+        to: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
     /// One datagram to each of `flows` consecutive ports, no waiting.
     Burst {
         #[arg(long)]
@@ -109,6 +119,7 @@ fn main() {
             targets,
             timeout_ms,
         } => probe(&targets, Duration::from_millis(timeout_ms)),
+        Cmd::Crr { to, port, seconds } => crr(to, port, Duration::from_secs_f64(seconds)),
     }
 }
 
@@ -302,4 +313,42 @@ fn probe(targets: &[String], timeout: Duration) {
             .collect()
     });
     print_json(serde_json::json!(results));
+}
+
+fn crr(to: IpAddr, port: u16, duration: Duration) {
+    let addr = SocketAddr::new(to, port);
+    let started = std::time::Instant::now();
+    let (mut done, mut failed) = (0u64, 0u64);
+    while started.elapsed() < duration {
+        let ok = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).and_then(|mut s| {
+            s.set_nodelay(true)?;
+            s.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            // RST instead of TIME_WAIT: the client would run out of ports otherwise.
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: plain setsockopt with a linger struct.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    size_of::<libc::linger>() as u32,
+                );
+            }
+            Ok(())
+        });
+        match ok {
+            Ok(()) => done += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    print_json(
+        serde_json::json!({"connections": done, "failed": failed, "seconds": secs, "per_second": done as f64 / secs}),
+    );
 }
