@@ -201,3 +201,11 @@ pub fn attach_cgroup(dp: &mut Datapath, slot: u32, pod: &Pod) {
     )
     .unwrap_or_else(|e| panic!("attach cgroup of {}: {}", pod.name, crate::chain(&e)));
 }
+
+/// A fresh scratch directory for one test (removed first if a killed run left it).
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tollgate-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch directory");
+    dir
+}

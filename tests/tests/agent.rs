@@ -10,16 +10,10 @@ use std::{
 use tollgate_tests::{
     Lab, Pod,
     agent::{Agent, sample},
+    support::temp_dir,
     support::{FAIL_FAST, PATIENT},
     traffic, wait_for,
 };
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tollgate-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A small bank: bank/ledger (isolated for ingress: only pot on 8080, monitoring on 9090),
 /// bank/pot, bank/frontend, monitoring/prometheus.

@@ -1,7 +1,7 @@
 //! The upstream NetworkPolicy conformance model (tests/conformance/scenarios.yaml), run
 //! through `tollgate check` and over real traffic through the loaded programs in drop mode.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use tollgate::{
     Mode,
@@ -13,15 +13,9 @@ use tollgate::{
 use tollgate_tests::{
     Lab,
     conformance::{PODS, Probe, Scenario, agree, cluster_yaml, render, scenarios},
+    support::temp_dir,
     traffic,
 };
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tollgate-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn check_matrix(scenario: &Scenario, path: &std::path::Path, probe: Probe) -> [[bool; 9]; 9] {
     let (ev, loaded) = evaluator_for(path).expect("load cluster state");

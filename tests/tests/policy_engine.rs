@@ -9,7 +9,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -26,16 +25,10 @@ use tollgate::{
 use tollgate_tests::{
     Lab, Pod,
     conformance::{PODS, Scenario, cluster_yaml},
+    support::temp_dir,
     support::{PATIENT, Packets},
     traffic,
 };
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tollgate-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn reconciler(lab: &Lab, mode: Mode) -> Reconciler {
     Reconciler::new(

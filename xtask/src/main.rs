@@ -92,19 +92,7 @@ fn main() -> Result<()> {
             apt_install(BENCH_PACKAGES.iter())?;
             let runs = runs.to_string();
             // The control-plane and traffic benchmarks run `tollgate` itself.
-            for package in ["tollgate", "tollgate-tests"] {
-                cargo(
-                    &root,
-                    &[
-                        "build",
-                        "--quiet",
-                        "--release",
-                        "--package",
-                        package,
-                        "--bins",
-                    ],
-                )?;
-            }
+            build_release_binaries(&root)?;
             let bench = root.join("target/release/tg-bench");
             let out = root.join("docs");
             let mut bench_args = vec!["--runs", &runs, "--out", out.to_str().expect("utf-8 path")];
@@ -118,19 +106,7 @@ fn main() -> Result<()> {
             setup()?;
             sweep_leftovers();
             // The demo runs `tollgate` itself, and the traffic helper inside the pods.
-            for package in ["tollgate", "tollgate-tests"] {
-                cargo(
-                    &root,
-                    &[
-                        "build",
-                        "--quiet",
-                        "--release",
-                        "--package",
-                        package,
-                        "--bins",
-                    ],
-                )?;
-            }
+            build_release_binaries(&root)?;
             sh(
                 root.join("target/release/tg-demo")
                     .to_str()
@@ -139,6 +115,24 @@ fn main() -> Result<()> {
             )
         }
     }
+}
+
+/// `tollgate` and the lab's binaries (traffic helper, demo, benchmark), release builds.
+fn build_release_binaries(root: &Path) -> Result<()> {
+    for package in ["tollgate", "tollgate-tests"] {
+        cargo(
+            root,
+            &[
+                "build",
+                "--quiet",
+                "--release",
+                "--package",
+                package,
+                "--bins",
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

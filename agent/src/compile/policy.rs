@@ -143,6 +143,20 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// Whether a pod peer of a policy in `policy_ns` selects the pods of an identity.
+    fn peer_selects(
+        &self,
+        policy_ns: &str,
+        namespaces: &Option<super::model::Selector>,
+        pods: &Option<super::model::Selector>,
+        info: &IdentityInfo,
+    ) -> bool {
+        (match namespaces {
+            None => info.namespace == policy_ns,
+            Some(sel) => sel.matches(&self.namespace_labels[&info.namespace]),
+        }) && pods.as_ref().is_none_or(|sel| sel.matches(&info.labels))
+    }
+
     /// Identities selected by a pod peer of a policy in `policy_ns`.
     fn selected_identities(
         &self,
@@ -152,11 +166,7 @@ impl Context<'_> {
     ) -> Vec<u32> {
         self.identities
             .iter()
-            .filter(|(_, info)| match namespaces {
-                None => info.namespace == policy_ns,
-                Some(sel) => sel.matches(&self.namespace_labels[&info.namespace]),
-            })
-            .filter(|(_, info)| pods.as_ref().is_none_or(|sel| sel.matches(&info.labels)))
+            .filter(|(_, info)| self.peer_selects(policy_ns, namespaces, pods, info))
             .map(|(id, _)| *id)
             .collect()
     }
@@ -186,6 +196,36 @@ fn port_match(spec: &PortSpec, number: Option<u16>) -> Option<PortMatch> {
 
 fn single_address(ip: IpAddr) -> IpNet {
     IpNet::from(ip)
+}
+
+/// Whether an address is in an ipBlock: inside `cidr`, outside every `except`.
+fn in_block(cidr: &IpNet, except: &[IpNet], ip: &IpAddr) -> bool {
+    cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))
+}
+
+/// Rules allowing each address of `pod` (those `keep` accepts) on the pod's own number for
+/// the named port `name`, if it has one.
+fn per_address_rules(
+    pod: &PodInfo,
+    spec: &PortSpec,
+    name: &str,
+    rule_id: u32,
+    keep: impl Fn(&IpAddr) -> bool,
+    out: &mut Vec<AllowRule>,
+) {
+    let Some(n) = pod.named_port(name, spec.protocol) else {
+        return;
+    };
+    for ip in pod.ips.iter().filter(|ip| keep(ip)) {
+        out.push(AllowRule {
+            peer: Peer::Cidr {
+                net: single_address(*ip),
+                except: vec![],
+            },
+            ports: port_match(spec, Some(n)).expect("resolved"),
+            rule_id,
+        });
+    }
 }
 
 /// Allow rules of one ingress rule of `policy` for pod `target`.
@@ -292,10 +332,7 @@ fn egress_rules(
         let selected = everyone
             || rule.peers.iter().any(|p| match p {
                 PeerSpec::Pods { namespaces, pods } => {
-                    (match namespaces {
-                        None => info.namespace == policy.namespace,
-                        Some(sel) => sel.matches(&ctx.namespace_labels[&info.namespace]),
-                    }) && pods.as_ref().is_none_or(|sel| sel.matches(&info.labels))
+                    ctx.peer_selects(&policy.namespace, namespaces, pods, info)
                 }
                 PeerSpec::IpBlock { .. } => false,
             });
@@ -306,11 +343,7 @@ fn egress_rules(
     for p in rule.peers.iter() {
         if let PeerSpec::IpBlock { cidr, except } = p {
             for pod in ctx.state.pods.values() {
-                if pod
-                    .ips
-                    .iter()
-                    .any(|ip| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip)))
-                {
+                if pod.ips.iter().any(|ip| in_block(cidr, except, ip)) {
                     block_pods.push(pod);
                 }
             }
@@ -333,43 +366,19 @@ fn egress_rules(
                 }),
                 _ => {
                     for pod in pods {
-                        if let Some(n) = pod.named_port(name, spec.protocol) {
-                            for ip in &pod.ips {
-                                out.push(AllowRule {
-                                    peer: Peer::Cidr {
-                                        net: single_address(*ip),
-                                        except: vec![],
-                                    },
-                                    ports: port_match(spec, Some(n)).expect("resolved"),
-                                    rule_id,
-                                });
-                            }
-                        }
+                        per_address_rules(pod, spec, name, rule_id, |_| true, out);
                     }
                 }
             }
         }
         for pod in &block_pods {
-            if let Some(n) = pod.named_port(name, spec.protocol) {
-                for ip in &pod.ips {
-                    let in_block = rule.peers.iter().any(|p| match p {
-                        PeerSpec::IpBlock { cidr, except } => {
-                            cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))
-                        }
-                        _ => false,
-                    });
-                    if in_block {
-                        out.push(AllowRule {
-                            peer: Peer::Cidr {
-                                net: single_address(*ip),
-                                except: vec![],
-                            },
-                            ports: port_match(spec, Some(n)).expect("resolved"),
-                            rule_id,
-                        });
-                    }
-                }
-            }
+            let in_a_block = |ip: &IpAddr| {
+                rule.peers.iter().any(|p| match p {
+                    PeerSpec::IpBlock { cidr, except } => in_block(cidr, except, ip),
+                    _ => false,
+                })
+            };
+            per_address_rules(pod, spec, name, rule_id, in_a_block, out);
         }
     }
 }
