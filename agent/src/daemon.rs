@@ -109,7 +109,12 @@ struct Shared {
     recent_denied: VecDeque<FlowRecord>,
     sync_seconds: prometheus_client::metrics::histogram::Histogram,
     options: RunOptions,
+    last_sync: Instant,
+    pending_errors: bool,
 }
+
+/// How often the agent reconciles even when the cluster state did not change.
+const RESYNC: Duration = Duration::from_secs(10);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -136,11 +141,15 @@ impl Shared {
         }
     }
 
-    /// Re-reads the cluster state if it changed and reconciles.
+    /// Re-reads the cluster state if it changed and reconciles. Also reconciles every
+    /// `RESYNC` without a change, and at every poll while a workload could not be attached:
+    /// interfaces, routes and cgroups appear after the pods that use them.
     fn sync(&mut self, force: bool) {
-        if !force && !self.source.changed() {
+        let due = self.last_sync.elapsed() >= RESYNC || self.pending_errors;
+        if !force && !due && !self.source.changed() {
             return;
         }
+        self.last_sync = Instant::now();
         let started = Instant::now();
         let loaded = self.source.load();
         for e in &loaded.new_errors {
@@ -160,11 +169,13 @@ impl Shared {
         match self.rec.reconcile(&self.state) {
             Ok(report) => {
                 for e in &report.errors {
-                    warn!(error = %e, "workload not reconciled");
+                    warn!(error = %e, "workload not reconciled; retrying");
                 }
+                self.pending_errors = !report.errors.is_empty();
                 self.ready = true;
             }
             Err(e) => {
+                self.pending_errors = true;
                 error!(error = %e, "reconcile failed; will retry");
             }
         }
@@ -625,6 +636,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         recent_denied: VecDeque::new(),
         sync_seconds: sync_seconds.clone(),
         options: options.clone(),
+        last_sync: Instant::now(),
+        pending_errors: false,
     }));
     shared.lock().expect("lock").sync(true);
     info!(

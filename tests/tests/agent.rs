@@ -841,3 +841,42 @@ fn prometheus_scrapes_what_the_traffic_was() {
     }
     drop(agent);
 }
+
+#[test]
+fn a_workload_whose_interface_appears_later_is_attached_when_it_does() {
+    let mut bank = bank("agent-late");
+    let agent = bank.start(&[]);
+    // The cluster state names a pod before its interface exists (the CNI is slower).
+    let late = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: late-0, namespace: bank, labels: {app: late}, annotations: {tollgate.io/interface: hlate}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {phase: Running, podIPs: [{ip: 10.1.0.14}]}\n";
+    bank.write_state(&agent, late);
+    wait_for(Duration::from_secs(5), "the agent read the new pod", || {
+        agent.log().contains("late-0").then_some(())
+    });
+    assert_eq!(
+        status_json(&agent)["workloads"].as_array().unwrap().len(),
+        4
+    );
+    let pod = bank.lab.add_pod("late");
+    assert_eq!(pod.ipv4.to_string(), "10.1.0.14");
+    wait_for(Duration::from_secs(5), "the late workload attached", || {
+        (status_json(&agent)["workloads"].as_array()?.len() == 5).then_some(())
+    });
+    // And it is enforced like any other: the ledger policy applies to traffic it sends.
+    assert_eq!(
+        traffic::udp(&pod, bank.ledger.addr(false), 8080, 1, 64, PATIENT).echoed,
+        1
+    );
+    let m = agent.metrics_text();
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_packets_total",
+            &[
+                ("pod", "late-0"),
+                ("direction", "egress"),
+                ("verdict", "allowed")
+            ]
+        ),
+        Some(1.0)
+    );
+}
