@@ -207,7 +207,6 @@ type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
 pub struct FileSource {
     path: PathBuf,
     last_good_files: BTreeMap<PathBuf, Vec<(ObjectKey, Object)>>,
-    last_good_objects: BTreeMap<ObjectKey, Object>,
     previous_errors: BTreeSet<(Option<ObjectKey>, PathBuf, String)>,
     fingerprint: Option<Fingerprint>,
     /// Per file: a hash of its content at the last read, and the errors it gave.
@@ -221,7 +220,6 @@ impl FileSource {
         FileSource {
             path: path.into(),
             last_good_files: BTreeMap::new(),
-            last_good_objects: BTreeMap::new(),
             previous_errors: BTreeSet::new(),
             fingerprint: None,
             file_stamps: BTreeMap::new(),
@@ -356,16 +354,17 @@ impl FileSource {
                     let mut good = Vec::new();
                     for item in items {
                         match item {
-                            Ok((key, object)) => {
-                                self.last_good_objects.insert(key.clone(), object.clone());
-                                good.push((key, object));
-                            }
+                            Ok((key, object)) => good.push((key, object)),
                             Err(mut e) => {
-                                if let Some(last) = e
-                                    .object
-                                    .as_ref()
-                                    .and_then(|k| self.last_good_objects.get(k))
-                                {
+                                // The version the previous load used, from whichever file.
+                                let last = e.object.as_ref().and_then(|k| {
+                                    self.last_good_files
+                                        .values()
+                                        .flatten()
+                                        .find(|(key, _)| key == k)
+                                        .map(|(_, o)| o)
+                                });
+                                if let Some(last) = last {
                                     e.kept_last_good = true;
                                     good.push((e.object.clone().expect("key"), last.clone()));
                                 }
@@ -400,9 +399,6 @@ impl FileSource {
         }
         self.last_good_files = new_files;
         self.file_stamps = new_stamps;
-        // Forget last-good versions of objects that are gone from every file.
-        self.last_good_objects
-            .retain(|k, _| objects.contains_key(k));
 
         let mut state = ClusterState::default();
         for (key, object) in objects {
