@@ -487,18 +487,20 @@ pub fn compile_cached(
 ) -> Compiled {
     let mut compiled = Compiled::default();
     // Identities depend on pods (namespace, labels, addresses) and namespaces only.
-    let pods_hash = hash_of(&(
-        state
-            .pods
-            .iter()
-            .map(|(k, p)| (k, &p.labels, &p.ips))
-            .collect::<Vec<_>>(),
-        &state
-            .namespaces
-            .iter()
-            .map(|(n, ns)| (n, &ns.labels))
-            .collect::<Vec<_>>(),
-    ));
+    let pods_hash = state.pods_version.unwrap_or_else(|| {
+        hash_of(&(
+            state
+                .pods
+                .iter()
+                .map(|(k, p)| (k, &p.labels, &p.ips))
+                .collect::<Vec<_>>(),
+            &state
+                .namespaces
+                .iter()
+                .map(|(n, ns)| (n, &ns.labels))
+                .collect::<Vec<_>>(),
+        ))
+    });
     let part = match &cache.identities {
         Some((h, part)) if *h == pods_hash => part.clone(),
         _ => {

@@ -400,7 +400,26 @@ impl FileSource {
         self.last_good_files = new_files;
         self.file_stamps = new_stamps;
 
-        let mut state = ClusterState::default();
+        // Files holding pods or namespaces, by content: equal lists, equal pods.
+        let pods_version = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for (file, file_objects) in &self.last_good_files {
+                if file_objects
+                    .iter()
+                    .any(|(k, _)| matches!(k.kind, Kind::Pod | Kind::Namespace))
+                {
+                    file.hash(&mut h);
+                    self.file_stamps.get(file).map(|s| s.0).hash(&mut h);
+                    file_objects.len().hash(&mut h);
+                }
+            }
+            h.finish()
+        };
+        let mut state = ClusterState {
+            pods_version: Some(pods_version),
+            ..ClusterState::default()
+        };
         for (key, object) in objects {
             match object {
                 Object::Namespace(ns) => {
