@@ -16,21 +16,11 @@ use crate::Lab;
 pub fn tollgate_bin() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
     PATH.get_or_init(|| {
-        if let Ok(p) = std::env::var("TOLLGATE_BIN") {
-            return p;
-        }
-        let exe = std::env::current_exe().expect("current exe");
-        let mut dir: PathBuf = exe.parent().expect("exe dir").into();
-        if dir.ends_with("deps") {
-            dir.pop();
-        }
-        let path = dir.join("tollgate");
-        assert!(
-            path.exists(),
-            "{} is missing: `cargo xtask test` builds it (cargo build -p tollgate)",
-            path.display()
-        );
-        path.to_string_lossy().into_owned()
+        crate::sibling_binary(
+            "tollgate",
+            "TOLLGATE_BIN",
+            "`cargo xtask test` builds it (cargo build -p tollgate)",
+        )
     })
 }
 

@@ -242,6 +242,20 @@ fn map_memory(dir: &Path) -> u64 {
         .sum()
 }
 
+/// A reconciler in log mode over a fresh datapath pinned under `pin_dir`.
+fn reconciler(pin_dir: &Path) -> Reconciler {
+    let mut options = tollgate::DatapathOptions::new(pin_dir);
+    options.tc_mode = TcMode::Auto;
+    let datapath = tollgate::Datapath::load(options).unwrap();
+    Reconciler::new(
+        datapath,
+        ReconcilerOptions {
+            default_mode: Mode::Log,
+            ..Default::default()
+        },
+    )
+}
+
 /// Runs the control-plane benchmark.
 pub fn run(runs: usize) -> Vec<ControlFigure> {
     let lab = Lab::new();
@@ -262,16 +276,7 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     let (mut parse, mut cold, mut memory, mut entries) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs.max(1) {
         let pin_dir = lab.pin_dir.join("cold");
-        let mut options = tollgate::DatapathOptions::new(&pin_dir);
-        options.tc_mode = TcMode::Auto;
-        let datapath = tollgate::Datapath::load(options).unwrap();
-        let mut rec = Reconciler::new(
-            datapath,
-            ReconcilerOptions {
-                default_mode: Mode::Log,
-                ..Default::default()
-            },
-        );
+        let mut rec = reconciler(&pin_dir);
         let mut source = FileSource::new(&state_dir);
         let started = Instant::now();
         let loaded = source.load();
@@ -311,14 +316,7 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
 
     // Warm agent state: single changes and mode flips.
     let pin_dir = lab.pin_dir.join("warm");
-    let datapath = tollgate::Datapath::load(tollgate::DatapathOptions::new(&pin_dir)).unwrap();
-    let mut rec = Reconciler::new(
-        datapath,
-        ReconcilerOptions {
-            default_mode: Mode::Log,
-            ..Default::default()
-        },
-    );
+    let mut rec = reconciler(&pin_dir);
     let mut source = FileSource::new(&state_dir);
     let loaded = source.load();
     rec.reconcile(&loaded.state).unwrap();

@@ -40,6 +40,22 @@ pub fn cgroup2_root() -> PathBuf {
     }
 }
 
+/// Path of a binary built beside the running test or lab binary (`target/<profile>/NAME`),
+/// unless the environment variable `env` names another one. `hint` says how to build it.
+pub fn sibling_binary(name: &str, env: &str, hint: &str) -> String {
+    if let Ok(p) = std::env::var(env) {
+        return p;
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir: PathBuf = exe.parent().expect("exe dir").into();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: {hint}", path.display());
+    path.to_string_lossy().into_owned()
+}
+
 /// Prefix of everything the tests create, so `xtask test` can sweep leftovers of a killed run.
 pub const PREFIX: &str = "tgt";
 

@@ -1,7 +1,7 @@
 //! Real traffic from inside pods: the `tg-traffic` helper (TCP/UDP echo clients and
 //! servers) and iputils `ping`.
 
-use std::{net::IpAddr, path::PathBuf, sync::OnceLock, time::Duration};
+use std::{net::IpAddr, sync::OnceLock, time::Duration};
 
 use serde::Deserialize;
 
@@ -11,21 +11,7 @@ use crate::Pod;
 pub fn helper() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
     PATH.get_or_init(|| {
-        if let Ok(p) = std::env::var("TG_TRAFFIC") {
-            return p;
-        }
-        let exe = std::env::current_exe().expect("current exe");
-        let mut dir: PathBuf = exe.parent().expect("exe dir").into();
-        if dir.ends_with("deps") {
-            dir.pop();
-        }
-        let path = dir.join("tg-traffic");
-        assert!(
-            path.exists(),
-            "{} is missing: build the tests package",
-            path.display()
-        );
-        path.to_string_lossy().into_owned()
+        crate::sibling_binary("tg-traffic", "TG_TRAFFIC", "build the tests package")
     })
 }
 

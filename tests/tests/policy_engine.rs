@@ -176,18 +176,19 @@ fn no_transient_drops_while_policies_labels_and_pods_churn() {
     };
     let (slot_a, slot_b) = (slot_of(&rec, "a"), slot_of(&rec, "b"));
     // The policy is in force: c may not reach b.
-    assert_eq!(
+    let c_reaches_b = || {
         traffic::udp(
             &pods[2],
             pods[1].addr(false),
             80,
             1,
             64,
-            Duration::from_millis(300)
+            Duration::from_millis(300),
         )
-        .echoed,
-        0
-    );
+        .echoed
+            > 0
+    };
+    assert!(!c_reaches_b());
     lab.settle();
     let (before_a, before_b) = (
         Packets::read(&rec.datapath, slot_a),
@@ -255,18 +256,7 @@ fn no_transient_drops_while_policies_labels_and_pods_churn() {
     }
     assert!(got_b.in_allowed >= 1500);
     // And the final state still enforces: c may not reach b.
-    assert_eq!(
-        traffic::udp(
-            &pods[2],
-            pods[1].addr(false),
-            80,
-            1,
-            64,
-            Duration::from_millis(300)
-        )
-        .echoed,
-        0
-    );
+    assert!(!c_reaches_b());
     lab.in_node(|| rec.detach_all()).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
