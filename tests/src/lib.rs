@@ -13,6 +13,8 @@ pub mod bench_control;
 pub mod bench_net;
 pub mod conformance;
 pub mod frames;
+pub mod kube_proxy;
+pub mod packets;
 pub mod support;
 pub mod traffic;
 
@@ -144,6 +146,11 @@ impl Pod {
             });
         }
         cmd
+    }
+
+    /// Both addresses of the pod (IPv4, IPv6): what it may send from.
+    pub fn addrs(&self) -> Vec<IpAddr> {
+        vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)]
     }
 
     /// The pod's address of a family.

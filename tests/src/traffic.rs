@@ -32,6 +32,15 @@ pub struct UdpResult {
     pub error: Option<String>,
 }
 
+/// Result of sending raw IP packets.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct RawResult {
+    /// Packets the kernel accepted for sending.
+    pub sent: u32,
+    /// The first error, after which nothing more was sent.
+    pub error: Option<String>,
+}
+
 fn run_helper<T: for<'de> Deserialize<'de>>(pod: &Pod, args: &[String]) -> T {
     let out = pod
         .command(helper())
@@ -180,13 +189,34 @@ pub fn ping(pod: &Pod, to: IpAddr, count: u32) -> u32 {
 
 /// Probes `targets` (`IP:PORT/tcp|udp`, IPv6 as `[IP]:PORT/...`) concurrently from `pod`.
 pub fn probe(pod: &Pod, targets: &[String], timeout: Duration) -> Vec<bool> {
+    probe_from(pod, &[], targets, timeout)
+}
+
+/// Like `probe`, from source addresses of `pod`'s namespace (at most one per family), as a
+/// kubelet probes from its node's address.
+pub fn probe_from(pod: &Pod, bind: &[IpAddr], targets: &[String], timeout: Duration) -> Vec<bool> {
     let mut args = vec![
         "probe".to_string(),
         "--timeout-ms".into(),
         timeout.as_millis().to_string(),
     ];
+    for b in bind {
+        args.extend(["--bind".into(), b.to_string()]);
+    }
     for t in targets {
         args.extend(["--target".into(), t.clone()]);
+    }
+    run_helper(pod, &args)
+}
+
+/// Sends each of `packets` (whole IPv4 or IPv6 packets, e.g. from `crate::packets`) `count`
+/// times from `pod` through a raw socket, to the destination in its header; the source
+/// address is whatever the packet says.
+pub fn raw(pod: &Pod, packets: &[Vec<u8>], count: u32) -> RawResult {
+    let mut args = vec!["raw".to_string(), "--count".into(), count.to_string()];
+    for p in packets {
+        let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+        args.extend(["--packet".into(), hex]);
     }
     run_helper(pod, &args)
 }

@@ -1,14 +1,15 @@
-//! Traffic helper run inside test pods: TCP and UDP echo servers, and clients that report
-//! what got through as one JSON object.
+//! Traffic helper run inside test pods: TCP and UDP echo servers, clients that report what
+//! got through as one JSON object, and a raw sender of whole IP packets.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     time::Duration,
 };
 
 use clap::{Parser, Subcommand};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 #[derive(Parser)]
 struct Cli {
@@ -38,6 +39,9 @@ enum Cmd {
         /// Keeps the connection open this long after the last echo.
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// Source address (bound before connecting).
+        #[arg(long)]
+        bind: Option<IpAddr>,
     },
     /// Sends datagrams one by one, each waiting for its echo.
     Udp {
@@ -53,6 +57,9 @@ enum Cmd {
         timeout_ms: u64,
         #[arg(long)]
         source_port: Option<u16>,
+        /// Source address (bound before connecting).
+        #[arg(long)]
+        bind: Option<IpAddr>,
     },
     /// Probes many targets at once (`IP:PORT/tcp|udp`): a TCP connect and echo, or a UDP
     /// datagram and its echo. Prints a JSON array of booleans in target order.
@@ -61,6 +68,10 @@ enum Cmd {
         targets: Vec<String>,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// Source address for targets of its family (bound before connecting); once per
+        /// family at most.
+        #[arg(long)]
+        bind: Vec<IpAddr>,
     },
     /// New TCP connections back to back for `seconds` (connect, 1-byte request and echo,
     /// close); prints how many completed.
@@ -81,6 +92,15 @@ enum Cmd {
         #[arg(long)]
         flows: u32,
     },
+    /// Sends whole IP packets (hex) through a raw socket, IPv4 or IPv6 after the version
+    /// nibble, each `count` times, to the destination in its own header. Prints
+    /// `{"sent": N, "error": ...}`; stops at the first error.
+    Raw {
+        #[arg(long = "packet", value_parser = parse_hex, required = true)]
+        packets: Vec<Packet>,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
 }
 
 fn main() {
@@ -92,12 +112,14 @@ fn main() {
             messages,
             timeout_ms,
             hold_ms,
+            bind,
         } => tcp_client(
             to,
             port,
             messages,
             Duration::from_millis(timeout_ms),
             Duration::from_millis(hold_ms),
+            bind,
         ),
         Cmd::Udp {
             to,
@@ -106,6 +128,7 @@ fn main() {
             size,
             timeout_ms,
             source_port,
+            bind,
         } => udp_client(
             to,
             port,
@@ -113,13 +136,16 @@ fn main() {
             size,
             Duration::from_millis(timeout_ms),
             source_port,
+            bind,
         ),
         Cmd::Burst { to, port, flows } => burst(to, port, flows),
         Cmd::Probe {
             targets,
             timeout_ms,
-        } => probe(&targets, Duration::from_millis(timeout_ms)),
+            bind,
+        } => probe(&targets, Duration::from_millis(timeout_ms), &bind),
         Cmd::Crr { to, port, seconds } => crr(to, port, Duration::from_secs_f64(seconds)),
+        Cmd::Raw { packets, count } => raw(&packets, count),
     }
 }
 
@@ -163,9 +189,31 @@ fn print_json(v: serde_json::Value) {
     println!("{v}");
 }
 
-fn tcp_client(to: IpAddr, port: u16, messages: u32, timeout: Duration, hold: Duration) {
+/// A TCP connection to `addr`, from `bind` (any port) when given.
+fn tcp_connect(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let Some(bind) = bind else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::new(bind, 0).into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
+}
+
+fn tcp_client(
+    to: IpAddr,
+    port: u16,
+    messages: u32,
+    timeout: Duration,
+    hold: Duration,
+    bind: Option<IpAddr>,
+) {
     let addr = SocketAddr::new(to, port);
-    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+    let mut stream = match tcp_connect(addr, bind, timeout) {
         Ok(s) => s,
         Err(e) => {
             print_json(
@@ -200,12 +248,14 @@ fn tcp_client(to: IpAddr, port: u16, messages: u32, timeout: Duration, hold: Dur
     print_json(serde_json::json!({"connected": true, "echoed": echoed, "error": error}));
 }
 
-fn udp_socket(to: IpAddr, source_port: u16) -> UdpSocket {
-    let bind: SocketAddr = match to {
-        IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), source_port),
-        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), source_port),
+/// A UDP socket for sending to `to`, bound to `bind` (default: any address) and
+/// `source_port` (0: any).
+fn udp_socket(to: IpAddr, bind: Option<IpAddr>, source_port: u16) -> std::io::Result<UdpSocket> {
+    let any = match to {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
-    let socket = UdpSocket::bind(bind).expect("bind udp client");
+    let socket = UdpSocket::bind(SocketAddr::new(bind.unwrap_or(any), source_port))?;
     // Let the kernel fragment datagrams larger than the MTU instead of refusing them.
     let (level, opt, val) = match to {
         IpAddr::V4(_) => (
@@ -229,7 +279,7 @@ fn udp_socket(to: IpAddr, source_port: u16) -> UdpSocket {
             size_of::<i32>() as u32,
         );
     }
-    socket
+    Ok(socket)
 }
 
 fn udp_client(
@@ -239,8 +289,15 @@ fn udp_client(
     size: usize,
     timeout: Duration,
     source_port: Option<u16>,
+    bind: Option<IpAddr>,
 ) {
-    let socket = udp_socket(to, source_port.unwrap_or(0));
+    let socket = match udp_socket(to, bind, source_port.unwrap_or(0)) {
+        Ok(s) => s,
+        Err(e) => {
+            print_json(serde_json::json!({"sent": 0, "echoed": 0, "error": e.to_string()}));
+            return;
+        }
+    };
     socket
         .connect(SocketAddr::new(to, port))
         .expect("connect udp");
@@ -264,7 +321,7 @@ fn udp_client(
 }
 
 fn burst(to: IpAddr, port: u16, flows: u32) {
-    let socket = udp_socket(to, 0);
+    let socket = udp_socket(to, None, 0).expect("bind udp client");
     let mut sent = 0;
     let mut error = None;
     for i in 0..flows {
@@ -276,15 +333,18 @@ fn burst(to: IpAddr, port: u16, flows: u32) {
     print_json(serde_json::json!({"sent": sent, "echoed": 0, "error": error}));
 }
 
-fn probe_one(target: &str, timeout: Duration) -> bool {
+fn probe_one(target: &str, timeout: Duration, bind: &[IpAddr]) -> bool {
     let Some((addr, proto)) = target.rsplit_once('/') else {
         return false;
     };
     let Ok(addr) = addr.parse::<SocketAddr>() else {
         return false;
     };
+    let bind = bind.iter().copied().find(|b| b.is_ipv6() == addr.is_ipv6());
     if proto == "udp" {
-        let socket = udp_socket(addr.ip(), 0);
+        let Ok(socket) = udp_socket(addr.ip(), bind, 0) else {
+            return false;
+        };
         if socket.connect(addr).is_err() || socket.send(b"probe").is_err() {
             return false;
         }
@@ -292,7 +352,7 @@ fn probe_one(target: &str, timeout: Duration) -> bool {
         let mut buf = [0u8; 16];
         matches!(socket.recv(&mut buf), Ok(5))
     } else {
-        let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
+        let Ok(mut stream) = tcp_connect(addr, bind, timeout) else {
             return false;
         };
         stream.set_read_timeout(Some(timeout)).ok();
@@ -301,11 +361,11 @@ fn probe_one(target: &str, timeout: Duration) -> bool {
     }
 }
 
-fn probe(targets: &[String], timeout: Duration) {
+fn probe(targets: &[String], timeout: Duration, bind: &[IpAddr]) {
     let results: Vec<bool> = std::thread::scope(|s| {
         let handles: Vec<_> = targets
             .iter()
-            .map(|t| s.spawn(move || probe_one(t, timeout)))
+            .map(|t| s.spawn(move || probe_one(t, timeout, bind)))
             .collect();
         handles
             .into_iter()
@@ -351,4 +411,80 @@ fn crr(to: IpAddr, port: u16, duration: Duration) {
     print_json(
         serde_json::json!({"connections": done, "failed": failed, "seconds": secs, "per_second": done as f64 / secs}),
     );
+}
+
+/// One packet of `raw`: its bytes and the destination from its header.
+#[derive(Clone, Debug)]
+struct Packet {
+    bytes: Vec<u8>,
+    to: IpAddr,
+}
+
+/// Parses a packet given as hex (whitespace and `:` ignored) and takes its destination from
+/// the IPv4 or IPv6 header.
+fn parse_hex(s: &str) -> Result<Packet, String> {
+    let digits: Vec<u8> = s
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace() && *b != b':')
+        .collect();
+    if !digits.len().is_multiple_of(2) {
+        return Err("odd number of hex digits".into());
+    }
+    let bytes = digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("not hex: {}", String::from_utf8_lossy(pair)))
+        })
+        .collect::<Result<Vec<u8>, String>>()?;
+    let to = match bytes.first().map(|b| b >> 4) {
+        Some(4) if bytes.len() >= 20 => {
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&bytes[16..20]).unwrap()))
+        }
+        Some(6) if bytes.len() >= 40 => IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(&bytes[24..40]).unwrap(),
+        )),
+        _ => return Err("not an IPv4 (20+ bytes) or IPv6 (40+ bytes) packet".into()),
+    };
+    Ok(Packet { bytes, to })
+}
+
+/// Sends each packet `count` times through `socket(AF_INET[6], SOCK_RAW, IPPROTO_RAW)`:
+/// the kernel sends the header as given (IP_HDRINCL is implied for IPPROTO_RAW, on IPv6
+/// since Linux 4.5), so any source address goes out; it routes by the destination passed
+/// to sendto, taken from the header. IPv4 still gets its header checksum (and a zero id)
+/// filled in by the kernel.
+fn raw(packets: &[Packet], count: u32) {
+    let mut sockets: [Option<Socket>; 2] = [None, None];
+    let (mut sent, mut error) = (0u32, None);
+    'out: for packet in packets {
+        let (slot, domain) = match packet.to {
+            IpAddr::V4(_) => (0, Domain::IPV4),
+            IpAddr::V6(_) => (1, Domain::IPV6),
+        };
+        if sockets[slot].is_none() {
+            match Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))) {
+                Ok(s) => sockets[slot] = Some(s),
+                Err(e) => {
+                    error = Some(format!("raw socket: {e}"));
+                    break;
+                }
+            }
+        }
+        let socket = sockets[slot].as_ref().expect("socket just made");
+        // Port 0: on an IPPROTO_RAW IPv6 socket a non-zero port would name a protocol.
+        let to = SockAddr::from(SocketAddr::new(packet.to, 0));
+        for _ in 0..count {
+            match socket.send_to(&packet.bytes, &to) {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    error = Some(format!("send to {}: {e}", packet.to));
+                    break 'out;
+                }
+            }
+        }
+    }
+    print_json(serde_json::json!({"sent": sent, "error": error}));
 }
