@@ -32,7 +32,7 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
 /// another layout are never adopted.
 pub const LAYOUT_VERSION: u64 = {
     use core::mem::size_of;
-    let manual: u64 = 1;
+    let manual: u64 = 2;
     let sizes = [
         size_of::<crate::CtKey>(),
         size_of::<crate::CtEntry>(),
@@ -49,6 +49,8 @@ pub const LAYOUT_VERSION: u64 = {
         size_of::<crate::EventBucket>(),
         MAX_WORKLOADS as usize,
         diag::COUNT as usize,
+        IDENTITY_HOST as usize,
+        IDENTITY_SERVICE_BASE as usize,
     ];
     // FNV-1a over the sizes.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ manual;
@@ -72,6 +74,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const SPOOFED: &str = "SPOOFED";
     pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUCKETS: &str = "EVENT_BUCKETS";
@@ -124,15 +127,30 @@ pub const PROTO_SCTP: u8 = 132;
 /// Identity of addresses that belong to no workload: "outside the cluster".
 /// Only ipBlock rules match it.
 pub const IDENTITY_WORLD: u32 = 1;
+/// Identity of the node's own addresses (and so of host-network pods on this node): traffic
+/// between a workload and its node is always allowed, in both directions and both modes.
+pub const IDENTITY_HOST: u32 = 2;
+/// Identities at or above this value (and below `PEER_CIDR_SET_BASE`) name a Service's
+/// virtual addresses of one family: a flow to one is allowed only by the `POLICY` entries the
+/// agent writes for it after checking every backend, never by an ipBlock on the virtual
+/// address itself.
+pub const IDENTITY_SERVICE_BASE: u32 = 0x4000_0000;
 /// First identity the agent hands out to a set of workloads (namespace + labels).
 pub const IDENTITY_FIRST_WORKLOAD: u32 = 256;
 /// Peers of the policy trie at or above this value are ipBlock sets of one ruleset (the CIDR
 /// trie maps an address to one of them), not workload identities.
 pub const PEER_CIDR_SET_BASE: u32 = 0x8000_0000;
 
+/// Whether an identity names a Service's virtual addresses.
+#[inline(always)]
+pub const fn is_service_identity(identity: u32) -> bool {
+    identity >= IDENTITY_SERVICE_BASE && identity < PEER_CIDR_SET_BASE
+}
+
 /// Datapath diagnostics: indices of the per-CPU `DIAG` array.
 pub mod diag {
-    /// Non-IP frames (ARP, LLDP...): passed, not counted per workload.
+    /// Frames that are neither IP nor ARP (LLDP, VLAN-tagged, ...): counted per workload,
+    /// denied where the workload is isolated in that direction.
     pub const NON_IP: u32 = 0;
     /// Headers shorter than they claim or than the packet: counted, verdict by isolation.
     pub const TRUNCATED: u32 = 1;
@@ -158,8 +176,15 @@ pub mod diag {
     pub const ICMP_RELATED: u32 = 11;
     /// Packets at an attachment point with no registered workload.
     pub const UNREGISTERED: u32 = 12;
+    /// ARP: link plumbing, always passed, not counted per workload.
+    pub const ARP: u32 = 13;
+    /// Packets leaving a workload from an address that is not the workload's.
+    pub const SPOOFED: u32 = 14;
+    /// ICMP errors quoting a flow whose outer addresses do not fit that flow: evaluated as
+    /// ICMP packets of their own.
+    pub const ICMP_FOREIGN: u32 = 15;
     /// Number of diagnostic counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 16;
 
     /// Names, in index order, for metrics and `status`.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -176,5 +201,8 @@ pub mod diag {
         "icmpv6_link_control",
         "icmp_related",
         "unregistered",
+        "arp",
+        "spoofed",
+        "icmp_foreign",
     ];
 }

@@ -15,9 +15,17 @@ pub struct WorkloadConfig {
     /// Bumped by the agent whenever the workload's rules, isolation or peers change, so
     /// tracked flows are re-evaluated on their next packet. Never reused for a slot.
     pub epoch: u32,
+    /// Bumped only when the workload's own rules or isolation change: what flows to a
+    /// Service are re-evaluated on. A change of a Service's backends leaves established
+    /// connections alone and decides new ones with the new backends.
+    pub rules_epoch: u32,
+    /// The workload's IPv4 address (`HAS_IPV4`): the only IPv4 source it may send from.
+    pub ipv4: [u8; 4],
     pub _pad: u32,
+    /// The workload's IPv6 address (`HAS_IPV6`); link-local sources are always its own.
+    pub ipv6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<WorkloadConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<WorkloadConfig>() == 48);
 
 /// Bits of `WorkloadConfig::flags`.
 pub mod workload_flags {
@@ -27,6 +35,12 @@ pub mod workload_flags {
     pub const ISOLATED_INGRESS: u32 = 1 << 1;
     /// At least one policy selects the workload for egress.
     pub const ISOLATED_EGRESS: u32 = 1 << 2;
+    /// `WorkloadConfig::ipv4` holds the workload's IPv4 address.
+    pub const HAS_IPV4: u32 = 1 << 3;
+    /// `WorkloadConfig::ipv6` holds the workload's IPv6 address.
+    pub const HAS_IPV6: u32 = 1 << 4;
+    /// A host-network workload: it sends from the node's addresses (identity host).
+    pub const HOST_SOURCE: u32 = 1 << 5;
 
     /// The isolation bit of a direction (`DIR_INGRESS` / `DIR_EGRESS`).
     pub const fn isolated(direction: u8) -> u32 {

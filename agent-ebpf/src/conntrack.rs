@@ -8,7 +8,7 @@
 
 use agent_common::{
     Config, CtEntry, CtKey, DECISION_ALLOW, DIR_EGRESS, MODE_LOG, PROTO_TCP, WorkloadConfig,
-    tcp_state,
+    is_service_identity, tcp_state,
 };
 
 use crate::{
@@ -44,6 +44,18 @@ pub fn key_of(t: &Tuple, family: u8, slot: u32, direction: u8) -> CtKey {
             family,
             _pad: [0; 2],
         }
+    }
+}
+
+/// The epoch a decision about `peer` depends on: flows to a Service only on the workload's
+/// own rules (a change of backends must not cut established connections), every other flow
+/// also on the identities of its peers.
+#[inline(always)]
+fn epoch_for(workload: &WorkloadConfig, peer: u32) -> u32 {
+    if is_service_identity(peer) {
+        workload.rules_epoch
+    } else {
+        workload.epoch
     }
 }
 
@@ -128,7 +140,7 @@ pub fn track(
                 != 0;
         if entry.expires_ns > now && !reopened_tcp {
             let mut new_flow = false;
-            if entry.epoch != workload.epoch {
+            if entry.epoch != epoch_for(workload, entry.peer) {
                 let d = policy::evaluate(
                     workload,
                     entry.origin,
@@ -140,7 +152,7 @@ pub fn track(
                 new_flow = d.decision != entry.decision;
                 entry.decision = d.decision;
                 entry.peer = d.peer;
-                entry.epoch = workload.epoch;
+                entry.epoch = epoch_for(workload, d.peer);
             }
             let state = next_state(
                 entry.tcp_state,
@@ -179,7 +191,7 @@ pub fn track(
         let entry = CtEntry {
             expires_ns: now + lifetime_ns(config, key.proto, state),
             packets,
-            epoch: workload.epoch,
+            epoch: epoch_for(workload, decision.peer),
             origin: direction,
             decision: decision.decision,
             tcp_state: state,

@@ -2,7 +2,7 @@
 
 use agent_common::{Counter, FlowCounterKey, counter_index};
 
-use crate::{COUNTERS, DIAG, FLOW_COUNTERS};
+use crate::{COUNTERS, DIAG, FLOW_COUNTERS, SPOOFED};
 
 /// Adds a packet (or a GSO aggregate of `segments`) to its workload counter.
 #[inline(always)]
@@ -23,6 +23,15 @@ pub fn diag(index: u32) {
     if let Some(c) = DIAG.get_ptr_mut(index) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 }
+    }
+}
+
+/// Counts packets a workload sent from an address that is not its own.
+#[inline(always)]
+pub fn spoofed(slot: u32, segments: u32) {
+    if let Some(c) = SPOOFED.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += segments as u64 }
     }
 }
 

@@ -20,11 +20,12 @@ mod policy;
 
 use agent_common::{
     CIDR_RULE_CAPACITY, CONNTRACK_CAPACITY, COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey,
-    DECISION_ALLOW, DIR_EGRESS, DIR_INGRESS, EVENT_RING_BYTES, EventBucket, FLOW_COUNTER_CAPACITY,
-    FRAGMENT_CAPACITY, FlowCounterKey, FragKey, FragPorts, IDENTITY_CAPACITY, LpmAddr,
-    MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    PolicyKey, PolicyValue, SLOT_UNREGISTERED, VERDICT_ALLOWED, VERDICT_DROPPED,
-    VERDICT_WOULD_DROP, WorkloadConfig, diag, workload_flags,
+    DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DIR_INGRESS, EVENT_RING_BYTES, EventBucket,
+    FAMILY_IPV4, FLOW_COUNTER_CAPACITY, FRAGMENT_CAPACITY, FlowCounterKey, FragKey, FragPorts,
+    IDENTITY_CAPACITY, IDENTITY_HOST, IDENTITY_WORLD, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS,
+    MODE_LOG, POLICY_CAPACITY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
+    SLOT_UNREGISTERED, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP, WorkloadConfig, diag,
+    workload_flags,
 };
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -63,6 +64,9 @@ static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGMENT_C
 /// Packets and bytes by (slot, direction, verdict).
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_WORKLOADS * COUNTERS_PER_SLOT, 0);
+/// Packets each slot sent from an address that is not its own.
+#[map]
+static SPOOFED: PerCpuArray<u64> = PerCpuArray::pinned(MAX_WORKLOADS, 0);
 /// Packets and bytes per peer pair at workload level.
 #[map]
 static FLOW_COUNTERS: LruPerCpuHashMap<FlowCounterKey, Counter> =
@@ -150,7 +154,8 @@ fn tc_slot(skb: &SkBuff) -> u32 {
 }
 
 /// The workload of the socket's cgroup: the cgroup itself, or (for a container inside a pod
-/// directory) the first registered ancestor.
+/// directory) the nearest registered ancestor. Nearest, not highest: a registered cgroup
+/// above the pods must never take a pod's traffic.
 #[inline(always)]
 fn cgroup_slot(skb: &SkBuff) -> u32 {
     // SAFETY: helper call on the program's own context.
@@ -159,11 +164,14 @@ fn cgroup_slot(skb: &SkBuff) -> u32 {
     if let Some(slot) = unsafe { CGROUP_SLOTS.get(id) } {
         return *slot;
     }
-    for level in 1..MAX_CGROUP_DEPTH {
+    // Deepest level first; levels below the socket's own cgroup read as 0. Level 0 is the
+    // root, never a workload.
+    for i in 1..MAX_CGROUP_DEPTH {
+        let level = MAX_CGROUP_DEPTH - i;
         // SAFETY: as above.
         let ancestor = unsafe { bpf_skb_ancestor_cgroup_id(skb.skb, level as i32) };
         if ancestor == 0 || ancestor == id {
-            break;
+            continue;
         }
         // SAFETY: read-only use of the looked-up value.
         if let Some(slot) = unsafe { CGROUP_SLOTS.get(ancestor) } {
@@ -196,8 +204,8 @@ fn verdict_of(decision: u8, mode: u32) -> u8 {
 fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     let mut pkt = Packet::new();
     let parsed = parse::parse(skb, l3, &mut pkt);
-    if parsed == Err(ParseError::NonIp) {
-        counters::diag(diag::NON_IP);
+    if parsed == Err(ParseError::Arp) {
+        counters::diag(diag::ARP);
         return Action::Pass;
     }
     let bytes = skb.len().saturating_sub(l3);
@@ -215,37 +223,40 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
 
     if let Err(err) = parsed {
         counters::diag(match err {
+            ParseError::NonIp => diag::NON_IP,
             ParseError::Truncated => diag::TRUNCATED,
             ParseError::BadHeader => diag::BAD_HEADER,
             _ => diag::IPV6_EXT_UNPARSED,
         });
-        // No policy can allow what cannot be read: denied where the workload is isolated.
+        // No policy can allow what cannot be read (or is not IP at all): denied where the
+        // workload is isolated.
         return finish_unmatched(workload, slot, direction, isolated, segs, bytes);
+    }
+
+    if pkt.kind == Kind::LinkControl {
+        counters::diag(diag::ICMPV6_LINK_CONTROL);
+        return Action::Pass;
+    }
+    if direction == DIR_EGRESS && !source_is_own(workload, &pkt) {
+        return spoofed(workload, slot, &pkt, isolated, segs, bytes);
     }
 
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    match pkt.kind {
-        Kind::LinkControl => {
-            counters::diag(diag::ICMPV6_LINK_CONTROL);
-            return Action::Pass;
-        }
-        Kind::LaterFragment => {
-            let fkey = frag_key(&pkt);
-            // SAFETY: read-only use of the looked-up value.
-            match unsafe { FRAGMENTS.get(fkey) } {
-                Some(ports) if ports.expires_ns > now => {
-                    counters::diag(diag::FRAGMENT_MATCHED);
-                    pkt.tuple.src_port = ports.src_port;
-                    pkt.tuple.dst_port = ports.dst_port;
-                }
-                _ => {
-                    counters::diag(diag::FRAGMENT_UNKNOWN);
-                    return finish_unmatched(workload, slot, direction, isolated, segs, bytes);
-                }
+    if pkt.kind == Kind::LaterFragment {
+        let fkey = frag_key(&pkt);
+        // SAFETY: read-only use of the looked-up value.
+        match unsafe { FRAGMENTS.get(fkey) } {
+            Some(ports) if ports.expires_ns > now => {
+                counters::diag(diag::FRAGMENT_MATCHED);
+                pkt.tuple.src_port = ports.src_port;
+                pkt.tuple.dst_port = ports.dst_port;
+            }
+            _ => {
+                counters::diag(diag::FRAGMENT_UNKNOWN);
+                return finish_unmatched(workload, slot, direction, isolated, segs, bytes);
             }
         }
-        _ => {}
     }
 
     let Some(config) = CONFIG.get(0) else {
@@ -266,7 +277,11 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     let mut key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction);
     if pkt.kind == Kind::IcmpError {
         let related = conntrack::key_of(&pkt.related, pkt.family, slot, direction);
-        if let Some(t) = conntrack::related(&related, now) {
+        if !error_fits_flow(&key, &related, direction) {
+            // Quoting a tracked flow is not enough: an error must travel between that
+            // flow's ends, or any pod could smuggle packets to anyone as "related".
+            counters::diag(diag::ICMP_FOREIGN);
+        } else if let Some(t) = conntrack::related(&related, now) {
             counters::diag(diag::ICMP_RELATED);
             tracked = Some(t);
             key = related;
@@ -315,6 +330,80 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         Action::Drop
     } else {
         Action::Pass
+    }
+}
+
+/// Two addresses of a key or packet, compared as two 64-bit words (no memcmp in BPF).
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    // SAFETY: both are 16 readable bytes; unaligned reads of plain integers.
+    unsafe {
+        let a = a.as_ptr().cast::<u64>();
+        let b = b.as_ptr().cast::<u64>();
+        a.read_unaligned() == b.read_unaligned()
+            && a.add(1).read_unaligned() == b.add(1).read_unaligned()
+    }
+}
+
+/// Whether a packet leaving the workload comes from one of its own addresses: its pod IPs
+/// (an IPv6 link-local source never leaves the link), or any address of the node for a
+/// host-network workload.
+#[inline(always)]
+fn source_is_own(workload: &WorkloadConfig, pkt: &Packet) -> bool {
+    let src = &pkt.tuple.src;
+    if workload.flags & workload_flags::HOST_SOURCE != 0 {
+        return identity::identity_of(pkt.family, src) == IDENTITY_HOST;
+    }
+    if pkt.family == FAMILY_IPV4 {
+        return workload.flags & workload_flags::HAS_IPV4 != 0
+            && u32::from_ne_bytes([src[0], src[1], src[2], src[3]])
+                == u32::from_ne_bytes(workload.ipv4);
+    }
+    (workload.flags & workload_flags::HAS_IPV6 != 0 && same_addr(src, &workload.ipv6))
+        || (src[0] == 0xfe && src[1] & 0xc0 == 0x80)
+}
+
+/// A packet leaving the workload from an address that is not its own: counted, never tracked
+/// or counted as the flow of the identity it claims. Dropped in either mode when it claims
+/// an address Tollgate knows (another workload, the node, a Service), and by mode where the
+/// workload is isolated for egress.
+#[inline(always)]
+fn spoofed(
+    workload: &WorkloadConfig,
+    slot: u32,
+    pkt: &Packet,
+    isolated: bool,
+    segs: u32,
+    bytes: u32,
+) -> Action {
+    counters::diag(diag::SPOOFED);
+    counters::spoofed(slot, segs);
+    let claimed = identity::identity_of(pkt.family, &pkt.tuple.src);
+    let verdict = if claimed != IDENTITY_WORLD {
+        VERDICT_DROPPED
+    } else if isolated {
+        verdict_of(DECISION_DENY, workload.mode)
+    } else {
+        VERDICT_ALLOWED
+    };
+    counters::count(slot, DIR_EGRESS, verdict, segs, bytes);
+    if verdict == VERDICT_DROPPED {
+        Action::Drop
+    } else {
+        Action::Pass
+    }
+}
+
+/// Whether an ICMP error's outer addresses fit the flow it quotes (`related`, keyed from the
+/// workload's side like `outer`). Leaving the workload it must go from the flow's local end
+/// to its peer; arriving, it must be addressed to the flow's local end (routers on the way
+/// may send it, so its source is free).
+#[inline(always)]
+fn error_fits_flow(outer: &CtKey, related: &CtKey, direction: u8) -> bool {
+    if direction == DIR_EGRESS {
+        same_addr(&outer.remote, &related.remote) && same_addr(&outer.local, &related.local)
+    } else {
+        same_addr(&outer.local, &related.local)
     }
 }
 

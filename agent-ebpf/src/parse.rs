@@ -11,6 +11,7 @@ use aya_ebpf::programs::sk_buff::SkBuff;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
 
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
@@ -21,7 +22,9 @@ const IPV6_DEST_OPTS: u8 = 60;
 /// Why a packet could not be parsed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum ParseError {
-    /// Not IPv4 or IPv6 (ARP, LLDP...).
+    /// ARP: link plumbing.
+    Arp,
+    /// Neither IP nor ARP (LLDP, VLAN-tagged frames...).
     NonIp,
     /// A header runs past the end of the packet.
     Truncated,
@@ -119,6 +122,7 @@ pub fn parse(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> 
     match ethertype {
         ETH_P_IP => parse_ipv4(skb, l3, pkt),
         ETH_P_IPV6 => parse_ipv6(skb, l3, pkt),
+        ETH_P_ARP => Err(ParseError::Arp),
         _ => Err(ParseError::NonIp),
     }
 }

@@ -1,9 +1,14 @@
-//! New-flow verdict: is the workload isolated in this direction, and if so does any rule of
-//! its ruleset allow the peer (by identity, or by ipBlock) on this protocol and port?
+//! New-flow verdict: is the peer the node itself (always allowed), is the workload isolated in
+//! this direction, and if so does any rule of its ruleset allow the peer (by identity, or by
+//! ipBlock) on this protocol and port?
+//!
+//! A Service's virtual address has an identity of its own: the agent writes an allow entry
+//! for it only when the policy allows the Service's backends, so no ipBlock ever matches
+//! the virtual address itself.
 
 use agent_common::{
-    DECISION_ALLOW, DECISION_DENY, IDENTITY_WORLD, POLICY_PREFIX_FULL, PolicyKey, WorkloadConfig,
-    workload_flags,
+    DECISION_ALLOW, DECISION_DENY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FULL, PolicyKey,
+    WorkloadConfig, is_service_identity, workload_flags,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -44,7 +49,8 @@ pub fn evaluate(
     port: u16,
 ) -> Decision {
     let peer = identity::identity_of(family, remote);
-    if workload.flags & workload_flags::isolated(direction) == 0 {
+    // The node's own traffic (kubelet probes, host-network pods) can never be blocked.
+    if peer == IDENTITY_HOST || workload.flags & workload_flags::isolated(direction) == 0 {
         return Decision {
             decision: DECISION_ALLOW,
             peer,
@@ -56,6 +62,12 @@ pub fn evaluate(
     if peer != IDENTITY_WORLD && allows(ruleset, peer, proto, port) {
         return Decision {
             decision: DECISION_ALLOW,
+            peer,
+        };
+    }
+    if is_service_identity(peer) {
+        return Decision {
+            decision: DECISION_DENY,
             peer,
         };
     }

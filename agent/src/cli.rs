@@ -152,6 +152,23 @@ pub struct RunArgs {
     /// Capacity of the connection tracking table.
     #[arg(long, default_value_t = agent_common::CONNTRACK_CAPACITY)]
     pub conntrack_capacity: u32,
+    /// Whose word a pod's own tollgate.io/mode annotation is: `stricter` (it may only turn
+    /// its namespace's log into drop; the namespace annotation and the overrides are the
+    /// security team's) or `any` (it wins either way).
+    #[arg(long, value_enum, default_value_t = PodModeArg::Stricter)]
+    pub pod_mode_annotations: PodModeArg,
+    /// The cgroup v2 mount under which the kubepods hierarchy lives (pods' cgroup
+    /// directories are found from their UIDs there). Default: /sys/fs/cgroup/unified on
+    /// hybrid hosts, else /sys/fs/cgroup.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// `--pod-mode-annotations` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PodModeArg {
+    Stricter,
+    Any,
 }
 
 /// `--tc-mode` values.
@@ -241,6 +258,11 @@ pub struct CheckResult {
     pub ingress: &'static str,
     pub verdict: &'static str,
     pub policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+    pub ingress_policies: Vec<String>,
+    /// `NAMESPACE/NAME` of the Service whose address DST is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_service: Option<String>,
 }
 
 fn word(allowed: bool) -> &'static str {
@@ -253,7 +275,7 @@ pub fn check_line(
     line: &str,
     ipv6: bool,
 ) -> Result<CheckResult, String> {
-    use crate::compile::{eval::endpoint, model::Protocol};
+    use crate::compile::{eval::endpoint, model::Protocol, services::Frontend};
     let fields: Vec<&str> = line.split_whitespace().collect();
     let [src, dst, port_proto] = fields.as_slice() else {
         return Err(format!("expected `SRC DST PORT/PROTOCOL`, got {line:?}"));
@@ -261,15 +283,37 @@ pub fn check_line(
     let (port, proto) = port_proto
         .split_once('/')
         .ok_or_else(|| format!("{port_proto:?}: expected PORT/PROTOCOL, e.g. 80/tcp"))?;
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?;
     let protocol = Protocol::parse(&proto.to_ascii_uppercase())
         .ok_or_else(|| format!("{proto:?} is not tcp, udp or sctp"))?;
     let src_ep = endpoint(ev, src, ipv6)?;
     let dst_ep = endpoint(ev, dst, ipv6)?;
+    let frontend = ev.compiled.frontend_of_address(dst_ep.ip);
+    let port: u16 = match port.parse::<u16>() {
+        Ok(p) if p > 0 => p,
+        Ok(_) => return Err(format!("{port:?} is not a port (1-65535)")),
+        // A name: the Service's port of that name, or the destination pod's named port.
+        Err(_) => match (frontend, &dst_ep.pod) {
+            (Some(f), _) => f
+                .ports
+                .iter()
+                .find(|p| p.name == port && p.protocol == protocol)
+                .map(|p| p.port)
+                .ok_or_else(|| {
+                    format!(
+                        "Service {} has no {proto} port named {port:?}",
+                        f.service_id()
+                    )
+                })?,
+            (None, Some(pod)) => ev
+                .named_port(pod, port, protocol)
+                .ok_or_else(|| format!("{dst} has no {proto} port named {port:?}"))?,
+            (None, None) => {
+                return Err(format!(
+                    "{port:?} is not a port number, and {dst} has no named ports"
+                ));
+            }
+        },
+    };
     let (egress, ingress) = ev.flow(src_ep, dst_ep, protocol.number(), port);
     let mut policies = egress.policies.clone();
     for p in &ingress.policies {
@@ -286,6 +330,9 @@ pub fn check_line(
         ingress: word(ingress.allowed),
         verdict: word(egress.allowed && ingress.allowed),
         policies,
+        egress_policies: egress.policies,
+        ingress_policies: ingress.policies,
+        dst_service: frontend.map(Frontend::service_id),
     })
 }
 
@@ -303,8 +350,12 @@ pub fn evaluator_for(
     let mut source = crate::sources::FileSource::new(path);
     let loaded = source.load();
     let mut allocator = policy::IdentityAllocator::default();
-    let compiled = policy::compile(&loaded.state, &mut allocator, None, crate::maps::Mode::Log);
-    let ev = Evaluator::new(compiled)
+    let options = policy::CompileOptions {
+        node_addresses: policy::NodeAddresses::from_nodes(&loaded.state),
+        ..Default::default()
+    };
+    let compiled = policy::compile(&loaded.state, &mut allocator, None, &options);
+    let ev = Evaluator::new(compiled, &loaded.state, options.node_addresses)
         .map_err(|((ns, name), e)| anyhow::anyhow!("compiling rules of pod {ns}/{name}: {e}"))?;
     Ok((ev, loaded))
 }
@@ -430,6 +481,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             TcModeArg::Clsact => attach::TcMode::Clsact,
         },
         conntrack_capacity: args.conntrack_capacity,
+        pod_mode_annotations: match args.pod_mode_annotations {
+            PodModeArg::Stricter => crate::compile::policy::PodModeAnnotations::Stricter,
+            PodModeArg::Any => crate::compile::policy::PodModeAnnotations::Any,
+        },
+        cgroup_root: args
+            .cgroup_root
+            .unwrap_or_else(crate::reconcile::default_cgroup_root),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

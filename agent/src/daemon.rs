@@ -12,8 +12,8 @@ use std::{
 };
 
 use agent_common::{
-    Config, DIR_EGRESS, DIR_INGRESS, FlowCounterKey, IDENTITY_WORLD, VERDICT_ALLOWED,
-    VERDICT_DROPPED, VERDICT_WOULD_DROP, diag,
+    Config, DIR_EGRESS, DIR_INGRESS, FlowCounterKey, IDENTITY_HOST, IDENTITY_WORLD,
+    VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP, diag,
 };
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,11 @@ use crate::{
         self, AuditRecord, FlowRow, Flows, ModeChange, Overrides, Request, Response, Status, Target,
     },
     attach::{AttachPoint, TcMode},
-    compile::model::ClusterState,
+    compile::{
+        model::ClusterState,
+        policy::PodModeAnnotations,
+        services::{Frontend, FrontendPort},
+    },
     flowlog::{Endpoint, FlowRecord, Naming, SlotNames, protocol_name},
     maps::Mode,
     metrics::Snapshot,
@@ -53,6 +57,9 @@ pub struct RunOptions {
     pub poll_interval: Duration,
     pub tc_mode: TcMode,
     pub conntrack_capacity: u32,
+    pub pod_mode_annotations: PodModeAnnotations,
+    /// The cgroup v2 mount the kubepods hierarchy lives under.
+    pub cgroup_root: PathBuf,
 }
 
 /// Counters kept in user space, persisted in the state directory before every scrape (and
@@ -100,6 +107,10 @@ struct Shared {
     source: FileSource,
     state: ClusterState,
     errors: Vec<String>,
+    /// Notes on the cluster state that are not errors (ignored annotations, SCTP).
+    warnings: Vec<String>,
+    /// The cluster state itself cannot be read (the last known state stays in force).
+    source_degraded: bool,
     ready: bool,
     persisted: Persisted,
     series: BTreeMap<Vec<String>, u64>,
@@ -146,7 +157,8 @@ impl Shared {
     /// interfaces, routes and cgroups appear after the pods that use them.
     fn sync(&mut self, force: bool) {
         let due = self.last_sync.elapsed() >= RESYNC || self.pending_errors;
-        if !force && !due && !self.source.changed() {
+        if !force && !due && !self.source.changed() && !self.rec.node_addresses_changed(&self.state)
+        {
             return;
         }
         self.last_sync = Instant::now();
@@ -160,6 +172,11 @@ impl Shared {
         }
         self.persisted.policy_errors += loaded.new_errors.len() as u64;
         self.errors = loaded.errors.iter().map(ToString::to_string).collect();
+        self.warnings = loaded.warnings;
+        self.source_degraded = loaded
+            .errors
+            .iter()
+            .any(|e| e.object.is_none() && e.file == self.source.path());
         self.state = loaded.state;
         // Parsing a large cluster state leaves megabytes of freed YAML trees in the heap;
         // hand them back to the system instead of keeping them resident.
@@ -217,14 +234,82 @@ impl Shared {
                 );
             }
         }
+        for frontend in self.rec.compiled().frontends.iter() {
+            let backends = self.backends_endpoint(frontend, frontend.ports.iter());
+            for ip in &frontend.addresses {
+                naming
+                    .services
+                    .insert(*ip, (frontend.service_id(), backends.clone()));
+            }
+        }
+        naming.host = self.rec.host_addresses().iter().copied().collect();
         self.naming = naming;
     }
 
-    /// (namespace, workload) of a peer identity.
-    fn peer_names(&self, identity: u32) -> (String, String) {
-        if identity == IDENTITY_WORLD {
-            return ("world".into(), "world".into());
+    /// The backends of some ports of a Service as one endpoint: the pod when there is
+    /// one, else the workload they all belong to (pod empty), else every workload's name
+    /// joined with `+`.
+    fn backends_endpoint<'a>(
+        &self,
+        frontend: &Frontend,
+        ports: impl Iterator<Item = &'a FrontendPort>,
+    ) -> Endpoint {
+        let mut pods = std::collections::BTreeSet::new();
+        for b in ports.flat_map(|p| &p.backends) {
+            if let Some(k) = &b.pod {
+                pods.insert(k.clone());
+            }
         }
+        let workloads: std::collections::BTreeSet<String> = pods
+            .iter()
+            .filter_map(|k| self.state.pods.get(k))
+            .map(|p| p.workload.clone())
+            .collect();
+        let workload = if workloads.is_empty() {
+            frontend.service.1.clone()
+        } else {
+            workloads.into_iter().collect::<Vec<_>>().join("+")
+        };
+        Endpoint {
+            namespace: frontend.service.0.clone(),
+            pod: match pods.len() {
+                1 => pods.into_iter().next().map(|k| k.1).unwrap_or_default(),
+                _ => String::new(),
+            },
+            workload,
+        }
+    }
+
+    /// (namespace, workload) of a peer identity, and the port to name the flow by. A flow to
+    /// a Service counts against its backend workload on the backends' target port (when they
+    /// agree on one).
+    fn peer_names(&self, identity: u32, proto: u8, port: u16) -> (String, String, u16) {
+        if identity == IDENTITY_WORLD {
+            return ("world".into(), "world".into(), port);
+        }
+        if identity == IDENTITY_HOST {
+            return ("host".into(), "host".into(), port);
+        }
+        let compiled = self.rec.compiled();
+        if let Some(frontend) = compiled.frontend(identity) {
+            let fport = frontend.port(proto, port);
+            let ep = self.backends_endpoint(frontend, fport.into_iter());
+            let targets: std::collections::BTreeSet<u16> = fport
+                .iter()
+                .flat_map(|p| p.backends.iter().map(|b| b.port))
+                .collect();
+            let target = match targets.len() {
+                1 => targets.into_iter().next().unwrap_or(port),
+                _ => port,
+            };
+            return (ep.namespace, ep.workload, target);
+        }
+        let (ns, wl) = self.identity_names(identity);
+        (ns, wl, port)
+    }
+
+    /// (namespace, workload) of a workload identity.
+    fn identity_names(&self, identity: u32) -> (String, String) {
         let compiled = self.rec.compiled();
         match compiled.identities.get(&identity) {
             Some(info) => {
@@ -266,7 +351,7 @@ impl Shared {
             let Some((ns, _pod, workload)) = slots.get(&key.slot) else {
                 continue;
             };
-            let (peer_ns, peer_wl) = self.peer_names(key.peer);
+            let (peer_ns, peer_wl, port) = self.peer_names(key.peer, key.proto, key.port);
             let (src, dst) = if key.origin == DIR_EGRESS {
                 ((ns.clone(), workload.clone()), (peer_ns, peer_wl))
             } else {
@@ -287,10 +372,10 @@ impl Shared {
                 dst.0,
                 dst.1,
                 protocol_name(key.proto),
-                if key.port == 0 {
+                if port == 0 {
                     String::new()
                 } else {
-                    key.port.to_string()
+                    port.to_string()
                 },
             ];
             let series_count = self.series.len();
@@ -363,6 +448,18 @@ impl Shared {
             }
         }
         s.workloads = self.rec.workloads().len() as u64;
+        let degraded = self.rec.degraded();
+        for ((ns, name), w) in self.rec.workloads() {
+            let key = (ns.clone(), name.clone());
+            s.degraded
+                .push((ns.clone(), name.clone(), degraded.contains_key(&key)));
+            s.spoofed.push((
+                ns.clone(),
+                name.clone(),
+                self.rec.datapath.maps.spoofed(w.slot).unwrap_or(0),
+            ));
+        }
+        s.source_degraded = self.source_degraded;
         s.flow_packets = self
             .series
             .iter()
@@ -430,6 +527,12 @@ impl Shared {
                         .last_would_drop
                         .get(&format!("{ns}/{name}"))
                         .map(|t| now.saturating_sub(*t)),
+                    spoofed: self.rec.datapath.maps.spoofed(w.slot).unwrap_or(0),
+                    degraded: self
+                        .rec
+                        .degraded()
+                        .get(&(ns.clone(), name.clone()))
+                        .cloned(),
                 }
             })
             .collect();
@@ -440,7 +543,42 @@ impl Shared {
             policies: self.state.policies.len(),
             policy_errors: self.errors.clone(),
             overrides: self.rec.overrides.targets.clone(),
+            warnings: self.warnings.clone(),
+            refused: self
+                .rec
+                .refused()
+                .iter()
+                .map(|((ns, pod), why)| format!("{ns}/{pod}: {why}"))
+                .collect(),
+            degraded: self.degraded_reasons(),
+            host_addresses: self
+                .rec
+                .host_addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }
+    }
+
+    /// Why the agent is degraded, if it is: workloads whose rules are incomplete, identities
+    /// out of date, a cluster state that cannot be read. Empty when all is in force.
+    fn degraded_reasons(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .rec
+            .degraded()
+            .iter()
+            .map(|((ns, pod), why)| format!("{ns}/{pod}: {why}"))
+            .collect();
+        if let Some(why) = self.rec.identities_degraded() {
+            out.push(why.to_string());
+        }
+        if self.source_degraded {
+            out.push(format!(
+                "cluster state {} cannot be read; the last known state stays in force",
+                self.source.path().display()
+            ));
+        }
+        out
     }
 
     fn set_mode(
@@ -610,7 +748,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         datapath,
         ReconcilerOptions {
             default_mode: options.default_mode,
-            ..Default::default()
+            pod_mode_annotations: options.pod_mode_annotations,
+            node_name: Some(options.node_name.clone()),
+            cgroup_root: options.cgroup_root.clone(),
+            // The file source's annotations are the operator's own (labs, hand-written state).
+            trust_attach_annotations: true,
         },
     );
     rec.overrides = Overrides::load(&options.state_dir.join("overrides.json"))?;
@@ -631,6 +773,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         source: FileSource::new(&options.cluster_state),
         state: ClusterState::default(),
         errors: vec![],
+        warnings: vec![],
+        source_degraded: false,
         ready: false,
         persisted,
         series,
@@ -761,15 +905,24 @@ async fn serve_metrics(
                         }
                         "/healthz" => (200, "text/plain", "ok\n".into()),
                         "/readyz" => {
-                            let ready = shared.lock().map(|s| s.ready).unwrap_or(false);
-                            if ready {
-                                (200, "text/plain", "ready\n".into())
-                            } else {
+                            let (ready, degraded) = shared
+                                .lock()
+                                .map(|s| (s.ready, s.degraded_reasons()))
+                                .unwrap_or((false, vec!["agent state poisoned".into()]));
+                            if !ready {
                                 (
                                     503,
                                     "text/plain",
                                     "not ready: policy not synced yet\n".into(),
                                 )
+                            } else if !degraded.is_empty() {
+                                (
+                                    503,
+                                    "text/plain",
+                                    format!("degraded:\n{}\n", degraded.join("\n")),
+                                )
+                            } else {
+                                (200, "text/plain", "ready\n".into())
                             }
                         }
                         _ => (404, "text/plain", "not found\n".into()),

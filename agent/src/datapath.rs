@@ -205,10 +205,19 @@ impl Datapath {
         Ok(true)
     }
 
-    /// The slot already attached (possibly adopted from an earlier agent) at `key`, naming its
-    /// attachment point from now on.
-    pub fn claim(&mut self, key: RouteKey, point: &AttachPoint) -> Option<(u32, AttachMethod)> {
-        let (slot, a) = self.attachments.iter_mut().find(|(_, a)| a.key == key)?;
+    /// The slot attached at `key` by an earlier agent and not yet claimed (not in `owned`),
+    /// naming its attachment point from now on. A slot some workload owns is never handed to
+    /// another pod, whatever it claims.
+    pub fn claim(
+        &mut self,
+        key: RouteKey,
+        point: &AttachPoint,
+        owned: &std::collections::BTreeSet<u32>,
+    ) -> Option<(u32, AttachMethod)> {
+        let (slot, a) = self
+            .attachments
+            .iter_mut()
+            .find(|(slot, a)| a.key == key && !owned.contains(*slot))?;
         a.point = Some(point.clone());
         Some((*slot, a.method))
     }

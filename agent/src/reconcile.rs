@@ -1,17 +1,27 @@
 //! Reconcile: desired cluster state in, datapath changed to match, without transient drops.
 //!
-//! One reconcile compiles the cluster for this node's pods and applies the difference in
-//! phases, so a flow allowed before and after never meets a deny in between:
+//! One reconcile finds this node's pods and where each attaches (only at points that are
+//! provably its own, never at one another workload holds), compiles the cluster for them and
+//! applies the difference in phases, so a flow allowed before and after never meets a deny in
+//! between:
 //! 1. make: every workload's new policy entries are written next to the old ones;
-//! 2. new and changed pod addresses get their identities;
-//! 3. workload configurations (isolation, mode) are written, new workloads attached;
+//! 2. new and changed addresses (pods, Service frontends, the node's own) get identities;
+//! 3. workload configurations (isolation, mode, addresses) are written, new workloads
+//!    attached;
 //! 4. break: stale policy entries and identities of addresses that are gone are removed;
 //! 5. workloads whose rules or peers changed get a new epoch: tracked flows are decided
-//!    again, against the final state, on their next packet.
+//!    again, against the final state, on their next packet (flows to a Service only when the
+//!    workload's own rules changed, never because the Service's backends did).
+//!
+//! When map writes fail (a full map, a kernel error) nothing half-written stays: a workload
+//! keeps its last complete rules, or, if new, is attached isolated with no rules (it denies
+//! in its mode) until they fit; either way it is reported degraded.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::PathBuf,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -20,11 +30,15 @@ use tracing::{info, info_span, warn};
 use crate::{
     Datapath, DatapathError,
     admin::Overrides,
-    attach::{self, AttachMethod, AttachPoint, routes},
+    attach::{
+        self, AttachMethod, AttachPoint,
+        points::{self, NodeNetwork},
+    },
     compile::{
         model::{ClusterState, PodInfo},
         policy::{
-            CompileCache, Compiled, IdentityAllocator, PodKey, compile_cached, mode_and_source,
+            CompileCache, CompileOptions, Compiled, IdentityAllocator, NodeAddresses, PodKey,
+            PodModeAnnotations, compile_cached, mode_and_source,
         },
     },
     maps::{MapsError, Mode, WorkloadPolicy},
@@ -58,6 +72,9 @@ pub struct ReconcileReport {
     /// Workloads that could not be attached or programmed, with the reason. The rest of the
     /// node was reconciled; these keep their previous state and are retried next time.
     pub errors: Vec<String>,
+    /// Pods refused an attachment point that is not provably theirs (`NAMESPACE/POD: why`).
+    /// Not retried until something changes: the claim itself is wrong.
+    pub refused: Vec<String>,
 }
 
 /// Options of the reconciler.
@@ -65,26 +82,52 @@ pub struct ReconcileReport {
 pub struct ReconcilerOptions {
     /// Mode of workloads without a mode annotation on the pod or its namespace.
     pub default_mode: Mode,
-    /// Only pods scheduled on this node are local (Kubernetes source); `None`: any pod whose
-    /// address routes to a local interface.
+    /// Whether a pod's own mode annotation may relax its namespace's mode.
+    pub pod_mode_annotations: PodModeAnnotations,
+    /// This node: pods whose `spec.nodeName` names another node are never attached, and the
+    /// Node object of this name adds its addresses to the node's own.
     pub node_name: Option<String>,
-    /// Root of the cgroup v2 hierarchy, for relative `tollgate.io/cgroup` annotations.
+    /// Root of the cgroup v2 hierarchy: where the kubepods hierarchy and relative
+    /// `tollgate.io/cgroup` annotations are.
     pub cgroup_root: PathBuf,
+    /// Whether the `tollgate.io/interface` and `tollgate.io/cgroup` annotations are read at
+    /// all (they are checked either way). The file source trusts them; the Kubernetes source
+    /// only with `--trust-attach-annotations`.
+    pub trust_attach_annotations: bool,
 }
 
 impl Default for ReconcilerOptions {
     fn default() -> Self {
-        let unified = std::path::Path::new("/sys/fs/cgroup/unified");
         ReconcilerOptions {
             default_mode: Mode::Log,
+            pod_mode_annotations: PodModeAnnotations::Stricter,
             node_name: None,
-            cgroup_root: if unified.join("cgroup.procs").exists() {
-                unified.into()
-            } else {
-                "/sys/fs/cgroup".into()
-            },
+            cgroup_root: default_cgroup_root(),
+            trust_attach_annotations: true,
         }
     }
+}
+
+/// The cgroup v2 mount: `/sys/fs/cgroup/unified` on hybrid hosts, else `/sys/fs/cgroup`.
+pub fn default_cgroup_root() -> PathBuf {
+    let unified = std::path::Path::new("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified.into()
+    } else {
+        "/sys/fs/cgroup".into()
+    }
+}
+
+/// The identity entries as last written: pods, Service frontends and the node's addresses.
+#[derive(Default)]
+struct WrittenIdentities {
+    pods: Arc<BTreeMap<IpNet, u32>>,
+    services: Arc<BTreeMap<IpNet, u32>>,
+    host: BTreeSet<IpAddr>,
+    /// What the `IDENTITIES` map holds.
+    merged: BTreeMap<IpNet, u32>,
+    /// Entries no longer wanted, removed in phase 4 (after the rules stop naming them).
+    stale: Vec<IpNet>,
 }
 
 /// Keeps the datapath in line with the cluster state.
@@ -94,10 +137,36 @@ pub struct Reconciler {
     allocator: IdentityAllocator,
     cache: CompileCache,
     workloads: BTreeMap<PodKey, LocalWorkload>,
-    addresses: std::sync::Arc<BTreeMap<IpNet, u32>>,
+    identities: WrittenIdentities,
     compiled: Compiled,
+    /// Workloads whose rules could not be written in full, with the reason.
+    degraded: BTreeMap<PodKey, String>,
+    /// Why the node's identity entries could not be updated, if they could not.
+    identities_degraded: Option<String>,
+    /// Pods refused an attachment point, with the reason.
+    refused: BTreeMap<PodKey, String>,
     /// Runtime mode overrides (set through the admin socket), above annotations.
     pub overrides: Overrides,
+}
+
+/// Where a pod attaches, or why it may not.
+enum Placement {
+    /// Not on this node (or nothing of it is here yet).
+    Elsewhere,
+    At(AttachPoint),
+    /// The pod claimed `claimed` (an interface name or a cgroup directory) and may not have it.
+    Refused {
+        claimed: String,
+        why: String,
+    },
+}
+
+/// What an attachment point is called in messages: the interface or the cgroup directory.
+fn subject(point: &AttachPoint) -> String {
+    match point {
+        AttachPoint::Tc { iface } => iface.clone(),
+        AttachPoint::Cgroup { path } => path.display().to_string(),
+    }
 }
 
 impl Reconciler {
@@ -108,8 +177,11 @@ impl Reconciler {
             allocator: IdentityAllocator::default(),
             cache: CompileCache::default(),
             workloads: BTreeMap::new(),
-            addresses: Default::default(),
+            identities: WrittenIdentities::default(),
             compiled: Compiled::default(),
+            degraded: BTreeMap::new(),
+            identities_degraded: None,
+            refused: BTreeMap::new(),
             overrides: Overrides::default(),
         }
     }
@@ -124,31 +196,157 @@ impl Reconciler {
         &self.compiled
     }
 
-    /// Where a pod attaches on this node, if it is local.
-    fn attach_point(&self, pod: &PodInfo, routes: &routes::RouteTables) -> Option<AttachPoint> {
+    /// Workloads whose rules are not fully in force, with the reason.
+    pub fn degraded(&self) -> &BTreeMap<PodKey, String> {
+        &self.degraded
+    }
+
+    /// Why the identity entries are out of date, if they are.
+    pub fn identities_degraded(&self) -> Option<&str> {
+        self.identities_degraded.as_deref()
+    }
+
+    /// Pods refused an attachment point, with the reason.
+    pub fn refused(&self) -> &BTreeMap<PodKey, String> {
+        &self.refused
+    }
+
+    /// The node's own addresses as last written (its network namespace and Node object).
+    pub fn host_addresses(&self) -> &BTreeSet<IpAddr> {
+        &self.identities.host
+    }
+
+    fn compile_options(&self, host: BTreeSet<IpAddr>) -> CompileOptions {
+        CompileOptions {
+            default_mode: self.options.default_mode,
+            pod_mode_annotations: self.options.pod_mode_annotations,
+            node_addresses: NodeAddresses::This(host),
+        }
+    }
+
+    /// Where a pod attaches on this node, checked: annotations (when trusted) choose the kind
+    /// and the point, and must name the pod's own; without them its routed device, else its
+    /// cgroup directory.
+    fn placement(&self, pod: &PodInfo, network: &NodeNetwork) -> Placement {
         if let (Some(node), Some(pod_node)) = (&self.options.node_name, &pod.node_name)
             && node != pod_node
         {
-            return None;
+            return Placement::Elsewhere;
         }
-        if let Some(iface) = pod.annotations.get(INTERFACE_ANNOTATION) {
-            return Some(AttachPoint::Tc {
-                iface: iface.clone(),
-            });
-        }
-        if let Some(path) = pod.annotations.get(CGROUP_ANNOTATION) {
-            let path = PathBuf::from(path);
-            let path = if path.is_absolute() {
-                path
-            } else {
-                self.options.cgroup_root.join(path)
+        let trusted = |key: &str| {
+            self.options
+                .trust_attach_annotations
+                .then(|| pod.annotations.get(key))
+                .flatten()
+        };
+        if let Some(iface) = trusted(INTERFACE_ANNOTATION) {
+            return match network.check_interface(iface, &pod.ips) {
+                Ok(()) => Placement::At(AttachPoint::Tc {
+                    iface: iface.clone(),
+                }),
+                Err(why) => Placement::Refused {
+                    claimed: iface.clone(),
+                    why: format!("{INTERFACE_ANNOTATION}: {why}"),
+                },
             };
-            return Some(AttachPoint::Cgroup { path });
         }
-        pod.ips
-            .iter()
-            .find_map(|ip| routes.local_interface(*ip))
-            .map(|iface| AttachPoint::Tc { iface })
+        if let Some(path) = trusted(CGROUP_ANNOTATION) {
+            let root = &self.options.cgroup_root;
+            return match points::check_cgroup(root, path, &pod.uid) {
+                Ok(path) => Placement::At(AttachPoint::Cgroup { path }),
+                Err(why) => Placement::Refused {
+                    claimed: root
+                        .join(path)
+                        .canonicalize()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|_| path.clone()),
+                    why: format!("{CGROUP_ANNOTATION}: {why}"),
+                },
+            };
+        }
+        if let Some(iface) = network.pod_interface(&pod.ips) {
+            return Placement::At(AttachPoint::Tc { iface });
+        }
+        match points::pod_cgroup(&self.options.cgroup_root, &pod.uid) {
+            Some(path) => Placement::At(AttachPoint::Cgroup { path }),
+            None => Placement::Elsewhere,
+        }
+    }
+
+    /// This node's pods and their attachment points. A point goes to the workload that holds
+    /// it, else to the first pod that claims it; every other claimant is refused with both
+    /// names, and the owner keeps its programs.
+    fn local_points(
+        &self,
+        state: &ClusterState,
+        network: &NodeNetwork,
+    ) -> (BTreeMap<PodKey, AttachPoint>, BTreeMap<PodKey, String>) {
+        let mut wanted: Vec<(&PodKey, AttachPoint)> = Vec::new();
+        let mut claims: Vec<(&PodKey, String, String)> = Vec::new();
+        for (key, pod) in &state.pods {
+            match self.placement(pod, network) {
+                Placement::Elsewhere => {}
+                Placement::At(point) => wanted.push((key, point)),
+                Placement::Refused { claimed, why } => claims.push((key, claimed, why)),
+            }
+        }
+        let mut owners: BTreeMap<AttachPoint, PodKey> = BTreeMap::new();
+        for (key, point) in &wanted {
+            if self.workloads.get(*key).is_some_and(|w| w.point == *point) {
+                owners.insert(point.clone(), (*key).clone());
+            }
+        }
+        let mut local = BTreeMap::new();
+        for (key, point) in wanted {
+            let owner = owners.entry(point.clone()).or_insert_with(|| key.clone());
+            if owner == key {
+                local.insert(key.clone(), point);
+            } else {
+                claims.push((
+                    key,
+                    subject(&point),
+                    format!("{} is another workload's attachment point", subject(&point)),
+                ));
+            }
+        }
+        let refused = claims
+            .into_iter()
+            .map(|(key, claimed, mut why)| {
+                if let Some((_, owner)) = owners.iter().find(|(p, _)| subject(p) == claimed)
+                    && owner != key
+                {
+                    why.push_str(&format!(
+                        "; it is {}/{}'s, which keeps it",
+                        owner.0, owner.1
+                    ));
+                }
+                (key.clone(), why)
+            })
+            .collect();
+        (local, refused)
+    }
+
+    /// Whether the node's own addresses differ from those last written (an address was added
+    /// or removed): one netlink dump, cheap enough for every poll.
+    pub fn node_addresses_changed(&self, state: &ClusterState) -> bool {
+        let Ok(addresses) = attach::netlink::addresses() else {
+            return false;
+        };
+        self.node_addresses(state, addresses.into_iter().map(|a| a.ip).collect())
+            != self.identities.host
+    }
+
+    /// The node's own addresses: its network namespace's (`host`) and its Node object's.
+    fn node_addresses(&self, state: &ClusterState, mut host: BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+        if let Some(node) = self
+            .options
+            .node_name
+            .as_ref()
+            .and_then(|n| state.nodes.get(n))
+        {
+            host.extend(node.addresses.iter().copied());
+        }
+        host
     }
 
     /// Brings the datapath in line with `state`.
@@ -162,19 +360,29 @@ impl Reconciler {
         let mut report = ReconcileReport::default();
         let stats_before = self.datapath.maps.stats;
 
-        let mut local: BTreeMap<PodKey, AttachPoint> = BTreeMap::new();
-        let routes = routes::RouteTables::read();
-        for (key, pod) in &state.pods {
-            if let Some(point) = self.attach_point(pod, &routes) {
-                local.insert(key.clone(), point);
+        let network = NodeNetwork::read().map_err(|source| {
+            DatapathError::Maps(MapsError::Io {
+                what: "read the node's interfaces and addresses",
+                source,
+            })
+        })?;
+        let host = self.node_addresses(state, network.addresses());
+        let (local, refused) = self.local_points(state, &network);
+        for (key, why) in &refused {
+            if self.refused.get(key) != Some(why) {
+                warn!(namespace = %key.0, pod = %key.1, reason = %why, "attachment refused");
             }
+            report.refused.push(format!("{}/{}: {why}", key.0, key.1));
         }
+        self.refused = refused;
+
         let targets: BTreeSet<PodKey> = local.keys().cloned().collect();
+        let options = self.compile_options(host.clone());
         let mut compiled = compile_cached(
             state,
             &mut self.allocator,
             Some(&targets),
-            self.options.default_mode,
+            &options,
             &mut self.cache,
         );
         let mut mode_sources = BTreeMap::new();
@@ -184,7 +392,7 @@ impl Reconciler {
                     p.mode = mode;
                     "override"
                 }
-                None => mode_and_source(state, &state.pods[key], self.options.default_mode).1,
+                None => mode_and_source(state, &state.pods[key], &options).1,
             };
             mode_sources.insert(key.clone(), source);
         }
@@ -201,12 +409,15 @@ impl Reconciler {
             let w = self.workloads.remove(&key).expect("listed");
             self.datapath.detach(w.slot)?;
             self.datapath.maps.clear_workload(w.slot)?;
+            self.degraded.remove(&key);
             info!(namespace = %key.0, pod = %key.1, slot = w.slot, "detached");
             report.detached.push(format!("{}/{}", key.0, key.1));
         }
+        self.degraded.retain(|k, _| local.contains_key(k));
 
         // 1. make
-        let mut used: BTreeSet<u32> = self.workloads.values().map(|w| w.slot).collect();
+        let owned: BTreeSet<u32> = self.workloads.values().map(|w| w.slot).collect();
+        let mut used = owned.clone();
         // Slots attached by an earlier agent (adopted at load) stay reserved until claimed.
         used.extend(self.datapath.attached().iter().map(|a| a.slot));
         let mut free = (1..agent_common::MAX_WORKLOADS).filter(|s| !used.contains(s));
@@ -221,7 +432,7 @@ impl Reconciler {
                 None => {
                     let claimed = attach::point_key(point)
                         .ok()
-                        .and_then(|route| self.datapath.claim(route, point));
+                        .and_then(|route| self.datapath.claim(route, point, &owned));
                     match claimed {
                         Some((slot, method)) => {
                             info!(namespace = %key.0, pod = %key.1, slot, "adopted the running attachment");
@@ -242,56 +453,51 @@ impl Reconciler {
             };
             // Nothing changed for this workload: no entries to stage (the common case of a
             // change elsewhere in a large cluster).
-            if self.workloads.get(key).is_some_and(|w| w.policy == policy) {
+            if self.workloads.get(key).is_some_and(|w| w.policy == policy)
+                && !self.degraded.contains_key(key)
+            {
                 unchanged.push(key.clone());
                 continue;
             }
             match self.datapath.maps.stage_rules(slot, &policy) {
-                Ok(s) => staged.push((key.clone(), point.clone(), slot, policy, s)),
+                Ok(s) => {
+                    self.degraded.remove(key);
+                    staged.push((key.clone(), point.clone(), slot, policy, Some(s)));
+                }
                 Err(e) => {
-                    warn!(namespace = %key.0, pod = %key.1, error = %e, "rules not applied");
+                    warn!(namespace = %key.0, pod = %key.1, error = %e, "rules not applied; the last complete rules stay");
                     report.errors.push(format!("{}/{}: {e}", key.0, key.1));
+                    self.degraded.insert(
+                        key.clone(),
+                        format!("rules could not be written ({e}); the last complete rules stay in force"),
+                    );
+                    if !self.workloads.contains_key(key) {
+                        // New: attached isolated with no rules, denying in its mode.
+                        let empty = WorkloadPolicy {
+                            ingress: vec![],
+                            egress: vec![],
+                            services: vec![],
+                            ..policy
+                        };
+                        staged.push((key.clone(), point.clone(), slot, empty, None));
+                    }
                 }
             }
         }
 
-        // 2. identities of new and changed addresses (nothing to compare when the compiler
-        // reused the identities of the last reconcile)
-        let same_identities = std::sync::Arc::ptr_eq(&self.addresses, &compiled.addresses);
-        let identities_changed = if same_identities {
-            0
-        } else {
-            compiled
-                .addresses
-                .iter()
-                .filter(|(net, id)| self.addresses.get(*net) != Some(*id))
-                .count()
-                + self
-                    .addresses
-                    .keys()
-                    .filter(|net| !compiled.addresses.contains_key(*net))
-                    .count()
-        };
-        if !same_identities {
-            for (net, id) in compiled.addresses.iter() {
-                if self.addresses.get(net) != Some(id) {
-                    self.datapath.maps.set_identity(*net, *id)?;
-                }
-            }
-        }
-        report.identities_changed = identities_changed;
+        // 2. identities of new and changed addresses
+        let identities_changed = self.write_identities(&compiled, host, &mut report);
 
         // 3. configurations, then attachments of new workloads
-        let mut changed_slots = Vec::new();
+        let mut bump_rules = Vec::new();
         let mut to_finish = Vec::new();
         for (key, point, slot, policy, staged_rules) in staged {
-            let changed = self.datapath.maps.rules_changed(&staged_rules);
             let existing = self.workloads.get(&key);
-            let is_new = existing.is_none();
-            let policy_changed = existing.is_none_or(|w| w.policy != policy);
+            let fresh = existing.is_none();
+            let rules_changed = existing.is_none_or(|w| w.policy.differs_beyond_services(&policy));
             if let Err(e) = self.datapath.maps.write_config(slot, &policy) {
                 report.errors.push(format!("{}/{}: {e}", key.0, key.1));
-                to_finish.push(staged_rules);
+                to_finish.extend(staged_rules);
                 continue;
             }
             let method = match existing
@@ -308,18 +514,19 @@ impl Reconciler {
                     Err(e) => {
                         warn!(namespace = %key.0, pod = %key.1, error = %e, "attach failed");
                         report.errors.push(format!("{}/{}: {e}", key.0, key.1));
-                        to_finish.push(staged_rules);
+                        to_finish.extend(staged_rules);
                         // Leave nothing half-programmed for a workload that is not attached.
                         let _ = self.datapath.maps.clear_workload(slot);
+                        self.degraded.remove(&key);
                         continue;
                     }
                 },
             };
-            if changed || policy_changed {
-                if !is_new {
+            if rules_changed || fresh {
+                if !fresh {
                     report.updated.push(format!("{}/{}", key.0, key.1));
                 }
-                changed_slots.push(slot);
+                bump_rules.push(slot);
             }
             let pod_policy = &compiled.pods[&key];
             self.workloads.insert(
@@ -335,7 +542,7 @@ impl Reconciler {
                     mode_source: mode_sources.get(&key).copied().unwrap_or("default"),
                 },
             );
-            to_finish.push(staged_rules);
+            to_finish.extend(staged_rules);
         }
 
         for key in unchanged {
@@ -368,23 +575,18 @@ impl Reconciler {
         for staged_rules in to_finish {
             self.datapath.maps.finish_rules(staged_rules)?;
         }
-        if !same_identities {
-            for net in self.addresses.keys() {
-                if !compiled.addresses.contains_key(net) {
-                    self.datapath.maps.remove_identity(*net)?;
-                }
-            }
-        }
-        self.addresses = compiled.addresses.clone();
+        self.remove_stale_identities();
 
         // 5. re-evaluate tracked flows where decisions may differ
-        let slots: Vec<u32> = if identities_changed > 0 {
-            self.workloads.values().map(|w| w.slot).collect()
-        } else {
-            changed_slots
-        };
-        for slot in slots {
-            self.datapath.maps.bump_epoch(slot)?;
+        for slot in &bump_rules {
+            self.datapath.maps.bump_epoch(*slot)?;
+        }
+        if identities_changed > 0 {
+            for w in self.workloads.values() {
+                if !bump_rules.contains(&w.slot) {
+                    self.datapath.maps.bump_peer_epoch(w.slot)?;
+                }
+            }
         }
         self.compiled = compiled;
         report.entries_written = self.datapath.maps.stats.written - stats_before.written;
@@ -400,6 +602,86 @@ impl Reconciler {
         Ok(report)
     }
 
+    /// Phase 2: writes the identity entries that are new or changed (pods, Service frontends,
+    /// the node's addresses, which win over anything else claiming them). On a failed write
+    /// the previous entries are put back and the node is marked degraded. Returns how many
+    /// entries changed.
+    fn write_identities(
+        &mut self,
+        compiled: &Compiled,
+        host: BTreeSet<IpAddr>,
+        report: &mut ReconcileReport,
+    ) -> usize {
+        let same = Arc::ptr_eq(&self.identities.pods, &compiled.addresses)
+            && Arc::ptr_eq(&self.identities.services, &compiled.service_addresses)
+            && self.identities.host == host
+            && self.identities_degraded.is_none();
+        if same {
+            return 0;
+        }
+        let mut merged: BTreeMap<IpNet, u32> = compiled.addresses.as_ref().clone();
+        merged.extend(compiled.service_addresses.iter().map(|(k, v)| (*k, *v)));
+        merged.extend(
+            host.iter()
+                .map(|ip| (IpNet::from(*ip), agent_common::IDENTITY_HOST)),
+        );
+        let old = &self.identities.merged;
+        let mut written: Vec<(IpNet, Option<u32>)> = Vec::new();
+        let mut failed = None;
+        for (net, id) in &merged {
+            let before = old.get(net).copied();
+            if before == Some(*id) {
+                continue;
+            }
+            match self.datapath.maps.set_identity(*net, *id) {
+                Ok(()) => written.push((*net, before)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for (net, before) in written.into_iter().rev() {
+                let _ = match before {
+                    Some(id) => self.datapath.maps.set_identity(net, id),
+                    None => self.datapath.maps.remove_identity(net),
+                };
+            }
+            warn!(error = %e, "identity entries not updated; the previous ones stay in force");
+            report.errors.push(format!("identities: {e}"));
+            self.identities_degraded = Some(format!(
+                "identity entries could not be written ({e}); the previous ones stay in force"
+            ));
+            return 0;
+        }
+        self.identities_degraded = None;
+        let changed = written.len() + old.keys().filter(|net| !merged.contains_key(*net)).count();
+        report.identities_changed = changed;
+        self.identities
+            .stale
+            .extend(old.keys().filter(|net| !merged.contains_key(*net)));
+        self.identities.pods = compiled.addresses.clone();
+        self.identities.services = compiled.service_addresses.clone();
+        self.identities.host = host;
+        self.identities.merged = merged;
+        changed
+    }
+
+    /// Phase 4 for identities: entries no longer wanted go (an address that came back in the
+    /// meantime stays).
+    fn remove_stale_identities(&mut self) {
+        for net in std::mem::take(&mut self.identities.stale) {
+            if self.identities.merged.contains_key(&net) {
+                continue;
+            }
+            if let Err(e) = self.datapath.maps.remove_identity(net) {
+                warn!(address = %net, error = %e, "stale identity not removed; retrying");
+                self.identities.stale.push(net);
+            }
+        }
+    }
+
     /// Applies the current overrides and annotations to the modes of attached workloads:
     /// one map write per workload whose mode changes, no recompile. What `tollgate mode`
     /// does, so a flip takes microseconds, not a reconcile.
@@ -408,11 +690,12 @@ impl Reconciler {
         state: &ClusterState,
     ) -> Result<Vec<(PodKey, Mode, Mode)>, MapsError> {
         let mut changed = Vec::new();
+        let options = self.compile_options(BTreeSet::new());
         for (key, w) in self.workloads.iter_mut() {
             let (mode, source) = match self.overrides.mode_for(key) {
                 Some(m) => (m, "override"),
                 None => match state.pods.get(key) {
-                    Some(pod) => mode_and_source(state, pod, self.options.default_mode),
+                    Some(pod) => mode_and_source(state, pod, &options),
                     None => continue,
                 },
             };

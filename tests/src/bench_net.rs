@@ -206,7 +206,7 @@ fn in_node(lab: &Lab, program: &str, args: &[&str], stdin: &str) {
 
 /// Tollgate's policy: each workload isolated both ways, `rules` allowed peers each (the
 /// client among them), TCP and UDP on every port the benchmark uses.
-fn tollgate_policy(mode: Mode, peer_identity: u32, rules: usize) -> WorkloadPolicy {
+fn tollgate_policy(mode: Mode, peer_identity: u32, rules: usize, own: &Pod) -> WorkloadPolicy {
     let mut allow: Vec<AllowRule> = (0..rules.saturating_sub(1))
         .map(|i| AllowRule {
             peer: Peer::Identity(1000 + i as u32),
@@ -225,7 +225,9 @@ fn tollgate_policy(mode: Mode, peer_identity: u32, rules: usize) -> WorkloadPoli
         isolated_egress: true,
         ingress: allow.clone(),
         egress: allow,
+        ..WorkloadPolicy::default()
     }
+    .sending_from(&own.addrs())
 }
 
 enum Config {
@@ -304,10 +306,10 @@ pub fn run(runs: usize) -> Vec<NetFigure> {
                 Config::Baseline => {}
                 Config::Tollgate(mode, rules) => {
                     dp.maps
-                        .set_workload(1, &tollgate_policy(*mode, id_b, *rules))
+                        .set_workload(1, &tollgate_policy(*mode, id_b, *rules, &a))
                         .unwrap();
                     dp.maps
-                        .set_workload(2, &tollgate_policy(*mode, id_a, *rules))
+                        .set_workload(2, &tollgate_policy(*mode, id_a, *rules, &b))
                         .unwrap();
                     attach_tc(&lab, &mut dp, 1, &a);
                     attach_tc(&lab, &mut dp, 2, &b);

@@ -13,6 +13,7 @@ use tollgate::{
     Datapath, Mode, WorkloadPolicy,
     attach::{AttachMethod, TcMode},
     compile::PortMatch,
+    maps::WorkloadAddresses,
     maps::addr_from_bytes,
 };
 use tollgate_tests::{
@@ -49,11 +50,13 @@ fn isolated_b(mode: Mode, tc_mode: TcMode) -> Scenario {
     register(&mut dp, &b, ID_B);
     register(&mut dp, &c, ID_C);
     let policy = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(b.addrs()),
         mode,
         isolated_ingress: true,
         isolated_egress: false,
         ingress: vec![allow_tcp(ID_A, 80), allow_udp(ID_A, 53)],
         egress: vec![],
+        ..Default::default()
     };
     dp.maps.set_workload(1, &policy).expect("set workload");
     attach_tc(&lab, &mut dp, 1, &b);
@@ -70,7 +73,10 @@ fn open_workloads_pass_and_every_packet_is_counted() {
     // a is attached but no policy selects it, in drop mode: nothing to drop. c is not
     // attached at all.
     dp.maps
-        .set_workload(1, &WorkloadPolicy::open(Mode::Drop))
+        .set_workload(
+            1,
+            &WorkloadPolicy::open(Mode::Drop).sending_from(&a.addrs()),
+        )
         .unwrap();
     let method = attach_tc(&lab, &mut dp, 1, &a);
     assert_eq!(method, AttachMethod::Tcx, "kernel 6.6+ attaches with TCX");
@@ -338,11 +344,13 @@ fn replies_pass_while_new_connections_the_other_way_are_evaluated() {
     register(&mut dp, &b, ID_B);
     // a: isolated both ways; nothing may come in, it may reach b on TCP 80 and UDP 9999.
     let policy = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(a.addrs()),
         mode: Mode::Drop,
         isolated_ingress: true,
         isolated_egress: true,
         ingress: vec![],
         egress: vec![allow_tcp(ID_B, 80), allow_udp(ID_B, 9999)],
+        ..Default::default()
     };
     dp.maps.set_workload(1, &policy).unwrap();
     attach_tc(&lab, &mut dp, 1, &a);
@@ -525,11 +533,13 @@ fn cgroup_attachment_counts_and_enforces_socket_traffic() {
     register(&mut dp, &c, ID_C);
     // b in its cgroup: ingress only from a on UDP 53 and TCP 80, egress only to c on UDP 53.
     let policy = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(b.addrs()),
         mode: Mode::Log,
         isolated_ingress: true,
         isolated_egress: true,
         ingress: vec![allow_udp(ID_A, 53), allow_tcp(ID_A, 80)],
         egress: vec![allow_udp(ID_C, 53)],
+        ..Default::default()
     };
     dp.maps.set_workload(1, &policy).unwrap();
     attach_cgroup(&mut dp, 1, &b);
@@ -595,6 +605,7 @@ fn ip_blocks_with_except_port_ranges_and_world_peers() {
     register(&mut dp, &a, ID_A);
     let o2_v4 = format!("{}/32", o2.ipv4);
     let policy = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(a.addrs()),
         mode: Mode::Drop,
         isolated_ingress: false,
         isolated_egress: true,
@@ -611,6 +622,7 @@ fn ip_blocks_with_except_port_ranges_and_world_peers() {
             ),
             allow(cidr("2001:db8::/32", &[]), PortMatch::Protocol(PROTO_UDP)),
         ],
+        ..Default::default()
     };
     dp.maps.set_workload(1, &policy).unwrap();
     attach_tc(&lab, &mut dp, 1, &a);
@@ -683,6 +695,7 @@ fn a_rule_change_re_evaluates_tracked_flows() {
     assert_eq!(got.in_would_drop, 2);
     // Allow UDP 54: the tracked would-drop flow is allowed from its next packet on.
     let policy = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(b.addrs()),
         mode: Mode::Log,
         isolated_ingress: true,
         isolated_egress: false,
@@ -692,6 +705,7 @@ fn a_rule_change_re_evaluates_tracked_flows() {
             allow_udp(ID_A, 54),
         ],
         egress: vec![],
+        ..Default::default()
     };
     dp.maps.set_workload(1, &policy).unwrap();
     let got = measure(&lab, &dp, 1, || {

@@ -8,6 +8,7 @@ use agent_common::{Config, DIR_INGRESS, diag, program_names, tcp_state, workload
 use tollgate::{
     Mode, WorkloadPolicy,
     attach::{AttachMethod, AttachPoint, TcMode},
+    maps::WorkloadAddresses,
     maps::addr_bytes,
 };
 use tollgate_tests::{
@@ -166,11 +167,13 @@ fn closed_tcp_connections_expire_sooner_than_established_ones() {
         })
         .unwrap();
     let policy = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(b.addrs()),
         mode: Mode::Drop,
         isolated_ingress: true,
         isolated_egress: false,
         ingress: vec![allow_tcp(ID_A, 80), allow_udp(ID_A, 53)],
         egress: vec![],
+        ..Default::default()
     };
     dp.maps.set_workload(1, &policy).unwrap();
     attach_tc(&lab, &mut dp, 1, &b);
@@ -240,11 +243,13 @@ fn a_flood_of_denied_flows_is_rate_limited_in_the_kernel_and_every_suppressed_ev
         })
         .unwrap();
     let policy = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(b.addrs()),
         mode: Mode::Log,
         isolated_ingress: true,
         isolated_egress: false,
         ingress: vec![],
         egress: vec![],
+        ..Default::default()
     };
     dp.maps.set_workload(1, &policy).unwrap();
     attach_tc(&lab, &mut dp, 1, &b);
@@ -288,17 +293,19 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     // Packets of BPF_PROG_TEST_RUN arrive on the loopback device (ifindex 1) of the node
     // namespace; tc_from_pod sees them as egress of slot 1.
     dp.maps.set_tc_slot(1, 1).unwrap();
+    // The frames come from 10.1.0.10 and fd77:1::a: the workload's own addresses.
+    let own: Vec<std::net::IpAddr> =
+        vec!["10.1.0.10".parse().unwrap(), "fd77:1::a".parse().unwrap()];
     let isolated = |dp: &mut tollgate::Datapath, mode: Mode| {
         dp.maps
             .set_workload(
                 1,
                 &WorkloadPolicy {
                     mode,
-                    isolated_ingress: false,
                     isolated_egress: true,
-                    ingress: vec![],
-                    egress: vec![],
-                },
+                    ..Default::default()
+                }
+                .sending_from(&own),
             )
             .unwrap()
     };
@@ -334,6 +341,8 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     };
     let orphan_fragment = eth(0x0800, &ipv4(17, 100, &[0u8; 16]));
     let arp = eth(0x0806, &[0u8; 28]);
+    // LLDP: neither IP nor ARP.
+    let lldp = eth(0x88cc, &[0u8; 32]);
     let neighbour_solicitation = eth(0x86DD, &ipv6(58, &[135, 0, 0, 0, 0, 0, 0, 0]));
     let valid = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 53, 8)));
     // IPv4 with 8 bytes of options (IHL 7): the UDP header starts after them.
@@ -348,7 +357,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
 
     // Not isolated: everything passes and counts as allowed, link plumbing is not counted.
     dp.maps
-        .set_workload(1, &WorkloadPolicy::open(Mode::Drop))
+        .set_workload(1, &WorkloadPolicy::open(Mode::Drop).sending_from(&own))
         .unwrap();
     let before = Packets::read(&dp, 1);
     for frame in [
@@ -358,13 +367,14 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         &deep_v6,
         &orphan_fragment,
         &arp,
+        &lldp,
         &neighbour_solicitation,
         &valid,
         &with_options,
     ] {
         assert_eq!(runs(&dp, frame), PASS);
     }
-    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 7);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 8);
     let d = dp.maps.diag().unwrap();
     assert_eq!(
         d[diag::TRUNCATED as usize],
@@ -374,7 +384,8 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     assert_eq!(d[diag::BAD_HEADER as usize], 1);
     assert_eq!(d[diag::IPV6_EXT_UNPARSED as usize], 1);
     assert_eq!(d[diag::FRAGMENT_UNKNOWN as usize], 1);
-    assert_eq!(d[diag::NON_IP as usize], 1);
+    assert_eq!(d[diag::NON_IP as usize], 1, "LLDP");
+    assert_eq!(d[diag::ARP as usize], 1);
     assert_eq!(d[diag::ICMPV6_LINK_CONTROL as usize], 1);
     let mut tracked: Vec<(u16, u16)> = dp
         .maps
@@ -402,10 +413,11 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         &short_tcp,
         &deep_v6,
         &orphan_fragment,
+        &lldp,
     ] {
         assert_eq!(runs(&dp, frame), DROP);
     }
-    assert_eq!(runs(&dp, &arp), PASS);
+    assert_eq!(runs(&dp, &arp), PASS, "only ARP passes whatever the policy");
     assert_eq!(
         runs(&dp, &neighbour_solicitation),
         PASS,
@@ -414,7 +426,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     assert_eq!(
         Packets::read(&dp, 1).since(before),
         Packets {
-            out_dropped: 5,
+            out_dropped: 6,
             ..Default::default()
         }
     );
@@ -428,10 +440,11 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         &short_tcp,
         &deep_v6,
         &orphan_fragment,
+        &lldp,
     ] {
         assert_eq!(runs(&dp, frame), PASS);
     }
-    assert_eq!(Packets::read(&dp, 1).since(before).out_would_drop, 5);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_would_drop, 6);
     assert_eq!(
         dp.maps.conntrack().len(),
         2,

@@ -288,8 +288,12 @@ fn a_change_rewrites_only_the_entries_it_affects() {
     };
     let first = apply(&scenario);
     assert_eq!(first.attached.len(), 9);
-    // 9 pods x 2 addresses of identities, x/a's rules (3 identities of y on TCP 80).
-    assert_eq!(first.entries_written, 18 + 3);
+    // The node's own addresses (169.254.1.1, and 127.0.0.1 and ::1 on its loopback).
+    let host = lab.in_node(tollgate::attach::netlink::addresses).unwrap();
+    assert_eq!(host.len(), 3, "{host:?}");
+    // 9 pods x 2 addresses of identities, the node's 3, x/a's rules (3 identities of y on
+    // TCP 80).
+    assert_eq!(first.entries_written, 18 + 3 + 3);
 
     let again = apply(&scenario);
     assert_eq!(

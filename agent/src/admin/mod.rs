@@ -76,6 +76,12 @@ pub struct WorkloadStatus {
     pub egress: DirectionCounters,
     /// Seconds since the last would-drop, if any was seen.
     pub seconds_since_would_drop: Option<u64>,
+    /// Packets it sent from addresses that are not its own.
+    #[serde(default)]
+    pub spoofed: u64,
+    /// Why its rules are not fully in force, if they are not.
+    #[serde(default)]
+    pub degraded: Option<String>,
 }
 
 /// The agent's state.
@@ -87,6 +93,18 @@ pub struct Status {
     pub policies: usize,
     pub policy_errors: Vec<String>,
     pub overrides: BTreeMap<String, Mode>,
+    /// Notes on the cluster state that are not errors (ignored mode annotations, SCTP).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Pods refused an attachment point that is not provably theirs.
+    #[serde(default)]
+    pub refused: Vec<String>,
+    /// Why the agent is degraded (`/readyz` fails while this is not empty).
+    #[serde(default)]
+    pub degraded: Vec<String>,
+    /// The node's own addresses (the peer `host`).
+    #[serde(default)]
+    pub host_addresses: Vec<String>,
 }
 
 /// What a mode change did.

@@ -6,6 +6,8 @@
 //! - `cgroup`: the workload's cgroup v2 directory (cgroup_skb ingress and egress), which
 //!   works with any CNI and for host-network pods.
 
+pub mod netlink;
+pub mod points;
 pub mod routes;
 
 use std::{
@@ -95,7 +97,9 @@ pub enum TcMode {
 }
 
 /// Where a workload's traffic is seen.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachPoint {
     /// Host side of the workload's network interface.

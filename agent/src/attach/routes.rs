@@ -60,24 +60,20 @@ impl RouteTables {
         RouteTables { ipv4: v4, ipv6: v6 }
     }
 
-    /// The interface a direct (gateway-less, non-default) route for `ip` leaves through.
-    /// `None` for addresses reached via a gateway, the default route or loopback.
-    pub fn local_interface(&self, ip: IpAddr) -> Option<String> {
+    /// The longest-prefix route for `ip`: (prefix length, has a gateway, interface).
+    fn best_route(&self, ip: IpAddr) -> Option<(u32, bool, &str)> {
         match ip {
             IpAddr::V4(v4) => {
                 let addr = u32::from_le_bytes(v4.octets());
-                let (mask, gateway, iface) = self
-                    .ipv4
+                self.ipv4
                     .iter()
                     .filter(|(dest, mask, _, _)| addr & mask == *dest)
                     .max_by_key(|(_, mask, _, _)| mask.count_ones())
-                    .map(|(_, m, g, i)| (*m, *g, i))?;
-                (mask != 0 && gateway == 0 && iface != "lo").then(|| iface.clone())
+                    .map(|(_, m, g, i)| (m.count_ones(), *g != 0, i.as_str()))
             }
             IpAddr::V6(v6) => {
                 let addr = u128::from(v6);
-                let (len, next_hop, iface) = self
-                    .ipv6
+                self.ipv6
                     .iter()
                     .filter(|(dest, len, _, _)| {
                         let mask = if *len == 0 {
@@ -88,10 +84,40 @@ impl RouteTables {
                         addr & mask == *dest
                     })
                     .max_by_key(|(_, len, _, _)| *len)
-                    .map(|(_, l, n, i)| (*l, *n, i))?;
-                (len != 0 && next_hop == 0 && iface != "lo").then(|| iface.clone())
+                    .map(|(_, l, n, i)| (*l, *n != 0, i.as_str()))
             }
         }
+    }
+
+    /// The interface a direct (gateway-less, non-default) route for `ip` leaves through.
+    /// `None` for addresses reached via a gateway, the default route or loopback.
+    pub fn local_interface(&self, ip: IpAddr) -> Option<String> {
+        let (len, gateway, iface) = self.best_route(ip)?;
+        (len != 0 && !gateway && iface != "lo").then(|| iface.to_string())
+    }
+
+    /// The interface holding a host route (/32, /128, no gateway) to `ip`, when that is the
+    /// route the node uses for it: the routed per-pod device of Calico-style CNIs.
+    pub fn host_route_interface(&self, ip: IpAddr) -> Option<&str> {
+        let full = if ip.is_ipv4() { 32 } else { 128 };
+        let (len, gateway, iface) = self.best_route(ip)?;
+        (len == full && !gateway).then_some(iface)
+    }
+
+    /// Interfaces that carry a default route (the node's uplinks).
+    pub fn default_route_interfaces(&self) -> std::collections::BTreeSet<&str> {
+        self.ipv4
+            .iter()
+            .filter(|(_, mask, _, _)| *mask == 0)
+            .map(|(_, _, _, i)| i.as_str())
+            .chain(
+                self.ipv6
+                    .iter()
+                    .filter(|(_, len, _, _)| *len == 0)
+                    .map(|(_, _, _, i)| i.as_str()),
+            )
+            .filter(|i| *i != "lo")
+            .collect()
     }
 }
 
@@ -138,5 +164,27 @@ mod tests {
             Some("cali1")
         );
         assert_eq!(ipv6_route(v6, "2001:db8::1".parse().unwrap()), None);
+
+        let tables = RouteTables::parse(table, v6);
+        assert_eq!(
+            tables.host_route_interface("10.1.0.10".parse().unwrap()),
+            Some("cali1")
+        );
+        assert_eq!(
+            tables.host_route_interface("192.0.2.7".parse().unwrap()),
+            None,
+            "a /24 on the uplink is not a pod's host route"
+        );
+        assert_eq!(
+            tables.host_route_interface("fd77:1::10".parse().unwrap()),
+            Some("cali1")
+        );
+        assert_eq!(
+            tables
+                .default_route_interfaces()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec!["eth0"]
+        );
     }
 }

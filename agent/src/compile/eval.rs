@@ -5,13 +5,15 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use agent_common::{
     DIR_EGRESS, DIR_INGRESS, FAMILY_IPV4, FAMILY_IPV6, IDENTITY_WORLD, LPM_ADDR_FIXED_BITS,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, is_service_identity,
 };
 use ipnet::IpNet;
 
 use super::{
-    policy::{Compiled, PodKey},
-    rules::{CidrSetIds, RuleError, RulesetEntries, compile_ruleset},
+    model::{ClusterState, NamedPort, Protocol},
+    policy::{Compiled, NodeAddresses, PodKey},
+    rules::{AllowRule, CidrSetIds, RuleError, RulesetEntries, compile_ruleset},
+    services::Frontend,
 };
 use crate::maps::addr_bytes;
 
@@ -28,35 +30,78 @@ pub struct SideDecision {
 pub struct Evaluator {
     pub compiled: Compiled,
     entries: BTreeMap<PodKey, [RulesetEntries; 2]>,
+    /// The node addresses of each pod's node (traffic with them is always allowed).
+    nodes: NodeAddresses,
+    /// Each pod's workload name and node (`spec.nodeName`).
+    pods: BTreeMap<PodKey, (String, Option<String>)>,
+    named_ports: BTreeMap<PodKey, Vec<NamedPort>>,
 }
 
 const INGRESS_RULESET: u32 = 0;
 const EGRESS_RULESET: u32 = 1;
 
 impl Evaluator {
-    /// Compiles every pod's rulesets into entries.
-    pub fn new(compiled: Compiled) -> Result<Self, (PodKey, RuleError)> {
+    /// Compiles every pod's rulesets into entries. `state` is what `compiled` came from;
+    /// `nodes` says which addresses are each pod's node.
+    pub fn new(
+        compiled: Compiled,
+        state: &ClusterState,
+        nodes: NodeAddresses,
+    ) -> Result<Self, (PodKey, RuleError)> {
         let mut entries = BTreeMap::new();
         for (key, pod) in &compiled.pods {
             let mut ids = CidrSetIds::default();
             let ingress = compile_ruleset(INGRESS_RULESET, &pod.ingress, &mut ids)
                 .map_err(|e| (key.clone(), e))?;
-            let egress = compile_ruleset(EGRESS_RULESET, &pod.egress, &mut ids)
+            let egress_rules: Vec<AllowRule> =
+                pod.egress.iter().chain(&pod.services).cloned().collect();
+            let egress = compile_ruleset(EGRESS_RULESET, &egress_rules, &mut ids)
                 .map_err(|e| (key.clone(), e))?;
             entries.insert(key.clone(), [ingress, egress]);
         }
-        Ok(Evaluator { compiled, entries })
+        let pods = state
+            .pods
+            .iter()
+            .map(|(k, p)| (k.clone(), (p.workload.clone(), p.node_name.clone())))
+            .collect();
+        let named_ports = state
+            .pods
+            .iter()
+            .map(|(k, p)| (k.clone(), p.ports.clone()))
+            .collect();
+        Ok(Evaluator {
+            compiled,
+            entries,
+            nodes,
+            pods,
+            named_ports,
+        })
     }
 
-    /// Identity of an address: longest prefix in the identity entries, else world.
+    /// Identity of an address: longest prefix in the identity entries (pods, Service
+    /// frontends), else world.
     pub fn identity_of(&self, ip: IpAddr) -> u32 {
         self.compiled
             .addresses
             .iter()
+            .chain(self.compiled.service_addresses.iter())
             .filter(|(net, _)| net.contains(&ip))
             .max_by_key(|(net, _)| net.prefix_len())
             .map(|(_, id)| *id)
             .unwrap_or(IDENTITY_WORLD)
+    }
+
+    /// Whether `ip` is an address of the node `pod` runs on.
+    fn is_node_of(&self, pod: &PodKey, ip: IpAddr) -> bool {
+        let node = match &self.nodes {
+            NodeAddresses::This(set) => Some(set),
+            NodeAddresses::PerNode(by_node) => self
+                .pods
+                .get(pod)
+                .and_then(|(_, node)| node.as_ref())
+                .and_then(|n| by_node.get(n)),
+        };
+        node.is_some_and(|set| set.contains(&ip))
     }
 
     /// The decision of `pod` in `direction` on a new flow with `peer`, to `port`.
@@ -82,7 +127,7 @@ impl Evaluator {
                 EGRESS_RULESET,
             )
         };
-        if !isolated {
+        if !isolated || self.is_node_of(pod, peer) {
             return Some(SideDecision {
                 allowed: true,
                 policies: vec![],
@@ -94,7 +139,9 @@ impl Evaluator {
         if identity != IDENTITY_WORLD {
             rule = policy_lookup(entries, ruleset, identity, proto, port);
         }
+        // A Service address is allowed by its own entries only, as in the datapath.
         if rule.is_none()
+            && !is_service_identity(identity)
             && let Some(set) = cidr_lookup(entries, ruleset, peer)
         {
             rule = policy_lookup(entries, ruleset, set, proto, port);
@@ -117,7 +164,10 @@ impl Evaluator {
     }
 
     /// Both sides of a flow from `src` to `dst`. A side that is not a pod of the cluster has
-    /// nothing to enforce there: it allows.
+    /// nothing to enforce there: it allows. A flow to a Service address is decided at the
+    /// source's egress against the Service's backends (the entries the agent writes for it),
+    /// and at the ingress of every backend, on its target port: allowed only when all allow,
+    /// since kube-proxy may pick any of them.
     pub fn flow(
         &self,
         src: Endpoint,
@@ -135,13 +185,70 @@ impl Evaluator {
                 .unwrap_or_else(open),
             None => open(),
         };
-        let ingress = match &dst.pod {
-            Some(pod) => self
+        let ingress = match (&dst.pod, self.compiled.frontend_of_address(dst.ip)) {
+            (Some(pod), _) => self
                 .decide(pod, DIR_INGRESS, src.ip, proto, port)
                 .unwrap_or_else(open),
-            None => open(),
+            (None, Some(frontend)) => self.backends_ingress(frontend, &src, proto, port),
+            (None, None) => open(),
         };
         (egress, ingress)
+    }
+
+    /// The ingress side of a flow to a Service: every backend's own decision.
+    fn backends_ingress(
+        &self,
+        frontend: &Frontend,
+        src: &Endpoint,
+        proto: u8,
+        port: u16,
+    ) -> SideDecision {
+        let Some(fport) = frontend.port(proto, port) else {
+            return SideDecision {
+                allowed: false,
+                policies: vec![],
+            };
+        };
+        let mut out = SideDecision {
+            allowed: !fport.backends.is_empty(),
+            policies: vec![],
+        };
+        for b in &fport.backends {
+            let Some(pod) = &b.pod else { continue };
+            if let Some(d) = self.decide(pod, DIR_INGRESS, src.ip, proto, b.port) {
+                out.allowed &= d.allowed;
+                for p in d.policies {
+                    if !out.policies.contains(&p) {
+                        out.policies.push(p);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The pod of a `NAMESPACE/NAME` endpoint: the pod of that name, else the first pod of
+    /// the workload of that name.
+    fn pod_named(&self, ns: &str, name: &str) -> Option<PodKey> {
+        let key = (ns.to_string(), name.to_string());
+        if self.compiled.pods.contains_key(&key) {
+            return Some(key);
+        }
+        self.pods
+            .iter()
+            .find(|((pod_ns, _), (workload, _))| pod_ns == ns && workload == name)
+            .map(|(k, _)| k.clone())
+    }
+}
+
+impl Evaluator {
+    /// The number of a pod's named container port.
+    pub fn named_port(&self, pod: &PodKey, name: &str, protocol: Protocol) -> Option<u16> {
+        self.named_ports
+            .get(pod)?
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
     }
 }
 
@@ -221,16 +328,12 @@ pub fn endpoint(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Endpoint,
     if let Ok(net) = spec.parse::<IpNet>() {
         return Err(format!("{net}: give an address, not a prefix"));
     }
-    let (ns, name) = spec
-        .split_once('/')
-        .ok_or_else(|| format!("{spec:?} is neither NAMESPACE/POD nor an IP address"))?;
-    let key = (ns.to_string(), name.to_string());
-    let pod = ev
-        .compiled
-        .pods
-        .get(&key)
-        .ok_or_else(|| format!("pod {spec} is not in the cluster state"))?;
-    let _ = pod;
+    let (ns, name) = spec.split_once('/').ok_or_else(|| {
+        format!("{spec:?} is neither NAMESPACE/POD, NAMESPACE/WORKLOAD nor an IP address")
+    })?;
+    let key = ev
+        .pod_named(ns, name)
+        .ok_or_else(|| format!("no pod or workload {spec} in the cluster state"))?;
     let ips: Vec<IpAddr> = ev
         .compiled
         .address_pods

@@ -9,6 +9,7 @@ pub mod eval;
 pub mod model;
 pub mod policy;
 pub mod rules;
+pub mod services;
 
 pub use rules::{
     AllowRule, CidrSetIds, Peer, PortMatch, RuleError, RulesetEntries, compile_ruleset,

@@ -1,5 +1,6 @@
-//! The desired-state model the compiler works on: namespaces, pods and validated
-//! NetworkPolicies, independent of where they came from (files, the Kubernetes API).
+//! The desired-state model the compiler works on: namespaces, pods, validated
+//! NetworkPolicies, Services with their EndpointSlices, and Nodes, independent of where they
+//! came from (files, the Kubernetes API).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -167,6 +168,8 @@ pub struct NamedPort {
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid`: names the pod's cgroup directory on its node.
+    pub uid: String,
     pub labels: Labels,
     pub annotations: BTreeMap<String, String>,
     /// Pod IPs (`status.podIPs`); empty while pending. Host-network pods share the node's
@@ -202,6 +205,83 @@ pub struct NamespaceInfo {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// The port a Service port forwards to on its backends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetPort {
+    Number(u16),
+    /// A named container port, resolved per backend pod.
+    Named(String),
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePort {
+    /// `name`, empty for a Service with a single unnamed port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target: TargetPort,
+}
+
+/// A Service as policy sees it: its virtual addresses and ports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.clusterIPs` (or `clusterIP`); empty for headless and ExternalName Services,
+    /// which have no virtual address to decide.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// `spec.selector`; `None` for a Service whose endpoints are managed by hand.
+    pub selector: Option<Labels>,
+}
+
+impl ServiceInfo {
+    /// `NAMESPACE/NAME`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<IpAddr>,
+    /// `conditions.ready` (unset counts as ready, as in Kubernetes).
+    pub ready: bool,
+    /// `conditions.serving` (unset: as `ready`).
+    pub serving: bool,
+    pub terminating: bool,
+    /// `targetRef` when it names a Pod: the pod's name (in the slice's namespace).
+    pub pod: Option<String>,
+}
+
+/// One port of an EndpointSlice: the backends' port for the Service port of that name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A `discovery.k8s.io/v1` EndpointSlice: backends of one Service, as kube-proxy sees them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointSliceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// The Service it belongs to (label `kubernetes.io/service-name`).
+    pub service: String,
+    pub endpoints: Vec<SliceEndpoint>,
+    pub ports: Vec<SlicePort>,
+}
+
+/// A Node: its name and addresses (`status.addresses` that are IP addresses).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeInfo {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
 /// Everything the compiler needs: the cluster as the sources see it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClusterState {
@@ -210,6 +290,12 @@ pub struct ClusterState {
     pub pods: BTreeMap<(String, String), PodInfo>,
     /// By (namespace, name).
     pub policies: BTreeMap<(String, String), Policy>,
+    /// By (namespace, name).
+    pub services: BTreeMap<(String, String), ServiceInfo>,
+    /// By (namespace, name).
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
+    /// By name.
+    pub nodes: BTreeMap<String, NodeInfo>,
     /// A source's fingerprint of `namespaces` and `pods` (equal fingerprints, equal pods and
     /// namespaces), so the compiler need not hash 20,000 pods to learn they did not change.
     /// `None`: the compiler works it out itself.

@@ -16,18 +16,24 @@ use ipnet::IpNet;
 use super::{
     model::{ClusterState, Labels, PeerSpec, PodInfo, Policy, PortRef, PortSpec, RuleSpec},
     rules::{AllowRule, Peer, PortMatch},
+    services::{self, Backend, Frontend, ServiceIdentities},
 };
-use crate::{maps::Mode, sources::convert::MODE_ANNOTATION};
+use crate::{
+    maps::{Mode, WorkloadAddresses},
+    sources::convert::MODE_ANNOTATION,
+};
 
 /// (namespace, name) of a pod.
 pub type PodKey = (String, String);
 
-/// Identities: pods with the same namespace and labels share one number. Numbers are stable
-/// while the (namespace, labels) exists and never reused afterwards.
+/// Identities: pods with the same namespace and labels share one number; each Service has
+/// one per address family. Numbers are stable while the (namespace, labels) or the Service
+/// exists and never reused afterwards.
 #[derive(Clone, Debug, Default)]
 pub struct IdentityAllocator {
     ids: BTreeMap<(String, Labels), u32>,
     next: u32,
+    services: ServiceIdentities,
 }
 
 impl IdentityAllocator {
@@ -67,9 +73,13 @@ pub struct PodPolicy {
     pub isolated_egress: bool,
     pub ingress: Vec<AllowRule>,
     pub egress: Vec<AllowRule>,
+    /// Egress rules toward Service frontends, derived from `egress` and the backends.
+    pub services: Vec<AllowRule>,
     /// Policies that select the pod for ingress / egress (`NAMESPACE/NAME`).
     pub ingress_policies: Vec<String>,
     pub egress_policies: Vec<String>,
+    /// The addresses the pod sends from.
+    pub addresses: WorkloadAddresses,
 }
 
 impl PodPolicy {
@@ -81,8 +91,67 @@ impl PodPolicy {
             isolated_egress: self.isolated_egress,
             ingress: self.ingress.clone(),
             egress: self.egress.clone(),
+            services: self.services.clone(),
+            addresses: self.addresses.clone(),
         }
     }
+}
+
+/// Whose word a pod's own `tollgate.io/mode` annotation is (`--pod-mode-annotations`). The
+/// security team owns enforcement through namespaces and overrides; a pod author only writes
+/// the pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PodModeAnnotations {
+    /// A pod's annotation may only make it stricter (`drop` over `log`).
+    #[default]
+    Stricter,
+    /// A pod's annotation wins either way.
+    Any,
+}
+
+/// Addresses that are "the node" for a pod: its traffic with them is always allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeAddresses {
+    /// The agent: every compiled pod runs on this node, whose addresses these are.
+    This(BTreeSet<IpAddr>),
+    /// Offline (`check`): each pod's node by `spec.nodeName`, from the Node objects.
+    PerNode(BTreeMap<String, BTreeSet<IpAddr>>),
+}
+
+impl Default for NodeAddresses {
+    fn default() -> Self {
+        NodeAddresses::This(BTreeSet::new())
+    }
+}
+
+impl NodeAddresses {
+    /// The addresses of the Node objects of a cluster state, by node name.
+    pub fn from_nodes(state: &ClusterState) -> Self {
+        NodeAddresses::PerNode(
+            state
+                .nodes
+                .iter()
+                .map(|(n, info)| (n.clone(), info.addresses.iter().copied().collect()))
+                .collect(),
+        )
+    }
+
+    /// The node addresses of `pod`'s node.
+    pub fn of(&self, pod: &PodInfo) -> Option<&BTreeSet<IpAddr>> {
+        match self {
+            NodeAddresses::This(set) => Some(set),
+            NodeAddresses::PerNode(by_node) => pod.node_name.as_ref().and_then(|n| by_node.get(n)),
+        }
+    }
+}
+
+/// How the compiler decides modes and what the node is.
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    /// Mode of pods without annotations (`--default-mode`).
+    pub default_mode: Mode,
+    pub pod_mode_annotations: PodModeAnnotations,
+    pub node_addresses: NodeAddresses,
 }
 
 /// The compiled cluster. The identity maps are shared (`Arc`) between compiles that found
@@ -91,6 +160,10 @@ impl PodPolicy {
 pub struct Compiled {
     /// Pod address (/32, /128) to identity: the `IDENTITIES` map.
     pub addresses: Arc<BTreeMap<IpNet, u32>>,
+    /// Service virtual address (/32, /128) to the frontend's identity, also in `IDENTITIES`.
+    pub service_addresses: Arc<BTreeMap<IpNet, u32>>,
+    /// Service frontends (one per Service and address family with a virtual address).
+    pub frontends: Arc<Vec<Frontend>>,
     pub pod_identity: Arc<BTreeMap<PodKey, u32>>,
     pub identities: Arc<BTreeMap<u32, IdentityInfo>>,
     /// Per compiled pod.
@@ -111,26 +184,56 @@ impl Compiled {
     pub fn pod_of_address(&self, ip: IpAddr) -> Option<&PodKey> {
         self.address_pods.get(&ip)
     }
+
+    /// The frontend of a Service virtual address, if it is one.
+    pub fn frontend_of_address(&self, ip: IpAddr) -> Option<&Frontend> {
+        self.frontends.iter().find(|f| f.addresses.contains(&ip))
+    }
+
+    /// The frontend of a Service identity.
+    pub fn frontend(&self, identity: u32) -> Option<&Frontend> {
+        self.frontends.iter().find(|f| f.identity == identity)
+    }
 }
 
 /// The mode a pod runs in, from annotations: pod, then namespace, then the default.
-pub fn mode_of(state: &ClusterState, pod: &PodInfo, default: Mode) -> Mode {
-    mode_and_source(state, pod, default).0
+pub fn mode_of(state: &ClusterState, pod: &PodInfo, options: &CompileOptions) -> Mode {
+    mode_and_source(state, pod, options).0
 }
 
-/// The mode of a pod and where it comes from: `pod`, `namespace` or `default`.
-pub fn mode_and_source(state: &ClusterState, pod: &PodInfo, default: Mode) -> (Mode, &'static str) {
+/// The mode of a pod and where it comes from: `pod`, `namespace` or `default`. The
+/// namespace's annotation is authoritative; the pod's own may only make it stricter unless
+/// `PodModeAnnotations::Any`. Values that are not modes are ignored.
+pub fn mode_and_source(
+    state: &ClusterState,
+    pod: &PodInfo,
+    options: &CompileOptions,
+) -> (Mode, &'static str) {
     let parse = |a: Option<&String>| a.and_then(|v| v.parse::<Mode>().ok());
-    if let Some(m) = parse(pod.annotations.get(MODE_ANNOTATION)) {
-        return (m, "pod");
-    }
-    let ns = state
+    let base = match state
         .namespaces
         .get(&pod.namespace)
-        .and_then(|ns| parse(ns.annotations.get(MODE_ANNOTATION)));
-    match ns {
+        .and_then(|ns| parse(ns.annotations.get(MODE_ANNOTATION)))
+    {
         Some(m) => (m, "namespace"),
-        None => (default, "default"),
+        None => (options.default_mode, "default"),
+    };
+    match parse(pod.annotations.get(MODE_ANNOTATION)) {
+        Some(m) if m == base.0 => base,
+        Some(Mode::Drop) => (Mode::Drop, "pod"),
+        Some(Mode::Log) if options.pod_mode_annotations == PodModeAnnotations::Any => {
+            (Mode::Log, "pod")
+        }
+        _ => base,
+    }
+}
+
+/// The addresses a pod sends from: its pod IPs, or the node's for a host-network pod.
+fn addresses_of(pod: &PodInfo) -> WorkloadAddresses {
+    if pod.host_network {
+        WorkloadAddresses::Host
+    } else {
+        WorkloadAddresses::Pod(pod.ips.clone())
     }
 }
 
@@ -393,6 +496,17 @@ pub struct CompileCache {
     pods: BTreeMap<PodKey, (u64, PodPolicy)>,
     /// Identities as of the last compile, and a hash of the pods and namespaces they came from.
     identities: Option<(u64, Arc<IdentityPart>)>,
+    /// Service frontends as of the last compile, and a hash of what they came from.
+    frontends: Option<(u64, FrontendsPart)>,
+    /// Per pod: hash of (egress rules, frontends, node addresses) and its Service rules.
+    services: BTreeMap<PodKey, (u64, Vec<AllowRule>)>,
+}
+
+/// Service frontends and their virtual addresses (to identities).
+#[derive(Clone, Debug, Default)]
+struct FrontendsPart {
+    frontends: Arc<Vec<Frontend>>,
+    addresses: Arc<BTreeMap<IpNet, u32>>,
 }
 
 /// Everything derived from pods and namespaces alone.
@@ -465,13 +579,13 @@ pub fn compile(
     state: &ClusterState,
     allocator: &mut IdentityAllocator,
     targets: Option<&BTreeSet<PodKey>>,
-    default_mode: Mode,
+    options: &CompileOptions,
 ) -> Compiled {
     compile_cached(
         state,
         allocator,
         targets,
-        default_mode,
+        options,
         &mut CompileCache::default(),
     )
 }
@@ -482,7 +596,7 @@ pub fn compile_cached(
     state: &ClusterState,
     allocator: &mut IdentityAllocator,
     targets: Option<&BTreeSet<PodKey>>,
-    default_mode: Mode,
+    options: &CompileOptions,
     cache: &mut CompileCache,
 ) -> Compiled {
     let mut compiled = Compiled::default();
@@ -492,7 +606,7 @@ pub fn compile_cached(
             state
                 .pods
                 .iter()
-                .map(|(k, p)| (k, &p.labels, &p.ips))
+                .map(|(k, p)| (k, &p.labels, &p.ips, &p.ports, p.host_network))
                 .collect::<Vec<_>>(),
             &state
                 .namespaces
@@ -513,6 +627,34 @@ pub fn compile_cached(
     compiled.pod_identity = part.pod_identity.clone();
     compiled.identities = part.identities.clone();
     compiled.address_pods = part.address_pods.clone();
+
+    // Service frontends depend on Services, EndpointSlices and (for selectors, named target
+    // ports and backend pods) the pods.
+    let frontends_hash = hash_of(&(pods_hash, &state.services, &state.endpoint_slices));
+    let services_part = match &cache.frontends {
+        Some((h, part)) if *h == frontends_hash => part.clone(),
+        _ => {
+            let f = services::frontends(state, &part.address_pods, &mut allocator.services);
+            let addresses = f
+                .iter()
+                .flat_map(|f| {
+                    f.addresses
+                        .iter()
+                        .map(|ip| (single_address(*ip), f.identity))
+                })
+                .collect();
+            let built = FrontendsPart {
+                frontends: Arc::new(f),
+                addresses: Arc::new(addresses),
+            };
+            cache.frontends = Some((frontends_hash, built.clone()));
+            built
+        }
+    };
+    let frontends = services_part.frontends.clone();
+    compiled.frontends = services_part.frontends;
+    compiled.service_addresses = services_part.addresses;
+
     let peer_identities = &part.peer_identities;
     let namespace_labels = part.namespace_labels.clone();
     let mut ctx = Context {
@@ -580,45 +722,90 @@ pub fn compile_cached(
             .filter(|p| p.pod_selector.matches(&pod.labels))
             .copied()
             .collect();
-        let mode = mode_of(state, pod, default_mode);
-        let input = hash_of(&(&pod.labels, &pod.ports, &selecting, mode as u8));
-        if let Some((h, cached)) = cache.pods.get(key)
-            && *h == input
-        {
-            compiled.pods.insert(key.clone(), cached.clone());
-            continue;
-        }
-        let mut result = PodPolicy {
-            mode,
-            isolated_ingress: false,
-            isolated_egress: false,
-            ingress: vec![],
-            egress: vec![],
-            ingress_policies: vec![],
-            egress_policies: vec![],
+        let mode = mode_of(state, pod, options);
+        let input = hash_of(&(
+            &pod.labels,
+            &pod.ports,
+            &pod.ips,
+            pod.host_network,
+            &selecting,
+            mode as u8,
+        ));
+        let mut result = match cache.pods.get(key) {
+            Some((h, cached)) if *h == input => cached.clone(),
+            _ => {
+                let result = compile_pod(&ctx, pod, &selecting, mode);
+                cache.pods.insert(key.clone(), (input, result.clone()));
+                result
+            }
         };
-        for policy in selecting {
-            let rule_id = ctx.rule_ids[&policy.id()];
-            if let Some(rules) = &policy.ingress {
-                result.isolated_ingress = true;
-                result.ingress_policies.push(policy.id());
-                for rule in rules {
-                    ingress_rules(&ctx, policy, rule, pod, rule_id, &mut result.ingress);
+        if result.isolated_egress {
+            let node = options.node_addresses.of(pod);
+            let service_input = hash_of(&(&result.egress, frontends_hash, node));
+            result.services = match cache.services.get(key) {
+                Some((h, rules)) if *h == service_input => rules.clone(),
+                _ => {
+                    let identity_of = |b: &Backend| backend_identity(&part, node, b);
+                    let rules = services::service_rules(&result.egress, &frontends, &identity_of);
+                    cache
+                        .services
+                        .insert(key.clone(), (service_input, rules.clone()));
+                    rules
                 }
-            }
-            if let Some(rules) = &policy.egress {
-                result.isolated_egress = true;
-                result.egress_policies.push(policy.id());
-                for rule in rules {
-                    egress_rules(&ctx, policy, rule, rule_id, &mut result.egress);
-                }
-            }
+            };
         }
-        cache.pods.insert(key.clone(), (input, result.clone()));
         compiled.pods.insert(key.clone(), result);
     }
     if let Some(t) = targets {
         cache.pods.retain(|k, _| t.contains(k));
+        cache.services.retain(|k, _| t.contains(k));
     }
     compiled
+}
+
+/// The identity a backend is decided as: the node itself for an address of the source's
+/// node (a host-network backend there), else its pod's, else whatever its address is.
+fn backend_identity(part: &IdentityPart, node: Option<&BTreeSet<IpAddr>>, b: &Backend) -> u32 {
+    if node.is_some_and(|n| n.contains(&b.ip)) {
+        return agent_common::IDENTITY_HOST;
+    }
+    b.pod
+        .as_ref()
+        .and_then(|k| part.pod_identity.get(k))
+        .or_else(|| part.addresses.get(&single_address(b.ip)))
+        .copied()
+        .unwrap_or(agent_common::IDENTITY_WORLD)
+}
+
+/// The policy of one pod from the policies selecting it.
+fn compile_pod(ctx: &Context, pod: &PodInfo, selecting: &[&Policy], mode: Mode) -> PodPolicy {
+    let mut result = PodPolicy {
+        mode,
+        isolated_ingress: false,
+        isolated_egress: false,
+        ingress: vec![],
+        egress: vec![],
+        services: vec![],
+        ingress_policies: vec![],
+        egress_policies: vec![],
+        addresses: addresses_of(pod),
+    };
+    for policy in selecting {
+        let rule_id = ctx.rule_ids[&policy.id()];
+        if let Some(rules) = &policy.ingress {
+            result.isolated_ingress = true;
+            result.ingress_policies.push(policy.id());
+            for rule in rules {
+                ingress_rules(ctx, policy, rule, pod, rule_id, &mut result.ingress);
+            }
+        }
+        if let Some(rules) = &policy.egress {
+            result.isolated_egress = true;
+            result.egress_policies.push(policy.id());
+            for rule in rules {
+                egress_rules(ctx, policy, rule, rule_id, &mut result.egress);
+            }
+        }
+    }
+    result
 }

@@ -26,7 +26,7 @@ pub enum PortMatch {
 }
 
 /// Who a rule allows.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Workloads of one identity (namespace + labels).
     Identity(u32),
@@ -51,7 +51,7 @@ impl Peer {
 }
 
 /// One allow rule of a ruleset.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct AllowRule {
     pub peer: Peer,
     pub ports: PortMatch,

@@ -78,6 +78,21 @@ pub struct Naming {
     pub node: String,
     pub slots: std::collections::HashMap<u32, SlotNames>,
     pub addresses: std::collections::HashMap<std::net::IpAddr, Endpoint>,
+    /// Service virtual addresses: `NAMESPACE/NAME`, and the backends as an endpoint (the pod
+    /// when there is one backend, else only the workload they share or all their names).
+    pub services: std::collections::HashMap<std::net::IpAddr, (String, Endpoint)>,
+    /// The node's own addresses: the peer `host`.
+    pub host: std::collections::HashSet<std::net::IpAddr>,
+}
+
+/// The name of the node as a peer (`host`): its namespace and workload are `host`, its pod
+/// the node's name.
+pub fn host_endpoint(node: &str) -> Endpoint {
+    Endpoint {
+        namespace: "host".into(),
+        pod: node.into(),
+        workload: "host".into(),
+    }
 }
 
 /// One flow log line (JSON).
@@ -98,6 +113,9 @@ pub struct FlowRecord {
     pub mode: String,
     /// Policies that isolate the workload in this direction (`NAMESPACE/NAME`).
     pub policies: Vec<String>,
+    /// The Service whose virtual address the flow went to (`NAMESPACE/NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_service: Option<String>,
 }
 
 /// The name of an IP protocol number.
@@ -132,21 +150,19 @@ impl Naming {
         let dst = addr_from_bytes(e.family, &e.dst);
         let slot = self.slots.get(&e.slot).cloned().unwrap_or_default();
         let ingress = e.direction == agent_common::DIR_INGRESS;
+        let service = self.services.get(&dst);
         // The workload is one end for sure; the other is named by its address.
+        let name = |ip: &std::net::IpAddr| {
+            self.addresses
+                .get(ip)
+                .cloned()
+                .or_else(|| self.services.get(ip).map(|(_, backends)| backends.clone()))
+                .or_else(|| self.host.contains(ip).then(|| host_endpoint(&self.node)))
+        };
         let (src_ep, dst_ep) = if ingress {
-            (
-                self.addresses.get(&src).cloned(),
-                slot.endpoint
-                    .clone()
-                    .or_else(|| self.addresses.get(&dst).cloned()),
-            )
+            (name(&src), slot.endpoint.clone().or_else(|| name(&dst)))
         } else {
-            (
-                slot.endpoint
-                    .clone()
-                    .or_else(|| self.addresses.get(&src).cloned()),
-                self.addresses.get(&dst).cloned(),
-            )
+            (slot.endpoint.clone().or_else(|| name(&src)), name(&dst))
         };
         let is_echo = matches!(
             e.proto,
@@ -180,6 +196,7 @@ impl Naming {
             } else {
                 slot.egress_policies
             },
+            dst_service: service.map(|(id, _)| id.clone()),
         }
     }
 }

@@ -55,11 +55,14 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
 }
 
 /// Enforcement mode of a workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum Mode {
     /// Evaluate, count and sample would-drops, let them pass.
+    #[default]
     Log,
     /// Drop what policy does not allow.
     Drop,
@@ -92,16 +95,37 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// The addresses a workload may send from; a packet leaving it from any other is spoofed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum WorkloadAddresses {
+    /// Its pod IPs (at most one per family is kept: Kubernetes gives no more). With none
+    /// known yet, every packet it sends counts as spoofed.
+    Pod(Vec<IpAddr>),
+    /// A host-network workload: any address of the node.
+    Host,
+}
+
+impl Default for WorkloadAddresses {
+    fn default() -> Self {
+        WorkloadAddresses::Pod(Vec::new())
+    }
+}
+
 /// Everything the datapath needs to know to enforce one workload.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadPolicy {
     pub mode: Mode,
     /// Isolated for ingress: only `ingress` rules allow traffic in.
     pub isolated_ingress: bool,
-    /// Isolated for egress: only `egress` rules allow traffic out.
+    /// Isolated for egress: only `egress` and `services` rules allow traffic out.
     pub isolated_egress: bool,
     pub ingress: Vec<AllowRule>,
     pub egress: Vec<AllowRule>,
+    /// Egress rules toward Service frontends: part of the egress ruleset, kept apart because
+    /// a change of backends alone must not re-decide established connections.
+    pub services: Vec<AllowRule>,
+    /// Where the workload's packets may come from.
+    pub addresses: WorkloadAddresses,
 }
 
 impl WorkloadPolicy {
@@ -109,11 +133,25 @@ impl WorkloadPolicy {
     pub fn open(mode: Mode) -> Self {
         WorkloadPolicy {
             mode,
-            isolated_ingress: false,
-            isolated_egress: false,
-            ingress: vec![],
-            egress: vec![],
+            ..Default::default()
         }
+    }
+
+    /// The same policy for a workload that sends from `addresses`.
+    pub fn sending_from(mut self, addresses: &[IpAddr]) -> Self {
+        self.addresses = WorkloadAddresses::Pod(addresses.to_vec());
+        self
+    }
+
+    /// Whether anything but the Service rules differs from `other`: what decides whether
+    /// established connections to Services are decided again.
+    pub fn differs_beyond_services(&self, other: &WorkloadPolicy) -> bool {
+        self.mode != other.mode
+            || self.isolated_ingress != other.isolated_ingress
+            || self.isolated_egress != other.isolated_egress
+            || self.ingress != other.ingress
+            || self.egress != other.egress
+            || self.addresses != other.addresses
     }
 }
 
@@ -128,6 +166,13 @@ pub struct WriteStats {
 #[derive(Debug)]
 pub struct StagedRules {
     rulesets: Vec<(u32, RulesetEntries)>,
+}
+
+/// What one staging wrote over: each key with the value it had (`None`: it was new).
+#[derive(Default)]
+struct Undo {
+    policy: Vec<(LpmKeyOrd<PolicyKey>, Option<u32>)>,
+    cidr: Vec<(LpmKeyOrd<LpmAddr>, Option<u32>)>,
 }
 
 /// Packets and bytes of a workload, by direction then verdict.
@@ -153,6 +198,7 @@ pub struct DatapathMaps {
     event_buckets: Array<MapData, EventBucket>,
     config: Array<MapData, Config>,
     diag: PerCpuArray<MapData, u64>,
+    spoofed: PerCpuArray<MapData, u64>,
     /// What this process wrote per ruleset, to diff the next update against.
     written: StdHashMap<u32, RulesetEntries>,
     set_ids: CidrSetIds,
@@ -201,6 +247,7 @@ impl DatapathMaps {
             event_buckets: take(ebpf, map_names::EVENT_BUCKETS)?,
             config: take(ebpf, map_names::CONFIG)?,
             diag: take(ebpf, map_names::DIAG)?,
+            spoofed: take(ebpf, map_names::SPOOFED)?,
             written: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
             stats: WriteStats::default(),
@@ -281,19 +328,59 @@ impl DatapathMaps {
     ) -> Result<StagedRules, MapsError> {
         Self::check_slot(slot)?;
         let mut rulesets = Vec::with_capacity(2);
+        let egress: Vec<AllowRule>;
+        let egress_rules = if policy.services.is_empty() {
+            &policy.egress
+        } else {
+            egress = policy
+                .egress
+                .iter()
+                .chain(&policy.services)
+                .cloned()
+                .collect();
+            &egress
+        };
         for (direction, rules) in [
             (agent_common::DIR_INGRESS, &policy.ingress),
-            (agent_common::DIR_EGRESS, &policy.egress),
+            (agent_common::DIR_EGRESS, egress_rules),
         ] {
             let ruleset = ruleset_of(slot, direction);
             let entries = compile_ruleset(ruleset, rules, &mut self.set_ids)
                 .map_err(|source| MapsError::Rules { slot, source })?;
             rulesets.push((ruleset, entries));
         }
+        let mut undo = Undo::default();
         for (ruleset, entries) in &rulesets {
-            self.write_new_entries(*ruleset, entries)?;
+            if let Err(e) = self.write_new_entries(*ruleset, entries, &mut undo) {
+                // Never a partial rule set: what this call wrote goes, what it replaced
+                // comes back, and the workload keeps exactly the rules it had.
+                self.undo(undo);
+                return Err(e);
+            }
         }
         Ok(StagedRules { rulesets })
+    }
+
+    /// Reverts the entries one `stage_rules` call wrote.
+    fn undo(&mut self, undo: Undo) {
+        for (key, old) in undo.policy.into_iter().rev() {
+            let _ = match old {
+                Some(rule) => self
+                    .policy
+                    .insert(&Key::new(key.0, key.1), PolicyValue { rule }, 0)
+                    .map_err(map_err(map_names::POLICY)),
+                None => remove_lpm(&mut self.policy, key, map_names::POLICY),
+            };
+        }
+        for (key, old) in undo.cidr.into_iter().rev() {
+            let _ = match old {
+                Some(set) => self
+                    .cidr_rules
+                    .insert(&Key::new(key.0, key.1), set, 0)
+                    .map_err(map_err(map_names::CIDR_RULES)),
+                None => remove_lpm(&mut self.cidr_rules, key, map_names::CIDR_RULES),
+            };
+        }
     }
 
     /// Phase 2: the workload's isolation, mode and rulesets. The epoch stays (a slot that
@@ -309,12 +396,14 @@ impl DatapathMaps {
         if policy.isolated_egress {
             flags |= workload_flags::ISOLATED_EGRESS;
         }
-        let epoch = if current.flags & workload_flags::ACTIVE != 0 && current.epoch != 0 {
-            current.epoch
-        } else {
-            self.take_epoch()
-        };
-        let config = WorkloadConfig {
+        let (epoch, rules_epoch) =
+            if current.flags & workload_flags::ACTIVE != 0 && current.epoch != 0 {
+                (current.epoch, current.rules_epoch)
+            } else {
+                let e = self.take_epoch();
+                (e, e)
+            };
+        let mut config = WorkloadConfig {
             flags,
             mode: policy.mode.code(),
             ruleset: [
@@ -322,8 +411,27 @@ impl DatapathMaps {
                 ruleset_of(slot, agent_common::DIR_EGRESS),
             ],
             epoch,
-            _pad: 0,
+            rules_epoch,
+            ..WorkloadConfig::default()
         };
+        match &policy.addresses {
+            WorkloadAddresses::Host => config.flags |= workload_flags::HOST_SOURCE,
+            WorkloadAddresses::Pod(ips) => {
+                for ip in ips {
+                    match ip {
+                        IpAddr::V4(v4) if config.flags & workload_flags::HAS_IPV4 == 0 => {
+                            config.flags |= workload_flags::HAS_IPV4;
+                            config.ipv4 = v4.octets();
+                        }
+                        IpAddr::V6(v6) if config.flags & workload_flags::HAS_IPV6 == 0 => {
+                            config.flags |= workload_flags::HAS_IPV6;
+                            config.ipv6 = v6.octets();
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
         if config != current {
             self.workloads
                 .set(slot, config, 0)
@@ -344,9 +452,23 @@ impl DatapathMaps {
     /// Phase 4: a new epoch for the workload: each tracked flow is decided again, against
     /// the current rules and identities, on its next packet.
     pub fn bump_epoch(&mut self, slot: u32) -> Result<(), MapsError> {
+        self.bump(slot, true)
+    }
+
+    /// A new epoch for flows whose peers may have changed identity; flows to Services (whose
+    /// peer is the Service) keep their decisions, so a change of backends alone never cuts
+    /// an established connection.
+    pub fn bump_peer_epoch(&mut self, slot: u32) -> Result<(), MapsError> {
+        self.bump(slot, false)
+    }
+
+    fn bump(&mut self, slot: u32, rules: bool) -> Result<(), MapsError> {
         Self::check_slot(slot)?;
         let mut config = self.workload(slot)?;
         config.epoch = self.take_epoch();
+        if rules {
+            config.rules_epoch = config.epoch;
+        }
         self.workloads
             .set(slot, config, 0)
             .map_err(map_err(map_names::WORKLOADS))
@@ -406,6 +528,13 @@ impl DatapathMaps {
         self.event_buckets
             .set(slot, EventBucket::default(), 0)
             .map_err(map_err(map_names::EVENT_BUCKETS))?;
+        let zero = zero_per_cpu::<u64>().map_err(|source| MapsError::Io {
+            what: "per-CPU counter values",
+            source,
+        })?;
+        self.spoofed
+            .set(slot, zero, 0)
+            .map_err(map_err(map_names::SPOOFED))?;
         let stale: Vec<CtKey> = self
             .conntrack
             .keys()
@@ -429,21 +558,26 @@ impl DatapathMaps {
         &mut self,
         ruleset: u32,
         entries: &RulesetEntries,
+        undo: &mut Undo,
     ) -> Result<(), MapsError> {
         let old = self.written.get(&ruleset);
         for (key, rule) in &entries.policy {
-            if old.and_then(|o| o.policy.get(key)) != Some(rule) {
+            let before = old.and_then(|o| o.policy.get(key)).copied();
+            if before != Some(*rule) {
                 self.policy
                     .insert(&Key::new(key.0, key.1), PolicyValue { rule: *rule }, 0)
                     .map_err(map_err(map_names::POLICY))?;
+                undo.policy.push((*key, before));
                 self.stats.written += 1;
             }
         }
         for (key, set) in &entries.cidr {
-            if old.and_then(|o| o.cidr.get(key)) != Some(set) {
+            let before = old.and_then(|o| o.cidr.get(key)).copied();
+            if before != Some(*set) {
                 self.cidr_rules
                     .insert(&Key::new(key.0, key.1), *set, 0)
                     .map_err(map_err(map_names::CIDR_RULES))?;
+                undo.cidr.push((*key, before));
                 self.stats.written += 1;
             }
         }
@@ -568,6 +702,15 @@ impl DatapathMaps {
             }
         }
         Ok(out)
+    }
+
+    /// Packets a slot sent from addresses that are not its own, summed over CPUs.
+    pub fn spoofed(&self, slot: u32) -> Result<u64, MapsError> {
+        let values = self
+            .spoofed
+            .get(&slot, 0)
+            .map_err(map_err(map_names::SPOOFED))?;
+        Ok(values.iter().sum())
     }
 
     /// Datapath diagnostics, summed over CPUs, in `diag::NAMES` order.

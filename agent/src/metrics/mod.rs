@@ -32,6 +32,12 @@ pub struct Snapshot {
     /// (reason, packets).
     pub diagnostics: Vec<(&'static str, u64)>,
     pub workloads: u64,
+    /// (namespace, pod, rules not fully written).
+    pub degraded: Vec<(String, String, bool)>,
+    /// (namespace, pod, packets sent from addresses not its own).
+    pub spoofed: Vec<(String, String, u64)>,
+    /// The cluster state cannot be refreshed.
+    pub source_degraded: bool,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -171,6 +177,28 @@ impl Snapshot {
             self.diagnostics
                 .iter()
                 .map(|(r, v)| (labels(&[("reason", r)]), *v)),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_workload_degraded",
+            "1 while a workload's rules could not be fully written (it keeps its last complete rules, or denies if new)",
+            self.degraded
+                .iter()
+                .map(|(ns, pod, d)| (labels(&[("namespace", ns), ("pod", pod)]), *d as i64)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_spoofed_packets",
+            "Packets a workload sent from an address that is not its own (never tracked or counted as the address they claim)",
+            self.spoofed
+                .iter()
+                .map(|(ns, pod, v)| (labels(&[("namespace", ns), ("pod", pod)]), *v)),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_source_degraded",
+            "1 while the cluster state cannot be refreshed (the last known state stays in force)",
+            [(vec![], self.source_degraded as i64)],
         )?;
         gauge_family(
             e,

@@ -6,15 +6,17 @@ use std::{collections::BTreeSet, net::IpAddr};
 use ipnet::IpNet;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod},
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
         networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
 use crate::compile::model::{
-    NamedPort, NamespaceInfo, Operator, PeerSpec, PodInfo, Policy, PortRef, PortSpec, Protocol,
-    Requirement, RuleSpec, Selector,
+    EndpointSliceInfo, NamedPort, NamespaceInfo, NodeInfo, Operator, PeerSpec, PodInfo, Policy,
+    PortRef, PortSpec, Protocol, Requirement, RuleSpec, Selector, ServiceInfo, ServicePort,
+    SliceEndpoint, SlicePort, TargetPort,
 };
 
 /// Annotation that sets a workload's mode (on pods and namespaces).
@@ -24,13 +26,21 @@ pub const INTERFACE_ANNOTATION: &str = "tollgate.io/interface";
 /// Annotation naming the cgroup v2 directory of a pod.
 pub const CGROUP_ANNOTATION: &str = "tollgate.io/cgroup";
 
+/// Label of an EndpointSlice naming its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
 type Result<T> = std::result::Result<T, String>;
 
-fn check_mode_annotation(annotations: &std::collections::BTreeMap<String, String>) -> Result<()> {
+/// Why a `tollgate.io/mode` annotation is ignored, if it is: a value that is not a mode is
+/// reported, never a reason to reject the object (the pod is still attached and enforced
+/// in the mode it has without it).
+pub fn invalid_mode_annotation(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
     match annotations.get(MODE_ANNOTATION).map(String::as_str) {
-        None | Some("log") | Some("drop") => Ok(()),
-        Some(other) => Err(format!(
-            "metadata.annotations[{MODE_ANNOTATION}]: {other:?} is not a mode (log or drop)"
+        None | Some("log") | Some("drop") => None,
+        Some(other) => Some(format!(
+            "metadata.annotations[{MODE_ANNOTATION}]: {other:?} is not a mode (log or drop); ignored"
         )),
     }
 }
@@ -39,7 +49,6 @@ fn check_mode_annotation(annotations: &std::collections::BTreeMap<String, String
 pub fn namespace(ns: &Namespace) -> Result<NamespaceInfo> {
     let name = ns.metadata.name.clone().ok_or("metadata.name is missing")?;
     let annotations = ns.metadata.annotations.clone().unwrap_or_default();
-    check_mode_annotation(&annotations)?;
     Ok(NamespaceInfo {
         name,
         labels: ns.metadata.labels.clone().unwrap_or_default(),
@@ -61,7 +70,6 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
     let name = meta.name.clone().ok_or("metadata.name is missing")?;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
     let annotations = meta.annotations.clone().unwrap_or_default();
-    check_mode_annotation(&annotations)?;
     let labels = meta.labels.clone().unwrap_or_default();
     let spec = pod.spec.as_ref();
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
@@ -93,23 +101,9 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
         );
         for (ci, (field, container)) in containers.enumerate() {
             for (pi, p) in container.ports.iter().flatten().enumerate() {
-                let at = || format!("spec.{field}[{ci}].ports[{pi}]");
-                let number = u16::try_from(p.container_port)
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| {
-                        format!(
-                            "{}.containerPort: {} is out of range 1-65535",
-                            at(),
-                            p.container_port
-                        )
-                    })?;
-                let protocol = match p.protocol.as_deref() {
-                    None => Protocol::Tcp,
-                    Some(s) => Protocol::parse(s).ok_or_else(|| {
-                        format!("{}.protocol: {s:?} is not TCP, UDP or SCTP", at())
-                    })?,
-                };
+                let at = format!("spec.{field}[{ci}].ports[{pi}]");
+                let number = port_number(p.container_port, &format!("{at}.containerPort"))?;
+                let protocol = protocol(p.protocol.as_deref(), &format!("{at}.protocol"))?;
                 if let Some(port_name) = &p.name {
                     ports.push(NamedPort {
                         name: port_name.clone(),
@@ -123,6 +117,7 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
 
     Ok(PodInfo {
         workload: workload_name(pod, &name),
+        uid: meta.uid.clone().unwrap_or_default(),
         namespace,
         name,
         labels,
@@ -132,6 +127,192 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
         host_network,
         node_name: spec.and_then(|s| s.node_name.clone()),
     })
+}
+
+fn protocol(value: Option<&str>, at: &str) -> Result<Protocol> {
+    match value {
+        None => Ok(Protocol::Tcp),
+        Some(s) => Protocol::parse(s).ok_or_else(|| format!("{at}: {s:?} is not TCP, UDP or SCTP")),
+    }
+}
+
+fn port_number(n: i32, at: &str) -> Result<u16> {
+    u16::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{at}: {n} is out of range 1-65535"))
+}
+
+fn address(s: &str, at: &str) -> Result<IpAddr> {
+    s.parse()
+        .map_err(|_| format!("{at}: {s:?} is not an IP address"))
+}
+
+/// A Service: its virtual addresses (none for headless and ExternalName Services) and ports.
+pub fn service(svc: &Service) -> Result<ServiceInfo> {
+    let name = svc
+        .metadata
+        .name
+        .clone()
+        .ok_or("metadata.name is missing")?;
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let spec = svc.spec.as_ref().ok_or("spec is missing")?;
+    let external_name = spec.type_.as_deref() == Some("ExternalName");
+    let listed: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            .collect(),
+        (_, Some(ip)) => vec![("spec.clusterIP".into(), ip.as_str())],
+        _ => vec![],
+    };
+    let mut cluster_ips = Vec::new();
+    if !external_name {
+        for (at, ip) in listed {
+            if ip == "None" || ip.is_empty() {
+                continue;
+            }
+            let ip = address(ip, &at)?;
+            if !cluster_ips.contains(&ip) {
+                cluster_ips.push(ip);
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let at = format!("spec.ports[{i}]");
+        let port = port_number(p.port, &format!("{at}.port"))?;
+        let target = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(port_number(*n, &format!("{at}.targetPort"))?)
+            }
+            Some(IntOrString::String(s)) => match s.parse::<i32>() {
+                Ok(n) => TargetPort::Number(port_number(n, &format!("{at}.targetPort"))?),
+                Err(_) if valid_port_name(s) => TargetPort::Named(s.clone()),
+                Err(_) => {
+                    return Err(format!(
+                        "{at}.targetPort: {s:?} is not a port number or a valid port name"
+                    ));
+                }
+            },
+        };
+        ports.push(ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: protocol(p.protocol.as_deref(), &format!("{at}.protocol"))?,
+            port,
+            target,
+        });
+    }
+    Ok(ServiceInfo {
+        namespace,
+        name,
+        cluster_ips,
+        ports,
+        selector: spec
+            .selector
+            .as_ref()
+            .map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+    })
+}
+
+/// An EndpointSlice. `Ok(None)` for slices that name no Service or hold FQDN endpoints:
+/// nothing kube-proxy would DNAT to.
+pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<EndpointSliceInfo>> {
+    let meta = &slice.metadata;
+    let name = meta.name.clone().ok_or("metadata.name is missing")?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let Some(service) = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    let family_v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => return Ok(None),
+        other => {
+            return Err(format!("addressType: {other:?} is not IPv4, IPv6 or FQDN"));
+        }
+    };
+    let mut endpoints = Vec::new();
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        let mut addresses = Vec::new();
+        for (j, a) in e.addresses.iter().enumerate() {
+            let at = format!("endpoints[{i}].addresses[{j}]");
+            let ip = address(a, &at)?;
+            if ip.is_ipv6() != family_v6 {
+                return Err(format!(
+                    "{at}: {ip} is not of addressType {}",
+                    slice.address_type
+                ));
+            }
+            addresses.push(ip);
+        }
+        let conditions = e.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        endpoints.push(SliceEndpoint {
+            addresses,
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            pod: e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.clone()),
+        });
+    }
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let at = format!("ports[{i}]");
+        // A port without a number means "all ports" (only for Services without ports).
+        let Some(number) = p.port else { continue };
+        ports.push(SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: protocol(p.protocol.as_deref(), &format!("{at}.protocol"))?,
+            port: port_number(number, &format!("{at}.port"))?,
+        });
+    }
+    Ok(Some(EndpointSliceInfo {
+        namespace,
+        name,
+        service,
+        endpoints,
+        ports,
+    }))
+}
+
+/// A Node: its IP addresses (`Hostname` and other non-IP entries are skipped).
+pub fn node(node: &Node) -> Result<NodeInfo> {
+    let name = node
+        .metadata
+        .name
+        .clone()
+        .ok_or("metadata.name is missing")?;
+    let mut addresses = Vec::new();
+    for a in node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(ip) = a.address.parse::<IpAddr>()
+            && !addresses.contains(&ip)
+        {
+            addresses.push(ip);
+        }
+    }
+    Ok(NodeInfo { name, addresses })
 }
 
 /// The pod's top owning controller, the way operators name services: a ReplicaSet's pod
@@ -273,17 +454,8 @@ fn valid_port_name(name: &str) -> bool {
 }
 
 fn port(p: &NetworkPolicyPort, at: &str) -> Result<PortSpec> {
-    let protocol = match p.protocol.as_deref() {
-        None => Protocol::Tcp,
-        Some(s) => Protocol::parse(s)
-            .ok_or_else(|| format!("{at}.protocol: {s:?} is not TCP, UDP or SCTP"))?,
-    };
-    let number = |n: i32, field: &str| {
-        u16::try_from(n)
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| format!("{at}.{field}: {n} is out of range 1-65535"))
-    };
+    let protocol = protocol(p.protocol.as_deref(), &format!("{at}.protocol"))?;
+    let number = |n: i32, field: &str| port_number(n, &format!("{at}.{field}"));
     let port = match (&p.port, p.end_port) {
         (None, None) => PortRef::Any,
         (None, Some(_)) => return Err(format!("{at}.endPort: requires port")),

@@ -1,5 +1,6 @@
 //! The local source: `--cluster-state PATH`, a file or a directory of Kubernetes YAML
-//! (multi-document, `kind: List` and `kind: *List` all accepted), re-read when it changes.
+//! (multi-document, `kind: List` and `kind: *List` all accepted), re-read when it changes:
+//! Namespaces, Pods, NetworkPolicies, Services, EndpointSlices and Nodes.
 //!
 //! A bad object is rejected with its kind, namespace/name and the reason; the last good
 //! version of that object stays in force. A file that is not YAML at all keeps the last good
@@ -12,14 +13,17 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use serde::Deserialize as _;
 use serde_norway::Value;
 
 use super::convert;
-use crate::compile::model::{ClusterState, NamespaceInfo, PodInfo, Policy};
+use crate::compile::model::{
+    ClusterState, EndpointSliceInfo, NamespaceInfo, NodeInfo, PodInfo, Policy, ServiceInfo,
+};
 
 /// What kind of object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -27,6 +31,9 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    Service,
+    EndpointSlice,
+    Node,
 }
 
 impl Kind {
@@ -35,7 +42,15 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
+    }
+
+    /// Cluster-scoped kinds have no namespace.
+    fn cluster_scoped(self) -> bool {
+        matches!(self, Kind::Namespace | Kind::Node)
     }
 }
 
@@ -63,6 +78,9 @@ pub enum Object {
     Namespace(NamespaceInfo),
     Pod(PodInfo),
     Policy(Policy),
+    Service(ServiceInfo),
+    EndpointSlice(EndpointSliceInfo),
+    Node(NodeInfo),
 }
 
 /// A rejected object (or file).
@@ -141,14 +159,18 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
         "Namespace" => Kind::Namespace,
         "Pod" => Kind::Pod,
         "NetworkPolicy" => Kind::NetworkPolicy,
-        // Services, Deployments... are not policy inputs.
+        "Service" => Kind::Service,
+        "EndpointSlice" => Kind::EndpointSlice,
+        "Node" => Kind::Node,
+        // Deployments, ConfigMaps... are not policy inputs.
         _ => return,
     };
-    let namespace = match kind {
-        Kind::Namespace => String::new(),
-        _ => str_at(&value, &["metadata", "namespace"])
+    let namespace = if kind.cluster_scoped() {
+        String::new()
+    } else {
+        str_at(&value, &["metadata", "namespace"])
             .unwrap_or("default")
-            .to_string(),
+            .to_string()
     };
     let name = str_at(&value, &["metadata", "name"]).map(str::to_string);
     let key = name.clone().map(|name| ObjectKey {
@@ -191,10 +213,25 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
                     .map(Object::Policy)
             }
         }
+        Kind::Service => serde_norway::from_value::<Service>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|svc| convert::service(&svc))
+            .map(Object::Service),
+        // A slice of no Service (or of FQDN endpoints) is valid and means nothing here.
+        Kind::EndpointSlice => serde_norway::from_value::<EndpointSlice>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|slice| convert::endpoint_slice(&slice))
+            .and_then(|slice| slice.ok_or_else(String::new))
+            .map(Object::EndpointSlice),
+        Kind::Node => serde_norway::from_value::<Node>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|node| convert::node(&node))
+            .map(Object::Node),
     };
     match converted {
         Ok(object) => out.push(Ok((key.expect("named"), object))),
-        // A finished pod is not an error, just not part of the network any more.
+        // A finished pod (or a slice of no Service) is not an error, just not part of the
+        // network.
         Err(reason) if reason.is_empty() => {}
         Err(reason) => out.push(Err(error(reason))),
     }
@@ -423,10 +460,27 @@ impl FileSource {
         for (key, object) in objects {
             match object {
                 Object::Namespace(ns) => {
+                    if let Some(w) = convert::invalid_mode_annotation(&ns.annotations) {
+                        warnings.push(format!("{key}: {w}"));
+                    }
                     state.namespaces.insert(key.name, ns);
                 }
                 Object::Pod(pod) => {
+                    if let Some(w) = convert::invalid_mode_annotation(&pod.annotations) {
+                        warnings.push(format!("{key}: {w}"));
+                    }
                     state.pods.insert((key.namespace, key.name), pod);
+                }
+                Object::Service(svc) => {
+                    state.services.insert((key.namespace, key.name), svc);
+                }
+                Object::EndpointSlice(slice) => {
+                    state
+                        .endpoint_slices
+                        .insert((key.namespace, key.name), slice);
+                }
+                Object::Node(node) => {
+                    state.nodes.insert(key.name, node);
                 }
                 Object::Policy(policy) => {
                     let sctp = policy

@@ -59,11 +59,12 @@ const SLOT: u32 = 1;
 const PEER_IDENTITY: u32 = 301;
 
 /// An ethernet + IPv4 + UDP frame from 10.1.x.y:sport to 10.1.0.11:dport.
-fn frame(src_host: u16, sport: u16, dport: u16) -> Vec<u8> {
+/// A UDP packet from the workload (10.1.0.10) to peer 10.1.`net`.11: the workload may only
+/// send from its own address, so new flows differ in the peer and the source port.
+fn frame(net: u8, sport: u16, dport: u16) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
-    let [hi, lo] = src_host.to_be_bytes();
     f.extend([
-        0x45, 0, 0, 36, 0x12, 0x34, 0, 0, 64, PROTO_UDP, 0, 0, 10, 1, hi, lo, 10, 1, 0, 11,
+        0x45, 0, 0, 36, 0x12, 0x34, 0, 0, 64, PROTO_UDP, 0, 0, 10, 1, 0, 10, 10, 1, net, 11,
     ]);
     f.extend(sport.to_be_bytes());
     f.extend(dport.to_be_bytes());
@@ -104,7 +105,7 @@ impl Bench<'_> {
             .map(|_| {
                 self.next_source += 1;
                 let n = self.next_source;
-                frame((n / 60000 + 1) as u16, (n % 60000 + 1024) as u16, 53)
+                frame((n / 60000) as u8, (n % 60000 + 1024) as u16, 53)
             })
             .collect();
         self.lab.in_node(|| {
@@ -178,10 +179,7 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     // BPF_PROG_TEST_RUN packets arrive on the node namespace's loopback (ifindex 1).
     dp.maps.set_tc_slot(1, SLOT).unwrap();
     dp.maps
-        .set_identity(
-            IpNet::from(std::net::IpAddr::from([10, 1, 0, 11])),
-            PEER_IDENTITY,
-        )
+        .set_identity("10.1.0.0/16".parse::<IpNet>().unwrap(), PEER_IDENTITY)
         .unwrap();
     // Egress-isolated workload in drop mode: UDP 53 to the peer is allowed, 54 is not.
     let policy = WorkloadPolicy {
@@ -203,10 +201,12 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
                 tcp(443),
             ),
         ],
-    };
+        ..WorkloadPolicy::default()
+    }
+    .sending_from(&["10.1.0.10".parse().unwrap()]);
     dp.maps.set_workload(SLOT, &policy).unwrap();
-    let established = frame(10, 40000, 53);
-    let denied = frame(10, 40001, 54);
+    let established = frame(0, 40000, 53);
+    let denied = frame(0, 40001, 54);
 
     let mut bench = Bench {
         lab: &lab,

@@ -1,0 +1,535 @@
+//! Services: a flow to a Service's virtual address is decided at the source's egress as a flow
+//! to the Service's backends, on their target port, the way it looks after kube-proxy's
+//! DNAT. See `docs/services.md` for why the decision is taken here and not after the DNAT.
+//!
+//! Each (Service, address family) gets an identity of its own (`IDENTITY_SERVICE_BASE` and
+//! up), its virtual addresses map to it in the identity trie, and a source workload's egress
+//! ruleset gets one entry per Service port whose every backend its egress rules allow. Which
+//! backend kube-proxy picks is random per connection (`-m statistic`), so a port is allowed
+//! only when the policy allows all of them: the decision never depends on the draw.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use agent_common::{IDENTITY_HOST, IDENTITY_WORLD};
+use ipnet::IpNet;
+
+use super::{
+    model::{ClusterState, EndpointSliceInfo, PodInfo, Protocol, ServiceInfo, TargetPort},
+    policy::PodKey,
+    rules::{AllowRule, Peer, PortMatch},
+};
+
+/// One backend of a Service port: where kube-proxy may DNAT a connection to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub ip: IpAddr,
+    /// The target port, resolved for this backend (named `targetPort`s per pod).
+    pub port: u16,
+    /// The pod behind the address, when it is one of the cluster's.
+    pub pod: Option<PodKey>,
+}
+
+/// One port of a Service frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// Ready backends of this family (serving, terminating ones when none is ready, as
+    /// kube-proxy does). Empty: connections are rejected by kube-proxy, and denied here.
+    pub backends: Vec<Backend>,
+}
+
+/// The virtual addresses of one Service in one address family, and its ports.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frontend {
+    /// (namespace, name) of the Service.
+    pub service: (String, String),
+    pub identity: u32,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<FrontendPort>,
+}
+
+impl Frontend {
+    /// `NAMESPACE/NAME` of the Service.
+    pub fn service_id(&self) -> String {
+        format!("{}/{}", self.service.0, self.service.1)
+    }
+
+    /// The port of the frontend a flow to `port`/`proto` uses.
+    pub fn port(&self, proto: u8, port: u16) -> Option<&FrontendPort> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port && p.protocol.number() == proto)
+    }
+}
+
+/// Stable identities of (namespace, Service, IPv6?), from `IDENTITY_SERVICE_BASE` up, never
+/// reused while the Service exists.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceIdentities {
+    ids: BTreeMap<(String, String, bool), u32>,
+    next: u32,
+}
+
+impl ServiceIdentities {
+    fn get(&mut self, service: &ServiceInfo, v6: bool) -> u32 {
+        let key = (service.namespace.clone(), service.name.clone(), v6);
+        if let Some(id) = self.ids.get(&key) {
+            return *id;
+        }
+        let id = agent_common::IDENTITY_SERVICE_BASE + self.next;
+        self.next += 1;
+        self.ids.insert(key, id);
+        id
+    }
+
+    fn retain(&mut self, used: &BTreeSet<u32>) {
+        self.ids.retain(|_, id| used.contains(id));
+    }
+}
+
+fn ready_backends<'a>(
+    slices: &[&'a EndpointSliceInfo],
+    name: &str,
+    protocol: Protocol,
+    v6: bool,
+) -> Vec<(&'a EndpointSliceInfo, IpAddr, u16, Option<&'a str>, bool)> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+        else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            for ip in e.addresses.iter().filter(|ip| ip.is_ipv6() == v6) {
+                // (ready, or serving while terminating: the fallback kube-proxy uses when a
+                // Service has no ready endpoint at all)
+                if e.ready || (e.serving && e.terminating) {
+                    out.push((*slice, *ip, port.port, e.pod.as_deref(), e.ready));
+                }
+            }
+        }
+    }
+    if out.iter().any(|b| b.4) {
+        out.retain(|b| b.4);
+    }
+    out
+}
+
+/// The frontends of every Service with a virtual address. Backends come from the Service's
+/// EndpointSlices (what kube-proxy programs); a Service that has none in the cluster state
+/// but a selector gets the pods it selects, with named target ports resolved per pod.
+pub fn frontends(
+    state: &ClusterState,
+    address_pods: &BTreeMap<IpAddr, PodKey>,
+    ids: &mut ServiceIdentities,
+) -> Vec<Frontend> {
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSliceInfo>> = BTreeMap::new();
+    for slice in state.endpoint_slices.values() {
+        slices
+            .entry((slice.namespace.as_str(), slice.service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+    let mut pods_by_namespace: BTreeMap<&str, Vec<(&PodKey, &PodInfo)>> = BTreeMap::new();
+    for (key, pod) in &state.pods {
+        pods_by_namespace
+            .entry(pod.namespace.as_str())
+            .or_default()
+            .push((key, pod));
+    }
+    let mut out = Vec::new();
+    let mut used = BTreeSet::new();
+    for svc in state.services.values() {
+        let own_slices = slices
+            .get(&(svc.namespace.as_str(), svc.name.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        for v6 in [false, true] {
+            let addresses: Vec<IpAddr> = svc
+                .cluster_ips
+                .iter()
+                .filter(|ip| ip.is_ipv6() == v6)
+                .copied()
+                .collect();
+            if addresses.is_empty() {
+                continue;
+            }
+            let identity = ids.get(svc, v6);
+            used.insert(identity);
+            let ports = svc
+                .ports
+                .iter()
+                .map(|p| {
+                    let mut backends: Vec<Backend> = if !own_slices.is_empty() {
+                        ready_backends(&own_slices, &p.name, p.protocol, v6)
+                            .into_iter()
+                            .map(|(slice, ip, port, pod, _)| Backend {
+                                ip,
+                                port,
+                                pod: pod
+                                    .map(|name| (slice.namespace.clone(), name.to_string()))
+                                    .filter(|k| state.pods.contains_key(k))
+                                    .or_else(|| address_pods.get(&ip).cloned()),
+                            })
+                            .collect()
+                    } else if let Some(selector) = &svc.selector {
+                        let mut b = Vec::new();
+                        let candidates = pods_by_namespace
+                            .get(svc.namespace.as_str())
+                            .into_iter()
+                            .flatten();
+                        for (key, pod) in candidates {
+                            if pod.host_network
+                                || !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                            {
+                                continue;
+                            }
+                            let port = match &p.target {
+                                TargetPort::Number(n) => Some(*n),
+                                TargetPort::Named(name) => pod.named_port(name, p.protocol),
+                            };
+                            let Some(port) = port else { continue };
+                            for ip in pod.ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+                                b.push(Backend {
+                                    ip: *ip,
+                                    port,
+                                    pod: Some((*key).clone()),
+                                });
+                            }
+                        }
+                        b
+                    } else {
+                        Vec::new()
+                    };
+                    backends.sort();
+                    backends.dedup();
+                    FrontendPort {
+                        name: p.name.clone(),
+                        protocol: p.protocol,
+                        port: p.port,
+                        backends,
+                    }
+                })
+                .collect();
+            out.push(Frontend {
+                service: (svc.namespace.clone(), svc.name.clone()),
+                identity,
+                addresses,
+                ports,
+            });
+        }
+    }
+    ids.retain(&used);
+    out
+}
+
+/// A source's egress rules, indexed for "does any rule allow this backend?".
+struct RuleIndex<'a> {
+    by_identity: HashMap<u32, Vec<(PortMatch, u32)>>,
+    cidrs: Vec<(&'a IpNet, &'a [IpNet], PortMatch, u32)>,
+}
+
+fn port_matches(m: PortMatch, proto: u8, port: u16) -> bool {
+    match m {
+        PortMatch::Any => true,
+        PortMatch::Protocol(p) => p == proto,
+        PortMatch::Range {
+            proto: p,
+            first,
+            last,
+        } => p == proto && (first..=last).contains(&port),
+    }
+}
+
+impl<'a> RuleIndex<'a> {
+    fn new(rules: &'a [AllowRule]) -> Self {
+        let mut index = RuleIndex {
+            by_identity: HashMap::new(),
+            cidrs: Vec::new(),
+        };
+        for r in rules {
+            match &r.peer {
+                Peer::Identity(id) => index
+                    .by_identity
+                    .entry(*id)
+                    .or_default()
+                    .push((r.ports, r.rule_id)),
+                Peer::Cidr { net, except } => index.cidrs.push((net, except, r.ports, r.rule_id)),
+            }
+        }
+        index
+    }
+
+    /// The rule that allows a backend (identity and address) on `proto`/`port`, if any.
+    fn allows(&self, identity: u32, ip: &IpAddr, proto: u8, port: u16) -> Option<u32> {
+        if identity != IDENTITY_WORLD
+            && let Some(found) = self
+                .by_identity
+                .get(&identity)
+                .and_then(|v| v.iter().find(|(m, _)| port_matches(*m, proto, port)))
+        {
+            return Some(found.1);
+        }
+        self.cidrs
+            .iter()
+            .find(|(net, except, m, _)| {
+                port_matches(*m, proto, port)
+                    && net.contains(ip)
+                    && !except.iter().any(|e| e.contains(ip))
+            })
+            .map(|c| c.3)
+    }
+}
+
+/// Why a Service port is not allowed for a source: no backend, or the backends its egress
+/// rules do not allow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceDecision {
+    /// Every backend is allowed; the rule that allowed the first one.
+    Allowed(u32),
+    NoBackends,
+    Denied(Vec<Backend>),
+}
+
+/// Decides one Service port for a source with egress `rules`. Backends at an address of
+/// the source's node (`host`) are the node itself: always allowed.
+pub fn decide_port(
+    rules: &[AllowRule],
+    port: &FrontendPort,
+    identity_of: &impl Fn(&Backend) -> u32,
+) -> ServiceDecision {
+    decide_with(&RuleIndex::new(rules), port, identity_of)
+}
+
+fn decide_with(
+    index: &RuleIndex,
+    port: &FrontendPort,
+    identity_of: &impl Fn(&Backend) -> u32,
+) -> ServiceDecision {
+    if port.backends.is_empty() {
+        return ServiceDecision::NoBackends;
+    }
+    let proto = port.protocol.number();
+    let mut first = None;
+    let mut denied = Vec::new();
+    for b in &port.backends {
+        let identity = identity_of(b);
+        let allowed = if identity == IDENTITY_HOST {
+            Some(0)
+        } else {
+            index.allows(identity, &b.ip, proto, b.port)
+        };
+        match allowed {
+            Some(rule) => {
+                first.get_or_insert(rule);
+            }
+            None => denied.push(b.clone()),
+        }
+    }
+    match (denied.is_empty(), first) {
+        (true, Some(rule)) => ServiceDecision::Allowed(rule),
+        _ => ServiceDecision::Denied(denied),
+    }
+}
+
+/// The egress allow rules toward Service frontends for a source whose egress rules are
+/// `rules`: one per Service port all of whose backends `rules` allow.
+pub fn service_rules(
+    rules: &[AllowRule],
+    frontends: &[Frontend],
+    identity_of: &impl Fn(&Backend) -> u32,
+) -> Vec<AllowRule> {
+    let index = RuleIndex::new(rules);
+    let mut out = Vec::new();
+    for f in frontends {
+        for p in &f.ports {
+            if let ServiceDecision::Allowed(rule_id) = decide_with(&index, p, identity_of) {
+                out.push(AllowRule {
+                    peer: Peer::Identity(f.identity),
+                    ports: PortMatch::Range {
+                        proto: p.protocol.number(),
+                        first: p.port,
+                        last: p.port,
+                    },
+                    rule_id,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::model::{Labels, NamedPort, ServicePort, SliceEndpoint, SlicePort};
+
+    fn pod(ns: &str, name: &str, app: &str, ip: &str, http: u16) -> PodInfo {
+        PodInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: Labels::from([("app".to_string(), app.to_string())]),
+            ips: vec![ip.parse().unwrap()],
+            ports: vec![NamedPort {
+                name: "http".into(),
+                port: http,
+                protocol: Protocol::Tcp,
+            }],
+            workload: app.into(),
+            ..Default::default()
+        }
+    }
+
+    fn service(target: TargetPort) -> ServiceInfo {
+        ServiceInfo {
+            namespace: "bank".into(),
+            name: "ledger".into(),
+            cluster_ips: vec![
+                "10.96.0.50".parse().unwrap(),
+                "fd77:96::50".parse().unwrap(),
+            ],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target,
+            }],
+            selector: Some(Labels::from([("app".to_string(), "ledger".to_string())])),
+        }
+    }
+
+    fn state(pods: Vec<PodInfo>, svc: ServiceInfo) -> ClusterState {
+        let mut s = ClusterState::default();
+        for p in pods {
+            s.pods.insert((p.namespace.clone(), p.name.clone()), p);
+        }
+        s.services.insert(("bank".into(), "ledger".into()), svc);
+        s
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_backend_pod() {
+        let s = state(
+            vec![
+                pod("bank", "ledger-a", "ledger", "10.1.0.10", 8080),
+                pod("bank", "ledger-b", "ledger", "10.1.0.11", 8081),
+                pod("bank", "pot", "pot", "10.1.0.12", 9000),
+            ],
+            service(TargetPort::Named("http".into())),
+        );
+        let f = frontends(&s, &BTreeMap::new(), &mut ServiceIdentities::default());
+        assert_eq!(f.len(), 2, "one frontend per family");
+        assert_ne!(f[0].identity, f[1].identity);
+        let ports: Vec<u16> = f[0].ports[0].backends.iter().map(|b| b.port).collect();
+        assert_eq!(ports, vec![8080, 8081]);
+        assert!(
+            f[1].ports[0].backends.is_empty(),
+            "no IPv6 pod: the IPv6 frontend has no backends"
+        );
+    }
+
+    #[test]
+    fn endpoint_slices_win_over_the_selector_and_ready_endpoints_over_terminating() {
+        let mut s = state(
+            vec![pod("bank", "ledger-a", "ledger", "10.1.0.10", 8080)],
+            service(TargetPort::Number(8080)),
+        );
+        let endpoint = |ip: &str, ready: bool| SliceEndpoint {
+            addresses: vec![ip.parse().unwrap()],
+            ready,
+            serving: true,
+            terminating: !ready,
+            pod: None,
+        };
+        s.endpoint_slices.insert(
+            ("bank".into(), "ledger-x1".into()),
+            EndpointSliceInfo {
+                namespace: "bank".into(),
+                name: "ledger-x1".into(),
+                service: "ledger".into(),
+                endpoints: vec![endpoint("10.1.0.20", true), endpoint("10.1.0.21", false)],
+                ports: vec![SlicePort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 9999,
+                }],
+            },
+        );
+        let f = frontends(&s, &BTreeMap::new(), &mut ServiceIdentities::default());
+        let v4 = f.iter().find(|f| f.addresses[0].is_ipv4()).unwrap();
+        assert_eq!(
+            v4.ports[0].backends,
+            vec![Backend {
+                ip: "10.1.0.20".parse().unwrap(),
+                port: 9999,
+                pod: None
+            }]
+        );
+    }
+
+    #[test]
+    fn a_port_is_allowed_only_when_every_backend_is() {
+        let port = FrontendPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            backends: vec![
+                Backend {
+                    ip: "10.1.0.10".parse().unwrap(),
+                    port: 8080,
+                    pod: None,
+                },
+                Backend {
+                    ip: "10.1.0.11".parse().unwrap(),
+                    port: 8080,
+                    pod: None,
+                },
+            ],
+        };
+        let identity = |b: &Backend| {
+            if b.ip.to_string().ends_with(".10") {
+                300
+            } else {
+                301
+            }
+        };
+        let allow = |id: u32| AllowRule {
+            peer: Peer::Identity(id),
+            ports: PortMatch::Range {
+                proto: agent_common::PROTO_TCP,
+                first: 8080,
+                last: 8080,
+            },
+            rule_id: id,
+        };
+        assert_eq!(
+            decide_port(&[allow(300), allow(301)], &port, &identity),
+            ServiceDecision::Allowed(300)
+        );
+        match decide_port(&[allow(300)], &port, &identity) {
+            ServiceDecision::Denied(d) => assert_eq!(d.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        let on_the_node = |_: &Backend| IDENTITY_HOST;
+        assert!(matches!(
+            decide_port(&[], &port, &on_the_node),
+            ServiceDecision::Allowed(_)
+        ));
+        let empty = FrontendPort {
+            backends: vec![],
+            ..port
+        };
+        assert_eq!(
+            decide_port(&[allow(300)], &empty, &identity),
+            ServiceDecision::NoBackends
+        );
+    }
+}
