@@ -61,8 +61,20 @@ const TEST_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "prometheus",
+    // kube-proxy's own rules in the lab's node namespace (Services, hairpin masquerade).
+    "iptables",
 ];
 const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf", "iptables", "nftables"];
+/// The old-kernel test (`tests/tests/old_kernel.rs`): Debian's 6.1 kernel booted in qemu from
+/// an initramfs of busybox and the host's binaries (modules may be xz-compressed).
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "xz-utils",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -78,6 +90,7 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             require_root("the end-to-end tests load eBPF programs and create network namespaces")?;
             setup()?;
+            apt_install(VM_PACKAGES.iter())?;
             sweep_leftovers();
             // The end-to-end tests run the `tollgate` binary itself.
             cargo(&root, &["build", "--package", "tollgate", "--bins"])?;
@@ -284,6 +297,17 @@ fn mount_bpffs() -> Result<()> {
     sh("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])
 }
 
+/// Removes a cgroup directory tree: leaves first, each only once empty (cgroupfs refuses to
+/// remove a directory that still has children or processes).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for child in children.flatten().filter(|c| c.path().is_dir()) {
+            remove_cgroup_tree(&child.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 /// Namespaces, cgroups and pins that a killed test run left behind (all named `tgt*`).
 fn sweep_leftovers() {
     if let Some(list) = output("ip", &["netns", "list"]) {
@@ -305,13 +329,7 @@ fn sweep_leftovers() {
             if root == "/sys/fs/bpf" {
                 let _ = std::fs::remove_dir_all(entry.path());
             } else {
-                // cgroup directories go leaves first, and only once empty.
-                if let Ok(children) = std::fs::read_dir(entry.path()) {
-                    for child in children.flatten().filter(|c| c.path().is_dir()) {
-                        let _ = std::fs::remove_dir(child.path());
-                    }
-                }
-                let _ = std::fs::remove_dir(entry.path());
+                remove_cgroup_tree(&entry.path());
             }
         }
     }
