@@ -114,12 +114,37 @@ impl Drop for NetNsGuard {
 pub struct Pod {
     pub name: String,
     pub netns: String,
-    /// Host-side interface in the node namespace.
+    /// Host-side interface in the node namespace (empty for a host-network pod).
     pub host_if: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
-    /// cgroup v2 directory of the pod's processes.
+    /// cgroup v2 directory of the pod's processes: where the kubelet would put a BestEffort
+    /// pod of `uid` (systemd driver) under the lab's cgroup root.
     pub cgroup: PathBuf,
+    /// `metadata.uid` of the pod.
+    pub uid: String,
+}
+
+/// The cgroup directory the kubelet (systemd cgroup driver) gives a BestEffort pod of `uid`
+/// under the cgroup v2 `root`.
+pub fn kubepods_cgroup(root: &Path, uid: &str) -> PathBuf {
+    root.join("kubepods.slice")
+        .join("kubepods-besteffort.slice")
+        .join(format!(
+            "kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ))
+}
+
+/// Removes a cgroup directory and its empty parents up to (and excluding) `stop`.
+fn remove_cgroup_up_to(dir: &Path, stop: &Path) {
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d == stop || fs::remove_dir(d).is_err() {
+            break;
+        }
+        cur = d.parent();
+    }
 }
 
 impl Pod {
@@ -175,9 +200,24 @@ pub struct Lab {
     pub id: String,
     pub node: String,
     pub pods: Vec<Pod>,
+    /// The lab's cgroup v2 root: pods' cgroups are in a kubepods hierarchy under it (pass it
+    /// to the agent as `--cgroup-root`).
     pub cgroup_dir: PathBuf,
     pub pin_dir: PathBuf,
     children: Vec<Child>,
+    /// Namespaces beyond the node and pods (the uplink's far side).
+    extra_netns: Vec<String>,
+    /// Host-network pods: processes in the node namespace, each in its own cgroup.
+    host_pods: Vec<Pod>,
+}
+
+/// The lab node's uplink: an interface with the node's own address, leading to a namespace
+/// that routes nowhere.
+#[derive(Clone, Debug)]
+pub struct Uplink {
+    pub iface: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
 }
 
 impl Lab {
@@ -197,6 +237,8 @@ impl Lab {
             pods: vec![],
             cgroup_dir: cgroup_dir.clone(),
             children: vec![],
+            extra_netns: vec![],
+            host_pods: vec![],
         };
         ip(&["netns", "add", &node]);
         ip(&["-n", &node, "link", "set", "lo", "up"]);
@@ -336,7 +378,8 @@ impl Lab {
                 "permanent",
             ]);
         }
-        let cgroup = self.cgroup_dir.join(name);
+        let uid = self.uid_for(index);
+        let cgroup = kubepods_cgroup(&self.cgroup_dir, &uid);
         fs::create_dir_all(&cgroup).expect("create pod cgroup");
         let pod = Pod {
             name: name.into(),
@@ -345,9 +388,74 @@ impl Lab {
             ipv4,
             ipv6,
             cgroup,
+            uid,
         };
         self.pods.push(pod.clone());
         pod
+    }
+
+    /// A pod UID unique to this lab and index (UUID-shaped, as Kubernetes makes them).
+    fn uid_for(&self, index: usize) -> String {
+        let digits: String = self.id.chars().filter(char::is_ascii_digit).collect();
+        let n: u64 = digits.parse().unwrap_or(0);
+        format!("74670000-0000-4000-8000-{:08x}{:04x}", n % (1 << 32), index)
+    }
+
+    /// A host-network pod: processes run in the node's network namespace (sharing its
+    /// addresses) and in a cgroup of their own, found from the pod's UID.
+    pub fn add_host_pod(&mut self, name: &str) -> Pod {
+        let uid = self.uid_for(0x100 + self.host_pods.len());
+        let cgroup = kubepods_cgroup(&self.cgroup_dir, &uid);
+        fs::create_dir_all(&cgroup).expect("create host pod cgroup");
+        let pod = Pod {
+            name: name.into(),
+            netns: self.node.clone(),
+            host_if: String::new(),
+            ipv4: Ipv4Addr::new(169, 254, 1, 1),
+            ipv6: Ipv6Addr::LOCALHOST,
+            cgroup,
+            uid,
+        };
+        self.host_pods.push(pod.clone());
+        pod
+    }
+
+    /// The node's uplink `uplink`, holding the node address 10.250.0.1/24 and
+    /// fd77:250::1/64, whose far side is a namespace of its own that answers nothing.
+    pub fn add_uplink(&mut self) -> Uplink {
+        let wan = format!("{}-wan", self.id);
+        ip(&["netns", "add", &wan]);
+        ip(&[
+            "-n", &self.node, "link", "add", "uplink", "type", "veth", "peer", "name", "eth0",
+            "netns", &wan,
+        ]);
+        self.extra_netns.push(wan.clone());
+        ip(&["-n", &self.node, "link", "set", "uplink", "up"]);
+        ip(&["-n", &wan, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            &self.node,
+            "addr",
+            "add",
+            "10.250.0.1/24",
+            "dev",
+            "uplink",
+        ]);
+        ip(&[
+            "-n",
+            &self.node,
+            "addr",
+            "add",
+            "fd77:250::1/64",
+            "dev",
+            "uplink",
+            "nodad",
+        ]);
+        Uplink {
+            iface: "uplink".into(),
+            ipv4: Ipv4Addr::new(10, 250, 0, 1),
+            ipv6: "fd77:250::1".parse().expect("literal"),
+        }
     }
 
     /// A pod of the cluster: 10.1.0.N and fd77:1::N.
@@ -471,11 +579,19 @@ impl Drop for Lab {
             let _ = Command::new("ip")
                 .args(["netns", "del", &pod.netns])
                 .status();
-            let _ = fs::remove_dir(&pod.cgroup);
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.node])
-            .status();
+        for pod in self.pods.iter().chain(&self.host_pods) {
+            // Child cgroups a test made (containers) first.
+            if let Ok(children) = fs::read_dir(&pod.cgroup) {
+                for child in children.flatten().filter(|c| c.path().is_dir()) {
+                    let _ = fs::remove_dir(child.path());
+                }
+            }
+            remove_cgroup_up_to(&pod.cgroup, &self.cgroup_dir);
+        }
+        for ns in self.extra_netns.iter().chain([&self.node]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
         let _ = fs::remove_dir(&self.cgroup_dir);
         let _ = fs::remove_dir_all(&self.pin_dir);
     }
