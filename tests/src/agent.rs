@@ -181,6 +181,36 @@ impl Agent {
         self.wait_ready();
     }
 
+    /// `tollgate status -o json` of this agent.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "tollgate status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    /// The status of one workload (by pod name), if it is attached.
+    pub fn workload(&self, pod: &str) -> Option<serde_json::Value> {
+        self.status()["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| w["pod"] == pod)
+            .cloned()
+    }
+
+    /// Writes the cluster state (one file) and waits until the agent attached `pods`.
+    pub fn apply(&self, yaml: &str, pods: &[&str]) {
+        std::fs::write(self.cluster_state.join("cluster.yaml"), yaml).unwrap();
+        crate::wait_for(Duration::from_secs(15), "the workloads attached", || {
+            pods.iter()
+                .all(|p| self.workload(p).is_some())
+                .then_some(())
+        });
+    }
+
     /// The flow log records written so far.
     pub fn flow_records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.flow_log)

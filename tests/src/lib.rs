@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod bench_control;
 pub mod bench_net;
+pub mod cluster;
 pub mod conformance;
 pub mod frames;
 pub mod kube_proxy;

@@ -93,6 +93,46 @@ pub fn tcp_hold(
     )
 }
 
+/// A long-lived TCP connection from `pod` to `to:port` that exchanges one echo every
+/// `interval`, `messages` times, in the background: `finish` waits for its result.
+pub fn tcp_talking(
+    pod: &Pod,
+    to: IpAddr,
+    port: u16,
+    messages: u32,
+    interval: Duration,
+) -> std::process::Child {
+    pod.command(helper())
+        .args([
+            "tcp",
+            "--to",
+            &to.to_string(),
+            "--port",
+            &port.to_string(),
+            "--messages",
+            &messages.to_string(),
+            "--interval-ms",
+            &interval.as_millis().to_string(),
+            "--timeout-ms",
+            "2000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run tg-traffic in {}: {e}", pod.name))
+}
+
+/// The result of a `tcp_talking` connection, once it is done.
+pub fn finish(child: std::process::Child) -> TcpResult {
+    let out = child.wait_with_output().expect("wait for tg-traffic");
+    assert!(out.status.success(), "tg-traffic tcp failed");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tg-traffic output {:?}: {e}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// Sends `count` datagrams of `size` bytes from `pod` to `to:port`, each waiting for its echo.
 pub fn udp(
     pod: &Pod,

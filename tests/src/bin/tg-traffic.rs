@@ -39,6 +39,9 @@ enum Cmd {
         /// Keeps the connection open this long after the last echo.
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// Pause between messages: one long-lived connection that keeps talking.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
         /// Source address (bound before connecting).
         #[arg(long)]
         bind: Option<IpAddr>,
@@ -112,6 +115,7 @@ fn main() {
             messages,
             timeout_ms,
             hold_ms,
+            interval_ms,
             bind,
         } => tcp_client(
             to,
@@ -119,6 +123,7 @@ fn main() {
             messages,
             Duration::from_millis(timeout_ms),
             Duration::from_millis(hold_ms),
+            Duration::from_millis(interval_ms),
             bind,
         ),
         Cmd::Udp {
@@ -210,6 +215,7 @@ fn tcp_client(
     messages: u32,
     timeout: Duration,
     hold: Duration,
+    interval: Duration,
     bind: Option<IpAddr>,
 ) {
     let addr = SocketAddr::new(to, port);
@@ -227,7 +233,10 @@ fn tcp_client(
     let msg = [0x42u8; 64];
     let mut echoed = 0;
     let mut error = None;
-    for _ in 0..messages {
+    for i in 0..messages {
+        if i > 0 {
+            std::thread::sleep(interval);
+        }
         let mut back = [0u8; 64];
         match stream
             .write_all(&msg)

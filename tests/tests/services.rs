@@ -1,0 +1,463 @@
+//! Services on a node wired like a real one: kube-proxy's own iptables rules in the node
+//! namespace DNAT each ClusterIP to one of its backends (`-m statistic`), after Tollgate's
+//! hook has seen the packet. The flow is decided at the client's egress as a flow to the
+//! backends on their target ports (a named `targetPort` resolved per backend), replies from
+//! the Service address pass as replies, and the backends' ingress sees what it always saw.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tollgate_tests::{
+    Lab, Pod,
+    agent::{Agent, sample},
+    cluster,
+    kube_proxy::{self, Proto, ServicePort},
+    support::{FAIL_FAST, PATIENT, temp_dir},
+    traffic, wait_for,
+};
+
+const LEDGER_V4: &str = "10.96.0.50";
+const LEDGER_V6: &str = "fd77:96::50";
+const OTHER_V4: &str = "10.96.0.60";
+const OTHER_V6: &str = "fd77:96::60";
+
+/// bank/client (isolated both ways: egress to the stable ledger pods on `http`/`dns` only,
+/// ingress from nobody), the ledger's two stable pods (`http` is 8080 on one and 8081 on the
+/// other, as in the middle of a rollout that changed it), a canary ledger pod and bank/other.
+struct Bank {
+    lab: Lab,
+    client: Pod,
+    ledger_a: Pod,
+    ledger_b: Pod,
+    canary: Pod,
+    other: Pod,
+    dir: PathBuf,
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn bank(tag: &str) -> Bank {
+    let mut lab = Lab::new();
+    let client = lab.add_pod("client");
+    let ledger_a = lab.add_pod("ledgera");
+    let ledger_b = lab.add_pod("ledgerb");
+    let canary = lab.add_pod("canary");
+    let other = lab.add_pod("other");
+    lab.serve(&ledger_a, &[8080], &[5353]);
+    lab.serve(&ledger_b, &[8081], &[5353]);
+    lab.serve(&canary, &[8080], &[5353]);
+    lab.serve(&other, &[8080], &[5353]);
+    let dir = temp_dir(tag);
+    Bank {
+        lab,
+        client,
+        ledger_a,
+        ledger_b,
+        canary,
+        other,
+        dir,
+    }
+}
+
+const CLIENT_POLICY: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress, Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: ledger, track: stable}}}]\n    ports: [{port: http}, {port: dns, protocol: UDP}]\n";
+const LEDGER_POLICY: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: ledger, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: ledger}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n";
+const OTHER_POLICY: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: other, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: other}}\n  ingress: []\n";
+
+impl Bank {
+    /// The cluster state; `canary_ready` adds the canary to the ledger's endpoints.
+    fn yaml(&self, mode: &str, canary_ready: bool) -> String {
+        let ports = |http: u16| [("http", http, "TCP"), ("dns", 5353, "UDP")];
+        let mut y = cluster::namespace("bank", "{}", &format!("{{tollgate.io/mode: {mode}}}"));
+        y += &cluster::pod(&self.client, "bank", "client-0", "{app: client}", "{}", &[]);
+        y += &cluster::pod(
+            &self.ledger_a,
+            "bank",
+            "ledger-a",
+            "{app: ledger, track: stable}",
+            "{}",
+            &ports(8080),
+        );
+        y += &cluster::pod(
+            &self.ledger_b,
+            "bank",
+            "ledger-b",
+            "{app: ledger, track: stable}",
+            "{}",
+            &ports(8081),
+        );
+        y += &cluster::pod(
+            &self.canary,
+            "bank",
+            "ledger-canary",
+            "{app: ledger, track: canary}",
+            "{}",
+            &ports(8080),
+        );
+        y += &cluster::pod(
+            &self.other,
+            "bank",
+            "other-0",
+            "{app: other}",
+            "{}",
+            &ports(8080),
+        );
+        let svc_ports = [("web", 80, "TCP", "http"), ("dns", 53, "UDP", "dns")];
+        y += &cluster::service(
+            "bank",
+            "ledger",
+            &[ip(LEDGER_V4), ip(LEDGER_V6)],
+            "{app: ledger}",
+            &svc_ports,
+        );
+        y += &cluster::service(
+            "bank",
+            "other",
+            &[ip(OTHER_V4), ip(OTHER_V6)],
+            "{app: other}",
+            &svc_ports,
+        );
+        // The EndpointSlice controller puts backends with different port numbers into
+        // different slices.
+        for v6 in [false, true] {
+            let family = if v6 { "v6" } else { "v4" };
+            let slice_ports = |http: u16| [("web", http, "TCP"), ("dns", 5353, "UDP")];
+            let mut on_8080 = vec![(self.ledger_a.addr(v6), "ledger-a")];
+            if canary_ready {
+                on_8080.push((self.canary.addr(v6), "ledger-canary"));
+            }
+            y += &cluster::endpoint_slice(
+                "bank",
+                &format!("ledger-{family}-a"),
+                "ledger",
+                &on_8080,
+                &slice_ports(8080),
+            );
+            y += &cluster::endpoint_slice(
+                "bank",
+                &format!("ledger-{family}-b"),
+                "ledger",
+                &[(self.ledger_b.addr(v6), "ledger-b")],
+                &slice_ports(8081),
+            );
+            y += &cluster::endpoint_slice(
+                "bank",
+                &format!("other-{family}"),
+                "other",
+                &[(self.other.addr(v6), "other-0")],
+                &slice_ports(8080),
+            );
+        }
+        y + CLIENT_POLICY + LEDGER_POLICY + OTHER_POLICY
+    }
+
+    /// kube-proxy's rules for both Services in both families.
+    fn kube_proxy(&self, canary_ready: bool) {
+        let mut ports = Vec::new();
+        for v6 in [false, true] {
+            let (ledger, other) = if v6 {
+                (LEDGER_V6, OTHER_V6)
+            } else {
+                (LEDGER_V4, OTHER_V4)
+            };
+            let mut web = vec![
+                (self.ledger_a.addr(v6), 8080),
+                (self.ledger_b.addr(v6), 8081),
+            ];
+            let mut dns = vec![
+                (self.ledger_a.addr(v6), 5353),
+                (self.ledger_b.addr(v6), 5353),
+            ];
+            if canary_ready {
+                web.push((self.canary.addr(v6), 8080));
+                dns.push((self.canary.addr(v6), 5353));
+            }
+            let port = |service: &str, name: &str, proto, vip: &str, port, endpoints| ServicePort {
+                namespace: "bank".into(),
+                service: service.into(),
+                port_name: name.into(),
+                protocol: proto,
+                cluster_ip: ip(vip),
+                port,
+                endpoints,
+            };
+            ports.push(port("ledger", "web", Proto::Tcp, ledger, 80, web));
+            ports.push(port("ledger", "dns", Proto::Udp, ledger, 53, dns));
+            ports.push(port(
+                "other",
+                "web",
+                Proto::Tcp,
+                other,
+                80,
+                vec![(self.other.addr(v6), 8080)],
+            ));
+            ports.push(port(
+                "other",
+                "dns",
+                Proto::Udp,
+                other,
+                53,
+                vec![(self.other.addr(v6), 5353)],
+            ));
+        }
+        kube_proxy::apply(&self.lab.node, &ports, "10.1.0.0/24", "fd77:1::/64");
+    }
+
+    fn start(&self, mode: &str) -> Agent {
+        self.kube_proxy(false);
+        let mut agent = Agent::start(
+            &self.lab,
+            &self.dir,
+            &["--cgroup-root", self.lab.cgroup_dir.to_str().unwrap()],
+        );
+        agent.wait_ready();
+        agent.apply(
+            &self.yaml(mode, false),
+            &[
+                "client-0",
+                "ledger-a",
+                "ledger-b",
+                "ledger-canary",
+                "other-0",
+            ],
+        );
+        agent
+    }
+}
+
+/// (ingress allowed, would_drop, dropped, egress allowed, would_drop, dropped) of a workload.
+fn counters(agent: &Agent, pod: &str) -> [u64; 6] {
+    let w = agent
+        .workload(pod)
+        .unwrap_or_else(|| panic!("{pod} attached"));
+    let n = |d: &str, v: &str| w[d][v].as_u64().unwrap();
+    [
+        n("ingress", "allowed"),
+        n("ingress", "would_drop"),
+        n("ingress", "dropped"),
+        n("egress", "allowed"),
+        n("egress", "would_drop"),
+        n("egress", "dropped"),
+    ]
+}
+
+fn delta(after: [u64; 6], before: [u64; 6]) -> [u64; 6] {
+    std::array::from_fn(|i| after[i] - before[i])
+}
+
+/// Counters of `pod` that `action` adds, once the lab went quiet.
+fn measure(bank: &Bank, agent: &Agent, pod: &str, action: impl FnOnce()) -> [u64; 6] {
+    bank.lab.settle();
+    let before = counters(agent, pod);
+    action();
+    bank.lab.settle();
+    delta(counters(agent, pod), before)
+}
+
+fn check(agent: &Agent, flows: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(tollgate_tests::agent::tollgate_bin())
+        .args(["check", "--cluster-state"])
+        .arg(&agent.cluster_state)
+        .args(["-o", "json", "--flows", "/dev/stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().unwrap().write_all(flows.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("run tollgate check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn calls_through_a_cluster_ip_are_decided_by_the_backends_in_log_and_drop_mode() {
+    let bank = bank("services");
+    let agent = bank.start("log");
+
+    // UDP to the ledger's Service, both families: allowed at the client's egress (the
+    // policy allows both stable backends on their `dns` port), the echoes pass as replies
+    // although the client admits nothing new. No phantom would-drop.
+    for vip in [LEDGER_V4, LEDGER_V6] {
+        let got = measure(&bank, &agent, "client-0", || {
+            let r = traffic::udp(&bank.client, ip(vip), 53, 6, 64, PATIENT);
+            assert_eq!(r.echoed, 6, "{vip}: {r:?}");
+        });
+        assert_eq!(got, [6, 0, 0, 6, 0, 0], "{vip}: client's packets");
+    }
+
+    // TCP on the port whose `targetPort: http` is 8080 on one backend and 8081 on the other:
+    // 16 connections, kube-proxy spreads them over both, every packet allowed.
+    let a_before = bank.lab.link_stats(&bank.ledger_a);
+    let b_before = bank.lab.link_stats(&bank.ledger_b);
+    let client_link = bank.lab.link_stats(&bank.client);
+    let got = measure(&bank, &agent, "client-0", || {
+        for _ in 0..16 {
+            let r = traffic::tcp(&bank.client, ip(LEDGER_V4), 80, 2, PATIENT);
+            assert_eq!(r.echoed, 2, "{r:?}");
+        }
+    });
+    let client_after = bank.lab.link_stats(&bank.client);
+    assert_eq!(got[1] + got[2] + got[4] + got[5], 0, "{got:?}");
+    assert_eq!(
+        (got[0], got[3]),
+        (
+            client_after.tx_packets - client_link.tx_packets,
+            client_after.rx_packets - client_link.rx_packets
+        ),
+        "every packet counted as allowed, as the interface saw them"
+    );
+    assert!(
+        bank.lab.link_stats(&bank.ledger_a).tx_packets > a_before.tx_packets
+            && bank.lab.link_stats(&bank.ledger_b).tx_packets > b_before.tx_packets,
+        "both backends got connections"
+    );
+
+    // The other Service: its backend is not allowed. Would-drops at the client's egress
+    // (the echoes of a would-drop flow count as would-drops too) and at other's ingress,
+    // which sees the backend address after the DNAT.
+    let other_before = counters(&agent, "other-0");
+    let got = measure(&bank, &agent, "client-0", || {
+        let r = traffic::udp(&bank.client, ip(OTHER_V4), 53, 4, 64, PATIENT);
+        assert_eq!(r.echoed, 4, "log mode lets them pass: {r:?}");
+    });
+    assert_eq!(got, [0, 4, 0, 0, 4, 0]);
+    assert_eq!(
+        delta(counters(&agent, "other-0"), other_before),
+        [0, 4, 0, 0, 4, 0]
+    );
+
+    // Named by the Service and counted against the backend workload.
+    let record = wait_for(Duration::from_secs(5), "the flow log record", || {
+        agent
+            .flow_records()
+            .into_iter()
+            .find(|r| r["dst_ip"] == OTHER_V4 && r["direction"] == "egress")
+    });
+    assert_eq!(record["verdict"], "would_drop");
+    assert_eq!(record["dst_service"], "bank/other");
+    assert_eq!(record["dst"]["workload"], "other-0");
+    assert_eq!(record["src"]["pod"], "client-0");
+    let m = agent.metrics_text();
+    let series = |verdict: &str, dst: &str, proto: &str, port: &str| {
+        sample(
+            &m,
+            "tollgate_flow_packets_total",
+            &[
+                ("direction", "egress"),
+                ("verdict", verdict),
+                ("src_workload", "client-0"),
+                ("dst_namespace", "bank"),
+                ("dst_workload", dst),
+                ("protocol", proto),
+                ("port", port),
+            ],
+        )
+    };
+    assert_eq!(
+        series("allowed", "ledger-a+ledger-b", "udp", "5353"),
+        Some(24.0),
+        "6 datagrams and 6 echoes per family, on the backends' port\n{m}"
+    );
+    assert_eq!(series("would_drop", "other-0", "udp", "5353"), Some(8.0));
+
+    // `tollgate check` gives the same answers for the Service addresses.
+    let answers = check(
+        &agent,
+        &format!(
+            "bank/client-0 {LEDGER_V4} 80/tcp\nbank/client-0 {LEDGER_V6} dns/udp\nbank/client-0 {OTHER_V4} web/tcp\n"
+        ),
+    );
+    assert_eq!(answers[0]["verdict"], "allowed", "{:?}", answers[0]);
+    assert_eq!(answers[0]["dst_service"], "bank/ledger");
+    assert_eq!(answers[1]["verdict"], "allowed", "{:?}", answers[1]);
+    assert_eq!(answers[1]["port"], 53);
+    assert_eq!(answers[2]["egress"], "denied", "{:?}", answers[2]);
+    assert_eq!(answers[2]["ingress"], "denied", "other admits nobody");
+    assert_eq!(answers[2]["dst_service"], "bank/other");
+
+    // Drop mode: the calls the policy denies fail, the allowed ones are untouched.
+    let out = agent.cli(&["mode", "set", "bank/client-0", "drop"]);
+    assert!(out.status.success(), "{out:?}");
+    let got = measure(&bank, &agent, "client-0", || {
+        let r = traffic::udp(&bank.client, ip(OTHER_V6), 53, 3, 64, FAIL_FAST);
+        assert_eq!(r.echoed, 0, "{r:?}");
+        let r = traffic::udp(&bank.client, ip(LEDGER_V6), 53, 3, 64, PATIENT);
+        assert_eq!(r.echoed, 3, "{r:?}");
+        let r = traffic::tcp(&bank.client, ip(LEDGER_V6), 80, 1, PATIENT);
+        assert_eq!(r.echoed, 1, "{r:?}");
+    });
+    assert_eq!(
+        (got[1], got[2], got[4], got[5]),
+        (0, 0, 0, 3),
+        "3 datagrams to the other Service dropped, nothing else"
+    );
+}
+
+#[test]
+fn a_change_of_backends_decides_new_connections_and_leaves_established_ones() {
+    let bank = bank("service-backends");
+    let agent = bank.start("drop");
+    let allowed = || traffic::udp(&bank.client, ip(LEDGER_V4), 53, 1, 64, FAIL_FAST).echoed == 1;
+    assert!(allowed());
+
+    // A connection that keeps talking, one echo every 300 ms for 3 s.
+    let talking = traffic::tcp_talking(
+        &bank.client,
+        ip(LEDGER_V4),
+        80,
+        10,
+        Duration::from_millis(300),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The canary becomes ready: a backend the client's policy does not allow. kube-proxy
+    // may now pick it, so new connections to the Service are denied (dropped in drop mode).
+    let changed = Instant::now();
+    bank.kube_proxy(true);
+    std::fs::write(
+        agent.cluster_state.join("cluster.yaml"),
+        bank.yaml("drop", true),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(5), "new connections denied", || {
+        (!allowed()).then_some(())
+    });
+    let took = changed.elapsed();
+    let r = traffic::tcp(&bank.client, ip(LEDGER_V4), 80, 1, FAIL_FAST);
+    assert!(!r.connected, "a new connection: {r:?}");
+
+    let r = traffic::finish(talking);
+    assert_eq!(
+        (r.connected, r.echoed),
+        (true, 10),
+        "the established connection is not disturbed: {r:?}"
+    );
+
+    // The canary goes away again: new connections are allowed again.
+    bank.kube_proxy(false);
+    std::fs::write(
+        agent.cluster_state.join("cluster.yaml"),
+        bank.yaml("drop", false),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(5), "new connections allowed", || {
+        allowed().then_some(())
+    });
+    let r = traffic::tcp(&bank.client, ip(LEDGER_V4), 80, 2, PATIENT);
+    assert_eq!(r.echoed, 2, "{r:?}");
+    eprintln!("a change of backends took {took:?} to decide new connections");
+}
