@@ -154,9 +154,9 @@ enum Placement {
     /// Not on this node (or nothing of it is here yet).
     Elsewhere,
     At(AttachPoint),
-    /// The pod claimed `claimed` (an interface name or a cgroup directory) and may not have it.
+    /// The pod claimed `claimed` (an interface, or a cgroup directory) and may not have it.
     Refused {
-        claimed: String,
+        claimed: AttachPoint,
         why: String,
     },
 }
@@ -167,6 +167,26 @@ fn subject(point: &AttachPoint) -> String {
         AttachPoint::Tc { iface } => iface.clone(),
         AttachPoint::Cgroup { path } => path.display().to_string(),
     }
+}
+
+/// The pod an attachment point belongs to by what the node says (a host route to its IP,
+/// a cgroup directory named for its UID), attached or not: whom a refused claim names.
+fn rightful_owner(
+    state: &ClusterState,
+    network: &NodeNetwork,
+    point: &AttachPoint,
+) -> Option<PodKey> {
+    let found = match point {
+        AttachPoint::Tc { iface } => state
+            .pods
+            .iter()
+            .find(|(_, p)| !network.routed_to(iface, &p.ips).is_empty()),
+        AttachPoint::Cgroup { path } => {
+            let uid = points::uid_of_cgroup(path)?;
+            state.pods.iter().find(|(_, p)| p.uid == uid)
+        }
+    };
+    found.map(|(k, _)| k.clone())
 }
 
 impl Reconciler {
@@ -245,7 +265,9 @@ impl Reconciler {
                     iface: iface.clone(),
                 }),
                 Err(why) => Placement::Refused {
-                    claimed: iface.clone(),
+                    claimed: AttachPoint::Tc {
+                        iface: iface.clone(),
+                    },
                     why: format!("{INTERFACE_ANNOTATION}: {why}"),
                 },
             };
@@ -255,11 +277,12 @@ impl Reconciler {
             return match points::check_cgroup(root, path, &pod.uid) {
                 Ok(path) => Placement::At(AttachPoint::Cgroup { path }),
                 Err(why) => Placement::Refused {
-                    claimed: root
-                        .join(path)
-                        .canonicalize()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|_| path.clone()),
+                    claimed: AttachPoint::Cgroup {
+                        path: root
+                            .join(path)
+                            .canonicalize()
+                            .unwrap_or_else(|_| path.into()),
+                    },
                     why: format!("{CGROUP_ANNOTATION}: {why}"),
                 },
             };
@@ -282,7 +305,7 @@ impl Reconciler {
         network: &NodeNetwork,
     ) -> (BTreeMap<PodKey, AttachPoint>, BTreeMap<PodKey, String>) {
         let mut wanted: Vec<(&PodKey, AttachPoint)> = Vec::new();
-        let mut claims: Vec<(&PodKey, String, String)> = Vec::new();
+        let mut claims: Vec<(&PodKey, AttachPoint, String)> = Vec::new();
         for (key, pod) in &state.pods {
             match self.placement(pod, network) {
                 Placement::Elsewhere => {}
@@ -302,19 +325,18 @@ impl Reconciler {
             if owner == key {
                 local.insert(key.clone(), point);
             } else {
-                claims.push((
-                    key,
-                    subject(&point),
-                    format!("{} is another workload's attachment point", subject(&point)),
-                ));
+                let why = format!("{} is another workload's attachment point", subject(&point));
+                claims.push((key, point, why));
             }
         }
         let refused = claims
             .into_iter()
             .map(|(key, claimed, mut why)| {
-                if let Some((_, owner)) = owners.iter().find(|(p, _)| subject(p) == claimed)
-                    && owner != key
-                {
+                let owner = owners
+                    .get(&claimed)
+                    .cloned()
+                    .or_else(|| rightful_owner(state, network, &claimed));
+                if let Some(owner) = owner.filter(|o| o != key) {
                     why.push_str(&format!(
                         "; it is {}/{}'s, which keeps it",
                         owner.0, owner.1

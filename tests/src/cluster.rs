@@ -36,6 +36,11 @@ pub fn pod(
     )
 }
 
+/// The same Pod object (from `pod`), scheduled on node `node` (`spec.nodeName`).
+pub fn on_node(pod_yaml: &str, node: &str) -> String {
+    pod_yaml.replacen("\nspec:\n", &format!("\nspec:\n  nodeName: {node}\n"), 1)
+}
+
 /// A Namespace with `labels` and `annotations` as YAML flow mappings.
 pub fn namespace(name: &str, labels: &str, annotations: &str) -> String {
     format!(

@@ -213,12 +213,15 @@ pub struct Lab {
 }
 
 /// The lab node's uplink: an interface with the node's own address, leading to a namespace
-/// that routes nowhere.
+/// that stands for the rest of the network (another node's address, routes back to the pods
+/// through this node, nothing beyond).
 #[derive(Clone, Debug)]
 pub struct Uplink {
     pub iface: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// A process on the far side: another node, at 10.250.0.2 and fd77:250::2.
+    pub far: Pod,
 }
 
 impl Lab {
@@ -421,8 +424,27 @@ impl Lab {
         pod
     }
 
+    /// A process of the node itself (a kubelet): in the node namespace, in a cgroup outside
+    /// the kubepods hierarchy.
+    pub fn node_process(&mut self, name: &str) -> Pod {
+        let cgroup = self.cgroup_dir.join(name);
+        fs::create_dir_all(&cgroup).expect("create node process cgroup");
+        let pod = Pod {
+            name: name.into(),
+            netns: self.node.clone(),
+            host_if: String::new(),
+            ipv4: Ipv4Addr::new(169, 254, 1, 1),
+            ipv6: Ipv6Addr::LOCALHOST,
+            cgroup,
+            uid: String::new(),
+        };
+        self.host_pods.push(pod.clone());
+        pod
+    }
+
     /// The node's uplink `uplink`, holding the node address 10.250.0.1/24 and
-    /// fd77:250::1/64, whose far side is a namespace of its own that answers nothing.
+    /// fd77:250::1/64; its far side is another node (10.250.0.2, fd77:250::2) that reaches the
+    /// pods through this one.
     pub fn add_uplink(&mut self) -> Uplink {
         let wan = format!("{}-wan", self.id);
         ip(&["netns", "add", &wan]);
@@ -452,10 +474,54 @@ impl Lab {
             "uplink",
             "nodad",
         ]);
+        ip(&["-n", &wan, "link", "set", "lo", "up"]);
+        ip(&["-n", &wan, "addr", "add", "10.250.0.2/24", "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &wan,
+            "addr",
+            "add",
+            "fd77:250::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&[
+            "-n",
+            &wan,
+            "route",
+            "add",
+            "10.1.0.0/16",
+            "via",
+            "10.250.0.1",
+        ]);
+        ip(&[
+            "-n",
+            &wan,
+            "-6",
+            "route",
+            "add",
+            "fd77:1::/64",
+            "via",
+            "fd77:250::1",
+        ]);
+        let cgroup = self.cgroup_dir.join("wan");
+        fs::create_dir_all(&cgroup).expect("create far side cgroup");
+        let far = Pod {
+            name: "wan".into(),
+            netns: wan,
+            host_if: String::new(),
+            ipv4: Ipv4Addr::new(10, 250, 0, 2),
+            ipv6: "fd77:250::2".parse().expect("literal"),
+            cgroup,
+            uid: String::new(),
+        };
+        self.host_pods.push(far.clone());
         Uplink {
             iface: "uplink".into(),
             ipv4: Ipv4Addr::new(10, 250, 0, 1),
             ipv6: "fd77:250::1".parse().expect("literal"),
+            far,
         }
     }
 

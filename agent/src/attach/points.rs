@@ -165,6 +165,16 @@ pub fn pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
         .find(|p| p.is_dir() && hierarchies.iter().any(|h| p.starts_with(h) && p != h))
 }
 
+/// The UID of the pod a kubepods cgroup directory is named for (either driver's naming).
+pub fn uid_of_cgroup(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    if let Some(slice) = name.strip_suffix(".slice") {
+        let (_, uid) = slice.rsplit_once("-pod")?;
+        return Some(uid.replace('_', "-"));
+    }
+    name.strip_prefix("pod").map(str::to_string)
+}
+
 /// Checks a claimed cgroup directory (`tollgate.io/cgroup`, absolute or relative to `root`):
 /// it must be the pod's own, the one its UID names.
 pub fn check_cgroup(root: &Path, claimed: &str, uid: &str) -> Result<PathBuf, String> {
@@ -242,6 +252,8 @@ mod tests {
             "the cgroupfs driver's layout"
         );
         assert_eq!(pod_cgroup(&root, "ffff"), None);
+        assert_eq!(uid_of_cgroup(&own).as_deref(), Some(uid));
+        assert_eq!(uid_of_cgroup(&other).as_deref(), Some("0000"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
