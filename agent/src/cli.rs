@@ -71,12 +71,18 @@ pub enum Command {
     /// Evaluate flows offline against a cluster state, with the same compiler and decision
     /// procedure as the datapath; no kernel needed.
     ///
-    /// Each input line is `SRC DST PORT/PROTOCOL`, SRC and DST being NAMESPACE/POD or an IP
-    /// address, e.g. `x/a y/b 80/tcp` or `x/a 10.0.0.7 443/tcp`. Blank lines and lines
-    /// starting with # are skipped. A flow is allowed only when the source's egress and the
-    /// destination's ingress both allow it.
+    /// Each input line is `SRC DST PORT/PROTOCOL`, SRC and DST being NAMESPACE/POD,
+    /// NAMESPACE/WORKLOAD or an IP address, e.g. `x/a y/b 80/tcp` or `x/a 10.0.0.7 443/tcp`;
+    /// PORT a number, or a named port of the destination (a Service's port name when DST is
+    /// a Service address). A flow to a Service address is decided against its backends:
+    /// allowed at the source's egress only when every backend is, and at each backend's
+    /// ingress on its target port. Traffic between a pod and its own node (from the Node
+    /// objects and `spec.nodeName`) is always allowed. Blank lines and lines starting with #
+    /// are skipped. A flow is allowed only when the source's egress and the destination's
+    /// ingress both allow it.
     Check {
-        /// File or directory of Kubernetes YAML (Namespaces, Pods, NetworkPolicies).
+        /// File or directory of Kubernetes YAML (Namespaces, Pods, NetworkPolicies, and
+        /// optionally Services, EndpointSlices and Nodes).
         #[arg(long)]
         cluster_state: std::path::PathBuf,
         /// Flows to evaluate (default: standard input).
@@ -102,7 +108,10 @@ pub enum Command {
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// File or directory of Kubernetes YAML (Namespaces, Pods with status.podIPs,
-    /// NetworkPolicies; multi-document and `kind: List`), re-read when it changes.
+    /// NetworkPolicies, and optionally Services, EndpointSlices and Nodes; multi-document
+    /// and `kind: List`), re-read when it changes. Its `tollgate.io/interface` and
+    /// `tollgate.io/cgroup` pod annotations choose where a pod attaches, checked against
+    /// what the node says (a host route to the pod's IP, the cgroup its UID names).
     #[arg(long)]
     pub cluster_state: PathBuf,
     /// Where /metrics, /healthz and /readyz are served.
@@ -140,7 +149,9 @@ pub struct RunArgs {
     /// upgrade that changed the map layout; enforcement lapses until workloads re-attach).
     #[arg(long)]
     pub reset_state: bool,
-    /// Name of this node in the flow log.
+    /// This node: pods whose spec.nodeName names another node are never attached here, the
+    /// Node object of this name adds its addresses to the node's own, and the flow log's
+    /// `node` field. Default: $NODE_NAME, else the hostname.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// How often the cluster state is checked for changes, in milliseconds.
@@ -290,9 +301,11 @@ pub fn check_line(
     let frontend = ev.compiled.frontend_of_address(dst_ep.ip);
     let port: u16 = match port.parse::<u16>() {
         Ok(p) if p > 0 => p,
-        Ok(_) => return Err(format!("{port:?} is not a port (1-65535)")),
+        _ if port.chars().all(|c| c.is_ascii_digit()) => {
+            return Err(format!("{port:?} is not a port (1-65535)"));
+        }
         // A name: the Service's port of that name, or the destination pod's named port.
-        Err(_) => match (frontend, &dst_ep.pod) {
+        _ => match (frontend, &dst_ep.pod) {
             (Some(f), _) => f
                 .ports
                 .iter()
@@ -521,6 +534,15 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
     );
     for e in &status.policy_errors {
         println!("rejected: {e}");
+    }
+    for w in &status.warnings {
+        println!("warning: {w}");
+    }
+    for r in &status.refused {
+        println!("not attached: {r}");
+    }
+    for d in &status.degraded {
+        println!("degraded: {d}");
     }
     println!(
         "{:<36} {:<7} {:<9} {:<5} {:>20} {:>20} {:>15}",

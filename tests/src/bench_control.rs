@@ -33,8 +33,10 @@ pub struct BankCluster {
     pub files: Vec<(String, String)>,
     /// (service index of dst) -> callers, for the single-change benchmark.
     pub callers: Vec<Vec<usize>>,
-    /// Local pods: (namespace, name).
+    /// Local pods: (namespace, name) and their cgroup directories (found from their UIDs).
     pub local: Vec<(String, String)>,
+    local_cgroups: Vec<PathBuf>,
+    /// The cgroup v2 root the kubepods hierarchy of the local pods is under.
     pub cgroup_root: PathBuf,
 }
 
@@ -99,6 +101,7 @@ impl BankCluster {
         }
         files.push(("namespaces.yaml".into(), namespaces));
         let mut local = Vec::new();
+        let mut local_cgroups = Vec::new();
         let mut pod_files = vec![String::new(); 20];
         let mut pod = 0usize;
         for s in 0..SERVICES {
@@ -116,16 +119,15 @@ impl BankCluster {
                     (pod / 250) % 250,
                     pod % 250 + 1
                 );
-                let annotations = if pod.is_multiple_of(PODS / LOCAL_PODS) {
-                    let dir = cgroup_root.join(&name);
+                // Local pods are attached on their cgroups, found from their UIDs.
+                let uid = format!("b0000000-0000-4000-8000-{pod:012x}");
+                if pod.is_multiple_of(PODS / LOCAL_PODS) {
                     local.push((ns.clone(), name.clone()));
-                    format!("  annotations: {{tollgate.io/cgroup: {}}}\n", dir.display())
-                } else {
-                    String::new()
-                };
+                    local_cgroups.push(crate::kubepods_cgroup(cgroup_root, &uid));
+                }
                 writeln!(
                     pod_files[pod % 20],
-                    "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: {}, pod-template-hash: 6d5f7c8b9}}\n{annotations}  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {}-6d5f7c8b9, uid: u, controller: true}}]\nspec:\n  containers: [{{name: app, image: registry.example/app:1, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  phase: Running\n  podIPs: [{{ip: {ip}}}]",
+                    "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels: {{app: {}, pod-template-hash: 6d5f7c8b9}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {}-6d5f7c8b9, uid: u, controller: true}}]\nspec:\n  containers: [{{name: app, image: registry.example/app:1, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  phase: Running\n  podIPs: [{{ip: {ip}}}]",
                     service_name(s),
                     service_name(s)
                 )
@@ -149,6 +151,7 @@ impl BankCluster {
             files,
             callers,
             local,
+            local_cgroups,
             cgroup_root: cgroup_root.into(),
         }
     }
@@ -158,8 +161,8 @@ impl BankCluster {
         for (name, text) in &self.files {
             std::fs::write(dir.join(name), text).unwrap();
         }
-        for (_, pod) in &self.local {
-            std::fs::create_dir_all(self.cgroup_root.join(pod)).unwrap();
+        for dir in &self.local_cgroups {
+            std::fs::create_dir_all(dir).unwrap();
         }
     }
 
@@ -183,10 +186,16 @@ impl BankCluster {
     }
 
     pub fn remove_cgroups(&self) {
-        for (_, pod) in &self.local {
-            let _ = std::fs::remove_dir(self.cgroup_root.join(pod));
+        for dir in &self.local_cgroups {
+            let _ = std::fs::remove_dir(dir);
         }
-        let _ = std::fs::remove_dir(&self.cgroup_root);
+        for level in [
+            "kubepods.slice/kubepods-besteffort.slice",
+            "kubepods.slice",
+            "",
+        ] {
+            let _ = std::fs::remove_dir(self.cgroup_root.join(level));
+        }
     }
 }
 
@@ -242,8 +251,9 @@ fn map_memory(dir: &Path) -> u64 {
         .sum()
 }
 
-/// A reconciler in log mode over a fresh datapath pinned under `pin_dir`.
-fn reconciler(pin_dir: &Path) -> Reconciler {
+/// A reconciler in log mode over a fresh datapath pinned under `pin_dir`, finding local
+/// pods' cgroups under `cgroup_root`.
+fn reconciler(pin_dir: &Path, cgroup_root: &Path) -> Reconciler {
     let mut options = tollgate::DatapathOptions::new(pin_dir);
     options.tc_mode = TcMode::Auto;
     let datapath = tollgate::Datapath::load(options).unwrap();
@@ -251,6 +261,7 @@ fn reconciler(pin_dir: &Path) -> Reconciler {
         datapath,
         ReconcilerOptions {
             default_mode: Mode::Log,
+            cgroup_root: cgroup_root.into(),
             ..Default::default()
         },
     )
@@ -276,7 +287,7 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     let (mut parse, mut cold, mut memory, mut entries) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs.max(1) {
         let pin_dir = lab.pin_dir.join("cold");
-        let mut rec = reconciler(&pin_dir);
+        let mut rec = reconciler(&pin_dir, &cluster.cgroup_root);
         let mut source = FileSource::new(&state_dir);
         let started = Instant::now();
         let loaded = source.load();
@@ -316,7 +327,7 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
 
     // Warm agent state: single changes and mode flips.
     let pin_dir = lab.pin_dir.join("warm");
-    let mut rec = reconciler(&pin_dir);
+    let mut rec = reconciler(&pin_dir, &cluster.cgroup_root);
     let mut source = FileSource::new(&state_dir);
     let loaded = source.load();
     rec.reconcile(&loaded.state).unwrap();
@@ -392,7 +403,15 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     // The agent itself with 250 local workloads: memory and scrape time.
     let agent_dir = dir.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
-    let mut agent = Agent::start(&lab, &agent_dir, &["--detach-on-exit"]);
+    let mut agent = Agent::start(
+        &lab,
+        &agent_dir,
+        &[
+            "--detach-on-exit",
+            "--cgroup-root",
+            cluster.cgroup_root.to_str().expect("utf-8 path"),
+        ],
+    );
     for (name, text) in &cluster.files {
         std::fs::write(agent.cluster_state.join(name), text).unwrap();
     }

@@ -594,6 +594,62 @@ fn cgroup_attachment_counts_and_enforces_socket_traffic() {
 }
 
 #[test]
+fn the_nearest_registered_cgroup_takes_a_containers_traffic() {
+    let mut lab = Lab::new();
+    let a = lab.add_pod("a");
+    let b = lab.add_pod("b");
+    // b's server runs in a container: a child cgroup of the pod's.
+    let container = b.cgroup.join("ctr");
+    std::fs::create_dir_all(&container).unwrap();
+    let in_container = tollgate_tests::Pod {
+        cgroup: container,
+        ..b.clone()
+    };
+    lab.serve(&in_container, &[], &[53]);
+    let mut dp = lab.datapath(TcMode::Auto);
+    // Slot 2 attached on b's own directory; slot 1 registered for the kubepods hierarchy
+    // above every pod (as a stale or forged entry would be). Only the routing is registered
+    // there: programs attached at an ancestor run for every socket below it, which is why
+    // the agent never attaches above the pods.
+    for slot in [1, 2] {
+        dp.maps
+            .set_workload(
+                slot,
+                &WorkloadPolicy::open(Mode::Log).sending_from(&b.addrs()),
+            )
+            .unwrap();
+    }
+    let kubepods = lab.cgroup_dir.join("kubepods.slice");
+    dp.maps
+        .set_cgroup_slot(tollgate::attach::cgroup_id(&kubepods).unwrap(), 1)
+        .unwrap();
+    attach_cgroup(&mut dp, 2, &b);
+
+    lab.settle();
+    let above = Packets::read(&dp, 1);
+    let own = Packets::read(&dp, 2);
+    assert_eq!(
+        traffic::udp(&a, b.addr(false), 53, 4, 64, PATIENT).echoed,
+        4
+    );
+    lab.settle();
+    assert_eq!(
+        Packets::read(&dp, 2).since(own),
+        Packets {
+            in_allowed: 4,
+            out_allowed: 4,
+            ..Default::default()
+        },
+        "the pod's own directory, the nearest registered ancestor of the container"
+    );
+    assert_eq!(
+        Packets::read(&dp, 1).since(above),
+        Packets::default(),
+        "nothing for the cgroup above the pods"
+    );
+}
+
+#[test]
 fn ip_blocks_with_except_port_ranges_and_world_peers() {
     let mut lab = Lab::new();
     let a = lab.add_pod("a");

@@ -331,9 +331,9 @@ pub fn endpoint(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Endpoint,
     let (ns, name) = spec.split_once('/').ok_or_else(|| {
         format!("{spec:?} is neither NAMESPACE/POD, NAMESPACE/WORKLOAD nor an IP address")
     })?;
-    let key = ev
-        .pod_named(ns, name)
-        .ok_or_else(|| format!("no pod or workload {spec} in the cluster state"))?;
+    let key = ev.pod_named(ns, name).ok_or_else(|| {
+        format!("{spec} is not in the cluster state (no pod or workload of that name)")
+    })?;
     let ips: Vec<IpAddr> = ev
         .compiled
         .address_pods

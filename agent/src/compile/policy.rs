@@ -745,7 +745,15 @@ pub fn compile_cached(
             result.services = match cache.services.get(key) {
                 Some((h, rules)) if *h == service_input => rules.clone(),
                 _ => {
-                    let identity_of = |b: &Backend| backend_identity(&part, node, b);
+                    let identity_of = |b: &Backend| {
+                        // A pod reaching itself through its Service is not enforced
+                        // (upstream's AllowLoopback), like the node itself.
+                        if b.pod.as_ref() == Some(key) {
+                            agent_common::IDENTITY_HOST
+                        } else {
+                            backend_identity(&part, node, b)
+                        }
+                    };
                     let rules = services::service_rules(&result.egress, &frontends, &identity_of);
                     cache
                         .services
