@@ -368,6 +368,10 @@ impl Reconciler {
         {
             host.extend(node.addresses.iter().copied());
         }
+        // kube-proxy's IPVS mode binds every ClusterIP to the node (kube-ipvs0): those are
+        // Services, never the node's own addresses.
+        let services = &self.compiled.service_addresses;
+        host.retain(|ip| !services.contains_key(&IpNet::from(*ip)));
         host
     }
 
@@ -508,6 +512,9 @@ impl Reconciler {
         }
 
         // 2. identities of new and changed addresses
+        // (Services new since the last compile, bound by IPVS too.)
+        let mut host = host;
+        host.retain(|ip| !compiled.service_addresses.contains_key(&IpNet::from(*ip)));
         let identities_changed = self.write_identities(&compiled, host, &mut report);
 
         // 3. configurations, then attachments of new workloads

@@ -326,6 +326,24 @@ fn calls_through_a_cluster_ip_are_decided_by_the_backends_in_log_and_drop_mode()
         "both backends got connections"
     );
 
+    // kube-proxy's IPVS mode binds every ClusterIP to the node: such an address is still the
+    // Service's, never the node's own (which would always be allowed).
+    tollgate_tests::run(
+        "ip",
+        &[
+            "-n",
+            &bank.lab.node,
+            "addr",
+            "add",
+            &format!("{OTHER_V4}/32"),
+            "dev",
+            "lo",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let host = agent.status()["host_addresses"].to_string();
+    assert!(!host.contains(OTHER_V4), "{host}");
+
     // The other Service: its backend is not allowed. Would-drops at the client's egress
     // (the echoes of a would-drop flow count as would-drops too) and at other's ingress,
     // which sees the backend address after the DNAT.
