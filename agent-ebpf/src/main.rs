@@ -378,20 +378,11 @@ fn spoofed(
 ) -> Action {
     counters::diag(diag::SPOOFED);
     counters::spoofed(slot, segs);
-    let claimed = identity::identity_of(pkt.family, &pkt.tuple.src);
-    let verdict = if claimed != IDENTITY_WORLD {
-        VERDICT_DROPPED
-    } else if isolated {
-        verdict_of(DECISION_DENY, workload.mode)
-    } else {
-        VERDICT_ALLOWED
-    };
-    counters::count(slot, DIR_EGRESS, verdict, segs, bytes);
-    if verdict == VERDICT_DROPPED {
-        Action::Drop
-    } else {
-        Action::Pass
+    if identity::identity_of(pkt.family, &pkt.tuple.src) != IDENTITY_WORLD {
+        counters::count(slot, DIR_EGRESS, VERDICT_DROPPED, segs, bytes);
+        return Action::Drop;
     }
+    finish_unmatched(workload, slot, DIR_EGRESS, isolated, segs, bytes)
 }
 
 /// Whether an ICMP error's outer addresses fit the flow it quotes (`related`, keyed from the
@@ -419,7 +410,7 @@ fn finish_unmatched(
     bytes: u32,
 ) -> Action {
     let decision = if isolated {
-        agent_common::DECISION_DENY
+        DECISION_DENY
     } else {
         DECISION_ALLOW
     };

@@ -201,6 +201,14 @@ impl Agent {
             .cloned()
     }
 
+    /// Packets of an attached workload by direction and verdict, from `status`.
+    pub fn counters(&self, pod: &str) -> [u64; 6] {
+        let w = self
+            .workload(pod)
+            .unwrap_or_else(|| panic!("{pod} is not attached:\n{}", self.log()));
+        packets(&w)
+    }
+
     /// Writes the cluster state (one file) and waits until the agent attached `pods`.
     pub fn apply(&self, yaml: &str, pods: &[&str]) {
         std::fs::write(self.cluster_state.join("cluster.yaml"), yaml).unwrap();
@@ -225,6 +233,38 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Packets of a workload of `tollgate status -o json`: ingress allowed, would_drop, dropped,
+/// then egress allowed, would_drop, dropped.
+pub fn packets(w: &serde_json::Value) -> [u64; 6] {
+    let n = |dir: &str, verdict: &str| w[dir][verdict].as_u64().unwrap_or(u64::MAX);
+    [
+        n("ingress", "allowed"),
+        n("ingress", "would_drop"),
+        n("ingress", "dropped"),
+        n("egress", "allowed"),
+        n("egress", "would_drop"),
+        n("egress", "dropped"),
+    ]
+}
+
+/// What `action` adds to the packet counters of each of `pods`, measured once the lab went
+/// quiet before and after.
+pub fn measure<const N: usize>(
+    lab: &Lab,
+    agent: &Agent,
+    pods: [&str; N],
+    action: impl FnOnce(),
+) -> [[u64; 6]; N] {
+    lab.settle();
+    let before = pods.map(|p| agent.counters(p));
+    action();
+    lab.settle();
+    std::array::from_fn(|i| {
+        let after = agent.counters(pods[i]);
+        std::array::from_fn(|j| after[j] - before[i][j])
+    })
 }
 
 /// The value of one sample in an OpenMetrics text, `name{labels}` given exactly as the

@@ -410,7 +410,12 @@ impl Lab {
     pub fn add_host_pod(&mut self, name: &str) -> Pod {
         let uid = self.uid_for(0x100 + self.host_pods.len());
         let cgroup = kubepods_cgroup(&self.cgroup_dir, &uid);
-        fs::create_dir_all(&cgroup).expect("create host pod cgroup");
+        self.in_node_namespace(name, cgroup, uid)
+    }
+
+    /// A process of the node namespace in `cgroup` (created here, removed with the lab).
+    fn in_node_namespace(&mut self, name: &str, cgroup: PathBuf, uid: String) -> Pod {
+        fs::create_dir_all(&cgroup).expect("create the process's cgroup");
         let pod = Pod {
             name: name.into(),
             netns: self.node.clone(),
@@ -428,18 +433,7 @@ impl Lab {
     /// the kubepods hierarchy.
     pub fn node_process(&mut self, name: &str) -> Pod {
         let cgroup = self.cgroup_dir.join(name);
-        fs::create_dir_all(&cgroup).expect("create node process cgroup");
-        let pod = Pod {
-            name: name.into(),
-            netns: self.node.clone(),
-            host_if: String::new(),
-            ipv4: Ipv4Addr::new(169, 254, 1, 1),
-            ipv6: Ipv6Addr::LOCALHOST,
-            cgroup,
-            uid: String::new(),
-        };
-        self.host_pods.push(pod.clone());
-        pod
+        self.in_node_namespace(name, cgroup, String::new())
     }
 
     /// The node's uplink `uplink`, holding the node address 10.250.0.1/24 and

@@ -95,20 +95,10 @@ impl Bank {
         agent.wait_ready();
         // The first reconcile can race the file write: wait for all four workloads.
         wait_for(Duration::from_secs(10), "four workloads", || {
-            (status_json(&agent)["workloads"].as_array()?.len() == 4).then_some(())
+            (agent.status()["workloads"].as_array()?.len() == 4).then_some(())
         });
         agent
     }
-}
-
-fn status_json(agent: &Agent) -> serde_json::Value {
-    let out = agent.cli(&["status", "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status json")
 }
 
 fn ledger_packets(text: &str, direction: &str, verdict: &str) -> f64 {
@@ -131,7 +121,7 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
     let mut agent = bank.start(&[]);
     assert_eq!(agent.http("/healthz").map(|r| r.0), Some(200));
 
-    let status = status_json(&agent);
+    let status = agent.status();
     let ledger = status["workloads"]
         .as_array()
         .unwrap()
@@ -282,7 +272,7 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
         Some(1.0)
     );
     assert_eq!(
-        status_json(&agent)["overrides"][format!("bank/{LEDGER_POD}")],
+        agent.status()["overrides"][format!("bank/{LEDGER_POD}")],
         "drop"
     );
     let audit: Vec<serde_json::Value> = std::fs::read_to_string(bank.dir.join("state/audit.log"))
@@ -355,7 +345,7 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
     let broken = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: bank}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/40}}]}]\n";
     bank.write_state(&agent, &format!("{allow_frontend}{broken}"));
     wait_for(Duration::from_secs(5), "new policy in force", || {
-        let s = status_json(&agent);
+        let s = agent.status();
         (s["policies"] == 2 && !s["policy_errors"].as_array()?.is_empty()).then_some(())
     });
     let m = agent.metrics_text();
@@ -852,14 +842,11 @@ fn a_workload_whose_interface_appears_later_is_attached_when_it_does() {
     wait_for(Duration::from_secs(5), "the agent read the new pod", || {
         agent.log().contains("late-0").then_some(())
     });
-    assert_eq!(
-        status_json(&agent)["workloads"].as_array().unwrap().len(),
-        4
-    );
+    assert_eq!(agent.status()["workloads"].as_array().unwrap().len(), 4);
     let pod = bank.lab.add_pod("late");
     assert_eq!(pod.ipv4.to_string(), "10.1.0.14");
     wait_for(Duration::from_secs(5), "the late workload attached", || {
-        (status_json(&agent)["workloads"].as_array()?.len() == 5).then_some(())
+        (agent.status()["workloads"].as_array()?.len() == 5).then_some(())
     });
     // And it is enforced like any other: the ledger policy applies to traffic it sends.
     assert_eq!(

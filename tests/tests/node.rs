@@ -10,46 +10,11 @@ use agent_common::{POLICY_PREFIX_FULL, PROTO_TCP, PolicyKey, PolicyValue, map_na
 use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
 use tollgate_tests::{
     Lab, Pod,
-    agent::{Agent, sample, tollgate_bin},
+    agent::{Agent, measure, sample, tollgate_bin},
     cluster, packets,
     support::{FAIL_FAST, PATIENT, temp_dir},
     traffic, wait_for,
 };
-
-/// (ingress allowed, would_drop, dropped, egress allowed, would_drop, dropped) of a workload.
-fn counters(agent: &Agent, pod: &str) -> [u64; 6] {
-    let w = agent
-        .workload(pod)
-        .unwrap_or_else(|| panic!("{pod} attached:\n{}", agent.log()));
-    let n = |d: &str, v: &str| w[d][v].as_u64().unwrap();
-    [
-        n("ingress", "allowed"),
-        n("ingress", "would_drop"),
-        n("ingress", "dropped"),
-        n("egress", "allowed"),
-        n("egress", "would_drop"),
-        n("egress", "dropped"),
-    ]
-}
-
-/// Counters of each of `pods` that `action` adds, once the lab went quiet.
-fn measure<const N: usize>(
-    lab: &Lab,
-    agent: &Agent,
-    pods: [&str; N],
-    action: impl FnOnce(),
-) -> [[u64; 6]; N] {
-    lab.settle();
-    let before = pods.map(|p| counters(agent, p));
-    action();
-    lab.settle();
-    let mut out = [[0; 6]; N];
-    for (i, p) in pods.iter().enumerate() {
-        let after = counters(agent, p);
-        out[i] = std::array::from_fn(|j| after[j] - before[i][j]);
-    }
-    out
-}
 
 fn start(lab: &Lab, dir: &std::path::Path, extra: &[&str]) -> Agent {
     let mut args = vec!["--cgroup-root", lab.cgroup_dir.to_str().unwrap()];
@@ -334,7 +299,7 @@ fn attachments_go_only_where_they_provably_belong() {
     enforced(&agent);
 
     // The claims go away: the owner keeps its programs, slot and counters.
-    let before = counters(&agent, "ledger-0");
+    let before = agent.counters("ledger-0");
     std::fs::write(agent.cluster_state.join("cluster.yaml"), &honest).unwrap();
     wait_for(Duration::from_secs(5), "no refusals", || {
         agent.status()["refused"]
@@ -342,7 +307,7 @@ fn attachments_go_only_where_they_provably_belong() {
             .is_empty()
             .then_some(())
     });
-    let after = counters(&agent, "ledger-0");
+    let after = agent.counters("ledger-0");
     assert_eq!(after, before, "nothing detached or reset");
     enforced(&agent);
 }

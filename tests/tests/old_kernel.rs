@@ -24,7 +24,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tollgate_tests::{agent::tollgate_bin, support::temp_dir};
+use tollgate_tests::{
+    agent::{packets, tollgate_bin},
+    support::temp_dir,
+};
 
 const INIT: &str = include_str!("../vm/init.sh");
 const CLUSTER: &str = include_str!("../vm/cluster.yaml");
@@ -191,19 +194,6 @@ fn the_agent_runs_on_the_stock_6_1_kernel_with_clsact_and_cgroup_attachments() {
     ] {
         vm.check(log.contains(needle), &format!("agent log has {needle:?}"));
     }
-}
-
-/// Packets of a status workload: ingress allowed, would_drop, dropped, then egress.
-fn packets(w: &serde_json::Value) -> [u64; 6] {
-    let n = |dir: &str, verdict: &str| w[dir][verdict].as_u64().unwrap_or(u64::MAX);
-    [
-        n("ingress", "allowed"),
-        n("ingress", "would_drop"),
-        n("ingress", "dropped"),
-        n("egress", "allowed"),
-        n("egress", "would_drop"),
-        n("egress", "dropped"),
-    ]
 }
 
 /// The guest's serial console, with the checks that print it when they fail.

@@ -12,7 +12,7 @@ use std::{
 
 use tollgate_tests::{
     Lab, Pod,
-    agent::{Agent, sample},
+    agent::{self, Agent, sample},
     cluster,
     kube_proxy::{self, Proto, ServicePort},
     support::{FAIL_FAST, PATIENT, temp_dir},
@@ -229,33 +229,9 @@ impl Bank {
     }
 }
 
-/// (ingress allowed, would_drop, dropped, egress allowed, would_drop, dropped) of a workload.
-fn counters(agent: &Agent, pod: &str) -> [u64; 6] {
-    let w = agent
-        .workload(pod)
-        .unwrap_or_else(|| panic!("{pod} attached"));
-    let n = |d: &str, v: &str| w[d][v].as_u64().unwrap();
-    [
-        n("ingress", "allowed"),
-        n("ingress", "would_drop"),
-        n("ingress", "dropped"),
-        n("egress", "allowed"),
-        n("egress", "would_drop"),
-        n("egress", "dropped"),
-    ]
-}
-
-fn delta(after: [u64; 6], before: [u64; 6]) -> [u64; 6] {
-    std::array::from_fn(|i| after[i] - before[i])
-}
-
-/// Counters of `pod` that `action` adds, once the lab went quiet.
+/// Counters of `pod` that `action` adds.
 fn measure(bank: &Bank, agent: &Agent, pod: &str, action: impl FnOnce()) -> [u64; 6] {
-    bank.lab.settle();
-    let before = counters(agent, pod);
-    action();
-    bank.lab.settle();
-    delta(counters(agent, pod), before)
+    agent::measure(&bank.lab, agent, [pod], action)[0]
 }
 
 fn check(agent: &Agent, flows: &str) -> Vec<serde_json::Value> {
@@ -347,16 +323,12 @@ fn calls_through_a_cluster_ip_are_decided_by_the_backends_in_log_and_drop_mode()
     // The other Service: its backend is not allowed. Would-drops at the client's egress
     // (the echoes of a would-drop flow count as would-drops too) and at other's ingress,
     // which sees the backend address after the DNAT.
-    let other_before = counters(&agent, "other-0");
-    let got = measure(&bank, &agent, "client-0", || {
+    let [got, other_got] = agent::measure(&bank.lab, &agent, ["client-0", "other-0"], || {
         let r = traffic::udp(&bank.client, ip(OTHER_V4), 53, 4, 64, PATIENT);
         assert_eq!(r.echoed, 4, "log mode lets them pass: {r:?}");
     });
     assert_eq!(got, [0, 4, 0, 0, 4, 0]);
-    assert_eq!(
-        delta(counters(&agent, "other-0"), other_before),
-        [0, 4, 0, 0, 4, 0]
-    );
+    assert_eq!(other_got, [0, 4, 0, 0, 4, 0]);
 
     // Named by the Service and counted against the backend workload.
     let record = wait_for(Duration::from_secs(5), "the flow log record", || {
