@@ -32,7 +32,7 @@ use crate::{
     admin::Overrides,
     attach::{
         self, AttachMethod, AttachPoint,
-        points::{self, NodeNetwork},
+        points::{self, NodeNetwork, PodCgroups},
     },
     compile::{
         model::{ClusterState, PodInfo},
@@ -145,11 +145,16 @@ pub struct Reconciler {
     identities_degraded: Option<String>,
     /// Pods refused an attachment point, with the reason.
     refused: BTreeMap<PodKey, String>,
+    /// Where each pod of the last reconcile attaches (pods elsewhere left out), and a hash of
+    /// what that depends on: the pods (the source's fingerprint), the node's network and
+    /// cgroups. A policy change at 20,000 pods then never looks at each pod again.
+    placements: Option<(u64, Vec<(PodKey, Placement)>)>,
     /// Runtime mode overrides (set through the admin socket), above annotations.
     pub overrides: Overrides,
 }
 
 /// Where a pod attaches, or why it may not.
+#[derive(Clone)]
 enum Placement {
     /// Not on this node (or nothing of it is here yet).
     Elsewhere,
@@ -180,7 +185,7 @@ fn rightful_owner(
         AttachPoint::Tc { iface } => state
             .pods
             .iter()
-            .find(|(_, p)| !network.routed_to(iface, &p.ips).is_empty()),
+            .find(|(_, p)| network.routes_to(iface, &p.ips)),
         AttachPoint::Cgroup { path } => {
             let uid = points::uid_of_cgroup(path)?;
             state.pods.iter().find(|(_, p)| p.uid == uid)
@@ -202,6 +207,7 @@ impl Reconciler {
             degraded: BTreeMap::new(),
             identities_degraded: None,
             refused: BTreeMap::new(),
+            placements: None,
             overrides: Overrides::default(),
         }
     }
@@ -247,7 +253,7 @@ impl Reconciler {
     /// Where a pod attaches on this node, checked: annotations (when trusted) choose the kind
     /// and the point, and must name the pod's own; without them its routed device, else its
     /// cgroup directory.
-    fn placement(&self, pod: &PodInfo, network: &NodeNetwork) -> Placement {
+    fn placement(&self, pod: &PodInfo, network: &NodeNetwork, cgroups: &PodCgroups) -> Placement {
         if let (Some(node), Some(pod_node)) = (&self.options.node_name, &pod.node_name)
             && node != pod_node
         {
@@ -274,7 +280,7 @@ impl Reconciler {
         }
         if let Some(path) = trusted(CGROUP_ANNOTATION) {
             let root = &self.options.cgroup_root;
-            return match points::check_cgroup(root, path, &pod.uid) {
+            return match cgroups.check(path, &pod.uid) {
                 Ok(path) => Placement::At(AttachPoint::Cgroup { path }),
                 Err(why) => Placement::Refused {
                     claimed: AttachPoint::Cgroup {
@@ -290,8 +296,8 @@ impl Reconciler {
         if let Some(iface) = network.pod_interface(&pod.ips) {
             return Placement::At(AttachPoint::Tc { iface });
         }
-        match points::pod_cgroup(&self.options.cgroup_root, &pod.uid) {
-            Some(path) => Placement::At(AttachPoint::Cgroup { path }),
+        match cgroups.get(&pod.uid) {
+            Some(path) => Placement::At(AttachPoint::Cgroup { path: path.clone() }),
             None => Placement::Elsewhere,
         }
     }
@@ -300,17 +306,38 @@ impl Reconciler {
     /// it, else to the first pod that claims it; every other claimant is refused with both
     /// names, and the owner keeps its programs.
     fn local_points(
-        &self,
+        &mut self,
         state: &ClusterState,
         network: &NodeNetwork,
     ) -> (BTreeMap<PodKey, AttachPoint>, BTreeMap<PodKey, String>) {
+        let cgroups = PodCgroups::scan(&self.options.cgroup_root);
+        let inputs = state.pods_version.map(|pods| {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (pods, network, &cgroups, &self.options.node_name).hash(&mut h);
+            self.options.trust_attach_annotations.hash(&mut h);
+            h.finish()
+        });
+        let placed = match (&self.placements, inputs) {
+            (Some((before, placed)), Some(now)) if *before == now => placed.clone(),
+            _ => state
+                .pods
+                .iter()
+                .filter_map(|(key, pod)| match self.placement(pod, network, &cgroups) {
+                    Placement::Elsewhere => None,
+                    p => Some((key.clone(), p)),
+                })
+                .collect(),
+        };
         let mut wanted: Vec<(&PodKey, AttachPoint)> = Vec::new();
         let mut claims: Vec<(&PodKey, AttachPoint, String)> = Vec::new();
-        for (key, pod) in &state.pods {
-            match self.placement(pod, network) {
+        for (key, placement) in &placed {
+            match placement {
                 Placement::Elsewhere => {}
-                Placement::At(point) => wanted.push((key, point)),
-                Placement::Refused { claimed, why } => claims.push((key, claimed, why)),
+                Placement::At(point) => wanted.push((key, point.clone())),
+                Placement::Refused { claimed, why } => {
+                    claims.push((key, claimed.clone(), why.clone()))
+                }
             }
         }
         let mut owners: BTreeMap<AttachPoint, PodKey> = BTreeMap::new();
@@ -345,6 +372,7 @@ impl Reconciler {
                 (key.clone(), why)
             })
             .collect();
+        self.placements = inputs.map(|h| (h, placed));
         (local, refused)
     }
 

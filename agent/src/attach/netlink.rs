@@ -5,7 +5,7 @@
 use std::{io, net::IpAddr, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
 
 /// One network interface.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Link {
     pub index: u32,
     pub name: String,

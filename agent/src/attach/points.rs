@@ -16,11 +16,16 @@ use std::{
 use super::{netlink, routes::RouteTables};
 
 /// The node's network as seen from the agent's namespace: interfaces, addresses, routes.
+#[derive(Hash)]
 pub struct NodeNetwork {
     links: BTreeMap<String, netlink::Link>,
     /// Addresses by interface index.
     addresses: BTreeMap<u32, Vec<IpAddr>>,
-    routes: RouteTables,
+    /// Host routes (/32, /128, no gateway): address to device. Looked up once per pod of the
+    /// cluster each reconcile, so a map rather than a walk of the route table.
+    host_routes: BTreeMap<IpAddr, String>,
+    /// Devices carrying a default route.
+    uplinks: BTreeSet<String>,
 }
 
 fn link_local(ip: &IpAddr) -> bool {
@@ -41,10 +46,16 @@ impl NodeNetwork {
         for a in netlink::addresses()? {
             addresses.entry(a.index).or_default().push(a.ip);
         }
+        let routes = RouteTables::read();
         Ok(NodeNetwork {
             links,
             addresses,
-            routes: RouteTables::read(),
+            host_routes: routes.host_routes(),
+            uplinks: routes
+                .default_route_interfaces()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
         })
     }
 
@@ -79,7 +90,7 @@ impl NodeNetwork {
                 "{iface} holds the node address {ip} (the node's uplink or a tunnel)"
             ));
         }
-        if self.routes.default_route_interfaces().contains(iface) {
+        if self.uplinks.contains(iface) {
             return Some(format!("{iface} carries the node's default route"));
         }
         None
@@ -88,9 +99,9 @@ impl NodeNetwork {
     /// The pod's own device: the one holding the node's host route to one of `ips`.
     pub fn pod_interface(&self, ips: &[IpAddr]) -> Option<String> {
         ips.iter()
-            .filter_map(|ip| self.routes.host_route_interface(*ip))
+            .filter_map(|ip| self.host_routes.get(ip))
             .find(|iface| self.unfit(iface).is_none())
-            .map(str::to_string)
+            .cloned()
     }
 
     /// Checks a claimed device (`tollgate.io/interface`) against the pod's addresses.
@@ -98,10 +109,7 @@ impl NodeNetwork {
         if let Some(why) = self.unfit(iface) {
             return Err(why);
         }
-        if ips
-            .iter()
-            .any(|ip| self.routes.host_route_interface(*ip) == Some(iface))
-        {
+        if self.routes_to(iface, ips) {
             return Ok(());
         }
         if ips.is_empty() {
@@ -116,53 +124,16 @@ impl NodeNetwork {
         ))
     }
 
-    /// The addresses whose host route leaves through `iface` (who really owns it).
-    pub fn routed_to(&self, iface: &str, candidates: &[IpAddr]) -> Vec<IpAddr> {
-        candidates
-            .iter()
-            .filter(|ip| self.routes.host_route_interface(**ip) == Some(iface))
-            .copied()
-            .collect()
+    /// Whether the node's host route to one of `ips` leaves through `iface` (whose it is).
+    pub fn routes_to(&self, iface: &str, ips: &[IpAddr]) -> bool {
+        ips.iter()
+            .any(|ip| self.host_routes.get(ip).is_some_and(|i| i == iface))
     }
-}
-
-/// The cgroup v2 directories a pod of `uid` can have, for the systemd driver (`kubepods.slice`,
-/// QoS slices, dashes of the UID as underscores) and the cgroupfs driver (`kubepods`).
-fn pod_cgroup_candidates(root: &Path, uid: &str) -> Vec<PathBuf> {
-    let u = uid.replace('-', "_");
-    let slice = root.join("kubepods.slice");
-    let fs = root.join("kubepods");
-    vec![
-        slice.join(format!("kubepods-pod{u}.slice")),
-        slice
-            .join("kubepods-burstable.slice")
-            .join(format!("kubepods-burstable-pod{u}.slice")),
-        slice
-            .join("kubepods-besteffort.slice")
-            .join(format!("kubepods-besteffort-pod{u}.slice")),
-        fs.join(format!("pod{uid}")),
-        fs.join("burstable").join(format!("pod{uid}")),
-        fs.join("besteffort").join(format!("pod{uid}")),
-    ]
 }
 
 /// Whether a UID is plausible (Kubernetes UIDs are UUIDs): nothing that could walk paths.
 fn valid_uid(uid: &str) -> bool {
     !uid.is_empty() && uid.len() <= 64 && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-}
-
-/// The pod's own cgroup directory under the cgroup v2 `root`, canonicalised, if it exists
-/// inside the kubepods hierarchy.
-pub fn pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
-    if !valid_uid(uid) {
-        return None;
-    }
-    let root = root.canonicalize().ok()?;
-    let hierarchies = [root.join("kubepods.slice"), root.join("kubepods")];
-    pod_cgroup_candidates(&root, uid)
-        .into_iter()
-        .filter_map(|p| p.canonicalize().ok())
-        .find(|p| p.is_dir() && hierarchies.iter().any(|h| p.starts_with(h) && p != h))
 }
 
 /// The UID of the pod a kubepods cgroup directory is named for (either driver's naming).
@@ -175,37 +146,115 @@ pub fn uid_of_cgroup(path: &Path) -> Option<String> {
     name.strip_prefix("pod").map(str::to_string)
 }
 
-/// Checks a claimed cgroup directory (`tollgate.io/cgroup`, absolute or relative to `root`):
-/// it must be the pod's own, the one its UID names.
-pub fn check_cgroup(root: &Path, claimed: &str, uid: &str) -> Result<PathBuf, String> {
-    let path = Path::new(claimed);
-    let path = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        root.join(path)
-    };
-    let canonical = path
-        .canonicalize()
-        .map_err(|e| format!("cgroup {}: {e}", path.display()))?;
-    if !valid_uid(uid) {
-        return Err(format!(
-            "cgroup {}: the pod has no usable metadata.uid to show it is its own",
-            canonical.display()
-        ));
+/// The pod directories of the kubepods hierarchy under a cgroup v2 root, by pod UID: the
+/// systemd driver's `kubepods.slice/[kubepods-QOS.slice/]kubepods[-QOS]-pod<uid_>.slice`
+/// and the cgroupfs driver's `kubepods/[QOS/]pod<uid>`. One walk of at most two levels per
+/// reconcile, instead of path lookups for each of the cluster's pods; symbolic links are
+/// never followed, so nothing outside the hierarchy can pose as a pod's directory.
+#[derive(Clone, Debug, Default, Hash)]
+pub struct PodCgroups {
+    root: PathBuf,
+    by_uid: BTreeMap<String, PathBuf>,
+}
+
+impl PodCgroups {
+    /// Reads the hierarchy under `root` (canonicalised).
+    pub fn scan(root: &Path) -> PodCgroups {
+        let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+        let mut by_uid = BTreeMap::new();
+        let dirs = |dir: &Path| -> Vec<(String, PathBuf)> {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+                .collect()
+        };
+        // (hierarchy, its QoS levels, the prefix of pod directories at each level)
+        for (base, qos_dirs) in [
+            (
+                "kubepods.slice",
+                ["kubepods-burstable.slice", "kubepods-besteffort.slice"],
+            ),
+            ("kubepods", ["burstable", "besteffort"]),
+        ] {
+            let base = root.join(base);
+            for (name, path) in dirs(&base) {
+                let level: Vec<(String, PathBuf)> = if qos_dirs.contains(&name.as_str()) {
+                    dirs(&path)
+                } else {
+                    vec![(name, path)]
+                };
+                for (_, pod_dir) in level {
+                    if let Some(uid) = uid_of_cgroup(&pod_dir).filter(|u| valid_uid(u))
+                        && pod_cgroup_candidates(&root, &uid).contains(&pod_dir)
+                    {
+                        by_uid.insert(uid, pod_dir);
+                    }
+                }
+            }
+        }
+        PodCgroups { root, by_uid }
     }
-    match pod_cgroup(root, uid) {
-        Some(own) if own == canonical => Ok(own),
-        Some(own) => Err(format!(
-            "cgroup {} is not the pod's own cgroup directory ({})",
-            canonical.display(),
-            own.display()
-        )),
-        None => Err(format!(
-            "cgroup {} is not the pod's own cgroup directory (none named for uid {uid} under {}/kubepods*)",
-            canonical.display(),
-            root.display()
-        )),
+
+    /// The pod's own cgroup directory, if the hierarchy has one for its UID.
+    pub fn get(&self, uid: &str) -> Option<&PathBuf> {
+        self.by_uid.get(uid)
     }
+
+    /// Checks a claimed cgroup directory (`tollgate.io/cgroup`, absolute or relative to the
+    /// root): it must be the pod's own, the one its UID names.
+    pub fn check(&self, claimed: &str, uid: &str) -> Result<PathBuf, String> {
+        let path = Path::new(claimed);
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.root.join(path)
+        };
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| format!("cgroup {}: {e}", path.display()))?;
+        if !valid_uid(uid) {
+            return Err(format!(
+                "cgroup {}: the pod has no usable metadata.uid to show it is its own",
+                canonical.display()
+            ));
+        }
+        match self.get(uid) {
+            Some(own) if *own == canonical => Ok(own.clone()),
+            Some(own) => Err(format!(
+                "cgroup {} is not the pod's own cgroup directory ({})",
+                canonical.display(),
+                own.display()
+            )),
+            None => Err(format!(
+                "cgroup {} is not the pod's own cgroup directory (none named for uid {uid} under {}/kubepods*)",
+                canonical.display(),
+                self.root.display()
+            )),
+        }
+    }
+}
+
+/// The cgroup v2 directories a pod of `uid` can have, for the systemd driver (`kubepods.slice`,
+/// QoS slices, dashes of the UID as underscores) and the cgroupfs driver (`kubepods`).
+fn pod_cgroup_candidates(root: &Path, uid: &str) -> [PathBuf; 6] {
+    let u = uid.replace('-', "_");
+    let slice = root.join("kubepods.slice");
+    let fs = root.join("kubepods");
+    [
+        slice.join(format!("kubepods-pod{u}.slice")),
+        slice
+            .join("kubepods-burstable.slice")
+            .join(format!("kubepods-burstable-pod{u}.slice")),
+        slice
+            .join("kubepods-besteffort.slice")
+            .join(format!("kubepods-besteffort-pod{u}.slice")),
+        fs.join(format!("pod{uid}")),
+        fs.join("burstable").join(format!("pod{uid}")),
+        fs.join("besteffort").join(format!("pod{uid}")),
+    ]
 }
 
 #[cfg(test)]
@@ -224,10 +273,13 @@ mod tests {
         std::fs::create_dir_all(&own).unwrap();
         std::fs::create_dir_all(&other).unwrap();
         std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+        // Symbolic links are not followed: this one does not make `elsewhere` a pod's.
+        std::os::unix::fs::symlink(root.join("elsewhere"), root.join("kubepods/podffff")).unwrap();
+        let cgroups = PodCgroups::scan(&root);
         let canonical_own = own.canonicalize().unwrap();
-        assert_eq!(pod_cgroup(&root, uid), Some(canonical_own.clone()));
+        assert_eq!(cgroups.get(uid), Some(&canonical_own));
         assert_eq!(
-            check_cgroup(&root, own.to_str().unwrap(), uid),
+            cgroups.check(own.to_str().unwrap(), uid),
             Ok(canonical_own.clone())
         );
         let relative = own
@@ -236,22 +288,22 @@ mod tests {
             .to_str()
             .unwrap()
             .to_string();
-        assert_eq!(check_cgroup(&root, &relative, uid), Ok(canonical_own));
+        assert_eq!(cgroups.check(&relative, uid), Ok(canonical_own));
         for claim in [
             other.to_str().unwrap().to_string(),
             root.join("kubepods.slice").to_str().unwrap().to_string(),
             root.join("elsewhere").to_str().unwrap().to_string(),
             format!("{}/../../elsewhere", own.display()),
         ] {
-            assert!(check_cgroup(&root, &claim, uid).is_err(), "{claim}");
+            assert!(cgroups.check(&claim, uid).is_err(), "{claim}");
         }
-        assert!(check_cgroup(&root, own.to_str().unwrap(), "../../x").is_err());
+        assert!(cgroups.check(own.to_str().unwrap(), "../../x").is_err());
         assert_eq!(
-            pod_cgroup(&root, "0000"),
-            Some(other.canonicalize().unwrap()),
+            cgroups.get("0000"),
+            Some(&other.canonicalize().unwrap()),
             "the cgroupfs driver's layout"
         );
-        assert_eq!(pod_cgroup(&root, "ffff"), None);
+        assert_eq!(cgroups.get("ffff"), None, "a symbolic link");
         assert_eq!(uid_of_cgroup(&own).as_deref(), Some(uid));
         assert_eq!(uid_of_cgroup(&other).as_deref(), Some("0000"));
         std::fs::remove_dir_all(&root).unwrap();
