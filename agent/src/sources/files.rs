@@ -645,6 +645,65 @@ mod tests {
     }
 
     #[test]
+    fn services_endpoint_slices_and_nodes_load_and_bad_ones_are_named() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: ledger, namespace: bank}\nspec: {clusterIP: 10.96.0.50, clusterIPs: [10.96.0.50, 'fd77:96::50'], selector: {app: ledger}, ports: [{name: web, port: 80, targetPort: http}, {name: dns, port: 53, protocol: UDP}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: headless, namespace: bank}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ledger-x, namespace: bank, labels: {kubernetes.io/service-name: ledger}}\naddressType: IPv4\nendpoints: [{addresses: [10.1.0.10], conditions: {ready: false, serving: true, terminating: true}, targetRef: {kind: Pod, name: ledger-0}}]\nports: [{name: web, port: 8080, protocol: TCP}]\n---\napiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: 10.250.0.1}, {type: Hostname, address: n1}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: bank, annotations: {tollgate.io/mode: block}}\nspec: {containers: [{name: c, image: i}]}\n";
+        let items = parse_file(yaml, Path::new("s.yaml")).unwrap();
+        let objects: Vec<Object> = items.into_iter().map(|i| i.unwrap().1).collect();
+        let Object::Service(svc) = &objects[0] else {
+            panic!("{objects:?}")
+        };
+        assert_eq!(svc.cluster_ips.len(), 2);
+        assert_eq!(
+            svc.ports[0].target,
+            crate::compile::model::TargetPort::Named("http".into())
+        );
+        assert_eq!(
+            svc.ports[1].target,
+            crate::compile::model::TargetPort::Number(53),
+            "targetPort defaults to the port"
+        );
+        let Object::Service(headless) = &objects[1] else {
+            panic!()
+        };
+        assert!(headless.cluster_ips.is_empty(), "no virtual address");
+        let Object::EndpointSlice(slice) = &objects[2] else {
+            panic!()
+        };
+        assert_eq!(slice.service, "ledger");
+        assert!(!slice.endpoints[0].ready && slice.endpoints[0].terminating);
+        assert_eq!(slice.endpoints[0].pod.as_deref(), Some("ledger-0"));
+        let Object::Node(node) = &objects[3] else {
+            panic!()
+        };
+        assert_eq!(
+            node.addresses,
+            vec!["10.250.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert!(
+            matches!(&objects[4], Object::Pod(_)),
+            "an invalid mode annotation is reported, never a reason to reject the pod"
+        );
+
+        for (bad, expected) in [
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: x}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}",
+                "Service x/s (t.yaml): spec.clusterIP: \"10.96.0.300\" is not an IP address",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: x}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80, targetPort: 70000}]}",
+                "spec.ports[0].targetPort: 70000 is out of range",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: x, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nendpoints: [{addresses: ['fd77::1']}]",
+                "endpoints[0].addresses[0]: fd77::1 is not of addressType IPv4",
+            ),
+        ] {
+            let err = load_one(bad).expect_err(bad);
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
     fn policy_types_default_like_the_api_server() {
         let p = |spec: &str| match policy(spec).unwrap() {
             Object::Policy(p) => p,
