@@ -93,15 +93,8 @@ impl Evaluator {
 
     /// Whether `ip` is an address of the node `pod` runs on.
     fn is_node_of(&self, pod: &PodKey, ip: IpAddr) -> bool {
-        let node = match &self.nodes {
-            NodeAddresses::This(set) => Some(set),
-            NodeAddresses::PerNode(by_node) => self
-                .pods
-                .get(pod)
-                .and_then(|(_, node)| node.as_ref())
-                .and_then(|n| by_node.get(n)),
-        };
-        node.is_some_and(|set| set.contains(&ip))
+        let node = self.pods.get(pod).and_then(|(_, node)| node.as_deref());
+        self.nodes.of(node).is_some_and(|set| set.contains(&ip))
     }
 
     /// The decision of `pod` in `direction` on a new flow with `peer`, to `port`.

@@ -136,11 +136,11 @@ impl NodeAddresses {
         )
     }
 
-    /// The node addresses of `pod`'s node.
-    pub fn of(&self, pod: &PodInfo) -> Option<&BTreeSet<IpAddr>> {
+    /// The addresses of the node a pod scheduled on `node` (`spec.nodeName`) runs on.
+    pub fn of(&self, node: Option<&str>) -> Option<&BTreeSet<IpAddr>> {
         match self {
             NodeAddresses::This(set) => Some(set),
-            NodeAddresses::PerNode(by_node) => pod.node_name.as_ref().and_then(|n| by_node.get(n)),
+            NodeAddresses::PerNode(by_node) => node.and_then(|n| by_node.get(n)),
         }
     }
 }
@@ -740,7 +740,7 @@ pub fn compile_cached(
             }
         };
         if result.isolated_egress {
-            let node = options.node_addresses.of(pod);
+            let node = options.node_addresses.of(pod.node_name.as_deref());
             let service_input = hash_of(&(&result.egress, frontends_hash, node));
             result.services = match cache.services.get(key) {
                 Some((h, rules)) if *h == service_input => rules.clone(),
