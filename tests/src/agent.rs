@@ -201,6 +201,33 @@ impl Agent {
             .cloned()
     }
 
+    /// `tollgate check -o json` of `flows` (one per line) against this agent's cluster
+    /// state: one answer per flow.
+    pub fn check(&self, flows: &str) -> Vec<serde_json::Value> {
+        let out = Command::new(tollgate_bin())
+            .args(["check", "--cluster-state"])
+            .arg(&self.cluster_state)
+            .args(["-o", "json", "--flows", "/dev/stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().expect("stdin").write_all(flows.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("run tollgate check");
+        assert!(
+            out.status.success(),
+            "tollgate check: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("check -o json line"))
+            .collect()
+    }
+
     /// Packets of an attached workload by direction and verdict, from `status`.
     pub fn counters(&self, pod: &str) -> [u64; 6] {
         let w = self

@@ -10,7 +10,7 @@ use agent_common::{POLICY_PREFIX_FULL, PROTO_TCP, PolicyKey, PolicyValue, map_na
 use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
 use tollgate_tests::{
     Lab, Pod,
-    agent::{Agent, measure, sample, tollgate_bin},
+    agent::{Agent, measure, sample},
     cluster, packets,
     support::{FAIL_FAST, PATIENT, temp_dir},
     traffic, wait_for,
@@ -164,25 +164,9 @@ fn the_nodes_own_traffic_always_passes_and_other_nodes_are_only_addresses() {
     assert_eq!(web_got, [0, 0, 2, 0, 0, 0]);
 
     // `tollgate check` knows each pod's node from the Node objects.
-    let out = std::process::Command::new(tollgate_bin())
-        .args(["check", "--cluster-state"])
-        .arg(&agent.cluster_state)
-        .args(["-o", "json", "--flows"])
-        .arg({
-            let f = dir.join("flows.txt");
-            std::fs::write(
-                &f,
-                "10.77.0.1 shop/web-0 5353/udp\n10.250.0.2 shop/web-0 5353/udp\nshop/web-0 10.250.0.1 53/udp\n",
-            )
-            .unwrap();
-            f
-        })
-        .output()
-        .unwrap();
-    let answers: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let answers = agent.check(
+        "10.77.0.1 shop/web-0 5353/udp\n10.250.0.2 shop/web-0 5353/udp\nshop/web-0 10.250.0.1 53/udp\n",
+    );
     let verdicts: Vec<&str> = answers
         .iter()
         .map(|a| a["verdict"].as_str().unwrap())

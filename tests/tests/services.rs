@@ -234,31 +234,6 @@ fn measure(bank: &Bank, agent: &Agent, pod: &str, action: impl FnOnce()) -> [u64
     agent::measure(&bank.lab, agent, [pod], action)[0]
 }
 
-fn check(agent: &Agent, flows: &str) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new(tollgate_tests::agent::tollgate_bin())
-        .args(["check", "--cluster-state"])
-        .arg(&agent.cluster_state)
-        .args(["-o", "json", "--flows", "/dev/stdin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write as _;
-            c.stdin.take().unwrap().write_all(flows.as_bytes())?;
-            c.wait_with_output()
-        })
-        .expect("run tollgate check");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn calls_through_a_cluster_ip_are_decided_by_the_backends_in_log_and_drop_mode() {
     let bank = bank("services");
@@ -365,8 +340,7 @@ fn calls_through_a_cluster_ip_are_decided_by_the_backends_in_log_and_drop_mode()
     assert_eq!(series("would_drop", "other-0", "udp", "5353"), Some(8.0));
 
     // `tollgate check` gives the same answers for the Service addresses.
-    let answers = check(
-        &agent,
+    let answers = agent.check(
         &format!(
             "bank/client-0 {LEDGER_V4} 80/tcp\nbank/client-0 {LEDGER_V6} dns/udp\nbank/client-0 {OTHER_V4} web/tcp\n"
         ),
