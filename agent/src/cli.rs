@@ -41,15 +41,23 @@ pub enum Command {
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
-    /// Set or clear the runtime mode override of workloads (above pod and namespace
-    /// annotations and --default-mode). Reaches the datapath at once, survives restarts and
-    /// is written to the audit log.
+    /// Set or clear the mode override of workloads (above pod and namespace annotations and
+    /// --default-mode).
+    ///
+    /// Without --kubernetes: a node-local override on the running agent's admin socket (break
+    /// glass: it wins even over the cluster's ModeOverrides). With --kubernetes: a
+    /// cluster-scoped ModeOverride object that every agent applies. Either reaches the
+    /// datapath within a second, survives restarts and is written to the audit log.
     Mode {
         #[command(subcommand)]
         action: ModeAction,
         /// Admin socket of the running agent.
         #[arg(long, global = true, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
+        /// Write (or delete) the cluster's ModeOverride through the API server (in-cluster
+        /// config or KUBECONFIG) instead of talking to the local agent.
+        #[arg(long, global = true)]
+        kubernetes: bool,
     },
     /// Live view of the busiest flows and the latest would-drops, refreshed every --interval.
     Flows {
@@ -112,8 +120,26 @@ pub struct RunArgs {
     /// and `kind: List`), re-read when it changes. Its `tollgate.io/interface` and
     /// `tollgate.io/cgroup` pod annotations choose where a pod attaches, checked against
     /// what the node says (a host route to the pod's IP, the cgroup its UID names).
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub cluster_state: Option<PathBuf>,
+    /// Watch the API server instead (in-cluster config or KUBECONFIG): Pods, Namespaces,
+    /// NetworkPolicies, Services, EndpointSlices, Nodes and ModeOverrides. Only this node's
+    /// pods (--node-name) are attached; every pod of the cluster has an identity.
     #[arg(long)]
-    pub cluster_state: PathBuf,
+    pub kubernetes: bool,
+    /// With --kubernetes: believe the tollgate.io/interface and tollgate.io/cgroup pod
+    /// annotations (pod authors write them; by default they are ignored and attach points
+    /// are found from routes and pod UIDs).
+    #[arg(long, requires = "kubernetes")]
+    pub trust_attach_annotations: bool,
+    /// With --kubernetes: repeats of a denied flow (same pod, verdict, peer, port and
+    /// protocol) within this window raise the count of one Kubernetes Event.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub event_dedup_window: std::time::Duration,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, default_value = "0.0.0.0:9402")]
     pub metrics_addr: std::net::SocketAddr,
@@ -193,10 +219,28 @@ pub enum TcModeArg {
 /// `tollgate mode` actions.
 #[derive(Subcommand, Debug)]
 pub enum ModeAction {
-    /// Set the mode of TARGET (NAMESPACE/POD, NAMESPACE/* or *).
-    Set { target: String, mode: Mode },
-    /// Remove the override of TARGET; annotations and --default-mode apply again.
-    Clear { target: String },
+    /// Set the mode of TARGET.
+    ///
+    /// TARGET is `NAMESPACE/NAME` (a workload: every pod of that Deployment, StatefulSet,
+    /// DaemonSet, CronJob or Job, now and after its rollouts; or the pod of that name),
+    /// `'NAMESPACE/*'` (every pod of a namespace) or `'*'` (every pod); quote the `*` forms
+    /// in a shell. The most specific target wins: pod name, then workload, then namespace,
+    /// then `*`. MODE is `log` (count and sample would-drops, let them pass) or `drop`.
+    Set {
+        /// NAMESPACE/NAME, 'NAMESPACE/*' or '*'.
+        target: String,
+        /// log or drop.
+        mode: Mode,
+        /// Why (kept in the ModeOverride, the audit log and the Event; with --kubernetes).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove the override of TARGET (as given to `set`); the next override in precedence,
+    /// the annotations and --default-mode apply again.
+    Clear {
+        /// NAMESPACE/NAME, 'NAMESPACE/*' or '*'.
+        target: String,
+    },
 }
 
 /// Runs the command line; returns the process exit code.
@@ -226,7 +270,13 @@ pub fn main() -> ExitCode {
         Command::Mode {
             action,
             admin_socket,
+            kubernetes: false,
         } => mode(&admin_socket, action),
+        Command::Mode {
+            action,
+            kubernetes: true,
+            ..
+        } => cluster_mode(action),
         Command::Flows {
             limit,
             interval,
@@ -473,8 +523,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into())
     });
+    let source = match args.cluster_state {
+        Some(path) => daemon::SourceOptions::Files(path),
+        None => daemon::SourceOptions::Kubernetes {
+            trust_attach_annotations: args.trust_attach_annotations,
+            event_dedup_window: args.event_dedup_window,
+        },
+    };
     let options = daemon::RunOptions {
-        cluster_state: args.cluster_state,
+        source,
         metrics_addr: args.metrics_addr,
         bpffs: args.bpffs,
         state_dir: args.state_dir,
@@ -587,7 +644,7 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
 
 fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode> {
     let (target, mode) = match action {
-        ModeAction::Set { target, mode } => (target, Some(mode)),
+        ModeAction::Set { target, mode, .. } => (target, Some(mode)),
         ModeAction::Clear { target } => (target, None),
     };
     if let Err(e) = admin::Target::parse(&target) {
@@ -622,6 +679,60 @@ fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tollgate mode set|clear --kubernetes`: writes or deletes the cluster's ModeOverride.
+fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
+    use crate::sources::crd;
+    let target = match &action {
+        ModeAction::Set { target, .. } | ModeAction::Clear { target } => target.clone(),
+    };
+    if let Err(e) = admin::Target::parse(&target) {
+        eprintln!("tollgate: {e}");
+        return Ok(ExitCode::from(2));
+    }
+    let who = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("--kubernetes: no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+        match action {
+            ModeAction::Set {
+                target,
+                mode,
+                reason,
+            } => {
+                let written = crd::set_override(&client, &target, mode, reason, &who).await?;
+                println!(
+                    "ModeOverride {}: {} mode {} (was {}); every agent applies it within a second",
+                    written.name,
+                    target,
+                    mode.as_str(),
+                    written.old.map_or("not set", |m| m.as_str())
+                );
+            }
+            ModeAction::Clear { target } => {
+                match crd::clear_override(&client, &target, &who).await? {
+                    Some(removed) => println!(
+                        "ModeOverride {} deleted: {} is no longer overridden (was {})",
+                        removed.name,
+                        target,
+                        removed.old.map_or("not set", |m| m.as_str())
+                    ),
+                    None => {
+                        eprintln!("tollgate: no ModeOverride has target {target}");
+                        return Ok(ExitCode::from(1));
+                    }
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn flows(

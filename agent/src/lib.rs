@@ -7,13 +7,16 @@ pub mod admin;
 pub mod attach;
 pub mod cli;
 pub mod compile;
+pub mod controller;
 pub mod daemon;
 pub mod datapath;
 pub mod flowlog;
+pub mod flows;
 pub mod maps;
 pub mod metrics;
 pub mod pins;
 pub mod reconcile;
+pub mod recorder;
 pub mod sources;
 
 pub use datapath::{Datapath, DatapathError, DatapathOptions};

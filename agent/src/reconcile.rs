@@ -441,10 +441,10 @@ impl Reconciler {
         );
         let mut mode_sources = BTreeMap::new();
         for (key, p) in compiled.pods.iter_mut() {
-            let source = match self.overrides.mode_for(key) {
+            let source = match self.overrides.mode_for(&state.pods[key]) {
                 Some(mode) => {
                     p.mode = mode;
-                    "override"
+                    "node-override"
                 }
                 None => mode_and_source(state, &state.pods[key], &options).1,
             };
@@ -749,12 +749,12 @@ impl Reconciler {
         let mut changed = Vec::new();
         let options = self.compile_options(BTreeSet::new());
         for (key, w) in self.workloads.iter_mut() {
-            let (mode, source) = match self.overrides.mode_for(key) {
-                Some(m) => (m, "override"),
-                None => match state.pods.get(key) {
-                    Some(pod) => mode_and_source(state, pod, &options),
-                    None => continue,
-                },
+            let Some(pod) = state.pods.get(key) else {
+                continue;
+            };
+            let (mode, source) = match self.overrides.mode_for(pod) {
+                Some(m) => (m, "node-override"),
+                None => mode_and_source(state, pod, &options),
             };
             w.mode_source = source;
             if w.policy.mode != mode {

@@ -12,7 +12,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{compile::policy::PodKey, maps::Mode};
+pub use crate::compile::model::Target;
+use crate::compile::model::{Mode, PodInfo, most_specific};
 
 /// Default path of the admin socket (`--admin-socket`).
 pub const DEFAULT_SOCKET: &str = "/run/tollgate/admin.sock";
@@ -70,7 +71,8 @@ pub struct WorkloadStatus {
     pub isolated_ingress: bool,
     pub isolated_egress: bool,
     pub mode: Mode,
-    /// Where the mode comes from: `override`, `pod`, `namespace` or `default`.
+    /// Where the mode comes from: `node-override`, `cluster-override`, `pod`, `namespace` or
+    /// `default`.
     pub mode_source: String,
     pub ingress: DirectionCounters,
     pub egress: DirectionCounters,
@@ -92,7 +94,11 @@ pub struct Status {
     pub workloads: Vec<WorkloadStatus>,
     pub policies: usize,
     pub policy_errors: Vec<String>,
+    /// Node-local overrides (break glass), by target.
     pub overrides: BTreeMap<String, Mode>,
+    /// Cluster `ModeOverride`s.
+    #[serde(default)]
+    pub cluster_overrides: Vec<ClusterOverride>,
     /// Notes on the cluster state that are not errors (ignored mode annotations, SCTP).
     #[serde(default)]
     pub warnings: Vec<String>,
@@ -105,6 +111,15 @@ pub struct Status {
     /// The node's own addresses (the peer `host`).
     #[serde(default)]
     pub host_addresses: Vec<String>,
+}
+
+/// A cluster `ModeOverride` in `status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterOverride {
+    pub name: String,
+    pub target: String,
+    pub mode: Mode,
+    pub reason: String,
 }
 
 /// What a mode change did.
@@ -159,56 +174,6 @@ pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     serde_json::from_str(&reply).with_context(|| format!("the agent's reply {reply:?}"))
 }
 
-/// A runtime override target: `NAMESPACE/POD`, `NAMESPACE/*` or `*`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Target {
-    All,
-    Namespace(String),
-    Pod(String, String),
-}
-
-impl Target {
-    /// Parses a target, with a clear error for anything else.
-    pub fn parse(s: &str) -> Result<Target, String> {
-        if s == "*" {
-            return Ok(Target::All);
-        }
-        match s.split_once('/') {
-            Some((ns, "*")) if valid_name(ns) => Ok(Target::Namespace(ns.into())),
-            Some((ns, pod)) if valid_name(ns) && valid_name(pod) => {
-                Ok(Target::Pod(ns.into(), pod.into()))
-            }
-            _ => Err(format!(
-                "{s:?} is not a target: use NAMESPACE/POD, NAMESPACE/* or *"
-            )),
-        }
-    }
-
-    /// How specific the target is (higher wins).
-    fn rank(&self) -> u8 {
-        match self {
-            Target::All => 0,
-            Target::Namespace(_) => 1,
-            Target::Pod(..) => 2,
-        }
-    }
-
-    fn matches(&self, pod: &PodKey) -> bool {
-        match self {
-            Target::All => true,
-            Target::Namespace(ns) => *ns == pod.0,
-            Target::Pod(ns, name) => *ns == pod.0 && *name == pod.1,
-        }
-    }
-}
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-}
-
 /// Runtime mode overrides by target, persisted in the state directory.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Overrides {
@@ -217,13 +182,13 @@ pub struct Overrides {
 
 impl Overrides {
     /// The override that applies to a pod: the most specific matching target.
-    pub fn mode_for(&self, pod: &PodKey) -> Option<Mode> {
-        self.targets
+    pub fn mode_for(&self, pod: &PodInfo) -> Option<Mode> {
+        let parsed: Vec<(Target, Mode)> = self
+            .targets
             .iter()
             .filter_map(|(t, m)| Target::parse(t).ok().map(|t| (t, *m)))
-            .filter(|(t, _)| t.matches(pod))
-            .max_by_key(|(t, _)| t.rank())
-            .map(|(_, m)| m)
+            .collect();
+        most_specific(pod, parsed.iter().map(|(t, m)| (t, *m)))
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Overrides> {
@@ -311,11 +276,21 @@ mod tests {
         o.targets.insert("*".into(), Mode::Drop);
         o.targets.insert("bank/*".into(), Mode::Log);
         o.targets.insert("bank/ledger-1".into(), Mode::Drop);
-        let pod = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        let pod = |ns: &str, name: &str| PodInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            workload: name.trim_end_matches("-1").into(),
+            ..PodInfo::default()
+        };
         assert_eq!(o.mode_for(&pod("bank", "ledger-1")), Some(Mode::Drop));
         assert_eq!(o.mode_for(&pod("bank", "pot-1")), Some(Mode::Log));
         assert_eq!(o.mode_for(&pod("monitoring", "p")), Some(Mode::Drop));
         assert_eq!(Overrides::default().mode_for(&pod("a", "b")), None);
+        // A workload name covers its pods; the pod's own name is more specific.
+        o.targets.insert("bank/pot".into(), Mode::Drop);
+        assert_eq!(o.mode_for(&pod("bank", "pot-1")), Some(Mode::Drop));
+        o.targets.insert("bank/pot-1".into(), Mode::Log);
+        assert_eq!(o.mode_for(&pod("bank", "pot-1")), Some(Mode::Log));
     }
 
     #[test]

@@ -282,6 +282,134 @@ pub struct NodeInfo {
     pub addresses: Vec<IpAddr>,
 }
 
+/// Enforcement mode of a workload.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Mode {
+    /// Evaluate, count and sample would-drops, let them pass.
+    #[default]
+    Log,
+    /// Drop what policy does not allow.
+    Drop,
+}
+
+impl Mode {
+    /// `log` or `drop`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Log => "log",
+            Mode::Drop => "drop",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "log" => Ok(Mode::Log),
+            "drop" => Ok(Mode::Drop),
+            other => Err(format!("unknown mode {other:?} (expected log or drop)")),
+        }
+    }
+}
+
+/// A pod's own mode annotation key (and its namespace's).
+pub const MODE_ANNOTATION: &str = "tollgate.io/mode";
+
+/// What a mode override applies to: `*`, `NAMESPACE/*`, or `NAMESPACE/NAME` (a workload:
+/// every pod of that Deployment, StatefulSet..., now and after its rollouts; or a pod of
+/// that name).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    All,
+    Namespace(String),
+    Named(String, String),
+}
+
+impl Target {
+    /// Parses a target, with a clear error for anything else.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        if s == "*" {
+            return Ok(Target::All);
+        }
+        match s.split_once('/') {
+            Some((ns, "*")) if valid_name(ns) => Ok(Target::Namespace(ns.into())),
+            Some((ns, name)) if valid_name(ns) && valid_name(name) => {
+                Ok(Target::Named(ns.into(), name.into()))
+            }
+            _ => Err(format!(
+                "{s:?} is not a target: use NAMESPACE/NAME (a workload or a pod), NAMESPACE/* or *"
+            )),
+        }
+    }
+
+    /// How specific the target is for a pod it matches (higher wins): a pod's own name over
+    /// its workload's, over its namespace, over everything.
+    pub fn rank(&self, pod: &PodInfo) -> u8 {
+        match self {
+            Target::All => 0,
+            Target::Namespace(_) => 1,
+            Target::Named(_, name) if *name == pod.name => 3,
+            Target::Named(..) => 2,
+        }
+    }
+
+    /// Whether the target covers a pod.
+    pub fn matches(&self, pod: &PodInfo) -> bool {
+        match self {
+            Target::All => true,
+            Target::Namespace(ns) => *ns == pod.namespace,
+            Target::Named(ns, name) => {
+                *ns == pod.namespace && (*name == pod.name || *name == pod.workload)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::All => f.write_str("*"),
+            Target::Namespace(ns) => write!(f, "{ns}/*"),
+            Target::Named(ns, name) => write!(f, "{ns}/{name}"),
+        }
+    }
+}
+
+/// A Kubernetes name (DNS subdomain: lowercase letters, digits, `-` and `.`).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+/// The most specific of several (target, mode) pairs that covers a pod.
+pub fn most_specific<'a, T: 'a>(
+    pod: &PodInfo,
+    targets: impl IntoIterator<Item = (&'a Target, T)>,
+) -> Option<T> {
+    targets
+        .into_iter()
+        .filter(|(t, _)| t.matches(pod))
+        .max_by_key(|(t, _)| t.rank(pod))
+        .map(|(_, v)| v)
+}
+
+/// A cluster-scoped `tollgate.io/v1alpha1` `ModeOverride`: the security team's decision for
+/// a target, above every annotation, below only a node-local override.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModeOverrideInfo {
+    pub name: String,
+    pub target: Target,
+    pub mode: Mode,
+    pub reason: String,
+}
+
 /// Everything the compiler needs: the cluster as the sources see it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClusterState {
@@ -296,6 +424,8 @@ pub struct ClusterState {
     pub endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
     /// By name.
     pub nodes: BTreeMap<String, NodeInfo>,
+    /// Cluster mode overrides by object name.
+    pub mode_overrides: BTreeMap<String, ModeOverrideInfo>,
     /// A source's fingerprint of `namespaces` and `pods` (equal fingerprints, equal pods and
     /// namespaces), so the compiler need not hash 20,000 pods to learn they did not change.
     /// `None`: the compiler works it out itself.
@@ -303,6 +433,12 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// The cluster `ModeOverride` that applies to a pod, if any: the most specific one (on a
+    /// tie, the last by object name).
+    pub fn mode_override_for(&self, pod: &PodInfo) -> Option<&ModeOverrideInfo> {
+        most_specific(pod, self.mode_overrides.values().map(|o| (&o.target, o)))
+    }
+
     /// Labels of a namespace. A namespace the state does not list still has the label
     /// `kubernetes.io/metadata.name`, which the API server sets on every namespace.
     pub fn namespace_labels(&self, namespace: &str) -> Labels {

@@ -14,14 +14,11 @@ use agent_common::IDENTITY_FIRST_WORKLOAD;
 use ipnet::IpNet;
 
 use super::{
-    model::{ClusterState, Labels, PeerSpec, PodInfo, Policy, PortRef, PortSpec, RuleSpec},
+    model::{ClusterState, Labels, Mode, PeerSpec, PodInfo, Policy, PortRef, PortSpec, RuleSpec},
     rules::{AllowRule, Peer, PortMatch},
     services::{self, Backend, Frontend, ServiceIdentities},
 };
-use crate::{
-    maps::{Mode, WorkloadAddresses},
-    sources::convert::MODE_ANNOTATION,
-};
+use crate::{compile::model::MODE_ANNOTATION, maps::WorkloadAddresses};
 
 /// (namespace, name) of a pod.
 pub type PodKey = (String, String);
@@ -201,14 +198,18 @@ pub fn mode_of(state: &ClusterState, pod: &PodInfo, options: &CompileOptions) ->
     mode_and_source(state, pod, options).0
 }
 
-/// The mode of a pod and where it comes from: `pod`, `namespace` or `default`. The
-/// namespace's annotation is authoritative; the pod's own may only make it stricter unless
-/// `PodModeAnnotations::Any`. Values that are not modes are ignored.
+/// The mode of a pod and where it comes from: `cluster-override` (a `ModeOverride`), `pod`,
+/// `namespace` or `default`. The namespace's annotation is authoritative; the pod's own may
+/// only make it stricter unless `PodModeAnnotations::Any`. Values that are not modes are
+/// ignored. (A node-local override, above all of these, is the reconciler's.)
 pub fn mode_and_source(
     state: &ClusterState,
     pod: &PodInfo,
     options: &CompileOptions,
 ) -> (Mode, &'static str) {
+    if let Some(o) = state.mode_override_for(pod) {
+        return (o.mode, "cluster-override");
+    }
     let parse = |a: Option<&String>| a.and_then(|v| v.parse::<Mode>().ok());
     let base = match state
         .namespaces

@@ -54,44 +54,13 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
 }
 
-/// Enforcement mode of a workload.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-#[repr(u8)]
-pub enum Mode {
-    /// Evaluate, count and sample would-drops, let them pass.
-    #[default]
-    Log,
-    /// Drop what policy does not allow.
-    Drop,
-}
+pub use crate::compile::model::Mode;
 
-impl Mode {
-    fn code(self) -> u32 {
-        match self {
-            Mode::Log => MODE_LOG as u32,
-            Mode::Drop => MODE_DROP as u32,
-        }
-    }
-    /// `log` or `drop`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Log => "log",
-            Mode::Drop => "drop",
-        }
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "log" => Ok(Mode::Log),
-            "drop" => Ok(Mode::Drop),
-            other => Err(format!("unknown mode {other:?} (expected log or drop)")),
-        }
+/// The kernel's code for a mode.
+fn mode_code(mode: Mode) -> u32 {
+    match mode {
+        Mode::Log => MODE_LOG as u32,
+        Mode::Drop => MODE_DROP as u32,
     }
 }
 
@@ -184,8 +153,31 @@ pub const fn ruleset_of(slot: u32, direction: u8) -> u32 {
     slot * 2 + direction as u32
 }
 
-/// Typed handles on every map of the datapath.
+/// Typed handles on every map of the datapath. Reads go through [`MapReaders`] (which it
+/// derefs to), so an observer can hold its own read handles, opened from the pins.
 pub struct DatapathMaps {
+    r: MapReaders,
+    event_buckets: Array<MapData, EventBucket>,
+    config: Array<MapData, Config>,
+    /// What this process wrote per ruleset, to diff the next update against.
+    written: StdHashMap<u32, RulesetEntries>,
+    set_ids: CidrSetIds,
+    /// Map entries written and removed since load (policy, ipBlock and identity entries).
+    pub stats: WriteStats,
+    next_epoch: u32,
+}
+
+impl std::ops::Deref for DatapathMaps {
+    type Target = MapReaders;
+    fn deref(&self) -> &MapReaders {
+        &self.r
+    }
+}
+
+/// Read handles on the maps that counters, metrics and `status` read: the controller's own
+/// (through [`DatapathMaps`]), or an observer's, opened from the pins so that reading never
+/// waits on a reconcile.
+pub struct MapReaders {
     workloads: Array<MapData, WorkloadConfig>,
     tc_slots: HashMap<MapData, u32, u32>,
     cgroup_slots: HashMap<MapData, u64, u32>,
@@ -195,17 +187,152 @@ pub struct DatapathMaps {
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     counters: PerCpuArray<MapData, Counter>,
     flow_counters: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
-    event_buckets: Array<MapData, EventBucket>,
-    config: Array<MapData, Config>,
     diag: PerCpuArray<MapData, u64>,
     spoofed: PerCpuArray<MapData, u64>,
-    /// What this process wrote per ruleset, to diff the next update against.
-    written: StdHashMap<u32, RulesetEntries>,
-    set_ids: CidrSetIds,
-    /// Map entries written and removed since load (policy, ipBlock and identity entries).
-    pub stats: WriteStats,
     conntrack_capacity: u64,
-    next_epoch: u32,
+}
+
+fn open_pinned<T>(pin_dir: &std::path::Path, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let data = MapData::from_pin(crate::pins::map_pin(pin_dir, name)).map_err(map_err(name))?;
+    let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl MapReaders {
+    /// Counters of a slot, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<WorkloadCounters, MapsError> {
+        let mut out = [[Counter::default(); VERDICTS]; DIRECTIONS];
+        for (direction, per_dir) in out.iter_mut().enumerate() {
+            for (verdict, c) in per_dir.iter_mut().enumerate() {
+                let index = counter_index(slot, direction as u8, verdict as u8);
+                let values = self
+                    .counters
+                    .get(&index, 0)
+                    .map_err(map_err(map_names::COUNTERS))?;
+                for v in values.iter() {
+                    c.packets += v.packets;
+                    c.bytes += v.bytes;
+                }
+            }
+        }
+        Ok(out)
+    }
+    /// Packets a slot sent from addresses that are not its own, summed over CPUs.
+    pub fn spoofed(&self, slot: u32) -> Result<u64, MapsError> {
+        let values = self
+            .spoofed
+            .get(&slot, 0)
+            .map_err(map_err(map_names::SPOOFED))?;
+        Ok(values.iter().sum())
+    }
+    /// Datapath diagnostics, summed over CPUs, in `diag::NAMES` order.
+    pub fn diag(&self) -> Result<[u64; diag::COUNT as usize], MapsError> {
+        let mut out = [0u64; diag::COUNT as usize];
+        for (i, total) in out.iter_mut().enumerate() {
+            let values = self
+                .diag
+                .get(&(i as u32), 0)
+                .map_err(map_err(map_names::DIAG))?;
+            *total = values.iter().sum();
+        }
+        Ok(out)
+    }
+    /// Per peer-pair counters, summed over CPUs.
+    pub fn flow_counters(&self) -> Vec<(FlowCounterKey, Counter)> {
+        self.flow_counters
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, values)| {
+                let mut c = Counter::default();
+                for v in values.iter() {
+                    c.packets += v.packets;
+                    c.bytes += v.bytes;
+                }
+                (k, c)
+            })
+            .collect()
+    }
+    /// Entries in use and capacity of each map, for `tollgate_map_entries` and
+    /// `tollgate_map_capacity`. Hash and trie sizes are counted by walking their keys.
+    pub fn occupancy(&self) -> Vec<(&'static str, u64, u64)> {
+        let count = |n: usize| n as u64;
+        vec![
+            (
+                map_names::WORKLOADS,
+                count(
+                    self.workloads
+                        .iter()
+                        .filter_map(Result::ok)
+                        .filter(|w| w.flags & workload_flags::ACTIVE != 0)
+                        .count(),
+                ),
+                self.workloads.len() as u64,
+            ),
+            (
+                map_names::TC_SLOTS,
+                count(self.tc_slots.keys().count()),
+                MAX_WORKLOADS as u64,
+            ),
+            (
+                map_names::CGROUP_SLOTS,
+                count(self.cgroup_slots.keys().count()),
+                MAX_WORKLOADS as u64,
+            ),
+            (
+                map_names::IDENTITIES,
+                count(self.identities.keys().count()),
+                agent_common::IDENTITY_CAPACITY as u64,
+            ),
+            (
+                map_names::POLICY,
+                count(self.policy.keys().count()),
+                agent_common::POLICY_CAPACITY as u64,
+            ),
+            (
+                map_names::CIDR_RULES,
+                count(self.cidr_rules.keys().count()),
+                agent_common::CIDR_RULE_CAPACITY as u64,
+            ),
+            (
+                map_names::CONNTRACK,
+                count(self.conntrack.keys().count()),
+                self.conntrack_capacity,
+            ),
+            (
+                map_names::FLOW_COUNTERS,
+                count(self.flow_counters.keys().count()),
+                agent_common::FLOW_COUNTER_CAPACITY as u64,
+            ),
+        ]
+    }
+
+    /// Opens the pinned maps of a datapath (`--bpffs`) for reading.
+    pub fn open(pin_dir: &std::path::Path) -> Result<MapReaders, MapsError> {
+        let conntrack: HashMap<MapData, CtKey, CtEntry> =
+            open_pinned(pin_dir, map_names::CONNTRACK)?;
+        let conntrack_capacity =
+            MapData::from_pin(crate::pins::map_pin(pin_dir, map_names::CONNTRACK))
+                .ok()
+                .and_then(|d| d.info().ok().map(|i| i.max_entries() as u64))
+                .unwrap_or(agent_common::CONNTRACK_CAPACITY as u64);
+        Ok(MapReaders {
+            workloads: open_pinned(pin_dir, map_names::WORKLOADS)?,
+            tc_slots: open_pinned(pin_dir, map_names::TC_SLOTS)?,
+            cgroup_slots: open_pinned(pin_dir, map_names::CGROUP_SLOTS)?,
+            identities: open_pinned(pin_dir, map_names::IDENTITIES)?,
+            policy: open_pinned(pin_dir, map_names::POLICY)?,
+            cidr_rules: open_pinned(pin_dir, map_names::CIDR_RULES)?,
+            conntrack,
+            counters: open_pinned(pin_dir, map_names::COUNTERS)?,
+            flow_counters: open_pinned(pin_dir, map_names::FLOW_COUNTERS)?,
+            diag: open_pinned(pin_dir, map_names::DIAG)?,
+            spoofed: open_pinned(pin_dir, map_names::SPOOFED)?,
+            conntrack_capacity,
+        })
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
@@ -235,23 +362,25 @@ impl DatapathMaps {
             .max()
             .unwrap_or(0);
         let mut maps = DatapathMaps {
-            workloads,
-            tc_slots: take(ebpf, map_names::TC_SLOTS)?,
-            cgroup_slots: take(ebpf, map_names::CGROUP_SLOTS)?,
-            identities: take(ebpf, map_names::IDENTITIES)?,
-            policy: take(ebpf, map_names::POLICY)?,
-            cidr_rules: take(ebpf, map_names::CIDR_RULES)?,
-            conntrack: take(ebpf, map_names::CONNTRACK)?,
-            counters: take(ebpf, map_names::COUNTERS)?,
-            flow_counters: take(ebpf, map_names::FLOW_COUNTERS)?,
+            r: MapReaders {
+                workloads,
+                tc_slots: take(ebpf, map_names::TC_SLOTS)?,
+                cgroup_slots: take(ebpf, map_names::CGROUP_SLOTS)?,
+                identities: take(ebpf, map_names::IDENTITIES)?,
+                policy: take(ebpf, map_names::POLICY)?,
+                cidr_rules: take(ebpf, map_names::CIDR_RULES)?,
+                conntrack: take(ebpf, map_names::CONNTRACK)?,
+                counters: take(ebpf, map_names::COUNTERS)?,
+                flow_counters: take(ebpf, map_names::FLOW_COUNTERS)?,
+                diag: take(ebpf, map_names::DIAG)?,
+                spoofed: take(ebpf, map_names::SPOOFED)?,
+                conntrack_capacity,
+            },
             event_buckets: take(ebpf, map_names::EVENT_BUCKETS)?,
             config: take(ebpf, map_names::CONFIG)?,
-            diag: take(ebpf, map_names::DIAG)?,
-            spoofed: take(ebpf, map_names::SPOOFED)?,
             written: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
             stats: WriteStats::default(),
-            conntrack_capacity,
             next_epoch: max_epoch.wrapping_add(1).max(1),
         };
         if maps.config()? == zeroed_config() {
@@ -269,7 +398,7 @@ impl DatapathMaps {
     /// What an earlier agent wrote, read back from the tries, so the first update after a
     /// restart removes what is no longer wanted instead of leaking it.
     fn rebuild_written(&mut self) -> Result<(), MapsError> {
-        for item in self.policy.iter() {
+        for item in self.r.policy.iter() {
             let (key, value) = item.map_err(map_err(map_names::POLICY))?;
             let data = key.data();
             self.written
@@ -278,7 +407,7 @@ impl DatapathMaps {
                 .policy
                 .insert(LpmKeyOrd(key.prefix_len(), data), value.rule);
         }
-        for item in self.cidr_rules.iter() {
+        for item in self.r.cidr_rules.iter() {
             let (key, set) = item.map_err(map_err(map_names::CIDR_RULES))?;
             let data = key.data();
             self.written
@@ -366,19 +495,21 @@ impl DatapathMaps {
         for (key, old) in undo.policy.into_iter().rev() {
             let _ = match old {
                 Some(rule) => self
+                    .r
                     .policy
                     .insert(&Key::new(key.0, key.1), PolicyValue { rule }, 0)
                     .map_err(map_err(map_names::POLICY)),
-                None => remove_lpm(&mut self.policy, key, map_names::POLICY),
+                None => remove_lpm(&mut self.r.policy, key, map_names::POLICY),
             };
         }
         for (key, old) in undo.cidr.into_iter().rev() {
             let _ = match old {
                 Some(set) => self
+                    .r
                     .cidr_rules
                     .insert(&Key::new(key.0, key.1), set, 0)
                     .map_err(map_err(map_names::CIDR_RULES)),
-                None => remove_lpm(&mut self.cidr_rules, key, map_names::CIDR_RULES),
+                None => remove_lpm(&mut self.r.cidr_rules, key, map_names::CIDR_RULES),
             };
         }
     }
@@ -405,7 +536,7 @@ impl DatapathMaps {
             };
         let mut config = WorkloadConfig {
             flags,
-            mode: policy.mode.code(),
+            mode: mode_code(policy.mode),
             ruleset: [
                 ruleset_of(slot, agent_common::DIR_INGRESS),
                 ruleset_of(slot, agent_common::DIR_EGRESS),
@@ -433,7 +564,8 @@ impl DatapathMaps {
             }
         }
         if config != current {
-            self.workloads
+            self.r
+                .workloads
                 .set(slot, config, 0)
                 .map_err(map_err(map_names::WORKLOADS))?;
         }
@@ -469,7 +601,8 @@ impl DatapathMaps {
         if rules {
             config.rules_epoch = config.epoch;
         }
-        self.workloads
+        self.r
+            .workloads
             .set(slot, config, 0)
             .map_err(map_err(map_names::WORKLOADS))
     }
@@ -487,18 +620,21 @@ impl DatapathMaps {
     pub fn set_mode(&mut self, slot: u32, mode: Mode) -> Result<(), MapsError> {
         Self::check_slot(slot)?;
         let mut config = self
+            .r
             .workloads
             .get(&slot, 0)
             .map_err(map_err(map_names::WORKLOADS))?;
-        config.mode = mode.code();
-        self.workloads
+        config.mode = mode_code(mode);
+        self.r
+            .workloads
             .set(slot, config, 0)
             .map_err(map_err(map_names::WORKLOADS))
     }
 
     /// The configuration of a slot as the datapath sees it.
     pub fn workload(&self, slot: u32) -> Result<WorkloadConfig, MapsError> {
-        self.workloads
+        self.r
+            .workloads
             .get(&slot, 0)
             .map_err(map_err(map_names::WORKLOADS))
     }
@@ -507,7 +643,8 @@ impl DatapathMaps {
     /// counters, event bucket and tracked flows are gone.
     pub fn clear_workload(&mut self, slot: u32) -> Result<(), MapsError> {
         Self::check_slot(slot)?;
-        self.workloads
+        self.r
+            .workloads
             .set(slot, WorkloadConfig::default(), 0)
             .map_err(map_err(map_names::WORKLOADS))?;
         for direction in [agent_common::DIR_INGRESS, agent_common::DIR_EGRESS] {
@@ -521,7 +658,8 @@ impl DatapathMaps {
                 what: "per-CPU counter values",
                 source,
             })?;
-            self.counters
+            self.r
+                .counters
                 .set(slot * COUNTERS_PER_SLOT + i, zero, 0)
                 .map_err(map_err(map_names::COUNTERS))?;
         }
@@ -532,10 +670,12 @@ impl DatapathMaps {
             what: "per-CPU counter values",
             source,
         })?;
-        self.spoofed
+        self.r
+            .spoofed
             .set(slot, zero, 0)
             .map_err(map_err(map_names::SPOOFED))?;
         let stale: Vec<CtKey> = self
+            .r
             .conntrack
             .keys()
             .filter_map(Result::ok)
@@ -543,7 +683,7 @@ impl DatapathMaps {
             .collect();
         for key in stale {
             // Entries may already be gone (LRU eviction): not an error.
-            let _ = self.conntrack.remove(&key);
+            let _ = self.r.conntrack.remove(&key);
         }
         Ok(())
     }
@@ -564,7 +704,8 @@ impl DatapathMaps {
         for (key, rule) in &entries.policy {
             let before = old.and_then(|o| o.policy.get(key)).copied();
             if before != Some(*rule) {
-                self.policy
+                self.r
+                    .policy
                     .insert(&Key::new(key.0, key.1), PolicyValue { rule: *rule }, 0)
                     .map_err(map_err(map_names::POLICY))?;
                 undo.policy.push((*key, before));
@@ -574,7 +715,8 @@ impl DatapathMaps {
         for (key, set) in &entries.cidr {
             let before = old.and_then(|o| o.cidr.get(key)).copied();
             if before != Some(*set) {
-                self.cidr_rules
+                self.r
+                    .cidr_rules
                     .insert(&Key::new(key.0, key.1), *set, 0)
                     .map_err(map_err(map_names::CIDR_RULES))?;
                 undo.cidr.push((*key, before));
@@ -607,10 +749,10 @@ impl DatapathMaps {
         // Addresses first, so none points at a peer whose entries are being removed.
         self.stats.removed += (stale_cidr.len() + stale_policy.len()) as u64;
         for key in stale_cidr {
-            remove_lpm(&mut self.cidr_rules, key, map_names::CIDR_RULES)?;
+            remove_lpm(&mut self.r.cidr_rules, key, map_names::CIDR_RULES)?;
         }
         for key in stale_policy {
-            remove_lpm(&mut self.policy, key, map_names::POLICY)?;
+            remove_lpm(&mut self.r.policy, key, map_names::POLICY)?;
         }
         Ok(())
     }
@@ -619,7 +761,8 @@ impl DatapathMaps {
     pub fn set_identity(&mut self, net: IpNet, identity: u32) -> Result<(), MapsError> {
         let key = lpm_addr(0, &net);
         self.stats.written += 1;
-        self.identities
+        self.r
+            .identities
             .insert(&Key::new(key.0, key.1), identity, 0)
             .map_err(map_err(map_names::IDENTITIES))
     }
@@ -628,7 +771,7 @@ impl DatapathMaps {
     pub fn remove_identity(&mut self, net: IpNet) -> Result<(), MapsError> {
         self.stats.removed += 1;
         remove_lpm(
-            &mut self.identities,
+            &mut self.r.identities,
             lpm_addr(0, &net),
             map_names::IDENTITIES,
         )
@@ -637,7 +780,7 @@ impl DatapathMaps {
     /// Identity entries as the datapath holds them.
     pub fn identities(&self) -> Result<BTreeMap<LpmKeyOrd<LpmAddr>, u32>, MapsError> {
         let mut out = BTreeMap::new();
-        for item in self.identities.iter() {
+        for item in self.r.identities.iter() {
             let (key, id) = item.map_err(map_err(map_names::IDENTITIES))?;
             out.insert(LpmKeyOrd(key.prefix_len(), key.data()), id);
         }
@@ -646,154 +789,45 @@ impl DatapathMaps {
 
     /// Routes packets of a host-side interface to a slot.
     pub fn set_tc_slot(&mut self, ifindex: u32, slot: u32) -> Result<(), MapsError> {
-        self.tc_slots
+        self.r
+            .tc_slots
             .insert(ifindex, slot, 0)
             .map_err(map_err(map_names::TC_SLOTS))
     }
 
     pub fn remove_tc_slot(&mut self, ifindex: u32) -> Result<(), MapsError> {
-        ignore_missing(self.tc_slots.remove(&ifindex)).map_err(map_err(map_names::TC_SLOTS))
+        ignore_missing(self.r.tc_slots.remove(&ifindex)).map_err(map_err(map_names::TC_SLOTS))
     }
 
     /// Routes packets of sockets in a cgroup (and its children) to a slot.
     pub fn set_cgroup_slot(&mut self, cgroup_id: u64, slot: u32) -> Result<(), MapsError> {
-        self.cgroup_slots
+        self.r
+            .cgroup_slots
             .insert(cgroup_id, slot, 0)
             .map_err(map_err(map_names::CGROUP_SLOTS))
     }
 
     pub fn remove_cgroup_slot(&mut self, cgroup_id: u64) -> Result<(), MapsError> {
-        ignore_missing(self.cgroup_slots.remove(&cgroup_id))
+        ignore_missing(self.r.cgroup_slots.remove(&cgroup_id))
             .map_err(map_err(map_names::CGROUP_SLOTS))
     }
 
     /// TC routing entries: (ifindex, slot).
     pub fn tc_routes(&self) -> Vec<(u32, u32)> {
-        self.tc_slots.iter().filter_map(Result::ok).collect()
+        self.r.tc_slots.iter().filter_map(Result::ok).collect()
     }
 
     /// cgroup routing entries: (cgroup id, slot).
     pub fn cgroup_routes(&self) -> Vec<(u64, u32)> {
-        self.cgroup_slots.iter().filter_map(Result::ok).collect()
+        self.r.cgroup_slots.iter().filter_map(Result::ok).collect()
     }
 
     /// Number of entries in the TC and cgroup routing maps (for leak checks).
     pub fn routing_entries(&self) -> (usize, usize) {
         (
-            self.tc_slots.keys().count(),
-            self.cgroup_slots.keys().count(),
+            self.r.tc_slots.keys().count(),
+            self.r.cgroup_slots.keys().count(),
         )
-    }
-
-    /// Counters of a slot, summed over CPUs.
-    pub fn counters(&self, slot: u32) -> Result<WorkloadCounters, MapsError> {
-        let mut out = [[Counter::default(); VERDICTS]; DIRECTIONS];
-        for (direction, per_dir) in out.iter_mut().enumerate() {
-            for (verdict, c) in per_dir.iter_mut().enumerate() {
-                let index = counter_index(slot, direction as u8, verdict as u8);
-                let values = self
-                    .counters
-                    .get(&index, 0)
-                    .map_err(map_err(map_names::COUNTERS))?;
-                for v in values.iter() {
-                    c.packets += v.packets;
-                    c.bytes += v.bytes;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Packets a slot sent from addresses that are not its own, summed over CPUs.
-    pub fn spoofed(&self, slot: u32) -> Result<u64, MapsError> {
-        let values = self
-            .spoofed
-            .get(&slot, 0)
-            .map_err(map_err(map_names::SPOOFED))?;
-        Ok(values.iter().sum())
-    }
-
-    /// Datapath diagnostics, summed over CPUs, in `diag::NAMES` order.
-    pub fn diag(&self) -> Result<[u64; diag::COUNT as usize], MapsError> {
-        let mut out = [0u64; diag::COUNT as usize];
-        for (i, total) in out.iter_mut().enumerate() {
-            let values = self
-                .diag
-                .get(&(i as u32), 0)
-                .map_err(map_err(map_names::DIAG))?;
-            *total = values.iter().sum();
-        }
-        Ok(out)
-    }
-
-    /// Per peer-pair counters, summed over CPUs.
-    pub fn flow_counters(&self) -> Vec<(FlowCounterKey, Counter)> {
-        self.flow_counters
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, values)| {
-                let mut c = Counter::default();
-                for v in values.iter() {
-                    c.packets += v.packets;
-                    c.bytes += v.bytes;
-                }
-                (k, c)
-            })
-            .collect()
-    }
-
-    /// Entries in use and capacity of each map, for `tollgate_map_entries` and
-    /// `tollgate_map_capacity`. Hash and trie sizes are counted by walking their keys.
-    pub fn occupancy(&self) -> Vec<(&'static str, u64, u64)> {
-        let count = |n: usize| n as u64;
-        vec![
-            (
-                map_names::WORKLOADS,
-                count(
-                    self.workloads
-                        .iter()
-                        .filter_map(Result::ok)
-                        .filter(|w| w.flags & workload_flags::ACTIVE != 0)
-                        .count(),
-                ),
-                self.workloads.len() as u64,
-            ),
-            (
-                map_names::TC_SLOTS,
-                count(self.tc_slots.keys().count()),
-                MAX_WORKLOADS as u64,
-            ),
-            (
-                map_names::CGROUP_SLOTS,
-                count(self.cgroup_slots.keys().count()),
-                MAX_WORKLOADS as u64,
-            ),
-            (
-                map_names::IDENTITIES,
-                count(self.identities.keys().count()),
-                agent_common::IDENTITY_CAPACITY as u64,
-            ),
-            (
-                map_names::POLICY,
-                count(self.policy.keys().count()),
-                agent_common::POLICY_CAPACITY as u64,
-            ),
-            (
-                map_names::CIDR_RULES,
-                count(self.cidr_rules.keys().count()),
-                agent_common::CIDR_RULE_CAPACITY as u64,
-            ),
-            (
-                map_names::CONNTRACK,
-                count(self.conntrack.keys().count()),
-                self.conntrack_capacity,
-            ),
-            (
-                map_names::FLOW_COUNTERS,
-                count(self.flow_counters.keys().count()),
-                agent_common::FLOW_COUNTER_CAPACITY as u64,
-            ),
-        ]
     }
 
     /// Event bucket of a slot (how many events it suppressed).
@@ -805,32 +839,37 @@ impl DatapathMaps {
 
     /// Tracked flows (all slots).
     pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        self.r.conntrack.iter().filter_map(Result::ok).collect()
     }
 
     /// Forgets every tracked flow: each one is decided again from its next packet.
     pub fn flush_conntrack(&mut self) {
-        let keys: Vec<CtKey> = self.conntrack.keys().filter_map(Result::ok).collect();
+        let keys: Vec<CtKey> = self.r.conntrack.keys().filter_map(Result::ok).collect();
         for key in keys {
-            let _ = self.conntrack.remove(&key);
+            let _ = self.r.conntrack.remove(&key);
         }
     }
 
     /// Number of entries in the policy and ipBlock tries.
     pub fn policy_entries(&self) -> (usize, usize) {
-        (self.policy.keys().count(), self.cidr_rules.keys().count())
+        (
+            self.r.policy.keys().count(),
+            self.r.cidr_rules.keys().count(),
+        )
     }
 
     /// Writes raw policy entries (benchmarks fill the trie to a given size with this).
     pub fn insert_raw_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), MapsError> {
-        self.policy
+        self.r
+            .policy
             .insert(&Key::new(prefix, key), PolicyValue { rule: 0 }, 0)
             .map_err(map_err(map_names::POLICY))
     }
 
     /// Writes a raw connection tracking entry (benchmarks fill the table with this).
     pub fn insert_raw_conntrack(&mut self, key: CtKey, entry: CtEntry) -> Result<(), MapsError> {
-        self.conntrack
+        self.r
+            .conntrack
             .insert(key, entry, 0)
             .map_err(map_err(map_names::CONNTRACK))
     }

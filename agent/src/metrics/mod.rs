@@ -38,6 +38,12 @@ pub struct Snapshot {
     pub spoofed: Vec<(String, String, u64)>,
     /// The cluster state cannot be refreshed.
     pub source_degraded: bool,
+    /// Programs attached, policy synced, nothing degraded, every task running.
+    pub ready: bool,
+    /// Node-local overrides: (target, mode).
+    pub node_overrides: Vec<(String, &'static str)>,
+    /// Kubernetes Event writes by outcome (empty without `--kubernetes`).
+    pub kube_events: Vec<(&'static str, u64)>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -200,6 +206,30 @@ impl Snapshot {
             "1 while the cluster state cannot be refreshed (the last known state stays in force)",
             [(vec![], self.source_degraded as i64)],
         )?;
+        gauge_family(
+            e,
+            "tollgate_ready",
+            "1 while programs are attached, the policy synced, nothing is degraded and every task of the agent runs (what /readyz says)",
+            [(vec![], self.ready as i64)],
+        )?;
+        gauge_family(
+            e,
+            "tollgate_node_override",
+            "1 per node-local mode override (break glass, set through the admin socket)",
+            self.node_overrides
+                .iter()
+                .map(|(t, m)| (labels(&[("target", t), ("mode", m)]), 1)),
+        )?;
+        if !self.kube_events.is_empty() {
+            counter_family(
+                e,
+                "tollgate_kube_events",
+                "Kubernetes Events written by outcome: created, updated (count raised), rate_limited, failed",
+                self.kube_events
+                    .iter()
+                    .map(|(o, v)| (labels(&[("outcome", o)]), *v)),
+            )?;
+        }
         gauge_family(
             e,
             "tollgate_workloads",

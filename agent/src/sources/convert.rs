@@ -13,14 +13,15 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
+use super::crd::ModeOverride;
 use crate::compile::model::{
-    EndpointSliceInfo, NamedPort, NamespaceInfo, NodeInfo, Operator, PeerSpec, PodInfo, Policy,
-    PortRef, PortSpec, Protocol, Requirement, RuleSpec, Selector, ServiceInfo, ServicePort,
-    SliceEndpoint, SlicePort, TargetPort,
+    EndpointSliceInfo, Mode, ModeOverrideInfo, NamedPort, NamespaceInfo, NodeInfo, Operator,
+    PeerSpec, PodInfo, Policy, PortRef, PortSpec, Protocol, Requirement, RuleSpec, Selector,
+    ServiceInfo, ServicePort, SliceEndpoint, SlicePort, Target, TargetPort,
 };
 
 /// Annotation that sets a workload's mode (on pods and namespaces).
-pub const MODE_ANNOTATION: &str = "tollgate.io/mode";
+pub use crate::compile::model::MODE_ANNOTATION;
 /// Annotation naming the host-side interface of a pod.
 pub const INTERFACE_ANNOTATION: &str = "tollgate.io/interface";
 /// Annotation naming the cgroup v2 directory of a pod.
@@ -45,10 +46,40 @@ pub fn invalid_mode_annotation(
     }
 }
 
+/// Tollgate's own annotations (`tollgate.io/...`): the only ones the model uses. Kept alone
+/// so 20,000 pods' `kubectl.kubernetes.io/last-applied-configuration` never stays in memory.
+fn own_annotations(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> std::collections::BTreeMap<String, String> {
+    annotations
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with("tollgate.io/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A cluster `ModeOverride`.
+pub fn mode_override(o: &ModeOverride) -> Result<ModeOverrideInfo> {
+    let name = o.metadata.name.clone().ok_or("metadata.name is missing")?;
+    let target = Target::parse(&o.spec.target).map_err(|e| format!("spec.target: {e}"))?;
+    let mode = o
+        .spec
+        .mode
+        .parse::<Mode>()
+        .map_err(|e| format!("spec.mode: {e}"))?;
+    Ok(ModeOverrideInfo {
+        name,
+        target,
+        mode,
+        reason: o.spec.reason.clone().unwrap_or_default(),
+    })
+}
+
 /// A Namespace.
 pub fn namespace(ns: &Namespace) -> Result<NamespaceInfo> {
     let name = ns.metadata.name.clone().ok_or("metadata.name is missing")?;
-    let annotations = ns.metadata.annotations.clone().unwrap_or_default();
+    let annotations = own_annotations(ns.metadata.annotations.as_ref());
     Ok(NamespaceInfo {
         name,
         labels: ns.metadata.labels.clone().unwrap_or_default(),
@@ -69,7 +100,7 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
     let meta = &pod.metadata;
     let name = meta.name.clone().ok_or("metadata.name is missing")?;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-    let annotations = meta.annotations.clone().unwrap_or_default();
+    let annotations = own_annotations(meta.annotations.as_ref());
     let labels = meta.labels.clone().unwrap_or_default();
     let spec = pod.spec.as_ref();
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);

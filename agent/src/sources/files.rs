@@ -20,68 +20,12 @@ use k8s_openapi::api::{
 use serde::Deserialize as _;
 use serde_norway::Value;
 
-use super::convert;
-use crate::compile::model::{
-    ClusterState, EndpointSliceInfo, NamespaceInfo, NodeInfo, PodInfo, Policy, ServiceInfo,
+use super::{
+    Refresh, Source, convert,
+    crd::ModeOverride,
+    store::{Kind, Object, ObjectKey, Store},
 };
-
-/// What kind of object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Namespace,
-    Pod,
-    NetworkPolicy,
-    Service,
-    EndpointSlice,
-    Node,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Namespace => "Namespace",
-            Kind::Pod => "Pod",
-            Kind::NetworkPolicy => "NetworkPolicy",
-            Kind::Service => "Service",
-            Kind::EndpointSlice => "EndpointSlice",
-            Kind::Node => "Node",
-        }
-    }
-
-    /// Cluster-scoped kinds have no namespace.
-    fn cluster_scoped(self) -> bool {
-        matches!(self, Kind::Namespace | Kind::Node)
-    }
-}
-
-/// Identity of an object across reloads.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectKey {
-    pub kind: Kind,
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.namespace.is_empty() {
-            write!(f, "{} {}", self.kind.as_str(), self.name)
-        } else {
-            write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
-        }
-    }
-}
-
-/// A converted object.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Object {
-    Namespace(NamespaceInfo),
-    Pod(PodInfo),
-    Policy(Policy),
-    Service(ServiceInfo),
-    EndpointSlice(EndpointSliceInfo),
-    Node(NodeInfo),
-}
+use crate::compile::model::ClusterState;
 
 /// A rejected object (or file).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -162,6 +106,7 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
         "Service" => Kind::Service,
         "EndpointSlice" => Kind::EndpointSlice,
         "Node" => Kind::Node,
+        "ModeOverride" => Kind::ModeOverride,
         // Deployments, ConfigMaps... are not policy inputs.
         _ => return,
     };
@@ -227,6 +172,10 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
             .map_err(|e| e.to_string())
             .and_then(|node| convert::node(&node))
             .map(Object::Node),
+        Kind::ModeOverride => serde_norway::from_value::<ModeOverride>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|o| convert::mode_override(&o))
+            .map(Object::ModeOverride),
     };
     match converted {
         Ok(object) => out.push(Ok((key.expect("named"), object))),
@@ -248,6 +197,8 @@ pub struct FileSource {
     fingerprint: Option<Fingerprint>,
     /// Per file: a hash of its content at the last read, and the errors it gave.
     file_stamps: BTreeMap<PathBuf, FileStamp>,
+    /// The last load, for `Source`.
+    current: Loaded,
 }
 
 type FileStamp = (u64, Vec<ObjectError>);
@@ -260,6 +211,7 @@ impl FileSource {
             previous_errors: BTreeSet::new(),
             fingerprint: None,
             file_stamps: BTreeMap::new(),
+            current: Loaded::default(),
         }
     }
 
@@ -453,53 +405,13 @@ impl FileSource {
             }
             h.finish()
         };
-        let mut state = ClusterState {
-            pods_version: Some(pods_version),
-            ..ClusterState::default()
-        };
+        let mut store = Store::default();
         for (key, object) in objects {
-            match object {
-                Object::Namespace(ns) => {
-                    if let Some(w) = convert::invalid_mode_annotation(&ns.annotations) {
-                        warnings.push(format!("{key}: {w}"));
-                    }
-                    state.namespaces.insert(key.name, ns);
-                }
-                Object::Pod(pod) => {
-                    if let Some(w) = convert::invalid_mode_annotation(&pod.annotations) {
-                        warnings.push(format!("{key}: {w}"));
-                    }
-                    state.pods.insert((key.namespace, key.name), pod);
-                }
-                Object::Service(svc) => {
-                    state.services.insert((key.namespace, key.name), svc);
-                }
-                Object::EndpointSlice(slice) => {
-                    state
-                        .endpoint_slices
-                        .insert((key.namespace, key.name), slice);
-                }
-                Object::Node(node) => {
-                    state.nodes.insert(key.name, node);
-                }
-                Object::Policy(policy) => {
-                    let sctp = policy
-                        .ingress
-                        .iter()
-                        .chain(policy.egress.iter())
-                        .flatten()
-                        .flat_map(|r| &r.ports)
-                        .any(|p| p.protocol == crate::compile::model::Protocol::Sctp);
-                    if sctp {
-                        warnings.push(format!(
-                            "NetworkPolicy {}: SCTP rules are accepted but unsupported by this kernel (no SCTP traffic can match)",
-                            policy.id()
-                        ));
-                    }
-                    state.policies.insert((key.namespace, key.name), policy);
-                }
-            }
+            store.insert(key, object);
         }
+        warnings.extend(store.warnings());
+        let mut state = store.into_state();
+        state.pods_version = Some(pods_version);
         let current: BTreeSet<_> = errors
             .iter()
             .map(|e| (e.object.clone(), e.file.clone(), e.reason.clone()))
@@ -522,6 +434,47 @@ impl FileSource {
             new_errors,
             warnings,
         }
+    }
+}
+
+impl Source for FileSource {
+    fn refresh(&mut self, force: bool) -> Refresh {
+        if !force && !self.changed() {
+            return Refresh::default();
+        }
+        let loaded = self.load();
+        let new_errors = loaded.new_errors.clone();
+        self.current = loaded;
+        Refresh {
+            changed: true,
+            new_errors,
+        }
+    }
+
+    fn state(&self) -> &ClusterState {
+        &self.current.state
+    }
+
+    fn errors(&self) -> &[ObjectError] {
+        &self.current.errors
+    }
+
+    fn warnings(&self) -> &[String] {
+        &self.current.warnings
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.current
+            .errors
+            .iter()
+            .find(|e| e.object.is_none() && e.file == self.path)
+            .map(|e| {
+                format!(
+                    "cluster state {} cannot be read ({}); the last known state stays in force",
+                    self.path.display(),
+                    e.reason
+                )
+            })
     }
 }
 

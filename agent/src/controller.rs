@@ -1,0 +1,660 @@
+//! The controller: one thread owns the reconciler and the source and takes commands (mode
+//! changes, shutdown). After every change it publishes a [`View`], which metrics, status,
+//! flows and the flow log read: no reader ever waits on a reconcile, and no reconcile waits
+//! on a scrape.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_common::{IDENTITY_HOST, IDENTITY_WORLD};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, AuditRecord, ModeChange, Target},
+    attach::AttachPoint,
+    compile::{
+        model::{ClusterState, Mode, ModeOverrideInfo},
+        services::{Frontend, FrontendPort},
+    },
+    flowlog::{Endpoint, Naming, SlotNames},
+    reconcile::Reconciler,
+    sources::Source,
+};
+
+/// How often the agent reconciles even when the cluster state did not change (interfaces,
+/// routes and cgroups appear after the pods that use them).
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// What the controller is asked to do.
+pub enum Command {
+    /// Sets (mode `Some`) or clears (`None`) a node-local override.
+    SetMode {
+        target: String,
+        mode: Option<Mode>,
+        who: String,
+        reply: oneshot::Sender<Result<ModeChange, String>>,
+    },
+    /// Stops the controller; with `detach`, takes every program off and removes the pins.
+    Shutdown {
+        detach: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// One attached workload, as published.
+#[derive(Clone, Debug)]
+pub struct WorkloadView {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    pub workload: String,
+    pub slot: u32,
+    /// `tcx`, `clsact` or `cgroup`.
+    pub attach: &'static str,
+    pub attached_at: String,
+    pub isolated_ingress: bool,
+    pub isolated_egress: bool,
+    pub mode: Mode,
+    pub mode_source: &'static str,
+    pub degraded: Option<String>,
+}
+
+/// Names of a flow counter's peer identity: (namespace, workload) of workloads, and for a
+/// Service, its backends' workload and target port per Service port.
+#[derive(Clone, Debug, Default)]
+pub struct PeerNames {
+    identities: HashMap<u32, (String, String)>,
+    services: HashMap<u32, ServicePeer>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ServicePeer {
+    namespace: String,
+    /// The Service's own name, for ports it does not have.
+    name: String,
+    /// (protocol, port) -> (backends' workload, their target port when they share one).
+    ports: HashMap<(u8, u16), (String, Option<u16>)>,
+}
+
+impl PeerNames {
+    /// (namespace, workload) of a peer identity, and the port to name the flow by. A flow to
+    /// a Service counts against its backend workload on the backends' target port (when they
+    /// agree on one).
+    pub fn name(&self, identity: u32, proto: u8, port: u16) -> (String, String, u16) {
+        if identity == IDENTITY_WORLD {
+            return ("world".into(), "world".into(), port);
+        }
+        if identity == IDENTITY_HOST {
+            return ("host".into(), "host".into(), port);
+        }
+        if let Some(svc) = self.services.get(&identity) {
+            return match svc.ports.get(&(proto, port)) {
+                Some((workload, target)) => (
+                    svc.namespace.clone(),
+                    workload.clone(),
+                    target.unwrap_or(port),
+                ),
+                None => (svc.namespace.clone(), svc.name.clone(), port),
+            };
+        }
+        match self.identities.get(&identity) {
+            Some((ns, wl)) => (ns.clone(), wl.clone(), port),
+            None => ("unknown".into(), "unknown".into(), port),
+        }
+    }
+}
+
+/// What the controller publishes after every change.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub node: String,
+    /// Policy synced and programs attached at least once.
+    pub ready: bool,
+    /// Why not ready yet, if not.
+    pub not_ready: Option<String>,
+    pub workloads: Vec<WorkloadView>,
+    pub policies: usize,
+    pub policy_errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub refused: Vec<String>,
+    /// Why the agent is degraded (workloads, identities, source); empty when all is in force.
+    pub degraded: Vec<String>,
+    pub source_degraded: bool,
+    pub host_addresses: Vec<String>,
+    pub node_overrides: BTreeMap<String, Mode>,
+    pub cluster_overrides: Vec<ModeOverrideInfo>,
+    pub naming: Arc<Naming>,
+    pub peers: Arc<PeerNames>,
+}
+
+impl View {
+    /// The published workload of a pod.
+    pub fn workload(&self, namespace: &str, pod: &str) -> Option<&WorkloadView> {
+        self.workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.pod == pod)
+    }
+}
+
+/// A mode change the controller applied, for the audit log and Kubernetes Events.
+#[derive(Clone, Debug)]
+pub struct ModeNotice {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    pub old: Mode,
+    pub new: Mode,
+    /// What changed it (`ModeOverride NAME`, `node-local override`...).
+    pub by: String,
+}
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub poll_interval: Duration,
+}
+
+/// Owns the reconciler and the source.
+pub struct Controller {
+    rec: Reconciler,
+    source: Box<dyn Source>,
+    options: ControllerOptions,
+    view: watch::Sender<Arc<View>>,
+    /// `tollgate_policy_errors_total`, shared with the metrics.
+    pub policy_errors: Arc<AtomicU64>,
+    sync_seconds: prometheus_client::metrics::histogram::Histogram,
+    last_sync: Instant,
+    pending_errors: bool,
+    reconciled: bool,
+    cluster_overrides: BTreeMap<String, ModeOverrideInfo>,
+    notices: Option<tokio::sync::mpsc::Sender<ModeNotice>>,
+}
+
+impl Controller {
+    /// A controller over a reconciler and a source; `view` is where it publishes.
+    pub fn new(
+        rec: Reconciler,
+        source: Box<dyn Source>,
+        options: ControllerOptions,
+        view: watch::Sender<Arc<View>>,
+        sync_seconds: prometheus_client::metrics::histogram::Histogram,
+        policy_errors: Arc<AtomicU64>,
+    ) -> Controller {
+        Controller {
+            rec,
+            source,
+            options,
+            view,
+            policy_errors,
+            sync_seconds,
+            last_sync: Instant::now(),
+            pending_errors: false,
+            reconciled: false,
+            cluster_overrides: BTreeMap::new(),
+            notices: None,
+        }
+    }
+
+    /// Where mode changes are reported (Kubernetes Events), if anywhere.
+    pub fn notify_mode_changes(&mut self, tx: tokio::sync::mpsc::Sender<ModeNotice>) {
+        self.notices = Some(tx);
+    }
+
+    /// Runs until shut down (or every sender of commands is gone).
+    pub fn run(mut self, commands: Receiver<Command>) {
+        self.sync(true);
+        let mut next_tick = Instant::now() + self.options.poll_interval;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match commands.recv_timeout(wait) {
+                Ok(Command::SetMode {
+                    target,
+                    mode,
+                    who,
+                    reply,
+                }) => {
+                    let result = self.set_mode(&target, mode, who);
+                    self.publish();
+                    let _ = reply.send(result);
+                }
+                Ok(Command::Shutdown { detach, reply }) => {
+                    let _ = reply.send(self.shutdown(detach));
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= next_tick {
+                self.sync(false);
+                next_tick = Instant::now() + self.options.poll_interval;
+            }
+        }
+    }
+
+    fn shutdown(&mut self, detach: bool) -> Result<(), String> {
+        if detach {
+            self.rec.detach_all().map_err(|e| e.to_string())?;
+            self.rec
+                .datapath
+                .detach_and_unpin()
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Takes in what the source has and reconciles when something changed, every `RESYNC`,
+    /// and at every poll while a workload could not be attached.
+    fn sync(&mut self, force: bool) {
+        let due = force || self.last_sync.elapsed() >= RESYNC || self.pending_errors;
+        let refresh = self.source.refresh(force);
+        let degraded_before = self.view.borrow().source_degraded;
+        if !due
+            && !refresh.changed
+            && !self.rec.node_addresses_changed(self.source.state())
+            && degraded_before == self.source.degraded().is_some()
+        {
+            return;
+        }
+        for e in &refresh.new_errors {
+            warn!(error = %e, "rejected object");
+        }
+        self.policy_errors
+            .fetch_add(refresh.new_errors.len() as u64, Ordering::Relaxed);
+        if let Some(why) = self.source.ready() {
+            // Never reconcile on a state that is not complete: it would detach workloads
+            // that are only not listed yet.
+            info!(why, "waiting for the cluster state");
+            self.publish();
+            return;
+        }
+        self.last_sync = Instant::now();
+        let started = Instant::now();
+        let before = self.modes();
+        self.apply();
+        self.report_mode_changes(&before);
+        // Parsing a large cluster state leaves megabytes of freed trees in the heap; hand
+        // them back to the system instead of keeping them resident.
+        // SAFETY: glibc call without arguments that matter.
+        unsafe { libc::malloc_trim(0) };
+        self.sync_seconds.observe(started.elapsed().as_secs_f64());
+        self.publish();
+    }
+
+    fn apply(&mut self) {
+        match self.rec.reconcile(self.source.state()) {
+            Ok(report) => {
+                for e in &report.errors {
+                    warn!(error = %e, "workload not reconciled; retrying");
+                }
+                self.pending_errors = !report.errors.is_empty();
+                self.reconciled = true;
+            }
+            Err(e) => {
+                self.pending_errors = true;
+                error!(error = %e, "reconcile failed; will retry");
+            }
+        }
+    }
+
+    fn modes(&self) -> BTreeMap<(String, String), Mode> {
+        self.rec
+            .workloads()
+            .iter()
+            .map(|(k, w)| (k.clone(), w.policy.mode))
+            .collect()
+    }
+
+    /// Audits what cluster `ModeOverride`s changed, with the workloads of this node whose
+    /// mode they changed, and reports those changes as notices.
+    fn report_mode_changes(&mut self, before: &BTreeMap<(String, String), Mode>) {
+        let state = self.source.state();
+        let now = &state.mode_overrides;
+        let mut touched: Vec<(String, Option<&ModeOverrideInfo>, Option<&ModeOverrideInfo>)> =
+            Vec::new();
+        let names: BTreeSet<&String> = now.keys().chain(self.cluster_overrides.keys()).collect();
+        for name in names {
+            let (old, new) = (self.cluster_overrides.get(name), now.get(name));
+            if old != new {
+                touched.push((name.clone(), old, new));
+            }
+        }
+        let mut changed_pods = Vec::new();
+        for (key, w) in self.rec.workloads() {
+            if let Some(old) = before.get(key)
+                && *old != w.policy.mode
+            {
+                changed_pods.push((
+                    key.clone(),
+                    *old,
+                    w.policy.mode,
+                    w.mode_source,
+                    w.pod.uid.clone(),
+                ));
+            }
+        }
+        for (name, old, new) in &touched {
+            let target = new
+                .or(*old)
+                .map(|o| o.target.to_string())
+                .unwrap_or_default();
+            let parsed = Target::parse(&target).ok();
+            let changed: Vec<(String, Mode, Mode)> = changed_pods
+                .iter()
+                .filter(|(k, ..)| {
+                    let pod = &self.rec.workloads()[k].pod;
+                    parsed.as_ref().is_some_and(|t| t.matches(pod))
+                })
+                .map(|((ns, pod), o, n, ..)| (format!("{ns}/{pod}"), *o, *n))
+                .collect();
+            let reason = new.or(*old).map(|o| o.reason.clone()).unwrap_or_default();
+            let record = AuditRecord {
+                time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                who: if reason.is_empty() {
+                    format!("ModeOverride {name} (cluster)")
+                } else {
+                    format!("ModeOverride {name} (cluster): {reason}")
+                },
+                target,
+                old_mode: old.map(|o| o.mode),
+                new_mode: new.map(|o| o.mode),
+                changed,
+            };
+            self.audit(&record);
+            info!(
+                name,
+                target = record.target,
+                old = ?record.old_mode,
+                new = ?record.new_mode,
+                changed = record.changed.len(),
+                "cluster mode override"
+            );
+        }
+        self.cluster_overrides = now.clone();
+        if let Some(tx) = &self.notices {
+            for ((ns, pod), old, new, source, uid) in changed_pods {
+                let by = match source {
+                    "cluster-override" => state
+                        .pods
+                        .get(&(ns.clone(), pod.clone()))
+                        .and_then(|p| state.mode_override_for(p))
+                        .map(|o| format!("ModeOverride {}", o.name))
+                        .unwrap_or_else(|| "ModeOverride".into()),
+                    "node-override" => "a node-local override".into(),
+                    other => format!("the {other} mode"),
+                };
+                let _ = tx.try_send(ModeNotice {
+                    namespace: ns,
+                    pod,
+                    uid,
+                    old,
+                    new,
+                    by,
+                });
+            }
+        }
+    }
+
+    fn audit(&self, record: &AuditRecord) {
+        if let Err(e) = admin::audit(&self.options.state_dir.join("audit.log"), record) {
+            warn!(error = %e, "could not write the audit log");
+        }
+    }
+
+    fn set_mode(
+        &mut self,
+        target: &str,
+        mode: Option<Mode>,
+        who: String,
+    ) -> Result<ModeChange, String> {
+        let parsed = Target::parse(target)?;
+        let before = self.modes();
+        let old = match mode {
+            Some(m) => self.rec.overrides.targets.insert(target.to_string(), m),
+            None => self.rec.overrides.targets.remove(target),
+        };
+        self.rec
+            .overrides
+            .save(&self.options.state_dir.join("overrides.json"))
+            .map_err(|e| format!("persist overrides: {e}"))?;
+        self.rec
+            .apply_modes(self.source.state())
+            .map_err(|e| format!("apply the mode: {e}"))?;
+        let matched = self
+            .rec
+            .workloads()
+            .values()
+            .filter(|w| parsed.matches(&w.pod))
+            .count();
+        let changed: Vec<(String, Mode, Mode)> = self
+            .rec
+            .workloads()
+            .iter()
+            .filter_map(|(k, w)| {
+                let was = before.get(k).copied()?;
+                (was != w.policy.mode).then(|| (format!("{}/{}", k.0, k.1), was, w.policy.mode))
+            })
+            .collect();
+        let record = AuditRecord {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            who,
+            target: target.into(),
+            old_mode: old,
+            new_mode: mode,
+            changed: changed.clone(),
+        };
+        self.audit(&record);
+        info!(target, ?old, new = ?mode, changed = changed.len(), "node-local mode override");
+        if let Some(tx) = &self.notices {
+            for (key, w) in self.rec.workloads() {
+                if let Some(was) = before.get(key)
+                    && *was != w.policy.mode
+                {
+                    let _ = tx.try_send(ModeNotice {
+                        namespace: key.0.clone(),
+                        pod: key.1.clone(),
+                        uid: w.pod.uid.clone(),
+                        old: *was,
+                        new: w.policy.mode,
+                        by: "a node-local override".into(),
+                    });
+                }
+            }
+        }
+        Ok(ModeChange {
+            target: target.into(),
+            old,
+            new: mode,
+            changed,
+            matched,
+        })
+    }
+
+    /// Publishes what readers need.
+    fn publish(&self) {
+        let state = self.source.state();
+        let degraded_workloads = self.rec.degraded();
+        let workloads = self
+            .rec
+            .workloads()
+            .iter()
+            .map(|((ns, name), w)| WorkloadView {
+                namespace: ns.clone(),
+                pod: name.clone(),
+                uid: w.pod.uid.clone(),
+                workload: w.pod.workload.clone(),
+                slot: w.slot,
+                attach: w.method.as_str(),
+                attached_at: match &w.point {
+                    AttachPoint::Tc { iface } => iface.clone(),
+                    AttachPoint::Cgroup { path } => path.display().to_string(),
+                },
+                isolated_ingress: w.policy.isolated_ingress,
+                isolated_egress: w.policy.isolated_egress,
+                mode: w.policy.mode,
+                mode_source: w.mode_source,
+                degraded: degraded_workloads.get(&(ns.clone(), name.clone())).cloned(),
+            })
+            .collect();
+        let mut degraded: Vec<String> = degraded_workloads
+            .iter()
+            .map(|((ns, pod), why)| format!("{ns}/{pod}: {why}"))
+            .collect();
+        if let Some(why) = self.rec.identities_degraded() {
+            degraded.push(why.to_string());
+        }
+        let source_degraded = self.source.degraded();
+        degraded.extend(source_degraded.clone());
+        let view = View {
+            node: self.options.node_name.clone(),
+            ready: self.reconciled,
+            not_ready: self.source.ready(),
+            workloads,
+            policies: state.policies.len(),
+            policy_errors: self
+                .source
+                .errors()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            warnings: self.source.warnings().to_vec(),
+            refused: self
+                .rec
+                .refused()
+                .iter()
+                .map(|((ns, pod), why)| format!("{ns}/{pod}: {why}"))
+                .collect(),
+            degraded,
+            source_degraded: source_degraded.is_some(),
+            host_addresses: self
+                .rec
+                .host_addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            node_overrides: self.rec.overrides.targets.clone(),
+            cluster_overrides: state.mode_overrides.values().cloned().collect(),
+            naming: Arc::new(self.naming(state)),
+            peers: Arc::new(self.peer_names(state)),
+        };
+        self.view.send_replace(Arc::new(view));
+    }
+
+    fn naming(&self, state: &ClusterState) -> Naming {
+        let mut naming = Naming {
+            node: self.options.node_name.clone(),
+            ..Default::default()
+        };
+        for ((ns, name), w) in self.rec.workloads() {
+            naming.slots.insert(
+                w.slot,
+                SlotNames {
+                    endpoint: Some(Endpoint {
+                        namespace: ns.clone(),
+                        pod: name.clone(),
+                        workload: w.pod.workload.clone(),
+                    }),
+                    ingress_policies: w.ingress_policies.clone(),
+                    egress_policies: w.egress_policies.clone(),
+                },
+            );
+        }
+        for pod in state.pods.values() {
+            for ip in &pod.ips {
+                naming.addresses.insert(
+                    *ip,
+                    Endpoint {
+                        namespace: pod.namespace.clone(),
+                        pod: pod.name.clone(),
+                        workload: pod.workload.clone(),
+                    },
+                );
+            }
+        }
+        for frontend in self.rec.compiled().frontends.iter() {
+            let backends = backends_endpoint(state, frontend, frontend.ports.iter());
+            for ip in &frontend.addresses {
+                naming
+                    .services
+                    .insert(*ip, (frontend.service_id(), backends.clone()));
+            }
+        }
+        naming.host = self.rec.host_addresses().iter().copied().collect();
+        naming
+    }
+
+    fn peer_names(&self, state: &ClusterState) -> PeerNames {
+        let compiled = self.rec.compiled();
+        let mut peers = PeerNames::default();
+        for (id, info) in compiled.identities.iter() {
+            let workload = info
+                .pods
+                .first()
+                .and_then(|k| state.pods.get(k))
+                .map(|p| p.workload.clone())
+                .unwrap_or_else(|| "unknown".into());
+            peers
+                .identities
+                .insert(*id, (info.namespace.clone(), workload));
+        }
+        for frontend in compiled.frontends.iter() {
+            let mut svc = ServicePeer {
+                namespace: frontend.service.0.clone(),
+                name: frontend.service.1.clone(),
+                ports: HashMap::new(),
+            };
+            for port in &frontend.ports {
+                let ep = backends_endpoint(state, frontend, std::iter::once(port));
+                let targets: BTreeSet<u16> = port.backends.iter().map(|b| b.port).collect();
+                let target = (targets.len() == 1).then(|| *targets.first().expect("one"));
+                svc.ports
+                    .insert((port.protocol.number(), port.port), (ep.workload, target));
+            }
+            peers.services.insert(frontend.identity, svc);
+        }
+        peers
+    }
+}
+
+/// The backends of some ports of a Service as one endpoint: the pod when there is one, else
+/// the workload they all belong to (pod empty), else every workload's name joined with `+`.
+fn backends_endpoint<'a>(
+    state: &ClusterState,
+    frontend: &Frontend,
+    ports: impl Iterator<Item = &'a FrontendPort>,
+) -> Endpoint {
+    let mut pods = BTreeSet::new();
+    for b in ports.flat_map(|p| &p.backends) {
+        if let Some(k) = &b.pod {
+            pods.insert(k.clone());
+        }
+    }
+    let workloads: BTreeSet<String> = pods
+        .iter()
+        .filter_map(|k| state.pods.get(k))
+        .map(|p| p.workload.clone())
+        .collect();
+    let workload = if workloads.is_empty() {
+        frontend.service.1.clone()
+    } else {
+        workloads.into_iter().collect::<Vec<_>>().join("+")
+    };
+    Endpoint {
+        namespace: frontend.service.0.clone(),
+        pod: match pods.len() {
+            1 => pods.into_iter().next().map(|k| k.1).unwrap_or_default(),
+            _ => String::new(),
+        },
+        workload,
+    }
+}

@@ -1,0 +1,416 @@
+//! What the agent observed: per-workload counters read from the maps, the kernel's per-flow
+//! counters folded into peer-pair series, would-drop times, the flow log's own counts. The
+//! observer holds its own read handles on the pinned maps and the latest published
+//! [`View`], so metrics, `status` and `flows` never wait on the controller.
+//!
+//! User-space counts are persisted in the state directory (before every scrape and every
+//! few seconds) so they never go backwards across restarts.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    path::PathBuf,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use agent_common::{
+    DIR_EGRESS, DIR_INGRESS, FlowCounterKey, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
+    diag,
+};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::{
+    admin::{self, DirectionCounters, FlowRow, Flows, Status, WorkloadStatus},
+    controller::View,
+    flowlog::{FlowRecord, protocol_name},
+    maps::MapReaders,
+    metrics::Snapshot,
+};
+
+/// Counters kept in user space, persisted in the state directory.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    flow_log_written: u64,
+    flow_log_lost: u64,
+    policy_errors: u64,
+    flow_overflow: u64,
+    /// Packets per flow series (labels in `SERIES_LABELS` order).
+    flow_series: Vec<(Vec<String>, u64)>,
+    /// Last value read per kernel flow counter: (slot, peer, port, proto, direction, verdict,
+    /// origin) -> packets.
+    flow_last_seen: Vec<([u32; 7], u64)>,
+    /// Unix seconds of the last would-drop, by NAMESPACE/POD.
+    last_would_drop: BTreeMap<String, u64>,
+}
+
+const SERIES_LABELS: [&str; 8] = [
+    "direction",
+    "verdict",
+    "src_namespace",
+    "src_workload",
+    "dst_namespace",
+    "dst_workload",
+    "protocol",
+    "port",
+];
+
+/// How many flow log records `flows` keeps.
+const RECENT_DENIED: usize = 50;
+
+fn key_array(k: &FlowCounterKey) -> [u32; 7] {
+    [
+        k.slot,
+        k.peer,
+        k.port as u32,
+        k.proto as u32,
+        k.direction as u32,
+        k.verdict as u32,
+        k.origin as u32,
+    ]
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The name of a verdict code.
+pub fn verdict_name(v: u8) -> &'static str {
+    match v {
+        VERDICT_WOULD_DROP => "would_drop",
+        VERDICT_DROPPED => "dropped",
+        _ => "allowed",
+    }
+}
+
+/// What the flow log task counts, apart from the observer so writing a line never waits on
+/// a scrape.
+#[derive(Debug, Default)]
+pub struct FlowLogStats {
+    pub written: AtomicU64,
+    pub lost: AtomicU64,
+    recent: Mutex<VecDeque<FlowRecord>>,
+}
+
+impl FlowLogStats {
+    /// Keeps a record for `tollgate flows`.
+    pub fn remember(&self, record: FlowRecord) {
+        let mut recent = self.recent.lock().expect("recent");
+        recent.push_back(record);
+        if recent.len() > RECENT_DENIED {
+            recent.pop_front();
+        }
+    }
+}
+
+/// Reads counters and keeps the flow series.
+pub struct Observer {
+    readers: MapReaders,
+    state_file: PathBuf,
+    max_flow_series: usize,
+    persisted: Persisted,
+    series: BTreeMap<Vec<String>, u64>,
+    last_seen: HashMap<[u32; 7], u64>,
+    /// Would-drops per workload (`NAMESPACE/POD`) at the last poll.
+    would_drops: HashMap<String, u64>,
+}
+
+impl Observer {
+    /// An observer over the pinned maps, continuing the counts persisted in `state_dir`.
+    /// Returns the flow log's and policy errors' counts to continue from too.
+    pub fn new(
+        readers: MapReaders,
+        state_dir: &std::path::Path,
+        max_flow_series: usize,
+        log: &FlowLogStats,
+    ) -> (Observer, u64) {
+        let state_file = state_dir.join("state.json");
+        let persisted: Persisted = match std::fs::read(&state_file) {
+            Ok(data) => serde_json::from_slice(&data).unwrap_or_else(|e| {
+                warn!(error = %e, "state.json unreadable; user-space counters start from zero");
+                Persisted::default()
+            }),
+            Err(_) => Persisted::default(),
+        };
+        log.written
+            .store(persisted.flow_log_written, Ordering::Relaxed);
+        log.lost.store(persisted.flow_log_lost, Ordering::Relaxed);
+        let policy_errors = persisted.policy_errors;
+        let observer = Observer {
+            readers,
+            state_file,
+            max_flow_series,
+            series: persisted.flow_series.iter().cloned().collect(),
+            last_seen: persisted.flow_last_seen.iter().cloned().collect(),
+            persisted,
+            would_drops: HashMap::new(),
+        };
+        (observer, policy_errors)
+    }
+
+    /// Writes the user-space counts to the state directory.
+    pub fn persist(&mut self, log: &FlowLogStats, policy_errors: u64) {
+        self.persisted.flow_series = self.series.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        self.persisted.flow_last_seen = self.last_seen.iter().map(|(k, v)| (*k, *v)).collect();
+        self.persisted.flow_log_written = log.written.load(Ordering::Relaxed);
+        self.persisted.flow_log_lost = log.lost.load(Ordering::Relaxed);
+        self.persisted.policy_errors = policy_errors;
+        let data = serde_json::to_vec(&self.persisted).expect("serializable");
+        if let Err(e) = admin::write_atomic(&self.state_file, &data) {
+            warn!(error = %e, "could not persist counters");
+        }
+    }
+
+    /// Folds the kernel's per-flow counters into the flow series, and notes would-drops.
+    pub fn poll(&mut self, view: &View) {
+        let slots: HashMap<u32, (&str, &str)> = view
+            .workloads
+            .iter()
+            .map(|w| (w.slot, (w.namespace.as_str(), w.workload.as_str())))
+            .collect();
+        let current = self.readers.flow_counters();
+        let mut seen = HashMap::with_capacity(current.len());
+        for (key, counter) in current {
+            let id = key_array(&key);
+            let last = self.last_seen.get(&id).copied().unwrap_or(0);
+            // A value below the last one: the entry was evicted and created again.
+            let delta = if counter.packets >= last {
+                counter.packets - last
+            } else {
+                counter.packets
+            };
+            seen.insert(id, counter.packets);
+            if delta == 0 {
+                continue;
+            }
+            let Some((ns, workload)) = slots.get(&key.slot) else {
+                continue;
+            };
+            let (peer_ns, peer_wl, port) = view.peers.name(key.peer, key.proto, key.port);
+            let local = (ns.to_string(), workload.to_string());
+            let (src, dst) = if key.origin == DIR_EGRESS {
+                (local, (peer_ns, peer_wl))
+            } else {
+                ((peer_ns, peer_wl), local)
+            };
+            // `direction` names the enforcement point that saw the flow: egress at its
+            // source, ingress at its destination; both sides' packets of the flow count there.
+            let labels = vec![
+                if key.origin == DIR_INGRESS {
+                    "ingress"
+                } else {
+                    "egress"
+                }
+                .to_string(),
+                verdict_name(key.verdict).to_string(),
+                src.0,
+                src.1,
+                dst.0,
+                dst.1,
+                protocol_name(key.proto),
+                if port == 0 {
+                    String::new()
+                } else {
+                    port.to_string()
+                },
+            ];
+            let series_count = self.series.len();
+            match self.series.get_mut(&labels) {
+                Some(v) => *v += delta,
+                None if series_count < self.max_flow_series => {
+                    self.series.insert(labels, delta);
+                }
+                None => self.persisted.flow_overflow += delta,
+            }
+        }
+        self.last_seen = seen;
+        // Would-drops per workload, for `status` and the last-would-drop gauge.
+        let now = unix_now();
+        for w in &view.workloads {
+            let Ok(c) = self.readers.counters(w.slot) else {
+                continue;
+            };
+            let id = format!("{}/{}", w.namespace, w.pod);
+            let would = c[0][VERDICT_WOULD_DROP as usize].packets
+                + c[1][VERDICT_WOULD_DROP as usize].packets;
+            let before = self.would_drops.insert(id.clone(), would);
+            let first_seen =
+                before.is_none() && would > 0 && !self.persisted.last_would_drop.contains_key(&id);
+            if before.is_some_and(|b| would > b) || first_seen {
+                self.persisted.last_would_drop.insert(id, now);
+            }
+        }
+    }
+
+    /// Everything a scrape reports.
+    pub fn metrics(&mut self, view: &View, log: &FlowLogStats, policy_errors: u64) -> Snapshot {
+        self.poll(view);
+        self.persist(log, policy_errors);
+        let mut s = Snapshot::default();
+        for w in &view.workloads {
+            let (ns, name) = (&w.namespace, &w.pod);
+            if let Ok(c) = self.readers.counters(w.slot) {
+                for (d, dir) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
+                    for v in [VERDICT_ALLOWED, VERDICT_WOULD_DROP, VERDICT_DROPPED] {
+                        let counter = c[d as usize][v as usize];
+                        s.packets.push((
+                            vec![
+                                ("namespace".into(), ns.clone()),
+                                ("pod".into(), name.clone()),
+                                ("direction".into(), dir.into()),
+                                ("verdict".into(), verdict_name(v).into()),
+                            ],
+                            counter.packets,
+                            counter.bytes,
+                        ));
+                    }
+                }
+            }
+            s.modes.push((ns.clone(), name.clone(), w.mode.as_str()));
+            s.isolated
+                .push((ns.clone(), name.clone(), "ingress", w.isolated_ingress));
+            s.isolated
+                .push((ns.clone(), name.clone(), "egress", w.isolated_egress));
+            if let Some(t) = self.persisted.last_would_drop.get(&format!("{ns}/{name}")) {
+                s.last_would_drop.push((ns.clone(), name.clone(), *t));
+            }
+            s.degraded
+                .push((ns.clone(), name.clone(), w.degraded.is_some()));
+            s.spoofed.push((
+                ns.clone(),
+                name.clone(),
+                self.readers.spoofed(w.slot).unwrap_or(0),
+            ));
+        }
+        s.workloads = view.workloads.len() as u64;
+        s.source_degraded = view.source_degraded;
+        s.ready = view.ready && view.degraded.is_empty();
+        s.node_overrides = view
+            .node_overrides
+            .iter()
+            .map(|(t, m)| (t.clone(), m.as_str()))
+            .collect();
+        s.flow_packets = self
+            .series
+            .iter()
+            .map(|(l, v)| {
+                (
+                    SERIES_LABELS
+                        .iter()
+                        .map(|n| n.to_string())
+                        .zip(l.iter().cloned())
+                        .collect(),
+                    *v,
+                )
+            })
+            .collect();
+        s.flow_overflow = self.persisted.flow_overflow;
+        let d = self.readers.diag().unwrap_or([0; diag::COUNT as usize]);
+        s.flow_log_written = log.written.load(Ordering::Relaxed);
+        s.flow_log_rate_limited = d[diag::EVENT_RATE_LIMITED as usize];
+        s.flow_log_lost = log.lost.load(Ordering::Relaxed) + d[diag::EVENT_LOST as usize];
+        s.policy_errors = policy_errors;
+        s.maps = self.readers.occupancy();
+        s.diagnostics = diag::NAMES.iter().copied().zip(d).collect();
+        s
+    }
+
+    /// `tollgate status`.
+    pub fn status(&mut self, view: &View) -> Status {
+        self.poll(view);
+        let now = unix_now();
+        let workloads = view
+            .workloads
+            .iter()
+            .map(|w| {
+                let c = self.readers.counters(w.slot).unwrap_or_default();
+                let dir = |d: usize| DirectionCounters {
+                    allowed: c[d][0].packets,
+                    would_drop: c[d][1].packets,
+                    dropped: c[d][2].packets,
+                    allowed_bytes: c[d][0].bytes,
+                    would_drop_bytes: c[d][1].bytes,
+                    dropped_bytes: c[d][2].bytes,
+                };
+                WorkloadStatus {
+                    namespace: w.namespace.clone(),
+                    pod: w.pod.clone(),
+                    workload: w.workload.clone(),
+                    attach: w.attach.into(),
+                    attached_at: w.attached_at.clone(),
+                    isolated_ingress: w.isolated_ingress,
+                    isolated_egress: w.isolated_egress,
+                    mode: w.mode,
+                    mode_source: w.mode_source.into(),
+                    ingress: dir(0),
+                    egress: dir(1),
+                    seconds_since_would_drop: self
+                        .persisted
+                        .last_would_drop
+                        .get(&format!("{}/{}", w.namespace, w.pod))
+                        .map(|t| now.saturating_sub(*t)),
+                    spoofed: self.readers.spoofed(w.slot).unwrap_or(0),
+                    degraded: w.degraded.clone(),
+                }
+            })
+            .collect();
+        Status {
+            node: view.node.clone(),
+            ready: view.ready,
+            workloads,
+            policies: view.policies,
+            policy_errors: view.policy_errors.clone(),
+            overrides: view.node_overrides.clone(),
+            cluster_overrides: view
+                .cluster_overrides
+                .iter()
+                .map(|o| admin::ClusterOverride {
+                    name: o.name.clone(),
+                    target: o.target.to_string(),
+                    mode: o.mode,
+                    reason: o.reason.clone(),
+                })
+                .collect(),
+            warnings: view.warnings.clone(),
+            refused: view.refused.clone(),
+            degraded: view.degraded.clone(),
+            host_addresses: view.host_addresses.clone(),
+        }
+    }
+
+    /// `tollgate flows`: the busiest series and the latest would-drops.
+    pub fn flows(&mut self, view: &View, log: &FlowLogStats, limit: usize) -> Flows {
+        self.poll(view);
+        let mut rows: Vec<FlowRow> = self
+            .series
+            .iter()
+            .map(|(l, v)| FlowRow {
+                direction: l[0].clone(),
+                verdict: l[1].clone(),
+                src: format!("{}/{}", l[2], l[3]),
+                dst: format!("{}/{}", l[4], l[5]),
+                protocol: l[6].clone(),
+                port: l[7].clone(),
+                packets: *v,
+            })
+            .collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.packets));
+        rows.truncate(limit);
+        Flows {
+            busiest: rows,
+            recent_denied: log
+                .recent
+                .lock()
+                .expect("recent")
+                .iter()
+                .map(|r| serde_json::to_value(r).expect("serializable"))
+                .collect(),
+        }
+    }
+}

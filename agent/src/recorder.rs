@@ -1,0 +1,320 @@
+//! Kubernetes Events (with `--kubernetes`): Warning `PacketDrop` (drop mode) and
+//! `PacketWouldDrop` (log mode) on the pod whose policy denied a flow, and Normal
+//! `ModeChanged` when a workload's mode changes. kube-iptables-tailer's job, from the flow
+//! log's sampled records instead of kernel log lines.
+//!
+//! One Event per (pod, reason, peer, port, protocol) and `--event-dedup-window`: repeats in
+//! the window raise its `count` (patched at most every `FLUSH_INTERVAL`), later ones start a
+//! new Event. API writes are rate-limited per node (`RATE_PER_SECOND`, `BURST`); what the
+//! limit suppresses is counted. Notices reach the recorder through a bounded queue that is
+//! never waited on: the flow log and the datapath never slow down for the API server.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use k8s_openapi::api::core::v1::Event;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::{controller::ModeNotice, flowlog::FlowRecord};
+
+/// API writes per second, per node.
+pub const RATE_PER_SECOND: f64 = 5.0;
+/// API writes allowed at once.
+pub const BURST: f64 = 20.0;
+/// How often pending repeats are written to their Event's count.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Notices waiting for the recorder; beyond this they are counted as rate-limited.
+const QUEUE: usize = 1024;
+/// The component Events are reported by.
+pub const COMPONENT: &str = "tollgate";
+
+/// Outcomes of Event writes (`tollgate_kube_events_total{outcome}`).
+#[derive(Debug, Default)]
+pub struct EventStats {
+    pub created: AtomicU64,
+    pub updated: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl EventStats {
+    /// (outcome, count) pairs.
+    pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("created", self.created.load(Ordering::Relaxed)),
+            ("updated", self.updated.load(Ordering::Relaxed)),
+            ("rate_limited", self.rate_limited.load(Ordering::Relaxed)),
+            ("failed", self.failed.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// Something worth an Event on a pod.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Notice {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    /// `Warning` or `Normal`.
+    pub kind: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Notice {
+    /// The Event of a denied flow on the pod whose policy denied it (the local workload of
+    /// the record: the destination for ingress, the source for egress).
+    pub fn denied(record: &FlowRecord, uid: &str) -> Option<Notice> {
+        let ingress = record.direction == "ingress";
+        let (local, peer, peer_ip) = if ingress {
+            (record.dst.as_ref()?, record.src.as_ref(), &record.src_ip)
+        } else {
+            (record.src.as_ref()?, record.dst.as_ref(), &record.dst_ip)
+        };
+        let (reason, verb) = match record.verdict.as_str() {
+            "dropped" => ("PacketDrop", "Dropped"),
+            "would_drop" => ("PacketWouldDrop", "Would drop"),
+            _ => return None,
+        };
+        let peer = match peer {
+            Some(p) if p.namespace == "host" => "the node (host)".to_string(),
+            Some(p) => format!("workload {}/{}", p.namespace, p.workload),
+            None => format!("address {peer_ip}"),
+        };
+        let service = record
+            .dst_service
+            .as_ref()
+            .map(|s| format!(" through Service {s}"))
+            .unwrap_or_default();
+        let port = if record.dst_port == 0 {
+            record.protocol.clone()
+        } else {
+            format!("{}/{}", record.dst_port, record.protocol)
+        };
+        let policies = if record.policies.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} isolated by {}",
+                record.direction,
+                record.policies.join(", ")
+            )
+        };
+        Some(Notice {
+            namespace: local.namespace.clone(),
+            pod: local.pod.clone(),
+            uid: uid.to_string(),
+            kind: "Warning",
+            reason,
+            message: format!(
+                "{verb} {} {} {peer}{service} on {port} (mode {}{policies})",
+                record.direction,
+                if ingress { "from" } else { "to" },
+                record.mode,
+            ),
+        })
+    }
+
+    /// The Event of a mode change.
+    pub fn mode_changed(n: &ModeNotice) -> Notice {
+        Notice {
+            namespace: n.namespace.clone(),
+            pod: n.pod.clone(),
+            uid: n.uid.clone(),
+            kind: "Normal",
+            reason: "ModeChanged",
+            message: format!(
+                "Tollgate mode {} -> {} by {}",
+                n.old.as_str(),
+                n.new.as_str(),
+                n.by
+            ),
+        }
+    }
+}
+
+/// Hands notices to the recorder task without ever waiting.
+#[derive(Clone, Debug)]
+pub struct Recorder {
+    tx: mpsc::Sender<Notice>,
+    pub stats: Arc<EventStats>,
+}
+
+impl Recorder {
+    /// Starts the recorder task on a client.
+    pub fn start(
+        client: Client,
+        node: String,
+        window: Duration,
+    ) -> (Recorder, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(EventStats::default());
+        let task = tokio::spawn(run(client, node, window, rx, stats.clone()));
+        (Recorder { tx, stats }, task)
+    }
+
+    /// Queues a notice; a full queue counts it as rate-limited.
+    pub fn notice(&self, notice: Notice) {
+        if self.tx.try_send(notice).is_err() {
+            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Recorded {
+    /// The Event's name once created.
+    name: String,
+    first: Instant,
+    count: u32,
+    /// Repeats not written yet.
+    pending: bool,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * RATE_PER_SECOND).min(BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+async fn run(
+    client: Client,
+    node: String,
+    window: Duration,
+    mut rx: mpsc::Receiver<Notice>,
+    stats: Arc<EventStats>,
+) {
+    let mut recorded: HashMap<Notice, Recorded> = HashMap::new();
+    let mut bucket = Bucket {
+        tokens: BURST,
+        at: Instant::now(),
+    };
+    let mut flush = tokio::time::interval(FLUSH_INTERVAL);
+    let mut sequence: u64 = 0;
+    loop {
+        tokio::select! {
+            notice = rx.recv() => {
+                let Some(notice) = notice else { return };
+                if let Some(r) = recorded.get_mut(&notice)
+                    && r.first.elapsed() < window
+                {
+                    r.count += 1;
+                    r.pending = true;
+                    continue;
+                }
+                if !bucket.take() {
+                    stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                sequence += 1;
+                match create(&client, &node, &notice, sequence).await {
+                    Ok(name) => {
+                        stats.created.fetch_add(1, Ordering::Relaxed);
+                        recorded.insert(notice, Recorded { name, first: Instant::now(), count: 1, pending: false });
+                    }
+                    Err(e) => {
+                        stats.failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(namespace = notice.namespace, pod = notice.pod, error = %e, "could not create an Event");
+                    }
+                }
+            }
+            _ = flush.tick() => {
+                recorded.retain(|_, r| r.pending || r.first.elapsed() < window);
+                for (notice, r) in recorded.iter_mut().filter(|(_, r)| r.pending) {
+                    if !bucket.take() {
+                        break;
+                    }
+                    r.pending = false;
+                    let api: Api<Event> = Api::namespaced(client.clone(), &notice.namespace);
+                    let patch = json!({"count": r.count, "lastTimestamp": now_rfc3339()});
+                    match api.patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                        Ok(_) => { stats.updated.fetch_add(1, Ordering::Relaxed); }
+                        Err(e) => {
+                            stats.failed.fetch_add(1, Ordering::Relaxed);
+                            debug!(event = r.name, error = %e, "could not update an Event");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Creates the Event of a notice; returns its name.
+async fn create(
+    client: &Client,
+    node: &str,
+    notice: &Notice,
+    sequence: u64,
+) -> Result<String, kube::Error> {
+    let now = now_rfc3339();
+    // Unique per agent: the pod, the node's hash and a sequence.
+    let name = format!(
+        "{}.tollgate-{:x}-{sequence}",
+        notice.pod,
+        fnv(node.as_bytes())
+            ^ SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+    );
+    let event: Event = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": notice.namespace},
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "namespace": notice.namespace,
+            "name": notice.pod,
+            "uid": notice.uid,
+        },
+        "type": notice.kind,
+        "reason": notice.reason,
+        "message": notice.message,
+        "count": 1,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "source": {"component": COMPONENT, "host": node},
+        "reportingComponent": "tollgate.io/agent",
+        "reportingInstance": node,
+        "action": if notice.kind == "Warning" { "Deny" } else { "SetMode" },
+    }))
+    .expect("a valid Event");
+    let api: Api<Event> = Api::namespaced(client.clone(), &notice.namespace);
+    api.create(&PostParams::default(), &event).await?;
+    Ok(name)
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
+}

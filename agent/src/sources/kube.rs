@@ -1,0 +1,426 @@
+//! The Kubernetes source (`--kubernetes`): kube-rs watchers on Pods, Namespaces,
+//! NetworkPolicies, Services, EndpointSlices, Nodes and ModeOverrides, in-cluster config or
+//! `KUBECONFIG`.
+//!
+//! Each watcher task converts objects to the model as they arrive (the API object is dropped
+//! at once: only the fields the model needs stay in memory) and hands them to the source,
+//! which the controller drains at every poll into the shared [`Store`]. A relist replaces a
+//! kind only once it is complete (`InitDone`), so a list that breaks off midway changes
+//! nothing; a complete list that is empty while the store has Pods, Namespaces or Nodes is
+//! not believed (a real cluster always has them) and keeps the last state.
+//!
+//! Surviving the API server: the watcher relists after `410 Gone`, follows bookmarks and
+//! retries with backoff. A probe asks the API server for its version every
+//! `PROBE_INTERVAL`; while it fails or a watch keeps failing, the source is degraded and the
+//! last state stays in force. A watch that failed, or every watch after the API server came
+//! back, is restarted: its relist brings what changed meanwhile, and a connection that hung
+//! is never waited on again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{
+    ObjectError, Refresh, Source, convert,
+    crd::ModeOverride,
+    store::{Kind, Object, ObjectKey, Store},
+};
+use crate::compile::model::ClusterState;
+
+/// How often the API server is asked whether it answers.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long it has to answer.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A watch failing this long (without an event since) is restarted with a relist.
+const RESTART_FAILING_AFTER: Duration = Duration::from_secs(5);
+/// At most one restart per kind in this time.
+const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(10);
+/// Kinds a real cluster always has objects of: an empty list of them is not believed.
+const NEVER_EMPTY: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::Node];
+
+/// A converted object, or why it was rejected; `None`: not part of the network (a finished
+/// pod, a slice of no Service), as if deleted.
+type Converted = Result<Option<Object>, String>;
+
+/// What a watcher task reports.
+#[derive(Debug)]
+enum Update {
+    Apply(ObjectKey, Converted),
+    Delete(ObjectKey),
+    Init(Kind),
+    InitApply(ObjectKey, Converted),
+    InitDone(Kind),
+    Failed(Kind, String),
+}
+
+/// Reads the cluster through the API server.
+pub struct KubeSource {
+    client: Client,
+    tx: mpsc::Sender<Update>,
+    rx: mpsc::Receiver<Update>,
+    tasks: BTreeMap<Kind, JoinHandle<()>>,
+    last_restart: BTreeMap<Kind, Instant>,
+    store: Store,
+    /// Objects of a relist in progress, by kind.
+    listing: BTreeMap<Kind, Vec<(ObjectKey, Converted)>>,
+    /// Kinds listed completely at least once.
+    synced: BTreeSet<Kind>,
+    /// Kinds whose watch failed since their last event: why, and since when.
+    failing: BTreeMap<Kind, (String, Instant)>,
+    /// Kinds whose latest complete list was not believed.
+    distrusted: BTreeMap<Kind, String>,
+    probe: Arc<Probe>,
+    recoveries_seen: u64,
+    probe_task: JoinHandle<()>,
+    errors: Vec<ObjectError>,
+    reported: BTreeSet<(Option<ObjectKey>, String)>,
+    warnings: Vec<String>,
+}
+
+/// What the probe task last saw.
+#[derive(Default)]
+struct Probe {
+    failure: Mutex<Option<String>>,
+    /// Times the API server answered again after failing.
+    recoveries: AtomicU64,
+}
+
+impl KubeSource {
+    /// Connects (in-cluster config or `KUBECONFIG`) and starts every watch. Must run inside
+    /// a Tokio runtime.
+    pub async fn connect() -> Result<KubeSource, kube::Error> {
+        let client = Client::try_default().await?;
+        Ok(KubeSource::start(client))
+    }
+
+    /// Starts every watch on a client.
+    pub fn start(client: Client) -> KubeSource {
+        let (tx, rx) = mpsc::channel(4096);
+        let probe = Arc::new(Probe::default());
+        let probe_task = tokio::spawn(run_probe(client.clone(), probe.clone()));
+        let mut source = KubeSource {
+            client,
+            tx,
+            rx,
+            tasks: BTreeMap::new(),
+            last_restart: BTreeMap::new(),
+            store: Store::default(),
+            listing: BTreeMap::new(),
+            synced: BTreeSet::new(),
+            failing: BTreeMap::new(),
+            distrusted: BTreeMap::new(),
+            probe,
+            recoveries_seen: 0,
+            probe_task,
+            errors: Vec::new(),
+            reported: BTreeSet::new(),
+            warnings: Vec::new(),
+        };
+        for kind in Kind::ALL {
+            source.spawn(kind);
+        }
+        source
+    }
+
+    /// A client for the CLI and Events: in-cluster config or `KUBECONFIG`.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn spawn(&mut self, kind: Kind) {
+        let client = self.client.clone();
+        let tx = self.tx.clone();
+        let task = match kind {
+            Kind::Namespace => tokio::spawn(watch::<Namespace>(client, kind, tx, |ns| {
+                convert::namespace(ns).map(|n| Some(Object::Namespace(n)))
+            })),
+            Kind::Pod => tokio::spawn(watch::<Pod>(client, kind, tx, |pod| {
+                if convert::pod_is_terminated(pod) {
+                    return Ok(None);
+                }
+                convert::pod(pod).map(|p| Some(Object::Pod(p)))
+            })),
+            Kind::NetworkPolicy => tokio::spawn(watch::<NetworkPolicy>(client, kind, tx, |np| {
+                convert::network_policy(np).map(|p| Some(Object::Policy(p)))
+            })),
+            Kind::Service => tokio::spawn(watch::<Service>(client, kind, tx, |svc| {
+                convert::service(svc).map(|s| Some(Object::Service(s)))
+            })),
+            Kind::EndpointSlice => {
+                tokio::spawn(watch::<EndpointSlice>(client, kind, tx, |slice| {
+                    convert::endpoint_slice(slice).map(|s| s.map(Object::EndpointSlice))
+                }))
+            }
+            Kind::Node => tokio::spawn(watch::<Node>(client, kind, tx, |node| {
+                convert::node(node).map(|n| Some(Object::Node(n)))
+            })),
+            Kind::ModeOverride => tokio::spawn(watch::<ModeOverride>(client, kind, tx, |o| {
+                convert::mode_override(o).map(|m| Some(Object::ModeOverride(m)))
+            })),
+        };
+        if let Some(old) = self.tasks.insert(kind, task) {
+            old.abort();
+        }
+        self.listing.remove(&kind);
+        self.last_restart.insert(kind, Instant::now());
+    }
+
+    /// Applies one converted object; returns whether the model changed.
+    fn apply(&mut self, key: ObjectKey, converted: Converted) -> bool {
+        match converted {
+            Ok(Some(object)) => self.store.insert(key, object),
+            Ok(None) => self.store.remove(&key),
+            Err(reason) => {
+                self.store.reject(key, origin(), reason);
+                false
+            }
+        }
+    }
+
+    /// A complete list of a kind: it replaces what the store has of that kind.
+    fn replace_kind(&mut self, kind: Kind, items: Vec<(ObjectKey, Converted)>) -> bool {
+        let had = self.store.keys(kind);
+        if items.is_empty() && !had.is_empty() && NEVER_EMPTY.contains(&kind) {
+            let why = format!(
+                "the API server listed no {}s while {} were known; keeping the last known state",
+                kind.as_str(),
+                had.len()
+            );
+            warn!(kind = kind.as_str(), known = had.len(), "{why}");
+            self.distrusted.insert(kind, why);
+            return false;
+        }
+        self.distrusted.remove(&kind);
+        let listed: BTreeSet<ObjectKey> = items.iter().map(|(k, _)| k.clone()).collect();
+        let mut changed = false;
+        for key in had.into_iter().filter(|k| !listed.contains(k)) {
+            changed |= self.store.remove(&key);
+        }
+        for (key, converted) in items {
+            changed |= self.apply(key, converted);
+        }
+        changed
+    }
+
+    /// Restarts watches that keep failing, and every watch once the API server answers
+    /// again after an outage.
+    fn restart_failing(&mut self) {
+        let recoveries = self.probe.recoveries.load(Ordering::Relaxed);
+        let recovered = recoveries != self.recoveries_seen;
+        self.recoveries_seen = recoveries;
+        let api_down = self.probe.failure.lock().expect("probe").is_some();
+        for kind in Kind::ALL {
+            let stale = self
+                .failing
+                .get(&kind)
+                .is_some_and(|(_, since)| since.elapsed() >= RESTART_FAILING_AFTER);
+            let recently = self
+                .last_restart
+                .get(&kind)
+                .is_some_and(|t| t.elapsed() < MIN_RESTART_INTERVAL);
+            if recovered || (stale && !api_down && !recently) {
+                info!(
+                    kind = kind.as_str(),
+                    recovered, "restarting the watch with a relist"
+                );
+                self.spawn(kind);
+            }
+        }
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        self.probe_task.abort();
+        for task in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+fn origin() -> PathBuf {
+    PathBuf::from("kubernetes")
+}
+
+impl Source for KubeSource {
+    fn refresh(&mut self, force: bool) -> Refresh {
+        self.restart_failing();
+        let mut changed = force;
+        while let Ok(update) = self.rx.try_recv() {
+            match update {
+                Update::Apply(key, converted) => {
+                    self.failing.remove(&key.kind);
+                    changed |= self.apply(key, converted);
+                }
+                Update::Delete(key) => {
+                    self.failing.remove(&key.kind);
+                    changed |= self.store.remove(&key);
+                }
+                Update::Init(kind) => {
+                    self.listing.insert(kind, Vec::new());
+                }
+                Update::InitApply(key, converted) => {
+                    self.listing
+                        .entry(key.kind)
+                        .or_default()
+                        .push((key, converted));
+                }
+                Update::InitDone(kind) => {
+                    let items = self.listing.remove(&kind).unwrap_or_default();
+                    self.failing.remove(&kind);
+                    self.synced.insert(kind);
+                    changed |= self.replace_kind(kind, items);
+                }
+                Update::Failed(kind, why) => {
+                    // A list that broke off is started again from scratch by the watcher.
+                    self.listing.remove(&kind);
+                    let since = self
+                        .failing
+                        .get(&kind)
+                        .map(|(_, since)| *since)
+                        .unwrap_or_else(Instant::now);
+                    self.failing.insert(kind, (why, since));
+                }
+            }
+        }
+        self.errors = self.store.errors().cloned().collect();
+        self.warnings = self.store.warnings();
+        let new_errors: Vec<ObjectError> = self
+            .errors
+            .iter()
+            .filter(|e| self.reported.insert((e.object.clone(), e.reason.clone())))
+            .cloned()
+            .collect();
+        Refresh {
+            changed: changed || !new_errors.is_empty(),
+            new_errors,
+        }
+    }
+
+    fn state(&self) -> &ClusterState {
+        self.store.state()
+    }
+
+    fn errors(&self) -> &[ObjectError] {
+        &self.errors
+    }
+
+    fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    fn degraded(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if let Some(failure) = self.probe.failure.lock().expect("probe").clone() {
+            why.push(format!("the API server does not answer: {failure}"));
+        }
+        for (kind, (failure, since)) in &self.failing {
+            why.push(format!(
+                "the watch of {}s fails ({}s): {failure}",
+                kind.as_str(),
+                since.elapsed().as_secs()
+            ));
+        }
+        why.extend(self.distrusted.values().cloned());
+        (!why.is_empty())
+            .then(|| format!("{}; the last known state stays in force", why.join("; ")))
+    }
+
+    fn ready(&self) -> Option<String> {
+        let waiting: Vec<&str> = Kind::ALL
+            .iter()
+            .filter(|k| !self.synced.contains(k))
+            .map(|k| k.as_str())
+            .collect();
+        (!waiting.is_empty()).then(|| {
+            format!(
+                "waiting for the first complete list of {} from the API server",
+                waiting.join(", ")
+            )
+        })
+    }
+}
+
+/// Watches one kind across the cluster until the task is aborted.
+async fn watch<K>(
+    client: Client,
+    kind: Kind,
+    tx: mpsc::Sender<Update>,
+    convert: fn(&K) -> Converted,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::all(client);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let key = |o: &K| ObjectKey {
+        kind,
+        namespace: if kind.cluster_scoped() {
+            String::new()
+        } else {
+            o.namespace().unwrap_or_else(|| "default".into())
+        },
+        name: o.name_any(),
+    };
+    while let Some(event) = stream.next().await {
+        let update = match event {
+            Ok(watcher::Event::Apply(o)) => Update::Apply(key(&o), convert(&o)),
+            Ok(watcher::Event::Delete(o)) => Update::Delete(key(&o)),
+            Ok(watcher::Event::Init) => Update::Init(kind),
+            Ok(watcher::Event::InitApply(o)) => Update::InitApply(key(&o), convert(&o)),
+            Ok(watcher::Event::InitDone) => Update::InitDone(kind),
+            Err(e) => {
+                warn!(kind = kind.as_str(), error = %e, "watch failed; retrying");
+                Update::Failed(kind, e.to_string())
+            }
+        };
+        if tx.send(update).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks the API server for its version every `PROBE_INTERVAL`.
+async fn run_probe(client: Client, probe: Arc<Probe>) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let failure = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer in {}s", PROBE_TIMEOUT.as_secs())),
+        };
+        let mut current = probe.failure.lock().expect("probe");
+        match (&*current, &failure) {
+            (Some(_), None) => {
+                info!("the API server answers again");
+                probe.recoveries.fetch_add(1, Ordering::Relaxed);
+            }
+            (None, Some(why)) => warn!(error = %why, "the API server does not answer"),
+            _ => {}
+        }
+        *current = failure;
+    }
+}

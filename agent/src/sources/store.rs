@@ -1,0 +1,264 @@
+//! The objects every source produces, and the one store that turns them into the model.
+//! Both sources go through it: the file source builds a fresh store per load, the
+//! Kubernetes source keeps one and applies watch events to it. A rejected object never
+//! replaces the version in the store: the last good version of an object stays in force.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use super::{ObjectError, convert};
+use crate::compile::model::{
+    ClusterState, EndpointSliceInfo, ModeOverrideInfo, NamespaceInfo, NodeInfo, PodInfo, Policy,
+    Protocol, ServiceInfo,
+};
+
+/// What kind of object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+    Service,
+    EndpointSlice,
+    Node,
+    ModeOverride,
+}
+
+impl Kind {
+    /// Every kind, in the order a source lists them.
+    pub const ALL: [Kind; 7] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::NetworkPolicy,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::ModeOverride,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+            Kind::ModeOverride => "ModeOverride",
+        }
+    }
+
+    /// Cluster-scoped kinds have no namespace.
+    pub fn cluster_scoped(self) -> bool {
+        matches!(self, Kind::Namespace | Kind::Node | Kind::ModeOverride)
+    }
+}
+
+/// Identity of an object across reloads.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind.as_str(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        }
+    }
+}
+
+/// A converted object.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(NamespaceInfo),
+    Pod(PodInfo),
+    Policy(Policy),
+    Service(ServiceInfo),
+    EndpointSlice(EndpointSliceInfo),
+    Node(NodeInfo),
+    ModeOverride(ModeOverrideInfo),
+}
+
+/// The model being built, with what each object contributed besides itself.
+#[derive(Debug, Default)]
+pub struct Store {
+    state: ClusterState,
+    /// Notes about an object (an ignored annotation, SCTP rules), by object.
+    warnings: BTreeMap<ObjectKey, String>,
+    /// Objects rejected in their latest version, by object.
+    errors: BTreeMap<ObjectKey, ObjectError>,
+    /// Moves whenever a pod or namespace changes (`ClusterState::pods_version`).
+    pods_version: u64,
+}
+
+impl Store {
+    /// The model as it stands.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// The model, leaving the store.
+    pub fn into_state(self) -> ClusterState {
+        self.state
+    }
+
+    /// Notes on the objects in the store.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .iter()
+            .map(|(key, w)| format!("{key}: {w}"))
+            .collect()
+    }
+
+    /// Objects whose latest version was rejected.
+    pub fn errors(&self) -> impl Iterator<Item = &ObjectError> {
+        self.errors.values()
+    }
+
+    /// Whether the store holds a version of the object.
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        let pair = || (key.namespace.clone(), key.name.clone());
+        match key.kind {
+            Kind::Namespace => self.state.namespaces.contains_key(&key.name),
+            Kind::Pod => self.state.pods.contains_key(&pair()),
+            Kind::NetworkPolicy => self.state.policies.contains_key(&pair()),
+            Kind::Service => self.state.services.contains_key(&pair()),
+            Kind::EndpointSlice => self.state.endpoint_slices.contains_key(&pair()),
+            Kind::Node => self.state.nodes.contains_key(&key.name),
+            Kind::ModeOverride => self.state.mode_overrides.contains_key(&key.name),
+        }
+    }
+
+    /// The keys of every object of a kind in the store.
+    pub fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        let key = |namespace: &str, name: &str| ObjectKey {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        match kind {
+            Kind::Namespace => self.state.namespaces.keys().map(|n| key("", n)).collect(),
+            Kind::Pod => self.state.pods.keys().map(|(ns, n)| key(ns, n)).collect(),
+            Kind::NetworkPolicy => self
+                .state
+                .policies
+                .keys()
+                .map(|(ns, n)| key(ns, n))
+                .collect(),
+            Kind::Service => self
+                .state
+                .services
+                .keys()
+                .map(|(ns, n)| key(ns, n))
+                .collect(),
+            Kind::EndpointSlice => self
+                .state
+                .endpoint_slices
+                .keys()
+                .map(|(ns, n)| key(ns, n))
+                .collect(),
+            Kind::Node => self.state.nodes.keys().map(|n| key("", n)).collect(),
+            Kind::ModeOverride => self
+                .state
+                .mode_overrides
+                .keys()
+                .map(|n| key("", n))
+                .collect(),
+        }
+    }
+
+    /// Puts in (or replaces) a good object. Returns whether the model changed.
+    pub fn insert(&mut self, key: ObjectKey, object: Object) -> bool {
+        self.errors.remove(&key);
+        match warning_of(&object) {
+            Some(w) => self.warnings.insert(key.clone(), w),
+            None => self.warnings.remove(&key),
+        };
+        let pair = (key.namespace.clone(), key.name.clone());
+        let changed = match object {
+            Object::Namespace(ns) => replace(&mut self.state.namespaces, key.name, ns),
+            Object::Pod(pod) => replace(&mut self.state.pods, pair, pod),
+            Object::Policy(p) => replace(&mut self.state.policies, pair, p),
+            Object::Service(svc) => replace(&mut self.state.services, pair, svc),
+            Object::EndpointSlice(s) => replace(&mut self.state.endpoint_slices, pair, s),
+            Object::Node(node) => replace(&mut self.state.nodes, key.name, node),
+            Object::ModeOverride(o) => replace(&mut self.state.mode_overrides, key.name, o),
+        };
+        if changed && matches!(key.kind, Kind::Pod | Kind::Namespace) {
+            self.bump_pods_version();
+        }
+        changed
+    }
+
+    /// Takes an object out (deleted, or no longer listed). Returns whether it was there.
+    pub fn remove(&mut self, key: &ObjectKey) -> bool {
+        self.errors.remove(key);
+        self.warnings.remove(key);
+        let pair = (key.namespace.clone(), key.name.clone());
+        let removed = match key.kind {
+            Kind::Namespace => self.state.namespaces.remove(&key.name).is_some(),
+            Kind::Pod => self.state.pods.remove(&pair).is_some(),
+            Kind::NetworkPolicy => self.state.policies.remove(&pair).is_some(),
+            Kind::Service => self.state.services.remove(&pair).is_some(),
+            Kind::EndpointSlice => self.state.endpoint_slices.remove(&pair).is_some(),
+            Kind::Node => self.state.nodes.remove(&key.name).is_some(),
+            Kind::ModeOverride => self.state.mode_overrides.remove(&key.name).is_some(),
+        };
+        if removed && matches!(key.kind, Kind::Pod | Kind::Namespace) {
+            self.bump_pods_version();
+        }
+        removed
+    }
+
+    /// Records that the latest version of an object was rejected; the version in the store
+    /// (the last good one), if any, stays. Returns the error as reported.
+    pub fn reject(&mut self, key: ObjectKey, origin: PathBuf, reason: String) -> ObjectError {
+        let error = ObjectError {
+            kept_last_good: self.contains(&key),
+            object: Some(key.clone()),
+            file: origin,
+            reason,
+        };
+        self.errors.insert(key, error.clone());
+        error
+    }
+
+    fn bump_pods_version(&mut self) {
+        self.pods_version = self.pods_version.wrapping_add(1);
+        self.state.pods_version = Some(self.pods_version);
+    }
+}
+
+fn replace<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, key: K, value: V) -> bool {
+    match map.get(&key) {
+        Some(old) if *old == value => false,
+        _ => {
+            map.insert(key, value);
+            true
+        }
+    }
+}
+
+/// What an object holds that is accepted but does not work as its author may think.
+fn warning_of(object: &Object) -> Option<String> {
+    match object {
+        Object::Namespace(ns) => convert::invalid_mode_annotation(&ns.annotations),
+        Object::Pod(pod) => convert::invalid_mode_annotation(&pod.annotations),
+        Object::Policy(policy) => policy
+            .ingress
+            .iter()
+            .chain(policy.egress.iter())
+            .flatten()
+            .flat_map(|r| &r.ports)
+            .any(|p| p.protocol == Protocol::Sctp)
+            .then(|| {
+                "SCTP rules are accepted but unsupported by this kernel (no SCTP traffic can match)"
+                    .to_string()
+            }),
+        _ => None,
+    }
+}
