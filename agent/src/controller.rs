@@ -179,6 +179,8 @@ pub struct Controller {
     reconciled: bool,
     cluster_overrides: BTreeMap<String, ModeOverrideInfo>,
     notices: Option<tokio::sync::mpsc::Sender<ModeNotice>>,
+    /// The source's (degraded, not ready) reasons at the last sync: a change is published.
+    source_health: (Option<String>, Option<String>),
 }
 
 impl Controller {
@@ -203,6 +205,7 @@ impl Controller {
             reconciled: false,
             cluster_overrides: BTreeMap::new(),
             notices: None,
+            source_health: (None, None),
         }
     }
 
@@ -258,11 +261,13 @@ impl Controller {
     fn sync(&mut self, force: bool) {
         let due = force || self.last_sync.elapsed() >= RESYNC || self.pending_errors;
         let refresh = self.source.refresh(force);
-        let degraded_before = self.view.borrow().source_degraded;
+        let source_health = (self.source.degraded(), self.source.ready());
+        let health_changed = source_health != self.source_health;
+        self.source_health = source_health;
         if !due
             && !refresh.changed
+            && !health_changed
             && !self.rec.node_addresses_changed(self.source.state())
-            && degraded_before == self.source.degraded().is_some()
         {
             return;
         }

@@ -36,6 +36,8 @@ pub struct Agent {
     pub flow_log: PathBuf,
     pub bpffs: PathBuf,
     args: Vec<String>,
+    /// `--kubernetes` with this kubeconfig instead of `--cluster-state`.
+    kubeconfig: Option<PathBuf>,
 }
 
 impl Agent {
@@ -53,18 +55,58 @@ impl Agent {
             flow_log: dir.join("flows.log"),
             bpffs: lab.pin_dir.clone(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            kubeconfig: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts the agent in the lab's node namespace with `--kubernetes`, reading the API
+    /// server of `kubeconfig` (and `--node-name node-1` unless `extra` names another).
+    pub fn start_kubernetes(lab: &Lab, dir: &Path, kubeconfig: &Path, extra: &[&str]) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !args.iter().any(|a| a == "--node-name") {
+            args.extend(["--node-name".into(), "node-1".into()]);
+        }
+        let mut agent = Agent {
+            child: None,
+            node: lab.node.clone(),
+            dir: dir.into(),
+            cluster_state: dir.join("cluster"),
+            metrics: "127.0.0.1:9402".parse().unwrap(),
+            admin_socket: dir.join("admin.sock"),
+            flow_log: dir.join("flows.log"),
+            bpffs: lab.pin_dir.clone(),
+            args,
+            kubeconfig: Some(kubeconfig.into()),
         };
         agent.spawn();
         agent
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net=/run/netns/{}", self.node))
             .arg(tollgate_bin())
-            .arg("run")
-            .arg("--cluster-state")
-            .arg(&self.cluster_state)
+            .arg("run");
+        match &self.kubeconfig {
+            Some(kubeconfig) => {
+                command
+                    .arg("--kubernetes")
+                    .env("KUBECONFIG", kubeconfig)
+                    .env_remove("NODE_NAME");
+            }
+            None => {
+                command
+                    .arg("--cluster-state")
+                    .arg(&self.cluster_state)
+                    .arg("--node-name")
+                    .arg("lab-node");
+            }
+        }
+        let child = command
             .arg("--metrics-addr")
             .arg(self.metrics.to_string())
             .arg("--bpffs")
@@ -75,8 +117,6 @@ impl Agent {
             .arg(&self.admin_socket)
             .arg("--flow-log")
             .arg(&self.flow_log)
-            .arg("--node-name")
-            .arg("lab-node")
             .arg("--poll-interval-ms")
             .arg("200")
             .args(&self.args)

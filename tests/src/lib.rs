@@ -9,6 +9,7 @@
 //! when a test panics.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bench_control;
 pub mod bench_net;
 pub mod cluster;

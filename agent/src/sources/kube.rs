@@ -335,12 +335,8 @@ impl Source for KubeSource {
         if let Some(failure) = self.probe.failure.lock().expect("probe").clone() {
             why.push(format!("the API server does not answer: {failure}"));
         }
-        for (kind, (failure, since)) in &self.failing {
-            why.push(format!(
-                "the watch of {}s fails ({}s): {failure}",
-                kind.as_str(),
-                since.elapsed().as_secs()
-            ));
+        for (kind, (failure, _)) in &self.failing {
+            why.push(format!("the watch of {}s fails: {failure}", kind.as_str()));
         }
         why.extend(self.distrusted.values().cloned());
         (!why.is_empty())

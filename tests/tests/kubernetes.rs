@@ -1,0 +1,489 @@
+//! `tollgate run --kubernetes` against an API server that speaks the real protocol to the
+//! real kube-rs client (`tollgate_tests::apiserver`): only this node's pods attached, every
+//! change applied within two seconds, Events on the right pod, a relist after `410 Gone`,
+//! and an API server that refuses or hangs never loosening what is enforced.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tollgate_tests::{
+    Lab, Pod,
+    agent::{Agent, measure, sample, tollgate_bin},
+    apiserver::{ApiServer, Health},
+    cluster,
+    support::{PATIENT, temp_dir},
+    traffic, wait_for,
+};
+
+/// Every change must reach the datapath within this (the bound).
+const CHANGE_BOUND: Duration = Duration::from_secs(2);
+
+const RECORDED_DUMP: &str = include_str!("../fixtures/kubectl-dump.yaml");
+
+const ALLOW_CLIENT: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-from-client, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n";
+
+struct Shop {
+    lab: Lab,
+    api: ApiServer,
+    web: Pod,
+    client: Pod,
+    /// A pod of node-2: its interface is here, but it is not this node's to attach.
+    far: Pod,
+    dir: std::path::PathBuf,
+}
+
+fn shop(tag: &str) -> Shop {
+    let mut lab = Lab::new();
+    let web = lab.add_pod("web");
+    let client = lab.add_pod("client");
+    let far = lab.add_pod("far");
+    lab.serve(&web, &[8080], &[5353]);
+    let api = ApiServer::start(&lab.node);
+    // A real cluster's objects, as recorded (other namespaces, pods of node-1 and node-2).
+    api.apply_yaml(RECORDED_DUMP);
+    let yaml = cluster::namespace("shop", "{team: shop}", "{}")
+        + &cluster::on_node(
+            &cluster::pod(&web, "shop", "web-0", "{app: web}", "{}", &[]),
+            "node-1",
+        )
+        + &cluster::on_node(
+            &cluster::pod(&client, "shop", "client-0", "{app: client}", "{}", &[]),
+            "node-1",
+        )
+        + &cluster::on_node(
+            &cluster::pod(&far, "shop", "far-0", "{app: far}", "{}", &[]),
+            "node-2",
+        )
+        + &cluster::node("node-1", &["10.77.0.1".parse::<IpAddr>().unwrap()])
+        + ALLOW_CLIENT;
+    api.apply_yaml(&yaml);
+    let dir = temp_dir(tag);
+    Shop {
+        lab,
+        api,
+        web,
+        client,
+        far,
+        dir,
+    }
+}
+
+impl Shop {
+    fn start(&self, extra: &[&str]) -> Agent {
+        let kubeconfig = self.api.kubeconfig(&self.dir);
+        let mut args = vec!["--cgroup-root", self.lab.cgroup_dir.to_str().unwrap()];
+        args.extend(extra);
+        let mut agent = Agent::start_kubernetes(&self.lab, &self.dir, &kubeconfig, &args);
+        agent.wait_ready();
+        agent
+    }
+
+    /// `tollgate mode ... --kubernetes` with this API server's kubeconfig.
+    fn mode_cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.lab.node))
+            .arg(tollgate_bin())
+            .arg("mode")
+            .args(args)
+            .arg("--kubernetes")
+            .env("KUBECONFIG", self.dir.join("kubeconfig"))
+            .env("USER", "alice")
+            .env_remove("SUDO_USER")
+            .output()
+            .expect("run tollgate mode")
+    }
+}
+
+/// Waits for `f` and returns how long it took; fails after `bound` plus a margin.
+fn within(bound: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    wait_for(bound + Duration::from_secs(3), what, || f().then_some(()));
+    started.elapsed()
+}
+
+fn mode_of(agent: &Agent, pod: &str) -> Option<(String, String)> {
+    let w = agent.workload(pod)?;
+    Some((
+        w["mode"].as_str()?.to_string(),
+        w["mode_source"].as_str()?.to_string(),
+    ))
+}
+
+fn would_drop_in(agent: &Agent, lab: &Lab, from: &Pod, to: &Pod, pod: &str) -> u64 {
+    let [got] = measure(lab, agent, [pod], || {
+        let _ = traffic::udp(
+            from,
+            to.addr(false),
+            5353,
+            2,
+            64,
+            Duration::from_millis(400),
+        );
+    });
+    got[1] + got[2]
+}
+
+#[test]
+fn the_kubernetes_source_attaches_this_nodes_pods_and_follows_every_change() {
+    let shop = shop("kube-follow");
+    let agent = shop.start(&[]);
+    let status = agent.status();
+    assert!(agent.workload("web-0").is_some(), "{status:#}");
+    assert!(agent.workload("client-0").is_some(), "{status:#}");
+    assert!(
+        agent.workload("far-0").is_none(),
+        "a pod of node-2 is not attached here even with a local interface: {status:#}"
+    );
+
+    // The policy (only client may reach web) is in force: client is allowed, far (known
+    // through the API, on another node) would be dropped.
+    let [web_got] = measure(&shop.lab, &agent, ["web-0"], || {
+        let r = traffic::udp(&shop.client, shop.web.addr(false), 5353, 3, 64, PATIENT);
+        assert_eq!(r.echoed, 3);
+        let r = traffic::udp(&shop.far, shop.web.addr(false), 5353, 2, 64, PATIENT);
+        assert_eq!(r.echoed, 2, "log mode lets would-drops pass");
+    });
+    assert_eq!(web_got[0], 3, "ingress allowed: {web_got:?}");
+    assert_eq!(web_got[1], 2, "ingress would_drop: {web_got:?}");
+
+    // A namespace annotation: drop mode within the bound.
+    let took = {
+        shop.api.apply_yaml(&cluster::namespace(
+            "shop",
+            "{team: shop}",
+            "{tollgate.io/mode: drop}",
+        ));
+        within(CHANGE_BOUND, "the namespace annotation applied", || {
+            mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "drop" && s == "namespace")
+        })
+    };
+    assert!(took <= CHANGE_BOUND, "annotation took {took:?}");
+    assert_eq!(
+        would_drop_in(&agent, &shop.lab, &shop.far, &shop.web, "web-0"),
+        2
+    );
+
+    // A policy change: web closed to everyone.
+    shop.api.delete("NetworkPolicy", "shop", "web-from-client");
+    shop.api
+        .apply_yaml(&ALLOW_CLIENT.replace("app: client", "app: nobody"));
+    let took = within(CHANGE_BOUND, "the policy change applied", || {
+        traffic::udp(
+            &shop.client,
+            shop.web.addr(false),
+            5353,
+            1,
+            64,
+            Duration::from_millis(150),
+        )
+        .echoed
+            == 0
+    });
+    assert!(took <= CHANGE_BOUND, "policy took {took:?}");
+
+    // A cluster ModeOverride written by the CLI: every pod of workload shop/web-0.
+    let out = shop.mode_cli(&["set", "shop/web-0", "log", "--reason", "INC-42 rollback"]);
+    assert!(out.status.success(), "{out:?}");
+    let overrides = shop.api.list("ModeOverride");
+    assert_eq!(overrides.len(), 1, "{overrides:#?}");
+    assert_eq!(overrides[0]["spec"]["target"], "shop/web-0");
+    assert_eq!(overrides[0]["spec"]["mode"], "log");
+    let took = within(CHANGE_BOUND, "the ModeOverride applied", || {
+        mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "log" && s == "cluster-override")
+    });
+    assert!(took <= CHANGE_BOUND, "ModeOverride took {took:?}");
+    // Setting the same target again updates the same object.
+    let out = shop.mode_cli(&["set", "shop/web-0", "drop"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(shop.api.list("ModeOverride").len(), 1);
+    within(CHANGE_BOUND, "the updated ModeOverride applied", || {
+        mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "drop" && s == "cluster-override")
+    });
+    let out = shop.mode_cli(&["clear", "shop/web-0"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(shop.api.list("ModeOverride").is_empty());
+    within(CHANGE_BOUND, "the cleared ModeOverride gone", || {
+        mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "drop" && s == "namespace")
+    });
+    let out = shop.mode_cli(&["clear", "shop/web-0"]);
+    assert_eq!(out.status.code(), Some(1), "nothing left to clear: {out:?}");
+    // Every change is in the agent's audit log, and the CLI's writes are Events.
+    let audit = std::fs::read_to_string(agent.dir.join("state/audit.log")).unwrap();
+    let records: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.iter().any(|r| r["who"]
+            .as_str()
+            .unwrap()
+            .contains("(cluster): INC-42 rollback")
+            && r["new_mode"] == "log"
+            && r["changed"][0][0] == "shop/web-0"),
+        "{audit}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["new_mode"].is_null() && r["old_mode"] == "drop"),
+        "the removal is audited: {audit}"
+    );
+    let reasons: Vec<String> = shop
+        .api
+        .events()
+        .iter()
+        .filter(|e| e["involvedObject"]["kind"] == "ModeOverride")
+        .map(|e| e["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "ModeOverrideSet").count(),
+        2,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| *r == "ModeOverrideCleared")
+            .count(),
+        1,
+        "{reasons:?}"
+    );
+    let web_events = |reason: &str| -> Vec<Value> {
+        shop.api
+            .events()
+            .into_iter()
+            .filter(|e| e["reason"] == reason && e["involvedObject"]["uid"] == shop.web.uid)
+            .collect()
+    };
+    assert!(
+        !web_events("ModeChanged").is_empty(),
+        "web's mode changes are Events on web: {:#?}",
+        shop.api.events()
+    );
+
+    // A pod added through the API is attached within the bound; deleted, detached.
+    let mut lab = shop.lab;
+    let late = lab.add_pod("late");
+    let took = {
+        shop.api.apply_yaml(&cluster::on_node(
+            &cluster::pod(&late, "shop", "late-0", "{app: late}", "{}", &[]),
+            "node-1",
+        ));
+        within(CHANGE_BOUND, "the new pod attached", || {
+            agent.workload("late-0").is_some()
+        })
+    };
+    assert!(took <= CHANGE_BOUND, "new pod took {took:?}");
+    shop.api.delete("Pod", "shop", "late-0");
+    within(CHANGE_BOUND, "the deleted pod detached", || {
+        agent.workload("late-0").is_none()
+    });
+    drop(agent);
+}
+
+#[test]
+fn denied_flows_become_deduplicated_events_on_the_pod_whose_policy_denied_them() {
+    let shop = shop("kube-events");
+    let agent = shop.start(&["--log-rate", "100", "--log-burst", "100"]);
+    // Log mode: far -> web would be dropped (web's ingress); 3 rounds of datagrams to the
+    // same port are one Event whose count grows.
+    for _ in 0..3 {
+        let r = traffic::udp(&shop.far, shop.web.addr(false), 5353, 2, 64, PATIENT);
+        assert_eq!(r.echoed, 2);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let event = wait_for(
+        Duration::from_secs(10),
+        "a PacketWouldDrop Event with a count",
+        || {
+            let events: Vec<Value> = shop
+                .api
+                .events()
+                .into_iter()
+                .filter(|e| e["reason"] == "PacketWouldDrop")
+                .collect();
+            (events.len() == 1 && events[0]["count"].as_u64().unwrap_or(0) >= 2)
+                .then(|| events[0].clone())
+        },
+    );
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["involvedObject"]["kind"], "Pod");
+    assert_eq!(event["involvedObject"]["name"], "web-0");
+    assert_eq!(event["involvedObject"]["namespace"], "shop");
+    assert_eq!(event["involvedObject"]["uid"], shop.web.uid.as_str());
+    assert_eq!(event["metadata"]["namespace"], "shop");
+    let message = event["message"].as_str().unwrap();
+    for part in [
+        "ingress",
+        "workload shop/far-0",
+        "5353/udp",
+        "mode log",
+        "shop/web-from-client",
+    ] {
+        assert!(message.contains(part), "{part:?} in {message:?}");
+    }
+    // Another port is another Event; the egress side is the source's (client is not
+    // isolated for egress: nothing there).
+    let r = traffic::udp(
+        &shop.far,
+        shop.web.addr(false),
+        8080,
+        1,
+        64,
+        Duration::from_millis(300),
+    );
+    assert_eq!(r.echoed, 0, "nothing listens on 8080/udp");
+    wait_for(
+        Duration::from_secs(10),
+        "a second Event for port 8080",
+        || {
+            let events: Vec<Value> = shop
+                .api
+                .events()
+                .into_iter()
+                .filter(|e| e["reason"] == "PacketWouldDrop")
+                .collect();
+            (events.len() == 2).then_some(())
+        },
+    );
+    let metrics = agent.metrics_text();
+    assert!(
+        sample(
+            &metrics,
+            "tollgate_kube_events_total",
+            &[("outcome", "created")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "tollgate_kube_events_total",
+            &[("outcome", "failed")]
+        ),
+        Some(0.0)
+    );
+    drop(agent);
+}
+
+#[test]
+fn the_api_server_going_away_keeps_the_last_state_enforced_and_recovery_applies_what_changed() {
+    let shop = shop("kube-outage");
+    shop.api.apply_yaml(&cluster::namespace(
+        "shop",
+        "{team: shop}",
+        "{tollgate.io/mode: drop}",
+    ));
+    let agent = shop.start(&[]);
+    let ready = |agent: &Agent| agent.http("/readyz").map(|(c, _)| c) == Some(200);
+    let degraded_metric = |agent: &Agent| {
+        sample(&agent.metrics_text(), "tollgate_source_degraded", &[]).unwrap_or(-1.0)
+    };
+    assert!(ready(&agent));
+    assert_eq!(degraded_metric(&agent), 0.0);
+    let far_blocked = || {
+        traffic::udp(
+            &shop.far,
+            shop.web.addr(false),
+            5353,
+            1,
+            64,
+            Duration::from_millis(300),
+        )
+        .echoed
+            == 0
+    };
+    assert!(far_blocked(), "drop mode before the outage");
+
+    for health in [Health::Hanging, Health::Refusing] {
+        // 410 first: a compacted history makes every watcher list again.
+        let lists_before = shop
+            .api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=true"))
+            .count();
+        shop.api.compact();
+        wait_for(
+            Duration::from_secs(10),
+            "a relist of pods after 410",
+            || {
+                let lists = shop
+                    .api
+                    .requests()
+                    .iter()
+                    .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=true"))
+                    .count();
+                (lists > lists_before).then_some(())
+            },
+        );
+        within(CHANGE_BOUND, "ready after the relist", || ready(&agent));
+
+        // The API server goes away for 10 s: the last state stays enforced, degraded.
+        shop.api.set_health(health);
+        let started = Instant::now();
+        wait_for(
+            Duration::from_secs(8),
+            "degraded while the API server is away",
+            || {
+                (agent
+                    .http("/readyz")
+                    .is_some_and(|(c, b)| c == 503 && b.contains("degraded"))
+                    && degraded_metric(&agent) == 1.0)
+                    .then_some(())
+            },
+        );
+        assert!(far_blocked(), "{health:?}: still enforced");
+        assert!(
+            agent.workload("web-0").is_some(),
+            "{health:?}: still attached"
+        );
+        // Meanwhile the cluster changes: far is allowed too.
+        shop.api.apply_yaml(
+            &ALLOW_CLIENT
+                .replace("web-from-client", "web-from-far")
+                .replace("app: client", "app: far"),
+        );
+        let left = Duration::from_secs(10).saturating_sub(started.elapsed());
+        std::thread::sleep(left);
+        assert!(far_blocked(), "{health:?}: nothing seen while away");
+        shop.api.set_health(Health::Up);
+        within(
+            Duration::from_secs(8),
+            "recovered and applied what changed",
+            || ready(&agent) && !far_blocked(),
+        );
+        assert_eq!(degraded_metric(&agent), 0.0);
+        shop.api.delete("NetworkPolicy", "shop", "web-from-far");
+        within(CHANGE_BOUND, "watching again after recovery", || {
+            far_blocked()
+        });
+    }
+    drop(agent);
+}
+
+#[test]
+fn an_empty_relist_is_not_believed_and_nothing_is_detached() {
+    let shop = shop("kube-empty");
+    let agent = shop.start(&[]);
+    assert!(agent.workload("web-0").is_some());
+    shop.api.lose_all("Pod");
+    wait_for(
+        Duration::from_secs(10),
+        "degraded on an empty pod list",
+        || {
+            agent
+                .http("/readyz")
+                .is_some_and(|(c, b)| c == 503 && b.contains("listed no Pods"))
+                .then_some(())
+        },
+    );
+    assert!(agent.workload("web-0").is_some(), "still attached");
+    assert!(agent.workload("client-0").is_some(), "still attached");
+    drop(agent);
+}
