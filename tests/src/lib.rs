@@ -14,6 +14,7 @@ pub mod bench_control;
 pub mod bench_net;
 pub mod cluster;
 pub mod conformance;
+pub mod deploy;
 pub mod frames;
 pub mod kube_proxy;
 pub mod packets;
