@@ -38,6 +38,8 @@ pub struct Agent {
     args: Vec<String>,
     /// `--kubernetes` with this kubeconfig instead of `--cluster-state`.
     kubeconfig: Option<PathBuf>,
+    /// A command the agent runs under, inside the node namespace (`setpriv ...`).
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -56,6 +58,7 @@ impl Agent {
             bpffs: lab.pin_dir.clone(),
             args: extra.iter().map(|s| s.to_string()).collect(),
             kubeconfig: None,
+            wrapper: Vec::new(),
         };
         agent.spawn();
         agent
@@ -64,6 +67,18 @@ impl Agent {
     /// Starts the agent in the lab's node namespace with `--kubernetes`, reading the API
     /// server of `kubeconfig` (and `--node-name node-1` unless `extra` names another).
     pub fn start_kubernetes(lab: &Lab, dir: &Path, kubeconfig: &Path, extra: &[&str]) -> Agent {
+        Agent::start_kubernetes_under(lab, dir, kubeconfig, extra, &[])
+    }
+
+    /// `start_kubernetes`, the agent running under `wrapper` (e.g. `setpriv` with the
+    /// DaemonSet's capabilities).
+    pub fn start_kubernetes_under(
+        lab: &Lab,
+        dir: &Path,
+        kubeconfig: &Path,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if !args.iter().any(|a| a == "--node-name") {
@@ -80,6 +95,7 @@ impl Agent {
             bpffs: lab.pin_dir.clone(),
             args,
             kubeconfig: Some(kubeconfig.into()),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn();
         agent
@@ -89,6 +105,7 @@ impl Agent {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net=/run/netns/{}", self.node))
+            .args(&self.wrapper)
             .arg(tollgate_bin())
             .arg("run");
         match &self.kubeconfig {
@@ -215,6 +232,11 @@ impl Agent {
     }
 
     /// Starts the agent again with the same options.
+    /// The agent's process id (nsenter and a wrapper exec it: the child is the agent).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill first");
         self.spawn();

@@ -119,6 +119,8 @@ struct State {
     /// Request lines seen (`GET /api/v1/pods?...`).
     requests: Vec<String>,
     next_uid: u64,
+    /// Kinds answered with 404 (a CRD not installed).
+    unserved: Vec<&'static str>,
 }
 
 struct Inner {
@@ -145,6 +147,7 @@ impl ApiServer {
                 cut: 0,
                 requests: Vec::new(),
                 next_uid: 1,
+                unserved: Vec::new(),
             }),
             changed: Condvar::new(),
         });
@@ -297,6 +300,12 @@ impl ApiServer {
         s.changes.clear();
         s.cut += 1;
         self.inner.changed.notify_all();
+    }
+
+    /// Stops serving a kind (404), as when its CRD is not installed.
+    pub fn unserve(&self, kind: &str) {
+        let c = collection_of_kind(kind).expect("a served kind");
+        self.inner.state.lock().unwrap().unserved.push(c.kind);
     }
 
     /// Goes down or comes back.
@@ -530,6 +539,18 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
         );
         return;
     };
+    if inner.state.lock().unwrap().unserved.contains(&c.kind) {
+        respond(
+            &mut stream,
+            404,
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
+        return;
+    }
     let name = req.path[c.path.len()..].trim_start_matches('/').to_string();
     match (req.method.as_str(), name.is_empty()) {
         ("GET", true)

@@ -487,3 +487,120 @@ fn an_empty_relist_is_not_believed_and_nothing_is_detached() {
     assert!(agent.workload("client-0").is_some(), "still attached");
     drop(agent);
 }
+
+/// The capabilities the DaemonSet adds (deploy/daemonset.yaml), lowercased for setpriv.
+fn daemonset_capabilities() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("deploy/daemonset.yaml")).unwrap();
+    let ds: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    let sc = &container["securityContext"];
+    assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    sc["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_lowercase())
+        .collect()
+}
+
+#[test]
+fn the_daemonsets_capabilities_are_all_the_agent_needs() {
+    let caps = daemonset_capabilities();
+    assert!(!caps.is_empty());
+    // As the container runtime runs it: uid 0 with only these capabilities (bounding set,
+    // hence effective and permitted), no new privileges.
+    let bounding = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let wrapper = [
+        "setpriv",
+        "--no-new-privs",
+        "--bounding-set",
+        &bounding,
+        "--inh-caps=-all",
+    ];
+    let shop = shop("kube-caps");
+    shop.api.apply_yaml(&cluster::namespace(
+        "shop",
+        "{team: shop}",
+        "{tollgate.io/mode: drop}",
+    ));
+    let kubeconfig = shop.api.kubeconfig(&shop.dir);
+    let mut agent = Agent::start_kubernetes_under(
+        &shop.lab,
+        &shop.dir,
+        &kubeconfig,
+        &["--cgroup-root", shop.lab.cgroup_dir.to_str().unwrap()],
+        &wrapper,
+    );
+    agent.wait_ready();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid().expect("running")))
+        .unwrap_or_default();
+    let bit = |name: &str| match name {
+        "net_admin" => 12,
+        "sys_admin" => 21,
+        "perfmon" => 38,
+        "bpf" => 39,
+        other => panic!("capability {other} has no bit here; add it"),
+    };
+    let mask: u64 = caps.iter().map(|c| 1u64 << bit(c)).sum();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or_default();
+    assert_eq!(
+        effective,
+        format!("{mask:016x}"),
+        "the agent runs with exactly the DaemonSet's capabilities"
+    );
+    // Attached, enforcing and counting with only those capabilities.
+    assert!(agent.workload("web-0").is_some());
+    let [web_got] = measure(&shop.lab, &agent, ["web-0"], || {
+        let r = traffic::udp(&shop.client, shop.web.addr(false), 5353, 2, 64, PATIENT);
+        assert_eq!(r.echoed, 2);
+        let r = traffic::udp(
+            &shop.far,
+            shop.web.addr(false),
+            5353,
+            2,
+            64,
+            Duration::from_millis(300),
+        );
+        assert_eq!(r.echoed, 0, "dropped");
+    });
+    assert_eq!(web_got[0], 2, "{web_got:?}");
+    assert_eq!(web_got[2], 2, "{web_got:?}");
+    // A restart adopts the pins with the same capabilities.
+    assert!(agent.stop().success(), "{}", agent.log());
+    agent.restart();
+    assert!(agent.workload("web-0").is_some());
+    assert!(
+        !agent.log().contains("Operation not permitted"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn a_missing_mode_override_crd_is_a_warning_not_an_outage() {
+    let shop = shop("kube-nocrd");
+    shop.api.unserve("ModeOverride");
+    let agent = shop.start(&[]);
+    assert!(agent.workload("web-0").is_some());
+    let status = agent.status();
+    assert!(
+        status["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("does not serve ModeOverrides")),
+        "{status:#}"
+    );
+    assert_eq!(agent.http("/readyz").map(|(c, _)| c), Some(200));
+}

@@ -72,6 +72,8 @@ enum Update {
     InitApply(ObjectKey, Converted),
     InitDone(Kind),
     Failed(Kind, String),
+    /// The API server does not serve the kind (404: Tollgate's CRD not installed).
+    NotServed(Kind, String),
 }
 
 /// Reads the cluster through the API server.
@@ -88,6 +90,8 @@ pub struct KubeSource {
     synced: BTreeSet<Kind>,
     /// Kinds whose watch failed since their last event: why, and since when.
     failing: BTreeMap<Kind, (String, Instant)>,
+    /// Kinds the API server does not serve (a CRD not installed).
+    not_served: BTreeSet<Kind>,
     /// Kinds whose latest complete list was not believed.
     distrusted: BTreeMap<Kind, String>,
     probe: Arc<Probe>,
@@ -130,6 +134,7 @@ impl KubeSource {
             synced: BTreeSet::new(),
             failing: BTreeMap::new(),
             distrusted: BTreeMap::new(),
+            not_served: BTreeSet::new(),
             probe,
             recoveries_seen: 0,
             probe_task,
@@ -287,10 +292,24 @@ impl Source for KubeSource {
                         .push((key, converted));
                 }
                 Update::InitDone(kind) => {
+                    self.not_served.remove(&kind);
                     let items = self.listing.remove(&kind).unwrap_or_default();
                     self.failing.remove(&kind);
                     self.synced.insert(kind);
                     changed |= self.replace_kind(kind, items);
+                }
+                Update::NotServed(kind, why) => {
+                    // Tollgate's own CRD missing: nothing of that kind exists, and everything
+                    // else goes on (the watcher keeps retrying, so installing it later works).
+                    if self.not_served.insert(kind) {
+                        warn!(
+                            kind = kind.as_str(),
+                            why, "not served by the API server (CRD not installed?)"
+                        );
+                    }
+                    self.failing.remove(&kind);
+                    self.synced.insert(kind);
+                    changed |= self.replace_kind(kind, Vec::new());
                 }
                 Update::Failed(kind, why) => {
                     // A list that broke off is started again from scratch by the watcher.
@@ -306,6 +325,12 @@ impl Source for KubeSource {
         }
         self.errors = self.store.errors().cloned().collect();
         self.warnings = self.store.warnings();
+        for kind in &self.not_served {
+            self.warnings.push(format!(
+                "the API server does not serve {}s (kubectl apply -k deploy/ installs the CRD); there are none",
+                kind.as_str()
+            ));
+        }
         let new_errors: Vec<ObjectError> = self
             .errors
             .iter()
@@ -387,6 +412,11 @@ async fn watch<K>(
             Ok(watcher::Event::Init) => Update::Init(kind),
             Ok(watcher::Event::InitApply(o)) => Update::InitApply(key(&o), convert(&o)),
             Ok(watcher::Event::InitDone) => Update::InitDone(kind),
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.code == 404 && kind == Kind::ModeOverride =>
+            {
+                Update::NotServed(kind, status.message.clone())
+            }
             Err(e) => {
                 warn!(kind = kind.as_str(), error = %e, "watch failed; retrying");
                 Update::Failed(kind, e.to_string())
@@ -405,6 +435,9 @@ async fn run_probe(client: Client, probe: Arc<Probe>) {
         tick.tick().await;
         let failure = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
             Ok(Ok(_)) => None,
+            // An answer, even an error status (a server that does not serve /version, or
+            // forbids it), is an API server that answers.
+            Ok(Err(kube::Error::Api(_))) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!("no answer in {}s", PROBE_TIMEOUT.as_secs())),
         };
