@@ -712,6 +712,41 @@ fn agent_cpu_ticks(agent: &Agent) -> u64 {
             .unwrap_or(0)
 }
 
+/// Runs a PromQL query against the lab's Prometheus (127.0.0.1:19090 in `node`); the JSON
+/// answer.
+fn prometheus_query(node: &str, q: &str) -> Option<serde_json::Value> {
+    let node = node.to_string();
+    let q = q.to_string();
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let _g = tollgate_tests::NetNsGuard::enter(&node);
+        let mut s = std::net::TcpStream::connect("127.0.0.1:19090").ok()?;
+        let enc: String = q
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        write!(
+            s,
+            "GET /api/v1/query?query={enc} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let body = text.split_once("\r\n\r\n")?.1;
+        let start = body.find('{')?;
+        serde_json::from_str(body[start..].trim_end_matches(|c: char| c != '}')).ok()
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
 #[test]
 fn prometheus_scrapes_what_the_traffic_was() {
     let bank = bank("agent-prometheus");
@@ -763,39 +798,12 @@ fn prometheus_scrapes_what_the_traffic_was() {
         .stderr(std::fs::File::create(prom_dir.join("prometheus.log")).unwrap())
         .spawn()
         .expect("run prometheus (Debian package prometheus)");
+    let node = bank.lab.node.clone();
     let query = |q: &str| -> Option<f64> {
-        let node = bank.lab.node.clone();
-        let q = q.to_string();
-        std::thread::spawn(move || {
-            use std::io::{Read as _, Write as _};
-            let _g = tollgate_tests::NetNsGuard::enter(&node);
-            let mut s = std::net::TcpStream::connect("127.0.0.1:19090").ok()?;
-            let enc: String = q
-                .bytes()
-                .map(|b| {
-                    if b.is_ascii_alphanumeric() {
-                        (b as char).to_string()
-                    } else {
-                        format!("%{b:02X}")
-                    }
-                })
-                .collect();
-            write!(
-                s,
-                "GET /api/v1/query?query={enc} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            let body = text.split_once("\r\n\r\n")?.1;
-            let start = body.find('{')?;
-            let v: serde_json::Value =
-                serde_json::from_str(body[start..].trim_end_matches(|c: char| c != '}')).ok()?;
-            v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-        })
-        .join()
-        .ok()
-        .flatten()
+        prometheus_query(&node, q)?["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let ledger = format!("namespace=\"bank\",pod=\"{LEDGER_POD}\"");
@@ -818,6 +826,21 @@ fn prometheus_scrapes_what_the_traffic_was() {
                 || query(&q),
             );
             assert_eq!(got, expected, "{q}");
+        }
+        // Every query of the Grafana dashboard returns data from a real agent's metrics.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let queries = tollgate_tests::deploy::dashboard_queries(&root);
+        assert!(queries.len() >= 10, "{queries:?}");
+        for q in queries {
+            wait_for(
+                Duration::from_secs(30),
+                &format!("the dashboard query {q} returns data"),
+                || {
+                    let answer = prometheus_query(&node, &q)?;
+                    assert_eq!(answer["status"], "success", "{q}: {answer}");
+                    (!answer["data"]["result"].as_array()?.is_empty()).then_some(())
+                },
+            );
         }
     }));
     let _ = prom.kill();
