@@ -168,8 +168,9 @@ pub struct RunArgs {
     /// tollgate_flow_series_overflow_total.
     #[arg(long, default_value_t = 10000)]
     pub max_flow_series: usize,
-    /// Detach every program and remove the pins when the agent stops.
-    #[arg(long)]
+    /// Detach every program and remove the pins when the agent stops (uninstall:
+    /// `kubectl set env daemonset/tollgate TOLLGATE_DETACH_ON_EXIT=true` before deleting it).
+    #[arg(long, env = "TOLLGATE_DETACH_ON_EXIT")]
     pub detach_on_exit: bool,
     /// Remove pins and programs left by an earlier agent before starting (needed after an
     /// upgrade that changed the map layout; enforcement lapses until workloads re-attach).

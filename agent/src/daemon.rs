@@ -145,6 +145,11 @@ fn reset_state(bpffs: &std::path::Path) -> anyhow::Result<()> {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    // glibc gives each thread that allocates its own arena; with the controller, the
+    // watchers, the observer and the servers on different threads, freed memory would stay
+    // scattered over many arenas. Two are plenty for an agent that must stay small.
+    // SAFETY: mallopt with a valid parameter, before the agent's threads allocate much.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     std::fs::create_dir_all(&options.state_dir)
         .with_context(|| format!("create state directory {}", options.state_dir.display()))?;
     if options.reset_state {

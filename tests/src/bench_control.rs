@@ -38,6 +38,9 @@ pub struct BankCluster {
     local_cgroups: Vec<PathBuf>,
     /// The cgroup v2 root the kubepods hierarchy of the local pods is under.
     pub cgroup_root: PathBuf,
+    /// One Service per service (ClusterIP, port 80 to the pods' `http`) with its
+    /// EndpointSlice, as the EndpointSlice controller writes it.
+    pub services_yaml: String,
 }
 
 fn service_ns(s: usize) -> String {
@@ -104,7 +107,9 @@ impl BankCluster {
         let mut local_cgroups = Vec::new();
         let mut pod_files = vec![String::new(); 20];
         let mut pod = 0usize;
+        let mut services_yaml = String::new();
         for s in 0..SERVICES {
+            let mut endpoints = String::new();
             let replicas = if s < PODS % SERVICES {
                 PODS / SERVICES + 1
             } else {
@@ -132,8 +137,23 @@ impl BankCluster {
                     service_name(s)
                 )
                 .unwrap();
+                writeln!(
+                    endpoints,
+                    "  - addresses: [{ip}]\n    conditions: {{ready: true, serving: true, terminating: false}}\n    targetRef: {{kind: Pod, namespace: {ns}, name: {name}, uid: {uid}}}"
+                )
+                .unwrap();
                 pod += 1;
             }
+            let (ns, svc) = (service_ns(s), service_name(s));
+            write!(
+                services_yaml,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  clusterIP: 10.96.{}.{}\n  clusterIPs: [10.96.{}.{}]\n  selector: {{app: {svc}}}\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: http}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-x7k2p\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {svc}, endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{endpoints}",
+                s / 250,
+                s % 250 + 1,
+                s / 250,
+                s % 250 + 1,
+            )
+            .unwrap();
         }
         for (i, text) in pod_files.into_iter().enumerate() {
             files.push((format!("pods-{i:02}.yaml"), text));
@@ -153,6 +173,7 @@ impl BankCluster {
             local,
             local_cgroups,
             cgroup_root: cgroup_root.into(),
+            services_yaml,
         }
     }
 
@@ -446,6 +467,60 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     ));
     agent.stop();
     drop(agent);
+
+    // The agent on the Kubernetes source: the same cluster and its 1,500 Services with their
+    // EndpointSlices, served through the API server stand-in (paged lists, watches).
+    let api = crate::apiserver::ApiServer::start(&lab.node);
+    for (_, text) in &cluster.files {
+        api.apply_yaml(text);
+    }
+    api.apply_yaml(&cluster.services_yaml);
+    let kube_dir = dir.join("agent-kube");
+    std::fs::create_dir_all(&kube_dir).unwrap();
+    let kubeconfig = api.kubeconfig(&kube_dir);
+    let started = Instant::now();
+    let mut agent = Agent::start_kubernetes(
+        &lab,
+        &kube_dir,
+        &kubeconfig,
+        &[
+            "--detach-on-exit",
+            "--node-name",
+            "lab-node",
+            "--cgroup-root",
+            cluster.cgroup_root.to_str().expect("utf-8 path"),
+        ],
+    );
+    crate::wait_for(
+        Duration::from_secs(120),
+        "250 workloads in the agent (--kubernetes)",
+        || {
+            let m = agent.http("/metrics")?.1;
+            (crate::agent::sample(&m, "tollgate_workloads", &[]) == Some(LOCAL_PODS as f64))
+                .then_some(())
+        },
+    );
+    let first_sync = ms(started.elapsed());
+    agent.wait_ready();
+    // Settled: a few scrapes and polls later.
+    for _ in 0..5 {
+        agent.metrics_text();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rss = agent_rss_kib(&agent) as f64 / 1024.0;
+    out.push(figure(
+        "agent --kubernetes: start to 250 workloads attached (lists of 20,000 pods, 1,500 Services)",
+        "ms",
+        vec![first_sync],
+    ));
+    out.push(figure(
+        "agent --kubernetes: resident memory with 250 workloads, 20,000 pods and 1,500 Services known",
+        "MiB",
+        vec![rss],
+    ));
+    agent.stop();
+    drop(agent);
+    drop(api);
     cluster.remove_cgroups();
     let _ = std::fs::remove_dir_all(&dir);
     out

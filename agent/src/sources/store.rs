@@ -262,3 +262,61 @@ fn warning_of(object: &Object) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_key(name: &str) -> ObjectKey {
+        ObjectKey {
+            kind: Kind::Pod,
+            namespace: "bank".into(),
+            name: name.into(),
+        }
+    }
+
+    fn pod(name: &str, mode: Option<&str>) -> Object {
+        Object::Pod(PodInfo {
+            namespace: "bank".into(),
+            name: name.into(),
+            annotations: mode
+                .map(|m| {
+                    [(
+                        crate::compile::model::MODE_ANNOTATION.to_string(),
+                        m.to_string(),
+                    )]
+                    .into()
+                })
+                .unwrap_or_default(),
+            ..PodInfo::default()
+        })
+    }
+
+    #[test]
+    fn a_rejected_update_keeps_the_last_good_version() {
+        let mut store = Store::default();
+        assert!(store.insert(pod_key("a"), pod("a", None)));
+        let version = store.state().pods_version;
+        assert!(
+            !store.insert(pod_key("a"), pod("a", None)),
+            "same object: no change"
+        );
+        assert_eq!(store.state().pods_version, version);
+        let e = store.reject(pod_key("a"), "kubernetes".into(), "bad".into());
+        assert!(e.kept_last_good);
+        assert!(store.contains(&pod_key("a")));
+        assert_eq!(store.errors().count(), 1);
+        // A new object that is rejected has no last good version.
+        let e = store.reject(pod_key("b"), "kubernetes".into(), "bad".into());
+        assert!(!e.kept_last_good);
+        assert!(!store.contains(&pod_key("b")));
+        // A good version clears the error; removal clears everything about the object.
+        store.insert(pod_key("a"), pod("a", Some("sideways")));
+        assert_eq!(store.errors().count(), 1, "only b's error is left");
+        assert_eq!(store.warnings().len(), 1, "{:?}", store.warnings());
+        assert!(store.remove(&pod_key("a")));
+        assert!(store.warnings().is_empty());
+        assert_ne!(store.state().pods_version, version);
+        assert_eq!(store.keys(Kind::Pod), vec![]);
+    }
+}
