@@ -480,7 +480,7 @@ impl Reconciler {
         let mut unchanged: Vec<PodKey> = Vec::new();
         for (key, point) in &local {
             let pod_policy = &compiled.pods[key];
-            let policy = pod_policy.workload_policy();
+            let policy = WorkloadPolicy::from(pod_policy);
             let slot = match self.workloads.get(key) {
                 Some(w) => w.slot,
                 None => {

@@ -231,12 +231,25 @@ impl Agent {
         c.wait().expect("wait")
     }
 
-    /// Starts the agent again with the same options.
     /// The agent's process id (nsenter and a wrapper exec it: the child is the agent).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Waits up to `timeout` for the agent to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Starts the agent again with the same options.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill first");
         self.spawn();

@@ -604,3 +604,54 @@ fn a_missing_mode_override_crd_is_a_warning_not_an_outage() {
     );
     assert_eq!(agent.http("/readyz").map(|(c, _)| c), Some(200));
 }
+
+#[test]
+fn a_task_of_the_agent_that_dies_makes_it_exit_non_zero_and_leaves_enforcement_in_place() {
+    let shop = shop("kube-dies");
+    shop.api.apply_yaml(&cluster::namespace(
+        "shop",
+        "{team: shop}",
+        "{tollgate.io/mode: drop}",
+    ));
+    let mut agent = shop.start(&[]);
+    assert!(agent.workload("web-0").is_some());
+    // Take the metrics port away: a restarted agent cannot serve it, and must not run on as
+    // a silent "ready" without metrics and probes.
+    assert!(agent.stop().success());
+    let node = shop.lab.node.clone();
+    let blocker = std::thread::spawn(move || {
+        let _ns = tollgate_tests::NetNsGuard::enter(&node);
+        std::net::TcpListener::bind("127.0.0.1:9402").expect("hold the metrics port")
+    })
+    .join()
+    .unwrap();
+    let kubeconfig = shop.dir.join("kubeconfig");
+    let mut agent = Agent::start_kubernetes(
+        &shop.lab,
+        &shop.dir,
+        &kubeconfig,
+        &["--cgroup-root", shop.lab.cgroup_dir.to_str().unwrap()],
+    );
+    let status = agent
+        .wait_exit(Duration::from_secs(20))
+        .expect("the agent exits when its metrics server cannot run");
+    assert_eq!(status.code(), Some(1), "{}", agent.log());
+    assert!(
+        agent.log().contains("metrics server stopped"),
+        "{}",
+        agent.log()
+    );
+    drop(blocker);
+    // The programs stayed attached: far is still dropped with no agent running.
+    let r = traffic::udp(
+        &shop.far,
+        shop.web.addr(false),
+        5353,
+        1,
+        64,
+        Duration::from_millis(300),
+    );
+    assert_eq!(r.echoed, 0, "still enforced");
+    let r = traffic::udp(&shop.client, shop.web.addr(false), 5353, 1, 64, PATIENT);
+    assert_eq!(r.echoed, 1, "still allowed");
+}

@@ -9,13 +9,13 @@ use agent_common::{
 };
 use ipnet::IpNet;
 
+use super::rules::addr_bytes;
 use super::{
     model::{ClusterState, NamedPort, Protocol},
     policy::{Compiled, NodeAddresses, PodKey},
     rules::{AllowRule, CidrSetIds, RuleError, RulesetEntries, compile_ruleset},
     services::Frontend,
 };
-use crate::maps::addr_bytes;
 
 /// A decision on one side of a flow.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,12 +13,12 @@ use std::{
 use agent_common::IDENTITY_FIRST_WORKLOAD;
 use ipnet::IpNet;
 
+use super::model::{MODE_ANNOTATION, WorkloadAddresses};
 use super::{
     model::{ClusterState, Labels, Mode, PeerSpec, PodInfo, Policy, PortRef, PortSpec, RuleSpec},
     rules::{AllowRule, Peer, PortMatch},
     services::{self, Backend, Frontend, ServiceIdentities},
 };
-use crate::{compile::model::MODE_ANNOTATION, maps::WorkloadAddresses};
 
 /// (namespace, name) of a pod.
 pub type PodKey = (String, String);
@@ -59,7 +59,8 @@ impl IdentityAllocator {
 pub struct IdentityInfo {
     pub namespace: String,
     pub labels: Labels,
-    pub pods: Vec<PodKey>,
+    /// Its pods with addresses (shared: several maps hold the same identities).
+    pub pods: Arc<Vec<PodKey>>,
 }
 
 /// What policy says about one pod.
@@ -77,21 +78,6 @@ pub struct PodPolicy {
     pub egress_policies: Vec<String>,
     /// The addresses the pod sends from.
     pub addresses: WorkloadAddresses,
-}
-
-impl PodPolicy {
-    /// The datapath's view of it.
-    pub fn workload_policy(&self) -> crate::maps::WorkloadPolicy {
-        crate::maps::WorkloadPolicy {
-            mode: self.mode,
-            isolated_ingress: self.isolated_ingress,
-            isolated_egress: self.isolated_egress,
-            ingress: self.ingress.clone(),
-            egress: self.egress.clone(),
-            services: self.services.clone(),
-            addresses: self.addresses.clone(),
-        }
-    }
 }
 
 /// Whose word a pod's own `tollgate.io/mode` annotation is (`--pod-mode-annotations`). The
@@ -523,25 +509,32 @@ struct IdentityPart {
 
 fn identity_part(state: &ClusterState, allocator: &mut IdentityAllocator) -> IdentityPart {
     let mut pod_identity = BTreeMap::new();
-    let mut identities: BTreeMap<u32, IdentityInfo> = BTreeMap::new();
+    let mut members: BTreeMap<u32, (&PodInfo, Vec<PodKey>)> = BTreeMap::new();
     let mut addresses = BTreeMap::new();
     let mut address_pods = BTreeMap::new();
     for (key, pod) in &state.pods {
         let id = allocator.get(&pod.namespace, &pod.labels);
         pod_identity.insert(key.clone(), id);
-        let info = identities.entry(id).or_insert_with(|| IdentityInfo {
-            namespace: pod.namespace.clone(),
-            labels: pod.labels.clone(),
-            pods: vec![],
-        });
+        let (_, pods) = members.entry(id).or_insert_with(|| (pod, Vec::new()));
         if !pod.ips.is_empty() {
-            info.pods.push(key.clone());
+            pods.push(key.clone());
         }
         for ip in &pod.ips {
             addresses.insert(single_address(*ip), id);
             address_pods.insert(*ip, key.clone());
         }
     }
+    let identities: BTreeMap<u32, IdentityInfo> = members
+        .into_iter()
+        .map(|(id, (first, pods))| {
+            let info = IdentityInfo {
+                namespace: first.namespace.clone(),
+                labels: first.labels.clone(),
+                pods: Arc::new(pods),
+            };
+            (id, info)
+        })
+        .collect();
     allocator.retain(&identities.keys().copied().collect());
     // Identities without addressed pods cannot be peers.
     let peer_identities: BTreeMap<u32, IdentityInfo> = identities

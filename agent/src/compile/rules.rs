@@ -296,6 +296,25 @@ pub fn compile_ruleset(
     Ok(entries)
 }
 
+/// An IP address as the 16-byte field of keys and events (IPv4 in the first four bytes).
+pub fn addr_bytes(ip: std::net::IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match ip {
+        std::net::IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        std::net::IpAddr::V6(v6) => out = v6.octets(),
+    }
+    out
+}
+
+/// The address of a 16-byte key field.
+pub fn addr_from_bytes(family: u8, bytes: &[u8; 16]) -> std::net::IpAddr {
+    if family == agent_common::FAMILY_IPV4 {
+        std::net::IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        std::net::IpAddr::from(*bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

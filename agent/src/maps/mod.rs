@@ -64,19 +64,20 @@ fn mode_code(mode: Mode) -> u32 {
     }
 }
 
-/// The addresses a workload may send from; a packet leaving it from any other is spoofed.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum WorkloadAddresses {
-    /// Its pod IPs (at most one per family is kept: Kubernetes gives no more). With none
-    /// known yet, every packet it sends counts as spoofed.
-    Pod(Vec<IpAddr>),
-    /// A host-network workload: any address of the node.
-    Host,
-}
+pub use crate::compile::model::WorkloadAddresses;
 
-impl Default for WorkloadAddresses {
-    fn default() -> Self {
-        WorkloadAddresses::Pod(Vec::new())
+impl From<&crate::compile::policy::PodPolicy> for WorkloadPolicy {
+    /// The datapath's view of what policy says about a pod.
+    fn from(p: &crate::compile::policy::PodPolicy) -> Self {
+        WorkloadPolicy {
+            mode: p.mode,
+            isolated_ingress: p.isolated_ingress,
+            isolated_egress: p.isolated_egress,
+            ingress: p.ingress.clone(),
+            egress: p.egress.clone(),
+            services: p.services.clone(),
+            addresses: p.addresses.clone(),
+        }
     }
 }
 
@@ -875,24 +876,7 @@ impl DatapathMaps {
     }
 }
 
-/// An IP address as the 16-byte field of keys and events (IPv4 in the first four bytes).
-pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => out = v6.octets(),
-    }
-    out
-}
-
-/// The address of a 16-byte key field.
-pub fn addr_from_bytes(family: u8, bytes: &[u8; 16]) -> IpAddr {
-    if family == agent_common::FAMILY_IPV4 {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    } else {
-        IpAddr::from(*bytes)
-    }
-}
+pub use crate::compile::rules::{addr_bytes, addr_from_bytes};
 
 fn zeroed_config() -> Config {
     Config {

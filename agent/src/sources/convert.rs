@@ -82,7 +82,7 @@ pub fn namespace(ns: &Namespace) -> Result<NamespaceInfo> {
     let annotations = own_annotations(ns.metadata.annotations.as_ref());
     Ok(NamespaceInfo {
         name,
-        labels: ns.metadata.labels.clone().unwrap_or_default(),
+        labels: ns.metadata.labels.clone().unwrap_or_default().into(),
         annotations,
     })
 }
@@ -151,7 +151,7 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
         uid: meta.uid.clone().unwrap_or_default(),
         namespace,
         name,
-        labels,
+        labels: labels.into(),
         annotations,
         ips,
         ports,
