@@ -655,3 +655,67 @@ fn a_task_of_the_agent_that_dies_makes_it_exit_non_zero_and_leaves_enforcement_i
     let r = traffic::udp(&shop.client, shop.web.addr(false), 5353, 1, 64, PATIENT);
     assert_eq!(r.echoed, 1, "still allowed");
 }
+
+#[test]
+fn a_service_created_through_the_api_decides_calls_to_its_cluster_ip_within_two_seconds() {
+    let shop = shop("kube-service");
+    // client may only call web's 5353/udp; kube-proxy already has the ClusterIP's rules, the
+    // agent does not know the Service yet, so the ClusterIP is an address outside the
+    // cluster to it.
+    shop.api.apply_yaml("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client-out, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress: [{to: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5353, protocol: UDP}]}]\n");
+    let vip: IpAddr = "10.96.0.10".parse().unwrap();
+    tollgate_tests::kube_proxy::apply(
+        &shop.lab.node,
+        &[tollgate_tests::kube_proxy::ServicePort {
+            namespace: "shop".into(),
+            service: "web".into(),
+            port_name: "dns".into(),
+            protocol: tollgate_tests::kube_proxy::Proto::Udp,
+            cluster_ip: vip,
+            port: 53,
+            endpoints: vec![(shop.web.addr(false), 5353)],
+        }],
+        "10.1.0.0/24",
+        "fd77:1::/64",
+    );
+    let agent = shop.start(&[]);
+    let call = || {
+        let [client] = measure(&shop.lab, &agent, ["client-0"], || {
+            let r = traffic::udp(&shop.client, vip, 53, 2, 64, PATIENT);
+            assert_eq!(r.echoed, 2, "log mode: the call goes through either way");
+        });
+        client
+    };
+    let before = call();
+    assert_eq!(
+        before[4], 2,
+        "egress would_drop while the Service is unknown: {before:?}"
+    );
+    shop.api.apply_yaml(
+        &(cluster::service(
+            "shop",
+            "web",
+            &[vip],
+            "{app: web}",
+            &[("dns", 53, "UDP", "5353")],
+        ) + &cluster::endpoint_slice(
+            "shop",
+            "web-abcde",
+            "web",
+            &[(shop.web.addr(false), "web-0")],
+            &[("dns", 5353, "UDP")],
+        )),
+    );
+    let took = within(CHANGE_BOUND, "the Service decided by its backends", || {
+        let c = call();
+        c[3] == 2 && c[4] == 0
+    });
+    assert!(took <= CHANGE_BOUND, "Service took {took:?}");
+    let flows = agent.flow_records();
+    assert!(
+        flows
+            .iter()
+            .all(|r| r["dst_service"].is_null() || r["dst_service"] == "shop/web"),
+        "{flows:?}"
+    );
+}
