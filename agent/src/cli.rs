@@ -602,6 +602,22 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
     for d in &status.degraded {
         println!("degraded: {d}");
     }
+    for (target, mode) in &status.overrides {
+        println!("node-local override (break glass): {target} {}", mode.as_str());
+    }
+    for o in &status.cluster_overrides {
+        println!(
+            "ModeOverride {}: {} {}{}",
+            o.name,
+            o.target,
+            o.mode.as_str(),
+            if o.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", o.reason)
+            }
+        );
+    }
     println!(
         "{:<36} {:<7} {:<9} {:<5} {:>20} {:>20} {:>15}",
         "NAMESPACE/POD",
