@@ -603,7 +603,10 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
         println!("degraded: {d}");
     }
     for (target, mode) in &status.overrides {
-        println!("node-local override (break glass): {target} {}", mode.as_str());
+        println!(
+            "node-local override (break glass): {target} {}",
+            mode.as_str()
+        );
     }
     for o in &status.cluster_overrides {
         println!(

@@ -325,6 +325,14 @@ impl ApiServer {
             .unwrap_or_default()
     }
 
+    /// The Events of one reason (`PacketWouldDrop`...).
+    pub fn events_with_reason(&self, reason: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .collect()
+    }
+
     /// An object as the server has it.
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
         let s = self.inner.state.lock().unwrap();
@@ -523,11 +531,13 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
             parts.get(5).map(|s| s.to_string()),
         );
     }
-    let Some(c) = COLLECTIONS
+    // A kind it does not serve (or no longer: a CRD not installed) is not found.
+    let served = COLLECTIONS
         .iter()
         .copied()
         .find(|c| req.path.starts_with(c.path))
-    else {
+        .filter(|c| !inner.state.lock().unwrap().unserved.contains(&c.kind));
+    let Some(c) = served else {
         respond(
             &mut stream,
             404,
@@ -539,18 +549,6 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
         );
         return;
     };
-    if inner.state.lock().unwrap().unserved.contains(&c.kind) {
-        respond(
-            &mut stream,
-            404,
-            &status(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ),
-        );
-        return;
-    }
     let name = req.path[c.path.len()..].trim_start_matches('/').to_string();
     match (req.method.as_str(), name.is_empty()) {
         ("GET", true)

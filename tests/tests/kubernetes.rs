@@ -104,6 +104,11 @@ fn within(bound: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration 
     started.elapsed()
 }
 
+/// Whether one datagram from `from` to `to`'s UDP echo port comes back within `timeout`.
+fn reaches(from: &Pod, to: &Pod, timeout: Duration) -> bool {
+    traffic::udp(from, to.addr(false), 5353, 1, 64, timeout).echoed == 1
+}
+
 fn mode_of(agent: &Agent, pod: &str) -> Option<(String, String)> {
     let w = agent.workload(pod)?;
     Some((
@@ -171,16 +176,7 @@ fn the_kubernetes_source_attaches_this_nodes_pods_and_follows_every_change() {
     shop.api
         .apply_yaml(&ALLOW_CLIENT.replace("app: client", "app: nobody"));
     let took = within(CHANGE_BOUND, "the policy change applied", || {
-        traffic::udp(
-            &shop.client,
-            shop.web.addr(false),
-            5353,
-            1,
-            64,
-            Duration::from_millis(150),
-        )
-        .echoed
-            == 0
+        !reaches(&shop.client, &shop.web, Duration::from_millis(150))
     });
     assert!(took <= CHANGE_BOUND, "policy took {took:?}");
 
@@ -299,12 +295,7 @@ fn denied_flows_become_deduplicated_events_on_the_pod_whose_policy_denied_them()
         Duration::from_secs(10),
         "a PacketWouldDrop Event with a count",
         || {
-            let events: Vec<Value> = shop
-                .api
-                .events()
-                .into_iter()
-                .filter(|e| e["reason"] == "PacketWouldDrop")
-                .collect();
+            let events = shop.api.events_with_reason("PacketWouldDrop");
             (events.len() == 1 && events[0]["count"].as_u64().unwrap_or(0) >= 2)
                 .then(|| events[0].clone())
         },
@@ -325,8 +316,7 @@ fn denied_flows_become_deduplicated_events_on_the_pod_whose_policy_denied_them()
     ] {
         assert!(message.contains(part), "{part:?} in {message:?}");
     }
-    // Another port is another Event; the egress side is the source's (client is not
-    // isolated for egress: nothing there).
+    // Another port is another Event.
     let r = traffic::udp(
         &shop.far,
         shop.web.addr(false),
@@ -339,15 +329,28 @@ fn denied_flows_become_deduplicated_events_on_the_pod_whose_policy_denied_them()
     wait_for(
         Duration::from_secs(10),
         "a second Event for port 8080",
-        || {
-            let events: Vec<Value> = shop
-                .api
-                .events()
-                .into_iter()
-                .filter(|e| e["reason"] == "PacketWouldDrop")
-                .collect();
-            (events.len() == 2).then_some(())
-        },
+        || (shop.api.events_with_reason("PacketWouldDrop").len() == 2).then_some(()),
+    );
+    // Drop mode: PacketDrop on the same pod.
+    shop.api.apply_yaml(&cluster::namespace(
+        "shop",
+        "{team: shop}",
+        "{tollgate.io/mode: drop}",
+    ));
+    within(CHANGE_BOUND, "drop mode", || {
+        mode_of(&agent, "web-0").is_some_and(|(m, _)| m == "drop")
+    });
+    assert!(!reaches(&shop.far, &shop.web, Duration::from_millis(300)));
+    let dropped = wait_for(Duration::from_secs(10), "a PacketDrop Event", || {
+        shop.api.events_with_reason("PacketDrop").first().cloned()
+    });
+    assert_eq!(dropped["involvedObject"]["uid"], shop.web.uid.as_str());
+    assert!(
+        dropped["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Dropped ingress from workload shop/far-0 on 5353/udp (mode drop"),
+        "{dropped}"
     );
     let metrics = agent.metrics_text();
     assert!(
@@ -386,18 +389,7 @@ fn the_api_server_going_away_keeps_the_last_state_enforced_and_recovery_applies_
     };
     assert!(ready(&agent));
     assert_eq!(degraded_metric(&agent), 0.0);
-    let far_blocked = || {
-        traffic::udp(
-            &shop.far,
-            shop.web.addr(false),
-            5353,
-            1,
-            64,
-            Duration::from_millis(300),
-        )
-        .echoed
-            == 0
-    };
+    let far_blocked = || !reaches(&shop.far, &shop.web, Duration::from_millis(300));
     assert!(far_blocked(), "drop mode before the outage");
 
     for health in [Health::Hanging, Health::Refusing] {
@@ -643,17 +635,11 @@ fn a_task_of_the_agent_that_dies_makes_it_exit_non_zero_and_leaves_enforcement_i
     );
     drop(blocker);
     // The programs stayed attached: far is still dropped with no agent running.
-    let r = traffic::udp(
-        &shop.far,
-        shop.web.addr(false),
-        5353,
-        1,
-        64,
-        Duration::from_millis(300),
+    assert!(
+        !reaches(&shop.far, &shop.web, Duration::from_millis(300)),
+        "still enforced"
     );
-    assert_eq!(r.echoed, 0, "still enforced");
-    let r = traffic::udp(&shop.client, shop.web.addr(false), 5353, 1, 64, PATIENT);
-    assert_eq!(r.echoed, 1, "still allowed");
+    assert!(reaches(&shop.client, &shop.web, PATIENT), "still allowed");
 }
 
 #[test]
