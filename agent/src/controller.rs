@@ -193,6 +193,7 @@ impl Controller {
         sync_seconds: prometheus_client::metrics::histogram::Histogram,
         policy_errors: Arc<AtomicU64>,
     ) -> Controller {
+        let cluster_overrides = load_cluster_overrides(&options.state_dir);
         Controller {
             rec,
             source,
@@ -203,7 +204,7 @@ impl Controller {
             last_sync: Instant::now(),
             pending_errors: false,
             reconciled: false,
-            cluster_overrides: BTreeMap::new(),
+            cluster_overrides,
             notices: None,
             source_health: (None, None),
         }
@@ -385,7 +386,10 @@ impl Controller {
                 "cluster mode override"
             );
         }
-        self.cluster_overrides = now.clone();
+        if !touched.is_empty() {
+            self.cluster_overrides = now.clone();
+            save_cluster_overrides(&self.options.state_dir, &self.cluster_overrides);
+        }
         if let Some(tx) = &self.notices {
             for ((ns, pod), old, new, source, uid) in changed_pods {
                 let by = match source {
@@ -628,6 +632,55 @@ impl Controller {
             peers.services.insert(frontend.identity, svc);
         }
         peers
+    }
+}
+
+/// Where the cluster overrides this agent last applied are kept, so a restart audits only
+/// what changed while it was away.
+const CLUSTER_OVERRIDES_FILE: &str = "cluster-overrides.json";
+
+/// (name, target, mode, reason) of each override, as persisted.
+type PersistedOverride = (String, String, Mode, String);
+
+fn load_cluster_overrides(state_dir: &std::path::Path) -> BTreeMap<String, ModeOverrideInfo> {
+    let Ok(text) = std::fs::read_to_string(state_dir.join(CLUSTER_OVERRIDES_FILE)) else {
+        return BTreeMap::new();
+    };
+    let list: Vec<PersistedOverride> = serde_json::from_str(&text).unwrap_or_default();
+    list.into_iter()
+        .filter_map(|(name, target, mode, reason)| {
+            let target = Target::parse(&target).ok()?;
+            Some((
+                name.clone(),
+                ModeOverrideInfo {
+                    name,
+                    target,
+                    mode,
+                    reason,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn save_cluster_overrides(
+    state_dir: &std::path::Path,
+    overrides: &BTreeMap<String, ModeOverrideInfo>,
+) {
+    let list: Vec<PersistedOverride> = overrides
+        .values()
+        .map(|o| {
+            (
+                o.name.clone(),
+                o.target.to_string(),
+                o.mode,
+                o.reason.clone(),
+            )
+        })
+        .collect();
+    let data = serde_json::to_vec(&list).expect("serializable");
+    if let Err(e) = admin::write_atomic(&state_dir.join(CLUSTER_OVERRIDES_FILE), &data) {
+        warn!(error = %e, "could not persist the cluster overrides applied");
     }
 }
 

@@ -322,3 +322,75 @@ fn fnv(bytes: &[u8]) -> u64 {
         (h ^ *b as u64).wrapping_mul(0x100000001b3)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flowlog::Endpoint;
+
+    fn record(direction: &str, verdict: &str) -> FlowRecord {
+        let ep = |ns: &str, pod: &str, wl: &str| Endpoint {
+            namespace: ns.into(),
+            pod: pod.into(),
+            workload: wl.into(),
+        };
+        FlowRecord {
+            time: String::new(),
+            node: "node-1".into(),
+            verdict: verdict.into(),
+            direction: direction.into(),
+            protocol: "tcp".into(),
+            src_ip: "10.1.0.5".into(),
+            src_port: 40000,
+            dst_ip: "203.0.113.9".into(),
+            dst_port: 443,
+            src: Some(ep("bank", "ledger-7d9c-x2x9q", "ledger")),
+            dst: None,
+            mode: if verdict == "dropped" { "drop" } else { "log" }.into(),
+            policies: vec!["bank/ledger-egress".into()],
+            dst_service: None,
+        }
+    }
+
+    #[test]
+    fn a_denied_flow_is_an_event_on_the_pod_whose_policy_denied_it() {
+        let n = Notice::denied(&record("egress", "dropped"), "uid-1").unwrap();
+        assert_eq!(
+            (n.namespace.as_str(), n.pod.as_str()),
+            ("bank", "ledger-7d9c-x2x9q")
+        );
+        assert_eq!(
+            (n.kind, n.reason, n.uid.as_str()),
+            ("Warning", "PacketDrop", "uid-1")
+        );
+        assert_eq!(
+            n.message,
+            "Dropped egress to address 203.0.113.9 on 443/tcp (mode drop; egress isolated by bank/ledger-egress)"
+        );
+        let n = Notice::denied(&record("egress", "would_drop"), "uid-1").unwrap();
+        assert_eq!(n.reason, "PacketWouldDrop");
+        assert!(n.message.starts_with("Would drop egress"), "{}", n.message);
+        assert_eq!(Notice::denied(&record("egress", "allowed"), "uid-1"), None);
+        // Ingress: the destination's Event; a record without it names no pod of ours.
+        assert_eq!(Notice::denied(&record("ingress", "dropped"), "uid-1"), None);
+    }
+
+    #[test]
+    fn the_node_wide_bucket_allows_a_burst_then_the_rate() {
+        let mut bucket = Bucket {
+            tokens: BURST,
+            at: Instant::now(),
+        };
+        let allowed = (0..100).filter(|_| bucket.take()).count();
+        assert!(
+            allowed >= BURST as usize && allowed <= BURST as usize + 1,
+            "{allowed}"
+        );
+        bucket.at -= Duration::from_secs(1);
+        let refilled = (0..100).filter(|_| bucket.take()).count();
+        assert!(
+            refilled >= RATE_PER_SECOND as usize && refilled <= RATE_PER_SECOND as usize + 1,
+            "{refilled}"
+        );
+    }
+}

@@ -121,6 +121,9 @@ struct State {
     next_uid: u64,
     /// Kinds answered with 404 (a CRD not installed).
     unserved: Vec<&'static str>,
+    /// Answer every request for a list's next page (`continue=`) with 500: lists break off
+    /// after their first page.
+    fail_continued: bool,
 }
 
 struct Inner {
@@ -148,6 +151,7 @@ impl ApiServer {
                 requests: Vec::new(),
                 next_uid: 1,
                 unserved: Vec::new(),
+                fail_continued: false,
             }),
             changed: Condvar::new(),
         });
@@ -300,6 +304,11 @@ impl ApiServer {
         s.changes.clear();
         s.cut += 1;
         self.inner.changed.notify_all();
+    }
+
+    /// Makes lists break off after their first page (500 on `continue`), or work again.
+    pub fn fail_continued_lists(&self, fail: bool) {
+        self.inner.state.lock().unwrap().fail_continued = fail;
     }
 
     /// Stops serving a kind (404), as when its CRD is not installed.
@@ -739,6 +748,15 @@ fn events_request(
 
 fn list(inner: &Arc<Inner>, stream: &mut TcpStream, req: &Request, c: Collection) {
     let s = inner.state.lock().unwrap();
+    if s.fail_continued && req.query.contains_key("continue") {
+        drop(s);
+        respond(
+            stream,
+            500,
+            &status(500, "InternalError", "etcdserver: request timed out"),
+        );
+        return;
+    }
     let all: Vec<Value> = s
         .objects
         .get(c.kind)

@@ -580,6 +580,65 @@ fn the_daemonsets_capabilities_are_all_the_agent_needs() {
 }
 
 #[test]
+fn a_list_that_breaks_off_midway_changes_nothing() {
+    let shop = shop("kube-partial");
+    // 600 pods of another node in a namespace listed before shop: a pod list takes two
+    // pages (the watcher asks for 500 at a time), and shop's pods are on the second.
+    let many: String = (0..600)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: filler-{i}, namespace: aaa, labels: {{app: filler}}}}\nspec: {{nodeName: node-2, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.9.{}.{}}}]}}\n",
+                i / 250,
+                i % 250 + 1
+            )
+        })
+        .collect();
+    shop.api.apply_yaml(&many);
+    let agent = shop.start(&[]);
+    assert!(agent.workload("web-0").is_some());
+    let lists = || {
+        shop.api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("continue="))
+            .count()
+    };
+    assert!(lists() >= 1, "the first list took two pages");
+    // Every relist now breaks off after its first page; meanwhile shop's pods go away in a
+    // way only a complete list would show.
+    shop.api.fail_continued_lists(true);
+    shop.api.lose_all("Pod");
+    shop.api.apply_yaml(&many);
+    let before = lists();
+    wait_for(Duration::from_secs(15), "relists that break off", || {
+        (lists() >= before + 2).then_some(())
+    });
+    wait_for(
+        Duration::from_secs(10),
+        "degraded while lists break off",
+        || {
+            agent
+                .http("/readyz")
+                .is_some_and(|(c, b)| c == 503 && b.contains("Pods"))
+                .then_some(())
+        },
+    );
+    assert!(
+        agent.workload("web-0").is_some(),
+        "half a list detached nothing"
+    );
+    assert!(
+        agent.workload("client-0").is_some(),
+        "half a list detached nothing"
+    );
+    // The list completes: now the pods are really gone.
+    shop.api.fail_continued_lists(false);
+    wait_for(Duration::from_secs(20), "the complete list applied", || {
+        agent.workload("web-0").is_none().then_some(())
+    });
+}
+
+#[test]
 fn a_missing_mode_override_crd_is_a_warning_not_an_outage() {
     let shop = shop("kube-nocrd");
     shop.api.unserve("ModeOverride");
