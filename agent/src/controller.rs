@@ -34,6 +34,10 @@ use crate::{
 /// routes and cgroups appear after the pods that use them).
 const RESYNC: Duration = Duration::from_secs(10);
 
+/// After the source signals news, how long the controller waits to let more of a burst
+/// arrive before it syncs (and the least time between two such syncs).
+const WAKE_DELAY: Duration = Duration::from_millis(20);
+
 /// What the controller is asked to do.
 pub enum Command {
     /// Sets (mode `Some`) or clears (`None`) a node-local override.
@@ -43,6 +47,8 @@ pub enum Command {
         who: String,
         reply: oneshot::Sender<Result<ModeChange, String>>,
     },
+    /// The source has news: sync soon (within `WAKE_DELAY`), not at the next poll.
+    Wake,
     /// Stops the controller; with `detach`, takes every program off and removes the pins.
     Shutdown {
         detach: bool,
@@ -181,6 +187,8 @@ pub struct Controller {
     notices: Option<tokio::sync::mpsc::Sender<ModeNotice>>,
     /// The source's (degraded, not ready) reasons at the last sync: a change is published.
     source_health: (Option<String>, Option<String>),
+    /// A wake-up from the source is queued.
+    wake_pending: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Controller {
@@ -207,6 +215,7 @@ impl Controller {
             cluster_overrides,
             notices: None,
             source_health: (None, None),
+            wake_pending: Arc::default(),
         }
     }
 
@@ -215,10 +224,26 @@ impl Controller {
         self.notices = Some(tx);
     }
 
+    /// Makes the source wake the controller through `commands` when it has news, so a
+    /// change reaches the datapath in milliseconds instead of at the next poll. Wake-ups
+    /// coalesce: one is pending at a time.
+    pub fn wake_on_source_changes(&mut self, commands: std::sync::mpsc::Sender<Command>) {
+        let pending = self.wake_pending.clone();
+        let commands = std::sync::Mutex::new(commands);
+        self.source.on_change(Arc::new(move || {
+            if !pending.swap(true, Ordering::AcqRel)
+                && let Ok(tx) = commands.lock()
+            {
+                let _ = tx.send(Command::Wake);
+            }
+        }));
+    }
+
     /// Runs until shut down (or every sender of commands is gone).
     pub fn run(mut self, commands: Receiver<Command>) {
         self.sync(true);
         let mut next_tick = Instant::now() + self.options.poll_interval;
+        let mut last_sync = Instant::now();
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match commands.recv_timeout(wait) {
@@ -236,12 +261,18 @@ impl Controller {
                     let _ = reply.send(self.shutdown(detach));
                     return;
                 }
+                Ok(Command::Wake) => {
+                    next_tick = next_tick.min(last_sync.max(Instant::now()) + WAKE_DELAY);
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             if Instant::now() >= next_tick {
+                // Cleared before the sync: news that arrives during it wakes us again.
+                self.wake_pending.store(false, Ordering::Release);
                 self.sync(false);
-                next_tick = Instant::now() + self.options.poll_interval;
+                last_sync = Instant::now();
+                next_tick = last_sync + self.options.poll_interval;
             }
         }
     }

@@ -255,6 +255,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         _ => (None, None),
     };
     let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+    controller.wake_on_source_changes(commands_tx.clone());
     let controller_task = tokio::task::spawn_blocking(move || controller.run(commands_rx));
 
     let shared = Arc::new(Shared {

@@ -97,11 +97,13 @@ impl Shop {
     }
 }
 
-/// Waits for `f` and returns how long it took; fails after `bound` plus a margin.
+/// Waits for `f` and returns how long it took (printed); fails after `bound` plus a margin.
 fn within(bound: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     wait_for(bound + Duration::from_secs(3), what, || f().then_some(()));
-    started.elapsed()
+    let took = started.elapsed();
+    eprintln!("{what}: {} ms", took.as_millis());
+    took
 }
 
 /// Whether one datagram from `from` to `to`'s UDP echo port comes back within `timeout`.

@@ -100,6 +100,8 @@ pub struct KubeSource {
     errors: Vec<ObjectError>,
     reported: BTreeSet<(Option<ObjectKey>, String)>,
     warnings: Vec<String>,
+    /// What to call when a watcher has handed something over.
+    wake: Arc<std::sync::OnceLock<super::Waker>>,
 }
 
 /// What the probe task last saw.
@@ -122,7 +124,8 @@ impl KubeSource {
     pub fn start(client: Client) -> KubeSource {
         let (tx, rx) = mpsc::channel(4096);
         let probe = Arc::new(Probe::default());
-        let probe_task = tokio::spawn(run_probe(client.clone(), probe.clone()));
+        let wake: Arc<std::sync::OnceLock<super::Waker>> = Arc::default();
+        let probe_task = tokio::spawn(run_probe(client.clone(), probe.clone(), wake.clone()));
         let mut source = KubeSource {
             client,
             tx,
@@ -141,6 +144,7 @@ impl KubeSource {
             errors: Vec::new(),
             reported: BTreeSet::new(),
             warnings: Vec::new(),
+            wake,
         };
         for kind in Kind::ALL {
             source.spawn(kind);
@@ -155,7 +159,10 @@ impl KubeSource {
 
     fn spawn(&mut self, kind: Kind) {
         let client = self.client.clone();
-        let tx = self.tx.clone();
+        let tx = Handover {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+        };
         let task = match kind {
             Kind::Namespace => tokio::spawn(watch::<Namespace>(client, kind, tx, |ns| {
                 convert::namespace(ns).map(|n| Some(Object::Namespace(n)))
@@ -368,6 +375,10 @@ impl Source for KubeSource {
             .then(|| format!("{}; the last known state stays in force", why.join("; ")))
     }
 
+    fn on_change(&mut self, wake: super::Waker) {
+        let _ = self.wake.set(wake);
+    }
+
     fn ready(&self) -> Option<String> {
         let waiting: Vec<&str> = Kind::ALL
             .iter()
@@ -383,13 +394,25 @@ impl Source for KubeSource {
     }
 }
 
-/// Watches one kind across the cluster until the task is aborted.
-async fn watch<K>(
-    client: Client,
-    kind: Kind,
+/// How a watcher hands updates to the source: the channel, then a wake-up.
+struct Handover {
     tx: mpsc::Sender<Update>,
-    convert: fn(&K) -> Converted,
-) where
+    wake: Arc<std::sync::OnceLock<super::Waker>>,
+}
+
+impl Handover {
+    async fn send(&self, update: Update) -> Result<(), ()> {
+        self.tx.send(update).await.map_err(|_| ())?;
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+        Ok(())
+    }
+}
+
+/// Watches one kind across the cluster until the task is aborted.
+async fn watch<K>(client: Client, kind: Kind, tx: Handover, convert: fn(&K) -> Converted)
+where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     K::DynamicType: Default,
 {
@@ -429,7 +452,11 @@ async fn watch<K>(
 }
 
 /// Asks the API server for its version every `PROBE_INTERVAL`.
-async fn run_probe(client: Client, probe: Arc<Probe>) {
+async fn run_probe(
+    client: Client,
+    probe: Arc<Probe>,
+    wake: Arc<std::sync::OnceLock<super::Waker>>,
+) {
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     loop {
         tick.tick().await;
@@ -442,6 +469,7 @@ async fn run_probe(client: Client, probe: Arc<Probe>) {
             Err(_) => Some(format!("no answer in {}s", PROBE_TIMEOUT.as_secs())),
         };
         let mut current = probe.failure.lock().expect("probe");
+        let changed = current.is_some() != failure.is_some();
         match (&*current, &failure) {
             (Some(_), None) => {
                 info!("the API server answers again");
@@ -451,5 +479,9 @@ async fn run_probe(client: Client, probe: Arc<Probe>) {
             _ => {}
         }
         *current = failure;
+        drop(current);
+        if changed && let Some(wake) = wake.get() {
+            wake();
+        }
     }
 }

@@ -27,11 +27,17 @@ pub trait Source: Send {
     fn warnings(&self) -> &[String];
     /// Why the source cannot refresh, while it cannot (the last state stays in force).
     fn degraded(&self) -> Option<String>;
+    /// Registers what to call when the source has news to `refresh` (sources that are not
+    /// pushed to, like files, are polled instead and ignore it).
+    fn on_change(&mut self, _wake: Waker) {}
     /// Why the state is not complete yet (nothing may be detached on it), while it is not.
     fn ready(&self) -> Option<String> {
         None
     }
 }
+
+/// Called by a source, from any thread, when it has news.
+pub type Waker = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// What one refresh did.
 #[derive(Debug, Default)]
