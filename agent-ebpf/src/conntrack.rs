@@ -131,8 +131,9 @@ pub fn track(
 ) -> Tracked {
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup; LRU values stay valid for the
-        // program run. Concurrent CPUs may race on the plain fields: the worst outcome is a
-        // stale expiry or state bit, corrected by the next packet.
+        // program run. Concurrent CPUs may race on the plain fields (state bits, expiry,
+        // a re-evaluated decision): each is written whole and the next packet corrects a
+        // stale one. Counts are added atomically.
         let entry: &mut CtEntry = unsafe { &mut *entry };
         let reopened_tcp = key.proto == PROTO_TCP
             && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
@@ -160,11 +161,18 @@ pub fn track(
                 tcp_flags,
                 direction == entry.origin,
             );
-            entry.tcp_state = state;
-            entry.expires_ns = now + lifetime_ns(config, key.proto, state);
-            // Per-flow packet counts feed the live flow view; a race between CPUs may lose
-            // one, the exact accounting lives in the per-CPU counters.
-            entry.packets[(direction & 1) as usize] += 1;
+            let expires = now + lifetime_ns(config, key.proto, state);
+            // Writes into the shared entry only when something moved: a new state bit, or
+            // an expiry more than a second later (as Cilium does). Every packet of a busy
+            // flow on several CPUs would otherwise bounce its cache line.
+            if state != entry.tcp_state {
+                entry.tcp_state = state;
+                entry.expires_ns = expires;
+            } else if expires > entry.expires_ns + NS_PER_SEC {
+                entry.expires_ns = expires;
+            }
+            // SAFETY: an aligned u64 of the entry, valid for the program run.
+            unsafe { crate::counters::atomic_add(&mut entry.packets[(direction & 1) as usize], 1) };
             return Tracked {
                 decision: Decision {
                     decision: entry.decision,

@@ -17,6 +17,21 @@ pub fn count(slot: u32, direction: u8, verdict: u8, segments: u32, bytes: u32) {
     }
 }
 
+/// Adds to a u64 that other CPUs may update at the same time (a shared map value): one
+/// atomic add instruction (`lock xadd`, BPF_ATOMIC ADD without fetch), no lost counts.
+///
+/// # Safety
+/// `dst` must point to an aligned u64 in a map value that stays valid for the program run.
+#[inline(always)]
+pub unsafe fn atomic_add(dst: *mut u64, value: u64) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            dst, value,
+        );
+    }
+}
+
 /// Bumps a `diag` counter.
 #[inline(always)]
 pub fn diag(index: u32) {

@@ -35,8 +35,10 @@ fn take_token(config: &Config, slot: u32, now: u64) -> bool {
     };
     let next = tat + interval;
     if next - now > config.event_burst as u64 * interval {
-        // Per-workload figure for `status`; the exact node-wide count is the per-CPU diag.
-        bucket.suppressed += 1;
+        // Per-workload figure for `status` (added atomically: CPUs share the bucket); the
+        // node-wide count is the per-CPU diag.
+        // SAFETY: an aligned u64 of the map value, valid for the program run.
+        unsafe { counters::atomic_add(&mut bucket.suppressed, 1) };
         counters::diag(diag::EVENT_RATE_LIMITED);
         return false;
     }

@@ -10,6 +10,10 @@
 //! down as map entries; this side stays small and bounded.
 #![no_std]
 #![no_main]
+// Atomic adds into shared map values (`counters::atomic_add`): core's atomic types have no
+// read-modify-write operations on the BPF target.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod conntrack;
 mod counters;

@@ -1,8 +1,10 @@
 //! Bounds-checked header parsing: IPv4 (with options), IPv6 (extension headers, bounded),
 //! TCP, UDP, ICMP, ICMPv6, and the packet quoted inside ICMP errors.
 //!
-//! Every read goes through `bpf_skb_load_bytes`, which fails instead of reading past the
-//! packet, so a truncated header is an error, never a wrong value.
+//! A read is direct from the linear part of the packet when it lies there, checked against
+//! `data_end` (no helper call); otherwise it goes through `bpf_skb_load_bytes`, which reads
+//! paged data too and fails instead of reading past the packet. Either way a truncated
+//! header is an error, never a wrong value.
 
 use agent_common::{
     FAMILY_IPV4, FAMILY_IPV6, MAX_IPV6_EXT_HEADERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
@@ -102,10 +104,21 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// Headers start within this many bytes of the frame's start (Ethernet, IPv6 with its
+/// bounded extension headers, an ICMP error's quote): a bound the verifier needs for a
+/// direct read at a variable offset.
+const MAX_DIRECT_OFFSET: usize = 1024;
+
 #[inline(always)]
 fn load<T>(skb: &SkBuff, offset: u32) -> Result<T, ParseError> {
-    skb.load::<T>(offset as usize)
-        .map_err(|_| ParseError::Truncated)
+    // SAFETY: context fields; the read below happens only inside [data, data_end).
+    let (start, end) = unsafe { ((*skb.skb).data as usize, (*skb.skb).data_end as usize) };
+    let off = offset as usize;
+    if off < MAX_DIRECT_OFFSET && start + off + size_of::<T>() <= end {
+        // SAFETY: the whole value lies in the linear packet data, checked just above.
+        return Ok(unsafe { ((start + off) as *const T).read_unaligned() });
+    }
+    skb.load::<T>(off).map_err(|_| ParseError::Truncated)
 }
 
 #[inline(always)]
