@@ -200,6 +200,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     datapath.maps.set_config(&Config { ..config })?;
     let events = datapath.events()?;
     let readers = MapReaders::open(&options.bpffs).context("open the pinned maps for reading")?;
+    let occupancy_readers =
+        MapReaders::open(&options.bpffs).context("open the pinned maps for reading")?;
 
     let mut rec = Reconciler::new(
         datapath,
@@ -217,6 +219,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (observer, persisted_errors) =
         Observer::new(readers, &options.state_dir, options.max_flow_series, &log);
     let policy_errors = Arc::new(AtomicU64::new(persisted_errors));
+    let occupancy_task = tokio::spawn(crate::flows::count_occupancy(
+        occupancy_readers,
+        observer.occupancy.clone(),
+    ));
     let sync_seconds = prometheus_client::metrics::histogram::Histogram::new(
         prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
     );
@@ -323,6 +329,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         r = events_task => Some(format!("flow log stopped: {r:?}")),
         r = poll_task => Some(format!("flow counter poller stopped: {r:?}")),
         r = recorder_task => Some(format!("Events recorder stopped: {r:?}")),
+        r = occupancy_task => Some(format!("map occupancy counter stopped: {r:?}")),
         r = controller_task => Some(format!("controller stopped: {r:?}")),
     };
     if let Some(why) = &died {

@@ -429,6 +429,8 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         &agent_dir,
         &[
             "--detach-on-exit",
+            "--conntrack-capacity",
+            "1100000",
             "--cgroup-root",
             cluster.cgroup_root.to_str().expect("utf-8 path"),
         ],
@@ -454,10 +456,23 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         size.push(text.len() as f64 / 1024.0);
     }
     let rss = agent_rss_kib(&agent) as f64 / 1024.0;
+    // The same agent with 1,000,000 tracked flows in its (pinned) table.
+    fill_conntrack(&agent.bpffs, 1_000_000);
+    let mut scrape_full = vec![];
+    for _ in 0..10 {
+        let started = Instant::now();
+        agent.metrics_text();
+        scrape_full.push(ms(started.elapsed()));
+    }
     out.push(figure(
         "agent: /metrics scrape with 250 workloads",
         "ms",
         scrape,
+    ));
+    out.push(figure(
+        "agent: /metrics scrape with 250 workloads and 1,000,000 tracked flows",
+        "ms",
+        scrape_full,
     ));
     out.push(figure("agent: /metrics response size", "KiB", size));
     out.push(figure(
@@ -524,6 +539,38 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     cluster.remove_cgroups();
     let _ = std::fs::remove_dir_all(&dir);
     out
+}
+
+/// Fills a running agent's connection tracking table (through its pin) up to `flows`
+/// entries that never expire, as a busy node's would be.
+fn fill_conntrack(bpffs: &Path, flows: u32) {
+    use agent_common::{CtEntry, CtKey, FAMILY_IPV4, PROTO_UDP, map_names};
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(bpffs.join(map_names::CONNTRACK)).expect("the pinned CONNTRACK");
+    let mut table: HashMap<_, CtKey, CtEntry> =
+        HashMap::try_from(Map::LruHashMap(data)).expect("CONNTRACK is an LRU hash");
+    let started = Instant::now();
+    for i in 0..flows {
+        let mut key = CtKey {
+            slot: 2 + i % 500,
+            local_port: (i % 60000) as u16,
+            remote_port: 443,
+            proto: PROTO_UDP,
+            family: FAMILY_IPV4,
+            ..Default::default()
+        };
+        key.local[..4].copy_from_slice(&[10, 2, (i >> 16) as u8, (i >> 8) as u8]);
+        key.remote[..4].copy_from_slice(&[10, 3, 0, i as u8]);
+        let entry = CtEntry {
+            expires_ns: u64::MAX,
+            ..Default::default()
+        };
+        table.insert(key, entry, 0).expect("insert a tracked flow");
+    }
+    eprintln!(
+        "filled the agent's conntrack with {flows} flows in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 fn agent_rss_kib(agent: &Agent) -> u64 {

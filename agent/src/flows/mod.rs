@@ -109,6 +109,28 @@ impl FlowLogStats {
     }
 }
 
+/// How often map occupancy (`tollgate_map_entries`) is counted. Counting a hash map walks
+/// its keys, one system call each: a million tracked flows take about a second, which a
+/// scrape must never wait for.
+pub const OCCUPANCY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Map occupancy as last counted, shared between its counting task and the scrapes.
+pub type Occupancy = std::sync::Arc<Mutex<Vec<(&'static str, u64, u64)>>>;
+
+/// Counts map occupancy every `OCCUPANCY_INTERVAL` with its own map handles, off every
+/// lock a scrape, a flip or a sync takes.
+pub async fn count_occupancy(readers: MapReaders, into: Occupancy) {
+    let readers = std::sync::Arc::new(readers);
+    let mut tick = tokio::time::interval(OCCUPANCY_INTERVAL);
+    loop {
+        tick.tick().await;
+        let r = readers.clone();
+        if let Ok(counted) = tokio::task::spawn_blocking(move || r.occupancy()).await {
+            *into.lock().expect("occupancy") = counted;
+        }
+    }
+}
+
 /// Reads counters and keeps the flow series.
 pub struct Observer {
     readers: MapReaders,
@@ -119,6 +141,8 @@ pub struct Observer {
     last_seen: HashMap<[u32; 7], u64>,
     /// Would-drops per workload (`NAMESPACE/POD`) at the last poll.
     would_drops: HashMap<String, u64>,
+    /// Map occupancy, counted in the background (`count_occupancy`).
+    pub occupancy: Occupancy,
 }
 
 impl Observer {
@@ -150,6 +174,7 @@ impl Observer {
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
             persisted,
             would_drops: HashMap::new(),
+            occupancy: Occupancy::default(),
         };
         (observer, policy_errors)
     }
@@ -316,7 +341,7 @@ impl Observer {
         s.flow_log_rate_limited = d[diag::EVENT_RATE_LIMITED as usize];
         s.flow_log_lost = log.lost.load(Ordering::Relaxed) + d[diag::EVENT_LOST as usize];
         s.policy_errors = policy_errors;
-        s.maps = self.readers.occupancy();
+        s.maps = self.occupancy.lock().expect("occupancy").clone();
         s.diagnostics = diag::NAMES.iter().copied().zip(d).collect();
         s
     }
