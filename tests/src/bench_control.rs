@@ -392,6 +392,41 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         change_written,
     ));
 
+    // A whole NetworkPolicy added, then deleted: a second policy on the same service
+    // (monitoring may scrape it). Positional rule ids or a universe that holds them would
+    // recompile every pod; only the service's own pods should be.
+    let (mut whole_apply, mut whole_written) = (vec![], vec![]);
+    let extra_policy = format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {}-scrape, namespace: {}}}\nspec:\n  podSelector: {{matchLabels: {{app: {}}}}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{namespaceSelector: {{matchLabels: {{team: team-0}}}}}}]\n    ports: [{{port: 9090}}]\n",
+        service_name(dst),
+        service_ns(dst),
+        service_name(dst)
+    );
+    for i in 0..(runs.max(1) * 2) {
+        let path = state_dir.join("extra-policy.yaml");
+        if i % 2 == 0 {
+            std::fs::write(&path, &extra_policy).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+        let loaded = source.load();
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors.first());
+        let started = Instant::now();
+        let report = rec.reconcile(&loaded.state).unwrap();
+        whole_apply.push(ms(started.elapsed()));
+        whole_written.push((report.entries_written + report.entries_removed) as f64);
+    }
+    out.push(figure(
+        "a whole NetworkPolicy added or deleted: compile and apply (reconcile)",
+        "ms",
+        whole_apply,
+    ));
+    out.push(figure(
+        "a whole NetworkPolicy added or deleted: map entries written + removed",
+        "entries",
+        whole_written,
+    ));
+
     let (mut flip, mut flip_direct) = (vec![], vec![]);
     let target = cluster.local[5].clone();
     let slot = rec.workloads()[&target].slot;

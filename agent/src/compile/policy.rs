@@ -487,6 +487,46 @@ pub struct CompileCache {
     frontends: Option<(u64, FrontendsPart)>,
     /// Per pod: hash of (egress rules, frontends, node addresses) and its Service rules.
     services: BTreeMap<PodKey, (u64, Vec<AllowRule>)>,
+    rule_ids: RuleIds,
+}
+
+/// Rule ids (the value of `POLICY` entries, naming the policy that allowed a flow): a policy
+/// keeps its id while it exists, so adding or deleting one policy changes no other pod's
+/// compiled rules, and their map entries are not rewritten. Ids of deleted policies are
+/// reused: a pod whose rules held one is recompiled anyway (its selecting policies changed).
+#[derive(Clone, Debug, Default)]
+struct RuleIds {
+    ids: BTreeMap<String, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl RuleIds {
+    /// Brings the ids in line with the policies that exist now.
+    fn update(&mut self, policies: &BTreeSet<String>) {
+        let gone: Vec<String> = self
+            .ids
+            .keys()
+            .filter(|p| !policies.contains(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(id) = self.ids.remove(&p) {
+                self.free.push(id);
+            }
+        }
+        // Lowest free ids first, so the id space stays dense.
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+        for p in policies {
+            if !self.ids.contains_key(p) {
+                let id = self.free.pop().unwrap_or_else(|| {
+                    self.next += 1;
+                    self.next - 1
+                });
+                self.ids.insert(p.clone(), id);
+            }
+        }
+    }
 }
 
 /// Service frontends and their virtual addresses (to identities).
@@ -657,12 +697,13 @@ pub fn compile_cached(
         rule_ids: BTreeMap::new(),
         namespace_labels,
     };
-    for policy in state.policies.values() {
-        let next = ctx.rule_ids.len() as u32;
-        ctx.rule_ids.entry(policy.id()).or_insert(next);
-    }
+    cache
+        .rule_ids
+        .update(&state.policies.values().map(Policy::id).collect());
+    ctx.rule_ids = cache.rule_ids.ids.clone();
     compiled.rule_policies = {
-        let mut v = vec![String::new(); ctx.rule_ids.len()];
+        let len = ctx.rule_ids.values().max().map_or(0, |m| *m as usize + 1);
+        let mut v = vec![String::new(); len];
         for (name, id) in &ctx.rule_ids {
             v[*id as usize] = name.clone();
         }
@@ -683,7 +724,6 @@ pub fn compile_cached(
             .map(|(id, i)| (*id, &i.namespace, &i.labels))
             .collect::<Vec<_>>(),
         &ctx.namespace_labels,
-        &ctx.rule_ids,
         uses_pod_ports.then(|| {
             state
                 .pods
@@ -810,4 +850,32 @@ fn compile_pod(ctx: &Context, pod: &PodInfo, selecting: &[&Policy], mode: Mode) 
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_policy_keeps_its_rule_id_while_others_come_and_go() {
+        let mut ids = RuleIds::default();
+        ids.update(&set(&["a/x", "b/y", "c/z"]));
+        let before = ids.ids.clone();
+        // A policy added before the others in order does not move them.
+        ids.update(&set(&["a/a", "a/x", "b/y", "c/z"]));
+        for (p, id) in &before {
+            assert_eq!(ids.ids[p], *id, "{p}");
+        }
+        assert_eq!(ids.ids["a/a"], 3);
+        // A deleted policy's id is reused by the next new one; the rest stay.
+        ids.update(&set(&["a/a", "a/x", "c/z"]));
+        ids.update(&set(&["a/a", "a/x", "c/z", "d/w"]));
+        assert_eq!(ids.ids["d/w"], before["b/y"]);
+        assert_eq!(ids.ids["c/z"], before["c/z"]);
+        assert_eq!(ids.ids.len(), 4);
+    }
 }
