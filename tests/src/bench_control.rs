@@ -427,6 +427,72 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         whole_written,
     ));
 
+    // A pod added and deleted elsewhere in the cluster (a new replica of a calling service:
+    // same labels, a new address), and a namespace's labels changed and back.
+    let base = source.load().state;
+    let template = base
+        .pods
+        .values()
+        .find(|p| {
+            p.namespace == service_ns(caller) && p.labels.get("app") == Some(&service_name(caller))
+        })
+        .expect("a pod of the caller")
+        .clone();
+    let (mut pod_apply, mut pod_written) = (vec![], vec![]);
+    let (mut ns_apply, mut ns_written) = (vec![], vec![]);
+    for i in 0..(runs.max(1) * 2) {
+        let mut state = base.clone();
+        if i % 2 == 0 {
+            let mut pod = template.clone();
+            pod.name = format!("{}-6d5f7c8b9-new", service_name(caller));
+            pod.uid = "b0000000-0000-4000-8000-ffffffffffff".into();
+            pod.ips = vec!["10.200.0.1".parse().unwrap()];
+            state
+                .pods
+                .insert((pod.namespace.clone(), pod.name.clone()), pod);
+        }
+        state.pods_version = Some(1000 + i as u64);
+        let started = Instant::now();
+        let report = rec.reconcile(&state).unwrap();
+        pod_apply.push(ms(started.elapsed()));
+        pod_written.push((report.entries_written + report.entries_removed) as f64);
+    }
+    for i in 0..(runs.max(1) * 2) {
+        let mut state = base.clone();
+        if i % 2 == 0 {
+            let ns = state
+                .namespaces
+                .get_mut(&service_ns(caller))
+                .expect("namespace");
+            ns.labels.insert("audit".into(), "2026".into());
+        }
+        state.pods_version = Some(2000 + i as u64);
+        let started = Instant::now();
+        let report = rec.reconcile(&state).unwrap();
+        ns_apply.push(ms(started.elapsed()));
+        ns_written.push((report.entries_written + report.entries_removed) as f64);
+    }
+    out.push(figure(
+        "a pod added or deleted: compile and apply (reconcile)",
+        "ms",
+        pod_apply,
+    ));
+    out.push(figure(
+        "a pod added or deleted: map entries written + removed",
+        "entries",
+        pod_written,
+    ));
+    out.push(figure(
+        "a namespace's labels changed: compile and apply (reconcile)",
+        "ms",
+        ns_apply,
+    ));
+    out.push(figure(
+        "a namespace's labels changed: map entries written + removed",
+        "entries",
+        ns_written,
+    ));
+
     let (mut flip, mut flip_direct) = (vec![], vec![]);
     let target = cluster.local[5].clone();
     let slot = rec.workloads()[&target].slot;

@@ -28,7 +28,9 @@ pub type PodKey = (String, String);
 /// exists and never reused afterwards.
 #[derive(Clone, Debug, Default)]
 pub struct IdentityAllocator {
-    ids: BTreeMap<(String, Labels), u32>,
+    /// By namespace, then labels: looked up without building a key (20,000 pods per
+    /// compile).
+    ids: BTreeMap<String, BTreeMap<Labels, u32>>,
     next: u32,
     services: ServiceIdentities,
 }
@@ -39,18 +41,23 @@ impl IdentityAllocator {
         if self.next < IDENTITY_FIRST_WORKLOAD {
             self.next = IDENTITY_FIRST_WORKLOAD;
         }
-        let key = (namespace.to_string(), labels.clone());
-        if let Some(id) = self.ids.get(&key) {
+        if let Some(id) = self.ids.get(namespace).and_then(|m| m.get(labels)) {
             return *id;
         }
         let id = self.next;
         self.next += 1;
-        self.ids.insert(key, id);
+        self.ids
+            .entry(namespace.to_string())
+            .or_default()
+            .insert(labels.clone(), id);
         id
     }
 
     fn retain(&mut self, used: &BTreeSet<u32>) {
-        self.ids.retain(|_, id| used.contains(id));
+        for m in self.ids.values_mut() {
+            m.retain(|_, id| used.contains(id));
+        }
+        self.ids.retain(|_, m| !m.is_empty());
     }
 }
 
@@ -718,12 +725,14 @@ pub fn compile_cached(
                 .any(|port| matches!(port.port, PortRef::Named(_)))
         })
     });
+    // Namespace labels are not part of it: a pod depends only on which namespaces its
+    // policies' namespaceSelectors match (`namespace_matches` below), so relabelling a
+    // namespace recompiles only the pods whose selectors it moves.
     let universe = hash_of(&(
         peer_identities
             .iter()
             .map(|(id, i)| (*id, &i.namespace, &i.labels))
             .collect::<Vec<_>>(),
-        &ctx.namespace_labels,
         uses_pod_ports.then(|| {
             state
                 .pods
@@ -744,6 +753,7 @@ pub fn compile_cached(
             .or_default()
             .push(p);
     }
+    let mut namespace_matches: BTreeMap<String, u64> = BTreeMap::new();
     let pods: Box<dyn Iterator<Item = (&PodKey, &PodInfo)>> = match targets {
         Some(t) => Box::new(t.iter().filter_map(|k| state.pods.get_key_value(k))),
         None => Box::new(state.pods.iter()),
@@ -757,6 +767,14 @@ pub fn compile_cached(
             .copied()
             .collect();
         let mode = mode_of(state, pod, options);
+        let namespaces: Vec<u64> = selecting
+            .iter()
+            .map(|p| {
+                *namespace_matches
+                    .entry(p.id())
+                    .or_insert_with(|| hash_of(&matched_namespaces(p, &ctx.namespace_labels)))
+            })
+            .collect();
         let input = hash_of(&(
             &pod.labels,
             &pod.ports,
@@ -764,6 +782,7 @@ pub fn compile_cached(
             pod.host_network,
             &selecting,
             mode as u8,
+            namespaces,
         ));
         let mut result = match cache.pods.get(key) {
             Some((h, cached)) if *h == input => cached.clone(),
@@ -803,6 +822,34 @@ pub fn compile_cached(
         cache.services.retain(|k, _| t.contains(k));
     }
     compiled
+}
+
+/// For each namespaceSelector of a policy's peers, the namespaces it matches: all a compiled
+/// pod's rules depend on of the namespaces' labels.
+fn matched_namespaces<'a>(
+    policy: &Policy,
+    namespace_labels: &'a BTreeMap<String, Labels>,
+) -> Vec<Vec<&'a String>> {
+    policy
+        .ingress
+        .iter()
+        .chain(policy.egress.iter())
+        .flatten()
+        .flat_map(|rule| &rule.peers)
+        .filter_map(|peer| match peer {
+            PeerSpec::Pods {
+                namespaces: Some(selector),
+                ..
+            } => Some(
+                namespace_labels
+                    .iter()
+                    .filter(|(_, labels)| selector.matches(labels))
+                    .map(|(name, _)| name)
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The identity a backend is decided as: the node itself for an address of the source's
