@@ -411,10 +411,9 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         }
         let loaded = source.load();
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors.first());
-        let started = Instant::now();
-        let report = rec.reconcile(&loaded.state).unwrap();
-        whole_apply.push(ms(started.elapsed()));
-        whole_written.push((report.entries_written + report.entries_removed) as f64);
+        let (took, written) = timed_reconcile(&mut rec, &loaded.state);
+        whole_apply.push(took);
+        whole_written.push(written);
     }
     out.push(figure(
         "a whole NetworkPolicy added or deleted: compile and apply (reconcile)",
@@ -452,10 +451,9 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
                 .insert((pod.namespace.clone(), pod.name.clone()), pod);
         }
         state.pods_version = Some(1000 + i as u64);
-        let started = Instant::now();
-        let report = rec.reconcile(&state).unwrap();
-        pod_apply.push(ms(started.elapsed()));
-        pod_written.push((report.entries_written + report.entries_removed) as f64);
+        let (took, written) = timed_reconcile(&mut rec, &state);
+        pod_apply.push(took);
+        pod_written.push(written);
     }
     for i in 0..(runs.max(1) * 2) {
         let mut state = base.clone();
@@ -467,10 +465,9 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
             ns.labels.insert("audit".into(), "2026".into());
         }
         state.pods_version = Some(2000 + i as u64);
-        let started = Instant::now();
-        let report = rec.reconcile(&state).unwrap();
-        ns_apply.push(ms(started.elapsed()));
-        ns_written.push((report.entries_written + report.entries_removed) as f64);
+        let (took, written) = timed_reconcile(&mut rec, &state);
+        ns_apply.push(took);
+        ns_written.push(written);
     }
     out.push(figure(
         "a pod added or deleted: compile and apply (reconcile)",
@@ -642,30 +639,51 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     out
 }
 
+/// One reconcile: how long it took (ms) and how many map entries it wrote and removed.
+fn timed_reconcile(
+    rec: &mut Reconciler,
+    state: &tollgate::compile::model::ClusterState,
+) -> (f64, f64) {
+    let started = Instant::now();
+    let report = rec.reconcile(state).unwrap();
+    (
+        ms(started.elapsed()),
+        (report.entries_written + report.entries_removed) as f64,
+    )
+}
+
+/// The `i`th of a million distinct tracked UDP flows of other workloads that never expire:
+/// what the benchmarks fill connection tracking tables with.
+pub fn synthetic_flow(i: u32) -> (agent_common::CtKey, agent_common::CtEntry) {
+    use agent_common::{CtEntry, CtKey, FAMILY_IPV4, PROTO_UDP};
+    let mut key = CtKey {
+        slot: 2 + i % 500,
+        local_port: (i % 60000) as u16,
+        remote_port: 443,
+        proto: PROTO_UDP,
+        family: FAMILY_IPV4,
+        ..Default::default()
+    };
+    key.local[..4].copy_from_slice(&[10, 2, (i >> 16) as u8, (i >> 8) as u8]);
+    key.remote[..4].copy_from_slice(&[10, 3, 0, i as u8]);
+    let entry = CtEntry {
+        expires_ns: u64::MAX,
+        ..Default::default()
+    };
+    (key, entry)
+}
+
 /// Fills a running agent's connection tracking table (through its pin) up to `flows`
 /// entries that never expire, as a busy node's would be.
 fn fill_conntrack(bpffs: &Path, flows: u32) {
-    use agent_common::{CtEntry, CtKey, FAMILY_IPV4, PROTO_UDP, map_names};
+    use agent_common::{CtEntry, CtKey, map_names};
     use aya::maps::{HashMap, Map, MapData};
     let data = MapData::from_pin(bpffs.join(map_names::CONNTRACK)).expect("the pinned CONNTRACK");
     let mut table: HashMap<_, CtKey, CtEntry> =
         HashMap::try_from(Map::LruHashMap(data)).expect("CONNTRACK is an LRU hash");
     let started = Instant::now();
     for i in 0..flows {
-        let mut key = CtKey {
-            slot: 2 + i % 500,
-            local_port: (i % 60000) as u16,
-            remote_port: 443,
-            proto: PROTO_UDP,
-            family: FAMILY_IPV4,
-            ..Default::default()
-        };
-        key.local[..4].copy_from_slice(&[10, 2, (i >> 16) as u8, (i >> 8) as u8]);
-        key.remote[..4].copy_from_slice(&[10, 3, 0, i as u8]);
-        let entry = CtEntry {
-            expires_ns: u64::MAX,
-            ..Default::default()
-        };
+        let (key, entry) = synthetic_flow(i);
         table.insert(key, entry, 0).expect("insert a tracked flow");
     }
     eprintln!(

@@ -7,9 +7,7 @@
 
 use std::{fmt::Write as _, path::PathBuf, time::Instant};
 
-use agent_common::{
-    CtEntry, CtKey, FAMILY_IPV4, POLICY_PREFIX_FULL, PROTO_UDP, PolicyKey, program_names,
-};
+use agent_common::{POLICY_PREFIX_FULL, PROTO_UDP, PolicyKey, program_names};
 use clap::Parser;
 use ipnet::IpNet;
 use serde::Serialize;
@@ -266,20 +264,7 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     let started = Instant::now();
     let have = bench.dp.maps.conntrack().len();
     for i in have as u32..1_000_000 {
-        let mut key = CtKey {
-            slot: 2 + i % 500,
-            local_port: (i % 60000) as u16,
-            remote_port: 443,
-            proto: PROTO_UDP,
-            family: FAMILY_IPV4,
-            ..Default::default()
-        };
-        key.local[..4].copy_from_slice(&[10, 2, (i >> 16) as u8, (i >> 8) as u8]);
-        key.remote[..4].copy_from_slice(&[10, 3, 0, i as u8]);
-        let entry = CtEntry {
-            expires_ns: u64::MAX,
-            ..Default::default()
-        };
+        let (key, entry) = tollgate_tests::bench_control::synthetic_flow(i);
         bench.dp.maps.insert_raw_conntrack(key, entry).unwrap();
     }
     eprintln!(
