@@ -232,7 +232,8 @@ pub enum ModeAction {
         target: String,
         /// log or drop.
         mode: Mode,
-        /// Why (kept in the ModeOverride, the audit log and the Event; with --kubernetes).
+        /// Why: kept in the audit log (and with --kubernetes in the ModeOverride and its
+        /// Event).
         #[arg(long)]
         reason: Option<String>,
     },
@@ -663,15 +664,24 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
 }
 
 fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode> {
-    let (target, mode) = match action {
-        ModeAction::Set { target, mode, .. } => (target, Some(mode)),
-        ModeAction::Clear { target } => (target, None),
+    let (target, mode, reason) = match action {
+        ModeAction::Set {
+            target,
+            mode,
+            reason,
+        } => (target, Some(mode), reason),
+        ModeAction::Clear { target } => (target, None, None),
     };
     if let Err(e) = admin::Target::parse(&target) {
         eprintln!("tollgate: {e}");
         return Ok(ExitCode::from(2));
     }
-    let who = std::env::var("SUDO_USER").ok();
+    // The reason goes to the audit log with who asked.
+    let who = match (std::env::var("SUDO_USER").ok(), reason) {
+        (Some(user), Some(r)) => Some(format!("{user} ({r})")),
+        (None, Some(r)) => Some(format!("({r})")),
+        (user, None) => user,
+    };
     let reply = admin::request(socket, &Request::Mode { target, mode, who })?;
     let Response::Mode(change) = expect_response(reply)? else {
         anyhow::bail!("unexpected reply");

@@ -237,7 +237,14 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
 
     // Flip the ledger to drop: in force when the command returns.
     let flip = Instant::now();
-    let out = agent.cli(&["mode", "set", &format!("bank/{LEDGER_POD}"), "drop"]);
+    let out = agent.cli(&[
+        "mode",
+        "set",
+        &format!("bank/{LEDGER_POD}"),
+        "drop",
+        "--reason",
+        "CHG-7",
+    ]);
     eprintln!(
         "mode flip round trip (CLI to datapath and back): {:?}",
         flip.elapsed()
@@ -285,6 +292,11 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
     assert_eq!(audit[0]["old_mode"], serde_json::Value::Null);
     assert_eq!(audit[0]["new_mode"], "drop");
     assert!(audit[0]["who"].as_str().unwrap().contains("uid=0"));
+    assert!(
+        audit[0]["who"].as_str().unwrap().contains("(CHG-7)"),
+        "the reason is audited: {}",
+        audit[0]["who"]
+    );
 
     // Only root may talk to the agent.
     let out = Command::new("setpriv")
