@@ -163,6 +163,17 @@ pub struct ModeNotice {
     pub by: String,
 }
 
+impl ModeNotice {
+    /// As the audit log and `ModeChange` list it: (`NAMESPACE/POD`, old, new).
+    fn change(&self) -> (String, Mode, Mode) {
+        (
+            format!("{}/{}", self.namespace, self.pod),
+            self.old,
+            self.new,
+        )
+    }
+}
+
 /// Settings of the controller.
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
@@ -366,20 +377,7 @@ impl Controller {
                 touched.push((name.clone(), old, new));
             }
         }
-        let mut changed_pods = Vec::new();
-        for (key, w) in self.rec.workloads() {
-            if let Some(old) = before.get(key)
-                && *old != w.policy.mode
-            {
-                changed_pods.push((
-                    key.clone(),
-                    *old,
-                    w.policy.mode,
-                    w.mode_source,
-                    w.pod.uid.clone(),
-                ));
-            }
-        }
+        let changed_pods = self.mode_changes(before);
         for (name, old, new) in &touched {
             let target = new
                 .or(*old)
@@ -388,11 +386,11 @@ impl Controller {
             let parsed = Target::parse(&target).ok();
             let changed: Vec<(String, Mode, Mode)> = changed_pods
                 .iter()
-                .filter(|(k, ..)| {
-                    let pod = &self.rec.workloads()[k].pod;
+                .filter(|n| {
+                    let pod = &self.rec.workloads()[&(n.namespace.clone(), n.pod.clone())].pod;
                     parsed.as_ref().is_some_and(|t| t.matches(pod))
                 })
-                .map(|((ns, pod), o, n, ..)| (format!("{ns}/{pod}"), *o, *n))
+                .map(ModeNotice::change)
                 .collect();
             let reason = new.or(*old).map(|o| o.reason.clone()).unwrap_or_default();
             let record = AuditRecord {
@@ -421,26 +419,41 @@ impl Controller {
             self.cluster_overrides = now.clone();
             save_cluster_overrides(&self.options.state_dir, &self.cluster_overrides);
         }
-        if let Some(tx) = &self.notices {
-            for ((ns, pod), old, new, source, uid) in changed_pods {
-                let by = match source {
-                    "cluster-override" => state
-                        .pods
-                        .get(&(ns.clone(), pod.clone()))
-                        .and_then(|p| state.mode_override_for(p))
-                        .map(|o| format!("ModeOverride {}", o.name))
-                        .unwrap_or_else(|| "ModeOverride".into()),
-                    "node-override" => "a node-local override".into(),
-                    other => format!("the {other} mode"),
-                };
-                let _ = tx.try_send(ModeNotice {
-                    namespace: ns,
-                    pod,
-                    uid,
+        self.notify(changed_pods);
+    }
+
+    /// The workloads whose mode differs from `before`, and what set it.
+    fn mode_changes(&self, before: &BTreeMap<(String, String), Mode>) -> Vec<ModeNotice> {
+        let state = self.source.state();
+        self.rec
+            .workloads()
+            .iter()
+            .filter_map(|(key, w)| {
+                let old = *before.get(key)?;
+                (old != w.policy.mode).then(|| ModeNotice {
+                    namespace: key.0.clone(),
+                    pod: key.1.clone(),
+                    uid: w.pod.uid.clone(),
                     old,
-                    new,
-                    by,
-                });
+                    new: w.policy.mode,
+                    by: match w.mode_source {
+                        "cluster-override" => state
+                            .mode_override_for(&w.pod)
+                            .map(|o| format!("ModeOverride {}", o.name))
+                            .unwrap_or_else(|| "ModeOverride".into()),
+                        "node-override" => "a node-local override".into(),
+                        other => format!("the {other} mode"),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Hands mode changes to the Events recorder, if there is one (never waiting).
+    fn notify(&self, notices: Vec<ModeNotice>) {
+        if let Some(tx) = &self.notices {
+            for n in notices {
+                let _ = tx.try_send(n);
             }
         }
     }
@@ -476,15 +489,8 @@ impl Controller {
             .values()
             .filter(|w| parsed.matches(&w.pod))
             .count();
-        let changed: Vec<(String, Mode, Mode)> = self
-            .rec
-            .workloads()
-            .iter()
-            .filter_map(|(k, w)| {
-                let was = before.get(k).copied()?;
-                (was != w.policy.mode).then(|| (format!("{}/{}", k.0, k.1), was, w.policy.mode))
-            })
-            .collect();
+        let notices = self.mode_changes(&before);
+        let changed: Vec<(String, Mode, Mode)> = notices.iter().map(ModeNotice::change).collect();
         let record = AuditRecord {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             who,
@@ -495,22 +501,7 @@ impl Controller {
         };
         self.audit(&record);
         info!(target, ?old, new = ?mode, changed = changed.len(), "node-local mode override");
-        if let Some(tx) = &self.notices {
-            for (key, w) in self.rec.workloads() {
-                if let Some(was) = before.get(key)
-                    && *was != w.policy.mode
-                {
-                    let _ = tx.try_send(ModeNotice {
-                        namespace: key.0.clone(),
-                        pod: key.1.clone(),
-                        uid: w.pod.uid.clone(),
-                        old: *was,
-                        new: w.policy.mode,
-                        by: "a node-local override".into(),
-                    });
-                }
-            }
-        }
+        self.notify(notices);
         Ok(ModeChange {
             target: target.into(),
             old,

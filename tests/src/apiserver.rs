@@ -131,6 +131,85 @@ struct Inner {
     changed: Condvar,
 }
 
+impl Inner {
+    /// Creates or replaces one object (with `apiVersion` and `kind`). Kinds the server does
+    /// not serve are ignored, as the agent ignores them.
+    fn apply(&self, mut object: Value) {
+        let Some(c) = object["kind"].as_str().and_then(collection_of_kind) else {
+            return;
+        };
+        let mut s = self.state.lock().unwrap();
+        let key = key_of(&object, c);
+        let existing = s.objects.get(c.kind).and_then(|m| m.get(&key)).cloned();
+        s.rv += 1;
+        let rv = s.rv;
+        let uid = match existing
+            .as_ref()
+            .and_then(|e| e["metadata"]["uid"].as_str())
+        {
+            Some(uid) => uid.to_string(),
+            None => match object["metadata"]["uid"].as_str() {
+                Some(uid) => uid.to_string(),
+                None => {
+                    s.next_uid += 1;
+                    format!("00000000-0000-4000-8000-{:012x}", s.next_uid)
+                }
+            },
+        };
+        let meta = &mut object["metadata"];
+        meta["resourceVersion"] = json!(rv.to_string());
+        meta["uid"] = json!(uid);
+        if c.namespaced {
+            meta["namespace"] = json!(key.0.clone());
+        }
+        if meta.get("creationTimestamp").is_none() {
+            meta["creationTimestamp"] = json!("2026-11-25T10:00:00Z");
+        }
+        let kind_of_event = if existing.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        s.objects
+            .entry(c.kind)
+            .or_default()
+            .insert(key, object.clone());
+        s.changes.push(Change {
+            rv,
+            kind: c.kind,
+            kind_of_event,
+            object,
+        });
+        self.changed.notify_all();
+    }
+
+    /// Deletes an object.
+    fn delete(&self, kind: &str, namespace: &str, name: &str) {
+        let c = collection_of_kind(kind).expect("a served kind");
+        let mut s = self.state.lock().unwrap();
+        let key = (
+            if c.namespaced {
+                namespace.to_string()
+            } else {
+                String::new()
+            },
+            name.to_string(),
+        );
+        if let Some(mut object) = s.objects.get_mut(c.kind).and_then(|m| m.remove(&key)) {
+            s.rv += 1;
+            object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            let rv = s.rv;
+            s.changes.push(Change {
+                rv,
+                kind: c.kind,
+                kind_of_event: "DELETED",
+                object,
+            });
+            self.changed.notify_all();
+        }
+    }
+}
+
 /// The running server.
 pub struct ApiServer {
     inner: Arc<Inner>,
@@ -206,79 +285,13 @@ impl ApiServer {
 
     /// Creates or replaces one object (with `apiVersion` and `kind`). Kinds the server does
     /// not serve are ignored, as the agent ignores them.
-    pub fn apply(&self, mut object: Value) {
-        let Some(c) = object["kind"].as_str().and_then(collection_of_kind) else {
-            return;
-        };
-        let mut s = self.inner.state.lock().unwrap();
-        let key = key_of(&object, c);
-        let existing = s.objects.get(c.kind).and_then(|m| m.get(&key)).cloned();
-        s.rv += 1;
-        let rv = s.rv;
-        let uid = match existing
-            .as_ref()
-            .and_then(|e| e["metadata"]["uid"].as_str())
-        {
-            Some(uid) => uid.to_string(),
-            None => match object["metadata"]["uid"].as_str() {
-                Some(uid) => uid.to_string(),
-                None => {
-                    s.next_uid += 1;
-                    format!("00000000-0000-4000-8000-{:012x}", s.next_uid)
-                }
-            },
-        };
-        let meta = &mut object["metadata"];
-        meta["resourceVersion"] = json!(rv.to_string());
-        meta["uid"] = json!(uid);
-        if c.namespaced {
-            meta["namespace"] = json!(key.0.clone());
-        }
-        if meta.get("creationTimestamp").is_none() {
-            meta["creationTimestamp"] = json!("2026-11-25T10:00:00Z");
-        }
-        let kind_of_event = if existing.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        s.objects
-            .entry(c.kind)
-            .or_default()
-            .insert(key, object.clone());
-        s.changes.push(Change {
-            rv,
-            kind: c.kind,
-            kind_of_event,
-            object,
-        });
-        self.inner.changed.notify_all();
+    pub fn apply(&self, object: Value) {
+        self.inner.apply(object);
     }
 
     /// Deletes an object.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
-        let c = collection_of_kind(kind).expect("a served kind");
-        let mut s = self.inner.state.lock().unwrap();
-        let key = (
-            if c.namespaced {
-                namespace.to_string()
-            } else {
-                String::new()
-            },
-            name.to_string(),
-        );
-        if let Some(mut object) = s.objects.get_mut(c.kind).and_then(|m| m.remove(&key)) {
-            s.rv += 1;
-            object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-            let rv = s.rv;
-            s.changes.push(Change {
-                rv,
-                kind: c.kind,
-                kind_of_event: "DELETED",
-                object,
-            });
-            self.inner.changed.notify_all();
-        }
+        self.inner.delete(kind, namespace, name);
     }
 
     /// Forgets the history (as etcd compaction does) and cuts every open watch: watchers
@@ -604,7 +617,7 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
                 );
                 return;
             }
-            write_object(&inner, object, c, &key);
+            inner.apply(object);
             let created = inner.state.lock().unwrap().objects[c.kind][&key].clone();
             respond(&mut stream, 201, &created);
         }
@@ -624,7 +637,7 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
             };
             let patch: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
             merge(&mut object, &patch);
-            write_object(&inner, object, c, &key);
+            inner.apply(object);
             let patched = inner.state.lock().unwrap().objects[c.kind][&key].clone();
             respond(&mut stream, 200, &patched);
         }
@@ -639,11 +652,7 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
                 .cloned();
             match existing {
                 Some(o) => {
-                    ApiServer {
-                        inner: inner.clone(),
-                        addr: "0.0.0.0:0".parse().unwrap(),
-                    }
-                    .delete(c.kind, "", &name);
+                    inner.delete(c.kind, "", &name);
                     respond(&mut stream, 200, &o);
                 }
                 None => respond(&mut stream, 404, &status(404, "NotFound", "not found")),
@@ -655,14 +664,6 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
             &status(405, "MethodNotAllowed", "method not allowed"),
         ),
     }
-}
-
-fn write_object(inner: &Arc<Inner>, object: Value, _c: Collection, _key: &(String, String)) {
-    ApiServer {
-        inner: inner.clone(),
-        addr: "0.0.0.0:0".parse().unwrap(),
-    }
-    .apply(object);
 }
 
 /// JSON merge patch (RFC 7386).
@@ -714,7 +715,7 @@ fn events_request(
                 object["metadata"]["name"] = json!(format!("{prefix}{n:x}"));
             }
             let key = key_of(&object, c);
-            write_object(inner, object, c, &key);
+            inner.apply(object);
             let created = inner.state.lock().unwrap().objects["Event"][&key].clone();
             respond(stream, 201, &created);
         }
@@ -734,7 +735,7 @@ fn events_request(
             };
             let patch: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
             merge(&mut object, &patch);
-            write_object(inner, object, c, &key);
+            inner.apply(object);
             let patched = inner.state.lock().unwrap().objects["Event"][&key].clone();
             respond(stream, 200, &patched);
         }

@@ -13,7 +13,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
-use super::crd::ModeOverride;
+use super::{crd::ModeOverride, store::Object};
 use crate::compile::model::{
     EndpointSliceInfo, Mode, ModeOverrideInfo, NamedPort, NamespaceInfo, NodeInfo, Operator,
     PeerSpec, PodInfo, Policy, PortRef, PortSpec, Protocol, Requirement, RuleSpec, Selector,
@@ -43,6 +43,60 @@ pub fn invalid_mode_annotation(
         Some(other) => Some(format!(
             "metadata.annotations[{MODE_ANNOTATION}]: {other:?} is not a mode (log or drop); ignored"
         )),
+    }
+}
+
+/// A Kubernetes object as both sources take it in: converted to the model, `Ok(None)` for
+/// one that is valid but not part of the network (a finished pod, a slice of no Service),
+/// or why it is rejected.
+pub trait ToObject {
+    fn to_object(&self) -> Result<Option<Object>>;
+}
+
+impl ToObject for Namespace {
+    fn to_object(&self) -> Result<Option<Object>> {
+        namespace(self).map(|n| Some(Object::Namespace(n)))
+    }
+}
+
+impl ToObject for Pod {
+    fn to_object(&self) -> Result<Option<Object>> {
+        // A finished pod's addresses may already belong to someone else.
+        if pod_is_terminated(self) {
+            return Ok(None);
+        }
+        pod(self).map(|p| Some(Object::Pod(p)))
+    }
+}
+
+impl ToObject for NetworkPolicy {
+    fn to_object(&self) -> Result<Option<Object>> {
+        network_policy(self).map(|p| Some(Object::Policy(p)))
+    }
+}
+
+impl ToObject for Service {
+    fn to_object(&self) -> Result<Option<Object>> {
+        service(self).map(|s| Some(Object::Service(s)))
+    }
+}
+
+impl ToObject for EndpointSlice {
+    fn to_object(&self) -> Result<Option<Object>> {
+        // A slice of no Service (or of FQDN endpoints) is valid and means nothing here.
+        endpoint_slice(self).map(|s| s.map(Object::EndpointSlice))
+    }
+}
+
+impl ToObject for Node {
+    fn to_object(&self) -> Result<Option<Object>> {
+        node(self).map(|n| Some(Object::Node(n)))
+    }
+}
+
+impl ToObject for ModeOverride {
+    fn to_object(&self) -> Result<Option<Object>> {
+        mode_override(self).map(|m| Some(Object::ModeOverride(m)))
     }
 }
 

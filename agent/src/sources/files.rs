@@ -21,7 +21,8 @@ use serde::Deserialize as _;
 use serde_norway::Value;
 
 use super::{
-    Refresh, Source, convert,
+    Refresh, Source,
+    convert::{self, ToObject},
     crd::ModeOverride,
     store::{Kind, Object, ObjectKey, Store},
 };
@@ -134,56 +135,33 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
         return;
     }
     let converted = match kind {
-        Kind::Namespace => serde_norway::from_value::<Namespace>(value)
-            .map_err(|e| e.to_string())
-            .and_then(|ns| convert::namespace(&ns))
-            .map(Object::Namespace),
-        Kind::Pod => serde_norway::from_value::<Pod>(value)
-            .map_err(|e| e.to_string())
-            .and_then(|pod| {
-                if convert::pod_is_terminated(&pod) {
-                    Err(String::new())
-                } else {
-                    convert::pod(&pod)
-                }
-            })
-            .map(Object::Pod),
-        Kind::NetworkPolicy => {
-            if let Some(unknown) = value.get("spec").and_then(convert::unknown_policy_fields) {
-                Err(unknown)
-            } else {
-                serde_norway::from_value::<NetworkPolicy>(value)
-                    .map_err(|e| e.to_string())
-                    .and_then(|np| convert::network_policy(&np))
-                    .map(Object::Policy)
-            }
-        }
-        Kind::Service => serde_norway::from_value::<Service>(value)
-            .map_err(|e| e.to_string())
-            .and_then(|svc| convert::service(&svc))
-            .map(Object::Service),
-        // A slice of no Service (or of FQDN endpoints) is valid and means nothing here.
-        Kind::EndpointSlice => serde_norway::from_value::<EndpointSlice>(value)
-            .map_err(|e| e.to_string())
-            .and_then(|slice| convert::endpoint_slice(&slice))
-            .and_then(|slice| slice.ok_or_else(String::new))
-            .map(Object::EndpointSlice),
-        Kind::Node => serde_norway::from_value::<Node>(value)
-            .map_err(|e| e.to_string())
-            .and_then(|node| convert::node(&node))
-            .map(Object::Node),
-        Kind::ModeOverride => serde_norway::from_value::<ModeOverride>(value)
-            .map_err(|e| e.to_string())
-            .and_then(|o| convert::mode_override(&o))
-            .map(Object::ModeOverride),
+        Kind::Namespace => typed::<Namespace>(value),
+        Kind::Pod => typed::<Pod>(value),
+        Kind::NetworkPolicy => match value.get("spec").and_then(convert::unknown_policy_fields) {
+            Some(unknown) => Err(unknown),
+            None => typed::<NetworkPolicy>(value),
+        },
+        Kind::Service => typed::<Service>(value),
+        Kind::EndpointSlice => typed::<EndpointSlice>(value),
+        Kind::Node => typed::<Node>(value),
+        Kind::ModeOverride => typed::<ModeOverride>(value),
     };
     match converted {
-        Ok(object) => out.push(Ok((key.expect("named"), object))),
+        Ok(Some(object)) => out.push(Ok((key.expect("named"), object))),
         // A finished pod (or a slice of no Service) is not an error, just not part of the
         // network.
-        Err(reason) if reason.is_empty() => {}
+        Ok(None) => {}
         Err(reason) => out.push(Err(error(reason))),
     }
+}
+
+/// A YAML value read as the Kubernetes type `K`, then converted to the model.
+fn typed<K: serde::de::DeserializeOwned + ToObject>(
+    value: Value,
+) -> Result<Option<Object>, String> {
+    serde_norway::from_value::<K>(value)
+        .map_err(|e| e.to_string())
+        .and_then(|k| k.to_object())
 }
 
 /// File list and modification times: what changes when the cluster state changes.

@@ -42,7 +42,8 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
-    ObjectError, Refresh, Source, convert,
+    ObjectError, Refresh, Source,
+    convert::ToObject,
     crd::ModeOverride,
     store::{Kind, Object, ObjectKey, Store},
 };
@@ -164,32 +165,13 @@ impl KubeSource {
             wake: self.wake.clone(),
         };
         let task = match kind {
-            Kind::Namespace => tokio::spawn(watch::<Namespace>(client, kind, tx, |ns| {
-                convert::namespace(ns).map(|n| Some(Object::Namespace(n)))
-            })),
-            Kind::Pod => tokio::spawn(watch::<Pod>(client, kind, tx, |pod| {
-                if convert::pod_is_terminated(pod) {
-                    return Ok(None);
-                }
-                convert::pod(pod).map(|p| Some(Object::Pod(p)))
-            })),
-            Kind::NetworkPolicy => tokio::spawn(watch::<NetworkPolicy>(client, kind, tx, |np| {
-                convert::network_policy(np).map(|p| Some(Object::Policy(p)))
-            })),
-            Kind::Service => tokio::spawn(watch::<Service>(client, kind, tx, |svc| {
-                convert::service(svc).map(|s| Some(Object::Service(s)))
-            })),
-            Kind::EndpointSlice => {
-                tokio::spawn(watch::<EndpointSlice>(client, kind, tx, |slice| {
-                    convert::endpoint_slice(slice).map(|s| s.map(Object::EndpointSlice))
-                }))
-            }
-            Kind::Node => tokio::spawn(watch::<Node>(client, kind, tx, |node| {
-                convert::node(node).map(|n| Some(Object::Node(n)))
-            })),
-            Kind::ModeOverride => tokio::spawn(watch::<ModeOverride>(client, kind, tx, |o| {
-                convert::mode_override(o).map(|m| Some(Object::ModeOverride(m)))
-            })),
+            Kind::Namespace => tokio::spawn(watch::<Namespace>(client, kind, tx)),
+            Kind::Pod => tokio::spawn(watch::<Pod>(client, kind, tx)),
+            Kind::NetworkPolicy => tokio::spawn(watch::<NetworkPolicy>(client, kind, tx)),
+            Kind::Service => tokio::spawn(watch::<Service>(client, kind, tx)),
+            Kind::EndpointSlice => tokio::spawn(watch::<EndpointSlice>(client, kind, tx)),
+            Kind::Node => tokio::spawn(watch::<Node>(client, kind, tx)),
+            Kind::ModeOverride => tokio::spawn(watch::<ModeOverride>(client, kind, tx)),
         };
         if let Some(old) = self.tasks.insert(kind, task) {
             old.abort();
@@ -411,9 +393,9 @@ impl Handover {
 }
 
 /// Watches one kind across the cluster until the task is aborted.
-async fn watch<K>(client: Client, kind: Kind, tx: Handover, convert: fn(&K) -> Converted)
+async fn watch<K>(client: Client, kind: Kind, tx: Handover)
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + ToObject + 'static,
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::all(client);
@@ -430,10 +412,10 @@ where
     };
     while let Some(event) = stream.next().await {
         let update = match event {
-            Ok(watcher::Event::Apply(o)) => Update::Apply(key(&o), convert(&o)),
+            Ok(watcher::Event::Apply(o)) => Update::Apply(key(&o), o.to_object()),
             Ok(watcher::Event::Delete(o)) => Update::Delete(key(&o)),
             Ok(watcher::Event::Init) => Update::Init(kind),
-            Ok(watcher::Event::InitApply(o)) => Update::InitApply(key(&o), convert(&o)),
+            Ok(watcher::Event::InitApply(o)) => Update::InitApply(key(&o), o.to_object()),
             Ok(watcher::Event::InitDone) => Update::InitDone(kind),
             Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
                 if status.code == 404 && kind == Kind::ModeOverride =>
