@@ -17,6 +17,18 @@ pub const CONNTRACK_CAPACITY: u32 = 1 << 18;
 /// Capacity of the per-flow counters (LRU: the agent reads them every few seconds, so an
 /// eviction loses at most the packets of one interval).
 pub const FLOW_COUNTER_CAPACITY: u32 = 1 << 16;
+/// Buckets of the direct-mapped flow series table (`FLOW_SERIES`): peer pairs the agent
+/// has seen get a bucket there, so their packets are counted with array lookups instead of
+/// a hash lookup. A power of two.
+pub const FLOW_SERIES_CAPACITY: u32 = 1 << 14;
+/// Buckets of the direct-mapped routing caches (`TC_SLOT_CACHE`, `CGROUP_SLOT_CACHE`) in
+/// front of `TC_SLOTS` and `CGROUP_SLOTS`. A power of two.
+pub const SLOT_CACHE_CAPACITY: u32 = 4 * MAX_WORKLOADS;
+/// Default share of the connection tracking table one workload may fill, in percent; its
+/// flows beyond that go to the overflow table (`CT_OVERFLOW`).
+pub const CONNTRACK_SHARE_PERCENT: u32 = 25;
+/// Capacity of the overflow table relative to the main one (divisor).
+pub const CONNTRACK_OVERFLOW_DIVISOR: u32 = 4;
 /// Capacity of the first-fragment port cache.
 pub const FRAGMENT_CAPACITY: u32 = 8192;
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
@@ -32,7 +44,7 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
 /// another layout are never adopted.
 pub const LAYOUT_VERSION: u64 = {
     use core::mem::size_of;
-    let manual: u64 = 2;
+    let manual: u64 = 3;
     let sizes = [
         size_of::<crate::CtKey>(),
         size_of::<crate::CtEntry>(),
@@ -47,6 +59,9 @@ pub const LAYOUT_VERSION: u64 = {
         size_of::<crate::FlowCounterKey>(),
         size_of::<crate::FlowEvent>(),
         size_of::<crate::EventBucket>(),
+        size_of::<crate::SlotRoute>(),
+        FLOW_SERIES_CAPACITY as usize,
+        SLOT_CACHE_CAPACITY as usize,
         MAX_WORKLOADS as usize,
         diag::COUNT as usize,
         IDENTITY_HOST as usize,
@@ -68,14 +83,21 @@ pub mod map_names {
     pub const WORKLOADS: &str = "WORKLOADS";
     pub const TC_SLOTS: &str = "TC_SLOTS";
     pub const CGROUP_SLOTS: &str = "CGROUP_SLOTS";
+    pub const TC_SLOT_CACHE: &str = "TC_SLOT_CACHE";
+    pub const CGROUP_SLOT_CACHE: &str = "CGROUP_SLOT_CACHE";
     pub const IDENTITIES: &str = "IDENTITIES";
     pub const POLICY: &str = "POLICY";
     pub const CIDR_RULES: &str = "CIDR_RULES";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CT_OVERFLOW: &str = "CT_OVERFLOW";
+    pub const CT_SHARES: &str = "CT_SHARES";
+    pub const CT_OVERFLOWED: &str = "CT_OVERFLOWED";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SPOOFED: &str = "SPOOFED";
     pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
+    pub const FLOW_SERIES_KEYS: &str = "FLOW_SERIES_KEYS";
+    pub const FLOW_SERIES: &str = "FLOW_SERIES";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUCKETS: &str = "EVENT_BUCKETS";
     pub const CONFIG: &str = "CONFIG";
@@ -183,8 +205,11 @@ pub mod diag {
     /// ICMP errors quoting a flow whose outer addresses do not fit that flow: evaluated as
     /// ICMP packets of their own.
     pub const ICMP_FOREIGN: u32 = 15;
+    /// New flows tracked in the overflow table because their workload held its whole
+    /// share of the main one.
+    pub const CT_OVERFLOW: u32 = 16;
     /// Number of diagnostic counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Names, in index order, for metrics and `status`.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -204,5 +229,6 @@ pub mod diag {
         "arp",
         "spoofed",
         "icmp_foreign",
+        "ct_overflow",
     ];
 }

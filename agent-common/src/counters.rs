@@ -40,4 +40,28 @@ pub struct FlowCounterKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowCounterKey>() == 16);
 
+impl FlowCounterKey {
+    /// The key as two words, for comparisons in the programs (no memcmp in BPF).
+    #[inline(always)]
+    pub const fn words(&self) -> (u64, u64) {
+        (
+            (self.slot as u64) << 32 | self.peer as u64,
+            (self.port as u64) << 32
+                | (self.proto as u64) << 24
+                | (self.direction as u64) << 16
+                | (self.verdict as u64) << 8
+                | self.origin as u64,
+        )
+    }
+}
+
+/// First bucket of a peer pair in the direct-mapped `FLOW_SERIES` table (the second is this
+/// one with the lowest bit flipped). The programs and the agent compute the same.
+#[inline(always)]
+pub const fn flow_series_bucket(key: &FlowCounterKey) -> u32 {
+    let (a, b) = key.words();
+    let h = (a ^ b.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((h >> 40) as u32) & (crate::FLOW_SERIES_CAPACITY - 1)
+}
+
 user_pod!(Counter, FlowCounterKey);

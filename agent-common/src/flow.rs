@@ -42,7 +42,7 @@ pub const DECISION_DENY: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns` after which the entry is stale and the next packet is a new flow.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) after which the entry is stale and the next packet is a new flow.
     pub expires_ns: u64,
     /// Packets seen by direction (index `DIR_INGRESS` / `DIR_EGRESS`).
     pub packets: [u64; 2],
@@ -57,7 +57,9 @@ pub struct CtEntry {
     pub _pad: u8,
     /// Identity of the remote side when the decision was taken.
     pub peer: u32,
-    pub _pad2: u32,
+    /// `WorkloadConfig::generation` of the slot when the flow was tracked: an entry of an
+    /// earlier generation belongs to a workload that is gone.
+    pub generation: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
@@ -104,8 +106,12 @@ pub struct Config {
     pub event_burst: u32,
     /// How long a fragment's ports are remembered.
     pub fragment_timeout_s: u32,
+    /// Entries of the main connection tracking table one workload may hold; its new flows
+    /// beyond that go to the overflow table. 0: no limit.
+    pub ct_share: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
 impl Default for Config {
     fn default() -> Self {
@@ -117,6 +123,8 @@ impl Default for Config {
             event_interval_ns: 1_000_000_000 / 10,
             event_burst: 20,
             fragment_timeout_s: 30,
+            ct_share: crate::CONNTRACK_CAPACITY / 100 * crate::CONNTRACK_SHARE_PERCENT,
+            _pad: 0,
         }
     }
 }

@@ -21,7 +21,9 @@ pub struct WorkloadConfig {
     pub rules_epoch: u32,
     /// The workload's IPv4 address (`HAS_IPV4`): the only IPv4 source it may send from.
     pub ipv4: [u8; 4],
-    pub _pad: u32,
+    /// Changes whenever the slot gets a new workload: tracked flows of another generation
+    /// are someone else's and never match, so freeing a slot needs no table walk.
+    pub generation: u32,
     /// The workload's IPv6 address (`HAS_IPV6`); link-local sources are always its own.
     pub ipv6: [u8; 16],
 }
@@ -100,4 +102,21 @@ pub struct PolicyValue {
 }
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
 
-user_pod!(WorkloadConfig, LpmAddr, PolicyKey, PolicyValue);
+/// One bucket of a direct-mapped routing cache: an interface index or cgroup id and the
+/// slot of its workload. `id` 0 is an empty bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotRoute {
+    pub id: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotRoute>() == 16);
+
+/// Bucket of an interface index or cgroup id in a routing cache.
+#[inline(always)]
+pub const fn slot_cache_bucket(id: u64) -> u32 {
+    (id as u32) & (crate::SLOT_CACHE_CAPACITY - 1)
+}
+
+user_pod!(WorkloadConfig, LpmAddr, PolicyKey, PolicyValue, SlotRoute);

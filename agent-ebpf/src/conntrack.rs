@@ -12,7 +12,7 @@ use agent_common::{
 };
 
 use crate::{
-    CONNTRACK,
+    CONNTRACK, CT_OVERFLOW, CT_OVERFLOWED, CT_SHARES,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
     policy::{self, Decision},
 };
@@ -120,68 +120,30 @@ pub struct Tracked {
 /// Looks up the packet's flow, evaluates policy when the flow is new or its decision stale,
 /// and records the flow. Denied flows of a workload in drop mode are not recorded: they
 /// have no replies, and a flood of them must not evict live connections.
+///
+/// A workload holds at most `Config::ct_share` entries of the main table; its new flows
+/// beyond that go to `CT_OVERFLOW`, so a flood toward one workload evicts that workload's
+/// flows (and other flooders'), never the established flows of the rest.
 #[inline(always)]
 pub fn track(
     config: &Config,
     workload: &WorkloadConfig,
+    slot: u32,
     key: &CtKey,
     direction: u8,
     tcp_flags: u8,
     now: u64,
 ) -> Tracked {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful lookup; LRU values stay valid for the
-        // program run. Concurrent CPUs may race on the plain fields (state bits, expiry,
-        // a re-evaluated decision): each is written whole and the next packet corrects a
-        // stale one. Counts are added atomically.
-        let entry: &mut CtEntry = unsafe { &mut *entry };
-        let reopened_tcp = key.proto == PROTO_TCP
-            && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-            && entry.tcp_state & (tcp_state::RST | tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY)
-                != 0;
-        if entry.expires_ns > now && !reopened_tcp {
-            let mut new_flow = false;
-            if entry.epoch != epoch_for(workload, entry.peer) {
-                let d = policy::evaluate(
-                    workload,
-                    entry.origin,
-                    key.family,
-                    &key.remote,
-                    key.proto,
-                    service_port(key, entry.origin),
-                );
-                new_flow = d.decision != entry.decision;
-                entry.decision = d.decision;
-                entry.peer = d.peer;
-                entry.epoch = epoch_for(workload, d.peer);
-            }
-            let state = next_state(
-                entry.tcp_state,
-                key.proto,
-                tcp_flags,
-                direction == entry.origin,
-            );
-            let expires = now + lifetime_ns(config, key.proto, state);
-            // Writes into the shared entry only when something moved: a new state bit, or
-            // an expiry more than a second later (as Cilium does). Every packet of a busy
-            // flow on several CPUs would otherwise bounce its cache line.
-            if state != entry.tcp_state {
-                entry.tcp_state = state;
-                entry.expires_ns = expires;
-            } else if expires > entry.expires_ns + NS_PER_SEC {
-                entry.expires_ns = expires;
-            }
-            // SAFETY: an aligned u64 of the entry, valid for the program run.
-            unsafe { crate::counters::atomic_add(&mut entry.packets[(direction & 1) as usize], 1) };
-            return Tracked {
-                decision: Decision {
-                    decision: entry.decision,
-                    peer: entry.peer,
-                },
-                origin: entry.origin,
-                new_flow,
-            };
-        }
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key)
+        && let Some(t) = established(config, workload, key, entry, direction, tcp_flags, now)
+    {
+        return t;
+    }
+    if CT_OVERFLOWED.get(slot).is_some_and(|o| *o != 0)
+        && let Some(entry) = CT_OVERFLOW.get_ptr_mut(key)
+        && let Some(t) = established(config, workload, key, entry, direction, tcp_flags, now)
+    {
+        return t;
     }
 
     let decision = policy::evaluate(
@@ -205,11 +167,9 @@ pub fn track(
             tcp_state: state,
             _pad: 0,
             peer: decision.peer,
-            _pad2: 0,
+            generation: workload.generation,
         };
-        if CONNTRACK.insert(key, entry, 0).is_err() {
-            crate::counters::diag(agent_common::diag::CT_INSERT_FAILED);
-        }
+        insert(config, slot, key, &entry);
     }
     Tracked {
         decision,
@@ -218,12 +178,107 @@ pub fn track(
     }
 }
 
+/// Records a new flow in the main table, or in the overflow table once the workload holds
+/// its share of the main one.
+#[inline(always)]
+fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry) {
+    if let Some(entries) = CT_SHARES.get_ptr_mut(slot) {
+        // SAFETY: a value of a successful array lookup, valid for the program run.
+        if config.ct_share != 0 && unsafe { *entries } >= config.ct_share as u64 {
+            crate::counters::diag(agent_common::diag::CT_OVERFLOW);
+            if let Some(flag) = CT_OVERFLOWED.get_ptr_mut(slot) {
+                // SAFETY: as above; a whole u32 written, the same value by every CPU.
+                unsafe { *flag = 1 };
+            }
+            if CT_OVERFLOW.insert(key, entry, 0).is_err() {
+                crate::counters::diag(agent_common::diag::CT_INSERT_FAILED);
+            }
+            return;
+        }
+        // SAFETY: as above; CPUs share the count, so it is added atomically.
+        unsafe { crate::counters::atomic_add(entries, 1) };
+    }
+    if CONNTRACK.insert(key, entry, 0).is_err() {
+        crate::counters::diag(agent_common::diag::CT_INSERT_FAILED);
+    }
+}
+
+/// The packet's part of a tracked flow, if `entry` is live: same workload generation, not
+/// expired, not a TCP connection opened again after it closed.
+#[inline(always)]
+fn established(
+    config: &Config,
+    workload: &WorkloadConfig,
+    key: &CtKey,
+    entry: *mut CtEntry,
+    direction: u8,
+    tcp_flags: u8,
+    now: u64,
+) -> Option<Tracked> {
+    // SAFETY: the pointer comes from a successful lookup; LRU values stay valid for the
+    // program run. Concurrent CPUs may race on the plain fields (state bits, expiry, a
+    // re-evaluated decision): each is written whole and the next packet corrects a stale
+    // one. Counts are added atomically.
+    let entry: &mut CtEntry = unsafe { &mut *entry };
+    let reopened_tcp = key.proto == PROTO_TCP
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && entry.tcp_state & (tcp_state::RST | tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY) != 0;
+    if entry.expires_ns <= now || entry.generation != workload.generation || reopened_tcp {
+        return None;
+    }
+    let mut new_flow = false;
+    if entry.epoch != epoch_for(workload, entry.peer) {
+        let d = policy::evaluate(
+            workload,
+            entry.origin,
+            key.family,
+            &key.remote,
+            key.proto,
+            service_port(key, entry.origin),
+        );
+        new_flow = d.decision != entry.decision;
+        entry.decision = d.decision;
+        entry.peer = d.peer;
+        entry.epoch = epoch_for(workload, d.peer);
+    }
+    let state = next_state(
+        entry.tcp_state,
+        key.proto,
+        tcp_flags,
+        direction == entry.origin,
+    );
+    let expires = now + lifetime_ns(config, key.proto, state);
+    // Writes into the shared entry only when something moved: a new state bit, or an
+    // expiry more than a second later (as Cilium does). Every packet of a busy flow on
+    // several CPUs would otherwise bounce its cache line.
+    if state != entry.tcp_state {
+        entry.tcp_state = state;
+        entry.expires_ns = expires;
+    } else if expires > entry.expires_ns + NS_PER_SEC {
+        entry.expires_ns = expires;
+    }
+    // SAFETY: an aligned u64 of the entry, valid for the program run.
+    unsafe { crate::counters::atomic_add(&mut entry.packets[(direction & 1) as usize], 1) };
+    Some(Tracked {
+        decision: Decision {
+            decision: entry.decision,
+            peer: entry.peer,
+        },
+        origin: entry.origin,
+        new_flow,
+    })
+}
+
 /// The flow an ICMP error relates to, if it is tracked: its decision as `Tracked`.
 #[inline(always)]
-pub fn related(key: &CtKey, now: u64) -> Option<Tracked> {
+pub fn related(workload: &WorkloadConfig, key: &CtKey, now: u64) -> Option<Tracked> {
     // SAFETY: read-only use of a value from a successful lookup.
-    let entry = unsafe { CONNTRACK.get(key) }?;
-    if entry.expires_ns > now {
+    let entry = match unsafe { CONNTRACK.get(key) } {
+        Some(e) => e,
+        // SAFETY: as above.
+        None => unsafe { CT_OVERFLOW.get(key) }?,
+    };
+    if entry.expires_ns > now && entry.generation == workload.generation {
         Some(Tracked {
             decision: Decision {
                 decision: entry.decision,

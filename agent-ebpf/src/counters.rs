@@ -1,8 +1,8 @@
 //! Per-CPU packet and byte counters by (workload, direction, verdict), and diagnostics.
 
-use agent_common::{Counter, FlowCounterKey, counter_index};
+use agent_common::{Counter, FlowCounterKey, counter_index, flow_series_bucket};
 
-use crate::{COUNTERS, DIAG, FLOW_COUNTERS, SPOOFED};
+use crate::{COUNTERS, DIAG, FLOW_COUNTERS, FLOW_SERIES, FLOW_SERIES_KEYS, SPOOFED};
 
 /// Adds a packet (or a GSO aggregate of `segments`) to its workload counter.
 #[inline(always)]
@@ -50,9 +50,26 @@ pub fn spoofed(slot: u32, segments: u32) {
     }
 }
 
-/// Adds a packet to its peer-pair counter, creating it on first use.
+/// Adds a packet to its peer-pair counter: its direct-mapped bucket when the agent gave it
+/// one (two array lookups), else the LRU hash, creating the entry on first use.
 #[inline(always)]
 pub fn count_flow(key: &FlowCounterKey, segments: u32, bytes: u32) {
+    let words = key.words();
+    let first = flow_series_bucket(key);
+    for bucket in [first, first ^ 1] {
+        if let Some(k) = FLOW_SERIES_KEYS.get(bucket)
+            && k.words() == words
+        {
+            if let Some(c) = FLOW_SERIES.get_ptr_mut(bucket) {
+                // SAFETY: per-CPU slot of a successful lookup.
+                unsafe {
+                    (*c).packets += segments as u64;
+                    (*c).bytes += bytes as u64;
+                }
+            }
+            return;
+        }
+    }
     match FLOW_COUNTERS.get_ptr_mut(key) {
         // SAFETY: per-CPU value of a successful lookup.
         Some(c) => unsafe {

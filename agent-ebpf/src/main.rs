@@ -23,17 +23,18 @@ mod parse;
 mod policy;
 
 use agent_common::{
-    CIDR_RULE_CAPACITY, CONNTRACK_CAPACITY, COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey,
-    DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DIR_INGRESS, EVENT_RING_BYTES, EventBucket,
-    FAMILY_IPV4, FLOW_COUNTER_CAPACITY, FRAGMENT_CAPACITY, FlowCounterKey, FragKey, FragPorts,
-    IDENTITY_CAPACITY, IDENTITY_HOST, IDENTITY_WORLD, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS,
-    MODE_LOG, POLICY_CAPACITY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
-    SLOT_UNREGISTERED, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP, WorkloadConfig, diag,
-    workload_flags,
+    CIDR_RULE_CAPACITY, CONNTRACK_CAPACITY, CONNTRACK_OVERFLOW_DIVISOR, COUNTERS_PER_SLOT, Config,
+    Counter, CtEntry, CtKey, DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DIR_INGRESS,
+    EVENT_RING_BYTES, EventBucket, FAMILY_IPV4, FLOW_COUNTER_CAPACITY, FLOW_SERIES_CAPACITY,
+    FRAGMENT_CAPACITY, FlowCounterKey, FragKey, FragPorts, IDENTITY_CAPACITY, IDENTITY_HOST,
+    IDENTITY_WORLD, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, SLOT_CACHE_CAPACITY,
+    SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
+    WorkloadConfig, diag, slot_cache_bucket, workload_flags,
 };
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::{cgroup_skb, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
@@ -50,6 +51,13 @@ static TC_SLOTS: HashMap<u32, u32> = HashMap::pinned(MAX_WORKLOADS, 0);
 /// cgroup v2 id to workload slot (cgroup attachments).
 #[map]
 static CGROUP_SLOTS: HashMap<u64, u32> = HashMap::pinned(MAX_WORKLOADS, 0);
+/// Direct-mapped caches in front of `TC_SLOTS` and `CGROUP_SLOTS` (bucket = id modulo the
+/// capacity): an array lookup the verifier inlines instead of a hash lookup per packet.
+/// The agent fills a bucket when it is free; a colliding id is found in the hash.
+#[map]
+static TC_SLOT_CACHE: Array<SlotRoute> = Array::pinned(SLOT_CACHE_CAPACITY, 0);
+#[map]
+static CGROUP_SLOT_CACHE: Array<SlotRoute> = Array::pinned(SLOT_CACHE_CAPACITY, 0);
 /// Peer address to identity.
 #[map]
 static IDENTITIES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(IDENTITY_CAPACITY, 0);
@@ -62,6 +70,19 @@ static CIDR_RULES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(CIDR_RULE_CAPACITY, 0
 /// Connection tracking.
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_CAPACITY, 0);
+/// Connection tracking for the new flows of workloads that hold their whole share of
+/// `CONNTRACK`: a flood evicts its own flows here, never other workloads' there.
+#[map]
+static CT_OVERFLOW: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::pinned(CONNTRACK_CAPACITY / CONNTRACK_OVERFLOW_DIVISOR, 0);
+/// Entries each slot holds in `CONNTRACK`: added atomically here, set to the live count by
+/// the agent's periodic census (which also accounts for evictions).
+#[map]
+static CT_SHARES: Array<u64> = Array::pinned(MAX_WORKLOADS, 0);
+/// Non-zero once a flow of the slot went to `CT_OVERFLOW`: only then is that table
+/// searched for the slot's packets. Written here, reset by the agent when the slot is freed.
+#[map]
+static CT_OVERFLOWED: Array<u32> = Array::pinned(MAX_WORKLOADS, 0);
 /// Ports of fragmented datagrams, from their first fragment.
 #[map]
 static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGMENT_CAPACITY, 0);
@@ -75,6 +96,14 @@ static SPOOFED: PerCpuArray<u64> = PerCpuArray::pinned(MAX_WORKLOADS, 0);
 #[map]
 static FLOW_COUNTERS: LruPerCpuHashMap<FlowCounterKey, Counter> =
     LruPerCpuHashMap::pinned(FLOW_COUNTER_CAPACITY, 0);
+/// Peer pairs the agent moved to direct-mapped buckets (`flow_series_bucket`): their
+/// packets are counted in `FLOW_SERIES` with two array lookups instead of a hash lookup.
+/// Written only by the agent; an all-zero key is a free bucket.
+#[map]
+static FLOW_SERIES_KEYS: Array<FlowCounterKey> = Array::pinned(FLOW_SERIES_CAPACITY, 0);
+/// Packets and bytes of the peer pair in the same bucket of `FLOW_SERIES_KEYS`.
+#[map]
+static FLOW_SERIES: PerCpuArray<Counter> = PerCpuArray::pinned(FLOW_SERIES_CAPACITY, 0);
 /// Sampled would-drop and drop events.
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
@@ -150,11 +179,28 @@ fn cgroup_action(action: Action) -> i32 {
 fn tc_slot(skb: &SkBuff) -> u32 {
     // SAFETY: context field read.
     let ifindex = unsafe { (*skb.skb).ifindex };
+    if let Some(route) = TC_SLOT_CACHE.get(slot_cache_bucket(ifindex as u64))
+        && route.id == ifindex as u64
+    {
+        return route.slot;
+    }
     // SAFETY: read-only use of the looked-up value.
     match unsafe { TC_SLOTS.get(ifindex) } {
         Some(slot) => *slot,
         None => SLOT_UNREGISTERED,
     }
+}
+
+/// The slot of a cgroup id, if it is registered: the cache bucket, then the hash.
+#[inline(always)]
+fn cgroup_route(id: u64) -> Option<u32> {
+    if let Some(route) = CGROUP_SLOT_CACHE.get(slot_cache_bucket(id))
+        && route.id == id
+    {
+        return Some(route.slot);
+    }
+    // SAFETY: read-only use of the looked-up value.
+    unsafe { CGROUP_SLOTS.get(id) }.copied()
 }
 
 /// The workload of the socket's cgroup: the cgroup itself, or (for a container inside a pod
@@ -164,9 +210,8 @@ fn tc_slot(skb: &SkBuff) -> u32 {
 fn cgroup_slot(skb: &SkBuff) -> u32 {
     // SAFETY: helper call on the program's own context.
     let id = unsafe { bpf_skb_cgroup_id(skb.skb) };
-    // SAFETY: read-only use of the looked-up value.
-    if let Some(slot) = unsafe { CGROUP_SLOTS.get(id) } {
-        return *slot;
+    if let Some(slot) = cgroup_route(id) {
+        return slot;
     }
     // Deepest level first; levels below the socket's own cgroup read as 0. Level 0 is the
     // root, never a workload.
@@ -177,9 +222,8 @@ fn cgroup_slot(skb: &SkBuff) -> u32 {
         if ancestor == 0 || ancestor == id {
             continue;
         }
-        // SAFETY: read-only use of the looked-up value.
-        if let Some(slot) = unsafe { CGROUP_SLOTS.get(ancestor) } {
-            return *slot;
+        if let Some(slot) = cgroup_route(ancestor) {
+            return slot;
         }
     }
     SLOT_UNREGISTERED
@@ -245,8 +289,10 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         return spoofed(workload, slot, &pkt, isolated, segs, bytes);
     }
 
+    // The coarse clock (updated every tick) is enough for expiry and rate limits, and
+    // costs a fraction of reading the clocksource.
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if pkt.kind == Kind::LaterFragment {
         let fkey = frag_key(&pkt);
         // SAFETY: read-only use of the looked-up value.
@@ -285,7 +331,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             // Quoting a tracked flow is not enough: an error must travel between that
             // flow's ends, or any pod could smuggle packets to anyone as "related".
             counters::diag(diag::ICMP_FOREIGN);
-        } else if let Some(t) = conntrack::related(&related, now) {
+        } else if let Some(t) = conntrack::related(workload, &related, now) {
             counters::diag(diag::ICMP_RELATED);
             tracked = Some(t);
             key = related;
@@ -293,7 +339,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
     let tracked = match tracked {
         Some(t) => t,
-        None => conntrack::track(config, workload, &key, direction, pkt.tcp_flags, now),
+        None => conntrack::track(config, workload, slot, &key, direction, pkt.tcp_flags, now),
     };
 
     let verdict = verdict_of(tracked.decision.decision, workload.mode);

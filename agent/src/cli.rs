@@ -187,9 +187,22 @@ pub struct RunArgs {
     /// How TC programs attach: auto (TCX on 6.6+, else clsact), tcx or clsact.
     #[arg(long, value_enum, default_value_t = TcModeArg::Auto)]
     pub tc_mode: TcModeArg,
-    /// Capacity of the connection tracking table.
+    /// Capacity of the connection tracking table (flows). An overflow table of a quarter of
+    /// this holds the new flows of workloads beyond their share.
     #[arg(long, default_value_t = agent_common::CONNTRACK_CAPACITY)]
     pub conntrack_capacity: u32,
+    /// The most of the connection tracking table one workload may fill, in percent. Beyond
+    /// it, its new flows go to the overflow table: a flood of new flows toward one workload
+    /// evicts that workload's flows, never the established connections of the others.
+    /// 100 turns the limit off.
+    #[arg(long, default_value_t = agent_common::CONNTRACK_SHARE_PERCENT,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub conntrack_share: u32,
+    /// How often the connection tracking tables are walked: expired flows and flows of
+    /// removed workloads deleted, each workload's share count corrected, map occupancy
+    /// counted.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub conntrack_census_interval: std::time::Duration,
     /// Whose word a pod's own tollgate.io/mode annotation is: `stricter` (it may only turn
     /// its namespace's log into drop; the namespace annotation and the overrides are the
     /// security team's) or `any` (it wins either way).
@@ -553,6 +566,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             TcModeArg::Clsact => attach::TcMode::Clsact,
         },
         conntrack_capacity: args.conntrack_capacity,
+        conntrack_share: args.conntrack_share,
+        conntrack_census_interval: args.conntrack_census_interval,
         pod_mode_annotations: match args.pod_mode_annotations {
             PodModeArg::Stricter => crate::compile::policy::PodModeAnnotations::Stricter,
             PodModeArg::Any => crate::compile::policy::PodModeAnnotations::Any,

@@ -72,6 +72,9 @@ pub struct RunOptions {
     pub poll_interval: Duration,
     pub tc_mode: TcMode,
     pub conntrack_capacity: u32,
+    /// Percent of the connection tracking table one workload may fill.
+    pub conntrack_share: u32,
+    pub conntrack_census_interval: std::time::Duration,
     pub pod_mode_annotations: PodModeAnnotations,
     /// The cgroup v2 mount the kubepods hierarchy lives under.
     pub cgroup_root: PathBuf,
@@ -197,6 +200,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         1_000_000_000 / options.log_rate as u64
     };
     config.event_burst = options.log_burst.max(1);
+    config.ct_share = if options.conntrack_share >= 100 {
+        0
+    } else {
+        (options.conntrack_capacity as u64 * options.conntrack_share as u64 / 100).max(1) as u32
+    };
     datapath.maps.set_config(&Config { ..config })?;
     let events = datapath.events()?;
     let readers = MapReaders::open(&options.bpffs).context("open the pinned maps for reading")?;
@@ -222,6 +230,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let occupancy_task = tokio::spawn(crate::flows::count_occupancy(
         occupancy_readers,
         observer.occupancy.clone(),
+        options.conntrack_census_interval,
     ));
     let sync_seconds = prometheus_client::metrics::histogram::Histogram::new(
         prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),

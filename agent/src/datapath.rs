@@ -120,6 +120,10 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&options.pin_dir)
             .map_max_entries(map_names::CONNTRACK, options.conntrack_capacity)
+            .map_max_entries(
+                map_names::CT_OVERFLOW,
+                (options.conntrack_capacity / agent_common::CONNTRACK_OVERFLOW_DIVISOR).max(1024),
+            )
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: options.pin_dir.clone(),

@@ -681,9 +681,27 @@ fn fill_conntrack(bpffs: &Path, flows: u32) {
     let data = MapData::from_pin(bpffs.join(map_names::CONNTRACK)).expect("the pinned CONNTRACK");
     let mut table: HashMap<_, CtKey, CtEntry> =
         HashMap::try_from(Map::LruHashMap(data)).expect("CONNTRACK is an LRU hash");
+    // Flows of the agent's own workloads (their slots and generations), so its census
+    // counts them as live instead of deleting them.
+    let workloads: aya::maps::Array<_, agent_common::WorkloadConfig> =
+        aya::maps::Array::try_from(Map::Array(
+            MapData::from_pin(bpffs.join(map_names::WORKLOADS)).expect("the pinned WORKLOADS"),
+        ))
+        .expect("WORKLOADS is an array");
+    let active: Vec<(u32, u32)> = workloads
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, w)| w.ok().map(|w| (slot as u32, w)))
+        .filter(|(_, w)| w.flags & agent_common::workload_flags::ACTIVE != 0)
+        .map(|(slot, w)| (slot, w.generation))
+        .collect();
+    assert!(!active.is_empty(), "the agent has workloads");
     let started = Instant::now();
     for i in 0..flows {
-        let (key, entry) = synthetic_flow(i);
+        let (mut key, mut entry) = synthetic_flow(i);
+        let (slot, generation) = active[i as usize % active.len()];
+        key.slot = slot;
+        entry.generation = generation;
         table.insert(key, entry, 0).expect("insert a tracked flow");
     }
     eprintln!(

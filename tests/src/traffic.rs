@@ -177,6 +177,18 @@ pub fn udp_from(
 /// Sends one datagram to each of `flows` consecutive destination ports, not waiting for
 /// echoes: a burst of distinct new flows.
 pub fn udp_burst(pod: &Pod, to: IpAddr, first_port: u16, flows: u32) -> UdpResult {
+    udp_burst_rounds(pod, to, first_port, flows, 1)
+}
+
+/// Like `udp_burst`, the whole burst `rounds` times from the same socket: each new flow
+/// sees `rounds` packets (what a flood of real connections looks like to a flow table).
+pub fn udp_burst_rounds(
+    pod: &Pod,
+    to: IpAddr,
+    first_port: u16,
+    flows: u32,
+    rounds: u32,
+) -> UdpResult {
     run_helper(
         pod,
         &[
@@ -187,6 +199,8 @@ pub fn udp_burst(pod: &Pod, to: IpAddr, first_port: u16, flows: u32) -> UdpResul
             first_port.to_string(),
             "--flows".into(),
             flows.to_string(),
+            "--rounds".into(),
+            rounds.to_string(),
         ],
     )
 }

@@ -118,7 +118,7 @@ fn ledger_packets(text: &str, direction: &str, verdict: &str) -> f64 {
 #[test]
 fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
     let bank = bank("agent-e2e");
-    let mut agent = bank.start(&[]);
+    let mut agent = bank.start(&["--conntrack-census-interval", "1s"]);
     assert_eq!(agent.http("/healthz").map(|r| r.0), Some(200));
 
     let status = agent.status();
@@ -181,6 +181,36 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
         Some(8.0),
         "seen at the ledger's ingress: 4 datagrams and their 4 echoes"
     );
+    // That scrape gave the pairs it read their own direct-mapped buckets: the pot's next
+    // datagrams count there, and the series adds both places up without losing or doubling.
+    let pot_series = |m: &str| {
+        sample(
+            m,
+            "tollgate_flow_packets_total",
+            &[
+                ("direction", "ingress"),
+                ("verdict", "allowed"),
+                ("src_workload", "pot-0"),
+                ("dst_workload", "ledger"),
+                ("protocol", "udp"),
+                ("port", "8080"),
+            ],
+        )
+    };
+    assert_eq!(pot_series(&m), Some(10.0), "5 datagrams and their echoes");
+    assert_eq!(
+        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 6, 64, PATIENT).echoed,
+        6
+    );
+    bank.lab.settle();
+    let m = agent.metrics_text();
+    assert_eq!(pot_series(&m), Some(22.0), "6 more and their echoes");
+    // The census (every second here) counts the ledger's tracked flows: the pot's and the
+    // frontend's.
+    wait_for(Duration::from_secs(10), "a census", || {
+        let m = agent.metrics_text();
+        (sample(&m, "tollgate_conntrack_entries", &[("pod", LEDGER_POD)])? >= 2.0).then_some(())
+    });
     assert_eq!(
         sample(
             &m,

@@ -43,6 +43,9 @@ struct Persisted {
     /// Last value read per kernel flow counter: (slot, peer, port, proto, direction, verdict,
     /// origin) -> packets.
     flow_last_seen: Vec<([u32; 7], u64)>,
+    /// Direct-mapped flow series buckets: (bucket, key as above, last value read).
+    #[serde(default)]
+    series_buckets: Vec<(u32, [u32; 7], u64)>,
     /// Unix seconds of the last would-drop, by NAMESPACE/POD.
     last_would_drop: BTreeMap<String, u64>,
 }
@@ -109,27 +112,86 @@ impl FlowLogStats {
     }
 }
 
-/// How often map occupancy (`tollgate_map_entries`) is counted. Counting a hash map walks
-/// its keys, one system call each: a million tracked flows take about a second, which a
-/// scrape must never wait for.
+/// How often map occupancy (`tollgate_map_entries`) is counted and the connection tracking
+/// census taken. Counting a hash map walks its keys, one system call each: a million
+/// tracked flows take about a second, which a scrape must never wait for.
 pub const OCCUPANCY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Map occupancy as last counted, shared between its counting task and the scrapes.
-pub type Occupancy = std::sync::Arc<Mutex<Vec<(&'static str, u64, u64)>>>;
+/// Map occupancy and the connection tracking census as last taken, shared between their
+/// task and the scrapes.
+pub type Occupancy = std::sync::Arc<Mutex<Counted>>;
 
-/// Counts map occupancy every `OCCUPANCY_INTERVAL` with its own map handles, off every
-/// lock a scrape, a flip or a sync takes.
-pub async fn count_occupancy(readers: MapReaders, into: Occupancy) {
-    let readers = std::sync::Arc::new(readers);
-    let mut tick = tokio::time::interval(OCCUPANCY_INTERVAL);
+/// What the background walk found.
+#[derive(Clone, Debug, Default)]
+pub struct Counted {
+    /// (map, entries, capacity).
+    pub maps: Vec<(&'static str, u64, u64)>,
+    /// Live tracked flows per slot, both tables.
+    pub conntrack_per_slot: HashMap<u32, u64>,
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the programs' timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Every `interval`, with its own map handles and off every lock a scrape, a flip or a
+/// sync takes: the connection tracking census (dead entries deleted, each workload's share
+/// count corrected, `ConntrackCensus`) and map occupancy.
+pub async fn count_occupancy(readers: MapReaders, into: Occupancy, interval: std::time::Duration) {
+    let mut readers = Some(readers);
+    let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        let r = readers.clone();
-        if let Ok(counted) = tokio::task::spawn_blocking(move || r.occupancy()).await {
-            *into.lock().expect("occupancy") = counted;
-        }
+        let Some(mut r) = readers.take() else {
+            return;
+        };
+        let walked = tokio::task::spawn_blocking(move || {
+            let census = r.conntrack_census(monotonic_ns());
+            let mut maps = r.occupancy();
+            for (name, entries, _) in maps.iter_mut() {
+                match *name {
+                    agent_common::map_names::CONNTRACK => *entries = census.main,
+                    agent_common::map_names::CT_OVERFLOW => *entries = census.overflow,
+                    _ => {}
+                }
+            }
+            (r, maps, census)
+        })
+        .await;
+        // A panic in the walk ends the task, which the daemon reports as fatal.
+        let Ok((r, maps, census)) = walked else {
+            return;
+        };
+        readers = Some(r);
+        *into.lock().expect("occupancy") = Counted {
+            maps,
+            conntrack_per_slot: census.per_slot,
+        };
     }
 }
+
+/// A peer pair with a direct-mapped bucket, as the observer tracks it.
+#[derive(Clone, Debug)]
+struct SeriesBucket {
+    key: FlowCounterKey,
+    /// Packets read at the last poll.
+    last: u64,
+    /// When its count last moved.
+    last_change: std::time::Instant,
+    /// Its key was taken away at the last poll; one more read, then the bucket is free.
+    retiring: bool,
+}
+
+/// A bucket whose count has not moved for this long goes back to the hash, making room for
+/// pairs that are busy now.
+const SERIES_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Reads counters and keeps the flow series.
 pub struct Observer {
@@ -139,6 +201,10 @@ pub struct Observer {
     persisted: Persisted,
     series: BTreeMap<Vec<String>, u64>,
     last_seen: HashMap<[u32; 7], u64>,
+    /// Peer pairs counted in direct-mapped buckets (`FLOW_SERIES`), by bucket.
+    buckets: HashMap<u32, SeriesBucket>,
+    /// The bucket of each peer pair in `buckets`.
+    bucket_of: HashMap<FlowCounterKey, u32>,
     /// Would-drops per workload (`NAMESPACE/POD`) at the last poll.
     would_drops: HashMap<String, u64>,
     /// Map occupancy, counted in the background (`count_occupancy`).
@@ -166,7 +232,34 @@ impl Observer {
             .store(persisted.flow_log_written, Ordering::Relaxed);
         log.lost.store(persisted.flow_log_lost, Ordering::Relaxed);
         let policy_errors = persisted.policy_errors;
+        // Buckets live in the pinned maps across restarts: continue from what was last read
+        // for the same pair, or from what the bucket holds now (never count twice).
+        let remembered: HashMap<(u32, [u32; 7]), u64> = persisted
+            .series_buckets
+            .iter()
+            .map(|(b, k, v)| ((*b, *k), *v))
+            .collect();
+        let mut buckets = HashMap::new();
+        let mut bucket_of = HashMap::new();
+        for (bucket, key) in readers.flow_series_keys() {
+            let last = match remembered.get(&(bucket, key_array(&key))) {
+                Some(v) => *v,
+                None => readers.flow_series(bucket).map(|c| c.packets).unwrap_or(0),
+            };
+            buckets.insert(
+                bucket,
+                SeriesBucket {
+                    key,
+                    last,
+                    last_change: std::time::Instant::now(),
+                    retiring: false,
+                },
+            );
+            bucket_of.insert(key, bucket);
+        }
         let observer = Observer {
+            buckets,
+            bucket_of,
             readers,
             state_file,
             max_flow_series,
@@ -183,6 +276,12 @@ impl Observer {
     pub fn persist(&mut self, log: &FlowLogStats, policy_errors: u64) {
         self.persisted.flow_series = self.series.iter().map(|(k, v)| (k.clone(), *v)).collect();
         self.persisted.flow_last_seen = self.last_seen.iter().map(|(k, v)| (*k, *v)).collect();
+        self.persisted.series_buckets = self
+            .buckets
+            .iter()
+            .filter(|(_, b)| !b.retiring)
+            .map(|(i, b)| (*i, key_array(&b.key), b.last))
+            .collect();
         self.persisted.flow_log_written = log.written.load(Ordering::Relaxed);
         self.persisted.flow_log_lost = log.lost.load(Ordering::Relaxed);
         self.persisted.policy_errors = policy_errors;
@@ -193,6 +292,11 @@ impl Observer {
     }
 
     /// Folds the kernel's per-flow counters into the flow series, and notes would-drops.
+    ///
+    /// A peer pair is counted in the LRU hash (`FLOW_COUNTERS`) until the observer gives it
+    /// a direct-mapped bucket (`FLOW_SERIES`), where established packets cost two array
+    /// lookups instead of a hash lookup; both places are read and their deltas added, so a
+    /// pair moving between them loses nothing.
     pub fn poll(&mut self, view: &View) {
         let slots: HashMap<u32, (&str, &str)> = view
             .workloads
@@ -201,6 +305,8 @@ impl Observer {
             .collect();
         let current = self.readers.flow_counters();
         let mut seen = HashMap::with_capacity(current.len());
+        let mut deltas: Vec<(FlowCounterKey, u64)> = Vec::new();
+        let mut busy_in_hash: Vec<FlowCounterKey> = Vec::new();
         for (key, counter) in current {
             let id = key_array(&key);
             let last = self.last_seen.get(&id).copied().unwrap_or(0);
@@ -211,9 +317,74 @@ impl Observer {
                 counter.packets
             };
             seen.insert(id, counter.packets);
-            if delta == 0 {
-                continue;
+            if delta > 0 {
+                deltas.push((key, delta));
+                if !self.bucket_of.contains_key(&key) && slots.contains_key(&key.slot) {
+                    busy_in_hash.push(key);
+                }
             }
+        }
+        self.last_seen = seen;
+
+        let now = std::time::Instant::now();
+        let mut freed = Vec::new();
+        let mut retire = Vec::new();
+        for (bucket, state) in self.buckets.iter_mut() {
+            let Ok(c) = self.readers.flow_series(*bucket) else {
+                continue;
+            };
+            let delta = c.packets.saturating_sub(state.last);
+            state.last = c.packets;
+            if delta > 0 {
+                deltas.push((state.key, delta));
+                state.last_change = now;
+            }
+            if state.retiring {
+                freed.push(*bucket);
+            } else if !slots.contains_key(&state.key.slot)
+                || now.duration_since(state.last_change) > SERIES_IDLE
+            {
+                retire.push(*bucket);
+            }
+        }
+        for bucket in freed {
+            if let Some(state) = self.buckets.remove(&bucket) {
+                self.bucket_of.remove(&state.key);
+            }
+        }
+        for bucket in retire {
+            if self.readers.retire_flow_series(bucket).is_ok()
+                && let Some(state) = self.buckets.get_mut(&bucket)
+            {
+                // Packets counted before the programs saw the key go are read once more at
+                // the next poll.
+                state.retiring = true;
+            }
+        }
+        for key in busy_in_hash {
+            let buckets = &self.buckets;
+            match self
+                .readers
+                .assign_flow_series(&key, |b| buckets.contains_key(&b))
+            {
+                Ok(Some(bucket)) => {
+                    self.buckets.insert(
+                        bucket,
+                        SeriesBucket {
+                            key,
+                            last: 0,
+                            last_change: now,
+                            retiring: false,
+                        },
+                    );
+                    self.bucket_of.insert(key, bucket);
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "could not give a flow series its bucket"),
+            }
+        }
+
+        for (key, delta) in deltas {
             let Some((ns, workload)) = slots.get(&key.slot) else {
                 continue;
             };
@@ -254,7 +425,6 @@ impl Observer {
                 None => self.persisted.flow_overflow += delta,
             }
         }
-        self.last_seen = seen;
         // Would-drops per workload, for `status` and the last-would-drop gauge.
         let now = unix_now();
         for w in &view.workloads {
@@ -341,7 +511,21 @@ impl Observer {
         s.flow_log_rate_limited = d[diag::EVENT_RATE_LIMITED as usize];
         s.flow_log_lost = log.lost.load(Ordering::Relaxed) + d[diag::EVENT_LOST as usize];
         s.policy_errors = policy_errors;
-        s.maps = self.occupancy.lock().expect("occupancy").clone();
+        {
+            let counted = self.occupancy.lock().expect("occupancy");
+            s.maps = counted.maps.clone();
+            for w in &view.workloads {
+                s.conntrack_entries.push((
+                    w.namespace.clone(),
+                    w.pod.clone(),
+                    counted
+                        .conntrack_per_slot
+                        .get(&w.slot)
+                        .copied()
+                        .unwrap_or(0),
+                ));
+            }
+        }
         s.diagnostics = diag::NAMES.iter().copied().zip(d).collect();
         s
     }

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 
 use agent_common::{
     COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIRECTIONS, EventBucket, FlowCounterKey,
-    LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, PolicyKey, PolicyValue, VERDICTS,
-    WorkloadConfig, counter_index, diag, map_names, workload_flags,
+    LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, PolicyKey, PolicyValue, SlotRoute,
+    VERDICTS, WorkloadConfig, counter_index, diag, map_names, slot_cache_bucket, workload_flags,
 };
 use aya::{
     Ebpf,
@@ -175,6 +175,25 @@ impl std::ops::Deref for DatapathMaps {
     }
 }
 
+impl std::ops::DerefMut for DatapathMaps {
+    fn deref_mut(&mut self) -> &mut MapReaders {
+        &mut self.r
+    }
+}
+
+/// What one walk of the connection tracking tables found (`conntrack_census`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackCensus {
+    /// Live entries per slot, both tables.
+    pub per_slot: StdHashMap<u32, u64>,
+    /// Live entries in the main table.
+    pub main: u64,
+    /// Live entries in the overflow table.
+    pub overflow: u64,
+    /// Expired entries and entries of freed slots deleted.
+    pub deleted: u64,
+}
+
 /// Read handles on the maps that counters, metrics and `status` read: the controller's own
 /// (through [`DatapathMaps`]), or an observer's, opened from the pins so that reading never
 /// waits on a reconcile.
@@ -182,12 +201,19 @@ pub struct MapReaders {
     workloads: Array<MapData, WorkloadConfig>,
     tc_slots: HashMap<MapData, u32, u32>,
     cgroup_slots: HashMap<MapData, u64, u32>,
+    tc_slot_cache: Array<MapData, SlotRoute>,
+    cgroup_slot_cache: Array<MapData, SlotRoute>,
     identities: LpmTrie<MapData, LpmAddr, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     cidr_rules: LpmTrie<MapData, LpmAddr, u32>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    ct_overflow: HashMap<MapData, CtKey, CtEntry>,
+    ct_shares: Array<MapData, u64>,
+    ct_overflowed: Array<MapData, u32>,
     counters: PerCpuArray<MapData, Counter>,
     flow_counters: PerCpuHashMap<MapData, FlowCounterKey, Counter>,
+    flow_series_keys: Array<MapData, FlowCounterKey>,
+    flow_series: PerCpuArray<MapData, Counter>,
     diag: PerCpuArray<MapData, u64>,
     spoofed: PerCpuArray<MapData, u64>,
     conntrack_capacity: u64,
@@ -256,8 +282,135 @@ impl MapReaders {
             })
             .collect()
     }
+    /// Packets and bytes counted in a direct-mapped flow series bucket, summed over CPUs.
+    pub fn flow_series(&self, bucket: u32) -> Result<Counter, MapsError> {
+        let values = self
+            .flow_series
+            .get(&bucket, 0)
+            .map_err(map_err(map_names::FLOW_SERIES))?;
+        let mut c = Counter::default();
+        for v in values.iter() {
+            c.packets += v.packets;
+            c.bytes += v.bytes;
+        }
+        Ok(c)
+    }
+
+    /// The peer pairs that hold a direct-mapped bucket: (bucket, key).
+    pub fn flow_series_keys(&self) -> Vec<(u32, FlowCounterKey)> {
+        self.flow_series_keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| k.ok().map(|k| (i as u32, k)))
+            .filter(|(_, k)| *k != FlowCounterKey::default())
+            .collect()
+    }
+
+    /// Gives a peer pair a direct-mapped bucket (its first or second choice, whichever is
+    /// free in the map and not `busy`), so the programs count it with array lookups: the
+    /// bucket's counts are zeroed first, then the key written. `None` when both are taken;
+    /// the pair stays in the LRU hash.
+    pub fn assign_flow_series(
+        &mut self,
+        key: &FlowCounterKey,
+        busy: impl Fn(u32) -> bool,
+    ) -> Result<Option<u32>, MapsError> {
+        let first = agent_common::flow_series_bucket(key);
+        for bucket in [first, first ^ 1] {
+            if busy(bucket) {
+                continue;
+            }
+            let current = self
+                .flow_series_keys
+                .get(&bucket, 0)
+                .map_err(map_err(map_names::FLOW_SERIES_KEYS))?;
+            if current != FlowCounterKey::default() {
+                continue;
+            }
+            let zero = zero_per_cpu::<Counter>().map_err(|source| MapsError::Io {
+                what: "per-CPU counter values",
+                source,
+            })?;
+            self.flow_series
+                .set(bucket, zero, 0)
+                .map_err(map_err(map_names::FLOW_SERIES))?;
+            self.flow_series_keys
+                .set(bucket, key, 0)
+                .map_err(map_err(map_names::FLOW_SERIES_KEYS))?;
+            return Ok(Some(bucket));
+        }
+        Ok(None)
+    }
+
+    /// Takes a bucket's key away: the programs count that pair in the hash again. Its
+    /// counts stay readable until the bucket is given to another pair.
+    pub fn retire_flow_series(&mut self, bucket: u32) -> Result<(), MapsError> {
+        self.flow_series_keys
+            .set(bucket, FlowCounterKey::default(), 0)
+            .map_err(map_err(map_names::FLOW_SERIES_KEYS))
+    }
+
+    /// Walks both connection tracking tables once: deletes entries that are expired or
+    /// belong to a workload generation that is gone, counts the live ones per slot, and sets
+    /// each slot's share count (`CT_SHARES`) to its live entries in the main table (the
+    /// programs count inserts, not evictions or expiry; this corrects them). `now_ns` is
+    /// CLOCK_MONOTONIC, the clock of the entries' expiry.
+    pub fn conntrack_census(&mut self, now_ns: u64) -> ConntrackCensus {
+        let generations: Vec<Option<u32>> = self
+            .workloads
+            .iter()
+            .map(|w| {
+                w.ok()
+                    .filter(|w| w.flags & workload_flags::ACTIVE != 0)
+                    .map(|w| w.generation)
+            })
+            .collect();
+        let live = |k: &CtKey, e: &CtEntry| {
+            e.expires_ns > now_ns
+                && generations.get(k.slot as usize).copied().flatten() == Some(e.generation)
+        };
+        let mut census = ConntrackCensus::default();
+        let mut main = vec![0u64; MAX_WORKLOADS as usize];
+        for (table, overflow) in [(&mut self.conntrack, false), (&mut self.ct_overflow, true)] {
+            let mut dead = Vec::new();
+            for (key, entry) in table.iter().filter_map(Result::ok) {
+                if !live(&key, &entry) {
+                    dead.push(key);
+                    continue;
+                }
+                *census.per_slot.entry(key.slot).or_default() += 1;
+                if overflow {
+                    census.overflow += 1;
+                } else {
+                    census.main += 1;
+                    if let Some(n) = main.get_mut(key.slot as usize) {
+                        *n += 1;
+                    }
+                }
+            }
+            for key in dead {
+                // Read again right before deleting: a packet may have tracked the flow anew
+                // since the walk saw it, and a live entry must stay (its replies would be
+                // decided as new flows).
+                if let Ok(entry) = table.get(&key, 0)
+                    && !live(&key, &entry)
+                    && table.remove(&key).is_ok()
+                {
+                    census.deleted += 1;
+                }
+            }
+        }
+        for (slot, generation) in generations.iter().enumerate() {
+            if generation.is_some() {
+                let _ = self.ct_shares.set(slot as u32, main[slot], 0);
+            }
+        }
+        census
+    }
+
     /// Entries in use and capacity of each map, for `tollgate_map_entries` and
-    /// `tollgate_map_capacity`. Hash and trie sizes are counted by walking their keys.
+    /// `tollgate_map_capacity`. Hash and trie sizes are counted by walking their keys; the
+    /// connection tracking tables are left at 0 for the census to fill in.
     pub fn occupancy(&self) -> Vec<(&'static str, u64, u64)> {
         let count = |n: usize| n as u64;
         vec![
@@ -297,10 +450,18 @@ impl MapReaders {
                 count(self.cidr_rules.keys().count()),
                 agent_common::CIDR_RULE_CAPACITY as u64,
             ),
+            // Counted by the census walk (`conntrack_census`), which runs beside this.
+            (map_names::CONNTRACK, 0, self.conntrack_capacity),
             (
-                map_names::CONNTRACK,
-                count(self.conntrack.keys().count()),
-                self.conntrack_capacity,
+                map_names::CT_OVERFLOW,
+                0,
+                (self.conntrack_capacity / agent_common::CONNTRACK_OVERFLOW_DIVISOR as u64)
+                    .max(1024),
+            ),
+            (
+                map_names::FLOW_SERIES_KEYS,
+                count(self.flow_series_keys().len()),
+                agent_common::FLOW_SERIES_CAPACITY as u64,
             ),
             (
                 map_names::FLOW_COUNTERS,
@@ -323,12 +484,19 @@ impl MapReaders {
             workloads: open_pinned(pin_dir, map_names::WORKLOADS)?,
             tc_slots: open_pinned(pin_dir, map_names::TC_SLOTS)?,
             cgroup_slots: open_pinned(pin_dir, map_names::CGROUP_SLOTS)?,
+            tc_slot_cache: open_pinned(pin_dir, map_names::TC_SLOT_CACHE)?,
+            cgroup_slot_cache: open_pinned(pin_dir, map_names::CGROUP_SLOT_CACHE)?,
             identities: open_pinned(pin_dir, map_names::IDENTITIES)?,
             policy: open_pinned(pin_dir, map_names::POLICY)?,
             cidr_rules: open_pinned(pin_dir, map_names::CIDR_RULES)?,
             conntrack,
+            ct_overflow: open_pinned(pin_dir, map_names::CT_OVERFLOW)?,
+            ct_shares: open_pinned(pin_dir, map_names::CT_SHARES)?,
+            ct_overflowed: open_pinned(pin_dir, map_names::CT_OVERFLOWED)?,
             counters: open_pinned(pin_dir, map_names::COUNTERS)?,
             flow_counters: open_pinned(pin_dir, map_names::FLOW_COUNTERS)?,
+            flow_series_keys: open_pinned(pin_dir, map_names::FLOW_SERIES_KEYS)?,
+            flow_series: open_pinned(pin_dir, map_names::FLOW_SERIES)?,
             diag: open_pinned(pin_dir, map_names::DIAG)?,
             spoofed: open_pinned(pin_dir, map_names::SPOOFED)?,
             conntrack_capacity,
@@ -356,10 +524,12 @@ impl DatapathMaps {
                 _ => None,
             })
             .unwrap_or(agent_common::CONNTRACK_CAPACITY as u64);
+        // Generations come from the same counter: a slot cleared before the restart keeps its
+        // generation in the map, so the counter continues above it too.
         let max_epoch = workloads
             .iter()
             .filter_map(Result::ok)
-            .map(|w| w.epoch)
+            .map(|w| w.epoch.max(w.generation))
             .max()
             .unwrap_or(0);
         let mut maps = DatapathMaps {
@@ -367,12 +537,19 @@ impl DatapathMaps {
                 workloads,
                 tc_slots: take(ebpf, map_names::TC_SLOTS)?,
                 cgroup_slots: take(ebpf, map_names::CGROUP_SLOTS)?,
+                tc_slot_cache: take(ebpf, map_names::TC_SLOT_CACHE)?,
+                cgroup_slot_cache: take(ebpf, map_names::CGROUP_SLOT_CACHE)?,
                 identities: take(ebpf, map_names::IDENTITIES)?,
                 policy: take(ebpf, map_names::POLICY)?,
                 cidr_rules: take(ebpf, map_names::CIDR_RULES)?,
                 conntrack: take(ebpf, map_names::CONNTRACK)?,
+                ct_overflow: take(ebpf, map_names::CT_OVERFLOW)?,
+                ct_shares: take(ebpf, map_names::CT_SHARES)?,
+                ct_overflowed: take(ebpf, map_names::CT_OVERFLOWED)?,
                 counters: take(ebpf, map_names::COUNTERS)?,
                 flow_counters: take(ebpf, map_names::FLOW_COUNTERS)?,
+                flow_series_keys: take(ebpf, map_names::FLOW_SERIES_KEYS)?,
+                flow_series: take(ebpf, map_names::FLOW_SERIES)?,
                 diag: take(ebpf, map_names::DIAG)?,
                 spoofed: take(ebpf, map_names::SPOOFED)?,
                 conntrack_capacity,
@@ -528,12 +705,14 @@ impl DatapathMaps {
         if policy.isolated_egress {
             flags |= workload_flags::ISOLATED_EGRESS;
         }
-        let (epoch, rules_epoch) =
+        // A slot that becomes active gets a new generation: flows tracked for whatever held
+        // it before never match this workload.
+        let (epoch, rules_epoch, generation) =
             if current.flags & workload_flags::ACTIVE != 0 && current.epoch != 0 {
-                (current.epoch, current.rules_epoch)
+                (current.epoch, current.rules_epoch, current.generation)
             } else {
                 let e = self.take_epoch();
-                (e, e)
+                (e, e, e)
             };
         let mut config = WorkloadConfig {
             flags,
@@ -544,6 +723,7 @@ impl DatapathMaps {
             ],
             epoch,
             rules_epoch,
+            generation,
             ..WorkloadConfig::default()
         };
         match &policy.addresses {
@@ -641,13 +821,31 @@ impl DatapathMaps {
     }
 
     /// Removes a workload: its slot is inactive (packets count as unregistered), its rules,
-    /// counters, event bucket and tracked flows are gone.
+    /// counters and event bucket are gone. Its tracked flows are left to the census
+    /// (`conntrack_census`): they belong to a generation no workload has any more, so they
+    /// never match, and deleting a workload does not walk the connection table.
     pub fn clear_workload(&mut self, slot: u32) -> Result<(), MapsError> {
         Self::check_slot(slot)?;
+        let generation = self.workload(slot)?.generation;
         self.r
             .workloads
-            .set(slot, WorkloadConfig::default(), 0)
+            .set(
+                slot,
+                WorkloadConfig {
+                    generation,
+                    ..WorkloadConfig::default()
+                },
+                0,
+            )
             .map_err(map_err(map_names::WORKLOADS))?;
+        self.r
+            .ct_shares
+            .set(slot, 0, 0)
+            .map_err(map_err(map_names::CT_SHARES))?;
+        self.r
+            .ct_overflowed
+            .set(slot, 0, 0)
+            .map_err(map_err(map_names::CT_OVERFLOWED))?;
         for direction in [agent_common::DIR_INGRESS, agent_common::DIR_EGRESS] {
             let ruleset = ruleset_of(slot, direction);
             self.remove_stale_entries(ruleset, &RulesetEntries::default())?;
@@ -675,17 +873,6 @@ impl DatapathMaps {
             .spoofed
             .set(slot, zero, 0)
             .map_err(map_err(map_names::SPOOFED))?;
-        let stale: Vec<CtKey> = self
-            .r
-            .conntrack
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.slot == slot)
-            .collect();
-        for key in stale {
-            // Entries may already be gone (LRU eviction): not an error.
-            let _ = self.r.conntrack.remove(&key);
-        }
         Ok(())
     }
 
@@ -793,10 +980,15 @@ impl DatapathMaps {
         self.r
             .tc_slots
             .insert(ifindex, slot, 0)
-            .map_err(map_err(map_names::TC_SLOTS))
+            .map_err(map_err(map_names::TC_SLOTS))?;
+        cache_route(&mut self.r.tc_slot_cache, ifindex as u64, Some(slot))
+            .map_err(map_err(map_names::TC_SLOT_CACHE))
     }
 
     pub fn remove_tc_slot(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        // The cache first: a packet that misses it finds the hash entry until that goes.
+        cache_route(&mut self.r.tc_slot_cache, ifindex as u64, None)
+            .map_err(map_err(map_names::TC_SLOT_CACHE))?;
         ignore_missing(self.r.tc_slots.remove(&ifindex)).map_err(map_err(map_names::TC_SLOTS))
     }
 
@@ -805,10 +997,14 @@ impl DatapathMaps {
         self.r
             .cgroup_slots
             .insert(cgroup_id, slot, 0)
-            .map_err(map_err(map_names::CGROUP_SLOTS))
+            .map_err(map_err(map_names::CGROUP_SLOTS))?;
+        cache_route(&mut self.r.cgroup_slot_cache, cgroup_id, Some(slot))
+            .map_err(map_err(map_names::CGROUP_SLOT_CACHE))
     }
 
     pub fn remove_cgroup_slot(&mut self, cgroup_id: u64) -> Result<(), MapsError> {
+        cache_route(&mut self.r.cgroup_slot_cache, cgroup_id, None)
+            .map_err(map_err(map_names::CGROUP_SLOT_CACHE))?;
         ignore_missing(self.r.cgroup_slots.remove(&cgroup_id))
             .map_err(map_err(map_names::CGROUP_SLOTS))
     }
@@ -845,9 +1041,11 @@ impl DatapathMaps {
 
     /// Forgets every tracked flow: each one is decided again from its next packet.
     pub fn flush_conntrack(&mut self) {
-        let keys: Vec<CtKey> = self.r.conntrack.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = self.r.conntrack.remove(&key);
+        for table in [&mut self.r.conntrack, &mut self.r.ct_overflow] {
+            let keys: Vec<CtKey> = table.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = table.remove(&key);
+            }
         }
     }
 
@@ -878,6 +1076,23 @@ impl DatapathMaps {
 
 pub use crate::compile::rules::{addr_bytes, addr_from_bytes};
 
+/// Points a routing cache bucket at `slot` for `id` when the bucket is free or already
+/// `id`'s, or (`None`) frees it if it is `id`'s. A colliding id stays in the hash alone.
+fn cache_route(
+    cache: &mut Array<MapData, SlotRoute>,
+    id: u64,
+    slot: Option<u32>,
+) -> Result<(), MapError> {
+    let bucket = slot_cache_bucket(id);
+    let current = cache.get(&bucket, 0)?;
+    let value = match slot {
+        Some(slot) if current.id == 0 || current.id == id => SlotRoute { id, slot, _pad: 0 },
+        None if current.id == id => SlotRoute::default(),
+        _ => return Ok(()),
+    };
+    cache.set(bucket, value, 0)
+}
+
 fn zeroed_config() -> Config {
     Config {
         ct_tcp_established_s: 0,
@@ -887,6 +1102,8 @@ fn zeroed_config() -> Config {
         event_interval_ns: 0,
         event_burst: 0,
         fragment_timeout_s: 0,
+        ct_share: 0,
+        _pad: 0,
     }
 }
 

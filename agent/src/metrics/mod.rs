@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub degraded: Vec<(String, String, bool)>,
     /// (namespace, pod, packets sent from addresses not its own).
     pub spoofed: Vec<(String, String, u64)>,
+    /// (namespace, pod, live tracked flows at the last census).
+    pub conntrack_entries: Vec<(String, String, u64)>,
     /// The cluster state cannot be refreshed.
     pub source_degraded: bool,
     /// Programs attached, policy synced, nothing degraded, every task running.
@@ -199,6 +201,14 @@ impl Snapshot {
             self.spoofed
                 .iter()
                 .map(|(ns, pod, v)| (labels(&[("namespace", ns), ("pod", pod)]), *v)),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_conntrack_entries",
+            "Live tracked flows of a workload (main and overflow tables) at the last census; a workload beyond --conntrack-share of the table tracks its new flows in the overflow table",
+            self.conntrack_entries
+                .iter()
+                .map(|(ns, pod, v)| (labels(&[("namespace", ns), ("pod", pod)]), *v as i64)),
         )?;
         gauge_family(
             e,

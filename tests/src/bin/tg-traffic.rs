@@ -86,7 +86,8 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
-    /// One datagram to each of `flows` consecutive ports, no waiting.
+    /// One datagram to each of `flows` consecutive ports, no waiting; the whole round
+    /// `rounds` times (so each flow sees that many packets).
     Burst {
         #[arg(long)]
         to: IpAddr,
@@ -94,6 +95,8 @@ enum Cmd {
         port: u16,
         #[arg(long)]
         flows: u32,
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
     },
     /// Sends whole IP packets (hex) through a raw socket, IPv4 or IPv6 after the version
     /// nibble, each `count` times, to the destination in its own header. Prints
@@ -143,7 +146,12 @@ fn main() {
             source_port,
             bind,
         ),
-        Cmd::Burst { to, port, flows } => burst(to, port, flows),
+        Cmd::Burst {
+            to,
+            port,
+            flows,
+            rounds,
+        } => burst(to, port, flows, rounds),
         Cmd::Probe {
             targets,
             timeout_ms,
@@ -329,14 +337,16 @@ fn udp_client(
     print_json(serde_json::json!({"sent": sent, "echoed": echoed, "error": error}));
 }
 
-fn burst(to: IpAddr, port: u16, flows: u32) {
+fn burst(to: IpAddr, port: u16, flows: u32, rounds: u32) {
     let socket = udp_socket(to, None, 0).expect("bind udp client");
     let mut sent = 0;
     let mut error = None;
-    for i in 0..flows {
-        match socket.send_to(b"x", SocketAddr::new(to, port.wrapping_add(i as u16))) {
-            Ok(_) => sent += 1,
-            Err(e) => error = Some(e.to_string()),
+    for _ in 0..rounds {
+        for i in 0..flows {
+            match socket.send_to(b"x", SocketAddr::new(to, port.wrapping_add(i as u16))) {
+                Ok(_) => sent += 1,
+                Err(e) => error = Some(e.to_string()),
+            }
         }
     }
     print_json(serde_json::json!({"sent": sent, "echoed": 0, "error": error}));
