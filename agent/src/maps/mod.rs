@@ -217,15 +217,15 @@ pub struct MapReaders {
     diag: PerCpuArray<MapData, u64>,
     spoofed: PerCpuArray<MapData, u64>,
     conntrack_capacity: u64,
+    ct_overflow_capacity: u64,
 }
 
-fn open_pinned<T>(pin_dir: &std::path::Path, name: &'static str) -> Result<T, MapsError>
-where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
-{
-    let data = MapData::from_pin(crate::pins::map_pin(pin_dir, name)).map_err(map_err(name))?;
-    let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
-    T::try_from(map).map_err(map_err(name))
+/// A per-CPU counter summed over CPUs.
+fn cpu_sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
+    values.iter().fold(Counter::default(), |sum, v| Counter {
+        packets: sum.packets + v.packets,
+        bytes: sum.bytes + v.bytes,
+    })
 }
 
 impl MapReaders {
@@ -235,14 +235,12 @@ impl MapReaders {
         for (direction, per_dir) in out.iter_mut().enumerate() {
             for (verdict, c) in per_dir.iter_mut().enumerate() {
                 let index = counter_index(slot, direction as u8, verdict as u8);
-                let values = self
-                    .counters
-                    .get(&index, 0)
-                    .map_err(map_err(map_names::COUNTERS))?;
-                for v in values.iter() {
-                    c.packets += v.packets;
-                    c.bytes += v.bytes;
-                }
+                *c = cpu_sum(
+                    &self
+                        .counters
+                        .get(&index, 0)
+                        .map_err(map_err(map_names::COUNTERS))?,
+                );
             }
         }
         Ok(out)
@@ -272,28 +270,15 @@ impl MapReaders {
         self.flow_counters
             .iter()
             .filter_map(Result::ok)
-            .map(|(k, values)| {
-                let mut c = Counter::default();
-                for v in values.iter() {
-                    c.packets += v.packets;
-                    c.bytes += v.bytes;
-                }
-                (k, c)
-            })
+            .map(|(k, values)| (k, cpu_sum(&values)))
             .collect()
     }
     /// Packets and bytes counted in a direct-mapped flow series bucket, summed over CPUs.
     pub fn flow_series(&self, bucket: u32) -> Result<Counter, MapsError> {
-        let values = self
-            .flow_series
+        self.flow_series
             .get(&bucket, 0)
-            .map_err(map_err(map_names::FLOW_SERIES))?;
-        let mut c = Counter::default();
-        for v in values.iter() {
-            c.packets += v.packets;
-            c.bytes += v.bytes;
-        }
-        Ok(c)
+            .map(|values| cpu_sum(&values))
+            .map_err(map_err(map_names::FLOW_SERIES))
     }
 
     /// The peer pairs that hold a direct-mapped bucket: (bucket, key).
@@ -452,12 +437,7 @@ impl MapReaders {
             ),
             // Counted by the census walk (`conntrack_census`), which runs beside this.
             (map_names::CONNTRACK, 0, self.conntrack_capacity),
-            (
-                map_names::CT_OVERFLOW,
-                0,
-                (self.conntrack_capacity / agent_common::CONNTRACK_OVERFLOW_DIVISOR as u64)
-                    .max(1024),
-            ),
+            (map_names::CT_OVERFLOW, 0, self.ct_overflow_capacity),
             (
                 map_names::FLOW_SERIES_KEYS,
                 count(self.flow_series_keys().len()),
@@ -473,33 +453,63 @@ impl MapReaders {
 
     /// Opens the pinned maps of a datapath (`--bpffs`) for reading.
     pub fn open(pin_dir: &std::path::Path) -> Result<MapReaders, MapsError> {
-        let conntrack: HashMap<MapData, CtKey, CtEntry> =
-            open_pinned(pin_dir, map_names::CONNTRACK)?;
+        MapReaders::from_maps(|name| {
+            let data =
+                MapData::from_pin(crate::pins::map_pin(pin_dir, name)).map_err(map_err(name))?;
+            aya::maps::Map::from_map_data(data).map_err(map_err(name))
+        })
+    }
+
+    /// The reader handles, each map from `get` by name: pinned maps opened, or maps taken out
+    /// of a loaded object.
+    fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<aya::maps::Map, MapsError>,
+    ) -> Result<MapReaders, MapsError> {
+        fn typed<T>(map: aya::maps::Map, name: &'static str) -> Result<T, MapsError>
+        where
+            T: TryFrom<aya::maps::Map, Error = MapError>,
+        {
+            T::try_from(map).map_err(map_err(name))
+        }
+        macro_rules! map {
+            ($name:expr) => {
+                typed(get($name)?, $name)?
+            };
+        }
+        // The capacities the maps were created with (the agent sizes connection tracking at
+        // load time).
+        let capacity = |map: &aya::maps::Map| match map {
+            aya::maps::Map::LruHashMap(d) => d.info().ok().map(|i| i.max_entries() as u64),
+            _ => None,
+        };
+        let conntrack = get(map_names::CONNTRACK)?;
         let conntrack_capacity =
-            MapData::from_pin(crate::pins::map_pin(pin_dir, map_names::CONNTRACK))
-                .ok()
-                .and_then(|d| d.info().ok().map(|i| i.max_entries() as u64))
-                .unwrap_or(agent_common::CONNTRACK_CAPACITY as u64);
+            capacity(&conntrack).unwrap_or(agent_common::CONNTRACK_CAPACITY as u64);
+        let ct_overflow = get(map_names::CT_OVERFLOW)?;
+        let ct_overflow_capacity = capacity(&ct_overflow).unwrap_or(
+            (agent_common::CONNTRACK_CAPACITY / agent_common::CONNTRACK_OVERFLOW_DIVISOR) as u64,
+        );
         Ok(MapReaders {
-            workloads: open_pinned(pin_dir, map_names::WORKLOADS)?,
-            tc_slots: open_pinned(pin_dir, map_names::TC_SLOTS)?,
-            cgroup_slots: open_pinned(pin_dir, map_names::CGROUP_SLOTS)?,
-            tc_slot_cache: open_pinned(pin_dir, map_names::TC_SLOT_CACHE)?,
-            cgroup_slot_cache: open_pinned(pin_dir, map_names::CGROUP_SLOT_CACHE)?,
-            identities: open_pinned(pin_dir, map_names::IDENTITIES)?,
-            policy: open_pinned(pin_dir, map_names::POLICY)?,
-            cidr_rules: open_pinned(pin_dir, map_names::CIDR_RULES)?,
-            conntrack,
-            ct_overflow: open_pinned(pin_dir, map_names::CT_OVERFLOW)?,
-            ct_shares: open_pinned(pin_dir, map_names::CT_SHARES)?,
-            ct_overflowed: open_pinned(pin_dir, map_names::CT_OVERFLOWED)?,
-            counters: open_pinned(pin_dir, map_names::COUNTERS)?,
-            flow_counters: open_pinned(pin_dir, map_names::FLOW_COUNTERS)?,
-            flow_series_keys: open_pinned(pin_dir, map_names::FLOW_SERIES_KEYS)?,
-            flow_series: open_pinned(pin_dir, map_names::FLOW_SERIES)?,
-            diag: open_pinned(pin_dir, map_names::DIAG)?,
-            spoofed: open_pinned(pin_dir, map_names::SPOOFED)?,
+            workloads: map!(map_names::WORKLOADS),
+            tc_slots: map!(map_names::TC_SLOTS),
+            cgroup_slots: map!(map_names::CGROUP_SLOTS),
+            tc_slot_cache: map!(map_names::TC_SLOT_CACHE),
+            cgroup_slot_cache: map!(map_names::CGROUP_SLOT_CACHE),
+            identities: map!(map_names::IDENTITIES),
+            policy: map!(map_names::POLICY),
+            cidr_rules: map!(map_names::CIDR_RULES),
+            conntrack: typed(conntrack, map_names::CONNTRACK)?,
+            ct_overflow: typed(ct_overflow, map_names::CT_OVERFLOW)?,
+            ct_shares: map!(map_names::CT_SHARES),
+            ct_overflowed: map!(map_names::CT_OVERFLOWED),
+            counters: map!(map_names::COUNTERS),
+            flow_counters: map!(map_names::FLOW_COUNTERS),
+            flow_series_keys: map!(map_names::FLOW_SERIES_KEYS),
+            flow_series: map!(map_names::FLOW_SERIES),
+            diag: map!(map_names::DIAG),
+            spoofed: map!(map_names::SPOOFED),
             conntrack_capacity,
+            ct_overflow_capacity,
         })
     }
 }
@@ -516,44 +526,19 @@ impl DatapathMaps {
     /// Takes the maps out of a loaded object. The epoch counter continues after the highest
     /// epoch found, so flows tracked before a restart are re-evaluated, never trusted blindly.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        let workloads: Array<MapData, WorkloadConfig> = take(ebpf, map_names::WORKLOADS)?;
-        let conntrack_capacity = ebpf
-            .map(map_names::CONNTRACK)
-            .and_then(|m| match m {
-                aya::maps::Map::LruHashMap(d) => d.info().ok().map(|i| i.max_entries() as u64),
-                _ => None,
-            })
-            .unwrap_or(agent_common::CONNTRACK_CAPACITY as u64);
+        let r =
+            MapReaders::from_maps(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))?;
         // Generations come from the same counter: a slot cleared before the restart keeps its
         // generation in the map, so the counter continues above it too.
-        let max_epoch = workloads
+        let max_epoch = r
+            .workloads
             .iter()
             .filter_map(Result::ok)
             .map(|w| w.epoch.max(w.generation))
             .max()
             .unwrap_or(0);
         let mut maps = DatapathMaps {
-            r: MapReaders {
-                workloads,
-                tc_slots: take(ebpf, map_names::TC_SLOTS)?,
-                cgroup_slots: take(ebpf, map_names::CGROUP_SLOTS)?,
-                tc_slot_cache: take(ebpf, map_names::TC_SLOT_CACHE)?,
-                cgroup_slot_cache: take(ebpf, map_names::CGROUP_SLOT_CACHE)?,
-                identities: take(ebpf, map_names::IDENTITIES)?,
-                policy: take(ebpf, map_names::POLICY)?,
-                cidr_rules: take(ebpf, map_names::CIDR_RULES)?,
-                conntrack: take(ebpf, map_names::CONNTRACK)?,
-                ct_overflow: take(ebpf, map_names::CT_OVERFLOW)?,
-                ct_shares: take(ebpf, map_names::CT_SHARES)?,
-                ct_overflowed: take(ebpf, map_names::CT_OVERFLOWED)?,
-                counters: take(ebpf, map_names::COUNTERS)?,
-                flow_counters: take(ebpf, map_names::FLOW_COUNTERS)?,
-                flow_series_keys: take(ebpf, map_names::FLOW_SERIES_KEYS)?,
-                flow_series: take(ebpf, map_names::FLOW_SERIES)?,
-                diag: take(ebpf, map_names::DIAG)?,
-                spoofed: take(ebpf, map_names::SPOOFED)?,
-                conntrack_capacity,
-            },
+            r,
             event_buckets: take(ebpf, map_names::EVENT_BUCKETS)?,
             config: take(ebpf, map_names::CONFIG)?,
             written: StdHashMap::new(),
