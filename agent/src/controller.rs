@@ -612,7 +612,7 @@ impl Controller {
                 );
             }
         }
-        for frontend in self.rec.compiled().frontends.iter() {
+        for frontend in self.rec.compiled().frontends.values() {
             let backends = backends_endpoint(state, frontend, frontend.ports.iter());
             for ip in &frontend.addresses {
                 naming
@@ -638,7 +638,7 @@ impl Controller {
                 .identities
                 .insert(*id, (info.namespace.clone(), workload));
         }
-        for frontend in compiled.frontends.iter() {
+        for frontend in compiled.frontends.values() {
             let mut svc = ServicePeer {
                 namespace: frontend.service.0.clone(),
                 name: frontend.service.1.clone(),

@@ -21,7 +21,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
-    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -35,7 +34,7 @@ use crate::{
         points::{self, NodeNetwork, PodCgroups},
     },
     compile::{
-        model::{ClusterState, PodInfo},
+        model::{ClusterState, LogPosition, PodInfo},
         policy::{
             CompileCache, CompileOptions, Compiled, IdentityAllocator, NodeAddresses, PodKey,
             PodModeAnnotations, compile_cached, mode_and_source,
@@ -121,8 +120,8 @@ pub fn default_cgroup_root() -> PathBuf {
 /// The identity entries as last written: pods, Service frontends and the node's addresses.
 #[derive(Default)]
 struct WrittenIdentities {
-    pods: Arc<BTreeMap<IpNet, u32>>,
-    services: Arc<BTreeMap<IpNet, u32>>,
+    /// The compile whose addresses these are (`Compiled::generation`; 0: none yet).
+    generation: u64,
     host: BTreeSet<IpAddr>,
     /// What the `IDENTITIES` map holds.
     merged: BTreeMap<IpNet, u32>,
@@ -148,9 +147,20 @@ pub struct Reconciler {
     /// Where each pod of the last reconcile attaches (pods elsewhere left out), and a hash of
     /// what that depends on: the pods (the source's fingerprint), the node's network and
     /// cgroups. A policy change at 20,000 pods then never looks at each pod again.
-    placements: Option<(u64, Vec<(PodKey, Placement)>)>,
+    placements: Option<Placements>,
     /// Runtime mode overrides (set through the admin socket), above annotations.
     pub overrides: Overrides,
+}
+
+/// Where each pod of the last reconcile attaches (pods elsewhere left out), and what that
+/// was worked out from.
+struct Placements {
+    /// Hash of the node's network and cgroups and the options placement reads.
+    node: u64,
+    /// The source's fingerprint of the pods, and where its change log stood.
+    pods_version: Option<u64>,
+    position: Option<LogPosition>,
+    placed: BTreeMap<PodKey, Placement>,
 }
 
 /// Where a pod attaches, or why it may not.
@@ -311,27 +321,59 @@ impl Reconciler {
         network: &NodeNetwork,
     ) -> (BTreeMap<PodKey, AttachPoint>, BTreeMap<PodKey, String>) {
         let cgroups = PodCgroups::scan(&self.options.cgroup_root);
-        let inputs = state.pods_version.map(|pods| {
+        let node = {
             use std::hash::{Hash as _, Hasher as _};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (pods, network, &cgroups, &self.options.node_name).hash(&mut h);
+            (network, &cgroups, &self.options.node_name).hash(&mut h);
             self.options.trust_attach_annotations.hash(&mut h);
             h.finish()
-        });
-        let placed = match (&self.placements, inputs) {
-            (Some((before, placed)), Some(now)) if *before == now => placed.clone(),
-            _ => state
-                .pods
-                .iter()
-                .filter_map(|(key, pod)| match self.placement(pod, network, &cgroups) {
-                    Placement::Elsewhere => None,
-                    p => Some((key.clone(), p)),
-                })
-                .collect(),
         };
+        // Placement reads one pod and the node: with the node unchanged, only the pods the
+        // source's change log names (or none, when its fingerprint is unchanged) are placed
+        // again; 20,000 pods are not looked at for one that changed.
+        let mut placements = self.placements.take().filter(|p| p.node == node);
+        let changed = placements.as_ref().and_then(|p| {
+            if state.pods_version.is_some() && p.pods_version == state.pods_version {
+                return Some(BTreeSet::new());
+            }
+            state.changes.since(p.position).map(|c| c.pods)
+        });
+        match (&mut placements, changed) {
+            (Some(p), Some(changed)) => {
+                for key in changed {
+                    match state
+                        .pods
+                        .get(&key)
+                        .map(|pod| self.placement(pod, network, &cgroups))
+                    {
+                        None | Some(Placement::Elsewhere) => p.placed.remove(&key),
+                        Some(placement) => p.placed.insert(key, placement),
+                    };
+                }
+            }
+            _ => {
+                placements = Some(Placements {
+                    node,
+                    pods_version: None,
+                    position: None,
+                    placed: state
+                        .pods
+                        .iter()
+                        .filter_map(|(key, pod)| match self.placement(pod, network, &cgroups) {
+                            Placement::Elsewhere => None,
+                            p => Some((key.clone(), p)),
+                        })
+                        .collect(),
+                })
+            }
+        }
+        let mut placements = placements.expect("just set");
+        placements.pods_version = state.pods_version;
+        placements.position = state.changes.position();
+        let placed = &placements.placed;
         let mut wanted: Vec<(&PodKey, AttachPoint)> = Vec::new();
         let mut claims: Vec<(&PodKey, AttachPoint, String)> = Vec::new();
-        for (key, placement) in &placed {
+        for (key, placement) in placed {
             match placement {
                 Placement::Elsewhere => {}
                 Placement::At(point) => wanted.push((key, point.clone())),
@@ -372,7 +414,7 @@ impl Reconciler {
                 (key.clone(), why)
             })
             .collect();
-        self.placements = inputs.map(|h| (h, placed));
+        self.placements = Some(placements);
         (local, refused)
     }
 
@@ -660,42 +702,64 @@ impl Reconciler {
     }
 
     /// Phase 2: writes the identity entries that are new or changed (pods, Service frontends,
-    /// the node's addresses, which win over anything else claiming them). On a failed write
-    /// the previous entries are put back and the node is marked degraded. Returns how many
-    /// entries changed.
+    /// the node's addresses, which win over anything else claiming them). Only the addresses
+    /// the compile says may have changed are looked at, unless it rebuilt or follows another
+    /// compile than the one written last. On a failed write the previous entries are put
+    /// back and the node is marked degraded. Returns how many entries changed.
     fn write_identities(
         &mut self,
         compiled: &Compiled,
         host: BTreeSet<IpAddr>,
         report: &mut ReconcileReport,
     ) -> usize {
-        let same = Arc::ptr_eq(&self.identities.pods, &compiled.addresses)
-            && Arc::ptr_eq(&self.identities.services, &compiled.service_addresses)
-            && self.identities.host == host
-            && self.identities_degraded.is_none();
-        if same {
-            return 0;
-        }
-        let mut merged: BTreeMap<IpNet, u32> = compiled.addresses.as_ref().clone();
-        merged.extend(compiled.service_addresses.iter().map(|(k, v)| (*k, *v)));
-        merged.extend(
-            host.iter()
-                .map(|ip| (IpNet::from(*ip), agent_common::IDENTITY_HOST)),
-        );
-        let old = &self.identities.merged;
-        let mut written: Vec<(IpNet, Option<u32>)> = Vec::new();
-        let mut failed = None;
-        for (net, id) in &merged {
-            let before = old.get(net).copied();
-            if before == Some(*id) {
-                continue;
+        let old = &self.identities;
+        let delta = compiled.address_changes.as_ref().filter(|c| {
+            c.since == old.generation && old.generation != 0 && self.identities_degraded.is_none()
+        });
+        let candidates: BTreeSet<IpNet> = match delta {
+            Some(changes) => {
+                let mut nets = changes.nets.clone();
+                nets.extend(
+                    old.host
+                        .symmetric_difference(&host)
+                        .map(|ip| IpNet::from(*ip)),
+                );
+                nets
             }
-            match self.datapath.maps.set_identity(*net, *id) {
-                Ok(()) => written.push((*net, before)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+            None => old
+                .merged
+                .keys()
+                .chain(compiled.addresses.keys())
+                .chain(compiled.service_addresses.keys())
+                .copied()
+                .chain(host.iter().map(|ip| IpNet::from(*ip)))
+                .collect(),
+        };
+        let wanted = |net: &IpNet| -> Option<u32> {
+            if net.prefix_len() == net.max_prefix_len() && host.contains(&net.addr()) {
+                return Some(agent_common::IDENTITY_HOST);
+            }
+            compiled
+                .service_addresses
+                .get(net)
+                .or_else(|| compiled.addresses.get(net))
+                .copied()
+        };
+        let mut written: Vec<(IpNet, Option<u32>)> = Vec::new();
+        let mut gone: Vec<IpNet> = Vec::new();
+        let mut failed = None;
+        for net in &candidates {
+            let before = old.merged.get(net).copied();
+            match wanted(net) {
+                want if want == before => {}
+                None => gone.push(*net),
+                Some(id) => match self.datapath.maps.set_identity(*net, id) {
+                    Ok(()) => written.push((*net, before)),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
             }
         }
         if let Some(e) = failed {
@@ -713,15 +777,20 @@ impl Reconciler {
             return 0;
         }
         self.identities_degraded = None;
-        let changed = written.len() + old.keys().filter(|net| !merged.contains_key(*net)).count();
+        let changed = written.len() + gone.len();
         report.identities_changed = changed;
-        self.identities
-            .stale
-            .extend(old.keys().filter(|net| !merged.contains_key(*net)));
-        self.identities.pods = compiled.addresses.clone();
-        self.identities.services = compiled.service_addresses.clone();
-        self.identities.host = host;
-        self.identities.merged = merged;
+        let identities = &mut self.identities;
+        for (net, _) in &written {
+            identities
+                .merged
+                .insert(*net, wanted(net).expect("written"));
+        }
+        for net in gone {
+            identities.merged.remove(&net);
+            identities.stale.push(net);
+        }
+        identities.generation = compiled.generation;
+        identities.host = host;
         changed
     }
 

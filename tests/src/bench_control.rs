@@ -15,8 +15,9 @@ use serde::Serialize;
 use tollgate::{
     Mode,
     attach::TcMode,
+    compile::model::{ClusterState, SliceEndpoint},
     reconcile::{Reconciler, ReconcilerOptions},
-    sources::FileSource,
+    sources::{FileSource, Kind, Object, ObjectKey, store::Store},
 };
 
 use crate::{Lab, agent::Agent, cgroup2_root};
@@ -29,7 +30,9 @@ pub const LOCAL_PODS: usize = 250;
 
 /// A generated cluster.
 pub struct BankCluster {
-    /// Cluster state YAML, one file per namespace group (`cluster/*.yaml`).
+    /// Cluster state YAML, one file per namespace group (`cluster/*.yaml`), and
+    /// `services.yaml`: one Service per service (ClusterIP, port 80 to the pods' `http`)
+    /// with its EndpointSlice, as the EndpointSlice controller writes it.
     pub files: Vec<(String, String)>,
     /// (service index of dst) -> callers, for the single-change benchmark.
     pub callers: Vec<Vec<usize>>,
@@ -38,9 +41,6 @@ pub struct BankCluster {
     local_cgroups: Vec<PathBuf>,
     /// The cgroup v2 root the kubepods hierarchy of the local pods is under.
     pub cgroup_root: PathBuf,
-    /// One Service per service (ClusterIP, port 80 to the pods' `http`) with its
-    /// EndpointSlice, as the EndpointSlice controller writes it.
-    pub services_yaml: String,
 }
 
 fn service_ns(s: usize) -> String {
@@ -158,6 +158,7 @@ impl BankCluster {
         for (i, text) in pod_files.into_iter().enumerate() {
             files.push((format!("pods-{i:02}.yaml"), text));
         }
+        files.push(("services.yaml".into(), services_yaml));
         let mut policy_files = vec![String::new(); 10];
         for (dst, c) in callers.iter().enumerate() {
             if !c.is_empty() {
@@ -173,7 +174,6 @@ impl BankCluster {
             local,
             local_cgroups,
             cgroup_root: cgroup_root.into(),
-            services_yaml,
         }
     }
 
@@ -427,8 +427,17 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     ));
 
     // A pod added and deleted elsewhere in the cluster (a new replica of a calling service:
-    // same labels, a new address), and a namespace's labels changed and back.
+    // same labels, a new address, and its Service's EndpointSlice naming it), and a
+    // namespace's labels changed and back: applied to a store as the Kubernetes source
+    // applies watch events, so the compiler sees the change log a real agent sees.
     let base = source.load().state;
+    let mut store = Store::default();
+    for object in objects_of(&base) {
+        store.insert(object.0, object.1);
+    }
+    let timed = |rec: &mut Reconciler, store: &Store| timed_reconcile(rec, store.state());
+    // The first reconcile from the store starts from its (new) log: a full compare.
+    timed(&mut rec, &store);
     let template = base
         .pods
         .values()
@@ -437,35 +446,56 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         })
         .expect("a pod of the caller")
         .clone();
+    let slice_key = base
+        .endpoint_slices
+        .keys()
+        .find(|(ns, name)| *ns == service_ns(caller) && name.starts_with(&service_name(caller)))
+        .expect("the caller's EndpointSlice")
+        .clone();
+    let slice = base.endpoint_slices[&slice_key].clone();
+    let mut pod = template.clone();
+    pod.name = format!("{}-6d5f7c8b9-new", service_name(caller));
+    pod.uid = "b0000000-0000-4000-8000-ffffffffffff".into();
+    pod.ips = vec!["10.200.0.1".parse().unwrap()];
+    let mut grown = slice.clone();
+    grown.endpoints.push(SliceEndpoint {
+        addresses: pod.ips.clone(),
+        ready: true,
+        serving: true,
+        terminating: false,
+        pod: Some(pod.name.clone()),
+    });
+    let pod_key = key(Kind::Pod, &pod.namespace, &pod.name);
+    let slice_object_key = key(Kind::EndpointSlice, &slice_key.0, &slice_key.1);
     let (mut pod_apply, mut pod_written) = (vec![], vec![]);
     let (mut ns_apply, mut ns_written) = (vec![], vec![]);
     for i in 0..(runs.max(1) * 2) {
-        let mut state = base.clone();
         if i % 2 == 0 {
-            let mut pod = template.clone();
-            pod.name = format!("{}-6d5f7c8b9-new", service_name(caller));
-            pod.uid = "b0000000-0000-4000-8000-ffffffffffff".into();
-            pod.ips = vec!["10.200.0.1".parse().unwrap()];
-            state
-                .pods
-                .insert((pod.namespace.clone(), pod.name.clone()), pod);
+            store.insert(pod_key.clone(), Object::Pod(pod.clone()));
+            store.insert(
+                slice_object_key.clone(),
+                Object::EndpointSlice(grown.clone()),
+            );
+        } else {
+            store.remove(&pod_key);
+            store.insert(
+                slice_object_key.clone(),
+                Object::EndpointSlice(slice.clone()),
+            );
         }
-        state.pods_version = Some(1000 + i as u64);
-        let (took, written) = timed_reconcile(&mut rec, &state);
+        let (took, written) = timed(&mut rec, &store);
         pod_apply.push(took);
         pod_written.push(written);
     }
+    let namespace = base.namespaces[&service_ns(caller)].clone();
+    let namespace_key = key(Kind::Namespace, "", &namespace.name);
     for i in 0..(runs.max(1) * 2) {
-        let mut state = base.clone();
+        let mut ns = namespace.clone();
         if i % 2 == 0 {
-            let ns = state
-                .namespaces
-                .get_mut(&service_ns(caller))
-                .expect("namespace");
             ns.labels.insert("audit".into(), "2026".into());
         }
-        state.pods_version = Some(2000 + i as u64);
-        let (took, written) = timed_reconcile(&mut rec, &state);
+        store.insert(namespace_key.clone(), Object::Namespace(ns));
+        let (took, written) = timed(&mut rec, &store);
         ns_apply.push(took);
         ns_written.push(written);
     }
@@ -587,7 +617,6 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     for (_, text) in &cluster.files {
         api.apply_yaml(text);
     }
-    api.apply_yaml(&cluster.services_yaml);
     let kube_dir = dir.join("agent-kube");
     std::fs::create_dir_all(&kube_dir).unwrap();
     let kubeconfig = api.kubeconfig(&kube_dir);
@@ -639,11 +668,52 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     out
 }
 
+fn key(kind: Kind, namespace: &str, name: &str) -> ObjectKey {
+    ObjectKey {
+        kind,
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+/// Every object of a state, as a source hands them to its store.
+fn objects_of(state: &ClusterState) -> Vec<(ObjectKey, Object)> {
+    let mut out = Vec::new();
+    for ns in state.namespaces.values() {
+        out.push((
+            key(Kind::Namespace, "", &ns.name),
+            Object::Namespace(ns.clone()),
+        ));
+    }
+    for p in state.pods.values() {
+        out.push((
+            key(Kind::Pod, &p.namespace, &p.name),
+            Object::Pod(p.clone()),
+        ));
+    }
+    for ((ns, name), p) in &state.policies {
+        out.push((
+            key(Kind::NetworkPolicy, ns, name),
+            Object::Policy(p.clone()),
+        ));
+    }
+    for ((ns, name), s) in &state.services {
+        out.push((key(Kind::Service, ns, name), Object::Service(s.clone())));
+    }
+    for ((ns, name), s) in &state.endpoint_slices {
+        out.push((
+            key(Kind::EndpointSlice, ns, name),
+            Object::EndpointSlice(s.clone()),
+        ));
+    }
+    for (name, n) in &state.nodes {
+        out.push((key(Kind::Node, "", name), Object::Node(n.clone())));
+    }
+    out
+}
+
 /// One reconcile: how long it took (ms) and how many map entries it wrote and removed.
-fn timed_reconcile(
-    rec: &mut Reconciler,
-    state: &tollgate::compile::model::ClusterState,
-) -> (f64, f64) {
+fn timed_reconcile(rec: &mut Reconciler, state: &ClusterState) -> (f64, f64) {
     let started = Instant::now();
     let report = rec.reconcile(state).unwrap();
     (

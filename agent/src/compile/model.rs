@@ -3,8 +3,9 @@
 //! came from (files, the Kubernetes API).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use ipnet::IpNet;
@@ -522,6 +523,113 @@ pub struct ClusterState {
     /// namespaces), so the compiler need not hash 20,000 pods to learn they did not change.
     /// `None`: the compiler works it out itself.
     pub pods_version: Option<u64>,
+    /// Which objects changed, change by change, as far back as the source keeps them: lets
+    /// the compiler and the reconciler touch only those (a watch event changes one object in
+    /// 20,000). Empty for a source that rebuilds the state from scratch.
+    pub changes: ChangeLog,
+}
+
+/// An object the change log names: the kinds compiled results depend on object by object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Changed {
+    Pod((String, String)),
+    Namespace(String),
+    Service((String, String)),
+    EndpointSlice((String, String)),
+}
+
+/// The objects that changed since a position in a [`ChangeLog`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    pub pods: BTreeSet<(String, String)>,
+    pub namespaces: BTreeSet<String>,
+    pub services: BTreeSet<(String, String)>,
+    pub endpoint_slices: BTreeSet<(String, String)>,
+}
+
+impl ChangeSet {
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+            && self.namespaces.is_empty()
+            && self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+    }
+}
+
+/// Where a reader stands in a [`ChangeLog`]: compare with `ChangeLog::position`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LogPosition {
+    log: u64,
+    seq: u64,
+}
+
+/// A bounded log of changed objects, kept by a store that is updated in place (the
+/// Kubernetes source). Each log has a process-unique id, so a position taken in one store's
+/// log is never read against another's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeLog {
+    /// 0: no log (every reader starts over).
+    log: u64,
+    /// Changes after `base` are all in `entries`.
+    base: u64,
+    seq: u64,
+    entries: VecDeque<(u64, Changed)>,
+}
+
+impl ChangeLog {
+    /// Beyond this many changes a reader that fell behind starts over: a relist, not a
+    /// watch event.
+    const KEEP: usize = 8192;
+
+    /// A new, empty log.
+    pub fn new() -> ChangeLog {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ChangeLog {
+            log: NEXT.fetch_add(1, Ordering::Relaxed),
+            ..ChangeLog::default()
+        }
+    }
+
+    pub fn record(&mut self, what: Changed) {
+        if self.log == 0 {
+            return;
+        }
+        self.seq += 1;
+        self.entries.push_back((self.seq, what));
+        if self.entries.len() > Self::KEEP
+            && let Some((seq, _)) = self.entries.pop_front()
+        {
+            self.base = seq;
+        }
+    }
+
+    /// Where the log stands now; `None` without a log.
+    pub fn position(&self) -> Option<LogPosition> {
+        (self.log != 0).then_some(LogPosition {
+            log: self.log,
+            seq: self.seq,
+        })
+    }
+
+    /// The objects changed after `from`; `None` when the log does not reach back that far
+    /// (or is another log), and the reader must start over.
+    pub fn since(&self, from: Option<LogPosition>) -> Option<ChangeSet> {
+        let from = from?;
+        if self.log == 0 || from.log != self.log || from.seq < self.base || from.seq > self.seq {
+            return None;
+        }
+        let mut set = ChangeSet::default();
+        let skip = (from.seq - self.base) as usize;
+        for (_, what) in self.entries.iter().skip(skip) {
+            match what {
+                Changed::Pod(k) => set.pods.insert(k.clone()),
+                Changed::Namespace(n) => set.namespaces.insert(n.clone()),
+                Changed::Service(k) => set.services.insert(k.clone()),
+                Changed::EndpointSlice(k) => set.endpoint_slices.insert(k.clone()),
+            };
+        }
+        Some(set)
+    }
 }
 
 impl ClusterState {

@@ -11,11 +11,15 @@ use std::{
 };
 
 use agent_common::IDENTITY_FIRST_WORKLOAD;
+use imbl::OrdMap;
 use ipnet::IpNet;
 
 use super::model::{MODE_ANNOTATION, WorkloadAddresses};
 use super::{
-    model::{ClusterState, Labels, Mode, PeerSpec, PodInfo, Policy, PortRef, PortSpec, RuleSpec},
+    model::{
+        ChangeSet, ClusterState, EndpointSliceInfo, Labels, LogPosition, Mode, PeerSpec, PodInfo,
+        Policy, PortRef, PortSpec, RuleSpec,
+    },
     rules::{AllowRule, Peer, PortMatch},
     services::{self, Backend, Frontend, ServiceIdentities},
 };
@@ -51,6 +55,16 @@ impl IdentityAllocator {
             .or_default()
             .insert(labels.clone(), id);
         id
+    }
+
+    /// Forgets (namespace, labels) once no pod has them; the number is never reused.
+    fn release(&mut self, namespace: &str, labels: &Labels) {
+        if let Some(m) = self.ids.get_mut(namespace) {
+            m.remove(labels);
+            if m.is_empty() {
+                self.ids.remove(namespace);
+            }
+        }
     }
 
     fn retain(&mut self, used: &BTreeSet<u32>) {
@@ -144,24 +158,39 @@ pub struct CompileOptions {
     pub node_addresses: NodeAddresses,
 }
 
-/// The compiled cluster. The identity maps are shared (`Arc`) between compiles that found
-/// no pod or namespace change, so an unrelated policy change neither rebuilds nor diffs them.
+/// The compiled cluster. The identity and frontend maps are persistent (`imbl`): shared
+/// between compiles, and changed in place, node by node, for the pods and Services that
+/// changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     /// Pod address (/32, /128) to identity: the `IDENTITIES` map.
-    pub addresses: Arc<BTreeMap<IpNet, u32>>,
+    pub addresses: OrdMap<IpNet, u32>,
     /// Service virtual address (/32, /128) to the frontend's identity, also in `IDENTITIES`.
-    pub service_addresses: Arc<BTreeMap<IpNet, u32>>,
-    /// Service frontends (one per Service and address family with a virtual address).
-    pub frontends: Arc<Vec<Frontend>>,
-    pub pod_identity: Arc<BTreeMap<PodKey, u32>>,
-    pub identities: Arc<BTreeMap<u32, IdentityInfo>>,
+    pub service_addresses: OrdMap<IpNet, u32>,
+    /// Service frontends (one per Service and address family with a virtual address), by
+    /// identity.
+    pub frontends: OrdMap<u32, Frontend>,
+    pub pod_identity: OrdMap<PodKey, u32>,
+    pub identities: OrdMap<u32, IdentityInfo>,
     /// Per compiled pod.
     pub pods: BTreeMap<PodKey, PodPolicy>,
     /// Rule ids (map values) to the policy they came from.
     pub rule_policies: Vec<String>,
     /// Pod addresses to their pod.
-    pub address_pods: Arc<BTreeMap<IpAddr, PodKey>>,
+    pub address_pods: OrdMap<IpAddr, PodKey>,
+    /// Numbers the compiles of one cache, so a reader of `address_changes` knows whether
+    /// it holds the compile they are relative to.
+    pub generation: u64,
+    /// The addresses (pod or Service) whose identity may differ from compile
+    /// `since`'s; `None` after a rebuild: compare everything.
+    pub address_changes: Option<AddressChanges>,
+}
+
+/// Addresses whose identity may differ from an earlier compile's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressChanges {
+    pub since: u64,
+    pub nets: BTreeSet<IpNet>,
 }
 
 impl Compiled {
@@ -177,12 +206,14 @@ impl Compiled {
 
     /// The frontend of a Service virtual address, if it is one.
     pub fn frontend_of_address(&self, ip: IpAddr) -> Option<&Frontend> {
-        self.frontends.iter().find(|f| f.addresses.contains(&ip))
+        self.service_addresses
+            .get(&single_address(ip))
+            .and_then(|id| self.frontends.get(id))
     }
 
     /// The frontend of a Service identity.
     pub fn frontend(&self, identity: u32) -> Option<&Frontend> {
-        self.frontends.iter().find(|f| f.identity == identity)
+        self.frontends.get(&identity)
     }
 }
 
@@ -233,7 +264,8 @@ fn addresses_of(pod: &PodInfo) -> WorkloadAddresses {
 
 struct Context<'a> {
     state: &'a ClusterState,
-    identities: &'a BTreeMap<u32, IdentityInfo>,
+    /// Every identity; those without addressed pods are never peers.
+    identities: &'a OrdMap<u32, IdentityInfo>,
     rule_ids: BTreeMap<String, u32>,
     /// Labels of every namespace that has pods, computed once per compile.
     namespace_labels: BTreeMap<String, Labels>,
@@ -250,7 +282,11 @@ impl Context<'_> {
     ) -> bool {
         (match namespaces {
             None => info.namespace == policy_ns,
-            Some(sel) => sel.matches(&self.namespace_labels[&info.namespace]),
+            Some(sel) => match self.namespace_labels.get(&info.namespace) {
+                Some(labels) => sel.matches(labels),
+                // An identity that just went with the last pods of its namespace.
+                None => sel.matches(&self.state.namespace_labels(&info.namespace)),
+            },
         }) && pods.as_ref().is_none_or(|sel| sel.matches(&info.labels))
     }
 
@@ -263,6 +299,7 @@ impl Context<'_> {
     ) -> Vec<u32> {
         self.identities
             .iter()
+            .filter(|(_, info)| !info.pods.is_empty())
             .filter(|(_, info)| self.peer_selects(policy_ns, namespaces, pods, info))
             .map(|(id, _)| *id)
             .collect()
@@ -425,7 +462,7 @@ fn egress_rules(
     let mut groups: BTreeMap<u32, Vec<&PodInfo>> = BTreeMap::new();
     let mut block_pods: Vec<&PodInfo> = Vec::new();
     let everyone = rule.peers.is_empty();
-    for (id, info) in ctx.identities {
+    for (id, info) in ctx.identities.iter().filter(|(_, i)| !i.pods.is_empty()) {
         let selected = everyone
             || rule.peers.iter().any(|p| match p {
                 PeerSpec::Pods { namespaces, pods } => {
@@ -488,13 +525,24 @@ pub struct CompileCache {
     universe: u64,
     /// Per pod: hash of (pod inputs, selecting policies), and the result.
     pods: BTreeMap<PodKey, (u64, PodPolicy)>,
-    /// Identities as of the last compile, and a hash of the pods and namespaces they came from.
-    identities: Option<(u64, Arc<IdentityPart>)>,
-    /// Service frontends as of the last compile, and a hash of what they came from.
-    frontends: Option<(u64, FrontendsPart)>,
-    /// Per pod: hash of (egress rules, frontends, node addresses) and its Service rules.
-    services: BTreeMap<PodKey, (u64, Vec<AllowRule>)>,
+    /// Where the parts below stand in the source's change log.
+    position: Option<LogPosition>,
+    /// Identities as of the last compile, and the `pods_version` they came from.
+    identities: Option<(u64, IdentityPart)>,
+    frontends: Option<FrontendsPart>,
+    services: BTreeMap<PodKey, ServiceRulesCache>,
     rule_ids: RuleIds,
+    /// Of the last compile's address maps (`Compiled::generation`).
+    generation: u64,
+}
+
+/// An egress-isolated pod's Service rules by frontend, with a hash of what all of them
+/// depend on (its egress rules, its node's addresses) and the compile that wrote them.
+#[derive(Clone, Debug, Default)]
+struct ServiceRulesCache {
+    input: u64,
+    generation: u64,
+    by_frontend: BTreeMap<u32, Vec<AllowRule>>,
 }
 
 /// Rule ids (the value of `POLICY` entries, naming the policy that allowed a flow): a policy
@@ -536,75 +584,464 @@ impl RuleIds {
     }
 }
 
-/// Service frontends and their virtual addresses (to identities).
+/// Everything derived from pods and namespaces alone, kept up to date pod by pod when the
+/// source's change log says which pods changed, rebuilt when it cannot. The maps are
+/// persistent (`imbl`): handing them to a compile result is O(1), and one pod changes
+/// O(log n) nodes of them, where copying them cost milliseconds at 20,000 pods.
 #[derive(Clone, Debug, Default)]
-struct FrontendsPart {
-    frontends: Arc<Vec<Frontend>>,
-    addresses: Arc<BTreeMap<IpNet, u32>>,
-}
-
-/// Everything derived from pods and namespaces alone.
-#[derive(Debug, Default)]
 struct IdentityPart {
-    addresses: Arc<BTreeMap<IpNet, u32>>,
-    pod_identity: Arc<BTreeMap<PodKey, u32>>,
-    identities: Arc<BTreeMap<u32, IdentityInfo>>,
-    address_pods: Arc<BTreeMap<IpAddr, PodKey>>,
-    peer_identities: BTreeMap<u32, IdentityInfo>,
+    addresses: OrdMap<IpNet, u32>,
+    pod_identity: OrdMap<PodKey, u32>,
+    identities: OrdMap<u32, IdentityInfo>,
+    address_pods: OrdMap<IpAddr, PodKey>,
+    /// Every pod claiming an address (normally one); the greatest key wins, as it did when
+    /// the maps were built in key order.
+    claims: BTreeMap<IpAddr, BTreeSet<PodKey>>,
+    /// Per pod: the addresses it claimed and a hash of its named ports.
+    seen: BTreeMap<PodKey, (Vec<IpAddr>, u64)>,
+    /// Per identity: how many pods have it, addressed or not. It is released at zero.
+    members: BTreeMap<u32, usize>,
     namespace_labels: BTreeMap<String, Labels>,
+    /// Hash of the identities that can be peers (with pods that have addresses), as of the
+    /// last rebuild: a rebuild that finds them changed recompiles every pod. Changes applied
+    /// in place leave it, and recompile the pods whose policies select a moved identity.
+    peers_key: u64,
+    /// Hash of every pod's addresses and named ports, likewise (named egress ports are
+    /// resolved on the destination pods).
+    ports_key: u64,
+    /// Moves whenever a pod's identity or an address's changes: Service rules depend on
+    /// their backends' identities.
+    version: u64,
+    /// Changes were applied in place since the rebuild (`peers_key` and `ports_key` are
+    /// stale): the next rebuild recompiles every pod.
+    changed_in_place: bool,
 }
 
-fn identity_part(state: &ClusterState, allocator: &mut IdentityAllocator) -> IdentityPart {
-    let mut pod_identity = BTreeMap::new();
-    let mut members: BTreeMap<u32, (&PodInfo, Vec<PodKey>)> = BTreeMap::new();
-    let mut addresses = BTreeMap::new();
-    let mut address_pods = BTreeMap::new();
-    for (key, pod) in &state.pods {
+impl IdentityPart {
+    fn rebuild(state: &ClusterState, allocator: &mut IdentityAllocator) -> IdentityPart {
+        let mut part = IdentityPart::default();
+        let mut ignored = BTreeSet::new();
+        for (key, pod) in &state.pods {
+            part.add_pod(key, pod, allocator, &mut ignored);
+        }
+        allocator.retain(&part.members.keys().copied().collect());
+        part.peers_key = hash_of(
+            &part
+                .peers()
+                .map(|(id, i)| (*id, &i.namespace, &i.labels))
+                .collect::<Vec<_>>(),
+        );
+        part.ports_key = hash_of(&part.seen);
+        part.namespace_labels = part.namespace_labels(state);
+        part
+    }
+
+    /// Applies the pods that changed (added, removed, relabelled, readdressed) and the
+    /// namespaces whose labels changed. `nets` gets every address whose identity may differ,
+    /// `touched` every address a changed pod had or has.
+    fn apply(
+        &mut self,
+        state: &ClusterState,
+        changes: &ChangeSet,
+        allocator: &mut IdentityAllocator,
+        nets: &mut BTreeSet<IpNet>,
+        touched: &mut BTreeSet<IpAddr>,
+        moved: &mut BTreeMap<u32, IdentityInfo>,
+    ) {
+        let mut emptied = BTreeSet::new();
+        let nets_before = nets.len();
+        let mut identity_moved = false;
+        for key in &changes.pods {
+            let before = self.seen.get(key).cloned();
+            let identity_before = self.pod_identity.get(key).copied();
+            if let Some(id) = identity_before {
+                moved.insert(id, self.identities[&id].clone());
+            }
+            if let Some((ips, _)) = &before {
+                touched.extend(ips);
+            }
+            self.remove_pod(key, &mut emptied, nets);
+            if let Some(pod) = state.pods.get(key) {
+                touched.extend(&pod.ips);
+                self.add_pod(key, pod, allocator, nets);
+            }
+            if let Some(id) = self.pod_identity.get(key) {
+                moved.insert(*id, self.identities[id].clone());
+            }
+            identity_moved |= self.pod_identity.get(key).copied() != identity_before;
+        }
+        self.changed_in_place = true;
+        if identity_moved || nets.len() != nets_before {
+            self.version += 1;
+        }
+        // Released only now: a pod whose labels did not change keeps its identity.
+        for id in emptied {
+            if self.members.get(&id) == Some(&0) {
+                self.members.remove(&id);
+                if let Some(info) = self.identities.remove(&id) {
+                    allocator.release(&info.namespace, &info.labels);
+                }
+            }
+        }
+        self.namespace_labels = self.namespace_labels(state);
+    }
+
+    fn add_pod(
+        &mut self,
+        key: &PodKey,
+        pod: &PodInfo,
+        allocator: &mut IdentityAllocator,
+        nets: &mut BTreeSet<IpNet>,
+    ) {
         let id = allocator.get(&pod.namespace, &pod.labels);
-        pod_identity.insert(key.clone(), id);
-        let (_, pods) = members.entry(id).or_insert_with(|| (pod, Vec::new()));
+        self.pod_identity.insert(key.clone(), id);
+        *self.members.entry(id).or_default() += 1;
+        let info = self.identities.entry(id).or_insert_with(|| IdentityInfo {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            pods: Arc::new(Vec::new()),
+        });
         if !pod.ips.is_empty() {
-            pods.push(key.clone());
+            let pods = Arc::make_mut(&mut info.pods);
+            if let Err(at) = pods.binary_search(key) {
+                pods.insert(at, key.clone());
+            }
         }
         for ip in &pod.ips {
-            addresses.insert(single_address(*ip), id);
-            address_pods.insert(*ip, key.clone());
+            self.claims.entry(*ip).or_default().insert(key.clone());
+            self.settle(*ip, nets);
+        }
+        self.seen
+            .insert(key.clone(), (pod.ips.clone(), hash_of(&pod.ports)));
+    }
+
+    fn remove_pod(
+        &mut self,
+        key: &PodKey,
+        emptied: &mut BTreeSet<u32>,
+        nets: &mut BTreeSet<IpNet>,
+    ) {
+        let Some(id) = self.pod_identity.remove(key) else {
+            return;
+        };
+        let (ips, _) = self.seen.remove(key).unwrap_or_default();
+        for ip in &ips {
+            if let Some(claims) = self.claims.get_mut(ip) {
+                claims.remove(key);
+                if claims.is_empty() {
+                    self.claims.remove(ip);
+                }
+            }
+            self.settle(*ip, nets);
+        }
+        if let Some(info) = self.identities.get_mut(&id)
+            && let Ok(at) = info.pods.binary_search(key)
+        {
+            Arc::make_mut(&mut info.pods).remove(at);
+        }
+        if let Some(n) = self.members.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                emptied.insert(id);
+            }
         }
     }
-    let identities: BTreeMap<u32, IdentityInfo> = members
-        .into_iter()
-        .map(|(id, (first, pods))| {
-            let info = IdentityInfo {
-                namespace: first.namespace.clone(),
-                labels: first.labels.clone(),
-                pods: Arc::new(pods),
-            };
-            (id, info)
-        })
-        .collect();
-    allocator.retain(&identities.keys().copied().collect());
-    // Identities without addressed pods cannot be peers.
-    let peer_identities: BTreeMap<u32, IdentityInfo> = identities
-        .iter()
-        .filter(|(_, i)| !i.pods.is_empty())
-        .map(|(id, i)| (*id, i.clone()))
-        .collect();
-    let namespace_labels: BTreeMap<String, Labels> = peer_identities
-        .values()
-        .map(|i| i.namespace.clone())
-        .chain(state.namespaces.keys().cloned())
-        .map(|ns| {
-            let labels = state.namespace_labels(&ns);
-            (ns, labels)
-        })
-        .collect();
-    IdentityPart {
-        addresses: Arc::new(addresses),
-        pod_identity: Arc::new(pod_identity),
-        identities: Arc::new(identities),
-        address_pods: Arc::new(address_pods),
-        peer_identities,
-        namespace_labels,
+
+    /// Points an address at the pod that wins it, if any still claims it.
+    fn settle(&mut self, ip: IpAddr, nets: &mut BTreeSet<IpNet>) {
+        let net = single_address(ip);
+        let winner = self.claims.get(&ip).and_then(|c| c.last());
+        match winner.and_then(|w| Some((w, *self.pod_identity.get(w)?))) {
+            Some((w, id)) => {
+                if self.address_pods.get(&ip) != Some(w) {
+                    self.address_pods.insert(ip, w.clone());
+                }
+                if self.addresses.get(&net) != Some(&id) {
+                    self.addresses.insert(net, id);
+                    nets.insert(net);
+                }
+            }
+            None => {
+                self.address_pods.remove(&ip);
+                if self.addresses.remove(&net).is_some() {
+                    nets.insert(net);
+                }
+            }
+        }
+    }
+
+    /// Identities that can be peers: those with pods that have addresses.
+    fn peers(&self) -> impl Iterator<Item = (&u32, &IdentityInfo)> {
+        self.identities.iter().filter(|(_, i)| !i.pods.is_empty())
+    }
+
+    /// Labels of every namespace that has peers or is listed.
+    fn namespace_labels(&self, state: &ClusterState) -> BTreeMap<String, Labels> {
+        self.peers()
+            .map(|(_, i)| &i.namespace)
+            .chain(state.namespaces.keys())
+            .map(|ns| (ns.clone(), state.namespace_labels(ns)))
+            .collect()
+    }
+}
+
+/// Service frontends and their virtual addresses, kept up to date Service by Service when
+/// the change log says what changed, rebuilt when it cannot.
+#[derive(Clone, Debug, Default)]
+struct FrontendsPart {
+    /// Hash of what a rebuild read (`None` once changed in place): a source without a log
+    /// is compared by it.
+    inputs: Option<u64>,
+    /// Moves whenever a frontend changes: pods' Service rules depend on every frontend.
+    version: u64,
+    frontends: OrdMap<u32, Frontend>,
+    addresses: OrdMap<IpNet, u32>,
+    /// Per virtual address, every Service claiming it (normally one) with its identity; the
+    /// greatest key wins, as it did when the map was built in Service order.
+    claims: BTreeMap<IpNet, BTreeMap<PodKey, u32>>,
+    /// Per Service: its frontends' identities and the addresses its slices name.
+    by_service: BTreeMap<PodKey, (Vec<u32>, Vec<IpAddr>)>,
+    /// Backend address: the frontends with a backend there (their decisions depend on the
+    /// identity of that address and of its pod).
+    backend_frontends: BTreeMap<IpAddr, BTreeSet<u32>>,
+    /// Backend pod (a slice may name a pod at another address): its frontends.
+    backend_pod_frontends: BTreeMap<PodKey, BTreeSet<u32>>,
+    /// Address named in a slice: the Services whose slices name it.
+    address_services: BTreeMap<IpAddr, BTreeSet<PodKey>>,
+    /// EndpointSlice (namespace, name) to its Service, and back.
+    slice_service: BTreeMap<PodKey, PodKey>,
+    service_slices: BTreeMap<PodKey, BTreeSet<PodKey>>,
+}
+
+impl FrontendsPart {
+    fn rebuild(
+        state: &ClusterState,
+        address_pods: &OrdMap<IpAddr, PodKey>,
+        ids: &mut ServiceIdentities,
+        inputs: u64,
+        version: u64,
+    ) -> FrontendsPart {
+        let mut part = FrontendsPart {
+            version,
+            ..FrontendsPart::default()
+        };
+        for key in state.endpoint_slices.keys() {
+            part.index_slice(state, key, &mut BTreeSet::new());
+        }
+        let mut ignored = BTreeSet::new();
+        for key in state.services.keys() {
+            part.recompute(state, key, address_pods, ids, &mut ignored);
+        }
+        ids.retain(&part.frontends.keys().copied().collect());
+        part.inputs = Some(inputs);
+        part
+    }
+
+    /// Recomputes the Services that changed, whose slices changed, that are in a changed
+    /// pod's namespace (selectors, named target ports, endpoint pods) or whose slices name a
+    /// changed pod's address.
+    /// Returns the frontends whose Service rules may differ now: changed ones (gone ones
+    /// included) and those with a backend at a touched address or one whose identity moved.
+    fn apply(
+        &mut self,
+        state: &ClusterState,
+        changes: &ChangeSet,
+        touched: &BTreeSet<IpAddr>,
+        address_pods: &OrdMap<IpAddr, PodKey>,
+        ids: &mut ServiceIdentities,
+        nets: &mut BTreeSet<IpNet>,
+    ) -> BTreeSet<u32> {
+        let mut affected = changes.services.clone();
+        for key in &changes.endpoint_slices {
+            self.index_slice(state, key, &mut affected);
+        }
+        let namespaces: BTreeSet<&String> = changes.pods.iter().map(|(ns, _)| ns).collect();
+        for ns in namespaces {
+            let in_namespace = |k: &&PodKey| k.0 == *ns;
+            affected.extend(
+                state
+                    .services
+                    .range((ns.clone(), String::new())..)
+                    .map(|(k, _)| k)
+                    .take_while(in_namespace)
+                    .cloned(),
+            );
+        }
+        for ip in touched {
+            affected.extend(self.address_services.get(ip).into_iter().flatten().cloned());
+        }
+        let mut dirty = BTreeSet::new();
+        for key in &affected {
+            if let Some(gone_or_changed) = self.recompute(state, key, address_pods, ids, nets) {
+                dirty.extend(gone_or_changed);
+            }
+        }
+        if !dirty.is_empty() {
+            self.version += 1;
+        }
+        self.inputs = None;
+        let moved = touched.iter().copied().chain(
+            nets.iter()
+                .filter(|n| n.prefix_len() == n.max_prefix_len())
+                .map(|n| n.addr()),
+        );
+        for ip in moved {
+            dirty.extend(self.backend_frontends.get(&ip).into_iter().flatten());
+        }
+        for pod in &changes.pods {
+            dirty.extend(self.backend_pod_frontends.get(pod).into_iter().flatten());
+        }
+        dirty
+    }
+
+    /// Brings a slice's entry in the slice indexes up to date; its Services (before and
+    /// after) go to `affected`.
+    fn index_slice(&mut self, state: &ClusterState, key: &PodKey, affected: &mut BTreeSet<PodKey>) {
+        if let Some(old) = self.slice_service.remove(key) {
+            if let Some(slices) = self.service_slices.get_mut(&old) {
+                slices.remove(key);
+                if slices.is_empty() {
+                    self.service_slices.remove(&old);
+                }
+            }
+            affected.insert(old);
+        }
+        if let Some(slice) = state.endpoint_slices.get(key) {
+            let service = (slice.namespace.clone(), slice.service.clone());
+            self.slice_service.insert(key.clone(), service.clone());
+            self.service_slices
+                .entry(service.clone())
+                .or_default()
+                .insert(key.clone());
+            affected.insert(service);
+        }
+    }
+
+    /// Points a virtual address at the frontend that wins it, if any still claims it.
+    fn settle(&mut self, net: IpNet, nets: &mut BTreeSet<IpNet>) {
+        match self.claims.get(&net).and_then(|c| c.last_key_value()) {
+            Some((_, id)) => {
+                if self.addresses.insert(net, *id) != Some(*id) {
+                    nets.insert(net);
+                }
+            }
+            None => {
+                if self.addresses.remove(&net).is_some() {
+                    nets.insert(net);
+                }
+            }
+        }
+    }
+
+    /// Recomputes one Service's frontends. Returns the identities of its frontends before
+    /// and after when they changed.
+    fn recompute(
+        &mut self,
+        state: &ClusterState,
+        key: &PodKey,
+        address_pods: &OrdMap<IpAddr, PodKey>,
+        ids: &mut ServiceIdentities,
+        nets: &mut BTreeSet<IpNet>,
+    ) -> Option<Vec<u32>> {
+        let (old_ids, old_ips) = self.by_service.remove(key).unwrap_or_default();
+        for ip in &old_ips {
+            if let Some(services) = self.address_services.get_mut(ip) {
+                services.remove(key);
+                if services.is_empty() {
+                    self.address_services.remove(ip);
+                }
+            }
+        }
+        let old: Vec<Frontend> = old_ids
+            .iter()
+            .filter_map(|id| self.frontends.remove(id))
+            .collect();
+        for f in &old {
+            for b in f.ports.iter().flat_map(|p| &p.backends) {
+                if let Some(fs) = self.backend_frontends.get_mut(&b.ip) {
+                    fs.remove(&f.identity);
+                    if fs.is_empty() {
+                        self.backend_frontends.remove(&b.ip);
+                    }
+                }
+                if let Some(pod) = &b.pod
+                    && let Some(fs) = self.backend_pod_frontends.get_mut(pod)
+                {
+                    fs.remove(&f.identity);
+                    if fs.is_empty() {
+                        self.backend_pod_frontends.remove(pod);
+                    }
+                }
+            }
+        }
+        for net in old
+            .iter()
+            .flat_map(|f| &f.addresses)
+            .map(|a| single_address(*a))
+        {
+            if let Some(claims) = self.claims.get_mut(&net) {
+                claims.remove(key);
+                if claims.is_empty() {
+                    self.claims.remove(&net);
+                }
+            }
+            self.settle(net, nets);
+        }
+        let Some(svc) = state.services.get(key) else {
+            ids.release_unused(key, &[]);
+            return (!old.is_empty()).then_some(old_ids);
+        };
+        let slices: Vec<&EndpointSliceInfo> = self
+            .service_slices
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| state.endpoint_slices.get(k))
+            .collect();
+        let new = services::service_frontends(state, svc, &slices, address_pods, ids);
+        ids.release_unused(key, &new);
+        let mut ips: Vec<IpAddr> = slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .flat_map(|e| &e.addresses)
+            .copied()
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        for ip in &ips {
+            self.address_services
+                .entry(*ip)
+                .or_default()
+                .insert(key.clone());
+        }
+        for f in &new {
+            for net in f.addresses.iter().map(|a| single_address(*a)) {
+                self.claims
+                    .entry(net)
+                    .or_default()
+                    .insert(key.clone(), f.identity);
+                self.settle(net, nets);
+            }
+        }
+        let changed = old != new;
+        let new_ids: Vec<u32> = new.iter().map(|f| f.identity).collect();
+        for f in new {
+            for b in f.ports.iter().flat_map(|p| &p.backends) {
+                self.backend_frontends
+                    .entry(b.ip)
+                    .or_default()
+                    .insert(f.identity);
+                if let Some(pod) = &b.pod {
+                    self.backend_pod_frontends
+                        .entry(pod.clone())
+                        .or_default()
+                        .insert(f.identity);
+                }
+            }
+            self.frontends.insert(f.identity, f);
+        }
+        self.by_service.insert(key.clone(), (new_ids.clone(), ips));
+        changed.then(|| old_ids.into_iter().chain(new_ids).collect())
     }
 }
 
@@ -632,7 +1069,9 @@ pub fn compile(
 }
 
 /// `compile`, reusing what `cache` holds from the previous compile where its inputs did not
-/// change: a policy change recompiles only the pods that policy selects (before or after).
+/// change: a policy change recompiles only the pods that policy selects (before or after); a
+/// pod, namespace, Service or EndpointSlice change that the source's change log names
+/// updates the identities and frontends it touches, not all of them.
 pub fn compile_cached(
     state: &ClusterState,
     allocator: &mut IdentityAllocator,
@@ -641,6 +1080,15 @@ pub fn compile_cached(
     cache: &mut CompileCache,
 ) -> Compiled {
     let mut compiled = Compiled::default();
+    let changes = state.changes.since(cache.position);
+    cache.position = state.changes.position();
+    // Addresses whose identity may have changed since the last compile; `None`: rebuilt.
+    let mut nets = Some(BTreeSet::new());
+    let mut touched = BTreeSet::new();
+    // Identities whose pods changed (as they were and are): cached pod results whose
+    // policies select one are recompiled.
+    let mut moved = BTreeMap::new();
+
     // Identities depend on pods (namespace, labels, addresses) and namespaces only.
     let pods_hash = state.pods_version.unwrap_or_else(|| {
         hash_of(&(
@@ -656,14 +1104,29 @@ pub fn compile_cached(
                 .collect::<Vec<_>>(),
         ))
     });
-    let part = match &cache.identities {
-        Some((h, part)) if *h == pods_hash => part.clone(),
-        _ => {
-            let part = Arc::new(identity_part(state, allocator));
-            cache.identities = Some((pods_hash, part.clone()));
-            part
+    match (&mut cache.identities, &changes, &mut nets) {
+        (Some((h, part)), Some(changes), Some(nets)) => {
+            if !changes.pods.is_empty() || !changes.namespaces.is_empty() {
+                part.apply(state, changes, allocator, nets, &mut touched, &mut moved);
+            }
+            *h = pods_hash;
         }
-    };
+        (Some((h, _)), None, _) if *h == pods_hash => {}
+        _ => {
+            if cache
+                .identities
+                .as_ref()
+                .is_some_and(|(_, p)| p.changed_in_place)
+            {
+                cache.pods.clear();
+            }
+            let mut part = IdentityPart::rebuild(state, allocator);
+            part.version = cache.identities.as_ref().map_or(0, |(_, p)| p.version + 1);
+            cache.identities = Some((pods_hash, part));
+            nets = None;
+        }
+    }
+    let (_, part) = cache.identities.as_ref().expect("just set");
     compiled.addresses = part.addresses.clone();
     compiled.pod_identity = part.pod_identity.clone();
     compiled.identities = part.identities.clone();
@@ -671,38 +1134,49 @@ pub fn compile_cached(
 
     // Service frontends depend on Services, EndpointSlices and (for selectors, named target
     // ports and backend pods) the pods.
-    let frontends_hash = hash_of(&(pods_hash, &state.services, &state.endpoint_slices));
-    let services_part = match &cache.frontends {
-        Some((h, part)) if *h == frontends_hash => part.clone(),
-        _ => {
-            let f = services::frontends(state, &part.address_pods, &mut allocator.services);
-            let addresses = f
-                .iter()
-                .flat_map(|f| {
-                    f.addresses
-                        .iter()
-                        .map(|ip| (single_address(*ip), f.identity))
-                })
-                .collect();
-            let built = FrontendsPart {
-                frontends: Arc::new(f),
-                addresses: Arc::new(addresses),
-            };
-            cache.frontends = Some((frontends_hash, built.clone()));
-            built
+    // Frontends whose Service rules may differ from the last compile's; `None`: all.
+    let mut dirty_frontends = None;
+    match (&mut cache.frontends, &changes, &mut nets) {
+        (Some(f), Some(changes), Some(nets)) => {
+            dirty_frontends = Some(f.apply(
+                state,
+                changes,
+                &touched,
+                &part.address_pods,
+                &mut allocator.services,
+                nets,
+            ));
         }
-    };
-    let frontends = services_part.frontends.clone();
-    compiled.frontends = services_part.frontends;
-    compiled.service_addresses = services_part.addresses;
+        (previous, _, _) => {
+            let inputs = hash_of(&(pods_hash, &state.services, &state.endpoint_slices));
+            if previous.as_ref().is_none_or(|f| f.inputs != Some(inputs)) {
+                let version = previous.as_ref().map_or(0, |f| f.version + 1);
+                *previous = Some(FrontendsPart::rebuild(
+                    state,
+                    &part.address_pods,
+                    &mut allocator.services,
+                    inputs,
+                    version,
+                ));
+                nets = None;
+            }
+        }
+    }
+    let services_part = cache.frontends.as_ref().expect("just set");
+    compiled.frontends = services_part.frontends.clone();
+    compiled.service_addresses = services_part.addresses.clone();
+    compiled.generation = cache.generation + 1;
+    compiled.address_changes = nets.map(|nets| AddressChanges {
+        since: cache.generation,
+        nets,
+    });
+    cache.generation += 1;
 
-    let peer_identities = &part.peer_identities;
-    let namespace_labels = part.namespace_labels.clone();
     let mut ctx = Context {
         state,
-        identities: peer_identities,
+        identities: &part.identities,
         rule_ids: BTreeMap::new(),
-        namespace_labels,
+        namespace_labels: part.namespace_labels.clone(),
     };
     cache
         .rule_ids
@@ -728,19 +1202,7 @@ pub fn compile_cached(
     // Namespace labels are not part of it: a pod depends only on which namespaces its
     // policies' namespaceSelectors match (`namespace_matches` below), so relabelling a
     // namespace recompiles only the pods whose selectors it moves.
-    let universe = hash_of(&(
-        peer_identities
-            .iter()
-            .map(|(id, i)| (*id, &i.namespace, &i.labels))
-            .collect::<Vec<_>>(),
-        uses_pod_ports.then(|| {
-            state
-                .pods
-                .values()
-                .map(|p| (&p.ips, &p.ports))
-                .collect::<Vec<_>>()
-        }),
-    ));
+    let universe = hash_of(&(part.peers_key, uses_pod_ports.then_some(part.ports_key)));
     if universe != cache.universe {
         cache.pods.clear();
         cache.universe = universe;
@@ -785,7 +1247,14 @@ pub fn compile_cached(
             namespaces,
         ));
         let mut result = match cache.pods.get(key) {
-            Some((h, cached)) if *h == input => cached.clone(),
+            Some((h, cached))
+                if *h == input
+                    && !selecting
+                        .iter()
+                        .any(|p| depends_on(&ctx, p, &moved, &touched)) =>
+            {
+                cached.clone()
+            }
             _ => {
                 let result = compile_pod(&ctx, pod, &selecting, mode);
                 cache.pods.insert(key.clone(), (input, result.clone()));
@@ -794,26 +1263,52 @@ pub fn compile_cached(
         };
         if result.isolated_egress {
             let node = options.node_addresses.of(pod.node_name.as_deref());
-            let service_input = hash_of(&(&result.egress, frontends_hash, node));
-            result.services = match cache.services.get(key) {
-                Some((h, rules)) if *h == service_input => rules.clone(),
-                _ => {
-                    let identity_of = |b: &Backend| {
-                        // A pod reaching itself through its Service is not enforced
-                        // (upstream's AllowLoopback), like the node itself.
-                        if b.pod.as_ref() == Some(key) {
-                            agent_common::IDENTITY_HOST
-                        } else {
-                            backend_identity(&part, node, b)
-                        }
-                    };
-                    let rules = services::service_rules(&result.egress, &frontends, &identity_of);
-                    cache
-                        .services
-                        .insert(key.clone(), (service_input, rules.clone()));
-                    rules
+            let identity_of = |b: &Backend| {
+                // A pod reaching itself through its Service is not enforced (upstream's
+                // AllowLoopback), like the node itself.
+                if b.pod.as_ref() == Some(key) {
+                    agent_common::IDENTITY_HOST
+                } else {
+                    backend_identity(part, node, b)
                 }
             };
+            // Per frontend, kept from the last compile unless the frontend or a backend's
+            // identity changed: one new replica does not re-decide 1,500 Services.
+            let input = hash_of(&(&result.egress, node));
+            let index = services::RuleIndex::new(&result.egress);
+            let entry = cache.services.entry(key.clone()).or_default();
+            let reusable = entry.input == input && entry.generation == cache.generation - 1;
+            match (&dirty_frontends, reusable) {
+                (Some(dirty), true) => {
+                    for id in dirty {
+                        match services_part.frontends.get(id) {
+                            Some(f) => {
+                                entry
+                                    .by_frontend
+                                    .insert(*id, services::frontend_rules(&index, f, &identity_of));
+                            }
+                            None => {
+                                entry.by_frontend.remove(id);
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    entry.by_frontend = services_part
+                        .frontends
+                        .values()
+                        .map(|f| {
+                            (
+                                f.identity,
+                                services::frontend_rules(&index, f, &identity_of),
+                            )
+                        })
+                        .collect();
+                }
+            }
+            entry.input = input;
+            entry.generation = cache.generation;
+            result.services = entry.by_frontend.values().flatten().cloned().collect();
         }
         compiled.pods.insert(key.clone(), result);
     }
@@ -822,6 +1317,38 @@ pub fn compile_cached(
         cache.services.retain(|k, _| t.contains(k));
     }
     compiled
+}
+
+/// Whether a pod's rules from `policy` may change when the pods of the `moved` identities
+/// (with addresses `touched`) changed: a peer of it selects one of them, or (for named
+/// ports, resolved on the destination pods) everyone or an ipBlock holding one of them.
+fn depends_on(
+    ctx: &Context,
+    policy: &Policy,
+    moved: &BTreeMap<u32, IdentityInfo>,
+    touched: &BTreeSet<IpAddr>,
+) -> bool {
+    if moved.is_empty() {
+        return false;
+    }
+    let ingress = policy.ingress.iter().flatten().map(|r| (r, false));
+    let egress = policy.egress.iter().flatten().map(|r| {
+        let named = r.ports.iter().any(|p| matches!(p.port, PortRef::Named(_)));
+        (r, named)
+    });
+    ingress.chain(egress).any(|(rule, named)| {
+        if rule.peers.is_empty() {
+            return named;
+        }
+        rule.peers.iter().any(|peer| match peer {
+            PeerSpec::Pods { namespaces, pods } => moved
+                .values()
+                .any(|info| ctx.peer_selects(&policy.namespace, namespaces, pods, info)),
+            PeerSpec::IpBlock { cidr, except } => {
+                named && touched.iter().any(|ip| in_block(cidr, except, ip))
+            }
+        })
+    })
 }
 
 /// For each namespaceSelector of a policy's peers, the namespaces it matches: all a compiled
@@ -902,6 +1429,345 @@ fn compile_pod(ctx: &Context, pod: &PodInfo, selecting: &[&Policy], mode: Mode) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::sources::{Kind, Object, ObjectKey, files::parse_file, store::Store};
+
+    /// A small random number generator: the same cluster and changes every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    fn pod_yaml(ns: usize, svc: usize, r: usize, ip: &str, tier: usize) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: s{svc}-{r}, namespace: ns{ns}, uid: u-{svc}-{r}, labels: {{app: s{svc}, tier: t{tier}}}}}\nspec:\n  containers: [{{name: c, ports: [{{name: http, containerPort: {}}}]}}]\nstatus: {{phase: Running, podIPs: [{{ip: {ip}}}]}}\n",
+            8000 + tier
+        )
+    }
+
+    /// A cluster of `services` services in `namespaces` namespaces, `replicas` pods each,
+    /// with Services, EndpointSlices, ingress policies selecting callers across namespaces
+    /// and egress policies with named ports (every dependency the compiler has).
+    fn cluster_yaml(namespaces: usize, services: usize, replicas: usize) -> String {
+        let mut y = String::new();
+        for n in 0..namespaces {
+            y += &format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns{n}, labels: {{team: t{}}}}}\n",
+                n % 3
+            );
+        }
+        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        for s in 0..services {
+            let ns = s % namespaces;
+            let mut endpoints = String::new();
+            for r in 0..replicas {
+                let ip = format!("10.{}.{}.{}", 1 + s / 200, s % 200, r + 1);
+                y += &pod_yaml(ns, s, r, &ip, r % 2);
+                endpoints += &format!(
+                    "  - addresses: [{ip}]\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, name: s{s}-{r}}}\n"
+                );
+            }
+            y += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: ns{ns}}}\nspec:\n  clusterIPs: [10.96.{}.{}]\n  selector: {{app: s{s}}}\n  ports: [{{name: http, port: 80, targetPort: http}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}-x, namespace: ns{ns}, labels: {{kubernetes.io/service-name: s{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8000}}]\nendpoints:\n{endpoints}",
+                s / 200,
+                s % 200 + 1
+            );
+            let caller = rng.below(services);
+            y += &format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: in-s{s}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: s{s}}}}}\n  ingress:\n  - from: [{{namespaceSelector: {{matchLabels: {{team: t{}}}}}, podSelector: {{matchLabels: {{app: s{caller}}}}}}}]\n    ports: [{{port: http}}]\n",
+                (caller % namespaces) % 3
+            );
+            if s % 3 == 0 {
+                let callee = rng.below(services);
+                y += &format!(
+                    "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: out-s{s}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: s{s}}}}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: s{callee}}}}}}}]\n    ports: [{{port: http}}]\n  - to: [{{ipBlock: {{cidr: 10.0.0.0/8}}}}]\n    ports: [{{port: 53, protocol: UDP}}]\n"
+                );
+            }
+        }
+        y
+    }
+
+    fn objects(yaml: &str) -> Vec<(ObjectKey, Object)> {
+        parse_file(yaml, std::path::Path::new("t.yaml"))
+            .expect("YAML")
+            .into_iter()
+            .map(|p| p.expect("valid object"))
+            .collect()
+    }
+
+    fn store_of(yaml: &str) -> Store {
+        let mut store = Store::default();
+        for (key, object) in objects(yaml) {
+            store.insert(key, object);
+        }
+        store
+    }
+
+    fn key(kind: Kind, namespace: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// One random change of the kind a watch delivers: pods come, go, move address (even
+    /// onto another pod's) or change labels; namespaces are relabelled; Services and
+    /// EndpointSlices change, go and come back.
+    fn random_change(store: &mut Store, rng: &mut Rng, namespaces: usize, services: usize) {
+        let s = rng.below(services);
+        let ns = s % namespaces;
+        match rng.below(8) {
+            0 | 1 => {
+                let r = 10 + rng.below(3);
+                let ip = format!("10.{}.{}.{}", 1 + s / 200, s % 200, r);
+                for (k, o) in objects(&pod_yaml(ns, s, r, &ip, rng.below(2))) {
+                    store.insert(k, o);
+                }
+            }
+            2 => {
+                let name = format!("s{s}-{}", rng.below(3));
+                store.remove(&key(Kind::Pod, &format!("ns{ns}"), &name));
+            }
+            3 => {
+                // An address another pod already has (a stale status), or a new label set.
+                let other = rng.below(services);
+                let ip = format!("10.{}.{}.1", 1 + other / 200, other % 200);
+                let tier = 2 + rng.below(2);
+                for (k, o) in objects(&pod_yaml(ns, s, rng.below(3), &ip, tier)) {
+                    store.insert(k, o);
+                }
+            }
+            4 => {
+                let n = rng.below(namespaces);
+                let team = rng.below(4);
+                for (k, o) in objects(&format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns{n}, labels: {{team: t{team}}}}}\n"
+                )) {
+                    store.insert(k, o);
+                }
+            }
+            5 => {
+                let ip = format!("10.{}.{}.{}", 1 + s / 200, s % 200, 1 + rng.below(12));
+                for (k, o) in objects(&format!(
+                    "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}-x, namespace: ns{ns}, labels: {{kubernetes.io/service-name: s{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8000}}]\nendpoints:\n  - addresses: [{ip}]\n    targetRef: {{kind: Pod, name: s{s}-0}}\n"
+                )) {
+                    store.insert(k, o);
+                }
+            }
+            6 => {
+                store.remove(&key(
+                    Kind::EndpointSlice,
+                    &format!("ns{ns}"),
+                    &format!("s{s}-x"),
+                ));
+            }
+            _ => {
+                if !store.remove(&key(Kind::Service, &format!("ns{ns}"), &format!("s{s}"))) {
+                    for (k, o) in objects(&format!(
+                        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: ns{ns}}}\nspec:\n  clusterIPs: [10.96.{}.{}]\n  selector: {{app: s{s}}}\n  ports: [{{name: http, port: 80, targetPort: http}}]\n",
+                        s / 200,
+                        1 + rng.below(250)
+                    )) {
+                        store.insert(k, o);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What a compile decides, without its bookkeeping.
+    fn decided(c: &Compiled) -> Compiled {
+        Compiled {
+            generation: 0,
+            address_changes: None,
+            ..c.clone()
+        }
+    }
+
+    /// Names the first thing two compiles decide differently.
+    fn assert_same(now: &Compiled, full: &Compiled, step: usize) {
+        fn first<K: Ord + Clone + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+            what: &str,
+            step: usize,
+            a: impl Iterator<Item = (K, V)>,
+            b: impl Iterator<Item = (K, V)>,
+        ) {
+            let a: BTreeMap<K, V> = a.collect();
+            let b: BTreeMap<K, V> = b.collect();
+            for k in a.keys().chain(b.keys()) {
+                assert_eq!(
+                    a.get(k),
+                    b.get(k),
+                    "step {step}: {what} {k:?} (incremental, full)"
+                );
+            }
+        }
+        first("address", step, now.addresses.iter(), full.addresses.iter());
+        first(
+            "pod identity",
+            step,
+            now.pod_identity.iter(),
+            full.pod_identity.iter(),
+        );
+        first(
+            "identity",
+            step,
+            now.identities.iter(),
+            full.identities.iter(),
+        );
+        first(
+            "address pod",
+            step,
+            now.address_pods.iter(),
+            full.address_pods.iter(),
+        );
+        first(
+            "frontend",
+            step,
+            now.frontends.iter(),
+            full.frontends.iter(),
+        );
+        first(
+            "service address",
+            step,
+            now.service_addresses.iter(),
+            full.service_addresses.iter(),
+        );
+        first("pod", step, now.pods.iter(), full.pods.iter());
+        assert_eq!(decided(now), decided(full), "step {step}");
+    }
+
+    fn all_addresses(c: &Compiled) -> BTreeMap<IpNet, u32> {
+        let mut m: BTreeMap<IpNet, u32> = c.addresses.clone().into_iter().collect();
+        m.extend(c.service_addresses.clone());
+        m
+    }
+
+    #[test]
+    fn incremental_compiles_decide_exactly_what_a_full_compile_decides() {
+        let (namespaces, services) = (5, 40);
+        let mut store = store_of(&cluster_yaml(namespaces, services, 3));
+        let options = CompileOptions::default();
+        let mut allocator = IdentityAllocator::default();
+        let mut cache = CompileCache::default();
+        let mut previous =
+            compile_cached(store.state(), &mut allocator, None, &options, &mut cache);
+        assert!(
+            previous.address_changes.is_none(),
+            "the first compile rebuilds"
+        );
+        assert!(previous.frontends.len() == services && previous.identities.len() >= services);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut incremental = 0;
+        for step in 0..1000 {
+            for _ in 0..1 + rng.below(3) {
+                random_change(&mut store, &mut rng, namespaces, services);
+            }
+            let state = store.state();
+            // As on a node: this node's pods (replicas 0 and 1) every other step.
+            let local: BTreeSet<PodKey> = state
+                .pods
+                .keys()
+                .filter(|k| k.1.ends_with("-0") || k.1.ends_with("-1"))
+                .cloned()
+                .collect();
+            let targets = (step % 2 == 0).then_some(&local);
+            let now = compile_cached(state, &mut allocator, targets, &options, &mut cache);
+            let full = compile(state, &mut allocator.clone(), targets, &options);
+            assert_same(&now, &full, step);
+            // Every address whose identity moved is named as possibly changed.
+            let changes = now.address_changes.as_ref().expect("the log reaches back");
+            assert_eq!(changes.since, previous.generation);
+            let (before, after) = (all_addresses(&previous), all_addresses(&now));
+            for net in before.keys().chain(after.keys()) {
+                if before.get(net) != after.get(net) {
+                    assert!(changes.nets.contains(net), "step {step}: {net} not named");
+                }
+            }
+            incremental += 1;
+            previous = now;
+        }
+        assert_eq!(incremental, 1000);
+        // A state the log does not cover (a source that rebuilds) is compiled in full.
+        let mut rebuilt = store.state().clone();
+        rebuilt.changes = Default::default();
+        rebuilt.pods_version = Some(u64::MAX);
+        let now = compile_cached(&rebuilt, &mut allocator, None, &options, &mut cache);
+        assert!(now.address_changes.is_none());
+        assert_eq!(decided(&now), decided(&previous));
+    }
+
+    /// Timing at the reference bank's size, per kind of change
+    /// (`cargo test --release -p tollgate --lib bank_size -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn incremental_compile_at_bank_size() {
+        let (namespaces, services) = (30, 1500);
+        let mut store = store_of(&cluster_yaml(namespaces, services, 13));
+        let options = CompileOptions::default();
+        let mut allocator = IdentityAllocator::default();
+        let mut cache = CompileCache::default();
+        let targets: BTreeSet<PodKey> = store.state().pods.keys().step_by(80).cloned().collect();
+        compile_cached(
+            store.state(),
+            &mut allocator,
+            Some(&targets),
+            &options,
+            &mut cache,
+        );
+        let mut time = |what: &str, change: &mut dyn FnMut(&mut Store, usize)| {
+            let started = std::time::Instant::now();
+            for i in 0..20 {
+                change(&mut store, i);
+                compile_cached(
+                    store.state(),
+                    &mut allocator,
+                    Some(&targets),
+                    &options,
+                    &mut cache,
+                );
+            }
+            eprintln!("{what}: {:?} per compile", started.elapsed() / 20);
+        };
+        time("a replica added or removed", &mut |store, i| {
+            let key = key(Kind::Pod, "ns7", "s7-20");
+            if i % 2 == 0 {
+                for (k, o) in objects(&pod_yaml(7, 7, 20, "10.1.7.20", 0)) {
+                    store.insert(k, o);
+                }
+            } else {
+                store.remove(&key);
+            }
+        });
+        time("a namespace relabelled", &mut |store, i| {
+            for (k, o) in objects(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns7, labels: {{team: t1, audit: a{}}}}}\n",
+                i % 2
+            )) {
+                store.insert(k, o);
+            }
+        });
+        time("a pod with a label set never seen", &mut |store, i| {
+            for (k, o) in objects(&pod_yaml(7, 7, 21, "10.1.7.21", 5 + i)) {
+                store.insert(k, o);
+            }
+        });
+        time("an EndpointSlice changed", &mut |store, i| {
+            for (k, o) in objects(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s7-x, namespace: ns7, labels: {{kubernetes.io/service-name: s7}}}}\naddressType: IPv4\nports: [{{name: http, port: 8000}}]\nendpoints:\n  - addresses: [10.1.7.{}]\n",
+                1 + i % 2
+            )) {
+                store.insert(k, o);
+            }
+        });
+    }
 
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| n.to_string()).collect()

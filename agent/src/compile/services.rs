@@ -14,10 +14,11 @@ use std::{
 };
 
 use agent_common::{IDENTITY_HOST, IDENTITY_WORLD};
+use imbl::OrdMap;
 use ipnet::IpNet;
 
 use super::{
-    model::{ClusterState, EndpointSliceInfo, PodInfo, Protocol, ServiceInfo, TargetPort},
+    model::{ClusterState, EndpointSliceInfo, Protocol, ServiceInfo, TargetPort},
     policy::PodKey,
     rules::{AllowRule, Peer, PortMatch},
 };
@@ -87,8 +88,20 @@ impl ServiceIdentities {
         id
     }
 
-    fn retain(&mut self, used: &BTreeSet<u32>) {
+    pub(crate) fn retain(&mut self, used: &BTreeSet<u32>) {
         self.ids.retain(|_, id| used.contains(id));
+    }
+
+    /// Releases the identities of a Service's address families that have no frontend now.
+    pub fn release_unused(&mut self, service: &(String, String), frontends: &[Frontend]) {
+        for v6 in [false, true] {
+            let key = (service.0.clone(), service.1.clone(), v6);
+            if let Some(id) = self.ids.get(&key)
+                && !frontends.iter().any(|f| f.identity == *id)
+            {
+                self.ids.remove(&key);
+            }
+        }
     }
 }
 
@@ -128,7 +141,7 @@ fn ready_backends<'a>(
 /// but a selector gets the pods it selects, with named target ports resolved per pod.
 pub fn frontends(
     state: &ClusterState,
-    address_pods: &BTreeMap<IpAddr, PodKey>,
+    address_pods: &OrdMap<IpAddr, PodKey>,
     ids: &mut ServiceIdentities,
 ) -> Vec<Frontend> {
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSliceInfo>> = BTreeMap::new();
@@ -138,101 +151,107 @@ pub fn frontends(
             .or_default()
             .push(slice);
     }
-    let mut pods_by_namespace: BTreeMap<&str, Vec<(&PodKey, &PodInfo)>> = BTreeMap::new();
-    for (key, pod) in &state.pods {
-        pods_by_namespace
-            .entry(pod.namespace.as_str())
-            .or_default()
-            .push((key, pod));
-    }
     let mut out = Vec::new();
-    let mut used = BTreeSet::new();
     for svc in state.services.values() {
         let own_slices = slices
             .get(&(svc.namespace.as_str(), svc.name.as_str()))
-            .cloned()
-            .unwrap_or_default();
-        for v6 in [false, true] {
-            let addresses: Vec<IpAddr> = svc
-                .cluster_ips
-                .iter()
-                .filter(|ip| ip.is_ipv6() == v6)
-                .copied()
-                .collect();
-            if addresses.is_empty() {
-                continue;
-            }
-            let identity = ids.get(svc, v6);
-            used.insert(identity);
-            let ports = svc
-                .ports
-                .iter()
-                .map(|p| {
-                    let mut backends: Vec<Backend> = if !own_slices.is_empty() {
-                        ready_backends(&own_slices, &p.name, p.protocol, v6)
-                            .into_iter()
-                            .map(|(slice, ip, port, pod, _)| Backend {
-                                ip,
-                                port,
-                                pod: pod
-                                    .map(|name| (slice.namespace.clone(), name.to_string()))
-                                    .filter(|k| state.pods.contains_key(k))
-                                    .or_else(|| address_pods.get(&ip).cloned()),
-                            })
-                            .collect()
-                    } else if let Some(selector) = &svc.selector {
-                        let mut b = Vec::new();
-                        let candidates = pods_by_namespace
-                            .get(svc.namespace.as_str())
-                            .into_iter()
-                            .flatten();
-                        for (key, pod) in candidates {
-                            if pod.host_network
-                                || !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
-                            {
-                                continue;
-                            }
-                            let port = match &p.target {
-                                TargetPort::Number(n) => Some(*n),
-                                TargetPort::Named(name) => pod.named_port(name, p.protocol),
-                            };
-                            let Some(port) = port else { continue };
-                            for ip in pod.ips.iter().filter(|ip| ip.is_ipv6() == v6) {
-                                b.push(Backend {
-                                    ip: *ip,
-                                    port,
-                                    pod: Some((*key).clone()),
-                                });
-                            }
-                        }
-                        b
-                    } else {
-                        Vec::new()
-                    };
-                    backends.sort();
-                    backends.dedup();
-                    FrontendPort {
-                        name: p.name.clone(),
-                        protocol: p.protocol,
-                        port: p.port,
-                        backends,
-                    }
-                })
-                .collect();
-            out.push(Frontend {
-                service: (svc.namespace.clone(), svc.name.clone()),
-                identity,
-                addresses,
-                ports,
-            });
-        }
+            .map_or(&[][..], Vec::as_slice);
+        out.extend(service_frontends(state, svc, own_slices, address_pods, ids));
     }
-    ids.retain(&used);
+    ids.retain(&out.iter().map(|f| f.identity).collect());
+    out
+}
+
+/// The frontends of one Service (one per address family it has a virtual address in), from
+/// its EndpointSlices, else from the pods its selector picks. Identities are allocated as
+/// needed; releasing those of a family that went is the caller's.
+pub fn service_frontends(
+    state: &ClusterState,
+    svc: &ServiceInfo,
+    own_slices: &[&EndpointSliceInfo],
+    address_pods: &OrdMap<IpAddr, PodKey>,
+    ids: &mut ServiceIdentities,
+) -> Vec<Frontend> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let addresses: Vec<IpAddr> = svc
+            .cluster_ips
+            .iter()
+            .filter(|ip| ip.is_ipv6() == v6)
+            .copied()
+            .collect();
+        if addresses.is_empty() {
+            continue;
+        }
+        let identity = ids.get(svc, v6);
+        let ports = svc
+            .ports
+            .iter()
+            .map(|p| {
+                let mut backends: Vec<Backend> = if !own_slices.is_empty() {
+                    ready_backends(own_slices, &p.name, p.protocol, v6)
+                        .into_iter()
+                        .map(|(slice, ip, port, pod, _)| Backend {
+                            ip,
+                            port,
+                            pod: pod
+                                .map(|name| (slice.namespace.clone(), name.to_string()))
+                                .filter(|k| state.pods.contains_key(k))
+                                .or_else(|| address_pods.get(&ip).cloned()),
+                        })
+                        .collect()
+                } else if let Some(selector) = &svc.selector {
+                    let mut b = Vec::new();
+                    // Pods are keyed by (namespace, name): the namespace's pods are one range.
+                    let candidates = state
+                        .pods
+                        .range((svc.namespace.clone(), String::new())..)
+                        .take_while(|((ns, _), _)| *ns == svc.namespace);
+                    for (key, pod) in candidates {
+                        if pod.host_network
+                            || !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                        {
+                            continue;
+                        }
+                        let port = match &p.target {
+                            TargetPort::Number(n) => Some(*n),
+                            TargetPort::Named(name) => pod.named_port(name, p.protocol),
+                        };
+                        let Some(port) = port else { continue };
+                        for ip in pod.ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+                            b.push(Backend {
+                                ip: *ip,
+                                port,
+                                pod: Some(key.clone()),
+                            });
+                        }
+                    }
+                    b
+                } else {
+                    Vec::new()
+                };
+                backends.sort();
+                backends.dedup();
+                FrontendPort {
+                    name: p.name.clone(),
+                    protocol: p.protocol,
+                    port: p.port,
+                    backends,
+                }
+            })
+            .collect();
+        out.push(Frontend {
+            service: (svc.namespace.clone(), svc.name.clone()),
+            identity,
+            addresses,
+            ports,
+        });
+    }
     out
 }
 
 /// A source's egress rules, indexed for "does any rule allow this backend?".
-struct RuleIndex<'a> {
+pub struct RuleIndex<'a> {
     by_identity: HashMap<u32, Vec<(PortMatch, u32)>>,
     cidrs: Vec<(&'a IpNet, &'a [IpNet], PortMatch, u32)>,
 }
@@ -250,7 +269,7 @@ fn port_matches(m: PortMatch, proto: u8, port: u16) -> bool {
 }
 
 impl<'a> RuleIndex<'a> {
-    fn new(rules: &'a [AllowRule]) -> Self {
+    pub fn new(rules: &'a [AllowRule]) -> Self {
         let mut index = RuleIndex {
             by_identity: HashMap::new(),
             cidrs: Vec::new(),
@@ -342,26 +361,36 @@ fn decide_with(
 
 /// The egress allow rules toward Service frontends for a source whose egress rules are
 /// `rules`: one per Service port all of whose backends `rules` allow.
-pub fn service_rules(
+pub fn service_rules<'f>(
     rules: &[AllowRule],
-    frontends: &[Frontend],
+    frontends: impl IntoIterator<Item = &'f Frontend>,
     identity_of: &impl Fn(&Backend) -> u32,
 ) -> Vec<AllowRule> {
     let index = RuleIndex::new(rules);
+    frontends
+        .into_iter()
+        .flat_map(|f| frontend_rules(&index, f, identity_of))
+        .collect()
+}
+
+/// The Service rules of one frontend for a source whose egress rules are `index`.
+pub fn frontend_rules(
+    index: &RuleIndex,
+    f: &Frontend,
+    identity_of: &impl Fn(&Backend) -> u32,
+) -> Vec<AllowRule> {
     let mut out = Vec::new();
-    for f in frontends {
-        for p in &f.ports {
-            if let ServiceDecision::Allowed(rule_id) = decide_with(&index, p, identity_of) {
-                out.push(AllowRule {
-                    peer: Peer::Identity(f.identity),
-                    ports: PortMatch::Range {
-                        proto: p.protocol.number(),
-                        first: p.port,
-                        last: p.port,
-                    },
-                    rule_id,
-                });
-            }
+    for p in &f.ports {
+        if let ServiceDecision::Allowed(rule_id) = decide_with(index, p, identity_of) {
+            out.push(AllowRule {
+                peer: Peer::Identity(f.identity),
+                ports: PortMatch::Range {
+                    proto: p.protocol.number(),
+                    first: p.port,
+                    last: p.port,
+                },
+                rule_id,
+            });
         }
     }
     out
@@ -370,7 +399,9 @@ pub fn service_rules(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::model::{Labels, NamedPort, ServicePort, SliceEndpoint, SlicePort};
+    use crate::compile::model::{
+        Labels, NamedPort, PodInfo, ServicePort, SliceEndpoint, SlicePort,
+    };
 
     fn pod(ns: &str, name: &str, app: &str, ip: &str, http: u16) -> PodInfo {
         PodInfo {
@@ -425,7 +456,7 @@ mod tests {
             ],
             service(TargetPort::Named("http".into())),
         );
-        let f = frontends(&s, &BTreeMap::new(), &mut ServiceIdentities::default());
+        let f = frontends(&s, &OrdMap::new(), &mut ServiceIdentities::default());
         assert_eq!(f.len(), 2, "one frontend per family");
         assert_ne!(f[0].identity, f[1].identity);
         let ports: Vec<u16> = f[0].ports[0].backends.iter().map(|b| b.port).collect();
@@ -463,7 +494,7 @@ mod tests {
                 }],
             },
         );
-        let f = frontends(&s, &BTreeMap::new(), &mut ServiceIdentities::default());
+        let f = frontends(&s, &OrdMap::new(), &mut ServiceIdentities::default());
         let v4 = f.iter().find(|f| f.addresses[0].is_ipv4()).unwrap();
         assert_eq!(
             v4.ports[0].backends,

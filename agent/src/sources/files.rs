@@ -390,6 +390,8 @@ impl FileSource {
         warnings.extend(store.warnings());
         let mut state = store.into_state();
         state.pods_version = Some(pods_version);
+        // Rebuilt from scratch: readers compare, they do not replay.
+        state.changes = Default::default();
         let current: BTreeSet<_> = errors
             .iter()
             .map(|e| (e.object.clone(), e.file.clone(), e.reason.clone()))

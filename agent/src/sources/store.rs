@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use super::{ObjectError, convert};
 use crate::compile::model::{
-    ClusterState, EndpointSliceInfo, ModeOverrideInfo, NamespaceInfo, NodeInfo, PodInfo, Policy,
-    Protocol, ServiceInfo,
+    ChangeLog, Changed, ClusterState, EndpointSliceInfo, ModeOverrideInfo, NamespaceInfo, NodeInfo,
+    PodInfo, Policy, Protocol, ServiceInfo,
 };
 
 /// What kind of object.
@@ -84,7 +84,7 @@ pub enum Object {
 }
 
 /// The model being built, with what each object contributed besides itself.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Store {
     state: ClusterState,
     /// Notes about an object (an ignored annotation, SCTP rules), by object.
@@ -93,6 +93,20 @@ pub struct Store {
     errors: BTreeMap<ObjectKey, ObjectError>,
     /// Moves whenever a pod or namespace changes (`ClusterState::pods_version`).
     pods_version: u64,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            state: ClusterState {
+                changes: ChangeLog::new(),
+                ..ClusterState::default()
+            },
+            warnings: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            pods_version: 0,
+        }
+    }
 }
 
 impl Store {
@@ -180,16 +194,16 @@ impl Store {
         };
         let pair = (key.namespace.clone(), key.name.clone());
         let changed = match object {
-            Object::Namespace(ns) => replace(&mut self.state.namespaces, key.name, ns),
+            Object::Namespace(ns) => replace(&mut self.state.namespaces, key.name.clone(), ns),
             Object::Pod(pod) => replace(&mut self.state.pods, pair, pod),
             Object::Policy(p) => replace(&mut self.state.policies, pair, p),
             Object::Service(svc) => replace(&mut self.state.services, pair, svc),
             Object::EndpointSlice(s) => replace(&mut self.state.endpoint_slices, pair, s),
-            Object::Node(node) => replace(&mut self.state.nodes, key.name, node),
-            Object::ModeOverride(o) => replace(&mut self.state.mode_overrides, key.name, o),
+            Object::Node(node) => replace(&mut self.state.nodes, key.name.clone(), node),
+            Object::ModeOverride(o) => replace(&mut self.state.mode_overrides, key.name.clone(), o),
         };
-        if changed && matches!(key.kind, Kind::Pod | Kind::Namespace) {
-            self.bump_pods_version();
+        if changed {
+            self.changed(&key);
         }
         changed
     }
@@ -208,8 +222,8 @@ impl Store {
             Kind::Node => self.state.nodes.remove(&key.name).is_some(),
             Kind::ModeOverride => self.state.mode_overrides.remove(&key.name).is_some(),
         };
-        if removed && matches!(key.kind, Kind::Pod | Kind::Namespace) {
-            self.bump_pods_version();
+        if removed {
+            self.changed(key);
         }
         removed
     }
@@ -227,9 +241,20 @@ impl Store {
         error
     }
 
-    fn bump_pods_version(&mut self) {
-        self.pods_version = self.pods_version.wrapping_add(1);
-        self.state.pods_version = Some(self.pods_version);
+    fn changed(&mut self, key: &ObjectKey) {
+        let pair = || (key.namespace.clone(), key.name.clone());
+        let logged = match key.kind {
+            Kind::Pod => Changed::Pod(pair()),
+            Kind::Namespace => Changed::Namespace(key.name.clone()),
+            Kind::Service => Changed::Service(pair()),
+            Kind::EndpointSlice => Changed::EndpointSlice(pair()),
+            Kind::NetworkPolicy | Kind::Node | Kind::ModeOverride => return,
+        };
+        if matches!(key.kind, Kind::Pod | Kind::Namespace) {
+            self.pods_version = self.pods_version.wrapping_add(1);
+            self.state.pods_version = Some(self.pods_version);
+        }
+        self.state.changes.record(logged);
     }
 }
 

@@ -510,7 +510,14 @@ fn write_reports(
          new flows beyond that go to an overflow table a quarter the size. \
          `tests/tests/fairness.rs` floods one workload until, with the limit off, the LRU \
          evicts another workload's established flow, then floods twice as much with the limit \
-         on and finds that flow still tracked and working."
+         on and finds that flow still tracked and working.\n\
+         - Control plane: changes are applied as the Kubernetes source's change log names them \
+         (pods, namespaces, Services, EndpointSlices), to persistent identity and frontend maps; \
+         a cached pod result is recompiled only when a peer of its policies selects an identity \
+         whose pods changed, and egress Service rules are re-decided per changed frontend. The \
+         pod and namespace figures below go through that path (a store, as watch events \
+         arrive); the file source rebuilds from scratch on each load and is compared by \
+         fingerprint as before. See `docs/datapath.md`, \"Changes cost what they touch\"."
     )
     .unwrap();
     if !net.is_empty() {
