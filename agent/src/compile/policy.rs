@@ -1609,38 +1609,20 @@ mod tests {
                 );
             }
         }
-        first("address", step, now.addresses.iter(), full.addresses.iter());
-        first(
-            "pod identity",
-            step,
-            now.pod_identity.iter(),
-            full.pod_identity.iter(),
+        macro_rules! same {
+            ($($field:ident),*) => {
+                $(first(stringify!($field), step, now.$field.iter(), full.$field.iter());)*
+            };
+        }
+        same!(
+            addresses,
+            pod_identity,
+            identities,
+            address_pods,
+            frontends,
+            service_addresses,
+            pods
         );
-        first(
-            "identity",
-            step,
-            now.identities.iter(),
-            full.identities.iter(),
-        );
-        first(
-            "address pod",
-            step,
-            now.address_pods.iter(),
-            full.address_pods.iter(),
-        );
-        first(
-            "frontend",
-            step,
-            now.frontends.iter(),
-            full.frontends.iter(),
-        );
-        first(
-            "service address",
-            step,
-            now.service_addresses.iter(),
-            full.service_addresses.iter(),
-        );
-        first("pod", step, now.pods.iter(), full.pods.iter());
         assert_eq!(decided(now), decided(full), "step {step}");
     }
 
