@@ -609,9 +609,6 @@ struct IdentityPart {
     /// Hash of every pod's addresses and named ports, likewise (named egress ports are
     /// resolved on the destination pods).
     ports_key: u64,
-    /// Moves whenever a pod's identity or an address's changes: Service rules depend on
-    /// their backends' identities.
-    version: u64,
     /// Changes were applied in place since the rebuild (`peers_key` and `ports_key` are
     /// stale): the next rebuild recompiles every pod.
     changed_in_place: bool,
@@ -649,15 +646,11 @@ impl IdentityPart {
         moved: &mut BTreeMap<u32, IdentityInfo>,
     ) {
         let mut emptied = BTreeSet::new();
-        let nets_before = nets.len();
-        let mut identity_moved = false;
         for key in &changes.pods {
-            let before = self.seen.get(key).cloned();
-            let identity_before = self.pod_identity.get(key).copied();
-            if let Some(id) = identity_before {
-                moved.insert(id, self.identities[&id].clone());
+            if let Some(id) = self.pod_identity.get(key) {
+                moved.insert(*id, self.identities[id].clone());
             }
-            if let Some((ips, _)) = &before {
+            if let Some((ips, _)) = self.seen.get(key) {
                 touched.extend(ips);
             }
             self.remove_pod(key, &mut emptied, nets);
@@ -668,12 +661,8 @@ impl IdentityPart {
             if let Some(id) = self.pod_identity.get(key) {
                 moved.insert(*id, self.identities[id].clone());
             }
-            identity_moved |= self.pod_identity.get(key).copied() != identity_before;
         }
         self.changed_in_place = true;
-        if identity_moved || nets.len() != nets_before {
-            self.version += 1;
-        }
         // Released only now: a pod whose labels did not change keeps its identity.
         for id in emptied {
             if self.members.get(&id) == Some(&0) {
@@ -792,8 +781,6 @@ struct FrontendsPart {
     /// Hash of what a rebuild read (`None` once changed in place): a source without a log
     /// is compared by it.
     inputs: Option<u64>,
-    /// Moves whenever a frontend changes: pods' Service rules depend on every frontend.
-    version: u64,
     frontends: OrdMap<u32, Frontend>,
     addresses: OrdMap<IpNet, u32>,
     /// Per virtual address, every Service claiming it (normally one) with its identity; the
@@ -819,12 +806,8 @@ impl FrontendsPart {
         address_pods: &OrdMap<IpAddr, PodKey>,
         ids: &mut ServiceIdentities,
         inputs: u64,
-        version: u64,
     ) -> FrontendsPart {
-        let mut part = FrontendsPart {
-            version,
-            ..FrontendsPart::default()
-        };
+        let mut part = FrontendsPart::default();
         for key in state.endpoint_slices.keys() {
             part.index_slice(state, key, &mut BTreeSet::new());
         }
@@ -875,9 +858,6 @@ impl FrontendsPart {
             if let Some(gone_or_changed) = self.recompute(state, key, address_pods, ids, nets) {
                 dirty.extend(gone_or_changed);
             }
-        }
-        if !dirty.is_empty() {
-            self.version += 1;
         }
         self.inputs = None;
         let moved = touched.iter().copied().chain(
@@ -1120,9 +1100,7 @@ pub fn compile_cached(
             {
                 cache.pods.clear();
             }
-            let mut part = IdentityPart::rebuild(state, allocator);
-            part.version = cache.identities.as_ref().map_or(0, |(_, p)| p.version + 1);
-            cache.identities = Some((pods_hash, part));
+            cache.identities = Some((pods_hash, IdentityPart::rebuild(state, allocator)));
             nets = None;
         }
     }
@@ -1150,13 +1128,11 @@ pub fn compile_cached(
         (previous, _, _) => {
             let inputs = hash_of(&(pods_hash, &state.services, &state.endpoint_slices));
             if previous.as_ref().is_none_or(|f| f.inputs != Some(inputs)) {
-                let version = previous.as_ref().map_or(0, |f| f.version + 1);
                 *previous = Some(FrontendsPart::rebuild(
                     state,
                     &part.address_pods,
                     &mut allocator.services,
                     inputs,
-                    version,
                 ));
                 nets = None;
             }
@@ -1503,10 +1479,15 @@ mod tests {
 
     fn store_of(yaml: &str) -> Store {
         let mut store = Store::default();
+        insert_yaml(&mut store, yaml);
+        store
+    }
+
+    /// Applies objects written as YAML to a store, as watch events would.
+    fn insert_yaml(store: &mut Store, yaml: &str) {
         for (key, object) in objects(yaml) {
             store.insert(key, object);
         }
-        store
     }
 
     fn key(kind: Kind, namespace: &str, name: &str) -> ObjectKey {
@@ -1527,9 +1508,7 @@ mod tests {
             0 | 1 => {
                 let r = 10 + rng.below(3);
                 let ip = format!("10.{}.{}.{}", 1 + s / 200, s % 200, r);
-                for (k, o) in objects(&pod_yaml(ns, s, r, &ip, rng.below(2))) {
-                    store.insert(k, o);
-                }
+                insert_yaml(store, &pod_yaml(ns, s, r, &ip, rng.below(2)));
             }
             2 => {
                 let name = format!("s{s}-{}", rng.below(3));
@@ -1540,26 +1519,26 @@ mod tests {
                 let other = rng.below(services);
                 let ip = format!("10.{}.{}.1", 1 + other / 200, other % 200);
                 let tier = 2 + rng.below(2);
-                for (k, o) in objects(&pod_yaml(ns, s, rng.below(3), &ip, tier)) {
-                    store.insert(k, o);
-                }
+                insert_yaml(store, &pod_yaml(ns, s, rng.below(3), &ip, tier));
             }
             4 => {
                 let n = rng.below(namespaces);
                 let team = rng.below(4);
-                for (k, o) in objects(&format!(
-                    "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns{n}, labels: {{team: t{team}}}}}\n"
-                )) {
-                    store.insert(k, o);
-                }
+                insert_yaml(
+                    store,
+                    &format!(
+                        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns{n}, labels: {{team: t{team}}}}}\n"
+                    ),
+                );
             }
             5 => {
                 let ip = format!("10.{}.{}.{}", 1 + s / 200, s % 200, 1 + rng.below(12));
-                for (k, o) in objects(&format!(
-                    "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}-x, namespace: ns{ns}, labels: {{kubernetes.io/service-name: s{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8000}}]\nendpoints:\n  - addresses: [{ip}]\n    targetRef: {{kind: Pod, name: s{s}-0}}\n"
-                )) {
-                    store.insert(k, o);
-                }
+                insert_yaml(
+                    store,
+                    &format!(
+                        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}-x, namespace: ns{ns}, labels: {{kubernetes.io/service-name: s{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8000}}]\nendpoints:\n  - addresses: [{ip}]\n    targetRef: {{kind: Pod, name: s{s}-0}}\n"
+                    ),
+                );
             }
             6 => {
                 store.remove(&key(
@@ -1570,13 +1549,14 @@ mod tests {
             }
             _ => {
                 if !store.remove(&key(Kind::Service, &format!("ns{ns}"), &format!("s{s}"))) {
-                    for (k, o) in objects(&format!(
-                        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: ns{ns}}}\nspec:\n  clusterIPs: [10.96.{}.{}]\n  selector: {{app: s{s}}}\n  ports: [{{name: http, port: 80, targetPort: http}}]\n",
-                        s / 200,
-                        1 + rng.below(250)
-                    )) {
-                        store.insert(k, o);
-                    }
+                    insert_yaml(
+                        store,
+                        &format!(
+                            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: ns{ns}}}\nspec:\n  clusterIPs: [10.96.{}.{}]\n  selector: {{app: s{s}}}\n  ports: [{{name: http, port: 80, targetPort: http}}]\n",
+                            s / 200,
+                            1 + rng.below(250)
+                        ),
+                    );
                 }
             }
         }
@@ -1684,71 +1664,6 @@ mod tests {
         let now = compile_cached(&rebuilt, &mut allocator, None, &options, &mut cache);
         assert!(now.address_changes.is_none());
         assert_eq!(decided(&now), decided(&previous));
-    }
-
-    /// Timing at the reference bank's size, per kind of change
-    /// (`cargo test --release -p tollgate --lib bank_size -- --ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn incremental_compile_at_bank_size() {
-        let (namespaces, services) = (30, 1500);
-        let mut store = store_of(&cluster_yaml(namespaces, services, 13));
-        let options = CompileOptions::default();
-        let mut allocator = IdentityAllocator::default();
-        let mut cache = CompileCache::default();
-        let targets: BTreeSet<PodKey> = store.state().pods.keys().step_by(80).cloned().collect();
-        compile_cached(
-            store.state(),
-            &mut allocator,
-            Some(&targets),
-            &options,
-            &mut cache,
-        );
-        let mut time = |what: &str, change: &mut dyn FnMut(&mut Store, usize)| {
-            let started = std::time::Instant::now();
-            for i in 0..20 {
-                change(&mut store, i);
-                compile_cached(
-                    store.state(),
-                    &mut allocator,
-                    Some(&targets),
-                    &options,
-                    &mut cache,
-                );
-            }
-            eprintln!("{what}: {:?} per compile", started.elapsed() / 20);
-        };
-        time("a replica added or removed", &mut |store, i| {
-            let key = key(Kind::Pod, "ns7", "s7-20");
-            if i % 2 == 0 {
-                for (k, o) in objects(&pod_yaml(7, 7, 20, "10.1.7.20", 0)) {
-                    store.insert(k, o);
-                }
-            } else {
-                store.remove(&key);
-            }
-        });
-        time("a namespace relabelled", &mut |store, i| {
-            for (k, o) in objects(&format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns7, labels: {{team: t1, audit: a{}}}}}\n",
-                i % 2
-            )) {
-                store.insert(k, o);
-            }
-        });
-        time("a pod with a label set never seen", &mut |store, i| {
-            for (k, o) in objects(&pod_yaml(7, 7, 21, "10.1.7.21", 5 + i)) {
-                store.insert(k, o);
-            }
-        });
-        time("an EndpointSlice changed", &mut |store, i| {
-            for (k, o) in objects(&format!(
-                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s7-x, namespace: ns7, labels: {{kubernetes.io/service-name: s7}}}}\naddressType: IPv4\nports: [{{name: http, port: 8000}}]\nendpoints:\n  - addresses: [10.1.7.{}]\n",
-                1 + i % 2
-            )) {
-                store.insert(k, o);
-            }
-        });
     }
 
     fn set(names: &[&str]) -> BTreeSet<String> {

@@ -136,34 +136,10 @@ fn ready_backends<'a>(
     out
 }
 
-/// The frontends of every Service with a virtual address. Backends come from the Service's
-/// EndpointSlices (what kube-proxy programs); a Service that has none in the cluster state
-/// but a selector gets the pods it selects, with named target ports resolved per pod.
-pub fn frontends(
-    state: &ClusterState,
-    address_pods: &OrdMap<IpAddr, PodKey>,
-    ids: &mut ServiceIdentities,
-) -> Vec<Frontend> {
-    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSliceInfo>> = BTreeMap::new();
-    for slice in state.endpoint_slices.values() {
-        slices
-            .entry((slice.namespace.as_str(), slice.service.as_str()))
-            .or_default()
-            .push(slice);
-    }
-    let mut out = Vec::new();
-    for svc in state.services.values() {
-        let own_slices = slices
-            .get(&(svc.namespace.as_str(), svc.name.as_str()))
-            .map_or(&[][..], Vec::as_slice);
-        out.extend(service_frontends(state, svc, own_slices, address_pods, ids));
-    }
-    ids.retain(&out.iter().map(|f| f.identity).collect());
-    out
-}
-
-/// The frontends of one Service (one per address family it has a virtual address in), from
-/// its EndpointSlices, else from the pods its selector picks. Identities are allocated as
+/// The frontends of one Service (one per address family it has a virtual address in).
+/// Backends come from the Service's EndpointSlices (what kube-proxy programs); a Service that
+/// has none in the cluster state but a selector gets the pods it selects, with named target
+/// ports resolved per pod. Identities are allocated as
 /// needed; releasing those of a family that went is the caller's.
 pub fn service_frontends(
     state: &ClusterState,
@@ -402,6 +378,24 @@ mod tests {
     use crate::compile::model::{
         Labels, NamedPort, PodInfo, ServicePort, SliceEndpoint, SlicePort,
     };
+
+    /// The frontends of every Service in a state.
+    fn frontends(
+        state: &ClusterState,
+        address_pods: &OrdMap<IpAddr, PodKey>,
+        ids: &mut ServiceIdentities,
+    ) -> Vec<Frontend> {
+        let mut out = Vec::new();
+        for svc in state.services.values() {
+            let own: Vec<&EndpointSliceInfo> = state
+                .endpoint_slices
+                .values()
+                .filter(|s| s.namespace == svc.namespace && s.service == svc.name)
+                .collect();
+            out.extend(service_frontends(state, svc, &own, address_pods, ids));
+        }
+        out
+    }
 
     fn pod(ns: &str, name: &str, app: &str, ip: &str, http: u16) -> PodInfo {
         PodInfo {
