@@ -144,9 +144,8 @@ pub struct Reconciler {
     identities_degraded: Option<String>,
     /// Pods refused an attachment point, with the reason.
     refused: BTreeMap<PodKey, String>,
-    /// Where each pod of the last reconcile attaches (pods elsewhere left out), and a hash of
-    /// what that depends on: the pods (the source's fingerprint), the node's network and
-    /// cgroups. A policy change at 20,000 pods then never looks at each pod again.
+    /// Where each pod of the last reconcile attaches: a policy change at 20,000 pods never
+    /// looks at each pod again, a pod change at the pods that changed.
     placements: Option<Placements>,
     /// Runtime mode overrides (set through the admin socket), above annotations.
     pub overrides: Overrides,
