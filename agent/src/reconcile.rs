@@ -18,7 +18,7 @@
 //! in its mode) until they fit; either way it is reported degraded.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
 };
@@ -370,30 +370,29 @@ impl Reconciler {
         placements.pods_version = state.pods_version;
         placements.position = state.changes.position();
         let placed = &placements.placed;
-        let mut wanted: Vec<(&PodKey, AttachPoint)> = Vec::new();
-        let mut claims: Vec<(&PodKey, AttachPoint, String)> = Vec::new();
+        let mut wanted: Vec<(&PodKey, &AttachPoint)> = Vec::new();
+        let mut claims: Vec<(&PodKey, &AttachPoint, String)> = Vec::new();
         for (key, placement) in placed {
             match placement {
                 Placement::Elsewhere => {}
-                Placement::At(point) => wanted.push((key, point.clone())),
-                Placement::Refused { claimed, why } => {
-                    claims.push((key, claimed.clone(), why.clone()))
-                }
+                Placement::At(point) => wanted.push((key, point)),
+                Placement::Refused { claimed, why } => claims.push((key, claimed, why.clone())),
             }
         }
-        let mut owners: BTreeMap<AttachPoint, PodKey> = BTreeMap::new();
+        // Hashed, not ordered: ordering paths compares them component by component.
+        let mut owners: HashMap<&AttachPoint, &PodKey> = HashMap::new();
         for (key, point) in &wanted {
-            if self.workloads.get(*key).is_some_and(|w| w.point == *point) {
-                owners.insert(point.clone(), (*key).clone());
+            if self.workloads.get(*key).is_some_and(|w| w.point == **point) {
+                owners.insert(point, key);
             }
         }
         let mut local = BTreeMap::new();
         for (key, point) in wanted {
-            let owner = owners.entry(point.clone()).or_insert_with(|| key.clone());
+            let owner = *owners.entry(point).or_insert(key);
             if owner == key {
-                local.insert(key.clone(), point);
+                local.insert(key.clone(), point.clone());
             } else {
-                let why = format!("{} is another workload's attachment point", subject(&point));
+                let why = format!("{} is another workload's attachment point", subject(point));
                 claims.push((key, point, why));
             }
         }
@@ -401,9 +400,9 @@ impl Reconciler {
             .into_iter()
             .map(|(key, claimed, mut why)| {
                 let owner = owners
-                    .get(&claimed)
-                    .cloned()
-                    .or_else(|| rightful_owner(state, network, &claimed));
+                    .get(claimed)
+                    .map(|o| (*o).clone())
+                    .or_else(|| rightful_owner(state, network, claimed));
                 if let Some(owner) = owner.filter(|o| o != key) {
                     why.push_str(&format!(
                         "; it is {}/{}'s, which keeps it",

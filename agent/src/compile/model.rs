@@ -523,6 +523,8 @@ pub struct ClusterState {
     /// namespaces), so the compiler need not hash 20,000 pods to learn they did not change.
     /// `None`: the compiler works it out itself.
     pub pods_version: Option<u64>,
+    /// Likewise of `services` and `endpoint_slices`.
+    pub services_version: Option<u64>,
     /// Which objects changed, change by change, as far back as the source keeps them: lets
     /// the compiler and the reconciler touch only those (a watch event changes one object in
     /// 20,000). Empty for a source that rebuilds the state from scratch.
@@ -588,6 +590,11 @@ impl ChangeLog {
             log: NEXT.fetch_add(1, Ordering::Relaxed),
             ..ChangeLog::default()
         }
+    }
+
+    /// Unique in the process among logs made by `new` (0: no log).
+    pub fn id(&self) -> u64 {
+        self.log
     }
 
     pub fn record(&mut self, what: Changed) {

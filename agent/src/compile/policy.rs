@@ -5,7 +5,8 @@
 //! destination's ingress. Each pod's rules here cover one side.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    cell::OnceCell,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::Arc,
 };
@@ -17,8 +18,8 @@ use ipnet::IpNet;
 use super::model::{MODE_ANNOTATION, WorkloadAddresses};
 use super::{
     model::{
-        ChangeSet, ClusterState, EndpointSliceInfo, Labels, LogPosition, Mode, PeerSpec, PodInfo,
-        Policy, PortRef, PortSpec, RuleSpec,
+        ChangeSet, ClusterState, EndpointSliceInfo, Labels, LogPosition, Mode, NamedPort, PeerSpec,
+        PodInfo, Policy, PortRef, PortSpec, RuleSpec, Selector, ServiceInfo,
     },
     rules::{AllowRule, Peer, PortMatch},
     services::{self, Backend, Frontend, ServiceIdentities},
@@ -175,7 +176,7 @@ pub struct Compiled {
     /// Per compiled pod.
     pub pods: BTreeMap<PodKey, PodPolicy>,
     /// Rule ids (map values) to the policy they came from.
-    pub rule_policies: Vec<String>,
+    pub rule_policies: Arc<Vec<String>>,
     /// Pod addresses to their pod.
     pub address_pods: OrdMap<IpAddr, PodKey>,
     /// Numbers the compiles of one cache, so a reader of `address_changes` knows whether
@@ -266,9 +267,12 @@ struct Context<'a> {
     state: &'a ClusterState,
     /// Every identity; those without addressed pods are never peers.
     identities: &'a OrdMap<u32, IdentityInfo>,
-    rule_ids: BTreeMap<String, u32>,
+    rule_ids: &'a BTreeMap<String, u32>,
     /// Labels of every namespace that has pods, computed once per compile.
-    namespace_labels: BTreeMap<String, Labels>,
+    namespace_labels: &'a BTreeMap<String, Labels>,
+    /// Identities that can be peers, by namespace: built when a pod is first compiled, so
+    /// a peer's namespaces are matched once, not once per identity.
+    peers_by_namespace: OnceCell<BTreeMap<&'a str, Vec<(u32, &'a IdentityInfo)>>>,
 }
 
 impl Context<'_> {
@@ -276,33 +280,55 @@ impl Context<'_> {
     fn peer_selects(
         &self,
         policy_ns: &str,
-        namespaces: &Option<super::model::Selector>,
-        pods: &Option<super::model::Selector>,
+        namespaces: &Option<Selector>,
+        pods: &Option<Selector>,
         info: &IdentityInfo,
     ) -> bool {
-        (match namespaces {
-            None => info.namespace == policy_ns,
-            Some(sel) => match self.namespace_labels.get(&info.namespace) {
+        self.namespace_selected(policy_ns, namespaces, &info.namespace)
+            && pods.as_ref().is_none_or(|sel| sel.matches(&info.labels))
+    }
+
+    /// Whether a peer's namespaceSelector (its policy's namespace when it has none) takes
+    /// in `namespace`.
+    fn namespace_selected(
+        &self,
+        policy_ns: &str,
+        namespaces: &Option<Selector>,
+        namespace: &str,
+    ) -> bool {
+        match namespaces {
+            None => namespace == policy_ns,
+            Some(sel) => match self.namespace_labels.get(namespace) {
                 Some(labels) => sel.matches(labels),
                 // An identity that just went with the last pods of its namespace.
-                None => sel.matches(&self.state.namespace_labels(&info.namespace)),
+                None => sel.matches(&self.state.namespace_labels(namespace)),
             },
-        }) && pods.as_ref().is_none_or(|sel| sel.matches(&info.labels))
+        }
     }
 
     /// Identities selected by a pod peer of a policy in `policy_ns`.
     fn selected_identities(
         &self,
         policy_ns: &str,
-        namespaces: &Option<super::model::Selector>,
-        pods: &Option<super::model::Selector>,
+        namespaces: &Option<Selector>,
+        pods: &Option<Selector>,
     ) -> Vec<u32> {
-        self.identities
+        let by_namespace = self.peers_by_namespace.get_or_init(|| {
+            let mut index: BTreeMap<&str, Vec<(u32, &IdentityInfo)>> = BTreeMap::new();
+            for (id, info) in self.identities.iter().filter(|(_, i)| !i.pods.is_empty()) {
+                index.entry(&info.namespace).or_default().push((*id, info));
+            }
+            index
+        });
+        let mut selected: Vec<u32> = by_namespace
             .iter()
-            .filter(|(_, info)| !info.pods.is_empty())
-            .filter(|(_, info)| self.peer_selects(policy_ns, namespaces, pods, info))
+            .filter(|(ns, _)| self.namespace_selected(policy_ns, namespaces, ns))
+            .flat_map(|(_, identities)| identities)
+            .filter(|(_, info)| pods.as_ref().is_none_or(|sel| sel.matches(&info.labels)))
             .map(|(id, _)| *id)
-            .collect()
+            .collect();
+        selected.sort_unstable();
+        selected
     }
 
     fn pod(&self, key: &PodKey) -> Option<&PodInfo> {
@@ -523,8 +549,9 @@ fn egress_rules(
 #[derive(Clone, Debug, Default)]
 pub struct CompileCache {
     universe: u64,
-    /// Per pod: hash of (pod inputs, selecting policies), and the result.
-    pods: BTreeMap<PodKey, (u64, PodPolicy)>,
+    /// Per pod: what its result was compiled from, and the result.
+    pods: BTreeMap<PodKey, (PodInputs, PodPolicy)>,
+    policy_versions: PolicyVersions,
     /// Where the parts below stand in the source's change log.
     position: Option<LogPosition>,
     /// Identities as of the last compile, and the `pods_version` they came from.
@@ -534,6 +561,110 @@ pub struct CompileCache {
     rule_ids: RuleIds,
     /// Of the last compile's address maps (`Compiled::generation`).
     generation: u64,
+}
+
+/// What a pod's result was compiled from, besides the identities (`depends_on`). Compared
+/// field by field: cheaper than hashing them, and no collision can keep a stale result.
+#[derive(Clone, Debug)]
+struct PodInputs {
+    labels: Labels,
+    ports: Vec<NamedPort>,
+    ips: Vec<IpAddr>,
+    host_network: bool,
+    /// Versions (`PolicyVersions`) of the policies that select it, in key order.
+    policies: Vec<u64>,
+    mode: Mode,
+}
+
+impl PodInputs {
+    fn of(pod: &PodInfo, policies: Vec<u64>, mode: Mode) -> PodInputs {
+        PodInputs {
+            labels: pod.labels.clone(),
+            ports: pod.ports.clone(),
+            ips: pod.ips.clone(),
+            host_network: pod.host_network,
+            policies,
+            mode,
+        }
+    }
+
+    fn same(&self, pod: &PodInfo, policies: &[u64], mode: Mode) -> bool {
+        self.policies == policies
+            && self.mode == mode
+            && self.host_network == pod.host_network
+            && self.ips == pod.ips
+            && self.labels == pod.labels
+            && self.ports == pod.ports
+    }
+}
+
+/// A version number per policy that selects a compiled pod: it moves when the policy
+/// changes, or the namespaces its namespaceSelectors match do. Found by comparing the policy
+/// with the one of the last compile (a fraction of the cost of hashing it); selectors are
+/// matched again only when namespace labels changed.
+#[derive(Clone, Debug, Default)]
+struct PolicyVersions {
+    /// By namespace and name: the policy, the `namespaces_version` and the namespaces its
+    /// selectors matched then, its version.
+    by_policy: BTreeMap<String, BTreeMap<String, PolicyVersion>>,
+    next: u64,
+}
+
+#[derive(Clone, Debug)]
+struct PolicyVersion {
+    policy: Policy,
+    namespaces_version: u64,
+    namespaces: Vec<u64>,
+    version: u64,
+}
+
+impl PolicyVersions {
+    fn version(
+        &mut self,
+        policy: &Policy,
+        namespaces_version: u64,
+        namespaces: impl FnOnce() -> Vec<u64>,
+    ) -> u64 {
+        let known = self
+            .by_policy
+            .get_mut(&policy.namespace)
+            .and_then(|by_name| by_name.get_mut(&policy.name))
+            .filter(|known| known.policy == *policy);
+        if let Some(known) = known {
+            if known.namespaces_version == namespaces_version {
+                return known.version;
+            }
+            let namespaces = namespaces();
+            known.namespaces_version = namespaces_version;
+            if known.namespaces == namespaces {
+                return known.version;
+            }
+            self.next += 1;
+            known.namespaces = namespaces;
+            known.version = self.next;
+            return self.next;
+        }
+        self.next += 1;
+        let known = PolicyVersion {
+            policy: policy.clone(),
+            namespaces_version,
+            namespaces: namespaces(),
+            version: self.next,
+        };
+        self.by_policy
+            .entry(policy.namespace.clone())
+            .or_default()
+            .insert(policy.name.clone(), known);
+        self.next
+    }
+
+    /// Forgets the policies that are gone.
+    fn retain(&mut self, policies: &BTreeMap<PodKey, Policy>) {
+        self.by_policy.retain(|namespace, by_name| {
+            by_name.retain(|name, _| policies.contains_key(&(namespace.clone(), name.clone())));
+            !by_name.is_empty()
+        });
+    }
 }
 
 /// An egress-isolated pod's Service rules by frontend, with a hash of what all of them
@@ -552,36 +683,64 @@ struct ServiceRulesCache {
 #[derive(Clone, Debug, Default)]
 struct RuleIds {
     ids: BTreeMap<String, u32>,
+    /// The policies `ids` was last brought in line with.
+    keys: BTreeSet<PodKey>,
     free: Vec<u32>,
     next: u32,
+    /// Id to policy (`Compiled::rule_policies`).
+    policies: Arc<Vec<String>>,
 }
 
 impl RuleIds {
-    /// Brings the ids in line with the policies that exist now.
-    fn update(&mut self, policies: &BTreeSet<String>) {
-        let gone: Vec<String> = self
-            .ids
-            .keys()
-            .filter(|p| !policies.contains(*p))
-            .cloned()
-            .collect();
-        for p in gone {
-            if let Some(id) = self.ids.remove(&p) {
-                self.free.push(id);
+    /// Brings the ids in line with the policies that exist now: one walk of both key sets
+    /// (same order), then only the policies added or gone are looked at.
+    fn sync(&mut self, policies: &BTreeMap<PodKey, Policy>) {
+        let (mut added, mut gone) = (Vec::new(), Vec::new());
+        let mut old = self.keys.iter().peekable();
+        for key in policies.keys() {
+            while let Some(o) = old.next_if(|o| *o < key) {
+                gone.push(o.clone());
             }
+            if old.next_if(|o| *o == key).is_none() {
+                added.push(key.clone());
+            }
+        }
+        gone.extend(old.cloned());
+        if added.is_empty() && gone.is_empty() {
+            return;
+        }
+        let name = |(ns, name): &PodKey| format!("{ns}/{name}");
+        let by_id = Arc::make_mut(&mut self.policies);
+        for key in gone {
+            if let Some(id) = self.ids.remove(&name(&key)) {
+                self.free.push(id);
+                by_id[id as usize].clear();
+            }
+            self.keys.remove(&key);
         }
         // Lowest free ids first, so the id space stays dense.
         self.free.sort_unstable_by(|a, b| b.cmp(a));
-        for p in policies {
-            if !self.ids.contains_key(p) {
-                let id = self.free.pop().unwrap_or_else(|| {
-                    self.next += 1;
-                    self.next - 1
-                });
-                self.ids.insert(p.clone(), id);
+        for key in added {
+            let id = self.free.pop().unwrap_or_else(|| {
+                self.next += 1;
+                self.next - 1
+            });
+            if by_id.len() <= id as usize {
+                by_id.resize(id as usize + 1, String::new());
             }
+            by_id[id as usize] = name(&key);
+            self.ids.insert(name(&key), id);
+            self.keys.insert(key);
+        }
+        while by_id.last().is_some_and(String::is_empty) {
+            by_id.pop();
         }
     }
+}
+
+fn next_namespaces_version() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Everything derived from pods and namespaces alone, kept up to date pod by pod when the
@@ -602,6 +761,9 @@ struct IdentityPart {
     /// Per identity: how many pods have it, addressed or not. It is released at zero.
     members: BTreeMap<u32, usize>,
     namespace_labels: BTreeMap<String, Labels>,
+    /// Moves whenever `namespace_labels` changes (unique across parts, as a rebuild starts
+    /// a new one): what namespaceSelectors match is worked out again only then.
+    namespaces_version: u64,
     /// Hash of the identities that can be peers (with pods that have addresses), as of the
     /// last rebuild: a rebuild that finds them changed recompiles every pod. Changes applied
     /// in place leave it, and recompile the pods whose policies select a moved identity.
@@ -630,6 +792,7 @@ impl IdentityPart {
         );
         part.ports_key = hash_of(&part.seen);
         part.namespace_labels = part.namespace_labels(state);
+        part.namespaces_version = next_namespaces_version();
         part
     }
 
@@ -672,7 +835,24 @@ impl IdentityPart {
                 }
             }
         }
-        self.namespace_labels = self.namespace_labels(state);
+        // Only namespaces that changed, or whose pods did, can enter, leave or relabel.
+        let namespaces: BTreeSet<&String> = changes
+            .namespaces
+            .iter()
+            .chain(changes.pods.iter().map(|(ns, _)| ns))
+            .collect();
+        for ns in namespaces {
+            let listed =
+                state.namespaces.contains_key(ns) || self.peers().any(|(_, i)| i.namespace == *ns);
+            let labels = listed.then(|| state.namespace_labels(ns));
+            if self.namespace_labels.get(ns) != labels.as_ref() {
+                match labels {
+                    Some(labels) => self.namespace_labels.insert(ns.clone(), labels),
+                    None => self.namespace_labels.remove(ns),
+                };
+                self.namespaces_version = next_namespaces_version();
+            }
+        }
     }
 
     fn add_pod(
@@ -786,8 +966,8 @@ struct FrontendsPart {
     /// Per virtual address, every Service claiming it (normally one) with its identity; the
     /// greatest key wins, as it did when the map was built in Service order.
     claims: BTreeMap<IpNet, BTreeMap<PodKey, u32>>,
-    /// Per Service: its frontends' identities and the addresses its slices name.
-    by_service: BTreeMap<PodKey, (Vec<u32>, Vec<IpAddr>)>,
+    /// Per Service: its frontends' identities, and the addresses and pods its slices name.
+    by_service: BTreeMap<PodKey, ServiceIndexed>,
     /// Backend address: the frontends with a backend there (their decisions depend on the
     /// identity of that address and of its pod).
     backend_frontends: BTreeMap<IpAddr, BTreeSet<u32>>,
@@ -795,9 +975,20 @@ struct FrontendsPart {
     backend_pod_frontends: BTreeMap<PodKey, BTreeSet<u32>>,
     /// Address named in a slice: the Services whose slices name it.
     address_services: BTreeMap<IpAddr, BTreeSet<PodKey>>,
+    /// Pod a slice's targetRef names: the Services of those slices (whether the pod exists
+    /// decides its backends' identity).
+    pod_services: BTreeMap<PodKey, BTreeSet<PodKey>>,
     /// EndpointSlice (namespace, name) to its Service, and back.
     slice_service: BTreeMap<PodKey, PodKey>,
     service_slices: BTreeMap<PodKey, BTreeSet<PodKey>>,
+}
+
+/// What `FrontendsPart` indexed of one Service, to take it out again.
+#[derive(Clone, Debug, Default)]
+struct ServiceIndexed {
+    ids: Vec<u32>,
+    addresses: Vec<IpAddr>,
+    pods: Vec<PodKey>,
 }
 
 impl FrontendsPart {
@@ -820,9 +1011,9 @@ impl FrontendsPart {
         part
     }
 
-    /// Recomputes the Services that changed, whose slices changed, that are in a changed
-    /// pod's namespace (selectors, named target ports, endpoint pods) or whose slices name a
-    /// changed pod's address.
+    /// Recomputes the Services that changed, whose slices changed, whose slices name a
+    /// changed pod or its address, or that select pods of a changed pod's namespace
+    /// themselves (no slices: selectors and named target ports are resolved on the pods).
     /// Returns the frontends whose Service rules may differ now: changed ones (gone ones
     /// included) and those with a backend at a touched address or one whose identity moved.
     fn apply(
@@ -840,15 +1031,20 @@ impl FrontendsPart {
         }
         let namespaces: BTreeSet<&String> = changes.pods.iter().map(|(ns, _)| ns).collect();
         for ns in namespaces {
-            let in_namespace = |k: &&PodKey| k.0 == *ns;
+            let in_namespace = |(k, _): &(&PodKey, &ServiceInfo)| k.0 == *ns;
             affected.extend(
                 state
                     .services
                     .range((ns.clone(), String::new())..)
-                    .map(|(k, _)| k)
                     .take_while(in_namespace)
-                    .cloned(),
+                    .filter(|(k, svc)| {
+                        svc.selector.is_some() && !self.service_slices.contains_key(*k)
+                    })
+                    .map(|(k, _)| k.clone()),
             );
+        }
+        for pod in &changes.pods {
+            affected.extend(self.pod_services.get(pod).into_iter().flatten().cloned());
         }
         for ip in touched {
             affected.extend(self.address_services.get(ip).into_iter().flatten().cloned());
@@ -923,12 +1119,21 @@ impl FrontendsPart {
         ids: &mut ServiceIdentities,
         nets: &mut BTreeSet<IpNet>,
     ) -> Option<Vec<u32>> {
-        let (old_ids, old_ips) = self.by_service.remove(key).unwrap_or_default();
-        for ip in &old_ips {
+        let indexed = self.by_service.remove(key).unwrap_or_default();
+        let old_ids = indexed.ids;
+        for ip in &indexed.addresses {
             if let Some(services) = self.address_services.get_mut(ip) {
                 services.remove(key);
                 if services.is_empty() {
                     self.address_services.remove(ip);
+                }
+            }
+        }
+        for pod in &indexed.pods {
+            if let Some(services) = self.pod_services.get_mut(pod) {
+                services.remove(key);
+                if services.is_empty() {
+                    self.pod_services.remove(pod);
                 }
             }
         }
@@ -994,6 +1199,19 @@ impl FrontendsPart {
                 .or_default()
                 .insert(key.clone());
         }
+        let mut pods: Vec<PodKey> = slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)))
+            .filter_map(|(s, e)| Some((s.namespace.clone(), e.pod.clone()?)))
+            .collect();
+        pods.sort_unstable();
+        pods.dedup();
+        for pod in &pods {
+            self.pod_services
+                .entry(pod.clone())
+                .or_default()
+                .insert(key.clone());
+        }
         for f in &new {
             for net in f.addresses.iter().map(|a| single_address(*a)) {
                 self.claims
@@ -1020,7 +1238,14 @@ impl FrontendsPart {
             }
             self.frontends.insert(f.identity, f);
         }
-        self.by_service.insert(key.clone(), (new_ids.clone(), ips));
+        self.by_service.insert(
+            key.clone(),
+            ServiceIndexed {
+                ids: new_ids.clone(),
+                addresses: ips,
+                pods,
+            },
+        );
         changed.then(|| old_ids.into_iter().chain(new_ids).collect())
     }
 }
@@ -1126,7 +1351,10 @@ pub fn compile_cached(
             ));
         }
         (previous, _, _) => {
-            let inputs = hash_of(&(pods_hash, &state.services, &state.endpoint_slices));
+            let inputs = match state.services_version {
+                Some(version) => hash_of(&(pods_hash, version)),
+                None => hash_of(&(pods_hash, &state.services, &state.endpoint_slices)),
+            };
             if previous.as_ref().is_none_or(|f| f.inputs != Some(inputs)) {
                 *previous = Some(FrontendsPart::rebuild(
                     state,
@@ -1148,23 +1376,14 @@ pub fn compile_cached(
     });
     cache.generation += 1;
 
-    let mut ctx = Context {
+    cache.rule_ids.sync(&state.policies);
+    compiled.rule_policies = cache.rule_ids.policies.clone();
+    let ctx = Context {
         state,
         identities: &part.identities,
-        rule_ids: BTreeMap::new(),
-        namespace_labels: part.namespace_labels.clone(),
-    };
-    cache
-        .rule_ids
-        .update(&state.policies.values().map(Policy::id).collect());
-    ctx.rule_ids = cache.rule_ids.ids.clone();
-    compiled.rule_policies = {
-        let len = ctx.rule_ids.values().max().map_or(0, |m| *m as usize + 1);
-        let mut v = vec![String::new(); len];
-        for (name, id) in &ctx.rule_ids {
-            v[*id as usize] = name.clone();
-        }
-        v
+        rule_ids: &cache.rule_ids.ids,
+        namespace_labels: &part.namespace_labels,
+        peers_by_namespace: OnceCell::new(),
     };
 
     // The universe every pod's result depends on.
@@ -1176,7 +1395,7 @@ pub fn compile_cached(
         })
     });
     // Namespace labels are not part of it: a pod depends only on which namespaces its
-    // policies' namespaceSelectors match (`namespace_matches` below), so relabelling a
+    // policies' namespaceSelectors match (`PolicyVersions`), so relabelling a
     // namespace recompiles only the pods whose selectors it moves.
     let universe = hash_of(&(part.peers_key, uses_pod_ports.then_some(part.ports_key)));
     if universe != cache.universe {
@@ -1191,7 +1410,10 @@ pub fn compile_cached(
             .or_default()
             .push(p);
     }
-    let mut namespace_matches: BTreeMap<String, u64> = BTreeMap::new();
+    // Per policy, worked out once per compile: a hash of it and of the namespaces each of
+    // its namespaceSelectors matches (all its pods' rules depend on of namespace labels).
+    let mut selector_matches = HashMap::new();
+    let mut policy_inputs: HashMap<*const Policy, u64> = HashMap::new();
     let pods: Box<dyn Iterator<Item = (&PodKey, &PodInfo)>> = match targets {
         Some(t) => Box::new(t.iter().filter_map(|k| state.pods.get_key_value(k))),
         None => Box::new(state.pods.iter()),
@@ -1205,26 +1427,21 @@ pub fn compile_cached(
             .copied()
             .collect();
         let mode = mode_of(state, pod, options);
-        let namespaces: Vec<u64> = selecting
+        let policies: Vec<u64> = selecting
             .iter()
             .map(|p| {
-                *namespace_matches
-                    .entry(p.id())
-                    .or_insert_with(|| hash_of(&matched_namespaces(p, &ctx.namespace_labels)))
+                *policy_inputs.entry(*p as *const Policy).or_insert_with(|| {
+                    cache
+                        .policy_versions
+                        .version(p, part.namespaces_version, || {
+                            matched_namespaces(p, ctx.namespace_labels, &mut selector_matches)
+                        })
+                })
             })
             .collect();
-        let input = hash_of(&(
-            &pod.labels,
-            &pod.ports,
-            &pod.ips,
-            pod.host_network,
-            &selecting,
-            mode as u8,
-            namespaces,
-        ));
         let mut result = match cache.pods.get(key) {
-            Some((h, cached))
-                if *h == input
+            Some((inputs, cached))
+                if inputs.same(pod, &policies, mode)
                     && !selecting
                         .iter()
                         .any(|p| depends_on(&ctx, p, &moved, &touched)) =>
@@ -1233,7 +1450,8 @@ pub fn compile_cached(
             }
             _ => {
                 let result = compile_pod(&ctx, pod, &selecting, mode);
-                cache.pods.insert(key.clone(), (input, result.clone()));
+                let inputs = PodInputs::of(pod, policies, mode);
+                cache.pods.insert(key.clone(), (inputs, result.clone()));
                 result
             }
         };
@@ -1288,6 +1506,7 @@ pub fn compile_cached(
         }
         compiled.pods.insert(key.clone(), result);
     }
+    cache.policy_versions.retain(&state.policies);
     if let Some(t) = targets {
         cache.pods.retain(|k, _| t.contains(k));
         cache.services.retain(|k, _| t.contains(k));
@@ -1327,12 +1546,14 @@ fn depends_on(
     })
 }
 
-/// For each namespaceSelector of a policy's peers, the namespaces it matches: all a compiled
-/// pod's rules depend on of the namespaces' labels.
+/// For each namespaceSelector of a policy's peers, a hash of the namespaces it matches: all
+/// a compiled pod's rules depend on of the namespaces' labels. Selectors are matched once
+/// per compile (`memo`): most policies of a cluster share a few of them.
 fn matched_namespaces<'a>(
-    policy: &Policy,
-    namespace_labels: &'a BTreeMap<String, Labels>,
-) -> Vec<Vec<&'a String>> {
+    policy: &'a Policy,
+    namespace_labels: &BTreeMap<String, Labels>,
+    memo: &mut HashMap<&'a Selector, u64>,
+) -> Vec<u64> {
     policy
         .ingress
         .iter()
@@ -1343,13 +1564,15 @@ fn matched_namespaces<'a>(
             PeerSpec::Pods {
                 namespaces: Some(selector),
                 ..
-            } => Some(
-                namespace_labels
-                    .iter()
-                    .filter(|(_, labels)| selector.matches(labels))
-                    .map(|(name, _)| name)
-                    .collect(),
-            ),
+            } => Some(*memo.entry(selector).or_insert_with(|| {
+                hash_of(
+                    &namespace_labels
+                        .iter()
+                        .filter(|(_, labels)| selector.matches(labels))
+                        .map(|(name, _)| name)
+                        .collect::<Vec<_>>(),
+                )
+            })),
             _ => None,
         })
         .collect()
@@ -1504,7 +1727,7 @@ mod tests {
     fn random_change(store: &mut Store, rng: &mut Rng, namespaces: usize, services: usize) {
         let s = rng.below(services);
         let ns = s % namespaces;
-        match rng.below(8) {
+        match rng.below(9) {
             0 | 1 => {
                 let r = 10 + rng.below(3);
                 let ip = format!("10.{}.{}.{}", 1 + s / 200, s % 200, r);
@@ -1546,6 +1769,21 @@ mod tests {
                     &format!("ns{ns}"),
                     &format!("s{s}-x"),
                 ));
+            }
+            7 => {
+                // A policy edited (another caller, another team), deleted, or back again.
+                let name = format!("in-s{s}");
+                if rng.below(3) == 0 {
+                    store.remove(&key(Kind::NetworkPolicy, &format!("ns{ns}"), &name));
+                } else {
+                    let (caller, team) = (rng.below(services), rng.below(4));
+                    insert_yaml(
+                        store,
+                        &format!(
+                            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: s{s}}}}}\n  ingress:\n  - from: [{{namespaceSelector: {{matchLabels: {{team: t{team}}}}}, podSelector: {{matchLabels: {{app: s{caller}}}}}}}]\n    ports: [{{port: http}}]\n"
+                        ),
+                    );
+                }
             }
             _ => {
                 if !store.remove(&key(Kind::Service, &format!("ns{ns}"), &format!("s{s}"))) {
@@ -1642,7 +1880,13 @@ mod tests {
                 .collect();
             let targets = (step % 2 == 0).then_some(&local);
             let now = compile_cached(state, &mut allocator, targets, &options, &mut cache);
-            let full = compile(state, &mut allocator.clone(), targets, &options);
+            // From scratch but for the rule ids, which a policy keeps while it exists (a
+            // compile from nothing numbers them afresh).
+            let mut fresh = CompileCache {
+                rule_ids: cache.rule_ids.clone(),
+                ..CompileCache::default()
+            };
+            let full = compile_cached(state, &mut allocator.clone(), targets, &options, &mut fresh);
             assert_same(&now, &full, step);
             // Every address whose identity moved is named as possibly changed.
             let changes = now.address_changes.as_ref().expect("the log reaches back");
@@ -1666,26 +1910,54 @@ mod tests {
         assert_eq!(decided(&now), decided(&previous));
     }
 
-    fn set(names: &[&str]) -> BTreeSet<String> {
-        names.iter().map(|n| n.to_string()).collect()
+    /// Policies named `NAMESPACE/NAME`, with nothing in them.
+    fn policies(names: &[&str]) -> BTreeMap<PodKey, Policy> {
+        names
+            .iter()
+            .map(|n| {
+                let (namespace, name) = n.split_once('/').expect("NAMESPACE/NAME");
+                let policy = Policy {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    pod_selector: Selector::default(),
+                    ingress: None,
+                    egress: None,
+                };
+                ((namespace.into(), name.into()), policy)
+            })
+            .collect()
     }
 
     #[test]
     fn a_policy_keeps_its_rule_id_while_others_come_and_go() {
         let mut ids = RuleIds::default();
-        ids.update(&set(&["a/x", "b/y", "c/z"]));
+        ids.sync(&policies(&["a/x", "b/y", "c/z"]));
         let before = ids.ids.clone();
         // A policy added before the others in order does not move them.
-        ids.update(&set(&["a/a", "a/x", "b/y", "c/z"]));
+        ids.sync(&policies(&["a/a", "a/x", "b/y", "c/z"]));
         for (p, id) in &before {
             assert_eq!(ids.ids[p], *id, "{p}");
         }
         assert_eq!(ids.ids["a/a"], 3);
         // A deleted policy's id is reused by the next new one; the rest stay.
-        ids.update(&set(&["a/a", "a/x", "c/z"]));
-        ids.update(&set(&["a/a", "a/x", "c/z", "d/w"]));
+        ids.sync(&policies(&["a/a", "a/x", "c/z"]));
+        assert_eq!(
+            ids.policies[before["b/y"] as usize], "",
+            "a gone policy names no id"
+        );
+        ids.sync(&policies(&["a/a", "a/x", "c/z", "d/w"]));
         assert_eq!(ids.ids["d/w"], before["b/y"]);
         assert_eq!(ids.ids["c/z"], before["c/z"]);
         assert_eq!(ids.ids.len(), 4);
+        for (p, id) in &ids.ids {
+            assert_eq!(
+                ids.policies[*id as usize], *p,
+                "rule id {id} names its policy"
+            );
+        }
+        // The last id gone: the id-to-policy list ends with the last one used.
+        ids.sync(&policies(&["a/x", "b/y", "c/z"]));
+        assert_eq!(ids.policies.len(), 3);
+        assert_eq!(ids.ids.len(), 3);
     }
 }

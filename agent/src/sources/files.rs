@@ -367,15 +367,13 @@ impl FileSource {
         self.last_good_files = new_files;
         self.file_stamps = new_stamps;
 
-        // Files holding pods or namespaces, by content: equal lists, equal pods.
-        let pods_version = {
+        // Files holding pods or namespaces (Services or EndpointSlices), by content: equal
+        // lists, equal objects.
+        let version_of = |kinds: &[Kind]| {
             use std::hash::{Hash as _, Hasher as _};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             for (file, file_objects) in &self.last_good_files {
-                if file_objects
-                    .iter()
-                    .any(|(k, _)| matches!(k.kind, Kind::Pod | Kind::Namespace))
-                {
+                if file_objects.iter().any(|(k, _)| kinds.contains(&k.kind)) {
                     file.hash(&mut h);
                     self.file_stamps.get(file).map(|s| s.0).hash(&mut h);
                     file_objects.len().hash(&mut h);
@@ -383,6 +381,8 @@ impl FileSource {
             }
             h.finish()
         };
+        let pods_version = version_of(&[Kind::Pod, Kind::Namespace]);
+        let services_version = version_of(&[Kind::Service, Kind::EndpointSlice]);
         let mut store = Store::default();
         for (key, object) in objects {
             store.insert(key, object);
@@ -390,6 +390,7 @@ impl FileSource {
         warnings.extend(store.warnings());
         let mut state = store.into_state();
         state.pods_version = Some(pods_version);
+        state.services_version = Some(services_version);
         // Rebuilt from scratch: readers compare, they do not replay.
         state.changes = Default::default();
         let current: BTreeSet<_> = errors

@@ -91,20 +91,26 @@ pub struct Store {
     warnings: BTreeMap<ObjectKey, String>,
     /// Objects rejected in their latest version, by object.
     errors: BTreeMap<ObjectKey, ObjectError>,
-    /// Moves whenever a pod or namespace changes (`ClusterState::pods_version`).
+    /// Move whenever a pod or namespace (`ClusterState::pods_version`), a Service or an
+    /// EndpointSlice (`services_version`) changes. They start from the log's id, so two
+    /// stores never share a version.
     pods_version: u64,
+    services_version: u64,
 }
 
 impl Default for Store {
     fn default() -> Self {
+        let changes = ChangeLog::new();
+        let first = changes.id() << 32;
         Store {
             state: ClusterState {
-                changes: ChangeLog::new(),
+                changes,
                 ..ClusterState::default()
             },
             warnings: BTreeMap::new(),
             errors: BTreeMap::new(),
-            pods_version: 0,
+            pods_version: first,
+            services_version: first,
         }
     }
 }
@@ -253,6 +259,9 @@ impl Store {
         if matches!(key.kind, Kind::Pod | Kind::Namespace) {
             self.pods_version = self.pods_version.wrapping_add(1);
             self.state.pods_version = Some(self.pods_version);
+        } else {
+            self.services_version = self.services_version.wrapping_add(1);
+            self.state.services_version = Some(self.services_version);
         }
         self.state.changes.record(logged);
     }
