@@ -966,7 +966,7 @@ struct FrontendsPart {
     /// Per virtual address, every Service claiming it (normally one) with its identity; the
     /// greatest key wins, as it did when the map was built in Service order.
     claims: BTreeMap<IpNet, BTreeMap<PodKey, u32>>,
-    /// Per Service: its frontends' identities, and the addresses and pods its slices name.
+    /// Per Service: its frontends' identities and the addresses its slices name.
     by_service: BTreeMap<PodKey, ServiceIndexed>,
     /// Backend address: the frontends with a backend there (their decisions depend on the
     /// identity of that address and of its pod).
@@ -975,9 +975,6 @@ struct FrontendsPart {
     backend_pod_frontends: BTreeMap<PodKey, BTreeSet<u32>>,
     /// Address named in a slice: the Services whose slices name it.
     address_services: BTreeMap<IpAddr, BTreeSet<PodKey>>,
-    /// Pod a slice's targetRef names: the Services of those slices (whether the pod exists
-    /// decides its backends' identity).
-    pod_services: BTreeMap<PodKey, BTreeSet<PodKey>>,
     /// EndpointSlice (namespace, name) to its Service, and back.
     slice_service: BTreeMap<PodKey, PodKey>,
     service_slices: BTreeMap<PodKey, BTreeSet<PodKey>>,
@@ -988,7 +985,6 @@ struct FrontendsPart {
 struct ServiceIndexed {
     ids: Vec<u32>,
     addresses: Vec<IpAddr>,
-    pods: Vec<PodKey>,
 }
 
 impl FrontendsPart {
@@ -1043,8 +1039,20 @@ impl FrontendsPart {
                     .map(|(k, _)| k.clone()),
             );
         }
-        for pod in &changes.pods {
-            affected.extend(self.pod_services.get(pod).into_iter().flatten().cloned());
+        // Whether a slice's targetRef names an existing pod decides its backends' identity.
+        // Slices name pods of their own namespace; a slice that stopped naming one changed.
+        for (ns, name) in &changes.pods {
+            let in_namespace = |(k, _): &(&PodKey, &EndpointSliceInfo)| k.0 == *ns;
+            affected.extend(
+                state
+                    .endpoint_slices
+                    .range((ns.clone(), String::new())..)
+                    .take_while(in_namespace)
+                    .filter(|(_, slice)| {
+                        slice.endpoints.iter().any(|e| e.pod.as_ref() == Some(name))
+                    })
+                    .map(|(_, slice)| (slice.namespace.clone(), slice.service.clone())),
+            );
         }
         for ip in touched {
             affected.extend(self.address_services.get(ip).into_iter().flatten().cloned());
@@ -1129,14 +1137,7 @@ impl FrontendsPart {
                 }
             }
         }
-        for pod in &indexed.pods {
-            if let Some(services) = self.pod_services.get_mut(pod) {
-                services.remove(key);
-                if services.is_empty() {
-                    self.pod_services.remove(pod);
-                }
-            }
-        }
+
         let old: Vec<Frontend> = old_ids
             .iter()
             .filter_map(|id| self.frontends.remove(id))
@@ -1199,19 +1200,7 @@ impl FrontendsPart {
                 .or_default()
                 .insert(key.clone());
         }
-        let mut pods: Vec<PodKey> = slices
-            .iter()
-            .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)))
-            .filter_map(|(s, e)| Some((s.namespace.clone(), e.pod.clone()?)))
-            .collect();
-        pods.sort_unstable();
-        pods.dedup();
-        for pod in &pods {
-            self.pod_services
-                .entry(pod.clone())
-                .or_default()
-                .insert(key.clone());
-        }
+
         for f in &new {
             for net in f.addresses.iter().map(|a| single_address(*a)) {
                 self.claims
@@ -1243,7 +1232,6 @@ impl FrontendsPart {
             ServiceIndexed {
                 ids: new_ids.clone(),
                 addresses: ips,
-                pods,
             },
         );
         changed.then(|| old_ids.into_iter().chain(new_ids).collect())
