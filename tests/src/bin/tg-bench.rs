@@ -517,7 +517,14 @@ fn write_reports(
          whose pods changed, and egress Service rules are re-decided per changed frontend. The \
          pod and namespace figures below go through that path (a store, as watch events \
          arrive); the file source rebuilds from scratch on each load and is compared by \
-         fingerprint as before. See `docs/datapath.md`, \"Changes cost what they touch\"."
+         fingerprint as before. See `docs/datapath.md`, \"Changes cost what they touch\". \
+         What every reconcile paid besides (about 10 ms, measured phase by phase on \
+         2026-11-25) went to about 5: a pod's cached result is kept by comparing its inputs \
+         and the versions of its policies (a policy is compared with its last copy, its \
+         namespaceSelectors matched again only when namespace labels change) instead of \
+         hashing them, rule ids follow added and deleted policies only, a pod change \
+         recomputes only the Services that name or select it, and compiling a pod matches a \
+         peer's namespaceSelector once per namespace instead of once per identity."
     )
     .unwrap();
     if !net.is_empty() {
