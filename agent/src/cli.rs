@@ -80,14 +80,20 @@ pub enum Command {
     /// procedure as the datapath; no kernel needed.
     ///
     /// Each input line is `SRC DST PORT/PROTOCOL`, SRC and DST being NAMESPACE/POD,
-    /// NAMESPACE/WORKLOAD or an IP address, e.g. `x/a y/b 80/tcp` or `x/a 10.0.0.7 443/tcp`;
-    /// PORT a number, or a named port of the destination (a Service's port name when DST is
-    /// a Service address). A flow to a Service address is decided against its backends:
-    /// allowed at the source's egress only when every backend is, and at each backend's
-    /// ingress on its target port. Traffic between a pod and its own node (from the Node
-    /// objects and `spec.nodeName`) is always allowed. Blank lines and lines starting with #
-    /// are skipped. A flow is allowed only when the source's egress and the destination's
-    /// ingress both allow it.
+    /// NAMESPACE/WORKLOAD (every pod of that Deployment, StatefulSet...: allowed only when
+    /// allowed between all their pods) or an IP address, e.g. `x/a y/b 80/tcp`,
+    /// `x/a 10.0.0.7 443/tcp` or `x/a y/b icmp`; PORT a number, or a named port of the
+    /// destination (a Service's port name when DST is a Service address); PROTOCOL tcp, udp,
+    /// sctp, or icmp / icmpv6 (no port). A flow to a Service address is decided against its
+    /// backends: allowed at the source's egress only when every backend is, and at each
+    /// backend's ingress on its target port. Traffic between a pod and its own node (from
+    /// the Node objects and `spec.nodeName`), and from a pod to itself, is always allowed.
+    /// Blank lines and lines starting with # are skipped. A flow is allowed only when the
+    /// source's egress and the destination's ingress both allow it; a denied one comes with
+    /// the side that denied it, the policies isolating that side and the smallest change
+    /// that would allow it (labels for a workload, or a rule for a policy).
+    ///
+    /// Exit status: 0, or 1 with --fail-on-deny when a flow is denied, or 2 for bad input.
     Check {
         /// File or directory of Kubernetes YAML (Namespaces, Pods, NetworkPolicies, and
         /// optionally Services, EndpointSlices and Nodes).
@@ -96,12 +102,15 @@ pub enum Command {
         /// Flows to evaluate (default: standard input).
         #[arg(long)]
         flows: Option<std::path::PathBuf>,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
-        output: Output,
+        /// Output format: text, json (one object per line), json-array or yaml.
+        #[arg(short = 'o', long, value_enum, default_value_t = CheckOutput::Text)]
+        output: CheckOutput,
         /// For NAMESPACE/POD endpoints, use the pod's IPv6 address where it has one.
         #[arg(long)]
         ipv6: bool,
+        /// Exit with status 1 when any flow is denied (for CI).
+        #[arg(long)]
+        fail_on_deny: bool,
     },
     /// Load the embedded eBPF programs into this kernel (the verifier checks them), report
     /// how workloads would attach, and remove everything again.
@@ -305,7 +314,8 @@ pub fn main() -> ExitCode {
             flows,
             output,
             ipv6,
-        } => check(&cluster_state, flows.as_deref(), output, ipv6),
+            fail_on_deny,
+        } => check(&cluster_state, flows.as_deref(), output, ipv6, fail_on_deny),
     };
     match result {
         Ok(code) => code,
@@ -323,6 +333,18 @@ pub enum Output {
     Json,
 }
 
+/// Output formats of `check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckOutput {
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// One JSON array of every result.
+    JsonArray,
+    /// A YAML list of every result.
+    Yaml,
+}
+
 /// One evaluated flow, as `check -o json` prints it.
 #[derive(Debug, serde::Serialize)]
 pub struct CheckResult {
@@ -333,84 +355,215 @@ pub struct CheckResult {
     pub egress: &'static str,
     pub ingress: &'static str,
     pub verdict: &'static str,
+    /// The policies that decided: those whose rules allowed it on both sides, or for a
+    /// denied flow those isolating the side (or sides) that denied it.
     pub policies: Vec<String>,
     pub egress_policies: Vec<String>,
     pub ingress_policies: Vec<String>,
     /// `NAMESPACE/NAME` of the Service whose address DST is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dst_service: Option<String>,
+    /// For a denied flow: each denying side, its isolating policies and the smallest change
+    /// that would allow the flow, in one sentence per side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
+    /// The same, structured.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub explanations: Vec<crate::compile::explain::Explanation>,
 }
 
 fn word(allowed: bool) -> &'static str {
     if allowed { "allowed" } else { "denied" }
 }
 
-/// Evaluates one `SRC DST PORT/PROTOCOL` line.
+/// The `PORT/PROTOCOL` of a flow line.
+struct FlowProtocol<'a> {
+    /// A NetworkPolicy protocol; `None` for ICMP, which has no ports.
+    protocol: Option<crate::compile::model::Protocol>,
+    number: u8,
+    name: String,
+    /// As given (a number or a name); `None` for ICMP.
+    port: Option<&'a str>,
+}
+
+/// Parses `PORT/PROTOCOL`, or `icmp` / `icmpv6` (a number before them, such as an ICMP type,
+/// is accepted and ignored).
+fn flow_protocol(spec: &str) -> Result<FlowProtocol<'_>, String> {
+    use crate::compile::model::Protocol;
+    let (port, proto) = match spec.split_once('/') {
+        Some((port, proto)) => (Some(port), proto),
+        None => (None, spec),
+    };
+    let icmp = |number, name: &str| FlowProtocol {
+        protocol: None,
+        number,
+        name: name.into(),
+        port: None,
+    };
+    match proto.to_ascii_lowercase().as_str() {
+        "icmp" => return Ok(icmp(agent_common::PROTO_ICMP, "icmp")),
+        "icmpv6" | "icmp6" | "ipv6-icmp" => return Ok(icmp(agent_common::PROTO_ICMPV6, "icmpv6")),
+        _ => {}
+    }
+    let protocol = Protocol::parse(&proto.to_ascii_uppercase())
+        .ok_or_else(|| format!("{proto:?} is not tcp, udp, sctp, icmp or icmpv6"))?;
+    let port = port.ok_or_else(|| format!("{spec:?}: expected PORT/PROTOCOL, e.g. 80/tcp"))?;
+    Ok(FlowProtocol {
+        protocol: Some(protocol),
+        number: protocol.number(),
+        name: proto.to_ascii_lowercase(),
+        port: Some(port),
+    })
+}
+
+/// Evaluates one `SRC DST PORT/PROTOCOL` line (`icmp` and `icmpv6` take no port). A
+/// workload (`NAMESPACE/WORKLOAD`) stands for every pod of it: the flow is allowed only
+/// when it is between every pair of their pods.
 pub fn check_line(
     ev: &crate::compile::eval::Evaluator,
     line: &str,
     ipv6: bool,
 ) -> Result<CheckResult, String> {
-    use crate::compile::{eval::endpoint, model::Protocol, services::Frontend};
+    use crate::compile::{eval::endpoints, services::Frontend};
     let fields: Vec<&str> = line.split_whitespace().collect();
     let [src, dst, port_proto] = fields.as_slice() else {
         return Err(format!("expected `SRC DST PORT/PROTOCOL`, got {line:?}"));
     };
-    let (port, proto) = port_proto
-        .split_once('/')
-        .ok_or_else(|| format!("{port_proto:?}: expected PORT/PROTOCOL, e.g. 80/tcp"))?;
-    let protocol = Protocol::parse(&proto.to_ascii_uppercase())
-        .ok_or_else(|| format!("{proto:?} is not tcp, udp or sctp"))?;
-    let src_ep = endpoint(ev, src, ipv6)?;
-    let dst_ep = endpoint(ev, dst, ipv6)?;
-    let frontend = ev.compiled.frontend_of_address(dst_ep.ip);
-    let port: u16 = match port.parse::<u16>() {
-        Ok(p) if p > 0 => p,
-        _ if port.chars().all(|c| c.is_ascii_digit()) => {
-            return Err(format!("{port:?} is not a port (1-65535)"));
-        }
-        // A name: the Service's port of that name, or the destination pod's named port.
-        _ => match (frontend, &dst_ep.pod) {
-            (Some(f), _) => f
-                .ports
-                .iter()
-                .find(|p| p.name == port && p.protocol == protocol)
-                .map(|p| p.port)
-                .ok_or_else(|| {
-                    format!(
-                        "Service {} has no {proto} port named {port:?}",
-                        f.service_id()
-                    )
-                })?,
-            (None, Some(pod)) => ev
-                .named_port(pod, port, protocol)
-                .ok_or_else(|| format!("{dst} has no {proto} port named {port:?}"))?,
-            (None, None) => {
-                return Err(format!(
-                    "{port:?} is not a port number, and {dst} has no named ports"
-                ));
+    let FlowProtocol {
+        protocol,
+        number: proto,
+        name: proto_name,
+        port,
+    } = flow_protocol(port_proto)?;
+    let prefer_v6 = ipv6 || proto == agent_common::PROTO_ICMPV6;
+    let srcs = endpoints(ev, src, prefer_v6)?;
+    let dsts = endpoints(ev, dst, prefer_v6)?;
+    if let Some(e) = srcs
+        .iter()
+        .chain(&dsts)
+        .find(|e| protocol.is_none() && e.ip.is_ipv6() != (proto == agent_common::PROTO_ICMPV6))
+    {
+        return Err(format!(
+            "{proto_name} does not carry {} traffic ({} is {})",
+            if e.ip.is_ipv6() { "IPv6" } else { "IPv4" },
+            e.ip,
+            if e.ip.is_ipv6() {
+                "IPv6: use icmpv6"
+            } else {
+                "IPv4: use icmp"
             }
-        },
+        ));
+    }
+    let frontend = ev.compiled.frontend_of_address(dsts[0].ip);
+    // The port on each destination: a number, or a name resolved on the Service or on each
+    // destination pod (a pod without that name is left out; none with it is an error).
+    let port_of = |dst_ep: &crate::compile::eval::Endpoint| -> Result<Option<u16>, String> {
+        let (Some(protocol), Some(port)) = (protocol, port) else {
+            return Ok(Some(0));
+        };
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => return Ok(Some(p)),
+            _ if port.chars().all(|c| c.is_ascii_digit()) => {
+                return Err(format!("{port:?} is not a port (1-65535)"));
+            }
+            _ => {}
+        }
+        Ok(match (frontend, &dst_ep.pod) {
+            (Some(f), _) => Some(
+                f.ports
+                    .iter()
+                    .find(|p| p.name == port && p.protocol == protocol)
+                    .map(|p| p.port)
+                    .ok_or_else(|| {
+                        format!(
+                            "Service {} has no {proto_name} port named {port:?}",
+                            f.service_id()
+                        )
+                    })?,
+            ),
+            (None, Some(pod)) => ev.named_port(pod, port, protocol),
+            (None, None) => None,
+        })
     };
-    let (egress, ingress) = ev.flow(src_ep, dst_ep, protocol.number(), port);
-    let mut policies = egress.policies.clone();
-    for p in &ingress.policies {
-        if !policies.contains(p) {
-            policies.push(p.clone());
+    let (mut egress_allowed, mut ingress_allowed) = (true, true);
+    // Per side, the policies of the pairs it allowed and of those it denied: a side's list
+    // explains its verdict (the denying policies when any pair was denied).
+    let mut sides: [[Vec<String>; 2]; 2] = Default::default();
+    let mut explanations = Vec::new();
+    let mut shown_port = None;
+    for dst_ep in &dsts {
+        let Some(number) = port_of(dst_ep)? else {
+            continue;
+        };
+        shown_port.get_or_insert(number);
+        for src_ep in &srcs {
+            let (egress, ingress) = ev.flow(src_ep.clone(), dst_ep.clone(), proto, number);
+            for (side, decision) in sides.iter_mut().zip([&egress, &ingress]) {
+                let into = &mut side[usize::from(!decision.allowed)];
+                for p in &decision.policies {
+                    if !into.contains(p) {
+                        into.push(p.clone());
+                    }
+                }
+            }
+            let denied = !(egress.allowed && ingress.allowed);
+            egress_allowed &= egress.allowed;
+            ingress_allowed &= ingress.allowed;
+            // The first denied pair stands for the rest (pods of a workload share policies).
+            if denied && explanations.is_empty() {
+                explanations = ev.explain(src_ep, dst_ep, proto, protocol, number);
+            }
+        }
+    }
+    let Some(port_number) = shown_port else {
+        let port = port.unwrap_or_default();
+        return Err(match &dsts[0].pod {
+            Some(_) => format!("{dst} has no {proto_name} port named {port:?}"),
+            None => format!("{port:?} is not a port number, and {dst} has no named ports"),
+        });
+    };
+    let [egress_side, ingress_side] = sides;
+    let pick = |[allowed_by, denied_by]: [Vec<String>; 2], allowed: bool| {
+        if allowed { allowed_by } else { denied_by }
+    };
+    let egress_policies = pick(egress_side, egress_allowed);
+    let ingress_policies = pick(ingress_side, ingress_allowed);
+    let allowed = egress_allowed && ingress_allowed;
+    // What decided the verdict: both sides' allowing policies, or only the denying side's
+    // (an allowing policy on the other side is not the file to open).
+    let mut policies = Vec::new();
+    for (side, side_allowed) in [
+        (&egress_policies, egress_allowed),
+        (&ingress_policies, ingress_allowed),
+    ] {
+        if allowed || !side_allowed {
+            for p in side {
+                if !policies.contains(p) {
+                    policies.push(p.clone());
+                }
+            }
         }
     }
     Ok(CheckResult {
         src: src.to_string(),
         dst: dst.to_string(),
-        port,
-        protocol: proto.to_ascii_lowercase(),
-        egress: word(egress.allowed),
-        ingress: word(ingress.allowed),
-        verdict: word(egress.allowed && ingress.allowed),
+        port: port_number,
+        protocol: proto_name,
+        egress: word(egress_allowed),
+        ingress: word(ingress_allowed),
+        verdict: word(allowed),
         policies,
-        egress_policies: egress.policies,
-        ingress_policies: ingress.policies,
+        egress_policies,
+        ingress_policies,
         dst_service: frontend.map(Frontend::service_id),
+        explanation: (!allowed && !explanations.is_empty()).then(|| {
+            explanations
+                .iter()
+                .map(|e| e.summary())
+                .collect::<Vec<_>>()
+                .join("; ")
+        }),
+        explanations,
     })
 }
 
@@ -441,8 +594,9 @@ pub fn evaluator_for(
 fn check(
     cluster_state: &std::path::Path,
     flows: Option<&std::path::Path>,
-    output: Output,
+    output: CheckOutput,
     ipv6: bool,
+    fail_on_deny: bool,
 ) -> anyhow::Result<ExitCode> {
     use std::io::BufRead as _;
     let (ev, loaded) = match evaluator_for(cluster_state) {
@@ -457,7 +611,12 @@ fn check(
         eprintln!("tollgate: rejected {e}");
         bad_input = true;
     }
-    for w in &loaded.warnings {
+    for w in loaded
+        .warnings
+        .iter()
+        .cloned()
+        .chain(missing_namespace_warnings(&loaded.state))
+    {
         eprintln!("tollgate: warning: {w}");
     }
     let reader: Box<dyn std::io::BufRead> = match flows {
@@ -466,42 +625,115 @@ fn check(
         )),
         None => Box::new(std::io::BufReader::new(std::io::stdin())),
     };
+    let mut denied = false;
+    let mut collected = Vec::new();
     for (n, line) in reader.lines().enumerate() {
         let line = line.context("read flows")?;
         let trimmed = line.trim();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        match check_line(&ev, trimmed, ipv6) {
-            Ok(r) => match output {
-                Output::Json => println!("{}", serde_json::to_string(&r)?),
-                Output::Text => println!(
-                    "{} -> {} {}/{}: {} (egress {}, ingress {}){}",
-                    r.src,
-                    r.dst,
-                    r.port,
-                    r.protocol,
-                    r.verdict,
-                    r.egress,
-                    r.ingress,
-                    if r.policies.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" by {}", r.policies.join(", "))
-                    }
-                ),
-            },
+        let r = match check_line(&ev, trimmed, ipv6) {
+            Ok(r) => r,
             Err(e) => {
                 eprintln!("tollgate: line {}: {e}", n + 1);
                 bad_input = true;
+                continue;
             }
+        };
+        denied |= r.verdict != "allowed";
+        match output {
+            CheckOutput::Json => println!("{}", serde_json::to_string(&r)?),
+            CheckOutput::Text => {
+                let by = |policies: &[String]| {
+                    if policies.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by {}", policies.join(", "))
+                    }
+                };
+                println!(
+                    "{} -> {} {}: {} (egress {}{}, ingress {}{})",
+                    r.src,
+                    r.dst,
+                    if r.protocol.starts_with("icmp") {
+                        r.protocol.clone()
+                    } else {
+                        format!("{}/{}", r.port, r.protocol)
+                    },
+                    r.verdict,
+                    r.egress,
+                    by(&r.egress_policies),
+                    r.ingress,
+                    by(&r.ingress_policies),
+                );
+                for e in &r.explanations {
+                    println!("  {}", e.summary());
+                }
+            }
+            CheckOutput::JsonArray | CheckOutput::Yaml => collected.push(r),
         }
+    }
+    match output {
+        CheckOutput::JsonArray => println!("{}", serde_json::to_string_pretty(&collected)?),
+        CheckOutput::Yaml => {
+            let yaml = serde_norway::to_string(&collected)?;
+            println!("{}", yaml.trim_end());
+        }
+        CheckOutput::Text | CheckOutput::Json => {}
     }
     Ok(if bad_input {
         ExitCode::from(2)
+    } else if denied && fail_on_deny {
+        ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Policies whose namespaceSelector names (by `kubernetes.io/metadata.name`) a namespace the
+/// cluster state does not have: nothing there is selected, often a typo.
+pub fn missing_namespace_warnings(state: &crate::compile::model::ClusterState) -> Vec<String> {
+    use crate::compile::model::{Operator, PeerSpec};
+    const NAME: &str = "kubernetes.io/metadata.name";
+    let known = |ns: &String| {
+        state.namespaces.contains_key(ns)
+            || state
+                .pods
+                .range((ns.clone(), String::new())..)
+                .next()
+                .is_some_and(|((pod_ns, _), _)| pod_ns == ns)
+    };
+    let mut out = Vec::new();
+    for policy in state.policies.values() {
+        let mut missing = std::collections::BTreeSet::new();
+        for rule in policy.ingress.iter().chain(&policy.egress).flatten() {
+            for peer in &rule.peers {
+                let PeerSpec::Pods {
+                    namespaces: Some(selector),
+                    ..
+                } = peer
+                else {
+                    continue;
+                };
+                let named = selector.match_labels.get(NAME).into_iter().chain(
+                    selector
+                        .expressions
+                        .iter()
+                        .filter(|r| r.key == NAME && r.operator == Operator::In)
+                        .flat_map(|r| &r.values),
+                );
+                missing.extend(named.filter(|ns| !known(ns)).cloned());
+            }
+        }
+        for ns in missing {
+            out.push(format!(
+                "NetworkPolicy {}/{}: its namespaceSelector names namespace {ns:?}, which is not in the cluster state (nothing there is selected)",
+                policy.namespace, policy.name
+            ));
+        }
+    }
+    out
 }
 
 fn selftest(bpffs: &std::path::Path) -> anyhow::Result<()> {

@@ -160,29 +160,9 @@ fn check_reports_bad_lines_and_keeps_going() {
 
 /// Runs `check -o json` on a cluster state given as YAML text.
 fn check_yaml(yaml: &str, flows: &str) -> Vec<serde_json::Value> {
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("state-{}.yaml", yaml.len()));
-    std::fs::write(&file, yaml).unwrap();
-    let out = tollgate(
-        &[
-            "check",
-            "--cluster-state",
-            file.to_str().unwrap(),
-            "-o",
-            "json",
-        ],
-        flows,
-    );
-    let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
+    let (code, out, err) = check_with(yaml, &["-o", "json"], flows);
+    assert_eq!(code, Some(0), "{err}");
+    out.lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
@@ -267,8 +247,15 @@ x/loner-0 10.250.0.1 10250/tcp
     assert_eq!(r[0]["egress"], "denied");
     assert_eq!(r[0]["dst_service"], "x/web");
     assert_eq!(r[1]["port"], 80, "the Service's port by name");
-    // NAMESPACE/WORKLOAD: the Deployment web (its first pod, v1 on 8080).
-    assert_eq!(verdict(2), "allowed", "{:?}", r[2]);
+    // NAMESPACE/WORKLOAD: every pod of the Deployment web; v2 is not allowed, so the
+    // workload is not, and the explanation names that pod.
+    assert_eq!(verdict(2), "denied", "{:?}", r[2]);
+    assert_eq!(r[2]["explanations"][0]["side"], "egress");
+    assert_eq!(r[2]["explanations"][0]["pod"], "x/client-0");
+    assert_eq!(
+        r[2]["explanations"][0]["fix"]["rule"],
+        "{to: [{podSelector: {matchLabels: {app: web}}}], ports: [{protocol: TCP, port: 8080}]}"
+    );
     // The named port resolves on the destination pod: 9090 for v2, denied.
     assert_eq!(r[3]["port"], 9090);
     assert_eq!(verdict(3), "denied");
@@ -287,4 +274,220 @@ x/loner-0 10.250.0.1 10250/tcp
     let r = check_yaml(&both, "x/client-0 10.96.0.10 80/tcp\n");
     assert_eq!(r[0]["verdict"], "allowed", "{:?}", r[0]);
     assert_eq!(r[0]["egress_policies"], serde_json::json!(["x/client"]));
+}
+
+/// Runs `check` with extra arguments on a cluster state given as YAML text: exit code and
+/// standard output, standard error.
+fn check_with(yaml: &str, args: &[&str], flows: &str) -> (Option<i32>, String, String) {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Tests run in parallel: a file of its own per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = dir.join(format!("with-{call}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    let mut all = vec!["check", "--cluster-state", file.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = tollgate(&all, flows);
+    let _ = std::fs::remove_file(&file);
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d9f-a
+  namespace: shop
+  labels: {app: web, pod-template-hash: 7d9f}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f, uid: u, controller: true}]
+spec: {containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.2.0.1}, {ip: "fd10::1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d9f-b
+  namespace: shop
+  labels: {app: web, pod-template-hash: 7d9f}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f, uid: u, controller: true}]
+spec: {containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.2.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+spec: {containers: [{name: db, image: i, ports: [{name: pg, containerPort: 5432}]}]}
+status: {phase: Running, podIPs: [{ip: 10.2.0.9}, {ip: "fd10::9"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: backup-0, namespace: ops, labels: {app: backup}}
+spec: {containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.3.0.1}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-in, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: db-client}}}]
+    ports: [{port: pg}]
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-out, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: db}}}]
+"#;
+
+#[test]
+fn check_explains_each_denied_side_with_the_smallest_change_that_allows_it() {
+    let flows = "\
+shop/web shop/db-0 pg/tcp
+shop/web 203.0.113.9 443/tcp
+ops/backup-0 shop/db-0 5432/tcp
+";
+    let r = check_yaml(SHOP, flows);
+    // The workload (both pods) reaches the database's named port; its egress allows it,
+    // the database's ingress wants a role label it lacks.
+    assert_eq!(r[0]["port"], 5432);
+    assert_eq!(r[0]["egress"], "allowed");
+    assert_eq!(r[0]["ingress"], "denied");
+    // The policies that decided a denied flow are the denying side's: the file to open.
+    assert_eq!(r[0]["policies"], serde_json::json!(["shop/db-in"]));
+    assert_eq!(r[0]["egress_policies"], serde_json::json!(["shop/web-out"]));
+    assert_eq!(r[0]["ingress_policies"], serde_json::json!(["shop/db-in"]));
+    let e = &r[0]["explanations"];
+    assert_eq!(e.as_array().unwrap().len(), 1, "{e}");
+    assert_eq!(e[0]["side"], "ingress");
+    assert_eq!(e[0]["pod"], "shop/db-0");
+    assert_eq!(e[0]["isolated_by"], serde_json::json!(["shop/db-in"]));
+    assert_eq!(
+        e[0]["fix"],
+        serde_json::json!({"kind": "labels", "policy": "shop/db-in", "workload": "shop/web", "labels": {"role": "db-client"}})
+    );
+    let text = r[0]["explanation"].as_str().unwrap();
+    assert!(text.contains("ingress of shop/db-0"), "{text}");
+    assert!(text.contains("role=db-client"), "{text}");
+    // Outside the cluster: denied at the source's egress, fixed by an ipBlock rule.
+    assert_eq!(r[1]["egress"], "denied");
+    assert_eq!(r[1]["explanations"][0]["side"], "egress");
+    assert_eq!(r[1]["explanations"][0]["pod"], "shop/web-7d9f-a");
+    assert_eq!(
+        r[1]["explanations"][0]["fix"],
+        serde_json::json!({"kind": "rule", "policy": "shop/web-out", "direction": "egress",
+            "rule": "{to: [{ipBlock: {cidr: 203.0.113.9/32}}], ports: [{protocol: TCP, port: 443}]}"})
+    );
+    // Another namespace: no label makes a rule select it (its namespace is not the policy's),
+    // so a rule naming the namespace and the workload's label.
+    assert_eq!(
+        r[2]["explanations"][0]["fix"]["rule"],
+        "{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ops}}, podSelector: {matchLabels: {app: backup}}}], ports: [{protocol: TCP, port: 5432}]}"
+    );
+    // An allowed flow has no explanation.
+    let ok = check_yaml(SHOP, "shop/db-0 shop/web-7d9f-b 80/tcp\n");
+    assert!(ok[0].get("explanation").is_none(), "{:?}", ok[0]);
+}
+
+#[test]
+fn check_takes_icmp_and_a_pod_reaching_itself_is_allowed() {
+    let r = check_yaml(
+        SHOP,
+        "shop/web-7d9f-a shop/db-0 icmp\nshop/web-7d9f-a shop/db-0 icmpv6\nshop/web-7d9f-a shop/web-7d9f-a 8080/tcp\nshop/db-0 shop/db-0 5432/tcp\nops/backup-0 shop/db-0 icmp\n",
+    );
+    // web-out allows everything to the database, ports and all: ICMP too. The database's
+    // ingress has no rule without ports for web: ICMP is denied there, whatever the family.
+    assert_eq!(r[0]["protocol"], "icmp");
+    assert_eq!(r[0]["port"], 0);
+    assert_eq!(r[0]["egress"], "allowed");
+    assert_eq!(r[0]["ingress"], "denied");
+    assert_eq!(r[1]["protocol"], "icmpv6");
+    assert_eq!(r[1]["ingress"], "denied");
+    // ICMP is only allowed by a rule without ports: the fix says so.
+    assert_eq!(
+        r[0]["explanations"][0]["fix"]["rule"],
+        "{from: [{podSelector: {matchLabels: {app: web}}}]}"
+    );
+    // A pod to itself: never enforced, in the datapath and here.
+    assert_eq!(r[2]["verdict"], "allowed", "{:?}", r[2]);
+    assert_eq!(r[3]["verdict"], "allowed", "{:?}", r[3]);
+    assert_eq!(r[4]["verdict"], "denied");
+
+    let (code, _, err) = check_with(SHOP, &[], "ops/backup-0 shop/db-0 icmpv6\n");
+    assert_eq!(code, Some(2), "backup-0 has no IPv6 address");
+    assert!(err.contains("use icmp"), "{err}");
+}
+
+#[test]
+fn check_fails_on_deny_for_ci_and_prints_yaml_or_a_json_array() {
+    let denied = "shop/web shop/db-0 80/tcp\nops/backup-0 shop/db-0 5432/tcp\n";
+    let (code, _, _) = check_with(SHOP, &["--fail-on-deny"], denied);
+    assert_eq!(code, Some(1));
+    let (code, _, _) = check_with(SHOP, &[], denied);
+    assert_eq!(
+        code,
+        Some(0),
+        "without --fail-on-deny a denied flow is an answer"
+    );
+    let (code, _, _) = check_with(
+        SHOP,
+        &["--fail-on-deny"],
+        "shop/web-7d9f-a shop/web-7d9f-a 1/tcp\n",
+    );
+    assert_eq!(code, Some(0));
+    let (code, _, _) = check_with(SHOP, &["--fail-on-deny"], "nonsense\n");
+    assert_eq!(code, Some(2), "bad input wins over denied");
+
+    let (code, out, _) = check_with(SHOP, &["-o", "json-array"], denied);
+    assert_eq!(code, Some(0));
+    let array: serde_json::Value = serde_json::from_str(&out).expect("one JSON array");
+    assert_eq!(array.as_array().unwrap().len(), 2);
+    assert_eq!(array[1]["verdict"], "denied");
+    let (code, out, _) = check_with(SHOP, &["-o", "yaml"], denied);
+    assert_eq!(code, Some(0));
+    let yaml: serde_json::Value = serde_norway::from_str(&out).expect("a YAML list");
+    assert_eq!(yaml, array, "the same results");
+    let (_, text, _) = check_with(SHOP, &[], denied);
+    assert!(
+        text.contains("denied (egress allowed by shop/web-out, ingress denied by shop/db-in)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("denied at the ingress of shop/db-0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_warns_of_a_namespace_selector_naming_a_namespace_the_state_lacks() {
+    let (code, _, err) = check_with(SHOP, &[], "shop/web shop/db-0 pg/tcp\n");
+    assert_eq!(code, Some(0));
+    assert!(
+        err.contains(
+            "NetworkPolicy shop/db-in: its namespaceSelector names namespace \"monitoring\""
+        ),
+        "{err}"
+    );
+    let with_monitoring =
+        format!("{SHOP}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: monitoring}}\n");
+    let (_, _, err) = check_with(&with_monitoring, &[], "shop/web shop/db-0 pg/tcp\n");
+    assert!(!err.contains("monitoring"), "{err}");
 }

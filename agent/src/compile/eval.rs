@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use super::rules::addr_bytes;
 use super::{
+    explain::{self, Explanation},
     model::{ClusterState, NamedPort, Protocol},
     policy::{Compiled, NodeAddresses, PodKey},
     rules::{AllowRule, CidrSetIds, RuleError, RulesetEntries, compile_ruleset},
@@ -35,6 +36,8 @@ pub struct Evaluator {
     /// Each pod's workload name and node (`spec.nodeName`).
     pods: BTreeMap<PodKey, (String, Option<String>)>,
     named_ports: BTreeMap<PodKey, Vec<NamedPort>>,
+    /// What `compiled` came from: explanations read its policies and labels.
+    pub state: ClusterState,
 }
 
 const INGRESS_RULESET: u32 = 0;
@@ -75,6 +78,7 @@ impl Evaluator {
             nodes,
             pods,
             named_ports,
+            state: state.clone(),
         })
     }
 
@@ -172,6 +176,10 @@ impl Evaluator {
             allowed: true,
             policies: vec![],
         };
+        // A pod reaching itself is never enforced (upstream's AllowLoopback).
+        if src.pod.is_some() && src.pod == dst.pod {
+            return (open(), open());
+        }
         let egress = match &src.pod {
             Some(pod) => self
                 .decide(pod, DIR_EGRESS, dst.ip, proto, port)
@@ -208,6 +216,9 @@ impl Evaluator {
         };
         for b in &fport.backends {
             let Some(pod) = &b.pod else { continue };
+            if src.pod.as_ref() == Some(pod) {
+                continue;
+            }
             if let Some(d) = self.decide(pod, DIR_INGRESS, src.ip, proto, b.port) {
                 out.allowed &= d.allowed;
                 for p in d.policies {
@@ -220,17 +231,89 @@ impl Evaluator {
         out
     }
 
-    /// The pod of a `NAMESPACE/NAME` endpoint: the pod of that name, else the first pod of
-    /// the workload of that name.
-    fn pod_named(&self, ns: &str, name: &str) -> Option<PodKey> {
+    /// The pods of a `NAMESPACE/NAME` endpoint: the pod of that name, else every pod of the
+    /// workload of that name.
+    fn pods_named(&self, ns: &str, name: &str) -> Vec<PodKey> {
         let key = (ns.to_string(), name.to_string());
         if self.compiled.pods.contains_key(&key) {
-            return Some(key);
+            return vec![key];
         }
         self.pods
             .iter()
-            .find(|((pod_ns, _), (workload, _))| pod_ns == ns && workload == name)
+            .filter(|((pod_ns, _), (workload, _))| pod_ns == ns && workload == name)
             .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Why a flow `flow` denied is denied, side by side, and what would allow it. At a
+    /// Service address, the first backend a side denies stands for the Service (with its
+    /// target port). `protocol` is `None` for protocols without ports (ICMP).
+    pub fn explain(
+        &self,
+        src: &Endpoint,
+        dst: &Endpoint,
+        proto: u8,
+        protocol: Option<Protocol>,
+        port: u16,
+    ) -> Vec<Explanation> {
+        let pod_of = |key: &PodKey| self.state.pods.get(key);
+        let peer_of = |ep_pod: &Option<PodKey>, ip: IpAddr| match ep_pod.as_ref().and_then(pod_of) {
+            Some(p) => explain::Peer::Pod(p),
+            None => explain::Peer::Address(ip),
+        };
+        let frontend = match dst.pod {
+            Some(_) => None,
+            None => self
+                .compiled
+                .frontend_of_address(dst.ip)
+                .and_then(|f| f.port(proto, port)),
+        };
+        // The peers a side decides on, as (address, pod, port on the policy's side).
+        let targets: Vec<(IpAddr, Option<PodKey>, u16)> = match frontend {
+            Some(fport) => fport
+                .backends
+                .iter()
+                .filter(|b| b.pod.is_none() || b.pod != src.pod)
+                .map(|b| (b.ip, b.pod.clone(), b.port))
+                .collect(),
+            None => vec![(dst.ip, dst.pod.clone(), port)],
+        };
+        let mut out = Vec::new();
+        if let Some(pod) = src.pod.as_ref().and_then(pod_of) {
+            let key = (pod.namespace.clone(), pod.name.clone());
+            let denied = targets.iter().find_map(|(ip, target, port)| {
+                let d = self.decide(&key, DIR_EGRESS, *ip, proto, *port)?;
+                (!d.allowed).then(|| (d, peer_of(target, *ip), *port))
+            });
+            if let Some((d, peer, port)) = denied {
+                out.push(explain::explain(
+                    &self.state,
+                    pod,
+                    DIR_EGRESS,
+                    &d.policies,
+                    &peer,
+                    protocol,
+                    port,
+                ));
+            }
+        }
+        let denied = targets.iter().find_map(|(_, target, port)| {
+            let pod = target.as_ref().and_then(pod_of)?;
+            let d = self.decide(target.as_ref()?, DIR_INGRESS, src.ip, proto, *port)?;
+            (!d.allowed).then_some((pod, d, *port))
+        });
+        if let Some((pod, d, port)) = denied {
+            out.push(explain::explain(
+                &self.state,
+                pod,
+                DIR_INGRESS,
+                &d.policies,
+                &peer_of(&src.pod, src.ip),
+                protocol,
+                port,
+            ));
+        }
+        out
     }
 }
 
@@ -310,13 +393,20 @@ fn prefix_matches(a: &[u8; 16], b: &[u8; 16], bits: usize) -> bool {
     rest == 0 || (a[full] >> (8 - rest)) == (b[full] >> (8 - rest))
 }
 
-/// Parses `NAMESPACE/POD` or an IP address into an endpoint of the evaluator's cluster.
+/// Parses `NAMESPACE/POD` or an IP address into an endpoint of the evaluator's cluster; a
+/// workload (`NAMESPACE/WORKLOAD`) gives its first pod.
 pub fn endpoint(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Endpoint, String> {
+    Ok(endpoints(ev, spec, prefer_v6)?.remove(0))
+}
+
+/// Parses `NAMESPACE/POD`, `NAMESPACE/WORKLOAD` (every pod of it that has an address) or an
+/// IP address into the endpoints it stands for, never none.
+pub fn endpoints(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Vec<Endpoint>, String> {
     if let Ok(ip) = spec.parse::<IpAddr>() {
-        return Ok(Endpoint {
+        return Ok(vec![Endpoint {
             ip,
             pod: ev.compiled.pod_of_address(ip).cloned(),
-        });
+        }]);
     }
     if let Ok(net) = spec.parse::<IpNet>() {
         return Err(format!("{net}: give an address, not a prefix"));
@@ -324,21 +414,34 @@ pub fn endpoint(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Endpoint,
     let (ns, name) = spec.split_once('/').ok_or_else(|| {
         format!("{spec:?} is neither NAMESPACE/POD, NAMESPACE/WORKLOAD nor an IP address")
     })?;
-    let key = ev.pod_named(ns, name).ok_or_else(|| {
-        format!("{spec} is not in the cluster state (no pod or workload of that name)")
-    })?;
-    let ips: Vec<IpAddr> = ev
-        .compiled
-        .address_pods
-        .iter()
-        .filter(|(_, k)| **k == key)
-        .map(|(ip, _)| *ip)
-        .collect();
-    let ip = ips
-        .iter()
-        .find(|ip| ip.is_ipv6() == prefer_v6)
-        .or(ips.first())
-        .copied()
-        .ok_or_else(|| format!("pod {spec} has no IP address"))?;
-    Ok(Endpoint { ip, pod: Some(key) })
+    let keys = ev.pods_named(ns, name);
+    if keys.is_empty() {
+        return Err(format!(
+            "{spec} is not in the cluster state (no pod or workload of that name)"
+        ));
+    }
+    let mut out = Vec::new();
+    for key in keys {
+        let ips: Vec<IpAddr> = ev
+            .compiled
+            .address_pods
+            .iter()
+            .filter(|(_, k)| **k == key)
+            .map(|(ip, _)| *ip)
+            .collect();
+        if let Some(ip) = ips
+            .iter()
+            .find(|ip| ip.is_ipv6() == prefer_v6)
+            .or(ips.first())
+        {
+            out.push(Endpoint {
+                ip: *ip,
+                pod: Some(key),
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("{spec} has no pod with an IP address"));
+    }
+    Ok(out)
 }

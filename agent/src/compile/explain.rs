@@ -1,0 +1,456 @@
+//! Why a flow is denied, and the smallest change that would allow it: the side that denied
+//! it (the source's egress or the destination's ingress), the policies that isolate that
+//! side, and either labels to add to the peer's workload (so a rule that already exists
+//! selects it) or the rule to add to one of those policies.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use agent_common::{DIR_EGRESS, DIR_INGRESS};
+
+use super::model::{ClusterState, Labels, PeerSpec, PodInfo, Policy, PortRef, Protocol, Selector};
+
+/// Labels the controllers set per pod or per revision: never a peer's identity.
+const UNSTABLE_LABELS: &[&str] = &[
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "controller-uid",
+    "batch.kubernetes.io/job-completion-index",
+];
+
+/// Labels that name an application, tried first as a one-label selector.
+const NAME_LABELS: &[&str] = &["app.kubernetes.io/name", "app", "k8s-app", "name"];
+
+/// The other end of a denied flow, as the denying side sees it.
+#[derive(Clone, Debug)]
+pub enum Peer<'a> {
+    Pod(&'a PodInfo),
+    Address(IpAddr),
+}
+
+/// The smallest change that would allow a denied flow.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Fix {
+    /// Add labels to the peer's workload: an existing rule of `policy` then selects it.
+    Labels {
+        policy: String,
+        workload: String,
+        labels: BTreeMap<String, String>,
+    },
+    /// Add a rule (flow-style YAML, an item of `ingress` or `egress`) to `policy`.
+    Rule {
+        policy: String,
+        direction: &'static str,
+        rule: String,
+    },
+}
+
+/// One denied side of a flow.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Explanation {
+    /// `egress` (at the source) or `ingress` (at the destination).
+    pub side: &'static str,
+    /// `NAMESPACE/POD` whose policies denied it.
+    pub pod: String,
+    /// The policies that isolate that pod in that direction.
+    pub isolated_by: Vec<String>,
+    pub fix: Fix,
+}
+
+impl Explanation {
+    /// One sentence for people.
+    pub fn summary(&self) -> String {
+        let fix = match &self.fix {
+            Fix::Labels {
+                policy,
+                workload,
+                labels,
+            } => format!(
+                "add the label{} {} to {workload}, which a rule of {policy} then selects",
+                if labels.len() == 1 { "" } else { "s" },
+                labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Fix::Rule {
+                policy,
+                direction,
+                rule,
+            } => format!("add to {policy} the {direction} rule {rule}"),
+        };
+        format!(
+            "denied at the {} of {} (isolated by {}); to allow it, {fix}",
+            self.side,
+            self.pod,
+            self.isolated_by.join(", "),
+        )
+    }
+}
+
+/// Explains why `pod` denied a new flow in `direction` with `peer` on `port` (`protocol`
+/// `None`: a protocol without ports, such as ICMP). `isolated_by` are the policies
+/// isolating it in that direction (`NAMESPACE/NAME`).
+pub fn explain(
+    state: &ClusterState,
+    pod: &PodInfo,
+    direction: u8,
+    isolated_by: &[String],
+    peer: &Peer,
+    protocol: Option<Protocol>,
+    port: u16,
+) -> Explanation {
+    let policies: Vec<&Policy> = isolated_by
+        .iter()
+        .filter_map(|id| id.split_once('/'))
+        .filter_map(|(ns, name)| state.policies.get(&(ns.to_string(), name.to_string())))
+        .collect();
+    let side = if direction == DIR_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    };
+    let fix = match peer {
+        Peer::Pod(peer) => label_fix(state, pod, direction, &policies, peer, protocol, port),
+        Peer::Address(_) => None,
+    }
+    .unwrap_or_else(|| Fix::Rule {
+        policy: isolated_by.first().cloned().unwrap_or_default(),
+        direction: side,
+        rule: rule_for(state, pod, direction, peer, protocol, port),
+    });
+    Explanation {
+        side,
+        pod: format!("{}/{}", pod.namespace, pod.name),
+        isolated_by: isolated_by.to_vec(),
+        fix,
+    }
+}
+
+/// The fewest labels that, added to the peer's workload, make a rule of one of `policies`
+/// (with a port that fits the flow, and a namespace that takes the peer's in) select it.
+fn label_fix(
+    state: &ClusterState,
+    pod: &PodInfo,
+    direction: u8,
+    policies: &[&Policy],
+    peer: &PodInfo,
+    protocol: Option<Protocol>,
+    port: u16,
+) -> Option<Fix> {
+    let mut best: Option<(usize, Fix)> = None;
+    for policy in policies {
+        let rules = if direction == DIR_INGRESS {
+            &policy.ingress
+        } else {
+            &policy.egress
+        };
+        for rule in rules.iter().flatten() {
+            // Named ports are resolved on the destination: the pod itself at ingress.
+            let destination = if direction == DIR_INGRESS { pod } else { peer };
+            if !ports_fit(&rule.ports, destination, protocol, port) {
+                continue;
+            }
+            for spec in &rule.peers {
+                let PeerSpec::Pods {
+                    namespaces,
+                    pods: Some(selector),
+                } = spec
+                else {
+                    continue;
+                };
+                let namespace_fits = match namespaces {
+                    None => peer.namespace == policy.namespace,
+                    Some(sel) => sel.matches(&state.namespace_labels(&peer.namespace)),
+                };
+                let Some(missing) = missing_labels(selector, &peer.labels) else {
+                    continue;
+                };
+                if !namespace_fits || missing.is_empty() {
+                    continue;
+                }
+                if best.as_ref().is_none_or(|(n, _)| missing.len() < *n) {
+                    let fix = Fix::Labels {
+                        policy: format!("{}/{}", policy.namespace, policy.name),
+                        workload: format!("{}/{}", peer.namespace, peer.workload),
+                        labels: missing.clone(),
+                    };
+                    best = Some((missing.len(), fix));
+                }
+            }
+        }
+    }
+    best.map(|(_, fix)| fix)
+}
+
+/// The matchLabels a pod lacks for `selector`; `None` when adding labels cannot make it
+/// match (an expression, or a label the pod has with another value: changing it could
+/// move the pod out of other policies).
+fn missing_labels(selector: &Selector, labels: &Labels) -> Option<BTreeMap<String, String>> {
+    if !selector.expressions.is_empty() {
+        return None;
+    }
+    let mut missing = BTreeMap::new();
+    for (k, v) in &selector.match_labels {
+        match labels.get(k) {
+            Some(have) if have == v => {}
+            Some(_) => return None,
+            None => {
+                missing.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Some(missing)
+}
+
+/// Whether a rule's ports take in the flow (`protocol` `None`: no ports, only a rule
+/// without ports does).
+fn ports_fit(
+    ports: &[super::model::PortSpec],
+    destination: &PodInfo,
+    protocol: Option<Protocol>,
+    port: u16,
+) -> bool {
+    if ports.is_empty() {
+        return true;
+    }
+    let Some(protocol) = protocol else {
+        return false;
+    };
+    ports.iter().any(|p| {
+        p.protocol == protocol
+            && match &p.port {
+                PortRef::Any => true,
+                PortRef::Range(first, last) => (*first..=*last).contains(&port),
+                PortRef::Named(name) => destination.named_port(name, protocol) == Some(port),
+            }
+    })
+}
+
+/// The rule to add: the peer by its workload's stable labels (and its namespace by name when
+/// it is another), or its address; the flow's port.
+fn rule_for(
+    state: &ClusterState,
+    pod: &PodInfo,
+    direction: u8,
+    peer: &Peer,
+    protocol: Option<Protocol>,
+    port: u16,
+) -> String {
+    let peer_yaml = match peer {
+        Peer::Pod(peer) => {
+            let pods = format!(
+                "podSelector: {{matchLabels: {}}}",
+                flow_map(&stable_selector(state, peer))
+            );
+            if peer.namespace == pod.namespace {
+                format!("{{{pods}}}")
+            } else {
+                format!(
+                    "{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, {pods}}}",
+                    peer.namespace
+                )
+            }
+        }
+        Peer::Address(ip) => {
+            let bits = if ip.is_ipv4() { 32 } else { 128 };
+            format!("{{ipBlock: {{cidr: {ip}/{bits}}}}}")
+        }
+    };
+    let key = if direction == DIR_EGRESS {
+        "to"
+    } else {
+        "from"
+    };
+    match protocol {
+        Some(protocol) => format!(
+            "{{{key}: [{peer_yaml}], ports: [{{protocol: {}, port: {port}}}]}}",
+            protocol.as_str()
+        ),
+        // ICMP and other protocols without ports: only a rule without ports allows them.
+        None => format!("{{{key}: [{peer_yaml}]}}"),
+    }
+}
+
+fn flow_map(labels: &BTreeMap<String, String>) -> String {
+    let items: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("{{{}}}", items.join(", "))
+}
+
+/// The labels that select a pod's workload: one naming label when it selects exactly the
+/// workload's pods in their namespace, else every label but those controllers set per pod or
+/// revision (`pod-template-hash` and the like).
+pub fn stable_selector(state: &ClusterState, pod: &PodInfo) -> BTreeMap<String, String> {
+    let stable: BTreeMap<String, String> = pod
+        .labels
+        .iter()
+        .filter(|(k, _)| !UNSTABLE_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let namespace_pods = || {
+        state
+            .pods
+            .range((pod.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == pod.namespace)
+            .map(|(_, p)| p)
+    };
+    for key in NAME_LABELS {
+        let Some(value) = stable.get(*key) else {
+            continue;
+        };
+        let selects_only_the_workload = namespace_pods()
+            .filter(|p| p.labels.get(key) == Some(value))
+            .all(|p| p.workload == pod.workload);
+        if selects_only_the_workload {
+            return BTreeMap::from([(key.to_string(), value.clone())]);
+        }
+    }
+    stable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::{files::parse_file, store::Store};
+
+    fn state(yaml: &str) -> ClusterState {
+        let mut store = Store::default();
+        for object in parse_file(yaml, std::path::Path::new("t.yaml")).expect("YAML") {
+            let (key, object) = object.expect("valid object");
+            store.insert(key, object);
+        }
+        store.into_state()
+    }
+
+    const CLUSTER: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: web-7d9f-abc, namespace: shop, labels: {app: web, pod-template-hash: 7d9f}}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db, tier: data}}
+spec: {containers: [{name: db, ports: [{name: pg, containerPort: 5432}]}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-in, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: db-client}}}]
+    ports: [{port: pg}]
+";
+
+    #[test]
+    fn a_missing_label_is_the_smallest_fix_when_a_rule_already_fits() {
+        let state = state(CLUSTER);
+        let db = &state.pods[&("shop".into(), "db-0".into())];
+        let web = &state.pods[&("shop".into(), "web-7d9f-abc".into())];
+        let e = explain(
+            &state,
+            db,
+            DIR_INGRESS,
+            &["shop/db-in".into()],
+            &Peer::Pod(web),
+            Some(Protocol::Tcp),
+            5432,
+        );
+        assert_eq!(e.side, "ingress");
+        assert_eq!(e.pod, "shop/db-0");
+        assert_eq!(
+            e.fix,
+            Fix::Labels {
+                policy: "shop/db-in".into(),
+                workload: format!("shop/{}", web.workload),
+                labels: BTreeMap::from([("role".into(), "db-client".into())]),
+            }
+        );
+        assert!(e.summary().contains("role=db-client"), "{}", e.summary());
+    }
+
+    #[test]
+    fn a_port_no_rule_takes_in_gets_a_rule_selecting_the_peer_by_stable_labels() {
+        let state = state(CLUSTER);
+        let db = &state.pods[&("shop".into(), "db-0".into())];
+        let web = &state.pods[&("shop".into(), "web-7d9f-abc".into())];
+        let e = explain(
+            &state,
+            db,
+            DIR_INGRESS,
+            &["shop/db-in".into()],
+            &Peer::Pod(web),
+            Some(Protocol::Tcp),
+            8080,
+        );
+        assert_eq!(
+            e.fix,
+            Fix::Rule {
+                policy: "shop/db-in".into(),
+                direction: "ingress",
+                rule: "{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{protocol: TCP, port: 8080}]}".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn an_address_outside_the_cluster_gets_an_ip_block_and_icmp_a_rule_without_ports() {
+        let state = state(CLUSTER);
+        let web = &state.pods[&("shop".into(), "web-7d9f-abc".into())];
+        let peer = Peer::Address("203.0.113.7".parse().unwrap());
+        let e = explain(&state, web, DIR_EGRESS, &["shop/x".into()], &peer, None, 0);
+        assert_eq!(e.side, "egress");
+        assert_eq!(
+            e.fix,
+            Fix::Rule {
+                policy: "shop/x".into(),
+                direction: "egress",
+                rule: "{to: [{ipBlock: {cidr: 203.0.113.7/32}}]}".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_peer_in_another_namespace_is_named_by_its_namespace_and_all_its_stable_labels() {
+        let yaml = format!(
+            "{CLUSTER}---
+apiVersion: v1
+kind: Pod
+metadata: {{name: job-x, namespace: ops, labels: {{app: report, team: fin, controller-uid: u1}}}}
+status: {{podIP: 10.0.1.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: other, namespace: ops, labels: {{app: report}}}}
+status: {{podIP: 10.0.1.2}}
+"
+        );
+        let state = state(&yaml);
+        let db = &state.pods[&("shop".into(), "db-0".into())];
+        let job = &state.pods[&("ops".into(), "job-x".into())];
+        let e = explain(
+            &state,
+            db,
+            DIR_INGRESS,
+            &["shop/db-in".into()],
+            &Peer::Pod(job),
+            Some(Protocol::Udp),
+            53,
+        );
+        // `app: report` also selects another workload: every stable label, not the uid.
+        let Fix::Rule { rule, .. } = &e.fix else {
+            panic!("{:?}", e.fix)
+        };
+        assert_eq!(
+            rule,
+            "{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ops}}, podSelector: {matchLabels: {app: report, team: fin}}}], ports: [{protocol: UDP, port: 53}]}"
+        );
+    }
+}
