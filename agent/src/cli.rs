@@ -258,6 +258,12 @@ pub enum ModeAction {
         /// Event).
         #[arg(long)]
         reason: Option<String>,
+        /// Refuse to flip to drop unless every workload TARGET matches on this node has
+        /// been observed for at least DURATION (e.g. 7d, 12h) with no would-drop within it;
+        /// a refusal names what is missing and the latest would-drop flows with the change
+        /// that would allow each, and changes nothing. A flip to log is never refused.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        if_quiet: Option<std::time::Duration>,
     },
     /// Remove the override of TARGET (as given to `set`); the next override in precedence,
     /// the annotations and --default-mode apply again.
@@ -331,6 +337,11 @@ pub fn main() -> ExitCode {
 pub enum Output {
     Text,
     Json,
+}
+
+/// A duration as people write it: `90s`, `12h`, `7d`, `1h 30m`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30m, 12h, 7d)"))
 }
 
 /// Output formats of `check`.
@@ -870,15 +881,25 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
         );
     }
     println!(
-        "{:<36} {:<7} {:<9} {:<5} {:>20} {:>20} {:>15}",
+        "{:<36} {:<7} {:<9} {:<5} {:>20} {:>20} {:>15} {:>10} {:>9}",
         "NAMESPACE/POD",
         "ATTACH",
         "ISOLATED",
         "MODE",
         "IN allow/would/drop",
         "OUT allow/would/drop",
-        "LAST WOULD-DROP"
+        "LAST WOULD-DROP",
+        "WOULD 24H",
+        "OBSERVED"
     );
+    let ago = |secs: u64| {
+        humantime::format_duration(std::time::Duration::from_secs(secs))
+            .to_string()
+            .split(' ')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     for w in &status.workloads {
         let iso = match (w.isolated_ingress, w.isolated_egress) {
             (true, true) => "in,out",
@@ -887,11 +908,11 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
             (false, false) => "-",
         };
         let last = match w.seconds_since_would_drop {
-            Some(s) => format!("{}s ago", s),
+            Some(s) => format!("{} ago", ago(s)),
             None => "never".into(),
         };
         println!(
-            "{:<36} {:<7} {:<9} {:<5} {:>20} {:>20} {:>15}",
+            "{:<36} {:<7} {:<9} {:<5} {:>20} {:>20} {:>15} {:>10} {:>9}",
             format!("{}/{}", w.namespace, w.pod),
             w.attach,
             iso,
@@ -904,20 +925,23 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
                 "{}/{}/{}",
                 w.egress.allowed, w.egress.would_drop, w.egress.dropped
             ),
-            last
+            last,
+            w.would_drop_last_day,
+            w.observed_seconds.map_or("-".into(), ago)
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode> {
-    let (target, mode, reason) = match action {
+    let (target, mode, reason, if_quiet) = match action {
         ModeAction::Set {
             target,
             mode,
             reason,
-        } => (target, Some(mode), reason),
-        ModeAction::Clear { target } => (target, None, None),
+            if_quiet,
+        } => (target, Some(mode), reason, if_quiet),
+        ModeAction::Clear { target } => (target, None, None, None),
     };
     if let Err(e) = admin::Target::parse(&target) {
         eprintln!("tollgate: {e}");
@@ -929,7 +953,16 @@ fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode
         (None, Some(r)) => Some(format!("({r})")),
         (user, None) => user,
     };
-    let reply = admin::request(socket, &Request::Mode { target, mode, who })?;
+    let if_quiet = if_quiet.map(|d| d.as_secs());
+    let reply = admin::request(
+        socket,
+        &Request::Mode {
+            target,
+            mode,
+            who,
+            if_quiet,
+        },
+    )?;
     let Response::Mode(change) = expect_response(reply)? else {
         anyhow::bail!("unexpected reply");
     };
@@ -968,6 +1001,18 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
         eprintln!("tollgate: {e}");
         return Ok(ExitCode::from(2));
     }
+    if let ModeAction::Set {
+        if_quiet: Some(_), ..
+    } = &action
+    {
+        eprintln!(
+            "tollgate: --if-quiet with --kubernetes would need every node's record, which this \
+             version cannot gather; run `tollgate mode set TARGET drop --if-quiet DURATION` \
+             against each node's agent, or watch \
+             tollgate_workload_last_would_drop_timestamp_seconds in Prometheus"
+        );
+        return Ok(ExitCode::from(2));
+    }
     let who = std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))
         .unwrap_or_else(|_| "unknown".into());
@@ -983,6 +1028,7 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
                 target,
                 mode,
                 reason,
+                ..
             } => {
                 let written = crd::set_override(&client, &target, mode, reason, &who).await?;
                 println!(

@@ -47,6 +47,12 @@ pub enum Command {
         who: String,
         reply: oneshot::Sender<Result<ModeChange, String>>,
     },
+    /// Why each denied flow record was denied, and what would allow it (one sentence each,
+    /// `None` where the workload or policies are gone).
+    Explain {
+        flows: Vec<crate::flowlog::FlowRecord>,
+        reply: oneshot::Sender<Vec<Option<String>>>,
+    },
     /// The source has news: sync soon (within `WAKE_DELAY`), not at the next poll.
     Wake,
     /// Stops the controller; with `detach`, takes every program off and removes the pins.
@@ -268,6 +274,9 @@ impl Controller {
                     self.publish();
                     let _ = reply.send(result);
                 }
+                Ok(Command::Explain { flows, reply }) => {
+                    let _ = reply.send(flows.iter().map(|f| self.explain(f)).collect());
+                }
                 Ok(Command::Shutdown { detach, reply }) => {
                     let _ = reply.send(self.shutdown(detach));
                     return;
@@ -462,6 +471,53 @@ impl Controller {
         if let Err(e) = admin::audit(&self.options.state_dir.join("audit.log"), record) {
             warn!(error = %e, "could not write the audit log");
         }
+    }
+
+    /// Explains a denied flow record at the workload of this node that denied it, with the
+    /// cluster state and compile in force (a flow to a Service address: at its first backend).
+    fn explain(&self, record: &crate::flowlog::FlowRecord) -> Option<String> {
+        use crate::compile::{
+            explain::{Peer, explain},
+            model::Protocol,
+        };
+        let state = self.source.state();
+        let compiled = self.rec.compiled();
+        let ingress = record.direction == "ingress";
+        let local = if ingress { &record.dst } else { &record.src }.as_ref()?;
+        let key = (local.namespace.clone(), local.pod.clone());
+        let pod = state.pods.get(&key)?;
+        let policy = compiled.pods.get(&key)?;
+        let (direction, isolated_by) = if ingress {
+            (agent_common::DIR_INGRESS, &policy.ingress_policies)
+        } else {
+            (agent_common::DIR_EGRESS, &policy.egress_policies)
+        };
+        let peer_ip: std::net::IpAddr = if ingress {
+            &record.src_ip
+        } else {
+            &record.dst_ip
+        }
+        .parse()
+        .ok()?;
+        let protocol = Protocol::parse(&record.protocol.to_ascii_uppercase());
+        let mut port = record.dst_port;
+        let mut peer_pod = compiled
+            .pod_of_address(peer_ip)
+            .and_then(|k| state.pods.get(k));
+        if !ingress
+            && let Some(backend) = compiled
+                .frontend_of_address(peer_ip)
+                .and_then(|f| f.port(protocol.map_or(0, Protocol::number), port))
+                .and_then(|p| p.backends.first())
+        {
+            port = backend.port;
+            peer_pod = backend.pod.as_ref().and_then(|k| state.pods.get(k));
+        }
+        let peer = match peer_pod {
+            Some(p) => Peer::Pod(p),
+            None => Peer::Address(peer_ip),
+        };
+        Some(explain(state, pod, direction, isolated_by, &peer, protocol, port).summary())
     }
 
     fn set_mode(

@@ -537,11 +537,49 @@ async fn handle(shared: &Arc<Shared>, req: Request, pid: i32) -> Response {
                 }
             })
             .await;
-            answer.unwrap_or_else(|e| Response::Error {
-                message: format!("reading the counters failed: {e}"),
-            })
+            match answer {
+                Ok(Response::Flows(mut flows)) => {
+                    explain_records(shared, &mut flows.recent_denied).await;
+                    Response::Flows(flows)
+                }
+                Ok(other) => other,
+                Err(e) => Response::Error {
+                    message: format!("reading the counters failed: {e}"),
+                },
+            }
         }
-        Request::Mode { target, mode, who } => {
+        Request::Mode {
+            target,
+            mode,
+            who,
+            if_quiet,
+        } => {
+            if let (Some(window), Some(Mode::Drop)) = (if_quiet, mode) {
+                let parsed = match admin::Target::parse(&target) {
+                    Ok(t) => t,
+                    Err(message) => return Response::Error { message },
+                };
+                let s = shared.clone();
+                let checked = tokio::task::spawn_blocking(move || {
+                    let view = s.view();
+                    let mut observer = s.observer.lock().expect("observer");
+                    observer.quiet(&view, &s.log, &parsed, window)
+                })
+                .await;
+                match checked {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(not_quiet)) => {
+                        return Response::Error {
+                            message: refusal(shared, &target, window, not_quiet).await,
+                        };
+                    }
+                    Err(e) => {
+                        return Response::Error {
+                            message: format!("reading the counters failed: {e}"),
+                        };
+                    }
+                }
+            }
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let who = format!(
                 "{}uid=0 pid={pid} ({})",
@@ -563,6 +601,78 @@ async fn handle(shared: &Arc<Shared>, req: Request, pid: i32) -> Response {
             }
         }
     }
+}
+
+/// Adds an `explanation` to each denied flow record (JSON objects) the controller can
+/// explain.
+async fn explain_records(shared: &Arc<Shared>, records: &mut [serde_json::Value]) {
+    let flows: Vec<crate::flowlog::FlowRecord> = records
+        .iter()
+        .filter_map(|r| serde_json::from_value(r.clone()).ok())
+        .collect();
+    if flows.len() != records.len() {
+        return;
+    }
+    let Ok(explained) = shared
+        .command(|reply| Command::Explain { flows, reply })
+        .await
+    else {
+        return;
+    };
+    for (record, explanation) in records.iter_mut().zip(explained) {
+        if let (Some(object), Some(text)) = (record.as_object_mut(), explanation) {
+            object.insert("explanation".into(), text.into());
+        }
+    }
+}
+
+/// Why `mode set TARGET drop --if-quiet` was refused: what each workload lacks, and its
+/// latest would-drop flows with the change that would allow each.
+async fn refusal(
+    shared: &Arc<Shared>,
+    target: &str,
+    window: u64,
+    not_quiet: crate::flows::NotQuiet,
+) -> String {
+    let window_text = humantime::format_duration(Duration::from_secs(window)).to_string();
+    let mut out = format!(
+        "refused: {target} is not safe to flip to drop (--if-quiet {window_text}); nothing changed"
+    );
+    for reason in &not_quiet.reasons {
+        out.push_str(&format!("\n  {reason}"));
+    }
+    let flows = not_quiet.flows;
+    let explained = shared
+        .command(|reply| Command::Explain {
+            flows: flows.clone(),
+            reply,
+        })
+        .await
+        .unwrap_or_default();
+    if !flows.is_empty() {
+        out.push_str(&format!(
+            "\n  would-drop flows within {window_text} (latest last):"
+        ));
+    }
+    for (i, f) in flows.iter().enumerate() {
+        let name = |e: &Option<crate::flowlog::Endpoint>, ip: &str| match e {
+            Some(e) => format!("{}/{}", e.namespace, e.pod),
+            None => ip.to_string(),
+        };
+        out.push_str(&format!(
+            "\n    {} {} {} -> {} {}/{}",
+            f.time,
+            f.direction,
+            name(&f.src, &f.src_ip),
+            name(&f.dst, &f.dst_ip),
+            f.dst_port,
+            f.protocol
+        ));
+        if let Some(Some(why)) = explained.get(i) {
+            out.push_str(&format!("\n      {why}"));
+        }
+    }
+    out
 }
 
 async fn flow_log(

@@ -932,3 +932,124 @@ fn a_workload_whose_interface_appears_later_is_attached_when_it_does() {
         Some(1.0)
     );
 }
+
+/// `mode set TARGET drop --if-quiet DURATION` refuses a workload observed for less than
+/// DURATION or with a would-drop within it, naming the flows and what would allow them, and
+/// changes nothing; a flip to log is never refused; the record survives a restart.
+#[test]
+fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
+    let bank = bank("if-quiet");
+    let mut agent = bank.start(&[]);
+    let ledger = format!("bank/{LEDGER_POD}");
+    let mode_of = |agent: &Agent| agent.workload(LEDGER_POD).expect("ledger")["mode"].clone();
+    let refused = |agent: &Agent, window: &str| {
+        let out = agent.cli(&["mode", "set", "bank/ledger", "drop", "--if-quiet", window]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "refused: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    };
+
+    // Just attached: not observed long enough, whatever the traffic.
+    let err = refused(&agent, "1h");
+    assert!(err.contains("bank/ledger: observed for"), "{err}");
+    assert!(err.contains("less than 1h"), "{err}");
+    assert!(err.contains("nothing changed"), "{err}");
+    assert_eq!(mode_of(&agent), "log");
+
+    // A would-drop (frontend is not allowed in): refused within a window that holds it,
+    // with the flow and the rule that would allow it.
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            4,
+            64,
+            PATIENT
+        )
+        .echoed,
+        4,
+        "log mode lets it pass"
+    );
+    bank.lab.settle();
+    let w = wait_for(Duration::from_secs(10), "the would-drop noted", || {
+        let w = agent.workload(LEDGER_POD)?;
+        w["seconds_since_would_drop"].as_u64().map(|_| w)
+    });
+    assert_eq!(
+        w["would_drop_last_hour"], 8,
+        "4 datagrams and their 4 echoes: {w}"
+    );
+    assert_eq!(w["would_drop_last_day"], 8);
+    assert!(w["observed_seconds"].as_u64().is_some(), "{w}");
+    let err = refused(&agent, "3s");
+    assert!(
+        err.contains("bank/ledger: 8 would-drop packet(s) within 3s"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("ingress bank/frontend-0 -> {ledger} 8080/udp")),
+        "{err}"
+    );
+    assert!(
+        err.contains("add to bank/ledger-ingress the ingress rule {from: [{podSelector: {matchLabels: {app: frontend}}}], ports: [{protocol: UDP, port: 8080}]}"),
+        "{err}"
+    );
+    assert_eq!(mode_of(&agent), "log", "a refusal changes nothing");
+    // Rolling back to log is never refused.
+    let out = agent.cli(&["mode", "set", "bank/ledger", "log", "--if-quiet", "30d"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `flows` explains its would-drops too.
+    let out = agent.cli(&["flows", "--once", "-o", "json"]);
+    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flows json");
+    let denied = flows["recent_denied"].as_array().expect("recent_denied");
+    assert!(
+        denied.iter().any(|r| r["explanation"]
+            .as_str()
+            .is_some_and(|e| e.contains("denied at the ingress of bank/ledger"))),
+        "{flows}"
+    );
+
+    // Quiet for longer than the window, observed for longer: the flip goes through.
+    std::thread::sleep(Duration::from_secs(4));
+    let out = agent.cli(&["mode", "set", "bank/ledger", "drop", "--if-quiet", "3s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode_of(&agent), "drop");
+
+    // The record is the workload's and outlives the agent.
+    let observed = agent.workload(LEDGER_POD).unwrap()["observed_seconds"]
+        .as_u64()
+        .unwrap();
+    agent.stop();
+    agent.restart();
+    let w = wait_for(Duration::from_secs(10), "the ledger back", || {
+        agent.workload(LEDGER_POD)
+    });
+    assert!(w["observed_seconds"].as_u64().unwrap() >= observed, "{w}");
+    assert!(w["seconds_since_would_drop"].as_u64().unwrap() >= 4, "{w}");
+    assert_eq!(w["would_drop_last_hour"], 8, "{w}");
+    let m = agent.metrics_text();
+    let since = sample(
+        &m,
+        "tollgate_workload_observed_since_timestamp_seconds",
+        &[("pod", LEDGER_POD)],
+    )
+    .expect("observed-since gauge");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(now - since >= observed as f64, "{since} {now} {observed}");
+}

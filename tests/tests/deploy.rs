@@ -41,6 +41,7 @@ const METRICS_TODAY: &[&str] = &[
     "tollgate_workload_mode",
     "tollgate_workload_isolated",
     "tollgate_workload_last_would_drop_timestamp_seconds",
+    "tollgate_workload_observed_since_timestamp_seconds",
     "tollgate_flow_log_events_total",
     "tollgate_policy_errors_total",
     "tollgate_policy_sync_seconds_bucket",
@@ -70,6 +71,7 @@ const METRICS_BY_NAMESPACE: &[&str] = &[
     "tollgate_workload_mode",
     "tollgate_workload_isolated",
     "tollgate_workload_last_would_drop_timestamp_seconds",
+    "tollgate_workload_observed_since_timestamp_seconds",
     "tollgate_workload_degraded",
     "tollgate_spoofed_packets_total",
 ];
@@ -1209,6 +1211,8 @@ fn every_alert_fires_in_a_test_case_and_stays_silent_in_another() {
         "TollgateMapNearCapacity",
         "TollgateFlowLogEventsLost",
         "TollgateBreakGlassOverride",
+        "TollgateDropsAfterFlip",
+        "TollgateQuietLongEnoughToFlip",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -27,6 +27,10 @@ pub enum Request {
     Mode {
         target: String,
         mode: Option<Mode>,
+        /// Seconds: refuse a flip to drop unless every workload the target matches here was
+        /// observed that long without a would-drop (`mode set --if-quiet`).
+        #[serde(default)]
+        if_quiet: Option<u64>,
         /// Who asked, as the client knows it (e.g. `$SUDO_USER`); the agent adds the peer's
         /// uid and pid from the socket.
         who: Option<String>,
@@ -76,8 +80,18 @@ pub struct WorkloadStatus {
     pub mode_source: String,
     pub ingress: DirectionCounters,
     pub egress: DirectionCounters,
-    /// Seconds since the last would-drop, if any was seen.
+    /// Seconds since the last would-drop of its workload (any of its pods, across
+    /// rollouts and agent restarts), if any was seen.
     pub seconds_since_would_drop: Option<u64>,
+    /// Seconds its workload has been observed on this node (how long the quiet above has
+    /// had to prove itself: two hours have not seen the nightly batch job).
+    #[serde(default)]
+    pub observed_seconds: Option<u64>,
+    /// Would-drop packets of its workload in the last hour and the last day.
+    #[serde(default)]
+    pub would_drop_last_hour: u64,
+    #[serde(default)]
+    pub would_drop_last_day: u64,
     /// Packets it sent from addresses that are not its own.
     #[serde(default)]
     pub spoofed: u64,

@@ -48,6 +48,51 @@ struct Persisted {
     series_buckets: Vec<(u32, [u32; 7], u64)>,
     /// Unix seconds of the last would-drop, by NAMESPACE/POD.
     last_would_drop: BTreeMap<String, u64>,
+    /// What was seen of each workload, by NAMESPACE/WORKLOAD.
+    #[serde(default)]
+    workloads: BTreeMap<String, WorkloadRecord>,
+    /// Would-drops each pod (NAMESPACE/POD) had counted at the last poll: a restarted agent
+    /// adds only what came after.
+    #[serde(default)]
+    pod_would_drops: BTreeMap<String, u64>,
+}
+
+/// How long a workload gone from this node keeps its record, and how far back would-drops
+/// are kept hour by hour.
+pub const RECORD_RETENTION_SECS: u64 = 35 * 86_400;
+
+/// What the observer saw of one workload: its pods come and go with rollouts, its record
+/// stays. Safe-to-flip questions are answered from it (`quiet`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct WorkloadRecord {
+    /// Unix seconds when a pod of it was first seen attached here.
+    observed_since: u64,
+    /// Unix seconds of the last poll that saw a pod of it.
+    last_seen: u64,
+    last_would_drop: Option<u64>,
+    /// (unix hour, would-drops counted in it), oldest first; only hours that had any.
+    hourly: VecDeque<(u64, u64)>,
+}
+
+impl WorkloadRecord {
+    /// Would-drops counted in the hours that overlap the last `secs` seconds.
+    fn would_drops_within(&self, now: u64, secs: u64) -> u64 {
+        let from = now.saturating_sub(secs) / 3600;
+        self.hourly
+            .iter()
+            .filter(|(hour, _)| *hour >= from)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Why a workload is not yet safe to flip to drop (`Observer::quiet`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NotQuiet {
+    /// One line per workload: what it lacks.
+    pub reasons: Vec<String>,
+    /// Its latest would-drop flows within the window (flow log records, newest last).
+    pub flows: Vec<FlowRecord>,
 }
 
 const SERIES_LABELS: [&str; 8] = [
@@ -74,6 +119,11 @@ fn key_array(k: &FlowCounterKey) -> [u32; 7] {
         k.verdict as u32,
         k.origin as u32,
     ]
+}
+
+/// A duration as people read it: `2h 5m`, `40s`.
+fn human(secs: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
 fn unix_now() -> u64 {
@@ -205,8 +255,6 @@ pub struct Observer {
     buckets: HashMap<u32, SeriesBucket>,
     /// The bucket of each peer pair in `buckets`.
     bucket_of: HashMap<FlowCounterKey, u32>,
-    /// Would-drops per workload (`NAMESPACE/POD`) at the last poll.
-    would_drops: HashMap<String, u64>,
     /// Map occupancy, counted in the background (`count_occupancy`).
     pub occupancy: Occupancy,
 }
@@ -266,7 +314,6 @@ impl Observer {
             series: persisted.flow_series.iter().cloned().collect(),
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
             persisted,
-            would_drops: HashMap::new(),
             occupancy: Occupancy::default(),
         };
         (observer, policy_errors)
@@ -425,8 +472,14 @@ impl Observer {
                 None => self.persisted.flow_overflow += delta,
             }
         }
-        // Would-drops per workload, for `status` and the last-would-drop gauge.
+        // Would-drops per pod and workload, for `status`, the safe-to-flip check and the
+        // last-would-drop gauge.
+        // Before the first reconcile the view is empty: nothing to learn, nothing to forget.
+        if !view.ready {
+            return;
+        }
         let now = unix_now();
+        let mut attached = std::collections::BTreeSet::new();
         for w in &view.workloads {
             let Ok(c) = self.readers.counters(w.slot) else {
                 continue;
@@ -434,13 +487,152 @@ impl Observer {
             let id = format!("{}/{}", w.namespace, w.pod);
             let would = c[0][VERDICT_WOULD_DROP as usize].packets
                 + c[1][VERDICT_WOULD_DROP as usize].packets;
-            let before = self.would_drops.insert(id.clone(), would);
-            let first_seen =
-                before.is_none() && would > 0 && !self.persisted.last_would_drop.contains_key(&id);
-            if before.is_some_and(|b| would > b) || first_seen {
-                self.persisted.last_would_drop.insert(id, now);
+            // A pod not seen before counts what it has (its counters start with its slot),
+            // unless an agent before this one noted its last would-drop already.
+            let new = match self.persisted.pod_would_drops.insert(id.clone(), would) {
+                Some(before) if would >= before => would - before,
+                None if self.persisted.last_would_drop.contains_key(&id) => 0,
+                _ => would,
+            };
+            let record = self
+                .persisted
+                .workloads
+                .entry(format!("{}/{}", w.namespace, w.workload))
+                .or_insert_with(|| WorkloadRecord {
+                    observed_since: now,
+                    ..WorkloadRecord::default()
+                });
+            record.last_seen = now;
+            if new > 0 {
+                record.last_would_drop = Some(now);
+                match record.hourly.back_mut() {
+                    Some((hour, n)) if *hour == now / 3600 => *n += new,
+                    _ => record.hourly.push_back((now / 3600, new)),
+                }
+                self.persisted.last_would_drop.insert(id.clone(), now);
+            }
+            attached.insert(id);
+        }
+        self.persisted
+            .pod_would_drops
+            .retain(|id, _| attached.contains(id));
+        let oldest = now.saturating_sub(RECORD_RETENTION_SECS);
+        self.persisted
+            .workloads
+            .retain(|_, r| r.last_seen >= oldest);
+        for r in self.persisted.workloads.values_mut() {
+            while r
+                .hourly
+                .front()
+                .is_some_and(|(hour, _)| hour * 3600 < oldest)
+            {
+                r.hourly.pop_front();
             }
         }
+        self.persisted
+            .last_would_drop
+            .retain(|id, t| attached.contains(id) || *t >= oldest);
+    }
+
+    /// The record of a pod's workload.
+    fn record(&self, namespace: &str, workload: &str) -> Option<&WorkloadRecord> {
+        self.persisted
+            .workloads
+            .get(&format!("{namespace}/{workload}"))
+    }
+
+    /// Whether the workloads `target` matches on this node are safe to flip to drop: each
+    /// observed for at least `window` seconds, none with a would-drop within it. `Ok` names
+    /// the workloads checked.
+    pub fn quiet(
+        &mut self,
+        view: &View,
+        log: &FlowLogStats,
+        target: &admin::Target,
+        window: u64,
+    ) -> Result<Vec<String>, NotQuiet> {
+        self.poll(view);
+        let now = unix_now();
+        let matched: Vec<&crate::controller::WorkloadView> = view
+            .workloads
+            .iter()
+            .filter(|w| match target {
+                admin::Target::All => true,
+                admin::Target::Namespace(ns) => *ns == w.namespace,
+                admin::Target::Named(ns, name) => {
+                    *ns == w.namespace && (*name == w.pod || *name == w.workload)
+                }
+            })
+            .collect();
+        let mut refusal = NotQuiet::default();
+        if matched.is_empty() {
+            refusal.reasons.push(format!(
+                "no workload on this node matches {target}: nothing has been observed"
+            ));
+            return Err(refusal);
+        }
+        let mut workloads: Vec<(String, String)> = matched
+            .iter()
+            .map(|w| (w.namespace.clone(), w.workload.clone()))
+            .collect();
+        workloads.dedup();
+        let pods: std::collections::BTreeSet<(&str, &str)> = matched
+            .iter()
+            .map(|w| (w.namespace.as_str(), w.pod.as_str()))
+            .collect();
+        for (ns, workload) in &workloads {
+            let Some(r) = self.record(ns, workload) else {
+                continue;
+            };
+            let observed = now.saturating_sub(r.observed_since);
+            if observed < window {
+                refusal.reasons.push(format!(
+                    "{ns}/{workload}: observed for {} only, less than {}",
+                    human(observed),
+                    human(window)
+                ));
+            }
+            if let Some(last) = r
+                .last_would_drop
+                .filter(|t| now.saturating_sub(*t) < window)
+            {
+                refusal.reasons.push(format!(
+                    "{ns}/{workload}: {} would-drop packet(s) within {}, the last {} ago",
+                    r.would_drops_within(now, window).max(1),
+                    human(window),
+                    human(now.saturating_sub(last))
+                ));
+            }
+        }
+        if refusal.reasons.is_empty() {
+            return Ok(workloads
+                .into_iter()
+                .map(|(ns, w)| format!("{ns}/{w}"))
+                .collect());
+        }
+        let since = SystemTime::now() - std::time::Duration::from_secs(window);
+        let ours = |e: &Option<crate::flowlog::Endpoint>| {
+            e.as_ref()
+                .is_some_and(|e| pods.contains(&(e.namespace.as_str(), e.pod.as_str())))
+        };
+        refusal.flows = log
+            .recent
+            .lock()
+            .expect("recent")
+            .iter()
+            .filter(|r| r.verdict == "would_drop")
+            .filter(|r| {
+                let mine = if r.direction == "egress" {
+                    &r.src
+                } else {
+                    &r.dst
+                };
+                ours(mine)
+            })
+            .filter(|r| humantime::parse_rfc3339(&r.time).is_ok_and(|t| t >= since))
+            .cloned()
+            .collect();
+        Err(refusal)
     }
 
     /// Everything a scrape reports.
@@ -472,8 +664,21 @@ impl Observer {
                 .push((ns.clone(), name.clone(), "ingress", w.isolated_ingress));
             s.isolated
                 .push((ns.clone(), name.clone(), "egress", w.isolated_egress));
-            if let Some(t) = self.persisted.last_would_drop.get(&format!("{ns}/{name}")) {
-                s.last_would_drop.push((ns.clone(), name.clone(), *t));
+            // The workload's record: a pod of a rollout inherits how long its workload has
+            // been watched and quiet.
+            let record = self.record(ns, &w.workload);
+            let last = record.and_then(|r| r.last_would_drop).or_else(|| {
+                self.persisted
+                    .last_would_drop
+                    .get(&format!("{ns}/{name}"))
+                    .copied()
+            });
+            if let Some(t) = last {
+                s.last_would_drop.push((ns.clone(), name.clone(), t));
+            }
+            if let Some(r) = record {
+                s.observed_since
+                    .push((ns.clone(), name.clone(), r.observed_since));
             }
             s.degraded
                 .push((ns.clone(), name.clone(), w.degraded.is_some()));
@@ -538,6 +743,7 @@ impl Observer {
             .workloads
             .iter()
             .map(|w| {
+                let record = self.record(&w.namespace, &w.workload);
                 let c = self.readers.counters(w.slot).unwrap_or_default();
                 let dir = |d: usize| DirectionCounters {
                     allowed: c[d][0].packets,
@@ -559,11 +765,16 @@ impl Observer {
                     mode_source: w.mode_source.into(),
                     ingress: dir(0),
                     egress: dir(1),
-                    seconds_since_would_drop: self
-                        .persisted
-                        .last_would_drop
-                        .get(&format!("{}/{}", w.namespace, w.pod))
-                        .map(|t| now.saturating_sub(*t)),
+                    seconds_since_would_drop: record
+                        .and_then(|r| r.last_would_drop)
+                        .or_else(|| {
+                            let id = format!("{}/{}", w.namespace, w.pod);
+                            self.persisted.last_would_drop.get(&id).copied()
+                        })
+                        .map(|t| now.saturating_sub(t)),
+                    observed_seconds: record.map(|r| now.saturating_sub(r.observed_since)),
+                    would_drop_last_hour: record.map_or(0, |r| r.would_drops_within(now, 3600)),
+                    would_drop_last_day: record.map_or(0, |r| r.would_drops_within(now, 86_400)),
                     spoofed: self.readers.spoofed(w.slot).unwrap_or(0),
                     degraded: w.degraded.clone(),
                 }

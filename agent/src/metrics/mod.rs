@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub isolated: Vec<(String, String, &'static str, bool)>,
     /// (namespace, pod, unix seconds).
     pub last_would_drop: Vec<(String, String, u64)>,
+    /// (namespace, pod, unix seconds its workload was first observed here).
+    pub observed_since: Vec<(String, String, u64)>,
     pub flow_log_written: u64,
     pub flow_log_rate_limited: u64,
     pub flow_log_lost: u64,
@@ -138,8 +140,16 @@ impl Snapshot {
         gauge_family(
             e,
             "tollgate_workload_last_would_drop_timestamp_seconds",
-            "Unix time of the last would-drop of a workload (absent if none was seen)",
+            "Unix time of the last would-drop of a workload, any of its pods (absent if none was seen)",
             self.last_would_drop
+                .iter()
+                .map(|(ns, pod, t)| (labels(&[("namespace", ns), ("pod", pod)]), *t as i64)),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_workload_observed_since_timestamp_seconds",
+            "Unix time this node first observed the workload (any of its pods): how long its quiet has had to prove itself",
+            self.observed_since
                 .iter()
                 .map(|(ns, pod, t)| (labels(&[("namespace", ns), ("pod", pod)]), *t as i64)),
         )?;
