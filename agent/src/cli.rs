@@ -76,6 +76,33 @@ pub enum Command {
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Write NetworkPolicies that allow exactly the traffic this node's agent observed,
+    /// and prove it.
+    ///
+    /// One policy per workload (`WORKLOAD-observed`, selecting its pods by their stable
+    /// labels, never pod names, addresses or pod-template-hash) and direction it was seen
+    /// in: one rule per peer workload, selected by its stable labels (its namespace by
+    /// name), with the ports it used; peers outside the cluster by port only
+    /// (0.0.0.0/0 and ::/0); the node itself is always allowed and left out. Peers seen only
+    /// as would-drops (or drops) are left out unless --include-denied. YAML for
+    /// `kubectl apply` on standard output; on standard error the replay proof: every
+    /// observed flow run through the same evaluator as `tollgate check`, against the
+    /// policies in force plus the advised ones, is allowed (exit 1 when one is not).
+    Advise {
+        /// How far back to look (e.g. 35d, 12h): peer pairs last seen within it. The record
+        /// keeps 35 days.
+        #[arg(long, default_value = "35d", value_parser = parse_duration)]
+        window: std::time::Duration,
+        /// Only workloads of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Also allow peers seen only as would-drops or drops.
+        #[arg(long)]
+        include_denied: bool,
+        /// Admin socket of the running agent.
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Evaluate flows offline against a cluster state, with the same compiler and decision
     /// procedure as the datapath; no kernel needed.
     ///
@@ -315,6 +342,19 @@ pub fn main() -> ExitCode {
             admin_socket,
         } => flows(&admin_socket, limit, interval, once, output),
         Command::Selftest { bpffs } => selftest(&bpffs).map(|()| ExitCode::SUCCESS),
+        Command::Advise {
+            window,
+            namespace,
+            include_denied,
+            admin_socket,
+        } => advise(
+            &admin_socket,
+            window,
+            crate::compile::advise::AdviseOptions {
+                namespace,
+                include_denied,
+            },
+        ),
         Command::Check {
             cluster_state,
             flows,
@@ -745,6 +785,49 @@ pub fn missing_namespace_warnings(state: &crate::compile::model::ClusterState) -
         }
     }
     out
+}
+
+fn advise(
+    socket: &std::path::Path,
+    window: std::time::Duration,
+    options: crate::compile::advise::AdviseOptions,
+) -> anyhow::Result<ExitCode> {
+    let reply = admin::request(
+        socket,
+        &Request::Advise {
+            window: window.as_secs(),
+            options,
+        },
+    )?;
+    let Response::Advice(advice) = expect_response(reply)? else {
+        anyhow::bail!("unexpected reply");
+    };
+    print!("{}", advice.yaml);
+    for note in &advice.notes {
+        eprintln!("tollgate: {note}");
+    }
+    if advice.policies.is_empty() {
+        eprintln!("tollgate: no observed traffic to advise on within the window");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if advice.denied.is_empty() {
+        eprintln!(
+            "tollgate: replayed {} observed flows against the policies in force plus these {}: all allowed",
+            advice.replayed,
+            advice.policies.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "tollgate: replayed {} observed flows: {} still denied",
+            advice.replayed,
+            advice.denied.len()
+        );
+        for d in &advice.denied {
+            eprintln!("  {d}");
+        }
+        Ok(ExitCode::from(1))
+    }
 }
 
 fn selftest(bpffs: &std::path::Path) -> anyhow::Result<()> {

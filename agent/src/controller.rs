@@ -53,6 +53,12 @@ pub enum Command {
         flows: Vec<crate::flowlog::FlowRecord>,
         reply: oneshot::Sender<Vec<Option<String>>>,
     },
+    /// Policies from observed peer pairs, with their replay proof, on the state in force.
+    Advise {
+        observed: Vec<crate::compile::advise::ObservedFlow>,
+        options: crate::compile::advise::AdviseOptions,
+        reply: oneshot::Sender<crate::compile::advise::Advice>,
+    },
     /// The source has news: sync soon (within `WAKE_DELAY`), not at the next poll.
     Wake,
     /// Stops the controller; with `detach`, takes every program off and removes the pins.
@@ -273,6 +279,15 @@ impl Controller {
                     let result = self.set_mode(&target, mode, who);
                     self.publish();
                     let _ = reply.send(result);
+                }
+                Ok(Command::Advise {
+                    observed,
+                    options,
+                    reply,
+                }) => {
+                    let advice =
+                        crate::compile::advise::advise(self.source.state(), &observed, &options);
+                    let _ = reply.send(advice);
                 }
                 Ok(Command::Explain { flows, reply }) => {
                     let _ = reply.send(flows.iter().map(|f| self.explain(f)).collect());

@@ -548,6 +548,34 @@ async fn handle(shared: &Arc<Shared>, req: Request, pid: i32) -> Response {
                 },
             }
         }
+        Request::Advise { window, options } => {
+            let s = shared.clone();
+            let observed = tokio::task::spawn_blocking(move || {
+                let view = s.view();
+                let mut observer = s.observer.lock().expect("observer");
+                observer.observed(&view, window)
+            })
+            .await;
+            let observed = match observed {
+                Ok(o) => o,
+                Err(e) => {
+                    return Response::Error {
+                        message: format!("reading the observed flows failed: {e}"),
+                    };
+                }
+            };
+            match shared
+                .command(|reply| Command::Advise {
+                    observed,
+                    options,
+                    reply,
+                })
+                .await
+            {
+                Ok(advice) => Response::Advice(advice),
+                Err(message) => Response::Error { message },
+            }
+        }
         Request::Mode {
             target,
             mode,

@@ -39,6 +39,7 @@ fn every_command_has_help() {
         vec!["mode", "clear", "--help"],
         vec!["flows", "--help"],
         vec!["check", "--help"],
+        vec!["advise", "--help"],
         vec!["selftest", "--help"],
     ] {
         let out = tollgate(&cmd, "");

@@ -1053,3 +1053,89 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
         .as_secs_f64();
     assert!(now - since >= observed as f64, "{since} {now} {observed}");
 }
+
+/// `tollgate advise` on real traffic: what was observed in log mode becomes policies that
+/// select by stable labels; the replay proof holds; applied, the same traffic is allowed
+/// with no new would-drop while a flow never seen is a would-drop.
+#[test]
+fn advised_policies_allow_the_observed_traffic_and_nothing_new() {
+    let bank = bank("advise");
+    let agent = bank.start(&[]);
+    let ledger = bank.ledger.addr(false);
+    let udp = |from: &Pod, n| traffic::udp(from, ledger, 8080, n, 64, PATIENT).echoed;
+    assert_eq!(udp(&bank.pot, 3), 3);
+    assert_eq!(udp(&bank.frontend, 2), 2, "a would-drop in log mode");
+    bank.lab.settle();
+
+    // Peers seen only as would-drops are left out by default, and said so.
+    let out = agent.cli(&["advise"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("left out (seen only denied; --include-denied allows it): ingress bank/frontend-0 -> bank/ledger 8080/udp"),
+        "{err}"
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<serde_json::Value> = yaml
+        .split("---\n")
+        .map(|d| serde_norway::from_str(d).expect("advice YAML"))
+        .collect();
+    let policy = |name: &str| {
+        docs.iter()
+            .find(|d| d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in\n{yaml}"))
+            .clone()
+    };
+    let l = policy("ledger-observed");
+    assert_eq!(l["metadata"]["namespace"], "bank");
+    assert_eq!(
+        l["spec"]["podSelector"]["matchLabels"],
+        serde_json::json!({"app": "ledger"}),
+        "stable labels, not pod-template-hash"
+    );
+    assert_eq!(l["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    assert_eq!(
+        l["spec"]["ingress"],
+        serde_json::json!([{"from": [{"podSelector": {"matchLabels": {"app": "pot"}}}], "ports": [{"protocol": "UDP", "port": 8080}]}])
+    );
+    // Each caller's egress, as its own agent-side enforcement point saw it.
+    let f = policy("frontend-0-observed");
+    assert_eq!(
+        f["spec"]["egress"],
+        serde_json::json!([{"to": [{"podSelector": {"matchLabels": {"app": "ledger"}}}], "ports": [{"protocol": "UDP", "port": 8080}]}])
+    );
+    assert!(
+        err.contains("observed flows against the policies in force plus these 3: all allowed"),
+        "{err}"
+    );
+
+    // With the would-drop peer too, applied: the same traffic passes without a would-drop,
+    // a flow never observed is one.
+    let out = agent.cli(&["advise", "--include-denied", "--namespace", "bank"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let advised = String::from_utf8(out.stdout).unwrap();
+    assert!(advised.contains("app: frontend"), "{advised}");
+    bank.write_state(&agent, &format!("---\n{advised}"));
+    wait_for(
+        Duration::from_secs(15),
+        "the advised policies in force",
+        || (agent.status()["policies"] == 4).then_some(()),
+    );
+    let would = |agent: &Agent| agent.counters(LEDGER_POD)[1];
+    let before = would(&agent);
+    assert_eq!(udp(&bank.pot, 3), 3);
+    assert_eq!(udp(&bank.frontend, 2), 2);
+    bank.lab.settle();
+    assert_eq!(would(&agent), before, "observed traffic is allowed now");
+    assert_eq!(udp(&bank.prometheus, 2), 2, "log mode");
+    bank.lab.settle();
+    assert_eq!(
+        would(&agent),
+        before + 2,
+        "a flow never observed is a would-drop"
+    );
+}

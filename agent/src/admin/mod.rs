@@ -39,6 +39,12 @@ pub enum Request {
     Flows {
         limit: usize,
     },
+    /// Policies from the peer pairs observed within `window` seconds (`tollgate advise`).
+    Advise {
+        window: u64,
+        #[serde(default)]
+        options: crate::compile::advise::AdviseOptions,
+    },
 }
 
 /// The agent's answer.
@@ -48,6 +54,7 @@ pub enum Response {
     Status(Status),
     Mode(ModeChange),
     Flows(Flows),
+    Advice(crate::compile::advise::Advice),
     Error { message: String },
 }
 

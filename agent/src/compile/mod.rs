@@ -3,8 +3,10 @@
 //!
 //! `model` holds the validated cluster, `policy` applies NetworkPolicy semantics per pod,
 //! `rules` turns allow rules into map entries, `eval` runs the datapath's decision over
-//! those entries offline, `explain` says why a flow is denied and what would allow it.
+//! those entries offline, `explain` says why a flow is denied and what would allow it,
+//! `advise` writes policies from observed traffic and proves they allow it.
 
+pub mod advise;
 pub mod eval;
 pub mod explain;
 pub mod model;

@@ -25,6 +25,7 @@ use tracing::warn;
 
 use crate::{
     admin::{self, DirectionCounters, FlowRow, Flows, Status, WorkloadStatus},
+    compile::advise::ObservedFlow,
     controller::View,
     flowlog::{FlowRecord, protocol_name},
     maps::MapReaders,
@@ -55,7 +56,17 @@ struct Persisted {
     /// adds only what came after.
     #[serde(default)]
     pod_would_drops: BTreeMap<String, u64>,
+    /// Peer pairs seen, with when (`tollgate advise`), at most `OBSERVED_CAPACITY`.
+    #[serde(default)]
+    observed: Vec<ObservedFlow>,
 }
+
+/// Peer pairs the observed-flow record holds at most: when full, those seen longest ago
+/// go first, so a port scan cannot fill it for good.
+pub const OBSERVED_CAPACITY: usize = 20_000;
+
+/// (direction, src namespace, src workload, dst namespace, dst workload, protocol, port).
+type ObservedKey = (String, String, String, String, String, String, u16);
 
 /// How long a workload gone from this node keeps its record, and how far back would-drops
 /// are kept hour by hour.
@@ -108,6 +119,18 @@ const SERIES_LABELS: [&str; 8] = [
 
 /// How many flow log records `flows` keeps.
 const RECENT_DENIED: usize = 50;
+
+fn observed_key(f: &ObservedFlow) -> ObservedKey {
+    (
+        f.direction.clone(),
+        f.src_namespace.clone(),
+        f.src_workload.clone(),
+        f.dst_namespace.clone(),
+        f.dst_workload.clone(),
+        f.protocol.clone(),
+        f.port,
+    )
+}
 
 fn key_array(k: &FlowCounterKey) -> [u32; 7] {
     [
@@ -257,6 +280,8 @@ pub struct Observer {
     bucket_of: HashMap<FlowCounterKey, u32>,
     /// Map occupancy, counted in the background (`count_occupancy`).
     pub occupancy: Occupancy,
+    /// The observed-flow record by peer pair (persisted as `Persisted::observed`).
+    observed: BTreeMap<ObservedKey, ObservedFlow>,
 }
 
 impl Observer {
@@ -313,6 +338,11 @@ impl Observer {
             max_flow_series,
             series: persisted.flow_series.iter().cloned().collect(),
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
+            observed: persisted
+                .observed
+                .iter()
+                .map(|f| (observed_key(f), f.clone()))
+                .collect(),
             persisted,
             occupancy: Occupancy::default(),
         };
@@ -329,6 +359,7 @@ impl Observer {
             .filter(|(_, b)| !b.retiring)
             .map(|(i, b)| (*i, key_array(&b.key), b.last))
             .collect();
+        self.persisted.observed = self.observed.values().cloned().collect();
         self.persisted.flow_log_written = log.written.load(Ordering::Relaxed);
         self.persisted.flow_log_lost = log.lost.load(Ordering::Relaxed);
         self.persisted.policy_errors = policy_errors;
@@ -463,6 +494,7 @@ impl Observer {
                     port.to_string()
                 },
             ];
+            self.observe(&labels, key.verdict, delta);
             let series_count = self.series.len();
             match self.series.get_mut(&labels) {
                 Some(v) => *v += delta,
@@ -532,6 +564,66 @@ impl Observer {
         self.persisted
             .last_would_drop
             .retain(|id, t| attached.contains(id) || *t >= oldest);
+    }
+
+    /// Adds packets of a flow series (labels in `SERIES_LABELS` order) to the observed-flow
+    /// record, dated now; ages out what was last seen beyond the retention, and makes room
+    /// by forgetting the pairs seen longest ago.
+    fn observe(&mut self, labels: &[String], verdict: u8, packets: u64) {
+        let now = unix_now();
+        let key: ObservedKey = (
+            labels[0].clone(),
+            labels[2].clone(),
+            labels[3].clone(),
+            labels[4].clone(),
+            labels[5].clone(),
+            labels[6].clone(),
+            labels[7].parse().unwrap_or(0),
+        );
+        if !self.observed.contains_key(&key) && self.observed.len() >= OBSERVED_CAPACITY {
+            let oldest = now.saturating_sub(RECORD_RETENTION_SECS);
+            self.observed.retain(|_, f| f.last_seen >= oldest);
+            if self.observed.len() >= OBSERVED_CAPACITY {
+                // A tenth at a time, so a flood of new pairs does not sort on every one.
+                let mut seen: Vec<u64> = self.observed.values().map(|f| f.last_seen).collect();
+                seen.sort_unstable();
+                let cut = seen[OBSERVED_CAPACITY / 10];
+                self.observed.retain(|_, f| f.last_seen > cut);
+            }
+        }
+        let flow = self
+            .observed
+            .entry(key.clone())
+            .or_insert_with(|| ObservedFlow {
+                direction: key.0.clone(),
+                src_namespace: key.1.clone(),
+                src_workload: key.2.clone(),
+                dst_namespace: key.3.clone(),
+                dst_workload: key.4.clone(),
+                protocol: key.5.clone(),
+                port: key.6,
+                first_seen: now,
+                last_seen: now,
+                packets: [0; 3],
+            });
+        flow.last_seen = now;
+        let index = match verdict {
+            VERDICT_WOULD_DROP => 1,
+            VERDICT_DROPPED => 2,
+            _ => 0,
+        };
+        flow.packets[index] += packets;
+    }
+
+    /// The observed peer pairs last seen within `window` seconds (`tollgate advise`).
+    pub fn observed(&mut self, view: &View, window: u64) -> Vec<ObservedFlow> {
+        self.poll(view);
+        let since = unix_now().saturating_sub(window);
+        self.observed
+            .values()
+            .filter(|f| f.last_seen >= since)
+            .cloned()
+            .collect()
     }
 
     /// The record of a pod's workload.

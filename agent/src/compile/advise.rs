@@ -1,0 +1,582 @@
+//! Least-privilege NetworkPolicies from observed traffic (`tollgate advise`): per workload
+//! and direction, one rule per peer workload (selected by its stable labels, its namespace by
+//! name) with the ports it used; peers outside the cluster by port only. Then the replay
+//! proof: every observed flow run through the same evaluator as `tollgate check`, against
+//! the policies in force plus the advised ones, must be allowed at the enforcement point
+//! that observed it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    eval::{Endpoint, Evaluator},
+    explain::stable_selector,
+    model::{ClusterState, PodInfo},
+    policy,
+};
+
+/// A peer pair the agent observed, at workload level (as `tollgate_flow_packets_total` names
+/// it): `world` for addresses outside the cluster, `host` for the node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ObservedFlow {
+    /// The enforcement point that saw it: `egress` at the source, `ingress` at the
+    /// destination.
+    pub direction: String,
+    pub src_namespace: String,
+    pub src_workload: String,
+    pub dst_namespace: String,
+    pub dst_workload: String,
+    /// `tcp`, `udp`, `sctp`, `icmp`, `icmpv6`.
+    pub protocol: String,
+    /// The port of the side that accepted the flow; 0 for ICMP.
+    pub port: u16,
+    /// Unix seconds.
+    pub first_seen: u64,
+    pub last_seen: u64,
+    /// Packets by verdict: allowed, would_drop, dropped.
+    pub packets: [u64; 3],
+}
+
+impl ObservedFlow {
+    /// Seen only denied (as would_drop or dropped): a peer the policies in force refuse.
+    pub fn only_denied(&self) -> bool {
+        self.packets[0] == 0
+    }
+}
+
+/// What to advise.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdviseOptions {
+    /// Only workloads of this namespace.
+    pub namespace: Option<String>,
+    /// Also allow peers seen only as would_drop (or dropped).
+    pub include_denied: bool,
+}
+
+/// The advice: policies, and the proof that they allow what was observed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Advice {
+    /// One policy per workload, as `kubectl apply` takes them (`---` between).
+    pub yaml: String,
+    /// `NAMESPACE/NAME` of each advised policy.
+    pub policies: Vec<String>,
+    /// Observed flows replayed, and those still denied (with the side), if any.
+    pub replayed: usize,
+    pub denied: Vec<String>,
+    /// What was left out and why.
+    pub notes: Vec<String>,
+}
+
+/// The ports (protocol, port; 0 for ICMP) each peer used.
+type PeerPorts = BTreeMap<AdvisedPeer, BTreeSet<(String, u16)>>;
+
+/// A peer of a rule: a workload (namespace, name) or everything outside the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum AdvisedPeer {
+    Workload(String, String),
+    World,
+}
+
+/// Policies that allow exactly the `observed` flows whose enforcement side is a workload of
+/// `state` (the local side of each record), and the replay of those flows.
+pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseOptions) -> Advice {
+    let mut advice = Advice::default();
+    // (namespace, workload) -> direction -> peer -> ports (protocol, port; port 0: none).
+    let mut wanted: BTreeMap<(String, String), BTreeMap<&str, PeerPorts>> = BTreeMap::new();
+    let mut replay = Vec::new();
+    for flow in observed {
+        let ingress = flow.direction == "ingress";
+        let (local, peer) = if ingress {
+            (
+                (&flow.dst_namespace, &flow.dst_workload),
+                (&flow.src_namespace, &flow.src_workload),
+            )
+        } else {
+            (
+                (&flow.src_namespace, &flow.src_workload),
+                (&flow.dst_namespace, &flow.dst_workload),
+            )
+        };
+        if options.namespace.as_ref().is_some_and(|ns| ns != local.0) {
+            continue;
+        }
+        if flow.only_denied() && !options.include_denied {
+            advice.notes.push(format!(
+                "left out (seen only denied; --include-denied allows it): {}",
+                describe(flow)
+            ));
+            continue;
+        }
+        let peer = match (peer.0.as_str(), peer.1.as_str()) {
+            ("host", "host") => continue, // the node: always allowed
+            ("world", "world") => AdvisedPeer::World,
+            (ns, name) if pod_of(state, ns, name).is_some() => {
+                AdvisedPeer::Workload(ns.into(), name.into())
+            }
+            _ => {
+                advice.notes.push(format!(
+                    "left out (the peer workload is no longer in the cluster state): {}",
+                    describe(flow)
+                ));
+                continue;
+            }
+        };
+        if pod_of(state, local.0, local.1).is_none() {
+            advice.notes.push(format!(
+                "left out (the workload is no longer in the cluster state): {}",
+                describe(flow)
+            ));
+            continue;
+        }
+        wanted
+            .entry((local.0.clone(), local.1.clone()))
+            .or_default()
+            .entry(if ingress { "ingress" } else { "egress" })
+            .or_default()
+            .entry(peer)
+            .or_default()
+            .insert((flow.protocol.clone(), flow.port));
+        replay.push(flow);
+    }
+
+    for ((namespace, workload), directions) in &wanted {
+        let local = pod_of(state, namespace, workload).expect("checked above");
+        let name = advised_name(state, namespace, workload);
+        let mut yaml = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  annotations:\n    tollgate.io/advised-for: {namespace}/{workload}\nspec:\n  podSelector:\n    matchLabels: {}\n  policyTypes: [{}]\n",
+            flow_map(&stable_selector(state, local)),
+            directions
+                .keys()
+                .map(|d| if *d == "ingress" { "Ingress" } else { "Egress" })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (direction, peers) in directions {
+            let key = if *direction == "ingress" {
+                "from"
+            } else {
+                "to"
+            };
+            yaml += &format!("  {direction}:\n");
+            for (peer, ports) in peers {
+                yaml += &format!(
+                    "  - {key}: [{}]\n",
+                    peer_of(state, namespace, peer).join(", ")
+                );
+                if ports.iter().any(|(p, _)| p.starts_with("icmp")) {
+                    yaml += "    # ICMP was observed: only a rule without ports allows it\n";
+                } else {
+                    let ports: Vec<String> = ports
+                        .iter()
+                        .map(|(p, n)| {
+                            format!("{{protocol: {}, port: {n}}}", p.to_ascii_uppercase())
+                        })
+                        .collect();
+                    yaml += &format!("    ports: [{}]\n", ports.join(", "));
+                }
+            }
+        }
+        if !advice.yaml.is_empty() {
+            advice.yaml += "---\n";
+        }
+        advice.yaml += &yaml;
+        advice.policies.push(format!("{namespace}/{name}"));
+    }
+
+    // The replay runs what `kubectl apply` would get: the YAML, read back by the same
+    // parser as the cluster state.
+    let mut with_advice = state.clone();
+    let parsed = crate::sources::files::parse_file(&advice.yaml, std::path::Path::new("advice"))
+        .map_err(|e| e.to_string())
+        .and_then(|objects| {
+            objects
+                .into_iter()
+                .map(|o| o.map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, String>>()
+        });
+    match parsed {
+        Ok(objects) => {
+            for (_, object) in objects {
+                if let crate::sources::store::Object::Policy(p) = object {
+                    with_advice
+                        .policies
+                        .insert((p.namespace.clone(), p.name.clone()), p);
+                }
+            }
+        }
+        Err(e) => {
+            advice
+                .denied
+                .push(format!("the advice does not read back: {e}"));
+            return advice;
+        }
+    }
+
+    // The replay proof, with the same compiler and evaluator as `tollgate check`.
+    let mut targets = BTreeSet::new();
+    for flow in &replay {
+        for (ns, name) in [
+            (&flow.src_namespace, &flow.src_workload),
+            (&flow.dst_namespace, &flow.dst_workload),
+        ] {
+            if let Some(p) = pod_of(state, ns, name) {
+                targets.insert((p.namespace.clone(), p.name.clone()));
+            }
+        }
+    }
+    let mut allocator = policy::IdentityAllocator::default();
+    let compile_options = policy::CompileOptions {
+        node_addresses: policy::NodeAddresses::from_nodes(&with_advice),
+        ..Default::default()
+    };
+    let compiled = policy::compile(
+        &with_advice,
+        &mut allocator,
+        Some(&targets),
+        &compile_options,
+    );
+    let ev = match Evaluator::new(compiled, &with_advice, compile_options.node_addresses) {
+        Ok(ev) => ev,
+        Err(((ns, name), e)) => {
+            advice
+                .denied
+                .push(format!("the rules of {ns}/{name} do not compile: {e}"));
+            return advice;
+        }
+    };
+    for flow in replay {
+        advice.replayed += 1;
+        let endpoint = |ns: &str, name: &str, outside: &str| -> Option<Endpoint> {
+            if ns == "world" && name == "world" {
+                return Some(Endpoint {
+                    ip: outside.parse().expect("an address"),
+                    pod: None,
+                });
+            }
+            let p = pod_of(state, ns, name)?;
+            Some(Endpoint {
+                ip: *p.ips.first()?,
+                pod: Some((p.namespace.clone(), p.name.clone())),
+            })
+        };
+        // Outside the cluster: a documentation address stands for the unknown one (the
+        // advised rules allow any, by port).
+        let (Some(src), Some(dst)) = (
+            endpoint(&flow.src_namespace, &flow.src_workload, "203.0.113.1"),
+            endpoint(&flow.dst_namespace, &flow.dst_workload, "203.0.113.1"),
+        ) else {
+            advice.denied.push(format!(
+                "{}: an end has no address to replay it with",
+                describe(flow)
+            ));
+            continue;
+        };
+        let proto = protocol_number(&flow.protocol, src.ip);
+        // A record is one enforcement point's decision: replayed there.
+        let (egress, ingress) = ev.flow(src, dst, proto, flow.port);
+        let allowed = if flow.direction == "ingress" {
+            ingress.allowed
+        } else {
+            egress.allowed
+        };
+        if !allowed {
+            advice.denied.push(format!(
+                "{}: still denied at the {}",
+                describe(flow),
+                flow.direction
+            ));
+        }
+    }
+    advice
+}
+
+/// A pod of a workload (or the pod of that name): its labels stand for the workload's.
+fn pod_of<'a>(state: &'a ClusterState, namespace: &str, workload: &str) -> Option<&'a PodInfo> {
+    state
+        .pods
+        .range((namespace.to_string(), String::new())..)
+        .take_while(|((ns, _), _)| ns == namespace)
+        .map(|(_, p)| p)
+        .filter(|p| p.workload == workload || p.name == workload)
+        .min_by_key(|p| (p.workload != workload, p.ips.is_empty(), p.name.clone()))
+}
+
+/// `WORKLOAD-observed`, unless a policy of another origin has that name: then numbered.
+fn advised_name(state: &ClusterState, namespace: &str, workload: &str) -> String {
+    let base = format!("{workload}-observed");
+    let taken = |name: &str| {
+        state
+            .policies
+            .contains_key(&(namespace.to_string(), name.to_string()))
+    };
+    if !taken(&base) {
+        return base;
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|n| !taken(n))
+        .expect("a free name")
+}
+
+/// The peers of a rule, as flow-style YAML.
+fn peer_of(state: &ClusterState, namespace: &str, peer: &AdvisedPeer) -> Vec<String> {
+    match peer {
+        AdvisedPeer::World => vec![
+            "{ipBlock: {cidr: 0.0.0.0/0}}".into(),
+            "{ipBlock: {cidr: \"::/0\"}}".into(),
+        ],
+        AdvisedPeer::Workload(ns, name) => {
+            let pod = pod_of(state, ns, name).expect("checked when gathered");
+            let pods = format!(
+                "podSelector: {{matchLabels: {}}}",
+                flow_map(&stable_selector(state, pod))
+            );
+            if ns == namespace {
+                vec![format!("{{{pods}}}")]
+            } else {
+                vec![format!(
+                    "{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, {pods}}}",
+                    quoted(ns)
+                )]
+            }
+        }
+    }
+}
+
+fn flow_map(labels: &BTreeMap<String, String>) -> String {
+    let items: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", quoted(v)))
+        .collect();
+    format!("{{{}}}", items.join(", "))
+}
+
+/// A label value as YAML reads it back as the same string (`"true"`, `"8080"`).
+fn quoted(v: &str) -> String {
+    let plain = !v.is_empty()
+        && v.parse::<f64>().is_err()
+        && !["true", "false", "yes", "no", "on", "off", "null", "~"]
+            .contains(&v.to_ascii_lowercase().as_str())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    if plain {
+        v.to_string()
+    } else {
+        format!("{v:?}")
+    }
+}
+
+fn protocol_number(protocol: &str, ip: IpAddr) -> u8 {
+    match protocol {
+        "tcp" => agent_common::PROTO_TCP,
+        "udp" => agent_common::PROTO_UDP,
+        "sctp" => agent_common::PROTO_SCTP,
+        _ if ip.is_ipv6() => agent_common::PROTO_ICMPV6,
+        _ => agent_common::PROTO_ICMP,
+    }
+}
+
+fn describe(flow: &ObservedFlow) -> String {
+    format!(
+        "{} {}/{} -> {}/{} {}{}",
+        flow.direction,
+        flow.src_namespace,
+        flow.src_workload,
+        flow.dst_namespace,
+        flow.dst_workload,
+        if flow.port == 0 {
+            String::new()
+        } else {
+            format!("{}/", flow.port)
+        },
+        flow.protocol
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::{files::parse_file, store::Store};
+
+    fn state(yaml: &str) -> ClusterState {
+        let mut store = Store::default();
+        for object in parse_file(yaml, std::path::Path::new("t.yaml")).expect("YAML") {
+            let (key, object) = object.expect("valid object");
+            store.insert(key, object);
+        }
+        store.into_state()
+    }
+
+    const SHOP: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d9f-a
+  namespace: shop
+  labels: {app: web, pod-template-hash: 7d9f}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f, uid: u, controller: true}]
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db, "tier": "1"}}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: scraper-0, namespace: ops, labels: {app: scraper}}
+status: {podIP: 10.0.1.1}
+"#;
+
+    fn flow(
+        direction: &str,
+        src: (&str, &str),
+        dst: (&str, &str),
+        port: u16,
+        packets: [u64; 3],
+    ) -> ObservedFlow {
+        ObservedFlow {
+            direction: direction.into(),
+            src_namespace: src.0.into(),
+            src_workload: src.1.into(),
+            dst_namespace: dst.0.into(),
+            dst_workload: dst.1.into(),
+            protocol: if port == 0 { "icmp" } else { "tcp" }.into(),
+            port,
+            first_seen: 1,
+            last_seen: 2,
+            packets,
+        }
+    }
+
+    #[test]
+    fn observed_peers_become_rules_by_stable_labels_and_the_replay_allows_them_all() {
+        let state = state(SHOP);
+        let observed = [
+            flow(
+                "ingress",
+                ("shop", "web"),
+                ("shop", "db-0"),
+                5432,
+                [10, 0, 0],
+            ),
+            flow(
+                "ingress",
+                ("ops", "scraper-0"),
+                ("shop", "db-0"),
+                9187,
+                [4, 0, 0],
+            ),
+            flow(
+                "ingress",
+                ("ops", "scraper-0"),
+                ("shop", "db-0"),
+                0,
+                [2, 0, 0],
+            ),
+            flow(
+                "egress",
+                ("shop", "web"),
+                ("shop", "db-0"),
+                5432,
+                [10, 0, 0],
+            ),
+            flow(
+                "egress",
+                ("shop", "web"),
+                ("world", "world"),
+                443,
+                [7, 0, 0],
+            ),
+            flow(
+                "egress",
+                ("shop", "web"),
+                ("host", "host"),
+                10250,
+                [1, 0, 0],
+            ),
+            // Seen only as would-drop: left out unless asked.
+            flow("ingress", ("shop", "web"), ("shop", "db-0"), 22, [0, 3, 0]),
+        ];
+        let advice = advise(&state, &observed, &AdviseOptions::default());
+        assert_eq!(advice.policies, ["shop/db-0-observed", "shop/web-observed"]);
+        assert!(advice.denied.is_empty(), "{:?}", advice.denied);
+        assert_eq!(
+            advice.replayed, 5,
+            "every flow but the would-drop-only one and the node's (always allowed)"
+        );
+        assert!(
+            advice.notes.iter().any(|n| n.contains("shop/db-0 22/tcp")),
+            "{:?}",
+            advice.notes
+        );
+        let docs: Vec<serde_json::Value> = advice
+            .yaml
+            .split("---\n")
+            .map(|d| serde_norway::from_str(d).expect("valid YAML"))
+            .collect();
+        let db = &docs[0];
+        assert_eq!(
+            db["spec"]["podSelector"]["matchLabels"],
+            serde_json::json!({"app": "db"})
+        );
+        assert_eq!(db["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+        let rules = db["spec"]["ingress"].as_array().unwrap();
+        assert_eq!(rules.len(), 2, "one rule per peer: {rules:?}");
+        assert_eq!(
+            rules[0]["from"][0],
+            serde_json::json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}, "podSelector": {"matchLabels": {"app": "scraper"}}})
+        );
+        assert!(
+            rules[0].get("ports").is_none(),
+            "ICMP: a rule without ports"
+        );
+        assert_eq!(
+            rules[1]["from"][0],
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}})
+        );
+        assert_eq!(
+            rules[1]["ports"],
+            serde_json::json!([{"protocol": "TCP", "port": 5432}])
+        );
+        let web = &docs[1];
+        assert_eq!(
+            web["spec"]["podSelector"]["matchLabels"],
+            serde_json::json!({"app": "web"}),
+            "no pod-template-hash"
+        );
+        assert_eq!(web["spec"]["policyTypes"], serde_json::json!(["Egress"]));
+        assert_eq!(
+            web["spec"]["egress"][1]["to"],
+            serde_json::json!([{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}])
+        );
+        assert_eq!(
+            web["spec"]["egress"][1]["ports"],
+            serde_json::json!([{"protocol": "TCP", "port": 443}])
+        );
+
+        let all = advise(
+            &state,
+            &observed,
+            &AdviseOptions {
+                include_denied: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(all.replayed, 6);
+        assert!(all.yaml.contains("port: 22"), "{}", all.yaml);
+        let only_ops = advise(
+            &state,
+            &observed,
+            &AdviseOptions {
+                namespace: Some("ops".into()),
+                ..Default::default()
+            },
+        );
+        assert!(only_ops.policies.is_empty());
+    }
+}
