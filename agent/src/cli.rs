@@ -103,6 +103,34 @@ pub enum Command {
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Draw the service graph this node's agent observed: Graphviz DOT, or SVG / PNG
+    /// rendered by graphviz's `dot`.
+    ///
+    /// Nodes are workloads grouped by namespace, `world` (outside the cluster) and the node;
+    /// one edge per peer pair and verdict, labelled with its ports and protocols and
+    /// coloured by verdict (green allowed, orange would_drop, red dropped; a port seen with
+    /// several counts as the worst). Filter by --namespace and --verdict at hundreds of
+    /// services.
+    Graph {
+        /// Peer pairs last seen within this long (e.g. 35d, 12h).
+        #[arg(long, default_value = "35d", value_parser = parse_duration)]
+        window: std::time::Duration,
+        /// Only edges with an end in this namespace (repeat for more).
+        #[arg(long)]
+        namespace: Vec<String>,
+        /// Only edges of this verdict: allowed, would_drop or dropped (repeat for more).
+        #[arg(long, value_parser = ["allowed", "would_drop", "dropped"])]
+        verdict: Vec<String>,
+        /// dot (text), svg or png (needs graphviz's `dot`).
+        #[arg(short = 'o', long, default_value = "dot", value_parser = ["dot", "svg", "png"])]
+        output: String,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Admin socket of the running agent.
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Evaluate flows offline against a cluster state, with the same compiler and decision
     /// procedure as the datapath; no kernel needed.
     ///
@@ -342,6 +370,23 @@ pub fn main() -> ExitCode {
             admin_socket,
         } => flows(&admin_socket, limit, interval, once, output),
         Command::Selftest { bpffs } => selftest(&bpffs).map(|()| ExitCode::SUCCESS),
+        Command::Graph {
+            window,
+            namespace,
+            verdict,
+            output,
+            out,
+            admin_socket,
+        } => graph(
+            &admin_socket,
+            window,
+            crate::graph::GraphFilter {
+                namespaces: namespace,
+                verdicts: verdict,
+            },
+            &output,
+            out.as_deref(),
+        ),
         Command::Advise {
             window,
             namespace,
@@ -785,6 +830,55 @@ pub fn missing_namespace_warnings(state: &crate::compile::model::ClusterState) -
         }
     }
     out
+}
+
+fn graph(
+    socket: &std::path::Path,
+    window: std::time::Duration,
+    filter: crate::graph::GraphFilter,
+    format: &str,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let reply = admin::request(
+        socket,
+        &Request::Observed {
+            window: window.as_secs(),
+        },
+    )?;
+    let Response::Observed { flows: observed } = expect_response(reply)? else {
+        anyhow::bail!("unexpected reply");
+    };
+    let dot = crate::graph::dot(&observed, &filter);
+    let bytes = if format == "dot" {
+        dot.into_bytes()
+    } else {
+        let mut child = std::process::Command::new("dot")
+            .arg(format!("-T{format}"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| {
+                format!("-o {format} needs graphviz's `dot` (apt-get install graphviz); -o dot writes the text")
+            })?;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(dot.as_bytes())?;
+        let rendered = child.wait_with_output().context("dot")?;
+        if !rendered.status.success() {
+            anyhow::bail!("dot -T{format} failed ({})", rendered.status);
+        }
+        rendered.stdout
+    };
+    match out {
+        Some(path) => {
+            std::fs::write(path, &bytes).with_context(|| format!("write {}", path.display()))?
+        }
+        None => std::io::stdout().write_all(&bytes)?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn advise(

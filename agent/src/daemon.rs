@@ -548,6 +548,20 @@ async fn handle(shared: &Arc<Shared>, req: Request, pid: i32) -> Response {
                 },
             }
         }
+        Request::Observed { window } => {
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                let view = s.view();
+                let mut observer = s.observer.lock().expect("observer");
+                Response::Observed {
+                    flows: observer.observed(&view, window),
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Response::Error {
+                message: format!("reading the observed flows failed: {e}"),
+            })
+        }
         Request::Advise { window, options } => {
             let s = shared.clone();
             let observed = tokio::task::spawn_blocking(move || {

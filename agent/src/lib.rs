@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod flowlog;
 pub mod flows;
+pub mod graph;
 pub mod maps;
 pub mod metrics;
 pub mod pins;

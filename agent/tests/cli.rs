@@ -40,6 +40,7 @@ fn every_command_has_help() {
         vec!["flows", "--help"],
         vec!["check", "--help"],
         vec!["advise", "--help"],
+        vec!["graph", "--help"],
         vec!["selftest", "--help"],
     ] {
         let out = tollgate(&cmd, "");

@@ -1139,3 +1139,59 @@ fn advised_policies_allow_the_observed_traffic_and_nothing_new() {
         "a flow never observed is a would-drop"
     );
 }
+
+/// `tollgate graph` of a known scenario: exactly its edges, coloured by verdict, and an SVG
+/// rendered by graphviz.
+#[test]
+fn the_graph_of_observed_traffic_has_exactly_its_edges_and_renders() {
+    let bank = bank("graph");
+    let agent = bank.start(&[]);
+    let ledger = bank.ledger.addr(false);
+    assert_eq!(
+        traffic::udp(&bank.pot, ledger, 8080, 3, 64, PATIENT).echoed,
+        3
+    );
+    assert_eq!(
+        traffic::udp(&bank.frontend, ledger, 8080, 2, 64, PATIENT).echoed,
+        2
+    );
+    bank.lab.settle();
+
+    let out = agent.cli(&["graph"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dot = String::from_utf8(out.stdout).unwrap();
+    let edges: Vec<&str> = dot.lines().filter(|l| l.contains("->")).collect();
+    assert_eq!(
+        edges,
+        [
+            // Allowed at the frontend's egress, a would-drop at the ledger's ingress.
+            r##"  "bank/frontend-0" -> "bank/ledger" [label="8080/udp", color="#ef6c00", fontcolor="#ef6c00", tooltip="would_drop"];"##,
+            r##"  "bank/pot-0" -> "bank/ledger" [label="8080/udp", color="#2e7d32", fontcolor="#2e7d32", tooltip="allowed"];"##,
+        ],
+        "{dot}"
+    );
+    assert!(dot.contains("subgraph \"cluster_bank\""), "{dot}");
+
+    let out = agent.cli(&["graph", "--verdict", "would_drop"]);
+    let dot = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(dot.matches("->").count(), 1, "{dot}");
+    assert!(dot.contains("bank/frontend-0"), "{dot}");
+
+    let svg = bank.dir.join("graph.svg");
+    let out = agent.cli(&["graph", "-o", "svg", "--out", svg.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&svg).expect("the SVG");
+    assert!(svg.contains("<svg"), "{svg}");
+    assert!(
+        svg.contains("bank/pot&#45;0&#45;&gt;bank/ledger"),
+        "an edge: {svg}"
+    );
+}

@@ -63,6 +63,8 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     // kube-proxy's own rules in the lab's node namespace (Services, hairpin masquerade).
     "iptables",
+    // `tollgate graph -o svg` renders with graphviz's dot.
+    "graphviz",
 ];
 const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf", "iptables", "nftables"];
 /// The old-kernel test (`tests/tests/old_kernel.rs`): Debian's 6.1 kernel booted in qemu from

@@ -39,6 +39,10 @@ pub enum Request {
     Flows {
         limit: usize,
     },
+    /// The peer pairs observed within `window` seconds (`tollgate graph`).
+    Observed {
+        window: u64,
+    },
     /// Policies from the peer pairs observed within `window` seconds (`tollgate advise`).
     Advise {
         window: u64,
@@ -55,7 +59,13 @@ pub enum Response {
     Mode(ModeChange),
     Flows(Flows),
     Advice(crate::compile::advise::Advice),
-    Error { message: String },
+    /// (A struct variant: an internally tagged enum cannot hold a bare list.)
+    Observed {
+        flows: Vec<crate::compile::advise::ObservedFlow>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Packets and bytes of one direction by verdict.

@@ -1,0 +1,200 @@
+//! The observed service graph as Graphviz DOT (`tollgate graph`): workloads grouped by
+//! namespace, `world` and the node as their own nodes, one edge per peer pair and verdict
+//! labelled with the ports and protocols, coloured by verdict.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::compile::advise::ObservedFlow;
+
+/// Verdicts, worst last: a port seen both allowed and would-drop counts as would-drop.
+pub const VERDICTS: [&str; 3] = ["allowed", "would_drop", "dropped"];
+
+const COLOURS: [&str; 3] = ["#2e7d32", "#ef6c00", "#c62828"];
+
+/// Which edges to draw.
+#[derive(Clone, Debug, Default)]
+pub struct GraphFilter {
+    /// Only edges with an end in one of these namespaces (all when empty).
+    pub namespaces: Vec<String>,
+    /// Only edges of these verdicts (all when empty).
+    pub verdicts: Vec<String>,
+}
+
+/// The worst verdict a record saw (index into `VERDICTS`).
+fn worst(flow: &ObservedFlow) -> usize {
+    (0..3).rev().find(|v| flow.packets[*v] > 0).unwrap_or(0)
+}
+
+fn node_id(namespace: &str, workload: &str) -> String {
+    match (namespace, workload) {
+        ("world", "world") => "world".into(),
+        ("host", "host") => "host".into(),
+        _ => format!("{namespace}/{workload}"),
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The DOT text of the observed flows that pass `filter`.
+pub fn dot(observed: &[ObservedFlow], filter: &GraphFilter) -> String {
+    // The same flow is seen at both of its ends: one verdict per (pair, port), the worst.
+    let mut ports: BTreeMap<(String, String, String, u16), usize> = BTreeMap::new();
+    for f in observed {
+        let key = (
+            node_id(&f.src_namespace, &f.src_workload),
+            node_id(&f.dst_namespace, &f.dst_workload),
+            f.protocol.clone(),
+            f.port,
+        );
+        let v = ports.entry(key).or_insert(0);
+        *v = (*v).max(worst(f));
+    }
+    let in_namespaces = |id: &str| {
+        filter.namespaces.is_empty()
+            || filter
+                .namespaces
+                .iter()
+                .any(|ns| id.split_once('/').is_some_and(|(n, _)| n == ns))
+    };
+    // (src, dst, verdict) -> "port/protocol" labels.
+    let mut edges: BTreeMap<(String, String, usize), Vec<String>> = BTreeMap::new();
+    for ((src, dst, protocol, port), verdict) in ports {
+        if !(in_namespaces(&src) || in_namespaces(&dst)) {
+            continue;
+        }
+        if !filter.verdicts.is_empty() && !filter.verdicts.iter().any(|v| v == VERDICTS[verdict]) {
+            continue;
+        }
+        let label = if port == 0 {
+            protocol
+        } else {
+            format!("{port}/{protocol}")
+        };
+        edges.entry((src, dst, verdict)).or_default().push(label);
+    }
+    let mut by_namespace: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut outside = BTreeSet::new();
+    for (src, dst, _) in edges.keys() {
+        for id in [src, dst] {
+            match id.split_once('/') {
+                Some((ns, _)) => {
+                    by_namespace
+                        .entry(ns.into())
+                        .or_default()
+                        .insert(id.clone());
+                }
+                None => {
+                    outside.insert(id.clone());
+                }
+            }
+        }
+    }
+    let mut out = String::from(
+        "digraph tollgate {\n  graph [rankdir=LR, fontname=\"Helvetica\", labelloc=t, label=\"Observed traffic (green: allowed, orange: would_drop, red: dropped)\"];\n  node [shape=box, style=\"rounded,filled\", fillcolor=\"#f5f5f5\", fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n",
+    );
+    for (ns, ids) in &by_namespace {
+        out += &format!(
+            "  subgraph {} {{\n    label={};\n    style=\"rounded\";\n",
+            quote(&format!("cluster_{ns}")),
+            quote(ns)
+        );
+        for id in ids {
+            let name = id.split_once('/').map_or(id.as_str(), |(_, w)| w);
+            out += &format!("    {} [label={}];\n", quote(id), quote(name));
+        }
+        out += "  }\n";
+    }
+    for id in &outside {
+        let label = if id == "world" {
+            "world (outside the cluster)"
+        } else {
+            "the node"
+        };
+        out += &format!("  {} [label={}, shape=ellipse];\n", quote(id), quote(label));
+    }
+    for ((src, dst, verdict), labels) in &edges {
+        out += &format!(
+            "  {} -> {} [label={}, color={}, fontcolor={}, tooltip={}];\n",
+            quote(src),
+            quote(dst),
+            quote(&labels.join(", ")),
+            quote(COLOURS[*verdict]),
+            quote(COLOURS[*verdict]),
+            quote(VERDICTS[*verdict])
+        );
+    }
+    out += "}\n";
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(direction: &str, src: &str, dst: &str, port: u16, packets: [u64; 3]) -> ObservedFlow {
+        let split = |s: &str| {
+            let (a, b) = s.split_once('/').unwrap_or((s, s));
+            (a.to_string(), b.to_string())
+        };
+        let (src_namespace, src_workload) = split(src);
+        let (dst_namespace, dst_workload) = split(dst);
+        ObservedFlow {
+            direction: direction.into(),
+            src_namespace,
+            src_workload,
+            dst_namespace,
+            dst_workload,
+            protocol: "tcp".into(),
+            port,
+            first_seen: 1,
+            last_seen: 1,
+            packets,
+        }
+    }
+
+    #[test]
+    fn one_edge_per_pair_and_verdict_with_its_ports_grouped_by_namespace() {
+        let observed = [
+            // Seen at both ends: one edge, the worst verdict (ingress would-drop).
+            flow("egress", "shop/web", "shop/db", 5432, [5, 0, 0]),
+            flow("ingress", "shop/web", "shop/db", 5432, [0, 5, 0]),
+            flow("egress", "shop/web", "shop/cache", 6379, [9, 0, 0]),
+            flow("egress", "shop/web", "shop/cache", 6380, [9, 0, 0]),
+            flow("egress", "shop/web", "world", 443, [3, 0, 0]),
+            flow("ingress", "ops/scraper", "shop/db", 9187, [0, 0, 2]),
+        ];
+        let d = dot(&observed, &GraphFilter::default());
+        let edges: Vec<&str> = d.lines().filter(|l| l.contains("->")).collect();
+        assert_eq!(
+            edges,
+            [
+                r##"  "ops/scraper" -> "shop/db" [label="9187/tcp", color="#c62828", fontcolor="#c62828", tooltip="dropped"];"##,
+                r##"  "shop/web" -> "shop/cache" [label="6379/tcp, 6380/tcp", color="#2e7d32", fontcolor="#2e7d32", tooltip="allowed"];"##,
+                r##"  "shop/web" -> "shop/db" [label="5432/tcp", color="#ef6c00", fontcolor="#ef6c00", tooltip="would_drop"];"##,
+                r##"  "shop/web" -> "world" [label="443/tcp", color="#2e7d32", fontcolor="#2e7d32", tooltip="allowed"];"##,
+            ]
+        );
+        assert!(d.contains("subgraph \"cluster_shop\""), "{d}");
+        assert!(d.contains("\"world\" [label=\"world (outside the cluster)\", shape=ellipse];"));
+
+        let filtered = dot(
+            &observed,
+            &GraphFilter {
+                namespaces: vec!["ops".into()],
+                verdicts: vec![],
+            },
+        );
+        assert_eq!(filtered.matches("->").count(), 1, "{filtered}");
+        let would = dot(
+            &observed,
+            &GraphFilter {
+                namespaces: vec![],
+                verdicts: vec!["would_drop".into(), "dropped".into()],
+            },
+        );
+        assert_eq!(would.matches("->").count(), 2, "{would}");
+        assert!(!would.contains("shop/cache"), "{would}");
+    }
+}
