@@ -99,6 +99,15 @@ pub enum Command {
         /// Also allow peers seen only as would-drops or drops.
         #[arg(long)]
         include_denied: bool,
+        /// policies (one NetworkPolicy per workload), rule-files (one file per allowed edge,
+        /// service.SRC/egress/service.DST.rule, written under --out DIR) or labels (one
+        /// identical ingress policy per destination selecting callers by an
+        /// egress.tollgate.io/NAMESPACE.WORKLOAD label, and the labels each caller needs).
+        #[arg(long, value_enum, default_value_t = AdviseStyle::Policies)]
+        style: AdviseStyle,
+        /// With --style rule-files: the directory to write the rule files to.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Admin socket of the running agent.
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
@@ -391,6 +400,8 @@ pub fn main() -> ExitCode {
             window,
             namespace,
             include_denied,
+            style,
+            out,
             admin_socket,
         } => advise(
             &admin_socket,
@@ -398,7 +409,13 @@ pub fn main() -> ExitCode {
             crate::compile::advise::AdviseOptions {
                 namespace,
                 include_denied,
+                style: match style {
+                    AdviseStyle::Policies => crate::compile::advise::Style::Policies,
+                    AdviseStyle::RuleFiles => crate::compile::advise::Style::RuleFiles,
+                    AdviseStyle::Labels => crate::compile::advise::Style::Labels,
+                },
             },
+            out.as_deref(),
         ),
         Command::Check {
             cluster_state,
@@ -427,6 +444,14 @@ pub enum Output {
 /// A duration as people write it: `90s`, `12h`, `7d`, `1h 30m`.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30m, 12h, 7d)"))
+}
+
+/// `advise --style`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdviseStyle {
+    Policies,
+    RuleFiles,
+    Labels,
 }
 
 /// Output formats of `check`.
@@ -885,7 +910,13 @@ fn advise(
     socket: &std::path::Path,
     window: std::time::Duration,
     options: crate::compile::advise::AdviseOptions,
+    out: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
+    let rule_files = options.style == crate::compile::advise::Style::RuleFiles;
+    if rule_files && out.is_none() {
+        eprintln!("tollgate: --style rule-files writes a directory: give it with --out DIR");
+        return Ok(ExitCode::from(2));
+    }
     let reply = admin::request(
         socket,
         &Request::Advise {
@@ -896,7 +927,27 @@ fn advise(
     let Response::Advice(advice) = expect_response(reply)? else {
         anyhow::bail!("unexpected reply");
     };
-    print!("{}", advice.yaml);
+    if rule_files {
+        let dir = out.expect("checked above");
+        for (path, content) in &advice.files {
+            let path = dir.join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("create {}", parent.display()))?;
+            }
+            std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
+            println!("{}", path.display());
+        }
+    } else {
+        print!("{}", advice.yaml);
+    }
+    for (workload, labels) in &advice.labels {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!(
+            "tollgate: label the pod template of {workload}: {}",
+            labels.join(" ")
+        );
+    }
     for note in &advice.notes {
         eprintln!("tollgate: {note}");
     }

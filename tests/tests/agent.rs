@@ -1109,6 +1109,41 @@ fn advised_policies_allow_the_observed_traffic_and_nothing_new() {
         "{err}"
     );
 
+    // The same advice as one rule file per edge, and as the label-per-destination design.
+    let rules = bank.dir.join("rules");
+    let out = agent.cli(&[
+        "advise",
+        "--style",
+        "rule-files",
+        "--out",
+        rules.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rule =
+        std::fs::read_to_string(rules.join("service.bank.pot-0/egress/service.bank.ledger.rule"))
+            .expect("the pot's edge to the ledger");
+    assert!(
+        rule.contains("ports: [{protocol: UDP, port: 8080}]"),
+        "{rule}"
+    );
+    let out = agent.cli(&["advise", "--style", "labels"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    let labels_yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        labels_yaml.contains("egress.tollgate.io/bank.ledger: \"true\""),
+        "{labels_yaml}"
+    );
+    assert!(
+        err.contains("label the pod template of bank/pot-0: egress.tollgate.io/bank.ledger=true"),
+        "{err}"
+    );
+    assert!(err.contains(": all allowed"), "{err}");
+
     // With the would-drop peer too, applied: the same traffic passes without a would-drop,
     // a flow never observed is one.
     let out = agent.cli(&["advise", "--include-denied", "--namespace", "bank"]);

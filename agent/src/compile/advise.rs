@@ -55,6 +55,23 @@ pub struct AdviseOptions {
     pub namespace: Option<String>,
     /// Also allow peers seen only as would_drop (or dropped).
     pub include_denied: bool,
+    #[serde(default)]
+    pub style: Style,
+}
+
+/// How the advice is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Style {
+    /// One NetworkPolicy per workload and direction seen.
+    #[default]
+    Policies,
+    /// One file per allowed edge, `service.SRC/egress/service.DST.rule` (SRC and DST as
+    /// `NAMESPACE.WORKLOAD`), besides the policies.
+    RuleFiles,
+    /// One identical ingress policy per destination, selecting its callers by the label
+    /// `egress.tollgate.io/NAMESPACE.WORKLOAD: "true"`, and the labels each caller needs.
+    Labels,
 }
 
 /// The advice: policies, and the proof that they allow what was observed.
@@ -69,6 +86,13 @@ pub struct Advice {
     pub denied: Vec<String>,
     /// What was left out and why.
     pub notes: Vec<String>,
+    /// `--style rule-files`: (relative path, content), one per edge.
+    #[serde(default)]
+    pub files: Vec<(String, String)>,
+    /// `--style labels`: the labels each caller workload (`NAMESPACE/WORKLOAD`) needs on its
+    /// pod template.
+    #[serde(default)]
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// The ports (protocol, port; 0 for ICMP) each peer used.
@@ -187,9 +211,117 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         advice.policies.push(format!("{namespace}/{name}"));
     }
 
+    // In-cluster edges (caller, callee) with their ports, for the other styles.
+    let mut edges: BTreeMap<((String, String), (String, String)), BTreeSet<(String, u16)>> =
+        BTreeMap::new();
+    for flow in &replay {
+        edges
+            .entry((
+                (flow.src_namespace.clone(), flow.src_workload.clone()),
+                (flow.dst_namespace.clone(), flow.dst_workload.clone()),
+            ))
+            .or_default()
+            .insert((flow.protocol.clone(), flow.port));
+    }
+    let ports_yaml = |ports: &BTreeSet<(String, u16)>| {
+        let ports: Vec<String> = ports
+            .iter()
+            .filter(|(p, _)| !p.starts_with("icmp"))
+            .map(|(p, n)| format!("{{protocol: {}, port: {n}}}", p.to_ascii_uppercase()))
+            .collect();
+        format!("[{}]", ports.join(", "))
+    };
+    let mut labelled = state.clone();
+    match options.style {
+        Style::Policies => {}
+        Style::RuleFiles => {
+            for (((sns, swl), (dns, dwl)), ports) in &edges {
+                if (sns.as_str(), swl.as_str()) == ("host", "host") {
+                    continue;
+                }
+                let name = |ns: &str, wl: &str| {
+                    if ns == "world" && wl == "world" {
+                        "world".to_string()
+                    } else {
+                        format!("service.{ns}.{wl}")
+                    }
+                };
+                advice.files.push((
+                    format!("{}/egress/{}.rule", name(sns, swl), name(dns, dwl)),
+                    format!(
+                        "# {sns}/{swl} may call {dns}/{dwl} (observed; tollgate advise --style rule-files)\nsource: {{namespace: {sns}, workload: {swl}}}\ndestination: {{namespace: {dns}, workload: {dwl}}}\nports: {}\n",
+                        ports_yaml(ports)
+                    ),
+                ));
+            }
+        }
+        Style::Labels => {
+            // One identical ingress policy per destination; callers carry its label.
+            let mut callers: BTreeMap<(String, String), BTreeSet<(String, u16)>> = BTreeMap::new();
+            let mut yaml = String::new();
+            let mut policies = Vec::new();
+            for (((sns, swl), (dns, dwl)), ports) in &edges {
+                let outside =
+                    |ns: &str, wl: &str| matches!((ns, wl), ("world", "world") | ("host", "host"));
+                if outside(dns, dwl) || outside(sns, swl) {
+                    if outside(dns, dwl) && (dns.as_str(), dwl.as_str()) == ("world", "world") {
+                        advice.notes.push(format!(
+                            "left out (--style labels covers destinations in the cluster): {sns}/{swl} -> world"
+                        ));
+                    }
+                    continue;
+                }
+                let key = caller_label(dns, dwl);
+                advice
+                    .labels
+                    .entry(format!("{sns}/{swl}"))
+                    .or_default()
+                    .insert(key, "true".into());
+                callers
+                    .entry((dns.clone(), dwl.clone()))
+                    .or_default()
+                    .extend(ports.iter().cloned());
+            }
+            for ((dns, dwl), ports) in &callers {
+                let Some(pod) = pod_of(state, dns, dwl) else {
+                    continue;
+                };
+                let name = advised_name(state, dns, &format!("{dwl}-callers"));
+                if !yaml.is_empty() {
+                    yaml += "---\n";
+                }
+                let icmp = ports.iter().any(|(p, _)| p.starts_with("icmp"));
+                yaml += &format!(
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {dns}\n  annotations:\n    tollgate.io/advised-for: {dns}/{dwl}\nspec:\n  podSelector:\n    matchLabels: {}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{{}: \"true\"}}}}}}]\n{}",
+                    flow_map(&stable_selector(state, pod)),
+                    caller_label(dns, dwl),
+                    if icmp {
+                        "    # ICMP was observed: only a rule without ports allows it\n".to_string()
+                    } else {
+                        format!("    ports: {}\n", ports_yaml(ports))
+                    }
+                );
+                policies.push(format!("{dns}/{name}"));
+            }
+            advice.yaml = yaml;
+            advice.policies = policies;
+            // The proof runs with the callers labelled.
+            for (workload, labels) in &advice.labels {
+                let (ns, wl) = workload.split_once('/').expect("NAMESPACE/WORKLOAD");
+                for pod in labelled.pods.values_mut() {
+                    if pod.namespace == ns && (pod.workload == wl || pod.name == wl) {
+                        for (k, v) in labels {
+                            pod.labels.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     // The replay runs what `kubectl apply` would get: the YAML, read back by the same
     // parser as the cluster state.
-    let mut with_advice = state.clone();
+    let mut with_advice = labelled;
     let parsed = crate::sources::files::parse_file(&advice.yaml, std::path::Path::new("advice"))
         .map_err(|e| e.to_string())
         .and_then(|objects| {
@@ -292,6 +424,21 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         }
     }
     advice
+}
+
+/// The label that lets a workload call `NAMESPACE/WORKLOAD` in `--style labels`; a name
+/// longer than a label allows is cut and ended with a hash of the whole.
+fn caller_label(namespace: &str, workload: &str) -> String {
+    let name = format!("{namespace}.{workload}");
+    let name = if name.len() <= 63 {
+        name
+    } else {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        format!("{}-{:08x}", &name[..54], h.finish() as u32)
+    };
+    format!("egress.tollgate.io/{name}")
 }
 
 /// A pod of a workload (or the pod of that name): its labels stand for the workload's.
@@ -578,5 +725,98 @@ status: {podIP: 10.0.1.1}
             },
         );
         assert!(only_ops.policies.is_empty());
+    }
+
+    #[test]
+    fn rule_files_name_each_edge_and_labels_give_one_policy_per_destination() {
+        let state = state(SHOP);
+        let observed = [
+            flow(
+                "ingress",
+                ("shop", "web"),
+                ("shop", "db-0"),
+                5432,
+                [10, 0, 0],
+            ),
+            flow(
+                "egress",
+                ("shop", "web"),
+                ("shop", "db-0"),
+                5432,
+                [10, 0, 0],
+            ),
+            flow(
+                "ingress",
+                ("ops", "scraper-0"),
+                ("shop", "db-0"),
+                9187,
+                [4, 0, 0],
+            ),
+            flow(
+                "egress",
+                ("shop", "web"),
+                ("world", "world"),
+                443,
+                [7, 0, 0],
+            ),
+        ];
+        let files = advise(
+            &state,
+            &observed,
+            &AdviseOptions {
+                style: Style::RuleFiles,
+                ..Default::default()
+            },
+        );
+        let paths: Vec<&str> = files.files.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "service.ops.scraper-0/egress/service.shop.db-0.rule",
+                "service.shop.web/egress/service.shop.db-0.rule",
+                "service.shop.web/egress/world.rule",
+            ]
+        );
+        let rule: serde_json::Value = serde_norway::from_str(&files.files[1].1).unwrap();
+        assert_eq!(
+            rule["ports"],
+            serde_json::json!([{"protocol": "TCP", "port": 5432}])
+        );
+        assert!(files.denied.is_empty(), "{:?}", files.denied);
+
+        let labels = advise(
+            &state,
+            &observed,
+            &AdviseOptions {
+                style: Style::Labels,
+                ..Default::default()
+            },
+        );
+        assert_eq!(labels.policies, ["shop/db-0-callers-observed"]);
+        let policy: serde_json::Value = serde_norway::from_str(&labels.yaml).unwrap();
+        assert_eq!(
+            policy["spec"]["ingress"][0]["from"],
+            serde_json::json!([{"namespaceSelector": {}, "podSelector": {"matchLabels": {"egress.tollgate.io/shop.db-0": "true"}}}])
+        );
+        assert_eq!(
+            policy["spec"]["ingress"][0]["ports"],
+            serde_json::json!([{"protocol": "TCP", "port": 5432}, {"protocol": "TCP", "port": 9187}])
+        );
+        let wants = |w: &str| labels.labels[w].clone();
+        assert_eq!(
+            wants("shop/web"),
+            BTreeMap::from([(
+                "egress.tollgate.io/shop.db-0".to_string(),
+                "true".to_string()
+            )])
+        );
+        assert!(labels.labels.contains_key("ops/scraper-0"));
+        // Proven with the callers labelled: the database's ingress allows both.
+        assert!(labels.denied.is_empty(), "{:?}", labels.denied);
+        assert!(
+            labels.notes.iter().any(|n| n.contains("shop/web -> world")),
+            "{:?}",
+            labels.notes
+        );
     }
 }
