@@ -16,7 +16,7 @@ use super::{
     eval::{Endpoint, Evaluator},
     explain::stable_selector,
     model::{ClusterState, PodInfo},
-    policy,
+    policy::{self, PodKey},
 };
 
 /// A peer pair the agent observed, at workload level (as `tollgate_flow_packets_total` names
@@ -212,8 +212,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     }
 
     // In-cluster edges (caller, callee) with their ports, for the other styles.
-    let mut edges: BTreeMap<((String, String), (String, String)), BTreeSet<(String, u16)>> =
-        BTreeMap::new();
+    let mut edges: BTreeMap<(PodKey, PodKey), BTreeSet<(String, u16)>> = BTreeMap::new();
     for flow in &replay {
         edges
             .entry((
