@@ -108,6 +108,15 @@ pub enum Command {
         /// With --style rule-files: the directory to write the rule files to.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Advise for the whole cluster from the tollgate_flow_packets_total series the
+        /// Prometheus at this URL (http://HOST:PORT) scraped from every node over --window,
+        /// instead of this node's agent; needs --cluster-state for the labels and policies.
+        #[arg(long, value_name = "URL", requires = "cluster_state")]
+        prometheus: Option<String>,
+        /// With --prometheus: the cluster state to advise with (file or directory of
+        /// Kubernetes YAML, e.g. `kubectl get ns,pods,netpol -A -o yaml`).
+        #[arg(long, requires = "prometheus")]
+        cluster_state: Option<PathBuf>,
         /// Admin socket of the running agent.
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
@@ -136,6 +145,11 @@ pub enum Command {
         /// Write here instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Draw the whole cluster from the tollgate_flow_packets_total series the
+        /// Prometheus at this URL (http://HOST:PORT) scraped from every node, instead of
+        /// this node's agent.
+        #[arg(long, value_name = "URL")]
+        prometheus: Option<String>,
         /// Admin socket of the running agent.
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
@@ -385,9 +399,10 @@ pub fn main() -> ExitCode {
             verdict,
             output,
             out,
+            prometheus,
             admin_socket,
         } => graph(
-            &admin_socket,
+            Record::of(&admin_socket, prometheus.as_deref()),
             window,
             crate::graph::GraphFilter {
                 namespaces: namespace,
@@ -402,9 +417,17 @@ pub fn main() -> ExitCode {
             include_denied,
             style,
             out,
+            prometheus,
+            cluster_state,
             admin_socket,
         } => advise(
-            &admin_socket,
+            match (prometheus.as_deref(), cluster_state.as_deref()) {
+                (Some(url), Some(state)) => Record::Prometheus {
+                    url,
+                    state: Some(state),
+                },
+                _ => Record::of(&admin_socket, None),
+            },
             window,
             crate::compile::advise::AdviseOptions {
                 namespace,
@@ -857,23 +880,56 @@ pub fn missing_namespace_warnings(state: &crate::compile::model::ClusterState) -
     out
 }
 
+/// Where the observed-flow record comes from.
+enum Record<'a> {
+    /// This node's agent.
+    Agent(&'a std::path::Path),
+    /// Every node's series in Prometheus; the cluster state to advise with.
+    Prometheus {
+        url: &'a str,
+        state: Option<&'a std::path::Path>,
+    },
+}
+
+impl<'a> Record<'a> {
+    fn of(socket: &'a std::path::Path, prometheus: Option<&'a str>) -> Record<'a> {
+        match prometheus {
+            Some(url) => Record::Prometheus { url, state: None },
+            None => Record::Agent(socket),
+        }
+    }
+
+    fn observed(
+        &self,
+        window: std::time::Duration,
+    ) -> anyhow::Result<Vec<crate::compile::advise::ObservedFlow>> {
+        match self {
+            Record::Agent(socket) => {
+                let reply = admin::request(
+                    socket,
+                    &Request::Observed {
+                        window: window.as_secs(),
+                    },
+                )?;
+                let Response::Observed { flows } = expect_response(reply)? else {
+                    anyhow::bail!("unexpected reply");
+                };
+                Ok(flows)
+            }
+            Record::Prometheus { url, .. } => crate::prometheus::observed(url, window),
+        }
+    }
+}
+
 fn graph(
-    socket: &std::path::Path,
+    record: Record,
     window: std::time::Duration,
     filter: crate::graph::GraphFilter,
     format: &str,
     out: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     use std::io::Write as _;
-    let reply = admin::request(
-        socket,
-        &Request::Observed {
-            window: window.as_secs(),
-        },
-    )?;
-    let Response::Observed { flows: observed } = expect_response(reply)? else {
-        anyhow::bail!("unexpected reply");
-    };
+    let observed = record.observed(window)?;
     let dot = crate::graph::dot(&observed, &filter);
     let bytes = if format == "dot" {
         dot.into_bytes()
@@ -907,7 +963,7 @@ fn graph(
 }
 
 fn advise(
-    socket: &std::path::Path,
+    record: Record,
     window: std::time::Duration,
     options: crate::compile::advise::AdviseOptions,
     out: Option<&std::path::Path>,
@@ -917,15 +973,36 @@ fn advise(
         eprintln!("tollgate: --style rule-files writes a directory: give it with --out DIR");
         return Ok(ExitCode::from(2));
     }
-    let reply = admin::request(
-        socket,
-        &Request::Advise {
-            window: window.as_secs(),
-            options,
-        },
-    )?;
-    let Response::Advice(advice) = expect_response(reply)? else {
-        anyhow::bail!("unexpected reply");
+    let advice = match &record {
+        Record::Agent(socket) => {
+            let reply = admin::request(
+                socket,
+                &Request::Advise {
+                    window: window.as_secs(),
+                    options,
+                },
+            )?;
+            let Response::Advice(advice) = expect_response(reply)? else {
+                anyhow::bail!("unexpected reply");
+            };
+            advice
+        }
+        Record::Prometheus { state, .. } => {
+            let path = state.expect("clap requires --cluster-state with --prometheus");
+            if !path.exists() {
+                eprintln!(
+                    "tollgate: cluster state {}: no such file or directory",
+                    path.display()
+                );
+                return Ok(ExitCode::from(2));
+            }
+            let loaded = crate::sources::FileSource::new(path).load();
+            for e in &loaded.errors {
+                eprintln!("tollgate: rejected {e}");
+            }
+            let observed = record.observed(window)?;
+            crate::compile::advise::advise(&loaded.state, &observed, &options)
+        }
     };
     if rule_files {
         let dir = out.expect("checked above");

@@ -16,6 +16,7 @@ pub mod graph;
 pub mod maps;
 pub mod metrics;
 pub mod pins;
+pub mod prometheus;
 pub mod reconcile;
 pub mod recorder;
 pub mod sources;

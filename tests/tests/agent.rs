@@ -884,6 +884,69 @@ fn prometheus_scrapes_what_the_traffic_was() {
                 },
             );
         }
+
+        // Cluster-wide advice and graph from what Prometheus scraped (every node's series).
+        let in_node = |args: &[&str]| {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &node,
+                    tollgate_tests::agent::tollgate_bin(),
+                ])
+                .args(args)
+                .output()
+                .expect("run tollgate in the node")
+        };
+        let url = "http://127.0.0.1:19090";
+        let state = agent.cluster_state.to_str().unwrap();
+        let out = in_node(&[
+            "advise",
+            "--prometheus",
+            url,
+            "--cluster-state",
+            state,
+            "--window",
+            "1h",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        let yaml = String::from_utf8(out.stdout).unwrap();
+        let docs: Vec<serde_json::Value> = yaml
+            .split("---\n")
+            .map(|d| serde_norway::from_str(d).expect("advice YAML"))
+            .collect();
+        let ledger = docs
+            .iter()
+            .find(|d| d["metadata"]["name"] == "ledger-observed")
+            .unwrap_or_else(|| panic!("{yaml}"));
+        assert_eq!(
+            ledger["spec"]["ingress"],
+            serde_json::json!([{"from": [{"podSelector": {"matchLabels": {"app": "pot"}}}], "ports": [{"protocol": "UDP", "port": 8080}]}]),
+            "{yaml}"
+        );
+        assert!(
+            err.contains("left out (seen only denied; --include-denied allows it): ingress bank/frontend-0 -> bank/ledger 8080/udp"),
+            "{err}"
+        );
+        assert!(err.contains(": all allowed"), "{err}");
+        let out = in_node(&["graph", "--prometheus", url, "--window", "1h"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dot = String::from_utf8(out.stdout).unwrap();
+        let edges: Vec<&str> = dot.lines().filter(|l| l.contains("->")).collect();
+        assert_eq!(
+            edges,
+            [
+                r##"  "bank/frontend-0" -> "bank/ledger" [label="8080/udp", color="#ef6c00", fontcolor="#ef6c00", tooltip="would_drop"];"##,
+                r##"  "bank/pot-0" -> "bank/ledger" [label="8080/udp", color="#2e7d32", fontcolor="#2e7d32", tooltip="allowed"];"##,
+                r##"  "monitoring/prometheus-0" -> "bank/ledger" [label="icmp", color="#ef6c00", fontcolor="#ef6c00", tooltip="would_drop"];"##,
+            ],
+            "{dot}"
+        );
     }));
     let _ = prom.kill();
     let _ = prom.wait();

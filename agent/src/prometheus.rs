@@ -1,0 +1,206 @@
+//! Reading the cluster's record from Prometheus (`advise --prometheus`, `graph
+//! --prometheus`): the `tollgate_flow_packets_total` series every node's agent exported,
+//! over a window. A plain HTTP/1.1 client: one query, one answer.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{TcpStream, ToSocketAddrs as _},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::compile::advise::ObservedFlow;
+
+/// The labels `tollgate_flow_packets_total` is summed by.
+const PAIR_LABELS: &str =
+    "direction, verdict, src_namespace, src_workload, dst_namespace, dst_workload, protocol, port";
+
+/// The peer pairs every agent scraped into Prometheus at `url` saw within `window`: pairs
+/// whose packets grew in it, or whose series appeared in it.
+pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>> {
+    let w = format!("{}s", window.as_secs().max(1));
+    let series = "tollgate_flow_packets_total";
+    let query = format!(
+        "sum by ({PAIR_LABELS}) ((increase({series}[{w}]) > 0) or (last_over_time({series}[{w}]) unless last_over_time({series}[{w}] offset {w})))"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut flows: BTreeMap<Vec<String>, ObservedFlow> = BTreeMap::new();
+    for (labels, value) in query_vector(url, &query)? {
+        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        let key = [
+            "direction",
+            "src_namespace",
+            "src_workload",
+            "dst_namespace",
+            "dst_workload",
+            "protocol",
+            "port",
+        ]
+        .map(get)
+        .to_vec();
+        let flow = flows.entry(key).or_insert_with(|| ObservedFlow {
+            direction: get("direction"),
+            src_namespace: get("src_namespace"),
+            src_workload: get("src_workload"),
+            dst_namespace: get("dst_namespace"),
+            dst_workload: get("dst_workload"),
+            protocol: get("protocol"),
+            port: get("port").parse().unwrap_or(0),
+            // Prometheus knows the window, not the first packet.
+            first_seen: now.saturating_sub(window.as_secs()),
+            last_seen: now,
+            packets: [0; 3],
+        });
+        let verdict = match get("verdict").as_str() {
+            "would_drop" => 1,
+            "dropped" => 2,
+            _ => 0,
+        };
+        flow.packets[verdict] += value.round().max(0.0) as u64;
+    }
+    Ok(flows
+        .into_values()
+        .filter(|f| f.packets != [0; 3])
+        .collect())
+}
+
+/// Runs an instant query; the series of its vector answer with their values.
+pub fn query_vector(
+    url: &str,
+    promql: &str,
+) -> anyhow::Result<Vec<(BTreeMap<String, String>, f64)>> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        anyhow!("{url}: give Prometheus as http://HOST:PORT (https is not supported)")
+    })?;
+    let (authority, prefix) = match rest.split_once('/') {
+        Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
+        None => (rest, String::new()),
+    };
+    let prefix = prefix.trim_end_matches('/');
+    let address = authority
+        .to_socket_addrs()
+        .with_context(|| format!("resolve {authority}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{authority}: no address"))?;
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(10))
+        .with_context(|| format!("connect to Prometheus at {url}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let encoded: String = promql
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    write!(
+        stream,
+        "GET {prefix}/api/v1/query?query={encoded} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .context("read Prometheus's answer")?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("Prometheus answered no HTTP message"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let body = &raw[end + 4..];
+    let status_line = head.lines().next().unwrap_or_default();
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
+    let answer: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("Prometheus answered {status_line} with no JSON"))?;
+    if answer["status"] != "success" {
+        bail!(
+            "Prometheus refused the query ({status_line}): {}",
+            answer["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    let results = answer["data"]["result"]
+        .as_array()
+        .ok_or_else(|| anyhow!("Prometheus answered no vector"))?;
+    let mut out = Vec::new();
+    for r in results {
+        let labels = r["metric"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let value = r["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("a series without a value: {r}"))?;
+        out.push((labels, value));
+    }
+    Ok(out)
+}
+
+/// The body of a chunked HTTP/1.1 message.
+fn dechunk(body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    loop {
+        let line = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("a chunk without its size"))?;
+        let size = std::str::from_utf8(&rest[..line])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
+            .ok_or_else(|| anyhow!("a chunk size that is not one"))?;
+        let after = &rest[line + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after
+            .get(..size)
+            .ok_or_else(|| anyhow!("a chunk shorter than it says"))?;
+        out.extend_from_slice(chunk);
+        rest = after
+            .get(size..)
+            .and_then(|r| r.strip_prefix(b"\r\n"))
+            .ok_or_else(|| anyhow!("a chunk without its end"))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_put_back_together_and_bad_ones_refused() {
+        assert_eq!(
+            dechunk(b"5\r\nhello\r\n7;x=1\r\n, world\r\n0\r\n\r\n").unwrap(),
+            b"hello, world"
+        );
+        assert!(dechunk(b"9\r\nshort\r\n0\r\n\r\n").is_err());
+        assert!(dechunk(b"zz\r\nx\r\n").is_err());
+    }
+
+    #[test]
+    fn only_plain_http_urls_are_taken() {
+        let err = query_vector("https://prom:9090", "up")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https is not supported"), "{err}");
+    }
+}
