@@ -255,6 +255,11 @@ pub struct RunArgs {
     /// tollgate_flow_series_overflow_total.
     #[arg(long, default_value_t = 10000)]
     pub max_flow_series: usize,
+    /// Once --max-flow-series is reached, a new series takes the place of the one idle
+    /// longest if it has been idle this long (a port scan's series give way to live
+    /// traffic); one that comes back continues from its last value.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub flow_series_idle: std::time::Duration,
     /// Detach every program and remove the pins when the agent stops (uninstall:
     /// `kubectl set env daemonset/tollgate TOLLGATE_DETACH_ON_EXIT=true` before deleting it).
     #[arg(long, env = "TOLLGATE_DETACH_ON_EXIT")]
@@ -1104,6 +1109,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         log_rate: args.log_rate,
         log_burst: args.log_burst,
         max_flow_series: args.max_flow_series,
+        flow_series_idle: args.flow_series_idle,
         detach_on_exit: args.detach_on_exit,
         reset_state: args.reset_state,
         node_name,

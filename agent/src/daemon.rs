@@ -66,6 +66,7 @@ pub struct RunOptions {
     pub log_rate: u32,
     pub log_burst: u32,
     pub max_flow_series: usize,
+    pub flow_series_idle: Duration,
     pub detach_on_exit: bool,
     pub reset_state: bool,
     pub node_name: String,
@@ -224,8 +225,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     rec.overrides = Overrides::load(&options.state_dir.join("overrides.json"))?;
 
     let log = Arc::new(FlowLogStats::default());
-    let (observer, persisted_errors) =
-        Observer::new(readers, &options.state_dir, options.max_flow_series, &log);
+    let (observer, persisted_errors) = Observer::new(
+        readers,
+        &options.state_dir,
+        options.max_flow_series,
+        options.flow_series_idle,
+        &log,
+    );
     let policy_errors = Arc::new(AtomicU64::new(persisted_errors));
     let occupancy_task = tokio::spawn(crate::flows::count_occupancy(
         occupancy_readers,

@@ -1293,3 +1293,79 @@ fn the_graph_of_observed_traffic_has_exactly_its_edges_and_renders() {
         "an edge: {svg}"
     );
 }
+
+/// With --max-flow-series reached, a new series takes the place of the one idle longest
+/// (a scan cannot hold the series for good), and one that comes back continues from its
+/// last value (counters never go backwards).
+#[test]
+fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
+    let bank = bank("series-idle");
+    let agent = bank.start(&["--max-flow-series", "4", "--flow-series-idle", "1s"]);
+    let ledger = bank.ledger.addr(false);
+    let series = |m: &str, src: &str, verdict: &str, direction: &str| {
+        sample(
+            m,
+            "tollgate_flow_packets_total",
+            &[
+                ("src_workload", src),
+                ("dst_workload", "ledger"),
+                ("verdict", verdict),
+                ("direction", direction),
+            ],
+        )
+    };
+    assert_eq!(
+        traffic::udp(&bank.pot, ledger, 8080, 3, 64, PATIENT).echoed,
+        3
+    );
+    bank.lab.settle();
+    let m = agent.metrics_text();
+    assert_eq!(series(&m, "pot-0", "allowed", "ingress"), Some(6.0), "{m}");
+    assert_eq!(
+        traffic::udp(&bank.frontend, ledger, 8080, 2, 64, PATIENT).echoed,
+        2
+    );
+    bank.lab.settle();
+    let m = agent.metrics_text();
+    assert_eq!(
+        series(&m, "frontend-0", "would_drop", "ingress"),
+        Some(4.0),
+        "{m}"
+    );
+    assert_eq!(
+        m.matches("tollgate_flow_packets_total{").count(),
+        4,
+        "full: {m}"
+    );
+
+    // Idle longer than 1s: the pot's series (the oldest) give way to the pings'.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(traffic::ping(&bank.prometheus, ledger, 2), 2);
+    bank.lab.settle();
+    let m = agent.metrics_text();
+    assert_eq!(
+        series(&m, "prometheus-0", "would_drop", "ingress"),
+        Some(4.0),
+        "{m}"
+    );
+    assert_eq!(
+        series(&m, "pot-0", "allowed", "ingress"),
+        None,
+        "given way: {m}"
+    );
+    assert_eq!(m.matches("tollgate_flow_packets_total{").count(), 4, "{m}");
+    assert_eq!(
+        sample(&m, "tollgate_flow_series_overflow_total", &[]),
+        Some(0.0),
+        "nothing lost to overflow: {m}"
+    );
+
+    // The pot again: its series comes back where it was, and goes on.
+    assert_eq!(
+        traffic::udp(&bank.pot, ledger, 8080, 1, 64, PATIENT).echoed,
+        1
+    );
+    bank.lab.settle();
+    let m = agent.metrics_text();
+    assert_eq!(series(&m, "pot-0", "allowed", "ingress"), Some(8.0), "{m}");
+}

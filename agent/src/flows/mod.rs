@@ -56,6 +56,9 @@ struct Persisted {
     /// adds only what came after.
     #[serde(default)]
     pod_would_drops: BTreeMap<String, u64>,
+    /// Flow series given up for new ones, with their values (`Observer::retired`).
+    #[serde(default)]
+    retired_series: Vec<(Vec<String>, u64)>,
     /// Peer pairs seen, with when (`tollgate advise`), at most `OBSERVED_CAPACITY`.
     #[serde(default)]
     observed: Vec<ObservedFlow>,
@@ -273,6 +276,13 @@ pub struct Observer {
     max_flow_series: usize,
     persisted: Persisted,
     series: BTreeMap<Vec<String>, u64>,
+    /// When each series last grew: once `max_flow_series` is reached, a new series takes
+    /// the place of the one idle longest (idle at least `series_idle`).
+    series_grew: HashMap<Vec<String>, std::time::Instant>,
+    series_idle: std::time::Duration,
+    /// Values of series given up for new ones (at most `max_flow_series`): a series that
+    /// comes back continues from there, never backwards.
+    retired: BTreeMap<Vec<String>, u64>,
     last_seen: HashMap<[u32; 7], u64>,
     /// Peer pairs counted in direct-mapped buckets (`FLOW_SERIES`), by bucket.
     buckets: HashMap<u32, SeriesBucket>,
@@ -291,6 +301,7 @@ impl Observer {
         readers: MapReaders,
         state_dir: &std::path::Path,
         max_flow_series: usize,
+        series_idle: std::time::Duration,
         log: &FlowLogStats,
     ) -> (Observer, u64) {
         let state_file = state_dir.join("state.json");
@@ -336,6 +347,13 @@ impl Observer {
             readers,
             state_file,
             max_flow_series,
+            series_grew: persisted
+                .flow_series
+                .iter()
+                .map(|(l, _)| (l.clone(), std::time::Instant::now()))
+                .collect(),
+            series_idle,
+            retired: persisted.retired_series.iter().cloned().collect(),
             series: persisted.flow_series.iter().cloned().collect(),
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
             observed: persisted
@@ -360,6 +378,7 @@ impl Observer {
             .map(|(i, b)| (*i, key_array(&b.key), b.last))
             .collect();
         self.persisted.observed = self.observed.values().cloned().collect();
+        self.persisted.retired_series = self.retired.iter().map(|(k, v)| (k.clone(), *v)).collect();
         self.persisted.flow_log_written = log.written.load(Ordering::Relaxed);
         self.persisted.flow_log_lost = log.lost.load(Ordering::Relaxed);
         self.persisted.policy_errors = policy_errors;
@@ -495,13 +514,20 @@ impl Observer {
                 },
             ];
             self.observe(&labels, key.verdict, delta);
-            let series_count = self.series.len();
-            match self.series.get_mut(&labels) {
-                Some(v) => *v += delta,
-                None if series_count < self.max_flow_series => {
-                    self.series.insert(labels, delta);
-                }
-                None => self.persisted.flow_overflow += delta,
+            if let Some(v) = self.series.get_mut(&labels) {
+                *v += delta;
+                self.series_grew.insert(labels, now);
+                continue;
+            }
+            if self.series.len() >= self.max_flow_series {
+                self.retire_idle_series(now);
+            }
+            if self.series.len() < self.max_flow_series {
+                let from = self.retired.remove(&labels).unwrap_or(0);
+                self.series.insert(labels.clone(), from + delta);
+                self.series_grew.insert(labels, now);
+            } else {
+                self.persisted.flow_overflow += delta;
             }
         }
         // Would-drops per pod and workload, for `status`, the safe-to-flip check and the
@@ -564,6 +590,37 @@ impl Observer {
         self.persisted
             .last_would_drop
             .retain(|id, t| attached.contains(id) || *t >= oldest);
+    }
+
+    /// Makes room for a new flow series: the one idle longest goes, if it has been idle at
+    /// least `series_idle` (a port scan's series give way to live traffic), its value kept
+    /// in `retired` so it continues if it comes back.
+    fn retire_idle_series(&mut self, now: std::time::Instant) {
+        let idle = self
+            .series_grew
+            .iter()
+            .filter(|(l, _)| self.series.contains_key(*l))
+            .min_by_key(|(_, t)| **t)
+            .filter(|(_, t)| now.duration_since(**t) >= self.series_idle)
+            .map(|(l, _)| l.clone());
+        let Some(labels) = idle else {
+            return;
+        };
+        self.series_grew.remove(&labels);
+        if let Some(value) = self.series.remove(&labels) {
+            if self.retired.len() >= self.max_flow_series {
+                // Bounded too: the smallest go (their loss costs the least).
+                if let Some(smallest) = self
+                    .retired
+                    .iter()
+                    .min_by_key(|(_, v)| **v)
+                    .map(|(l, _)| l.clone())
+                {
+                    self.retired.remove(&smallest);
+                }
+            }
+            self.retired.insert(labels, value);
+        }
     }
 
     /// Adds packets of a flow series (labels in `SERIES_LABELS` order) to the observed-flow
