@@ -347,6 +347,10 @@ pub enum ModeAction {
         /// that would allow each, and changes nothing. A flip to log is never refused.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         if_quiet: Option<std::time::Duration>,
+        /// With --kubernetes --if-quiet: the Prometheus (http://HOST:PORT) that scrapes every
+        /// node's agent; the check covers every node's record through it.
+        #[arg(long, value_name = "URL", requires = "if_quiet")]
+        prometheus: Option<String>,
     },
     /// Remove the override of TARGET (as given to `set`); the next override in precedence,
     /// the annotations and --default-mode apply again.
@@ -1251,7 +1255,16 @@ fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode
             mode,
             reason,
             if_quiet,
-        } => (target, Some(mode), reason, if_quiet),
+            prometheus,
+        } => {
+            if prometheus.is_some() {
+                eprintln!(
+                    "tollgate: --prometheus is for --kubernetes; on a node, --if-quiet reads its agent's own record"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            (target, Some(mode), reason, if_quiet)
+        }
         ModeAction::Clear { target } => (target, None, None, None),
     };
     if let Err(e) = admin::Target::parse(&target) {
@@ -1313,16 +1326,34 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     if let ModeAction::Set {
-        if_quiet: Some(_), ..
+        if_quiet: Some(window),
+        prometheus,
+        mode: Mode::Drop,
+        ..
     } = &action
     {
-        eprintln!(
-            "tollgate: --if-quiet with --kubernetes would need every node's record, which this \
-             version cannot gather; run `tollgate mode set TARGET drop --if-quiet DURATION` \
-             against each node's agent, or watch \
-             tollgate_workload_last_would_drop_timestamp_seconds in Prometheus"
-        );
-        return Ok(ExitCode::from(2));
+        // Every node's record: the two per-workload gauges every agent exports.
+        let Some(url) = prometheus else {
+            eprintln!(
+                "tollgate: --if-quiet with --kubernetes checks every node's record through \
+                 Prometheus: give it with --prometheus http://HOST:PORT"
+            );
+            return Ok(ExitCode::from(2));
+        };
+        let parsed = admin::Target::parse(&target).expect("checked above");
+        match crate::prometheus::quiet(url, &parsed, *window)? {
+            Ok(_) => {}
+            Err(reasons) => {
+                let window = humantime::format_duration(*window);
+                eprintln!(
+                    "tollgate: refused: {target} is not safe to flip to drop (--if-quiet {window}, every node's record through {url}); nothing changed"
+                );
+                for r in reasons {
+                    eprintln!("  {r}");
+                }
+                return Ok(ExitCode::from(1));
+            }
+        }
     }
     let who = std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))

@@ -20,10 +20,9 @@ const PAIR_LABELS: &str =
 /// The peer pairs every agent scraped into Prometheus at `url` saw within `window`: pairs
 /// whose packets grew in it, or whose series appeared in it.
 pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>> {
-    let w = format!("{}s", window.as_secs().max(1));
-    let series = "tollgate_flow_packets_total";
     let query = format!(
-        "sum by ({PAIR_LABELS}) ((increase({series}[{w}]) > 0) or (last_over_time({series}[{w}]) unless last_over_time({series}[{w}] offset {w})))"
+        "sum by ({PAIR_LABELS}) ({})",
+        grew_within("tollgate_flow_packets_total", window)
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -67,6 +66,140 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
         .into_values()
         .filter(|f| f.packets != [0; 3])
         .collect())
+}
+
+/// The counters of `selector` that grew within `window`: their increase, or all of a series
+/// that appeared in it (Prometheus saw no sample before it, so `increase` alone misses it).
+fn grew_within(selector: &str, window: Duration) -> String {
+    let w = format!("{}s", window.as_secs().max(1));
+    format!(
+        "(increase({selector}[{w}]) > 0) or (last_over_time({selector}[{w}]) unless last_over_time({selector}[{w}] offset {w}))"
+    )
+}
+
+/// Whether the workloads `target` matches, on every node whose agent Prometheus scrapes,
+/// are safe to flip to drop: observed for at least `window` and no would-drop within it.
+/// `Err` holds what each lacks and the would-drop peer pairs within the window.
+pub fn quiet(
+    url: &str,
+    target: &crate::admin::Target,
+    window: Duration,
+) -> anyhow::Result<Result<Vec<String>, Vec<String>>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let observed = query_vector(url, "tollgate_workload_observed_since_timestamp_seconds")?;
+    let last = query_vector(url, "tollgate_workload_last_would_drop_timestamp_seconds")?;
+    let flows = query_vector(
+        url,
+        &format!(
+            "sum by ({PAIR_LABELS}) ({})",
+            grew_within("tollgate_flow_packets_total{verdict=\"would_drop\"}", window)
+        ),
+    )?;
+    Ok(quiet_decision(
+        now,
+        window.as_secs(),
+        target,
+        &observed,
+        &last,
+        &flows,
+    ))
+}
+
+/// The decision of `quiet`, from the series it read.
+fn quiet_decision(
+    now: u64,
+    window: u64,
+    target: &crate::admin::Target,
+    observed: &[(BTreeMap<String, String>, f64)],
+    last_would_drop: &[(BTreeMap<String, String>, f64)],
+    flows: &[(BTreeMap<String, String>, f64)],
+) -> Result<Vec<String>, Vec<String>> {
+    use crate::admin::Target;
+    let get = |l: &BTreeMap<String, String>, k: &str| l.get(k).cloned().unwrap_or_default();
+    // (namespace, workload) -> earliest observation; pod -> its workload.
+    let mut workloads: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut pods: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (l, t) in observed {
+        let (ns, pod, workload) = (get(l, "namespace"), get(l, "pod"), get(l, "workload"));
+        let matches = match target {
+            Target::All => true,
+            Target::Namespace(n) => *n == ns,
+            Target::Named(n, name) => *n == ns && (*name == pod || *name == workload),
+        };
+        if matches {
+            let since = workloads
+                .entry((ns.clone(), workload.clone()))
+                .or_insert(u64::MAX);
+            *since = (*since).min(*t as u64);
+            pods.insert((ns, pod), workload);
+        }
+    }
+    if workloads.is_empty() {
+        return Err(vec![format!(
+            "no agent reports a workload that {target} matches: nothing has been observed"
+        )]);
+    }
+    let mut last: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for (l, t) in last_would_drop {
+        if let Some(workload) = pods.get(&(get(l, "namespace"), get(l, "pod"))) {
+            let e = last
+                .entry((get(l, "namespace"), workload.clone()))
+                .or_insert(0);
+            *e = (*e).max(*t as u64);
+        }
+    }
+    let human = |s: u64| humantime::format_duration(Duration::from_secs(s)).to_string();
+    let mut reasons = Vec::new();
+    for ((ns, workload), since) in &workloads {
+        let observed_for = now.saturating_sub(*since);
+        if observed_for < window {
+            reasons.push(format!(
+                "{ns}/{workload}: observed for {} only, less than {}",
+                human(observed_for),
+                human(window)
+            ));
+        }
+        if let Some(t) = last.get(&(ns.clone(), workload.clone()))
+            && now.saturating_sub(*t) < window
+        {
+            reasons.push(format!(
+                "{ns}/{workload}: a would-drop within {}, the last {} ago",
+                human(window),
+                human(now.saturating_sub(*t))
+            ));
+        }
+    }
+    if reasons.is_empty() {
+        return Ok(workloads
+            .keys()
+            .map(|(ns, w)| format!("{ns}/{w}"))
+            .collect());
+    }
+    for (l, packets) in flows {
+        let ingress = get(l, "direction") == "ingress";
+        let local = if ingress {
+            (get(l, "dst_namespace"), get(l, "dst_workload"))
+        } else {
+            (get(l, "src_namespace"), get(l, "src_workload"))
+        };
+        if workloads.contains_key(&local) {
+            reasons.push(format!(
+                "  would-drop: {} {}/{} -> {}/{} {}/{} ({} packets)",
+                get(l, "direction"),
+                get(l, "src_namespace"),
+                get(l, "src_workload"),
+                get(l, "dst_namespace"),
+                get(l, "dst_workload"),
+                get(l, "port"),
+                get(l, "protocol"),
+                packets.round()
+            ));
+        }
+    }
+    Err(reasons)
 }
 
 /// Runs an instant query; the series of its vector answer with their values.
@@ -194,6 +327,110 @@ mod tests {
         );
         assert!(dechunk(b"9\r\nshort\r\n0\r\n\r\n").is_err());
         assert!(dechunk(b"zz\r\nx\r\n").is_err());
+    }
+
+    #[test]
+    fn the_cluster_check_refuses_new_or_noisy_workloads_and_accepts_quiet_ones() {
+        use crate::admin::Target;
+        let series = |labels: &[(&str, &str)], v: f64| {
+            (
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+                v,
+            )
+        };
+        let day = 86_400.0;
+        let now = 100.0 * day;
+        // bank/ledger on two nodes: the earliest observation counts; pot is new.
+        let observed = [
+            series(
+                &[
+                    ("namespace", "bank"),
+                    ("pod", "ledger-a"),
+                    ("workload", "ledger"),
+                ],
+                now - 10.0 * day,
+            ),
+            series(
+                &[
+                    ("namespace", "bank"),
+                    ("pod", "ledger-b"),
+                    ("workload", "ledger"),
+                ],
+                now - day,
+            ),
+            series(
+                &[("namespace", "bank"), ("pod", "pot-0"), ("workload", "pot")],
+                now - 3600.0,
+            ),
+        ];
+        let last = [series(
+            &[("namespace", "bank"), ("pod", "ledger-b")],
+            now - 2.0 * day,
+        )];
+        let flows = [series(
+            &[
+                ("direction", "ingress"),
+                ("src_namespace", "bank"),
+                ("src_workload", "pot"),
+                ("dst_namespace", "bank"),
+                ("dst_workload", "ledger"),
+                ("protocol", "tcp"),
+                ("port", "8080"),
+            ],
+            12.0,
+        )];
+        let ledger = Target::parse("bank/ledger").unwrap();
+        let (week, one_day) = (7 * 86_400, 86_400);
+        // A would-drop 2 days ago: not quiet for a week; the would-drop pairs are named.
+        let refused = quiet_decision(now as u64, week, &ledger, &observed, &last, &flows)
+            .expect_err("a would-drop within the week");
+        assert!(
+            refused[0].starts_with("bank/ledger: a would-drop within 7days, the last 2days ago"),
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|r| r
+                    .contains("would-drop: ingress bank/pot -> bank/ledger 8080/tcp (12 packets)")),
+            "{refused:?}"
+        );
+        // Quiet for a day, and observed for 10 (the earliest of its pods, any node).
+        assert_eq!(
+            quiet_decision(now as u64, one_day, &ledger, &observed, &last, &flows),
+            Ok(vec!["bank/ledger".to_string()])
+        );
+        // The whole namespace: pot has been observed for an hour only.
+        let refused = quiet_decision(
+            now as u64,
+            one_day,
+            &Target::parse("bank/*").unwrap(),
+            &observed,
+            &last,
+            &flows,
+        )
+        .expect_err("pot is new");
+        assert!(
+            refused
+                .iter()
+                .any(|r| r.starts_with("bank/pot: observed for 1h only")),
+            "{refused:?}"
+        );
+        // Nothing reported for the target: refused, never assumed quiet.
+        assert!(
+            quiet_decision(
+                now as u64,
+                one_day,
+                &Target::parse("shop/web").unwrap(),
+                &observed,
+                &last,
+                &flows
+            )
+            .is_err()
+        );
     }
 
     #[test]

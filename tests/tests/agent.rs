@@ -947,6 +947,31 @@ fn prometheus_scrapes_what_the_traffic_was() {
             ],
             "{dot}"
         );
+        // Safe to flip across the cluster, through the same Prometheus: the ledger was
+        // observed for seconds and had would-drops; refused before any API call.
+        let out = in_node(&[
+            "mode",
+            "set",
+            "bank/ledger",
+            "drop",
+            "--kubernetes",
+            "--if-quiet",
+            "1h",
+            "--prometheus",
+            url,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("every node's record through http://127.0.0.1:19090"),
+            "{err}"
+        );
+        assert!(err.contains("bank/ledger: observed for"), "{err}");
+        assert!(err.contains("bank/ledger: a would-drop within 1h"), "{err}");
+        assert!(
+            err.contains("would-drop: ingress bank/frontend-0 -> bank/ledger 8080/udp"),
+            "{err}"
+        );
     }));
     let _ = prom.kill();
     let _ = prom.wait();

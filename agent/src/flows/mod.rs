@@ -826,8 +826,12 @@ impl Observer {
                 s.last_would_drop.push((ns.clone(), name.clone(), t));
             }
             if let Some(r) = record {
-                s.observed_since
-                    .push((ns.clone(), name.clone(), r.observed_since));
+                s.observed_since.push((
+                    ns.clone(),
+                    name.clone(),
+                    w.workload.clone(),
+                    r.observed_since,
+                ));
             }
             s.degraded
                 .push((ns.clone(), name.clone(), w.degraded.is_some()));

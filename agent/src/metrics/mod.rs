@@ -23,8 +23,8 @@ pub struct Snapshot {
     pub isolated: Vec<(String, String, &'static str, bool)>,
     /// (namespace, pod, unix seconds).
     pub last_would_drop: Vec<(String, String, u64)>,
-    /// (namespace, pod, unix seconds its workload was first observed here).
-    pub observed_since: Vec<(String, String, u64)>,
+    /// (namespace, pod, workload, unix seconds its workload was first observed here).
+    pub observed_since: Vec<(String, String, String, u64)>,
     pub flow_log_written: u64,
     pub flow_log_rate_limited: u64,
     pub flow_log_lost: u64,
@@ -149,9 +149,12 @@ impl Snapshot {
             e,
             "tollgate_workload_observed_since_timestamp_seconds",
             "Unix time this node first observed the workload (any of its pods): how long its quiet has had to prove itself",
-            self.observed_since
-                .iter()
-                .map(|(ns, pod, t)| (labels(&[("namespace", ns), ("pod", pod)]), *t as i64)),
+            self.observed_since.iter().map(|(ns, pod, workload, t)| {
+                (
+                    labels(&[("namespace", ns), ("pod", pod), ("workload", workload)]),
+                    *t as i64,
+                )
+            }),
         )?;
         counter_family(
             e,
