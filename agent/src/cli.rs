@@ -260,6 +260,14 @@ pub struct RunArgs {
     /// traffic); one that comes back continues from its last value.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub flow_series_idle: std::time::Duration,
+    /// How long the records behind `advise`, `graph` and `--if-quiet` keep what they saw:
+    /// peer pairs, workloads gone from the node, hours of would-drops.
+    #[arg(long, default_value = "35d", value_parser = parse_duration)]
+    pub record_retention: std::time::Duration,
+    /// Peer pairs the observed-flow record holds at most (about 200 bytes each in memory
+    /// and in --state-dir); when full, those seen longest ago are forgotten first.
+    #[arg(long, default_value_t = 20_000)]
+    pub record_capacity: usize,
     /// Detach every program and remove the pins when the agent stops (uninstall:
     /// `kubectl set env daemonset/tollgate TOLLGATE_DETACH_ON_EXIT=true` before deleting it).
     #[arg(long, env = "TOLLGATE_DETACH_ON_EXIT")]
@@ -1114,6 +1122,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         log_burst: args.log_burst,
         max_flow_series: args.max_flow_series,
         flow_series_idle: args.flow_series_idle,
+        records: crate::flows::RecordLimits {
+            retention: args.record_retention,
+            capacity: args.record_capacity,
+        },
         detach_on_exit: args.detach_on_exit,
         reset_state: args.reset_state,
         node_name,

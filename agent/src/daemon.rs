@@ -67,6 +67,7 @@ pub struct RunOptions {
     pub log_burst: u32,
     pub max_flow_series: usize,
     pub flow_series_idle: Duration,
+    pub records: crate::flows::RecordLimits,
     pub detach_on_exit: bool,
     pub reset_state: bool,
     pub node_name: String,
@@ -230,6 +231,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         &options.state_dir,
         options.max_flow_series,
         options.flow_series_idle,
+        options.records,
         &log,
     );
     let policy_errors = Arc::new(AtomicU64::new(persisted_errors));

@@ -95,7 +95,10 @@ pub fn quiet(
         url,
         &format!(
             "sum by ({PAIR_LABELS}) ({})",
-            grew_within("tollgate_flow_packets_total{verdict=\"would_drop\"}", window)
+            grew_within(
+                "tollgate_flow_packets_total{verdict=\"would_drop\"}",
+                window
+            )
         ),
     )?;
     Ok(quiet_decision(

@@ -1394,3 +1394,38 @@ fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
     let m = agent.metrics_text();
     assert_eq!(series(&m, "pot-0", "allowed", "ingress"), Some(8.0), "{m}");
 }
+
+/// The observed-flow record behind `advise` and `graph` outlives the agent and ages out
+/// after --record-retention.
+#[test]
+fn the_observed_record_survives_a_restart_and_ages_out() {
+    let bank = bank("record-age");
+    let mut agent = bank.start(&["--record-retention", "8s"]);
+    let traffic_at = Instant::now();
+    assert_eq!(
+        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 2, 64, PATIENT).echoed,
+        2
+    );
+    bank.lab.settle();
+    let advised = |agent: &Agent| {
+        let out = agent.cli(&["advise"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (before, _) = advised(&agent);
+    assert!(before.contains("name: ledger-observed"), "{before}");
+    agent.stop();
+    agent.restart();
+    assert_eq!(advised(&agent).0, before, "the record survived the restart");
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(traffic_at.elapsed()));
+    let (after, err) = advised(&agent);
+    assert_eq!(after, "", "aged out");
+    assert!(err.contains("no observed traffic"), "{err}");
+}

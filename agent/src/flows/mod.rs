@@ -59,20 +59,36 @@ struct Persisted {
     /// Flow series given up for new ones, with their values (`Observer::retired`).
     #[serde(default)]
     retired_series: Vec<(Vec<String>, u64)>,
-    /// Peer pairs seen, with when (`tollgate advise`), at most `OBSERVED_CAPACITY`.
+    /// Peer pairs seen, with when (`tollgate advise`), at most `RecordLimits::capacity`.
     #[serde(default)]
     observed: Vec<ObservedFlow>,
 }
 
-/// Peer pairs the observed-flow record holds at most: when full, those seen longest ago
-/// go first, so a port scan cannot fill it for good.
-pub const OBSERVED_CAPACITY: usize = 20_000;
+/// The budget of the observed-flow and workload records (`--record-retention`,
+/// `--record-capacity`).
+#[derive(Clone, Copy, Debug)]
+pub struct RecordLimits {
+    /// What was last seen longer ago is forgotten: peer pairs, workloads gone from the node,
+    /// hours of would-drops.
+    pub retention: std::time::Duration,
+    /// Peer pairs held at most: when full, those seen longest ago go first, so a port scan
+    /// cannot fill the record for good. About 200 bytes each in memory and in state.json.
+    pub capacity: usize,
+}
+
+impl Default for RecordLimits {
+    fn default() -> Self {
+        RecordLimits {
+            retention: std::time::Duration::from_secs(RECORD_RETENTION_SECS),
+            capacity: 20_000,
+        }
+    }
+}
 
 /// (direction, src namespace, src workload, dst namespace, dst workload, protocol, port).
 type ObservedKey = (String, String, String, String, String, String, u16);
 
-/// How long a workload gone from this node keeps its record, and how far back would-drops
-/// are kept hour by hour.
+/// The default retention of the records (`--record-retention`).
 pub const RECORD_RETENTION_SECS: u64 = 35 * 86_400;
 
 /// What the observer saw of one workload: its pods come and go with rollouts, its record
@@ -292,6 +308,7 @@ pub struct Observer {
     pub occupancy: Occupancy,
     /// The observed-flow record by peer pair (persisted as `Persisted::observed`).
     observed: BTreeMap<ObservedKey, ObservedFlow>,
+    limits: RecordLimits,
 }
 
 impl Observer {
@@ -302,6 +319,7 @@ impl Observer {
         state_dir: &std::path::Path,
         max_flow_series: usize,
         series_idle: std::time::Duration,
+        limits: RecordLimits,
         log: &FlowLogStats,
     ) -> (Observer, u64) {
         let state_file = state_dir.join("state.json");
@@ -353,6 +371,7 @@ impl Observer {
                 .map(|(l, _)| (l.clone(), std::time::Instant::now()))
                 .collect(),
             series_idle,
+            limits,
             retired: persisted.retired_series.iter().cloned().collect(),
             series: persisted.flow_series.iter().cloned().collect(),
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
@@ -574,10 +593,11 @@ impl Observer {
         self.persisted
             .pod_would_drops
             .retain(|id, _| attached.contains(id));
-        let oldest = now.saturating_sub(RECORD_RETENTION_SECS);
+        let oldest = now.saturating_sub(self.limits.retention.as_secs());
         self.persisted
             .workloads
             .retain(|_, r| r.last_seen >= oldest);
+        self.observed.retain(|_, f| f.last_seen >= oldest);
         for r in self.persisted.workloads.values_mut() {
             while r
                 .hourly
@@ -637,14 +657,15 @@ impl Observer {
             labels[6].clone(),
             labels[7].parse().unwrap_or(0),
         );
-        if !self.observed.contains_key(&key) && self.observed.len() >= OBSERVED_CAPACITY {
-            let oldest = now.saturating_sub(RECORD_RETENTION_SECS);
+        let capacity = self.limits.capacity.max(1);
+        if !self.observed.contains_key(&key) && self.observed.len() >= capacity {
+            let oldest = now.saturating_sub(self.limits.retention.as_secs());
             self.observed.retain(|_, f| f.last_seen >= oldest);
-            if self.observed.len() >= OBSERVED_CAPACITY {
+            if self.observed.len() >= capacity {
                 // A tenth at a time, so a flood of new pairs does not sort on every one.
                 let mut seen: Vec<u64> = self.observed.values().map(|f| f.last_seen).collect();
                 seen.sort_unstable();
-                let cut = seen[OBSERVED_CAPACITY / 10];
+                let cut = seen[(capacity / 10).min(seen.len() - 1)];
                 self.observed.retain(|_, f| f.last_seen > cut);
             }
         }
