@@ -99,6 +99,10 @@ pub enum Command {
         /// Also allow peers seen only as would-drops or drops.
         #[arg(long)]
         include_denied: bool,
+        /// Explain each flow left out as denied: the side that denies it, the policies
+        /// isolating that side, and the smallest change that would allow it.
+        #[arg(long)]
+        explain: bool,
         /// policies (one NetworkPolicy per workload), rule-files (one file per allowed edge,
         /// service.SRC/egress/service.DST.rule, written under --out DIR) or labels (one
         /// identical ingress policy per destination selecting callers by an
@@ -432,6 +436,7 @@ pub fn main() -> ExitCode {
             window,
             namespace,
             include_denied,
+            explain,
             style,
             out,
             prometheus,
@@ -449,6 +454,7 @@ pub fn main() -> ExitCode {
             crate::compile::advise::AdviseOptions {
                 namespace,
                 include_denied,
+                explain,
                 style: match style {
                     AdviseStyle::Policies => crate::compile::advise::Style::Policies,
                     AdviseStyle::RuleFiles => crate::compile::advise::Style::RuleFiles,
@@ -1045,6 +1051,9 @@ fn advise(
     for note in &advice.notes {
         eprintln!("tollgate: {note}");
     }
+    for e in &advice.explanations {
+        eprintln!("tollgate: explain: {e}");
+    }
     if advice.policies.is_empty() {
         eprintln!("tollgate: no observed traffic to advise on within the window");
         return Ok(ExitCode::SUCCESS);
@@ -1256,6 +1265,14 @@ fn status(socket: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> 
             w.would_drop_last_day,
             w.observed_seconds.map_or("-".into(), ago)
         );
+    }
+    for w in &status.workloads {
+        if let Some(flow) = &w.latest_would_drop {
+            println!("latest would-drop of {}/{}: {flow}", w.namespace, w.pod);
+            if let Some(why) = &w.latest_would_drop_explanation {
+                println!("  {why}");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

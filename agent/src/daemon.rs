@@ -550,6 +550,10 @@ async fn handle(shared: &Arc<Shared>, req: Request, pid: i32) -> Response {
                     explain_records(shared, &mut flows.recent_denied).await;
                     Response::Flows(flows)
                 }
+                Ok(Response::Status(mut status)) => {
+                    latest_would_drops(shared, &mut status).await;
+                    Response::Status(status)
+                }
                 Ok(other) => other,
                 Err(e) => Response::Error {
                     message: format!("reading the counters failed: {e}"),
@@ -673,6 +677,52 @@ async fn explain_records(shared: &Arc<Shared>, records: &mut [serde_json::Value]
         if let (Some(object), Some(text)) = (record.as_object_mut(), explanation) {
             object.insert("explanation".into(), text.into());
         }
+    }
+}
+
+/// Each workload's latest sampled would-drop, with its explanation.
+async fn latest_would_drops(shared: &Arc<Shared>, status: &mut admin::Status) {
+    let recent = shared.log.recent_would_drops();
+    let mut picked = Vec::new();
+    for (i, w) in status.workloads.iter().enumerate() {
+        let mine = |e: &Option<crate::flowlog::Endpoint>| {
+            e.as_ref()
+                .is_some_and(|e| e.namespace == w.namespace && e.pod == w.pod)
+        };
+        if let Some(r) = recent.iter().rev().find(|r| {
+            if r.direction == "egress" {
+                mine(&r.src)
+            } else {
+                mine(&r.dst)
+            }
+        }) {
+            picked.push((i, r.clone()));
+        }
+    }
+    if picked.is_empty() {
+        return;
+    }
+    let flows: Vec<crate::flowlog::FlowRecord> = picked.iter().map(|(_, r)| r.clone()).collect();
+    let explained = shared
+        .command(|reply| Command::Explain { flows, reply })
+        .await
+        .unwrap_or_default();
+    for (n, (i, r)) in picked.into_iter().enumerate() {
+        let name = |e: &Option<crate::flowlog::Endpoint>, ip: &str| match e {
+            Some(e) => format!("{}/{}", e.namespace, e.pod),
+            None => ip.to_string(),
+        };
+        let w = &mut status.workloads[i];
+        w.latest_would_drop = Some(format!(
+            "{} {} {} -> {} {}/{}",
+            r.time,
+            r.direction,
+            name(&r.src, &r.src_ip),
+            name(&r.dst, &r.dst_ip),
+            r.dst_port,
+            r.protocol
+        ));
+        w.latest_would_drop_explanation = explained.get(n).cloned().flatten();
     }
 }
 

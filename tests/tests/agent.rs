@@ -1074,6 +1074,29 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
     );
     assert_eq!(w["would_drop_last_day"], 8);
     assert!(w["observed_seconds"].as_u64().is_some(), "{w}");
+    // status names the latest would-drop and what would allow it.
+    let w = wait_for(Duration::from_secs(5), "the latest would-drop", || {
+        let w = agent.workload(LEDGER_POD)?;
+        w["latest_would_drop"].is_string().then_some(w)
+    });
+    assert!(
+        w["latest_would_drop"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("ingress bank/frontend-0 -> {ledger} 8080/udp")),
+        "{w}"
+    );
+    assert!(
+        w["latest_would_drop_explanation"]
+            .as_str()
+            .is_some_and(|e| e.contains("add to bank/ledger-ingress the ingress rule")),
+        "{w}"
+    );
+    let text = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!("latest would-drop of {ledger}:")),
+        "{text}"
+    );
     let err = refused(&agent, "3s");
     assert!(
         err.contains("bank/ledger: 8 would-drop packet(s) within 3s"),
@@ -1194,6 +1217,20 @@ fn advised_policies_allow_the_observed_traffic_and_nothing_new() {
     );
     assert!(
         err.contains("observed flows against the policies in force plus these 3: all allowed"),
+        "{err}"
+    );
+
+    // --explain says why each left-out flow is denied and what would allow it.
+    let out = agent.cli(&["advise", "--explain"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains(&format!(
+            "explain: ingress bank/frontend-0 -> bank/ledger 8080/udp: denied at the ingress of bank/{LEDGER_POD}"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("{from: [{podSelector: {matchLabels: {app: frontend}}}], ports: [{protocol: UDP, port: 8080}]}"),
         "{err}"
     );
 

@@ -109,6 +109,12 @@ pub struct WorkloadStatus {
     pub would_drop_last_hour: u64,
     #[serde(default)]
     pub would_drop_last_day: u64,
+    /// Its latest would-drop flow the flow log sampled (one line), and why it is denied
+    /// with the smallest change that would allow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_would_drop: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_would_drop_explanation: Option<String>,
     /// Packets it sent from addresses that are not its own.
     #[serde(default)]
     pub spoofed: u64,

@@ -55,6 +55,9 @@ pub struct AdviseOptions {
     pub namespace: Option<String>,
     /// Also allow peers seen only as would_drop (or dropped).
     pub include_denied: bool,
+    /// Explain each flow left out as denied: the side, its policies, what would allow it.
+    #[serde(default)]
+    pub explain: bool,
     #[serde(default)]
     pub style: Style,
 }
@@ -86,6 +89,9 @@ pub struct Advice {
     pub denied: Vec<String>,
     /// What was left out and why.
     pub notes: Vec<String>,
+    /// With `explain`: each flow left out as denied, with why and what would allow it.
+    #[serde(default)]
+    pub explanations: Vec<String>,
     /// `--style rule-files`: (relative path, content), one per edge.
     #[serde(default)]
     pub files: Vec<(String, String)>,
@@ -112,6 +118,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     // (namespace, workload) -> direction -> peer -> ports (protocol, port; port 0: none).
     let mut wanted: BTreeMap<(String, String), BTreeMap<&str, PeerPorts>> = BTreeMap::new();
     let mut replay = Vec::new();
+    let mut left_out = Vec::new();
     for flow in observed {
         let ingress = flow.direction == "ingress";
         let (local, peer) = if ingress {
@@ -133,6 +140,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 "left out (seen only denied; --include-denied allows it): {}",
                 describe(flow)
             ));
+            left_out.push(flow);
             continue;
         }
         let peer = match (peer.0.as_str(), peer.1.as_str()) {
@@ -349,7 +357,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
 
     // The replay proof, with the same compiler and evaluator as `tollgate check`.
     let mut targets = BTreeSet::new();
-    for flow in &replay {
+    for flow in replay.iter().chain(&left_out) {
         for (ns, name) in [
             (&flow.src_namespace, &flow.src_workload),
             (&flow.dst_namespace, &flow.dst_workload),
@@ -379,21 +387,40 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             return advice;
         }
     };
+    let endpoint = |ns: &str, name: &str, outside: &str| -> Option<Endpoint> {
+        if ns == "world" && name == "world" {
+            return Some(Endpoint {
+                ip: outside.parse().expect("an address"),
+                pod: None,
+            });
+        }
+        let p = pod_of(state, ns, name)?;
+        Some(Endpoint {
+            ip: *p.ips.first()?,
+            pod: Some((p.namespace.clone(), p.name.clone())),
+        })
+    };
+    if options.explain {
+        for flow in &left_out {
+            let (Some(src), Some(dst)) = (
+                endpoint(&flow.src_namespace, &flow.src_workload, "203.0.113.1"),
+                endpoint(&flow.dst_namespace, &flow.dst_workload, "203.0.113.1"),
+            ) else {
+                continue;
+            };
+            let proto = protocol_number(&flow.protocol, src.ip);
+            let protocol = super::model::Protocol::parse(&flow.protocol.to_ascii_uppercase());
+            for e in ev.explain(&src, &dst, proto, protocol, flow.port) {
+                if e.side == flow.direction {
+                    advice
+                        .explanations
+                        .push(format!("{}: {}", describe(flow), e.summary()));
+                }
+            }
+        }
+    }
     for flow in replay {
         advice.replayed += 1;
-        let endpoint = |ns: &str, name: &str, outside: &str| -> Option<Endpoint> {
-            if ns == "world" && name == "world" {
-                return Some(Endpoint {
-                    ip: outside.parse().expect("an address"),
-                    pod: None,
-                });
-            }
-            let p = pod_of(state, ns, name)?;
-            Some(Endpoint {
-                ip: *p.ips.first()?,
-                pod: Some((p.namespace.clone(), p.name.clone())),
-            })
-        };
         // Outside the cluster: a documentation address stands for the unknown one (the
         // advised rules allow any, by port).
         let (Some(src), Some(dst)) = (

@@ -194,6 +194,17 @@ pub struct FlowLogStats {
 }
 
 impl FlowLogStats {
+    /// The would-drop records kept for `tollgate flows`, oldest first.
+    pub fn recent_would_drops(&self) -> Vec<FlowRecord> {
+        self.recent
+            .lock()
+            .expect("recent")
+            .iter()
+            .filter(|r| r.verdict == "would_drop")
+            .cloned()
+            .collect()
+    }
+
     /// Keeps a record for `tollgate flows`.
     pub fn remember(&self, record: FlowRecord) {
         let mut recent = self.recent.lock().expect("recent");
@@ -949,6 +960,8 @@ impl Observer {
                     observed_seconds: record.map(|r| now.saturating_sub(r.observed_since)),
                     would_drop_last_hour: record.map_or(0, |r| r.would_drops_within(now, 3600)),
                     would_drop_last_day: record.map_or(0, |r| r.would_drops_within(now, 86_400)),
+                    latest_would_drop: None,
+                    latest_would_drop_explanation: None,
                     spoofed: self.readers.spoofed(w.slot).unwrap_or(0),
                     degraded: w.degraded.clone(),
                 }
