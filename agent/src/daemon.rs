@@ -708,20 +708,8 @@ async fn latest_would_drops(shared: &Arc<Shared>, status: &mut admin::Status) {
         .await
         .unwrap_or_default();
     for (n, (i, r)) in picked.into_iter().enumerate() {
-        let name = |e: &Option<crate::flowlog::Endpoint>, ip: &str| match e {
-            Some(e) => format!("{}/{}", e.namespace, e.pod),
-            None => ip.to_string(),
-        };
         let w = &mut status.workloads[i];
-        w.latest_would_drop = Some(format!(
-            "{} {} {} -> {} {}/{}",
-            r.time,
-            r.direction,
-            name(&r.src, &r.src_ip),
-            name(&r.dst, &r.dst_ip),
-            r.dst_port,
-            r.protocol
-        ));
+        w.latest_would_drop = Some(r.summary());
         w.latest_would_drop_explanation = explained.get(n).cloned().flatten();
     }
 }
@@ -755,19 +743,7 @@ async fn refusal(
         ));
     }
     for (i, f) in flows.iter().enumerate() {
-        let name = |e: &Option<crate::flowlog::Endpoint>, ip: &str| match e {
-            Some(e) => format!("{}/{}", e.namespace, e.pod),
-            None => ip.to_string(),
-        };
-        out.push_str(&format!(
-            "\n    {} {} {} -> {} {}/{}",
-            f.time,
-            f.direction,
-            name(&f.src, &f.src_ip),
-            name(&f.dst, &f.dst_ip),
-            f.dst_port,
-            f.protocol
-        ));
+        out.push_str(&format!("\n    {}", f.summary()));
         if let Some(Some(why)) = explained.get(i) {
             out.push_str(&format!("\n      {why}"));
         }

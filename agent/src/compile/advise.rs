@@ -573,15 +573,10 @@ fn describe(flow: &ObservedFlow) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::{files::parse_file, store::Store};
+    use crate::sources::store::Store;
 
     fn state(yaml: &str) -> ClusterState {
-        let mut store = Store::default();
-        for object in parse_file(yaml, std::path::Path::new("t.yaml")).expect("YAML") {
-            let (key, object) = object.expect("valid object");
-            store.insert(key, object);
-        }
-        store.into_state()
+        Store::from_yaml(yaml).into_state()
     }
 
     const SHOP: &str = r#"

@@ -118,6 +118,25 @@ pub struct FlowRecord {
     pub dst_service: Option<String>,
 }
 
+impl FlowRecord {
+    /// One line: `TIME DIRECTION SRC -> DST PORT/PROTOCOL`, pods by name, others by address.
+    pub fn summary(&self) -> String {
+        let name = |e: &Option<Endpoint>, ip: &str| match e {
+            Some(e) => format!("{}/{}", e.namespace, e.pod),
+            None => ip.to_string(),
+        };
+        format!(
+            "{} {} {} -> {} {}/{}",
+            self.time,
+            self.direction,
+            name(&self.src, &self.src_ip),
+            name(&self.dst, &self.dst_ip),
+            self.dst_port,
+            self.protocol
+        )
+    }
+}
+
 /// The name of an IP protocol number.
 pub fn protocol_name(proto: u8) -> String {
     match proto {

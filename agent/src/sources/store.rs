@@ -116,6 +116,18 @@ impl Default for Store {
 }
 
 impl Store {
+    /// A store of the objects written as YAML (tests: panics on anything invalid).
+    #[cfg(test)]
+    pub fn from_yaml(yaml: &str) -> Store {
+        let mut store = Store::default();
+        let parsed = super::files::parse_file(yaml, std::path::Path::new("test.yaml"));
+        for object in parsed.expect("YAML") {
+            let (key, object) = object.expect("valid object");
+            store.insert(key, object);
+        }
+        store
+    }
+
     /// The model as it stands.
     pub fn state(&self) -> &ClusterState {
         &self.state
