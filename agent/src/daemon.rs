@@ -358,6 +358,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         let mut observer = shared.observer.lock().expect("observer");
         observer.poll(&view);
         observer.persist(&shared.log, shared.policy_errors());
+        observer.persist_record(true);
     }
     let _ = std::fs::remove_file(&options.admin_socket);
     let detach = options.detach_on_exit;

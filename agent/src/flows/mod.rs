@@ -59,8 +59,8 @@ struct Persisted {
     /// Flow series given up for new ones, with their values (`Observer::retired`).
     #[serde(default)]
     retired_series: Vec<(Vec<String>, u64)>,
-    /// Peer pairs seen, with when (`tollgate advise`), at most `RecordLimits::capacity`.
-    #[serde(default)]
+    /// Peer pairs seen, as agents before `observed.json` kept them (read, never written).
+    #[serde(default, skip_serializing)]
     observed: Vec<ObservedFlow>,
 }
 
@@ -87,6 +87,10 @@ impl Default for RecordLimits {
 
 /// (direction, src namespace, src workload, dst namespace, dst workload, protocol, port).
 type ObservedKey = (String, String, String, String, String, String, u16);
+
+/// How often the observed-flow record (up to a few MB) is written to `observed.json`; the
+/// counters in `state.json` are written at every poll. A graceful stop writes both.
+pub const RECORD_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The default retention of the records (`--record-retention`).
 pub const RECORD_RETENTION_SECS: u64 = 35 * 86_400;
@@ -317,8 +321,12 @@ pub struct Observer {
     bucket_of: HashMap<FlowCounterKey, u32>,
     /// Map occupancy, counted in the background (`count_occupancy`).
     pub occupancy: Occupancy,
-    /// The observed-flow record by peer pair (persisted as `Persisted::observed`).
+    /// The observed-flow record by peer pair, in `observed.json`.
     observed: BTreeMap<ObservedKey, ObservedFlow>,
+    observed_file: PathBuf,
+    /// When the record was last written, and whether it changed since.
+    observed_written: Option<std::time::Instant>,
+    observed_changed: bool,
     limits: RecordLimits,
 }
 
@@ -334,6 +342,7 @@ impl Observer {
         log: &FlowLogStats,
     ) -> (Observer, u64) {
         let state_file = state_dir.join("state.json");
+        let observed_file = state_dir.join("observed.json");
         let persisted: Persisted = match std::fs::read(&state_file) {
             Ok(data) => serde_json::from_slice(&data).unwrap_or_else(|e| {
                 warn!(error = %e, "state.json unreadable; user-space counters start from zero");
@@ -386,19 +395,46 @@ impl Observer {
             retired: persisted.retired_series.iter().cloned().collect(),
             series: persisted.flow_series.iter().cloned().collect(),
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
-            observed: persisted
-                .observed
-                .iter()
-                .map(|f| (observed_key(f), f.clone()))
+            observed: std::fs::read(&observed_file)
+                .ok()
+                .and_then(|data| serde_json::from_slice::<Vec<ObservedFlow>>(&data).ok())
+                .unwrap_or_else(|| persisted.observed.clone())
+                .into_iter()
+                .map(|f| (observed_key(&f), f))
                 .collect(),
+            observed_file,
+            observed_written: None,
+            observed_changed: false,
             persisted,
             occupancy: Occupancy::default(),
         };
         (observer, policy_errors)
     }
 
-    /// Writes the user-space counts to the state directory.
+    /// Writes the observed-flow record if it changed, at most every
+    /// `RECORD_WRITE_INTERVAL` unless `now`.
+    pub fn persist_record(&mut self, now: bool) {
+        let due = self
+            .observed_written
+            .is_none_or(|t| t.elapsed() >= RECORD_WRITE_INTERVAL);
+        if !self.observed_changed || !(due || now) {
+            return;
+        }
+        let flows: Vec<&ObservedFlow> = self.observed.values().collect();
+        let data = serde_json::to_vec(&flows).expect("serializable");
+        match admin::write_atomic(&self.observed_file, &data) {
+            Ok(()) => {
+                self.observed_written = Some(std::time::Instant::now());
+                self.observed_changed = false;
+            }
+            Err(e) => warn!(error = %e, "could not persist the observed-flow record"),
+        }
+    }
+
+    /// Writes the user-space counts to the state directory (the observed-flow record at
+    /// most every `RECORD_WRITE_INTERVAL`).
     pub fn persist(&mut self, log: &FlowLogStats, policy_errors: u64) {
+        self.persist_record(false);
         self.persisted.flow_series = self.series.iter().map(|(k, v)| (k.clone(), *v)).collect();
         self.persisted.flow_last_seen = self.last_seen.iter().map(|(k, v)| (*k, *v)).collect();
         self.persisted.series_buckets = self
@@ -407,7 +443,6 @@ impl Observer {
             .filter(|(_, b)| !b.retiring)
             .map(|(i, b)| (*i, key_array(&b.key), b.last))
             .collect();
-        self.persisted.observed = self.observed.values().cloned().collect();
         self.persisted.retired_series = self.retired.iter().map(|(k, v)| (k.clone(), *v)).collect();
         self.persisted.flow_log_written = log.written.load(Ordering::Relaxed);
         self.persisted.flow_log_lost = log.lost.load(Ordering::Relaxed);
@@ -608,7 +643,9 @@ impl Observer {
         self.persisted
             .workloads
             .retain(|_, r| r.last_seen >= oldest);
+        let before = self.observed.len();
         self.observed.retain(|_, f| f.last_seen >= oldest);
+        self.observed_changed |= self.observed.len() != before;
         for r in self.persisted.workloads.values_mut() {
             while r
                 .hourly
@@ -696,6 +733,7 @@ impl Observer {
                 packets: [0; 3],
             });
         flow.last_seen = now;
+        self.observed_changed = true;
         let index = match verdict {
             VERDICT_WOULD_DROP => 1,
             VERDICT_DROPPED => 2,
