@@ -199,8 +199,8 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                     "  - {key}: [{}]\n",
                     peer_of(state, namespace, peer).join(", ")
                 );
-                if ports.iter().any(|(p, _)| p.starts_with("icmp")) {
-                    yaml += "    # ICMP was observed: only a rule without ports allows it\n";
+                if ports.iter().any(|(p, _)| !has_ports(p)) {
+                    yaml += "    # ICMP (or another protocol without ports) was observed: only a rule without ports allows it\n";
                 } else {
                     let ports: Vec<String> = ports
                         .iter()
@@ -233,7 +233,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     let ports_yaml = |ports: &BTreeSet<(String, u16)>| {
         let ports: Vec<String> = ports
             .iter()
-            .filter(|(p, _)| !p.starts_with("icmp"))
+            .filter(|(p, _)| has_ports(p))
             .map(|(p, n)| format!("{{protocol: {}, port: {n}}}", p.to_ascii_uppercase()))
             .collect();
         format!("[{}]", ports.join(", "))
@@ -297,7 +297,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 if !yaml.is_empty() {
                     yaml += "---\n";
                 }
-                let icmp = ports.iter().any(|(p, _)| p.starts_with("icmp"));
+                let icmp = ports.iter().any(|(p, _)| !has_ports(p));
                 yaml += &format!(
                     "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {dns}\n  annotations:\n    tollgate.io/advised-for: {dns}/{dwl}\nspec:\n  podSelector:\n    matchLabels: {}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{{}: \"true\"}}}}}}]\n{}",
                     flow_map(&stable_selector(state, pod)),
@@ -543,13 +543,21 @@ fn quoted(v: &str) -> String {
     }
 }
 
+/// Whether NetworkPolicy ports can name the protocol (else only a rule without ports
+/// allows it: ICMP, or any other protocol the datapath names by number).
+fn has_ports(protocol: &str) -> bool {
+    matches!(protocol, "tcp" | "udp" | "sctp")
+}
+
 fn protocol_number(protocol: &str, ip: IpAddr) -> u8 {
     match protocol {
         "tcp" => agent_common::PROTO_TCP,
         "udp" => agent_common::PROTO_UDP,
         "sctp" => agent_common::PROTO_SCTP,
-        _ if ip.is_ipv6() => agent_common::PROTO_ICMPV6,
-        _ => agent_common::PROTO_ICMP,
+        "icmp" | "icmpv6" if ip.is_ipv6() => agent_common::PROTO_ICMPV6,
+        "icmp" | "icmpv6" => agent_common::PROTO_ICMP,
+        // The datapath names other protocols by number.
+        other => other.parse().unwrap_or(agent_common::PROTO_ICMP),
     }
 }
 
@@ -746,6 +754,33 @@ status: {podIP: 10.0.1.1}
             },
         );
         assert!(only_ops.policies.is_empty());
+    }
+
+    #[test]
+    fn a_protocol_without_ports_gets_a_rule_without_ports() {
+        let state = state(SHOP);
+        // GRE (47), named by number as the datapath names it.
+        let gre = ObservedFlow {
+            protocol: "47".into(),
+            ..flow(
+                "egress",
+                ("shop", "web"),
+                ("ops", "scraper-0"),
+                0,
+                [2, 0, 0],
+            )
+        };
+        let advice = advise(&state, &[gre], &AdviseOptions::default());
+        assert!(
+            advice.denied.is_empty(),
+            "{:?}\n{}",
+            advice.denied,
+            advice.yaml
+        );
+        let policy: serde_json::Value = serde_norway::from_str(&advice.yaml).unwrap();
+        let rule = &policy["spec"]["egress"][0];
+        assert!(rule.get("ports").is_none(), "{}", advice.yaml);
+        assert_eq!(advice.replayed, 1);
     }
 
     #[test]
