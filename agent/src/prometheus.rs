@@ -13,15 +13,12 @@ use anyhow::{Context as _, anyhow, bail};
 
 use crate::compile::advise::ObservedFlow;
 
-/// The labels `tollgate_flow_packets_total` is summed by.
-const PAIR_LABELS: &str =
-    "direction, verdict, src_namespace, src_workload, dst_namespace, dst_workload, protocol, port";
-
 /// The peer pairs every agent scraped into Prometheus at `url` saw within `window`: pairs
 /// whose packets grew in it, or whose series appeared in it.
 pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>> {
     let query = format!(
-        "sum by ({PAIR_LABELS}) ({})",
+        "sum by ({}) ({})",
+        crate::flows::SERIES_LABELS.join(", "),
         grew_within("tollgate_flow_packets_total", window)
     );
     let now = std::time::SystemTime::now()
@@ -94,7 +91,8 @@ pub fn quiet(
     let flows = query_vector(
         url,
         &format!(
-            "sum by ({PAIR_LABELS}) ({})",
+            "sum by ({}) ({})",
+            crate::flows::SERIES_LABELS.join(", "),
             grew_within(
                 "tollgate_flow_packets_total{verdict=\"would_drop\"}",
                 window

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     eval::{Endpoint, Evaluator},
-    explain::stable_selector,
+    explain::{flow_map, pod_peer, stable_selector},
     model::{ClusterState, PodInfo},
     policy::{self, PodKey},
 };
@@ -504,42 +504,8 @@ fn peer_of(state: &ClusterState, namespace: &str, peer: &AdvisedPeer) -> Vec<Str
         ],
         AdvisedPeer::Workload(ns, name) => {
             let pod = pod_of(state, ns, name).expect("checked when gathered");
-            let pods = format!(
-                "podSelector: {{matchLabels: {}}}",
-                flow_map(&stable_selector(state, pod))
-            );
-            if ns == namespace {
-                vec![format!("{{{pods}}}")]
-            } else {
-                vec![format!(
-                    "{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, {pods}}}",
-                    quoted(ns)
-                )]
-            }
+            vec![pod_peer(state, namespace, pod)]
         }
-    }
-}
-
-fn flow_map(labels: &BTreeMap<String, String>) -> String {
-    let items: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}: {}", quoted(v)))
-        .collect();
-    format!("{{{}}}", items.join(", "))
-}
-
-/// A label value as YAML reads it back as the same string (`"true"`, `"8080"`).
-fn quoted(v: &str) -> String {
-    let plain = !v.is_empty()
-        && v.parse::<f64>().is_err()
-        && !["true", "false", "yes", "no", "on", "off", "null", "~"]
-            .contains(&v.to_ascii_lowercase().as_str())
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
-    if plain {
-        v.to_string()
-    } else {
-        format!("{v:?}")
     }
 }
 

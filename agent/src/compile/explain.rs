@@ -243,20 +243,7 @@ fn rule_for(
     port: u16,
 ) -> String {
     let peer_yaml = match peer {
-        Peer::Pod(peer) => {
-            let pods = format!(
-                "podSelector: {{matchLabels: {}}}",
-                flow_map(&stable_selector(state, peer))
-            );
-            if peer.namespace == pod.namespace {
-                format!("{{{pods}}}")
-            } else {
-                format!(
-                    "{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, {pods}}}",
-                    peer.namespace
-                )
-            }
-        }
+        Peer::Pod(peer) => pod_peer(state, &pod.namespace, peer),
         Peer::Address(ip) => {
             let bits = if ip.is_ipv4() { 32 } else { 128 };
             format!("{{ipBlock: {{cidr: {ip}/{bits}}}}}")
@@ -277,9 +264,45 @@ fn rule_for(
     }
 }
 
-fn flow_map(labels: &BTreeMap<String, String>) -> String {
-    let items: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+/// A pod peer of a rule of a policy in `policy_namespace`, as flow-style YAML: its
+/// workload's stable labels, and its namespace by name when it is another.
+pub(super) fn pod_peer(state: &ClusterState, policy_namespace: &str, peer: &PodInfo) -> String {
+    let pods = format!(
+        "podSelector: {{matchLabels: {}}}",
+        flow_map(&stable_selector(state, peer))
+    );
+    if peer.namespace == policy_namespace {
+        format!("{{{pods}}}")
+    } else {
+        format!(
+            "{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, {pods}}}",
+            quoted(&peer.namespace)
+        )
+    }
+}
+
+/// Labels as a flow-style YAML map that reads back as the same strings.
+pub(super) fn flow_map(labels: &BTreeMap<String, String>) -> String {
+    let items: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", quoted(v)))
+        .collect();
     format!("{{{}}}", items.join(", "))
+}
+
+/// A label value as YAML reads it back as the same string (`"true"`, `"8080"`).
+pub(super) fn quoted(v: &str) -> String {
+    let plain = !v.is_empty()
+        && v.parse::<f64>().is_err()
+        && !["true", "false", "yes", "no", "on", "off", "null", "~"]
+            .contains(&v.to_ascii_lowercase().as_str())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    if plain {
+        v.to_string()
+    } else {
+        format!("{v:?}")
+    }
 }
 
 /// The labels that select a pod's workload: one naming label when it selects exactly the

@@ -129,7 +129,8 @@ pub struct NotQuiet {
     pub flows: Vec<FlowRecord>,
 }
 
-const SERIES_LABELS: [&str; 8] = [
+/// The labels of `tollgate_flow_packets_total`, in the order the observer keeps them.
+pub const SERIES_LABELS: [&str; 8] = [
     "direction",
     "verdict",
     "src_namespace",
