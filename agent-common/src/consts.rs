@@ -44,7 +44,7 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
 /// another layout are never adopted.
 pub const LAYOUT_VERSION: u64 = {
     use core::mem::size_of;
-    let manual: u64 = 3;
+    let manual: u64 = 4;
     let sizes = [
         size_of::<crate::CtKey>(),
         size_of::<crate::CtEntry>(),
@@ -60,6 +60,11 @@ pub const LAYOUT_VERSION: u64 = {
         size_of::<crate::FlowEvent>(),
         size_of::<crate::EventBucket>(),
         size_of::<crate::SlotRoute>(),
+        size_of::<crate::DnsCapture>(),
+        size_of::<crate::LearnedKey>(),
+        size_of::<crate::LearnedValue>(),
+        size_of::<crate::ResolverKey>(),
+        size_of::<crate::DnsControl>(),
         FLOW_SERIES_CAPACITY as usize,
         SLOT_CACHE_CAPACITY as usize,
         MAX_WORKLOADS as usize,
@@ -102,6 +107,11 @@ pub mod map_names {
     pub const EVENT_BUCKETS: &str = "EVENT_BUCKETS";
     pub const CONFIG: &str = "CONFIG";
     pub const DIAG: &str = "DIAG";
+    pub const DNS_EVENTS: &str = "DNS_EVENTS";
+    pub const DNS_RESOLVERS: &str = "DNS_RESOLVERS";
+    pub const DNS_CONTROL: &str = "DNS_CONTROL";
+    pub const LEARNED: &str = "LEARNED";
+    pub const EGRESS_EXPIRED: &str = "EGRESS_EXPIRED";
     /// One u64: `LAYOUT_VERSION` of the agent that created the pins.
     pub const LAYOUT: &str = "LAYOUT";
 }
@@ -208,8 +218,18 @@ pub mod diag {
     /// New flows tracked in the overflow table because their workload held its whole
     /// share of the main one.
     pub const CT_OVERFLOW: u32 = 16;
+    /// DNS queries and answers copied to the agent (held or not).
+    pub const DNS_CAPTURED: u32 = 17;
+    /// DNS answers held until the agent learned from them.
+    pub const DNS_HELD: u32 = 18;
+    /// DNS packets not captured because the DNS ring buffer was full: passed on unheld.
+    pub const DNS_LOST: u32 = 19;
+    /// DNS packets longer than a capture: passed on unheld, not learned from.
+    pub const DNS_TOO_LONG: u32 = 20;
+    /// New connections to an address whose learned name had expired.
+    pub const EGRESS_EXPIRED: u32 = 21;
     /// Number of diagnostic counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 22;
 
     /// Names, in index order, for metrics and `status`.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -230,5 +250,10 @@ pub mod diag {
         "spoofed",
         "icmp_foreign",
         "ct_overflow",
+        "dns_captured",
+        "dns_held",
+        "dns_lost",
+        "dns_too_long",
+        "egress_expired",
     ];
 }

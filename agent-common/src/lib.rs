@@ -7,12 +7,14 @@
 
 pub mod consts;
 pub mod counters;
+pub mod dns;
 pub mod event;
 pub mod flow;
 pub mod policy;
 
 pub use consts::*;
 pub use counters::*;
+pub use dns::*;
 pub use event::*;
 pub use flow::*;
 pub use policy::*;

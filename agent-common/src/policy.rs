@@ -43,6 +43,10 @@ pub mod workload_flags {
     pub const HAS_IPV6: u32 = 1 << 4;
     /// A host-network workload: it sends from the node's addresses (identity host).
     pub const HOST_SOURCE: u32 = 1 << 5;
+    /// An EgressAllowlist selects the workload: egress to addresses outside the cluster
+    /// is allowed only by ipBlock rules or by what its DNS answers taught (`LEARNED`), and
+    /// the answers it gets are held until the agent has learned from them.
+    pub const EGRESS_ALLOWLIST: u32 = 1 << 6;
 
     /// The isolation bit of a direction (`DIR_INGRESS` / `DIR_EGRESS`).
     pub const fn isolated(direction: u8) -> u32 {

@@ -148,11 +148,14 @@ pub fn track(
 
     let decision = policy::evaluate(
         workload,
+        slot,
         direction,
         key.family,
         &key.remote,
         key.proto,
         service_port(key, direction),
+        now,
+        false,
     );
     if decision.decision == DECISION_ALLOW || workload.mode == MODE_LOG as u32 {
         let state = next_state(0, key.proto, tcp_flags, true);
@@ -230,11 +233,14 @@ fn established(
     if entry.epoch != epoch_for(workload, entry.peer) {
         let d = policy::evaluate(
             workload,
+            key.slot,
             entry.origin,
             key.family,
             &key.remote,
             key.proto,
             service_port(key, entry.origin),
+            now,
+            true,
         );
         new_flow = d.decision != entry.decision;
         entry.decision = d.decision;

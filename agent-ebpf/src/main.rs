@@ -17,6 +17,7 @@
 
 mod conntrack;
 mod counters;
+mod dns;
 mod events;
 mod identity;
 mod parse;
@@ -25,10 +26,11 @@ mod policy;
 use agent_common::{
     CIDR_RULE_CAPACITY, CONNTRACK_CAPACITY, CONNTRACK_OVERFLOW_DIVISOR, COUNTERS_PER_SLOT, Config,
     Counter, CtEntry, CtKey, DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DIR_INGRESS,
-    EVENT_RING_BYTES, EventBucket, FAMILY_IPV4, FLOW_COUNTER_CAPACITY, FLOW_SERIES_CAPACITY,
-    FRAGMENT_CAPACITY, FlowCounterKey, FragKey, FragPorts, IDENTITY_CAPACITY, IDENTITY_HOST,
-    IDENTITY_WORLD, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, SLOT_CACHE_CAPACITY,
+    DNS_RESOLVER_CAPACITY, DNS_RING_BYTES, DnsControl, EVENT_RING_BYTES, EventBucket, FAMILY_IPV4,
+    FLOW_COUNTER_CAPACITY, FLOW_SERIES_CAPACITY, FRAGMENT_CAPACITY, FlowCounterKey, FragKey,
+    FragPorts, IDENTITY_CAPACITY, IDENTITY_HOST, IDENTITY_WORLD, LEARNED_CAPACITY, LearnedKey,
+    LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, ResolverKey, SLOT_CACHE_CAPACITY,
     SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
     WorkloadConfig, diag, slot_cache_bucket, workload_flags,
 };
@@ -116,6 +118,22 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// Datapath diagnostics (`agent_common::diag`).
 #[map]
 static DIAG: PerCpuArray<u64> = PerCpuArray::pinned(diag::COUNT, 0);
+
+/// DNS queries and answers of workloads with their resolvers, for the agent (`dns`).
+#[map]
+static DNS_EVENTS: RingBuf = RingBuf::pinned(DNS_RING_BYTES, 0);
+/// Addresses workloads resolve through.
+#[map]
+static DNS_RESOLVERS: HashMap<ResolverKey, u8> = HashMap::pinned(DNS_RESOLVER_CAPACITY, 0);
+/// Whether the agent is there to hand held answers back (one entry).
+#[map]
+static DNS_CONTROL: Array<DnsControl> = Array::pinned(1, 0);
+/// What each workload learned from its DNS answers: (slot, address) to name and ports.
+#[map]
+static LEARNED: HashMap<LearnedKey, LearnedValue> = HashMap::pinned(LEARNED_CAPACITY, 0);
+/// New connections per slot to an address whose learned name had expired.
+#[map]
+static EGRESS_EXPIRED: PerCpuArray<u64> = PerCpuArray::pinned(MAX_WORKLOADS, 0);
 
 /// `LAYOUT_VERSION` of the agent that created the pins; read by agents, never by programs.
 #[map]
@@ -312,6 +330,14 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     let Some(config) = CONFIG.get(0) else {
         return Action::Pass;
     };
+
+    if pkt.kind == Kind::Flow
+        && (pkt.tuple.proto == PROTO_UDP || pkt.tuple.proto == PROTO_TCP)
+        && dns::observe(skb, l3, direction, slot, workload, &pkt, now)
+    {
+        // Held: the agent hands it back once it learned from it, and it is counted then.
+        return Action::Drop;
+    }
 
     if pkt.first_fragment {
         let ports = FragPorts {

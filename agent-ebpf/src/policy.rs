@@ -7,12 +7,13 @@
 //! the virtual address itself.
 
 use agent_common::{
-    DECISION_ALLOW, DECISION_DENY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FULL, PolicyKey,
-    WorkloadConfig, is_service_identity, workload_flags,
+    DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DNS_PORT, DOMAIN_ID_MASK, IDENTITY_HOST,
+    IDENTITY_WORLD, IDENTITY_WORLD_NAMED, POLICY_PREFIX_FULL, PolicyKey, WorkloadConfig, diag,
+    is_service_identity, workload_flags,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
-use crate::{CIDR_RULES, POLICY, identity};
+use crate::{CIDR_RULES, EGRESS_EXPIRED, POLICY, counters, dns, identity};
 
 /// A policy decision and the peer identity it was taken for.
 pub struct Decision {
@@ -37,43 +38,102 @@ fn allows(ruleset: u32, peer: u32, proto: u8, port: u16) -> bool {
     POLICY.get(&key).is_some()
 }
 
-/// Decides a new flow of the workload in `direction` with `remote`, to `port` (the port of
-/// the side that accepted the flow).
+/// Decides a flow of the workload in `direction` with `remote`, to `port` (the port of the
+/// side that accepted the flow). `established`: the flow is tracked and decided again
+/// because the workload's rules changed (a learned address that expired since still
+/// carries it).
+///
+/// An address outside the cluster that the workload resolved gets the identity of its name
+/// (`IDENTITY_WORLD_NAMED`); for a workload an EgressAllowlist selects it is also what
+/// allows it, besides ipBlock rules.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     workload: &WorkloadConfig,
+    slot: u32,
     direction: u8,
     family: u8,
     remote: &[u8; 16],
     proto: u8,
     port: u16,
+    now: u64,
+    established: bool,
 ) -> Decision {
-    let peer = identity::identity_of(family, remote);
+    let mut peer = identity::identity_of(family, remote);
     // The node's own traffic (kubelet probes, host-network pods) can never be blocked.
-    if peer == IDENTITY_HOST || workload.flags & workload_flags::isolated(direction) == 0 {
+    if peer == IDENTITY_HOST {
         return Decision {
             decision: DECISION_ALLOW,
             peer,
         };
     }
-    let ruleset = workload.ruleset[(direction & 1) as usize];
-    // World is matched by ipBlock only; branch on each lookup on its own (the verifier
-    // rejects the pointer OR that `a || b` over two lookups can compile into).
-    if peer != IDENTITY_WORLD && allows(ruleset, peer, proto, port) {
-        return Decision {
-            decision: DECISION_ALLOW,
-            peer,
-        };
+    let world = peer == IDENTITY_WORLD;
+    let learned = if world && direction == DIR_EGRESS {
+        dns::learned(slot, workload, family, remote)
+    } else {
+        None
+    };
+    if let Some(l) = learned {
+        peer = IDENTITY_WORLD_NAMED | (l.domain & DOMAIN_ID_MASK);
     }
-    if is_service_identity(peer) {
-        return Decision {
-            decision: DECISION_DENY,
-            peer,
-        };
+    let allowlisted =
+        world && direction == DIR_EGRESS && workload.flags & workload_flags::EGRESS_ALLOWLIST != 0;
+    if workload.flags & workload_flags::isolated(direction) == 0 {
+        if !allowlisted {
+            return Decision {
+                decision: DECISION_ALLOW,
+                peer,
+            };
+        }
+    } else {
+        let ruleset = workload.ruleset[(direction & 1) as usize];
+        // World is matched by ipBlock only; branch on each lookup on its own (the verifier
+        // rejects the pointer OR that `a || b` over two lookups can compile into).
+        if !world && allows(ruleset, peer, proto, port) {
+            return Decision {
+                decision: DECISION_ALLOW,
+                peer,
+            };
+        }
+        if is_service_identity(peer) {
+            return Decision {
+                decision: DECISION_DENY,
+                peer,
+            };
+        }
+        if let Some(set) = CIDR_RULES.get(identity::lpm_key(ruleset, family, remote))
+            && allows(ruleset, *set, proto, port)
+        {
+            return Decision {
+                decision: DECISION_ALLOW,
+                peer,
+            };
+        }
+        if !allowlisted {
+            return Decision {
+                decision: DECISION_DENY,
+                peer,
+            };
+        }
     }
-    if let Some(set) = CIDR_RULES.get(identity::lpm_key(ruleset, family, remote))
-        && allows(ruleset, *set, proto, port)
+    // Outside the cluster, from a workload an EgressAllowlist selects.
+    if let Some(l) = learned
+        && dns::ports_allow(l, proto, port)
     {
+        if established || now < l.allow_until_ns {
+            return Decision {
+                decision: DECISION_ALLOW,
+                peer,
+            };
+        }
+        counters::diag(diag::EGRESS_EXPIRED);
+        if let Some(c) = EGRESS_EXPIRED.get_ptr_mut(slot) {
+            // SAFETY: per-CPU slot of a successful lookup.
+            unsafe { *c += 1 };
+        }
+    }
+    // Its resolvers are how it learns anything.
+    if port == DNS_PORT && dns::is_resolver(family, remote) {
         return Decision {
             decision: DECISION_ALLOW,
             peer,

@@ -10,6 +10,7 @@ pub mod compile;
 pub mod controller;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod flowlog;
 pub mod flows;
 pub mod graph;

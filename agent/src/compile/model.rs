@@ -487,6 +487,31 @@ pub struct ModeOverrideInfo {
     pub reason: String,
 }
 
+/// A `tollgate.io/v1alpha1` `EgressAllowlist`: domains the pods it selects (in its own
+/// namespace) may reach outside the cluster, on top of what NetworkPolicies allow. It
+/// isolates them for egress to addresses outside the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EgressAllowlistInfo {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: Selector,
+    pub egress: Vec<AllowlistRule>,
+}
+
+/// One `spec.egress[]` entry. Empty `ports`: every port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowlistRule {
+    pub domains: Vec<crate::dns::DomainPattern>,
+    pub ports: Vec<PortSpec>,
+}
+
+impl EgressAllowlistInfo {
+    /// `NAMESPACE/NAME`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// The addresses a workload may send from; a packet leaving it from any other is spoofed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum WorkloadAddresses {
@@ -519,6 +544,8 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeInfo>,
     /// Cluster mode overrides by object name.
     pub mode_overrides: BTreeMap<String, ModeOverrideInfo>,
+    /// By (namespace, name).
+    pub egress_allowlists: BTreeMap<(String, String), EgressAllowlistInfo>,
     /// A source's fingerprint of `namespaces` and `pods` (equal fingerprints, equal pods and
     /// namespaces), so the compiler need not hash 20,000 pods to learn they did not change.
     /// `None`: the compiler works it out itself.

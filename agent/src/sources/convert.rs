@@ -13,11 +13,15 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
-use super::{crd::ModeOverride, store::Object};
+use super::{
+    crd::{EgressAllowlist, ModeOverride},
+    store::Object,
+};
 use crate::compile::model::{
-    EndpointSliceInfo, Mode, ModeOverrideInfo, NamedPort, NamespaceInfo, NodeInfo, Operator,
-    PeerSpec, PodInfo, Policy, PortRef, PortSpec, Protocol, Requirement, RuleSpec, Selector,
-    ServiceInfo, ServicePort, SliceEndpoint, SlicePort, Target, TargetPort,
+    AllowlistRule, EgressAllowlistInfo, EndpointSliceInfo, Mode, ModeOverrideInfo, NamedPort,
+    NamespaceInfo, NodeInfo, Operator, PeerSpec, PodInfo, Policy, PortRef, PortSpec, Protocol,
+    Requirement, RuleSpec, Selector, ServiceInfo, ServicePort, SliceEndpoint, SlicePort, Target,
+    TargetPort,
 };
 
 /// Annotation that sets a workload's mode (on pods and namespaces).
@@ -98,6 +102,60 @@ impl ToObject for ModeOverride {
     fn to_object(&self) -> Result<Option<Object>> {
         mode_override(self).map(|m| Some(Object::ModeOverride(m)))
     }
+}
+
+impl ToObject for EgressAllowlist {
+    fn to_object(&self) -> Result<Option<Object>> {
+        egress_allowlist(self).map(|a| Some(Object::EgressAllowlist(a)))
+    }
+}
+
+/// An `EgressAllowlist`: selector, domain patterns and numeric ports checked.
+pub fn egress_allowlist(o: &EgressAllowlist) -> Result<EgressAllowlistInfo> {
+    let name = o.metadata.name.clone().ok_or("metadata.name is missing")?;
+    let namespace = o
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let pod_selector = selector(&o.spec.pod_selector, "spec.podSelector")?;
+    let mut egress = Vec::new();
+    for (i, r) in o.spec.egress.iter().enumerate() {
+        let at = format!("spec.egress[{i}]");
+        if r.domains.is_empty() {
+            return Err(format!("{at}.domains: must name at least one domain"));
+        }
+        let mut domains = Vec::new();
+        for (j, d) in r.domains.iter().enumerate() {
+            domains.push(
+                crate::dns::DomainPattern::parse(d)
+                    .map_err(|e| format!("{at}.domains[{j}]: {e}"))?,
+            );
+        }
+        if r.ports.len() > agent_common::LEARNED_PORT_RANGES {
+            return Err(format!(
+                "{at}.ports: at most {} entries per rule (split the rule)",
+                agent_common::LEARNED_PORT_RANGES
+            ));
+        }
+        let mut ports = Vec::new();
+        for (j, p) in r.ports.iter().enumerate() {
+            let spec = port(p, &format!("{at}.ports[{j}]"))?;
+            if let PortRef::Named(n) = &spec.port {
+                return Err(format!(
+                    "{at}.ports[{j}].port: {n:?} is a named port, which names a port of a pod; outside the cluster give the number"
+                ));
+            }
+            ports.push(spec);
+        }
+        egress.push(AllowlistRule { domains, ports });
+    }
+    Ok(EgressAllowlistInfo {
+        namespace,
+        name,
+        pod_selector,
+        egress,
+    })
 }
 
 /// Tollgate's own annotations (`tollgate.io/...`): the only ones the model uses. Kept alone

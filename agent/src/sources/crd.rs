@@ -28,6 +28,33 @@ pub struct ModeOverrideSpec {
     pub reason: Option<String>,
 }
 
+/// `apiVersion: tollgate.io/v1alpha1`, `kind: EgressAllowlist` (namespaced): domains the
+/// selected pods may reach outside the cluster (`deploy/crds/egressallowlists.yaml` is the
+/// schema the API server checks; this side validates again when converting).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "tollgate.io",
+    version = "v1alpha1",
+    kind = "EgressAllowlist",
+    plural = "egressallowlists",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressAllowlistSpec {
+    pub pod_selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    pub egress: Vec<EgressAllowlistRule>,
+}
+
+/// One `spec.egress[]` entry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressAllowlistRule {
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPort>,
+}
+
 /// What `set_override` or `clear_override` did.
 #[derive(Clone, Debug)]
 pub struct Written {

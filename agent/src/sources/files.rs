@@ -23,7 +23,7 @@ use serde_norway::Value;
 use super::{
     Refresh, Source,
     convert::{self, ToObject},
-    crd::ModeOverride,
+    crd::{EgressAllowlist, ModeOverride},
     store::{Kind, Object, ObjectKey, Store},
 };
 use crate::compile::model::ClusterState;
@@ -108,6 +108,7 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
         "EndpointSlice" => Kind::EndpointSlice,
         "Node" => Kind::Node,
         "ModeOverride" => Kind::ModeOverride,
+        "EgressAllowlist" => Kind::EgressAllowlist,
         // Deployments, ConfigMaps... are not policy inputs.
         _ => return,
     };
@@ -145,6 +146,7 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
         Kind::EndpointSlice => typed::<EndpointSlice>(value),
         Kind::Node => typed::<Node>(value),
         Kind::ModeOverride => typed::<ModeOverride>(value),
+        Kind::EgressAllowlist => typed::<EgressAllowlist>(value),
     };
     match converted {
         Ok(Some(object)) => out.push(Ok((key.expect("named"), object))),

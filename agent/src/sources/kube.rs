@@ -44,7 +44,7 @@ use tracing::{info, warn};
 use super::{
     ObjectError, Refresh, Source,
     convert::ToObject,
-    crd::ModeOverride,
+    crd::{EgressAllowlist, ModeOverride},
     store::{Kind, Object, ObjectKey, Store},
 };
 use crate::compile::model::ClusterState;
@@ -172,6 +172,7 @@ impl KubeSource {
             Kind::EndpointSlice => tokio::spawn(watch::<EndpointSlice>(client, kind, tx)),
             Kind::Node => tokio::spawn(watch::<Node>(client, kind, tx)),
             Kind::ModeOverride => tokio::spawn(watch::<ModeOverride>(client, kind, tx)),
+            Kind::EgressAllowlist => tokio::spawn(watch::<EgressAllowlist>(client, kind, tx)),
         };
         if let Some(old) = self.tasks.insert(kind, task) {
             old.abort();
@@ -418,7 +419,8 @@ where
             Ok(watcher::Event::InitApply(o)) => Update::InitApply(key(&o), o.to_object()),
             Ok(watcher::Event::InitDone) => Update::InitDone(kind),
             Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if status.code == 404 && kind == Kind::ModeOverride =>
+                if status.code == 404
+                    && matches!(kind, Kind::ModeOverride | Kind::EgressAllowlist) =>
             {
                 Update::NotServed(kind, status.message.clone())
             }

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use super::{ObjectError, convert};
 use crate::compile::model::{
-    ChangeLog, Changed, ClusterState, EndpointSliceInfo, ModeOverrideInfo, NamespaceInfo, NodeInfo,
-    PodInfo, Policy, Protocol, ServiceInfo,
+    ChangeLog, Changed, ClusterState, EgressAllowlistInfo, EndpointSliceInfo, ModeOverrideInfo,
+    NamespaceInfo, NodeInfo, PodInfo, Policy, Protocol, ServiceInfo,
 };
 
 /// What kind of object.
@@ -21,11 +21,12 @@ pub enum Kind {
     EndpointSlice,
     Node,
     ModeOverride,
+    EgressAllowlist,
 }
 
 impl Kind {
     /// Every kind, in the order a source lists them.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::NetworkPolicy,
@@ -33,6 +34,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::Node,
         Kind::ModeOverride,
+        Kind::EgressAllowlist,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +46,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
             Kind::ModeOverride => "ModeOverride",
+            Kind::EgressAllowlist => "EgressAllowlist",
         }
     }
 
@@ -81,6 +84,7 @@ pub enum Object {
     EndpointSlice(EndpointSliceInfo),
     Node(NodeInfo),
     ModeOverride(ModeOverrideInfo),
+    EgressAllowlist(EgressAllowlistInfo),
 }
 
 /// The model being built, with what each object contributed besides itself.
@@ -162,6 +166,7 @@ impl Store {
             Kind::EndpointSlice => self.state.endpoint_slices.contains_key(&pair()),
             Kind::Node => self.state.nodes.contains_key(&key.name),
             Kind::ModeOverride => self.state.mode_overrides.contains_key(&key.name),
+            Kind::EgressAllowlist => self.state.egress_allowlists.contains_key(&pair()),
         }
     }
 
@@ -200,6 +205,12 @@ impl Store {
                 .keys()
                 .map(|n| key("", n))
                 .collect(),
+            Kind::EgressAllowlist => self
+                .state
+                .egress_allowlists
+                .keys()
+                .map(|(ns, n)| key(ns, n))
+                .collect(),
         }
     }
 
@@ -219,6 +230,7 @@ impl Store {
             Object::EndpointSlice(s) => replace(&mut self.state.endpoint_slices, pair, s),
             Object::Node(node) => replace(&mut self.state.nodes, key.name.clone(), node),
             Object::ModeOverride(o) => replace(&mut self.state.mode_overrides, key.name.clone(), o),
+            Object::EgressAllowlist(a) => replace(&mut self.state.egress_allowlists, pair, a),
         };
         if changed {
             self.changed(&key);
@@ -239,6 +251,7 @@ impl Store {
             Kind::EndpointSlice => self.state.endpoint_slices.remove(&pair).is_some(),
             Kind::Node => self.state.nodes.remove(&key.name).is_some(),
             Kind::ModeOverride => self.state.mode_overrides.remove(&key.name).is_some(),
+            Kind::EgressAllowlist => self.state.egress_allowlists.remove(&pair).is_some(),
         };
         if removed {
             self.changed(key);
@@ -266,7 +279,7 @@ impl Store {
             Kind::Namespace => Changed::Namespace(key.name.clone()),
             Kind::Service => Changed::Service(pair()),
             Kind::EndpointSlice => Changed::EndpointSlice(pair()),
-            Kind::NetworkPolicy | Kind::Node | Kind::ModeOverride => return,
+            Kind::NetworkPolicy | Kind::Node | Kind::ModeOverride | Kind::EgressAllowlist => return,
         };
         if matches!(key.kind, Kind::Pod | Kind::Namespace) {
             self.pods_version = self.pods_version.wrapping_add(1);
