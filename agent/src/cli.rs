@@ -31,7 +31,7 @@ pub enum Command {
     ///
     /// Stopping the agent leaves enforcement in place (programs and maps stay pinned under
     /// --bpffs) and a restarted agent adopts them; only --detach-on-exit takes them off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the workloads of the running agent: attach kind, isolation, mode, counters, time
     /// since the last would-drop.
     Status {
@@ -317,6 +317,26 @@ pub struct RunArgs {
     /// hybrid hosts, else /sys/fs/cgroup.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// A resolver the workloads use, besides the ClusterIPs and endpoints of Service
+    /// kube-system/kube-dns (repeat for more; node-local caches, resolvers outside the
+    /// cluster). Only answers from resolvers teach EgressAllowlists anything.
+    #[arg(long = "dns-server", value_name = "ADDRESS")]
+    pub dns_servers: Vec<std::net::IpAddr>,
+    /// The shortest time an address from a DNS answer is allowed for, whatever its TTL.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub dns_min_ttl: std::time::Duration,
+    /// How long after its TTL (or --dns-min-ttl) new connections to a learned address are
+    /// still allowed: a connection opened just before expiry goes through. Established
+    /// connections are never cut by expiry.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub dns_grace: std::time::Duration,
+    /// Addresses learned from DNS kept per workload; beyond it, new ones are counted in
+    /// tollgate_egress_learned_overflow_total and not allowed.
+    #[arg(long, default_value_t = 1024)]
+    pub dns_max_per_workload: usize,
+    /// Tests only: wait this long before learning from each DNS answer (a loaded agent).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, hide = true)]
+    pub dns_learn_delay: std::time::Duration,
 }
 
 /// `--pod-mode-annotations` values.
@@ -391,7 +411,7 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Run(args) => run(args).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => run(*args).map(|()| ExitCode::SUCCESS),
         Command::Status {
             output,
             admin_socket,
@@ -1154,6 +1174,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup_root: args
             .cgroup_root
             .unwrap_or_else(crate::reconcile::default_cgroup_root),
+        dns_servers: args.dns_servers,
+        dns: crate::dns::DnsOptions {
+            min_ttl: args.dns_min_ttl,
+            grace: args.dns_grace,
+            max_per_workload: args.dns_max_per_workload.max(1),
+            learn_delay: args.dns_learn_delay,
+            ..crate::dns::DnsOptions::default()
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

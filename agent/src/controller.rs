@@ -84,6 +84,8 @@ pub struct WorkloadView {
     pub mode: Mode,
     pub mode_source: &'static str,
     pub degraded: Option<String>,
+    /// The EgressAllowlists that select it, merged.
+    pub egress_allowlist: Option<Arc<crate::dns::Allowlist>>,
 }
 
 /// Names of a flow counter's peer identity: (namespace, workload) of workloads, and for a
@@ -108,7 +110,7 @@ impl PeerNames {
     /// a Service counts against its backend workload on the backends' target port (when they
     /// agree on one).
     pub fn name(&self, identity: u32, proto: u8, port: u16) -> (String, String, u16) {
-        if identity == IDENTITY_WORLD {
+        if identity == IDENTITY_WORLD || agent_common::is_world_named(identity) {
             return ("world".into(), "world".into(), port);
         }
         if identity == IDENTITY_HOST {
@@ -606,6 +608,7 @@ impl Controller {
                 mode: w.policy.mode,
                 mode_source: w.mode_source,
                 degraded: degraded_workloads.get(&(ns.clone(), name.clone())).cloned(),
+                egress_allowlist: w.policy.egress_allowlist.clone(),
             })
             .collect();
         let mut degraded: Vec<String> = degraded_workloads

@@ -80,6 +80,9 @@ pub struct RunOptions {
     pub pod_mode_annotations: PodModeAnnotations,
     /// The cgroup v2 mount the kubepods hierarchy lives under.
     pub cgroup_root: PathBuf,
+    /// `--dns-server`.
+    pub dns_servers: Vec<std::net::IpAddr>,
+    pub dns: crate::dns::DnsOptions,
 }
 
 /// What the servers share: the published view, the observer, and the agent's health.
@@ -92,6 +95,7 @@ struct Shared {
     recorder: Option<Recorder>,
     /// Set when a task of the agent died: `/readyz` fails from then on.
     failed: AtomicBool,
+    dns: Arc<Mutex<crate::dns::runtime::DnsReport>>,
 }
 
 impl Shared {
@@ -209,6 +213,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     datapath.maps.set_config(&Config { ..config })?;
     let events = datapath.events()?;
+    let dns = crate::dns::runtime::DnsRuntime::new(
+        datapath.dns_events()?,
+        &options.bpffs,
+        &options.state_dir,
+        options.dns.clone(),
+    )
+    .context("start DNS learning")?;
+    let dns_report = dns.report();
     let readers = MapReaders::open(&options.bpffs).context("open the pinned maps for reading")?;
     let occupancy_readers =
         MapReaders::open(&options.bpffs).context("open the pinned maps for reading")?;
@@ -221,6 +233,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             node_name: Some(options.node_name.clone()),
             cgroup_root: options.cgroup_root.clone(),
             trust_attach_annotations,
+            dns_servers: options.dns_servers.clone(),
         },
     );
     rec.overrides = Overrides::load(&options.state_dir.join("overrides.json"))?;
@@ -277,6 +290,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
         _ => (None, None),
     };
+    let dns_stop = Arc::new(AtomicBool::new(false));
+    let dns_thread = {
+        let view = view_rx.clone();
+        let stop = dns_stop.clone();
+        std::thread::Builder::new()
+            .name("dns".into())
+            .spawn(move || dns.run(view, stop))
+            .context("start the DNS thread")?
+    };
     let (commands_tx, commands_rx) = std::sync::mpsc::channel();
     controller.wake_on_source_changes(commands_tx.clone());
     let controller_task = tokio::task::spawn_blocking(move || controller.run(commands_rx));
@@ -289,6 +311,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         commands: Mutex::new(commands_tx),
         recorder,
         failed: AtomicBool::new(false),
+        dns: dns_report,
     });
 
     let mut registry = prometheus_client::registry::Registry::default();
@@ -360,6 +383,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         observer.persist(&shared.log, shared.policy_errors());
         observer.persist_record(true);
     }
+    // DNS first: the datapath stops holding answers and what it holds is handed back.
+    dns_stop.store(true, Ordering::Relaxed);
+    let _ = dns_thread.join();
     let _ = std::fs::remove_file(&options.admin_socket);
     let detach = options.detach_on_exit;
     match shared
@@ -402,6 +428,28 @@ impl prometheus_client::collector::Collector for Collector {
             s.policy_errors(),
         );
         snapshot.ready &= !s.failed.load(Ordering::Relaxed);
+        {
+            let dns = s.dns.lock().map_err(|_| std::fmt::Error)?;
+            let st = dns.stats;
+            snapshot.dns_messages = vec![
+                ("query", st.queries),
+                ("answer", st.answers),
+                ("unsolicited", st.unsolicited),
+                ("malformed", st.malformed),
+            ];
+            snapshot.dns_handed_back =
+                vec![("ok", dns.reinjected), ("failed", dns.reinject_failed)];
+            for (slot, kept, overflow) in &dns.per_slot {
+                if let Some(w) = view.workloads.iter().find(|w| w.slot == *slot) {
+                    snapshot.egress_learned.push((
+                        w.namespace.clone(),
+                        w.pod.clone(),
+                        *kept as u64,
+                        *overflow,
+                    ));
+                }
+            }
+        }
         snapshot.kube_events = s
             .recorder
             .as_ref()

@@ -257,6 +257,15 @@ impl Datapath {
         Ok(EventReader::new(ring))
     }
 
+    /// The DNS ring buffer (`dns`). One consumer: call once.
+    pub fn dns_events(&mut self) -> Result<RingBuf<aya::maps::MapData>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(map_names::DNS_EVENTS)
+            .ok_or_else(|| DatapathError::Events("DNS ring missing or already taken".into()))?;
+        RingBuf::try_from(map).map_err(|e| DatapathError::Events(e.to_string()))
+    }
+
     /// Detaches everything, then removes the pinned maps: nothing of this datapath stays in
     /// the kernel once the process exits (`--detach-on-exit`).
     pub fn remove(mut self) -> Result<(), DatapathError> {

@@ -151,6 +151,7 @@ mod tests {
             first_seen: 1,
             last_seen: 1,
             packets,
+            dst_domain: String::new(),
         }
     }
 

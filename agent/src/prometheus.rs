@@ -36,6 +36,7 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
             "dst_workload",
             "protocol",
             "port",
+            "dst_domain",
         ]
         .map(get)
         .to_vec();
@@ -51,6 +52,7 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
             first_seen: now.saturating_sub(window.as_secs()),
             last_seen: now,
             packets: [0; 3],
+            dst_domain: get("dst_domain"),
         });
         let verdict = match get("verdict").as_str() {
             "would_drop" => 1,

@@ -93,6 +93,8 @@ pub struct ReconcilerOptions {
     /// all (they are checked either way). The file source trusts them; the Kubernetes source
     /// only with `--trust-attach-annotations`.
     pub trust_attach_annotations: bool,
+    /// Resolvers workloads use besides Service `kube-system/kube-dns` (`--dns-server`).
+    pub dns_servers: Vec<IpAddr>,
 }
 
 impl Default for ReconcilerOptions {
@@ -103,6 +105,7 @@ impl Default for ReconcilerOptions {
             node_name: None,
             cgroup_root: default_cgroup_root(),
             trust_attach_annotations: true,
+            dns_servers: vec![],
         }
     }
 }
@@ -418,6 +421,26 @@ impl Reconciler {
 
     /// Whether the node's own addresses differ from those last written (an address was added
     /// or removed): one netlink dump, cheap enough for every poll.
+    /// The addresses workloads resolve through: every `--dns-server`, and the ClusterIPs
+    /// and endpoints of Service `kube-system/kube-dns` when the cluster state has it.
+    pub fn resolvers(&self, state: &ClusterState) -> BTreeSet<IpAddr> {
+        let mut out: BTreeSet<IpAddr> = self.options.dns_servers.iter().copied().collect();
+        let kube_dns = ("kube-system".to_string(), "kube-dns".to_string());
+        if let Some(svc) = state.services.get(&kube_dns) {
+            out.extend(svc.cluster_ips.iter().copied());
+        }
+        for slice in state
+            .endpoint_slices
+            .values()
+            .filter(|s| s.namespace == "kube-system" && s.service == "kube-dns")
+        {
+            for e in &slice.endpoints {
+                out.extend(e.addresses.iter().copied());
+            }
+        }
+        out
+    }
+
     pub fn node_addresses_changed(&self, state: &ClusterState) -> bool {
         let Ok(addresses) = attach::netlink::addresses() else {
             return false;
@@ -520,7 +543,12 @@ impl Reconciler {
         let mut unchanged: Vec<PodKey> = Vec::new();
         for (key, point) in &local {
             let pod_policy = &compiled.pods[key];
-            let policy = WorkloadPolicy::from(pod_policy);
+            let mut policy = WorkloadPolicy::from(pod_policy);
+            if let Some(pod) = state.pods.get(key) {
+                policy.egress_allowlist =
+                    crate::dns::Allowlist::for_pod(pod, state.egress_allowlists.values())
+                        .map(std::sync::Arc::new);
+            }
             let slot = match self.workloads.get(key) {
                 Some(w) => w.slot,
                 None => {
@@ -584,6 +612,10 @@ impl Reconciler {
         let mut host = host;
         host.retain(|ip| !compiled.service_addresses.contains_key(&IpNet::from(*ip)));
         let identities_changed = self.write_identities(&compiled, host, &mut report);
+        let resolvers = self.resolvers(state);
+        if let Err(e) = self.datapath.maps.set_resolvers(&resolvers) {
+            report.errors.push(format!("DNS resolvers: {e}"));
+        }
 
         // 3. configurations, then attachments of new workloads
         let mut bump_rules = Vec::new();

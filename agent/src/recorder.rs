@@ -349,6 +349,7 @@ mod tests {
             mode: if verdict == "dropped" { "drop" } else { "log" }.into(),
             policies: vec!["bank/ledger-egress".into()],
             dst_service: None,
+            dst_domain: None,
         }
     }
 

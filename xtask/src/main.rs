@@ -65,6 +65,8 @@ const TEST_PACKAGES: &[&str] = &[
     "iptables",
     // `tollgate graph -o svg` renders with graphviz's dot.
     "graphviz",
+    // The lab's cluster DNS for EgressAllowlist tests.
+    "dnsmasq-base",
 ];
 const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf", "iptables", "nftables"];
 /// The old-kernel test (`tests/tests/old_kernel.rs`): Debian's 6.1 kernel booted in qemu from

@@ -118,6 +118,13 @@ pub struct WorkloadStatus {
     /// Packets it sent from addresses that are not its own.
     #[serde(default)]
     pub spoofed: u64,
+    /// EgressAllowlists that select it (`NAMESPACE/NAME`): it is isolated for egress to
+    /// addresses outside the cluster, which only ipBlocks and its DNS answers allow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allowlists: Vec<String>,
+    /// New connections to addresses whose DNS answer had expired (TTL, floor, grace).
+    #[serde(default)]
+    pub egress_expired: u64,
     /// Why its rules are not fully in force, if they are not.
     #[serde(default)]
     pub degraded: Option<String>,

@@ -39,6 +39,9 @@ pub struct ObservedFlow {
     pub last_seen: u64,
     /// Packets by verdict: allowed, would_drop, dropped.
     pub packets: [u64; 3],
+    /// For `world` destinations, the DNS name the source resolved them from ("" unknown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dst_domain: String,
 }
 
 impl ObservedFlow {
@@ -592,6 +595,7 @@ status: {podIP: 10.0.1.1}
             first_seen: 1,
             last_seen: 2,
             packets,
+            dst_domain: String::new(),
         }
     }
 

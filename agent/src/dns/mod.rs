@@ -10,6 +10,7 @@
 //! See `docs/egress-allowlists.md` for why answers are held rather than raced.
 
 pub mod domains;
+pub mod runtime;
 pub mod wire;
 
 use std::{
@@ -121,6 +122,10 @@ pub struct DnsOptions {
     /// How long an expired address is remembered: connections to it keep their name and
     /// are counted as expired instead of unknown.
     pub retain: Duration,
+    /// Tests only (`--dns-learn-delay`, hidden): time taken before learning from each
+    /// answer, as a loaded agent would. Held answers wait for it; the first connection
+    /// after a lookup must still be decided with what the answer taught.
+    pub learn_delay: Duration,
 }
 
 impl Default for DnsOptions {
@@ -130,6 +135,7 @@ impl Default for DnsOptions {
             grace: Duration::from_secs(60),
             max_per_workload: 1024,
             retain: Duration::from_secs(3600),
+            learn_delay: Duration::ZERO,
         }
     }
 }
@@ -213,9 +219,6 @@ pub struct Learner {
     pending_order: VecDeque<(QueryKey, u64)>,
     workloads: HashMap<u32, Workload>,
     streams: HashMap<StreamKey, Stream>,
-    domain_ids: HashMap<String, u32>,
-    /// Domain names by id - 1.
-    domain_names: Vec<String>,
     pub stats: DnsStats,
 }
 
@@ -311,6 +314,10 @@ fn learned_key(slot: u32, generation: u32, ip: &IpAddr) -> LearnedKey {
 }
 
 impl Learner {
+    pub fn options(&self) -> &DnsOptions {
+        &self.options
+    }
+
     pub fn new(options: DnsOptions) -> Learner {
         Learner {
             options,
@@ -318,16 +325,30 @@ impl Learner {
         }
     }
 
-    /// The name a domain id stands for.
-    pub fn domain_name(&self, id: u32) -> Option<&str> {
-        let i = (id as usize).checked_sub(1)?;
-        self.domain_names.get(i).map(String::as_str)
+    /// The name `ip` was resolved from by the workload in `slot`, if it was.
+    pub fn domain_of(&self, slot: u32, ip: &IpAddr) -> Option<String> {
+        let e = self.workloads.get(&slot)?.entries.get(ip)?;
+        domain_name(e.domain)
     }
 
-    /// The name `ip` was resolved from by the workload in `slot`, if it was.
-    pub fn domain_of(&self, slot: u32, ip: &IpAddr) -> Option<&str> {
-        let e = self.workloads.get(&slot)?.entries.get(ip)?;
-        self.domain_name(e.domain)
+    /// Takes back what an earlier agent wrote into `LEARNED` (domain ids as persisted by
+    /// `Domains::load`), so a restart forgets nothing.
+    pub fn adopt(&mut self, entries: impl IntoIterator<Item = (LearnedKey, LearnedValue)>) {
+        for (key, value) in entries {
+            let ip = crate::maps::addr_from_bytes(key.family, &key.addr);
+            let w = self.workloads.entry(key.slot).or_default();
+            w.generation = key.generation;
+            w.entries.insert(
+                ip,
+                Entry {
+                    domain: value.domain,
+                    allow_until_ns: value.allow_until_ns,
+                    forget_at_ns: value.allow_until_ns + self.options.retain.as_nanos() as u64,
+                    ports: value.ports[..(value.port_count as usize).min(LEARNED_PORT_RANGES)]
+                        .to_vec(),
+                },
+            );
+        }
     }
 
     /// Addresses each slot keeps, and what did not fit, by slot.
@@ -336,19 +357,6 @@ impl Learner {
             .iter()
             .map(|(s, w)| (*s, w.entries.len(), w.overflow))
             .collect()
-    }
-
-    fn domain_id(&mut self, name: &str) -> u32 {
-        if let Some(id) = self.domain_ids.get(name) {
-            return *id;
-        }
-        if self.domain_names.len() >= MAX_DOMAINS.min(DOMAIN_ID_MASK as usize) {
-            return 0;
-        }
-        self.domain_names.push(name.to_string());
-        let id = self.domain_names.len() as u32;
-        self.domain_ids.insert(name.to_string(), id);
-        id
     }
 
     /// Brings a slot's workload and allowlist up to date (the reconciler's view). A new
@@ -374,18 +382,12 @@ impl Learner {
         }
         if w.allowlist != allowlist {
             w.allowlist = allowlist;
-            let names = &self.domain_names;
             for (ip, e) in w.entries.iter_mut() {
-                let name = e
-                    .domain
-                    .checked_sub(1)
-                    .and_then(|i| names.get(i as usize))
-                    .map(String::as_str)
-                    .unwrap_or("");
+                let name = domain_name(e.domain).unwrap_or_default();
                 e.ports = w
                     .allowlist
                     .as_ref()
-                    .and_then(|a| a.ports_for(name))
+                    .and_then(|a| a.ports_for(&name))
                     .unwrap_or_default();
                 writes.push(LearnedWrite::Put(
                     learned_key(slot, generation, ip),
@@ -572,7 +574,7 @@ impl Learner {
         if answer.addresses.is_empty() {
             return vec![];
         }
-        let domain = self.domain_id(&answer.question.name);
+        let domain = domain_id(&answer.question.name);
         let options = self.options.clone();
         let w = self.workloads.entry(slot).or_default();
         if w.generation != generation {
@@ -634,6 +636,91 @@ impl Learner {
         }
         writes
     }
+}
+
+/// Domain names by id (ids start at 1), shared by the learner and everything that names
+/// flows; persisted so ids in pinned maps keep their names across restarts.
+#[derive(Debug, Default)]
+struct Domains {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+    /// Names added since the last save.
+    dirty: bool,
+}
+
+static DOMAINS: std::sync::LazyLock<std::sync::RwLock<Domains>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The id of a name, handed out on first use; 0 once the table is full (the name is then
+/// not told).
+fn domain_id(name: &str) -> u32 {
+    if let Some(id) = DOMAINS.read().expect("domains").ids.get(name) {
+        return *id;
+    }
+    let mut d = DOMAINS.write().expect("domains");
+    if let Some(id) = d.ids.get(name) {
+        return *id;
+    }
+    if d.names.len() >= MAX_DOMAINS.min(DOMAIN_ID_MASK as usize) {
+        return 0;
+    }
+    d.names.push(name.to_string());
+    let id = d.names.len() as u32;
+    d.ids.insert(name.to_string(), id);
+    d.dirty = true;
+    id
+}
+
+/// The name a domain id stands for.
+pub fn domain_name(id: u32) -> Option<String> {
+    let i = ((id & DOMAIN_ID_MASK) as usize).checked_sub(1)?;
+    DOMAINS.read().expect("domains").names.get(i).cloned()
+}
+
+/// The DNS name of a peer identity (`IDENTITY_WORLD_NAMED`), or "".
+pub fn peer_domain(identity: u32) -> String {
+    if agent_common::is_world_named(identity) {
+        domain_name(identity).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+/// Loads the names an earlier agent handed ids to (before anything is learned).
+pub fn load_domains(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let names: Vec<String> = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("read the DNS names in {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let mut d = DOMAINS.write().expect("domains");
+    if d.names.is_empty() {
+        d.ids = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i as u32 + 1))
+            .collect();
+        d.names = names;
+    }
+    Ok(())
+}
+
+/// Saves the names if any were added since the last save (write, then rename).
+pub fn save_domains(path: &std::path::Path) -> anyhow::Result<()> {
+    let names = {
+        let mut d = DOMAINS.write().expect("domains");
+        if !d.dirty {
+            return Ok(());
+        }
+        d.dirty = false;
+        d.names.clone()
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&names)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 fn value_of(e: &Entry, _now_ns: u64) -> LearnedValue {
@@ -751,7 +838,10 @@ mod tests {
         assert_eq!(value.allow_until_ns, 1_000 + 62_000_000_000);
         assert_eq!(value.port_count, 1);
         assert!(value.ports[0].allows(PROTO_TCP, 443) && !value.ports[0].allows(PROTO_TCP, 80));
-        assert_eq!(l.domain_name(value.domain), Some("api.example.com"));
+        assert_eq!(
+            domain_name(value.domain).as_deref(),
+            Some("api.example.com")
+        );
         // A TTL below the floor gets the floor.
         let writes = ask_and_answer(&mut l, 2, "api.example.com", [203, 0, 113, 8], 1);
         let [LearnedWrite::Put(_, value)] = writes.as_slice() else {
@@ -765,7 +855,7 @@ mod tests {
         };
         assert_eq!(value.port_count, 0);
         assert_eq!(
-            l.domain_of(3, &"203.0.113.9".parse().unwrap()),
+            l.domain_of(3, &"203.0.113.9".parse().unwrap()).as_deref(),
             Some("other.example.com")
         );
     }

@@ -116,6 +116,9 @@ pub struct FlowRecord {
     /// The Service whose virtual address the flow went to (`NAMESPACE/NAME`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst_service: Option<String>,
+    /// The DNS name the workload resolved an address outside the cluster from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_domain: Option<String>,
 }
 
 impl FlowRecord {
@@ -216,6 +219,7 @@ impl Naming {
                 slot.egress_policies
             },
             dst_service: service.map(|(id, _)| id.clone()),
+            dst_domain: Some(crate::dns::peer_domain(e.peer_identity)).filter(|d| !d.is_empty()),
         }
     }
 }

@@ -85,8 +85,9 @@ impl Default for RecordLimits {
     }
 }
 
-/// (direction, src namespace, src workload, dst namespace, dst workload, protocol, port).
-type ObservedKey = (String, String, String, String, String, String, u16);
+/// (direction, src namespace, src workload, dst namespace, dst workload, protocol, port,
+/// dst domain).
+type ObservedKey = (String, String, String, String, String, String, u16, String);
 
 /// How often the observed-flow record (up to a few MB) is written to `observed.json`; the
 /// counters in `state.json` are written at every poll. A graceful stop writes both.
@@ -130,7 +131,7 @@ pub struct NotQuiet {
 }
 
 /// The labels of `tollgate_flow_packets_total`, in the order the observer keeps them.
-pub const SERIES_LABELS: [&str; 8] = [
+pub const SERIES_LABELS: [&str; 9] = [
     "direction",
     "verdict",
     "src_namespace",
@@ -139,6 +140,7 @@ pub const SERIES_LABELS: [&str; 8] = [
     "dst_workload",
     "protocol",
     "port",
+    "dst_domain",
 ];
 
 /// How many flow log records `flows` keeps.
@@ -153,6 +155,7 @@ fn observed_key(f: &ObservedFlow) -> ObservedKey {
         f.dst_workload.clone(),
         f.protocol.clone(),
         f.port,
+        f.dst_domain.clone(),
     )
 }
 
@@ -393,8 +396,25 @@ impl Observer {
                 .collect(),
             series_idle,
             limits,
-            retired: persisted.retired_series.iter().cloned().collect(),
-            series: persisted.flow_series.iter().cloned().collect(),
+            retired: persisted
+                .retired_series
+                .iter()
+                .cloned()
+                .map(|(mut labels, v)| {
+                    labels.resize(SERIES_LABELS.len(), String::new());
+                    (labels, v)
+                })
+                .collect(),
+            // Series of agents before `dst_domain` get it, empty.
+            series: persisted
+                .flow_series
+                .iter()
+                .cloned()
+                .map(|(mut labels, v)| {
+                    labels.resize(SERIES_LABELS.len(), String::new());
+                    (labels, v)
+                })
+                .collect(),
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
             observed: std::fs::read(&observed_file)
                 .ok()
@@ -578,6 +598,7 @@ impl Observer {
                 } else {
                     port.to_string()
                 },
+                crate::dns::peer_domain(key.peer),
             ];
             self.observe(&labels, key.verdict, delta);
             if let Some(v) = self.series.get_mut(&labels) {
@@ -705,6 +726,7 @@ impl Observer {
             labels[5].clone(),
             labels[6].clone(),
             labels[7].parse().unwrap_or(0),
+            labels.get(8).cloned().unwrap_or_default(),
         );
         let capacity = self.limits.capacity.max(1);
         if !self.observed.contains_key(&key) && self.observed.len() >= capacity {
@@ -732,6 +754,7 @@ impl Observer {
                 first_seen: now,
                 last_seen: now,
                 packets: [0; 3],
+                dst_domain: key.7.clone(),
             });
         flow.last_seen = now;
         self.observed_changed = true;
@@ -911,6 +934,14 @@ impl Observer {
                 name.clone(),
                 self.readers.spoofed(w.slot).unwrap_or(0),
             ));
+            if w.egress_allowlist.is_some() {
+                s.egress_expired.push((
+                    ns.clone(),
+                    name.clone(),
+                    w.workload.clone(),
+                    self.readers.egress_expired(w.slot).unwrap_or(0),
+                ));
+            }
         }
         s.workloads = view.workloads.len() as u64;
         s.source_degraded = view.source_degraded;
@@ -1002,6 +1033,12 @@ impl Observer {
                     latest_would_drop: None,
                     latest_would_drop_explanation: None,
                     spoofed: self.readers.spoofed(w.slot).unwrap_or(0),
+                    egress_allowlists: w
+                        .egress_allowlist
+                        .as_ref()
+                        .map(|a| a.names.clone())
+                        .unwrap_or_default(),
+                    egress_expired: self.readers.egress_expired(w.slot).unwrap_or(0),
                     degraded: w.degraded.clone(),
                 }
             })

@@ -77,6 +77,7 @@ impl From<&crate::compile::policy::PodPolicy> for WorkloadPolicy {
             egress: p.egress.clone(),
             services: p.services.clone(),
             addresses: p.addresses.clone(),
+            egress_allowlist: None,
         }
     }
 }
@@ -96,6 +97,9 @@ pub struct WorkloadPolicy {
     pub services: Vec<AllowRule>,
     /// Where the workload's packets may come from.
     pub addresses: WorkloadAddresses,
+    /// The EgressAllowlists that select it, merged: it is isolated for egress to addresses
+    /// outside the cluster, which its DNS answers then allow.
+    pub egress_allowlist: Option<std::sync::Arc<crate::dns::Allowlist>>,
 }
 
 impl WorkloadPolicy {
@@ -122,6 +126,7 @@ impl WorkloadPolicy {
             || self.ingress != other.ingress
             || self.egress != other.egress
             || self.addresses != other.addresses
+            || self.egress_allowlist != other.egress_allowlist
     }
 }
 
@@ -160,6 +165,7 @@ pub struct DatapathMaps {
     r: MapReaders,
     event_buckets: Array<MapData, EventBucket>,
     config: Array<MapData, Config>,
+    dns_resolvers: HashMap<MapData, agent_common::ResolverKey, u8>,
     /// What this process wrote per ruleset, to diff the next update against.
     written: StdHashMap<u32, RulesetEntries>,
     set_ids: CidrSetIds,
@@ -216,6 +222,7 @@ pub struct MapReaders {
     flow_series: PerCpuArray<MapData, Counter>,
     diag: PerCpuArray<MapData, u64>,
     spoofed: PerCpuArray<MapData, u64>,
+    egress_expired: PerCpuArray<MapData, u64>,
     conntrack_capacity: u64,
     ct_overflow_capacity: u64,
 }
@@ -253,6 +260,15 @@ impl MapReaders {
             .map_err(map_err(map_names::SPOOFED))?;
         Ok(values.iter().sum())
     }
+    /// New connections of a slot to a learned address whose name had expired.
+    pub fn egress_expired(&self, slot: u32) -> Result<u64, MapsError> {
+        let values = self
+            .egress_expired
+            .get(&slot, 0)
+            .map_err(map_err(map_names::EGRESS_EXPIRED))?;
+        Ok(values.iter().sum())
+    }
+
     /// Datapath diagnostics, summed over CPUs, in `diag::NAMES` order.
     pub fn diag(&self) -> Result<[u64; diag::COUNT as usize], MapsError> {
         let mut out = [0u64; diag::COUNT as usize];
@@ -508,6 +524,7 @@ impl MapReaders {
             flow_series: map!(map_names::FLOW_SERIES),
             diag: map!(map_names::DIAG),
             spoofed: map!(map_names::SPOOFED),
+            egress_expired: map!(map_names::EGRESS_EXPIRED),
             conntrack_capacity,
             ct_overflow_capacity,
         })
@@ -541,6 +558,7 @@ impl DatapathMaps {
             r,
             event_buckets: take(ebpf, map_names::EVENT_BUCKETS)?,
             config: take(ebpf, map_names::CONFIG)?,
+            dns_resolvers: take(ebpf, map_names::DNS_RESOLVERS)?,
             written: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
             stats: WriteStats::default(),
@@ -578,6 +596,37 @@ impl DatapathMaps {
                 .or_default()
                 .cidr
                 .insert(LpmKeyOrd(key.prefix_len(), data), set);
+        }
+        Ok(())
+    }
+
+    /// Makes `resolvers` the addresses workloads resolve through (`DNS_RESOLVERS`): what
+    /// is missing is added, what is no longer wanted removed.
+    pub fn set_resolvers(
+        &mut self,
+        resolvers: &std::collections::BTreeSet<IpAddr>,
+    ) -> Result<(), MapsError> {
+        let key = |ip: &IpAddr| agent_common::ResolverKey {
+            family: if ip.is_ipv4() {
+                agent_common::FAMILY_IPV4
+            } else {
+                agent_common::FAMILY_IPV6
+            },
+            _pad: [0; 3],
+            addr: addr_bytes(*ip),
+        };
+        let wanted: Vec<agent_common::ResolverKey> = resolvers.iter().map(key).collect();
+        let present: Vec<agent_common::ResolverKey> =
+            self.dns_resolvers.keys().filter_map(Result::ok).collect();
+        for k in present.iter().filter(|k| !wanted.contains(k)) {
+            self.dns_resolvers
+                .remove(k)
+                .map_err(map_err(map_names::DNS_RESOLVERS))?;
+        }
+        for k in wanted.iter().filter(|k| !present.contains(k)) {
+            self.dns_resolvers
+                .insert(k, 1, 0)
+                .map_err(map_err(map_names::DNS_RESOLVERS))?;
         }
         Ok(())
     }
@@ -689,6 +738,9 @@ impl DatapathMaps {
         }
         if policy.isolated_egress {
             flags |= workload_flags::ISOLATED_EGRESS;
+        }
+        if policy.egress_allowlist.is_some() {
+            flags |= workload_flags::EGRESS_ALLOWLIST;
         }
         // A slot that becomes active gets a new generation: flows tracked for whatever held
         // it before never match this workload.

@@ -38,6 +38,13 @@ pub struct Snapshot {
     pub degraded: Vec<(String, String, bool)>,
     /// (namespace, pod, packets sent from addresses not its own).
     pub spoofed: Vec<(String, String, u64)>,
+    /// (namespace, pod, workload, new connections to learned addresses past their TTL).
+    pub egress_expired: Vec<(String, String, String, u64)>,
+    /// (namespace, pod, addresses learned from DNS kept, addresses that did not fit).
+    pub egress_learned: Vec<(String, String, u64, u64)>,
+    /// DNS messages by outcome, and held answers handed back by outcome.
+    pub dns_messages: Vec<(&'static str, u64)>,
+    pub dns_handed_back: Vec<(&'static str, u64)>,
     /// (namespace, pod, live tracked flows at the last census).
     pub conntrack_entries: Vec<(String, String, u64)>,
     /// The cluster state cannot be refreshed.
@@ -214,6 +221,49 @@ impl Snapshot {
             self.spoofed
                 .iter()
                 .map(|(ns, pod, v)| (labels(&[("namespace", ns), ("pod", pod)]), *v)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_egress_expired",
+            "New connections of a workload an EgressAllowlist selects to an address whose DNS answer had expired (TTL, floor and grace): would_drop or dropped by mode; applications that keep using an address past its TTL",
+            self.egress_expired.iter().map(|(ns, pod, wl, v)| {
+                (
+                    labels(&[("namespace", ns), ("pod", pod), ("workload", wl)]),
+                    *v,
+                )
+            }),
+        )?;
+        gauge_family(
+            e,
+            "tollgate_egress_learned_addresses",
+            "Addresses a workload learned from its DNS answers and the agent keeps (--dns-max-per-workload)",
+            self.egress_learned
+                .iter()
+                .map(|(ns, pod, v, _)| (labels(&[("namespace", ns), ("pod", pod)]), *v as i64)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_egress_learned_overflow",
+            "Addresses from a workload's DNS answers not kept because it held --dns-max-per-workload already (not allowed)",
+            self.egress_learned
+                .iter()
+                .map(|(ns, pod, _, v)| (labels(&[("namespace", ns), ("pod", pod)]), *v)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_dns_messages",
+            "DNS messages between workloads and their resolvers: query, answer (learned from), unsolicited (no matching query: ignored), malformed (ignored)",
+            self.dns_messages
+                .iter()
+                .map(|(o, v)| (labels(&[("outcome", o)]), *v)),
+        )?;
+        counter_family(
+            e,
+            "tollgate_dns_answers_handed_back",
+            "Held DNS answers handed back to their workload after learning (ok), or lost (failed)",
+            self.dns_handed_back
+                .iter()
+                .map(|(o, v)| (labels(&[("outcome", o)]), *v)),
         )?;
         gauge_family(
             e,

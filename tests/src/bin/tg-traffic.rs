@@ -107,6 +107,33 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Looks `name` up at `server` (UDP, or TCP with --tcp) and, with --port, connects at
+    /// once to the first address of the answer and exchanges a 1-byte echo; `times` rounds
+    /// back to back. Prints `{"resolved": N, "connected": N, "addresses": [...],
+    /// "errors": [...]}`.
+    Resolve {
+        #[arg(long)]
+        server: IpAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        tcp: bool,
+        #[arg(long)]
+        aaaa: bool,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value_t = 1)]
+        times: u32,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// A DNS server on UDP 53 that answers every query with a hostile message chosen by the
+    /// first label of the name asked (see `hostile_answer`), each carrying `--address`.
+    /// Prints "ready" once bound.
+    DnsHostile {
+        #[arg(long)]
+        address: std::net::Ipv4Addr,
+    },
 }
 
 fn main() {
@@ -159,6 +186,229 @@ fn main() {
         } => probe(&targets, Duration::from_millis(timeout_ms), &bind),
         Cmd::Crr { to, port, seconds } => crr(to, port, Duration::from_secs_f64(seconds)),
         Cmd::Raw { packets, count } => raw(&packets, count),
+        Cmd::Resolve {
+            server,
+            name,
+            tcp,
+            aaaa,
+            port,
+            times,
+            timeout_ms,
+        } => resolve(
+            server,
+            &name,
+            tcp,
+            aaaa,
+            port,
+            times,
+            Duration::from_millis(timeout_ms),
+        ),
+        Cmd::DnsHostile { address } => dns_hostile(address),
+    }
+}
+
+/// One query and its answer's addresses.
+fn lookup(
+    server: IpAddr,
+    name: &str,
+    tcp: bool,
+    qtype: u16,
+    id: u16,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, String> {
+    use tollgate::dns::wire;
+    let query = wire::build::query(id, name, qtype);
+    let reply = if tcp {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::new(server, 53), timeout)
+            .map_err(|e| format!("connect to the resolver: {e}"))?;
+        s.set_read_timeout(Some(timeout)).ok();
+        let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&query);
+        s.write_all(&framed).map_err(|e| e.to_string())?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).map_err(|e| format!("read: {e}"))?;
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+        buf
+    } else {
+        let any: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout)).ok();
+        s.send_to(&query, SocketAddr::new(server, 53))
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 4096];
+        let n = s.recv(&mut buf).map_err(|e| format!("no answer: {e}"))?;
+        buf.truncate(n);
+        buf
+    };
+    // The client reads what a stub resolver would: records about the name asked, or the
+    // name its CNAMEs lead to. Hostile answers may not parse: that is the point.
+    let answer = wire::parse_answer(&reply).map_err(|e| format!("answer: {e}"))?;
+    Ok(answer.addresses.into_iter().map(|(ip, _)| ip).collect())
+}
+
+fn resolve(
+    server: IpAddr,
+    name: &str,
+    tcp: bool,
+    aaaa: bool,
+    port: Option<u16>,
+    times: u32,
+    timeout: Duration,
+) {
+    let qtype = if aaaa { 28 } else { 1 };
+    let (mut resolved, mut connected) = (0, 0);
+    let mut addresses = Vec::new();
+    let mut errors = Vec::new();
+    for i in 0..times {
+        let addrs = match lookup(
+            server,
+            name,
+            tcp,
+            qtype,
+            (std::process::id() as u16) ^ (i as u16),
+            timeout,
+        ) {
+            Ok(a) if !a.is_empty() => a,
+            Ok(_) => {
+                errors.push("no address".to_string());
+                continue;
+            }
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        resolved += 1;
+        if !addresses.contains(&addrs[0].to_string()) {
+            addresses.push(addrs[0].to_string());
+        }
+        let Some(port) = port else { continue };
+        // At once: the first packet leaves right after the answer arrived.
+        let echoed = TcpStream::connect_timeout(&SocketAddr::new(addrs[0], port), timeout)
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(timeout))?;
+                s.write_all(b"x")?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)
+            });
+        match echoed {
+            Ok(()) => connected += 1,
+            Err(e) => errors.push(format!("connect {}: {e}", addrs[0])),
+        }
+    }
+    print_json(serde_json::json!({
+        "resolved": resolved,
+        "connected": connected,
+        "addresses": addresses,
+        "errors": errors,
+    }));
+}
+
+/// The hostile answer for a query: by the first label of the name asked.
+/// - `loop`: an answer record whose owner is a compression pointer to itself;
+/// - `forward`: a pointer past the end of the message;
+/// - `long`: an owner name of more than 255 bytes;
+/// - `short`: three records announced, one carried;
+/// - `extra`: one announced, a second (for the address) beyond the count;
+/// - `wrongid`: a good answer with another id;
+/// - `othername`: a good answer for another name;
+/// - `unrelated`: the address on a record of another name;
+/// - anything else: a good answer.
+fn hostile_answer(query: &[u8], address: std::net::Ipv4Addr) -> Option<Vec<u8>> {
+    use tollgate::dns::wire::{self, build};
+    let q = wire::parse_question(query).ok()?;
+    let first = q.name.split('.').next().unwrap_or("").to_string();
+    let a = address.octets();
+    let good = |id: u16, name: &str| {
+        build::answer(
+            id,
+            name,
+            wire::TYPE_A,
+            1,
+            &[build::record(&build::QNAME, wire::TYPE_A, 60, &a)],
+        )
+    };
+    Some(match first.as_str() {
+        "loop" => {
+            let mut m = build::answer(q.id, &q.name, wire::TYPE_A, 1, &[]);
+            let at = m.len();
+            m.extend(build::record(
+                &[0xc0 | (at >> 8) as u8, at as u8],
+                wire::TYPE_A,
+                60,
+                &a,
+            ));
+            m
+        }
+        "forward" => {
+            let mut m = build::answer(q.id, &q.name, wire::TYPE_A, 1, &[]);
+            m.extend(build::record(&[0xc0, 0xff], wire::TYPE_A, 60, &a));
+            m
+        }
+        "long" => {
+            let long = format!("{}.{}", vec!["a".repeat(63); 4].join("."), q.name);
+            build::answer(
+                q.id,
+                &q.name,
+                wire::TYPE_A,
+                1,
+                &[build::record(&build::name(&long), wire::TYPE_A, 60, &a)],
+            )
+        }
+        "short" => build::answer(
+            q.id,
+            &q.name,
+            wire::TYPE_A,
+            3,
+            &[build::record(&build::QNAME, wire::TYPE_A, 60, &a)],
+        ),
+        "extra" => build::answer(
+            q.id,
+            &q.name,
+            wire::TYPE_A,
+            1,
+            &[
+                build::record(
+                    &build::QNAME,
+                    wire::TYPE_CNAME,
+                    60,
+                    &build::name("nowhere.invalid"),
+                ),
+                build::record(&build::QNAME, wire::TYPE_A, 60, &a),
+            ],
+        ),
+        "wrongid" => good(q.id.wrapping_add(1), &q.name),
+        "othername" => good(q.id, &format!("x{}", q.name)),
+        "unrelated" => build::answer(
+            q.id,
+            &q.name,
+            wire::TYPE_A,
+            1,
+            &[build::record(
+                &build::name("unrelated.invalid"),
+                wire::TYPE_A,
+                60,
+                &a,
+            )],
+        ),
+        _ => good(q.id, &q.name),
+    })
+}
+
+fn dns_hostile(address: std::net::Ipv4Addr) {
+    let socket = UdpSocket::bind("0.0.0.0:53").expect("bind udp 53");
+    println!("ready");
+    std::io::stdout().flush().ok();
+    let mut buf = vec![0u8; 4096];
+    while let Ok((n, from)) = socket.recv_from(&mut buf) {
+        if let Some(answer) = hostile_answer(&buf[..n], address) {
+            let _ = socket.send_to(&answer, from);
+        }
     }
 }
 

@@ -1,0 +1,554 @@
+//! EgressAllowlists on real DNS: dnsmasq in a pod namespace answers test names with
+//! documentation addresses, "internet" namespaces serve on them, and workloads look names
+//! up and connect at once. The agent learns from the answers each workload receives, and
+//! only from its resolvers.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tollgate_tests::{
+    Lab, Pod,
+    agent::{Agent, measure, sample},
+    support::{FAIL_FAST, PATIENT, temp_dir},
+    traffic, wait_for,
+};
+
+/// A payments namespace whose `card` pods may reach a few names on 443, `other` with no
+/// allowlist, a cluster DNS (dnsmasq) behind Service kube-system/kube-dns, and hosts
+/// outside the cluster.
+struct Internet {
+    lab: Lab,
+    card: Pod,
+    card2: Pod,
+    other: Pod,
+    dns: Pod,
+    hostile: Pod,
+    rogue: Pod,
+    sites: Vec<(&'static str, Pod)>,
+    dir: PathBuf,
+}
+
+/// Names dnsmasq knows, each on a host of its own (`*` lines are allowed for `card`).
+const SITES: &[&str] = &[
+    "api.example.com",      // allowed, exact
+    "edge.cdn.example.net", // the target of alias.example.com (allowed through the CNAME)
+    "x.one.example.com",    // allowed by *.one.example.com
+    "a.b.one.example.com",  // not: one label too many
+    "a.b.many.example.com", // allowed by **.many.example.com
+    "tcp.example.com",      // allowed, looked up over TCP only
+    "blocked.example.com",  // not allowed
+    "short.example.com",    // allowed, TTL 1
+    "evil.test",            // what the hostile server answers with
+    "rogue.test",           // what an unconfigured server answers with
+];
+
+const ALLOWLIST: &str = "---\napiVersion: tollgate.io/v1alpha1\nkind: EgressAllowlist\nmetadata: {name: card-egress, namespace: pay}\nspec:\n  podSelector: {matchLabels: {app: card}}\n  egress:\n  - domains: [api.example.com, alias.example.com, '*.one.example.com', '**.many.example.com', tcp.example.com, Short.Example.com., '**.evil.test', good.rogue.test]\n    ports: [{port: 443}]\n";
+
+fn pod_yaml(pod: &Pod, ns: &str, name: &str, labels: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {}\n  labels: {labels}\nspec:\n  containers: [{{name: c, image: i}}]\nstatus:\n  phase: Running\n  podIPs: [{{ip: {}}}, {{ip: {}}}]\n",
+        pod.uid, pod.ipv4, pod.ipv6
+    )
+}
+
+impl Internet {
+    fn new(tag: &str) -> Internet {
+        let mut lab = Lab::new();
+        let card = lab.add_pod("card");
+        let card2 = lab.add_pod("card2");
+        let other = lab.add_pod("other");
+        let dns = lab.add_pod("dns");
+        let hostile = lab.add_pod("hostile");
+        let rogue = lab.add_pod("rogue");
+        let mut sites = Vec::new();
+        for (i, name) in SITES.iter().enumerate() {
+            let site = lab.add_outside(&format!("site{i}"));
+            lab.serve(&site, &[443], &[]);
+            sites.push((*name, site));
+        }
+        let ip = |n: &str| sites.iter().find(|(s, _)| *s == n).unwrap().1.ipv4;
+        let mut args = vec![
+            "--keep-in-foreground".to_string(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--conf-file=/dev/null".into(),
+            "--user=root".into(),
+            format!("--listen-address={}", dns.ipv4),
+            "--bind-interfaces".into(),
+            "--pid-file=".into(),
+        ];
+        for name in SITES {
+            let ttl = if *name == "short.example.com" { 1 } else { 60 };
+            args.push(format!("--host-record={name},{},{ttl}", ip(name)));
+        }
+        args.push("--cname=alias.example.com,edge.cdn.example.net,60".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.spawn_background(&dns, "dnsmasq", &args);
+        // An unconfigured server that answers everything under rogue.test.
+        let rogue_args = [
+            "--keep-in-foreground".to_string(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--conf-file=/dev/null".into(),
+            "--user=root".into(),
+            format!("--listen-address={}", rogue.ipv4),
+            "--bind-interfaces".into(),
+            "--pid-file=".into(),
+            format!("--address=/rogue.test/{}", ip("rogue.test")),
+        ];
+        let rogue_args: Vec<&str> = rogue_args.iter().map(String::as_str).collect();
+        lab.spawn_background(&rogue, "dnsmasq", &rogue_args);
+        let evil = ip("evil.test").to_string();
+        lab.spawn_ready(
+            &hostile,
+            traffic::helper(),
+            &["dns-hostile", "--address", &evil],
+        );
+        let world = Internet {
+            lab,
+            card,
+            card2,
+            other,
+            dns,
+            hostile,
+            rogue,
+            sites,
+            dir: temp_dir(tag),
+        };
+        wait_for(Duration::from_secs(10), "dnsmasq answering", || {
+            (world.resolve(&world.other, "api.example.com", None, 1)["resolved"] == 1).then_some(())
+        });
+        wait_for(
+            Duration::from_secs(10),
+            "the rogue server answering",
+            || {
+                let rogue = IpAddr::V4(world.rogue.ipv4);
+                (world.resolve_at(&world.other, rogue, "good.rogue.test", None, 1, false)["resolved"]
+                == 1)
+                .then_some(())
+            },
+        );
+        world
+    }
+
+    fn site(&self, name: &str) -> IpAddr {
+        IpAddr::V4(self.sites.iter().find(|(s, _)| *s == name).unwrap().1.ipv4)
+    }
+
+    fn cluster_yaml(&self) -> String {
+        let mut y = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: pay}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n",
+        );
+        y += &pod_yaml(&self.card, "pay", "card", "{app: card}");
+        y += &pod_yaml(&self.card2, "pay", "card2", "{app: card}");
+        y += &pod_yaml(&self.other, "pay", "other", "{app: other}");
+        // A DNS server in the cluster that is nobody's resolver.
+        y += &pod_yaml(&self.rogue, "pay", "rogue", "{app: rogue}");
+        y += &pod_yaml(&self.dns, "kube-system", "coredns", "{k8s-app: kube-dns}");
+        y += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {{k8s-app: kube-dns}}\n  ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kube-dns-x1\n  namespace: kube-system\n  labels: {{kubernetes.io/service-name: kube-dns}}\naddressType: IPv4\nendpoints: [{{addresses: ['{}'], conditions: {{ready: true}}}}]\nports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\n",
+            self.dns.ipv4
+        );
+        y += ALLOWLIST;
+        y
+    }
+
+    fn start(&self, extra: &[&str]) -> Agent {
+        let hostile = self.hostile.ipv4.to_string();
+        let mut args = vec!["--dns-server", &hostile];
+        args.extend_from_slice(extra);
+        let mut agent = Agent::start(&self.lab, &self.dir, &args);
+        agent.wait_ready();
+        agent.apply(&self.cluster_yaml(), &["card", "card2", "other", "rogue"]);
+        wait_for(
+            Duration::from_secs(10),
+            "card isolated by its allowlist",
+            || {
+                agent.workload("card")?["egress_allowlists"]
+                    .as_array()
+                    .filter(|a| !a.is_empty())
+                    .map(|_| ())
+            },
+        );
+        agent
+    }
+
+    /// `tg-traffic resolve` from `pod` at the cluster DNS (or `server`).
+    fn resolve_at(
+        &self,
+        pod: &Pod,
+        server: IpAddr,
+        name: &str,
+        port: Option<u16>,
+        times: u32,
+        tcp: bool,
+    ) -> serde_json::Value {
+        let mut cmd = pod.command(traffic::helper());
+        cmd.args(["resolve", "--server", &server.to_string(), "--name", name])
+            .args(["--times", &times.to_string(), "--timeout-ms", "1000"]);
+        if let Some(p) = port {
+            cmd.args(["--port", &p.to_string()]);
+        }
+        if tcp {
+            cmd.arg("--tcp");
+        }
+        let out = cmd.output().expect("run tg-traffic resolve");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("resolve output")
+    }
+
+    fn resolve(&self, pod: &Pod, name: &str, port: Option<u16>, times: u32) -> serde_json::Value {
+        self.resolve_at(pod, IpAddr::V4(self.dns.ipv4), name, port, times, false)
+    }
+}
+
+fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(&agent.metrics_text(), name, labels).unwrap_or(0.0)
+}
+
+#[test]
+fn allowed_names_pass_at_once_and_everything_else_is_denied() {
+    let net = Internet::new("egress-names");
+    // An agent that takes 5 ms over each answer (a loaded node): an answer that reached the
+    // workload before its addresses were written would lose the race every time.
+    let mut agent = net.start(&["--dns-learn-delay", "5ms"]);
+    let card = &net.card;
+
+    // The first connection right after each lookup: never a would-drop.
+    let [counted] = measure(&net.lab, &agent, ["card"], || {
+        let r = net.resolve(card, "api.example.com", Some(443), 40);
+        assert_eq!(r["connected"], 40, "{r}\n{}", agent.log());
+        for name in [
+            "alias.example.com",
+            "x.one.example.com",
+            "a.b.many.example.com",
+        ] {
+            let r = net.resolve(card, name, Some(443), 5);
+            assert_eq!(r["connected"], 5, "{name}: {r}");
+        }
+        let r = net.resolve_at(
+            card,
+            IpAddr::V4(net.dns.ipv4),
+            "tcp.example.com",
+            Some(443),
+            5,
+            true,
+        );
+        assert_eq!(r["connected"], 5, "over TCP: {r}");
+    });
+    assert_eq!(
+        counted[4], 0,
+        "egress would_drop after lookups of allowed names: {counted:?}"
+    );
+    assert!(counted[3] > 0);
+    let r = net.resolve(card, "alias.example.com", None, 1);
+    assert_eq!(
+        r["addresses"][0],
+        net.site("edge.cdn.example.net").to_string()
+    );
+
+    // The same exchange with a name the allowlist does not take: the DNS query passes, the
+    // connection is a would-drop, packet for packet.
+    let [allowed] = measure(&net.lab, &agent, ["card"], || {
+        assert_eq!(
+            net.resolve(card, "api.example.com", Some(443), 1)["connected"],
+            1
+        );
+    });
+    let [denied] = measure(&net.lab, &agent, ["card"], || {
+        assert_eq!(
+            net.resolve(card, "blocked.example.com", Some(443), 1)["connected"],
+            1
+        );
+    });
+    assert_eq!(allowed[4], 0);
+    assert!(denied[4] > 0, "{denied:?}");
+    assert_eq!(
+        denied[3] + denied[4],
+        allowed[3] + allowed[4],
+        "allowed {allowed:?}, denied {denied:?}"
+    );
+    // One label too many for `*.`; a raw address nobody resolved; an address another
+    // workload learned.
+    for (what, pod, run) in [
+        ("a.b.one.example.com", card, true),
+        ("raw", card, false),
+        ("learned by card", &net.card2, false),
+    ] {
+        let [d] = measure(&net.lab, &agent, [pod.name.as_str()], || {
+            if run {
+                assert_eq!(net.resolve(pod, what, Some(443), 1)["connected"], 1);
+            } else if what == "raw" {
+                assert!(traffic::tcp(pod, net.site("evil.test"), 443, 1, PATIENT).connected);
+            } else {
+                assert!(traffic::tcp(pod, net.site("api.example.com"), 443, 1, PATIENT).connected);
+            }
+        });
+        assert!(d[4] > 0, "{what}: not counted as would_drop: {d:?}");
+    }
+
+    // Destinations named by the name they were resolved from.
+    let text = agent.metrics_text();
+    let flows = |domain: &str, verdict: &str| {
+        sample(
+            &text,
+            "tollgate_flow_packets_total",
+            &[
+                ("src_workload", "card"),
+                ("dst_workload", "world"),
+                ("dst_domain", domain),
+                ("verdict", verdict),
+                ("port", "443"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(flows("api.example.com", "allowed") > 0.0, "{text}");
+    assert!(flows("alias.example.com", "allowed") > 0.0);
+    assert!(flows("blocked.example.com", "would_drop") > 0.0);
+    assert_eq!(flows("blocked.example.com", "allowed"), 0.0);
+    assert!(
+        metric(
+            &agent,
+            "tollgate_dns_messages_total",
+            &[("outcome", "answer")]
+        ) >= 60.0
+    );
+    let records = wait_for(
+        Duration::from_secs(5),
+        "the would-drop in the flow log",
+        || {
+            let r = agent.flow_records();
+            r.iter()
+                .any(|r| r["dst_domain"] == "blocked.example.com" && r["verdict"] == "would_drop")
+                .then_some(r)
+        },
+    );
+    assert!(
+        !records.iter().any(|r| r["dst_domain"] == "api.example.com"),
+        "an allowed flow in the flow log"
+    );
+
+    // Flip: allowed names still connect at once, the rest fail.
+    let out = agent.cli(&["mode", "set", "pay/*", "drop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(5), "drop mode", || {
+        (agent.workload("card")?["mode"] == "drop").then_some(())
+    });
+    let r = net.resolve(card, "api.example.com", Some(443), 20);
+    assert_eq!(r["connected"], 20, "{r}");
+    assert_eq!(
+        net.resolve(card, "x.one.example.com", Some(443), 5)["connected"],
+        5
+    );
+    for name in ["blocked.example.com", "a.b.one.example.com"] {
+        let r = net.resolve(card, name, Some(443), 1);
+        assert_eq!(
+            (r["resolved"].as_u64(), r["connected"].as_u64()),
+            (Some(1), Some(0)),
+            "{name}: {r}"
+        );
+    }
+    assert!(!traffic::tcp(card, net.site("evil.test"), 443, 1, FAIL_FAST).connected);
+    assert!(!traffic::tcp(&net.card2, net.site("api.example.com"), 443, 1, FAIL_FAST).connected);
+    // The allowlist isolates only what it selects, and only toward the internet.
+    assert_eq!(
+        net.resolve(&net.other, "blocked.example.com", Some(443), 1)["connected"],
+        1
+    );
+    assert!(
+        traffic::tcp(card, IpAddr::V4(net.other.ipv4), 443, 1, FAIL_FAST)
+            .error
+            .is_some()
+    );
+    let w = agent.workload("card").unwrap();
+    assert_eq!(w["egress_allowlists"][0], "pay/card-egress", "{w}");
+    agent.stop();
+}
+
+#[test]
+fn hostile_and_unsolicited_answers_teach_nothing() {
+    let net = Internet::new("egress-hostile");
+    let mut agent = net.start(&["--default-mode", "drop"]);
+    let card = &net.card;
+    let evil = net.site("evil.test");
+    let hostile = IpAddr::V4(net.hostile.ipv4);
+    let before = |outcome| {
+        metric(
+            &agent,
+            "tollgate_dns_messages_total",
+            &[("outcome", outcome)],
+        )
+    };
+    let (malformed, unsolicited) = (before("malformed"), before("unsolicited"));
+    for first in [
+        "loop",
+        "forward",
+        "long",
+        "short",
+        "extra",
+        "wrongid",
+        "othername",
+        "unrelated",
+    ] {
+        let name = format!("{first}.evil.test");
+        net.resolve_at(card, hostile, &name, None, 1, false);
+        assert!(
+            !traffic::tcp(card, evil, 443, 1, FAIL_FAST).connected,
+            "{name} taught the address"
+        );
+    }
+    // An answer from a server the workload is not configured with.
+    let r = net.resolve_at(
+        card,
+        IpAddr::V4(net.rogue.ipv4),
+        "good.rogue.test",
+        Some(443),
+        1,
+        false,
+    );
+    assert_eq!(
+        (r["resolved"].as_u64(), r["connected"].as_u64()),
+        (Some(1), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["addresses"][0], net.site("rogue.test").to_string());
+    wait_for(Duration::from_secs(5), "the answers counted", || {
+        (before("malformed") - malformed >= 4.0 && before("unsolicited") - unsolicited >= 2.0)
+            .then_some(())
+    });
+    // Nothing stalled: good answers from both resolvers still teach at once.
+    assert_eq!(
+        net.resolve(card, "api.example.com", Some(443), 10)["connected"],
+        10
+    );
+    let r = net.resolve_at(card, hostile, "ok.evil.test", Some(443), 1, false);
+    assert_eq!(
+        r["connected"], 1,
+        "a good answer from the configured hostile server: {r}"
+    );
+    agent.stop();
+}
+
+#[test]
+fn learned_addresses_expire_after_ttl_and_grace_without_cutting_connections() {
+    let net = Internet::new("egress-ttl");
+    let mut agent = net.start(&[
+        "--default-mode",
+        "drop",
+        "--dns-min-ttl",
+        "1s",
+        "--dns-grace",
+        "2s",
+    ]);
+    let card = &net.card;
+    let short = net.site("short.example.com");
+    let started = Instant::now();
+    let r = net.resolve(card, "short.example.com", Some(443), 1);
+    assert_eq!(r["connected"], 1, "{r}");
+    // A long-lived connection opened now talks past the expiry.
+    let talking = traffic::tcp_talking(card, short, 443, 6, Duration::from_secs(1));
+    // Past the TTL (1 s), within the grace (2 s more): new connections still go through.
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(started.elapsed()));
+    assert!(
+        traffic::tcp(card, short, 443, 1, PATIENT).connected,
+        "within the grace"
+    );
+    // Past TTL and grace: a new connection is dropped and counted as expired.
+    std::thread::sleep(Duration::from_millis(3600).saturating_sub(started.elapsed()));
+    let expired = || {
+        metric(
+            &agent,
+            "tollgate_egress_expired_total",
+            &[("namespace", "pay"), ("pod", "card"), ("workload", "card")],
+        )
+    };
+    assert_eq!(expired(), 0.0);
+    assert!(
+        !traffic::tcp(card, short, 443, 1, FAIL_FAST).connected,
+        "after the grace"
+    );
+    wait_for(
+        Duration::from_secs(5),
+        "the expired connection counted",
+        || (expired() == 1.0).then_some(()),
+    );
+    let done = traffic::finish(talking);
+    assert_eq!(
+        done.echoed, 6,
+        "the long-lived connection was cut: {done:?}"
+    );
+    // Looking the name up again allows it again.
+    assert_eq!(
+        net.resolve(card, "short.example.com", Some(443), 1)["connected"],
+        1
+    );
+    agent.stop();
+}
+
+#[test]
+fn dns_keeps_working_while_the_agent_is_away_and_a_restart_forgets_nothing() {
+    let net = Internet::new("egress-restart");
+    let mut agent = net.start(&["--default-mode", "drop"]);
+    let card = &net.card;
+    assert_eq!(
+        net.resolve(card, "api.example.com", Some(443), 3)["connected"],
+        3
+    );
+    let dropped_before = agent.counters("card")[5];
+
+    // Killed: answers are held for at most the lease; then DNS flows straight through.
+    agent.kill9();
+    let killed = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "DNS answering with the agent gone",
+        || (net.resolve(card, "x.one.example.com", None, 1)["resolved"] == 1).then_some(()),
+    );
+    let stalled = killed.elapsed();
+    assert!(stalled < Duration::from_secs(4), "DNS stalled {stalled:?}");
+    let r = net.resolve(card, "blocked.example.com", None, 20);
+    assert_eq!(r["resolved"], 20, "{r}");
+    // Enforcement stays: what was learned still allows, the rest is still dropped.
+    assert!(traffic::tcp(card, net.site("api.example.com"), 443, 1, PATIENT).connected);
+    assert!(!traffic::tcp(card, net.site("blocked.example.com"), 443, 1, FAIL_FAST).connected);
+
+    // Back: what it learned before is adopted with its names, new lookups are learned.
+    agent.restart();
+    agent.wait_ready();
+    assert_eq!(
+        net.resolve(card, "api.example.com", Some(443), 10)["connected"],
+        10
+    );
+    assert_eq!(
+        net.resolve(card, "tcp.example.com", Some(443), 3)["connected"],
+        3
+    );
+    let text = agent.metrics_text();
+    assert!(
+        sample(
+            &text,
+            "tollgate_flow_packets_total",
+            &[("dst_domain", "api.example.com")]
+        )
+        .is_some(),
+        "{text}"
+    );
+    // Stopped gracefully: answers flow at once.
+    agent.stop();
+    let stopped = Instant::now();
+    assert_eq!(net.resolve(card, "api.example.com", None, 1)["resolved"], 1);
+    assert!(stopped.elapsed() < Duration::from_secs(2));
+    let _ = dropped_before;
+}
