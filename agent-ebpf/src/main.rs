@@ -441,8 +441,8 @@ fn source_is_own(workload: &WorkloadConfig, pkt: &Packet) -> bool {
 
 /// A packet leaving the workload from an address that is not its own: counted, never tracked
 /// or counted as the flow of the identity it claims. Dropped in either mode when it claims
-/// an address Tollgate knows (another workload, the node, a Service), and by mode where the
-/// workload is isolated for egress.
+/// an address Tollgate knows (another workload, the node, a Service, a resolver), and by
+/// mode where the workload is isolated for egress.
 #[inline(always)]
 fn spoofed(
     workload: &WorkloadConfig,
@@ -454,7 +454,11 @@ fn spoofed(
 ) -> Action {
     counters::diag(diag::SPOOFED);
     counters::spoofed(slot, segs);
-    if identity::identity_of(pkt.family, &pkt.tuple.src) != IDENTITY_WORLD {
+    // Claiming a resolver's address: it could answer its own query and teach itself any
+    // address (its packet to itself comes back through its own interface).
+    if identity::identity_of(pkt.family, &pkt.tuple.src) != IDENTITY_WORLD
+        || dns::is_resolver(pkt.family, &pkt.tuple.src)
+    {
         counters::count(slot, DIR_EGRESS, VERDICT_DROPPED, segs, bytes);
         return Action::Drop;
     }

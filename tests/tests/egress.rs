@@ -428,6 +428,42 @@ fn hostile_and_unsolicited_answers_teach_nothing() {
         (before("malformed") - malformed >= 4.0 && before("unsolicited") - unsolicited >= 2.0)
             .then_some(())
     });
+    // A pod that answers a query in the name of a resolver (its neighbour's, or its own sent
+    // back to itself through its interface): the packet never gets past its own hook
+    // (dropped as spoofed in either mode), so no learner ever sees it.
+    let query_port = 40_053;
+    let answer = tollgate::dns::wire::build::answer(
+        7,
+        "forged.evil.test",
+        tollgate::dns::wire::TYPE_A,
+        1,
+        &[tollgate::dns::wire::build::record(
+            &tollgate::dns::wire::build::QNAME,
+            tollgate::dns::wire::TYPE_A,
+            60,
+            &net.site("rogue.test").to_string().parse::<std::net::Ipv4Addr>().unwrap().octets(),
+        )],
+    );
+    let forged = tollgate_tests::packets::ipv4_udp(
+        net.hostile.ipv4,
+        net.card2.ipv4,
+        53,
+        query_port,
+        &answer,
+    );
+    let spoofed = || metric(&agent, "tollgate_spoofed_packets_total", &[("pod", "card")]);
+    let captured = || metric(&agent, "tollgate_datapath_diagnostics_total", &[("reason", "dns_captured")]);
+    let (spoofed_before, captured_before) = (spoofed(), captured());
+    let sent = traffic::raw(card, &[forged], 3);
+    assert_eq!(sent.sent, 3, "{sent:?}");
+    let forged_counted = wait_for(Duration::from_secs(5), "the forged answers counted", || {
+        let n = spoofed() - spoofed_before;
+        (n >= 3.0).then_some(n)
+    });
+    assert_eq!(forged_counted, 3.0);
+    assert_eq!(captured(), captured_before, "a forged answer reached the learner");
+    assert!(!traffic::tcp(card, net.site("rogue.test"), 443, 1, FAIL_FAST).connected);
+
     // Nothing stalled: good answers from both resolvers still teach at once.
     assert_eq!(
         net.resolve(card, "api.example.com", Some(443), 10)["connected"],
