@@ -493,3 +493,88 @@ fn check_warns_of_a_namespace_selector_naming_a_namespace_the_state_lacks() {
     let (_, _, err) = check_with(&with_monitoring, &[], "shop/web shop/db-0 pg/tcp\n");
     assert!(!err.contains("monitoring"), "{err}");
 }
+
+const PAYMENTS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: card-0, namespace: pay, labels: {app: card}}
+spec: {containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.1.0.10}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ledger-0, namespace: pay, labels: {app: ledger}}
+spec: {containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.1.0.11}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: audit-0, namespace: pay, labels: {app: audit}}
+spec: {containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.1.0.12}]}
+---
+apiVersion: tollgate.io/v1alpha1
+kind: EgressAllowlist
+metadata: {name: card-egress, namespace: pay}
+spec:
+  podSelector: {matchLabels: {app: card}}
+  egress:
+  - domains: [api.stripe.com, '*.cdn.example.com']
+    ports: [{port: 443}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: audit-out, namespace: pay}
+spec:
+  podSelector: {matchLabels: {app: audit}}
+  policyTypes: [Egress]
+  egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0}}], ports: [{port: 443}]}]
+"#;
+
+#[test]
+fn check_takes_dns_names_and_decides_them_by_egress_allowlists() {
+    let flows = "\
+pay/card-0 api.stripe.com 443/tcp
+pay/card-0 API.Stripe.com. 443/tcp
+pay/card-0 api.stripe.com 80/tcp
+pay/card-0 img.cdn.example.com 443/tcp
+pay/card-0 a.img.cdn.example.com 443/tcp
+pay/card-0 evil.example.org 443/tcp
+pay/card-0 203.0.113.7 443/tcp
+pay/card-0 pay/ledger-0 8080/tcp
+pay/ledger-0 evil.example.org 443/tcp
+pay/audit-0 evil.example.org 443/tcp
+pay/audit-0 evil.example.org 80/tcp
+";
+    let r = check_yaml(PAYMENTS, flows);
+    let verdicts: Vec<&str> = r.iter().map(|f| f["verdict"].as_str().unwrap()).collect();
+    assert_eq!(
+        verdicts,
+        [
+            "allowed", "allowed", "denied", "allowed", "denied", "denied", "denied", "allowed",
+            "allowed", "allowed", "denied"
+        ],
+        "{r:#?}"
+    );
+    assert_eq!(r[0]["policies"], serde_json::json!(["pay/card-egress"]));
+    // A name the allowlist lacks: the entry to add.
+    assert_eq!(
+        r[5]["explanations"][0]["fix"],
+        serde_json::json!({"kind": "domain", "allowlist": "pay/card-egress",
+            "rule": "{domains: [evil.example.org], ports: [{port: 443, protocol: TCP}]}"})
+    );
+    // A raw address: only a name (or an ipBlock) allows it.
+    assert_eq!(r[6]["explanations"][0]["fix"]["kind"], "resolvename");
+    assert!(
+        r[6]["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("pay/card-egress"),
+        "{}",
+        r[6]
+    );
+    // Not a name at all.
+    let (code, _, err) = check_with(PAYMENTS, &["-o", "json"], "pay/card-0 not_a*name 443/tcp\n");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("DNS name"), "{err}");
+}

@@ -441,7 +441,11 @@ fn hostile_and_unsolicited_answers_teach_nothing() {
             &tollgate::dns::wire::build::QNAME,
             tollgate::dns::wire::TYPE_A,
             60,
-            &net.site("rogue.test").to_string().parse::<std::net::Ipv4Addr>().unwrap().octets(),
+            &net.site("rogue.test")
+                .to_string()
+                .parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .octets(),
         )],
     );
     let forged = tollgate_tests::packets::ipv4_udp(
@@ -452,7 +456,13 @@ fn hostile_and_unsolicited_answers_teach_nothing() {
         &answer,
     );
     let spoofed = || metric(&agent, "tollgate_spoofed_packets_total", &[("pod", "card")]);
-    let captured = || metric(&agent, "tollgate_datapath_diagnostics_total", &[("reason", "dns_captured")]);
+    let captured = || {
+        metric(
+            &agent,
+            "tollgate_datapath_diagnostics_total",
+            &[("reason", "dns_captured")],
+        )
+    };
     let (spoofed_before, captured_before) = (spoofed(), captured());
     let sent = traffic::raw(card, &[forged], 3);
     assert_eq!(sent.sent, 3, "{sent:?}");
@@ -461,7 +471,11 @@ fn hostile_and_unsolicited_answers_teach_nothing() {
         (n >= 3.0).then_some(n)
     });
     assert_eq!(forged_counted, 3.0);
-    assert_eq!(captured(), captured_before, "a forged answer reached the learner");
+    assert_eq!(
+        captured(),
+        captured_before,
+        "a forged answer reached the learner"
+    );
     assert!(!traffic::tcp(card, net.site("rogue.test"), 443, 1, FAIL_FAST).connected);
 
     // Nothing stalled: good answers from both resolvers still teach at once.

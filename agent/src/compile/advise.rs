@@ -390,24 +390,37 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             return advice;
         }
     };
-    let endpoint = |ns: &str, name: &str, outside: &str| -> Option<Endpoint> {
+    // An address outside the cluster is a documentation address, or the DNS name it was
+    // resolved from when known.
+    let endpoint = |ns: &str, name: &str, outside: &str, domain: &str| -> Option<Endpoint> {
         if ns == "world" && name == "world" {
             return Some(Endpoint {
-                ip: outside.parse().expect("an address"),
+                ip: if domain.is_empty() {
+                    outside.parse().expect("an address")
+                } else {
+                    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                },
                 pod: None,
+                domain: (!domain.is_empty()).then(|| domain.to_string()),
             });
         }
         let p = pod_of(state, ns, name)?;
         Some(Endpoint {
             ip: *p.ips.first()?,
             pod: Some((p.namespace.clone(), p.name.clone())),
+            domain: None,
         })
     };
     if options.explain {
         for flow in &left_out {
             let (Some(src), Some(dst)) = (
-                endpoint(&flow.src_namespace, &flow.src_workload, "203.0.113.1"),
-                endpoint(&flow.dst_namespace, &flow.dst_workload, "203.0.113.1"),
+                endpoint(&flow.src_namespace, &flow.src_workload, "203.0.113.1", ""),
+                endpoint(
+                    &flow.dst_namespace,
+                    &flow.dst_workload,
+                    "203.0.113.1",
+                    &flow.dst_domain,
+                ),
             ) else {
                 continue;
             };
@@ -427,8 +440,13 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         // Outside the cluster: a documentation address stands for the unknown one (the
         // advised rules allow any, by port).
         let (Some(src), Some(dst)) = (
-            endpoint(&flow.src_namespace, &flow.src_workload, "203.0.113.1"),
-            endpoint(&flow.dst_namespace, &flow.dst_workload, "203.0.113.1"),
+            endpoint(&flow.src_namespace, &flow.src_workload, "203.0.113.1", ""),
+            endpoint(
+                &flow.dst_namespace,
+                &flow.dst_workload,
+                "203.0.113.1",
+                &flow.dst_domain,
+            ),
         ) else {
             advice.denied.push(format!(
                 "{}: an end has no address to replay it with",

@@ -36,6 +36,8 @@ pub struct Evaluator {
     /// Each pod's workload name and node (`spec.nodeName`).
     pods: BTreeMap<PodKey, (String, Option<String>)>,
     named_ports: BTreeMap<PodKey, Vec<NamedPort>>,
+    /// The EgressAllowlists that select each pod, merged.
+    allowlists: BTreeMap<PodKey, crate::dns::Allowlist>,
     /// What `compiled` came from: explanations read its policies and labels.
     pub state: ClusterState,
 }
@@ -72,12 +74,21 @@ impl Evaluator {
             .iter()
             .map(|(k, p)| (k.clone(), p.ports.clone()))
             .collect();
+        let allowlists = state
+            .pods
+            .iter()
+            .filter_map(|(k, p)| {
+                crate::dns::Allowlist::for_pod(p, state.egress_allowlists.values())
+                    .map(|a| (k.clone(), a))
+            })
+            .collect();
         Ok(Evaluator {
             compiled,
             entries,
             nodes,
             pods,
             named_ports,
+            allowlists,
             state: state.clone(),
         })
     }
@@ -103,6 +114,63 @@ impl Evaluator {
 
     /// The decision of `pod` in `direction` on a new flow with `peer`, to `port`.
     pub fn decide(
+        &self,
+        pod: &PodKey,
+        direction: u8,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<SideDecision> {
+        self.decide_named(pod, direction, peer, None, proto, port)
+    }
+
+    /// The EgressAllowlist that isolates `pod`'s egress toward `peer`, if one does: `peer`
+    /// is outside the cluster and not the pod's node.
+    fn allowlist_toward(&self, pod: &PodKey, peer: IpAddr) -> Option<&crate::dns::Allowlist> {
+        let a = self.allowlists.get(pod)?;
+        (self.identity_of(peer) == IDENTITY_WORLD && !self.is_node_of(pod, peer)).then_some(a)
+    }
+
+    /// `decide`, with the DNS name the peer was reached by (`domain`: then `peer` is a
+    /// placeholder outside the cluster, matched only by ipBlocks that hold every address).
+    /// Toward addresses outside the cluster, the EgressAllowlists that select the pod add
+    /// what their domains allow and isolate the pod.
+    pub fn decide_named(
+        &self,
+        pod: &PodKey,
+        direction: u8,
+        peer: IpAddr,
+        domain: Option<&str>,
+        proto: u8,
+        port: u16,
+    ) -> Option<SideDecision> {
+        let np = self.decide_policies(pod, direction, peer, proto, port)?;
+        let Some(allowlist) = (direction == DIR_EGRESS)
+            .then(|| self.allowlist_toward(pod, peer))
+            .flatten()
+        else {
+            return Some(np);
+        };
+        let policy = self.compiled.pods.get(pod)?;
+        if np.allowed && policy.isolated_egress {
+            return Some(np);
+        }
+        if domain.is_some_and(|d| allowlist.allows(d, proto, port)) {
+            return Some(SideDecision {
+                allowed: true,
+                policies: allowlist.names.clone(),
+            });
+        }
+        let mut policies = allowlist.names.clone();
+        policies.extend(np.policies);
+        Some(SideDecision {
+            allowed: false,
+            policies,
+        })
+    }
+
+    /// What the NetworkPolicies alone decide.
+    fn decide_policies(
         &self,
         pod: &PodKey,
         direction: u8,
@@ -182,7 +250,7 @@ impl Evaluator {
         }
         let egress = match &src.pod {
             Some(pod) => self
-                .decide(pod, DIR_EGRESS, dst.ip, proto, port)
+                .decide_named(pod, DIR_EGRESS, dst.ip, dst.domain.as_deref(), proto, port)
                 .unwrap_or_else(open),
             None => open(),
         };
@@ -279,6 +347,39 @@ impl Evaluator {
             None => vec![(dst.ip, dst.pod.clone(), port)],
         };
         let mut out = Vec::new();
+        // Outside the cluster from a pod an EgressAllowlist selects: the fix is in the
+        // allowlist (a name), or a name instead of an address.
+        if let Some(pod) = src.pod.as_ref().and_then(pod_of)
+            && let key = (pod.namespace.clone(), pod.name.clone())
+            && let Some(allowlist) = self.allowlist_toward(&key, dst.ip)
+            && let Some(d) =
+                self.decide_named(&key, DIR_EGRESS, dst.ip, dst.domain.as_deref(), proto, port)
+            && !d.allowed
+        {
+            let fix = match (&dst.domain, allowlist.names.first()) {
+                (Some(name), Some(first)) => explain::Fix::Domain {
+                    allowlist: first.clone(),
+                    rule: match protocol {
+                        Some(p) => format!(
+                            "{{domains: [{name}], ports: [{{port: {port}, protocol: {}}}]}}",
+                            p.as_str()
+                        ),
+                        None => format!("{{domains: [{name}]}}"),
+                    },
+                },
+                (None, Some(first)) => explain::Fix::ResolveName {
+                    allowlist: first.clone(),
+                },
+                _ => unreachable!("an allowlist has a name"),
+            };
+            out.push(Explanation {
+                side: "egress",
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                isolated_by: d.policies,
+                fix,
+            });
+            return out;
+        }
         if let Some(pod) = src.pod.as_ref().and_then(pod_of) {
             let key = (pod.namespace.clone(), pod.name.clone());
             let denied = targets.iter().find_map(|(ip, target, port)| {
@@ -333,6 +434,8 @@ impl Evaluator {
 pub struct Endpoint {
     pub ip: IpAddr,
     pub pod: Option<PodKey>,
+    /// A DNS name outside the cluster (then `ip` is unspecified).
+    pub domain: Option<String>,
 }
 
 fn policy_lookup(
@@ -406,14 +509,31 @@ pub fn endpoints(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Vec<Endp
         return Ok(vec![Endpoint {
             ip,
             pod: ev.compiled.pod_of_address(ip).cloned(),
+            domain: None,
         }]);
     }
     if let Ok(net) = spec.parse::<IpNet>() {
         return Err(format!("{net}: give an address, not a prefix"));
     }
-    let (ns, name) = spec.split_once('/').ok_or_else(|| {
-        format!("{spec:?} is neither NAMESPACE/POD, NAMESPACE/WORKLOAD nor an IP address")
-    })?;
+    let Some((ns, name)) = spec.split_once('/') else {
+        // A DNS name outside the cluster.
+        return match crate::dns::DomainPattern::parse(spec) {
+            Ok(crate::dns::DomainPattern::Exact(name)) if name.contains('.') => {
+                Ok(vec![Endpoint {
+                    ip: if prefer_v6 {
+                        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                    } else {
+                        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                    },
+                    pod: None,
+                    domain: Some(name),
+                }])
+            }
+            _ => Err(format!(
+                "{spec:?} is neither NAMESPACE/POD, NAMESPACE/WORKLOAD, an IP address nor a DNS name"
+            )),
+        };
+    };
     let keys = ev.pods_named(ns, name);
     if keys.is_empty() {
         return Err(format!(
@@ -437,6 +557,7 @@ pub fn endpoints(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Vec<Endp
             out.push(Endpoint {
                 ip: *ip,
                 pod: Some(key),
+                domain: None,
             });
         }
     }

@@ -47,6 +47,13 @@ pub enum Fix {
         direction: &'static str,
         rule: String,
     },
+    /// Add an entry (flow-style YAML, an item of `spec.egress`) to EgressAllowlist
+    /// `allowlist`, for a DNS name outside the cluster.
+    Domain { allowlist: String, rule: String },
+    /// An address outside the cluster from a workload an EgressAllowlist selects: allowed
+    /// only once the workload resolves an allowed name to it (or by a NetworkPolicy
+    /// ipBlock); `check` the name instead.
+    ResolveName { allowlist: String },
 }
 
 /// One denied side of a flow.
@@ -83,6 +90,12 @@ impl Explanation {
                 direction,
                 rule,
             } => format!("add to {policy} the {direction} rule {rule}"),
+            Fix::Domain { allowlist, rule } => {
+                format!("add to EgressAllowlist {allowlist} the entry {rule}")
+            }
+            Fix::ResolveName { allowlist } => format!(
+                "reach it by a name EgressAllowlist {allowlist} allows (an address is allowed once the workload's own DNS answer for an allowed name gives it), or add an ipBlock for it to a NetworkPolicy"
+            ),
         };
         format!(
             "denied at the {} of {} (isolated by {}); to allow it, {fix}",
