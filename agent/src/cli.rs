@@ -1074,15 +1074,16 @@ fn advise(
     for e in &advice.explanations {
         eprintln!("tollgate: explain: {e}");
     }
-    if advice.policies.is_empty() {
+    if advice.policies.is_empty() && advice.allowlists.is_empty() {
         eprintln!("tollgate: no observed traffic to advise on within the window");
         return Ok(ExitCode::SUCCESS);
     }
     if advice.denied.is_empty() {
         eprintln!(
-            "tollgate: replayed {} observed flows against the policies in force plus these {}: all allowed",
+            "tollgate: replayed {} observed flows against the policies in force plus these {} policies and {} EgressAllowlists: all allowed",
             advice.replayed,
-            advice.policies.len()
+            advice.policies.len(),
+            advice.allowlists.len()
         );
         Ok(ExitCode::SUCCESS)
     } else {

@@ -42,9 +42,14 @@ pub fn dot(observed: &[ObservedFlow], filter: &GraphFilter) -> String {
     // The same flow is seen at both of its ends: one verdict per (pair, port), the worst.
     let mut ports: BTreeMap<(String, String, String, u16), usize> = BTreeMap::new();
     for f in observed {
+        // Destinations outside the cluster by the DNS name they were resolved from.
+        let dst = match node_id(&f.dst_namespace, &f.dst_workload) {
+            w if w == "world" && !f.dst_domain.is_empty() => format!("world:{}", f.dst_domain),
+            id => id,
+        };
         let key = (
             node_id(&f.src_namespace, &f.src_workload),
-            node_id(&f.dst_namespace, &f.dst_workload),
+            dst,
             f.protocol.clone(),
             f.port,
         );
@@ -107,10 +112,10 @@ pub fn dot(observed: &[ObservedFlow], filter: &GraphFilter) -> String {
         out += "  }\n";
     }
     for id in &outside {
-        let label = if id == "world" {
-            "world (outside the cluster)"
-        } else {
-            "the node"
+        let label = match id.strip_prefix("world:") {
+            Some(domain) => domain,
+            None if id == "world" => "world (outside the cluster)",
+            None => "the node",
         };
         out += &format!("  {} [label={}, shape=ellipse];\n", quote(id), quote(label));
     }
@@ -153,6 +158,34 @@ mod tests {
             packets,
             dst_domain: String::new(),
         }
+    }
+
+    #[test]
+    fn destinations_outside_the_cluster_are_named_by_their_dns_name() {
+        let mut stripe = flow("egress", "pay/card", "world", 443, [5, 0, 0]);
+        stripe.dst_domain = "api.stripe.com".into();
+        let mut evil = flow("egress", "pay/card", "world", 443, [0, 2, 0]);
+        evil.dst_domain = "evil.example.org".into();
+        let raw = flow("egress", "pay/card", "world", 22, [0, 1, 0]);
+        let dot = dot(&[stripe, evil, raw], &GraphFilter::default());
+        assert!(
+            dot.contains(r#""world:api.stripe.com" [label="api.stripe.com", shape=ellipse];"#),
+            "{dot}"
+        );
+        assert!(
+            dot.contains(
+                r##""pay/card" -> "world:api.stripe.com" [label="443/tcp", color="#2e7d32""##
+            ),
+            "{dot}"
+        );
+        assert!(
+            dot.contains(r#""pay/card" -> "world:evil.example.org""#),
+            "{dot}"
+        );
+        assert!(
+            dot.contains(r#""pay/card" -> "world" [label="22/tcp""#),
+            "{dot}"
+        );
     }
 
     #[test]

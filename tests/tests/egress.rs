@@ -336,6 +336,28 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
         "an allowed flow in the flow log"
     );
 
+    // The allowlist the workload needs, read off what it did.
+    let out = agent.cli(&["advise", "--namespace", "pay"]);
+    let advice = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(advice.contains("kind: EgressAllowlist"), "{advice}");
+    for name in [
+        "api.example.com",
+        "alias.example.com",
+        "x.one.example.com",
+        "tcp.example.com",
+    ] {
+        assert!(
+            advice.contains(name),
+            "{name} missing from the advice:\n{advice}"
+        );
+    }
+    assert!(!advice.contains("blocked.example.com"), "{advice}");
+
     // Flip: allowed names still connect at once, the rest fail.
     let out = agent.cli(&["mode", "set", "pay/*", "drop"]);
     assert!(

@@ -87,6 +87,9 @@ pub struct Advice {
     pub yaml: String,
     /// `NAMESPACE/NAME` of each advised policy.
     pub policies: Vec<String>,
+    /// `NAMESPACE/NAME` of each advised EgressAllowlist (names outside the cluster).
+    #[serde(default)]
+    pub allowlists: Vec<String>,
     /// Observed flows replayed, and those still denied (with the side), if any.
     pub replayed: usize,
     pub denied: Vec<String>,
@@ -120,6 +123,10 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     let mut advice = Advice::default();
     // (namespace, workload) -> direction -> peer -> ports (protocol, port; port 0: none).
     let mut wanted: BTreeMap<(String, String), BTreeMap<&str, PeerPorts>> = BTreeMap::new();
+    // (namespace, workload) -> DNS name -> ports: destinations outside the cluster the
+    // workload reached by name, for its EgressAllowlist.
+    let mut named: BTreeMap<(String, String), BTreeMap<String, BTreeSet<(String, u16)>>> =
+        BTreeMap::new();
     let mut replay = Vec::new();
     let mut left_out = Vec::new();
     for flow in observed {
@@ -165,6 +172,16 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 "left out (the workload is no longer in the cluster state): {}",
                 describe(flow)
             ));
+            continue;
+        }
+        if !ingress && peer == AdvisedPeer::World && !flow.dst_domain.is_empty() {
+            named
+                .entry((local.0.clone(), local.1.clone()))
+                .or_default()
+                .entry(flow.dst_domain.clone())
+                .or_default()
+                .insert((flow.protocol.clone(), flow.port));
+            replay.push(flow);
             continue;
         }
         wanted
@@ -329,6 +346,36 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         }
     }
 
+    // Names outside the cluster: one EgressAllowlist per workload, names with the same
+    // ports in one entry.
+    for ((namespace, workload), domains) in &named {
+        let Some(local) = pod_of(state, namespace, workload) else {
+            continue;
+        };
+        let name = advised_name(state, namespace, workload);
+        let mut by_ports: BTreeMap<&BTreeSet<(String, u16)>, Vec<&str>> = BTreeMap::new();
+        for (domain, ports) in domains {
+            by_ports.entry(ports).or_default().push(domain);
+        }
+        let mut yaml = format!(
+            "apiVersion: tollgate.io/v1alpha1\nkind: EgressAllowlist\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  annotations:\n    tollgate.io/advised-for: {namespace}/{workload}\nspec:\n  podSelector:\n    matchLabels: {}\n  egress:\n",
+            flow_map(&stable_selector(state, local)),
+        );
+        for (ports, domains) in by_ports {
+            yaml += &format!("  - domains: [{}]\n", domains.join(", "));
+            if ports.iter().all(|(p, _)| has_ports(p)) {
+                yaml += &format!("    ports: {}\n", ports_yaml(ports));
+            } else {
+                yaml += "    # ICMP (or another protocol without ports) was observed: only an entry without ports allows it\n";
+            }
+        }
+        if !advice.yaml.is_empty() {
+            advice.yaml += "---\n";
+        }
+        advice.yaml += &yaml;
+        advice.allowlists.push(format!("{namespace}/{name}"));
+    }
+
     // The replay runs what `kubectl apply` would get: the YAML, read back by the same
     // parser as the cluster state.
     let mut with_advice = labelled;
@@ -343,10 +390,18 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     match parsed {
         Ok(objects) => {
             for (_, object) in objects {
-                if let crate::sources::store::Object::Policy(p) = object {
-                    with_advice
-                        .policies
-                        .insert((p.namespace.clone(), p.name.clone()), p);
+                match object {
+                    crate::sources::store::Object::Policy(p) => {
+                        with_advice
+                            .policies
+                            .insert((p.namespace.clone(), p.name.clone()), p);
+                    }
+                    crate::sources::store::Object::EgressAllowlist(a) => {
+                        with_advice
+                            .egress_allowlists
+                            .insert((a.namespace.clone(), a.name.clone()), a);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -742,6 +797,55 @@ status: {podIP: 10.0.1.1}
             },
         );
         assert!(only_ops.policies.is_empty());
+    }
+
+    #[test]
+    fn names_outside_the_cluster_become_an_egress_allowlist_the_replay_proves() {
+        let state = state(SHOP);
+        let named = |domain: &str, port: u16, packets: [u64; 3]| ObservedFlow {
+            dst_domain: domain.into(),
+            ..flow("egress", ("shop", "web"), ("world", "world"), port, packets)
+        };
+        let observed = [
+            named("api.stripe.com", 443, [9, 0, 0]),
+            named("hooks.stripe.com", 443, [3, 0, 0]),
+            named("mirror.example.org", 80, [2, 0, 0]),
+            // Seen only denied: left out unless asked.
+            named("evil.example.org", 443, [0, 4, 0]),
+            flow("egress", ("shop", "web"), ("shop", "db-0"), 5432, [5, 0, 0]),
+        ];
+        let advice = advise(&state, &observed, &AdviseOptions::default());
+        assert_eq!(advice.allowlists, ["shop/web-observed"]);
+        assert!(advice.denied.is_empty(), "{:?}", advice.denied);
+        assert_eq!(advice.replayed, 4);
+        let yaml = &advice.yaml;
+        assert!(yaml.contains("kind: EgressAllowlist"), "{yaml}");
+        assert!(
+            yaml.contains("  - domains: [api.stripe.com, hooks.stripe.com]\n    ports: [{protocol: TCP, port: 443}]\n"),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains(
+                "  - domains: [mirror.example.org]\n    ports: [{protocol: TCP, port: 80}]\n"
+            ),
+            "{yaml}"
+        );
+        assert!(!yaml.contains("evil.example.org"), "{yaml}");
+        assert!(yaml.contains("matchLabels: {app: web}"), "{yaml}");
+        // No ipBlock for what was reached by name.
+        assert!(!yaml.contains("ipBlock"), "{yaml}");
+        // What the replay runs through is the YAML read back: an allowlist that does not
+        // allow the name would be caught.
+        let with_denied = advise(
+            &state,
+            &observed,
+            &AdviseOptions {
+                include_denied: true,
+                ..Default::default()
+            },
+        );
+        assert!(with_denied.yaml.contains("evil.example.org"));
+        assert!(with_denied.denied.is_empty());
     }
 
     #[test]

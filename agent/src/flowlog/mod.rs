@@ -128,12 +128,16 @@ impl FlowRecord {
             Some(e) => format!("{}/{}", e.namespace, e.pod),
             None => ip.to_string(),
         };
+        let dst = match (&self.dst, &self.dst_domain) {
+            (None, Some(domain)) => format!("{domain} ({})", self.dst_ip),
+            _ => name(&self.dst, &self.dst_ip),
+        };
         format!(
             "{} {} {} -> {} {}/{}",
             self.time,
             self.direction,
             name(&self.src, &self.src_ip),
-            name(&self.dst, &self.dst_ip),
+            dst,
             self.dst_port,
             self.protocol
         )
