@@ -41,7 +41,7 @@ struct Collection {
     namespaced: bool,
 }
 
-const COLLECTIONS: [Collection; 8] = [
+const COLLECTIONS: [Collection; 9] = [
     Collection {
         path: "/api/v1/namespaces",
         api_version: "v1",
@@ -89,6 +89,12 @@ const COLLECTIONS: [Collection; 8] = [
         api_version: "tollgate.io/v1alpha1",
         kind: "ModeOverride",
         namespaced: false,
+    },
+    Collection {
+        path: "/apis/tollgate.io/v1alpha1/egressallowlists",
+        api_version: "tollgate.io/v1alpha1",
+        kind: "EgressAllowlist",
+        namespaced: true,
     },
 ];
 

@@ -1094,7 +1094,7 @@ fn egress_allowlist_schema_accepts_and_rejects_examples() {
                     ],
                 }],
             }),
-            json!({"podSelector": {}, "egress": [{"domains": ["API.Stripe.COM"]}]}),
+            json!({"podSelector": {}, "egress": [{"domains": ["API.Stripe.COM", "api.stripe.com.", "_dmarc.example.com"]}]}),
             json!({
                 "podSelector": {"matchExpressions": [
                     {"key": "tier", "operator": "In", "values": ["pay", "card"]},

@@ -641,9 +641,56 @@ fn a_list_that_breaks_off_midway_changes_nothing() {
 }
 
 #[test]
+fn egress_allowlists_from_the_api_isolate_the_pods_they_select_and_a_bad_one_changes_nothing() {
+    let shop = shop("kube-allowlist");
+    let agent = shop.start(&[]);
+    let allowlists = |agent: &Agent| -> Vec<String> {
+        agent
+            .workload("client-0")
+            .and_then(|w| serde_json::from_value(w["egress_allowlists"].clone()).ok())
+            .unwrap_or_default()
+    };
+    assert!(allowlists(&agent).is_empty());
+    let allowlist = |domain: &str| {
+        format!(
+            "apiVersion: tollgate.io/v1alpha1\nkind: EgressAllowlist\nmetadata: {{name: client-out, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  egress: [{{domains: ['{domain}'], ports: [{{port: 443}}]}}]\n"
+        )
+    };
+    shop.api.apply_yaml(&allowlist("api.stripe.com"));
+    within(Duration::from_secs(3), "the allowlist in force", || {
+        allowlists(&agent) == ["shop/client-out"]
+    });
+    assert_eq!(
+        agent.status()["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| !w["egress_allowlists"].is_null())
+            .count(),
+        1,
+        "only the pod it selects"
+    );
+    // A version the API server let through (no schema here) but the agent refuses: the last
+    // good one stays, the error is reported.
+    shop.api.apply_yaml(&allowlist("api.*.com"));
+    within(Duration::from_secs(3), "the bad version reported", || {
+        agent.status()["policy_errors"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e.as_str().unwrap_or("").contains("client-out"))
+        })
+    });
+    assert_eq!(allowlists(&agent), ["shop/client-out"]);
+    shop.api.delete("EgressAllowlist", "shop", "client-out");
+    within(Duration::from_secs(3), "the allowlist gone", || {
+        allowlists(&agent).is_empty()
+    });
+}
+
+#[test]
 fn a_missing_mode_override_crd_is_a_warning_not_an_outage() {
     let shop = shop("kube-nocrd");
     shop.api.unserve("ModeOverride");
+    shop.api.unserve("EgressAllowlist");
     let agent = shop.start(&[]);
     assert!(agent.workload("web-0").is_some());
     let status = agent.status();

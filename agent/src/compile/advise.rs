@@ -107,6 +107,9 @@ pub struct Advice {
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
+/// The ports (protocol, port) each DNS name outside the cluster was reached on.
+type DomainPorts = BTreeMap<String, BTreeSet<(String, u16)>>;
+
 /// The ports (protocol, port; 0 for ICMP) each peer used.
 type PeerPorts = BTreeMap<AdvisedPeer, BTreeSet<(String, u16)>>;
 
@@ -125,8 +128,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     let mut wanted: BTreeMap<(String, String), BTreeMap<&str, PeerPorts>> = BTreeMap::new();
     // (namespace, workload) -> DNS name -> ports: destinations outside the cluster the
     // workload reached by name, for its EgressAllowlist.
-    let mut named: BTreeMap<(String, String), BTreeMap<String, BTreeSet<(String, u16)>>> =
-        BTreeMap::new();
+    let mut named: BTreeMap<(String, String), DomainPorts> = BTreeMap::new();
     let mut replay = Vec::new();
     let mut left_out = Vec::new();
     for flow in observed {

@@ -468,6 +468,54 @@ mod tests {
     const SAMPLE: &str = include_str!("../../../tests/fixtures/kubectl-dump.yaml");
 
     #[test]
+    fn egress_allowlists_are_read_and_bad_ones_refused_with_the_field() {
+        let one = |spec: &str| {
+            let yaml = format!(
+                "apiVersion: tollgate.io/v1alpha1\nkind: EgressAllowlist\nmetadata: {{name: a, namespace: pay}}\nspec: {spec}\n"
+            );
+            parse_file(&yaml, Path::new("a.yaml")).unwrap().remove(0)
+        };
+        let (key, object) = one(
+            "{podSelector: {matchLabels: {app: card}}, egress: [{domains: [api.stripe.com, '**.stripe.com'], ports: [{port: 443}]}]}",
+        )
+        .unwrap();
+        assert_eq!(
+            (key.kind, key.namespace.as_str()),
+            (Kind::EgressAllowlist, "pay")
+        );
+        let Object::EgressAllowlist(a) = object else {
+            panic!("{object:?}")
+        };
+        assert_eq!(a.egress[0].domains.len(), 2);
+        for (spec, field) in [
+            (
+                "{podSelector: {}, egress: [{domains: ['a.*.com']}]}",
+                "spec.egress[0].domains[0]",
+            ),
+            (
+                "{podSelector: {}, egress: [{domains: []}]}",
+                "spec.egress[0].domains",
+            ),
+            (
+                "{podSelector: {}, egress: [{domains: [a.com], ports: [{port: https}]}]}",
+                "named port",
+            ),
+            (
+                "{podSelector: {}, egress: [{domains: [a.com], ports: [{port: 70000}]}]}",
+                "spec.egress[0].ports[0]",
+            ),
+            (
+                "{podSelector: {}, egress: [{domains: [a.com]}], extra: 1}",
+                "extra",
+            ),
+            ("{egress: [{domains: [a.com]}]}", "podSelector"),
+        ] {
+            let err = one(spec).unwrap_err();
+            assert!(err.reason.contains(field), "{spec}: {}", err.reason);
+        }
+    }
+
+    #[test]
     fn kubectl_dump_loads_as_it_is() {
         let items = parse_file(SAMPLE, Path::new("dump.yaml")).unwrap();
         let errors: Vec<_> = items.iter().filter_map(|i| i.as_ref().err()).collect();
