@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod bench_control;
+pub mod bench_dns;
 pub mod bench_net;
 pub mod cluster;
 pub mod conformance;

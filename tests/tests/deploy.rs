@@ -380,7 +380,7 @@ fn daemonset_runs_unprivileged_with_exactly_the_documented_capabilities() {
     );
     assert_eq!(
         added,
-        ["BPF", "NET_ADMIN", "PERFMON"]
+        ["BPF", "NET_ADMIN", "PERFMON", "NET_RAW"]
             .iter()
             .map(|s| s.to_string())
             .collect(),

@@ -599,6 +599,11 @@ fn dns_keeps_working_while_the_agent_is_away_and_a_restart_forgets_nothing() {
     // Back: what it learned before is adopted with its names, new lookups are learned.
     agent.restart();
     agent.wait_ready();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        traffic::tcp(card, net.site("api.example.com"), 443, 1, PATIENT).connected,
+        "what was learned before the restart was forgotten"
+    );
     assert_eq!(
         net.resolve(card, "api.example.com", Some(443), 10)["connected"],
         10

@@ -167,7 +167,8 @@ pub struct DnsRuntime {
     control: Array<MapData, DnsControl>,
     workloads: Array<MapData, WorkloadConfig>,
     learner: Learner,
-    reinjector: Reinjector,
+    /// `None` when the socket cannot be opened (no CAP_NET_RAW): answers are then never held.
+    reinjector: Option<Reinjector>,
     domains_path: PathBuf,
     report: Arc<Mutex<DnsReport>>,
     reinjected: u64,
@@ -213,7 +214,13 @@ impl DnsRuntime {
             control: open(pin_dir, map_names::DNS_CONTROL)?,
             workloads: open(pin_dir, map_names::WORKLOADS)?,
             learner,
-            reinjector: Reinjector::new().context("open the socket that hands DNS answers back")?,
+            reinjector: match Reinjector::new() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    warn!(error = %e, "no packet socket to hand DNS answers back (CAP_NET_RAW?): answers are not held, and the first connection after a lookup races the agent");
+                    None
+                }
+            },
             domains_path,
             report: Arc::default(),
             reinjected: 0,
@@ -274,7 +281,11 @@ impl DnsRuntime {
                 let len = (capture.len as usize).min(capture.data.len());
                 let mut frame = capture.data[..len].to_vec();
                 fill_l4_checksum(&mut frame, capture.l3_offset as usize);
-                match self.reinjector.send(capture.ifindex, &frame) {
+                let Some(reinjector) = &self.reinjector else {
+                    self.reinject_failed += 1;
+                    continue;
+                };
+                match reinjector.send(capture.ifindex, &frame) {
                     Ok(()) => self.reinjected += 1,
                     Err(e) => {
                         self.reinject_failed += 1;
@@ -324,7 +335,11 @@ impl DnsRuntime {
         view.mark_changed();
         while !stop.load(Ordering::Relaxed) {
             if last_beat.elapsed() >= HEARTBEAT {
-                self.set_hold(now_ns() + HOLD_LEASE.as_nanos() as u64);
+                if self.reinjector.is_some() {
+                    self.set_hold(now_ns() + HOLD_LEASE.as_nanos() as u64);
+                } else {
+                    self.set_hold(0);
+                }
                 let writes = self.learner.expire(now_ns());
                 self.apply(writes);
                 if let Err(e) = super::save_domains(&self.domains_path) {
@@ -333,9 +348,13 @@ impl DnsRuntime {
                 self.publish();
                 last_beat = Instant::now();
             }
+            // Only a view of a reconcile that ran: the empty one before it would make the
+            // learner forget what an earlier agent learned.
             if view.has_changed().unwrap_or(false) {
                 let v = view.borrow_and_update().clone();
-                self.sync_view(&v);
+                if v.ready {
+                    self.sync_view(&v);
+                }
             }
             self.drain();
             let mut pfd = libc::pollfd {

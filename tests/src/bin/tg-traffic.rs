@@ -264,7 +264,10 @@ fn resolve(
     let (mut resolved, mut connected) = (0, 0);
     let mut addresses = Vec::new();
     let mut errors = Vec::new();
+    // Microseconds of each lookup, and of each lookup with the connection and echo after it.
+    let (mut lookup_us, mut first_connection_us) = (Vec::new(), Vec::new());
     for i in 0..times {
+        let started = std::time::Instant::now();
         let addrs = match lookup(
             server,
             name,
@@ -284,6 +287,7 @@ fn resolve(
             }
         };
         resolved += 1;
+        lookup_us.push(started.elapsed().as_secs_f64() * 1e6);
         if !addresses.contains(&addrs[0].to_string()) {
             addresses.push(addrs[0].to_string());
         }
@@ -297,15 +301,28 @@ fn resolve(
                 s.read_exact(&mut b)
             });
         match echoed {
-            Ok(()) => connected += 1,
+            Ok(()) => {
+                connected += 1;
+                first_connection_us.push(started.elapsed().as_secs_f64() * 1e6);
+            }
             Err(e) => errors.push(format!("connect {}: {e}", addrs[0])),
         }
     }
+    let percentile = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
     print_json(serde_json::json!({
         "resolved": resolved,
         "connected": connected,
         "addresses": addresses,
         "errors": errors,
+        "lookup_p50_us": percentile(&mut lookup_us, 0.5),
+        "lookup_p99_us": percentile(&mut lookup_us, 0.99),
+        "first_connection_p50_us": percentile(&mut first_connection_us, 0.5),
+        "first_connection_p99_us": percentile(&mut first_connection_us, 0.99),
     }));
 }
 
