@@ -70,6 +70,7 @@ impl Internet {
             sites.push((*name, site));
         }
         let ip = |n: &str| sites.iter().find(|(s, _)| *s == n).unwrap().1.ipv4;
+        let ip6 = |n: &str| sites.iter().find(|(s, _)| *s == n).unwrap().1.ipv6;
         let mut args = vec![
             "--keep-in-foreground".to_string(),
             "--no-resolv".into(),
@@ -82,7 +83,11 @@ impl Internet {
         ];
         for name in SITES {
             let ttl = if *name == "short.example.com" { 1 } else { 60 };
-            args.push(format!("--host-record={name},{},{ttl}", ip(name)));
+            args.push(format!(
+                "--host-record={name},{},{},{ttl}",
+                ip(name),
+                ip6(name)
+            ));
         }
         args.push("--cname=alias.example.com,edge.cdn.example.net,60".into());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -176,6 +181,18 @@ impl Internet {
         agent
     }
 
+    /// `tg-traffic resolve --aaaa` from `pod` at the cluster DNS: IPv6 addresses.
+    fn resolve6(&self, pod: &Pod, name: &str, port: Option<u16>, times: u32) -> serde_json::Value {
+        let mut cmd = pod.command(traffic::helper());
+        cmd.args(["resolve", "--aaaa", "--server", &self.dns.ipv4.to_string()])
+            .args(["--name", name, "--times", &times.to_string()]);
+        if let Some(p) = port {
+            cmd.args(["--port", &p.to_string()]);
+        }
+        let out = cmd.output().expect("run tg-traffic resolve");
+        serde_json::from_slice(&out.stdout).expect("resolve output")
+    }
+
     /// `tg-traffic resolve` from `pod` at the cluster DNS (or `server`).
     fn resolve_at(
         &self,
@@ -242,6 +259,13 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
             true,
         );
         assert_eq!(r["connected"], 5, "over TCP: {r}");
+        // AAAA: the IPv6 address of the name, connected over IPv6.
+        let r = net.resolve6(card, "api.example.com", Some(443), 5);
+        assert_eq!(r["connected"], 5, "AAAA: {r}");
+        assert!(
+            r["addresses"][0].as_str().unwrap().starts_with("2001:db8:"),
+            "{r}"
+        );
     });
     assert_eq!(
         counted[4], 0,
@@ -335,6 +359,21 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
         !records.iter().any(|r| r["dst_domain"] == "api.example.com"),
         "an allowed flow in the flow log"
     );
+    // `tollgate flows` names them too.
+    let out = agent.cli(&["flows", "--once"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("world:blocked.example.com"), "{table}");
+    assert!(table.contains("world:api.example.com"), "{table}");
+    let out = agent.cli(&["flows", "--once", "-o", "json"]);
+    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        flows["recent_denied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["dst_domain"] == "blocked.example.com"),
+        "{flows}"
+    );
 
     // The allowlist the workload needs, read off what it did.
     let out = agent.cli(&["advise", "--namespace", "pay"]);
@@ -384,6 +423,12 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
     }
     assert!(!traffic::tcp(card, net.site("evil.test"), 443, 1, FAIL_FAST).connected);
     assert!(!traffic::tcp(&net.card2, net.site("api.example.com"), 443, 1, FAIL_FAST).connected);
+    assert_eq!(
+        net.resolve6(card, "x.one.example.com", Some(443), 3)["connected"],
+        3
+    );
+    let six = net.resolve6(card, "blocked.example.com", Some(443), 1);
+    assert_eq!(six["connected"], 0, "{six}");
     // The allowlist isolates only what it selects, and only toward the internet.
     assert_eq!(
         net.resolve(&net.other, "blocked.example.com", Some(443), 1)["connected"],

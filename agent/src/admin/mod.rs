@@ -188,6 +188,10 @@ pub struct FlowRow {
     pub protocol: String,
     pub port: String,
     pub packets: u64,
+    /// The DNS name a destination outside the cluster was resolved from (`dst` is then
+    /// `world:NAME`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dst_domain: String,
 }
 
 /// The answer to `flows`.

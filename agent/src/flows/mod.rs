@@ -1077,10 +1077,14 @@ impl Observer {
                 direction: l[0].clone(),
                 verdict: l[1].clone(),
                 src: format!("{}/{}", l[2], l[3]),
-                dst: format!("{}/{}", l[4], l[5]),
+                dst: match l.get(8).filter(|d| !d.is_empty()) {
+                    Some(domain) if l[4] == "world" => format!("world:{domain}"),
+                    _ => format!("{}/{}", l[4], l[5]),
+                },
                 protocol: l[6].clone(),
                 port: l[7].clone(),
                 packets: *v,
+                dst_domain: l.get(8).cloned().unwrap_or_default(),
             })
             .collect();
         rows.sort_by_key(|r| std::cmp::Reverse(r.packets));

@@ -103,7 +103,7 @@ impl Bench<'_> {
             .map(|_| {
                 self.next_source += 1;
                 let n = self.next_source;
-                frame((n / 60000) as u8, (n % 60000 + 1024) as u16, 53)
+                frame((n / 60000) as u8, (n % 60000 + 1024) as u16, 5353)
             })
             .collect();
         self.lab.in_node(|| {
@@ -184,7 +184,7 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     dp.maps
         .set_identity("10.1.0.0/16".parse::<IpNet>().unwrap(), PEER_IDENTITY)
         .unwrap();
-    // Egress-isolated workload in drop mode: UDP 53 to the peer is allowed, 54 is not.
+    // Egress-isolated workload in drop mode: UDP 5353 to the peer is allowed, 5354 is not (not 53: DNS to a resolver takes the DNS path, measured in the DNS section).
     let policy = WorkloadPolicy {
         mode: Mode::Drop,
         isolated_ingress: false,
@@ -195,8 +195,8 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
                 tollgate::compile::Peer::Identity(PEER_IDENTITY),
                 PortMatch::Range {
                     proto: PROTO_UDP,
-                    first: 53,
-                    last: 53,
+                    first: 5353,
+                    last: 5353,
                 },
             ),
             allow(
@@ -208,14 +208,14 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     }
     .sending_from(&["10.1.0.10".parse().unwrap()]);
     dp.maps.set_workload(SLOT, &policy).unwrap();
-    let established = frame(0, 40000, 53);
-    let denied = frame(0, 40001, 54);
+    let established = frame(0, 40000, 5353);
+    let denied = frame(0, 40001, 5354);
     // The agent gives a peer pair it has seen counting a direct-mapped bucket at its next
     // poll (`Observer::poll`); an established flow is measured in that steady state.
     let established_series = agent_common::FlowCounterKey {
         slot: SLOT,
         peer: PEER_IDENTITY,
-        port: 53,
+        port: 5353,
         proto: PROTO_UDP,
         direction: agent_common::DIR_EGRESS,
         verdict: agent_common::VERDICT_ALLOWED,
