@@ -544,7 +544,9 @@ impl Reconciler {
         for (key, point) in &local {
             let pod_policy = &compiled.pods[key];
             let mut policy = WorkloadPolicy::from(pod_policy);
-            if let Some(pod) = state.pods.get(key) {
+            if !state.egress_allowlists.is_empty()
+                && let Some(pod) = state.pods.get(key)
+            {
                 policy.egress_allowlist =
                     crate::dns::Allowlist::for_pod(pod, state.egress_allowlists.values())
                         .map(std::sync::Arc::new);

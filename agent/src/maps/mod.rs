@@ -166,6 +166,8 @@ pub struct DatapathMaps {
     event_buckets: Array<MapData, EventBucket>,
     config: Array<MapData, Config>,
     dns_resolvers: HashMap<MapData, agent_common::ResolverKey, u8>,
+    /// What `set_resolvers` last made `DNS_RESOLVERS`: an unchanged set costs nothing.
+    resolvers_written: Option<std::collections::BTreeSet<IpAddr>>,
     /// What this process wrote per ruleset, to diff the next update against.
     written: StdHashMap<u32, RulesetEntries>,
     set_ids: CidrSetIds,
@@ -559,6 +561,7 @@ impl DatapathMaps {
             event_buckets: take(ebpf, map_names::EVENT_BUCKETS)?,
             config: take(ebpf, map_names::CONFIG)?,
             dns_resolvers: take(ebpf, map_names::DNS_RESOLVERS)?,
+            resolvers_written: None,
             written: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
             stats: WriteStats::default(),
@@ -606,6 +609,9 @@ impl DatapathMaps {
         &mut self,
         resolvers: &std::collections::BTreeSet<IpAddr>,
     ) -> Result<(), MapsError> {
+        if self.resolvers_written.as_ref() == Some(resolvers) {
+            return Ok(());
+        }
         let key = |ip: &IpAddr| agent_common::ResolverKey {
             family: if ip.is_ipv4() {
                 agent_common::FAMILY_IPV4
@@ -628,6 +634,7 @@ impl DatapathMaps {
                 .insert(k, 1, 0)
                 .map_err(map_err(map_names::DNS_RESOLVERS))?;
         }
+        self.resolvers_written = Some(resolvers.clone());
         Ok(())
     }
 
