@@ -53,19 +53,10 @@ pub fn run(runs: usize) -> Vec<DnsFigure> {
     let dns = lab.add_pod("dns");
     let site = lab.add_outside("site");
     lab.serve(&site, &[443], &[]);
-    let args = [
-        "--keep-in-foreground".to_string(),
-        "--no-resolv".into(),
-        "--no-hosts".into(),
-        "--conf-file=/dev/null".into(),
-        "--user=root".into(),
-        format!("--listen-address={}", dns.ipv4),
-        "--bind-interfaces".into(),
-        "--pid-file=".into(),
-        format!("--host-record=api.example.com,{},60", site.ipv4),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    lab.spawn_background(&dns, "dnsmasq", &args);
+    lab.spawn_dnsmasq(
+        &dns,
+        &[format!("--host-record=api.example.com,{},60", site.ipv4)],
+    );
     let dir = temp_dir("bench-dns");
     let state = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: pay}}\n{}{}---\napiVersion: tollgate.io/v1alpha1\nkind: EgressAllowlist\nmetadata: {{name: out, namespace: pay}}\nspec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  egress: [{{domains: [api.example.com], ports: [{{port: 443}}]}}]\n",

@@ -593,6 +593,24 @@ impl Lab {
         self.children.push(child);
     }
 
+    /// Starts dnsmasq in a pod as a DNS server on its IPv4 address, answering only from
+    /// `records` (dnsmasq options such as `--host-record=NAME,IP,TTL`), nothing upstream.
+    pub fn spawn_dnsmasq(&mut self, pod: &Pod, records: &[String]) {
+        let mut args = vec![
+            "--keep-in-foreground".to_string(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--conf-file=/dev/null".into(),
+            "--user=root".into(),
+            format!("--listen-address={}", pod.ipv4),
+            "--bind-interfaces".into(),
+            "--pid-file=".into(),
+        ];
+        args.extend(records.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn_background(pod, "dnsmasq", &args);
+    }
+
     /// Starts the traffic helper's echo servers in a pod.
     pub fn serve(&mut self, pod: &Pod, tcp: &[u16], udp: &[u16]) {
         let mut args: Vec<String> = vec!["serve".into()];

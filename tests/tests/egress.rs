@@ -71,41 +71,20 @@ impl Internet {
         }
         let ip = |n: &str| sites.iter().find(|(s, _)| *s == n).unwrap().1.ipv4;
         let ip6 = |n: &str| sites.iter().find(|(s, _)| *s == n).unwrap().1.ipv6;
-        let mut args = vec![
-            "--keep-in-foreground".to_string(),
-            "--no-resolv".into(),
-            "--no-hosts".into(),
-            "--conf-file=/dev/null".into(),
-            "--user=root".into(),
-            format!("--listen-address={}", dns.ipv4),
-            "--bind-interfaces".into(),
-            "--pid-file=".into(),
-        ];
-        for name in SITES {
-            let ttl = if *name == "short.example.com" { 1 } else { 60 };
-            args.push(format!(
-                "--host-record={name},{},{},{ttl}",
-                ip(name),
-                ip6(name)
-            ));
-        }
-        args.push("--cname=alias.example.com,edge.cdn.example.net,60".into());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        lab.spawn_background(&dns, "dnsmasq", &args);
+        let mut records: Vec<String> = SITES
+            .iter()
+            .map(|name| {
+                let ttl = if *name == "short.example.com" { 1 } else { 60 };
+                format!("--host-record={name},{},{},{ttl}", ip(name), ip6(name))
+            })
+            .collect();
+        records.push("--cname=alias.example.com,edge.cdn.example.net,60".into());
+        lab.spawn_dnsmasq(&dns, &records);
         // An unconfigured server that answers everything under rogue.test.
-        let rogue_args = [
-            "--keep-in-foreground".to_string(),
-            "--no-resolv".into(),
-            "--no-hosts".into(),
-            "--conf-file=/dev/null".into(),
-            "--user=root".into(),
-            format!("--listen-address={}", rogue.ipv4),
-            "--bind-interfaces".into(),
-            "--pid-file=".into(),
-            format!("--address=/rogue.test/{}", ip("rogue.test")),
-        ];
-        let rogue_args: Vec<&str> = rogue_args.iter().map(String::as_str).collect();
-        lab.spawn_background(&rogue, "dnsmasq", &rogue_args);
+        lab.spawn_dnsmasq(
+            &rogue,
+            &[format!("--address=/rogue.test/{}", ip("rogue.test"))],
+        );
         let evil = ip("evil.test").to_string();
         lab.spawn_ready(
             &hostile,

@@ -159,6 +159,19 @@ fn observed_key(f: &ObservedFlow) -> ObservedKey {
     )
 }
 
+/// Persisted series with every label of `SERIES_LABELS`: those of agents before
+/// `dst_domain` get it, empty.
+fn with_every_label<T: FromIterator<(Vec<String>, u64)>>(series: &[(Vec<String>, u64)]) -> T {
+    series
+        .iter()
+        .cloned()
+        .map(|(mut labels, v)| {
+            labels.resize(SERIES_LABELS.len(), String::new());
+            (labels, v)
+        })
+        .collect()
+}
+
 fn key_array(k: &FlowCounterKey) -> [u32; 7] {
     [
         k.slot,
@@ -396,25 +409,8 @@ impl Observer {
                 .collect(),
             series_idle,
             limits,
-            retired: persisted
-                .retired_series
-                .iter()
-                .cloned()
-                .map(|(mut labels, v)| {
-                    labels.resize(SERIES_LABELS.len(), String::new());
-                    (labels, v)
-                })
-                .collect(),
-            // Series of agents before `dst_domain` get it, empty.
-            series: persisted
-                .flow_series
-                .iter()
-                .cloned()
-                .map(|(mut labels, v)| {
-                    labels.resize(SERIES_LABELS.len(), String::new());
-                    (labels, v)
-                })
-                .collect(),
+            retired: with_every_label(&persisted.retired_series),
+            series: with_every_label(&persisted.flow_series),
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
             observed: std::fs::read(&observed_file)
                 .ok()
