@@ -28,18 +28,12 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
     let mut flows: BTreeMap<Vec<String>, ObservedFlow> = BTreeMap::new();
     for (labels, value) in query_vector(url, &query)? {
         let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
-        let key = [
-            "direction",
-            "src_namespace",
-            "src_workload",
-            "dst_namespace",
-            "dst_workload",
-            "protocol",
-            "port",
-            "dst_domain",
-        ]
-        .map(get)
-        .to_vec();
+        // One record per series of the query's `sum by`, whatever its verdict.
+        let key: Vec<String> = crate::flows::SERIES_LABELS
+            .iter()
+            .filter(|l| **l != "verdict")
+            .map(|l| get(l))
+            .collect();
         let flow = flows.entry(key).or_insert_with(|| ObservedFlow {
             direction: get("direction"),
             src_namespace: get("src_namespace"),

@@ -367,7 +367,6 @@ impl Learner {
         slot: u32,
         generation: u32,
         allowlist: Option<Arc<Allowlist>>,
-        now_ns: u64,
     ) -> Vec<LearnedWrite> {
         let mut writes = Vec::new();
         let w = self.workloads.entry(slot).or_default();
@@ -391,7 +390,7 @@ impl Learner {
                     .unwrap_or_default();
                 writes.push(LearnedWrite::Put(
                     learned_key(slot, generation, ip),
-                    value_of(e, now_ns),
+                    value_of(e),
                 ));
             }
         }
@@ -631,7 +630,7 @@ impl Learner {
             self.stats.addresses += 1;
             writes.push(LearnedWrite::Put(
                 learned_key(slot, generation, ip),
-                value_of(e, now_ns),
+                value_of(e),
             ));
         }
         writes
@@ -723,7 +722,7 @@ pub fn save_domains(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn value_of(e: &Entry, _now_ns: u64) -> LearnedValue {
+fn value_of(e: &Entry) -> LearnedValue {
     let mut ports = [PortRange::UNUSED; LEARNED_PORT_RANGES];
     for (slot, p) in ports.iter_mut().zip(&e.ports) {
         *slot = *p;
@@ -826,7 +825,7 @@ mod tests {
             grace: Duration::from_secs(2),
             ..DnsOptions::default()
         });
-        l.set_workload(3, 7, Some(allowlist(&[("api.example.com", Some(443))])), 0);
+        l.set_workload(3, 7, Some(allowlist(&[("api.example.com", Some(443))])));
         let writes = ask_and_answer(&mut l, 1, "API.example.com", [203, 0, 113, 7], 60);
         let [LearnedWrite::Put(key, value)] = writes.as_slice() else {
             panic!("{writes:?}")
@@ -863,7 +862,7 @@ mod tests {
     #[test]
     fn answers_nobody_asked_for_teach_nothing() {
         let mut l = Learner::new(DnsOptions::default());
-        l.set_workload(3, 7, Some(allowlist(&[("**.example.com", None)])), 0);
+        l.set_workload(3, 7, Some(allowlist(&[("**.example.com", None)])));
         let a = build::answer(
             5,
             "x.example.com",
@@ -965,14 +964,14 @@ mod tests {
     #[test]
     fn a_new_generation_or_allowlist_rewrites_the_slot() {
         let mut l = Learner::new(DnsOptions::default());
-        l.set_workload(3, 7, None, 0);
+        l.set_workload(3, 7, None);
         ask_and_answer(&mut l, 1, "api.example.com", [203, 0, 113, 7], 60);
-        let writes = l.set_workload(3, 7, Some(allowlist(&[("api.example.com", None)])), 10);
+        let writes = l.set_workload(3, 7, Some(allowlist(&[("api.example.com", None)])));
         let [LearnedWrite::Put(_, v)] = writes.as_slice() else {
             panic!("{writes:?}")
         };
         assert_eq!(v.port_count, 1);
-        let writes = l.set_workload(3, 8, None, 10);
+        let writes = l.set_workload(3, 8, None);
         assert!(matches!(writes.as_slice(), [LearnedWrite::Delete(k)] if k.generation == 7));
         assert_eq!(l.domain_of(3, &"203.0.113.7".parse().unwrap()), None);
     }

@@ -298,19 +298,15 @@ impl DnsRuntime {
 
     /// Brings the learner's workloads in line with the published view.
     fn sync_view(&mut self, view: &View) {
-        let now = now_ns();
         let mut present = BTreeSet::new();
         for w in &view.workloads {
             let Ok(config) = self.workloads.get(&w.slot, 0) else {
                 continue;
             };
             present.insert(w.slot);
-            let writes = self.learner.set_workload(
-                w.slot,
-                config.generation,
-                w.egress_allowlist.clone(),
-                now,
-            );
+            let writes =
+                self.learner
+                    .set_workload(w.slot, config.generation, w.egress_allowlist.clone());
             self.apply(writes);
         }
         for slot in self.learner.slots() {
