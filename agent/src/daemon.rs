@@ -245,7 +245,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.max_flow_series,
         options.flow_series_idle,
         options.records,
-        &log,
+        log.clone(),
     );
     let policy_errors = Arc::new(AtomicU64::new(persisted_errors));
     let occupancy_task = tokio::spawn(crate::flows::count_occupancy(
@@ -847,6 +847,7 @@ async fn flow_log(
             {
                 recorder.notice(notice);
             }
+            shared.log.note_world_peer(&record, e.peer_identity);
             shared.log.remember(record);
         }
         let _ = out.flush();

@@ -157,6 +157,7 @@ mod tests {
             last_seen: 1,
             packets,
             dst_domain: String::new(),
+            world_addresses: Vec::new(),
         }
     }
 

@@ -47,6 +47,8 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
             last_seen: now,
             packets: [0; 3],
             dst_domain: get("dst_domain"),
+            // Series carry no addresses (one per address would be unbounded).
+            world_addresses: Vec::new(),
         });
         let verdict = match get("verdict").as_str() {
             "would_drop" => 1,

@@ -214,7 +214,14 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
     let net = Internet::new("egress-names");
     // An agent that takes 5 ms over each answer (a loaded node): an answer that reached the
     // workload before its addresses were written would lose the race every time.
-    let mut agent = net.start(&["--dns-learn-delay", "5ms"]);
+    // A census every second: the observed-flow record learns the addresses of live flows
+    // to the internet from it.
+    let mut agent = net.start(&[
+        "--dns-learn-delay",
+        "5ms",
+        "--conntrack-census-interval",
+        "1s",
+    ]);
     let card = &net.card;
 
     // The first connection right after each lookup: never a would-drop.
@@ -375,6 +382,18 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
         );
     }
     assert!(!advice.contains("blocked.example.com"), "{advice}");
+    // The raw address, a would-drop, is allowed only when asked, by port; the address it was
+    // seen at (from its flow event) is written beside the rule.
+    let out = agent.cli(&["advise", "--namespace", "pay", "--include-denied"]);
+    let advice = String::from_utf8_lossy(&out.stdout);
+    let seen = advice
+        .lines()
+        .find(|l| l.contains("# outside the cluster, seen at (sampled):"))
+        .unwrap_or_else(|| panic!("no addresses beside the world rule:\n{advice}"));
+    assert!(
+        seen.contains(&net.site("evil.test").to_string()),
+        "{seen}\n{advice}"
+    );
 
     // Flip: allowed names still connect at once, the rest fail.
     let out = agent.cli(&["mode", "set", "pay/*", "drop"]);
@@ -421,6 +440,29 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
     let w = agent.workload("card").unwrap();
     assert_eq!(w["egress_allowlists"][0], "pay/card-egress", "{w}");
     agent.stop();
+
+    // The observed-flow record keeps the name and the addresses the census found in the
+    // live flows to it.
+    let record: Vec<serde_json::Value> = serde_json::from_slice(
+        &std::fs::read(net.dir.join("state/observed.json")).expect("observed.json"),
+    )
+    .unwrap();
+    let api = record
+        .iter()
+        .find(|f| {
+            f["src_workload"] == "card" && f["dst_domain"] == "api.example.com" && f["port"] == 443
+        })
+        .unwrap_or_else(|| panic!("no record of card -> api.example.com: {record:?}"));
+    let addresses: Vec<&str> = api["world_addresses"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no addresses: {api}"))
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        addresses.contains(&net.site("api.example.com").to_string().as_str()),
+        "{api}"
+    );
 }
 
 #[test]

@@ -42,12 +42,32 @@ pub struct ObservedFlow {
     /// For `world` destinations, the DNS name the source resolved them from ("" unknown).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dst_domain: String,
+    /// For a `world` peer, the addresses it was seen at in flow events, most recent last
+    /// (at most `WORLD_ADDRESSES_KEPT`; events are sampled, so possibly not every one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub world_addresses: Vec<IpAddr>,
 }
+
+/// How many addresses of a `world` peer an observed-flow record keeps.
+pub const WORLD_ADDRESSES_KEPT: usize = 8;
 
 impl ObservedFlow {
     /// Seen only denied (as would_drop or dropped): a peer the policies in force refuse.
     pub fn only_denied(&self) -> bool {
         self.packets[0] == 0
+    }
+
+    /// Notes an address the `world` peer was seen at: kept most recent last, the oldest
+    /// going past `WORLD_ADDRESSES_KEPT`. Whether it is new to the record.
+    pub fn note_world_address(&mut self, address: IpAddr) -> bool {
+        let before = self.world_addresses.len();
+        self.world_addresses.retain(|a| *a != address);
+        let new = self.world_addresses.len() == before;
+        self.world_addresses.push(address);
+        if self.world_addresses.len() > WORLD_ADDRESSES_KEPT {
+            self.world_addresses.remove(0);
+        }
+        new
     }
 }
 
@@ -129,6 +149,9 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     // (namespace, workload) -> DNS name -> ports: destinations outside the cluster the
     // workload reached by name, for its EgressAllowlist.
     let mut named: BTreeMap<(String, String), DomainPorts> = BTreeMap::new();
+    // (namespace, workload, ingress) -> addresses outside the cluster seen without a name:
+    // shown beside the rule that allows `world`, for whoever narrows it.
+    let mut world_seen: BTreeMap<(String, String, bool), BTreeSet<IpAddr>> = BTreeMap::new();
     let mut replay = Vec::new();
     let mut left_out = Vec::new();
     for flow in observed {
@@ -186,6 +209,16 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             replay.push(flow);
             continue;
         }
+        if peer == AdvisedPeer::World {
+            world_seen
+                .entry((
+                    local.0.clone(),
+                    local.1.clone(),
+                    flow.direction == "ingress",
+                ))
+                .or_default()
+                .extend(flow.world_addresses.iter().copied());
+        }
         wanted
             .entry((local.0.clone(), local.1.clone()))
             .or_default()
@@ -217,6 +250,20 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             };
             yaml += &format!("  {direction}:\n");
             for (peer, ports) in peers {
+                if *peer == AdvisedPeer::World
+                    && let Some(seen) = world_seen.get(&(
+                        namespace.clone(),
+                        workload.clone(),
+                        *direction == "ingress",
+                    ))
+                    && !seen.is_empty()
+                {
+                    let seen: Vec<String> = seen.iter().map(|a| a.to_string()).collect();
+                    yaml += &format!(
+                        "  # outside the cluster, seen at (sampled): {}\n",
+                        seen.join(", ")
+                    );
+                }
                 yaml += &format!(
                     "  - {key}: [{}]\n",
                     peer_of(state, namespace, peer).join(", ")
@@ -447,38 +494,57 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             return advice;
         }
     };
-    // An address outside the cluster is a documentation address, or the DNS name it was
-    // resolved from when known.
-    let endpoint = |ns: &str, name: &str, outside: &str, domain: &str| -> Option<Endpoint> {
+    // An address outside the cluster is one it was seen at, or the DNS name it was resolved
+    // from when known.
+    let endpoint = |ns: &str, name: &str, outside: IpAddr, domain: &str| -> Option<Endpoint> {
         if ns == "world" && name == "world" {
             return Some(Endpoint {
                 ip: if domain.is_empty() {
-                    outside.parse().expect("an address")
+                    outside
                 } else {
-                    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
                 },
                 pod: None,
                 domain: (!domain.is_empty()).then(|| domain.to_string()),
             });
         }
         let p = pod_of(state, ns, name)?;
+        // The pod's address of the family the outside one has, when it has one.
+        let ip = p
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == outside.is_ipv4())
+            .or(p.ips.first())?;
         Some(Endpoint {
-            ip: *p.ips.first()?,
+            ip: *ip,
             pod: Some((p.namespace.clone(), p.name.clone())),
             domain: None,
         })
     };
+    // The addresses a record's `world` peer is replayed at: those seen, else a
+    // documentation address standing for the unknown one (advised rules allow any, by port).
+    let outside_addresses = |flow: &ObservedFlow| -> Vec<IpAddr> {
+        if flow.world_addresses.is_empty() || !flow.dst_domain.is_empty() {
+            vec![IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 1))]
+        } else {
+            flow.world_addresses.clone()
+        }
+    };
+    let ends = |flow: &ObservedFlow, outside: IpAddr| {
+        Some((
+            endpoint(&flow.src_namespace, &flow.src_workload, outside, "")?,
+            endpoint(
+                &flow.dst_namespace,
+                &flow.dst_workload,
+                outside,
+                &flow.dst_domain,
+            )?,
+        ))
+    };
     if options.explain {
         for flow in &left_out {
-            let (Some(src), Some(dst)) = (
-                endpoint(&flow.src_namespace, &flow.src_workload, "203.0.113.1", ""),
-                endpoint(
-                    &flow.dst_namespace,
-                    &flow.dst_workload,
-                    "203.0.113.1",
-                    &flow.dst_domain,
-                ),
-            ) else {
+            let outside = *outside_addresses(flow).last().expect("at least one");
+            let Some((src, dst)) = ends(flow, outside) else {
                 continue;
             };
             let proto = protocol_number(&flow.protocol, src.ip);
@@ -494,37 +560,35 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     }
     for flow in replay {
         advice.replayed += 1;
-        // Outside the cluster: a documentation address stands for the unknown one (the
-        // advised rules allow any, by port).
-        let (Some(src), Some(dst)) = (
-            endpoint(&flow.src_namespace, &flow.src_workload, "203.0.113.1", ""),
-            endpoint(
-                &flow.dst_namespace,
-                &flow.dst_workload,
-                "203.0.113.1",
-                &flow.dst_domain,
-            ),
-        ) else {
-            advice.denied.push(format!(
-                "{}: an end has no address to replay it with",
-                describe(flow)
-            ));
-            continue;
-        };
-        let proto = protocol_number(&flow.protocol, src.ip);
-        // A record is one enforcement point's decision: replayed there.
-        let (egress, ingress) = ev.flow(src, dst, proto, flow.port);
-        let allowed = if flow.direction == "ingress" {
-            ingress.allowed
-        } else {
-            egress.allowed
-        };
-        if !allowed {
-            advice.denied.push(format!(
-                "{}: still denied at the {}",
-                describe(flow),
-                flow.direction
-            ));
+        for outside in outside_addresses(flow) {
+            let Some((src, dst)) = ends(flow, outside) else {
+                advice.denied.push(format!(
+                    "{}: an end has no address to replay it with",
+                    describe(flow)
+                ));
+                break;
+            };
+            let seen_at = !flow.world_addresses.is_empty() && flow.dst_domain.is_empty();
+            let proto = protocol_number(&flow.protocol, src.ip);
+            // A record is one enforcement point's decision: replayed there.
+            let (egress, ingress) = ev.flow(src, dst, proto, flow.port);
+            let allowed = if flow.direction == "ingress" {
+                ingress.allowed
+            } else {
+                egress.allowed
+            };
+            if !allowed {
+                advice.denied.push(format!(
+                    "{}{}: still denied at the {}",
+                    describe(flow),
+                    if seen_at {
+                        format!(" (at {outside})")
+                    } else {
+                        String::new()
+                    },
+                    flow.direction
+                ));
+            }
         }
     }
     advice
@@ -671,6 +735,7 @@ status: {podIP: 10.0.1.1}
             last_seen: 2,
             packets,
             dst_domain: String::new(),
+            world_addresses: Vec::new(),
         }
     }
 
@@ -848,6 +913,70 @@ status: {podIP: 10.0.1.1}
         );
         assert!(with_denied.yaml.contains("evil.example.org"));
         assert!(with_denied.denied.is_empty());
+    }
+
+    #[test]
+    fn addresses_seen_outside_the_cluster_are_shown_and_explained_at() {
+        // web may reach 203.0.113.0/24 on 443, except 203.0.113.9.
+        let state = state(&format!(
+            "{SHOP}---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: web-out, namespace: shop}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: 203.0.113.0/24, except: [203.0.113.9/32]}}}}]
+    ports: [{{protocol: TCP, port: 443}}]
+"
+        ));
+        let seen = |port: u16, packets: [u64; 3], at: &[&str]| ObservedFlow {
+            world_addresses: at.iter().map(|a| a.parse().unwrap()).collect(),
+            ..flow("egress", ("shop", "web"), ("world", "world"), port, packets)
+        };
+        let observed = [
+            seen(8443, [5, 0, 0], &["203.0.113.7", "2001:db8::7"]),
+            seen(443, [0, 3, 0], &["203.0.113.9"]),
+        ];
+        let advice = advise(
+            &state,
+            &observed,
+            &AdviseOptions {
+                explain: true,
+                ..Default::default()
+            },
+        );
+        assert!(
+            advice.yaml.contains(
+                "  # outside the cluster, seen at (sampled): 203.0.113.7, 2001:db8::7\n  - to: [{ipBlock: {cidr: 0.0.0.0/0}}"
+            ),
+            "{}",
+            advice.yaml
+        );
+        assert!(advice.denied.is_empty(), "{:?}", advice.denied);
+        assert_eq!(advice.replayed, 1);
+        // Explained at the address it was seen at: the `except`, not the /24 a stand-in
+        // documentation address would fall in.
+        assert_eq!(advice.explanations.len(), 1, "{:?}", advice.explanations);
+        assert!(
+            advice.explanations[0].contains("denied at the egress of shop/web-7d9f-a"),
+            "{:?}",
+            advice.explanations
+        );
+
+        // Bounded, most recent last, and new only once.
+        let mut f = seen(443, [1, 0, 0], &[]);
+        for i in 0..20u8 {
+            assert!(f.note_world_address(IpAddr::from([203, 0, 113, i])));
+        }
+        assert!(!f.note_world_address(IpAddr::from([203, 0, 113, 15])));
+        assert_eq!(f.world_addresses.len(), WORLD_ADDRESSES_KEPT);
+        assert_eq!(
+            f.world_addresses.last(),
+            Some(&IpAddr::from([203, 0, 113, 15]))
+        );
+        assert!(!f.world_addresses.contains(&IpAddr::from([203, 0, 113, 0])));
     }
 
     #[test]

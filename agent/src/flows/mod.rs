@@ -8,6 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
     path::PathBuf,
     sync::{
         Mutex,
@@ -25,7 +26,7 @@ use tracing::warn;
 
 use crate::{
     admin::{self, DirectionCounters, FlowRow, Flows, Status, WorkloadStatus},
-    compile::advise::ObservedFlow,
+    compile::advise::{ObservedFlow, WORLD_ADDRESSES_KEPT},
     controller::View,
     flowlog::{FlowRecord, protocol_name},
     maps::MapReaders,
@@ -212,7 +213,15 @@ pub struct FlowLogStats {
     pub written: AtomicU64,
     pub lost: AtomicU64,
     recent: Mutex<VecDeque<FlowRecord>>,
+    /// Addresses of `world` peers seen in flow events, by the observed-flow record they
+    /// belong to, until the observer's next poll files them (`Observer::file_world_addresses`).
+    world_addresses: Mutex<HashMap<ObservedKey, (Vec<IpAddr>, std::time::Instant)>>,
 }
+
+/// Peer pairs whose `world` addresses wait for their record at most (a port scan of the
+/// internet cannot grow the table); and how long one waits for the counters to name it.
+const PENDING_WORLD_PAIRS: usize = 4096;
+const PENDING_WORLD_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl FlowLogStats {
     /// The would-drop records kept for `tollgate flows`, oldest first.
@@ -224,6 +233,55 @@ impl FlowLogStats {
             .filter(|r| r.verdict == "would_drop")
             .cloned()
             .collect()
+    }
+
+    /// Notes the address of a `world` peer (`peer_identity` is the event's) for the
+    /// observed-flow record of its peer pair. The kernel's flow counters name the peer
+    /// `world` (or its DNS name) without an address: the sampled events are where
+    /// addresses come from.
+    pub fn note_world_peer(&self, record: &FlowRecord, peer_identity: u32) {
+        if peer_identity != agent_common::IDENTITY_WORLD
+            && !agent_common::is_world_named(peer_identity)
+        {
+            return;
+        }
+        let ingress = record.direction == "ingress";
+        let (local, address) = if ingress {
+            (record.dst.as_ref(), &record.src_ip)
+        } else {
+            (record.src.as_ref(), &record.dst_ip)
+        };
+        let (Some(local), Ok(address)) = (local, address.parse::<IpAddr>()) else {
+            return;
+        };
+        let world = ("world".to_string(), "world".to_string());
+        let here = (local.namespace.clone(), local.workload.clone());
+        let (src, dst) = if ingress {
+            (world, here)
+        } else {
+            (here, world)
+        };
+        let key: ObservedKey = (
+            record.direction.clone(),
+            src.0,
+            src.1,
+            dst.0,
+            dst.1,
+            record.protocol.clone(),
+            record.dst_port,
+            record.dst_domain.clone().unwrap_or_default(),
+        );
+        let mut pending = self.world_addresses.lock().expect("world addresses");
+        if pending.len() >= PENDING_WORLD_PAIRS && !pending.contains_key(&key) {
+            return;
+        }
+        let (addresses, at) = pending
+            .entry(key)
+            .or_insert_with(|| (Vec::new(), std::time::Instant::now()));
+        *at = std::time::Instant::now();
+        if !addresses.contains(&address) && addresses.len() < WORLD_ADDRESSES_KEPT {
+            addresses.push(address);
+        }
     }
 
     /// Keeps a record for `tollgate flows`.
@@ -252,6 +310,8 @@ pub struct Counted {
     pub maps: Vec<(&'static str, u64, u64)>,
     /// Live tracked flows per slot, both tables.
     pub conntrack_per_slot: HashMap<u32, u64>,
+    /// Peers outside the cluster the live flows talk to, until the observer files them.
+    pub world_peers: std::collections::HashSet<crate::maps::WorldPeer>,
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of the programs' timestamps.
@@ -294,9 +354,18 @@ pub async fn count_occupancy(readers: MapReaders, into: Occupancy, interval: std
             return;
         };
         readers = Some(r);
-        *into.lock().expect("occupancy") = Counted {
+        let mut counted = into.lock().expect("occupancy");
+        // Peers the observer has not filed yet stay (bounded by the census's own bound).
+        let mut world_peers = std::mem::take(&mut counted.world_peers);
+        if world_peers.len() < crate::maps::WORLD_PEERS_PER_CENSUS {
+            world_peers.extend(census.world_peers);
+        } else {
+            world_peers = census.world_peers;
+        }
+        *counted = Counted {
             maps,
             conntrack_per_slot: census.per_slot,
+            world_peers,
         };
     }
 }
@@ -345,6 +414,8 @@ pub struct Observer {
     observed_written: Option<std::time::Instant>,
     observed_changed: bool,
     limits: RecordLimits,
+    /// The flow log's counts, and the `world` addresses its events saw.
+    log: std::sync::Arc<FlowLogStats>,
 }
 
 impl Observer {
@@ -356,7 +427,7 @@ impl Observer {
         max_flow_series: usize,
         series_idle: std::time::Duration,
         limits: RecordLimits,
-        log: &FlowLogStats,
+        log: std::sync::Arc<FlowLogStats>,
     ) -> (Observer, u64) {
         let state_file = state_dir.join("state.json");
         let observed_file = state_dir.join("observed.json");
@@ -424,6 +495,7 @@ impl Observer {
             observed_changed: false,
             persisted,
             occupancy: Occupancy::default(),
+            log,
         };
         (observer, policy_errors)
     }
@@ -613,6 +685,7 @@ impl Observer {
                 self.persisted.flow_overflow += delta;
             }
         }
+        self.file_world_addresses(&slots);
         // Would-drops per pod and workload, for `status`, the safe-to-flip check and the
         // last-would-drop gauge.
         // Before the first reconcile the view is empty: nothing to learn, nothing to forget.
@@ -676,6 +749,49 @@ impl Observer {
         self.persisted
             .last_would_drop
             .retain(|id, t| attached.contains(id) || *t >= oldest);
+    }
+
+    /// Puts the `world` addresses the census found in live flows, and those the flow log
+    /// saw in events (would-drops), into the records of their peer pairs. An event may come
+    /// before the counters name its pair: it waits a while for it.
+    fn file_world_addresses(&mut self, slots: &HashMap<u32, (&str, &str)>) {
+        let found = std::mem::take(&mut self.occupancy.lock().expect("occupancy").world_peers);
+        for peer in found {
+            let Some((ns, workload)) = slots.get(&peer.slot) else {
+                continue;
+            };
+            let world = ("world".to_string(), "world".to_string());
+            let here = (ns.to_string(), workload.to_string());
+            let ingress = peer.origin == DIR_INGRESS;
+            let (src, dst) = if ingress {
+                (world, here)
+            } else {
+                (here, world)
+            };
+            let key: ObservedKey = (
+                if ingress { "ingress" } else { "egress" }.to_string(),
+                src.0,
+                src.1,
+                dst.0,
+                dst.1,
+                protocol_name(peer.proto),
+                peer.port,
+                crate::dns::peer_domain(peer.identity),
+            );
+            if let Some(flow) = self.observed.get_mut(&key) {
+                self.observed_changed |= flow.note_world_address(peer.address);
+            }
+        }
+        let mut pending = self.log.world_addresses.lock().expect("world addresses");
+        pending.retain(|key, (addresses, at)| match self.observed.get_mut(key) {
+            Some(flow) => {
+                for a in addresses.drain(..) {
+                    self.observed_changed |= flow.note_world_address(a);
+                }
+                false
+            }
+            None => at.elapsed() < PENDING_WORLD_WAIT,
+        });
     }
 
     /// Makes room for a new flow series: the one idle longest goes, if it has been idle at
@@ -751,6 +867,7 @@ impl Observer {
                 last_seen: now,
                 packets: [0; 3],
                 dst_domain: key.7.clone(),
+                world_addresses: Vec::new(),
             });
         flow.last_seen = now;
         self.observed_changed = true;

@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::net::IpAddr;
 
 use agent_common::{
-    COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIRECTIONS, EventBucket, FlowCounterKey,
-    LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, PolicyKey, PolicyValue, SlotRoute,
-    VERDICTS, WorkloadConfig, counter_index, diag, map_names, slot_cache_bucket, workload_flags,
+    COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIR_EGRESS, DIRECTIONS, EventBucket,
+    FlowCounterKey, LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, SlotRoute, VERDICTS, WorkloadConfig,
+    counter_index, diag, map_names, slot_cache_bucket, workload_flags,
 };
 use aya::{
     Ebpf,
@@ -200,6 +201,26 @@ pub struct ConntrackCensus {
     pub overflow: u64,
     /// Expired entries and entries of freed slots deleted.
     pub deleted: u64,
+    /// Peers outside the cluster that live flows talk to (at most `WORLD_PEERS_PER_CENSUS`):
+    /// flow counters name them `world` without an address.
+    pub world_peers: std::collections::HashSet<WorldPeer>,
+}
+
+/// How many `world` peers one census reports at most.
+pub const WORLD_PEERS_PER_CENSUS: usize = 4096;
+
+/// A peer outside the cluster a tracked flow talks to, with the flow counters' key parts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WorldPeer {
+    pub slot: u32,
+    /// Direction of the packet that opened the flow.
+    pub origin: u8,
+    pub proto: u8,
+    /// The port of the side that accepted the flow (0 without ports), as the counters have it.
+    pub port: u16,
+    /// The identity the flow was decided with (`IDENTITY_WORLD` or a DNS-named one).
+    pub identity: u32,
+    pub address: std::net::IpAddr,
 }
 
 /// Read handles on the maps that counters, metrics and `status` read: the controller's own
@@ -382,6 +403,25 @@ impl MapReaders {
                     continue;
                 }
                 *census.per_slot.entry(key.slot).or_default() += 1;
+                if (entry.peer == agent_common::IDENTITY_WORLD
+                    || agent_common::is_world_named(entry.peer))
+                    && census.world_peers.len() < WORLD_PEERS_PER_CENSUS
+                {
+                    census.world_peers.insert(WorldPeer {
+                        slot: key.slot,
+                        origin: entry.origin,
+                        proto: key.proto,
+                        port: match key.proto {
+                            PROTO_TCP | PROTO_UDP | PROTO_SCTP if entry.origin == DIR_EGRESS => {
+                                key.remote_port
+                            }
+                            PROTO_TCP | PROTO_UDP | PROTO_SCTP => key.local_port,
+                            _ => 0,
+                        },
+                        identity: entry.peer,
+                        address: addr_from_bytes(key.family, &key.remote),
+                    });
+                }
                 if overflow {
                     census.overflow += 1;
                 } else {
