@@ -44,7 +44,7 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
 /// another layout are never adopted.
 pub const LAYOUT_VERSION: u64 = {
     use core::mem::size_of;
-    let manual: u64 = 4;
+    let manual: u64 = 5;
     let sizes = [
         size_of::<crate::CtKey>(),
         size_of::<crate::CtEntry>(),
@@ -92,6 +92,7 @@ pub mod map_names {
     pub const CGROUP_SLOT_CACHE: &str = "CGROUP_SLOT_CACHE";
     pub const IDENTITIES: &str = "IDENTITIES";
     pub const POLICY: &str = "POLICY";
+    pub const POLICY_EXACT: &str = "POLICY_EXACT";
     pub const CIDR_RULES: &str = "CIDR_RULES";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const CT_OVERFLOW: &str = "CT_OVERFLOW";

@@ -44,8 +44,6 @@ pub const DECISION_DENY: u8 = 1;
 pub struct CtEntry {
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) after which the entry is stale and the next packet is a new flow.
     pub expires_ns: u64,
-    /// Packets seen by direction (index `DIR_INGRESS` / `DIR_EGRESS`).
-    pub packets: [u64; 2],
     /// Workload policy epoch the decision was taken at; a different epoch re-evaluates.
     pub epoch: u32,
     /// Direction of the packet that opened the flow (the workload's direction).
@@ -61,7 +59,7 @@ pub struct CtEntry {
     /// earlier generation belongs to a workload that is gone.
     pub generation: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
 
 /// Key of the fragment cache: one IP datagram.
 #[repr(C)]

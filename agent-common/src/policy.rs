@@ -47,6 +47,17 @@ pub mod workload_flags {
     /// is allowed only by ipBlock rules or by what its DNS answers taught (`LEARNED`), and
     /// the answers it gets are held until the agent has learned from them.
     pub const EGRESS_ALLOWLIST: u32 = 1 << 6;
+    /// The ingress ruleset has entries in the `POLICY` trie (rules without ports, with a
+    /// protocol only, or with port ranges): without it, only the single-port hash is looked
+    /// up.
+    pub const PREFIX_RULES_INGRESS: u32 = 1 << 7;
+    /// As `PREFIX_RULES_INGRESS`, for the egress ruleset.
+    pub const PREFIX_RULES_EGRESS: u32 = 1 << 8;
+    /// The ingress ruleset has ipBlocks (`CIDR_RULES` entries): without it, the ipBlock
+    /// trie is not looked up.
+    pub const CIDR_RULES_INGRESS: u32 = 1 << 9;
+    /// As `CIDR_RULES_INGRESS`, for the egress ruleset.
+    pub const CIDR_RULES_EGRESS: u32 = 1 << 10;
 
     /// The isolation bit of a direction (`DIR_INGRESS` / `DIR_EGRESS`).
     pub const fn isolated(direction: u8) -> u32 {
@@ -54,6 +65,24 @@ pub mod workload_flags {
             ISOLATED_INGRESS
         } else {
             ISOLATED_EGRESS
+        }
+    }
+
+    /// The prefix-rules bit of a direction.
+    pub const fn prefix_rules(direction: u8) -> u32 {
+        if direction == crate::DIR_INGRESS {
+            PREFIX_RULES_INGRESS
+        } else {
+            PREFIX_RULES_EGRESS
+        }
+    }
+
+    /// The ipBlock-rules bit of a direction.
+    pub const fn cidr_rules(direction: u8) -> u32 {
+        if direction == crate::DIR_INGRESS {
+            CIDR_RULES_INGRESS
+        } else {
+            CIDR_RULES_EGRESS
         }
     }
 }

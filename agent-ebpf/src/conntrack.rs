@@ -159,11 +159,8 @@ pub fn track(
     );
     if decision.decision == DECISION_ALLOW || workload.mode == MODE_LOG as u32 {
         let state = next_state(0, key.proto, tcp_flags, true);
-        let mut packets = [0u64; 2];
-        packets[(direction & 1) as usize] = 1;
         let entry = CtEntry {
             expires_ns: now + lifetime_ns(config, key.proto, state),
-            packets,
             epoch: epoch_for(workload, decision.peer),
             origin: direction,
             decision: decision.decision,
@@ -221,7 +218,8 @@ fn established(
     // SAFETY: the pointer comes from a successful lookup; LRU values stay valid for the
     // program run. Concurrent CPUs may race on the plain fields (state bits, expiry, a
     // re-evaluated decision): each is written whole and the next packet corrects a stale
-    // one. Counts are added atomically.
+    // one. Packets are counted per CPU elsewhere (`counters`), never here: an established
+    // packet writes into the shared entry only when its state or expiry moves.
     let entry: &mut CtEntry = unsafe { &mut *entry };
     let reopened_tcp = key.proto == PROTO_TCP
         && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
@@ -263,8 +261,6 @@ fn established(
     } else if expires > entry.expires_ns + NS_PER_SEC {
         entry.expires_ns = expires;
     }
-    // SAFETY: an aligned u64 of the entry, valid for the program run.
-    unsafe { crate::counters::atomic_add(&mut entry.packets[(direction & 1) as usize], 1) };
     Some(Tracked {
         decision: Decision {
             decision: entry.decision,

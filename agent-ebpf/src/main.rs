@@ -35,7 +35,7 @@ use agent_common::{
     WorkloadConfig, diag, slot_cache_bucket, workload_flags,
 };
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::{cgroup_skb, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
@@ -63,9 +63,16 @@ static CGROUP_SLOT_CACHE: Array<SlotRoute> = Array::pinned(SLOT_CACHE_CAPACITY, 
 /// Peer address to identity.
 #[map]
 static IDENTITIES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(IDENTITY_CAPACITY, 0);
-/// Allowed (ruleset, peer, protocol, port prefix).
+/// Allowed (ruleset, peer, protocol, port prefix): rules without ports, with a protocol
+/// only, or with a port range.
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(POLICY_CAPACITY, 0);
+/// Allowed (ruleset, peer, protocol, port) for single ports, most rules: one hash lookup,
+/// flat in the number of rules, where the trie gets deeper as it fills. Allocated as
+/// written, like the tries (only user space writes it).
+#[map]
+static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
+    HashMap::pinned(POLICY_CAPACITY, BPF_F_NO_PREALLOC);
 /// (ruleset, address prefix) to the ipBlock set it falls in, a peer of `POLICY`.
 #[map]
 static CIDR_RULES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(CIDR_RULE_CAPACITY, 0);
@@ -149,21 +156,29 @@ enum Action {
 }
 
 #[classifier]
+// The whole pipeline in the program itself: a BPF-to-BPF call costs about 10 ns a packet.
+#[inline(always)]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
     tc_action(handle(&ctx.skb, ETH_HLEN, DIR_EGRESS, tc_slot(&ctx.skb)))
 }
 
 #[classifier]
+// The whole pipeline in the program itself: a BPF-to-BPF call costs about 10 ns a packet.
+#[inline(always)]
 pub fn tc_to_pod(ctx: TcContext) -> i32 {
     tc_action(handle(&ctx.skb, ETH_HLEN, DIR_INGRESS, tc_slot(&ctx.skb)))
 }
 
 #[cgroup_skb(ingress)]
+// The whole pipeline in the program itself: a BPF-to-BPF call costs about 10 ns a packet.
+#[inline(always)]
 pub fn cg_ingress(ctx: SkBuffContext) -> i32 {
     cgroup_action(handle(&ctx.skb, 0, DIR_INGRESS, cgroup_slot(&ctx.skb)))
 }
 
 #[cgroup_skb(egress)]
+// The whole pipeline in the program itself: a BPF-to-BPF call costs about 10 ns a packet.
+#[inline(always)]
 pub fn cg_egress(ctx: SkBuffContext) -> i32 {
     cgroup_action(handle(&ctx.skb, 0, DIR_EGRESS, cgroup_slot(&ctx.skb)))
 }

@@ -13,7 +13,7 @@ use agent_common::{
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
-use crate::{CIDR_RULES, EGRESS_EXPIRED, POLICY, counters, dns, identity};
+use crate::{CIDR_RULES, EGRESS_EXPIRED, POLICY, POLICY_EXACT, counters, dns, identity};
 
 /// A policy decision and the peer identity it was taken for.
 pub struct Decision {
@@ -21,21 +21,23 @@ pub struct Decision {
     pub peer: u32,
 }
 
-/// Whether the ruleset allows `peer` on `proto`/`port`. Port-less rules and ranges are
-/// shorter prefixes of the same key, so one lookup answers all of them.
+/// Whether the ruleset allows `peer` on `proto`/`port`: a single-port rule in the hash,
+/// else (when the ruleset has any, `prefix_rules`) a port-less rule or a range, shorter
+/// prefixes of the same key in the trie.
 #[inline(always)]
-fn allows(ruleset: u32, peer: u32, proto: u8, port: u16) -> bool {
-    let key = Key::new(
-        POLICY_PREFIX_FULL,
-        PolicyKey {
-            ruleset,
-            peer,
-            proto,
-            port: port.to_be_bytes(),
-            _pad: 0,
-        },
-    );
-    POLICY.get(&key).is_some()
+fn allows(ruleset: u32, prefix_rules: bool, peer: u32, proto: u8, port: u16) -> bool {
+    let key = PolicyKey {
+        ruleset,
+        peer,
+        proto,
+        port: port.to_be_bytes(),
+        _pad: 0,
+    };
+    // SAFETY: only whether the lookup found an entry is used.
+    if unsafe { POLICY_EXACT.get(&key) }.is_some() {
+        return true;
+    }
+    prefix_rules && POLICY.get(&Key::new(POLICY_PREFIX_FULL, key)).is_some()
 }
 
 /// Decides a flow of the workload in `direction` with `remote`, to `port` (the port of the
@@ -87,9 +89,10 @@ pub fn evaluate(
         }
     } else {
         let ruleset = workload.ruleset[(direction & 1) as usize];
+        let prefix_rules = workload.flags & workload_flags::prefix_rules(direction) != 0;
         // World is matched by ipBlock only; branch on each lookup on its own (the verifier
         // rejects the pointer OR that `a || b` over two lookups can compile into).
-        if !world && allows(ruleset, peer, proto, port) {
+        if !world && allows(ruleset, prefix_rules, peer, proto, port) {
             return Decision {
                 decision: DECISION_ALLOW,
                 peer,
@@ -101,8 +104,9 @@ pub fn evaluate(
                 peer,
             };
         }
-        if let Some(set) = CIDR_RULES.get(identity::lpm_key(ruleset, family, remote))
-            && allows(ruleset, *set, proto, port)
+        if workload.flags & workload_flags::cidr_rules(direction) != 0
+            && let Some(set) = CIDR_RULES.get(identity::lpm_key(ruleset, family, remote))
+            && allows(ruleset, prefix_rules, *set, proto, port)
         {
             return Decision {
                 decision: DECISION_ALLOW,

@@ -6,8 +6,8 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use agent_common::{POLICY_PREFIX_FULL, PROTO_TCP, PolicyKey, PolicyValue, map_names};
-use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
+use agent_common::{PROTO_TCP, PolicyKey, PolicyValue, map_names};
+use aya::maps::{Map, MapData};
 use tollgate_tests::{
     Lab, Pod,
     agent::{Agent, measure, sample},
@@ -592,28 +592,26 @@ fn a_full_policy_map_leaves_the_last_complete_rules_in_force() {
     assert!(reaches(&pot, &ledger));
     assert!(!reaches(&frontend, &ledger));
 
-    // Another agent's worth of rules fills the map up to one free entry.
-    let trie = || {
-        let data = MapData::from_pin(agent.bpffs.join(map_names::POLICY)).expect("pinned POLICY");
-        LpmTrie::<_, PolicyKey, PolicyValue>::try_from(Map::LpmTrie(data)).unwrap()
+    // Another agent's worth of single-port rules fills their map up to one free entry.
+    let exact = || {
+        let data = MapData::from_pin(agent.bpffs.join(map_names::POLICY_EXACT))
+            .expect("pinned POLICY_EXACT");
+        aya::maps::HashMap::<_, PolicyKey, PolicyValue>::try_from(Map::HashMap(data)).unwrap()
     };
-    let mut filler = trie();
+    let mut filler = exact();
     let mut filled = Vec::new();
     let capacity = agent_common::POLICY_CAPACITY as usize;
     let in_use = filler.keys().count();
     for i in 0..(capacity - in_use - 1) as u32 {
-        let key = Key::new(
-            POLICY_PREFIX_FULL,
-            PolicyKey {
-                ruleset: 0x7000_0000 + i / 60000,
-                peer: i % 60000,
-                proto: PROTO_TCP,
-                port: [0, 1],
-                _pad: 0,
-            },
-        );
+        let key = PolicyKey {
+            ruleset: 0x7000_0000 + i / 60000,
+            peer: i % 60000,
+            proto: PROTO_TCP,
+            port: [0, 1],
+            _pad: 0,
+        };
         filler
-            .insert(&key, PolicyValue { rule: 0 }, 0)
+            .insert(key, PolicyValue { rule: 0 }, 0)
             .unwrap_or_else(|e| panic!("filler entry {i}: {e}"));
         filled.push(key);
     }
@@ -643,7 +641,7 @@ fn a_full_policy_map_leaves_the_last_complete_rules_in_force() {
         "{degraded:?}"
     );
     assert_eq!(
-        trie().keys().count(),
+        exact().keys().count(),
         full,
         "nothing half-written is left behind"
     );

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use agent_common::{
     COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIR_EGRESS, DIRECTIONS, EventBucket,
-    FlowCounterKey, LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, PROTO_SCTP,
+    FlowCounterKey, LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, POLICY_PREFIX_FULL, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, SlotRoute, VERDICTS, WorkloadConfig,
     counter_index, diag, map_names, slot_cache_bucket, workload_flags,
 };
@@ -171,6 +171,9 @@ pub struct DatapathMaps {
     resolvers_written: Option<std::collections::BTreeSet<IpAddr>>,
     /// What this process wrote per ruleset, to diff the next update against.
     written: StdHashMap<u32, RulesetEntries>,
+    /// Which tries the newest staged entries of each ruleset need looked up
+    /// (`workload_flags::PREFIX_RULES_*`, `CIDR_RULES_*`), for `write_config`.
+    lookups: StdHashMap<u32, u32>,
     set_ids: CidrSetIds,
     /// Map entries written and removed since load (policy, ipBlock and identity entries).
     pub stats: WriteStats,
@@ -234,6 +237,7 @@ pub struct MapReaders {
     cgroup_slot_cache: Array<MapData, SlotRoute>,
     identities: LpmTrie<MapData, LpmAddr, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy_exact: HashMap<MapData, PolicyKey, PolicyValue>,
     cidr_rules: LpmTrie<MapData, LpmAddr, u32>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     ct_overflow: HashMap<MapData, CtKey, CtEntry>,
@@ -259,6 +263,31 @@ fn cpu_sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
 }
 
 impl MapReaders {
+    /// Writes a policy entry where the programs look for it: a single port (the full
+    /// prefix) in the hash, anything shorter in the trie.
+    fn write_policy(&mut self, key: LpmKeyOrd<PolicyKey>, rule: u32) -> Result<(), MapsError> {
+        let value = PolicyValue { rule };
+        if key.0 == POLICY_PREFIX_FULL {
+            self.policy_exact
+                .insert(key.1, value, 0)
+                .map_err(map_err(map_names::POLICY_EXACT))
+        } else {
+            self.policy
+                .insert(&Key::new(key.0, key.1), value, 0)
+                .map_err(map_err(map_names::POLICY))
+        }
+    }
+
+    /// Removes a policy entry written by `write_policy`; a missing one is not an error.
+    fn remove_policy(&mut self, key: LpmKeyOrd<PolicyKey>) -> Result<(), MapsError> {
+        if key.0 == POLICY_PREFIX_FULL {
+            ignore_missing(self.policy_exact.remove(&key.1))
+                .map_err(map_err(map_names::POLICY_EXACT))
+        } else {
+            remove_lpm(&mut self.policy, key, map_names::POLICY)
+        }
+    }
+
     /// Counters of a slot, summed over CPUs.
     pub fn counters(&self, slot: u32) -> Result<WorkloadCounters, MapsError> {
         let mut out = [[Counter::default(); VERDICTS]; DIRECTIONS];
@@ -489,6 +518,11 @@ impl MapReaders {
                 agent_common::POLICY_CAPACITY as u64,
             ),
             (
+                map_names::POLICY_EXACT,
+                count(self.policy_exact.keys().count()),
+                agent_common::POLICY_CAPACITY as u64,
+            ),
+            (
                 map_names::CIDR_RULES,
                 count(self.cidr_rules.keys().count()),
                 agent_common::CIDR_RULE_CAPACITY as u64,
@@ -555,6 +589,7 @@ impl MapReaders {
             cgroup_slot_cache: map!(map_names::CGROUP_SLOT_CACHE),
             identities: map!(map_names::IDENTITIES),
             policy: map!(map_names::POLICY),
+            policy_exact: map!(map_names::POLICY_EXACT),
             cidr_rules: map!(map_names::CIDR_RULES),
             conntrack: typed(conntrack, map_names::CONNTRACK)?,
             ct_overflow: typed(ct_overflow, map_names::CT_OVERFLOW)?,
@@ -603,6 +638,7 @@ impl DatapathMaps {
             dns_resolvers: take(ebpf, map_names::DNS_RESOLVERS)?,
             resolvers_written: None,
             written: StdHashMap::new(),
+            lookups: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
             stats: WriteStats::default(),
             next_epoch: max_epoch.wrapping_add(1).max(1),
@@ -630,6 +666,14 @@ impl DatapathMaps {
                 .or_default()
                 .policy
                 .insert(LpmKeyOrd(key.prefix_len(), data), value.rule);
+        }
+        for item in self.r.policy_exact.iter() {
+            let (key, value) = item.map_err(map_err(map_names::POLICY_EXACT))?;
+            self.written
+                .entry(key.ruleset)
+                .or_default()
+                .policy
+                .insert(LpmKeyOrd(POLICY_PREFIX_FULL, key), value.rule);
         }
         for item in self.r.cidr_rules.iter() {
             let (key, set) = item.map_err(map_err(map_names::CIDR_RULES))?;
@@ -746,6 +790,20 @@ impl DatapathMaps {
                 return Err(e);
             }
         }
+        // `rulesets` is in the order compiled above: ingress, then egress.
+        for ((ruleset, entries), direction) in rulesets
+            .iter()
+            .zip([agent_common::DIR_INGRESS, agent_common::DIR_EGRESS])
+        {
+            let mut bits = 0;
+            if entries.policy.keys().any(|k| k.0 != POLICY_PREFIX_FULL) {
+                bits |= workload_flags::prefix_rules(direction);
+            }
+            if !entries.cidr.is_empty() {
+                bits |= workload_flags::cidr_rules(direction);
+            }
+            self.lookups.insert(*ruleset, bits);
+        }
         Ok(StagedRules { rulesets })
     }
 
@@ -753,12 +811,8 @@ impl DatapathMaps {
     fn undo(&mut self, undo: Undo) {
         for (key, old) in undo.policy.into_iter().rev() {
             let _ = match old {
-                Some(rule) => self
-                    .r
-                    .policy
-                    .insert(&Key::new(key.0, key.1), PolicyValue { rule }, 0)
-                    .map_err(map_err(map_names::POLICY)),
-                None => remove_lpm(&mut self.r.policy, key, map_names::POLICY),
+                Some(rule) => self.r.write_policy(key, rule),
+                None => self.r.remove_policy(key),
             };
         }
         for (key, old) in undo.cidr.into_iter().rev() {
@@ -788,6 +842,16 @@ impl DatapathMaps {
         }
         if policy.egress_allowlist.is_some() {
             flags |= workload_flags::EGRESS_ALLOWLIST;
+        }
+        // The tries the staged rules need; every one until rules were staged.
+        for direction in [agent_common::DIR_INGRESS, agent_common::DIR_EGRESS] {
+            flags |= self
+                .lookups
+                .get(&ruleset_of(slot, direction))
+                .copied()
+                .unwrap_or(
+                    workload_flags::prefix_rules(direction) | workload_flags::cidr_rules(direction),
+                );
         }
         // A slot that becomes active gets a new generation: flows tracked for whatever held
         // it before never match this workload.
@@ -934,6 +998,7 @@ impl DatapathMaps {
             let ruleset = ruleset_of(slot, direction);
             self.remove_stale_entries(ruleset, &RulesetEntries::default())?;
             self.written.remove(&ruleset);
+            self.lookups.remove(&ruleset);
             self.set_ids.forget(ruleset);
         }
         for i in 0..COUNTERS_PER_SLOT {
@@ -976,10 +1041,7 @@ impl DatapathMaps {
         for (key, rule) in &entries.policy {
             let before = old.and_then(|o| o.policy.get(key)).copied();
             if before != Some(*rule) {
-                self.r
-                    .policy
-                    .insert(&Key::new(key.0, key.1), PolicyValue { rule: *rule }, 0)
-                    .map_err(map_err(map_names::POLICY))?;
+                self.r.write_policy(*key, *rule)?;
                 undo.policy.push((*key, before));
                 self.stats.written += 1;
             }
@@ -1024,7 +1086,7 @@ impl DatapathMaps {
             remove_lpm(&mut self.r.cidr_rules, key, map_names::CIDR_RULES)?;
         }
         for key in stale_policy {
-            remove_lpm(&mut self.r.policy, key, map_names::POLICY)?;
+            self.r.remove_policy(key)?;
         }
         Ok(())
     }
@@ -1133,20 +1195,18 @@ impl DatapathMaps {
         }
     }
 
-    /// Number of entries in the policy and ipBlock tries.
+    /// Number of policy entries (single-port hash and prefix trie together) and ipBlock
+    /// entries.
     pub fn policy_entries(&self) -> (usize, usize) {
         (
-            self.r.policy.keys().count(),
+            self.r.policy.keys().count() + self.r.policy_exact.keys().count(),
             self.r.cidr_rules.keys().count(),
         )
     }
 
-    /// Writes raw policy entries (benchmarks fill the trie to a given size with this).
+    /// Writes raw policy entries (benchmarks fill the maps to a given size with this).
     pub fn insert_raw_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), MapsError> {
-        self.r
-            .policy
-            .insert(&Key::new(prefix, key), PolicyValue { rule: 0 }, 0)
-            .map_err(map_err(map_names::POLICY))
+        self.r.write_policy(LpmKeyOrd(prefix, key), 0)
     }
 
     /// Writes a raw connection tracking entry (benchmarks fill the table with this).

@@ -238,24 +238,29 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     let mut inserted = std::collections::HashSet::new();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     for target in [10usize, 1_000, 10_000, 100_000] {
-        // Other rulesets' entries: same trie, so lookups walk a bigger tree.
+        // Other rulesets' entries: single ports go to the hash, and one in ten is a port
+        // range (a shorter prefix, in the trie), so both grow.
         while filled < target {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
+            // A range of 256 ports: the first byte of the port, the rest zero.
+            let range = rng % 10 == 0;
+            let port = (rng >> 40) as u16;
             let key = PolicyKey {
                 ruleset: 100 + (rng % 5000) as u32,
                 peer: 256 + ((rng >> 16) % 20000) as u32,
                 proto: PROTO_UDP,
-                port: ((rng >> 40) as u16).to_be_bytes(),
+                port: if range { port & 0xff00 } else { port }.to_be_bytes(),
                 _pad: 0,
             };
-            if inserted.insert((key.ruleset, key.peer, key.port)) {
-                bench
-                    .dp
-                    .maps
-                    .insert_raw_policy(POLICY_PREFIX_FULL, key)
-                    .unwrap();
+            let prefix = if range {
+                POLICY_PREFIX_FULL - 8
+            } else {
+                POLICY_PREFIX_FULL
+            };
+            if inserted.insert((key.ruleset, key.peer, key.port, prefix)) {
+                bench.dp.maps.insert_raw_policy(prefix, key).unwrap();
                 filled += 1;
             }
         }
