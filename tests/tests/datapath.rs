@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agent_common::{
     DIR_INGRESS, IDENTITY_WORLD, PROTO_ICMP, PROTO_TCP, PROTO_UDP, VERDICT_DROPPED,
-    VERDICT_WOULD_DROP, diag,
+    VERDICT_WOULD_DROP, diag, workload_flags,
 };
 use tollgate::{
     Datapath, Mode, WorkloadPolicy,
@@ -735,6 +735,73 @@ fn ip_blocks_with_except_port_ranges_and_world_peers() {
         seen.iter().all(|e| e.peer_identity == IDENTITY_WORLD),
         "outside addresses are world"
     );
+}
+
+/// Single-port rules live in a hash, the rest in tries that a ruleset looks up only when it
+/// has such rules: a port range, a rule without ports and an ipBlock added to a ruleset of
+/// single ports take effect at once, and stop when removed.
+#[test]
+fn rules_beyond_single_ports_take_effect_when_added_and_stop_when_removed() {
+    let Scenario {
+        lab,
+        mut dp,
+        a,
+        b,
+        c,
+    } = isolated_b(Mode::Drop, TcMode::Auto);
+    let single_ports = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(b.addrs()),
+        mode: Mode::Drop,
+        isolated_ingress: true,
+        isolated_egress: false,
+        ingress: vec![allow_tcp(ID_A, 80), allow_udp(ID_A, 53)],
+        egress: vec![],
+        ..Default::default()
+    };
+    let reach = |from: &Pod, tcp: Option<u16>, udp_port: u16| match tcp {
+        Some(port) => traffic::tcp(from, b.addr(false), port, 1, FAIL_FAST).echoed == 1,
+        None => traffic::udp(from, b.addr(false), udp_port, 1, 64, FAIL_FAST).echoed == 1,
+    };
+    let lookups = |dp: &Datapath| {
+        dp.maps.workload(1).unwrap().flags
+            & (workload_flags::PREFIX_RULES_INGRESS | workload_flags::CIDR_RULES_INGRESS)
+    };
+    assert_eq!(lookups(&dp), 0, "single ports only: no trie looked up");
+    assert!(reach(&a, Some(80), 0));
+    assert!(!reach(&a, Some(81), 0));
+    assert!(!reach(&c, None, 54));
+    assert!(!reach(&c, None, 53));
+
+    let mut wider = single_ports.clone();
+    wider.ingress.extend([
+        allow(
+            tollgate::compile::Peer::Identity(ID_A),
+            PortMatch::Range {
+                proto: PROTO_TCP,
+                first: 81,
+                last: 90,
+            },
+        ),
+        allow(cidr(&format!("{}/32", c.ipv4), &[]), udp(54)),
+        allow(tollgate::compile::Peer::Identity(ID_C), PortMatch::Any),
+    ]);
+    dp.maps.set_workload(1, &wider).unwrap();
+    assert_eq!(
+        lookups(&dp),
+        workload_flags::PREFIX_RULES_INGRESS | workload_flags::CIDR_RULES_INGRESS
+    );
+    assert!(reach(&a, Some(81), 0), "port range");
+    assert!(reach(&c, None, 54), "ipBlock");
+    assert!(reach(&c, None, 53), "rule without ports");
+    assert!(reach(&c, Some(80), 0), "rule without ports, TCP");
+
+    dp.maps.set_workload(1, &single_ports).unwrap();
+    assert_eq!(lookups(&dp), 0);
+    assert!(reach(&a, Some(80), 0));
+    assert!(!reach(&a, Some(81), 0), "range removed");
+    assert!(!reach(&c, None, 54), "ipBlock removed");
+    assert!(!reach(&c, Some(80), 0), "rule without ports removed");
+    let _ = lab;
 }
 
 #[test]

@@ -192,12 +192,10 @@ fn closed_tcp_connections_expire_sooner_than_established_ones() {
         let client = s
             .spawn(|| traffic::tcp_hold(&a, b.addr(false), 80, 2, PATIENT, Duration::from_secs(3)));
         let open = wait_for(Duration::from_secs(2), "tracked connection", || {
-            entry_for_port(&dp, 6)
-                .into_iter()
-                .find(|(_, e)| {
-                    e.tcp_state & tcp_state::REPLY_SEEN != 0
-                        && e.expires_ns > monotonic_ns() + 3000 * 1_000_000_000
-                })
+            entry_for_port(&dp, 6).into_iter().find(|(_, e)| {
+                e.tcp_state & tcp_state::REPLY_SEEN != 0
+                    && e.expires_ns > monotonic_ns() + 3000 * 1_000_000_000
+            })
         });
         let left = open.1.expires_ns.saturating_sub(monotonic_ns());
         assert!(open.1.tcp_state & tcp_state::REPLY_SEEN != 0);

@@ -9,9 +9,9 @@ use std::net::IpAddr;
 
 use agent_common::{
     COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIR_EGRESS, DIRECTIONS, EventBucket,
-    FlowCounterKey, LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, POLICY_PREFIX_FULL, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, SlotRoute, VERDICTS, WorkloadConfig,
-    counter_index, diag, map_names, slot_cache_bucket, workload_flags,
+    FlowCounterKey, LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG,
+    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, SlotRoute,
+    VERDICTS, WorkloadConfig, counter_index, diag, map_names, slot_cache_bucket, workload_flags,
 };
 use aya::{
     Ebpf,
