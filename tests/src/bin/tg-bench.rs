@@ -245,7 +245,7 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
             rng ^= rng >> 7;
             rng ^= rng << 17;
             // A range of 256 ports: the first byte of the port, the rest zero.
-            let range = rng % 10 == 0;
+            let range = rng.is_multiple_of(10);
             let port = (rng >> 40) as u16;
             let key = PolicyKey {
                 ruleset: 100 + (rng % 5000) as u32,
