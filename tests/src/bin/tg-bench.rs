@@ -208,6 +208,30 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     }
     .sending_from(&["10.1.0.10".parse().unwrap()]);
     dp.maps.set_workload(SLOT, &policy).unwrap();
+    // The same workload with a port range and an ipBlock besides: its denied flows look up
+    // both tries too.
+    let mut wide = policy.clone();
+    wide.egress.extend([
+        allow(
+            tollgate::compile::Peer::Identity(PEER_IDENTITY + 1),
+            PortMatch::Range {
+                proto: agent_common::PROTO_TCP,
+                first: 8000,
+                last: 8100,
+            },
+        ),
+        allow(
+            tollgate::compile::Peer::Cidr {
+                net: "10.9.0.0/16".parse().unwrap(),
+                except: vec![],
+            },
+            PortMatch::Range {
+                proto: PROTO_UDP,
+                first: 53,
+                last: 53,
+            },
+        ),
+    ]);
     let established = frame(0, 40000, 5353);
     let denied = frame(0, 40001, 5354);
     // The agent gives a peer pair it has seen counting a direct-mapped bucket at its next
@@ -222,10 +246,19 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
         origin: agent_common::DIR_EGRESS,
         _pad: [0; 2],
     };
-    dp.maps
-        .assign_flow_series(&established_series, |_| false)
-        .unwrap()
-        .expect("a free flow series bucket");
+    // So is a denied pair that keeps sending: the agent gives every pair busy in the hash a
+    // bucket.
+    let denied_series = agent_common::FlowCounterKey {
+        port: 5354,
+        verdict: agent_common::VERDICT_DROPPED,
+        ..established_series
+    };
+    for series in [established_series, denied_series] {
+        dp.maps
+            .assign_flow_series(&series, |_| false)
+            .unwrap()
+            .expect("a free flow series bucket");
+    }
 
     let mut bench = Bench {
         lab: &lab,
@@ -284,6 +317,14 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
                 b.repeat(program_names::TC_BASELINE, &denied),
             )
         }));
+        bench.dp.maps.set_workload(SLOT, &wide).unwrap();
+        figures.push(bench.figure(DENIED_WIDE, filled, ct, |b| {
+            (
+                b.repeat(program_names::TC_FROM_POD, &denied),
+                b.repeat(program_names::TC_BASELINE, &denied),
+            )
+        }));
+        bench.dp.maps.set_workload(SLOT, &policy).unwrap();
     }
 
     // A full connection tracking table: 1,000,000 other flows.
@@ -310,6 +351,14 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
             b.repeat(program_names::TC_BASELINE, &denied),
         )
     }));
+    bench.dp.maps.set_workload(SLOT, &wide).unwrap();
+    figures.push(bench.figure(DENIED_WIDE, filled, ct, |b| {
+        (
+            b.repeat(program_names::TC_FROM_POD, &denied),
+            b.repeat(program_names::TC_BASELINE, &denied),
+        )
+    }));
+    bench.dp.maps.set_workload(SLOT, &policy).unwrap();
 
     figures.push(bench.figure("new allowed flow", filled, ct, |b| {
         (
@@ -435,6 +484,7 @@ fn write_reports(
         "established flow",
         "new allowed flow",
         "denied flow (drop mode)",
+        DENIED_WIDE,
     ] {
         let added: Vec<f64> = figures
             .iter()
@@ -593,12 +643,15 @@ fn write_reports(
     );
 }
 
+/// The denied flow of a workload whose rules also hold a port range and an ipBlock.
+const DENIED_WIDE: &str = "denied, ranges and ipBlocks";
+
 /// Issue 11's goal for a datapath case: the most it may add over the empty program, in ns.
 fn datapath_goal(case: &str) -> Option<f64> {
     match case {
         "established flow" => Some(60.0),
         "new allowed flow" => Some(250.0),
-        "denied flow (drop mode)" => Some(150.0),
+        "denied flow (drop mode)" | DENIED_WIDE => Some(150.0),
         _ => None,
     }
 }
