@@ -436,15 +436,19 @@ fn write_reports(
          peer pair counts in a direct-mapped flow series bucket, as the agent arranges at its \
          first poll after seeing the pair).\n\
          - **new allowed flow**: {} single runs, each from a source port never seen before: \
-         parse, conntrack miss, identity and policy LPM lookups, conntrack insert. Its baseline \
-         is the empty program run the same way (one syscall per packet), so the timer overhead \
-         of single runs cancels out.\n\
+         parse, conntrack miss, identity trie lookup, single-port policy hash lookup, conntrack \
+         insert. Its baseline is the empty program run the same way (one syscall per packet), \
+         so the timer overhead of single runs cancels out.\n\
          - **denied flow (drop mode)**: a packet no rule allows, {} times. Drop mode records no \
-         flow for it, so every run is a full evaluation (both policy lookups, the ipBlock trie, \
-         the event token bucket) and a drop.\n\
-         - policy entries: entries in the policy trie (other workloads' rules fill it up); \
-         conntrack entries: flows in the table.\n",
-        args.repeat, args.calls, args.repeat
+         flow for it, so every run is a full evaluation (identity trie, policy hash; the \
+         workload's rules are single ports, so neither the policy trie nor the ipBlock trie is \
+         looked up), the event token bucket and a drop. Its peer pair counts in a flow series \
+         bucket, as the agent gives every pair busy in the hash.\n\
+         - **{}**: the same packet, the workload's rules holding a port range and an ipBlock \
+         too, so the policy trie and the ipBlock trie are looked up as well.\n\
+         - policy entries: entries of other workloads' rules (9 in 10 single ports, in the \
+         hash; 1 in 10 port ranges, in the trie); conntrack entries: flows in the table.\n",
+        args.repeat, args.calls, args.repeat, DENIED_WIDE
     )
     .unwrap();
     writeln!(md, "## Results\n").unwrap();
@@ -522,10 +526,11 @@ fn write_reports(
         "\n## Reading it\n\n\
          - Established flows cost one hash lookup in connection tracking, flat in the table \
          size: {:.0} ns with a near-empty table, {:.0} ns with {} tracked flows.\n\
-         - Denied and new flows add LPM-trie lookups keyed by (ruleset, peer, protocol, port). \
-         A trie lookup walks at most the key length (88 bits), so it is bounded, but it does \
-         get deeper as the trie fills: denied flows measured {:.0} ns at {} policy entries \
-         and {:.0} ns at {}.\n\
+         - Denied and new flows add the identity trie and the single-port policy hash, flat in \
+         the number of rules: denied flows measured {:.0} ns at {} policy entries and {:.0} ns \
+         at {}. Rules with port ranges, without ports, or with ipBlocks add the policy trie \
+         and the ipBlock trie, bounded by the key length but deeper as they fill: {:.0} ns and \
+         {:.0} ns.\n\
          - The absolute cost is in the added ns column; the empty program shows the floor of \
          the hook itself on this machine.",
         median_of("established flow", large, false),
@@ -539,6 +544,8 @@ fn write_reports(
         small,
         median_of("denied flow (drop mode)", large, false),
         large,
+        median_of(DENIED_WIDE, small, false),
+        median_of(DENIED_WIDE, large, false),
     )
     .unwrap();
     writeln!(
@@ -557,16 +564,36 @@ fn write_reports(
          `CGROUP_SLOT_CACHE`) in front of the hash, filled by the agent.\n\
          - `bpf_ktime_get_coarse_ns` instead of `bpf_ktime_get_ns`: expiry and rate limits \
          need milliseconds, not the clocksource.\n\
+         - Single-port rules (most rules) in a hash, `POLICY_EXACT`, looked up first; the \
+         policy trie keeps rules without ports, with a protocol only, or with a port range. A \
+         workload whose rulesets have none of those, or no ipBlocks, does not look up that \
+         trie at all (`workload_flags::PREFIX_RULES_*`, `CIDR_RULES_*`). Denied flows went \
+         from +164 ns at 10 entries growing to +218 ns at 100,000 (x1.33) to flat; the same \
+         run of the previous build, side by side: +162 to +215 before, +157 to +159 after. \
+         The bench now also counts the denied pair in a flow series bucket, as the agent does \
+         for every busy pair (the LRU hash lookup it took before was 43 ns of the figure).\n\
+         - Conntrack entries hold no packet counts (nothing read them; the per-CPU counters \
+         are the exact ones): 24 bytes instead of 40, no write into the shared entry on an \
+         established packet unless its state or expiry moves.\n\
+         - The pipeline stays inlined in each program (`#[inline(always)]` on the entry \
+         points): as it grew, LLVM had moved it into a BPF-to-BPF call, 8 to 10 ns a packet.\n\
          - Kept: the `CONFIG` array lookup (the verifier inlines array lookups: a load-time \
          global would save a few ns and cost a reload to change a timeout) and one \
          connection tracking key for both families (a 16-byte IPv4 key would shorten the \
          hash by about 10 ns; not done yet).\n\
-         - Still above the goals: the established flow (parse, connection tracking hash with \
-         a 44-byte key, per-workload counters: about +100 ns where the goal is +60); new \
-         flows (two LPM-trie lookups and an LRU insert, several hundred ns: the goal of +250 \
-         needs a cached peer identity and a shallower trie); denied flows in drop mode (every \
-         packet is a full evaluation, by design: nothing is tracked for them, so a flood of \
-         them cannot evict anything).\n\
+         - Still above the goals: the established flow (parse, the connection tracking hash \
+         with a 44-byte key, counters: about +100 ns where the goal is +60; its flow series \
+         bucket is 7 ns of it). New flows: about +650 ns where the goal is +250. Taking the \
+         conntrack insert out measured 391 ns instead of 630, so the LRU insert (a node \
+         popped under the LRU list lock, the bucket lock, the element written) is about \
+         240 ns; taking the policy evaluation out changed nothing measurable in single runs \
+         (651-727 ns against 620-816); the rest is the conntrack miss in a table of 2^21 \
+         buckets and the program's own work on cold caches, as each single run starts \
+         cold. A per-CPU LRU (`BPF_F_NO_COMMON_LRU`) would take the list lock away but \
+         split the table by possible CPU, and a flood on one CPU would then evict other \
+         workloads' flows there, which the fair share below forbids; so the insert stays. \
+         Rules with ranges or ipBlocks still grow with the tries (the \"ranges and \
+         ipBlocks\" case).\n\
          - Fairness: each workload holds at most `--conntrack-share` (25%) of the table; its \
          new flows beyond that go to an overflow table a quarter the size. \
          `tests/tests/fairness.rs` floods one workload until, with the limit off, the LRU \
