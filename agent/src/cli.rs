@@ -269,7 +269,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "35d", value_parser = parse_duration)]
     pub record_retention: std::time::Duration,
     /// Peer pairs the observed-flow record holds at most (about 200 bytes each in memory
-    /// and in --state-dir); when full, those seen longest ago are forgotten first.
+    /// and in --state-dir, up to about 550 with the addresses of a peer outside the
+    /// cluster); when full, those seen longest ago are forgotten first.
     #[arg(long, default_value_t = 20_000)]
     pub record_capacity: usize,
     /// Detach every program and remove the pins when the agent stops (uninstall:

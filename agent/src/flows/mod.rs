@@ -73,7 +73,8 @@ pub struct RecordLimits {
     /// hours of would-drops.
     pub retention: std::time::Duration,
     /// Peer pairs held at most: when full, those seen longest ago go first, so a port scan
-    /// cannot fill the record for good. About 200 bytes each in memory and in state.json.
+    /// cannot fill the record for good. About 200 bytes each in memory and in observed.json
+    /// (up to about 550 with the 8 addresses kept of a peer outside the cluster).
     pub capacity: usize,
 }
 
