@@ -49,7 +49,16 @@ fn isolated_b(mode: Mode, tc_mode: TcMode) -> Scenario {
     register(&mut dp, &a, ID_A);
     register(&mut dp, &b, ID_B);
     register(&mut dp, &c, ID_C);
-    let policy = WorkloadPolicy {
+    dp.maps
+        .set_workload(1, &b_allows_a(&b, mode))
+        .expect("set workload");
+    attach_tc(&lab, &mut dp, 1, &b);
+    Scenario { lab, dp, a, b, c }
+}
+
+/// b's rules in `isolated_b`: isolated for ingress, a allowed on TCP 80 and UDP 53.
+fn b_allows_a(b: &Pod, mode: Mode) -> WorkloadPolicy {
+    WorkloadPolicy {
         addresses: WorkloadAddresses::Pod(b.addrs()),
         mode,
         isolated_ingress: true,
@@ -57,10 +66,7 @@ fn isolated_b(mode: Mode, tc_mode: TcMode) -> Scenario {
         ingress: vec![allow_tcp(ID_A, 80), allow_udp(ID_A, 53)],
         egress: vec![],
         ..Default::default()
-    };
-    dp.maps.set_workload(1, &policy).expect("set workload");
-    attach_tc(&lab, &mut dp, 1, &b);
-    Scenario { lab, dp, a, b, c }
+    }
 }
 
 #[test]
@@ -749,15 +755,7 @@ fn rules_beyond_single_ports_take_effect_when_added_and_stop_when_removed() {
         b,
         c,
     } = isolated_b(Mode::Drop, TcMode::Auto);
-    let single_ports = WorkloadPolicy {
-        addresses: WorkloadAddresses::Pod(b.addrs()),
-        mode: Mode::Drop,
-        isolated_ingress: true,
-        isolated_egress: false,
-        ingress: vec![allow_tcp(ID_A, 80), allow_udp(ID_A, 53)],
-        egress: vec![],
-        ..Default::default()
-    };
+    let single_ports = b_allows_a(&b, Mode::Drop);
     let reach = |from: &Pod, tcp: Option<u16>, udp_port: u16| match tcp {
         Some(port) => traffic::tcp(from, b.addr(false), port, 1, FAIL_FAST).echoed == 1,
         None => traffic::udp(from, b.addr(false), udp_port, 1, 64, FAIL_FAST).echoed == 1,
@@ -817,19 +815,8 @@ fn a_rule_change_re_evaluates_tracked_flows() {
     });
     assert_eq!(got.in_would_drop, 2);
     // Allow UDP 54: the tracked would-drop flow is allowed from its next packet on.
-    let policy = WorkloadPolicy {
-        addresses: WorkloadAddresses::Pod(b.addrs()),
-        mode: Mode::Log,
-        isolated_ingress: true,
-        isolated_egress: false,
-        ingress: vec![
-            allow_tcp(ID_A, 80),
-            allow_udp(ID_A, 53),
-            allow_udp(ID_A, 54),
-        ],
-        egress: vec![],
-        ..Default::default()
-    };
+    let mut policy = b_allows_a(&b, Mode::Log);
+    policy.ingress.push(allow_udp(ID_A, 54));
     dp.maps.set_workload(1, &policy).unwrap();
     let got = measure(&lab, &dp, 1, || {
         assert_eq!(
