@@ -22,6 +22,29 @@ pub struct CtKey {
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
 
+impl CtKey {
+    /// The port of the side that accepted the flow (`origin`: the direction of the packet
+    /// that opened it): the one policy is decided on.
+    #[inline(always)]
+    pub fn service_port(&self, origin: u8) -> u16 {
+        if origin == crate::DIR_EGRESS {
+            self.remote_port
+        } else {
+            self.local_port
+        }
+    }
+
+    /// The port flow counters carry: the service port for TCP, UDP and SCTP, 0 for
+    /// protocols without ports (an ICMP echo's identifier is not a port).
+    #[inline(always)]
+    pub fn counted_port(&self, origin: u8) -> u16 {
+        match self.proto {
+            crate::PROTO_TCP | crate::PROTO_UDP | crate::PROTO_SCTP => self.service_port(origin),
+            _ => 0,
+        }
+    }
+}
+
 /// TCP state bits of a tracked connection.
 pub mod tcp_state {
     /// A packet in the reply direction was seen.

@@ -59,16 +59,6 @@ fn epoch_for(workload: &WorkloadConfig, peer: u32) -> u32 {
     }
 }
 
-/// The port policy is evaluated on: the one of the side that accepted the flow.
-#[inline(always)]
-fn service_port(key: &CtKey, origin: u8) -> u16 {
-    if origin == DIR_EGRESS {
-        key.remote_port
-    } else {
-        key.local_port
-    }
-}
-
 #[inline(always)]
 fn lifetime_ns(config: &Config, proto: u8, state: u8) -> u64 {
     let seconds = if proto != PROTO_TCP {
@@ -153,7 +143,7 @@ pub fn track(
         key.family,
         &key.remote,
         key.proto,
-        service_port(key, direction),
+        key.service_port(direction),
         now,
         false,
     );
@@ -236,7 +226,7 @@ fn established(
             key.family,
             &key.remote,
             key.proto,
-            service_port(key, entry.origin),
+            key.service_port(entry.origin),
             now,
             true,
         );
@@ -292,10 +282,4 @@ pub fn related(workload: &WorkloadConfig, key: &CtKey, now: u64) -> Option<Track
     } else {
         None
     }
-}
-
-/// The port policy is evaluated on, for a flow key and its origin (public for counters).
-#[inline(always)]
-pub fn flow_port(key: &CtKey, origin: u8) -> u16 {
-    service_port(key, origin)
 }

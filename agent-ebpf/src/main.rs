@@ -29,10 +29,10 @@ use agent_common::{
     DNS_RESOLVER_CAPACITY, DNS_RING_BYTES, DnsControl, EVENT_RING_BYTES, EventBucket, FAMILY_IPV4,
     FLOW_COUNTER_CAPACITY, FLOW_SERIES_CAPACITY, FRAGMENT_CAPACITY, FlowCounterKey, FragKey,
     FragPorts, IDENTITY_CAPACITY, IDENTITY_HOST, IDENTITY_WORLD, LEARNED_CAPACITY, LearnedKey,
-    LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, ResolverKey, SLOT_CACHE_CAPACITY,
-    SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
-    WorkloadConfig, diag, slot_cache_bucket, workload_flags,
+    LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_TCP,
+    PROTO_UDP, PolicyKey, PolicyValue, ResolverKey, SLOT_CACHE_CAPACITY, SLOT_UNREGISTERED,
+    SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP, WorkloadConfig, diag,
+    slot_cache_bucket, workload_flags,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -385,15 +385,11 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
 
     let verdict = verdict_of(tracked.decision.decision, workload.mode);
     counters::count(slot, direction, verdict, segs, bytes);
-    let port = match key.proto {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => conntrack::flow_port(&key, tracked.origin),
-        _ => 0,
-    };
     counters::count_flow(
         &FlowCounterKey {
             slot,
             peer: tracked.decision.peer,
-            port,
+            port: key.counted_port(tracked.origin),
             proto: key.proto,
             direction,
             verdict,

@@ -174,6 +174,34 @@ fn with_every_label<T: FromIterator<(Vec<String>, u64)>>(series: &[(Vec<String>,
         .collect()
 }
 
+/// The record key of a peer pair between a local workload (namespace, workload) and
+/// `world`, as the counters name it: `ingress` when the flow came from outside.
+fn world_pair_key(
+    ingress: bool,
+    local: (&str, &str),
+    protocol: String,
+    port: u16,
+    domain: String,
+) -> ObservedKey {
+    let world = ("world".to_string(), "world".to_string());
+    let here = (local.0.to_string(), local.1.to_string());
+    let (src, dst) = if ingress {
+        (world, here)
+    } else {
+        (here, world)
+    };
+    (
+        if ingress { "ingress" } else { "egress" }.to_string(),
+        src.0,
+        src.1,
+        dst.0,
+        dst.1,
+        protocol,
+        port,
+        domain,
+    )
+}
+
 fn key_array(k: &FlowCounterKey) -> [u32; 7] {
     [
         k.slot,
@@ -255,19 +283,9 @@ impl FlowLogStats {
         let (Some(local), Ok(address)) = (local, address.parse::<IpAddr>()) else {
             return;
         };
-        let world = ("world".to_string(), "world".to_string());
-        let here = (local.namespace.clone(), local.workload.clone());
-        let (src, dst) = if ingress {
-            (world, here)
-        } else {
-            (here, world)
-        };
-        let key: ObservedKey = (
-            record.direction.clone(),
-            src.0,
-            src.1,
-            dst.0,
-            dst.1,
+        let key = world_pair_key(
+            ingress,
+            (&local.namespace, &local.workload),
             record.protocol.clone(),
             record.dst_port,
             record.dst_domain.clone().unwrap_or_default(),
@@ -761,20 +779,9 @@ impl Observer {
             let Some((ns, workload)) = slots.get(&peer.slot) else {
                 continue;
             };
-            let world = ("world".to_string(), "world".to_string());
-            let here = (ns.to_string(), workload.to_string());
-            let ingress = peer.origin == DIR_INGRESS;
-            let (src, dst) = if ingress {
-                (world, here)
-            } else {
-                (here, world)
-            };
-            let key: ObservedKey = (
-                if ingress { "ingress" } else { "egress" }.to_string(),
-                src.0,
-                src.1,
-                dst.0,
-                dst.1,
+            let key = world_pair_key(
+                peer.origin == DIR_INGRESS,
+                (ns, workload),
                 protocol_name(peer.proto),
                 peer.port,
                 crate::dns::peer_domain(peer.identity),

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::net::IpAddr;
 
 use agent_common::{
-    COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIR_EGRESS, DIRECTIONS, EventBucket,
-    FlowCounterKey, LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG,
-    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, SlotRoute,
-    VERDICTS, WorkloadConfig, counter_index, diag, map_names, slot_cache_bucket, workload_flags,
+    COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIRECTIONS, EventBucket, FlowCounterKey,
+    LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, POLICY_PREFIX_FULL, PolicyKey,
+    PolicyValue, SlotRoute, VERDICTS, WorkloadConfig, counter_index, diag, map_names,
+    slot_cache_bucket, workload_flags,
 };
 use aya::{
     Ebpf,
@@ -440,13 +440,7 @@ impl MapReaders {
                         slot: key.slot,
                         origin: entry.origin,
                         proto: key.proto,
-                        port: match key.proto {
-                            PROTO_TCP | PROTO_UDP | PROTO_SCTP if entry.origin == DIR_EGRESS => {
-                                key.remote_port
-                            }
-                            PROTO_TCP | PROTO_UDP | PROTO_SCTP => key.local_port,
-                            _ => 0,
-                        },
+                        port: key.counted_port(entry.origin),
                         identity: entry.peer,
                         address: addr_from_bytes(key.family, &key.remote),
                     });
