@@ -36,6 +36,13 @@ pub const fn is_world_named(identity: u32) -> bool {
     identity & 0xff00_0000 == IDENTITY_WORLD_NAMED
 }
 
+/// Whether a peer identity is an address outside the cluster, named by DNS or not: what
+/// flow counters, the observed-flow record and `tollgate flows` call `world`.
+#[inline(always)]
+pub const fn is_world(identity: u32) -> bool {
+    identity == crate::IDENTITY_WORLD || is_world_named(identity)
+}
+
 /// What a `DnsCapture` carries.
 pub mod capture_kind {
     /// A query leaving a workload for one of its resolvers: copied, passed on.

@@ -156,28 +156,26 @@ enum Action {
 }
 
 #[classifier]
-// The whole pipeline in the program itself: a BPF-to-BPF call costs about 10 ns a packet.
+// Each entry point inlines the whole pipeline (`#[inline(always)]` below each): left to
+// itself LLVM made it a BPF-to-BPF call, 8 to 10 ns a packet.
 #[inline(always)]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
     tc_action(handle(&ctx.skb, ETH_HLEN, DIR_EGRESS, tc_slot(&ctx.skb)))
 }
 
 #[classifier]
-// The whole pipeline in the program itself: a BPF-to-BPF call costs about 10 ns a packet.
 #[inline(always)]
 pub fn tc_to_pod(ctx: TcContext) -> i32 {
     tc_action(handle(&ctx.skb, ETH_HLEN, DIR_INGRESS, tc_slot(&ctx.skb)))
 }
 
 #[cgroup_skb(ingress)]
-// The whole pipeline in the program itself: a BPF-to-BPF call costs about 10 ns a packet.
 #[inline(always)]
 pub fn cg_ingress(ctx: SkBuffContext) -> i32 {
     cgroup_action(handle(&ctx.skb, 0, DIR_INGRESS, cgroup_slot(&ctx.skb)))
 }
 
 #[cgroup_skb(egress)]
-// The whole pipeline in the program itself: a BPF-to-BPF call costs about 10 ns a packet.
 #[inline(always)]
 pub fn cg_egress(ctx: SkBuffContext) -> i32 {
     cgroup_action(handle(&ctx.skb, 0, DIR_EGRESS, cgroup_slot(&ctx.skb)))

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::{IDENTITY_HOST, IDENTITY_WORLD};
+use agent_common::IDENTITY_HOST;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -110,7 +110,7 @@ impl PeerNames {
     /// a Service counts against its backend workload on the backends' target port (when they
     /// agree on one).
     pub fn name(&self, identity: u32, proto: u8, port: u16) -> (String, String, u16) {
-        if identity == IDENTITY_WORLD || agent_common::is_world_named(identity) {
+        if agent_common::is_world(identity) {
             return ("world".into(), "world".into(), port);
         }
         if identity == IDENTITY_HOST {

@@ -42,8 +42,9 @@ pub struct ObservedFlow {
     /// For `world` destinations, the DNS name the source resolved them from ("" unknown).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dst_domain: String,
-    /// For a `world` peer, the addresses it was seen at in flow events, most recent last
-    /// (at most `WORLD_ADDRESSES_KEPT`; events are sampled, so possibly not every one).
+    /// For a `world` peer, the addresses it was seen at, most recent last (at most
+    /// `WORLD_ADDRESSES_KEPT`): from live tracked flows at each conntrack census and from
+    /// would-drop events, so possibly not every one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub world_addresses: Vec<IpAddr>,
 }
@@ -521,13 +522,16 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             domain: None,
         })
     };
-    // The addresses a record's `world` peer is replayed at: those seen, else a
-    // documentation address standing for the unknown one (advised rules allow any, by port).
+    // Whether a record's `world` peer is replayed at the addresses it was seen at; else a
+    // documentation address stands for the unknown one (advised rules allow any, by port),
+    // and a name is replayed as a name.
+    let seen_at =
+        |flow: &ObservedFlow| !flow.world_addresses.is_empty() && flow.dst_domain.is_empty();
     let outside_addresses = |flow: &ObservedFlow| -> Vec<IpAddr> {
-        if flow.world_addresses.is_empty() || !flow.dst_domain.is_empty() {
-            vec![IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 1))]
-        } else {
+        if seen_at(flow) {
             flow.world_addresses.clone()
+        } else {
+            vec![IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 1))]
         }
     };
     let ends = |flow: &ObservedFlow, outside: IpAddr| {
@@ -568,7 +572,6 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 ));
                 break;
             };
-            let seen_at = !flow.world_addresses.is_empty() && flow.dst_domain.is_empty();
             let proto = protocol_number(&flow.protocol, src.ip);
             // A record is one enforcement point's decision: replayed there.
             let (egress, ingress) = ev.flow(src, dst, proto, flow.port);
@@ -581,7 +584,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 advice.denied.push(format!(
                     "{}{}: still denied at the {}",
                     describe(flow),
-                    if seen_at {
+                    if seen_at(flow) {
                         format!(" (at {outside})")
                     } else {
                         String::new()

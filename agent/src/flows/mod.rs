@@ -269,9 +269,7 @@ impl FlowLogStats {
     /// `world` (or its DNS name) without an address: the sampled events are where
     /// addresses come from.
     pub fn note_world_peer(&self, record: &FlowRecord, peer_identity: u32) {
-        if peer_identity != agent_common::IDENTITY_WORLD
-            && !agent_common::is_world_named(peer_identity)
-        {
+        if !agent_common::is_world(peer_identity) {
             return;
         }
         let ingress = record.direction == "ingress";

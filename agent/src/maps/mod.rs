@@ -432,8 +432,7 @@ impl MapReaders {
                     continue;
                 }
                 *census.per_slot.entry(key.slot).or_default() += 1;
-                if (entry.peer == agent_common::IDENTITY_WORLD
-                    || agent_common::is_world_named(entry.peer))
+                if agent_common::is_world(entry.peer)
                     && census.world_peers.len() < WORLD_PEERS_PER_CENSUS
                 {
                     census.world_peers.insert(WorldPeer {
