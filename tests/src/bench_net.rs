@@ -3,9 +3,16 @@
 //! iptables rule set built the way Calico (plus calico-accountant) does the job, and
 //! nftables with sets. Every figure is a ratio to the no-program baseline of the same run.
 
-use std::{fmt::Write as _, net::Ipv4Addr, process::Command, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use agent_common::PROTO_TCP;
+use agent_common::{
+    DIR_EGRESS, DIR_INGRESS, FlowCounterKey, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED,
+};
 use ipnet::IpNet;
 use serde::Serialize;
 use tollgate::{
@@ -16,7 +23,8 @@ use tollgate::{
 
 use crate::{Lab, Pod, support::attach_tc};
 
-/// One configuration's figures (medians over the runs).
+/// One configuration's figures: medians of its samples, and medians of the ratios of each
+/// sample to the no-program sample taken right beside it.
 #[derive(Clone, Debug, Serialize)]
 pub struct NetFigure {
     pub config: String,
@@ -26,17 +34,122 @@ pub struct NetFigure {
     pub latency_p50_us: Option<f64>,
     pub latency_p99_us: Option<f64>,
     pub new_connections_per_s: f64,
-    /// Each metric's (min, max) over the runs, in the same order.
+    /// Median over the pairs of this configuration's sample / the no-program sample beside
+    /// it (1.0 for the baseline itself).
+    pub tcp_ratio: Option<f64>,
+    pub udp_ratio: Option<f64>,
+    pub new_connections_ratio: Option<f64>,
+    /// Median over the pairs of this configuration's p99 minus the no-program p99 beside it.
+    pub p99_added_us: Option<f64>,
+    /// The no-program p99's own noise: the interquartile range of its samples.
+    pub p99_noise_us: Option<f64>,
+    /// Tollgate's programs during the TCP samples (kernel BPF run-time statistics): their
+    /// run time as a share of the CPU time the machine had (wall time x CPUs), and per run.
+    pub tcp_program_cpu_share: Option<f64>,
+    pub tcp_program_ns_per_run: Option<f64>,
+    /// The same during the new-connection samples.
+    pub crr_program_cpu_share: Option<f64>,
+    pub crr_program_ns_per_run: Option<f64>,
+    /// Each metric's and ratio's (min, max) over the samples.
     pub spread: Vec<(String, f64, f64)>,
 }
 
-struct Samples {
-    tcp: Vec<f64>,
-    udp: Vec<f64>,
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    crr: Vec<f64>,
+/// What one sample measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    Tcp,
+    Udp,
+    Latency,
+    NewConnections,
 }
+
+/// One sample: throughput, packet rate, (p50, p99) or connections per second.
+#[derive(Clone, Copy)]
+enum Sample {
+    Value(f64),
+    Latency(f64, f64),
+}
+
+impl Sample {
+    fn value(self) -> f64 {
+        match self {
+            Sample::Value(v) => v,
+            Sample::Latency(_, p99) => p99,
+        }
+    }
+}
+
+/// Samples of one metric for one configuration, each with the no-program sample taken
+/// beside it.
+#[derive(Default)]
+struct Pairs {
+    config: Vec<Sample>,
+    baseline: Vec<Sample>,
+    /// What Tollgate's programs ran during the configuration's samples.
+    programs: ProgramTime,
+}
+
+/// Run time and runs of Tollgate's programs over some samples, and the samples' wall time.
+#[derive(Clone, Copy, Default)]
+struct ProgramTime {
+    run_ns: u64,
+    runs: u64,
+    wall_ns: u64,
+}
+
+impl ProgramTime {
+    /// Share of the machine's CPU time (wall time x CPUs) the programs took.
+    fn cpu_share(&self) -> Option<f64> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        (self.runs > 0).then(|| self.run_ns as f64 / (self.wall_ns as f64 * cpus))
+    }
+    fn ns_per_run(&self) -> Option<f64> {
+        (self.runs > 0).then(|| self.run_ns as f64 / self.runs as f64)
+    }
+}
+
+/// Total run time (ns) and runs of the TC programs loaded now, from the kernel's BPF
+/// statistics (counted while `aya::sys::enable_stats` is held).
+fn tc_program_stats() -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| matches!(p.name_as_str(), Some("tc_from_pod" | "tc_to_pod")))
+        .fold((0, 0), |(t, n), p| {
+            (t + p.run_time().as_nanos() as u64, n + p.run_count())
+        })
+}
+
+impl Pairs {
+    fn values(v: &[Sample]) -> Vec<f64> {
+        v.iter().map(|s| s.value()).collect()
+    }
+    fn p50s(v: &[Sample]) -> Vec<f64> {
+        v.iter()
+            .filter_map(|s| match s {
+                Sample::Latency(p50, _) => Some(*p50),
+                Sample::Value(_) => None,
+            })
+            .collect()
+    }
+    fn ratios(&self) -> Vec<f64> {
+        self.config
+            .iter()
+            .zip(&self.baseline)
+            .filter(|(_, b)| b.value() > 0.0)
+            .map(|(c, b)| c.value() / b.value())
+            .collect()
+    }
+    fn differences(&self) -> Vec<f64> {
+        self.config
+            .iter()
+            .zip(&self.baseline)
+            .map(|(c, b)| c.value() - b.value())
+            .collect()
+    }
+}
+
+/// Length of one sample, in seconds.
+pub const SAMPLE_SECONDS: &str = "1";
 
 fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
@@ -68,7 +181,7 @@ fn tcp_gbps(client: &Pod, server: &Pod) -> f64 {
     let v = json_of(
         client,
         "iperf3",
-        &["-c", &server.ipv4.to_string(), "-t", "2", "-J"],
+        &["-c", &server.ipv4.to_string(), "-t", SAMPLE_SECONDS, "-J"],
     );
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -89,14 +202,14 @@ fn udp_kpps(client: &Pod, server: &Pod) -> f64 {
             "-l",
             "64",
             "-t",
-            "2",
+            SAMPLE_SECONDS,
             "-J",
         ],
     );
     let sum = &v["end"]["sum"];
     let packets = sum["packets"].as_f64().unwrap_or(0.0);
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-    let seconds = sum["seconds"].as_f64().unwrap_or(2.0).max(0.1);
+    let seconds = sum["seconds"].as_f64().unwrap_or(1.0).max(0.1);
     (packets - lost) / seconds / 1000.0
 }
 
@@ -110,7 +223,7 @@ fn latency_us(client: &Pod, server: &Pod) -> (f64, f64) {
             "-p",
             "11111",
             "-t",
-            "2",
+            SAMPLE_SECONDS,
             "-m",
             "64",
         ])
@@ -137,7 +250,7 @@ fn crr(client: &Pod, server: &Pod) -> f64 {
             "--port",
             "80",
             "--seconds",
-            "2",
+            SAMPLE_SECONDS,
         ],
     );
     v["per_second"].as_f64().unwrap_or(0.0)
@@ -255,8 +368,103 @@ impl Config {
     }
 }
 
-/// Runs the traffic benchmark.
-pub fn run(runs: usize) -> Vec<NetFigure> {
+/// Gives the benchmark's peer pairs (each slot with its `peer`, flows opened in `origin`)
+/// direct-mapped flow series buckets, both directions, every port the benchmark uses: the
+/// steady state the agent arranges at its next poll after seeing a pair (`Observer::poll`).
+fn give_flow_series_buckets(dp: &mut Datapath, sides: [(u32, u32, u8); 2]) {
+    // iperf3 (TCP control and data, UDP data), sockperf (UDP), the HTTP server (TCP).
+    let services = [
+        (PROTO_TCP, 5201),
+        (PROTO_UDP, 5201),
+        (PROTO_UDP, 11111),
+        (PROTO_TCP, 80),
+    ];
+    for (slot, peer, origin) in sides {
+        for (proto, port) in services {
+            for direction in [DIR_EGRESS, DIR_INGRESS] {
+                let series = FlowCounterKey {
+                    slot,
+                    peer,
+                    port,
+                    proto,
+                    direction,
+                    verdict: VERDICT_ALLOWED,
+                    origin,
+                    _pad: [0; 2],
+                };
+                dp.maps
+                    .assign_flow_series(&series, |_| false)
+                    .unwrap()
+                    .expect("a free flow series bucket");
+            }
+        }
+    }
+}
+
+/// Sets a configuration up (`Some`) or takes it down (`None` after it ran).
+fn apply(lab: &Lab, dp: &mut Datapath, config: &Config, a: &Pod, b: &Pod, up: bool) {
+    match (config, up) {
+        (Config::Baseline, _) => {}
+        // The maps are written once per configuration; a sample attaches and detaches.
+        (Config::Tollgate(..), true) => {
+            attach_tc(lab, dp, 1, a);
+            attach_tc(lab, dp, 2, b);
+        }
+        (Config::Tollgate(..), false) => lab.in_node(|| {
+            dp.detach(1).unwrap();
+            dp.detach(2).unwrap();
+        }),
+        (Config::Iptables(rules), true) => in_node(
+            lab,
+            "iptables-restore",
+            &[],
+            &iptables_rules(lab, a, b, *rules),
+        ),
+        (Config::Iptables(_), false) => {
+            in_node(
+                lab,
+                "iptables-restore",
+                &[],
+                "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n",
+            );
+            in_node(lab, "iptables", &["-X"], "");
+        }
+        (Config::Nftables(rules), true) => {
+            in_node(lab, "nft", &["-f", "-"], &nft_rules(a, b, *rules))
+        }
+        (Config::Nftables(_), false) => in_node(lab, "nft", &["delete", "table", "inet", "tg"], ""),
+    }
+}
+
+fn measure(metric: Metric, a: &Pod, b: &Pod) -> Sample {
+    match metric {
+        Metric::Tcp => Sample::Value(tcp_gbps(a, b)),
+        Metric::Udp => Sample::Value(udp_kpps(a, b)),
+        Metric::Latency => {
+            let (p50, p99) = latency_us(a, b);
+            Sample::Latency(p50, p99)
+        }
+        Metric::NewConnections => Sample::Value(crr(a, b)),
+    }
+}
+
+/// The value below which `q` of the samples lie (nearest rank).
+fn quantile(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((s.len() - 1) as f64 * q).round() as usize;
+    Some(s[rank])
+}
+
+/// Runs the traffic benchmark: for each configuration and metric, `pairs` pairs of one-second
+/// samples, the configuration's and the no-program baseline's back to back (in turn first,
+/// so a trend of the machine's speed weighs on both sides alike). The machine's speed moves
+/// by more than the goals' margins within a minute; a ratio of two samples a second apart
+/// does not see that.
+pub fn run(pairs: usize) -> Vec<NetFigure> {
     let mut lab = Lab::new();
     let a = lab.add_pod("a");
     let b = lab.add_pod("b");
@@ -269,6 +477,8 @@ pub fn run(runs: usize) -> Vec<NetFigure> {
     );
     std::thread::sleep(Duration::from_millis(500));
     let mut dp: Datapath = lab.datapath(TcMode::Auto);
+    // The kernel counts programs' run time only while someone holds this.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run-time statistics");
     let (id_a, id_b) = (300u32, 301u32);
     for (pod, id) in [(&a, id_a), (&b, id_b)] {
         for ip in [
@@ -278,8 +488,8 @@ pub fn run(runs: usize) -> Vec<NetFigure> {
             dp.maps.set_identity(IpNet::from(ip), id).unwrap();
         }
     }
+    give_flow_series_buckets(&mut dp, [(1, id_b, DIR_EGRESS), (2, id_a, DIR_INGRESS)]);
     let configs = [
-        Config::Baseline,
         Config::Tollgate(Mode::Log, 9300),
         Config::Tollgate(Mode::Drop, 9300),
         Config::Iptables(9300),
@@ -289,115 +499,129 @@ pub fn run(runs: usize) -> Vec<NetFigure> {
         Config::Iptables(10),
         Config::Iptables(1000),
     ];
-    let mut samples: Vec<Samples> = configs
-        .iter()
-        .map(|_| Samples {
-            tcp: vec![],
-            udp: vec![],
-            p50: vec![],
-            p99: vec![],
-            crr: vec![],
-        })
-        .collect();
-    for run in 0..runs.max(1) {
-        for (i, config) in configs.iter().enumerate() {
-            // Set up.
-            match config {
-                Config::Baseline => {}
-                Config::Tollgate(mode, rules) => {
-                    dp.maps
-                        .set_workload(1, &tollgate_policy(*mode, id_b, *rules, &a))
-                        .unwrap();
-                    dp.maps
-                        .set_workload(2, &tollgate_policy(*mode, id_a, *rules, &b))
-                        .unwrap();
-                    attach_tc(&lab, &mut dp, 1, &a);
-                    attach_tc(&lab, &mut dp, 2, &b);
-                }
-                Config::Iptables(rules) => in_node(
-                    &lab,
-                    "iptables-restore",
-                    &[],
-                    &iptables_rules(&lab, &a, &b, *rules),
-                ),
-                Config::Nftables(rules) => {
-                    in_node(&lab, "nft", &["-f", "-"], &nft_rules(&a, &b, *rules))
-                }
+    let all = [
+        Metric::NewConnections,
+        Metric::Tcp,
+        Metric::Udp,
+        Metric::Latency,
+    ];
+    let mut figures = vec![];
+    let mut baseline: [Vec<Sample>; 4] = Default::default();
+    for (i, config) in configs.iter().enumerate() {
+        if let Config::Tollgate(mode, rules) = config {
+            dp.maps
+                .set_workload(1, &tollgate_policy(*mode, id_b, *rules, &a))
+                .unwrap();
+            dp.maps
+                .set_workload(2, &tollgate_policy(*mode, id_a, *rules, &b))
+                .unwrap();
+        }
+        // The figures at 9300 peers take every metric; the smaller rule sets only show
+        // how new connections grow with the rules.
+        let metrics: &[Metric] = if i < 4 { &all } else { &all[..1] };
+        let mut pairs_of: [Pairs; 4] = Default::default();
+        for (m, metric) in all.iter().enumerate() {
+            if !metrics.contains(metric) {
+                continue;
             }
-            let full = i < 5;
-            let s = &mut samples[i];
-            s.crr.push(crr(&a, &b));
-            if full {
-                s.tcp.push(tcp_gbps(&a, &b));
-                s.udp.push(udp_kpps(&a, &b));
-                let (p50, p99) = latency_us(&a, &b);
-                s.p50.push(p50);
-                s.p99.push(p99);
-            }
-            eprintln!(
-                "run {run} {:<55} rules {:>5}: crr {:.0}/s{}",
-                config.name(),
-                config.rules(),
-                s.crr.last().unwrap(),
-                if full {
-                    format!(
-                        ", tcp {:.2} Gbit/s, udp {:.0} kpps, p50 {:.1} us, p99 {:.1} us",
-                        s.tcp.last().unwrap(),
-                        s.udp.last().unwrap(),
-                        s.p50.last().unwrap(),
-                        s.p99.last().unwrap()
-                    )
-                } else {
-                    String::new()
+            for k in 0..pairs.max(1) {
+                let config_first = k % 2 == 0;
+                for config_turn in [config_first, !config_first] {
+                    if config_turn {
+                        apply(&lab, &mut dp, config, &a, &b, true);
+                        let (time_before, runs_before) = tc_program_stats();
+                        let started = Instant::now();
+                        let sample = measure(*metric, &a, &b);
+                        let wall = started.elapsed();
+                        let (time_after, runs_after) = tc_program_stats();
+                        apply(&lab, &mut dp, config, &a, &b, false);
+                        let p = &mut pairs_of[m];
+                        p.config.push(sample);
+                        p.programs.run_ns += time_after.saturating_sub(time_before);
+                        p.programs.runs += runs_after.saturating_sub(runs_before);
+                        p.programs.wall_ns += wall.as_nanos() as u64;
+                    } else {
+                        let sample = measure(*metric, &a, &b);
+                        pairs_of[m].baseline.push(sample);
+                        baseline[m].push(sample);
+                    }
                 }
-            );
-            // Tear down.
-            match config {
-                Config::Baseline => {}
-                Config::Tollgate(..) => {
-                    lab.in_node(|| {
-                        dp.detach(1).unwrap();
-                        dp.detach(2).unwrap();
-                    });
-                    dp.maps.clear_workload(1).unwrap();
-                    dp.maps.clear_workload(2).unwrap();
-                }
-                Config::Iptables(_) => {
-                    in_node(
-                        &lab,
-                        "iptables-restore",
-                        &[],
-                        "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n",
-                    );
-                    in_node(&lab, "iptables", &["-X"], "");
-                }
-                Config::Nftables(_) => in_node(&lab, "nft", &["delete", "table", "inet", "tg"], ""),
             }
         }
+        if let Config::Tollgate(..) = config {
+            dp.maps.clear_workload(1).unwrap();
+            dp.maps.clear_workload(2).unwrap();
+        }
+        let figure = figure_of(config, &pairs_of);
+        eprintln!(
+            "{:<55} rules {:>5}: new conn x{}, tcp x{}, udp x{}, p99 {} us, programs {}% of CPU during tcp",
+            figure.config,
+            figure.rules,
+            fmt_opt(figure.new_connections_ratio, 3),
+            fmt_opt(figure.tcp_ratio, 3),
+            fmt_opt(figure.udp_ratio, 3),
+            fmt_opt(figure.p99_added_us, 1),
+            fmt_opt(figure.tcp_program_cpu_share.map(|s| s * 100.0), 2),
+        );
+        figures.push(figure);
     }
-    let figures = configs
-        .iter()
-        .zip(&samples)
-        .map(|(c, s)| NetFigure {
-            config: c.name(),
-            rules: c.rules(),
-            tcp_gbps: median(&s.tcp),
-            udp_kpps: median(&s.udp),
-            latency_p50_us: median(&s.p50),
-            latency_p99_us: median(&s.p99),
-            new_connections_per_s: median(&s.crr).unwrap_or(0.0),
-            spread: [
-                spread("tcp_gbps", &s.tcp),
-                spread("udp_kpps", &s.udp),
-                spread("latency_p50_us", &s.p50),
-                spread("latency_p99_us", &s.p99),
-                spread("new_connections_per_s", &s.crr),
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
-        })
-        .collect();
+    // The baseline's own figures: every no-program sample of the run.
+    let base = figure_of(
+        &Config::Baseline,
+        &baseline.map(|samples| Pairs {
+            config: samples.clone(),
+            baseline: samples,
+            programs: ProgramTime::default(),
+        }),
+    );
+    figures.insert(0, base);
     lab.in_node(|| dp.remove()).unwrap();
     figures
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn figure_of(config: &Config, pairs: &[Pairs; 4]) -> NetFigure {
+    let [crr, tcp, udp, latency] = pairs;
+    let values = |p: &Pairs| Pairs::values(&p.config);
+    let p99_baseline = Pairs::values(&latency.baseline);
+    let iqr = match (quantile(&p99_baseline, 0.75), quantile(&p99_baseline, 0.25)) {
+        (Some(hi), Some(lo)) => Some(hi - lo),
+        _ => None,
+    };
+    let mut spread = vec![];
+    for (name, v) in [
+        ("tcp_gbps", values(tcp)),
+        ("udp_kpps", values(udp)),
+        ("latency_p50_us", Pairs::p50s(&latency.config)),
+        ("latency_p99_us", values(latency)),
+        ("new_connections_per_s", values(crr)),
+        ("tcp_ratio", tcp.ratios()),
+        ("udp_ratio", udp.ratios()),
+        ("new_connections_ratio", crr.ratios()),
+        ("p99_added_us", latency.differences()),
+    ] {
+        spread.extend(self::spread(name, &v));
+    }
+    NetFigure {
+        config: config.name(),
+        rules: config.rules(),
+        tcp_gbps: median(&values(tcp)),
+        udp_kpps: median(&values(udp)),
+        latency_p50_us: median(&Pairs::p50s(&latency.config)),
+        latency_p99_us: median(&values(latency)),
+        new_connections_per_s: median(&values(crr)).unwrap_or(0.0),
+        tcp_ratio: median(&tcp.ratios()),
+        udp_ratio: median(&udp.ratios()),
+        new_connections_ratio: median(&crr.ratios()),
+        p99_added_us: median(&latency.differences()),
+        p99_noise_us: iqr,
+        tcp_program_cpu_share: tcp.programs.cpu_share(),
+        tcp_program_ns_per_run: tcp.programs.ns_per_run(),
+        crr_program_cpu_share: crr.programs.cpu_share(),
+        crr_program_ns_per_run: crr.programs.ns_per_run(),
+        spread,
+    }
 }
