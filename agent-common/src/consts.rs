@@ -44,7 +44,7 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
 /// another layout are never adopted.
 pub const LAYOUT_VERSION: u64 = {
     use core::mem::size_of;
-    let manual: u64 = 5;
+    let manual: u64 = 6;
     let sizes = [
         size_of::<crate::CtKey>(),
         size_of::<crate::CtEntry>(),
@@ -129,6 +129,9 @@ pub mod program_names {
     pub const CG_EGRESS: &str = "cg_egress";
     /// An empty TC program, the baseline of benchmarks; never attached.
     pub const TC_BASELINE: &str = "tc_baseline";
+    /// Writes the kernel's jiffies into the packet: run by the agent to tie them to
+    /// CLOCK_MONOTONIC_COARSE (`Config::ns_per_jiffy`). Never attached.
+    pub const TC_JIFFIES: &str = "tc_jiffies";
 }
 
 /// Direction, always the workload's: ingress is traffic into the workload.

@@ -130,9 +130,14 @@ pub struct Config {
     /// Entries of the main connection tracking table one workload may hold; its new flows
     /// beyond that go to the overflow table. 0: no limit.
     pub ct_share: u32,
-    pub _pad: u32,
+    /// Length of a kernel tick in ns, with `clock_offset_ns`: the programs' clock is
+    /// `jiffies * ns_per_jiffy + clock_offset_ns`, CLOCK_MONOTONIC_COARSE to within two
+    /// ticks and never ahead of CLOCK_MONOTONIC. Set by the agent at load (it measures
+    /// both); 0: the programs read the coarse clock itself.
+    pub ns_per_jiffy: u32,
+    pub clock_offset_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 
 impl Default for Config {
     fn default() -> Self {
@@ -145,7 +150,8 @@ impl Default for Config {
             event_burst: 20,
             fragment_timeout_s: 30,
             ct_share: crate::CONNTRACK_CAPACITY / 100 * crate::CONNTRACK_SHARE_PERCENT,
-            _pad: 0,
+            ns_per_jiffy: 0,
+            clock_offset_ns: 0,
         }
     }
 }

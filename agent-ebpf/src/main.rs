@@ -36,7 +36,9 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    helpers::{
+        bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
     macros::{cgroup_skb, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
@@ -188,6 +190,33 @@ pub fn tc_baseline(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Writes `bpf_jiffies64()` into the packet's first 8 bytes: the agent runs it with
+/// BPF_PROG_TEST_RUN to tie jiffies to CLOCK_MONOTONIC_COARSE (`Config::ns_per_jiffy`).
+/// Never attached.
+#[classifier]
+pub fn tc_jiffies(ctx: TcContext) -> i32 {
+    // SAFETY: helper without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let _ = ctx.store(0, &jiffies, 0);
+    TC_ACT_UNSPEC
+}
+
+/// Now, in CLOCK_MONOTONIC_COARSE ns (the clock of every expiry and deadline in the maps),
+/// to within two ticks: from jiffies, one load, once the agent has tied them to that clock;
+/// else from the coarse clock itself, a seqlock read of the timekeeper.
+#[inline(always)]
+fn now_ns(config: &Config) -> u64 {
+    if config.ns_per_jiffy != 0 {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_jiffies64() }
+            .wrapping_mul(config.ns_per_jiffy as u64)
+            .wrapping_add(config.clock_offset_ns)
+    } else {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    }
+}
+
 /// Pass means "no opinion" (`TC_ACT_UNSPEC`, TCX_NEXT): programs of other agents or the CNI
 /// attached after ours still run.
 #[inline(always)]
@@ -320,10 +349,11 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         return spoofed(workload, slot, &pkt, isolated, segs, bytes);
     }
 
-    // The coarse clock (updated every tick) is enough for expiry and rate limits, and
-    // costs a fraction of reading the clocksource.
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let Some(config) = CONFIG.get(0) else {
+        return Action::Pass;
+    };
+    // A tick's precision is enough for expiry and rate limits.
+    let now = now_ns(config);
     if pkt.kind == Kind::LaterFragment {
         let fkey = frag_key(&pkt);
         // SAFETY: read-only use of the looked-up value.
@@ -339,10 +369,6 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             }
         }
     }
-
-    let Some(config) = CONFIG.get(0) else {
-        return Action::Pass;
-    };
 
     if pkt.kind == Kind::Flow
         && (pkt.tuple.proto == PROTO_UDP || pkt.tuple.proto == PROTO_TCP)

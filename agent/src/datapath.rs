@@ -5,8 +5,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{CONNTRACK_CAPACITY, LAYOUT_VERSION, map_names};
+use agent_common::{CONNTRACK_CAPACITY, LAYOUT_VERSION, map_names, program_names};
 use aya::{Ebpf, EbpfLoader, maps::RingBuf};
+use tracing::{debug, warn};
 
 use crate::{
     attach::{self, AttachError, AttachMethod, AttachPoint, Attachment, RouteKey, TcMode},
@@ -137,12 +138,67 @@ impl Datapath {
             &maps.tc_routes(),
             &maps.cgroup_routes(),
         )?;
-        Ok(Datapath {
+        let mut datapath = Datapath {
             ebpf,
             maps,
             attachments,
             options,
-        })
+        };
+        match datapath.jiffy_clock() {
+            Some((ns_per_jiffy, offset_ns)) => {
+                datapath.maps.set_clock(ns_per_jiffy, offset_ns)?;
+                debug!(ns_per_jiffy, "the programs read time from jiffies");
+            }
+            None => warn!(
+                "could not tie jiffies to CLOCK_MONOTONIC_COARSE: the programs read the coarse clock (slower)"
+            ),
+        }
+        Ok(datapath)
+    }
+
+    /// The kernel's jiffies, read by running `tc_jiffies`.
+    fn jiffies(&self) -> Option<u64> {
+        let run = self
+            .test_run(program_names::TC_JIFFIES, &[0u8; 64], 1)
+            .ok()?;
+        Some(u64::from_ne_bytes(run.data.get(..8)?.try_into().ok()?))
+    }
+
+    /// Ties jiffies to CLOCK_MONOTONIC_COARSE, the clock of every expiry and deadline in
+    /// the maps: reading jiffies costs the programs one load, the coarse clock a seqlock
+    /// read of the timekeeper (12 ns a packet in the test-run loop, about 40 in single runs,
+    /// 2026-11-26). The tick length comes from two readings 50 ms apart, snapped to the
+    /// kernel's possible HZ; the offset from a reading no tick interrupted, less a tick so
+    /// the programs' clock is never ahead of CLOCK_MONOTONIC (it lags by at most two ticks).
+    /// `None` when the readings make no sense: the programs keep the coarse clock.
+    fn jiffy_clock(&self) -> Option<(u32, u64)> {
+        let read = || {
+            (0..5).find_map(|_| {
+                let before = coarse_monotonic_ns();
+                let jiffies = self.jiffies()?;
+                let after = coarse_monotonic_ns();
+                (before == after).then_some((jiffies, after))
+            })
+        };
+        let (j0, t0) = read()?;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (j1, t1) = read()?;
+        if j1 <= j0 || t1 <= t0 {
+            return None;
+        }
+        let measured_hz = (j1 - j0) as f64 * 1e9 / (t1 - t0) as f64;
+        let hz = [100u64, 250, 300, 1000].into_iter().min_by(|a, b| {
+            (*a as f64 - measured_hz)
+                .abs()
+                .total_cmp(&(*b as f64 - measured_hz).abs())
+        })?;
+        if (measured_hz - hz as f64).abs() > hz as f64 * 0.25 {
+            return None;
+        }
+        // TICK_NSEC.
+        let tick = (1_000_000_000 + hz / 2) / hz;
+        let offset = t1.wrapping_sub(j1.wrapping_mul(tick)).wrapping_sub(tick);
+        Some((tick as u32, offset))
     }
 
     /// The options this datapath was loaded with.
@@ -329,12 +385,25 @@ pub fn is_on_bpffs(path: &Path) -> bool {
 }
 
 /// Result of running a program on one packet with `BPF_PROG_TEST_RUN`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TestRun {
     /// The program's return value (TC: -1 pass, 2 drop; cgroup: 1 pass, 0 drop).
     pub retval: i32,
     /// Average run time per repetition, ns, as the kernel measured it.
     pub duration_ns: u32,
+    /// The packet as the program left it.
+    pub data: Vec<u8>,
+}
+
+/// CLOCK_MONOTONIC_COARSE, in ns: the clock `bpf_ktime_get_coarse_ns` reads.
+fn coarse_monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `union bpf_attr` as used by BPF_PROG_TEST_RUN (uapi/linux/bpf.h).
@@ -402,9 +471,11 @@ impl Datapath {
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
+        out.truncate(attr.data_size_out as usize);
         Ok(TestRun {
             retval: attr.retval as i32,
             duration_ns: attr.duration,
+            data: out,
         })
     }
 }

@@ -166,6 +166,13 @@ fn closed_tcp_connections_expire_sooner_than_established_ones() {
             ..Config::default()
         })
         .unwrap();
+    // The programs read time from jiffies, tied to CLOCK_MONOTONIC_COARSE at load, and
+    // `set_config` kept that: the lifetimes checked below hold only if that clock is right.
+    let tick = dp.maps.config().unwrap().ns_per_jiffy;
+    assert!(
+        [10_000_000, 4_000_000, 3_333_333, 1_000_000].contains(&tick),
+        "ns per jiffy: {tick}"
+    );
     let policy = WorkloadPolicy {
         addresses: WorkloadAddresses::Pod(b.addrs()),
         mode: Mode::Drop,

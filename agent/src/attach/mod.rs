@@ -178,6 +178,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
         program_names::TC_FROM_POD,
         program_names::TC_TO_POD,
         program_names::TC_BASELINE,
+        program_names::TC_JIFFIES,
     ] {
         classifier(ebpf, prog)?
             .load()

@@ -166,6 +166,9 @@ pub struct DatapathMaps {
     r: MapReaders,
     event_buckets: Array<MapData, EventBucket>,
     config: Array<MapData, Config>,
+    /// The programs' clock (`Config::ns_per_jiffy`, `clock_offset_ns`), kept across
+    /// `set_config`.
+    clock: (u32, u64),
     dns_resolvers: HashMap<MapData, agent_common::ResolverKey, u8>,
     /// What `set_resolvers` last made `DNS_RESOLVERS`: an unchanged set costs nothing.
     resolvers_written: Option<std::collections::BTreeSet<IpAddr>>,
@@ -628,6 +631,7 @@ impl DatapathMaps {
             r,
             event_buckets: take(ebpf, map_names::EVENT_BUCKETS)?,
             config: take(ebpf, map_names::CONFIG)?,
+            clock: (0, 0),
             dns_resolvers: take(ebpf, map_names::DNS_RESOLVERS)?,
             resolvers_written: None,
             written: StdHashMap::new(),
@@ -720,11 +724,24 @@ impl DatapathMaps {
         self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
     }
 
-    /// Replaces the node-wide datapath settings.
+    /// Replaces the node-wide datapath settings; the programs' clock stays as
+    /// `set_clock` made it.
     pub fn set_config(&mut self, config: &Config) -> Result<(), MapsError> {
+        let config = Config {
+            ns_per_jiffy: self.clock.0,
+            clock_offset_ns: self.clock.1,
+            ..*config
+        };
         self.config
             .set(0, config, 0)
             .map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Sets the programs' clock: `jiffies * ns_per_jiffy + offset_ns` (0: the coarse clock).
+    pub fn set_clock(&mut self, ns_per_jiffy: u32, offset_ns: u64) -> Result<(), MapsError> {
+        self.clock = (ns_per_jiffy, offset_ns);
+        let config = self.config()?;
+        self.set_config(&config)
     }
 
     fn check_slot(slot: u32) -> Result<(), MapsError> {
@@ -1240,7 +1257,8 @@ fn zeroed_config() -> Config {
         event_burst: 0,
         fragment_timeout_s: 0,
         ct_share: 0,
-        _pad: 0,
+        ns_per_jiffy: 0,
+        clock_offset_ns: 0,
     }
 }
 
