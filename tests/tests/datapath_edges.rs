@@ -67,7 +67,11 @@ fn detach_leaves_nothing_behind() {
             .unwrap();
     }
     let ids = dp.program_ids();
-    assert_eq!(ids.len(), 5, "four programs and the benchmark baseline");
+    assert_eq!(
+        ids.len(),
+        6,
+        "four programs, the benchmark baseline and the clock reader"
+    );
 
     assert_eq!(attach_tc(&lab, &mut dp, 1, &a), AttachMethod::Tcx);
     let method = lab
