@@ -174,9 +174,9 @@ impl Datapath {
     fn jiffy_clock(&self) -> Option<(u32, u64)> {
         let read = || {
             (0..5).find_map(|_| {
-                let before = coarse_monotonic_ns();
+                let before = crate::flows::coarse_monotonic_ns();
                 let jiffies = self.jiffies()?;
-                let after = coarse_monotonic_ns();
+                let after = crate::flows::coarse_monotonic_ns();
                 (before == after).then_some((jiffies, after))
             })
         };
@@ -393,17 +393,6 @@ pub struct TestRun {
     pub duration_ns: u32,
     /// The packet as the program left it.
     pub data: Vec<u8>,
-}
-
-/// CLOCK_MONOTONIC_COARSE, in ns: the clock `bpf_ktime_get_coarse_ns` reads.
-fn coarse_monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `union bpf_attr` as used by BPF_PROG_TEST_RUN (uapi/linux/bpf.h).
