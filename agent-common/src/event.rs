@@ -6,7 +6,7 @@ use crate::user_pod;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the packet.
+    /// The programs' clock (CLOCK_MONOTONIC_COARSE ns, `Config::ns_per_jiffy`) at the packet.
     pub time_ns: u64,
     pub slot: u32,
     /// Identity of the peer (`IDENTITY_WORLD` outside the cluster).

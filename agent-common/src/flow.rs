@@ -65,7 +65,8 @@ pub const DECISION_DENY: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) after which the entry is stale and the next packet is a new flow.
+    /// The programs' clock (CLOCK_MONOTONIC_COARSE ns, from jiffies: `Config::ns_per_jiffy`)
+    /// after which the entry is stale and the next packet is a new flow.
     pub expires_ns: u64,
     /// Workload policy epoch the decision was taken at; a different epoch re-evaluates.
     pub epoch: u32,

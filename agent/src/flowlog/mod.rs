@@ -156,7 +156,7 @@ pub fn protocol_name(proto: u8) -> String {
     }
 }
 
-/// Wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) timestamp.
+/// Wall-clock time of a programs' timestamp (CLOCK_MONOTONIC ns, give or take a tick).
 pub fn wall_time(monotonic_ns: u64) -> std::time::SystemTime {
     let mut ts = libc::timespec {
         tv_sec: 0,
