@@ -151,13 +151,20 @@ impl Pairs {
 /// Length of one sample, in seconds.
 pub const SAMPLE_SECONDS: &str = "1";
 
+/// The middle sample (the upper one of an even count).
 fn median(v: &[f64]) -> Option<f64> {
+    quantile(v, 0.5)
+}
+
+/// The value below which `q` of the samples lie (nearest rank).
+fn quantile(v: &[f64], q: f64) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
-    Some(s[s.len() / 2])
+    let rank = ((s.len() - 1) as f64 * q).round() as usize;
+    Some(s[rank])
 }
 
 fn spread(name: &str, v: &[f64]) -> Option<(String, f64, f64)> {
@@ -448,17 +455,6 @@ fn measure(metric: Metric, a: &Pod, b: &Pod) -> Sample {
     }
 }
 
-/// The value below which `q` of the samples lie (nearest rank).
-fn quantile(v: &[f64], q: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((s.len() - 1) as f64 * q).round() as usize;
-    Some(s[rank])
-}
-
 /// Runs the traffic benchmark: for each configuration and metric, `pairs` pairs of one-second
 /// samples, the configuration's and the no-program baseline's back to back (in turn first,
 /// so a trend of the machine's speed weighs on both sides alike). The machine's speed moves
@@ -579,7 +575,8 @@ pub fn run(pairs: usize) -> Vec<NetFigure> {
     figures
 }
 
-fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+/// A figure with `digits` decimals, or "-" when there is none.
+pub fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 

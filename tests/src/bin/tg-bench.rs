@@ -747,7 +747,7 @@ fn control_goal(what: &str, median: f64) -> String {
 }
 
 fn net_section(md: &mut String, net: &[tollgate_tests::bench_net::NetFigure], args: &Args) {
-    let fmt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    let fmt = tollgate_tests::bench_net::fmt_opt;
     let seconds = tollgate_tests::bench_net::SAMPLE_SECONDS;
     writeln!(
         md,
