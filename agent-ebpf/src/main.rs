@@ -44,7 +44,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
 };
 
-use crate::parse::{Kind, Packet, ParseError};
+use crate::{
+    identity::same_addr,
+    parse::{Kind, Packet, ParseError},
+};
 
 /// Per-workload configuration, by slot.
 #[map]
@@ -441,18 +444,6 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         Action::Drop
     } else {
         Action::Pass
-    }
-}
-
-/// Two addresses of a key or packet, compared as two 64-bit words (no memcmp in BPF).
-#[inline(always)]
-fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    // SAFETY: both are 16 readable bytes; unaligned reads of plain integers.
-    unsafe {
-        let a = a.as_ptr().cast::<u64>();
-        let b = b.as_ptr().cast::<u64>();
-        a.read_unaligned() == b.read_unaligned()
-            && a.add(1).read_unaligned() == b.add(1).read_unaligned()
     }
 }
 

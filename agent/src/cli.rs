@@ -96,6 +96,10 @@ pub enum Command {
         /// Only workloads of this namespace.
         #[arg(long)]
         namespace: Option<String>,
+        /// Only this workload: NAMESPACE/WORKLOAD (its Deployment, StatefulSet, ... name, or
+        /// a pod's name for a pod without a controller).
+        #[arg(long, value_name = "NAMESPACE/WORKLOAD", value_parser = parse_workload)]
+        workload: Option<String>,
         /// Also allow peers seen only as would-drops or drops.
         #[arg(long)]
         include_denied: bool,
@@ -384,6 +388,12 @@ pub enum ModeAction {
         /// node's agent; the check covers every node's record through it.
         #[arg(long, value_name = "URL", requires = "if_quiet")]
         prometheus: Option<String>,
+        /// With --prometheus: the cluster state (file or directory of Kubernetes YAML, e.g.
+        /// `kubectl get ns,pods,netpol,egressallowlists -A -o yaml`) to explain each
+        /// would-drop of a refusal with: the policies isolating its side and the smallest
+        /// change that would allow it.
+        #[arg(long, requires = "prometheus")]
+        cluster_state: Option<PathBuf>,
     },
     /// Remove the override of TARGET (as given to `set`); the next override in precedence,
     /// the annotations and --default-mode apply again.
@@ -456,6 +466,7 @@ pub fn main() -> ExitCode {
         Command::Advise {
             window,
             namespace,
+            workload,
             include_denied,
             explain,
             style,
@@ -474,6 +485,7 @@ pub fn main() -> ExitCode {
             window,
             crate::compile::advise::AdviseOptions {
                 namespace,
+                workload,
                 include_denied,
                 explain,
                 style: match style {
@@ -511,6 +523,15 @@ pub enum Output {
 /// A duration as people write it: `90s`, `12h`, `7d`, `1h 30m`.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30m, 12h, 7d)"))
+}
+
+fn parse_workload(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((ns, wl)) if !ns.is_empty() && !wl.is_empty() && !wl.contains('/') => Ok(s.into()),
+        _ => Err(format!(
+            "{s:?}: expected NAMESPACE/WORKLOAD, e.g. bank/ledger"
+        )),
+    }
 }
 
 /// `advise --style`.
@@ -1315,6 +1336,7 @@ fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode
             reason,
             if_quiet,
             prometheus,
+            ..
         } => {
             if prometheus.is_some() {
                 eprintln!(
@@ -1375,6 +1397,26 @@ fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode
 }
 
 /// `tollgate mode set|clear --kubernetes`: writes or deletes the cluster's ModeOverride.
+/// The cluster state a refusal is explained with, if given and readable (a refusal stands
+/// without explanations: what cannot be read is said, not fatal).
+fn cluster_state_for_explanations(
+    path: Option<&std::path::Path>,
+) -> Option<crate::compile::model::ClusterState> {
+    let path = path?;
+    if !path.exists() {
+        eprintln!(
+            "tollgate: cluster state {}: no such file or directory",
+            path.display()
+        );
+        return None;
+    }
+    let loaded = crate::sources::FileSource::new(path).load();
+    for e in &loaded.errors {
+        eprintln!("tollgate: rejected {e}");
+    }
+    Some(loaded.state)
+}
+
 fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
     use crate::sources::crd;
     let target = match &action {
@@ -1387,6 +1429,7 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
     if let ModeAction::Set {
         if_quiet: Some(window),
         prometheus,
+        cluster_state,
         mode: Mode::Drop,
         ..
     } = &action
@@ -1402,13 +1445,32 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
         let parsed = admin::Target::parse(&target).expect("checked above");
         match crate::prometheus::quiet(url, &parsed, *window)? {
             Ok(_) => {}
-            Err(reasons) => {
+            Err(not_quiet) => {
                 let window = humantime::format_duration(*window);
                 eprintln!(
                     "tollgate: refused: {target} is not safe to flip to drop (--if-quiet {window}, every node's record through {url}); nothing changed"
                 );
-                for r in reasons {
+                for r in &not_quiet.reasons {
                     eprintln!("  {r}");
+                }
+                let explain = cluster_state_for_explanations(cluster_state.as_deref());
+                let replayer = explain.as_ref().map(|state| {
+                    crate::compile::advise::Replayer::new(state, not_quiet.flows.iter())
+                });
+                for flow in &not_quiet.flows {
+                    eprintln!("  {}", flow.would_drop_line());
+                    if let Some(Ok(r)) = &replayer {
+                        for why in r.explain(flow) {
+                            eprintln!("    {why}");
+                        }
+                    }
+                }
+                if let Some(Err(e)) = &replayer {
+                    eprintln!("  (no explanations: {e})");
+                } else if replayer.is_none() && !not_quiet.flows.is_empty() {
+                    eprintln!(
+                        "  (--cluster-state with a dump of the cluster explains each: the policies and the change that would allow it)"
+                    );
                 }
                 return Ok(ExitCode::from(1));
             }

@@ -53,6 +53,12 @@ pub enum Command {
         flows: Vec<crate::flowlog::FlowRecord>,
         reply: oneshot::Sender<Vec<Option<String>>>,
     },
+    /// Why each observed peer pair is denied at its enforcement point, and what would allow
+    /// it, on the state in force (empty where it is allowed or its workloads are gone).
+    ExplainObserved {
+        flows: Vec<crate::compile::advise::ObservedFlow>,
+        reply: oneshot::Sender<Vec<Vec<String>>>,
+    },
     /// Policies from observed peer pairs, with their replay proof, on the state in force.
     Advise {
         observed: Vec<crate::compile::advise::ObservedFlow>,
@@ -293,6 +299,15 @@ impl Controller {
                 }
                 Ok(Command::Explain { flows, reply }) => {
                     let _ = reply.send(flows.iter().map(|f| self.explain(f)).collect());
+                }
+                Ok(Command::ExplainObserved { flows, reply }) => {
+                    let state = self.source.state();
+                    let explained = match crate::compile::advise::Replayer::new(state, flows.iter())
+                    {
+                        Ok(r) => flows.iter().map(|f| r.explain(f)).collect(),
+                        Err(e) => vec![vec![format!("no explanation: {e}")]; flows.len()],
+                    };
+                    let _ = reply.send(explained);
                 }
                 Ok(Command::Shutdown { detach, reply }) => {
                     let _ = reply.send(self.shutdown(detach));

@@ -778,6 +778,25 @@ async fn refusal(
     for reason in &not_quiet.reasons {
         out.push_str(&format!("\n  {reason}"));
     }
+    let pairs = not_quiet.pairs;
+    let explained_pairs = shared
+        .command(|reply| Command::ExplainObserved {
+            flows: pairs.clone(),
+            reply,
+        })
+        .await
+        .unwrap_or_default();
+    if !pairs.is_empty() {
+        out.push_str(&format!(
+            "\n  peer pairs with would-drops within {window_text} (the observed-flow record):"
+        ));
+    }
+    for (i, pair) in pairs.iter().enumerate() {
+        out.push_str(&format!("\n    {}", pair.would_drop_line()));
+        for why in explained_pairs.get(i).into_iter().flatten() {
+            out.push_str(&format!("\n      {why}"));
+        }
+    }
     let flows = not_quiet.flows;
     let explained = shared
         .command(|reply| Command::Explain {

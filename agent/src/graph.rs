@@ -158,6 +158,7 @@ mod tests {
             packets,
             dst_domain: String::new(),
             world_addresses: Vec::new(),
+            last_would_drop: 0,
         }
     }
 

@@ -21,12 +21,25 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
         crate::flows::SERIES_LABELS.join(", "),
         grew_within("tollgate_flow_packets_total", window)
     );
-    let now = std::time::SystemTime::now()
+    Ok(flows_of(&query_vector(url, &query)?, unix_now(), window))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// Observed-flow records from `tollgate_flow_packets_total` series summed by
+/// `SERIES_LABELS`: one record per peer pair, its packets by verdict.
+fn flows_of(
+    series: &[(BTreeMap<String, String>, f64)],
+    now: u64,
+    window: Duration,
+) -> Vec<ObservedFlow> {
     let mut flows: BTreeMap<Vec<String>, ObservedFlow> = BTreeMap::new();
-    for (labels, value) in query_vector(url, &query)? {
+    for (labels, value) in series {
         let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
         // One record per series of the query's `sum by`, whatever its verdict.
         let key: Vec<String> = crate::flows::SERIES_LABELS
@@ -49,6 +62,7 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
             dst_domain: get("dst_domain"),
             // Series carry no addresses (one per address would be unbounded).
             world_addresses: Vec::new(),
+            last_would_drop: 0,
         });
         let verdict = match get("verdict").as_str() {
             "would_drop" => 1,
@@ -57,10 +71,10 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
         };
         flow.packets[verdict] += value.round().max(0.0) as u64;
     }
-    Ok(flows
+    flows
         .into_values()
         .filter(|f| f.packets != [0; 3])
-        .collect())
+        .collect()
 }
 
 /// The counters of `selector` that grew within `window`: their increase, or all of a series
@@ -72,21 +86,28 @@ fn grew_within(selector: &str, window: Duration) -> String {
     )
 }
 
+/// Why the workloads a target matches are not safe to flip, across the cluster.
+#[derive(Debug, Default, PartialEq)]
+pub struct NotQuiet {
+    /// What each workload lacks.
+    pub reasons: Vec<String>,
+    /// The target's peer pairs with would-drops within the window, at their enforcement
+    /// point (packets[1] the would-drops).
+    pub flows: Vec<ObservedFlow>,
+}
+
 /// Whether the workloads `target` matches, on every node whose agent Prometheus scrapes,
 /// are safe to flip to drop: observed for at least `window` and no would-drop within it.
-/// `Err` holds what each lacks and the would-drop peer pairs within the window.
+/// `Ok` names the workloads checked.
 pub fn quiet(
     url: &str,
     target: &crate::admin::Target,
     window: Duration,
-) -> anyhow::Result<Result<Vec<String>, Vec<String>>> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+) -> anyhow::Result<Result<Vec<String>, NotQuiet>> {
+    let now = unix_now();
     let observed = query_vector(url, "tollgate_workload_observed_since_timestamp_seconds")?;
     let last = query_vector(url, "tollgate_workload_last_would_drop_timestamp_seconds")?;
-    let flows = query_vector(
+    let drops = query_vector(
         url,
         &format!(
             "sum by ({}) ({})",
@@ -103,32 +124,34 @@ pub fn quiet(
         target,
         &observed,
         &last,
-        &flows,
+        &flows_of(&drops, now, window),
     ))
 }
 
-/// The decision of `quiet`, from the series it read.
+/// The decision of `quiet`, from the series it read: the workloads' gauges (pods attached
+/// now) and the would-drop peer pairs of the window (by workload, so pods gone since and
+/// nodes the workload left count too).
 fn quiet_decision(
     now: u64,
     window: u64,
     target: &crate::admin::Target,
     observed: &[(BTreeMap<String, String>, f64)],
     last_would_drop: &[(BTreeMap<String, String>, f64)],
-    flows: &[(BTreeMap<String, String>, f64)],
-) -> Result<Vec<String>, Vec<String>> {
+    would_drops: &[ObservedFlow],
+) -> Result<Vec<String>, NotQuiet> {
     use crate::admin::Target;
     let get = |l: &BTreeMap<String, String>, k: &str| l.get(k).cloned().unwrap_or_default();
+    let matches = |ns: &str, pod: &str, workload: &str| match target {
+        Target::All => true,
+        Target::Namespace(n) => n == ns,
+        Target::Named(n, name) => n == ns && (name == pod || name == workload),
+    };
     // (namespace, workload) -> earliest observation; pod -> its workload.
     let mut workloads: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut pods: BTreeMap<(String, String), String> = BTreeMap::new();
     for (l, t) in observed {
         let (ns, pod, workload) = (get(l, "namespace"), get(l, "pod"), get(l, "workload"));
-        let matches = match target {
-            Target::All => true,
-            Target::Namespace(n) => *n == ns,
-            Target::Named(n, name) => *n == ns && (*name == pod || *name == workload),
-        };
-        if matches {
+        if matches(&ns, &pod, &workload) {
             let since = workloads
                 .entry((ns.clone(), workload.clone()))
                 .or_insert(u64::MAX);
@@ -136,10 +159,29 @@ fn quiet_decision(
             pods.insert((ns, pod), workload);
         }
     }
-    if workloads.is_empty() {
-        return Err(vec![format!(
-            "no agent reports a workload that {target} matches: nothing has been observed"
-        )]);
+    let local = |f: &ObservedFlow| {
+        if f.direction == "ingress" {
+            (f.dst_namespace.clone(), f.dst_workload.clone())
+        } else {
+            (f.src_namespace.clone(), f.src_workload.clone())
+        }
+    };
+    let flows: Vec<ObservedFlow> = would_drops
+        .iter()
+        .filter(|f| f.packets[1] > 0)
+        .filter(|f| {
+            let key = local(f);
+            workloads.contains_key(&key) || matches(&key.0, &key.1, &key.1)
+        })
+        .cloned()
+        .collect();
+    if workloads.is_empty() && flows.is_empty() {
+        return Err(NotQuiet {
+            reasons: vec![format!(
+                "no agent reports a workload that {target} matches: nothing has been observed"
+            )],
+            flows,
+        });
     }
     let mut last: BTreeMap<(String, String), u64> = BTreeMap::new();
     for (l, t) in last_would_drop {
@@ -150,25 +192,44 @@ fn quiet_decision(
             *e = (*e).max(*t as u64);
         }
     }
+    let mut dropped: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for f in &flows {
+        *dropped.entry(local(f)).or_insert(0) += f.packets[1];
+    }
     let human = |s: u64| humantime::format_duration(Duration::from_secs(s)).to_string();
     let mut reasons = Vec::new();
-    for ((ns, workload), since) in &workloads {
-        let observed_for = now.saturating_sub(*since);
-        if observed_for < window {
-            reasons.push(format!(
+    let all: std::collections::BTreeSet<&(String, String)> =
+        workloads.keys().chain(dropped.keys()).collect();
+    for key in all {
+        let (ns, workload) = key;
+        match workloads.get(key) {
+            Some(since) if now.saturating_sub(*since) < window => reasons.push(format!(
                 "{ns}/{workload}: observed for {} only, less than {}",
-                human(observed_for),
+                human(now.saturating_sub(*since)),
                 human(window)
-            ));
+            )),
+            Some(_) => {}
+            None => reasons.push(format!(
+                "{ns}/{workload}: no agent reports it attached now; its would-drops within {} are in the flow series",
+                human(window)
+            )),
         }
-        if let Some(t) = last.get(&(ns.clone(), workload.clone()))
-            && now.saturating_sub(*t) < window
-        {
-            reasons.push(format!(
-                "{ns}/{workload}: a would-drop within {}, the last {} ago",
+        let recent_gauge = last
+            .get(key)
+            .filter(|t| now.saturating_sub(**t) < window)
+            .map(|t| now.saturating_sub(*t));
+        match (recent_gauge, dropped.get(key)) {
+            (Some(ago), packets) => reasons.push(format!(
+                "{ns}/{workload}: a would-drop within {}, the last {} ago{}",
                 human(window),
-                human(now.saturating_sub(*t))
-            ));
+                human(ago),
+                packets.map_or(String::new(), |p| format!(" ({p} packets)"))
+            )),
+            (None, Some(packets)) => reasons.push(format!(
+                "{ns}/{workload}: {packets} would-drop packets within {}",
+                human(window)
+            )),
+            (None, None) => {}
         }
     }
     if reasons.is_empty() {
@@ -177,28 +238,7 @@ fn quiet_decision(
             .map(|(ns, w)| format!("{ns}/{w}"))
             .collect());
     }
-    for (l, packets) in flows {
-        let ingress = get(l, "direction") == "ingress";
-        let local = if ingress {
-            (get(l, "dst_namespace"), get(l, "dst_workload"))
-        } else {
-            (get(l, "src_namespace"), get(l, "src_workload"))
-        };
-        if workloads.contains_key(&local) {
-            reasons.push(format!(
-                "  would-drop: {} {}/{} -> {}/{} {}/{} ({} packets)",
-                get(l, "direction"),
-                get(l, "src_namespace"),
-                get(l, "src_workload"),
-                get(l, "dst_namespace"),
-                get(l, "dst_workload"),
-                get(l, "port"),
-                get(l, "protocol"),
-                packets.round()
-            ));
-        }
-    }
-    Err(reasons)
+    Err(NotQuiet { reasons, flows })
 }
 
 /// Runs an instant query; the series of its vector answer with their values.
@@ -369,39 +409,84 @@ mod tests {
             &[("namespace", "bank"), ("pod", "ledger-b")],
             now - 2.0 * day,
         )];
-        let flows = [series(
-            &[
-                ("direction", "ingress"),
-                ("src_namespace", "bank"),
-                ("src_workload", "pot"),
-                ("dst_namespace", "bank"),
-                ("dst_workload", "ledger"),
-                ("protocol", "tcp"),
-                ("port", "8080"),
-            ],
-            12.0,
-        )];
+        let pair = |dst: &str, packets: f64| {
+            series(
+                &[
+                    ("direction", "ingress"),
+                    ("src_namespace", "bank"),
+                    ("src_workload", "pot"),
+                    ("dst_namespace", "bank"),
+                    ("dst_workload", dst),
+                    ("protocol", "tcp"),
+                    ("port", "8080"),
+                    ("verdict", "would_drop"),
+                ],
+                packets,
+            )
+        };
+        let week_window = Duration::from_secs(7 * 86_400);
+        let flows = flows_of(&[pair("ledger", 12.0)], now as u64, week_window);
         let ledger = Target::parse("bank/ledger").unwrap();
         let (week, one_day) = (7 * 86_400, 86_400);
         // A would-drop 2 days ago: not quiet for a week; the would-drop pairs are named.
         let refused = quiet_decision(now as u64, week, &ledger, &observed, &last, &flows)
             .expect_err("a would-drop within the week");
-        assert!(
-            refused[0].starts_with("bank/ledger: a would-drop within 7days, the last 2days ago"),
-            "{refused:?}"
-        );
-        assert!(
-            refused
-                .iter()
-                .any(|r| r
-                    .contains("would-drop: ingress bank/pot -> bank/ledger 8080/tcp (12 packets)")),
-            "{refused:?}"
-        );
-        // Quiet for a day, and observed for 10 (the earliest of its pods, any node).
         assert_eq!(
-            quiet_decision(now as u64, one_day, &ledger, &observed, &last, &flows),
+            refused.reasons,
+            ["bank/ledger: a would-drop within 7days, the last 2days ago (12 packets)"]
+        );
+        assert_eq!(
+            refused
+                .flows
+                .iter()
+                .map(ObservedFlow::would_drop_line)
+                .collect::<Vec<_>>(),
+            [
+                "would-drop: ingress bank/pot -> bank/ledger 8080/tcp (12 packets), denied at the ingress of bank/ledger"
+            ]
+        );
+        // Quiet for a day (the would-drop series of the day are empty), and observed for
+        // 10 (the earliest of its pods, any node).
+        assert_eq!(
+            quiet_decision(now as u64, one_day, &ledger, &observed, &last, &[]),
             Ok(vec!["bank/ledger".to_string()])
         );
+        // Would-drops in the window refuse even when no pod attached now reports them (the
+        // pod that had them was replaced, or its node left the cluster): the flow series
+        // are by workload.
+        let refused = quiet_decision(now as u64, one_day, &ledger, &observed, &[], &flows)
+            .expect_err("would-drop series within the day");
+        assert_eq!(
+            refused.reasons,
+            ["bank/ledger: 12 would-drop packets within 1day"]
+        );
+        // A pod's name as the target stands for its workload's series.
+        assert!(
+            quiet_decision(
+                now as u64,
+                one_day,
+                &Target::parse("bank/ledger-b").unwrap(),
+                &observed,
+                &[],
+                &flows
+            )
+            .is_err()
+        );
+        // Series of another workload do not count against the ledger.
+        let other = flows_of(&[pair("vault", 3.0)], now as u64, week_window);
+        assert!(quiet_decision(now as u64, one_day, &ledger, &observed, &[], &other).is_ok());
+        // A workload no agent reports now, with would-drops in the window: refused.
+        let refused = quiet_decision(
+            now as u64,
+            one_day,
+            &Target::parse("bank/vault").unwrap(),
+            &observed,
+            &[],
+            &other,
+        )
+        .expect_err("vault had would-drops");
+        assert_eq!(refused.reasons.len(), 2, "{refused:?}");
+        assert!(refused.reasons[0].starts_with("bank/vault: no agent reports it attached now"));
         // The whole namespace: pot has been observed for an hour only.
         let refused = quiet_decision(
             now as u64,
@@ -409,14 +494,12 @@ mod tests {
             &Target::parse("bank/*").unwrap(),
             &observed,
             &last,
-            &flows,
+            &[],
         )
         .expect_err("pot is new");
-        assert!(
-            refused
-                .iter()
-                .any(|r| r.starts_with("bank/pot: observed for 1h only")),
-            "{refused:?}"
+        assert_eq!(
+            refused.reasons,
+            ["bank/pot: observed for 1h only, less than 1day"]
         );
         // Nothing reported for the target: refused, never assumed quiet.
         assert!(

@@ -959,6 +959,8 @@ fn prometheus_scrapes_what_the_traffic_was() {
             "1h",
             "--prometheus",
             url,
+            "--cluster-state",
+            state,
         ]);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(1), "{err}");
@@ -969,7 +971,20 @@ fn prometheus_scrapes_what_the_traffic_was() {
         assert!(err.contains("bank/ledger: observed for"), "{err}");
         assert!(err.contains("bank/ledger: a would-drop within 1h"), "{err}");
         assert!(
-            err.contains("would-drop: ingress bank/frontend-0 -> bank/ledger 8080/udp"),
+            err.lines().any(|l| l
+                .contains("would-drop: ingress bank/frontend-0 -> bank/ledger 8080/udp (")
+                && l.ends_with("packets), denied at the ingress of bank/ledger")),
+            "{err}"
+        );
+        // Each would-drop explained from the cluster state: the policy isolating the
+        // ledger and the rule that would let the frontend in.
+        let explained = err
+            .lines()
+            .skip_while(|l| !l.contains("would-drop: ingress bank/frontend-0"))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            explained.contains(&format!("denied at the ingress of bank/{LEDGER_POD} (isolated by bank/ledger-ingress); to allow it, add to bank/ledger-ingress the ingress rule {{from: [{{podSelector: {{matchLabels: {{app: frontend}}}}}}]")),
             "{err}"
         );
     }));
@@ -1151,6 +1166,16 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
     assert!(w["observed_seconds"].as_u64().unwrap() >= observed, "{w}");
     assert!(w["seconds_since_would_drop"].as_u64().unwrap() >= 4, "{w}");
     assert_eq!(w["would_drop_last_hour"], 8, "{w}");
+    // A refusal after the restart still names the would-drop peer pair, from the record,
+    // with what would allow it.
+    let err = refused(&agent, "1h");
+    let pair = "would-drop: ingress bank/frontend-0 -> bank/ledger 8080/udp (8 packets), denied at the ingress of bank/ledger";
+    let mut lines = err.lines().skip_while(|l| l.trim() != pair);
+    assert!(lines.next().is_some(), "{err}");
+    assert!(
+        lines.next().is_some_and(|l| l.contains("add to bank/ledger-ingress the ingress rule {from: [{podSelector: {matchLabels: {app: frontend}}}]")),
+        "{err}"
+    );
     let m = agent.metrics_text();
     let since = sample(
         &m,
@@ -1297,6 +1322,53 @@ fn advised_policies_allow_the_observed_traffic_and_nothing_new() {
         would(&agent),
         before + 2,
         "a flow never observed is a would-drop"
+    );
+
+    // The callers' advised egress is in force too: the frontend's observed call passes its
+    // egress, a call it never made is a would-drop there, explained at the source (status,
+    // flows, advise --explain), with the advised policy as the one to extend.
+    let egress_would = |agent: &Agent| agent.counters("frontend-0")[4];
+    let before = egress_would(&agent);
+    assert_eq!(udp(&bank.frontend, 2), 2);
+    bank.lab.settle();
+    assert_eq!(egress_would(&agent), before, "the observed call passes");
+    let _ = traffic::udp(
+        &bank.frontend,
+        bank.prometheus.addr(false),
+        9090,
+        2,
+        64,
+        FAIL_FAST,
+    );
+    bank.lab.settle();
+    assert_eq!(egress_would(&agent), before + 2, "a call never observed");
+    let at_egress = "denied at the egress of bank/frontend-0 (isolated by bank/frontend-0-observed); to allow it, add to bank/frontend-0-observed the egress rule {to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}, podSelector: {matchLabels: {app: prometheus}}}], ports: [{protocol: UDP, port: 9090}]}";
+    let w = wait_for(Duration::from_secs(10), "the frontend's would-drop", || {
+        let w = agent.workload("frontend-0")?;
+        w["latest_would_drop_explanation"].is_string().then_some(w)
+    });
+    assert_eq!(w["latest_would_drop_explanation"], at_egress, "{w}");
+    let out = agent.cli(&["flows", "--once", "-o", "json"]);
+    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flows json");
+    assert!(
+        flows["recent_denied"]
+            .as_array()
+            .expect("recent_denied")
+            .iter()
+            .any(|r| r["explanation"] == at_egress),
+        "{flows}"
+    );
+    let out = agent.cli(&["advise", "--explain", "--workload", "bank/frontend-0"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains(&format!(
+            "explain: egress bank/frontend-0 -> monitoring/prometheus-0 9090/udp: {at_egress}"
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("ingress bank/"),
+        "only the frontend's own pairs: {err}"
     );
 }
 

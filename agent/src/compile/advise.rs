@@ -47,12 +47,35 @@ pub struct ObservedFlow {
     /// would-drop events, so possibly not every one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub world_addresses: Vec<IpAddr>,
+    /// Unix seconds of its last would-drop (0: none seen), for `--if-quiet`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_would_drop: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// How many addresses of a `world` peer an observed-flow record keeps.
 pub const WORLD_ADDRESSES_KEPT: usize = 8;
 
 impl ObservedFlow {
+    /// `would-drop: DIRECTION SRC -> DST PORT/PROTOCOL (N packets), denied at the DIRECTION
+    /// of LOCAL`: a peer pair of an `--if-quiet` refusal.
+    pub fn would_drop_line(&self) -> String {
+        let local = if self.direction == "ingress" {
+            format!("{}/{}", self.dst_namespace, self.dst_workload)
+        } else {
+            format!("{}/{}", self.src_namespace, self.src_workload)
+        };
+        format!(
+            "would-drop: {} ({} packets), denied at the {} of {local}",
+            describe(self),
+            self.packets[1],
+            self.direction
+        )
+    }
+
     /// Seen only denied (as would_drop or dropped): a peer the policies in force refuse.
     pub fn only_denied(&self) -> bool {
         self.packets[0] == 0
@@ -77,6 +100,9 @@ impl ObservedFlow {
 pub struct AdviseOptions {
     /// Only workloads of this namespace.
     pub namespace: Option<String>,
+    /// Only this workload (or pod), `NAMESPACE/WORKLOAD`.
+    #[serde(default)]
+    pub workload: Option<String>,
     /// Also allow peers seen only as would_drop (or dropped).
     pub include_denied: bool,
     /// Explain each flow left out as denied: the side, its policies, what would allow it.
@@ -168,7 +194,12 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 (&flow.dst_namespace, &flow.dst_workload),
             )
         };
-        if options.namespace.as_ref().is_some_and(|ns| ns != local.0) {
+        if options.namespace.as_ref().is_some_and(|ns| ns != local.0)
+            || options
+                .workload
+                .as_ref()
+                .is_some_and(|w| *w != format!("{}/{}", local.0, local.1))
+        {
             continue;
         }
         if flow.only_denied() && !options.include_denied {
@@ -231,6 +262,28 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         replay.push(flow);
     }
 
+    // A workload whose pods share no stable label can only be selected with its whole
+    // namespace: said, not hidden in a `matchLabels: {}`.
+    let mut unselectable = BTreeSet::new();
+    for ((namespace, workload), directions) in &wanted {
+        let peers = directions
+            .values()
+            .flat_map(|p| p.keys())
+            .filter_map(|p| match p {
+                AdvisedPeer::Workload(ns, wl) => Some((ns, wl)),
+                AdvisedPeer::World => None,
+            });
+        for (ns, wl) in std::iter::once((namespace, workload)).chain(peers) {
+            if let Some(pod) = pod_of(state, ns, wl)
+                && stable_selector(state, pod).is_empty()
+                && unselectable.insert((ns.clone(), wl.clone()))
+            {
+                advice.notes.push(format!(
+                    "{ns}/{wl}: its pods share no label that is not set per pod or revision, so the advice selects every pod of namespace {ns} for it; label the workload's pods and advise again"
+                ));
+            }
+        }
+    }
     for ((namespace, workload), directions) in &wanted {
         let local = pod_of(state, namespace, workload).expect("checked above");
         let name = advised_name(state, namespace, workload);
@@ -464,42 +517,94 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     }
 
     // The replay proof, with the same compiler and evaluator as `tollgate check`.
-    let mut targets = BTreeSet::new();
-    for flow in replay.iter().chain(&left_out) {
-        for (ns, name) in [
-            (&flow.src_namespace, &flow.src_workload),
-            (&flow.dst_namespace, &flow.dst_workload),
-        ] {
-            if let Some(p) = pod_of(state, ns, name) {
-                targets.insert((p.namespace.clone(), p.name.clone()));
-            }
-        }
-    }
-    let mut allocator = policy::IdentityAllocator::default();
-    let compile_options = policy::CompileOptions {
-        node_addresses: policy::NodeAddresses::from_nodes(&with_advice),
-        ..Default::default()
-    };
-    let compiled = policy::compile(
-        &with_advice,
-        &mut allocator,
-        Some(&targets),
-        &compile_options,
-    );
-    let ev = match Evaluator::new(compiled, &with_advice, compile_options.node_addresses) {
-        Ok(ev) => ev,
-        Err(((ns, name), e)) => {
-            advice
-                .denied
-                .push(format!("the rules of {ns}/{name} do not compile: {e}"));
+    let replayer = match Replayer::new(&with_advice, replay.iter().chain(&left_out).copied()) {
+        Ok(r) => r,
+        Err(e) => {
+            advice.denied.push(e);
             return advice;
         }
     };
-    // An address outside the cluster is one it was seen at, or the DNS name it was resolved
-    // from when known.
-    let endpoint = |ns: &str, name: &str, outside: IpAddr, domain: &str| -> Option<Endpoint> {
+    // Explained against the policies in force: the advice does not allow them either, and
+    // its names would send the operator to policies the cluster does not have.
+    if options.explain {
+        let in_force = match Replayer::new(state, left_out.iter().copied()) {
+            Ok(r) => r,
+            Err(e) => {
+                advice.denied.push(e);
+                return advice;
+            }
+        };
+        for flow in &left_out {
+            for why in in_force.explain(flow) {
+                advice
+                    .explanations
+                    .push(format!("{}: {why}", describe(flow)));
+            }
+        }
+    }
+    for flow in replay {
+        advice.replayed += 1;
+        advice.denied.extend(replayer.still_denied(flow));
+    }
+    advice
+}
+
+/// Observed-flow records run through the compiler and evaluator of `tollgate check`,
+/// against one cluster state: each record at its enforcement point, for every pod of its
+/// workload.
+pub struct Replayer<'a> {
+    state: &'a ClusterState,
+    ev: Evaluator,
+}
+
+impl<'a> Replayer<'a> {
+    /// Compiles the rules of the workloads at either end of `flows`.
+    pub fn new<'f>(
+        state: &'a ClusterState,
+        flows: impl Iterator<Item = &'f ObservedFlow>,
+    ) -> Result<Replayer<'a>, String> {
+        let mut targets = BTreeSet::new();
+        for flow in flows {
+            for (ns, name) in [
+                (&flow.src_namespace, &flow.src_workload),
+                (&flow.dst_namespace, &flow.dst_workload),
+            ] {
+                for p in pods_of(state, ns, name) {
+                    targets.insert((p.namespace.clone(), p.name.clone()));
+                }
+            }
+        }
+        let mut allocator = policy::IdentityAllocator::default();
+        let compile_options = policy::CompileOptions {
+            node_addresses: policy::NodeAddresses::from_nodes(state),
+            ..Default::default()
+        };
+        let compiled = policy::compile(state, &mut allocator, Some(&targets), &compile_options);
+        let ev = Evaluator::new(compiled, state, compile_options.node_addresses)
+            .map_err(|((ns, name), e)| format!("the rules of {ns}/{name} do not compile: {e}"))?;
+        Ok(Replayer { state, ev })
+    }
+
+    /// Whether a record's `world` peer is replayed at the addresses it was seen at; else a
+    /// documentation address stands for the unknown one (advised rules allow any, by
+    /// port), and a name is replayed as a name.
+    fn seen_at(flow: &ObservedFlow) -> bool {
+        !flow.world_addresses.is_empty() && flow.dst_domain.is_empty()
+    }
+
+    fn outside_addresses(flow: &ObservedFlow) -> Vec<IpAddr> {
+        if Self::seen_at(flow) {
+            flow.world_addresses.clone()
+        } else {
+            vec![IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 1))]
+        }
+    }
+
+    /// The ends of one end of a record: every pod of its workload (at the address of the
+    /// family `outside` has, when it has one), or the address or name outside the cluster.
+    fn endpoints(&self, ns: &str, name: &str, outside: IpAddr, domain: &str) -> Vec<Endpoint> {
         if ns == "world" && name == "world" {
-            return Some(Endpoint {
+            return vec![Endpoint {
                 ip: if domain.is_empty() {
                     outside
                 } else {
@@ -507,94 +612,106 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 },
                 pod: None,
                 domain: (!domain.is_empty()).then(|| domain.to_string()),
-            });
+            }];
         }
-        let p = pod_of(state, ns, name)?;
-        // The pod's address of the family the outside one has, when it has one.
-        let ip = p
-            .ips
-            .iter()
-            .find(|ip| ip.is_ipv4() == outside.is_ipv4())
-            .or(p.ips.first())?;
-        Some(Endpoint {
-            ip: *ip,
-            pod: Some((p.namespace.clone(), p.name.clone())),
-            domain: None,
-        })
-    };
-    // Whether a record's `world` peer is replayed at the addresses it was seen at; else a
-    // documentation address stands for the unknown one (advised rules allow any, by port),
-    // and a name is replayed as a name.
-    let seen_at =
-        |flow: &ObservedFlow| !flow.world_addresses.is_empty() && flow.dst_domain.is_empty();
-    let outside_addresses = |flow: &ObservedFlow| -> Vec<IpAddr> {
-        if seen_at(flow) {
-            flow.world_addresses.clone()
-        } else {
-            vec![IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 1))]
-        }
-    };
-    let ends = |flow: &ObservedFlow, outside: IpAddr| {
-        Some((
-            endpoint(&flow.src_namespace, &flow.src_workload, outside, "")?,
-            endpoint(
-                &flow.dst_namespace,
-                &flow.dst_workload,
-                outside,
-                &flow.dst_domain,
-            )?,
-        ))
-    };
-    if options.explain {
-        for flow in &left_out {
-            let outside = *outside_addresses(flow).last().expect("at least one");
-            let Some((src, dst)) = ends(flow, outside) else {
-                continue;
-            };
-            let proto = protocol_number(&flow.protocol, src.ip);
-            let protocol = super::model::Protocol::parse(&flow.protocol.to_ascii_uppercase());
-            for e in ev.explain(&src, &dst, proto, protocol, flow.port) {
-                if e.side == flow.direction {
-                    advice
-                        .explanations
-                        .push(format!("{}: {}", describe(flow), e.summary()));
-                }
-            }
-        }
+        pods_of(self.state, ns, name)
+            .filter_map(|p| {
+                let ip = p
+                    .ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4() == outside.is_ipv4())
+                    .or(p.ips.first())?;
+                Some(Endpoint {
+                    ip: *ip,
+                    pod: Some((p.namespace.clone(), p.name.clone())),
+                    domain: None,
+                })
+            })
+            .collect()
     }
-    for flow in replay {
-        advice.replayed += 1;
-        for outside in outside_addresses(flow) {
-            let Some((src, dst)) = ends(flow, outside) else {
-                advice.denied.push(format!(
+
+    /// The (source, destination) pairs a record is replayed as: each pod of the enforcing
+    /// workload with the peer's first pod, and the first of it with each of the peer's.
+    fn ends(&self, flow: &ObservedFlow, outside: IpAddr) -> Vec<(Endpoint, Endpoint)> {
+        let src = self.endpoints(&flow.src_namespace, &flow.src_workload, outside, "");
+        let dst = self.endpoints(
+            &flow.dst_namespace,
+            &flow.dst_workload,
+            outside,
+            &flow.dst_domain,
+        );
+        let (Some(first_src), Some(first_dst)) = (src.first(), dst.first()) else {
+            return Vec::new();
+        };
+        let mut pairs: Vec<(Endpoint, Endpoint)> =
+            src.iter().map(|s| (s.clone(), first_dst.clone())).collect();
+        pairs.extend(dst.iter().skip(1).map(|d| (first_src.clone(), d.clone())));
+        pairs
+    }
+
+    /// What still denies a record at its enforcement point, one line per pair of ends (none
+    /// when the record is allowed).
+    pub fn still_denied(&self, flow: &ObservedFlow) -> Vec<String> {
+        let mut denied = Vec::new();
+        for outside in Self::outside_addresses(flow) {
+            let pairs = self.ends(flow, outside);
+            if pairs.is_empty() {
+                denied.push(format!(
                     "{}: an end has no address to replay it with",
                     describe(flow)
                 ));
                 break;
-            };
-            let proto = protocol_number(&flow.protocol, src.ip);
-            // A record is one enforcement point's decision: replayed there.
-            let (egress, ingress) = ev.flow(src, dst, proto, flow.port);
-            let allowed = if flow.direction == "ingress" {
-                ingress.allowed
-            } else {
-                egress.allowed
-            };
-            if !allowed {
-                advice.denied.push(format!(
-                    "{}{}: still denied at the {}",
-                    describe(flow),
-                    if seen_at(flow) {
-                        format!(" (at {outside})")
-                    } else {
-                        String::new()
-                    },
-                    flow.direction
-                ));
+            }
+            for (src, dst) in pairs {
+                let proto = protocol_number(&flow.protocol, src.ip);
+                let pods = match (&src.pod, &dst.pod) {
+                    (Some(s), Some(d)) => format!(" ({}/{} -> {}/{})", s.0, s.1, d.0, d.1),
+                    _ => String::new(),
+                };
+                let at = if Self::seen_at(flow) {
+                    format!(" (at {outside})")
+                } else {
+                    String::new()
+                };
+                // A record is one enforcement point's decision: replayed there.
+                let (egress, ingress) = self.ev.flow(src, dst, proto, flow.port);
+                let allowed = if flow.direction == "ingress" {
+                    ingress.allowed
+                } else {
+                    egress.allowed
+                };
+                if !allowed {
+                    denied.push(format!(
+                        "{}{at}{pods}: still denied at the {}",
+                        describe(flow),
+                        flow.direction
+                    ));
+                }
             }
         }
+        denied
     }
-    advice
+
+    /// Why a record is denied at its enforcement point and the smallest change that would
+    /// allow it, for the first pair of its ends denied there (nothing when all are allowed).
+    pub fn explain(&self, flow: &ObservedFlow) -> Vec<String> {
+        let outside = *Self::outside_addresses(flow).last().expect("at least one");
+        for (src, dst) in self.ends(flow, outside) {
+            let proto = protocol_number(&flow.protocol, src.ip);
+            let protocol = super::model::Protocol::parse(&flow.protocol.to_ascii_uppercase());
+            let why: Vec<String> = self
+                .ev
+                .explain(&src, &dst, proto, protocol, flow.port)
+                .into_iter()
+                .filter(|e| e.side == flow.direction)
+                .map(|e| e.summary())
+                .collect();
+            if !why.is_empty() {
+                return why;
+            }
+        }
+        Vec::new()
+    }
 }
 
 /// The label that lets a workload call `NAMESPACE/WORKLOAD` in `--style labels`; a name
@@ -610,6 +727,21 @@ fn caller_label(namespace: &str, workload: &str) -> String {
         format!("{}-{:08x}", &name[..54], h.finish() as u32)
     };
     format!("egress.tollgate.io/{name}")
+}
+
+/// The pods of a workload (or the pod of that name).
+fn pods_of<'a>(
+    state: &'a ClusterState,
+    namespace: &str,
+    workload: &'a str,
+) -> impl Iterator<Item = &'a PodInfo> {
+    let namespace = namespace.to_string();
+    state
+        .pods
+        .range((namespace.clone(), String::new())..)
+        .take_while(move |((ns, _), _)| *ns == namespace)
+        .map(|(_, p)| p)
+        .filter(move |p| p.workload == workload || p.name == workload)
 }
 
 /// A pod of a workload (or the pod of that name): its labels stand for the workload's.
@@ -739,6 +871,7 @@ status: {podIP: 10.0.1.1}
             packets,
             dst_domain: String::new(),
             world_addresses: Vec::new(),
+            last_would_drop: 0,
         }
     }
 
@@ -867,6 +1000,141 @@ status: {podIP: 10.0.1.1}
             },
         );
         assert!(only_ops.policies.is_empty());
+        // One workload: only its own policy, and only its own flows replayed.
+        let only_web = advise(
+            &state,
+            &observed,
+            &AdviseOptions {
+                workload: Some("shop/web".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(only_web.policies, ["shop/web-observed"]);
+        assert!(
+            only_web.replayed > 0 && only_web.replayed < advice.replayed,
+            "{} of {}",
+            only_web.replayed,
+            advice.replayed
+        );
+    }
+
+    /// A workload of two pods, one a canary with a label of its own, calling a ledger
+    /// whose policy takes only stable callers.
+    const CANARY: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: pot-a
+  namespace: bank
+  labels: {app: pot, track: stable, pod-template-hash: 5c}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: pot-5c, uid: u, controller: true}]
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: pot-b
+  namespace: bank
+  labels: {app: pot, track: canary, pod-template-hash: 5c}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: pot-5c, uid: u, controller: true}]
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ledger, namespace: bank, labels: {app: ledger}}
+status: {podIP: 10.0.0.9}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: ledger-stable-callers, namespace: bank}
+spec:
+  podSelector: {matchLabels: {app: ledger}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: pot, track: stable}}}], ports: [{port: 8080}]}]
+"#;
+
+    #[test]
+    fn the_replay_proof_fails_for_any_pod_of_a_workload_the_policies_still_deny() {
+        let state = state(CANARY);
+        let observed = [flow(
+            "ingress",
+            ("bank", "pot"),
+            ("bank", "ledger"),
+            8080,
+            [5, 0, 0],
+        )];
+        // The policy in force, alone: the canary pod is denied, though the first pod (the
+        // one a workload's labels were read from) is allowed.
+        let replayer = Replayer::new(&state, observed.iter()).unwrap();
+        assert_eq!(
+            replayer.still_denied(&observed[0]),
+            [
+                "ingress bank/pot -> bank/ledger 8080/tcp (bank/pot-b -> bank/ledger): still denied at the ingress"
+            ]
+        );
+        let why = replayer.explain(&observed[0]);
+        assert!(
+            !why.is_empty() && why.iter().all(|w| w.contains("bank/ledger-stable-callers")),
+            "{why:?}"
+        );
+        // A caller observed only denied and left out: still denied, explained at its side.
+        let denied_only = [flow(
+            "ingress",
+            ("bank", "pot"),
+            ("bank", "ledger"),
+            9090,
+            [0, 3, 0],
+        )];
+        assert_eq!(replayer.still_denied(&denied_only[0]).len(), 2);
+
+        // The advice selects the pot workload by what its pods share (app), never by the
+        // canary's own label, and the proof replays both pods: all allowed.
+        let advice = advise(&state, &observed, &AdviseOptions::default());
+        assert!(
+            advice
+                .yaml
+                .contains("from: [{podSelector: {matchLabels: {app: pot}}}]"),
+            "{}",
+            advice.yaml
+        );
+        assert_eq!(advice.replayed, 1);
+        assert!(advice.denied.is_empty(), "{:?}", advice.denied);
+
+        // Pods without a label of their own: the advice says it must select the namespace.
+        let bare = Store::from_yaml(
+            &CANARY
+                .replace(
+                    "{app: pot, track: stable, pod-template-hash: 5c}",
+                    "{pod-template-hash: 5c}",
+                )
+                .replace(
+                    "{app: pot, track: canary, pod-template-hash: 5c}",
+                    "{pod-template-hash: 5c}",
+                ),
+        )
+        .into_state();
+        let advice = advise(&bare, &observed, &AdviseOptions::default());
+        assert!(
+            advice
+                .notes
+                .iter()
+                .any(|n| n.starts_with("bank/pot: its pods share no label")),
+            "{:?}",
+            advice.notes
+        );
+
+        // A record whose peer has no address left (its pods pending) cannot be proven: the
+        // advice says so rather than claim it allowed.
+        let pending = Store::from_yaml(
+            &CANARY
+                .replace("status: {podIP: 10.0.0.1}", "status: {}")
+                .replace("status: {podIP: 10.0.0.2}", "status: {}"),
+        )
+        .into_state();
+        let advice = advise(&pending, &observed, &AdviseOptions::default());
+        assert_eq!(
+            advice.denied,
+            ["ingress bank/pot -> bank/ledger 8080/tcp: an end has no address to replay it with"]
+        );
     }
 
     #[test]

@@ -319,15 +319,10 @@ pub(super) fn quoted(v: &str) -> String {
 }
 
 /// The labels that select a pod's workload: one naming label when it selects exactly the
-/// workload's pods in their namespace, else every label but those controllers set per pod or
-/// revision (`pod-template-hash` and the like).
+/// workload's pods in their namespace, else every label all its pods share but those
+/// controllers set per pod or revision (`pod-template-hash` and the like). A canary pod
+/// with a label of its own does not narrow its workload's selector to itself.
 pub fn stable_selector(state: &ClusterState, pod: &PodInfo) -> BTreeMap<String, String> {
-    let stable: BTreeMap<String, String> = pod
-        .labels
-        .iter()
-        .filter(|(k, _)| !UNSTABLE_LABELS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     let namespace_pods = || {
         state
             .pods
@@ -335,6 +330,17 @@ pub fn stable_selector(state: &ClusterState, pod: &PodInfo) -> BTreeMap<String, 
             .take_while(|((ns, _), _)| *ns == pod.namespace)
             .map(|(_, p)| p)
     };
+    let stable: BTreeMap<String, String> = pod
+        .labels
+        .iter()
+        .filter(|(k, _)| !UNSTABLE_LABELS.contains(&k.as_str()))
+        .filter(|(k, v)| {
+            namespace_pods()
+                .filter(|p| p.workload == pod.workload)
+                .all(|p| p.labels.get(k.as_str()) == Some(*v))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     for key in NAME_LABELS {
         let Some(value) = stable.get(*key) else {
             continue;

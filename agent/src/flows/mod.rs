@@ -57,6 +57,9 @@ struct Persisted {
     /// adds only what came after.
     #[serde(default)]
     pod_would_drops: BTreeMap<String, u64>,
+    /// New peer pairs the observed-flow record did not take (`make_room`).
+    #[serde(default)]
+    record_refused: u64,
     /// Flow series given up for new ones, with their values (`Observer::retired`).
     #[serde(default)]
     retired_series: Vec<(Vec<String>, u64)>,
@@ -72,10 +75,73 @@ pub struct RecordLimits {
     /// What was last seen longer ago is forgotten: peer pairs, workloads gone from the node,
     /// hours of would-drops.
     pub retention: std::time::Duration,
-    /// Peer pairs held at most: when full, those seen longest ago go first, so a port scan
-    /// cannot fill the record for good. About 200 bytes each in memory and in observed.json
-    /// (up to about 550 with the 8 addresses kept of a peer outside the cluster).
+    /// Peer pairs held at most. When full, a tenth goes at a time (`make_room`): first
+    /// pairs never allowed, then pairs seen over the shortest span (a scan's are seen
+    /// once), the longest unseen first; a peer's pairs of one protocol hold at most
+    /// `RECORD_PORTS_PER_PEER` ports. So a scan neither fills the record for good nor
+    /// pushes out the rarely used pairs it exists to remember. About 200 bytes each in
+    /// memory and in observed.json (up to about 550 with the 8 addresses kept of a peer
+    /// outside the cluster).
     pub capacity: usize,
+}
+
+/// Ports one peer pair (direction, source, destination, protocol) holds in the record: a
+/// port scan between two workloads adds at most this many pairs.
+pub const RECORD_PORTS_PER_PEER: usize = 64;
+
+/// Makes room in the record for `key` if it is new to it. `false` when it must not be added:
+/// its peer already holds `RECORD_PORTS_PER_PEER` ports of the protocol.
+fn make_room(
+    observed: &mut BTreeMap<ObservedKey, ObservedFlow>,
+    key: &ObservedKey,
+    limits: &RecordLimits,
+    now: u64,
+) -> bool {
+    if observed.contains_key(key) {
+        return true;
+    }
+    let same_peer = |k: &ObservedKey| {
+        (&k.0, &k.1, &k.2, &k.3, &k.4, &k.5) == (&key.0, &key.1, &key.2, &key.3, &key.4, &key.5)
+    };
+    let first = (
+        key.0.clone(),
+        key.1.clone(),
+        key.2.clone(),
+        key.3.clone(),
+        key.4.clone(),
+        key.5.clone(),
+        0,
+        String::new(),
+    );
+    if observed
+        .range(first..)
+        .take_while(|(k, _)| same_peer(k))
+        .count()
+        >= RECORD_PORTS_PER_PEER
+    {
+        return false;
+    }
+    let capacity = limits.capacity.max(1);
+    if observed.len() < capacity {
+        return true;
+    }
+    let oldest = now.saturating_sub(limits.retention.as_secs());
+    observed.retain(|_, f| f.last_seen >= oldest);
+    if observed.len() >= capacity {
+        // A tenth at a time, so a flood of new pairs does not sort on every one.
+        let worth = |f: &ObservedFlow| {
+            (
+                !f.only_denied(),
+                f.last_seen.saturating_sub(f.first_seen),
+                f.last_seen,
+            )
+        };
+        let mut ranked: Vec<_> = observed.values().map(worth).collect();
+        ranked.sort_unstable();
+        let cut = ranked[(capacity / 10).min(ranked.len() - 1)];
+        observed.retain(|_, f| worth(f) > cut);
+    }
+    true
 }
 
 impl Default for RecordLimits {
@@ -130,6 +196,8 @@ pub struct NotQuiet {
     pub reasons: Vec<String>,
     /// Its latest would-drop flows within the window (flow log records, newest last).
     pub flows: Vec<FlowRecord>,
+    /// Its peer pairs with would-drops within the window, from the observed-flow record.
+    pub pairs: Vec<ObservedFlow>,
 }
 
 /// The labels of `tollgate_flow_packets_total`, in the order the observer keeps them.
@@ -855,17 +923,9 @@ impl Observer {
             labels[7].parse().unwrap_or(0),
             labels.get(8).cloned().unwrap_or_default(),
         );
-        let capacity = self.limits.capacity.max(1);
-        if !self.observed.contains_key(&key) && self.observed.len() >= capacity {
-            let oldest = now.saturating_sub(self.limits.retention.as_secs());
-            self.observed.retain(|_, f| f.last_seen >= oldest);
-            if self.observed.len() >= capacity {
-                // A tenth at a time, so a flood of new pairs does not sort on every one.
-                let mut seen: Vec<u64> = self.observed.values().map(|f| f.last_seen).collect();
-                seen.sort_unstable();
-                let cut = seen[(capacity / 10).min(seen.len() - 1)];
-                self.observed.retain(|_, f| f.last_seen > cut);
-            }
+        if !make_room(&mut self.observed, &key, &self.limits, now) {
+            self.persisted.record_refused += 1;
+            return;
         }
         let flow = self
             .observed
@@ -883,6 +943,7 @@ impl Observer {
                 packets: [0; 3],
                 dst_domain: key.7.clone(),
                 world_addresses: Vec::new(),
+                last_would_drop: 0,
             });
         flow.last_seen = now;
         self.observed_changed = true;
@@ -892,6 +953,9 @@ impl Observer {
             _ => 0,
         };
         flow.packets[index] += packets;
+        if index == 1 {
+            flow.last_would_drop = now;
+        }
     }
 
     /// The observed peer pairs last seen within `window` seconds (`tollgate advise`).
@@ -1003,6 +1067,25 @@ impl Observer {
             .filter(|r| humantime::parse_rfc3339(&r.time).is_ok_and(|t| t >= since))
             .cloned()
             .collect();
+        // The record's would-drop peer pairs: kept across restarts, where the flow log's
+        // recent records are not.
+        let after = now.saturating_sub(window);
+        refusal.pairs = self
+            .observed
+            .values()
+            .filter(|f| f.last_would_drop > after)
+            .filter(|f| {
+                let local = if f.direction == "egress" {
+                    (&f.src_namespace, &f.src_workload)
+                } else {
+                    (&f.dst_namespace, &f.dst_workload)
+                };
+                workloads
+                    .iter()
+                    .any(|(ns, w)| (ns, w) == (local.0, local.1))
+            })
+            .cloned()
+            .collect();
         Err(refusal)
     }
 
@@ -1094,6 +1177,9 @@ impl Observer {
             })
             .collect();
         s.flow_overflow = self.persisted.flow_overflow;
+        s.record_pairs = self.observed.len() as u64;
+        s.record_capacity = self.limits.capacity as u64;
+        s.record_refused = self.persisted.record_refused;
         let d = self.readers.diag().unwrap_or([0; diag::COUNT as usize]);
         s.flow_log_written = log.written.load(Ordering::Relaxed);
         s.flow_log_rate_limited = d[diag::EVENT_RATE_LIMITED as usize];
@@ -1227,5 +1313,109 @@ impl Observer {
                 .map(|r| serde_json::to_value(r).expect("serializable"))
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(peer: &str, port: u16, first_seen: u64, last_seen: u64, allowed: u64) -> ObservedFlow {
+        ObservedFlow {
+            direction: "ingress".into(),
+            src_namespace: "bank".into(),
+            src_workload: peer.into(),
+            dst_namespace: "bank".into(),
+            dst_workload: "ledger".into(),
+            protocol: "tcp".into(),
+            port,
+            first_seen,
+            last_seen,
+            packets: [allowed, if allowed == 0 { 1 } else { 0 }, 0],
+            dst_domain: String::new(),
+            last_would_drop: 0,
+            world_addresses: Vec::new(),
+        }
+    }
+
+    /// Records `f` as `Observer::observe` does: room first, then the pair.
+    fn record(
+        book: &mut BTreeMap<ObservedKey, ObservedFlow>,
+        f: ObservedFlow,
+        limits: &RecordLimits,
+    ) -> bool {
+        let key = observed_key(&f);
+        let now = f.last_seen;
+        if !make_room(book, &key, limits, now) {
+            return false;
+        }
+        book.entry(key).or_insert(f);
+        true
+    }
+
+    #[test]
+    fn a_port_scan_neither_fills_the_record_nor_pushes_out_the_rarely_used_pairs() {
+        let limits = RecordLimits {
+            retention: std::time::Duration::from_secs(RECORD_RETENTION_SECS),
+            capacity: 1_000,
+        };
+        let day = 86_400;
+        let now = 100 * day;
+        let mut book = BTreeMap::new();
+        // The nightly batch: seen a month ago first, last seen three days ago.
+        assert!(record(
+            &mut book,
+            pair("batch", 5432, now - 30 * day, now - 3 * day, 40),
+            &limits
+        ));
+        // Busy callers, seen over the last week.
+        for i in 0..600 {
+            assert!(record(
+                &mut book,
+                pair(&format!("caller-{i}"), 8080, now - 7 * day, now - 60, 1_000),
+                &limits
+            ));
+        }
+        // A scanner walks every port of the ledger: its peer keeps 64 ports, the rest is
+        // refused (and counted by the caller).
+        let taken = (1..=5_000u16)
+            .filter(|p| record(&mut book, pair("scanner", *p, now, now, 1), &limits))
+            .count();
+        assert_eq!(taken, RECORD_PORTS_PER_PEER);
+        // Scanners from many pods, denied: 3,000 pairs more than the record has room for.
+        for i in 0..1_500 {
+            for port in [22, 23] {
+                assert!(record(
+                    &mut book,
+                    pair(&format!("bot-{i}"), port, now, now, 0),
+                    &limits
+                ));
+            }
+        }
+        assert!(book.len() <= 1_000, "{}", book.len());
+        let kept = |peer: &str| book.values().any(|f| f.src_workload == peer);
+        assert!(kept("batch"), "the rarely used pair went first");
+        assert_eq!(
+            (0..600).filter(|i| kept(&format!("caller-{i}"))).count(),
+            600,
+            "every caller seen over days stays"
+        );
+        // A pair seen again is never refused, whatever its peer holds.
+        assert!(record(
+            &mut book,
+            pair("scanner", 1, now, now + 1, 1),
+            &limits
+        ));
+        // What was last seen beyond the retention makes room first.
+        let short = RecordLimits {
+            retention: std::time::Duration::from_secs(day),
+            capacity: book.len(),
+        };
+        assert!(record(
+            &mut book,
+            pair("new", 443, now + 2 * day, now + 2 * day, 1),
+            &short
+        ));
+        assert_eq!(book.len(), 1, "only the new pair is within a day");
     }
 }

@@ -17,6 +17,11 @@ pub struct Snapshot {
     pub packets: Vec<(Labels, u64, u64)>,
     pub flow_packets: Vec<(Labels, u64)>,
     pub flow_overflow: u64,
+    /// Peer pairs in the observed-flow record, its capacity, and the new pairs it did not
+    /// take (their peer held `RECORD_PORTS_PER_PEER` ports already).
+    pub record_pairs: u64,
+    pub record_capacity: u64,
+    pub record_refused: u64,
     /// (namespace, pod, mode).
     pub modes: Vec<(String, String, &'static str)>,
     /// (namespace, pod, direction, isolated).
@@ -119,6 +124,21 @@ impl Snapshot {
             "tollgate_flow_series_overflow",
             "Packets not attributed to a tollgate_flow_packets_total series because --max-flow-series was reached",
             [(vec![], self.flow_overflow)],
+        )?;
+        gauge_family(
+            e,
+            "tollgate_observed_pairs",
+            "Peer pairs in the observed-flow record (tollgate advise, graph), and its capacity (--record-capacity)",
+            [
+                (labels(&[("kind", "held")]), self.record_pairs as i64),
+                (labels(&[("kind", "capacity")]), self.record_capacity as i64),
+            ],
+        )?;
+        counter_family(
+            e,
+            "tollgate_observed_pairs_refused",
+            "New peer pairs the observed-flow record did not take: their peer already held 64 ports of the protocol (a port scan)",
+            [(vec![], self.record_refused)],
         )?;
         gauge_family(
             e,
