@@ -1190,6 +1190,60 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
     assert!(now - since >= observed as f64, "{since} {now} {observed}");
 }
 
+/// A rollout replaces a pod: the new pod of the same workload carries the workload's record
+/// (observed since, would-drops), so it neither starts a fresh quiet period nor hides the
+/// old pod's would-drops from `--if-quiet`.
+#[test]
+fn a_replaced_pod_carries_its_workloads_record() {
+    let bank = bank("rollout");
+    let agent = bank.start(&[]);
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            3,
+            64,
+            PATIENT
+        )
+        .echoed,
+        3
+    );
+    bank.lab.settle();
+    let before = wait_for(Duration::from_secs(10), "the would-drop noted", || {
+        let w = agent.workload(LEDGER_POD)?;
+        (w["would_drop_last_hour"] == 6).then_some(w)
+    });
+    // The Deployment's new pod: another name, the same workload (and, in the lab, the same
+    // interface and address).
+    let replacement = "ledger-7d9c8b5f4-r011d";
+    std::fs::write(
+        agent.cluster_state.join("bank.yaml"),
+        bank.cluster_yaml("").replace(LEDGER_POD, replacement),
+    )
+    .unwrap();
+    let after = wait_for(Duration::from_secs(15), "the new pod attached", || {
+        agent.workload(replacement)
+    });
+    assert!(agent.workload(LEDGER_POD).is_none(), "the old pod is gone");
+    assert_eq!(after["would_drop_last_hour"], 6, "{after}");
+    assert!(
+        after["observed_seconds"].as_u64() >= before["observed_seconds"].as_u64(),
+        "{before} {after}"
+    );
+    let out = agent.cli(&["mode", "set", "bank/ledger", "drop", "--if-quiet", "1h"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bank/ledger: 6 would-drop packet(s) within 1h"),
+        "{err}"
+    );
+    assert!(
+        err.contains("would-drop: ingress bank/frontend-0 -> bank/ledger 8080/udp (6 packets)"),
+        "{err}"
+    );
+}
+
 /// `tollgate advise` on real traffic: what was observed in log mode becomes policies that
 /// select by stable labels; the replay proof holds; applied, the same traffic is allowed
 /// with no new would-drop while a flow never seen is a would-drop.

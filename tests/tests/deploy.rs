@@ -1336,6 +1336,34 @@ fn dashboard_has_its_variables_and_a_query_in_every_panel() {
             assert_eq!(t["datasource"]["uid"], "${datasource}", "panel {title}");
         }
     }
+    // "Is it safe to flip?" per workload in log mode: quiet time, observed time and the
+    // would-drop count over the dashboard's range, as `status` and `--if-quiet` see them.
+    let flip = all
+        .iter()
+        .find(|p| {
+            p["title"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("Safe to flip"))
+        })
+        .expect("a safe-to-flip panel");
+    let exprs: Vec<&str> = flip["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    for needle in [
+        "tollgate_workload_last_would_drop_timestamp_seconds",
+        "tollgate_workload_observed_since_timestamp_seconds",
+        "increase(tollgate_packets_total{verdict=\"would_drop\"",
+    ] {
+        assert!(
+            exprs
+                .iter()
+                .any(|e| e.contains(needle) && e.contains("mode=\"log\"")),
+            "{needle} in {exprs:?}"
+        );
+    }
 }
 
 #[test]
