@@ -11,6 +11,9 @@ pub const VERDICTS: [&str; 3] = ["allowed", "would_drop", "dropped"];
 
 const COLOURS: [&str; 3] = ["#2e7d32", "#ef6c00", "#c62828"];
 
+/// Ports an edge label lists; the rest are counted ("+N more") and listed in its tooltip.
+const EDGE_PORTS_SHOWN: usize = 4;
+
 /// Which edges to draw.
 #[derive(Clone, Debug, Default)]
 pub struct GraphFilter {
@@ -79,6 +82,18 @@ pub fn dot(observed: &[ObservedFlow], filter: &GraphFilter) -> String {
         };
         edges.entry((src, dst, verdict)).or_default().push(label);
     }
+    // Readable at scale: an edge shows its first ports, its tooltip all of them.
+    let shown = |labels: &[String]| {
+        if labels.len() <= EDGE_PORTS_SHOWN {
+            labels.join(", ")
+        } else {
+            format!(
+                "{}, +{} more",
+                labels[..EDGE_PORTS_SHOWN].join(", "),
+                labels.len() - EDGE_PORTS_SHOWN
+            )
+        }
+    };
     let mut by_namespace: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut outside = BTreeSet::new();
     for (src, dst, _) in edges.keys() {
@@ -97,7 +112,7 @@ pub fn dot(observed: &[ObservedFlow], filter: &GraphFilter) -> String {
         }
     }
     let mut out = String::from(
-        "digraph tollgate {\n  graph [rankdir=LR, fontname=\"Helvetica\", labelloc=t, label=\"Observed traffic (green: allowed, orange: would_drop, red: dropped)\"];\n  node [shape=box, style=\"rounded,filled\", fillcolor=\"#f5f5f5\", fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n",
+        "digraph tollgate {\n  graph [rankdir=LR, nodesep=0.25, ranksep=1.5, fontname=\"Helvetica\", labelloc=t, label=\"Observed traffic (green: allowed, orange: would_drop, red: dropped)\"];\n  node [shape=box, style=\"rounded,filled\", fillcolor=\"#f5f5f5\", fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n",
     );
     for (ns, ids) in &by_namespace {
         out += &format!(
@@ -124,10 +139,14 @@ pub fn dot(observed: &[ObservedFlow], filter: &GraphFilter) -> String {
             "  {} -> {} [label={}, color={}, fontcolor={}, tooltip={}];\n",
             quote(src),
             quote(dst),
-            quote(&labels.join(", ")),
+            quote(&shown(labels)),
             quote(COLOURS[*verdict]),
             quote(COLOURS[*verdict]),
-            quote(VERDICTS[*verdict])
+            quote(&if labels.len() <= EDGE_PORTS_SHOWN {
+                VERDICTS[*verdict].to_string()
+            } else {
+                format!("{}: {}", VERDICTS[*verdict], labels.join(", "))
+            })
         );
     }
     out += "}\n";
@@ -232,5 +251,86 @@ mod tests {
         );
         assert_eq!(would.matches("->").count(), 2, "{would}");
         assert!(!would.contains("shop/cache"), "{would}");
+    }
+
+    /// 50 services in 5 namespaces, as a bank's are tiered (2 frontends, 3 APIs, 3
+    /// backends, 2 databases per namespace; each API also calls its peer in the next
+    /// namespace), 90 edges, one with 13 ports: every service drawn once, labels short, and
+    /// graphviz lays it out on a page a screen can show (CI installs graphviz).
+    #[test]
+    fn fifty_services_render_readably() {
+        let service = |ns: usize, i: usize| format!("ns{ns}/svc-{}", ns * 10 + i);
+        let mut observed = Vec::new();
+        let mut call = |from: String, to: String, port: u16, would_drop: bool| {
+            let packets = if would_drop { [0, 3, 0] } else { [9, 0, 0] };
+            observed.push(flow("egress", &from, &to, port, packets));
+        };
+        for ns in 0..5 {
+            for frontend in 0..2 {
+                for api in 2..5 {
+                    call(service(ns, frontend), service(ns, api), 8080, false);
+                }
+            }
+            for api in 2..5 {
+                call(service(ns, api), service(ns, 5 + (api - 2)), 8080, false);
+                call(
+                    service(ns, api),
+                    service(ns, 5 + (api - 1) % 3),
+                    8080,
+                    api == 4,
+                );
+                call(service(ns, api), service((ns + 1) % 5, api), 8443, false);
+            }
+            for backend in 5..8 {
+                call(
+                    service(ns, backend),
+                    service(ns, 8 + backend % 2),
+                    5432,
+                    false,
+                );
+            }
+        }
+        for port in 9000..9012 {
+            call(service(0, 2), service(0, 5), port, false);
+        }
+        let service = |i: usize| service(i / 10, i % 10);
+        let d = dot(&observed, &GraphFilter::default());
+        assert_eq!(d.matches(" -> ").count(), 90, "{d}");
+        for i in 0..50 {
+            let node = format!("    {:?} [label=\"svc-{i}\"];", service(i));
+            assert_eq!(d.matches(&node).count(), 1, "{node}");
+        }
+        assert!(
+            d.contains(r#"label="8080/tcp, 9000/tcp, 9001/tcp, 9002/tcp, +9 more""#),
+            "{d}"
+        );
+        assert!(d.contains("tooltip=\"allowed: 8080/tcp, 9000/tcp"), "{d}");
+
+        let mut render = std::process::Command::new("dot")
+            .arg("-Tsvg")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("graphviz's dot (Debian package graphviz; the test setup installs it)");
+        use std::io::Write as _;
+        render
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(d.as_bytes())
+            .unwrap();
+        let out = render.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let svg = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(svg.matches("class=\"node\"").count(), 50);
+        assert_eq!(svg.matches("class=\"edge\"").count(), 90);
+        // The page in points (1/72 in): `<svg width="Wpt" height="Hpt"`.
+        let size = |attr: &str| -> f64 {
+            let at = svg.find(&format!("{attr}=\"")).unwrap() + attr.len() + 2;
+            svg[at..].split("pt").next().unwrap().parse().unwrap()
+        };
+        let (width, height) = (size("width"), size("height"));
+        assert!(width * height < 4.0e6, "{width} x {height} pt");
+        assert!(width.max(height) < 4_000.0, "{width} x {height} pt");
     }
 }

@@ -1480,6 +1480,19 @@ fn the_graph_of_observed_traffic_has_exactly_its_edges_and_renders() {
         svg.contains("bank/pot&#45;0&#45;&gt;bank/ledger"),
         "an edge: {svg}"
     );
+    let png = bank.dir.join("graph.png");
+    let out = agent.cli(&["graph", "-o", "png", "--out", png.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&png).expect("the PNG");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
+        "{} bytes",
+        png.len()
+    );
 }
 
 /// With --max-flow-series reached, a new series takes the place of the one idle longest
