@@ -1580,6 +1580,9 @@ fn flows(
                     r.packets,
                     rate.map_or("-".into(), |r| format!("{r:.1}"))
                 );
+                if let Some(why) = &r.explanation {
+                    println!("         {why}");
+                }
             }
             println!("\nlatest would-drops and drops:");
             for r in flows.recent_denied.iter().rev().take(10) {

@@ -597,6 +597,7 @@ async fn handle(shared: &Arc<Shared>, req: Request, pid: i32) -> Response {
             match answer {
                 Ok(Response::Flows(mut flows)) => {
                     explain_records(shared, &mut flows.recent_denied).await;
+                    explain_rows(shared, &mut flows.busiest).await;
                     Response::Flows(flows)
                 }
                 Ok(Response::Status(mut status)) => {
@@ -725,6 +726,27 @@ async fn explain_records(shared: &Arc<Shared>, records: &mut [serde_json::Value]
     for (record, explanation) in records.iter_mut().zip(explained) {
         if let (Some(object), Some(text)) = (record.as_object_mut(), explanation) {
             object.insert("explanation".into(), text.into());
+        }
+    }
+}
+
+/// Adds an `explanation` to each would-drop or drop series row the controller can explain
+/// (its enforcement point is a workload of the cluster state in force).
+async fn explain_rows(shared: &Arc<Shared>, rows: &mut [admin::FlowRow]) {
+    let denied: Vec<usize> = (0..rows.len())
+        .filter(|i| rows[*i].verdict != "allowed")
+        .collect();
+    if denied.is_empty() {
+        return;
+    }
+    let flows = denied.iter().map(|i| rows[*i].as_observed()).collect();
+    let explained = shared
+        .command(|reply| Command::ExplainObserved { flows, reply })
+        .await
+        .unwrap_or_default();
+    for (i, why) in denied.into_iter().zip(explained) {
+        if !why.is_empty() {
+            rows[i].explanation = Some(why.join("; "));
         }
     }
 }

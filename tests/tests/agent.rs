@@ -1412,6 +1412,22 @@ fn advised_policies_allow_the_observed_traffic_and_nothing_new() {
             .any(|r| r["explanation"] == at_egress),
         "{flows}"
     );
+    // The would-drop series row too, and allowed rows carry no explanation.
+    let busiest = flows["busiest"].as_array().expect("busiest");
+    assert!(
+        busiest.iter().any(|r| r["verdict"] == "would_drop"
+            && r["direction"] == "egress"
+            && r["dst"] == "monitoring/prometheus-0"
+            && r["explanation"] == at_egress),
+        "{flows}"
+    );
+    assert!(
+        busiest
+            .iter()
+            .filter(|r| r["verdict"] == "allowed")
+            .all(|r| r.get("explanation").is_none()),
+        "{flows}"
+    );
     let out = agent.cli(&["advise", "--explain", "--workload", "bank/frontend-0"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(

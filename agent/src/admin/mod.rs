@@ -192,6 +192,46 @@ pub struct FlowRow {
     /// `world:NAME`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dst_domain: String,
+    /// For a would-drop or drop: the side that denies it, the policies isolating that
+    /// side and the smallest change that would allow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
+}
+
+impl FlowRow {
+    /// The series as an observed peer pair (for explanations).
+    pub fn as_observed(&self) -> crate::compile::advise::ObservedFlow {
+        let split = |s: &str| {
+            let (ns, w) = s.split_once('/').unwrap_or((s, s));
+            (ns.to_string(), w.to_string())
+        };
+        let (src_namespace, src_workload) = split(&self.src);
+        let (dst_namespace, dst_workload) = if self.dst.starts_with("world:") {
+            ("world".to_string(), "world".to_string())
+        } else {
+            split(&self.dst)
+        };
+        let packets = match self.verdict.as_str() {
+            "would_drop" => [0, self.packets, 0],
+            "dropped" => [0, 0, self.packets],
+            _ => [self.packets, 0, 0],
+        };
+        crate::compile::advise::ObservedFlow {
+            direction: self.direction.clone(),
+            src_namespace,
+            src_workload,
+            dst_namespace,
+            dst_workload,
+            protocol: self.protocol.clone(),
+            port: self.port.parse().unwrap_or(0),
+            first_seen: 0,
+            last_seen: 0,
+            packets,
+            dst_domain: self.dst_domain.clone(),
+            world_addresses: Vec::new(),
+            last_would_drop: 0,
+        }
+    }
 }
 
 /// The answer to `flows`.

@@ -1299,6 +1299,7 @@ impl Observer {
                 port: l[7].clone(),
                 packets: *v,
                 dst_domain: l.get(8).cloned().unwrap_or_default(),
+                explanation: None,
             })
             .collect();
         rows.sort_by_key(|r| std::cmp::Reverse(r.packets));
