@@ -136,26 +136,17 @@ pub fn track(
         return t;
     }
 
-    let decision = if crate::identity::is_own_address(workload, key.family, &key.remote) {
-        // A pod reaching its own address is never enforced (upstream's AllowLoopback): over
-        // loopback, which only cgroup attachments see (a veth pod's never reaches TC).
-        Decision {
-            decision: DECISION_ALLOW,
-            peer: crate::identity::identity_of(key.family, &key.remote),
-        }
-    } else {
-        policy::evaluate(
-            workload,
-            slot,
-            direction,
-            key.family,
-            &key.remote,
-            key.proto,
-            key.service_port(direction),
-            now,
-            false,
-        )
-    };
+    let decision = policy::evaluate(
+        workload,
+        slot,
+        direction,
+        key.family,
+        &key.remote,
+        key.proto,
+        key.service_port(direction),
+        now,
+        false,
+    );
     if decision.decision == DECISION_ALLOW || workload.mode == MODE_LOG as u32 {
         let state = next_state(0, key.proto, tcp_flags, true);
         let entry = CtEntry {
@@ -227,10 +218,7 @@ fn established(
         return None;
     }
     let mut new_flow = false;
-    // A flow to the workload's own address stays allowed whatever its rules become.
-    if entry.epoch != epoch_for(workload, entry.peer)
-        && !crate::identity::is_own_address(workload, key.family, &key.remote)
-    {
+    if entry.epoch != epoch_for(workload, entry.peer) {
         let d = policy::evaluate(
             workload,
             key.slot,

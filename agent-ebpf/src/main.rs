@@ -292,6 +292,13 @@ fn cgroup_slot(skb: &SkBuff) -> u32 {
     SLOT_UNREGISTERED
 }
 
+/// Whether the packet is on the loopback device (ifindex 1 in every network namespace).
+#[inline(always)]
+fn on_loopback(skb: &SkBuff) -> bool {
+    // SAFETY: context field read.
+    unsafe { (*skb.skb).ifindex == 1 }
+}
+
 /// Segments on the wire of this skb (GSO/GRO aggregates count as what they carry).
 #[inline(always)]
 fn segments(skb: &SkBuff) -> u32 {
@@ -350,6 +357,21 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
     if direction == DIR_EGRESS && !source_is_own(workload, &pkt) {
         return spoofed(workload, slot, &pkt, isolated, segs, bytes);
+    }
+
+    // A pod reaching its own address is never enforced (upstream's AllowLoopback). Only
+    // cgroup hooks see it, on loopback (a veth pod's loopback never reaches TC); arriving on
+    // a real interface, the pod's own address as the source is a spoof, decided by policy.
+    if l3 == 0 && on_loopback(skb) {
+        let remote = if direction == DIR_EGRESS {
+            &pkt.tuple.dst
+        } else {
+            &pkt.tuple.src
+        };
+        if identity::is_own_address(workload, pkt.family, remote) {
+            counters::count(slot, direction, VERDICT_ALLOWED, segs, bytes);
+            return Action::Pass;
+        }
     }
 
     let Some(config) = CONFIG.get(0) else {

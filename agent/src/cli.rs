@@ -1396,7 +1396,6 @@ fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tollgate mode set|clear --kubernetes`: writes or deletes the cluster's ModeOverride.
 /// The cluster state a refusal is explained with, if given and readable (a refusal stands
 /// without explanations: what cannot be read is said, not fatal).
 fn cluster_state_for_explanations(
@@ -1417,6 +1416,7 @@ fn cluster_state_for_explanations(
     Some(loaded.state)
 }
 
+/// `tollgate mode set|clear --kubernetes`: writes or deletes the cluster's ModeOverride.
 fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
     use crate::sources::crd;
     let target = match &action {
@@ -1457,13 +1457,23 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
                 let replayer = explain.as_ref().map(|state| {
                     crate::compile::advise::Replayer::new(state, not_quiet.flows.iter())
                 });
-                for flow in &not_quiet.flows {
+                // The busiest first, a page of them (a scan's pairs are many).
+                let mut flows: Vec<_> = not_quiet.flows.iter().collect();
+                flows.sort_by_key(|f| std::cmp::Reverse(f.packets[1]));
+                let more = flows
+                    .len()
+                    .saturating_sub(crate::flows::REFUSAL_PAIRS_SHOWN);
+                flows.truncate(crate::flows::REFUSAL_PAIRS_SHOWN);
+                for flow in flows {
                     eprintln!("  {}", flow.would_drop_line());
                     if let Some(Ok(r)) = &replayer {
                         for why in r.explain(flow) {
                             eprintln!("    {why}");
                         }
                     }
+                }
+                if more > 0 {
+                    eprintln!("  +{more} more would-drop peer pairs within {window}");
                 }
                 if let Some(Err(e)) = &replayer {
                     eprintln!("  (no explanations: {e})");

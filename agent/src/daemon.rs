@@ -810,7 +810,7 @@ async fn refusal(
         .unwrap_or_default();
     if !pairs.is_empty() {
         out.push_str(&format!(
-            "\n  peer pairs with would-drops within {window_text} (the observed-flow record):"
+            "\n  peer pairs with would-drops within {window_text} (the observed-flow record, latest first; packets since first seen):"
         ));
     }
     for (i, pair) in pairs.iter().enumerate() {
@@ -818,6 +818,12 @@ async fn refusal(
         for why in explained_pairs.get(i).into_iter().flatten() {
             out.push_str(&format!("\n      {why}"));
         }
+    }
+    if not_quiet.more_pairs > 0 {
+        out.push_str(&format!(
+            "\n    +{} more (tollgate advise --explain --include-denied lists them all)",
+            not_quiet.more_pairs
+        ));
     }
     let flows = not_quiet.flows;
     let explained = shared

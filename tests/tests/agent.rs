@@ -1227,10 +1227,8 @@ fn a_replaced_pod_carries_its_workloads_record() {
     });
     assert!(agent.workload(LEDGER_POD).is_none(), "the old pod is gone");
     assert_eq!(after["would_drop_last_hour"], 6, "{after}");
-    assert!(
-        after["observed_seconds"].as_u64() >= before["observed_seconds"].as_u64(),
-        "{before} {after}"
-    );
+    let observed = |w: &serde_json::Value| w["observed_seconds"].as_u64().expect("observed");
+    assert!(observed(&after) >= observed(&before), "{before} {after}");
     let out = agent.cli(&["mode", "set", "bank/ledger", "drop", "--if-quiet", "1h"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{err}");

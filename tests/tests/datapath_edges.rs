@@ -298,6 +298,74 @@ fn a_flood_of_denied_flows_is_rate_limited_in_the_kernel_and_every_suppressed_ev
 const PASS: i32 = -1;
 const DROP: i32 = 2;
 
+/// A packet claiming the workload's own address as its source, arriving over its
+/// interface, is a spoof (a pod's own loopback never reaches TC): decided by policy like any
+/// other, never passed as the pod reaching itself. That pass is for loopback at cgroup
+/// hooks only (`cgroup_attachment_counts_and_enforces_socket_traffic`).
+#[test]
+fn a_packet_from_the_workloads_own_address_over_its_interface_is_decided_by_policy() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    // BPF_PROG_TEST_RUN packets arrive on ifindex 1: tc_to_pod sees them as slot 1's ingress.
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    // The frames go to 10.1.0.11 and fd77:1::b, the workload's addresses; their sources are
+    // made the same.
+    let own: Vec<std::net::IpAddr> =
+        vec!["10.1.0.11".parse().unwrap(), "fd77:1::b".parse().unwrap()];
+    let v4 = {
+        let mut f = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 8080, 8)));
+        f.copy_within(14 + 16..14 + 20, 14 + 12);
+        f
+    };
+    let v6 = {
+        let mut f = eth(0x86DD, &ipv6(17, &udp_header(1000, 8080, 8)));
+        f.copy_within(14 + 24..14 + 40, 14 + 8);
+        f
+    };
+    assert_eq!(&v4[26..30], &v4[30..34]);
+    assert_eq!(&v6[22..38], &v6[38..54]);
+    let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
+        lab.in_node(|| dp.test_run(program_names::TC_TO_POD, frame, 1))
+            .unwrap()
+            .retval
+    };
+    for mode in [Mode::Drop, Mode::Log] {
+        dp.maps
+            .set_workload(
+                1,
+                &WorkloadPolicy {
+                    mode,
+                    isolated_ingress: true,
+                    ..Default::default()
+                }
+                .sending_from(&own),
+            )
+            .unwrap();
+        let before = Packets::read(&dp, 1);
+        let verdict = if mode == Mode::Drop { DROP } else { PASS };
+        assert_eq!(runs(&dp, &v4), verdict, "IPv4 in {mode:?}");
+        assert_eq!(runs(&dp, &v6), verdict, "IPv6 in {mode:?}");
+        let got = Packets::read(&dp, 1).since(before);
+        if mode == Mode::Drop {
+            assert_eq!(
+                got,
+                Packets {
+                    in_dropped: 2,
+                    ..Default::default()
+                }
+            );
+        } else {
+            assert_eq!(
+                got,
+                Packets {
+                    in_would_drop: 2,
+                    ..Default::default()
+                }
+            );
+        }
+    }
+}
+
 #[test]
 fn malformed_packets_are_counted_and_never_misattributed() {
     let lab = Lab::new();

@@ -181,6 +181,8 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     let mut world_seen: BTreeMap<(String, String, bool), BTreeSet<IpAddr>> = BTreeMap::new();
     let mut replay = Vec::new();
     let mut left_out = Vec::new();
+    // (namespace, workload) -> whether stable labels select it.
+    let mut selectable: BTreeMap<(String, String), bool> = BTreeMap::new();
     for flow in observed {
         let ingress = flow.direction == "ingress";
         let (local, peer) = if ingress {
@@ -231,6 +233,32 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             ));
             continue;
         }
+        // A workload whose pods share no stable label could only be selected with its whole
+        // namespace: a policy for it would isolate every pod there, a rule for it allow
+        // every pod there. Left out and said, never widened.
+        let unselectable = [
+            Some(local),
+            match &peer {
+                AdvisedPeer::Workload(ns, wl) => Some((ns, wl)),
+                AdvisedPeer::World => None,
+            },
+        ]
+        .into_iter()
+        .flatten()
+        .find(|(ns, wl)| {
+            !*selectable
+                .entry(((*ns).clone(), (*wl).clone()))
+                .or_insert_with(|| {
+                    pod_of(state, ns, wl).is_some_and(|p| !stable_selector(state, p).is_empty())
+                })
+        });
+        if let Some((ns, wl)) = unselectable {
+            advice.notes.push(format!(
+                "left out ({ns}/{wl}: its pods share no label that is not set per pod or revision, so only its whole namespace could be selected; label its pods and advise again): {}",
+                describe(flow)
+            ));
+            continue;
+        }
         if !ingress && peer == AdvisedPeer::World && !flow.dst_domain.is_empty() {
             named
                 .entry((local.0.clone(), local.1.clone()))
@@ -262,28 +290,6 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         replay.push(flow);
     }
 
-    // A workload whose pods share no stable label can only be selected with its whole
-    // namespace: said, not hidden in a `matchLabels: {}`.
-    let mut unselectable = BTreeSet::new();
-    for ((namespace, workload), directions) in &wanted {
-        let peers = directions
-            .values()
-            .flat_map(|p| p.keys())
-            .filter_map(|p| match p {
-                AdvisedPeer::Workload(ns, wl) => Some((ns, wl)),
-                AdvisedPeer::World => None,
-            });
-        for (ns, wl) in std::iter::once((namespace, workload)).chain(peers) {
-            if let Some(pod) = pod_of(state, ns, wl)
-                && stable_selector(state, pod).is_empty()
-                && unselectable.insert((ns.clone(), wl.clone()))
-            {
-                advice.notes.push(format!(
-                    "{ns}/{wl}: its pods share no label that is not set per pod or revision, so the advice selects every pod of namespace {ns} for it; label the workload's pods and advise again"
-                ));
-            }
-        }
-    }
     for ((namespace, workload), directions) in &wanted {
         let local = pod_of(state, namespace, workload).expect("checked above");
         let name = advised_name(state, namespace, workload);
@@ -1114,12 +1120,16 @@ spec:
         .into_state();
         let advice = advise(&bare, &observed, &AdviseOptions::default());
         assert!(
-            advice
-                .notes
-                .iter()
-                .any(|n| n.starts_with("bank/pot: its pods share no label")),
+            advice.notes.iter().any(|n| n.starts_with(
+                "left out (bank/pot: its pods share no label that is not set per pod or revision"
+            )),
             "{:?}",
             advice.notes
+        );
+        assert!(
+            advice.policies.is_empty(),
+            "never a namespace-wide selector: {}",
+            advice.yaml
         );
 
         // A record whose peer has no address left (its pods pending) cannot be proven: the

@@ -57,7 +57,7 @@ struct Persisted {
     /// adds only what came after.
     #[serde(default)]
     pod_would_drops: BTreeMap<String, u64>,
-    /// New peer pairs the observed-flow record did not take (`make_room`).
+    /// Packets of peer pairs the observed-flow record did not take (`make_room`).
     #[serde(default)]
     record_refused: u64,
     /// Flow series given up for new ones, with their values (`Observer::retired`).
@@ -76,12 +76,12 @@ pub struct RecordLimits {
     /// hours of would-drops.
     pub retention: std::time::Duration,
     /// Peer pairs held at most. When full, a tenth goes at a time (`make_room`): first
-    /// pairs never allowed, then pairs seen over the shortest span (a scan's are seen
-    /// once), the longest unseen first; a peer's pairs of one protocol hold at most
-    /// `RECORD_PORTS_PER_PEER` ports. So a scan neither fills the record for good nor
-    /// pushes out the rarely used pairs it exists to remember. About 200 bytes each in
-    /// memory and in observed.json (up to about 550 with the 8 addresses kept of a peer
-    /// outside the cluster).
+    /// pairs seen at one poll only (a scan's), never-allowed ones before allowed ones, then
+    /// those seen over the shortest span, the longest unseen first; a peer's pairs of one
+    /// protocol (and DNS name) hold at most `RECORD_PORTS_PER_PEER` ports. So a scan
+    /// neither fills the record for good nor pushes out the rarely used pairs it exists to
+    /// remember. About 200 bytes each in memory and in observed.json (up to about 550 with
+    /// the 8 addresses kept of a peer outside the cluster).
     pub capacity: usize,
 }
 
@@ -100,6 +100,8 @@ fn make_room(
     if observed.contains_key(key) {
         return true;
     }
+    // One peer: the same ends, protocol and DNS name (each name outside the cluster is a
+    // peer of its own), any port.
     let same_peer = |k: &ObservedKey| {
         (&k.0, &k.1, &k.2, &k.3, &k.4, &k.5) == (&key.0, &key.1, &key.2, &key.3, &key.4, &key.5)
     };
@@ -116,6 +118,7 @@ fn make_room(
     if observed
         .range(first..)
         .take_while(|(k, _)| same_peer(k))
+        .filter(|(k, _)| k.7 == key.7)
         .count()
         >= RECORD_PORTS_PER_PEER
     {
@@ -128,13 +131,13 @@ fn make_room(
     let oldest = now.saturating_sub(limits.retention.as_secs());
     observed.retain(|_, f| f.last_seen >= oldest);
     if observed.len() >= capacity {
-        // A tenth at a time, so a flood of new pairs does not sort on every one.
+        // A tenth at a time, so a flood of new pairs does not sort on every one: first
+        // what was seen at one poll only (a scan's), never allowed before allowed, then the
+        // shortest span, the longest unseen. A pair seen over days stays, allowed or not
+        // (a nightly job the policies do not allow yet is what a flip must not miss).
         let worth = |f: &ObservedFlow| {
-            (
-                !f.only_denied(),
-                f.last_seen.saturating_sub(f.first_seen),
-                f.last_seen,
-            )
+            let span = f.last_seen.saturating_sub(f.first_seen);
+            (span > 0, !f.only_denied(), span, f.last_seen)
         };
         let mut ranked: Vec<_> = observed.values().map(worth).collect();
         ranked.sort_unstable();
@@ -196,9 +199,14 @@ pub struct NotQuiet {
     pub reasons: Vec<String>,
     /// Its latest would-drop flows within the window (flow log records, newest last).
     pub flows: Vec<FlowRecord>,
-    /// Its peer pairs with would-drops within the window, from the observed-flow record.
+    /// Its peer pairs with would-drops within the window, from the observed-flow record:
+    /// the `REFUSAL_PAIRS_SHOWN` latest, and how many more there are.
     pub pairs: Vec<ObservedFlow>,
+    pub more_pairs: usize,
 }
+
+/// Would-drop peer pairs a refusal names (and explains).
+pub const REFUSAL_PAIRS_SHOWN: usize = 20;
 
 /// The labels of `tollgate_flow_packets_total`, in the order the observer keeps them.
 pub const SERIES_LABELS: [&str; 9] = [
@@ -582,7 +590,13 @@ impl Observer {
                 .and_then(|data| serde_json::from_slice::<Vec<ObservedFlow>>(&data).ok())
                 .unwrap_or_else(|| persisted.observed.clone())
                 .into_iter()
-                .map(|f| (observed_key(&f), f))
+                .map(|mut f| {
+                    // Written before records kept it: its last sighting stands in.
+                    if f.last_would_drop == 0 && f.packets[1] > 0 {
+                        f.last_would_drop = f.last_seen;
+                    }
+                    (observed_key(&f), f)
+                })
                 .collect(),
             observed_file,
             observed_written: None,
@@ -924,7 +938,7 @@ impl Observer {
             labels.get(8).cloned().unwrap_or_default(),
         );
         if !make_room(&mut self.observed, &key, &self.limits, now) {
-            self.persisted.record_refused += 1;
+            self.persisted.record_refused += packets;
             return;
         }
         let flow = self
@@ -1086,6 +1100,12 @@ impl Observer {
             })
             .cloned()
             .collect();
+        // The latest first, a page of them (a scan's pairs are many).
+        refusal
+            .pairs
+            .sort_by_key(|f| std::cmp::Reverse(f.last_would_drop));
+        refusal.more_pairs = refusal.pairs.len().saturating_sub(REFUSAL_PAIRS_SHOWN);
+        refusal.pairs.truncate(REFUSAL_PAIRS_SHOWN);
         Err(refusal)
     }
 
@@ -1363,60 +1383,62 @@ mod tests {
         let day = 86_400;
         let now = 100 * day;
         let mut book = BTreeMap::new();
-        // The nightly batch: seen a month ago first, last seen three days ago.
-        assert!(record(
+        let add = |book: &mut BTreeMap<_, _>, f: ObservedFlow| record(book, f, &limits);
+        // The nightly batch: seen a month ago first, last seen three days ago; and a nightly
+        // caller the policies do not allow yet (a would-drop only: what a flip must not
+        // miss).
+        assert!(add(
             &mut book,
-            pair("batch", 5432, now - 30 * day, now - 3 * day, 40),
-            &limits
+            pair("batch", 5432, now - 30 * day, now - 3 * day, 40)
+        ));
+        assert!(add(
+            &mut book,
+            pair("report", 8443, now - 20 * day, now - 2 * day, 0)
         ));
         // Busy callers, seen over the last week.
         for i in 0..600 {
-            assert!(record(
-                &mut book,
-                pair(&format!("caller-{i}"), 8080, now - 7 * day, now - 60, 1_000),
-                &limits
-            ));
+            let caller = pair(&format!("caller-{i}"), 8080, now - 7 * day, now - 60, 1_000);
+            assert!(add(&mut book, caller));
         }
         // A scanner walks every port of the ledger: its peer keeps 64 ports, the rest is
         // refused (and counted by the caller).
         let taken = (1..=5_000u16)
-            .filter(|p| record(&mut book, pair("scanner", *p, now, now, 1), &limits))
+            .filter(|p| add(&mut book, pair("scanner", *p, now, now, 1)))
             .count();
         assert_eq!(taken, RECORD_PORTS_PER_PEER);
-        // Scanners from many pods, denied: 3,000 pairs more than the record has room for.
+        // Scanners from many pods: 3,000 pairs denied, 1,500 allowed (pods no policy
+        // isolates), all seen once, far more than the record has room for.
         for i in 0..1_500 {
             for port in [22, 23] {
-                assert!(record(
-                    &mut book,
-                    pair(&format!("bot-{i}"), port, now, now, 0),
-                    &limits
-                ));
+                assert!(add(&mut book, pair(&format!("bot-{i}"), port, now, now, 0)));
             }
+            assert!(add(&mut book, pair(&format!("open-{i}"), 22, now, now, 1)));
         }
         assert!(book.len() <= 1_000, "{}", book.len());
         let kept = |peer: &str| book.values().any(|f| f.src_workload == peer);
-        assert!(kept("batch"), "the rarely used pair went first");
+        assert!(kept("batch"), "the rarely used pair stays");
+        assert!(kept("report"), "the rarely seen would-drop stays");
         assert_eq!(
             (0..600).filter(|i| kept(&format!("caller-{i}"))).count(),
             600,
             "every caller seen over days stays"
         );
         // A pair seen again is never refused, whatever its peer holds.
-        assert!(record(
-            &mut book,
-            pair("scanner", 1, now, now + 1, 1),
-            &limits
-        ));
+        assert!(add(&mut book, pair("scanner", 1, now, now + 1, 1)));
+        // Names outside the cluster are peers of their own: 100 names on 443 all fit.
+        let mut named = BTreeMap::new();
+        for i in 0..100 {
+            let mut f = pair("world", 443, now, now, 1);
+            f.dst_domain = format!("api-{i}.example.com");
+            assert!(add(&mut named, f), "api-{i}");
+        }
         // What was last seen beyond the retention makes room first.
         let short = RecordLimits {
             retention: std::time::Duration::from_secs(day),
             capacity: book.len(),
         };
-        assert!(record(
-            &mut book,
-            pair("new", 443, now + 2 * day, now + 2 * day, 1),
-            &short
-        ));
+        let fresh = pair("new", 443, now + 2 * day, now + 2 * day, 1);
+        assert!(record(&mut book, fresh, &short));
         assert_eq!(book.len(), 1, "only the new pair is within a day");
     }
 }

@@ -17,8 +17,8 @@ pub struct Snapshot {
     pub packets: Vec<(Labels, u64, u64)>,
     pub flow_packets: Vec<(Labels, u64)>,
     pub flow_overflow: u64,
-    /// Peer pairs in the observed-flow record, its capacity, and the new pairs it did not
-    /// take (their peer held `RECORD_PORTS_PER_PEER` ports already).
+    /// Peer pairs in the observed-flow record, its capacity, and the packets of pairs it did
+    /// not take (their peer held `RECORD_PORTS_PER_PEER` ports already).
     pub record_pairs: u64,
     pub record_capacity: u64,
     pub record_refused: u64,
@@ -136,8 +136,8 @@ impl Snapshot {
         )?;
         counter_family(
             e,
-            "tollgate_observed_pairs_refused",
-            "New peer pairs the observed-flow record did not take: their peer already held 64 ports of the protocol (a port scan)",
+            "tollgate_observed_record_overflow",
+            "Packets of peer pairs the observed-flow record did not take: their peer already held 64 ports of the protocol (a port scan)",
             [(vec![], self.record_refused)],
         )?;
         gauge_family(
