@@ -81,6 +81,11 @@ impl Bank {
         y
     }
 
+    /// UDP datagrams from `from` to the ledger's port 8080 (IPv4): how many were echoed.
+    fn to_ledger(&self, from: &Pod, datagrams: u32) -> u32 {
+        traffic::udp(from, self.ledger.addr(false), 8080, datagrams, 64, PATIENT).echoed
+    }
+
     fn write_state(&self, agent: &Agent, extra: &str) {
         std::fs::write(
             agent.cluster_state.join("bank.yaml"),
@@ -137,22 +142,8 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
     assert_eq!(ledger["mode_source"], "default");
 
     // Allowed, and would-drops that pass in log mode.
-    assert_eq!(
-        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 5, 64, PATIENT).echoed,
-        5
-    );
-    assert_eq!(
-        traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            4,
-            64,
-            PATIENT
-        )
-        .echoed,
-        4
-    );
+    assert_eq!(bank.to_ledger(&bank.pot, 5), 5);
+    assert_eq!(bank.to_ledger(&bank.frontend, 4), 4);
     bank.lab.settle();
     let m = agent.metrics_text();
     assert_eq!(ledger_packets(&m, "ingress", "allowed"), 5.0);
@@ -198,10 +189,7 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
         )
     };
     assert_eq!(pot_series(&m), Some(10.0), "5 datagrams and their echoes");
-    assert_eq!(
-        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 6, 64, PATIENT).echoed,
-        6
-    );
+    assert_eq!(bank.to_ledger(&bank.pot, 6), 6);
     bank.lab.settle();
     let m = agent.metrics_text();
     assert_eq!(pot_series(&m), Some(22.0), "6 more and their echoes");
@@ -293,10 +281,7 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
         FAIL_FAST,
     );
     assert_eq!(r.echoed, 0, "dropped right after the flip: {r:?}");
-    assert_eq!(
-        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 3, 64, PATIENT).echoed,
-        3
-    );
+    assert_eq!(bank.to_ledger(&bank.pot, 3), 3);
     bank.lab.settle();
     let m = agent.metrics_text();
     assert_eq!(ledger_packets(&m, "ingress", "dropped"), 3.0);
@@ -368,18 +353,7 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
             .status
             .success()
     );
-    assert_eq!(
-        traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            1,
-            64,
-            PATIENT
-        )
-        .echoed,
-        1
-    );
+    assert_eq!(bank.to_ledger(&bank.frontend, 1), 1);
 
     // The cluster state is watched: a new policy allowing the frontend applies within a
     // second or so, and a broken one is rejected, counted, and changes nothing else.
@@ -393,18 +367,7 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
     let m = agent.metrics_text();
     assert_eq!(sample(&m, "tollgate_policy_errors_total", &[]), Some(1.0));
     let before = ledger_packets(&m, "ingress", "would_drop");
-    assert_eq!(
-        traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            2,
-            64,
-            PATIENT
-        )
-        .echoed,
-        2
-    );
+    assert_eq!(bank.to_ledger(&bank.frontend, 2), 2);
     bank.lab.settle();
     assert_eq!(
         ledger_packets(&agent.metrics_text(), "ingress", "would_drop"),
@@ -632,19 +595,7 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     );
     assert!(fresh.stop().success());
     assert!(!fresh.bpffs.exists(), "pins removed");
-    assert_eq!(
-        traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            1,
-            64,
-            PATIENT
-        )
-        .echoed,
-        1,
-        "no longer enforced"
-    );
+    assert_eq!(bank.to_ledger(&bank.frontend, 1), 1, "no longer enforced");
     drop(agent);
 }
 
@@ -793,22 +744,8 @@ fn prometheus_query(node: &str, q: &str) -> Option<serde_json::Value> {
 fn prometheus_scrapes_what_the_traffic_was() {
     let bank = bank("agent-prometheus");
     let agent = bank.start(&[]);
-    assert_eq!(
-        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 7, 64, PATIENT).echoed,
-        7
-    );
-    assert_eq!(
-        traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            3,
-            64,
-            PATIENT
-        )
-        .echoed,
-        3
-    );
+    assert_eq!(bank.to_ledger(&bank.pot, 7), 7);
+    assert_eq!(bank.to_ledger(&bank.frontend, 3), 3);
     assert_eq!(
         traffic::ping(&bank.prometheus, bank.ledger.addr(false), 2),
         2
@@ -1066,15 +1003,7 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
     // A would-drop (frontend is not allowed in): refused within a window that holds it,
     // with the flow and the rule that would allow it.
     assert_eq!(
-        traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            4,
-            64,
-            PATIENT
-        )
-        .echoed,
+        bank.to_ledger(&bank.frontend, 4),
         4,
         "log mode lets it pass"
     );
@@ -1197,18 +1126,7 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
 fn a_replaced_pod_carries_its_workloads_record() {
     let bank = bank("rollout");
     let agent = bank.start(&[]);
-    assert_eq!(
-        traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            3,
-            64,
-            PATIENT
-        )
-        .echoed,
-        3
-    );
+    assert_eq!(bank.to_ledger(&bank.frontend, 3), 3);
     bank.lab.settle();
     let before = wait_for(Duration::from_secs(10), "the would-drop noted", || {
         let w = agent.workload(LEDGER_POD)?;
@@ -1591,10 +1509,7 @@ fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
 fn the_observed_record_survives_a_restart_and_ages_out() {
     let bank = bank("record-age");
     let mut agent = bank.start(&["--record-retention", "12s"]);
-    assert_eq!(
-        traffic::udp(&bank.pot, bank.ledger.addr(false), 8080, 2, 64, PATIENT).echoed,
-        2
-    );
+    assert_eq!(bank.to_ledger(&bank.pot, 2), 2);
     bank.lab.settle();
     let advised = |agent: &Agent| {
         let out = agent.cli(&["advise"]);
