@@ -44,10 +44,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
 };
 
-use crate::{
-    identity::same_addr,
-    parse::{Kind, Packet, ParseError},
-};
+use crate::parse::{Kind, Packet, ParseError};
 
 /// Per-workload configuration, by slot.
 #[map]
@@ -355,23 +352,17 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         counters::diag(diag::ICMPV6_LINK_CONTROL);
         return Action::Pass;
     }
+    // Loopback, which only cgroup hooks see (a veth pod's never reaches TC), carries traffic
+    // between the processes of one network namespace: a pod with itself (its own address,
+    // never enforced: upstream's AllowLoopback; 127.0.0.1, a sidecar), or for a
+    // host-network pod the node's own, always allowed. Neither a spoof nor a peer. Arriving
+    // on a real interface, the pod's own address as the source is a spoof, decided by policy.
+    if l3 == 0 && on_loopback(skb) {
+        counters::count(slot, direction, VERDICT_ALLOWED, segs, bytes);
+        return Action::Pass;
+    }
     if direction == DIR_EGRESS && !source_is_own(workload, &pkt) {
         return spoofed(workload, slot, &pkt, isolated, segs, bytes);
-    }
-
-    // A pod reaching its own address is never enforced (upstream's AllowLoopback). Only
-    // cgroup hooks see it, on loopback (a veth pod's loopback never reaches TC); arriving on
-    // a real interface, the pod's own address as the source is a spoof, decided by policy.
-    if l3 == 0 && on_loopback(skb) {
-        let remote = if direction == DIR_EGRESS {
-            &pkt.tuple.dst
-        } else {
-            &pkt.tuple.src
-        };
-        if identity::is_own_address(workload, pkt.family, remote) {
-            counters::count(slot, direction, VERDICT_ALLOWED, segs, bytes);
-            return Action::Pass;
-        }
     }
 
     let Some(config) = CONFIG.get(0) else {
@@ -466,6 +457,18 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         Action::Drop
     } else {
         Action::Pass
+    }
+}
+
+/// Two addresses of a key or packet, compared as two 64-bit words (no memcmp in BPF).
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    // SAFETY: both are 16 readable bytes; unaligned reads of plain integers.
+    unsafe {
+        let a = a.as_ptr().cast::<u64>();
+        let b = b.as_ptr().cast::<u64>();
+        a.read_unaligned() == b.read_unaligned()
+            && a.add(1).read_unaligned() == b.add(1).read_unaligned()
     }
 }
 

@@ -543,11 +543,16 @@ impl Controller {
         )
     }
 
-    /// Explains a denied observed peer pair at its enforcement point: the first pod of its
-    /// workload on this node that the policies isolate there, with the peer's first pod (or,
-    /// outside the cluster, the latest address it was seen at).
+    /// Explains an observed peer pair the policies in force still deny at its enforcement
+    /// point: at the first pod of its workload on this node they isolate there, toward the
+    /// peer's first pod, the latest address it was seen at, or (from a pod an
+    /// EgressAllowlist selects) the name it was resolved from. Nothing when they allow it
+    /// now, or when the peer is an address never seen (a made-up one would mislead).
     fn explain_observed(&self, flow: &crate::compile::advise::ObservedFlow) -> Vec<String> {
-        use crate::compile::{explain::Peer, model::Protocol};
+        use crate::compile::{
+            explain::{Explanation, Fix, Peer, rules_allow},
+            model::Protocol,
+        };
         let state = self.source.state();
         let compiled = self.rec.compiled();
         let ingress = flow.direction == "ingress";
@@ -565,11 +570,71 @@ impl Controller {
         let of_workload = |p: &crate::compile::model::PodInfo, ns: &str, wl: &str| {
             p.namespace == ns && (p.workload == wl || p.name == wl)
         };
+        let protocol = Protocol::parse(&flow.protocol.to_ascii_uppercase());
+        // The first local pod of the workload isolated on this side.
+        let Some((key, policy)) = compiled.pods.iter().find(|(key, policy)| {
+            let isolated_by = if ingress {
+                &policy.ingress_policies
+            } else {
+                &policy.egress_policies
+            };
+            key.0 == *lns
+                && !isolated_by.is_empty()
+                && state
+                    .pods
+                    .get(*key)
+                    .is_some_and(|p| of_workload(p, lns, lwl))
+        }) else {
+            return Vec::new();
+        };
+        let Some(pod) = state.pods.get(key) else {
+            return Vec::new();
+        };
+        let isolated_by = if ingress {
+            &policy.ingress_policies
+        } else {
+            &policy.egress_policies
+        };
         let peer = match (pns.as_str(), pwl.as_str()) {
+            ("world", "world") if !ingress && !flow.dst_domain.is_empty() => {
+                // A name from a pod an EgressAllowlist selects: the fix is an entry for it.
+                let Some(allowlist) =
+                    crate::dns::Allowlist::for_pod(pod, state.egress_allowlists.values())
+                else {
+                    return Vec::new();
+                };
+                let proto = protocol.map_or(0, Protocol::number);
+                let allowed = allowlist
+                    .ports_for(&flow.dst_domain)
+                    .is_some_and(|ports| ports.iter().any(|p| p.allows(proto, flow.port)));
+                let (Some(first), false) = (allowlist.names.first(), allowed) else {
+                    return Vec::new();
+                };
+                let name = &flow.dst_domain;
+                let rule = match protocol {
+                    Some(p) => format!(
+                        "{{domains: [{name}], ports: [{{port: {}, protocol: {}}}]}}",
+                        flow.port,
+                        p.as_str()
+                    ),
+                    None => format!("{{domains: [{name}]}}"),
+                };
+                let explanation = Explanation {
+                    side: "egress",
+                    pod: format!("{}/{}", pod.namespace, pod.name),
+                    isolated_by: allowlist.names.iter().chain(isolated_by).cloned().collect(),
+                    fix: Fix::Domain {
+                        allowlist: first.clone(),
+                        rule,
+                    },
+                };
+                return vec![explanation.summary()];
+            }
+            ("world", "world") => match flow.world_addresses.last() {
+                Some(address) => Peer::Address(*address),
+                None => return Vec::new(),
+            },
             ("host", "host") => return Vec::new(),
-            ("world", "world") => Peer::Address(flow.world_addresses.last().copied().unwrap_or(
-                std::net::IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 1)),
-            )),
             _ => match state
                 .pods
                 .range((pns.clone(), String::new())..)
@@ -577,28 +642,29 @@ impl Controller {
                 .take_while(|p| p.namespace == *pns)
                 .find(|p| of_workload(p, pns, pwl))
             {
-                Some(p) => Peer::Pod(p),
+                Some(peer) => {
+                    let direction = if ingress {
+                        agent_common::DIR_INGRESS
+                    } else {
+                        agent_common::DIR_EGRESS
+                    };
+                    if rules_allow(
+                        state,
+                        pod,
+                        direction,
+                        isolated_by,
+                        peer,
+                        protocol,
+                        flow.port,
+                    ) {
+                        return Vec::new();
+                    }
+                    Peer::Pod(peer)
+                }
                 None => return Vec::new(),
             },
         };
-        let protocol = Protocol::parse(&flow.protocol.to_ascii_uppercase());
-        compiled
-            .pods
-            .iter()
-            .filter(|(key, policy)| {
-                let isolated_by = if ingress {
-                    &policy.ingress_policies
-                } else {
-                    &policy.egress_policies
-                };
-                key.0 == *lns
-                    && !isolated_by.is_empty()
-                    && state
-                        .pods
-                        .get(*key)
-                        .is_some_and(|p| of_workload(p, lns, lwl))
-            })
-            .find_map(|(key, _)| self.explain_at(key, ingress, &peer, protocol, flow.port))
+        self.explain_at(key, ingress, &peer, protocol, flow.port)
             .into_iter()
             .collect()
     }

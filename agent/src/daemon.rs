@@ -820,10 +820,7 @@ async fn refusal(
         }
     }
     if not_quiet.more_pairs > 0 {
-        out.push_str(&format!(
-            "\n    +{} more (tollgate advise --explain --include-denied lists them all)",
-            not_quiet.more_pairs
-        ));
+        out.push_str(&format!("\n    +{} more", not_quiet.more_pairs));
     }
     let flows = not_quiet.flows;
     let explained = shared

@@ -596,6 +596,11 @@ fn cgroup_attachment_counts_and_enforces_socket_traffic() {
             let r = traffic::tcp(&b, b.addr(v6), 80, 2, PATIENT);
             assert_eq!(r.echoed, 2, "b to itself (IPv6 {v6}): {r:?}");
         }
+        // And over localhost (a sidecar's traffic with its pod): neither a spoof nor denied.
+        for localhost in ["127.0.0.1", "::1"] {
+            let r = traffic::tcp(&b, localhost.parse().unwrap(), 80, 2, PATIENT);
+            assert_eq!(r.echoed, 2, "b to {localhost}: {r:?}");
+        }
     });
     assert!(
         got.in_dropped >= 4,

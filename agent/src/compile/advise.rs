@@ -257,6 +257,9 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 "left out ({ns}/{wl}: its pods share no label that is not set per pod or revision, so only its whole namespace could be selected; label its pods and advise again): {}",
                 describe(flow)
             ));
+            // Still replayed: the other advice may isolate its workload, and the proof must
+            // then say it is denied.
+            replay.push(flow);
             continue;
         }
         if !ingress && peer == AdvisedPeer::World && !flow.dst_domain.is_empty() {
@@ -1131,6 +1134,10 @@ spec:
             "never a namespace-wide selector: {}",
             advice.yaml
         );
+        // The flow it leaves out is still replayed: the ledger's policy in force denies it,
+        // and the proof says so.
+        assert_eq!(advice.replayed, 1);
+        assert_eq!(advice.denied.len(), 2, "{:?}", advice.denied);
 
         // A record whose peer has no address left (its pods pending) cannot be proven: the
         // advice says so rather than claim it allowed.

@@ -145,6 +145,59 @@ pub fn explain(
     }
 }
 
+/// Whether a rule of the policies `isolated_by` (`NAMESPACE/NAME`) that isolate `pod` in
+/// `direction` already allows `peer` on `port`: a flow denied earlier that the policies in
+/// force allow now needs no change.
+pub fn rules_allow(
+    state: &ClusterState,
+    pod: &PodInfo,
+    direction: u8,
+    isolated_by: &[String],
+    peer: &PodInfo,
+    protocol: Option<Protocol>,
+    port: u16,
+) -> bool {
+    let policies = isolated_by
+        .iter()
+        .filter_map(|id| id.split_once('/'))
+        .filter_map(|(ns, name)| state.policies.get(&(ns.to_string(), name.to_string())));
+    let destination = if direction == DIR_INGRESS { pod } else { peer };
+    for policy in policies {
+        let rules = if direction == DIR_INGRESS {
+            &policy.ingress
+        } else {
+            &policy.egress
+        };
+        for rule in rules.iter().flatten() {
+            if !ports_fit(&rule.ports, destination, protocol, port) {
+                continue;
+            }
+            if rule.peers.is_empty() {
+                return true;
+            }
+            for spec in &rule.peers {
+                let selects = match spec {
+                    PeerSpec::Pods { namespaces, pods } => {
+                        let namespace_fits = match namespaces {
+                            None => peer.namespace == policy.namespace,
+                            Some(sel) => sel.matches(&state.namespace_labels(&peer.namespace)),
+                        };
+                        namespace_fits && pods.as_ref().is_none_or(|sel| sel.matches(&peer.labels))
+                    }
+                    PeerSpec::IpBlock { cidr, except } => peer
+                        .ips
+                        .iter()
+                        .any(|ip| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))),
+                };
+                if selects {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
 /// The fewest labels that, added to the peer's workload, make a rule of one of `policies`
 /// (with a port that fits the flow, and a namespace that takes the peer's in) select it.
 fn label_fix(
@@ -411,6 +464,50 @@ spec:
             }
         );
         assert!(e.summary().contains("role=db-client"), "{}", e.summary());
+    }
+
+    /// An earlier would-drop the policies in force allow now needs no change: by labels,
+    /// by a named port, by an ipBlock; a port or peer no rule takes is still denied.
+    #[test]
+    fn rules_in_force_that_allow_a_flow_are_recognised() {
+        let extra = "
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-0, namespace: shop, labels: {app: client, role: db-client}}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-web-block, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.1/32}}]
+    ports: [{port: 6432}]
+";
+        let state = state(&format!("{CLUSTER}{extra}"));
+        let pod = |name: &str| &state.pods[&("shop".to_string(), name.to_string())];
+        let policies = ["shop/db-in".to_string(), "shop/db-web-block".to_string()];
+        let allows = |peer: &str, port: u16| {
+            rules_allow(
+                &state,
+                pod("db-0"),
+                DIR_INGRESS,
+                &policies,
+                pod(peer),
+                Some(Protocol::Tcp),
+                port,
+            )
+        };
+        assert!(allows("client-0", 5432), "labels and the named port pg");
+        assert!(!allows("client-0", 5433), "a port no rule takes");
+        assert!(!allows("web-7d9f-abc", 5432), "a peer no rule selects");
+        assert!(
+            allows("web-7d9f-abc", 6432),
+            "an ipBlock holding its address"
+        );
+        assert!(!allows("client-0", 6432), "outside the ipBlock");
     }
 
     #[test]

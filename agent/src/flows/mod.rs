@@ -76,8 +76,8 @@ pub struct RecordLimits {
     /// hours of would-drops.
     pub retention: std::time::Duration,
     /// Peer pairs held at most. When full, a tenth goes at a time (`make_room`): first
-    /// pairs seen at one poll only (a scan's), never-allowed ones before allowed ones, then
-    /// those seen over the shortest span, the longest unseen first; a peer's pairs of one
+    /// pairs seen at one poll only (a scan's), then those seen over the fewest hours
+    /// (never-allowed before allowed among equals), the longest unseen first; a peer's pairs of one
     /// protocol (and DNS name) hold at most `RECORD_PORTS_PER_PEER` ports. So a scan
     /// neither fills the record for good nor pushes out the rarely used pairs it exists to
     /// remember. About 200 bytes each in memory and in observed.json (up to about 550 with
@@ -132,12 +132,13 @@ fn make_room(
     observed.retain(|_, f| f.last_seen >= oldest);
     if observed.len() >= capacity {
         // A tenth at a time, so a flood of new pairs does not sort on every one: first
-        // what was seen at one poll only (a scan's), never allowed before allowed, then the
-        // shortest span, the longest unseen. A pair seen over days stays, allowed or not
-        // (a nightly job the policies do not allow yet is what a flip must not miss).
+        // what was seen at one poll only (a scan's), then by the hours between first and
+        // last seen, never allowed before allowed among equals, the longest unseen first.
+        // A pair seen over days stays, allowed or not (a nightly job the policies do not
+        // allow yet is what a flip must not miss).
         let worth = |f: &ObservedFlow| {
             let span = f.last_seen.saturating_sub(f.first_seen);
-            (span > 0, !f.only_denied(), span, f.last_seen)
+            (span > 0, span / 3600, !f.only_denied(), f.last_seen)
         };
         let mut ranked: Vec<_> = observed.values().map(worth).collect();
         ranked.sort_unstable();
@@ -1423,6 +1424,20 @@ mod tests {
             600,
             "every caller seen over days stays"
         );
+        // Pairs seen twice, a minute apart, allowed: the would-drop seen over days outlasts
+        // them all.
+        let mut rare = BTreeMap::new();
+        assert!(add(
+            &mut rare,
+            pair("report", 8443, now - 20 * day, now - 2 * day, 0)
+        ));
+        for i in 0..1_500 {
+            assert!(add(
+                &mut rare,
+                pair(&format!("chatty-{i}"), 80, now - 60, now, 5)
+            ));
+        }
+        assert!(rare.values().any(|f| f.src_workload == "report"));
         // A pair seen again is never refused, whatever its peer holds.
         assert!(add(&mut book, pair("scanner", 1, now, now + 1, 1)));
         // Names outside the cluster are peers of their own: 100 names on 443 all fit.
