@@ -524,17 +524,12 @@ impl Controller {
         let state = self.source.state();
         let pod = state.pods.get(local)?;
         let policy = self.rec.compiled().pods.get(local)?;
-        let (direction, isolated_by) = if ingress {
-            (agent_common::DIR_INGRESS, &policy.ingress_policies)
-        } else {
-            (agent_common::DIR_EGRESS, &policy.egress_policies)
-        };
         Some(
             crate::compile::explain::explain(
                 state,
                 pod,
-                direction,
-                isolated_by,
+                direction_of(ingress),
+                policy.isolating(ingress),
                 peer,
                 protocol,
                 port,
@@ -573,13 +568,8 @@ impl Controller {
         let protocol = Protocol::parse(&flow.protocol.to_ascii_uppercase());
         // The first local pod of the workload isolated on this side.
         let Some((key, policy)) = compiled.pods.iter().find(|(key, policy)| {
-            let isolated_by = if ingress {
-                &policy.ingress_policies
-            } else {
-                &policy.egress_policies
-            };
             key.0 == *lns
-                && !isolated_by.is_empty()
+                && !policy.isolating(ingress).is_empty()
                 && state
                     .pods
                     .get(*key)
@@ -590,11 +580,7 @@ impl Controller {
         let Some(pod) = state.pods.get(key) else {
             return Vec::new();
         };
-        let isolated_by = if ingress {
-            &policy.ingress_policies
-        } else {
-            &policy.egress_policies
-        };
+        let isolated_by = policy.isolating(ingress);
         let peer = match (pns.as_str(), pwl.as_str()) {
             ("world", "world") if !ingress && !flow.dst_domain.is_empty() => {
                 // A name from a pod an EgressAllowlist selects: the fix is an entry for it.
@@ -643,15 +629,10 @@ impl Controller {
                 .find(|p| of_workload(p, pns, pwl))
             {
                 Some(peer) => {
-                    let direction = if ingress {
-                        agent_common::DIR_INGRESS
-                    } else {
-                        agent_common::DIR_EGRESS
-                    };
                     if rules_allow(
                         state,
                         pod,
-                        direction,
+                        direction_of(ingress),
                         isolated_by,
                         peer,
                         protocol,
@@ -979,5 +960,14 @@ fn backends_endpoint<'a>(
             _ => String::new(),
         },
         workload,
+    }
+}
+
+/// The datapath's direction code of a side (`ingress`, else egress).
+fn direction_of(ingress: bool) -> u8 {
+    if ingress {
+        agent_common::DIR_INGRESS
+    } else {
+        agent_common::DIR_EGRESS
     }
 }

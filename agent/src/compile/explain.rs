@@ -118,11 +118,7 @@ pub fn explain(
     protocol: Option<Protocol>,
     port: u16,
 ) -> Explanation {
-    let policies: Vec<&Policy> = isolated_by
-        .iter()
-        .filter_map(|id| id.split_once('/'))
-        .filter_map(|(ns, name)| state.policies.get(&(ns.to_string(), name.to_string())))
-        .collect();
+    let policies: Vec<&Policy> = policies_of(state, isolated_by).collect();
     let side = if direction == DIR_INGRESS {
         "ingress"
     } else {
@@ -157,45 +153,67 @@ pub fn rules_allow(
     protocol: Option<Protocol>,
     port: u16,
 ) -> bool {
-    let policies = isolated_by
-        .iter()
+    let policies: Vec<&Policy> = policies_of(state, isolated_by).collect();
+    fitting_rules(&policies, direction, pod, peer, protocol, port).any(|(policy, rule)| {
+        rule.peers.is_empty()
+            || rule.peers.iter().any(|spec| match spec {
+                PeerSpec::Pods { namespaces, pods } => {
+                    namespace_takes(state, policy, namespaces, peer)
+                        && pods.as_ref().is_none_or(|sel| sel.matches(&peer.labels))
+                }
+                PeerSpec::IpBlock { cidr, except } => peer
+                    .ips
+                    .iter()
+                    .any(|ip| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))),
+            })
+    })
+}
+
+/// The policies named `NAMESPACE/NAME` in `ids`, as the state has them.
+fn policies_of<'a>(state: &'a ClusterState, ids: &'a [String]) -> impl Iterator<Item = &'a Policy> {
+    ids.iter()
         .filter_map(|id| id.split_once('/'))
-        .filter_map(|(ns, name)| state.policies.get(&(ns.to_string(), name.to_string())));
+        .filter_map(|(ns, name)| state.policies.get(&(ns.to_string(), name.to_string())))
+}
+
+/// The rules of `policies` in `direction` whose ports take in the flow between `pod` and
+/// `peer` (named ports resolved on the destination: the pod itself at ingress), each with
+/// its policy.
+fn fitting_rules<'a>(
+    policies: &'a [&'a Policy],
+    direction: u8,
+    pod: &'a PodInfo,
+    peer: &'a PodInfo,
+    protocol: Option<Protocol>,
+    port: u16,
+) -> impl Iterator<Item = (&'a Policy, &'a super::model::RuleSpec)> {
     let destination = if direction == DIR_INGRESS { pod } else { peer };
-    for policy in policies {
+    policies.iter().flat_map(move |policy| {
         let rules = if direction == DIR_INGRESS {
             &policy.ingress
         } else {
             &policy.egress
         };
-        for rule in rules.iter().flatten() {
-            if !ports_fit(&rule.ports, destination, protocol, port) {
-                continue;
-            }
-            if rule.peers.is_empty() {
-                return true;
-            }
-            for spec in &rule.peers {
-                let selects = match spec {
-                    PeerSpec::Pods { namespaces, pods } => {
-                        let namespace_fits = match namespaces {
-                            None => peer.namespace == policy.namespace,
-                            Some(sel) => sel.matches(&state.namespace_labels(&peer.namespace)),
-                        };
-                        namespace_fits && pods.as_ref().is_none_or(|sel| sel.matches(&peer.labels))
-                    }
-                    PeerSpec::IpBlock { cidr, except } => peer
-                        .ips
-                        .iter()
-                        .any(|ip| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))),
-                };
-                if selects {
-                    return true;
-                }
-            }
-        }
+        rules
+            .iter()
+            .flatten()
+            .filter(move |rule| ports_fit(&rule.ports, destination, protocol, port))
+            .map(move |rule| (*policy, rule))
+    })
+}
+
+/// Whether a rule's namespaceSelector (`None`: the policy's own namespace) takes in the
+/// peer's namespace.
+fn namespace_takes(
+    state: &ClusterState,
+    policy: &Policy,
+    namespaces: &Option<Selector>,
+    peer: &PodInfo,
+) -> bool {
+    match namespaces {
+        None => peer.namespace == policy.namespace,
+        Some(sel) => sel.matches(&state.namespace_labels(&peer.namespace)),
     }
-    false
 }
 
 /// The fewest labels that, added to the peer's workload, make a rule of one of `policies`
@@ -210,44 +228,29 @@ fn label_fix(
     port: u16,
 ) -> Option<Fix> {
     let mut best: Option<(usize, Fix)> = None;
-    for policy in policies {
-        let rules = if direction == DIR_INGRESS {
-            &policy.ingress
-        } else {
-            &policy.egress
-        };
-        for rule in rules.iter().flatten() {
-            // Named ports are resolved on the destination: the pod itself at ingress.
-            let destination = if direction == DIR_INGRESS { pod } else { peer };
-            if !ports_fit(&rule.ports, destination, protocol, port) {
+    for (policy, rule) in fitting_rules(policies, direction, pod, peer, protocol, port) {
+        for spec in &rule.peers {
+            let PeerSpec::Pods {
+                namespaces,
+                pods: Some(selector),
+            } = spec
+            else {
+                continue;
+            };
+            let namespace_fits = namespace_takes(state, policy, namespaces, peer);
+            let Some(missing) = missing_labels(selector, &peer.labels) else {
+                continue;
+            };
+            if !namespace_fits || missing.is_empty() {
                 continue;
             }
-            for spec in &rule.peers {
-                let PeerSpec::Pods {
-                    namespaces,
-                    pods: Some(selector),
-                } = spec
-                else {
-                    continue;
+            if best.as_ref().is_none_or(|(n, _)| missing.len() < *n) {
+                let fix = Fix::Labels {
+                    policy: format!("{}/{}", policy.namespace, policy.name),
+                    workload: format!("{}/{}", peer.namespace, peer.workload),
+                    labels: missing.clone(),
                 };
-                let namespace_fits = match namespaces {
-                    None => peer.namespace == policy.namespace,
-                    Some(sel) => sel.matches(&state.namespace_labels(&peer.namespace)),
-                };
-                let Some(missing) = missing_labels(selector, &peer.labels) else {
-                    continue;
-                };
-                if !namespace_fits || missing.is_empty() {
-                    continue;
-                }
-                if best.as_ref().is_none_or(|(n, _)| missing.len() < *n) {
-                    let fix = Fix::Labels {
-                        policy: format!("{}/{}", policy.namespace, policy.name),
-                        workload: format!("{}/{}", peer.namespace, peer.workload),
-                        labels: missing.clone(),
-                    };
-                    best = Some((missing.len(), fix));
-                }
+                best = Some((missing.len(), fix));
             }
         }
     }

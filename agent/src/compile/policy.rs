@@ -102,6 +102,17 @@ pub struct PodPolicy {
     pub addresses: WorkloadAddresses,
 }
 
+impl PodPolicy {
+    /// The policies that isolate the pod at its ingress (`ingress`) or egress.
+    pub fn isolating(&self, ingress: bool) -> &[String] {
+        if ingress {
+            &self.ingress_policies
+        } else {
+            &self.egress_policies
+        }
+    }
+}
+
 /// Whose word a pod's own `tollgate.io/mode` annotation is (`--pod-mode-annotations`). The
 /// security team owns enforcement through namespaces and overrides; a pod author only writes
 /// the pod.
