@@ -566,14 +566,24 @@ impl Controller {
             p.namespace == ns && (p.workload == wl || p.name == wl)
         };
         let protocol = Protocol::parse(&flow.protocol.to_ascii_uppercase());
+        // A name reached from a pod an EgressAllowlist selects is decided by the allowlist
+        // (whether or not a NetworkPolicy isolates the pod's egress); anything else by the
+        // policies that isolate the side.
+        let named = !ingress
+            && (pns.as_str(), pwl.as_str()) == ("world", "world")
+            && !flow.dst_domain.is_empty();
         // The first local pod of the workload isolated on this side.
         let Some((key, policy)) = compiled.pods.iter().find(|(key, policy)| {
             key.0 == *lns
-                && !policy.isolating(ingress).is_empty()
-                && state
-                    .pods
-                    .get(*key)
-                    .is_some_and(|p| of_workload(p, lns, lwl))
+                && state.pods.get(*key).is_some_and(|p| {
+                    of_workload(p, lns, lwl)
+                        && if named {
+                            crate::dns::Allowlist::for_pod(p, state.egress_allowlists.values())
+                                .is_some()
+                        } else {
+                            !policy.isolating(ingress).is_empty()
+                        }
+                })
         }) else {
             return Vec::new();
         };
@@ -582,7 +592,7 @@ impl Controller {
         };
         let isolated_by = policy.isolating(ingress);
         let peer = match (pns.as_str(), pwl.as_str()) {
-            ("world", "world") if !ingress && !flow.dst_domain.is_empty() => {
+            ("world", "world") if named => {
                 // A name from a pod an EgressAllowlist selects: the fix is an entry for it.
                 let Some(allowlist) =
                     crate::dns::Allowlist::for_pod(pod, state.egress_allowlists.values())

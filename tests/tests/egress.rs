@@ -360,6 +360,20 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
             .any(|r| r["dst_domain"] == "blocked.example.com"),
         "{flows}"
     );
+    // The would-drop series of a name is explained by the entry its allowlist lacks, never
+    // by an address.
+    let blocked = flows["busiest"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["dst"] == "world:blocked.example.com" && r["verdict"] == "would_drop")
+        .unwrap_or_else(|| panic!("{flows}"));
+    let why = blocked["explanation"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("denied at the egress of pay/")
+            && why.ends_with("to allow it, add to EgressAllowlist pay/card-egress the entry {domains: [blocked.example.com], ports: [{port: 443, protocol: TCP}]}"),
+        "{blocked}"
+    );
 
     // The allowlist the workload needs, read off what it did.
     let out = agent.cli(&["advise", "--namespace", "pay"]);
