@@ -1054,19 +1054,11 @@ fn advise(
         }
         Record::Prometheus { state, .. } => {
             let path = state.expect("clap requires --cluster-state with --prometheus");
-            if !path.exists() {
-                eprintln!(
-                    "tollgate: cluster state {}: no such file or directory",
-                    path.display()
-                );
+            let Some(state) = load_cluster_state(path) else {
                 return Ok(ExitCode::from(2));
-            }
-            let loaded = crate::sources::FileSource::new(path).load();
-            for e in &loaded.errors {
-                eprintln!("tollgate: rejected {e}");
-            }
+            };
             let observed = record.observed(window)?;
-            crate::compile::advise::advise(&loaded.state, &observed, &options)
+            crate::compile::advise::advise(&state, &observed, &options)
         }
     };
     if rule_files {
@@ -1396,12 +1388,9 @@ fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// The cluster state a refusal is explained with, if given and readable (a refusal stands
-/// without explanations: what cannot be read is said, not fatal).
-fn cluster_state_for_explanations(
-    path: Option<&std::path::Path>,
-) -> Option<crate::compile::model::ClusterState> {
-    let path = path?;
+/// A cluster state given on the command line (`--cluster-state`), its rejected objects
+/// said; `None`, said, when the path does not exist.
+fn load_cluster_state(path: &std::path::Path) -> Option<crate::compile::model::ClusterState> {
     if !path.exists() {
         eprintln!(
             "tollgate: cluster state {}: no such file or directory",
@@ -1453,7 +1442,9 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
                 for r in &not_quiet.reasons {
                     eprintln!("  {r}");
                 }
-                let explain = cluster_state_for_explanations(cluster_state.as_deref());
+                // A refusal stands without explanations: a state that cannot be read is
+                // said, not fatal.
+                let explain = cluster_state.as_deref().and_then(load_cluster_state);
                 let replayer = explain.as_ref().map(|state| {
                     crate::compile::advise::Replayer::new(state, not_quiet.flows.iter())
                 });

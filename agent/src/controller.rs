@@ -545,99 +545,74 @@ impl Controller {
     /// now, or when the peer is an address never seen (a made-up one would mislead).
     fn explain_observed(&self, flow: &crate::compile::advise::ObservedFlow) -> Vec<String> {
         use crate::compile::{
+            advise::pods_of,
             explain::{Explanation, Fix, Peer, rules_allow},
             model::Protocol,
         };
         let state = self.source.state();
         let compiled = self.rec.compiled();
         let ingress = flow.direction == "ingress";
-        let ((lns, lwl), (pns, pwl)) = if ingress {
-            (
-                (&flow.dst_namespace, &flow.dst_workload),
-                (&flow.src_namespace, &flow.src_workload),
-            )
-        } else {
-            (
-                (&flow.src_namespace, &flow.src_workload),
-                (&flow.dst_namespace, &flow.dst_workload),
-            )
-        };
-        let of_workload = |p: &crate::compile::model::PodInfo, ns: &str, wl: &str| {
-            p.namespace == ns && (p.workload == wl || p.name == wl)
-        };
+        let ((lns, lwl), (pns, pwl)) = flow.local_and_peer();
         let protocol = Protocol::parse(&flow.protocol.to_ascii_uppercase());
         // A name reached from a pod an EgressAllowlist selects is decided by the allowlist
         // (whether or not a NetworkPolicy isolates the pod's egress); anything else by the
         // policies that isolate the side.
-        let named = !ingress
-            && (pns.as_str(), pwl.as_str()) == ("world", "world")
-            && !flow.dst_domain.is_empty();
-        // The first local pod of the workload isolated on this side.
-        let Some((key, policy)) = compiled.pods.iter().find(|(key, policy)| {
-            key.0 == *lns
-                && state.pods.get(*key).is_some_and(|p| {
-                    of_workload(p, lns, lwl)
-                        && if named {
-                            crate::dns::Allowlist::for_pod(p, state.egress_allowlists.values())
-                                .is_some()
-                        } else {
-                            !policy.isolating(ingress).is_empty()
-                        }
-                })
-        }) else {
-            return Vec::new();
-        };
-        let Some(pod) = state.pods.get(key) else {
+        let named = !ingress && (pns, pwl) == ("world", "world") && !flow.dst_domain.is_empty();
+        // The first pod of the workload on this node that is isolated on this side.
+        let local = pods_of(state, lns, lwl).find_map(|pod| {
+            let key = (pod.namespace.clone(), pod.name.clone());
+            let policy = compiled.pods.get(&key)?;
+            let allowlist = if named {
+                Some(crate::dns::Allowlist::for_pod(
+                    pod,
+                    state.egress_allowlists.values(),
+                )?)
+            } else {
+                None
+            };
+            (named || !policy.isolating(ingress).is_empty())
+                .then_some((key, pod, policy, allowlist))
+        });
+        let Some((key, pod, policy, allowlist)) = local else {
             return Vec::new();
         };
         let isolated_by = policy.isolating(ingress);
-        let peer = match (pns.as_str(), pwl.as_str()) {
-            ("world", "world") if named => {
-                // A name from a pod an EgressAllowlist selects: the fix is an entry for it.
-                let Some(allowlist) =
-                    crate::dns::Allowlist::for_pod(pod, state.egress_allowlists.values())
-                else {
-                    return Vec::new();
-                };
-                let proto = protocol.map_or(0, Protocol::number);
-                let allowed = allowlist
-                    .ports_for(&flow.dst_domain)
-                    .is_some_and(|ports| ports.iter().any(|p| p.allows(proto, flow.port)));
-                let (Some(first), false) = (allowlist.names.first(), allowed) else {
-                    return Vec::new();
-                };
-                let name = &flow.dst_domain;
-                let rule = match protocol {
-                    Some(p) => format!(
-                        "{{domains: [{name}], ports: [{{port: {}, protocol: {}}}]}}",
-                        flow.port,
-                        p.as_str()
-                    ),
-                    None => format!("{{domains: [{name}]}}"),
-                };
-                let explanation = Explanation {
-                    side: "egress",
-                    pod: format!("{}/{}", pod.namespace, pod.name),
-                    isolated_by: allowlist.names.iter().chain(isolated_by).cloned().collect(),
-                    fix: Fix::Domain {
-                        allowlist: first.clone(),
-                        rule,
-                    },
-                };
-                return vec![explanation.summary()];
-            }
+        if let Some(allowlist) = allowlist {
+            // A name from a pod an EgressAllowlist selects: the fix is an entry for it.
+            let proto = protocol.map_or(0, Protocol::number);
+            let allowed = allowlist
+                .ports_for(&flow.dst_domain)
+                .is_some_and(|ports| ports.iter().any(|p| p.allows(proto, flow.port)));
+            let (Some(first), false) = (allowlist.names.first(), allowed) else {
+                return Vec::new();
+            };
+            let name = &flow.dst_domain;
+            let rule = match protocol {
+                Some(p) => format!(
+                    "{{domains: [{name}], ports: [{{port: {}, protocol: {}}}]}}",
+                    flow.port,
+                    p.as_str()
+                ),
+                None => format!("{{domains: [{name}]}}"),
+            };
+            let explanation = Explanation {
+                side: "egress",
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                isolated_by: allowlist.names.iter().chain(isolated_by).cloned().collect(),
+                fix: Fix::Domain {
+                    allowlist: first.clone(),
+                    rule,
+                },
+            };
+            return vec![explanation.summary()];
+        }
+        let peer = match (pns, pwl) {
             ("world", "world") => match flow.world_addresses.last() {
                 Some(address) => Peer::Address(*address),
                 None => return Vec::new(),
             },
             ("host", "host") => return Vec::new(),
-            _ => match state
-                .pods
-                .range((pns.clone(), String::new())..)
-                .map(|(_, p)| p)
-                .take_while(|p| p.namespace == *pns)
-                .find(|p| of_workload(p, pns, pwl))
-            {
+            _ => match pods_of(state, pns, pwl).next() {
                 Some(peer) => {
                     if rules_allow(
                         state,
@@ -655,7 +630,7 @@ impl Controller {
                 None => return Vec::new(),
             },
         };
-        self.explain_at(key, ingress, &peer, protocol, flow.port)
+        self.explain_at(&key, ingress, &peer, protocol, flow.port)
             .into_iter()
             .collect()
     }

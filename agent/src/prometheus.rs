@@ -160,11 +160,8 @@ fn quiet_decision(
         }
     }
     let local = |f: &ObservedFlow| {
-        if f.direction == "ingress" {
-            (f.dst_namespace.clone(), f.dst_workload.clone())
-        } else {
-            (f.src_namespace.clone(), f.src_workload.clone())
-        }
+        let ((ns, workload), _) = f.local_and_peer();
+        (ns.to_string(), workload.to_string())
     };
     let flows: Vec<ObservedFlow> = would_drops
         .iter()

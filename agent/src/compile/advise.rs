@@ -60,16 +60,24 @@ fn is_zero(v: &u64) -> bool {
 pub const WORLD_ADDRESSES_KEPT: usize = 8;
 
 impl ObservedFlow {
+    /// (namespace, workload) of the enforcement point that saw it (the destination at
+    /// ingress, the source at egress), then of its peer.
+    pub fn local_and_peer(&self) -> ((&str, &str), (&str, &str)) {
+        let src = (self.src_namespace.as_str(), self.src_workload.as_str());
+        let dst = (self.dst_namespace.as_str(), self.dst_workload.as_str());
+        if self.direction == "ingress" {
+            (dst, src)
+        } else {
+            (src, dst)
+        }
+    }
+
     /// `would-drop: DIRECTION SRC -> DST PORT/PROTOCOL (N packets), denied at the DIRECTION
     /// of LOCAL`: a peer pair of an `--if-quiet` refusal.
     pub fn would_drop_line(&self) -> String {
-        let local = if self.direction == "ingress" {
-            format!("{}/{}", self.dst_namespace, self.dst_workload)
-        } else {
-            format!("{}/{}", self.src_namespace, self.src_workload)
-        };
+        let ((ns, workload), _) = self.local_and_peer();
         format!(
-            "would-drop: {} ({} packets), denied at the {} of {local}",
+            "would-drop: {} ({} packets), denied at the {} of {ns}/{workload}",
             describe(self),
             self.packets[1],
             self.direction
@@ -185,17 +193,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     let mut selectable: BTreeMap<(String, String), bool> = BTreeMap::new();
     for flow in observed {
         let ingress = flow.direction == "ingress";
-        let (local, peer) = if ingress {
-            (
-                (&flow.dst_namespace, &flow.dst_workload),
-                (&flow.src_namespace, &flow.src_workload),
-            )
-        } else {
-            (
-                (&flow.src_namespace, &flow.src_workload),
-                (&flow.dst_namespace, &flow.dst_workload),
-            )
-        };
+        let (local, peer) = flow.local_and_peer();
         if options.namespace.as_ref().is_some_and(|ns| ns != local.0)
             || options
                 .workload
@@ -212,7 +210,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             left_out.push(flow);
             continue;
         }
-        let peer = match (peer.0.as_str(), peer.1.as_str()) {
+        let peer = match peer {
             ("host", "host") => continue, // the node: always allowed
             ("world", "world") => AdvisedPeer::World,
             (ns, name) if pod_of(state, ns, name).is_some() => {
@@ -239,7 +237,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         let unselectable = [
             Some(local),
             match &peer {
-                AdvisedPeer::Workload(ns, wl) => Some((ns, wl)),
+                AdvisedPeer::Workload(ns, wl) => Some((ns.as_str(), wl.as_str())),
                 AdvisedPeer::World => None,
             },
         ]
@@ -247,7 +245,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         .flatten()
         .find(|(ns, wl)| {
             !*selectable
-                .entry(((*ns).clone(), (*wl).clone()))
+                .entry((ns.to_string(), wl.to_string()))
                 .or_insert_with(|| {
                     pod_of(state, ns, wl).is_some_and(|p| !stable_selector(state, p).is_empty())
                 })
@@ -264,7 +262,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         }
         if !ingress && peer == AdvisedPeer::World && !flow.dst_domain.is_empty() {
             named
-                .entry((local.0.clone(), local.1.clone()))
+                .entry((local.0.to_string(), local.1.to_string()))
                 .or_default()
                 .entry(flow.dst_domain.clone())
                 .or_default()
@@ -274,16 +272,12 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         }
         if peer == AdvisedPeer::World {
             world_seen
-                .entry((
-                    local.0.clone(),
-                    local.1.clone(),
-                    flow.direction == "ingress",
-                ))
+                .entry((local.0.to_string(), local.1.to_string(), ingress))
                 .or_default()
                 .extend(flow.world_addresses.iter().copied());
         }
         wanted
-            .entry((local.0.clone(), local.1.clone()))
+            .entry((local.0.to_string(), local.1.to_string()))
             .or_default()
             .entry(if ingress { "ingress" } else { "egress" })
             .or_default()
@@ -738,12 +732,12 @@ fn caller_label(namespace: &str, workload: &str) -> String {
     format!("egress.tollgate.io/{name}")
 }
 
-/// The pods of a workload (or the pod of that name).
-fn pods_of<'a>(
-    state: &'a ClusterState,
+/// The pods of a workload (or the pod of that name), by name.
+pub fn pods_of<'s, 'w>(
+    state: &'s ClusterState,
     namespace: &str,
-    workload: &'a str,
-) -> impl Iterator<Item = &'a PodInfo> {
+    workload: &'w str,
+) -> impl Iterator<Item = &'s PodInfo> + use<'s, 'w> {
     let namespace = namespace.to_string();
     state
         .pods
@@ -755,12 +749,7 @@ fn pods_of<'a>(
 
 /// A pod of a workload (or the pod of that name): its labels stand for the workload's.
 fn pod_of<'a>(state: &'a ClusterState, namespace: &str, workload: &str) -> Option<&'a PodInfo> {
-    state
-        .pods
-        .range((namespace.to_string(), String::new())..)
-        .take_while(|((ns, _), _)| ns == namespace)
-        .map(|(_, p)| p)
-        .filter(|p| p.workload == workload || p.name == workload)
+    pods_of(state, namespace, workload)
         .min_by_key(|p| (p.workload != workload, p.ips.is_empty(), p.name.clone()))
 }
 

@@ -77,11 +77,11 @@ pub struct RecordLimits {
     pub retention: std::time::Duration,
     /// Peer pairs held at most. When full, a tenth goes at a time (`make_room`): first
     /// pairs seen at one poll only (a scan's), then those seen over the fewest hours
-    /// (never-allowed before allowed among equals), the longest unseen first; a peer's pairs of one
-    /// protocol (and DNS name) hold at most `RECORD_PORTS_PER_PEER` ports. So a scan
-    /// neither fills the record for good nor pushes out the rarely used pairs it exists to
-    /// remember. About 200 bytes each in memory and in observed.json (up to about 550 with
-    /// the 8 addresses kept of a peer outside the cluster).
+    /// (never-allowed before allowed among equals), the longest unseen first; a peer's
+    /// pairs of one protocol (and DNS name) hold at most `RECORD_PORTS_PER_PEER` ports. So
+    /// a scan neither fills the record for good nor pushes out the rarely used pairs it
+    /// exists to remember. About 200 bytes each in memory and in observed.json (up to about
+    /// 550 with the 8 addresses kept of a peer outside the cluster).
     pub capacity: usize,
 }
 
@@ -1090,14 +1090,10 @@ impl Observer {
             .values()
             .filter(|f| f.last_would_drop > after)
             .filter(|f| {
-                let local = if f.direction == "egress" {
-                    (&f.src_namespace, &f.src_workload)
-                } else {
-                    (&f.dst_namespace, &f.dst_workload)
-                };
+                let (local, _) = f.local_and_peer();
                 workloads
                     .iter()
-                    .any(|(ns, w)| (ns, w) == (local.0, local.1))
+                    .any(|(ns, w)| (ns.as_str(), w.as_str()) == local)
             })
             .cloned()
             .collect();
