@@ -17,7 +17,7 @@ use crate::{
     policy::{self, Decision},
 };
 
-const NS_PER_SEC: u64 = 1_000_000_000;
+pub const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// The tracking key of a packet seen by workload `slot` in `direction`.
 #[inline(always)]
@@ -51,7 +51,7 @@ pub fn key_of(t: &Tuple, family: u8, slot: u32, direction: u8) -> CtKey {
 /// own rules (a change of backends must not cut established connections), every other flow
 /// also on the identities of its peers.
 #[inline(always)]
-fn epoch_for(workload: &WorkloadConfig, peer: u32) -> u32 {
+pub fn epoch_for(workload: &WorkloadConfig, peer: u32) -> u32 {
     if is_service_identity(peer) {
         workload.rules_epoch
     } else {
@@ -60,7 +60,7 @@ fn epoch_for(workload: &WorkloadConfig, peer: u32) -> u32 {
 }
 
 #[inline(always)]
-fn lifetime_ns(config: &Config, proto: u8, state: u8) -> u64 {
+pub fn lifetime_ns(config: &Config, proto: u8, state: u8) -> u64 {
     let seconds = if proto != PROTO_TCP {
         config.ct_other_s
     } else if state & tcp_state::RST != 0
@@ -77,7 +77,7 @@ fn lifetime_ns(config: &Config, proto: u8, state: u8) -> u64 {
 }
 
 #[inline(always)]
-fn next_state(state: u8, proto: u8, flags: u8, from_origin: bool) -> u8 {
+pub fn next_state(state: u8, proto: u8, flags: u8, from_origin: bool) -> u8 {
     if proto != PROTO_TCP {
         return state;
     }
@@ -114,7 +114,10 @@ pub struct Tracked {
 /// A workload holds at most `Config::ct_share` entries of the main table; its new flows
 /// beyond that go to `CT_OVERFLOW`, so a flood toward one workload evicts that workload's
 /// flows (and other flooders'), never the established flows of the rest.
+///
+/// `main_missed`: the caller found no entry for `key` in the main table just before.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn track(
     config: &Config,
     workload: &WorkloadConfig,
@@ -123,8 +126,10 @@ pub fn track(
     direction: u8,
     tcp_flags: u8,
     now: u64,
+    main_missed: bool,
 ) -> Tracked {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key)
+    if !main_missed
+        && let Some(entry) = CONNTRACK.get_ptr_mut(key)
         && let Some(t) = established(config, workload, key, entry, direction, tcp_flags, now)
     {
         return t;

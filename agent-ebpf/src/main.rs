@@ -18,6 +18,7 @@
 mod conntrack;
 mod counters;
 mod dns;
+mod established;
 mod events;
 mod identity;
 mod parse;
@@ -44,7 +45,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
 };
 
-use crate::parse::{Kind, Packet, ParseError};
+use crate::{
+    established::FastPath,
+    parse::{Kind, Packet, ParseError},
+};
 
 /// Per-workload configuration, by slot.
 #[map]
@@ -317,6 +321,17 @@ fn verdict_of(decision: u8, mode: u32) -> u8 {
 
 #[inline(always)]
 fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
+    let workload = WORKLOADS.get(slot);
+    let mut fast = FastPath::General;
+    if let Some(workload) = workload
+        && slot != SLOT_UNREGISTERED
+        && workload.flags & workload_flags::ACTIVE != 0
+    {
+        fast = established::pass(skb, l3, direction, slot, workload);
+        if fast == FastPath::Passed {
+            return Action::Pass;
+        }
+    }
     let mut pkt = Packet::new();
     let parsed = parse::parse(skb, l3, &mut pkt);
     if parsed == Err(ParseError::Arp) {
@@ -326,7 +341,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     let bytes = skb.len().saturating_sub(l3);
     let segs = segments(skb);
 
-    let Some(workload) = WORKLOADS.get(slot) else {
+    let Some(workload) = workload else {
         return Action::Pass;
     };
     if slot == SLOT_UNREGISTERED || workload.flags & workload_flags::ACTIVE == 0 {
@@ -420,7 +435,20 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
     let tracked = match tracked {
         Some(t) => t,
-        None => conntrack::track(config, workload, slot, &key, direction, pkt.tcp_flags, now),
+        None => {
+            // The fast path looked this key up in the main table already, and missed.
+            let main_missed = fast == FastPath::Untracked;
+            conntrack::track(
+                config,
+                workload,
+                slot,
+                &key,
+                direction,
+                pkt.tcp_flags,
+                now,
+                main_missed,
+            )
+        }
     };
 
     let verdict = verdict_of(tracked.decision.decision, workload.mode);

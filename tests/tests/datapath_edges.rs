@@ -531,3 +531,148 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         "malformed packets track nothing"
     );
 }
+
+/// Established IPv4 TCP and UDP packets take a shorter path (`agent-ebpf/src/established.rs`)
+/// than the general pipeline. It must decide and count exactly as that pipeline would: a
+/// flip to drop mode, a policy change, a TCP state change, IPv4 options and a tracked
+/// would-drop each run here through the real program, and each packet is counted once, with
+/// its bytes, in the workload's counters and in its peer pair's.
+#[test]
+fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
+    use agent_common::{DIR_EGRESS, FlowCounterKey, VERDICT_ALLOWED, VERDICT_WOULD_DROP};
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    // BPF_PROG_TEST_RUN packets arrive on ifindex 1: tc_from_pod sees them as slot 1's egress,
+    // from 10.1.0.10 (the workload's own address) to 10.1.0.11 (identity ID_B).
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    dp.maps
+        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
+        .unwrap();
+    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
+    let set =
+        |dp: &mut tollgate::Datapath, mode: Mode, egress: Vec<tollgate::compile::AllowRule>| {
+            dp.maps
+                .set_workload(
+                    1,
+                    &WorkloadPolicy {
+                        mode,
+                        isolated_egress: true,
+                        egress,
+                        ..Default::default()
+                    }
+                    .sending_from(&own),
+                )
+                .unwrap()
+        };
+    let rules = || vec![allow_udp(ID_B, 8080), allow_tcp(ID_B, 80)];
+    let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
+        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, frame, 1))
+            .unwrap()
+            .retval
+    };
+    let tcp = |flags: u8| {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&2000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&80u16.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        eth(0x0800, &ipv4(6, 0, &t))
+    };
+    let (syn, ack, fin_ack) = (tcp(0x02), tcp(0x10), tcp(0x11));
+    let allowed = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 8080, 100)));
+    let denied = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 9090, 100)));
+    let with_options = {
+        let mut p = ipv4(17, 0, &udp_header(1000, 8080, 100));
+        p[0] = 0x47;
+        p.splice(20..20, [1u8, 1, 1, 1, 1, 1, 1, 0]);
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        eth(0x0800, &p)
+    };
+
+    // Log mode: an allowed flow and a would-drop one, each tracked by its first packet and
+    // then passed by the fast path: every packet counted once, with its bytes.
+    set(&mut dp, Mode::Log, rules());
+    let before = Packets::read(&dp, 1);
+    for _ in 0..10 {
+        assert_eq!(runs(&dp, &allowed), PASS);
+        assert_eq!(runs(&dp, &denied), PASS);
+    }
+    assert_eq!(
+        Packets::read(&dp, 1).since(before),
+        Packets {
+            out_allowed: 10,
+            out_would_drop: 10,
+            ..Default::default()
+        }
+    );
+    let udp_bytes = (allowed.len() - 14) as u64;
+    let flows = |dp: &tollgate::Datapath, verdict: u8, port: u16, proto: u8| {
+        let key = FlowCounterKey {
+            slot: 1,
+            peer: ID_B,
+            port,
+            proto,
+            direction: DIR_EGRESS,
+            verdict,
+            origin: DIR_EGRESS,
+            _pad: [0; 2],
+        };
+        // No agent gives the pairs flow series buckets here: they count in the hash.
+        dp.maps
+            .flow_counters()
+            .into_iter()
+            .filter(|(k, _)| *k == key)
+            .fold((0, 0), |(p, b), (_, c)| (p + c.packets, b + c.bytes))
+    };
+    assert_eq!(
+        flows(&dp, VERDICT_ALLOWED, 8080, 17),
+        (10, 10 * udp_bytes),
+        "the allowed pair"
+    );
+    assert_eq!(
+        flows(&dp, VERDICT_WOULD_DROP, 9090, 17),
+        (10, 10 * udp_bytes),
+        "the would-drop pair"
+    );
+    // IPv4 options: the same flow (its ports found behind them), still allowed.
+    let before = Packets::read(&dp, 1);
+    assert_eq!(runs(&dp, &with_options), PASS);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 1);
+    assert_eq!(dp.maps.conntrack().len(), 2, "no flow of its own");
+
+    // The flip: the tracked would-drop flow is dropped from its next packet on.
+    set(&mut dp, Mode::Drop, rules());
+    let before = Packets::read(&dp, 1);
+    assert_eq!(runs(&dp, &denied), DROP);
+    assert_eq!(runs(&dp, &allowed), PASS);
+    assert_eq!(
+        Packets::read(&dp, 1).since(before),
+        Packets {
+            out_allowed: 1,
+            out_dropped: 1,
+            ..Default::default()
+        }
+    );
+
+    // TCP: the opening and closing packets move the tracked state; those between pass.
+    assert_eq!(runs(&dp, &syn), PASS);
+    assert_eq!(runs(&dp, &ack), PASS);
+    assert_eq!(runs(&dp, &fin_ack), PASS);
+    assert_eq!(runs(&dp, &ack), PASS);
+    let state = dp
+        .maps
+        .conntrack()
+        .into_iter()
+        .find(|(k, _)| k.proto == 6)
+        .map(|(_, e)| e.tcp_state)
+        .expect("the TCP flow is tracked");
+    assert_eq!(state, tcp_state::FIN_ORIGIN, "the FIN was seen");
+
+    // A policy change decides established flows again: without their rules, both drop.
+    set(&mut dp, Mode::Drop, vec![]);
+    let before = Packets::read(&dp, 1);
+    assert_eq!(runs(&dp, &allowed), DROP);
+    assert_eq!(runs(&dp, &ack), DROP);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 2);
+}
