@@ -609,22 +609,33 @@ fn write_reports(
          established packet unless its state or expiry moves.\n\
          - The pipeline stays inlined in each program (`#[inline(always)]` on the entry \
          points): as it grew, LLVM had moved it into a BPF-to-BPF call, 8 to 10 ns a packet.\n\
+         - Established IPv4 TCP and UDP packets take a fast path (2026-11-26, \
+         `agent-ebpf/src/established.rs`; `docs/datapath.md`, \"The fast path of an \
+         established flow\"): header words read straight from the packet, the key written a \
+         word at a time, one lookup, the counters; anything that could decide otherwise (a TCP \
+         state change, a stale entry, a drop-mode deny, options, fragments, DNS, IPv6) takes \
+         the general pipeline, which then skips the main-table lookup the fast path missed. \
+         Found with `perf` over the JIT image (sample addresses mapped to source lines \
+         through the program's line info): the general pipeline spent about a third of an \
+         established packet's program time parsing and moving bytes (LLVM's BPF backend \
+         copies a byte-aligned array a byte at a time), and the fast path's first version \
+         22% of its time in `memset`, a BPF-to-BPF call LLVM made of its zero-initialized \
+         key. Interleaved runs of both builds, the fastest of 20 x 1,000,000 repeats each: \
+         established 76-77 ns against 108-114 before; denied 136-140 against 135-138. The \
+         earlier conclusion that byte-wise code did not matter (typed header reads, \
+         2026-11-26: 3% fewer instructions, no faster) was drawn from runs whose spread \
+         (136-168 ns) was wider than the gain.\n\
          - Kept: the `CONFIG` array lookup (the verifier inlines array lookups: a load-time \
          global would save a few ns and cost a reload to change a timeout) and one \
-         connection tracking key for both families (a 16-byte IPv4 key would shorten the \
-         hash by about 10 ns; not done yet).\n\
-         - Still above the goals: the established flow, about +90 ns where the goal is +60. \
-         Returning early at each stage (2026-11-25, before the jiffies clock, which took 10 \
-         to 20 ns from the second stage) splits it: +32 ns to parse and find the \
-         slot and its workload, +21 ns more for the source address check, the clock, the \
-         `CONFIG` lookup and the DNS port check, about +11 ns for the per-workload counters and \
-         the flow series bucket (7 ns of it), and +33 ns for the connection tracking key, \
-         lookup (a 44-byte key) and entry. No single piece is worth the 40 ns to the goal; a \
-         16-byte IPv4 key would take about 10 ns from the last. Nor is the byte-wise code: \
-         LLVM's BPF backend copies and compares the 16-byte address arrays a byte at a time; \
-         reading headers as typed structs and moving addresses in words (2026-11-26) cut the \
-         program by 3% of its instructions and measured no faster, side by side (established \
-         136-168 ns before, 141-155 after), so it was not kept. In real traffic the same \
+         connection tracking key for both families: a 16-byte IPv4 key in tables of its own \
+         was built and measured (2026-11-26) no faster on established or new flows and a few \
+         ns slower on denied ones (the kernel's hash of 44 bytes is not where the lookup's \
+         time goes), for a second table's memory. Neither `-C target-cpu=v3` measured \
+         faster; LLVM 22's misaligned memory access the verifier rejects (it merges stack \
+         accesses too).\n\
+         - Where the established flow's time goes now (perf, the same mapping): the kernel's \
+         hash lookup and its return, the program's entry and exit, then the counters; the \
+         parse is a few word loads. In real traffic the same \
          programs cost about three times what this loop shows (the traffic section: 340 to \
          450 ns per run during a TCP transfer, from the kernel's own run-time statistics): \
          the loop runs one packet over and over with everything in the CPU's caches, while a \
