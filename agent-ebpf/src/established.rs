@@ -14,7 +14,10 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::programs::sk_buff::SkBuff;
 
-use crate::{CONFIG, CONNTRACK, conntrack, counters, now_ns, parse};
+use crate::{
+    CONFIG, CONNTRACK, conntrack, counters, now_ns,
+    parse::{self, Packet},
+};
 
 /// `__sk_buff::protocol`: the ethertype in network order.
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
@@ -84,15 +87,43 @@ const _: () = assert!(core::mem::offset_of!(CtKey, proto) == 40);
 const _: () = assert!(core::mem::offset_of!(CtKey, family) == 41);
 
 /// What the fast path made of a packet.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum FastPath {
     /// Counted and passed.
     Passed,
     /// An IPv4 TCP or UDP packet the main tracking table has no entry for (a new flow, or
-    /// a denied one drop mode never records): the general pipeline need not look again.
-    Untracked,
+    /// a denied one drop mode never records): the general pipeline need not parse it
+    /// (`Ipv4Flow::fill`) or look it up in the main table again.
+    Untracked(Ipv4Flow),
     /// Anything else, for the general pipeline.
     General,
+}
+
+/// The header fields of an IPv4 TCP or UDP packet without options or fragmentation.
+#[derive(Clone, Copy)]
+pub struct Ipv4Flow {
+    src: u32,
+    dst: u32,
+    src_port: u16,
+    dst_port: u16,
+    id: u16,
+    proto: u8,
+    tcp_flags: u8,
+}
+
+impl Ipv4Flow {
+    /// Writes into an empty packet (`Packet::empty_in`) what `parse::parse` would have.
+    #[inline(always)]
+    pub fn fill(&self, pkt: &mut Packet) {
+        pkt.family = FAMILY_IPV4;
+        pkt.tuple.proto = self.proto;
+        pkt.tuple.src[..4].copy_from_slice(&self.src.to_ne_bytes());
+        pkt.tuple.dst[..4].copy_from_slice(&self.dst.to_ne_bytes());
+        pkt.tuple.src_port = self.src_port;
+        pkt.tuple.dst_port = self.dst_port;
+        pkt.tcp_flags = self.tcp_flags;
+        pkt.frag_id = self.id as u32;
+    }
 }
 
 /// Counts and passes the packet if it belongs to a tracked IPv4 TCP or UDP flow of the
@@ -132,7 +163,7 @@ fn try_pass(
     let ip = l3 as usize;
     // Words as they lie in the packet; their bytes taken apart with shifts.
     let [version_ihl, _, len_hi, len_lo] = read::<u32>(start, end, ip)?.to_ne_bytes();
-    let [_, _, flags_offset_hi, offset_lo] = read::<u32>(start, end, ip + 4)?.to_ne_bytes();
+    let [id_hi, id_lo, flags_offset_hi, offset_lo] = read::<u32>(start, end, ip + 4)?.to_ne_bytes();
     let proto: u8 = read(start, end, ip + 9)?;
     let src: u32 = read(start, end, ip + 12)?;
     let dst: u32 = read(start, end, ip + 16)?;
@@ -153,12 +184,10 @@ fn try_pass(
     if src_port == DNS_PORT || dst_port == DNS_PORT {
         return None;
     }
-    let tcp_flags = if proto == PROTO_TCP {
-        let flags: u8 = read(start, end, ip + 20 + 13)?;
-        if flags & TCP_STATE_FLAGS != 0 {
-            return None;
-        }
-        flags
+    // The general pipeline reads 14 bytes of a TCP header: so must this one, to agree on
+    // what is truncated.
+    let tcp_flags: u8 = if proto == PROTO_TCP {
+        read(start, end, ip + 20 + 13)?
     } else {
         0
     };
@@ -191,8 +220,19 @@ fn try_pass(
     let config = CONFIG.get(0)?;
     let now = now_ns(config);
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
-        return Some(FastPath::Untracked);
+        return Some(FastPath::Untracked(Ipv4Flow {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            id: u16::from_be_bytes([id_hi, id_lo]),
+            proto,
+            tcp_flags,
+        }));
     };
+    if tcp_flags & TCP_STATE_FLAGS != 0 {
+        return None;
+    }
     // SAFETY: a value of a successful lookup, valid for the program run; only the expiry is
     // written, whole, as the general pipeline does.
     let entry: &mut CtEntry = unsafe { &mut *entry };

@@ -45,6 +45,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
 };
 
+use core::mem::MaybeUninit;
+
 use crate::{
     established::FastPath,
     parse::{Kind, Packet, ParseError},
@@ -328,12 +330,18 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         && workload.flags & workload_flags::ACTIVE != 0
     {
         fast = established::pass(skb, l3, direction, slot, workload);
-        if fast == FastPath::Passed {
+        if let FastPath::Passed = fast {
             return Action::Pass;
         }
     }
-    let mut pkt = Packet::new();
-    let parsed = parse::parse(skb, l3, &mut pkt);
+    let mut place = MaybeUninit::uninit();
+    let pkt = Packet::empty_in(&mut place);
+    let parsed = if let FastPath::Untracked(flow) = fast {
+        flow.fill(pkt);
+        Ok(())
+    } else {
+        parse::parse(skb, l3, pkt)
+    };
     if parsed == Err(ParseError::Arp) {
         counters::diag(diag::ARP);
         return Action::Pass;
@@ -437,7 +445,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         Some(t) => t,
         None => {
             // The fast path looked this key up in the main table already, and missed.
-            let main_missed = fast == FastPath::Untracked;
+            let main_missed = matches!(fast, FastPath::Untracked(_));
             conntrack::track(
                 config,
                 workload,

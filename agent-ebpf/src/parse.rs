@@ -9,6 +9,8 @@
 use agent_common::{
     FAMILY_IPV4, FAMILY_IPV6, MAX_IPV6_EXT_HEADERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
+use core::mem::MaybeUninit;
+
 use aya_ebpf::programs::sk_buff::SkBuff;
 
 const ETH_P_IP: u16 = 0x0800;
@@ -38,9 +40,11 @@ pub enum ParseError {
 
 /// What kind of packet this is, as far as policy is concerned.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Kind {
-    /// TCP, UDP, ICMP echo or any other protocol: a flow of its own.
-    Flow,
+    /// TCP, UDP, ICMP echo or any other protocol: a flow of its own (0: what
+    /// `Packet::empty_in` leaves).
+    Flow = 0,
     /// An ICMP error quoting a packet: `related` holds the flow it belongs to.
     IcmpError,
     /// IPv6 neighbour discovery or MLD: link plumbing, always passes.
@@ -70,7 +74,8 @@ impl Tuple {
     };
 }
 
-/// A parsed packet.
+/// A parsed packet. Aligned for `Packet::empty_in`.
+#[repr(C, align(8))]
 pub struct Packet {
     pub family: u8,
     pub kind: Kind,
@@ -86,18 +91,23 @@ pub struct Packet {
 }
 
 impl Packet {
-    pub const fn new() -> Packet {
-        Packet {
-            family: 0,
-            kind: Kind::Flow,
-            tuple: Tuple::EMPTY,
-            related: Tuple::EMPTY,
-            tcp_flags: 0,
-            frag_id: 0,
-            first_fragment: false,
+    /// An empty packet in `place`: every field zero (`Kind::Flow`, empty tuples), written
+    /// as 64-bit words. Built from constants, LLVM copies it from read-only data a byte or
+    /// two at a time, or makes a `memset` call of it (a BPF-to-BPF call to a byte loop).
+    #[inline(always)]
+    pub fn empty_in(place: &mut MaybeUninit<Packet>) -> &mut Packet {
+        let words = place.as_mut_ptr().cast::<u64>();
+        for i in 0..size_of::<Packet>() / 8 {
+            // SAFETY: within the packet, which is 8-aligned and a whole number of words
+            // (checked below); volatile so the stores stay stores.
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
         }
+        // SAFETY: every field is an integer, a byte array, a bool or `Kind`, for each of
+        // which all-zero bytes are a valid value (`Kind::Flow`, false, empty tuples).
+        unsafe { place.assume_init_mut() }
     }
 }
+const _: () = assert!(size_of::<Packet>().is_multiple_of(8));
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
