@@ -91,7 +91,10 @@ const _: () = assert!(core::mem::size_of::<DnsControl>() == 8);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ResolverKey {
     pub family: u8,
-    pub _pad: [u8; 3],
+    // Padding as scalars, not `[u8; 3]`: the programs' BPF backend turns a zeroed array into
+    // a call to `memset` (a BPF-to-BPF call to a byte loop) on every lookup.
+    pub _pad0: u8,
+    pub _pad1: u16,
     pub addr: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<ResolverKey>() == 20);
@@ -104,10 +107,14 @@ pub struct LearnedKey {
     /// `WorkloadConfig::generation`: what a workload learned dies with it.
     pub generation: u32,
     pub family: u8,
-    pub _pad: [u8; 3],
+    // Scalars, as in `ResolverKey`.
+    pub _pad0: u8,
+    pub _pad1: u16,
     pub addr: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<LearnedKey>() == 28);
+const _: () = assert!(core::mem::offset_of!(LearnedKey, addr) == 12);
+const _: () = assert!(core::mem::offset_of!(ResolverKey, addr) == 4);
 
 /// A protocol and port range an allowlist rule allows. `proto` 0 with `lo` 0 means every
 /// protocol and port; an unused slot has `proto` 0 and `lo` 1.

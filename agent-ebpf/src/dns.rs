@@ -20,7 +20,8 @@ use crate::{DNS_CONTROL, DNS_EVENTS, DNS_RESOLVERS, LEARNED, counters, parse::Pa
 pub fn is_resolver(family: u8, addr: &[u8; 16]) -> bool {
     let key = ResolverKey {
         family,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
         addr: *addr,
     };
     // SAFETY: presence check only.
@@ -123,7 +124,8 @@ pub fn learned(
         slot,
         generation: workload.generation,
         family,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
         addr: *addr,
     };
     // SAFETY: read-only use of the value for the program run.

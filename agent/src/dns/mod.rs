@@ -308,7 +308,8 @@ fn learned_key(slot: u32, generation: u32, ip: &IpAddr) -> LearnedKey {
         slot,
         generation,
         family,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
         addr,
     }
 }

@@ -699,7 +699,8 @@ impl DatapathMaps {
             } else {
                 agent_common::FAMILY_IPV6
             },
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
             addr: addr_bytes(*ip),
         };
         let wanted: Vec<agent_common::ResolverKey> = resolvers.iter().map(key).collect();
