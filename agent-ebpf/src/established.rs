@@ -1,4 +1,4 @@
-//! The fast path: a packet of an IPv4 TCP or UDP flow that connection tracking already holds,
+//! The fast path: a packet of a TCP or UDP flow that connection tracking already holds,
 //! whose cached decision stands and whose state does not move. Most packets are such, and
 //! the general pipeline (a `Packet` built field by field, fragments, DNS, ICMP errors, the
 //! 44-byte key copied a byte at a time) costs them more than the lookup itself.
@@ -7,8 +7,9 @@
 //! this path only ever takes a packet the general one would pass with the same counts.
 
 use agent_common::{
-    CtEntry, CtKey, DECISION_ALLOW, DIR_EGRESS, DNS_PORT, FAMILY_IPV4, FlowCounterKey, MODE_LOG,
-    PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_WOULD_DROP, WorkloadConfig, workload_flags,
+    CtEntry, CtKey, DECISION_ALLOW, DIR_EGRESS, DNS_PORT, FAMILY_IPV4, FAMILY_IPV6, FlowCounterKey,
+    MODE_LOG, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_WOULD_DROP, WorkloadConfig,
+    workload_flags,
 };
 use core::mem::MaybeUninit;
 
@@ -21,6 +22,7 @@ use crate::{
 
 /// `__sk_buff::protocol`: the ethertype in network order.
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
+const ETH_P_IPV6_BE: u32 = 0x86DDu16.to_be() as u32;
 /// Version 4, header length 5 words: no options.
 const IPV4_NO_OPTIONS: u8 = 0x45;
 /// TCP flags that may change a tracked connection's state (the rest never do).
@@ -40,36 +42,33 @@ fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     Some(unsafe { *((start + offset) as *const T) })
 }
 
-/// Writes the tracking key of an IPv4 flow a 32-bit word at a time, zeros included. Built
-/// as a struct, LLVM merges its zero bytes into `memset`s, which the BPF backend emits as
-/// calls to a byte loop: more than the rest of this path together.
+/// Writes the tracking key of a flow a 32-bit word at a time, zeros included. Built as a
+/// struct, LLVM merges its zero bytes into `memset`s, which the BPF backend emits as calls
+/// to a byte loop: more than the rest of this path together.
 #[inline(always)]
-fn write_ipv4_key(
-    key: &mut MaybeUninit<CtKey>,
-    slot: u32,
-    local: u32,
-    remote: u32,
-    local_port: u16,
-    remote_port: u16,
-    proto: u8,
-) {
+fn write_key(key: &mut MaybeUninit<CtKey>, slot: u32, flow: &Flow, direction: u8) {
+    let (local, remote, local_port, remote_port) = if direction == DIR_EGRESS {
+        (&flow.src, &flow.dst, flow.src_port, flow.dst_port)
+    } else {
+        (&flow.dst, &flow.src, flow.dst_port, flow.src_port)
+    };
     let ports = u32::from_ne_bytes({
         let [l0, l1] = local_port.to_ne_bytes();
         let [r0, r1] = remote_port.to_ne_bytes();
         [l0, l1, r0, r1]
     });
     let words: [u32; 11] = [
-        local,
-        0,
-        0,
-        0,
-        remote,
-        0,
-        0,
-        0,
+        local[0],
+        local[1],
+        local[2],
+        local[3],
+        remote[0],
+        remote[1],
+        remote[2],
+        remote[3],
         slot,
         ports,
-        u32::from_ne_bytes([proto, FAMILY_IPV4, 0, 0]),
+        u32::from_ne_bytes([flow.proto, flow.family, 0, 0]),
     ];
     let out = key.as_mut_ptr().cast::<u32>();
     for (i, word) in words.into_iter().enumerate() {
@@ -91,34 +90,40 @@ const _: () = assert!(core::mem::offset_of!(CtKey, family) == 41);
 pub enum FastPath {
     /// Counted and passed.
     Passed,
-    /// An IPv4 TCP or UDP packet the main tracking table has no entry for (a new flow, or
+    /// A TCP or UDP packet the main tracking table has no entry for (a new flow, or
     /// a denied one drop mode never records): the general pipeline need not parse it
-    /// (`Ipv4Flow::fill`) or look it up in the main table again.
-    Untracked(Ipv4Flow),
+    /// (`Flow::fill`) or look it up in the main table again.
+    Untracked(Flow),
     /// Anything else, for the general pipeline.
     General,
 }
 
-/// The header fields of an IPv4 TCP or UDP packet without options or fragmentation.
+/// The header fields of a TCP or UDP packet without IPv4 options, IPv6 extension headers
+/// or fragmentation. Addresses as they lie in the packet, a word at a time (IPv4: the
+/// first word, the rest zero, as `CtKey` holds it).
 #[derive(Clone, Copy)]
-pub struct Ipv4Flow {
-    src: u32,
-    dst: u32,
+pub struct Flow {
+    src: [u32; 4],
+    dst: [u32; 4],
     src_port: u16,
     dst_port: u16,
+    /// IPv4 identification.
     id: u16,
     proto: u8,
+    family: u8,
     tcp_flags: u8,
 }
 
-impl Ipv4Flow {
+impl Flow {
     /// Writes into an empty packet (`Packet::empty_in`) what `parse::parse` would have.
     #[inline(always)]
     pub fn fill(&self, pkt: &mut Packet) {
-        pkt.family = FAMILY_IPV4;
+        pkt.family = self.family;
         pkt.tuple.proto = self.proto;
-        pkt.tuple.src[..4].copy_from_slice(&self.src.to_ne_bytes());
-        pkt.tuple.dst[..4].copy_from_slice(&self.dst.to_ne_bytes());
+        for i in 0..4 {
+            pkt.tuple.src[i * 4..i * 4 + 4].copy_from_slice(&self.src[i].to_ne_bytes());
+            pkt.tuple.dst[i * 4..i * 4 + 4].copy_from_slice(&self.dst[i].to_ne_bytes());
+        }
         pkt.tuple.src_port = self.src_port;
         pkt.tuple.dst_port = self.dst_port;
         pkt.tcp_flags = self.tcp_flags;
@@ -126,9 +131,95 @@ impl Ipv4Flow {
     }
 }
 
-/// Counts and passes the packet if it belongs to a tracked IPv4 TCP or UDP flow of the
-/// workload whose decision stands (allowed, or a would-drop in log mode) and whose state
-/// needs no write.
+/// The flow of an IPv4 packet without options or fragmentation whose header starts at
+/// `ip`, with the offset of its transport header.
+#[inline(always)]
+fn ipv4_flow(skb: &SkBuff, start: usize, end: usize, ip: usize) -> Option<(Flow, usize)> {
+    // Words as they lie in the packet; their bytes taken apart with shifts.
+    let [version_ihl, _, len_hi, len_lo] = read::<u32>(start, end, ip)?.to_ne_bytes();
+    let [id_hi, id_lo, flags_offset_hi, offset_lo] = read::<u32>(start, end, ip + 4)?.to_ne_bytes();
+    let proto: u8 = read(start, end, ip + 9)?;
+    let total_len = u16::from_be_bytes([len_hi, len_lo]) as u32;
+    // More fragments, or an offset: fragments take the general pipeline.
+    if version_ihl != IPV4_NO_OPTIONS
+        || flags_offset_hi & 0x3f != 0
+        || offset_lo != 0
+        || total_len < 20
+        || total_len > skb.len().saturating_sub(ip as u32)
+    {
+        return None;
+    }
+    let flow = Flow {
+        src: [read(start, end, ip + 12)?, 0, 0, 0],
+        dst: [read(start, end, ip + 16)?, 0, 0, 0],
+        src_port: 0,
+        dst_port: 0,
+        id: u16::from_be_bytes([id_hi, id_lo]),
+        proto,
+        family: FAMILY_IPV4,
+        tcp_flags: 0,
+    };
+    Some((flow, ip + 20))
+}
+
+/// The flow of an IPv6 packet whose transport header follows its fixed header directly (no
+/// extension headers), with the offset of its transport header.
+#[inline(always)]
+fn ipv6_flow(skb: &SkBuff, start: usize, end: usize, ip: usize) -> Option<(Flow, usize)> {
+    let [version_class, _, _, _] = read::<u32>(start, end, ip)?.to_ne_bytes();
+    let [len_hi, len_lo, next, _] = read::<u32>(start, end, ip + 4)?.to_ne_bytes();
+    let payload_len = u16::from_be_bytes([len_hi, len_lo]) as u32;
+    // Payload length 0 is a jumbogram: the general pipeline's.
+    if version_class >> 4 != 6
+        || payload_len == 0
+        || payload_len + 40 > skb.len().saturating_sub(ip as u32)
+    {
+        return None;
+    }
+    let addr = |at: usize| -> Option<[u32; 4]> {
+        Some([
+            read(start, end, at)?,
+            read(start, end, at + 4)?,
+            read(start, end, at + 8)?,
+            read(start, end, at + 12)?,
+        ])
+    };
+    let flow = Flow {
+        src: addr(ip + 8)?,
+        dst: addr(ip + 24)?,
+        src_port: 0,
+        dst_port: 0,
+        id: 0,
+        proto: next,
+        family: FAMILY_IPV6,
+        tcp_flags: 0,
+    };
+    Some((flow, ip + 40))
+}
+
+/// Whether a packet leaving the workload comes from one of its own addresses, as
+/// `source_is_own` decides it (a host-network workload's are left to that).
+#[inline(always)]
+fn source_is_own(workload: &WorkloadConfig, flow: &Flow) -> bool {
+    let flags = workload.flags;
+    if flags & workload_flags::HOST_SOURCE != 0 {
+        return false;
+    }
+    if flow.family == FAMILY_IPV4 {
+        return flags & workload_flags::HAS_IPV4 != 0
+            && flow.src[0] == u32::from_ne_bytes(workload.ipv4);
+    }
+    let [first, second, _, _] = flow.src[0].to_ne_bytes();
+    // SAFETY: `ipv6` is 16 bytes at a 4-aligned offset of the map value (checked below).
+    let own: [u32; 4] = unsafe { *(workload.ipv6.as_ptr() as *const [u32; 4]) };
+    (flags & workload_flags::HAS_IPV6 != 0 && flow.src == own)
+        || (first == 0xfe && second & 0xc0 == 0x80)
+}
+const _: () = assert!(core::mem::offset_of!(WorkloadConfig, ipv6).is_multiple_of(4));
+
+/// Counts and passes the packet if it belongs to a tracked TCP or UDP flow of the workload
+/// whose decision stands (allowed, or a would-drop in log mode) and whose state needs no
+/// write.
 #[inline(always)]
 pub fn pass(
     skb: &SkBuff,
@@ -157,79 +248,46 @@ fn try_pass(
         (s.protocol, s.data as usize, s.data_end as usize)
     };
     // Loopback (cgroup hooks only) is the general pipeline's to decide.
-    if protocol != ETH_P_IP_BE || (l3 == 0 && crate::on_loopback(skb)) {
-        return Some(FastPath::General);
-    }
-    let ip = l3 as usize;
-    // Words as they lie in the packet; their bytes taken apart with shifts.
-    let [version_ihl, _, len_hi, len_lo] = read::<u32>(start, end, ip)?.to_ne_bytes();
-    let [id_hi, id_lo, flags_offset_hi, offset_lo] = read::<u32>(start, end, ip + 4)?.to_ne_bytes();
-    let proto: u8 = read(start, end, ip + 9)?;
-    let src: u32 = read(start, end, ip + 12)?;
-    let dst: u32 = read(start, end, ip + 16)?;
-    let [sp_hi, sp_lo, dp_hi, dp_lo] = read::<u32>(start, end, ip + 20)?.to_ne_bytes();
-    let total_len = u16::from_be_bytes([len_hi, len_lo]) as u32;
-    // More fragments, or an offset: fragments take the general pipeline.
-    if version_ihl != IPV4_NO_OPTIONS
-        || flags_offset_hi & 0x3f != 0
-        || offset_lo != 0
-        || total_len < 20
-        || total_len > skb.len().saturating_sub(l3)
-        || (proto != PROTO_TCP && proto != PROTO_UDP)
-    {
+    if l3 == 0 && crate::on_loopback(skb) {
         return None;
     }
-    let src_port = u16::from_be_bytes([sp_hi, sp_lo]);
-    let dst_port = u16::from_be_bytes([dp_hi, dp_lo]);
-    if src_port == DNS_PORT || dst_port == DNS_PORT {
+    let ip = l3 as usize;
+    let (mut flow, l4) = if protocol == ETH_P_IP_BE {
+        ipv4_flow(skb, start, end, ip)?
+    } else if protocol == ETH_P_IPV6_BE {
+        ipv6_flow(skb, start, end, ip)?
+    } else {
+        return None;
+    };
+    if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
+        return None;
+    }
+    let [sp_hi, sp_lo, dp_hi, dp_lo] = read::<u32>(start, end, l4)?.to_ne_bytes();
+    flow.src_port = u16::from_be_bytes([sp_hi, sp_lo]);
+    flow.dst_port = u16::from_be_bytes([dp_hi, dp_lo]);
+    if flow.src_port == DNS_PORT || flow.dst_port == DNS_PORT {
         return None;
     }
     // The general pipeline reads 14 bytes of a TCP header: so must this one, to agree on
     // what is truncated.
-    let tcp_flags: u8 = if proto == PROTO_TCP {
-        read(start, end, ip + 20 + 13)?
-    } else {
-        0
-    };
-    let (local, remote, local_port, remote_port) = if direction == DIR_EGRESS {
-        // Only the workload's own address may be the source (`source_is_own`).
-        if workload.flags & (workload_flags::HOST_SOURCE | workload_flags::HAS_IPV4)
-            != workload_flags::HAS_IPV4
-            || src != u32::from_ne_bytes(workload.ipv4)
-        {
-            return None;
-        }
-        (src, dst, src_port, dst_port)
-    } else {
-        (dst, src, dst_port, src_port)
-    };
+    if flow.proto == PROTO_TCP {
+        flow.tcp_flags = read(start, end, l4 + 13)?;
+    }
+    if direction == DIR_EGRESS && !source_is_own(workload, &flow) {
+        return None;
+    }
 
     let mut key = MaybeUninit::<CtKey>::uninit();
-    write_ipv4_key(
-        &mut key,
-        slot,
-        local,
-        remote,
-        local_port,
-        remote_port,
-        proto,
-    );
+    write_key(&mut key, slot, &flow, direction);
     // SAFETY: every byte written just above.
     let key = unsafe { key.assume_init_ref() };
 
     let config = CONFIG.get(0)?;
     let now = now_ns(config);
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
-        return Some(FastPath::Untracked(Ipv4Flow {
-            src,
-            dst,
-            src_port,
-            dst_port,
-            id: u16::from_be_bytes([id_hi, id_lo]),
-            proto,
-            tcp_flags,
-        }));
+        return Some(FastPath::Untracked(flow));
     };
+    let (proto, tcp_flags) = (flow.proto, flow.tcp_flags);
     if tcp_flags & TCP_STATE_FLAGS != 0 {
         return None;
     }

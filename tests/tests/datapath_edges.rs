@@ -532,7 +532,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     );
 }
 
-/// Established IPv4 TCP and UDP packets take a shorter path (`agent-ebpf/src/established.rs`)
+/// Established TCP and UDP packets take a shorter path (`agent-ebpf/src/established.rs`)
 /// than the general pipeline. It must decide and count exactly as that pipeline would: a
 /// flip to drop mode, a policy change, a TCP state change, IPv4 options and a tracked
 /// would-drop each run here through the real program, and each packet is counted once, with
@@ -548,7 +548,11 @@ fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
     dp.maps
         .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
         .unwrap();
-    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
+    dp.maps
+        .set_identity("fd77:1::b/128".parse().unwrap(), ID_B)
+        .unwrap();
+    let own: Vec<std::net::IpAddr> =
+        vec!["10.1.0.10".parse().unwrap(), "fd77:1::a".parse().unwrap()];
     let set =
         |dp: &mut tollgate::Datapath, mode: Mode, egress: Vec<tollgate::compile::AllowRule>| {
             dp.maps
@@ -635,11 +639,24 @@ fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
         (10, 10 * udp_bytes),
         "the would-drop pair"
     );
+    // IPv6 the same way, each packet counted once.
+    let allowed_v6 = eth(0x86DD, &ipv6(17, &udp_header(1001, 8080, 100)));
+    let before = Packets::read(&dp, 1);
+    for _ in 0..10 {
+        assert_eq!(runs(&dp, &allowed_v6), PASS);
+    }
+    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 10);
+    let v6_bytes = (allowed_v6.len() - 14) as u64;
+    assert_eq!(
+        flows(&dp, VERDICT_ALLOWED, 8080, 17),
+        (20, 10 * udp_bytes + 10 * v6_bytes),
+        "the allowed pair, both families"
+    );
     // IPv4 options: the same flow (its ports found behind them), still allowed.
     let before = Packets::read(&dp, 1);
     assert_eq!(runs(&dp, &with_options), PASS);
     assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 1);
-    assert_eq!(dp.maps.conntrack().len(), 2, "no flow of its own");
+    assert_eq!(dp.maps.conntrack().len(), 3, "no flow of its own");
 
     // The flip: the tracked would-drop flow is dropped from its next packet on.
     set(&mut dp, Mode::Drop, rules());
@@ -669,10 +686,11 @@ fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
         .expect("the TCP flow is tracked");
     assert_eq!(state, tcp_state::FIN_ORIGIN, "the FIN was seen");
 
-    // A policy change decides established flows again: without their rules, both drop.
+    // A policy change decides established flows again: without their rules, all drop.
     set(&mut dp, Mode::Drop, vec![]);
     let before = Packets::read(&dp, 1);
     assert_eq!(runs(&dp, &allowed), DROP);
+    assert_eq!(runs(&dp, &allowed_v6), DROP);
     assert_eq!(runs(&dp, &ack), DROP);
-    assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 2);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 3);
 }
