@@ -609,11 +609,12 @@ fn write_reports(
          established packet unless its state or expiry moves.\n\
          - The pipeline stays inlined in each program (`#[inline(always)]` on the entry \
          points): as it grew, LLVM had moved it into a BPF-to-BPF call, 8 to 10 ns a packet.\n\
-         - Established IPv4 TCP and UDP packets take a fast path (2026-11-26, \
+         - Established TCP and UDP packets take a fast path (2026-11-26, \
          `agent-ebpf/src/established.rs`; `docs/datapath.md`, \"The fast path of an \
          established flow\"): header words read straight from the packet, the key written a \
          word at a time, one lookup, the counters; anything that could decide otherwise (a TCP \
-         state change, a stale entry, a drop-mode deny, options, fragments, DNS, IPv6) takes \
+         state change, a stale entry, a drop-mode deny, IPv4 options, IPv6 extension headers, \
+         fragments, DNS) takes \
          the general pipeline, which then skips the main-table lookup the fast path missed. \
          Found with `perf` over the JIT image (sample addresses mapped to source lines \
          through the program's line info): the general pipeline spent about a third of an \
@@ -622,11 +623,14 @@ fn write_reports(
          22% of its time in `memset`, a BPF-to-BPF call LLVM made of its zero-initialized \
          key. Interleaved runs of both builds, the fastest of 20 x 1,000,000 repeats each: \
          established 76-77 ns against 108-114 before; denied 136-140 against 135-138. Then a \
-         packet the fast path finds untracked (a new or denied IPv4 TCP or UDP flow) goes on \
+         packet the fast path finds untracked (a new or denied TCP or UDP flow) goes on \
          with the fields it read instead of being parsed again, and the empty `Packet` the \
          general pipeline starts from is written as 64-bit zero words (LLVM had copied it \
          from read-only data a byte or two at a time): denied 114-116 ns against 137-140, new \
-         flows 605-626 against 647-689 in single runs, established 79-80 against 76-77. The \
+         flows 605-626 against 647-689 in single runs, established 79-80 against 76-77. \
+         IPv6 (no extension headers) took the fast path last: established IPv6 packets \
+         82-84 ns against 105-107, at 2-5 ns for IPv4 (its flow record is four address words \
+         now). The \
          earlier conclusion that byte-wise code did not matter (typed header reads, \
          2026-11-26: 3% fewer instructions, no faster) was drawn from runs whose spread \
          (136-168 ns) was wider than the gain.\n\
