@@ -17,7 +17,7 @@ use crate::{
     policy::{self, Decision},
 };
 
-pub const NS_PER_SEC: u64 = 1_000_000_000;
+const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// The tracking key of a packet seen by workload `slot` in `direction`.
 #[inline(always)]
@@ -60,7 +60,7 @@ pub fn epoch_for(workload: &WorkloadConfig, peer: u32) -> u32 {
 }
 
 #[inline(always)]
-pub fn lifetime_ns(config: &Config, proto: u8, state: u8) -> u64 {
+fn lifetime_ns(config: &Config, proto: u8, state: u8) -> u64 {
     let seconds = if proto != PROTO_TCP {
         config.ct_other_s
     } else if state & tcp_state::RST != 0
@@ -246,15 +246,11 @@ fn established(
         tcp_flags,
         direction == entry.origin,
     );
-    let expires = now + lifetime_ns(config, key.proto, state);
-    // Writes into the shared entry only when something moved: a new state bit, or an
-    // expiry more than a second later (as Cilium does). Every packet of a busy flow on
-    // several CPUs would otherwise bounce its cache line.
     if state != entry.tcp_state {
         entry.tcp_state = state;
-        entry.expires_ns = expires;
-    } else if expires > entry.expires_ns + NS_PER_SEC {
-        entry.expires_ns = expires;
+        entry.expires_ns = now + lifetime_ns(config, key.proto, state);
+    } else {
+        refresh(config, entry, key.proto, now);
     }
     Some(Tracked {
         decision: Decision {
@@ -264,6 +260,17 @@ fn established(
         origin: entry.origin,
         new_flow,
     })
+}
+
+/// Extends a live entry whose state stays as it is by its lifetime from `now`, writing into
+/// the shared entry only when the expiry moves by more than a second (as Cilium does):
+/// every packet of a busy flow on several CPUs would otherwise bounce its cache line.
+#[inline(always)]
+pub fn refresh(config: &Config, entry: &mut CtEntry, proto: u8, now: u64) {
+    let expires = now + lifetime_ns(config, proto, entry.tcp_state);
+    if expires > entry.expires_ns + NS_PER_SEC {
+        entry.expires_ns = expires;
+    }
 }
 
 /// The flow an ICMP error relates to, if it is tracked: its decision as `Tracked`.

@@ -309,10 +309,7 @@ fn try_pass(
     {
         return None;
     }
-    let expires = now + conntrack::lifetime_ns(config, proto, entry.tcp_state);
-    if expires > entry.expires_ns + conntrack::NS_PER_SEC {
-        entry.expires_ns = expires;
-    }
+    conntrack::refresh(config, entry, proto, now);
 
     // SAFETY: context field read.
     let segs = match unsafe { (*skb.skb).gso_segs } {
