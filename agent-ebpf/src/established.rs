@@ -7,9 +7,8 @@
 //! this path only ever takes a packet the general one would pass with the same counts.
 
 use agent_common::{
-    CtEntry, CtKey, DECISION_ALLOW, DIR_EGRESS, DNS_PORT, FAMILY_IPV4, FAMILY_IPV6, FlowCounterKey,
-    MODE_LOG, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_WOULD_DROP, WorkloadConfig,
-    workload_flags,
+    CtEntry, CtKey, DIR_EGRESS, DNS_PORT, FAMILY_IPV4, FAMILY_IPV6, FlowCounterKey, PROTO_TCP,
+    PROTO_UDP, VERDICT_DROPPED, WorkloadConfig, workload_flags,
 };
 use core::mem::MaybeUninit;
 
@@ -294,13 +293,11 @@ fn try_pass(
     // SAFETY: a value of a successful lookup, valid for the program run; only the expiry is
     // written, whole, as the general pipeline does.
     let entry: &mut CtEntry = unsafe { &mut *entry };
-    let verdict = if entry.decision == DECISION_ALLOW {
-        VERDICT_ALLOWED
-    } else if workload.mode == MODE_LOG as u32 {
-        VERDICT_WOULD_DROP
-    } else {
+    // A drop needs its event: the general pipeline's.
+    let verdict = crate::verdict_of(entry.decision, workload.mode);
+    if verdict == VERDICT_DROPPED {
         return None;
-    };
+    }
     if entry.expires_ns <= now
         || entry.generation != workload.generation
         || entry.epoch != conntrack::epoch_for(workload, entry.peer)
@@ -311,11 +308,7 @@ fn try_pass(
     }
     conntrack::refresh(config, entry, proto, now);
 
-    // SAFETY: context field read.
-    let segs = match unsafe { (*skb.skb).gso_segs } {
-        0 | 1 => 1,
-        n => n,
-    };
+    let segs = crate::segments(skb);
     let bytes = skb.len().saturating_sub(l3);
     counters::count(slot, direction, verdict, segs, bytes);
     counters::count_flow(
