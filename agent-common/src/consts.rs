@@ -10,6 +10,9 @@ pub const SLOT_UNREGISTERED: u32 = 0;
 pub const IDENTITY_CAPACITY: u32 = 1 << 17;
 /// Capacity of the policy trie (ruleset, peer, protocol, port prefix).
 pub const POLICY_CAPACITY: u32 = 1 << 18;
+/// Rulesets (`ruleset_of`: two per slot), each with a policy trie and an ipBlock trie of
+/// its own once it has entries for them.
+pub const RULESET_CAPACITY: u32 = 2 * MAX_WORKLOADS;
 /// Capacity of the per-ruleset ipBlock trie.
 pub const CIDR_RULE_CAPACITY: u32 = 1 << 15;
 /// Default capacity of the connection tracking LRU; the agent may size it at load time.
@@ -44,7 +47,7 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
 /// another layout are never adopted.
 pub const LAYOUT_VERSION: u64 = {
     use core::mem::size_of;
-    let manual: u64 = 6;
+    let manual: u64 = 7;
     let sizes = [
         size_of::<crate::CtKey>(),
         size_of::<crate::CtEntry>(),

@@ -31,16 +31,17 @@ use agent_common::{
     FLOW_COUNTER_CAPACITY, FLOW_SERIES_CAPACITY, FRAGMENT_CAPACITY, FlowCounterKey, FragKey,
     FragPorts, IDENTITY_CAPACITY, IDENTITY_HOST, IDENTITY_WORLD, LEARNED_CAPACITY, LearnedKey,
     LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_TCP,
-    PROTO_UDP, PolicyKey, PolicyValue, ResolverKey, SLOT_CACHE_CAPACITY, SLOT_UNREGISTERED,
-    SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP, WorkloadConfig, diag,
-    slot_cache_bucket, workload_flags,
+    PROTO_UDP, PolicyKey, PolicyValue, RULESET_CAPACITY, ResolverKey, SLOT_CACHE_CAPACITY,
+    SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
+    WorkloadConfig, diag, slot_cache_bucket, workload_flags,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    btf_maps::{ArrayOfMaps, LpmTrie as BtfLpmTrie},
     helpers::{
         bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, classifier, map},
+    macros::{btf_map, cgroup_skb, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
 };
@@ -72,18 +73,27 @@ static CGROUP_SLOT_CACHE: Array<SlotRoute> = Array::pinned(SLOT_CACHE_CAPACITY, 
 #[map]
 static IDENTITIES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(IDENTITY_CAPACITY, 0);
 /// Allowed (ruleset, peer, protocol, port prefix): rules without ports, with a protocol
-/// only, or with a port range.
-#[map]
-static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(POLICY_CAPACITY, 0);
+/// only, or with a port range. One trie per ruleset, by ruleset (the agent creates it when
+/// the ruleset first has such a rule): a lookup walks its own ruleset's entries only, where
+/// one shared trie got deeper with every other workload's rules.
+#[btf_map]
+static POLICY: ArrayOfMaps<
+    BtfLpmTrie<PolicyKey, PolicyValue, { POLICY_CAPACITY as usize }>,
+    { RULESET_CAPACITY as usize },
+> = ArrayOfMaps::new();
 /// Allowed (ruleset, peer, protocol, port) for single ports, most rules: one hash lookup,
 /// flat in the number of rules, where the trie gets deeper as it fills. Allocated as
 /// written, like the tries (only user space writes it).
 #[map]
 static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
     HashMap::pinned(POLICY_CAPACITY, BPF_F_NO_PREALLOC);
-/// (ruleset, address prefix) to the ipBlock set it falls in, a peer of `POLICY`.
-#[map]
-static CIDR_RULES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(CIDR_RULE_CAPACITY, 0);
+/// (ruleset, address prefix) to the ipBlock set it falls in, a peer of `POLICY`: one trie
+/// per ruleset too.
+#[btf_map]
+static CIDR_RULES: ArrayOfMaps<
+    BtfLpmTrie<LpmAddr, u32, { CIDR_RULE_CAPACITY as usize }>,
+    { RULESET_CAPACITY as usize },
+> = ArrayOfMaps::new();
 /// Connection tracking.
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_CAPACITY, 0);

@@ -37,7 +37,10 @@ fn allows(ruleset: u32, prefix_rules: bool, peer: u32, proto: u8, port: u16) -> 
     if unsafe { POLICY_EXACT.get(&key) }.is_some() {
         return true;
     }
-    prefix_rules && POLICY.get(&Key::new(POLICY_PREFIX_FULL, key)).is_some()
+    prefix_rules
+        && POLICY
+            .get(ruleset)
+            .is_some_and(|trie| trie.get(&Key::new(POLICY_PREFIX_FULL, key)).is_some())
 }
 
 /// Decides a flow of the workload in `direction` with `remote`, to `port` (the port of the
@@ -105,7 +108,8 @@ pub fn evaluate(
             };
         }
         if workload.flags & workload_flags::cidr_rules(direction) != 0
-            && let Some(set) = CIDR_RULES.get(identity::lpm_key(ruleset, family, remote))
+            && let Some(trie) = CIDR_RULES.get(ruleset)
+            && let Some(set) = trie.get(&identity::lpm_key(ruleset, family, remote))
             && allows(ruleset, prefix_rules, *set, proto, port)
         {
             return Decision {

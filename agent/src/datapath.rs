@@ -5,8 +5,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{CONNTRACK_CAPACITY, LAYOUT_VERSION, map_names, program_names};
-use aya::{Ebpf, EbpfLoader, maps::RingBuf};
+use agent_common::{
+    CONNTRACK_CAPACITY, LAYOUT_VERSION, LpmAddr, PolicyKey, PolicyValue, map_names, program_names,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{RingBuf, lpm_trie::Key},
+};
 use tracing::{debug, warn};
 
 use crate::{
@@ -118,8 +123,28 @@ impl Datapath {
             source,
         })?;
         check_layout(&options.pin_dir)?;
+        raise_open_files_limit();
+        crate::maps::pin_map_of_tries(
+            &options.pin_dir,
+            map_names::POLICY,
+            size_of::<Key<PolicyKey>>() as u32,
+            size_of::<PolicyValue>() as u32,
+            agent_common::POLICY_CAPACITY,
+        )?;
+        crate::maps::pin_map_of_tries(
+            &options.pin_dir,
+            map_names::CIDR_RULES,
+            size_of::<Key<LpmAddr>>() as u32,
+            size_of::<u32>() as u32,
+            agent_common::CIDR_RULE_CAPACITY,
+        )?;
+        // The maps of maps are BTF maps, which carry no pinning of their own: pinned above.
+        let policy_pin = pins::map_pin(&options.pin_dir, map_names::POLICY);
+        let cidr_rules_pin = pins::map_pin(&options.pin_dir, map_names::CIDR_RULES);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&options.pin_dir)
+            .map_pin_path(map_names::POLICY, policy_pin.as_path())
+            .map_pin_path(map_names::CIDR_RULES, cidr_rules_pin.as_path())
             .map_max_entries(map_names::CONNTRACK, options.conntrack_capacity)
             .map_max_entries(
                 map_names::CT_OVERFLOW,
@@ -131,7 +156,7 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         attach::load_programs(&mut ebpf)?;
-        let maps = DatapathMaps::new(&mut ebpf)?;
+        let maps = DatapathMaps::new(&mut ebpf, &options.pin_dir)?;
         let attachments = attach::adopt(
             &mut ebpf,
             &options.pin_dir,
@@ -364,6 +389,25 @@ fn check_layout(pin_dir: &Path) -> Result<(), DatapathError> {
             found: other,
             expected: LAYOUT_VERSION,
         }),
+    }
+}
+
+/// The agent holds a descriptor per ruleset trie (`maps::tries`): up to two per slot and
+/// direction, more than the usual soft limit of 1,024 open files. Raised to the hard limit.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!("could not raise RLIMIT_NOFILE");
+            }
+        }
     }
 }
 

@@ -813,6 +813,133 @@ fn rules_beyond_single_ports_take_effect_when_added_and_stop_when_removed() {
     let _ = lab;
 }
 
+/// Each ruleset's port ranges, port-less rules and ipBlocks sit in tries of its own (so a
+/// lookup never walks other workloads' rules), pinned beside the maps: a reader opened
+/// before a trie existed counts its entries, and an agent after a restart adopts the tries,
+/// keeps them deciding and removes only its own stale entries.
+#[test]
+fn each_ruleset_has_tries_of_its_own_that_a_restart_adopts() {
+    let Scenario {
+        lab,
+        mut dp,
+        a,
+        b,
+        c,
+    } = isolated_b(Mode::Drop, TcMode::Auto);
+    let reach = |from: &Pod, tcp: Option<u16>, udp_port: u16| match tcp {
+        Some(port) => traffic::tcp(from, b.addr(false), port, 1, FAIL_FAST).echoed == 1,
+        None => traffic::udp(from, b.addr(false), udp_port, 1, 64, FAIL_FAST).echoed == 1,
+    };
+    let tries = |prefix: &str| {
+        let mut found: Vec<String> = std::fs::read_dir(&lab.pin_dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        found.sort();
+        found
+    };
+    let policy_entries = |readers: &tollgate::maps::MapReaders| {
+        readers
+            .occupancy()
+            .into_iter()
+            .find(|(name, _, _)| *name == "POLICY")
+            .map(|(_, entries, _)| entries)
+            .unwrap()
+    };
+    // A reader opened before any ruleset has a trie, as the metrics endpoint's is.
+    let reader = tollgate::maps::MapReaders::open(&lab.pin_dir).unwrap();
+    assert_eq!(tries("POLICY_RULESET_"), Vec::<String>::new());
+
+    // Another workload (slot 2) with a port range of its own: its own trie.
+    let other = WorkloadPolicy {
+        addresses: WorkloadAddresses::Pod(c.addrs()),
+        mode: Mode::Drop,
+        isolated_ingress: true,
+        ingress: vec![allow(
+            tollgate::compile::Peer::Identity(ID_A),
+            PortMatch::Range {
+                proto: PROTO_TCP,
+                first: 81,
+                last: 90,
+            },
+        )],
+        ..Default::default()
+    };
+    dp.maps.set_workload(2, &other).unwrap();
+    let ingress_trie = |slot: u32| tollgate::maps::ruleset_of(slot, DIR_INGRESS).to_string();
+    assert_eq!(
+        tries("POLICY_RULESET_"),
+        vec![format!("POLICY_RULESET_{}", ingress_trie(2))]
+    );
+    let other_entries = policy_entries(&reader);
+    assert!(
+        other_entries > 0,
+        "the reader sees the trie created after it"
+    );
+    assert!(!reach(&a, Some(81), 0), "slot 2's range is not b's");
+
+    let mut wider = b_allows_a(&b, Mode::Drop);
+    wider.ingress.extend([
+        allow(
+            tollgate::compile::Peer::Identity(ID_A),
+            PortMatch::Range {
+                proto: PROTO_TCP,
+                first: 81,
+                last: 81,
+            },
+        ),
+        allow(cidr(&format!("{}/32", c.ipv4), &[]), udp(54)),
+        allow(tollgate::compile::Peer::Identity(ID_C), PortMatch::Any),
+    ]);
+    dp.maps.set_workload(1, &wider).unwrap();
+    let mut both = vec![
+        format!("POLICY_RULESET_{}", ingress_trie(1)),
+        format!("POLICY_RULESET_{}", ingress_trie(2)),
+    ];
+    both.sort();
+    assert_eq!(tries("POLICY_RULESET_"), both);
+    assert_eq!(
+        tries("CIDR_RULES_RULESET_"),
+        vec![format!("CIDR_RULES_RULESET_{}", ingress_trie(1))]
+    );
+    // A single port (81..=81) goes to the hash; the rule without ports is b's one trie entry.
+    assert_eq!(policy_entries(&reader), other_entries + 1);
+    assert!(reach(&a, Some(81), 0), "b's own range");
+    assert!(reach(&c, None, 54), "ipBlock");
+    assert!(reach(&c, Some(80), 0), "rule without ports");
+
+    // A restart: the old process gone (its maps, links and tries stay pinned), a new one
+    // loads over the same pins.
+    drop(dp);
+    let mut dp = lab.datapath(TcMode::Auto);
+    assert!(reach(&c, Some(80), 0), "adopted trie still decides");
+    assert!(reach(&c, None, 54), "adopted ipBlock trie still decides");
+    dp.maps
+        .set_workload(1, &b_allows_a(&b, Mode::Drop))
+        .unwrap();
+    assert!(
+        !reach(&c, Some(80), 0),
+        "stale entry found and removed after the restart"
+    );
+    assert!(
+        !reach(&c, None, 54),
+        "stale ipBlock removed after the restart"
+    );
+    assert!(reach(&a, Some(80), 0));
+    assert_eq!(
+        policy_entries(&reader),
+        other_entries,
+        "slot 2's entries untouched"
+    );
+
+    lab.in_node(|| dp.remove()).unwrap();
+    assert!(
+        !lab.pin_dir.exists() || tries("").is_empty(),
+        "no trie left pinned"
+    );
+}
+
 #[test]
 fn a_rule_change_re_evaluates_tracked_flows() {
     let Scenario {

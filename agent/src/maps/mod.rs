@@ -19,6 +19,11 @@ use aya::{
 };
 use ipnet::IpNet;
 
+mod tries;
+
+use tries::RulesetTries;
+pub use tries::pin_map_of_tries;
+
 use crate::compile::{
     AllowRule, CidrSetIds, RuleError, RulesetEntries, compile_ruleset,
     rules::{LpmKeyOrd, lpm_addr},
@@ -239,9 +244,9 @@ pub struct MapReaders {
     tc_slot_cache: Array<MapData, SlotRoute>,
     cgroup_slot_cache: Array<MapData, SlotRoute>,
     identities: LpmTrie<MapData, LpmAddr, u32>,
-    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy: RulesetTries<PolicyKey, PolicyValue>,
     policy_exact: HashMap<MapData, PolicyKey, PolicyValue>,
-    cidr_rules: LpmTrie<MapData, LpmAddr, u32>,
+    cidr_rules: RulesetTries<LpmAddr, u32>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     ct_overflow: HashMap<MapData, CtKey, CtEntry>,
     ct_shares: Array<MapData, u64>,
@@ -275,9 +280,7 @@ impl MapReaders {
                 .insert(key.1, value, 0)
                 .map_err(map_err(map_names::POLICY_EXACT))
         } else {
-            self.policy
-                .insert(&Key::new(key.0, key.1), value, 0)
-                .map_err(map_err(map_names::POLICY))
+            self.policy.insert(key.1.ruleset, key.0, key.1, value)
         }
     }
 
@@ -287,7 +290,7 @@ impl MapReaders {
             ignore_missing(self.policy_exact.remove(&key.1))
                 .map_err(map_err(map_names::POLICY_EXACT))
         } else {
-            remove_lpm(&mut self.policy, key, map_names::POLICY)
+            self.policy.remove(key.1.ruleset, key.0, key.1)
         }
     }
 
@@ -510,7 +513,7 @@ impl MapReaders {
             ),
             (
                 map_names::POLICY,
-                count(self.policy.keys().count()),
+                count(self.policy.count().unwrap_or(0)),
                 agent_common::POLICY_CAPACITY as u64,
             ),
             (
@@ -520,7 +523,7 @@ impl MapReaders {
             ),
             (
                 map_names::CIDR_RULES,
-                count(self.cidr_rules.keys().count()),
+                count(self.cidr_rules.count().unwrap_or(0)),
                 agent_common::CIDR_RULE_CAPACITY as u64,
             ),
             // Counted by the census walk (`conntrack_census`), which runs beside this.
@@ -541,7 +544,7 @@ impl MapReaders {
 
     /// Opens the pinned maps of a datapath (`--bpffs`) for reading.
     pub fn open(pin_dir: &std::path::Path) -> Result<MapReaders, MapsError> {
-        MapReaders::from_maps(|name| {
+        MapReaders::from_maps(pin_dir, |name| {
             let data =
                 MapData::from_pin(crate::pins::map_pin(pin_dir, name)).map_err(map_err(name))?;
             aya::maps::Map::from_map_data(data).map_err(map_err(name))
@@ -551,6 +554,7 @@ impl MapReaders {
     /// The reader handles, each map from `get` by name: pinned maps opened, or maps taken out
     /// of a loaded object.
     fn from_maps(
+        pin_dir: &std::path::Path,
         mut get: impl FnMut(&'static str) -> Result<aya::maps::Map, MapsError>,
     ) -> Result<MapReaders, MapsError> {
         fn typed<T>(map: aya::maps::Map, name: &'static str) -> Result<T, MapsError>
@@ -584,9 +588,19 @@ impl MapReaders {
             tc_slot_cache: map!(map_names::TC_SLOT_CACHE),
             cgroup_slot_cache: map!(map_names::CGROUP_SLOT_CACHE),
             identities: map!(map_names::IDENTITIES),
-            policy: map!(map_names::POLICY),
+            policy: RulesetTries::new(
+                map_names::POLICY,
+                get(map_names::POLICY)?,
+                agent_common::POLICY_CAPACITY,
+                pin_dir,
+            )?,
             policy_exact: map!(map_names::POLICY_EXACT),
-            cidr_rules: map!(map_names::CIDR_RULES),
+            cidr_rules: RulesetTries::new(
+                map_names::CIDR_RULES,
+                get(map_names::CIDR_RULES)?,
+                agent_common::CIDR_RULE_CAPACITY,
+                pin_dir,
+            )?,
             conntrack: typed(conntrack, map_names::CONNTRACK)?,
             ct_overflow: typed(ct_overflow, map_names::CT_OVERFLOW)?,
             ct_shares: map!(map_names::CT_SHARES),
@@ -615,9 +629,10 @@ where
 impl DatapathMaps {
     /// Takes the maps out of a loaded object. The epoch counter continues after the highest
     /// epoch found, so flows tracked before a restart are re-evaluated, never trusted blindly.
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        let r =
-            MapReaders::from_maps(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))?;
+    pub fn new(ebpf: &mut Ebpf, pin_dir: &std::path::Path) -> Result<Self, MapsError> {
+        let r = MapReaders::from_maps(pin_dir, |name| {
+            ebpf.take_map(name).ok_or(MapsError::Missing { name })
+        })?;
         // Generations come from the same counter: a slot cleared before the restart keeps its
         // generation in the map, so the counter continues above it too.
         let max_epoch = r
@@ -655,14 +670,12 @@ impl DatapathMaps {
     /// What an earlier agent wrote, read back from the tries, so the first update after a
     /// restart removes what is no longer wanted instead of leaking it.
     fn rebuild_written(&mut self) -> Result<(), MapsError> {
-        for item in self.r.policy.iter() {
-            let (key, value) = item.map_err(map_err(map_names::POLICY))?;
-            let data = key.data();
+        for (ruleset, prefix, data, value) in self.r.policy.entries()? {
             self.written
-                .entry(data.ruleset)
+                .entry(ruleset)
                 .or_default()
                 .policy
-                .insert(LpmKeyOrd(key.prefix_len(), data), value.rule);
+                .insert(LpmKeyOrd(prefix, data), value.rule);
         }
         for item in self.r.policy_exact.iter() {
             let (key, value) = item.map_err(map_err(map_names::POLICY_EXACT))?;
@@ -672,14 +685,12 @@ impl DatapathMaps {
                 .policy
                 .insert(LpmKeyOrd(POLICY_PREFIX_FULL, key), value.rule);
         }
-        for item in self.r.cidr_rules.iter() {
-            let (key, set) = item.map_err(map_err(map_names::CIDR_RULES))?;
-            let data = key.data();
+        for (ruleset, prefix, data, set) in self.r.cidr_rules.entries()? {
             self.written
-                .entry(data.scope)
+                .entry(ruleset)
                 .or_default()
                 .cidr
-                .insert(LpmKeyOrd(key.prefix_len(), data), set);
+                .insert(LpmKeyOrd(prefix, data), set);
         }
         Ok(())
     }
@@ -828,12 +839,8 @@ impl DatapathMaps {
         }
         for (key, old) in undo.cidr.into_iter().rev() {
             let _ = match old {
-                Some(set) => self
-                    .r
-                    .cidr_rules
-                    .insert(&Key::new(key.0, key.1), set, 0)
-                    .map_err(map_err(map_names::CIDR_RULES)),
-                None => remove_lpm(&mut self.r.cidr_rules, key, map_names::CIDR_RULES),
+                Some(set) => self.r.cidr_rules.insert(key.1.scope, key.0, key.1, set),
+                None => self.r.cidr_rules.remove(key.1.scope, key.0, key.1),
             };
         }
     }
@@ -1060,10 +1067,7 @@ impl DatapathMaps {
         for (key, set) in &entries.cidr {
             let before = old.and_then(|o| o.cidr.get(key)).copied();
             if before != Some(*set) {
-                self.r
-                    .cidr_rules
-                    .insert(&Key::new(key.0, key.1), *set, 0)
-                    .map_err(map_err(map_names::CIDR_RULES))?;
+                self.r.cidr_rules.insert(key.1.scope, key.0, key.1, *set)?;
                 undo.cidr.push((*key, before));
                 self.stats.written += 1;
             }
@@ -1094,7 +1098,7 @@ impl DatapathMaps {
         // Addresses first, so none points at a peer whose entries are being removed.
         self.stats.removed += (stale_cidr.len() + stale_policy.len()) as u64;
         for key in stale_cidr {
-            remove_lpm(&mut self.r.cidr_rules, key, map_names::CIDR_RULES)?;
+            self.r.cidr_rules.remove(key.1.scope, key.0, key.1)?;
         }
         for key in stale_policy {
             self.r.remove_policy(key)?;
@@ -1210,8 +1214,8 @@ impl DatapathMaps {
     /// entries.
     pub fn policy_entries(&self) -> (usize, usize) {
         (
-            self.r.policy.keys().count() + self.r.policy_exact.keys().count(),
-            self.r.cidr_rules.keys().count(),
+            self.r.policy.count().unwrap_or(0) + self.r.policy_exact.keys().count(),
+            self.r.cidr_rules.count().unwrap_or(0),
         )
     }
 

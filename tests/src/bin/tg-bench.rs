@@ -289,8 +289,9 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     let mut inserted = std::collections::HashSet::new();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     for target in [10usize, 1_000, 10_000, 100_000] {
-        // Other rulesets' entries: single ports go to the hash, and one in ten is a port
-        // range (a shorter prefix, in the trie), so both grow.
+        // Other rulesets' entries (the rulesets of slots 2 to 1023): single ports go to the
+        // hash, and one in ten is a port range (a shorter prefix, in its ruleset's trie), so
+        // both grow.
         while filled < target {
             rng ^= rng << 13;
             rng ^= rng >> 7;
@@ -299,7 +300,7 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
             let range = rng.is_multiple_of(10);
             let port = (rng >> 40) as u16;
             let key = PolicyKey {
-                ruleset: 100 + (rng % 5000) as u32,
+                ruleset: 4 + (rng % (agent_common::RULESET_CAPACITY as u64 - 4)) as u32,
                 peer: 256 + ((rng >> 16) % 20000) as u32,
                 proto: PROTO_UDP,
                 port: if range { port & 0xff00 } else { port }.to_be_bytes(),
