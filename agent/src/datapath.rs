@@ -372,7 +372,13 @@ impl Datapath {
 /// and writing maps whose keys and values mean something else.
 fn check_layout(pin_dir: &Path) -> Result<(), DatapathError> {
     let layout_pin = pin_dir.join(map_names::LAYOUT);
-    let has_pins = std::fs::read_dir(pin_dir).is_ok_and(|mut d| d.next().is_some());
+    // The maps of ruleset tries are pinned before the loader runs (`pin_map_of_tries`): on
+    // their own they are what a start that failed before the loader left.
+    let made_before_the_loader = [map_names::POLICY, map_names::CIDR_RULES];
+    let has_pins = std::fs::read_dir(pin_dir).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| !made_before_the_loader.iter().any(|m| e.file_name() == *m))
+    });
     if !has_pins {
         return Ok(());
     }

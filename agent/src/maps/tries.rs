@@ -34,14 +34,14 @@ pub struct RulesetTries<K: Pod, V: Pod> {
     /// itself), beside the map of maps: how an agent after a restart finds them without
     /// CAP_SYS_ADMIN (which opening a map by id needs).
     pin_dir: PathBuf,
-    /// Handles on the tries found or created so far.
+    /// Handles on the tries this process wrote or removed entries in (opened as it first
+    /// touches a ruleset; a reader opens each trie only to count it).
     tries: BTreeMap<u32, LpmTrie<MapData, K, V>>,
 }
 
 impl<K: Pod, V: Pod> RulesetTries<K, V> {
-    /// The tries of `map` (the map of maps named `name`), each of `trie_capacity` entries;
-    /// those pinned under `pin_dir` already (an earlier agent's, or the writer's for a
-    /// reader) are opened.
+    /// The tries of `map` (the map of maps named `name`), each of `trie_capacity` entries,
+    /// pinned under `pin_dir`.
     pub fn new(
         name: &'static str,
         map: Map,
@@ -49,18 +49,13 @@ impl<K: Pod, V: Pod> RulesetTries<K, V> {
         pin_dir: &Path,
     ) -> Result<Self, MapsError> {
         let outer = ArrayOfMaps::try_from(map).map_err(map_err(name))?;
-        let mut tries = RulesetTries {
+        Ok(RulesetTries {
             name,
             outer,
             trie_capacity,
             pin_dir: pin_dir.to_owned(),
             tries: BTreeMap::new(),
-        };
-        for ruleset in tries.pinned()? {
-            let trie = tries.open(ruleset)?;
-            tries.tries.insert(ruleset, trie);
-        }
-        Ok(tries)
+        })
     }
 
     fn pin_path(&self, ruleset: u32) -> PathBuf {
@@ -100,9 +95,21 @@ impl<K: Pod, V: Pod> RulesetTries<K, V> {
         LpmTrie::try_from(map).map_err(map_err(self.name))
     }
 
+    /// The trie of `ruleset` if it has one (pinned by this process or an earlier one).
+    fn existing(&mut self, ruleset: u32) -> Result<Option<&mut LpmTrie<MapData, K, V>>, MapsError> {
+        if !self.tries.contains_key(&ruleset) {
+            if !self.pin_path(ruleset).exists() {
+                return Ok(None);
+            }
+            let trie = self.open(ruleset)?;
+            self.tries.insert(ruleset, trie);
+        }
+        Ok(self.tries.get_mut(&ruleset))
+    }
+
     /// The trie of `ruleset`, created, pinned and put in place when it has none yet.
     fn trie_mut(&mut self, ruleset: u32) -> Result<&mut LpmTrie<MapData, K, V>, MapsError> {
-        if !self.tries.contains_key(&ruleset) {
+        if self.existing(ruleset)?.is_none() {
             let created = LpmTrie::<MapData, K, V>::create(self.trie_capacity, BPF_F_NO_PREALLOC)
                 .map_err(map_err(self.name))?;
             let path = self.pin_path(ruleset);
@@ -144,28 +151,31 @@ impl<K: Pod, V: Pod> RulesetTries<K, V> {
     /// Removes (`prefix`, `data`) from the trie of `ruleset`; a missing entry (or trie) is
     /// not an error.
     pub fn remove(&mut self, ruleset: u32, prefix: u32, data: K) -> Result<(), MapsError> {
-        match self.tries.get_mut(&ruleset) {
+        let name = self.name;
+        match self.existing(ruleset)? {
             Some(trie) => {
-                ignore_missing(trie.remove(&Key::new(prefix, data))).map_err(map_err(self.name))
+                ignore_missing(trie.remove(&Key::new(prefix, data))).map_err(map_err(name))
             }
             None => Ok(()),
         }
     }
 
     /// Every entry of every trie: (ruleset, prefix, data, value).
-    pub fn entries(&self) -> Result<Vec<(u32, u32, K, V)>, MapsError> {
+    pub fn entries(&mut self) -> Result<Vec<(u32, u32, K, V)>, MapsError> {
+        let name = self.name;
         let mut out = Vec::new();
-        for (ruleset, trie) in &self.tries {
-            for item in trie.iter() {
-                let (key, value) = item.map_err(map_err(self.name))?;
-                out.push((*ruleset, key.prefix_len(), key.data(), value));
+        for ruleset in self.pinned()? {
+            if let Some(trie) = self.existing(ruleset)? {
+                for item in trie.iter() {
+                    let (key, value) = item.map_err(map_err(name))?;
+                    out.push((ruleset, key.prefix_len(), key.data(), value));
+                }
             }
         }
         Ok(out)
     }
 
-    /// Entries of all tries pinned now, those another process created since included (a
-    /// reader opened from the pins sees the writer's new tries).
+    /// Entries of all tries pinned now, by whichever process.
     pub fn count(&self) -> Result<usize, MapsError> {
         let mut n = 0;
         for ruleset in self.pinned()? {
