@@ -47,7 +47,7 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
 /// another layout are never adopted.
 pub const LAYOUT_VERSION: u64 = {
     use core::mem::size_of;
-    let manual: u64 = 7;
+    let manual: u64 = 8;
     let sizes = [
         size_of::<crate::CtKey>(),
         size_of::<crate::CtEntry>(),
@@ -94,6 +94,7 @@ pub mod map_names {
     pub const TC_SLOT_CACHE: &str = "TC_SLOT_CACHE";
     pub const CGROUP_SLOT_CACHE: &str = "CGROUP_SLOT_CACHE";
     pub const IDENTITIES: &str = "IDENTITIES";
+    pub const IDENTITIES_EXACT: &str = "IDENTITIES_EXACT";
     pub const POLICY: &str = "POLICY";
     pub const POLICY_EXACT: &str = "POLICY_EXACT";
     pub const CIDR_RULES: &str = "CIDR_RULES";

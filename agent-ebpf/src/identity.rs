@@ -1,10 +1,11 @@
-//! Peer address to identity: one LPM trie holds every pod IP (as /32 or /128) and any
-//! CIDR the agent wants named. Anything else is `world`.
+//! Peer address to identity: a hash holds every single address the agent names (pod IPs,
+//! Service frontends, the node's addresses), an LPM trie any shorter CIDR. Anything else
+//! is `world`.
 
 use agent_common::{IDENTITY_WORLD, LPM_ADDR_FIXED_BITS, LpmAddr};
 use aya_ebpf::maps::lpm_trie::Key;
 
-use crate::IDENTITIES;
+use crate::{IDENTITIES, IDENTITIES_EXACT};
 
 /// Full-length LPM key for an address, in the given scope (0, or a ruleset).
 #[inline(always)]
@@ -22,7 +23,16 @@ pub fn lpm_key(scope: u32, family: u8, addr: &[u8; 16]) -> Key<LpmAddr> {
 /// Identity of a peer address.
 #[inline(always)]
 pub fn identity_of(family: u8, addr: &[u8; 16]) -> u32 {
-    match IDENTITIES.get(lpm_key(0, family, addr)) {
+    let exact = LpmAddr {
+        scope: 0,
+        family: family as u32,
+        addr: *addr,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(id) = unsafe { IDENTITIES_EXACT.get(&exact) } {
+        return *id;
+    }
+    match IDENTITIES.get(Key::new(LPM_ADDR_FIXED_BITS + 128, exact)) {
         Some(id) => *id,
         None => IDENTITY_WORLD,
     }

@@ -69,9 +69,16 @@ static CGROUP_SLOTS: HashMap<u64, u32> = HashMap::pinned(MAX_WORKLOADS, 0);
 static TC_SLOT_CACHE: Array<SlotRoute> = Array::pinned(SLOT_CACHE_CAPACITY, 0);
 #[map]
 static CGROUP_SLOT_CACHE: Array<SlotRoute> = Array::pinned(SLOT_CACHE_CAPACITY, 0);
-/// Peer address to identity.
+/// Peer address prefix to identity: the prefixes shorter than an address (CIDRs the agent
+/// names). Looked up when `IDENTITIES_EXACT` has no entry.
 #[map]
 static IDENTITIES: LpmTrie<LpmAddr, u32> = LpmTrie::pinned(IDENTITY_CAPACITY, 0);
+/// Peer address to identity for single addresses (/32, /128: pods, Service frontends, the
+/// node's addresses), nearly every entry: one hash lookup, where a trie of 20,000 pod
+/// addresses is about 15 levels deep. Allocated as written (only user space writes it).
+#[map]
+static IDENTITIES_EXACT: HashMap<LpmAddr, u32> =
+    HashMap::pinned(IDENTITY_CAPACITY, BPF_F_NO_PREALLOC);
 /// Allowed (ruleset, peer, protocol, port prefix): rules without ports, with a protocol
 /// only, or with a port range. One trie per ruleset, by ruleset (the agent creates it when
 /// the ruleset first has such a rule): a lookup walks its own ruleset's entries only, where

@@ -694,3 +694,82 @@ fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
     assert_eq!(runs(&dp, &ack), DROP);
     assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 3);
 }
+
+/// Single addresses (pods, Service frontends, the node) are named in a hash the programs
+/// look up first, shorter prefixes in a trie behind it: together they must still answer as
+/// one longest-prefix match. A pod's /32 wins over a prefix that holds it, and once the
+/// /32 is forgotten the address falls back to the prefix, then to `world`.
+#[test]
+fn single_addresses_and_prefixes_name_peers_as_one_longest_prefix_match() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    // BPF_PROG_TEST_RUN packets arrive on ifindex 1: slot 1's egress, from 10.1.0.10 (its
+    // own address) to 10.1.0.11; only ID_B may be reached, on UDP 8080.
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    dp.maps
+        .set_workload(
+            1,
+            &WorkloadPolicy {
+                mode: Mode::Drop,
+                isolated_egress: true,
+                egress: vec![allow_udp(ID_B, 8080)],
+                ..Default::default()
+            }
+            .sending_from(&["10.1.0.10".parse().unwrap()]),
+        )
+        .unwrap();
+    // Each check a new flow (its own source port), so no tracked decision answers for it.
+    let mut sport = 3000u16;
+    let mut verdict = |dp: &tollgate::Datapath| {
+        sport += 1;
+        let frame = eth(0x0800, &ipv4(17, 0, &udp_header(sport, 8080, 100)));
+        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, &frame, 1))
+            .unwrap()
+            .retval
+    };
+    let entries = |dp: &tollgate::Datapath, map: &str| {
+        dp.maps
+            .occupancy()
+            .into_iter()
+            .find(|(name, _, _)| *name == map)
+            .map(|(_, entries, _)| entries)
+            .unwrap()
+    };
+
+    dp.maps
+        .set_identity("10.1.0.0/16".parse().unwrap(), ID_A)
+        .unwrap();
+    dp.maps
+        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
+        .unwrap();
+    assert_eq!(entries(&dp, "IDENTITIES"), 1, "the /16 in the trie");
+    assert_eq!(entries(&dp, "IDENTITIES_EXACT"), 1, "the /32 in the hash");
+    assert_eq!(
+        dp.maps
+            .identities()
+            .unwrap()
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![ID_A, ID_B],
+        "both read back, prefix first"
+    );
+    assert_eq!(verdict(&dp), PASS, "the /32's identity, not the /16's");
+
+    dp.maps
+        .remove_identity("10.1.0.11/32".parse().unwrap())
+        .unwrap();
+    assert_eq!(entries(&dp, "IDENTITIES_EXACT"), 0);
+    assert_eq!(verdict(&dp), DROP, "back to the /16: ID_A may not");
+
+    dp.maps
+        .set_identity("10.1.0.0/16".parse().unwrap(), ID_B)
+        .unwrap();
+    assert_eq!(verdict(&dp), PASS, "the /16 alone names it now");
+
+    dp.maps
+        .remove_identity("10.1.0.0/16".parse().unwrap())
+        .unwrap();
+    assert_eq!(verdict(&dp), DROP, "world");
+    lab.in_node(|| dp.remove()).unwrap();
+}

@@ -244,6 +244,7 @@ pub struct MapReaders {
     tc_slot_cache: Array<MapData, SlotRoute>,
     cgroup_slot_cache: Array<MapData, SlotRoute>,
     identities: LpmTrie<MapData, LpmAddr, u32>,
+    identities_exact: HashMap<MapData, LpmAddr, u32>,
     policy: RulesetTries<PolicyKey, PolicyValue>,
     policy_exact: HashMap<MapData, PolicyKey, PolicyValue>,
     cidr_rules: RulesetTries<LpmAddr, u32>,
@@ -512,6 +513,11 @@ impl MapReaders {
                 agent_common::IDENTITY_CAPACITY as u64,
             ),
             (
+                map_names::IDENTITIES_EXACT,
+                count(self.identities_exact.keys().count()),
+                agent_common::IDENTITY_CAPACITY as u64,
+            ),
+            (
                 map_names::POLICY,
                 count(self.policy.count().unwrap_or(0)),
                 agent_common::POLICY_CAPACITY as u64,
@@ -588,6 +594,7 @@ impl MapReaders {
             tc_slot_cache: map!(map_names::TC_SLOT_CACHE),
             cgroup_slot_cache: map!(map_names::CGROUP_SLOT_CACHE),
             identities: map!(map_names::IDENTITIES),
+            identities_exact: map!(map_names::IDENTITIES_EXACT),
             policy: RulesetTries::new(
                 map_names::POLICY,
                 get(map_names::POLICY)?,
@@ -1106,32 +1113,54 @@ impl DatapathMaps {
         Ok(())
     }
 
-    /// Names an address or prefix as an identity (pod IPs as /32 and /128).
+    /// Names an address or prefix as an identity (pod IPs as /32 and /128): a single
+    /// address in the hash the programs look up first, a shorter prefix in the trie.
     pub fn set_identity(&mut self, net: IpNet, identity: u32) -> Result<(), MapsError> {
         let key = lpm_addr(0, &net);
         self.stats.written += 1;
-        self.r
-            .identities
-            .insert(&Key::new(key.0, key.1), identity, 0)
-            .map_err(map_err(map_names::IDENTITIES))
+        if net.prefix_len() == net.max_prefix_len() {
+            self.r
+                .identities_exact
+                .insert(key.1, identity, 0)
+                .map_err(map_err(map_names::IDENTITIES_EXACT))
+        } else {
+            self.r
+                .identities
+                .insert(&Key::new(key.0, key.1), identity, 0)
+                .map_err(map_err(map_names::IDENTITIES))
+        }
     }
 
     /// Forgets an identity entry; the address becomes `world` (or its next shorter prefix).
     pub fn remove_identity(&mut self, net: IpNet) -> Result<(), MapsError> {
         self.stats.removed += 1;
-        remove_lpm(
-            &mut self.r.identities,
-            lpm_addr(0, &net),
-            map_names::IDENTITIES,
-        )
+        let key = lpm_addr(0, &net);
+        if net.prefix_len() == net.max_prefix_len() {
+            ignore_missing(self.r.identities_exact.remove(&key.1))
+                .map_err(map_err(map_names::IDENTITIES_EXACT))
+        } else {
+            remove_lpm(&mut self.r.identities, key, map_names::IDENTITIES)
+        }
     }
 
-    /// Identity entries as the datapath holds them.
+    /// Identity entries as the datapath holds them (single addresses and prefixes alike).
     pub fn identities(&self) -> Result<BTreeMap<LpmKeyOrd<LpmAddr>, u32>, MapsError> {
         let mut out = BTreeMap::new();
         for item in self.r.identities.iter() {
             let (key, id) = item.map_err(map_err(map_names::IDENTITIES))?;
             out.insert(LpmKeyOrd(key.prefix_len(), key.data()), id);
+        }
+        for item in self.r.identities_exact.iter() {
+            let (addr, id) = item.map_err(map_err(map_names::IDENTITIES_EXACT))?;
+            let bits = if addr.family == agent_common::FAMILY_IPV4 as u32 {
+                32
+            } else {
+                128
+            };
+            out.insert(
+                LpmKeyOrd(agent_common::LPM_ADDR_FIXED_BITS + bits, addr),
+                id,
+            );
         }
         Ok(out)
     }

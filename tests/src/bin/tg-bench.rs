@@ -56,6 +56,8 @@ struct Figure {
 
 const SLOT: u32 = 1;
 const PEER_IDENTITY: u32 = 301;
+/// Pod addresses named in every figure (the reference bank's pods).
+const POD_ADDRESSES: u32 = 20_000;
 
 /// An ethernet + IPv4 + UDP frame from 10.1.x.y:sport to 10.1.0.11:dport.
 /// A UDP packet from the workload (10.1.0.10) to peer 10.1.`net`.11: the workload may only
@@ -199,9 +201,14 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     let mut dp = Datapath::load(options).expect("load datapath");
     // BPF_PROG_TEST_RUN packets arrive on the node namespace's loopback (ifindex 1).
     dp.maps.set_tc_slot(1, SLOT).unwrap();
-    dp.maps
-        .set_identity("10.1.0.0/16".parse::<IpNet>().unwrap(), PEER_IDENTITY)
-        .unwrap();
+    // The reference bank's 20,000 pods, each address named (/32), the peer (10.1.0.11)
+    // among them: a new or denied flow looks its peer up among as many as a node of that
+    // cluster holds.
+    for i in 0..POD_ADDRESSES {
+        let identity = if i == 11 { PEER_IDENTITY } else { 1000 + i };
+        let pod: IpNet = format!("10.1.{}.{}/32", i >> 8, i & 255).parse().unwrap();
+        dp.maps.set_identity(pod, identity).unwrap();
+    }
     // Egress-isolated workload in drop mode: UDP 5353 to the peer is allowed, 5354 is not (not 53: DNS to a resolver takes the DNS path, measured in the DNS section).
     let policy = WorkloadPolicy {
         mode: Mode::Drop,
@@ -450,7 +457,8 @@ fn write_reports(
     writeln!(
         md,
         "- Packet: 64-byte Ethernet/IPv4/UDP frame, workload isolated for egress in drop mode, \
-         through `tc_from_pod` (the program on the host side of a workload's interface).\n"
+         through `tc_from_pod` (the program on the host side of a workload's interface), to a \
+         peer pod among {POD_ADDRESSES} named pod addresses (the reference bank's pods).\n"
     )
     .unwrap();
     writeln!(md, "## What each case measures\n").unwrap();
