@@ -517,10 +517,13 @@ impl MapReaders {
                 count(self.identities_exact.keys().count()),
                 agent_common::IDENTITY_CAPACITY as u64,
             ),
+            // The tries of every ruleset together, against what all of them can hold (one
+            // ruleset's trie holds `POLICY_CAPACITY`; a ruleset beyond it is refused as any
+            // write that does not fit, and leaves its workload degraded).
             (
                 map_names::POLICY,
                 count(self.policy.count().unwrap_or(0)),
-                agent_common::POLICY_CAPACITY as u64,
+                agent_common::POLICY_CAPACITY as u64 * agent_common::RULESET_CAPACITY as u64,
             ),
             (
                 map_names::POLICY_EXACT,
@@ -530,7 +533,7 @@ impl MapReaders {
             (
                 map_names::CIDR_RULES,
                 count(self.cidr_rules.count().unwrap_or(0)),
-                agent_common::CIDR_RULE_CAPACITY as u64,
+                agent_common::CIDR_RULE_CAPACITY as u64 * agent_common::RULESET_CAPACITY as u64,
             ),
             // Counted by the census walk (`conntrack_census`), which runs beside this.
             (map_names::CONNTRACK, 0, self.conntrack_capacity),
