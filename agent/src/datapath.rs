@@ -498,18 +498,9 @@ impl Datapath {
             repeat,
             ..Default::default()
         };
-        // SAFETY: attr points at valid buffers that outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRunAttr,
-                size_of::<TestRunAttr>(),
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // SAFETY: attr points at the packet and the output buffer, both alive for the call
+        // and as long as the sizes it gives.
+        unsafe { crate::sys::bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
         out.truncate(attr.data_size_out as usize);
         Ok(TestRun {
             retval: attr.retval as i32,

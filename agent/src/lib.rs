@@ -21,6 +21,7 @@ pub mod prometheus;
 pub mod reconcile;
 pub mod recorder;
 pub mod sources;
+pub mod sys;
 
 pub use datapath::{Datapath, DatapathError, DatapathOptions};
 pub use maps::{Mode, WorkloadPolicy};

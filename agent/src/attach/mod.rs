@@ -541,44 +541,22 @@ fn link_update_pinned(path: &Path, prog_fd: std::os::fd::BorrowedFd<'_>) -> std:
     const BPF_LINK_UPDATE: libc::c_long = 29;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let get = ObjGetAttr {
+    let mut get = ObjGetAttr {
         pathname: c_path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: valid attr pointing at a NUL-terminated path that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGetAttr,
-            size_of::<ObjGetAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us.
-    let link_fd =
-        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    let update = LinkUpdateAttr {
+    // SAFETY: BPF_OBJ_GET returns a new descriptor; the path is NUL-terminated and outlives
+    // the call.
+    let link_fd = unsafe { crate::sys::bpf_fd(BPF_OBJ_GET, &mut get) }?;
+    let mut update = LinkUpdateAttr {
         link_fd: link_fd.as_raw_fd() as u32,
         new_prog_fd: prog_fd.as_raw_fd() as u32,
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: valid attr for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &update as *const LinkUpdateAttr,
-            size_of::<LinkUpdateAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: the attribute holds descriptors only, no pointers.
+    unsafe { crate::sys::bpf(BPF_LINK_UPDATE, &mut update) }?;
     Ok(())
 }
 

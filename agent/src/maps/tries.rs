@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
 };
 
@@ -262,7 +262,7 @@ fn create_map(
     map_flags: u32,
     inner_map_fd: Option<RawFd>,
 ) -> std::io::Result<OwnedFd> {
-    let attr = MapCreateAttr {
+    let mut attr = MapCreateAttr {
         map_type,
         key_size,
         value_size,
@@ -271,19 +271,6 @@ fn create_map(
         inner_map_fd: inner_map_fd.unwrap_or(0) as u32,
         ..MapCreateAttr::default()
     };
-    // SAFETY: BPF_MAP_CREATE with a zero-filled attribute of the size passed; the kernel
-    // returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &attr as *const MapCreateAttr,
-            size_of::<MapCreateAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    // SAFETY: BPF_MAP_CREATE returns a new descriptor; its attribute holds no pointers.
+    unsafe { crate::sys::bpf_fd(BPF_MAP_CREATE, &mut attr) }
 }
