@@ -912,9 +912,20 @@ fn each_ruleset_has_tries_of_its_own_that_a_restart_adopts() {
     // A restart: the old process gone (its maps, links and tries stay pinned), a new one
     // loads over the same pins.
     drop(dp);
-    let mut dp = lab.datapath(TcMode::Auto);
+    let dp = lab.datapath(TcMode::Auto);
     assert!(reach(&c, Some(80), 0), "adopted trie still decides");
     assert!(reach(&c, None, 54), "adopted ipBlock trie still decides");
+    // Another restart, the maps of maps lost meanwhile (made anew, empty): the pinned
+    // tries are put back in them.
+    drop(dp);
+    std::fs::remove_file(lab.pin_dir.join("POLICY")).unwrap();
+    std::fs::remove_file(lab.pin_dir.join("CIDR_RULES")).unwrap();
+    let mut dp = lab.datapath(TcMode::Auto);
+    assert!(reach(&c, Some(80), 0), "trie put back in a new map of maps");
+    assert!(
+        reach(&c, None, 54),
+        "ipBlock trie put back in a new map of maps"
+    );
     dp.maps
         .set_workload(1, &b_allows_a(&b, Mode::Drop))
         .unwrap();

@@ -95,13 +95,18 @@ impl<K: Pod, V: Pod> RulesetTries<K, V> {
         LpmTrie::try_from(map).map_err(map_err(self.name))
     }
 
-    /// The trie of `ruleset` if it has one (pinned by this process or an earlier one).
+    /// The trie of `ruleset` if it has one (pinned by this process or an earlier one). A
+    /// trie an earlier agent pinned is put in place again as it is first opened: the map
+    /// of maps the programs read then holds it whatever happened in between.
     fn existing(&mut self, ruleset: u32) -> Result<Option<&mut LpmTrie<MapData, K, V>>, MapsError> {
         if !self.tries.contains_key(&ruleset) {
             if !self.pin_path(ruleset).exists() {
                 return Ok(None);
             }
             let trie = self.open(ruleset)?;
+            self.outer
+                .set(ruleset, &trie, 0)
+                .map_err(map_err(self.name))?;
             self.tries.insert(ruleset, trie);
         }
         Ok(self.tries.get_mut(&ruleset))
