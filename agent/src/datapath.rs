@@ -8,10 +8,7 @@ use std::{
 use agent_common::{
     CONNTRACK_CAPACITY, LAYOUT_VERSION, LpmAddr, PolicyKey, PolicyValue, map_names, program_names,
 };
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{RingBuf, lpm_trie::Key},
-};
+use aya::{Ebpf, EbpfLoader, maps::RingBuf};
 use tracing::{debug, warn};
 
 use crate::{
@@ -124,18 +121,14 @@ impl Datapath {
         })?;
         check_layout(&options.pin_dir)?;
         raise_open_files_limit();
-        crate::maps::pin_map_of_tries(
+        crate::maps::pin_map_of_tries::<PolicyKey, PolicyValue>(
             &options.pin_dir,
             map_names::POLICY,
-            size_of::<Key<PolicyKey>>() as u32,
-            size_of::<PolicyValue>() as u32,
             agent_common::POLICY_CAPACITY,
         )?;
-        crate::maps::pin_map_of_tries(
+        crate::maps::pin_map_of_tries::<LpmAddr, u32>(
             &options.pin_dir,
             map_names::CIDR_RULES,
-            size_of::<Key<LpmAddr>>() as u32,
-            size_of::<u32>() as u32,
             agent_common::CIDR_RULE_CAPACITY,
         )?;
         // The maps of maps are BTF maps, which carry no pinning of their own: pinned above.

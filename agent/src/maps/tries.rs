@@ -119,16 +119,9 @@ impl<K: Pod, V: Pod> RulesetTries<K, V> {
                 .map_err(map_err(self.name))?;
             let path = self.pin_path(ruleset);
             // Pinning consumes the handle; the pin keeps the trie, and a new handle opens it.
-            created.pin(&path).map_err(|e| {
-                let cause = std::error::Error::source(&e).map(ToString::to_string);
-                MapsError::Io {
-                    what: "pinning a ruleset trie",
-                    source: std::io::Error::other(match cause {
-                        Some(cause) => format!("{}: {e}: {cause}", path.display()),
-                        None => format!("{}: {e}", path.display()),
-                    }),
-                }
-            })?;
+            created
+                .pin(&path)
+                .map_err(|e| pin_error("pinning a ruleset trie", &path, e))?;
             let trie = self.open(ruleset)?;
             if let Err(e) = self.outer.set(ruleset, &trie, 0) {
                 let _ = std::fs::remove_file(&path);
@@ -193,16 +186,26 @@ impl<K: Pod, V: Pod> RulesetTries<K, V> {
     }
 }
 
-/// Creates the map of maps `name` and pins it under `pin_dir`, unless it is pinned there
-/// already; the loader then adopts the pin. Its template trie has no BTF, like the tries
-/// created here: kernels before 6.2 refuse an inner map whose BTF differs from the
-/// template's (a template the loader made from the object's BTF has some), so the loader
-/// must not make it.
-pub fn pin_map_of_tries(
+/// The pin error of `path` with its cause (aya's own message leaves the errno out).
+fn pin_error(what: &'static str, path: &Path, e: aya::pin::PinError) -> MapsError {
+    let message = match std::error::Error::source(&e) {
+        Some(cause) => format!("{}: {e}: {cause}", path.display()),
+        None => format!("{}: {e}", path.display()),
+    };
+    MapsError::Io {
+        what,
+        source: std::io::Error::other(message),
+    }
+}
+
+/// Creates the map of maps `name`, of tries keyed by `K` holding `V`, and pins it under
+/// `pin_dir`, unless it is pinned there already; the loader then adopts the pin. Its
+/// template trie has no BTF, like the tries created here: kernels before 6.2 refuse an
+/// inner map whose BTF differs from the template's (a template the loader made from the
+/// object's BTF has some), so the loader must not make it.
+pub fn pin_map_of_tries<K: Pod, V: Pod>(
     pin_dir: &Path,
     name: &'static str,
-    trie_key_size: u32,
-    trie_value_size: u32,
     trie_capacity: u32,
 ) -> Result<(), MapsError> {
     let path = crate::pins::map_pin(pin_dir, name);
@@ -212,8 +215,8 @@ pub fn pin_map_of_tries(
     let io = |what: &'static str| move |source| MapsError::Io { what, source };
     let template = create_map(
         BPF_MAP_TYPE_LPM_TRIE,
-        trie_key_size,
-        trie_value_size,
+        size_of::<Key<K>>() as u32,
+        size_of::<V>() as u32,
         trie_capacity,
         BPF_F_NO_PREALLOC,
         None,
@@ -229,10 +232,9 @@ pub fn pin_map_of_tries(
     )
     .map_err(io("creating a map of ruleset tries"))?;
     let outer = MapData::from_fd(outer).map_err(map_err(name))?;
-    outer.pin(&path).map_err(|e| MapsError::Io {
-        what: "pinning a map of ruleset tries",
-        source: std::io::Error::other(format!("{}: {e}", path.display())),
-    })
+    outer
+        .pin(&path)
+        .map_err(|e| pin_error("pinning a map of ruleset tries", &path, e))
 }
 
 const BPF_MAP_CREATE: libc::c_long = 0;
