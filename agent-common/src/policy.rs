@@ -47,9 +47,8 @@ pub mod workload_flags {
     /// is allowed only by ipBlock rules or by what its DNS answers taught (`LEARNED`), and
     /// the answers it gets are held until the agent has learned from them.
     pub const EGRESS_ALLOWLIST: u32 = 1 << 6;
-    /// The ingress ruleset has entries in the `POLICY` trie (rules without ports, with a
-    /// protocol only, or with port ranges): without it, only the single-port hash is looked
-    /// up.
+    /// The ingress ruleset has entries in the `POLICY` trie (port ranges): without it, the
+    /// trie is not looked up.
     pub const PREFIX_RULES_INGRESS: u32 = 1 << 7;
     /// As `PREFIX_RULES_INGRESS`, for the egress ruleset.
     pub const PREFIX_RULES_EGRESS: u32 = 1 << 8;
@@ -58,6 +57,16 @@ pub mod workload_flags {
     pub const CIDR_RULES_INGRESS: u32 = 1 << 9;
     /// As `CIDR_RULES_INGRESS`, for the egress ruleset.
     pub const CIDR_RULES_EGRESS: u32 = 1 << 10;
+    /// The ingress ruleset allows some peer every port of a protocol (`POLICY_EXACT` keys
+    /// of kind `policy_kind::ANY_PORT`): without it, that key is not looked up.
+    pub const ANY_PORT_RULES_INGRESS: u32 = 1 << 11;
+    /// As `ANY_PORT_RULES_INGRESS`, for the egress ruleset.
+    pub const ANY_PORT_RULES_EGRESS: u32 = 1 << 12;
+    /// The ingress ruleset has rules without ports (`POLICY_EXACT` keys of kind
+    /// `policy_kind::ANY_PROTO`): without it, that key is not looked up.
+    pub const ANY_PROTO_RULES_INGRESS: u32 = 1 << 13;
+    /// As `ANY_PROTO_RULES_INGRESS`, for the egress ruleset.
+    pub const ANY_PROTO_RULES_EGRESS: u32 = 1 << 14;
 
     /// The isolation bit of a direction (`DIR_INGRESS` / `DIR_EGRESS`).
     pub const fn isolated(direction: u8) -> u32 {
@@ -75,6 +84,32 @@ pub mod workload_flags {
         } else {
             PREFIX_RULES_EGRESS
         }
+    }
+
+    /// The every-port-of-a-protocol bit of a direction.
+    pub const fn any_port_rules(direction: u8) -> u32 {
+        if direction == crate::DIR_INGRESS {
+            ANY_PORT_RULES_INGRESS
+        } else {
+            ANY_PORT_RULES_EGRESS
+        }
+    }
+
+    /// The rules-without-ports bit of a direction.
+    pub const fn any_proto_rules(direction: u8) -> u32 {
+        if direction == crate::DIR_INGRESS {
+            ANY_PROTO_RULES_INGRESS
+        } else {
+            ANY_PROTO_RULES_EGRESS
+        }
+    }
+
+    /// Every bit that says which policy lookups a ruleset of `direction` needs.
+    pub const fn lookups(direction: u8) -> u32 {
+        prefix_rules(direction)
+            | cidr_rules(direction)
+            | any_port_rules(direction)
+            | any_proto_rules(direction)
     }
 
     /// The ipBlock-rules bit of a direction.
@@ -104,11 +139,13 @@ const _: () = assert!(core::mem::size_of::<LpmAddr>() == 24);
 /// Bits of `LpmAddr` before the address.
 pub const LPM_ADDR_FIXED_BITS: u32 = 64;
 
-/// Data of a policy trie key: one allowed (peer, protocol, port prefix) of a ruleset.
+/// One allowed (peer, protocol, port prefix) of a ruleset.
 ///
 /// Prefix lengths: 64 = any protocol and port (a rule without ports), 72 = one protocol,
 /// any port, 72 + n = the first n bits of the port (big-endian, so ranges split into
-/// aligned blocks).
+/// aligned blocks). The whole prefixes (88, 72 and 64) are keys of the `POLICY_EXACT`
+/// hash, told apart by `kind` (`policy_kind`); port ranges are prefixes of the ruleset's
+/// trie, where `kind` is 0 and beyond the prefix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyKey {
@@ -118,9 +155,19 @@ pub struct PolicyKey {
     pub proto: u8,
     /// Destination port, big-endian.
     pub port: [u8; 2],
-    pub _pad: u8,
+    /// Which whole prefix a `POLICY_EXACT` key stands for (`policy_kind`); 0 in the tries.
+    pub kind: u8,
 }
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+/// `PolicyKey::kind` of a `POLICY_EXACT` key: one port, every port of a protocol (port 0),
+/// or every protocol and port (protocol and port 0). A packet to port 0 thus never meets a
+/// rule for every port by its exact key: the kinds differ.
+pub mod policy_kind {
+    pub const PORT: u8 = 0;
+    pub const ANY_PORT: u8 = 1;
+    pub const ANY_PROTO: u8 = 2;
+}
 
 /// Prefix lengths of `PolicyKey`.
 pub const POLICY_PREFIX_ANY_PROTO: u32 = 64;

@@ -9,7 +9,7 @@
 use agent_common::{
     DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DNS_PORT, DOMAIN_ID_MASK, IDENTITY_HOST,
     IDENTITY_WORLD, IDENTITY_WORLD_NAMED, POLICY_PREFIX_FULL, PolicyKey, WorkloadConfig, diag,
-    is_service_identity, workload_flags,
+    is_service_identity, policy_kind, workload_flags,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -21,23 +21,45 @@ pub struct Decision {
     pub peer: u32,
 }
 
-/// Whether the ruleset allows `peer` on `proto`/`port`: a single-port rule in the hash,
-/// else (when the ruleset has any, `prefix_rules`) a port-less rule or a range, shorter
-/// prefixes of the same key in the trie.
+/// Whether the ruleset allows `peer` on `proto`/`port`: a rule for the port, for every port
+/// of the protocol, or without ports, each a key of the hash; else a port range, a shorter
+/// prefix of the key in the ruleset's trie. `lookups`: the workload's flags, which say which
+/// of these the ruleset of `direction` has (the single-port key is always looked up).
 #[inline(always)]
-fn allows(ruleset: u32, prefix_rules: bool, peer: u32, proto: u8, port: u16) -> bool {
+fn allows(ruleset: u32, lookups: u32, direction: u8, peer: u32, proto: u8, port: u16) -> bool {
     let key = PolicyKey {
         ruleset,
         peer,
         proto,
         port: port.to_be_bytes(),
-        _pad: 0,
+        kind: policy_kind::PORT,
     };
-    // SAFETY: only whether the lookup found an entry is used.
+    // SAFETY (each lookup): only whether it found an entry is used.
     if unsafe { POLICY_EXACT.get(&key) }.is_some() {
         return true;
     }
-    prefix_rules
+    if lookups & workload_flags::any_port_rules(direction) != 0 {
+        let any_port = PolicyKey {
+            port: [0, 0],
+            kind: policy_kind::ANY_PORT,
+            ..key
+        };
+        if unsafe { POLICY_EXACT.get(&any_port) }.is_some() {
+            return true;
+        }
+    }
+    if lookups & workload_flags::any_proto_rules(direction) != 0 {
+        let any_proto = PolicyKey {
+            proto: 0,
+            port: [0, 0],
+            kind: policy_kind::ANY_PROTO,
+            ..key
+        };
+        if unsafe { POLICY_EXACT.get(&any_proto) }.is_some() {
+            return true;
+        }
+    }
+    lookups & workload_flags::prefix_rules(direction) != 0
         && POLICY
             .get(ruleset)
             .is_some_and(|trie| trie.get(&Key::new(POLICY_PREFIX_FULL, key)).is_some())
@@ -92,10 +114,9 @@ pub fn evaluate(
         }
     } else {
         let ruleset = workload.ruleset[(direction & 1) as usize];
-        let prefix_rules = workload.flags & workload_flags::prefix_rules(direction) != 0;
         // World is matched by ipBlock only; branch on each lookup on its own (the verifier
         // rejects the pointer OR that `a || b` over two lookups can compile into).
-        if !world && allows(ruleset, prefix_rules, peer, proto, port) {
+        if !world && allows(ruleset, workload.flags, direction, peer, proto, port) {
             return Decision {
                 decision: DECISION_ALLOW,
                 peer,
@@ -110,7 +131,7 @@ pub fn evaluate(
         if workload.flags & workload_flags::cidr_rules(direction) != 0
             && let Some(trie) = CIDR_RULES.get(ruleset)
             && let Some(set) = trie.get(&identity::lpm_key(ruleset, family, remote))
-            && allows(ruleset, prefix_rules, *set, proto, port)
+            && allows(ruleset, workload.flags, direction, *set, proto, port)
         {
             return Decision {
                 decision: DECISION_ALLOW,

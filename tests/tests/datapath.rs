@@ -754,9 +754,10 @@ fn ip_blocks_with_except_port_ranges_and_world_peers() {
     );
 }
 
-/// Single-port rules live in a hash, the rest in tries that a ruleset looks up only when it
-/// has such rules: a port range, a rule without ports and an ipBlock added to a ruleset of
-/// single ports take effect at once, and stop when removed.
+/// Single ports, whole protocols and rules without ports are keys of a hash, port ranges and
+/// ipBlocks sit in tries; a ruleset looks up each kind only when it has such rules: a port
+/// range, a rule without ports and an ipBlock added to a ruleset of single ports take effect
+/// at once, and stop when removed.
 #[test]
 fn rules_beyond_single_ports_take_effect_when_added_and_stop_when_removed() {
     let Scenario {
@@ -771,11 +772,13 @@ fn rules_beyond_single_ports_take_effect_when_added_and_stop_when_removed() {
         Some(port) => traffic::tcp(from, b.addr(false), port, 1, FAIL_FAST).echoed == 1,
         None => traffic::udp(from, b.addr(false), udp_port, 1, 64, FAIL_FAST).echoed == 1,
     };
-    let lookups = |dp: &Datapath| {
-        dp.maps.workload(1).unwrap().flags
-            & (workload_flags::PREFIX_RULES_INGRESS | workload_flags::CIDR_RULES_INGRESS)
-    };
-    assert_eq!(lookups(&dp), 0, "single ports only: no trie looked up");
+    let lookups =
+        |dp: &Datapath| dp.maps.workload(1).unwrap().flags & workload_flags::lookups(DIR_INGRESS);
+    assert_eq!(
+        lookups(&dp),
+        0,
+        "single ports only: the single-port key alone"
+    );
     assert!(reach(&a, Some(80), 0));
     assert!(!reach(&a, Some(81), 0));
     assert!(!reach(&c, None, 54));
@@ -797,7 +800,9 @@ fn rules_beyond_single_ports_take_effect_when_added_and_stop_when_removed() {
     dp.maps.set_workload(1, &wider).unwrap();
     assert_eq!(
         lookups(&dp),
-        workload_flags::PREFIX_RULES_INGRESS | workload_flags::CIDR_RULES_INGRESS
+        workload_flags::PREFIX_RULES_INGRESS
+            | workload_flags::CIDR_RULES_INGRESS
+            | workload_flags::ANY_PROTO_RULES_INGRESS
     );
     assert!(reach(&a, Some(81), 0), "port range");
     assert!(reach(&c, None, 54), "ipBlock");
@@ -813,7 +818,7 @@ fn rules_beyond_single_ports_take_effect_when_added_and_stop_when_removed() {
     let _ = lab;
 }
 
-/// Each ruleset's port ranges, port-less rules and ipBlocks sit in tries of its own (so a
+/// Each ruleset's port ranges and ipBlocks sit in tries of its own (so a
 /// lookup never walks other workloads' rules), pinned beside the maps: a reader opened
 /// before a trie existed counts its entries, and an agent after a restart adopts the tries,
 /// keeps them deciding and removes only its own stale entries.
@@ -885,8 +890,8 @@ fn each_ruleset_has_tries_of_its_own_that_a_restart_adopts() {
             tollgate::compile::Peer::Identity(ID_A),
             PortMatch::Range {
                 proto: PROTO_TCP,
-                first: 81,
-                last: 81,
+                first: 80,
+                last: 83,
             },
         ),
         allow(cidr(&format!("{}/32", c.ipv4), &[]), udp(54)),
@@ -903,7 +908,8 @@ fn each_ruleset_has_tries_of_its_own_that_a_restart_adopts() {
         tries("CIDR_RULES_RULESET_"),
         vec![format!("CIDR_RULES_RULESET_{}", ingress_trie(1))]
     );
-    // A single port (81..=81) goes to the hash; the rule without ports is b's one trie entry.
+    // The range 80..=83, one aligned block, is b's one trie entry; the rule without ports
+    // is a key of the hash.
     assert_eq!(policy_entries(&reader), other_entries + 1);
     assert!(reach(&a, Some(81), 0), "b's own range");
     assert!(reach(&c, None, 54), "ipBlock");
@@ -913,7 +919,7 @@ fn each_ruleset_has_tries_of_its_own_that_a_restart_adopts() {
     // loads over the same pins.
     drop(dp);
     let dp = lab.datapath(TcMode::Auto);
-    assert!(reach(&c, Some(80), 0), "adopted trie still decides");
+    assert!(reach(&a, Some(81), 0), "adopted trie still decides");
     assert!(reach(&c, None, 54), "adopted ipBlock trie still decides");
     // Another restart, the maps of maps lost meanwhile (made anew, empty): the pinned
     // tries are put back in them.
@@ -921,7 +927,7 @@ fn each_ruleset_has_tries_of_its_own_that_a_restart_adopts() {
     std::fs::remove_file(lab.pin_dir.join("POLICY")).unwrap();
     std::fs::remove_file(lab.pin_dir.join("CIDR_RULES")).unwrap();
     let mut dp = lab.datapath(TcMode::Auto);
-    assert!(reach(&c, Some(80), 0), "trie put back in a new map of maps");
+    assert!(reach(&a, Some(81), 0), "trie put back in a new map of maps");
     assert!(
         reach(&c, None, 54),
         "ipBlock trie put back in a new map of maps"
@@ -930,8 +936,12 @@ fn each_ruleset_has_tries_of_its_own_that_a_restart_adopts() {
         .set_workload(1, &b_allows_a(&b, Mode::Drop))
         .unwrap();
     assert!(
+        !reach(&a, Some(81), 0),
+        "stale range found and removed after the restart"
+    );
+    assert!(
         !reach(&c, Some(80), 0),
-        "stale entry found and removed after the restart"
+        "stale rule without ports found and removed after the restart"
     );
     assert!(
         !reach(&c, None, 54),

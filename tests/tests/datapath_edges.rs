@@ -773,3 +773,143 @@ fn single_addresses_and_prefixes_name_peers_as_one_longest_prefix_match() {
     assert_eq!(verdict(&dp), DROP, "world");
     lab.in_node(|| dp.remove()).unwrap();
 }
+
+/// Rules for every port of a protocol and rules without ports are keys of the policy hash,
+/// each of a kind of its own beside single ports, looked up only when the ruleset has them;
+/// only port ranges stay in the ruleset's trie. A port-0 packet never passes for a rule of
+/// every port, nor a rule of one protocol for another.
+#[test]
+fn whole_protocol_and_portless_rules_are_hash_keys_of_a_kind_of_their_own() {
+    use agent_common::{
+        DIR_EGRESS, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, map_names, policy_kind,
+    };
+    use tollgate::compile::{Peer, PortMatch};
+    use tollgate_tests::support::allow;
+    const ID_UDP: u32 = 310;
+    const ID_ANY: u32 = 311;
+    const ID_PORT: u32 = 312;
+    const ID_RANGE: u32 = 313;
+
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    // BPF_PROG_TEST_RUN packets arrive on ifindex 1: slot 1's egress, from 10.1.0.10 (its
+    // own address) to 10.1.0.11, whose identity each check sets.
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    let mut policy = WorkloadPolicy {
+        mode: Mode::Drop,
+        isolated_egress: true,
+        egress: vec![
+            allow(Peer::Identity(ID_UDP), PortMatch::Protocol(PROTO_UDP)),
+            allow(Peer::Identity(ID_ANY), PortMatch::Any),
+            allow_udp(ID_PORT, 5353),
+            allow(
+                Peer::Identity(ID_RANGE),
+                PortMatch::Range {
+                    proto: PROTO_TCP,
+                    first: 8000,
+                    last: 8063,
+                },
+            ),
+        ],
+        ..Default::default()
+    }
+    .sending_from(&["10.1.0.10".parse().unwrap()]);
+    dp.maps.set_workload(1, &policy).unwrap();
+    // Each check a new flow (its own source port), so no tracked decision answers for it.
+    let mut sport = 3000u16;
+    let mut verdict = |dp: &mut tollgate::Datapath, peer: u32, proto: u8, dport: u16| {
+        dp.maps
+            .set_identity("10.1.0.11/32".parse().unwrap(), peer)
+            .unwrap();
+        sport += 1;
+        let l4 = if proto == PROTO_TCP {
+            let mut t = Vec::new();
+            t.extend(sport.to_be_bytes());
+            t.extend(dport.to_be_bytes());
+            t.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+            t
+        } else {
+            udp_header(sport, dport, 16)
+        };
+        let frame = eth(0x0800, &ipv4(proto, 0, &l4));
+        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, &frame, 1))
+            .unwrap()
+            .retval
+    };
+    let lookups = |dp: &tollgate::Datapath| {
+        dp.maps.workload(1).unwrap().flags & workload_flags::lookups(DIR_EGRESS)
+    };
+
+    assert_eq!(
+        lookups(&dp),
+        workload_flags::ANY_PORT_RULES_EGRESS
+            | workload_flags::ANY_PROTO_RULES_EGRESS
+            | workload_flags::PREFIX_RULES_EGRESS,
+        "no ipBlocks: the ipBlock trie is never looked up"
+    );
+    let exact = aya::maps::HashMap::<_, PolicyKey, PolicyValue>::try_from(aya::maps::Map::HashMap(
+        aya::maps::MapData::from_pin(lab.pin_dir.join(map_names::POLICY_EXACT)).unwrap(),
+    ))
+    .unwrap();
+    let mut kinds: Vec<(u32, u8, u8, [u8; 2])> = exact
+        .keys()
+        .map(|k| k.unwrap())
+        .map(|k| (k.peer, k.kind, k.proto, k.port))
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec![
+            (ID_UDP, policy_kind::ANY_PORT, PROTO_UDP, [0, 0]),
+            (ID_ANY, policy_kind::ANY_PROTO, 0, [0, 0]),
+            (ID_PORT, policy_kind::PORT, PROTO_UDP, 5353u16.to_be_bytes()),
+        ],
+        "the range (one aligned block of 64 ports) is not in the hash"
+    );
+    let trie_entries = dp
+        .maps
+        .occupancy()
+        .into_iter()
+        .find(|(name, _, _)| *name == "POLICY")
+        .map(|(_, entries, _)| entries)
+        .unwrap();
+    assert_eq!(trie_entries, 1, "the range alone in the trie");
+
+    assert_eq!(
+        verdict(&mut dp, ID_UDP, PROTO_UDP, 9999),
+        PASS,
+        "every UDP port"
+    );
+    assert_eq!(verdict(&mut dp, ID_UDP, PROTO_UDP, 0), PASS, "even port 0");
+    assert_eq!(verdict(&mut dp, ID_UDP, PROTO_TCP, 9999), DROP, "not TCP");
+    assert_eq!(
+        verdict(&mut dp, ID_ANY, PROTO_TCP, 80),
+        PASS,
+        "no ports: TCP"
+    );
+    assert_eq!(
+        verdict(&mut dp, ID_ANY, PROTO_UDP, 7),
+        PASS,
+        "no ports: UDP"
+    );
+    assert_eq!(verdict(&mut dp, ID_PORT, PROTO_UDP, 5353), PASS);
+    assert_eq!(verdict(&mut dp, ID_PORT, PROTO_UDP, 5354), DROP);
+    assert_eq!(
+        verdict(&mut dp, ID_PORT, PROTO_UDP, 0),
+        DROP,
+        "port 0 is no rule's 'every port' but ID_UDP's"
+    );
+    assert_eq!(verdict(&mut dp, ID_RANGE, PROTO_TCP, 8050), PASS, "range");
+    assert_eq!(verdict(&mut dp, ID_RANGE, PROTO_TCP, 8064), DROP);
+    assert_eq!(verdict(&mut dp, ID_RANGE, PROTO_UDP, 8050), DROP);
+
+    // Without the rules of whole protocols and without ports, their lookups stop with them.
+    policy.egress.drain(..2);
+    dp.maps.set_workload(1, &policy).unwrap();
+    assert_eq!(lookups(&dp), workload_flags::PREFIX_RULES_EGRESS);
+    assert_eq!(exact.keys().count(), 1);
+    assert_eq!(verdict(&mut dp, ID_UDP, PROTO_UDP, 9999), DROP);
+    assert_eq!(verdict(&mut dp, ID_ANY, PROTO_TCP, 80), DROP);
+    assert_eq!(verdict(&mut dp, ID_RANGE, PROTO_TCP, 8050), PASS);
+    lab.in_node(|| dp.remove()).unwrap();
+}

@@ -608,7 +608,7 @@ fn a_full_policy_map_leaves_the_last_complete_rules_in_force() {
             peer: i % 60000,
             proto: PROTO_TCP,
             port: [0, 1],
-            _pad: 0,
+            kind: 0,
         };
         filler
             .insert(key, PolicyValue { rule: 0 }, 0)

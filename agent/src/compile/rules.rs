@@ -195,7 +195,7 @@ fn policy_keys(ruleset: u32, peer: u32, ports: PortMatch) -> Vec<LpmKeyOrd<Polic
         peer,
         proto,
         port: port.to_be_bytes(),
-        _pad: 0,
+        kind: 0,
     };
     match ports {
         PortMatch::Any => vec![LpmKeyOrd(POLICY_PREFIX_ANY_PROTO, key(0, 0))],

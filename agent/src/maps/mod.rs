@@ -9,9 +9,9 @@ use std::net::IpAddr;
 
 use agent_common::{
     COUNTERS_PER_SLOT, Config, Counter, CtEntry, CtKey, DIRECTIONS, EventBucket, FlowCounterKey,
-    LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, POLICY_PREFIX_FULL, PolicyKey,
-    PolicyValue, SlotRoute, VERDICTS, WorkloadConfig, counter_index, diag, map_names,
-    slot_cache_bucket, workload_flags,
+    LAYOUT_VERSION, LpmAddr, MAX_WORKLOADS, MODE_DROP, MODE_LOG, POLICY_PREFIX_ANY_PORT,
+    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyKey, PolicyValue, SlotRoute, VERDICTS,
+    WorkloadConfig, counter_index, diag, map_names, policy_kind, slot_cache_bucket, workload_flags,
 };
 use aya::{
     Ebpf,
@@ -179,8 +179,8 @@ pub struct DatapathMaps {
     resolvers_written: Option<std::collections::BTreeSet<IpAddr>>,
     /// What this process wrote per ruleset, to diff the next update against.
     written: StdHashMap<u32, RulesetEntries>,
-    /// Which tries the newest staged entries of each ruleset need looked up
-    /// (`workload_flags::PREFIX_RULES_*`, `CIDR_RULES_*`), for `write_config`.
+    /// Which lookups the newest staged entries of each ruleset need
+    /// (`workload_flags::lookups`), for `write_config`.
     lookups: StdHashMap<u32, u32>,
     set_ids: CidrSetIds,
     /// Map entries written and removed since load (policy, ipBlock and identity entries).
@@ -271,27 +271,61 @@ fn cpu_sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
     })
 }
 
+/// The `POLICY_EXACT` key of a compiled policy entry whose prefix is whole (a port, a
+/// protocol, or neither), with the bits beyond the prefix cleared; `None` for a port range,
+/// which stays in the ruleset's trie.
+fn exact_policy_key(LpmKeyOrd(prefix, key): LpmKeyOrd<PolicyKey>) -> Option<PolicyKey> {
+    match prefix {
+        POLICY_PREFIX_FULL => Some(PolicyKey {
+            kind: policy_kind::PORT,
+            ..key
+        }),
+        POLICY_PREFIX_ANY_PORT => Some(PolicyKey {
+            port: [0, 0],
+            kind: policy_kind::ANY_PORT,
+            ..key
+        }),
+        POLICY_PREFIX_ANY_PROTO => Some(PolicyKey {
+            proto: 0,
+            port: [0, 0],
+            kind: policy_kind::ANY_PROTO,
+            ..key
+        }),
+        _ => None,
+    }
+}
+
+/// The compiled entry a `POLICY_EXACT` key stands for (the inverse of `exact_policy_key`).
+fn compiled_policy_key(key: PolicyKey) -> LpmKeyOrd<PolicyKey> {
+    let prefix = match key.kind {
+        policy_kind::ANY_PORT => POLICY_PREFIX_ANY_PORT,
+        policy_kind::ANY_PROTO => POLICY_PREFIX_ANY_PROTO,
+        _ => POLICY_PREFIX_FULL,
+    };
+    LpmKeyOrd(prefix, PolicyKey { kind: 0, ..key })
+}
+
 impl MapReaders {
-    /// Writes a policy entry where the programs look for it: a single port (the full
-    /// prefix) in the hash, anything shorter in the trie.
+    /// Writes a policy entry where the programs look for it: a single port, every port of a
+    /// protocol, or every protocol in the hash (`exact_policy_key`), a port range in the
+    /// ruleset's trie.
     fn write_policy(&mut self, key: LpmKeyOrd<PolicyKey>, rule: u32) -> Result<(), MapsError> {
         let value = PolicyValue { rule };
-        if key.0 == POLICY_PREFIX_FULL {
-            self.policy_exact
-                .insert(key.1, value, 0)
-                .map_err(map_err(map_names::POLICY_EXACT))
-        } else {
-            self.policy.insert(key.1.ruleset, key.0, key.1, value)
+        match exact_policy_key(key) {
+            Some(exact) => self
+                .policy_exact
+                .insert(exact, value, 0)
+                .map_err(map_err(map_names::POLICY_EXACT)),
+            None => self.policy.insert(key.1.ruleset, key.0, key.1, value),
         }
     }
 
     /// Removes a policy entry written by `write_policy`; a missing one is not an error.
     fn remove_policy(&mut self, key: LpmKeyOrd<PolicyKey>) -> Result<(), MapsError> {
-        if key.0 == POLICY_PREFIX_FULL {
-            ignore_missing(self.policy_exact.remove(&key.1))
-                .map_err(map_err(map_names::POLICY_EXACT))
-        } else {
-            self.policy.remove(key.1.ruleset, key.0, key.1)
+        match exact_policy_key(key) {
+            Some(exact) => ignore_missing(self.policy_exact.remove(&exact))
+                .map_err(map_err(map_names::POLICY_EXACT)),
+            None => self.policy.remove(key.1.ruleset, key.0, key.1),
         }
     }
 
@@ -693,7 +727,7 @@ impl DatapathMaps {
                 .entry(key.ruleset)
                 .or_default()
                 .policy
-                .insert(LpmKeyOrd(POLICY_PREFIX_FULL, key), value.rule);
+                .insert(compiled_policy_key(key), value.rule);
         }
         for (ruleset, prefix, data, set) in self.r.cidr_rules.entries()? {
             self.written
@@ -828,8 +862,13 @@ impl DatapathMaps {
             .zip([agent_common::DIR_INGRESS, agent_common::DIR_EGRESS])
         {
             let mut bits = 0;
-            if entries.policy.keys().any(|k| k.0 != POLICY_PREFIX_FULL) {
-                bits |= workload_flags::prefix_rules(direction);
+            for LpmKeyOrd(prefix, _) in entries.policy.keys() {
+                bits |= match *prefix {
+                    POLICY_PREFIX_FULL => 0,
+                    POLICY_PREFIX_ANY_PORT => workload_flags::any_port_rules(direction),
+                    POLICY_PREFIX_ANY_PROTO => workload_flags::any_proto_rules(direction),
+                    _ => workload_flags::prefix_rules(direction),
+                };
             }
             if !entries.cidr.is_empty() {
                 bits |= workload_flags::cidr_rules(direction);
@@ -871,15 +910,13 @@ impl DatapathMaps {
         if policy.egress_allowlist.is_some() {
             flags |= workload_flags::EGRESS_ALLOWLIST;
         }
-        // The tries the staged rules need; every one until rules were staged.
+        // The lookups the staged rules need; every one until rules were staged.
         for direction in [agent_common::DIR_INGRESS, agent_common::DIR_EGRESS] {
             flags |= self
                 .lookups
                 .get(&ruleset_of(slot, direction))
                 .copied()
-                .unwrap_or(
-                    workload_flags::prefix_rules(direction) | workload_flags::cidr_rules(direction),
-                );
+                .unwrap_or(workload_flags::lookups(direction));
         }
         // A slot that becomes active gets a new generation: flows tracked for whatever held
         // it before never match this workload.
