@@ -123,6 +123,10 @@ impl Shared {
     }
 }
 
+/// In `--state-dir`: the last good versions of the objects that decide enforcement
+/// (`FileSource::with_last_good_store`).
+const LAST_GOOD_OBJECTS: &str = "last-good-objects.json";
+
 /// Removes pins and attachments an earlier agent left (`--reset-state`).
 fn reset_state(bpffs: &std::path::Path) -> anyhow::Result<()> {
     use aya::maps::{HashMap as AyaHashMap, Map, MapData};
@@ -177,7 +181,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 }
                 // The file source's annotations are the operator's own (labs, hand-written
                 // state).
-                (Box::new(FileSource::new(path)), true, None)
+                let source = FileSource::new(path)
+                    .with_last_good_store(options.state_dir.join(LAST_GOOD_OBJECTS));
+                (Box::new(source), true, None)
             }
             SourceOptions::Kubernetes {
                 trust_attach_annotations,

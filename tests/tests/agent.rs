@@ -599,6 +599,72 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     drop(agent);
 }
 
+/// A policy broken while the agent runs stays in force as its last good version, and so it
+/// does after a restart: the new process has never seen it good, but the state directory
+/// kept it, so enforcement does not lapse until the file is mended.
+#[test]
+fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
+    let bank = bank("agent-kept");
+    let mut agent = bank.start(&["--default-mode", "drop"]);
+    assert_eq!(bank.to_ledger(&bank.pot, 1), 1, "the policy allows pot");
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            1,
+            64,
+            FAIL_FAST
+        )
+        .echoed,
+        0,
+        "and isolates the ledger"
+    );
+    let broken = LEDGER_POLICY.replace("ports: [{port: 9090}]", "ports: [{port: 99999}]");
+    assert_ne!(broken, LEDGER_POLICY);
+    let cluster = bank.cluster_yaml("").replace(LEDGER_POLICY, &broken);
+    std::fs::write(agent.cluster_state.join("bank.yaml"), &cluster).unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the broken policy reported",
+        || {
+            agent
+                .status()
+                .to_string()
+                .contains("the last good version stays in force")
+                .then_some(())
+        },
+    );
+    assert!(agent.stop().success());
+
+    let mut restarted = Agent::start(&bank.lab, &bank.dir, &["--default-mode", "drop"]);
+    restarted.wait_ready();
+    wait_for(Duration::from_secs(10), "four workloads", || {
+        (restarted.status()["workloads"].as_array()?.len() == 4).then_some(())
+    });
+    let status = restarted.status().to_string();
+    assert!(
+        status.contains("99999") && status.contains("the last good version stays in force"),
+        "{status}"
+    );
+    assert_eq!(bank.to_ledger(&bank.pot, 1), 1);
+    assert_eq!(
+        traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            1,
+            64,
+            FAIL_FAST
+        )
+        .echoed,
+        0,
+        "still isolated by the last good version"
+    );
+    drop(restarted);
+    drop(agent);
+}
+
 #[test]
 fn a_flood_of_would_drops_does_not_flood_the_flow_log() {
     let bank = bank("agent-flood");

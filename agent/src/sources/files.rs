@@ -5,6 +5,11 @@
 //! A bad object is rejected with its kind, namespace/name and the reason; the last good
 //! version of that object stays in force. A file that is not YAML at all keeps the last good
 //! version of everything it held.
+//!
+//! The last good versions of the objects that decide enforcement (NetworkPolicies,
+//! EgressAllowlists, ModeOverrides, Namespaces) are also kept in `--state-dir`
+//! (`FileSource::with_last_good_store`), so an agent restarted while one of them is broken
+//! still enforces its last good version instead of dropping it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -71,6 +76,15 @@ pub type Parsed = Result<(ObjectKey, Object), ObjectError>;
 /// Parses the documents of one file into objects and per-object errors. Fails as a whole
 /// only when the text is not YAML.
 pub fn parse_file(text: &str, file: &Path) -> Result<Vec<Parsed>, String> {
+    Ok(parse_documents(text, file)?
+        .into_iter()
+        .map(|(parsed, _)| parsed)
+        .collect())
+}
+
+/// `parse_file`, each good object of a kind whose last good version is kept across restarts
+/// (`kept_across_restarts`) with its own document, as YAML.
+fn parse_documents(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String>)>, String> {
     let mut out = Vec::new();
     for document in serde_norway::Deserializer::from_str(text) {
         let value = Value::deserialize(document).map_err(|e| format!("not valid YAML: {e}"))?;
@@ -82,6 +96,22 @@ pub fn parse_file(text: &str, file: &Path) -> Result<Vec<Parsed>, String> {
     Ok(out)
 }
 
+/// Kinds that decide what is enforced, few and small: their last good versions are kept in
+/// `--state-dir`. Pods and Services come and go by the thousand and are not.
+fn kept_across_restarts(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::NetworkPolicy | Kind::EgressAllowlist | Kind::ModeOverride | Kind::Namespace
+    )
+}
+
+/// A last good document as kept in `--state-dir`: the file it came from and its YAML.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct KeptDocument {
+    file: PathBuf,
+    document: String,
+}
+
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     let mut cur = v;
     for p in path {
@@ -90,7 +120,7 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str()
 }
 
-fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
+fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
     let kind = str_at(&value, &["kind"]).unwrap_or("").to_string();
     if kind == "List" || kind.ends_with("List") {
         if let Some(items) = value.get("items").and_then(Value::as_sequence) {
@@ -132,9 +162,12 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
         kept_last_good: false,
     };
     if name.is_none() {
-        out.push(Err(error("metadata.name is missing".into())));
+        out.push((Err(error("metadata.name is missing".into())), None));
         return;
     }
+    let document = kept_across_restarts(kind)
+        .then(|| serde_norway::to_string(&value).ok())
+        .flatten();
     let converted = match kind {
         Kind::Namespace => typed::<Namespace>(value),
         Kind::Pod => typed::<Pod>(value),
@@ -149,11 +182,11 @@ fn collect(value: Value, file: &Path, out: &mut Vec<Parsed>) {
         Kind::EgressAllowlist => typed::<EgressAllowlist>(value),
     };
     match converted {
-        Ok(Some(object)) => out.push(Ok((key.expect("named"), object))),
+        Ok(Some(object)) => out.push((Ok((key.expect("named"), object)), document)),
         // A finished pod (or a slice of no Service) is not an error, just not part of the
         // network.
         Ok(None) => {}
-        Err(reason) => out.push(Err(error(reason))),
+        Err(reason) => out.push((Err(error(reason)), None)),
     }
 }
 
@@ -179,6 +212,13 @@ pub struct FileSource {
     file_stamps: BTreeMap<PathBuf, FileStamp>,
     /// The last load, for `Source`.
     current: Loaded,
+    /// Where the last good documents of `kept_across_restarts` kinds are kept, if anywhere.
+    store: Option<PathBuf>,
+    /// Those documents as last written there, by object.
+    documents: BTreeMap<ObjectKey, KeptDocument>,
+    /// What an earlier process kept there: the last good version of an object that is
+    /// rejected now and that this process never saw good.
+    restored: BTreeMap<ObjectKey, (KeptDocument, Object)>,
 }
 
 type FileStamp = (u64, Vec<ObjectError>);
@@ -192,6 +232,65 @@ impl FileSource {
             fingerprint: None,
             file_stamps: BTreeMap::new(),
             current: Loaded::default(),
+            store: None,
+            documents: BTreeMap::new(),
+            restored: BTreeMap::new(),
+        }
+    }
+
+    /// Keeps the last good versions of NetworkPolicies, EgressAllowlists, ModeOverrides and
+    /// Namespaces in `path` (written as they change), and starts from what an earlier
+    /// process kept there: an object rejected now that was good then stays in force as it
+    /// was, so a restart never drops a policy because its file broke meanwhile. A store that
+    /// cannot be read is reported and ignored.
+    pub fn with_last_good_store(mut self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<KeptDocument>>(&bytes) {
+                Ok(kept) => {
+                    for doc in kept {
+                        let parsed = parse_documents(&doc.document, &doc.file).unwrap_or_default();
+                        for (item, _) in parsed {
+                            if let Ok((key, object)) = item {
+                                self.documents.insert(key.clone(), doc.clone());
+                                self.restored.insert(key, (doc.clone(), object));
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    "{}: not a store of last good objects ({e}); starting without it",
+                    path.display()
+                ),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "{}: {e}; starting without last good objects",
+                path.display()
+            ),
+        }
+        self.store = Some(path);
+        self
+    }
+
+    /// Writes the last good documents of the objects in force, when they changed.
+    fn keep_documents(&mut self, documents: BTreeMap<ObjectKey, KeptDocument>) {
+        if documents == self.documents {
+            return;
+        }
+        self.documents = documents;
+        let Some(path) = &self.store else { return };
+        let list: Vec<&KeptDocument> = self.documents.values().collect();
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&list)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(
+                "{}: cannot keep the last good objects ({e}); a restart would not know them",
+                path.display()
+            );
         }
     }
 
@@ -266,9 +365,11 @@ impl FileSource {
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
         let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        let mut listed = true;
         let files = match self.files() {
             Ok(files) => files,
             Err(reason) => {
+                listed = false;
                 errors.push(ObjectError {
                     object: None,
                     file: self.path.clone(),
@@ -280,6 +381,8 @@ impl FileSource {
         };
         let mut new_files = BTreeMap::new();
         let mut new_stamps = BTreeMap::new();
+        // Documents of the objects parsed good in this load (kept kinds only).
+        let mut fresh_documents: BTreeMap<ObjectKey, KeptDocument> = BTreeMap::new();
         for file in files {
             // A file whose content did not change since the last load keeps what it gave
             // then, errors included: only changed files are parsed and validated again. The
@@ -313,7 +416,7 @@ impl FileSource {
             let parsed = match content {
                 Some(bytes) => String::from_utf8(bytes)
                     .map_err(|e| format!("not UTF-8: {e}"))
-                    .and_then(|text| parse_file(&text, &file)),
+                    .and_then(|text| parse_documents(&text, &file)),
                 None => std::fs::read(&file)
                     .map(|_| Vec::new())
                     .map_err(|e| e.to_string()),
@@ -321,17 +424,26 @@ impl FileSource {
             let file_objects = match parsed {
                 Ok(items) => {
                     let mut good = Vec::new();
-                    for item in items {
+                    for (item, document) in items {
                         match item {
-                            Ok((key, object)) => good.push((key, object)),
+                            Ok((key, object)) => {
+                                if let Some(document) = document {
+                                    let file = file.clone();
+                                    fresh_documents
+                                        .insert(key.clone(), KeptDocument { file, document });
+                                }
+                                good.push((key, object));
+                            }
                             Err(mut e) => {
-                                // The version the previous load used, from whichever file.
+                                // The version the previous load used, from whichever file,
+                                // else the one an earlier process kept.
                                 let last = e.object.as_ref().and_then(|k| {
                                     self.last_good_files
                                         .values()
                                         .flatten()
                                         .find(|(key, _)| key == k)
                                         .map(|(_, o)| o)
+                                        .or_else(|| self.restored.get(k).map(|(_, o)| o))
                                 });
                                 if let Some(last) = last {
                                     e.kept_last_good = true;
@@ -344,7 +456,17 @@ impl FileSource {
                     good
                 }
                 Err(reason) => {
-                    let last = self.last_good_files.get(&file).cloned();
+                    // What the previous load took from the file, else what an earlier
+                    // process kept of it.
+                    let last = self.last_good_files.get(&file).cloned().or_else(|| {
+                        let kept: Vec<(ObjectKey, Object)> = self
+                            .restored
+                            .iter()
+                            .filter(|(_, (doc, _))| doc.file == file)
+                            .map(|(key, (_, object))| (key.clone(), object.clone()))
+                            .collect();
+                        (!kept.is_empty()).then_some(kept)
+                    });
                     errors.push(ObjectError {
                         object: None,
                         file: file.clone(),
@@ -368,6 +490,22 @@ impl FileSource {
         }
         self.last_good_files = new_files;
         self.file_stamps = new_stamps;
+        // The document of every kept kind's object in force: parsed now, or the one kept
+        // for it before (an unchanged file, a last good version).
+        let documents = objects
+            .keys()
+            .filter(|key| kept_across_restarts(key.kind))
+            .filter_map(|key| {
+                let doc = fresh_documents
+                    .remove(key)
+                    .or_else(|| self.documents.get(key).cloned())?;
+                Some((key.clone(), doc))
+            })
+            .collect();
+        // A path that cannot be listed says nothing about which objects exist.
+        if listed {
+            self.keep_documents(documents);
+        }
 
         // Files holding pods or namespaces (Services or EndpointSlices), by content: equal
         // lists, equal objects.
@@ -784,6 +922,89 @@ mod tests {
             "a broken file keeps its last good objects"
         );
         assert_eq!(fourth.state.policies.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A process started while a policy (or a whole file) is broken enforces the last good
+    /// version an earlier process kept; an object deleted meanwhile is not brought back.
+    #[test]
+    fn last_good_versions_outlive_the_process() {
+        let dir = std::env::temp_dir().join(format!("tg-files-kept-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let store = dir.join("kept.json");
+        let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n";
+        let policy = |name: &str, port: u32| {
+            format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
+            )
+        };
+        let (main, other) = (state.join("main.yaml"), state.join("other.yaml"));
+        std::fs::write(&main, format!("{namespace}{}", policy("p", 80))).unwrap();
+        std::fs::write(&other, format!("{}{}", policy("q", 81), policy("gone", 82))).unwrap();
+        let first = FileSource::new(&state).with_last_good_store(&store).load();
+        assert!(first.errors.is_empty(), "{:?}", first.errors);
+        assert_eq!(first.state.policies.len(), 3);
+        assert!(store.exists(), "kept as soon as loaded");
+
+        // Meanwhile, with no agent running: p broken, other.yaml not YAML at all, and "gone"
+        // deleted from a file of its own.
+        std::fs::write(&main, format!("{namespace}{}", policy("p", 99999))).unwrap();
+        std::fs::write(&other, "{ not: yaml: at all").unwrap();
+        std::fs::write(state.join("third.yaml"), policy("new", 83)).unwrap();
+        let mut restarted = FileSource::new(&state).with_last_good_store(&store);
+        let second = restarted.load();
+        let rejected = second
+            .errors
+            .iter()
+            .find(|e| e.object.as_ref().is_some_and(|k| k.name == "p"))
+            .expect("p rejected");
+        assert!(rejected.kept_last_good, "{rejected:?}");
+        assert!(
+            rejected
+                .to_string()
+                .contains("the last good version stays in force")
+        );
+        let mut names: Vec<&str> = second
+            .state
+            .policies
+            .keys()
+            .map(|(_, name)| name.as_str())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec!["gone", "new", "p", "q"],
+            "p as it was, the broken file's q and gone as they were, new as written"
+        );
+        let p = ("x".to_string(), "p".to_string());
+        assert_eq!(
+            second.state.policies[&p], first.state.policies[&p],
+            "port 80, the last good version"
+        );
+
+        // other.yaml repaired without "gone": it is gone for good, also after a restart.
+        std::fs::write(&other, policy("q", 81)).unwrap();
+        assert_eq!(restarted.load().state.policies.len(), 3);
+        let third = FileSource::new(&state).with_last_good_store(&store).load();
+        let mut names: Vec<&str> = third
+            .state
+            .policies
+            .keys()
+            .map(|(_, name)| name.as_str())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["new", "p", "q"]);
+
+        // A store that is not ours is reported and ignored, never fatal.
+        std::fs::write(&store, "not json").unwrap();
+        let fourth = FileSource::new(&state).with_last_good_store(&store).load();
+        assert_eq!(
+            fourth.state.policies.len(),
+            2,
+            "p has no last good version left to keep"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
