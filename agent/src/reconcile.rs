@@ -419,28 +419,13 @@ impl Reconciler {
         (local, refused)
     }
 
-    /// Whether the node's own addresses differ from those last written (an address was added
-    /// or removed): one netlink dump, cheap enough for every poll.
-    /// The addresses workloads resolve through: every `--dns-server`, and the ClusterIPs
-    /// and endpoints of Service `kube-system/kube-dns` when the cluster state has it.
+    /// The addresses workloads resolve through (`resolvers_of`).
     pub fn resolvers(&self, state: &ClusterState) -> BTreeSet<IpAddr> {
-        let mut out: BTreeSet<IpAddr> = self.options.dns_servers.iter().copied().collect();
-        let kube_dns = ("kube-system".to_string(), "kube-dns".to_string());
-        if let Some(svc) = state.services.get(&kube_dns) {
-            out.extend(svc.cluster_ips.iter().copied());
-        }
-        for slice in state
-            .endpoint_slices
-            .values()
-            .filter(|s| s.namespace == "kube-system" && s.service == "kube-dns")
-        {
-            for e in &slice.endpoints {
-                out.extend(e.addresses.iter().copied());
-            }
-        }
-        out
+        resolvers_of(&self.options.dns_servers, state)
     }
 
+    /// Whether the node's own addresses differ from those last written (an address was added
+    /// or removed): one netlink dump, cheap enough for every poll.
     pub fn node_addresses_changed(&self, state: &ClusterState) -> bool {
         let Ok(addresses) = attach::netlink::addresses() else {
             return false;
@@ -874,5 +859,98 @@ impl Reconciler {
             self.datapath.maps.clear_workload(w.slot)?;
         }
         Ok(())
+    }
+}
+
+/// The addresses workloads resolve through: every `--dns-server`, and the ClusterIPs and
+/// endpoints of Service `kube-system/kube-dns` when the cluster state has it. Its endpoints
+/// are its EndpointSlices' addresses or, when the state holds none (a `kubectl get` dump has
+/// no slices), the pods its selector picks, as for any Service.
+pub fn resolvers_of(dns_servers: &[IpAddr], state: &ClusterState) -> BTreeSet<IpAddr> {
+    let mut out: BTreeSet<IpAddr> = dns_servers.iter().copied().collect();
+    let kube_dns = ("kube-system".to_string(), "kube-dns".to_string());
+    let Some(svc) = state.services.get(&kube_dns) else {
+        return out;
+    };
+    out.extend(svc.cluster_ips.iter().copied());
+    let mut slices = state
+        .endpoint_slices
+        .values()
+        .filter(|s| s.namespace == svc.namespace && s.service == svc.name)
+        .peekable();
+    if slices.peek().is_some() {
+        for slice in slices {
+            for e in &slice.endpoints {
+                out.extend(e.addresses.iter().copied());
+            }
+        }
+    } else if let Some(selector) = &svc.selector {
+        let pods = state
+            .pods
+            .range((svc.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == svc.namespace)
+            .map(|(_, pod)| pod)
+            .filter(|pod| {
+                !pod.host_network && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+            });
+        for pod in pods {
+            out.extend(pod.ips.iter().copied());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::{files::parse_file, store::Store};
+
+    fn state_of(yaml: &str) -> ClusterState {
+        let mut store = Store::default();
+        for item in parse_file(yaml, std::path::Path::new("t.yaml")).expect("YAML") {
+            let (key, object) = item.expect("valid object");
+            store.insert(key, object);
+        }
+        store.into_state()
+    }
+
+    /// kube-dns's endpoints are its EndpointSlices' addresses; a state without slices (a
+    /// `kubectl get` dump) gets the pods its selector picks, as any Service does.
+    #[test]
+    fn kube_dns_endpoints_come_from_its_slices_else_its_selector() {
+        let pod = |name: &str, labels: &str, ip: &str, host: bool| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: kube-system, labels: {labels}}}\nspec: {{hostNetwork: {host}, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: {ip}}}]}}\n"
+            )
+        };
+        let mut yaml = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: kube-dns, namespace: kube-system}\nspec: {clusterIPs: [10.96.0.10], selector: {k8s-app: kube-dns}, ports: [{name: dns, port: 53, protocol: UDP}]}\n",
+        );
+        yaml += &pod("coredns-a", "{k8s-app: kube-dns}", "10.77.0.14", false);
+        yaml += &pod("coredns-host", "{k8s-app: kube-dns}", "10.250.0.1", true);
+        yaml += &pod("other", "{k8s-app: metrics}", "10.77.0.15", false);
+        let servers: Vec<IpAddr> = vec!["203.0.113.53".parse().unwrap()];
+        let ips =
+            |s: &[&str]| -> BTreeSet<IpAddr> { s.iter().map(|a| a.parse().unwrap()).collect() };
+
+        assert_eq!(
+            resolvers_of(&servers, &state_of(&yaml)),
+            ips(&["203.0.113.53", "10.96.0.10", "10.77.0.14"]),
+            "the selector's pod, not the host-network one nor another app's"
+        );
+        yaml += "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: kube-dns-x, namespace: kube-system, labels: {kubernetes.io/service-name: kube-dns}}\naddressType: IPv4\nports: [{name: dns, port: 53, protocol: UDP}]\nendpoints: [{addresses: [10.77.0.20], conditions: {ready: true}}]\n";
+        assert_eq!(
+            resolvers_of(&servers, &state_of(&yaml)),
+            ips(&["203.0.113.53", "10.96.0.10", "10.77.0.20"]),
+            "slices win over the selector"
+        );
+        assert_eq!(
+            resolvers_of(
+                &servers,
+                &state_of("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n")
+            ),
+            ips(&["203.0.113.53"]),
+            "no kube-dns: the flags' servers only"
+        );
     }
 }
