@@ -413,6 +413,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // A command's output piped into `head` ends quietly when the reader goes, as other
+    // command-line tools do, instead of panicking on the broken pipe. Not the agent: it
+    // writes to sockets and its flow log, where a gone reader is an error to handle.
+    if !matches!(cli.command, Command::Run(_)) {
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -508,7 +515,11 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tollgate: {e:#}");
-            ExitCode::from(1)
+            if e.downcast_ref::<crate::daemon::BadInput>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }
@@ -829,9 +840,13 @@ fn check(
         eprintln!("tollgate: warning: {w}");
     }
     let reader: Box<dyn std::io::BufRead> = match flows {
-        Some(path) => Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?,
-        )),
+        Some(path) => match std::fs::File::open(path) {
+            Ok(file) => Box::new(std::io::BufReader::new(file)),
+            Err(e) => {
+                eprintln!("tollgate: --flows {}: {e}", path.display());
+                return Ok(ExitCode::from(2));
+            }
+        },
         None => Box::new(std::io::BufReader::new(std::io::stdin())),
     };
     let mut denied = false;

@@ -123,6 +123,12 @@ impl Shared {
     }
 }
 
+/// What the operator gave cannot be used (a path that does not exist...): `tollgate` exits
+/// with 2, bad usage or bad input, not 1, a runtime failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
 /// In `--state-dir`: the last good versions of the objects that decide enforcement
 /// (`FileSource::with_last_good_store`).
 const LAST_GOOD_OBJECTS: &str = "last-good-objects.json";
@@ -174,10 +180,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         match &options.source {
             SourceOptions::Files(path) => {
                 if !path.exists() {
-                    anyhow::bail!(
+                    return Err(BadInput(format!(
                         "--cluster-state {}: no such file or directory",
                         path.display()
-                    );
+                    ))
+                    .into());
                 }
                 // The file source's annotations are the operator's own (labs, hand-written
                 // state).

@@ -85,6 +85,88 @@ fn bad_usage_exits_2() {
     let out = tollgate(&["check", "--cluster-state", "/nonexistent"], "");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
+
+    // A path that does not exist is bad input wherever it is given.
+    let dir = std::env::temp_dir().join(format!("tg-cli-paths-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state.yaml");
+    std::fs::write(
+        &state,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+    )
+    .unwrap();
+    let out = tollgate(
+        &[
+            "check",
+            "--cluster-state",
+            state.to_str().unwrap(),
+            "--flows",
+            "/nonexistent-flows",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-flows"));
+    let out = tollgate(
+        &[
+            "run",
+            "--cluster-state",
+            "/nonexistent-state",
+            "--state-dir",
+            dir.join("agent-state").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-state"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Output piped into a reader that stops early (`tollgate check ... | head -1`) ends the
+/// command quietly, by SIGPIPE as for other tools, never with a panic.
+#[test]
+fn a_reader_that_stops_early_ends_the_command_quietly() {
+    use std::io::BufRead as _;
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--cluster-state", DUMP, "-o", "json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tollgate");
+    let mut stdin = child.stdin.take().unwrap();
+    // Far more than a pipe holds, so the command is still writing when the reader goes.
+    let writer = std::thread::spawn(move || {
+        for _ in 0..5000 {
+            if stdin
+                .write_all(b"bank/pot-5c6d7e8f9-q4r7t bank/ledger-7d9c8b5f4-x2x9q 8080/tcp\n")
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"verdict\""), "{first}");
+    // The reader is gone (stdout dropped above).
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc_sigpipe()),
+        "{:?}",
+        out.status
+    );
+}
+
+fn libc_sigpipe() -> i32 {
+    13
 }
 
 #[test]
