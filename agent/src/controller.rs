@@ -652,6 +652,45 @@ impl Controller {
         .parse()
         .ok()?;
         let protocol = Protocol::parse(&record.protocol.to_ascii_uppercase());
+        // Outside the cluster (no pod, Service or node names the address) from a pod an
+        // EgressAllowlist selects: the allowlist decided, and the fix is an entry for the
+        // name it was resolved from, or a name instead of a bare address.
+        if !ingress
+            && record.dst.is_none()
+            && let Some(pod) = state.pods.get(&key)
+            && let Some(allowlist) =
+                crate::dns::Allowlist::for_pod(pod, state.egress_allowlists.values())
+            && let Some(first) = allowlist.names.first()
+        {
+            use crate::compile::explain::{Explanation, Fix};
+            let isolating = compiled
+                .pods
+                .get(&key)
+                .map_or(&[][..], |p| p.isolating(false));
+            let fix = match record.dst_domain.as_deref().filter(|d| !d.is_empty()) {
+                Some(name) => Fix::Domain {
+                    allowlist: first.clone(),
+                    rule: match protocol {
+                        Some(p) => format!(
+                            "{{domains: [{name}], ports: [{{port: {}, protocol: {}}}]}}",
+                            record.dst_port,
+                            p.as_str()
+                        ),
+                        None => format!("{{domains: [{name}]}}"),
+                    },
+                },
+                None => Fix::ResolveName {
+                    allowlist: first.clone(),
+                },
+            };
+            let explanation = Explanation {
+                side: "egress",
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                isolated_by: allowlist.names.iter().chain(isolating).cloned().collect(),
+                fix,
+            };
+            return Some(explanation.summary());
+        }
         let mut port = record.dst_port;
         let mut peer_pod = compiled
             .pod_of_address(peer_ip)
@@ -806,6 +845,12 @@ impl Controller {
                     }),
                     ingress_policies: w.ingress_policies.clone(),
                     egress_policies: w.egress_policies.clone(),
+                    egress_allowlists: w
+                        .policy
+                        .egress_allowlist
+                        .as_ref()
+                        .map(|a| a.names.clone())
+                        .unwrap_or_default(),
                 },
             );
         }

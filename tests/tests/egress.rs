@@ -345,6 +345,17 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
         !records.iter().any(|r| r["dst_domain"] == "api.example.com"),
         "an allowed flow in the flow log"
     );
+    // The allowlist is what isolates the workload toward the outside: the record names it.
+    let blocked_record = records
+        .iter()
+        .find(|r| r["dst_domain"] == "blocked.example.com" && r["verdict"] == "would_drop")
+        .unwrap();
+    assert!(
+        blocked_record["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == "pay/card-egress")),
+        "{blocked_record}"
+    );
     // `tollgate flows` names them too.
     let out = agent.cli(&["flows", "--once"]);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -352,13 +363,18 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
     assert!(table.contains("world:api.example.com"), "{table}");
     let out = agent.cli(&["flows", "--once", "-o", "json"]);
     let flows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let recent = flows["recent_denied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["dst_domain"] == "blocked.example.com")
+        .unwrap_or_else(|| panic!("{flows}"));
+    // Explained by the allowlist that decided it, with the entry it lacks.
+    let why = recent["explanation"].as_str().unwrap_or_default();
     assert!(
-        flows["recent_denied"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["dst_domain"] == "blocked.example.com"),
-        "{flows}"
+        why.contains("(isolated by pay/card-egress")
+            && why.ends_with("to allow it, add to EgressAllowlist pay/card-egress the entry {domains: [blocked.example.com], ports: [{port: 443, protocol: TCP}]}"),
+        "{recent}"
     );
     // The would-drop series of a name is explained by the entry its allowlist lacks, never
     // by an address.

@@ -97,11 +97,14 @@ impl Explanation {
                 "reach it by a name EgressAllowlist {allowlist} allows (an address is allowed once the workload's own DNS answer for an allowed name gives it), or add an ipBlock for it to a NetworkPolicy"
             ),
         };
+        let isolated_by = if self.isolated_by.is_empty() {
+            String::new()
+        } else {
+            format!(" (isolated by {})", self.isolated_by.join(", "))
+        };
         format!(
-            "denied at the {} of {} (isolated by {}); to allow it, {fix}",
-            self.side,
-            self.pod,
-            self.isolated_by.join(", "),
+            "denied at the {} of {}{isolated_by}; to allow it, {fix}",
+            self.side, self.pod,
         )
     }
 }

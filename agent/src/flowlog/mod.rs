@@ -70,6 +70,9 @@ pub struct SlotNames {
     pub endpoint: Option<Endpoint>,
     pub ingress_policies: Vec<String>,
     pub egress_policies: Vec<String>,
+    /// The EgressAllowlists that select the workload (`NAMESPACE/NAME`): they isolate its
+    /// egress toward addresses outside the cluster.
+    pub egress_allowlists: Vec<String>,
 }
 
 /// Names for slots and addresses, refreshed after every reconcile.
@@ -217,8 +220,16 @@ impl Naming {
                 "log"
             }
             .into(),
+            // Outside the cluster, a workload an EgressAllowlist selects is isolated by the
+            // allowlist too, whether or not a NetworkPolicy isolates its egress.
             policies: if ingress {
                 slot.ingress_policies
+            } else if e.peer_identity == agent_common::IDENTITY_WORLD
+                || agent_common::is_world_named(e.peer_identity)
+            {
+                let mut all = slot.egress_allowlists;
+                all.extend(slot.egress_policies);
+                all
             } else {
                 slot.egress_policies
             },
