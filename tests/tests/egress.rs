@@ -675,6 +675,30 @@ fn dns_keeps_working_while_the_agent_is_away_and_a_restart_forgets_nothing() {
         3
     );
     let dropped_before = agent.counters("card")[5];
+    // The DNS counters as a scrape sees them before the agent goes.
+    let counted = |agent: &Agent| {
+        [
+            metric(
+                agent,
+                "tollgate_dns_messages_total",
+                &[("outcome", "query")],
+            ),
+            metric(
+                agent,
+                "tollgate_dns_messages_total",
+                &[("outcome", "answer")],
+            ),
+            metric(
+                agent,
+                "tollgate_dns_answers_handed_back_total",
+                &[("outcome", "ok")],
+            ),
+        ]
+    };
+    let scraped = wait_for(Duration::from_secs(5), "the lookups counted", || {
+        let c = counted(&agent);
+        (c[0] >= 3.0 && c[1] >= 3.0).then_some(c)
+    });
 
     // Killed: answers are held for at most the lease; then DNS flows straight through.
     agent.kill9();
@@ -695,6 +719,13 @@ fn dns_keeps_working_while_the_agent_is_away_and_a_restart_forgets_nothing() {
     // Back: what it learned before is adopted with its names, new lookups are learned.
     agent.restart();
     agent.wait_ready();
+    let after = counted(&agent);
+    for (before, after) in scraped.iter().zip(after) {
+        assert!(
+            after >= *before,
+            "a DNS counter went back: {scraped:?} -> {after:?}"
+        );
+    }
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         traffic::tcp(card, net.site("api.example.com"), 443, 1, PATIENT).connected,

@@ -141,7 +141,8 @@ impl Default for DnsOptions {
 }
 
 /// What became of DNS messages, for `tollgate_dns_messages_total{outcome}`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DnsStats {
     pub queries: u64,
     /// Answers to a query the workload asked, learned from.

@@ -30,6 +30,17 @@ use crate::controller::View;
 const HOLD_LEASE: Duration = Duration::from_secs(2);
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
+/// The DNS thread's counters as kept in `--state-dir` (`dns-counters.json`), so a restarted
+/// agent continues them: written before each publish that changed them, so a scrape never
+/// sees a value a restart could go back behind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct KeptCounters {
+    stats: DnsStats,
+    reinjected: u64,
+    reinject_failed: u64,
+}
+
 /// What the DNS thread reports for metrics and `status`.
 #[derive(Clone, Debug, Default)]
 pub struct DnsReport {
@@ -173,6 +184,9 @@ pub struct DnsRuntime {
     report: Arc<Mutex<DnsReport>>,
     reinjected: u64,
     reinject_failed: u64,
+    counters_path: PathBuf,
+    /// What `counters_path` holds.
+    kept: KeptCounters,
 }
 
 fn open<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -196,9 +210,18 @@ impl DnsRuntime {
     ) -> anyhow::Result<DnsRuntime> {
         let domains_path = state_dir.join("dns-names.json");
         super::load_domains(&domains_path)?;
+        let counters_path = state_dir.join("dns-counters.json");
+        let kept: KeptCounters = match std::fs::read(&counters_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(error = %e, "dns-counters.json unreadable; DNS counters start from zero");
+                KeptCounters::default()
+            }),
+            Err(_) => KeptCounters::default(),
+        };
         let learned: HashMap<MapData, LearnedKey, LearnedValue> =
             open(pin_dir, map_names::LEARNED)?;
         let mut learner = Learner::new(options);
+        learner.stats = kept.stats;
         let adopted: Vec<(LearnedKey, LearnedValue)> =
             learned.iter().filter_map(Result::ok).collect();
         if !adopted.is_empty() {
@@ -223,8 +246,10 @@ impl DnsRuntime {
             },
             domains_path,
             report: Arc::default(),
-            reinjected: 0,
-            reinject_failed: 0,
+            reinjected: kept.reinjected,
+            reinject_failed: kept.reinject_failed,
+            counters_path,
+            kept,
         })
     }
 
@@ -317,7 +342,25 @@ impl DnsRuntime {
         }
     }
 
-    fn publish(&self) {
+    /// Makes the counters visible to metrics and `status`, after writing them to
+    /// `--state-dir` when they moved.
+    fn publish(&mut self) {
+        let counters = KeptCounters {
+            stats: self.learner.stats,
+            reinjected: self.reinjected,
+            reinject_failed: self.reinject_failed,
+        };
+        if counters != self.kept {
+            let tmp = self.counters_path.with_extension("json.tmp");
+            let written = serde_json::to_vec(&counters)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| std::fs::write(&tmp, bytes))
+                .and_then(|()| std::fs::rename(&tmp, &self.counters_path));
+            match written {
+                Ok(()) => self.kept = counters,
+                Err(e) => warn!(error = %e, "could not keep the DNS counters"),
+            }
+        }
         let mut r = self.report.lock().expect("dns report");
         r.stats = self.learner.stats;
         r.per_slot = self.learner.per_workload();
