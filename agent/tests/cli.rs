@@ -358,6 +358,17 @@ x/loner-0 10.250.0.1 10250/tcp
     let r = check_yaml(&both, "x/client-0 10.96.0.10 80/tcp\n");
     assert_eq!(r[0]["verdict"], "allowed", "{:?}", r[0]);
     assert_eq!(r[0]["egress_policies"], serde_json::json!(["x/client"]));
+
+    // A port the Service does not expose: denied whatever the policies say, and explained.
+    let r = check_yaml(&both, "x/client-0 10.96.0.10 443/tcp\n");
+    assert_eq!(r[0]["verdict"], "denied", "{:?}", r[0]);
+    let why = r[0]["explanation"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("x/web") && why.contains("a port the Service exposes (80/tcp"),
+        "{:?}",
+        r[0]
+    );
+    assert_eq!(r[0]["explanations"][0]["fix"]["kind"], "serviceport");
 }
 
 /// Runs `check` with extra arguments on a cluster state given as YAML text: exit code and
@@ -655,8 +666,24 @@ pay/audit-0 evil.example.org 80/tcp
         "{}",
         r[6]
     );
+    // A name from a workload no allowlist selects: its NetworkPolicies take addresses, so
+    // the fix is an allowlist entry (or the name's addresses), never a made-up address.
+    assert_eq!(
+        r[10]["explanations"][0]["fix"]["kind"],
+        "namewithoutallowlist"
+    );
+    let why = r[10]["explanation"].as_str().unwrap();
+    assert!(
+        why.contains("EgressAllowlist holding the entry {domains: [evil.example.org], ports: [{port: 80, protocol: TCP}]}")
+            && !why.contains("0.0.0.0"),
+        "{why}"
+    );
     // Not a name at all.
     let (code, _, err) = check_with(PAYMENTS, &["-o", "json"], "pay/card-0 not_a*name 443/tcp\n");
     assert_ne!(code, Some(0));
     assert!(err.contains("DNS name"), "{err}");
+    // A mistyped address is no name either.
+    let (code, _, err) = check_with(PAYMENTS, &["-o", "json"], "pay/card-0 999.1.1.1 443/tcp\n");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("999.1.1.1"), "{err}");
 }

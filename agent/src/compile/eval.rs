@@ -347,6 +347,31 @@ impl Evaluator {
             None => vec![(dst.ip, dst.pod.clone(), port)],
         };
         let mut out = Vec::new();
+        // A Service address on a port it does not expose, or with no ready backend there:
+        // nothing behind it would ever answer, whatever the policies say.
+        if dst.pod.is_none()
+            && let Some(frontend) = self.compiled.frontend_of_address(dst.ip)
+            && frontend
+                .port(proto, port)
+                .is_none_or(|p| p.backends.is_empty())
+        {
+            let exposed = if frontend.port(proto, port).is_some() {
+                Vec::new()
+            } else {
+                frontend
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol.as_str().to_ascii_lowercase()))
+                    .collect()
+            };
+            out.push(Explanation {
+                side: "ingress",
+                pod: frontend.service_id(),
+                isolated_by: vec![],
+                fix: explain::Fix::ServicePort { exposed },
+            });
+            return out;
+        }
         // Outside the cluster from a pod an EgressAllowlist selects: the fix is in the
         // allowlist (a name), or a name instead of an address.
         if let Some(pod) = src.pod.as_ref().and_then(pod_of)
@@ -387,7 +412,7 @@ impl Evaluator {
                 (!d.allowed).then(|| (d, peer_of(target, *ip), *port))
             });
             if let Some((d, peer, port)) = denied {
-                out.push(explain::explain(
+                let mut explanation = explain::explain(
                     &self.state,
                     pod,
                     DIR_EGRESS,
@@ -395,9 +420,27 @@ impl Evaluator {
                     &peer,
                     protocol,
                     port,
-                ));
+                );
+                // A name has no address here: an ipBlock of the unspecified address would
+                // allow nothing. Names are allowed by EgressAllowlists.
+                if let Some(name) = &dst.domain {
+                    explanation.fix = explain::Fix::NameWithoutAllowlist {
+                        name: name.clone(),
+                        workload: format!("{}/{}", pod.namespace, pod.workload),
+                        policy: d.policies.first().cloned().unwrap_or_default(),
+                        rule: match protocol {
+                            Some(p) => format!(
+                                "{{domains: [{name}], ports: [{{port: {port}, protocol: {}}}]}}",
+                                p.as_str()
+                            ),
+                            None => format!("{{domains: [{name}]}}"),
+                        },
+                    };
+                }
+                out.push(explanation);
             }
         }
+
         let denied = targets.iter().find_map(|(_, target, port)| {
             let pod = target.as_ref().and_then(pod_of)?;
             let d = self.decide(target.as_ref()?, DIR_INGRESS, src.ip, proto, *port)?;
@@ -516,7 +559,18 @@ pub fn endpoints(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Vec<Endp
         return Err(format!("{net}: give an address, not a prefix"));
     }
     let Some((ns, name)) = spec.split_once('/') else {
-        // A DNS name outside the cluster.
+        // A DNS name outside the cluster; no top-level domain is all digits, so `999.1.1.1`
+        // is a mistyped address, not a name.
+        if spec
+            .trim_end_matches('.')
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| !tld.is_empty() && tld.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(format!(
+                "{spec:?} is neither an IP address nor a DNS name (a top-level domain is never a number)"
+            ));
+        }
         return match crate::dns::DomainPattern::parse(spec) {
             Ok(crate::dns::DomainPattern::Exact(name)) if name.contains('.') => {
                 Ok(vec![Endpoint {

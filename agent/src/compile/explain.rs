@@ -54,6 +54,17 @@ pub enum Fix {
     /// only once the workload resolves an allowed name to it (or by a NetworkPolicy
     /// ipBlock); `check` the name instead.
     ResolveName { allowlist: String },
+    /// A DNS name outside the cluster from a workload no EgressAllowlist selects: its
+    /// NetworkPolicies allow addresses, not names. `rule` is the allowlist entry.
+    NameWithoutAllowlist {
+        name: String,
+        workload: String,
+        policy: String,
+        rule: String,
+    },
+    /// A Service address on a port the Service does not expose (`exposed`: the ones it
+    /// does, as `PORT/PROTOCOL`), or one with no ready backend (`exposed` empty).
+    ServicePort { exposed: Vec<String> },
 }
 
 /// One denied side of a flow.
@@ -95,6 +106,21 @@ impl Explanation {
             }
             Fix::ResolveName { allowlist } => format!(
                 "reach it by a name EgressAllowlist {allowlist} allows (an address is allowed once the workload's own DNS answer for an allowed name gives it), or add an ipBlock for it to a NetworkPolicy"
+            ),
+            Fix::NameWithoutAllowlist {
+                name,
+                workload,
+                policy,
+                rule,
+            } => format!(
+                "select {workload} with an EgressAllowlist holding the entry {rule} (a NetworkPolicy allows addresses, not names), or add to {policy} an egress rule with an ipBlock of every address {name} resolves to"
+            ),
+            Fix::ServicePort { exposed } if exposed.is_empty() => {
+                "give the Service a ready backend: it has none on that port".to_string()
+            }
+            Fix::ServicePort { exposed } => format!(
+                "use a port the Service exposes ({}): kube-proxy forwards no other",
+                exposed.join(", ")
             ),
         };
         let isolated_by = if self.isolated_by.is_empty() {
