@@ -661,6 +661,14 @@ fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
         0,
         "still isolated by the last good version"
     );
+    // The same error, reported before the restart, is counted once.
+    let text = restarted.metrics_text();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("tollgate_policy_errors_total")
+                && l.split_whitespace().last() == Some("1")),
+        "{text}"
+    );
     drop(restarted);
     drop(agent);
 }

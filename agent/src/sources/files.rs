@@ -105,6 +105,25 @@ fn kept_across_restarts(kind: Kind) -> bool {
     )
 }
 
+/// An error as counted: the object (`ObjectKey`'s text), the file, the reason.
+type ErrorId = (Option<String>, PathBuf, String);
+
+fn error_id(e: &ObjectError) -> ErrorId {
+    (
+        e.object.as_ref().map(ToString::to_string),
+        e.file.clone(),
+        e.reason.clone(),
+    )
+}
+
+/// What `FileSource::with_last_good_store` keeps.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct KeptState {
+    documents: Vec<KeptDocument>,
+    errors: Vec<ErrorId>,
+}
+
 /// A last good document as kept in `--state-dir`: the file it came from and its YAML.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct KeptDocument {
@@ -206,7 +225,9 @@ type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
 pub struct FileSource {
     path: PathBuf,
     last_good_files: BTreeMap<PathBuf, Vec<(ObjectKey, Object)>>,
-    previous_errors: BTreeSet<(Option<ObjectKey>, PathBuf, String)>,
+    /// The errors the last load reported (object, file, reason): an error counts once, also
+    /// across restarts (they are kept in the store).
+    previous_errors: BTreeSet<ErrorId>,
     fingerprint: Option<Fingerprint>,
     /// Per file: a hash of its content at the last read, and the errors it gave.
     file_stamps: BTreeMap<PathBuf, FileStamp>,
@@ -241,14 +262,16 @@ impl FileSource {
     /// Keeps the last good versions of NetworkPolicies, EgressAllowlists, ModeOverrides and
     /// Namespaces in `path` (written as they change), and starts from what an earlier
     /// process kept there: an object rejected now that was good then stays in force as it
-    /// was, so a restart never drops a policy because its file broke meanwhile. A store that
-    /// cannot be read is reported and ignored.
+    /// was, so a restart never drops a policy because its file broke meanwhile. The errors
+    /// reported are kept too, so a restart does not count them again. A store that cannot be
+    /// read is reported and ignored.
     pub fn with_last_good_store(mut self, path: impl Into<PathBuf>) -> Self {
         let path = path.into();
         match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<Vec<KeptDocument>>(&bytes) {
+            Ok(bytes) => match serde_json::from_slice::<KeptState>(&bytes) {
                 Ok(kept) => {
-                    for doc in kept {
+                    self.previous_errors = kept.errors.into_iter().collect();
+                    for doc in kept.documents {
                         let parsed = parse_documents(&doc.document, &doc.file).unwrap_or_default();
                         for (item, _) in parsed {
                             if let Ok((key, object)) = item {
@@ -273,16 +296,15 @@ impl FileSource {
         self
     }
 
-    /// Writes the last good documents of the objects in force, when they changed.
-    fn keep_documents(&mut self, documents: BTreeMap<ObjectKey, KeptDocument>) {
-        if documents == self.documents {
-            return;
-        }
-        self.documents = documents;
+    /// Writes the last good documents of the objects in force and the errors reported.
+    fn keep(&self) {
         let Some(path) = &self.store else { return };
-        let list: Vec<&KeptDocument> = self.documents.values().collect();
+        let kept = KeptState {
+            documents: self.documents.values().cloned().collect(),
+            errors: self.previous_errors.iter().cloned().collect(),
+        };
         let tmp = path.with_extension("json.tmp");
-        let written = serde_json::to_vec(&list)
+        let written = serde_json::to_vec(&kept)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::write(&tmp, bytes))
             .and_then(|()| std::fs::rename(&tmp, path));
@@ -503,8 +525,10 @@ impl FileSource {
             })
             .collect();
         // A path that cannot be listed says nothing about which objects exist.
-        if listed {
-            self.keep_documents(documents);
+        let mut changed = false;
+        if listed && documents != self.documents {
+            self.documents = documents;
+            changed = true;
         }
 
         // Files holding pods or namespaces (Services or EndpointSlices), by content: equal
@@ -533,22 +557,19 @@ impl FileSource {
         state.services_version = Some(services_version);
         // Rebuilt from scratch: readers compare, they do not replay.
         state.changes = Default::default();
-        let current: BTreeSet<_> = errors
-            .iter()
-            .map(|e| (e.object.clone(), e.file.clone(), e.reason.clone()))
-            .collect();
+        let current: BTreeSet<ErrorId> = errors.iter().map(error_id).collect();
         let new_errors = errors
             .iter()
-            .filter(|e| {
-                !self.previous_errors.contains(&(
-                    e.object.clone(),
-                    e.file.clone(),
-                    e.reason.clone(),
-                ))
-            })
+            .filter(|e| !self.previous_errors.contains(&error_id(e)))
             .cloned()
             .collect();
-        self.previous_errors = current;
+        if current != self.previous_errors {
+            self.previous_errors = current;
+            changed = true;
+        }
+        if changed {
+            self.keep();
+        }
         Loaded {
             state,
             errors,
@@ -988,6 +1009,11 @@ mod tests {
         std::fs::write(&other, policy("q", 81)).unwrap();
         assert_eq!(restarted.load().state.policies.len(), 3);
         let third = FileSource::new(&state).with_last_good_store(&store).load();
+        assert_eq!(third.errors.len(), 1, "p is still broken");
+        assert!(
+            third.new_errors.is_empty(),
+            "an error reported before the restart is not counted again"
+        );
         let mut names: Vec<&str> = third
             .state
             .policies
