@@ -1394,11 +1394,13 @@ fn mode(socket: &std::path::Path, action: ModeAction) -> anyhow::Result<ExitCode
     for (pod, old, new) in &change.changed {
         println!("  {pod}: {} -> {}", old.as_str(), new.as_str());
     }
-    if change.matched == 0 {
+    if change.matched == 0 && change.new.is_some() {
         println!(
             "  (no workload on this node matches {} yet; the override applies when one does)",
             change.target
         );
+    } else if change.matched == 0 {
+        println!("  (no workload on this node matches {})", change.target);
     }
     Ok(ExitCode::SUCCESS)
 }

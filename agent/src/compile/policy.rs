@@ -255,8 +255,10 @@ pub fn mode_and_source(
         Some(m) => (m, "namespace"),
         None => (options.default_mode, "default"),
     };
+    // The pod's own annotation is the source whenever it holds (the same mode as its
+    // namespace or default included), as the precedence goes: pod before namespace.
     match parse(pod.annotations.get(MODE_ANNOTATION)) {
-        Some(m) if m == base.0 => base,
+        Some(m) if m == base.0 => (m, "pod"),
         Some(Mode::Drop) => (Mode::Drop, "pod"),
         Some(Mode::Log) if options.pod_mode_annotations == PodModeAnnotations::Any => {
             (Mode::Log, "pod")
@@ -1958,5 +1960,48 @@ mod tests {
         ids.sync(&policies(&["a/x", "b/y", "c/z"]));
         assert_eq!(ids.policies.len(), 3);
         assert_eq!(ids.ids.len(), 3);
+    }
+
+    /// The pod's own annotation is the mode's source whenever it holds, the same mode as
+    /// its namespace included; one that would loosen the namespace's holds only with
+    /// `PodModeAnnotations::Any`.
+    #[test]
+    fn a_pods_annotation_is_the_source_whenever_it_holds() {
+        let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: strict, annotations: {tollgate.io/mode: drop}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n";
+        let pod = |ns: &str, name: &str, mode: Option<&str>| {
+            let annotations = mode.map_or(String::new(), |m| {
+                format!(", annotations: {{tollgate.io/mode: {m}}}")
+            });
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}{annotations}}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.1.0.{}}}]}}\n",
+                name.len()
+            )
+        };
+        let yaml = yaml.to_string()
+            + &pod("strict", "same", Some("drop"))
+            + &pod("strict", "looser", Some("log"))
+            + &pod("strict", "none", None)
+            + &pod("plain", "default-too", Some("drop"));
+        let state = store_of(&yaml).into_state();
+        let source = |name: &str, annotations: PodModeAnnotations| {
+            let options = CompileOptions {
+                default_mode: Mode::Drop,
+                pod_mode_annotations: annotations,
+                node_addresses: NodeAddresses::default(),
+            };
+            let pod = state.pods.values().find(|p| p.name == name).unwrap();
+            let (mode, source) = mode_and_source(&state, pod, &options);
+            (mode.as_str(), source)
+        };
+        for annotations in [PodModeAnnotations::Stricter, PodModeAnnotations::Any] {
+            assert_eq!(source("same", annotations), ("drop", "pod"));
+            assert_eq!(source("none", annotations), ("drop", "namespace"));
+            assert_eq!(source("default-too", annotations), ("drop", "pod"));
+        }
+        assert_eq!(
+            source("looser", PodModeAnnotations::Stricter),
+            ("drop", "namespace")
+        );
+        assert_eq!(source("looser", PodModeAnnotations::Any), ("log", "pod"));
     }
 }
