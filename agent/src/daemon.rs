@@ -196,9 +196,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 trust_attach_annotations,
                 ..
             } => {
-                let source = KubeSource::connect().await.context(
-                    "--kubernetes: no Kubernetes configuration (in-cluster service account or KUBECONFIG)",
-                )?;
+                let source = KubeSource::connect()
+                    .await
+                    .context(
+                        "--kubernetes: no Kubernetes configuration (in-cluster service account or KUBECONFIG)",
+                    )?
+                    .with_last_good_store(options.state_dir.join(LAST_GOOD_OBJECTS));
                 let client = source.client();
                 (Box::new(source), *trust_attach_annotations, Some(client))
             }

@@ -646,7 +646,7 @@ fn a_list_that_breaks_off_midway_changes_nothing() {
 #[test]
 fn egress_allowlists_from_the_api_isolate_the_pods_they_select_and_a_bad_one_changes_nothing() {
     let shop = shop("kube-allowlist");
-    let agent = shop.start(&[]);
+    let mut agent = shop.start(&[]);
     let allowlists = |agent: &Agent| -> Vec<String> {
         agent
             .workload("client-0")
@@ -683,6 +683,30 @@ fn egress_allowlists_from_the_api_isolate_the_pods_they_select_and_a_bad_one_cha
         })
     });
     assert_eq!(allowlists(&agent), ["shop/client-out"]);
+    // Restarted while the API server holds only the bad version: the new process never saw
+    // the good one, the state directory kept it; and the error is not counted again.
+    let errors_total = |agent: &Agent| {
+        agent
+            .metrics_text()
+            .lines()
+            .find(|l| l.starts_with("tollgate_policy_errors_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+    };
+    let counted = errors_total(&agent);
+    assert_eq!(counted, Some(1.0));
+    assert!(agent.stop().success(), "{}", agent.log());
+    agent.restart();
+    within(
+        Duration::from_secs(5),
+        "the last good allowlist after the restart",
+        || allowlists(&agent) == ["shop/client-out"],
+    );
+    let status = agent.status()["policy_errors"].to_string();
+    assert!(
+        status.contains("client-out") && status.contains("the last good version stays in force"),
+        "{status}"
+    );
+    assert_eq!(errors_total(&agent), counted, "the same error counted once");
     shop.api.delete("EgressAllowlist", "shop", "client-out");
     within(Duration::from_secs(3), "the allowlist gone", || {
         allowlists(&agent).is_empty()

@@ -98,7 +98,7 @@ fn parse_documents(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String
 
 /// Kinds that decide what is enforced, few and small: their last good versions are kept in
 /// `--state-dir`. Pods and Services come and go by the thousand and are not.
-fn kept_across_restarts(kind: Kind) -> bool {
+pub(super) fn kept_across_restarts(kind: Kind) -> bool {
     matches!(
         kind,
         Kind::NetworkPolicy | Kind::EgressAllowlist | Kind::ModeOverride | Kind::Namespace
@@ -106,7 +106,7 @@ fn kept_across_restarts(kind: Kind) -> bool {
 }
 
 /// An error as counted: the object (`ObjectKey`'s text), the file, the reason.
-type ErrorId = (Option<String>, PathBuf, String);
+pub(super) type ErrorId = (Option<String>, PathBuf, String);
 
 fn error_id(e: &ObjectError) -> ErrorId {
     (
@@ -116,19 +116,75 @@ fn error_id(e: &ObjectError) -> ErrorId {
     )
 }
 
-/// What `FileSource::with_last_good_store` keeps.
+/// What a source keeps in `--state-dir` (`FileSource::with_last_good_store`,
+/// `KubeSource::with_last_good_store`): the last good documents of the objects of
+/// `kept_across_restarts` kinds in force, and the errors reported.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
-struct KeptState {
-    documents: Vec<KeptDocument>,
-    errors: Vec<ErrorId>,
+pub(super) struct KeptState {
+    pub documents: Vec<KeptDocument>,
+    pub errors: Vec<ErrorId>,
 }
 
-/// A last good document as kept in `--state-dir`: the file it came from and its YAML.
+impl KeptState {
+    /// What `path` holds: empty when there is nothing (yet), reported and empty when it
+    /// cannot be read.
+    pub fn read(path: &Path) -> KeptState {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{}: not a store of last good objects ({e}); starting without it",
+                    path.display()
+                );
+                KeptState::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeptState::default(),
+            Err(e) => {
+                tracing::warn!(
+                    "{}: {e}; starting without last good objects",
+                    path.display()
+                );
+                KeptState::default()
+            }
+        }
+    }
+
+    /// Replaces `path` with this (written aside, then renamed over it); a failure is
+    /// reported, not fatal.
+    pub fn write(&self, path: &Path) {
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(
+                "{}: cannot keep the last good objects ({e}); a restart would not know them",
+                path.display()
+            );
+        }
+    }
+
+    /// Each kept document's object, by key.
+    pub fn objects(&self) -> Vec<(ObjectKey, KeptDocument, Object)> {
+        let mut out = Vec::new();
+        for doc in &self.documents {
+            for (item, _) in parse_documents(&doc.document, &doc.file).unwrap_or_default() {
+                if let Ok((key, object)) = item {
+                    out.push((key, doc.clone(), object));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A last good document as kept in `--state-dir`: where it came from (a file, or
+/// `kubernetes`) and its YAML (or JSON).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct KeptDocument {
-    file: PathBuf,
-    document: String,
+pub(super) struct KeptDocument {
+    pub file: PathBuf,
+    pub document: String,
 }
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -267,31 +323,12 @@ impl FileSource {
     /// read is reported and ignored.
     pub fn with_last_good_store(mut self, path: impl Into<PathBuf>) -> Self {
         let path = path.into();
-        match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<KeptState>(&bytes) {
-                Ok(kept) => {
-                    self.previous_errors = kept.errors.into_iter().collect();
-                    for doc in kept.documents {
-                        let parsed = parse_documents(&doc.document, &doc.file).unwrap_or_default();
-                        for (item, _) in parsed {
-                            if let Ok((key, object)) = item {
-                                self.documents.insert(key.clone(), doc.clone());
-                                self.restored.insert(key, (doc.clone(), object));
-                            }
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(
-                    "{}: not a store of last good objects ({e}); starting without it",
-                    path.display()
-                ),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(
-                "{}: {e}; starting without last good objects",
-                path.display()
-            ),
+        let kept = KeptState::read(&path);
+        for (key, doc, object) in kept.objects() {
+            self.documents.insert(key.clone(), doc.clone());
+            self.restored.insert(key, (doc, object));
         }
+        self.previous_errors = kept.errors.into_iter().collect();
         self.store = Some(path);
         self
     }
@@ -299,21 +336,11 @@ impl FileSource {
     /// Writes the last good documents of the objects in force and the errors reported.
     fn keep(&self) {
         let Some(path) = &self.store else { return };
-        let kept = KeptState {
+        KeptState {
             documents: self.documents.values().cloned().collect(),
             errors: self.previous_errors.iter().cloned().collect(),
-        };
-        let tmp = path.with_extension("json.tmp");
-        let written = serde_json::to_vec(&kept)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            tracing::warn!(
-                "{}: cannot keep the last good objects ({e}); a restart would not know them",
-                path.display()
-            );
         }
+        .write(path);
     }
 
     /// The path being read.

@@ -64,13 +64,18 @@ const NEVER_EMPTY: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::Node];
 /// pod, a slice of no Service), as if deleted.
 type Converted = Result<Option<Object>, String>;
 
+/// An object as a watcher hands it over: converted, and for the kinds whose last good
+/// version is kept across restarts (`files::kept_across_restarts`), the object as the API
+/// server sent it (JSON).
+type Item = (ObjectKey, Converted, Option<String>);
+
 /// What a watcher task reports.
 #[derive(Debug)]
 enum Update {
-    Apply(ObjectKey, Converted),
+    Apply(Item),
     Delete(ObjectKey),
     Init(Kind),
-    InitApply(ObjectKey, Converted),
+    InitApply(Item),
     InitDone(Kind),
     Failed(Kind, String),
     /// The API server does not serve the kind (404: Tollgate's CRD not installed).
@@ -86,7 +91,15 @@ pub struct KubeSource {
     last_restart: BTreeMap<Kind, Instant>,
     store: Store,
     /// Objects of a relist in progress, by kind.
-    listing: BTreeMap<Kind, Vec<(ObjectKey, Converted)>>,
+    listing: BTreeMap<Kind, Vec<Item>>,
+    /// Where the last good objects are kept across restarts, if anywhere.
+    kept_path: Option<PathBuf>,
+    /// Their documents, by object, and whether that changed since last written.
+    documents: BTreeMap<ObjectKey, super::files::KeptDocument>,
+    documents_changed: bool,
+    /// What an earlier process kept: the last good version of an object rejected now that
+    /// this process never saw good.
+    restored: BTreeMap<ObjectKey, Object>,
     /// Kinds listed completely at least once.
     synced: BTreeSet<Kind>,
     /// Kinds whose watch failed since their last event: why, and since when.
@@ -99,7 +112,8 @@ pub struct KubeSource {
     recoveries_seen: u64,
     probe_task: JoinHandle<()>,
     errors: Vec<ObjectError>,
-    reported: BTreeSet<(Option<ObjectKey>, String)>,
+    /// Errors reported (object, reason): each counts once, across restarts too.
+    reported: BTreeSet<(Option<String>, String)>,
     warnings: Vec<String>,
     /// What to call when a watcher has handed something over.
     wake: Arc<std::sync::OnceLock<super::Waker>>,
@@ -135,6 +149,10 @@ impl KubeSource {
             last_restart: BTreeMap::new(),
             store: Store::default(),
             listing: BTreeMap::new(),
+            kept_path: None,
+            documents: BTreeMap::new(),
+            documents_changed: false,
+            restored: BTreeMap::new(),
             synced: BTreeSet::new(),
             failing: BTreeMap::new(),
             distrusted: BTreeMap::new(),
@@ -151,6 +169,51 @@ impl KubeSource {
             source.spawn(kind);
         }
         source
+    }
+
+    /// Keeps the last good versions of NetworkPolicies, EgressAllowlists, ModeOverrides and
+    /// Namespaces, and the errors reported, in `path`; starts from what an earlier process
+    /// kept there, so an object the agent rejects after a restart stays in force as it was
+    /// good before, and its error is not counted again.
+    pub fn with_last_good_store(mut self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let kept = super::files::KeptState::read(&path);
+        for (key, doc, object) in kept.objects() {
+            self.documents.insert(key.clone(), doc);
+            self.restored.insert(key, object);
+        }
+        self.reported = kept
+            .errors
+            .into_iter()
+            .map(|(object, _, reason)| (object, reason))
+            .collect();
+        self.kept_path = Some(path);
+        self
+    }
+
+    /// Writes what `with_last_good_store` reads, when it changed.
+    fn keep(&mut self, errors_changed: bool) {
+        let Some(path) = &self.kept_path else { return };
+        if !(self.documents_changed || errors_changed) {
+            return;
+        }
+        super::files::KeptState {
+            documents: self.documents.values().cloned().collect(),
+            errors: self
+                .reported
+                .iter()
+                .map(|(object, reason)| (object.clone(), origin(), reason.clone()))
+                .collect(),
+        }
+        .write(path);
+        self.documents_changed = false;
+    }
+
+    /// Forgets the kept document of an object gone from the cluster.
+    fn forget(&mut self, key: &ObjectKey) {
+        if self.documents.remove(key).is_some() {
+            self.documents_changed = true;
+        }
     }
 
     /// A client for the CLI and Events: in-cluster config or `KUBECONFIG`.
@@ -182,19 +245,42 @@ impl KubeSource {
     }
 
     /// Applies one converted object; returns whether the model changed.
-    fn apply(&mut self, key: ObjectKey, converted: Converted) -> bool {
+    fn apply(&mut self, (key, converted, document): Item) -> bool {
         match converted {
-            Ok(Some(object)) => self.store.insert(key, object),
-            Ok(None) => self.store.remove(&key),
+            Ok(Some(object)) => {
+                if let Some(document) = document
+                    && self
+                        .documents
+                        .get(&key)
+                        .is_none_or(|d| d.document != document)
+                {
+                    let kept = super::files::KeptDocument {
+                        file: origin(),
+                        document,
+                    };
+                    self.documents.insert(key.clone(), kept);
+                    self.documents_changed = true;
+                }
+                self.store.insert(key, object)
+            }
+            Ok(None) => {
+                self.forget(&key);
+                self.store.remove(&key)
+            }
             Err(reason) => {
+                // Never seen good by this process: the version an earlier one kept.
+                let restored = (!self.store.contains(&key))
+                    .then(|| self.restored.get(&key).cloned())
+                    .flatten();
+                let changed = restored.is_some_and(|object| self.store.insert(key.clone(), object));
                 self.store.reject(key, origin(), reason);
-                false
+                changed
             }
         }
     }
 
     /// A complete list of a kind: it replaces what the store has of that kind.
-    fn replace_kind(&mut self, kind: Kind, items: Vec<(ObjectKey, Converted)>) -> bool {
+    fn replace_kind(&mut self, kind: Kind, items: Vec<Item>) -> bool {
         let had = self.store.keys(kind);
         if items.is_empty() && !had.is_empty() && NEVER_EMPTY.contains(&kind) {
             let why = format!(
@@ -207,13 +293,14 @@ impl KubeSource {
             return false;
         }
         self.distrusted.remove(&kind);
-        let listed: BTreeSet<ObjectKey> = items.iter().map(|(k, _)| k.clone()).collect();
+        let listed: BTreeSet<ObjectKey> = items.iter().map(|(k, _, _)| k.clone()).collect();
         let mut changed = false;
         for key in had.into_iter().filter(|k| !listed.contains(k)) {
+            self.forget(&key);
             changed |= self.store.remove(&key);
         }
-        for (key, converted) in items {
-            changed |= self.apply(key, converted);
+        for item in items {
+            changed |= self.apply(item);
         }
         changed
     }
@@ -264,22 +351,20 @@ impl Source for KubeSource {
         let mut changed = force;
         while let Ok(update) = self.rx.try_recv() {
             match update {
-                Update::Apply(key, converted) => {
-                    self.failing.remove(&key.kind);
-                    changed |= self.apply(key, converted);
+                Update::Apply(item) => {
+                    self.failing.remove(&item.0.kind);
+                    changed |= self.apply(item);
                 }
                 Update::Delete(key) => {
                     self.failing.remove(&key.kind);
+                    self.forget(&key);
                     changed |= self.store.remove(&key);
                 }
                 Update::Init(kind) => {
                     self.listing.insert(kind, Vec::new());
                 }
-                Update::InitApply(key, converted) => {
-                    self.listing
-                        .entry(key.kind)
-                        .or_default()
-                        .push((key, converted));
+                Update::InitApply(item) => {
+                    self.listing.entry(item.0.kind).or_default().push(item);
                 }
                 Update::InitDone(kind) => {
                     self.not_served.remove(&kind);
@@ -324,9 +409,13 @@ impl Source for KubeSource {
         let new_errors: Vec<ObjectError> = self
             .errors
             .iter()
-            .filter(|e| self.reported.insert((e.object.clone(), e.reason.clone())))
+            .filter(|e| {
+                self.reported
+                    .insert((e.object.as_ref().map(ToString::to_string), e.reason.clone()))
+            })
             .cloned()
             .collect();
+        self.keep(!new_errors.is_empty());
         Refresh {
             changed: changed || !new_errors.is_empty(),
             new_errors,
@@ -396,7 +485,7 @@ impl Handover {
 /// Watches one kind across the cluster until the task is aborted.
 async fn watch<K>(client: Client, kind: Kind, tx: Handover)
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + ToObject + 'static,
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + Debug + Send + ToObject + 'static,
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::all(client);
@@ -411,12 +500,21 @@ where
         },
         name: o.name_any(),
     };
+    // The object as sent, for a kind whose last good version is kept, when it is good.
+    let item = |o: K| -> Item {
+        let converted = o.to_object();
+        let document = (super::files::kept_across_restarts(kind)
+            && matches!(converted, Ok(Some(_))))
+        .then(|| serde_json::to_string(&o).ok())
+        .flatten();
+        (key(&o), converted, document)
+    };
     while let Some(event) = stream.next().await {
         let update = match event {
-            Ok(watcher::Event::Apply(o)) => Update::Apply(key(&o), o.to_object()),
+            Ok(watcher::Event::Apply(o)) => Update::Apply(item(o)),
             Ok(watcher::Event::Delete(o)) => Update::Delete(key(&o)),
             Ok(watcher::Event::Init) => Update::Init(kind),
-            Ok(watcher::Event::InitApply(o)) => Update::InitApply(key(&o), o.to_object()),
+            Ok(watcher::Event::InitApply(o)) => Update::InitApply(item(o)),
             Ok(watcher::Event::InitDone) => Update::InitDone(kind),
             Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
                 if status.code == 404
