@@ -1014,16 +1014,19 @@ mod tests {
                 .to_string()
                 .contains("the last good version stays in force")
         );
-        let mut names: Vec<&str> = second
-            .state
-            .policies
-            .keys()
-            .map(|(_, name)| name.as_str())
-            .collect();
-        names.sort();
+        let names = |loaded: &Loaded| -> Vec<String> {
+            let mut names: Vec<String> = loaded
+                .state
+                .policies
+                .keys()
+                .map(|(_, name)| name.clone())
+                .collect();
+            names.sort();
+            names
+        };
         assert_eq!(
-            names,
-            vec!["gone", "new", "p", "q"],
+            names(&second),
+            ["gone", "new", "p", "q"],
             "p as it was, the broken file's q and gone as they were, new as written"
         );
         let p = ("x".to_string(), "p".to_string());
@@ -1041,14 +1044,7 @@ mod tests {
             third.new_errors.is_empty(),
             "an error reported before the restart is not counted again"
         );
-        let mut names: Vec<&str> = third
-            .state
-            .policies
-            .keys()
-            .map(|(_, name)| name.as_str())
-            .collect();
-        names.sort();
-        assert_eq!(names, vec!["new", "p", "q"]);
+        assert_eq!(names(&third), ["new", "p", "q"]);
 
         // A store that is not ours is reported and ignored, never fatal.
         std::fs::write(&store, "not json").unwrap();
