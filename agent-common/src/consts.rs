@@ -170,6 +170,11 @@ pub const IDENTITY_WORLD: u32 = 1;
 /// Identity of the node's own addresses (and so of host-network pods on this node): traffic
 /// between a workload and its node is always allowed, in both directions and both modes.
 pub const IDENTITY_HOST: u32 = 2;
+/// `LpmAddr::scope` of the `IDENTITIES_EXACT` keys that name the address of a pod attached
+/// on this node (value: its slot). A host-network workload shares the node's addresses, so
+/// its traffic with such a pod is the node's own traffic for that pod, always allowed: both
+/// ends decide it the same way.
+pub const LOCAL_POD_SCOPE: u32 = 1;
 /// Identities at or above this value (and below `PEER_CIDR_SET_BASE`) name a Service's
 /// virtual addresses of one family: a flow to one is allowed only by the `POLICY` entries the
 /// agent writes for it after checking every backend, never by an ipBlock on the virtual

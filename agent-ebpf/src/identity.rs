@@ -2,7 +2,7 @@
 //! Service frontends, the node's addresses), an LPM trie any shorter CIDR. Anything else
 //! is `world`.
 
-use agent_common::{IDENTITY_WORLD, LPM_ADDR_FIXED_BITS, LpmAddr};
+use agent_common::{IDENTITY_WORLD, LOCAL_POD_SCOPE, LPM_ADDR_FIXED_BITS, LpmAddr};
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{IDENTITIES, IDENTITIES_EXACT};
@@ -18,6 +18,18 @@ pub fn lpm_key(scope: u32, family: u8, addr: &[u8; 16]) -> Key<LpmAddr> {
             addr: *addr,
         },
     )
+}
+
+/// Whether the address is a pod attached on this node (`LOCAL_POD_SCOPE`).
+#[inline(always)]
+pub fn is_local_pod(family: u8, addr: &[u8; 16]) -> bool {
+    let key = LpmAddr {
+        scope: LOCAL_POD_SCOPE,
+        family: family as u32,
+        addr: *addr,
+    };
+    // SAFETY: only whether the lookup found an entry is used.
+    unsafe { IDENTITIES_EXACT.get(&key) }.is_some()
 }
 
 /// Identity of a peer address.

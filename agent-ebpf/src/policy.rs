@@ -87,8 +87,12 @@ pub fn evaluate(
     established: bool,
 ) -> Decision {
     let mut peer = identity::identity_of(family, remote);
-    // The node's own traffic (kubelet probes, host-network pods) can never be blocked.
-    if peer == IDENTITY_HOST {
+    // The node's own traffic (kubelet probes, host-network pods) can never be blocked; and
+    // a host-network workload's traffic with a pod of this node is that pod's node traffic.
+    if peer == IDENTITY_HOST
+        || (workload.flags & workload_flags::HOST_SOURCE != 0
+            && identity::is_local_pod(family, remote))
+    {
         return Decision {
             decision: DECISION_ALLOW,
             peer,

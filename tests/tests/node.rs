@@ -46,6 +46,7 @@ fn the_nodes_own_traffic_always_passes_and_other_nodes_are_only_addresses() {
     let exporter = lab.add_host_pod("exporter");
     let kubelet = lab.node_process("kubelet");
     lab.serve(&web, &[8080], &[5353]);
+    lab.serve(&exporter, &[], &[7070]);
     let dir = temp_dir("node-traffic");
     let agent = start(&lab, &dir, &[]);
     let on_node = |yaml: String| cluster::on_node(&yaml, "lab-node");
@@ -118,6 +119,19 @@ fn the_nodes_own_traffic_always_passes_and_other_nodes_are_only_addresses() {
         let r = traffic::udp(&exporter, web.addr(false), 5353, 2, 64, PATIENT);
         assert_eq!(r.echoed, 2, "{r:?}");
     });
+    // The deny-all policy selects the host-network pod too (podSelector {}), yet a pod of
+    // this node reaching it on a node address is node traffic for that pod: it passes, as
+    // it must at the pod's end. Another node is only an address: denied.
+    assert_eq!(
+        traffic::probe(&client, &["169.254.1.1:7070/udp".to_string()], PATIENT),
+        vec![true],
+        "a local pod to the host-network pod"
+    );
+    assert_eq!(
+        traffic::probe(&uplink.far, &["10.250.0.1:7070/udp".to_string()], FAIL_FAST),
+        vec![false],
+        "another node to the host-network pod"
+    );
     assert_eq!(
         [web_got[1], web_got[2], web_got[4], web_got[5]],
         [0, 0, 0, 0],

@@ -271,6 +271,30 @@ fn cpu_sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
     })
 }
 
+/// The `LOCAL_POD_SCOPE` keys of a workload's addresses: those of an active pod that sends
+/// from its own addresses, none for a host-network workload or an empty slot.
+fn local_pod_keys(config: &WorkloadConfig) -> Vec<LpmAddr> {
+    if config.flags & workload_flags::ACTIVE == 0 || config.flags & workload_flags::HOST_SOURCE != 0
+    {
+        return Vec::new();
+    }
+    let key = |family: u8, addr: [u8; 16]| LpmAddr {
+        scope: agent_common::LOCAL_POD_SCOPE,
+        family: family as u32,
+        addr,
+    };
+    let mut out = Vec::new();
+    if config.flags & workload_flags::HAS_IPV4 != 0 {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&config.ipv4);
+        out.push(key(agent_common::FAMILY_IPV4, addr));
+    }
+    if config.flags & workload_flags::HAS_IPV6 != 0 {
+        out.push(key(agent_common::FAMILY_IPV6, config.ipv6));
+    }
+    out
+}
+
 /// The `POLICY_EXACT` key of a compiled policy entry whose prefix is whole (a port, a
 /// protocol, or neither), with the bits beyond the prefix cleared; `None` for a port range,
 /// which stays in the ruleset's trie.
@@ -958,10 +982,33 @@ impl DatapathMaps {
             }
         }
         if config != current {
+            self.set_local_pod(slot, &current, &config)?;
             self.r
                 .workloads
                 .set(slot, config, 0)
                 .map_err(map_err(map_names::WORKLOADS))?;
+        }
+        Ok(())
+    }
+
+    /// Names the addresses of the pod in `slot` as a pod of this node (`LOCAL_POD_SCOPE`),
+    /// as `config` has them where `current` had others.
+    fn set_local_pod(
+        &mut self,
+        slot: u32,
+        current: &WorkloadConfig,
+        config: &WorkloadConfig,
+    ) -> Result<(), MapsError> {
+        let (old, new) = (local_pod_keys(current), local_pod_keys(config));
+        for key in new.iter().filter(|k| !old.contains(k)) {
+            self.r
+                .identities_exact
+                .insert(key, slot, 0)
+                .map_err(map_err(map_names::IDENTITIES_EXACT))?;
+        }
+        for key in old.iter().filter(|k| !new.contains(k)) {
+            ignore_missing(self.r.identities_exact.remove(key))
+                .map_err(map_err(map_names::IDENTITIES_EXACT))?;
         }
         Ok(())
     }
@@ -1039,7 +1086,9 @@ impl DatapathMaps {
     /// never match, and deleting a workload does not walk the connection table.
     pub fn clear_workload(&mut self, slot: u32) -> Result<(), MapsError> {
         Self::check_slot(slot)?;
-        let generation = self.workload(slot)?.generation;
+        let current = self.workload(slot)?;
+        self.set_local_pod(slot, &current, &WorkloadConfig::default())?;
+        let generation = current.generation;
         self.r
             .workloads
             .set(
@@ -1192,6 +1241,10 @@ impl DatapathMaps {
         }
         for item in self.r.identities_exact.iter() {
             let (addr, id) = item.map_err(map_err(map_names::IDENTITIES_EXACT))?;
+            // Local pods' entries are the workloads' (`set_local_pod`), not identities.
+            if addr.scope != 0 {
+                continue;
+            }
             let bits = if addr.family == agent_common::FAMILY_IPV4 as u32 {
                 32
             } else {
