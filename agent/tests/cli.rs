@@ -687,3 +687,88 @@ pay/audit-0 evil.example.org 80/tcp
     assert_eq!(code, Some(2));
     assert!(err.contains("999.1.1.1"), "{err}");
 }
+
+const HOST_NETWORK: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 10.250.0.1}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hn, namespace: x, labels: {app: hn}}
+spec: {nodeName: n1, hostNetwork: true, containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.250.0.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: y, labels: {app: b}}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.77.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: r, namespace: y, labels: {app: r}}
+spec: {nodeName: n2, containers: [{name: c, image: i}]}
+status: {phase: Running, podIPs: [{ip: 10.78.0.5}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: hn-deny, namespace: x}
+spec: {podSelector: {matchLabels: {app: hn}}, policyTypes: [Ingress, Egress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: y}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+"#;
+
+/// A host-network pod can be checked like any pod (its addresses are its node's, even
+/// without a Node object), and it is decided as the datapath decides it: a policy that
+/// selects it applies to other nodes and the outside, not to the pods of its own node, for
+/// which it is the node.
+#[test]
+fn check_decides_host_network_pods_as_the_node_they_share() {
+    let r = check_yaml(
+        HOST_NETWORK,
+        "x/hn y/b 9090/tcp
+y/b x/hn 7070/tcp
+10.250.0.1 y/b 9090/tcp
+y/r x/hn 7070/tcp
+x/hn y/r 9090/tcp
+203.0.113.5 x/hn 7070/tcp
+",
+    );
+    let verdicts: Vec<&str> = r.iter().map(|f| f["verdict"].as_str().unwrap()).collect();
+    assert_eq!(
+        verdicts,
+        [
+            "allowed", "allowed", "allowed", "denied", "denied", "denied"
+        ],
+        "{r:#?}"
+    );
+    assert_eq!(
+        r[3]["ingress"], "denied",
+        "another node's pod, at hn's ingress"
+    );
+    assert_eq!(
+        r[4]["egress"], "denied",
+        "hn to another node's pod, at hn's egress"
+    );
+    // Without its Node object, the pod has no address to check from: said so.
+    let no_node = HOST_NETWORK.replacen("kind: Node\n", "kind: ConfigMap\n", 1);
+    let (code, _, err) = check_with(&no_node, &["-o", "json"], "x/hn y/b 9090/tcp\n");
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("host-network pod") && err.contains("Node n1"),
+        "{err}"
+    );
+}

@@ -743,7 +743,12 @@ fn single_addresses_and_prefixes_name_peers_as_one_longest_prefix_match() {
         .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
         .unwrap();
     assert_eq!(entries(&dp, "IDENTITIES"), 1, "the /16 in the trie");
-    assert_eq!(entries(&dp, "IDENTITIES_EXACT"), 1, "the /32 in the hash");
+    // The hash also names the workload's own address as a pod of this node.
+    assert_eq!(
+        entries(&dp, "IDENTITIES_EXACT"),
+        2,
+        "the /32 in the hash, beside the workload's own address"
+    );
     assert_eq!(
         dp.maps
             .identities()
@@ -759,7 +764,11 @@ fn single_addresses_and_prefixes_name_peers_as_one_longest_prefix_match() {
     dp.maps
         .remove_identity("10.1.0.11/32".parse().unwrap())
         .unwrap();
-    assert_eq!(entries(&dp, "IDENTITIES_EXACT"), 0);
+    assert_eq!(
+        entries(&dp, "IDENTITIES_EXACT"),
+        1,
+        "the workload's own address"
+    );
     assert_eq!(verdict(&dp), DROP, "back to the /16: ID_A may not");
 
     dp.maps

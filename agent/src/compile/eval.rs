@@ -112,6 +112,18 @@ impl Evaluator {
         self.nodes.of(node).is_some_and(|set| set.contains(&ip))
     }
 
+    /// Whether `pod` is a host-network pod and `peer` the address of a pod on its node:
+    /// for that pod the flow is its node's own traffic, allowed at both ends (as in the
+    /// datapath, `LOCAL_POD_SCOPE`).
+    fn is_host_pod_with_local_peer(&self, pod: &PodKey, peer: IpAddr) -> bool {
+        let node = |k: &PodKey| self.pods.get(k).and_then(|(_, node)| node.as_deref());
+        self.state.pods.get(pod).is_some_and(|p| p.host_network)
+            && self
+                .compiled
+                .pod_of_address(peer)
+                .is_some_and(|other| node(other).is_some() && node(other) == node(pod))
+    }
+
     /// The decision of `pod` in `direction` on a new flow with `peer`, to `port`.
     pub fn decide(
         &self,
@@ -192,7 +204,7 @@ impl Evaluator {
                 EGRESS_RULESET,
             )
         };
-        if !isolated || self.is_node_of(pod, peer) {
+        if !isolated || self.is_node_of(pod, peer) || self.is_host_pod_with_local_peer(pod, peer) {
             return Some(SideDecision {
                 allowed: true,
                 policies: vec![],
@@ -596,13 +608,27 @@ pub fn endpoints(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Vec<Endp
     }
     let mut out = Vec::new();
     for key in keys {
-        let ips: Vec<IpAddr> = ev
+        let mut ips: Vec<IpAddr> = ev
             .compiled
             .address_pods
             .iter()
             .filter(|(_, k)| **k == key)
             .map(|(ip, _)| *ip)
             .collect();
+        // A host-network pod's addresses are its node's (from its Node object).
+        if let Some(pod) = ev.state.pods.get(&key)
+            && pod.host_network
+        {
+            match ev.nodes.of(pod.node_name.as_deref()) {
+                Some(node) if !node.is_empty() => ips.extend(node.iter().copied()),
+                _ => {
+                    return Err(format!(
+                        "{spec} is a host-network pod: its addresses are its node's, and the cluster state has no Node {} to take them from (give an address of the node instead)",
+                        pod.node_name.as_deref().unwrap_or("(no spec.nodeName)")
+                    ));
+                }
+            }
+        }
         if let Some(ip) = ips
             .iter()
             .find(|ip| ip.is_ipv6() == prefer_v6)
