@@ -586,15 +586,7 @@ impl Controller {
             let (Some(first), false) = (allowlist.names.first(), allowed) else {
                 return Vec::new();
             };
-            let name = &flow.dst_domain;
-            let rule = match protocol {
-                Some(p) => format!(
-                    "{{domains: [{name}], ports: [{{port: {}, protocol: {}}}]}}",
-                    flow.port,
-                    p.as_str()
-                ),
-                None => format!("{{domains: [{name}]}}"),
-            };
+            let rule = crate::compile::explain::domain_entry(&flow.dst_domain, protocol, flow.port);
             let explanation = Explanation {
                 side: "egress",
                 pod: format!("{}/{}", pod.namespace, pod.name),
@@ -670,14 +662,7 @@ impl Controller {
             let fix = match record.dst_domain.as_deref().filter(|d| !d.is_empty()) {
                 Some(name) => Fix::Domain {
                     allowlist: first.clone(),
-                    rule: match protocol {
-                        Some(p) => format!(
-                            "{{domains: [{name}], ports: [{{port: {}, protocol: {}}}]}}",
-                            record.dst_port,
-                            p.as_str()
-                        ),
-                        None => format!("{{domains: [{name}]}}"),
-                    },
+                    rule: crate::compile::explain::domain_entry(name, protocol, record.dst_port),
                 },
                 None => Fix::ResolveName {
                     allowlist: first.clone(),

@@ -363,11 +363,10 @@ impl Evaluator {
         // nothing behind it would ever answer, whatever the policies say.
         if dst.pod.is_none()
             && let Some(frontend) = self.compiled.frontend_of_address(dst.ip)
-            && frontend
-                .port(proto, port)
-                .is_none_or(|p| p.backends.is_empty())
+            && let exposing = frontend.port(proto, port)
+            && exposing.is_none_or(|p| p.backends.is_empty())
         {
-            let exposed = if frontend.port(proto, port).is_some() {
+            let exposed = if exposing.is_some() {
                 Vec::new()
             } else {
                 frontend
@@ -396,13 +395,7 @@ impl Evaluator {
             let fix = match (&dst.domain, allowlist.names.first()) {
                 (Some(name), Some(first)) => explain::Fix::Domain {
                     allowlist: first.clone(),
-                    rule: match protocol {
-                        Some(p) => format!(
-                            "{{domains: [{name}], ports: [{{port: {port}, protocol: {}}}]}}",
-                            p.as_str()
-                        ),
-                        None => format!("{{domains: [{name}]}}"),
-                    },
+                    rule: explain::domain_entry(name, protocol, port),
                 },
                 (None, Some(first)) => explain::Fix::ResolveName {
                     allowlist: first.clone(),
@@ -440,19 +433,12 @@ impl Evaluator {
                         name: name.clone(),
                         workload: format!("{}/{}", pod.namespace, pod.workload),
                         policy: d.policies.first().cloned().unwrap_or_default(),
-                        rule: match protocol {
-                            Some(p) => format!(
-                                "{{domains: [{name}], ports: [{{port: {port}, protocol: {}}}]}}",
-                                p.as_str()
-                            ),
-                            None => format!("{{domains: [{name}]}}"),
-                        },
+                        rule: explain::domain_entry(name, protocol, port),
                     };
                 }
                 out.push(explanation);
             }
         }
-
         let denied = targets.iter().find_map(|(_, target, port)| {
             let pod = target.as_ref().and_then(pod_of)?;
             let d = self.decide(target.as_ref()?, DIR_INGRESS, src.ip, proto, *port)?;

@@ -67,6 +67,18 @@ pub enum Fix {
     ServicePort { exposed: Vec<String> },
 }
 
+/// The EgressAllowlist entry (flow-style YAML, an item of `spec.egress`) that allows `name`
+/// on `port` of `protocol`, or on everything for a protocol without ports (`None`).
+pub fn domain_entry(name: &str, protocol: Option<Protocol>, port: u16) -> String {
+    match protocol {
+        Some(p) => format!(
+            "{{domains: [{name}], ports: [{{port: {port}, protocol: {}}}]}}",
+            p.as_str()
+        ),
+        None => format!("{{domains: [{name}]}}"),
+    }
+}
+
 /// One denied side of a flow.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Explanation {

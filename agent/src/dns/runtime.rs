@@ -351,11 +351,9 @@ impl DnsRuntime {
             reinject_failed: self.reinject_failed,
         };
         if counters != self.kept {
-            let tmp = self.counters_path.with_extension("json.tmp");
             let written = serde_json::to_vec(&counters)
                 .map_err(std::io::Error::other)
-                .and_then(|bytes| std::fs::write(&tmp, bytes))
-                .and_then(|()| std::fs::rename(&tmp, &self.counters_path));
+                .and_then(|bytes| crate::admin::write_atomic(&self.counters_path, &bytes));
             match written {
                 Ok(()) => self.kept = counters,
                 Err(e) => warn!(error = %e, "could not keep the DNS counters"),

@@ -152,11 +152,9 @@ impl KeptState {
     /// Replaces `path` with this (written aside, then renamed over it); a failure is
     /// reported, not fatal.
     pub fn write(&self, path: &Path) {
-        let tmp = path.with_extension("json.tmp");
         let written = serde_json::to_vec(self)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, path));
+            .and_then(|bytes| crate::admin::write_atomic(path, &bytes));
         if let Err(e) = written {
             tracing::warn!(
                 "{}: cannot keep the last good objects ({e}); a restart would not know them",
