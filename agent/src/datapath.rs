@@ -156,6 +156,7 @@ impl Datapath {
             &maps.tc_routes(),
             &maps.cgroup_routes(),
         )?;
+        warn_of_other_tc_method(&attachments, options.tc_mode);
         let mut datapath = Datapath {
             ebpf,
             maps,
@@ -358,6 +359,32 @@ impl Datapath {
             path: pin_dir,
             source,
         })
+    }
+}
+
+/// Says so when an earlier agent attached workloads by another TC method than the
+/// `--tc-mode` asked for: they stay as they are (switching would mean a moment with both
+/// programs, counting packets twice, or with neither, enforcing nothing), and the mode
+/// applies to workloads attached from now on.
+fn warn_of_other_tc_method(attachments: &BTreeMap<u32, Attachment>, tc_mode: TcMode) {
+    let wanted = match tc_mode {
+        TcMode::Auto => return,
+        TcMode::Tcx => AttachMethod::Tcx,
+        TcMode::Clsact => AttachMethod::Clsact,
+    };
+    let other = attachments
+        .values()
+        .filter(|a| matches!(a.method, AttachMethod::Tcx | AttachMethod::Clsact))
+        .filter(|a| a.method != wanted)
+        .count();
+    if other > 0 {
+        warn!(
+            workloads = other,
+            tc_mode = wanted.as_str(),
+            "workloads an earlier agent attached by the other TC method stay attached as they \
+             are; --tc-mode applies to workloads attached from now on (restart with \
+             --reset-state to attach every workload anew)"
+        );
     }
 }
 

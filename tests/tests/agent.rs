@@ -2,6 +2,7 @@
 //! restarts that lose nothing, and a real Prometheus server scraping it.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -521,6 +522,10 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
 fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     let bank = bank("agent-stop");
     let mut agent = bank.start(&["--default-mode", "drop"]);
+    assert!(!bank.frontend_reaches_ledger());
+    bank.lab.settle();
+    let dropped_before = ledger_packets(&agent.metrics_text(), "ingress", "dropped");
+    assert!(dropped_before > 0.0);
     assert!(agent.stop().success());
     assert_eq!(our_links(&agent.bpffs), 8);
     assert!(!bank.frontend_reaches_ledger(), "still enforced");
@@ -573,7 +578,19 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     wait_for(Duration::from_secs(10), "re-attached", || {
         (our_links(&fresh.bpffs) == 8).then_some(())
     });
+    wait_for(Duration::from_secs(10), "four workloads", || {
+        (fresh.status()["workloads"].as_array()?.len() == 4).then_some(())
+    });
+    // The kernel counts from zero in the new pins; the exported counters continue.
+    let dropped = ledger_packets(&fresh.metrics_text(), "ingress", "dropped");
+    assert!(
+        dropped >= dropped_before,
+        "{dropped} after {dropped_before}"
+    );
     assert!(!bank.frontend_reaches_ledger());
+    bank.lab.settle();
+    let dropped_after = ledger_packets(&fresh.metrics_text(), "ingress", "dropped");
+    assert!(dropped_after > dropped, "{dropped_after} after {dropped}");
     assert!(fresh.stop().success());
     assert!(!fresh.bpffs.exists(), "pins removed");
     assert_eq!(bank.to_ledger(&bank.frontend, 1), 1, "no longer enforced");
@@ -1467,7 +1484,7 @@ fn the_graph_of_observed_traffic_has_exactly_its_edges_and_renders() {
 #[test]
 fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
     let bank = bank("series-idle");
-    let agent = bank.start(&["--max-flow-series", "4", "--flow-series-idle", "1s"]);
+    let mut agent = bank.start(&["--max-flow-series", "4", "--flow-series-idle", "1s"]);
     let ledger = bank.ledger.addr(false);
     let series = |m: &str, src: &str, verdict: &str, direction: &str| {
         sample(
@@ -1535,6 +1552,48 @@ fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
     bank.lab.settle();
     let m = agent.metrics_text();
     assert_eq!(series(&m, "pot-0", "allowed", "ingress"), Some(8.0), "{m}");
+
+    // Restarted with a lower limit: the largest series stay exported, the others wait,
+    // retired; back at the old limit, every series is there with its value.
+    let all_series = |m: &str| -> BTreeMap<String, f64> {
+        m.lines()
+            .filter_map(|l| l.strip_prefix("tollgate_flow_packets_total{"))
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(labels, v)| (labels.to_string(), v.parse().unwrap()))
+            .collect()
+    };
+    let before = all_series(&m);
+    assert_eq!(before.len(), 4, "{m}");
+    let mut largest: Vec<f64> = before.values().copied().collect();
+    largest.sort_by(|a, b| b.total_cmp(a));
+    assert!(agent.stop().success());
+    drop(agent);
+    let mut lowered = Agent::start(&bank.lab, &bank.dir, &["--max-flow-series", "2"]);
+    lowered.wait_ready();
+    let m = lowered.metrics_text();
+    let kept = all_series(&m);
+    let mut kept_values: Vec<f64> = kept.values().copied().collect();
+    kept_values.sort_by(|a, b| b.total_cmp(a));
+    assert_eq!(kept_values, largest[..2], "the two largest: {m}");
+    assert!(kept.iter().all(|(l, v)| before.get(l) == Some(v)), "{m}");
+    assert!(lowered.stop().success());
+    drop(lowered);
+    let mut raised = Agent::start(&bank.lab, &bank.dir, &["--max-flow-series", "4"]);
+    raised.wait_ready();
+    wait_for(Duration::from_secs(10), "four workloads", || {
+        (raised.status()["workloads"].as_array()?.len() == 4).then_some(())
+    });
+    assert_eq!(
+        traffic::udp(&bank.pot, ledger, 8080, 1, 64, PATIENT).echoed,
+        1
+    );
+    bank.lab.settle();
+    let m = raised.metrics_text();
+    assert_eq!(
+        series(&m, "pot-0", "allowed", "ingress"),
+        Some(10.0),
+        "a retired series continues from its value: {m}"
+    );
 }
 
 /// The observed-flow record behind `advise` and `graph` outlives the agent and ages out

@@ -22,14 +22,14 @@ use agent_common::{
     diag,
 };
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     admin::{self, DirectionCounters, FlowRow, Flows, Status, WorkloadStatus},
     compile::advise::{ObservedFlow, WORLD_ADDRESSES_KEPT},
     controller::View,
     flowlog::{FlowRecord, protocol_name},
-    maps::MapReaders,
+    maps::{MapReaders, WorkloadCounters},
     metrics::Snapshot,
 };
 
@@ -63,9 +63,53 @@ struct Persisted {
     /// Flow series given up for new ones, with their values (`Observer::retired`).
     #[serde(default)]
     retired_series: Vec<(Vec<String>, u64)>,
+    /// The kernel's id of the `COUNTERS` map the counts below were read from.
+    #[serde(default)]
+    counters_map_id: u32,
+    /// Per pod (NAMESPACE/POD), the kernel's counters as last read and what pins made
+    /// before them had counted: exported counters are their sum, so they never go back
+    /// when the pins are made anew.
+    #[serde(default)]
+    pod_counts: BTreeMap<String, CarriedCounts>,
+    /// The same for the datapath diagnostics, by `diag` index: (last read, carried).
+    #[serde(default)]
+    diag_counts: Vec<(u64, u64)>,
     /// Peer pairs seen, as agents before `observed.json` kept them (read, never written).
     #[serde(default, skip_serializing)]
     observed: Vec<ObservedFlow>,
+}
+
+/// Packets and bytes by direction and verdict, as `WorkloadCounters`.
+type Counts = [[[u64; 2]; agent_common::VERDICTS]; agent_common::DIRECTIONS];
+
+/// A pod's kernel counters as last read (`last`) and the counts of earlier pins (`carried`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct CarriedCounts {
+    last: Counts,
+    carried: Counts,
+}
+
+/// When the pins were made anew since the counts were persisted (another `COUNTERS` map),
+/// what the old ones had counted is carried: the kernel counts from zero again.
+fn carry_over_new_pins(persisted: &mut Persisted, counters_map_id: Option<u32>) {
+    let Some(id) = counters_map_id else {
+        return;
+    };
+    if persisted.counters_map_id != 0 && persisted.counters_map_id != id {
+        for counts in persisted.pod_counts.values_mut() {
+            let last = counts.last.iter_mut().flatten();
+            for (carried, last) in counts.carried.iter_mut().flatten().zip(last) {
+                carried[0] += last[0];
+                carried[1] += last[1];
+                *last = [0, 0];
+            }
+        }
+        for (last, carried) in &mut persisted.diag_counts {
+            *carried += std::mem::take(last);
+        }
+        info!("the datapath's counters were pinned anew: exported counters continue");
+    }
+    persisted.counters_map_id = id;
 }
 
 /// The budget of the observed-flow and workload records (`--record-retention`,
@@ -545,6 +589,8 @@ impl Observer {
             .store(persisted.flow_log_written, Ordering::Relaxed);
         log.lost.store(persisted.flow_log_lost, Ordering::Relaxed);
         let policy_errors = persisted.policy_errors;
+        let mut persisted = persisted;
+        carry_over_new_pins(&mut persisted, readers.counters_map_id());
         // Buckets live in the pinned maps across restarts: continue from what was last read
         // for the same pair, or from what the bucket holds now (never count twice).
         let remembered: HashMap<(u32, [u32; 7]), u64> = persisted
@@ -570,7 +616,7 @@ impl Observer {
             );
             bucket_of.insert(key, bucket);
         }
-        let observer = Observer {
+        let mut observer = Observer {
             buckets,
             bucket_of,
             readers,
@@ -606,7 +652,31 @@ impl Observer {
             occupancy: Occupancy::default(),
             log,
         };
+        observer.retire_beyond_limit();
         (observer, policy_errors)
+    }
+
+    /// Series restored from an agent with a higher `--max-flow-series`: the largest stay
+    /// exported, the rest are retired with their values (a series that comes back
+    /// continues from there).
+    fn retire_beyond_limit(&mut self) {
+        let excess = self.series.len().saturating_sub(self.max_flow_series);
+        if excess == 0 {
+            return;
+        }
+        let mut by_value: Vec<(Vec<String>, u64)> =
+            self.series.iter().map(|(l, v)| (l.clone(), *v)).collect();
+        by_value.sort_by_key(|(_, v)| *v);
+        for (labels, value) in by_value.into_iter().take(excess) {
+            self.series.remove(&labels);
+            self.series_grew.remove(&labels);
+            self.retire(labels, value);
+        }
+        info!(
+            retired = excess,
+            max_flow_series = self.max_flow_series,
+            "restored flow series beyond --max-flow-series retired"
+        );
     }
 
     /// Writes the observed-flow record if it changed, at most every
@@ -803,8 +873,9 @@ impl Observer {
         }
         let now = unix_now();
         let mut attached = std::collections::BTreeSet::new();
+        self.diagnostics();
         for w in &view.workloads {
-            let Ok(c) = self.readers.counters(w.slot) else {
+            let Some(c) = self.pod_counters(&w.namespace, &w.pod, w.slot) else {
                 continue;
             };
             let id = format!("{}/{}", w.namespace, w.pod);
@@ -838,6 +909,9 @@ impl Observer {
         }
         self.persisted
             .pod_would_drops
+            .retain(|id, _| attached.contains(id));
+        self.persisted
+            .pod_counts
             .retain(|id, _| attached.contains(id));
         let oldest = now.saturating_sub(self.limits.retention.as_secs());
         self.persisted
@@ -908,19 +982,26 @@ impl Observer {
         };
         self.series_grew.remove(&labels);
         if let Some(value) = self.series.remove(&labels) {
-            if self.retired.len() >= self.max_flow_series {
-                // Bounded too: the smallest go (their loss costs the least).
-                if let Some(smallest) = self
-                    .retired
-                    .iter()
-                    .min_by_key(|(_, v)| **v)
-                    .map(|(l, _)| l.clone())
-                {
-                    self.retired.remove(&smallest);
-                }
-            }
-            self.retired.insert(labels, value);
+            self.retire(labels, value);
         }
+    }
+
+    /// Keeps a series given up with its value, among at most `max_flow_series` retired
+    /// ones: when full, the smallest go (their loss costs the least).
+    fn retire(&mut self, labels: Vec<String>, value: u64) {
+        if self.retired.len() >= self.max_flow_series
+            && let Some(smallest) = self
+                .retired
+                .iter()
+                .min_by_key(|(_, v)| **v)
+                .map(|(l, _)| l.clone())
+        {
+            if self.retired[&smallest] > value {
+                return;
+            }
+            self.retired.remove(&smallest);
+        }
+        self.retired.insert(labels, value);
     }
 
     /// Adds packets of a flow series (labels in `SERIES_LABELS` order) to the observed-flow
@@ -1106,14 +1187,47 @@ impl Observer {
         Err(refusal)
     }
 
+    /// A pod's counters as exported: the kernel's, plus what pins made before them had
+    /// counted for the pod.
+    fn pod_counters(&mut self, namespace: &str, pod: &str, slot: u32) -> Option<WorkloadCounters> {
+        let mut c = self.readers.counters(slot).ok()?;
+        let counts = self
+            .persisted
+            .pod_counts
+            .entry(format!("{namespace}/{pod}"))
+            .or_default();
+        for (d, per_direction) in c.iter_mut().enumerate() {
+            for (v, counter) in per_direction.iter_mut().enumerate() {
+                counts.last[d][v] = [counter.packets, counter.bytes];
+                counter.packets += counts.carried[d][v][0];
+                counter.bytes += counts.carried[d][v][1];
+            }
+        }
+        Some(c)
+    }
+
+    /// The datapath diagnostics as exported: the kernel's plus what earlier pins counted.
+    fn diagnostics(&mut self) -> [u64; diag::COUNT as usize] {
+        let counts = &mut self.persisted.diag_counts;
+        counts.resize(diag::COUNT as usize, (0, 0));
+        let read = self.readers.diag().ok();
+        let mut out = [0u64; diag::COUNT as usize];
+        for (i, (last, carried)) in counts.iter_mut().enumerate() {
+            if let Some(d) = read {
+                *last = d[i];
+            }
+            out[i] = *last + *carried;
+        }
+        out
+    }
+
     /// Everything a scrape reports.
     pub fn metrics(&mut self, view: &View, log: &FlowLogStats, policy_errors: u64) -> Snapshot {
         self.poll(view);
-        self.persist(log, policy_errors);
         let mut s = Snapshot::default();
         for w in &view.workloads {
             let (ns, name) = (&w.namespace, &w.pod);
-            if let Ok(c) = self.readers.counters(w.slot) {
+            if let Some(c) = self.pod_counters(ns, name, w.slot) {
                 for (d, dir) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
                     for v in [VERDICT_ALLOWED, VERDICT_WOULD_DROP, VERDICT_DROPPED] {
                         let counter = c[d as usize][v as usize];
@@ -1197,7 +1311,7 @@ impl Observer {
         s.record_pairs = self.observed.len() as u64;
         s.record_capacity = self.limits.capacity as u64;
         s.record_refused = self.persisted.record_refused;
-        let d = self.readers.diag().unwrap_or([0; diag::COUNT as usize]);
+        let d = self.diagnostics();
         s.flow_log_written = log.written.load(Ordering::Relaxed);
         s.flow_log_rate_limited = d[diag::EVENT_RATE_LIMITED as usize];
         s.flow_log_lost = log.lost.load(Ordering::Relaxed) + d[diag::EVENT_LOST as usize];
@@ -1218,6 +1332,8 @@ impl Observer {
             }
         }
         s.diagnostics = diag::NAMES.iter().copied().zip(d).collect();
+        // After the reads: what was exported is what a restart continues from.
+        self.persist(log, policy_errors);
         s
     }
 
@@ -1229,8 +1345,10 @@ impl Observer {
             .workloads
             .iter()
             .map(|w| {
+                let c = self
+                    .pod_counters(&w.namespace, &w.pod, w.slot)
+                    .unwrap_or_default();
                 let record = self.record(&w.namespace, &w.workload);
-                let c = self.readers.counters(w.slot).unwrap_or_default();
                 let dir = |d: usize| DirectionCounters {
                     allowed: c[d][0].packets,
                     would_drop: c[d][1].packets,
@@ -1354,6 +1472,34 @@ mod tests {
             last_would_drop: 0,
             world_addresses: Vec::new(),
         }
+    }
+
+    /// Counts read from pins made anew (another map id) are carried; from the same pins, or
+    /// from pins never recorded, they are not.
+    #[test]
+    fn counts_of_pins_made_anew_are_carried_once() {
+        let mut persisted = Persisted::default();
+        let mut counts = CarriedCounts::default();
+        counts.last[0][1] = [7, 700];
+        persisted.pod_counts.insert("bank/ledger-0".into(), counts);
+        persisted.diag_counts = vec![(3, 0)];
+        carry_over_new_pins(&mut persisted, Some(11));
+        assert_eq!(persisted.pod_counts["bank/ledger-0"].carried[0][1], [0, 0]);
+        assert_eq!(persisted.counters_map_id, 11);
+        carry_over_new_pins(&mut persisted, Some(11));
+        assert_eq!(persisted.pod_counts["bank/ledger-0"].last[0][1], [7, 700]);
+        carry_over_new_pins(&mut persisted, Some(12));
+        let counts = &persisted.pod_counts["bank/ledger-0"];
+        assert_eq!(
+            (counts.carried[0][1], counts.last[0][1]),
+            ([7, 700], [0, 0])
+        );
+        assert_eq!(persisted.diag_counts, vec![(0, 3)]);
+        carry_over_new_pins(&mut persisted, None);
+        assert_eq!(
+            persisted.counters_map_id, 12,
+            "unreadable id: nothing changes"
+        );
     }
 
     /// Records `f` as `Observer::observe` does: room first, then the pair.

@@ -353,6 +353,15 @@ impl MapReaders {
         }
     }
 
+    /// The kernel's id of the pinned `COUNTERS` map: another id than before means the pins
+    /// were made anew (`--reset-state`, a reboot) and the kernel counts from zero.
+    pub fn counters_map_id(&self) -> Option<u32> {
+        aya::maps::IterableMap::map(&self.counters)
+            .info()
+            .ok()
+            .map(|i| i.id())
+    }
+
     /// Counters of a slot, summed over CPUs.
     pub fn counters(&self, slot: u32) -> Result<WorkloadCounters, MapsError> {
         let mut out = [[Counter::default(); VERDICTS]; DIRECTIONS];
