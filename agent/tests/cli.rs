@@ -763,6 +763,13 @@ x/hn y/r 9090/tcp
         r[4]["egress"], "denied",
         "hn to another node's pod, at hn's egress"
     );
+    // Rules take a host-network peer by its node's address (an ipBlock), never by labels.
+    let fix = r[4]["explanations"][1]["fix"]["rule"].as_str().unwrap();
+    assert_eq!(r[4]["explanations"][1]["pod"], "y/r");
+    assert_eq!(
+        fix, "{from: [{ipBlock: {cidr: 10.250.0.1/32}}], ports: [{protocol: TCP, port: 9090}]}",
+        "{r:#?}"
+    );
     // Without its Node object, the pod has no address to check from: said so.
     let no_node = HOST_NETWORK.replacen("kind: Node\n", "kind: ConfigMap\n", 1);
     let (code, _, err) = check_with(&no_node, &["-o", "json"], "x/hn y/b 9090/tcp\n");

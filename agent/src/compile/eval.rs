@@ -337,9 +337,10 @@ impl Evaluator {
         port: u16,
     ) -> Vec<Explanation> {
         let pod_of = |key: &PodKey| self.state.pods.get(key);
+        // A host-network pod's address is its node's: rules take it by ipBlock only.
         let peer_of = |ep_pod: &Option<PodKey>, ip: IpAddr| match ep_pod.as_ref().and_then(pod_of) {
-            Some(p) => explain::Peer::Pod(p),
-            None => explain::Peer::Address(ip),
+            Some(p) if !p.host_network => explain::Peer::Pod(p),
+            _ => explain::Peer::Address(ip),
         };
         let frontend = match dst.pod {
             Some(_) => None,

@@ -496,7 +496,62 @@ pub fn workload_name(pod: &Pod, pod_name: &str) -> String {
     }
 }
 
+/// A label key as the API server takes it: an optional DNS-subdomain prefix and `/`, then
+/// a name of at most 63 characters, alphanumeric at both ends, `-`, `_` or `.` inside.
+fn label_key_error(key: &str) -> Option<String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if prefix.len() > 253 || !prefix.split('.').all(label_ok) {
+            return Some(format!(
+                "{key:?}: the prefix must be a DNS subdomain (lowercase alphanumerics, '-' and '.')"
+            ));
+        }
+    }
+    if name.is_empty() {
+        return Some(format!("{key:?}: the name part must not be empty"));
+    }
+    label_value_error(name).map(|why| format!("{key:?}: the name part {why}"))
+}
+
+/// Why a label value is not one the API server takes (at most 63 characters, empty or
+/// alphanumeric at both ends with `-`, `_` or `.` inside), if it is not.
+fn label_value_error(value: &str) -> Option<&'static str> {
+    let inner = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    let bytes = value.as_bytes();
+    if value.len() > 63 {
+        Some("must be at most 63 characters")
+    } else if !bytes.iter().all(|b| inner(*b))
+        || bytes.first().is_some_and(|b| !b.is_ascii_alphanumeric())
+        || bytes.last().is_some_and(|b| !b.is_ascii_alphanumeric())
+    {
+        Some("must be alphanumeric at both ends, with only '-', '_' or '.' inside")
+    } else {
+        None
+    }
+}
+
 fn selector(s: &LabelSelector, at: &str) -> Result<Selector> {
+    for (key, value) in s.match_labels.iter().flatten() {
+        if let Some(why) = label_key_error(key) {
+            return Err(format!("{at}.matchLabels: invalid label key {why}"));
+        }
+        if let Some(why) = label_value_error(value) {
+            return Err(format!(
+                "{at}.matchLabels[{key}]: invalid label value {value:?}: {why}"
+            ));
+        }
+    }
     let mut out = Selector {
         match_labels: s
             .match_labels
@@ -531,6 +586,16 @@ fn selector(s: &LabelSelector, at: &str) -> Result<Selector> {
         }
         if e.key.is_empty() {
             return Err(format!("{at}.key: must not be empty"));
+        }
+        if let Some(why) = label_key_error(&e.key) {
+            return Err(format!("{at}.key: invalid label key {why}"));
+        }
+        for (j, value) in e.values.iter().flatten().enumerate() {
+            if let Some(why) = label_value_error(value) {
+                return Err(format!(
+                    "{at}.values[{j}]: invalid label value {value:?}: {why}"
+                ));
+            }
         }
         out.expressions.push(Requirement {
             key: e.key.clone(),

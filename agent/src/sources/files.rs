@@ -267,8 +267,12 @@ fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
 fn typed<K: serde::de::DeserializeOwned + ToObject>(
     value: Value,
 ) -> Result<Option<Object>, String> {
-    serde_norway::from_value::<K>(value)
-        .map_err(|e| e.to_string())
+    serde_path_to_error::deserialize::<_, K>(value)
+        .map_err(|e| match e.path().to_string() {
+            // The field at fault first, as the other errors name theirs.
+            path if path != "." => format!("{path}: {}", e.inner()),
+            _ => e.inner().to_string(),
+        })
         .and_then(|k| k.to_object())
 }
 
@@ -798,6 +802,26 @@ mod tests {
             (
                 "  podSelector: {}\n  ingress: [{ports: [{port: [1]}]}]",
                 "t.yaml",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: 80, endPort: '90'}]}]",
+                "spec.ingress[0].ports[0].endPort: invalid type: string \"90\"",
+            ),
+            (
+                "  podSelector: {matchLabels: {'-bad key': a}}",
+                "spec.podSelector.matchLabels: invalid label key \"-bad key\"",
+            ),
+            (
+                "  podSelector: {matchLabels: {app: 'a b'}}",
+                "invalid label value \"a b\"",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{from: [{podSelector: {matchExpressions: [{key: app, operator: In, values: ['not valid!']}]}}]}]",
+                "spec.ingress[0].from[0].podSelector.matchExpressions[0].values[0]: invalid label value",
+            ),
+            (
+                "  podSelector: {matchExpressions: [{key: 'Example.com/app', operator: Exists}]}",
+                "the prefix must be a DNS subdomain",
             ),
             ("  ingress: []", "podSelector is missing"),
             (
