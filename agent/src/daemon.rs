@@ -880,6 +880,12 @@ async fn flow_log(
         tokio::io::unix::AsyncFd::register_with_interest(reader, tokio::io::Interest::READABLE)
     }
     .map_err(|e| anyhow::anyhow!("register the event ring buffer: {e}"))?;
+    // Events the kernel wrote while no agent ran name slots and identities that only the
+    // first reconcile names: they wait for it in the ring (10 s at most).
+    let started = std::time::Instant::now();
+    while !shared.view().ready && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     loop {
         let mut guard = async_fd.readable_mut().await?;
         let events = guard.get_inner_mut().drain();

@@ -208,10 +208,12 @@ fn rightful_owner(
 
 impl Reconciler {
     pub fn new(datapath: Datapath, options: ReconcilerOptions) -> Self {
+        let mut allocator = IdentityAllocator::default();
+        allocator.seed(datapath.maps.pinned_identities());
         Reconciler {
             datapath,
             options,
-            allocator: IdentityAllocator::default(),
+            allocator,
             cache: CompileCache::default(),
             workloads: BTreeMap::new(),
             identities: WrittenIdentities::default(),
@@ -487,6 +489,7 @@ impl Reconciler {
             &options,
             &mut self.cache,
         );
+        self.allocator.forget_previous();
         let mut mode_sources = BTreeMap::new();
         for (key, p) in compiled.pods.iter_mut() {
             let source = match self.overrides.mode_for(&state.pods[key]) {

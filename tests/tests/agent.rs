@@ -450,6 +450,17 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
         attached_before.iter().all(|(_, progs)| progs.len() == 1),
         "{attached_before:?}"
     );
+    // A pod of another node joins in a namespace that sorts first, as in a live cluster:
+    // this agent numbers its identity last, a new agent compiling the whole state at once
+    // would number it first, and every identity after it otherwise.
+    let policies = agent.status()["policies"].as_u64().unwrap();
+    bank.write_state(
+        &agent,
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: early-0, namespace: aaa, labels: {app: early}}\nspec: {nodeName: elsewhere, containers: [{name: c, image: i}]}\nstatus: {phase: Running, podIPs: [{ip: 10.1.9.9}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: quiet, namespace: aaa}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n",
+    );
+    wait_for(Duration::from_secs(10), "the new pod compiled", || {
+        (agent.status()["policies"].as_u64()? == policies + 1).then_some(())
+    });
 
     let (stream, during) = std::thread::scope(|s| {
         // A steady allowed stream (each datagram waits for its echo) across the kill.
@@ -515,6 +526,49 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
     // Exact: every datagram of the stream, before, during and after the kill.
     assert_eq!(ledger_packets(&after, "ingress", "allowed"), 2500.0);
     assert_eq!(ledger_packets(&after, "ingress", "dropped"), 2.0);
+    // And so are the peer pairs: what the kernel counted while no agent ran is named by
+    // the identities it was counted under (both directions of each flow count).
+    let at_ledger: Vec<(String, f64)> = after
+        .lines()
+        .filter(|l| {
+            l.starts_with("tollgate_flow_packets_total{")
+                && l.contains("direction=\"ingress\"")
+                && l.contains("dst_workload=\"ledger\"")
+        })
+        .map(|l| {
+            let (series, v) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), v.parse().unwrap())
+        })
+        .collect();
+    let from = |src: &str, verdict: &str| {
+        at_ledger
+            .iter()
+            .filter(|(l, _)| {
+                l.contains(&format!("src_workload=\"{src}\""))
+                    && l.contains(&format!("verdict=\"{verdict}\""))
+            })
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    assert_eq!(from("pot-0", "allowed"), 5000.0, "{at_ledger:#?}");
+    assert_eq!(from("frontend-0", "dropped"), 2.0, "{at_ledger:#?}");
+    assert_eq!(at_ledger.len(), 2, "no other peer: {at_ledger:#?}");
+    // The flow log names the pods of the drops made while no agent ran.
+    wait_for(Duration::from_secs(5), "the outage's drops logged", || {
+        let records = agent.flow_records();
+        let dropped: Vec<_> = records
+            .iter()
+            .filter(|r| r["verdict"] == "dropped" && r["dst"]["pod"] == LEDGER_POD)
+            .collect();
+        (!dropped.is_empty()).then_some(())?;
+        assert!(
+            dropped
+                .iter()
+                .all(|r| r["src"]["workload"] == "frontend-0" && r["node"] != ""),
+            "{dropped:#?}"
+        );
+        Some(())
+    });
     assert!(agent.stop().success());
 }
 

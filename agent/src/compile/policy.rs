@@ -38,24 +38,71 @@ pub struct IdentityAllocator {
     ids: BTreeMap<String, BTreeMap<Labels, u32>>,
     next: u32,
     services: ServiceIdentities,
+    /// The numbers an earlier agent gave pod addresses (`seed`), until the first compile
+    /// has taken them up.
+    previous: BTreeMap<IpAddr, u32>,
+    /// Numbers taken from `previous` (a second pod of the same address cannot take one).
+    taken: BTreeSet<u32>,
 }
 
 impl IdentityAllocator {
     /// The identity of (namespace, labels), allocated on first use.
     pub fn get(&mut self, namespace: &str, labels: &Labels) -> u32 {
+        self.get_for(namespace, labels, &[])
+    }
+
+    /// Like `get`, for a pod with `addresses`: a new (namespace, labels) takes the number an
+    /// earlier agent gave one of them, if another has not taken it already.
+    pub fn get_for(&mut self, namespace: &str, labels: &Labels, addresses: &[IpAddr]) -> u32 {
         if self.next < IDENTITY_FIRST_WORKLOAD {
             self.next = IDENTITY_FIRST_WORKLOAD;
         }
         if let Some(id) = self.ids.get(namespace).and_then(|m| m.get(labels)) {
             return *id;
         }
-        let id = self.next;
-        self.next += 1;
+        let previous = addresses
+            .iter()
+            .filter_map(|ip| self.previous.get(ip))
+            .find(|id| !self.taken.contains(*id))
+            .copied();
+        let id = match previous {
+            Some(id) => {
+                self.taken.insert(id);
+                id
+            }
+            None => {
+                self.next += 1;
+                self.next - 1
+            }
+        };
         self.ids
             .entry(namespace.to_string())
             .or_default()
             .insert(labels.clone(), id);
         id
+    }
+
+    /// Takes up the identities an earlier agent left in the maps, by address, so that the
+    /// first compile gives unchanged pods and Services the numbers they had: the kernel
+    /// counted and tracked flows by them while no agent ran, and keeps them after. New
+    /// numbers come after every earlier one (never reused).
+    pub fn seed(&mut self, previous: BTreeMap<IpAddr, u32>) {
+        let (services, pods): (BTreeMap<IpAddr, u32>, BTreeMap<IpAddr, u32>) = previous
+            .into_iter()
+            .filter(|(_, id)| *id >= IDENTITY_FIRST_WORKLOAD)
+            .partition(|(_, id)| agent_common::is_service_identity(*id));
+        if let Some(max) = pods.values().max() {
+            self.next = self.next.max(IDENTITY_FIRST_WORKLOAD).max(max + 1);
+        }
+        self.previous = pods;
+        self.services.seed(services);
+    }
+
+    /// After the first compile: numbers of the earlier agent not taken up are never given.
+    pub fn forget_previous(&mut self) {
+        self.previous.clear();
+        self.taken.clear();
+        self.services.forget_previous();
     }
 
     /// Forgets (namespace, labels) once no pod has them; the number is never reused.
@@ -256,9 +303,10 @@ pub fn mode_and_source(
         None => (options.default_mode, "default"),
     };
     // The pod's own annotation is the source whenever it holds (the same mode as its
-    // namespace or default included), as the precedence goes: pod before namespace.
+    // namespace or default included), as the precedence goes: pod before namespace. A
+    // `log` annotation holds only with `--pod-mode-annotations=any`: otherwise it is
+    // ignored, whatever mode its namespace gives.
     match parse(pod.annotations.get(MODE_ANNOTATION)) {
-        Some(m) if m == base.0 => (m, "pod"),
         Some(Mode::Drop) => (Mode::Drop, "pod"),
         Some(Mode::Log) if options.pod_mode_annotations == PodModeAnnotations::Any => {
             (Mode::Log, "pod")
@@ -875,7 +923,7 @@ impl IdentityPart {
         allocator: &mut IdentityAllocator,
         nets: &mut BTreeSet<IpNet>,
     ) {
-        let id = allocator.get(&pod.namespace, &pod.labels);
+        let id = allocator.get_for(&pod.namespace, &pod.labels, &pod.ips);
         self.pod_identity.insert(key.clone(), id);
         *self.members.entry(id).or_default() += 1;
         let info = self.identities.entry(id).or_insert_with(|| IdentityInfo {
@@ -1632,6 +1680,47 @@ mod tests {
 
     use crate::sources::{Kind, Object, ObjectKey, files::parse_file, store::Store};
 
+    /// A new agent gives pods the numbers the pinned maps hold for their addresses, each
+    /// once; new identities come after every pinned one, also once the hints are gone.
+    #[test]
+    fn identities_keep_the_numbers_pinned_for_their_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let labels = |app: &str| -> Labels { [("app".to_string(), app.to_string())].into() };
+        let mut allocator = IdentityAllocator::default();
+        allocator.seed(
+            [
+                (ip("10.0.0.1"), 300),
+                (ip("10.0.0.2"), 301),
+                (ip("10.96.0.1"), agent_common::IDENTITY_SERVICE_BASE + 5),
+                (ip("10.250.0.1"), agent_common::IDENTITY_HOST),
+            ]
+            .into(),
+        );
+        assert_eq!(
+            allocator.get_for("b", &labels("two"), &[ip("10.0.0.2")]),
+            301
+        );
+        assert_eq!(
+            allocator.get_for("a", &labels("one"), &[ip("10.0.0.1")]),
+            300
+        );
+        assert_eq!(
+            allocator.get_for("a", &labels("one"), &[ip("10.0.0.9")]),
+            300
+        );
+        assert_eq!(
+            allocator.get_for("c", &labels("new"), &[ip("10.0.0.3")]),
+            302
+        );
+        assert_eq!(
+            allocator.get_for("a", &labels("relabelled"), &[ip("10.0.0.1")]),
+            303,
+            "300 is taken"
+        );
+        allocator.forget_previous();
+        assert_eq!(allocator.get_for("d", &labels("x"), &[ip("10.0.0.2")]), 304);
+    }
+
     /// A small random number generator: the same cluster and changes every run.
     struct Rng(u64);
 
@@ -1963,8 +2052,7 @@ mod tests {
     }
 
     /// The pod's own annotation is the mode's source whenever it holds, the same mode as
-    /// its namespace included; one that would loosen the namespace's holds only with
-    /// `PodModeAnnotations::Any`.
+    /// its namespace included; a `log` one holds only with `PodModeAnnotations::Any`.
     #[test]
     fn a_pods_annotation_is_the_source_whenever_it_holds() {
         let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: strict, annotations: {tollgate.io/mode: drop}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n";
@@ -1981,7 +2069,10 @@ mod tests {
             + &pod("strict", "same", Some("drop"))
             + &pod("strict", "looser", Some("log"))
             + &pod("strict", "none", None)
-            + &pod("plain", "default-too", Some("drop"));
+            + &pod("plain", "default-too", Some("drop"))
+            + &pod("lenient", "log-too", Some("log"));
+        let yaml = yaml
+            + "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: lenient, annotations: {tollgate.io/mode: log}}\n";
         let state = store_of(&yaml).into_state();
         let source = |name: &str, annotations: PodModeAnnotations| {
             let options = CompileOptions {
@@ -2003,5 +2094,11 @@ mod tests {
             ("drop", "namespace")
         );
         assert_eq!(source("looser", PodModeAnnotations::Any), ("log", "pod"));
+        // A `log` annotation is ignored without `Any`, even where it agrees.
+        assert_eq!(
+            source("log-too", PodModeAnnotations::Stricter),
+            ("log", "namespace")
+        );
+        assert_eq!(source("log-too", PodModeAnnotations::Any), ("log", "pod"));
     }
 }

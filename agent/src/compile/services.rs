@@ -74,18 +74,43 @@ impl Frontend {
 pub struct ServiceIdentities {
     ids: BTreeMap<(String, String, bool), u32>,
     next: u32,
+    /// The numbers an earlier agent gave Service addresses (`seed`), taken again by the
+    /// Services that still have them.
+    previous: BTreeMap<IpAddr, u32>,
 }
 
 impl ServiceIdentities {
-    fn get(&mut self, service: &ServiceInfo, v6: bool) -> u32 {
+    fn get(&mut self, service: &ServiceInfo, addresses: &[IpAddr], v6: bool) -> u32 {
         let key = (service.namespace.clone(), service.name.clone(), v6);
         if let Some(id) = self.ids.get(&key) {
             return *id;
         }
-        let id = agent_common::IDENTITY_SERVICE_BASE + self.next;
-        self.next += 1;
+        let taken = |id: &u32| self.ids.values().any(|i| i == id);
+        let previous = addresses
+            .iter()
+            .filter_map(|ip| self.previous.get(ip))
+            .find(|id| !taken(id))
+            .copied();
+        let id = previous.unwrap_or_else(|| {
+            self.next += 1;
+            agent_common::IDENTITY_SERVICE_BASE + self.next - 1
+        });
         self.ids.insert(key, id);
         id
+    }
+
+    /// Takes up the Service identities an earlier agent left in the maps (by address), so
+    /// what it counted and tracked keeps its meaning; new ones are numbered after them.
+    pub(crate) fn seed(&mut self, previous: BTreeMap<IpAddr, u32>) {
+        if let Some(max) = previous.values().max() {
+            self.next = self.next.max(max + 1 - agent_common::IDENTITY_SERVICE_BASE);
+        }
+        self.previous = previous;
+    }
+
+    /// The first compile is done: the earlier agent's numbers are all taken up or gone.
+    pub(crate) fn forget_previous(&mut self) {
+        self.previous.clear();
     }
 
     pub(crate) fn retain(&mut self, used: &BTreeSet<u32>) {
@@ -159,7 +184,7 @@ pub fn service_frontends(
         if addresses.is_empty() {
             continue;
         }
-        let identity = ids.get(svc, v6);
+        let identity = ids.get(svc, &addresses, v6);
         let ports = svc
             .ports
             .iter()

@@ -728,6 +728,12 @@ impl Observer {
     /// lookups instead of a hash lookup; both places are read and their deltas added, so a
     /// pair moving between them loses nothing.
     pub fn poll(&mut self, view: &View) {
+        // Before the first reconcile the view is empty: nothing to learn, nothing to forget.
+        // What the kernel counted meanwhile (while no agent ran, too) is read once the slots
+        // and identities have names, never consumed without them.
+        if !view.ready {
+            return;
+        }
         let slots: HashMap<u32, (&str, &str)> = view
             .workloads
             .iter()
@@ -867,10 +873,6 @@ impl Observer {
         self.file_world_addresses(&slots);
         // Would-drops per pod and workload, for `status`, the safe-to-flip check and the
         // last-would-drop gauge.
-        // Before the first reconcile the view is empty: nothing to learn, nothing to forget.
-        if !view.ready {
-            return;
-        }
         let now = unix_now();
         let mut attached = std::collections::BTreeSet::new();
         self.diagnostics();

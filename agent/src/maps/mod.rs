@@ -1267,6 +1267,35 @@ impl DatapathMaps {
         Ok(out)
     }
 
+    /// The identities of single addresses as pinned (by an earlier agent): empty when they
+    /// cannot be read.
+    pub fn pinned_identities(&self) -> BTreeMap<IpAddr, u32> {
+        let entries = match self.identities() {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(error = %e, "pinned identities unreadable; numbering anew");
+                return BTreeMap::new();
+            }
+        };
+        entries
+            .into_iter()
+            .filter_map(|(LpmKeyOrd(prefix, addr), id)| {
+                let ip = match (
+                    addr.family,
+                    prefix.checked_sub(agent_common::LPM_ADDR_FIXED_BITS)?,
+                ) {
+                    (f, 32) if f == agent_common::FAMILY_IPV4 as u32 => {
+                        let b: [u8; 4] = addr.addr[..4].try_into().ok()?;
+                        IpAddr::from(b)
+                    }
+                    (f, 128) if f == agent_common::FAMILY_IPV6 as u32 => IpAddr::from(addr.addr),
+                    _ => return None,
+                };
+                Some((ip, id))
+            })
+            .collect()
+    }
+
     /// Routes packets of a host-side interface to a slot.
     pub fn set_tc_slot(&mut self, ifindex: u32, slot: u32) -> Result<(), MapsError> {
         self.r

@@ -434,6 +434,9 @@ impl FileSource {
         let mut new_stamps = BTreeMap::new();
         // Documents of the objects parsed good in this load (kept kinds only).
         let mut fresh_documents: BTreeMap<ObjectKey, KeptDocument> = BTreeMap::new();
+        // The object errors of files that cannot be read now: not reported while the file
+        // hides them, not counted again when it shows them unchanged.
+        let mut hidden: BTreeSet<ErrorId> = BTreeSet::new();
         for file in files {
             // A file whose content did not change since the last load keeps what it gave
             // then, errors included: only changed files are parsed and validated again. The
@@ -507,6 +510,12 @@ impl FileSource {
                     good
                 }
                 Err(reason) => {
+                    hidden.extend(
+                        self.previous_errors
+                            .iter()
+                            .filter(|(object, f, _)| object.is_some() && *f == file)
+                            .cloned(),
+                    );
                     // What the previous load took from the file, else what an earlier
                     // process kept of it.
                     let last = self.last_good_files.get(&file).cloned().or_else(|| {
@@ -586,7 +595,7 @@ impl FileSource {
         state.services_version = Some(services_version);
         // Rebuilt from scratch: readers compare, they do not replay.
         state.changes = Default::default();
-        let current: BTreeSet<ErrorId> = errors.iter().map(error_id).collect();
+        let current: BTreeSet<ErrorId> = errors.iter().map(error_id).chain(hidden).collect();
         let new_errors = errors
             .iter()
             .filter(|e| !self.previous_errors.contains(&error_id(e)))
@@ -953,12 +962,10 @@ mod tests {
         source.load();
         assert!(!source.changed());
 
-        std::fs::write(
-            &file,
-            good.replace("port: 80", "port: 99999")
-                .replace("name: x}\n", "name: x, labels: {a: b}}\n"),
-        )
-        .unwrap();
+        let broken = good
+            .replace("port: 80", "port: 99999")
+            .replace("name: x}\n", "name: x, labels: {a: b}}\n");
+        std::fs::write(&file, &broken).unwrap();
         let second = source.load();
         assert_eq!(second.errors.len(), 1);
         assert!(second.errors[0].kept_last_good);
@@ -992,6 +999,12 @@ mod tests {
             "a broken file keeps its last good objects"
         );
         assert_eq!(fourth.state.policies.len(), 1);
+        assert_eq!(fourth.new_errors.len(), 1, "the file's own error");
+        // The same broken policy again: its error stood all along, hidden by the file's.
+        std::fs::write(&file, &broken).unwrap();
+        let fifth = source.load();
+        assert_eq!(fifth.errors.len(), 1);
+        assert!(fifth.new_errors.is_empty(), "{:?}", fifth.new_errors);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
