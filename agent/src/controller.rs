@@ -210,7 +210,7 @@ pub struct Controller {
     view: watch::Sender<Arc<View>>,
     /// `tollgate_policy_errors_total`, shared with the metrics.
     pub policy_errors: Arc<AtomicU64>,
-    sync_seconds: prometheus_client::metrics::histogram::Histogram,
+    sync_seconds: crate::metrics::SyncHistogram,
     last_sync: Instant,
     pending_errors: bool,
     reconciled: bool,
@@ -229,7 +229,7 @@ impl Controller {
         source: Box<dyn Source>,
         options: ControllerOptions,
         view: watch::Sender<Arc<View>>,
-        sync_seconds: prometheus_client::metrics::histogram::Histogram,
+        sync_seconds: crate::metrics::SyncHistogram,
         policy_errors: Arc<AtomicU64>,
     ) -> Controller {
         let cluster_overrides = load_cluster_overrides(&options.state_dir);

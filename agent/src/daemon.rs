@@ -269,9 +269,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         observer.occupancy.clone(),
         options.conntrack_census_interval,
     ));
-    let sync_seconds = prometheus_client::metrics::histogram::Histogram::new(
-        prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
-    );
+    let sync_seconds = crate::metrics::SyncHistogram::continued_from(Some(
+        options.state_dir.join("sync-histogram.json"),
+    ));
     let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
     let mut controller = Controller::new(
         rec,

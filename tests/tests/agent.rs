@@ -511,9 +511,20 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
     bank.lab.settle();
     let after = agent.metrics_text();
     // Every counter series continued from where it was.
-    for line in during.lines().filter(|l| {
-        l.starts_with("tollgate_packets_total") || l.starts_with("tollgate_flow_packets_total")
-    }) {
+    let counters = [
+        "tollgate_packets_total",
+        "tollgate_bytes_total",
+        "tollgate_flow_packets_total",
+        "tollgate_policy_sync_seconds_count",
+        "tollgate_policy_sync_seconds_bucket",
+        "tollgate_flow_log_events_total",
+        "tollgate_policy_errors_total",
+        "tollgate_datapath_diagnostics_total",
+    ];
+    for line in during
+        .lines()
+        .filter(|l| counters.iter().any(|c| l.starts_with(c)))
+    {
         let (series, v) = line.rsplit_once(' ').unwrap();
         let before: f64 = v.parse().unwrap();
         let now = after

@@ -344,3 +344,81 @@ impl Snapshot {
         Ok(())
     }
 }
+
+/// `tollgate_policy_sync_seconds`: a histogram whose counts continue across restarts, kept
+/// in a file of the state directory after every observation (a few hundred bytes).
+#[derive(Clone, Debug)]
+pub struct SyncHistogram {
+    counts: std::sync::Arc<std::sync::Mutex<HistogramCounts>>,
+    file: Option<std::path::PathBuf>,
+}
+
+/// Sum, count and per-bucket counts (not cumulative) of `SyncHistogram::BOUNDS`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct HistogramCounts {
+    sum: f64,
+    count: u64,
+    buckets: Vec<u64>,
+}
+
+impl SyncHistogram {
+    /// Upper bounds: 0.5 ms doubling to 16 s, then +Inf.
+    fn bounds() -> Vec<f64> {
+        prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16)
+            .chain(std::iter::once(f64::INFINITY))
+            .collect()
+    }
+
+    /// Continues the counts kept in `file` (from zero when there are none, or they do not
+    /// fit these buckets).
+    pub fn continued_from(file: Option<std::path::PathBuf>) -> SyncHistogram {
+        let buckets = Self::bounds().len();
+        let counts = file
+            .as_ref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|data| serde_json::from_slice::<HistogramCounts>(&data).ok())
+            .filter(|c| c.buckets.len() == buckets)
+            .unwrap_or_else(|| HistogramCounts {
+                buckets: vec![0; buckets],
+                ..HistogramCounts::default()
+            });
+        SyncHistogram {
+            counts: std::sync::Arc::new(std::sync::Mutex::new(counts)),
+            file,
+        }
+    }
+
+    /// Counts one sync of `seconds`, and keeps the counts.
+    pub fn observe(&self, seconds: f64) {
+        let data = {
+            let mut c = self.counts.lock().expect("histogram");
+            c.sum += seconds;
+            c.count += 1;
+            let bucket = Self::bounds()
+                .iter()
+                .position(|bound| seconds <= *bound)
+                .unwrap_or(c.buckets.len() - 1);
+            c.buckets[bucket] += 1;
+            serde_json::to_vec(&*c).expect("serializable")
+        };
+        if let Some(file) = &self.file
+            && let Err(e) = crate::admin::write_atomic(file, &data)
+        {
+            tracing::warn!(error = %e, "could not keep the sync-time histogram");
+        }
+    }
+}
+
+impl EncodeMetric for SyncHistogram {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> std::fmt::Result {
+        let c = self.counts.lock().expect("histogram").clone();
+        let buckets: Vec<(f64, u64)> = Self::bounds().into_iter().zip(c.buckets).collect();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            c.sum, c.count, &buckets, None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
