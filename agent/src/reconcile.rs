@@ -24,7 +24,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::{
     Datapath, DatapathError,
@@ -710,14 +710,25 @@ impl Reconciler {
         self.compiled = compiled;
         report.entries_written = self.datapath.maps.stats.written - stats_before.written;
         report.entries_removed = self.datapath.maps.stats.removed - stats_before.removed;
-        info!(
-            attached = report.attached.len(),
-            detached = report.detached.len(),
-            updated = report.updated.len(),
-            written = report.entries_written,
-            removed = report.entries_removed,
-            "reconciled"
-        );
+        // A reconcile that changed nothing (a retry of a refused attachment, every poll) is
+        // not news.
+        let changed = !report.attached.is_empty()
+            || !report.detached.is_empty()
+            || !report.updated.is_empty()
+            || report.entries_written > 0
+            || report.entries_removed > 0;
+        if changed {
+            info!(
+                attached = report.attached.len(),
+                detached = report.detached.len(),
+                updated = report.updated.len(),
+                written = report.entries_written,
+                removed = report.entries_removed,
+                "reconciled"
+            );
+        } else {
+            debug!("reconciled: nothing changed");
+        }
         Ok(report)
     }
 
