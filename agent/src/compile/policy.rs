@@ -87,9 +87,14 @@ impl IdentityAllocator {
     /// counted and tracked flows by them while no agent ran, and keeps them after. New
     /// numbers come after every earlier one (never reused).
     pub fn seed(&mut self, previous: BTreeMap<IpAddr, u32>) {
+        // Only the two ranges this allocator hands out (not `host`, nor anything else).
         let (services, pods): (BTreeMap<IpAddr, u32>, BTreeMap<IpAddr, u32>) = previous
             .into_iter()
-            .filter(|(_, id)| *id >= IDENTITY_FIRST_WORKLOAD)
+            .filter(|(_, id)| {
+                *id >= IDENTITY_FIRST_WORKLOAD
+                    && (*id < agent_common::IDENTITY_SERVICE_BASE
+                        || agent_common::is_service_identity(*id))
+            })
             .partition(|(_, id)| agent_common::is_service_identity(*id));
         if let Some(max) = pods.values().max() {
             self.next = self.next.max(IDENTITY_FIRST_WORKLOAD).max(max + 1);
@@ -1693,6 +1698,7 @@ mod tests {
                 (ip("10.0.0.2"), 301),
                 (ip("10.96.0.1"), agent_common::IDENTITY_SERVICE_BASE + 5),
                 (ip("10.250.0.1"), agent_common::IDENTITY_HOST),
+                (ip("10.9.9.9"), agent_common::PEER_CIDR_SET_BASE + 1),
             ]
             .into(),
         );
