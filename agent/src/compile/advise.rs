@@ -391,6 +391,9 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         Style::Labels => {
             // One identical ingress policy per destination; callers carry its label.
             let mut callers: BTreeMap<(String, String), BTreeSet<(String, u16)>> = BTreeMap::new();
+            // Callers from outside the cluster carry no label: an ipBlock rule keeps them.
+            let mut world_callers: BTreeMap<(String, String), BTreeSet<(String, u16)>> =
+                BTreeMap::new();
             let mut yaml = String::new();
             let mut policies = Vec::new();
             for (((sns, swl), (dns, dwl)), ports) in &edges {
@@ -401,6 +404,13 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                         advice.notes.push(format!(
                             "left out (--style labels covers destinations in the cluster): {sns}/{swl} -> world"
                         ));
+                    } else if (sns.as_str(), swl.as_str()) == ("world", "world")
+                        && !outside(dns, dwl)
+                    {
+                        world_callers
+                            .entry((dns.clone(), dwl.clone()))
+                            .or_default()
+                            .extend(ports.iter().cloned());
                     }
                     continue;
                 }
@@ -415,7 +425,16 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                     .or_default()
                     .extend(ports.iter().cloned());
             }
-            for ((dns, dwl), ports) in &callers {
+            let ports_line = |ports: &BTreeSet<(String, u16)>| {
+                if ports.iter().any(|(p, _)| !has_ports(p)) {
+                    "    # ICMP was observed: only a rule without ports allows it\n".to_string()
+                } else {
+                    format!("    ports: {}\n", ports_yaml(ports))
+                }
+            };
+            let destinations: BTreeSet<&(String, String)> =
+                callers.keys().chain(world_callers.keys()).collect();
+            for (dns, dwl) in destinations {
                 let Some(pod) = pod_of(state, dns, dwl) else {
                     continue;
                 };
@@ -423,17 +442,25 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 if !yaml.is_empty() {
                     yaml += "---\n";
                 }
-                let icmp = ports.iter().any(|(p, _)| !has_ports(p));
                 yaml += &format!(
-                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {dns}\n  annotations:\n    tollgate.io/advised-for: {dns}/{dwl}\nspec:\n  podSelector:\n    matchLabels: {}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{{}: \"true\"}}}}}}]\n{}",
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {dns}\n  annotations:\n    tollgate.io/advised-for: {dns}/{dwl}\nspec:\n  podSelector:\n    matchLabels: {}\n  policyTypes: [Ingress]\n  ingress:\n",
                     flow_map(&stable_selector(state, pod)),
-                    caller_label(dns, dwl),
-                    if icmp {
-                        "    # ICMP was observed: only a rule without ports allows it\n".to_string()
-                    } else {
-                        format!("    ports: {}\n", ports_yaml(ports))
-                    }
                 );
+                let key = (dns.clone(), dwl.clone());
+                if let Some(ports) = callers.get(&key) {
+                    yaml += &format!(
+                        "  - from: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{{}: \"true\"}}}}}}]\n{}",
+                        caller_label(dns, dwl),
+                        ports_line(ports)
+                    );
+                }
+                if let Some(ports) = world_callers.get(&key) {
+                    let world = peer_of(state, dns, &AdvisedPeer::World).join(", ");
+                    yaml += &format!(
+                        "  # callers outside the cluster\n  - from: [{world}]\n{}",
+                        ports_line(ports)
+                    );
+                }
                 policies.push(format!("{dns}/{name}"));
             }
             advice.yaml = yaml;
@@ -770,13 +797,59 @@ fn advised_name(state: &ClusterState, namespace: &str, workload: &str) -> String
         .expect("a free name")
 }
 
+/// The networks pods are addressed from, by family (IPv4 first): the Nodes' podCIDRs when
+/// the state has them, else the /16 (IPv4) or /64 (IPv6) around each pod address. An ipBlock
+/// standing for `world` leaves them out: it would let in every pod too.
+fn pod_networks(state: &ClusterState) -> [Vec<ipnet::IpNet>; 2] {
+    let from_nodes: Vec<ipnet::IpNet> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.pod_cidrs.iter().copied())
+        .collect();
+    let networks: Vec<ipnet::IpNet> = if from_nodes.is_empty() {
+        state
+            .pods
+            .values()
+            .filter(|p| !p.host_network)
+            .flat_map(|p| p.ips.iter())
+            .filter_map(|ip| {
+                let bits = if ip.is_ipv4() { 16 } else { 64 };
+                ipnet::IpNet::new(*ip, bits).ok().map(|n| n.trunc())
+            })
+            .collect()
+    } else {
+        from_nodes
+    };
+    let mut out: [Vec<ipnet::IpNet>; 2] = Default::default();
+    for net in ipnet::IpNet::aggregate(&networks) {
+        // `except` must be a strict subset of its /0.
+        if net.prefix_len() > 0 {
+            out[usize::from(net.addr().is_ipv6())].push(net);
+        }
+    }
+    out
+}
+
+/// An ipBlock for `world` of one family: everything but the pod networks.
+fn world_block(all: &str, except: &[ipnet::IpNet]) -> String {
+    if except.is_empty() {
+        format!("{{ipBlock: {{cidr: \"{all}\"}}}}")
+    } else {
+        let except: Vec<String> = except.iter().map(|n| format!("\"{n}\"")).collect();
+        format!(
+            "{{ipBlock: {{cidr: \"{all}\", except: [{}]}}}}",
+            except.join(", ")
+        )
+    }
+}
+
 /// The peers of a rule, as flow-style YAML.
 fn peer_of(state: &ClusterState, namespace: &str, peer: &AdvisedPeer) -> Vec<String> {
     match peer {
-        AdvisedPeer::World => vec![
-            "{ipBlock: {cidr: 0.0.0.0/0}}".into(),
-            "{ipBlock: {cidr: \"::/0\"}}".into(),
-        ],
+        AdvisedPeer::World => {
+            let [v4, v6] = pod_networks(state);
+            vec![world_block("0.0.0.0/0", &v4), world_block("::/0", &v6)]
+        }
         AdvisedPeer::Workload(ns, name) => {
             let pod = pod_of(state, ns, name).expect("checked when gathered");
             vec![pod_peer(state, namespace, pod)]
@@ -970,9 +1043,14 @@ status: {podIP: 10.0.1.1}
             "no pod-template-hash"
         );
         assert_eq!(web["spec"]["policyTypes"], serde_json::json!(["Egress"]));
+        // `world` is everything but the pod networks (no Node podCIDRs here: the /16 of
+        // each pod address), which an ipBlock of /0 would let in too.
         assert_eq!(
             web["spec"]["egress"][1]["to"],
-            serde_json::json!([{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}])
+            serde_json::json!([
+                {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/16"]}},
+                {"ipBlock": {"cidr": "::/0"}}
+            ])
         );
         assert_eq!(
             web["spec"]["egress"][1]["ports"],
@@ -1226,7 +1304,7 @@ spec:
         );
         assert!(
             advice.yaml.contains(
-                "  # outside the cluster, seen at (sampled): 203.0.113.7, 2001:db8::7\n  - to: [{ipBlock: {cidr: 0.0.0.0/0}}"
+                "  # outside the cluster, seen at (sampled): 203.0.113.7, 2001:db8::7\n  - to: [{ipBlock: {cidr: \"0.0.0.0/0\""
             ),
             "{}",
             advice.yaml
@@ -1374,5 +1452,37 @@ spec:
             "{:?}",
             labels.notes
         );
+
+        // Callers from outside the cluster carry no label: an ipBlock rule keeps them.
+        let mut with_world = observed.to_vec();
+        with_world.push(flow(
+            "ingress",
+            ("world", "world"),
+            ("shop", "db-0"),
+            5432,
+            [3, 0, 0],
+        ));
+        let labels = advise(
+            &state,
+            &with_world,
+            &AdviseOptions {
+                style: Style::Labels,
+                ..Default::default()
+            },
+        );
+        let policy: serde_json::Value = serde_norway::from_str(&labels.yaml).unwrap();
+        assert_eq!(
+            policy["spec"]["ingress"][1],
+            serde_json::json!({
+                "from": [
+                    {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/16"]}},
+                    {"ipBlock": {"cidr": "::/0"}}
+                ],
+                "ports": [{"protocol": "TCP", "port": 5432}]
+            }),
+            "{}",
+            labels.yaml
+        );
+        assert!(labels.denied.is_empty(), "{:?}", labels.denied);
     }
 }

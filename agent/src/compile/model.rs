@@ -357,6 +357,8 @@ pub struct EndpointSliceInfo {
 pub struct NodeInfo {
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    /// `spec.podCIDRs` (or `spec.podCIDR`): the networks its pods are addressed from.
+    pub pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Enforcement mode of a workload.

@@ -455,7 +455,20 @@ pub fn node(node: &Node) -> Result<NodeInfo> {
             addresses.push(ip);
         }
     }
-    Ok(NodeInfo { name, addresses })
+    let spec = node.spec.as_ref();
+    let pod_cidrs = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| cidr(c, &format!("spec.podCIDRs[{i}]")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(NodeInfo {
+        name,
+        addresses,
+        pod_cidrs,
+    })
 }
 
 /// The pod's top owning controller, the way operators name services: a ReplicaSet's pod
