@@ -1235,6 +1235,49 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
     assert!(now - since >= observed as f64, "{since} {now} {observed}");
 }
 
+/// A pod replaced under its own name (a StatefulSet's pod on a new interface and address)
+/// is attached anew, and its slot counts from zero: its series goes on from where it was,
+/// never back.
+#[test]
+fn a_pod_attached_anew_under_its_name_continues_its_counters() {
+    let mut bank = bank("reattach");
+    let agent = bank.start(&[]);
+    assert_eq!(bank.to_ledger(&bank.pot, 3), 3);
+    bank.lab.settle();
+    let counted = |m: &str| {
+        (
+            ledger_packets(m, "ingress", "allowed"),
+            ledger_packets(m, "egress", "allowed"),
+        )
+    };
+    let before = counted(&agent.metrics_text());
+    assert_eq!(before, (3.0, 3.0));
+    let iface = |agent: &Agent| {
+        agent
+            .workload(LEDGER_POD)
+            .map(|w| w["attached_at"].to_string())
+    };
+    let old_iface = iface(&agent).unwrap();
+    let moved = bank.lab.add_pod("ledger-again");
+    bank.lab.serve(&moved, &[8080], &[8080]);
+    let yaml = bank
+        .cluster_yaml("")
+        .replace(&bank.ledger.ipv4.to_string(), &moved.ipv4.to_string())
+        .replace(&bank.ledger.ipv6.to_string(), &moved.ipv6.to_string());
+    std::fs::write(agent.cluster_state.join("bank.yaml"), yaml).unwrap();
+    wait_for(Duration::from_secs(15), "attached anew", || {
+        iface(&agent).filter(|i| *i != old_iface)
+    });
+    let after = counted(&agent.metrics_text());
+    assert_eq!(after, before, "carried over");
+    assert_eq!(
+        traffic::udp(&bank.pot, moved.addr(false), 8080, 2, 64, PATIENT).echoed,
+        2
+    );
+    bank.lab.settle();
+    assert_eq!(counted(&agent.metrics_text()), (5.0, 5.0));
+}
+
 /// A rollout replaces a pod: the new pod of the same workload carries the workload's record
 /// (observed since, would-drops), so it neither starts a fresh quiet period nor hides the
 /// old pod's would-drops from `--if-quiet`.

@@ -82,11 +82,24 @@ struct Persisted {
 /// Packets and bytes by direction and verdict, as `WorkloadCounters`.
 type Counts = [[[u64; 2]; agent_common::VERDICTS]; agent_common::DIRECTIONS];
 
-/// A pod's kernel counters as last read (`last`) and the counts of earlier pins (`carried`).
+/// A pod's kernel counters as last read (`last`) and the counts of earlier pins or slots
+/// (`carried`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct CarriedCounts {
     last: Counts,
     carried: Counts,
+}
+
+impl CarriedCounts {
+    /// The kernel counts from zero again: what it had counted is carried.
+    fn carry(&mut self) {
+        let last = self.last.iter_mut().flatten();
+        for (carried, last) in self.carried.iter_mut().flatten().zip(last) {
+            carried[0] += last[0];
+            carried[1] += last[1];
+            *last = [0, 0];
+        }
+    }
 }
 
 /// When the pins were made anew since the counts were persisted (another `COUNTERS` map),
@@ -97,12 +110,7 @@ fn carry_over_new_pins(persisted: &mut Persisted, counters_map_id: Option<u32>) 
     };
     if persisted.counters_map_id != 0 && persisted.counters_map_id != id {
         for counts in persisted.pod_counts.values_mut() {
-            let last = counts.last.iter_mut().flatten();
-            for (carried, last) in counts.carried.iter_mut().flatten().zip(last) {
-                carried[0] += last[0];
-                carried[1] += last[1];
-                *last = [0, 0];
-            }
+            counts.carry();
         }
         for (last, carried) in &mut persisted.diag_counts {
             *carried += std::mem::take(last);
@@ -1198,6 +1206,16 @@ impl Observer {
             .pod_counts
             .entry(format!("{namespace}/{pod}"))
             .or_default();
+        // Below what was last read: the pod was attached anew (a new interface, the same
+        // name) and its slot counts from zero; what it had counted is carried.
+        let reset = c
+            .iter()
+            .flatten()
+            .zip(counts.last.iter().flatten())
+            .any(|(now, last)| now.packets < last[0] || now.bytes < last[1]);
+        if reset {
+            counts.carry();
+        }
         for (d, per_direction) in c.iter_mut().enumerate() {
             for (v, counter) in per_direction.iter_mut().enumerate() {
                 counts.last[d][v] = [counter.packets, counter.bytes];
