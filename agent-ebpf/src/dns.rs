@@ -48,6 +48,13 @@ pub fn observe(
     if port != DNS_PORT || !is_resolver(pkt.family, resolver) {
         return false;
     }
+    // The first fragment holds part of a message (later ones never come here): passed on,
+    // never held, not learned from. Held, it would reach the pod after the fragments
+    // behind it, which its reassembly would have to wait for in vain.
+    if pkt.first_fragment {
+        counters::diag(diag::DNS_TOO_LONG);
+        return false;
+    }
     // SAFETY: context field read.
     let mark = unsafe { (*skb.skb).mark };
     if direction == DIR_INGRESS && mark == DNS_REINJECT_MARK {

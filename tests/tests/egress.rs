@@ -527,6 +527,23 @@ fn hostile_and_unsolicited_answers_teach_nothing() {
             "{name} taught the address"
         );
     }
+    // An answer too big for one datagram reaches the pod in fragments: passed on whole,
+    // never held (the pod's reassembly waits for every piece), not learned from.
+    let diag = |reason| {
+        metric(
+            &agent,
+            "tollgate_datapath_diagnostics_total",
+            &[("reason", reason)],
+        )
+    };
+    let too_long = diag("dns_too_long");
+    let r = net.resolve_at(card, hostile, "big.evil.test", None, 1, false);
+    assert_eq!(r["resolved"], 1, "the fragmented answer arrived: {r}");
+    assert!(
+        !traffic::tcp(card, evil, 443, 1, FAIL_FAST).connected,
+        "a fragmented answer teaches nothing"
+    );
+    assert!(diag("dns_too_long") > too_long);
     // An answer from a server the workload is not configured with.
     let r = net.resolve_at(
         card,

@@ -399,6 +399,13 @@ fn hostile_answer(query: &[u8], address: std::net::Ipv4Addr) -> Option<Vec<u8>> 
                 build::record(&build::QNAME, wire::TYPE_A, 60, &a),
             ],
         ),
+        // Too big for one datagram: it leaves in IP fragments.
+        "big" => {
+            let records: Vec<Vec<u8>> = (0..120)
+                .map(|_| build::record(&build::QNAME, wire::TYPE_A, 60, &a))
+                .collect();
+            build::answer(q.id, &q.name, wire::TYPE_A, 120, &records)
+        }
         "wrongid" => good(q.id.wrapping_add(1), &q.name),
         "othername" => good(q.id, &format!("x{}", q.name)),
         "unrelated" => build::answer(
