@@ -763,7 +763,9 @@ impl Controller {
                     AttachPoint::Cgroup { path } => path.display().to_string(),
                 },
                 isolated_ingress: w.policy.isolated_ingress,
-                isolated_egress: w.policy.isolated_egress,
+                // An EgressAllowlist isolates its workloads for egress (outside the
+                // cluster): they have something to drop.
+                isolated_egress: w.policy.isolated_egress || w.policy.egress_allowlist.is_some(),
                 mode: w.policy.mode,
                 mode_source: w.mode_source,
                 degraded: degraded_workloads.get(&(ns.clone(), name.clone())).cloned(),

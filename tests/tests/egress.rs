@@ -223,6 +223,17 @@ fn allowed_names_pass_at_once_and_everything_else_is_denied() {
         "1s",
     ]);
     let card = &net.card;
+    // Selected by an allowlist alone (no NetworkPolicy): isolated for egress, and said so.
+    assert_eq!(agent.workload("card").unwrap()["isolated_egress"], true);
+    assert_eq!(agent.workload("other").unwrap()["isolated_egress"], false);
+    assert_eq!(
+        metric(
+            &agent,
+            "tollgate_workload_isolated",
+            &[("pod", "card"), ("direction", "egress")]
+        ),
+        1.0
+    );
 
     // The first connection right after each lookup: never a would-drop.
     let [counted] = measure(&net.lab, &agent, ["card"], || {

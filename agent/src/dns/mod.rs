@@ -353,6 +353,27 @@ impl Learner {
         }
     }
 
+    /// The addresses that did not fit, by slot and generation, for `restore_overflow`.
+    pub fn overflow(&self) -> Vec<(u32, u32, u64)> {
+        self.workloads
+            .iter()
+            .filter(|(_, w)| w.overflow > 0)
+            .map(|(s, w)| (*s, w.generation, w.overflow))
+            .collect()
+    }
+
+    /// Continues what did not fit as an earlier agent counted it, for the workloads still
+    /// in their slots (the same generation); a new one there starts from zero.
+    pub fn restore_overflow(&mut self, counts: &[(u32, u32, u64)]) {
+        for (slot, generation, overflow) in counts {
+            let w = self.workloads.entry(*slot).or_default();
+            if w.entries.is_empty() || w.generation == *generation {
+                w.generation = *generation;
+                w.overflow = *overflow;
+            }
+        }
+    }
+
     /// Addresses each slot keeps, and what did not fit, by slot.
     pub fn per_workload(&self) -> Vec<(u32, usize, u64)> {
         self.workloads
@@ -961,6 +982,15 @@ mod tests {
             );
         }
         assert_eq!(l.per_workload(), vec![(3, 2, 3)]);
+        // A restarted agent continues the count for the same workload, not for a new one.
+        let mut again = Learner::new(DnsOptions::default());
+        again.restore_overflow(&l.overflow());
+        again.set_workload(3, 7, None);
+        assert_eq!(again.per_workload(), vec![(3, 0, 3)]);
+        let mut replaced = Learner::new(DnsOptions::default());
+        replaced.restore_overflow(&l.overflow());
+        replaced.set_workload(3, 8, None);
+        assert_eq!(replaced.per_workload(), vec![(3, 0, 0)]);
     }
 
     #[test]

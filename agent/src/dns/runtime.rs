@@ -33,12 +33,15 @@ const HEARTBEAT: Duration = Duration::from_millis(500);
 /// The DNS thread's counters as kept in `--state-dir` (`dns-counters.json`), so a restarted
 /// agent continues them: written before each publish that changed them, so a scrape never
 /// sees a value a restart could go back behind.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 struct KeptCounters {
     stats: DnsStats,
     reinjected: u64,
     reinject_failed: u64,
+    /// Addresses each workload's answers held beyond what it may keep: (slot, generation,
+    /// count).
+    overflow: Vec<(u32, u32, u64)>,
 }
 
 /// What the DNS thread reports for metrics and `status`.
@@ -231,6 +234,7 @@ impl DnsRuntime {
             );
         }
         learner.adopt(adopted);
+        learner.restore_overflow(&kept.overflow);
         Ok(DnsRuntime {
             ring,
             learned,
@@ -349,6 +353,7 @@ impl DnsRuntime {
             stats: self.learner.stats,
             reinjected: self.reinjected,
             reinject_failed: self.reinject_failed,
+            overflow: self.learner.overflow(),
         };
         if counters != self.kept {
             let written = serde_json::to_vec(&counters)
