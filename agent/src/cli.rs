@@ -119,7 +119,7 @@ pub enum Command {
         /// Advise for the whole cluster from the tollgate_flow_packets_total series the
         /// Prometheus at this URL (http://HOST:PORT) scraped from every node over --window,
         /// instead of this node's agent; needs --cluster-state for the labels and policies.
-        #[arg(long, value_name = "URL", requires = "cluster_state")]
+        #[arg(long, value_name = "URL", requires = "cluster_state", value_parser = prometheus_url)]
         prometheus: Option<String>,
         /// With --prometheus: the cluster state to advise with (file or directory of
         /// Kubernetes YAML, e.g. `kubectl get ns,pods,netpol -A -o yaml`).
@@ -156,7 +156,7 @@ pub enum Command {
         /// Draw the whole cluster from the tollgate_flow_packets_total series the
         /// Prometheus at this URL (http://HOST:PORT) scraped from every node, instead of
         /// this node's agent.
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", value_parser = prometheus_url)]
         prometheus: Option<String>,
         /// Admin socket of the running agent.
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
@@ -274,7 +274,8 @@ pub struct RunArgs {
     pub record_retention: std::time::Duration,
     /// Peer pairs the observed-flow record holds at most (about 200 bytes each in memory
     /// and in --state-dir, up to about 550 with the addresses of a peer outside the
-    /// cluster); when full, those seen longest ago are forgotten first.
+    /// cluster); when full, a tenth goes: pairs seen at one poll only first, then those
+    /// seen over the shortest span (the longest unseen first).
     #[arg(long, default_value_t = 20_000)]
     pub record_capacity: usize,
     /// Detach every program and remove the pins when the agent stops (uninstall:
@@ -386,7 +387,7 @@ pub enum ModeAction {
         if_quiet: Option<std::time::Duration>,
         /// With --kubernetes --if-quiet: the Prometheus (http://HOST:PORT) that scrapes every
         /// node's agent; the check covers every node's record through it.
-        #[arg(long, value_name = "URL", requires = "if_quiet")]
+        #[arg(long, value_name = "URL", requires = "if_quiet", value_parser = prometheus_url)]
         prometheus: Option<String>,
         /// With --prometheus: the cluster state (file or directory of Kubernetes YAML, e.g.
         /// `kubectl get ns,pods,netpol,egressallowlists -A -o yaml`) to explain each
@@ -529,6 +530,20 @@ pub fn main() -> ExitCode {
 pub enum Output {
     Text,
     Json,
+}
+
+/// A Prometheus URL as `--prometheus` takes it: `http://HOST:PORT`, an optional path after.
+fn prometheus_url(s: &str) -> Result<String, String> {
+    let rest = s.strip_prefix("http://").ok_or_else(|| {
+        format!("{s:?}: give Prometheus as http://HOST:PORT (https is not supported)")
+    })?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!("{s:?}: give Prometheus as http://HOST:PORT")),
+    }
 }
 
 /// A duration as people write it: `90s`, `12h`, `7d`, `1h 30m`.

@@ -85,6 +85,14 @@ fn bad_usage_exits_2() {
     let out = tollgate(&["check", "--cluster-state", "/nonexistent"], "");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
+    for url in ["notaurl", "ftp://x", "https://prom:9090", "http://prom"] {
+        let out = tollgate(&["graph", "--prometheus", url], "");
+        assert_eq!(out.status.code(), Some(2), "{url}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("http://HOST:PORT"),
+            "{url}"
+        );
+    }
 
     // A path that does not exist is bad input wherever it is given.
     let dir = std::env::temp_dir().join(format!("tg-cli-paths-{}", std::process::id()));
