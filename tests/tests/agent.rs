@@ -1159,7 +1159,8 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
     );
     let err = refused(&agent, "3s");
     assert!(
-        err.contains("bank/ledger: 8 would-drop packet(s) within 3s"),
+        err.contains("bank/ledger: would-drop packet(s) within 3s, the last")
+            && err.contains("(8 counted in the clock hours it overlaps)"),
         "{err}"
     );
     assert!(

@@ -1137,12 +1137,22 @@ impl Observer {
                 .last_would_drop
                 .filter(|t| now.saturating_sub(*t) < window)
             {
-                refusal.reasons.push(format!(
-                    "{ns}/{workload}: {} would-drop packet(s) within {}, the last {} ago",
-                    r.would_drops_within(now, window).max(1),
-                    human(window),
-                    human(now.saturating_sub(last))
-                ));
+                // Counts are kept by clock hour: a shorter window gets the count of the
+                // hours it overlaps, said as such.
+                let counted = r.would_drops_within(now, window).max(1);
+                refusal.reasons.push(if window < 3600 {
+                    format!(
+                        "{ns}/{workload}: would-drop packet(s) within {}, the last {} ago ({counted} counted in the clock hours it overlaps)",
+                        human(window),
+                        human(now.saturating_sub(last))
+                    )
+                } else {
+                    format!(
+                        "{ns}/{workload}: {counted} would-drop packet(s) within {}, the last {} ago",
+                        human(window),
+                        human(now.saturating_sub(last))
+                    )
+                });
             }
         }
         if refusal.reasons.is_empty() {
