@@ -659,7 +659,18 @@ impl Controller {
                 .pods
                 .get(&key)
                 .map_or(&[][..], |p| p.isolating(false));
+            let allows = |name: &str| {
+                let proto = protocol.map_or(0, Protocol::number);
+                allowlist
+                    .ports_for(name)
+                    .is_some_and(|ports| ports.iter().any(|p| p.allows(proto, record.dst_port)))
+            };
             let fix = match record.dst_domain.as_deref().filter(|d| !d.is_empty()) {
+                // Allowed by name and port: denied only because the answer had expired.
+                Some(name) if allows(name) => Fix::Expired {
+                    allowlist: first.clone(),
+                    name: name.to_string(),
+                },
                 Some(name) => Fix::Domain {
                     allowlist: first.clone(),
                     rule: crate::compile::explain::domain_entry(name, protocol, record.dst_port),

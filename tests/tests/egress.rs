@@ -680,6 +680,21 @@ fn learned_addresses_expire_after_ttl_and_grace_without_cutting_connections() {
         "the expired connection counted",
         || (expired() == 1.0).then_some(()),
     );
+    // Explained as what it is: the name is allowed, the answer had expired.
+    let why = wait_for(Duration::from_secs(5), "the drop explained", || {
+        let out = agent.cli(&["flows", "--once", "-o", "json"]);
+        let flows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        flows["recent_denied"]
+            .as_array()?
+            .iter()
+            .filter(|r| r["dst_domain"] == "short.example.com")
+            .find_map(|r| r["explanation"].as_str().map(str::to_string))
+    });
+    assert!(
+        why.contains("nothing is missing from EgressAllowlist pay/card-egress")
+            && why.contains("had expired"),
+        "{why}"
+    );
     let done = traffic::finish(talking);
     assert_eq!(
         done.echoed, 6,

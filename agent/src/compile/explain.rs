@@ -65,6 +65,9 @@ pub enum Fix {
     /// A Service address on a port the Service does not expose (`exposed`: the ones it
     /// does, as `PORT/PROTOCOL`), or one with no ready backend (`exposed` empty).
     ServicePort { exposed: Vec<String> },
+    /// An address resolved from `name`, which EgressAllowlist `allowlist` allows, used for
+    /// a new connection after its DNS answer had expired: no policy change is missing.
+    Expired { allowlist: String, name: String },
 }
 
 /// The EgressAllowlist entry (flow-style YAML, an item of `spec.egress`) that allows `name`
@@ -116,6 +119,9 @@ impl Explanation {
             Fix::Domain { allowlist, rule } => {
                 format!("add to EgressAllowlist {allowlist} the entry {rule}")
             }
+            Fix::Expired { allowlist, name } => format!(
+                "nothing is missing from EgressAllowlist {allowlist}, which allows {name}: the workload connected to an address its DNS answer for {name} gave after that answer had expired (its TTL, at least --dns-min-ttl, plus --dns-grace); have it resolve the name again before it connects (tollgate_egress_expired_total counts these)"
+            ),
             Fix::ResolveName { allowlist } => format!(
                 "reach it by a name EgressAllowlist {allowlist} allows (an address is allowed once the workload's own DNS answer for an allowed name gives it), or add an ipBlock for it to a NetworkPolicy"
             ),
