@@ -115,10 +115,22 @@ impl Bank {
         self.write_state(&agent, "");
         agent.wait_ready();
         // The first reconcile can race the file write: wait for all four workloads.
+        Self::wait_for_workloads(&agent);
+        agent
+    }
+
+    /// A new agent over what an earlier one left (pins, state directory, cluster state).
+    fn restart(&self, extra_args: &[&str]) -> Agent {
+        let mut agent = Agent::start(&self.lab, &self.dir, extra_args);
+        agent.wait_ready();
+        Self::wait_for_workloads(&agent);
+        agent
+    }
+
+    fn wait_for_workloads(agent: &Agent) {
         wait_for(Duration::from_secs(10), "four workloads", || {
             (agent.status()["workloads"].as_array()?.len() == 4).then_some(())
         });
-        agent
     }
 }
 
@@ -629,22 +641,14 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     assert!(!bank.frontend_reaches_ledger());
 
     // --reset-state starts over; --detach-on-exit takes everything off at the end.
-    let mut fresh = Agent::start(
-        &bank.lab,
-        &bank.dir,
-        &[
-            "--default-mode",
-            "drop",
-            "--reset-state",
-            "--detach-on-exit",
-        ],
-    );
-    fresh.wait_ready();
+    let mut fresh = bank.restart(&[
+        "--default-mode",
+        "drop",
+        "--reset-state",
+        "--detach-on-exit",
+    ]);
     wait_for(Duration::from_secs(10), "re-attached", || {
         (our_links(&fresh.bpffs) == 8).then_some(())
-    });
-    wait_for(Duration::from_secs(10), "four workloads", || {
-        (fresh.status()["workloads"].as_array()?.len() == 4).then_some(())
     });
     // The kernel counts from zero in the new pins; the exported counters continue.
     let dropped = ledger_packets(&fresh.metrics_text(), "ingress", "dropped");
@@ -688,11 +692,7 @@ fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
     );
     assert!(agent.stop().success());
 
-    let mut restarted = Agent::start(&bank.lab, &bank.dir, &["--default-mode", "drop"]);
-    restarted.wait_ready();
-    wait_for(Duration::from_secs(10), "four workloads", || {
-        (restarted.status()["workloads"].as_array()?.len() == 4).then_some(())
-    });
+    let restarted = bank.restart(&["--default-mode", "drop"]);
     let status = restarted.status().to_string();
     assert!(
         status.contains("99999") && status.contains("the last good version stays in force"),
@@ -1677,8 +1677,7 @@ fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
     largest.sort_by(|a, b| b.total_cmp(a));
     assert!(agent.stop().success());
     drop(agent);
-    let mut lowered = Agent::start(&bank.lab, &bank.dir, &["--max-flow-series", "2"]);
-    lowered.wait_ready();
+    let mut lowered = bank.restart(&["--max-flow-series", "2"]);
     let m = lowered.metrics_text();
     let kept = all_series(&m);
     let mut kept_values: Vec<f64> = kept.values().copied().collect();
@@ -1687,11 +1686,7 @@ fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
     assert!(kept.iter().all(|(l, v)| before.get(l) == Some(v)), "{m}");
     assert!(lowered.stop().success());
     drop(lowered);
-    let mut raised = Agent::start(&bank.lab, &bank.dir, &["--max-flow-series", "4"]);
-    raised.wait_ready();
-    wait_for(Duration::from_secs(10), "four workloads", || {
-        (raised.status()["workloads"].as_array()?.len() == 4).then_some(())
-    });
+    let raised = bank.restart(&["--max-flow-series", "4"]);
     assert_eq!(
         traffic::udp(&bank.pot, ledger, 8080, 1, 64, PATIENT).echoed,
         1

@@ -1702,27 +1702,21 @@ mod tests {
             ]
             .into(),
         );
-        assert_eq!(
-            allocator.get_for("b", &labels("two"), &[ip("10.0.0.2")]),
-            301
-        );
-        assert_eq!(
-            allocator.get_for("a", &labels("one"), &[ip("10.0.0.1")]),
-            300
-        );
-        assert_eq!(
-            allocator.get_for("a", &labels("one"), &[ip("10.0.0.9")]),
-            300
-        );
-        assert_eq!(
-            allocator.get_for("c", &labels("new"), &[ip("10.0.0.3")]),
-            302
-        );
-        assert_eq!(
-            allocator.get_for("a", &labels("relabelled"), &[ip("10.0.0.1")]),
-            303,
-            "300 is taken"
-        );
+        // In order: a pinned number each; the same identity at another address; a new
+        // identity after every pinned number; a relabelled pod whose number is taken.
+        for (namespace, app, address, want) in [
+            ("b", "two", "10.0.0.2", 301),
+            ("a", "one", "10.0.0.1", 300),
+            ("a", "one", "10.0.0.9", 300),
+            ("c", "new", "10.0.0.3", 302),
+            ("a", "relabelled", "10.0.0.1", 303),
+        ] {
+            assert_eq!(
+                allocator.get_for(namespace, &labels(app), &[ip(address)]),
+                want,
+                "{namespace}/{app} at {address}"
+            );
+        }
         allocator.forget_previous();
         assert_eq!(allocator.get_for("d", &labels("x"), &[ip("10.0.0.2")]), 304);
     }
