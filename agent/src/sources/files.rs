@@ -455,6 +455,13 @@ impl FileSource {
                 && let Some(objects_of_file) = self.last_good_files.get(&file)
             {
                 errors.extend(old_errors.iter().cloned());
+                // And what it hid then, it hides still.
+                hidden.extend(
+                    self.previous_errors
+                        .iter()
+                        .filter(|(object, f, _)| object.is_some() && *f == file)
+                        .cloned(),
+                );
                 for (key, object) in objects_of_file {
                     if objects.insert(key.clone(), object.clone()).is_some() {
                         warnings.push(format!(
@@ -477,6 +484,29 @@ impl FileSource {
             };
             let file_objects = match parsed {
                 Ok(items) => {
+                    // A document that could not be read at all hides the objects it held:
+                    // their errors stand as they were.
+                    if items
+                        .iter()
+                        .any(|(item, _)| matches!(item, Err(e) if e.object.is_none()))
+                    {
+                        let named: BTreeSet<String> = items
+                            .iter()
+                            .filter_map(|(item, _)| match item {
+                                Ok((key, _)) => Some(key.to_string()),
+                                Err(e) => e.object.as_ref().map(ToString::to_string),
+                            })
+                            .collect();
+                        hidden.extend(
+                            self.previous_errors
+                                .iter()
+                                .filter(|(object, f, _)| {
+                                    *f == file
+                                        && object.as_ref().is_some_and(|o| !named.contains(o))
+                                })
+                                .cloned(),
+                        );
+                    }
                     let mut good = Vec::new();
                     for (item, document) in items {
                         match item {
@@ -1005,6 +1035,42 @@ mod tests {
         let fifth = source.load();
         assert_eq!(fifth.errors.len(), 1);
         assert!(fifth.new_errors.is_empty(), "{:?}", fifth.new_errors);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An object broken from the start, hidden a while by its file turned unreadable (not
+    /// YAML, or a document that is not an object), then shown again unchanged: its error is
+    /// counted once.
+    #[test]
+    fn an_error_hidden_by_its_file_is_counted_once() {
+        let dir = std::env::temp_dir().join(format!("tg-files-hidden-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.yaml");
+        let broken = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: app}\nspec:\n  podSelector: {matchLabels: {'bad key!': x}}\n";
+        std::fs::write(&file, broken).unwrap();
+        std::fs::write(
+            dir.join("good.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n",
+        )
+        .unwrap();
+        let mut source = FileSource::new(&dir).with_last_good_store(&dir.join("kept.json"));
+        assert_eq!(source.load().new_errors.len(), 1);
+        for unreadable in ["{ not: yaml: at all", "kind: NetworkPolicy\n", ":\n  - ]"] {
+            std::fs::write(&file, unreadable).unwrap();
+            let hidden = source.load();
+            assert_eq!(hidden.errors.len(), 1, "{unreadable}: {:?}", hidden.errors);
+            // Read again unchanged (the agent rereads a file written in the last 2 s).
+            assert!(source.load().new_errors.is_empty());
+            std::fs::write(&file, broken).unwrap();
+            let shown = source.load();
+            assert_eq!(shown.errors.len(), 1);
+            assert!(
+                shown.new_errors.is_empty(),
+                "{unreadable}: {:?}",
+                shown.new_errors
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
