@@ -61,9 +61,14 @@ pub fn observe(
         // Handed back by the agent after learning from it.
         return false;
     }
-    // Holding needs an interface to hand the answer back to (TC attachments).
+    // Holding needs an interface to hand the answer back to (TC attachments), and a frame
+    // it takes back whole: an aggregate of several TCP segments (GSO, GRO) is larger than
+    // its MTU, so it is copied instead.
+    // SAFETY: context field read.
+    let aggregate = unsafe { (*skb.skb).gso_segs } > 1;
     let hold = direction == DIR_INGRESS
         && l3 != 0
+        && !aggregate
         && workload.flags & workload_flags::EGRESS_ALLOWLIST != 0
         && DNS_CONTROL.get(0).is_some_and(|c| c.hold_until_ns > now);
     let kind = if direction == DIR_EGRESS {

@@ -555,6 +555,18 @@ fn hostile_and_unsolicited_answers_teach_nothing() {
         "a fragmented answer teaches nothing"
     );
     assert!(diag("dns_too_long") > too_long);
+    // Over TCP the same answer reaches the pod's interface as one aggregate of segments,
+    // larger than the interface takes back whole: copied, not held, and never lost.
+    let r = net.resolve_at(card, hostile, "big.evil.test", None, 3, true);
+    assert_eq!(r["resolved"], 3, "{r}");
+    let handed_back_failed = || {
+        metric(
+            &agent,
+            "tollgate_dns_answers_handed_back_total",
+            &[("outcome", "failed")],
+        )
+    };
+    assert_eq!(handed_back_failed(), 0.0);
     // An answer from a server the workload is not configured with.
     let r = net.resolve_at(
         card,

@@ -426,6 +426,25 @@ fn hostile_answer(query: &[u8], address: std::net::Ipv4Addr) -> Option<Vec<u8>> 
 
 fn dns_hostile(address: std::net::Ipv4Addr) {
     let socket = UdpSocket::bind("0.0.0.0:53").expect("bind udp 53");
+    // The same answers over TCP (length-prefixed), one connection at a time.
+    let listener = TcpListener::bind("0.0.0.0:53").expect("bind tcp 53");
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut len = [0u8; 2];
+            if stream.read_exact(&mut len).is_err() {
+                continue;
+            }
+            let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
+            if stream.read_exact(&mut query).is_err() {
+                continue;
+            }
+            if let Some(answer) = hostile_answer(&query, address) {
+                let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&answer);
+                let _ = stream.write_all(&framed);
+            }
+        }
+    });
     println!("ready");
     std::io::stdout().flush().ok();
     let mut buf = vec![0u8; 4096];
