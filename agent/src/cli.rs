@@ -125,6 +125,10 @@ pub enum Command {
         /// Kubernetes YAML, e.g. `kubectl get ns,pods,netpol -A -o yaml`).
         #[arg(long, requires = "prometheus")]
         cluster_state: Option<PathBuf>,
+        /// With --prometheus: a resolver workloads use besides Service kube-system/kube-dns,
+        /// as given to `tollgate run --dns-server` (this node's agent knows its own).
+        #[arg(long = "dns-server", value_name = "ADDRESS", requires = "prometheus")]
+        dns_servers: Vec<std::net::IpAddr>,
         /// Admin socket of the running agent.
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
@@ -197,6 +201,10 @@ pub enum Command {
         /// Exit with status 1 when any flow is denied (for CI).
         #[arg(long)]
         fail_on_deny: bool,
+        /// A resolver workloads use besides Service kube-system/kube-dns, as given to
+        /// `tollgate run --dns-server`: DNS to it is never isolated by an EgressAllowlist.
+        #[arg(long = "dns-server", value_name = "ADDRESS")]
+        dns_servers: Vec<std::net::IpAddr>,
     },
     /// Load the embedded eBPF programs into this kernel (the verifier checks them), report
     /// how workloads would attach, and remove everything again.
@@ -481,6 +489,7 @@ pub fn main() -> ExitCode {
             out,
             prometheus,
             cluster_state,
+            dns_servers,
             admin_socket,
         } => advise(
             match (prometheus.as_deref(), cluster_state.as_deref()) {
@@ -496,6 +505,7 @@ pub fn main() -> ExitCode {
                 workload,
                 include_denied,
                 explain,
+                dns_servers,
                 style: match style {
                     AdviseStyle::Policies => crate::compile::advise::Style::Policies,
                     AdviseStyle::RuleFiles => crate::compile::advise::Style::RuleFiles,
@@ -510,7 +520,15 @@ pub fn main() -> ExitCode {
             output,
             ipv6,
             fail_on_deny,
-        } => check(&cluster_state, flows.as_deref(), output, ipv6, fail_on_deny),
+            dns_servers,
+        } => check(
+            &cluster_state,
+            flows.as_deref(),
+            output,
+            ipv6,
+            fail_on_deny,
+            &dns_servers,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -832,10 +850,11 @@ fn check(
     output: CheckOutput,
     ipv6: bool,
     fail_on_deny: bool,
+    dns_servers: &[std::net::IpAddr],
 ) -> anyhow::Result<ExitCode> {
     use std::io::BufRead as _;
     let (ev, loaded) = match evaluator_for(cluster_state) {
-        Ok(x) => x,
+        Ok((ev, loaded)) => (ev.with_dns_servers(dns_servers), loaded),
         Err(e) => {
             eprintln!("tollgate: {e:#}");
             return Ok(ExitCode::from(2));

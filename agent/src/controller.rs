@@ -297,6 +297,8 @@ impl Controller {
                     // thread of its own, from a copy of the state (about 40 ms), so a
                     // reconcile waits for the copy at most, never for the advice.
                     let state = self.source.state().clone();
+                    let mut options = options;
+                    options.dns_servers = self.rec.options.dns_servers.clone();
                     let spawned =
                         std::thread::Builder::new()
                             .name("advise".into())

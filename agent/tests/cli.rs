@@ -686,6 +686,21 @@ pay/audit-0 evil.example.org 80/tcp
             && !why.contains("0.0.0.0"),
         "{why}"
     );
+    // DNS to a resolver outside the cluster: an allowlist never isolates it (as the
+    // datapath decides), once `check` knows the resolver as the agent does.
+    let dns = "pay/card-0 203.0.113.53 53/udp\npay/card-0 203.0.113.53 443/tcp\n";
+    let verdicts = |args: &[&str]| -> Vec<String> {
+        let (code, out, err) = check_with(PAYMENTS, args, dns);
+        assert_eq!(code, Some(0), "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["verdict"].to_string())
+            .collect()
+    };
+    assert_eq!(verdicts(&["-o", "json"]), ["\"denied\"", "\"denied\""]);
+    assert_eq!(
+        verdicts(&["-o", "json", "--dns-server", "203.0.113.53"]),
+        ["\"allowed\"", "\"denied\""]
+    );
     // Not a name at all.
     let (code, _, err) = check_with(PAYMENTS, &["-o", "json"], "pay/card-0 not_a*name 443/tcp\n");
     assert_ne!(code, Some(0));

@@ -118,6 +118,10 @@ pub struct AdviseOptions {
     pub explain: bool,
     #[serde(default)]
     pub style: Style,
+    /// The agent's `--dns-server`s: DNS to them is never isolated by an EgressAllowlist,
+    /// so the proof replays it as the datapath decides it.
+    #[serde(default)]
+    pub dns_servers: Vec<IpAddr>,
 }
 
 /// How the advice is written.
@@ -191,6 +195,24 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     let mut left_out = Vec::new();
     // (namespace, workload) -> whether stable labels select it.
     let mut selectable: BTreeMap<(String, String), bool> = BTreeMap::new();
+    let resolvers = crate::reconcile::resolvers_of(&options.dns_servers, state);
+    // Workloads an EgressAllowlist selects once this advice is applied: the ones selected
+    // now, and those it writes one for (names reached outside the cluster).
+    let allowlisted: BTreeSet<(String, String)> = observed
+        .iter()
+        .filter(|f| {
+            f.direction == "egress"
+                && !f.dst_domain.is_empty()
+                && (options.include_denied || !f.only_denied())
+        })
+        .map(|f| (f.src_namespace.clone(), f.src_workload.clone()))
+        .collect();
+    let is_allowlisted = |ns: &str, wl: &str| {
+        allowlisted.contains(&(ns.to_string(), wl.to_string()))
+            || pod_of(state, ns, wl).is_some_and(|p| {
+                crate::dns::Allowlist::for_pod(p, state.egress_allowlists.values()).is_some()
+            })
+    };
     for flow in observed {
         let ingress = flow.direction == "ingress";
         let (local, peer) = flow.local_and_peer();
@@ -208,6 +230,17 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 describe(flow)
             ));
             left_out.push(flow);
+            continue;
+        }
+        // DNS of a workload an EgressAllowlist selects to its resolvers outside the cluster:
+        // never isolated by the allowlist, so no rule is needed (one would isolate it).
+        if !ingress
+            && peer == ("world", "world")
+            && flow.port == agent_common::DNS_PORT
+            && !flow.world_addresses.is_empty()
+            && flow.world_addresses.iter().all(|a| resolvers.contains(a))
+            && is_allowlisted(local.0, local.1)
+        {
             continue;
         }
         let peer = match peer {
@@ -548,7 +581,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
 
     // The replay proof, with the same compiler and evaluator as `tollgate check`.
     let replayer = match Replayer::new(&with_advice, replay.iter().chain(&left_out).copied()) {
-        Ok(r) => r,
+        Ok(r) => r.with_dns_servers(&options.dns_servers),
         Err(e) => {
             advice.denied.push(e);
             return advice;
@@ -558,7 +591,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     // its names would send the operator to policies the cluster does not have.
     if options.explain {
         let in_force = match Replayer::new(state, left_out.iter().copied()) {
-            Ok(r) => r,
+            Ok(r) => r.with_dns_servers(&options.dns_servers),
             Err(e) => {
                 advice.denied.push(e);
                 return advice;
@@ -589,6 +622,12 @@ pub struct Replayer<'a> {
 
 impl<'a> Replayer<'a> {
     /// Compiles the rules of the workloads at either end of `flows`.
+    /// Replays DNS to these resolvers (beside kube-dns) as the datapath decides it.
+    pub fn with_dns_servers(mut self, dns_servers: &[IpAddr]) -> Self {
+        self.ev = self.ev.with_dns_servers(dns_servers);
+        self
+    }
+
     pub fn new<'f>(
         state: &'a ClusterState,
         flows: impl Iterator<Item = &'f ObservedFlow>,
@@ -1268,6 +1307,26 @@ spec:
         );
         assert!(with_denied.yaml.contains("evil.example.org"));
         assert!(with_denied.denied.is_empty());
+
+        // DNS to a resolver outside the cluster: never isolated by the allowlist the advice
+        // writes, so no NetworkPolicy rule for it (which would isolate web's egress).
+        let resolver: IpAddr = "203.0.113.53".parse().unwrap();
+        let mut with_dns = observed.to_vec();
+        with_dns.push(ObservedFlow {
+            protocol: "udp".into(),
+            world_addresses: vec![resolver],
+            ..flow("egress", ("shop", "web"), ("world", "world"), 53, [6, 0, 0])
+        });
+        let advice = advise(
+            &state,
+            &with_dns,
+            &AdviseOptions {
+                dns_servers: vec![resolver],
+                ..Default::default()
+            },
+        );
+        assert!(!advice.yaml.contains("port: 53"), "{}", advice.yaml);
+        assert!(advice.denied.is_empty(), "{:?}", advice.denied);
     }
 
     #[test]

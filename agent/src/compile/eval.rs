@@ -38,6 +38,9 @@ pub struct Evaluator {
     named_ports: BTreeMap<PodKey, Vec<NamedPort>>,
     /// The EgressAllowlists that select each pod, merged.
     allowlists: BTreeMap<PodKey, crate::dns::Allowlist>,
+    /// The workloads' resolvers (`reconcile::resolvers_of`): DNS to them on port 53 is never
+    /// isolated by an allowlist.
+    resolvers: std::collections::BTreeSet<IpAddr>,
     /// What `compiled` came from: explanations read its policies and labels.
     pub state: ClusterState,
 }
@@ -89,8 +92,15 @@ impl Evaluator {
             pods,
             named_ports,
             allowlists,
+            resolvers: crate::reconcile::resolvers_of(&[], state),
             state: state.clone(),
         })
+    }
+
+    /// The resolvers beside Service `kube-system/kube-dns`: the agent's `--dns-server`s.
+    pub fn with_dns_servers(mut self, dns_servers: &[IpAddr]) -> Self {
+        self.resolvers = crate::reconcile::resolvers_of(dns_servers, &self.state);
+        self
     }
 
     /// Identity of an address: longest prefix in the identity entries (pods, Service
@@ -167,7 +177,10 @@ impl Evaluator {
         if np.allowed && policy.isolated_egress {
             return Some(np);
         }
-        if domain.is_some_and(|d| allowlist.allows(d, proto, port)) {
+        // Its resolvers are how it learns anything (as in the datapath).
+        let to_resolver =
+            domain.is_none() && port == agent_common::DNS_PORT && self.resolvers.contains(&peer);
+        if to_resolver || domain.is_some_and(|d| allowlist.allows(d, proto, port)) {
             return Some(SideDecision {
                 allowed: true,
                 policies: allowlist.names.clone(),
