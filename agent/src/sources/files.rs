@@ -1054,7 +1054,7 @@ mod tests {
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n",
         )
         .unwrap();
-        let mut source = FileSource::new(&dir).with_last_good_store(&dir.join("kept.json"));
+        let mut source = FileSource::new(&dir).with_last_good_store(dir.join("kept.json"));
         assert_eq!(source.load().new_errors.len(), 1);
         for unreadable in ["{ not: yaml: at all", "kind: NetworkPolicy\n", ":\n  - ]"] {
             std::fs::write(&file, unreadable).unwrap();
