@@ -865,6 +865,10 @@ fn check(
         eprintln!("tollgate: rejected {e}");
         bad_input = true;
     }
+    if bad_input {
+        // Exit status 2 says so too; the verdicts still help find the rest of the problem.
+        eprintln!("tollgate: the verdicts below leave the rejected objects out");
+    }
     for w in loaded
         .warnings
         .iter()
