@@ -360,6 +360,7 @@ impl Controller {
             && !refresh.changed
             && !health_changed
             && !self.rec.node_addresses_changed(self.source.state())
+            && !self.rec.node_changed()
         {
             return;
         }

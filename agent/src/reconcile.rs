@@ -325,13 +325,7 @@ impl Reconciler {
         network: &NodeNetwork,
     ) -> (BTreeMap<PodKey, AttachPoint>, BTreeMap<PodKey, String>) {
         let cgroups = PodCgroups::scan(&self.options.cgroup_root);
-        let node = {
-            use std::hash::{Hash as _, Hasher as _};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (network, &cgroups, &self.options.node_name).hash(&mut h);
-            self.options.trust_attach_annotations.hash(&mut h);
-            h.finish()
-        };
+        let node = self.node_fingerprint(network, &cgroups);
         // Placement reads one pod and the node: with the node unchanged, only the pods the
         // source's change log names (or none, when its fingerprint is unchanged) are placed
         // again; 20,000 pods are not looked at for one that changed.
@@ -428,6 +422,30 @@ impl Reconciler {
 
     /// Whether the node's own addresses differ from those last written (an address was added
     /// or removed): one netlink dump, cheap enough for every poll.
+    /// What placements depend on besides the pods: the node's interfaces and routes, its
+    /// pod cgroups, the options.
+    fn node_fingerprint(&self, network: &NodeNetwork, cgroups: &PodCgroups) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (network, cgroups, &self.options.node_name).hash(&mut h);
+        self.options.trust_attach_annotations.hash(&mut h);
+        h.finish()
+    }
+
+    /// Whether the node's interfaces, routes or pod cgroups changed since the pods were last
+    /// placed: a pod's interface or cgroup that appears after the pod is attached at the
+    /// next poll, not at the next resync.
+    pub fn node_changed(&self) -> bool {
+        let Some(placed) = &self.placements else {
+            return false;
+        };
+        let Ok(network) = NodeNetwork::read() else {
+            return false;
+        };
+        let cgroups = PodCgroups::scan(&self.options.cgroup_root);
+        self.node_fingerprint(&network, &cgroups) != placed.node
+    }
+
     pub fn node_addresses_changed(&self, state: &ClusterState) -> bool {
         let Ok(addresses) = attach::netlink::addresses() else {
             return false;

@@ -701,3 +701,42 @@ fn a_full_policy_map_leaves_the_last_complete_rules_in_force() {
     assert!(reaches(&pot, &late));
     let _: PathBuf = dir;
 }
+
+/// A pod whose cgroup the kubelet creates after the pod is in the cluster state is attached
+/// at the next poll once it exists, not at the next resync (10 s): until then its traffic
+/// would go unseen.
+#[test]
+fn a_pod_whose_cgroup_appears_later_is_attached_at_the_next_poll() {
+    let mut lab = Lab::new();
+    let exporter = lab.add_host_pod("exporter");
+    std::fs::remove_dir(&exporter.cgroup).expect("no cgroup yet");
+    let dir = temp_dir("node-cgroup-late");
+    let agent = start(&lab, &dir, &[]);
+    let yaml = cluster::namespace("shop", "{}", "{}")
+        + &cluster::on_node(
+            &cluster::pod(
+                &exporter,
+                "shop",
+                "exporter-0",
+                "{app: exporter}",
+                "{}",
+                &[],
+            ),
+            "lab-node",
+        );
+    std::fs::write(agent.cluster_state.join("cluster.yaml"), yaml).unwrap();
+    wait_for(Duration::from_secs(5), "the agent read the pod", || {
+        (agent.status()["ready"] == true).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        agent.workload("exporter-0").is_none(),
+        "no cgroup, nothing to attach"
+    );
+    std::fs::create_dir_all(&exporter.cgroup).unwrap();
+    // Within a few polls (1 s each), well before the 10 s resync.
+    let w = wait_for(Duration::from_secs(5), "attached on its cgroup", || {
+        agent.workload("exporter-0")
+    });
+    assert_eq!(w["attach"], "cgroup");
+}
