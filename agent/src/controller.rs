@@ -359,8 +359,7 @@ impl Controller {
         if !due
             && !refresh.changed
             && !health_changed
-            && !self.rec.node_addresses_changed(self.source.state())
-            && !self.rec.node_changed()
+            && !self.rec.node_changed(self.source.state())
         {
             return;
         }

@@ -432,26 +432,22 @@ impl Reconciler {
         h.finish()
     }
 
-    /// Whether the node's interfaces, routes or pod cgroups changed since the pods were last
-    /// placed: a pod's interface or cgroup that appears after the pod is attached at the
-    /// next poll, not at the next resync.
-    pub fn node_changed(&self) -> bool {
-        let Some(placed) = &self.placements else {
+    /// Whether the node changed since the last reconcile in what that reconcile read of it:
+    /// its own addresses (the `host` identity), or its interfaces, routes and pod cgroups
+    /// (where pods attach: a pod's interface or cgroup that appears after the pod is attached
+    /// at the next poll, not at the next resync).
+    pub fn node_changed(&self, state: &ClusterState) -> bool {
+        let Ok(network) = NodeNetwork::read() else {
             return false;
         };
-        let Ok(network) = NodeNetwork::read() else {
+        if self.node_addresses(state, network.addresses()) != self.identities.host {
+            return true;
+        }
+        let Some(placed) = &self.placements else {
             return false;
         };
         let cgroups = PodCgroups::scan(&self.options.cgroup_root);
         self.node_fingerprint(&network, &cgroups) != placed.node
-    }
-
-    pub fn node_addresses_changed(&self, state: &ClusterState) -> bool {
-        let Ok(addresses) = attach::netlink::addresses() else {
-            return false;
-        };
-        self.node_addresses(state, addresses.into_iter().map(|a| a.ip).collect())
-            != self.identities.host
     }
 
     /// The node's own addresses: its network namespace's (`host`) and its Node object's.
