@@ -298,6 +298,22 @@ impl Overrides {
     }
 }
 
+/// Reads what an earlier agent kept in `path` (JSON): the default when there is nothing
+/// yet, and when it cannot be read (said so, naming `what` starts afresh).
+pub fn read_kept<T: serde::de::DeserializeOwned + Default>(path: &Path, what: &str) -> T {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!("{}: unreadable ({e}); {what} start afresh", path.display());
+            T::default()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => T::default(),
+        Err(e) => {
+            tracing::warn!("{}: {e}; {what} start afresh", path.display());
+            T::default()
+        }
+    }
+}
+
 /// Writes a file by rename, so a crash leaves the old or the new content, never half.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp: PathBuf = path.with_extension("tmp");

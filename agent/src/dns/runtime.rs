@@ -214,13 +214,7 @@ impl DnsRuntime {
         let domains_path = state_dir.join("dns-names.json");
         super::load_domains(&domains_path)?;
         let counters_path = state_dir.join("dns-counters.json");
-        let kept: KeptCounters = match std::fs::read(&counters_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!(error = %e, "dns-counters.json unreadable; DNS counters start from zero");
-                KeptCounters::default()
-            }),
-            Err(_) => KeptCounters::default(),
-        };
+        let kept: KeptCounters = crate::admin::read_kept(&counters_path, "DNS counters");
         let learned: HashMap<MapData, LearnedKey, LearnedValue> =
             open(pin_dir, map_names::LEARNED)?;
         let mut learner = Learner::new(options);

@@ -586,13 +586,7 @@ impl Observer {
     ) -> (Observer, u64) {
         let state_file = state_dir.join("state.json");
         let observed_file = state_dir.join("observed.json");
-        let persisted: Persisted = match std::fs::read(&state_file) {
-            Ok(data) => serde_json::from_slice(&data).unwrap_or_else(|e| {
-                warn!(error = %e, "state.json unreadable; user-space counters start from zero");
-                Persisted::default()
-            }),
-            Err(_) => Persisted::default(),
-        };
+        let persisted: Persisted = admin::read_kept(&state_file, "user-space counters");
         log.written
             .store(persisted.flow_log_written, Ordering::Relaxed);
         log.lost.store(persisted.flow_log_lost, Ordering::Relaxed);

@@ -375,8 +375,7 @@ impl SyncHistogram {
         let buckets = Self::bounds().len();
         let counts = file
             .as_ref()
-            .and_then(|f| std::fs::read(f).ok())
-            .and_then(|data| serde_json::from_slice::<HistogramCounts>(&data).ok())
+            .map(|f| crate::admin::read_kept::<HistogramCounts>(f, "sync-time counts"))
             .filter(|c| c.buckets.len() == buckets)
             .unwrap_or_else(|| HistogramCounts {
                 buckets: vec![0; buckets],

@@ -130,23 +130,7 @@ impl KeptState {
     /// What `path` holds: empty when there is nothing (yet), reported and empty when it
     /// cannot be read.
     pub fn read(path: &Path) -> KeptState {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(
-                    "{}: not a store of last good objects ({e}); starting without it",
-                    path.display()
-                );
-                KeptState::default()
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeptState::default(),
-            Err(e) => {
-                tracing::warn!(
-                    "{}: {e}; starting without last good objects",
-                    path.display()
-                );
-                KeptState::default()
-            }
-        }
+        crate::admin::read_kept(path, "last good objects")
     }
 
     /// Replaces `path` with this (written aside, then renamed over it); a failure is
