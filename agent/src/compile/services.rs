@@ -77,6 +77,8 @@ pub struct ServiceIdentities {
     /// The numbers an earlier agent gave Service addresses (`seed`), taken again by the
     /// Services that still have them.
     previous: BTreeMap<IpAddr, u32>,
+    /// Numbers taken from `previous`.
+    taken: std::collections::BTreeSet<u32>,
 }
 
 impl ServiceIdentities {
@@ -85,16 +87,21 @@ impl ServiceIdentities {
         if let Some(id) = self.ids.get(&key) {
             return *id;
         }
-        let taken = |id: &u32| self.ids.values().any(|i| i == id);
         let previous = addresses
             .iter()
             .filter_map(|ip| self.previous.get(ip))
-            .find(|id| !taken(id))
+            .find(|id| !self.taken.contains(*id))
             .copied();
-        let id = previous.unwrap_or_else(|| {
-            self.next += 1;
-            agent_common::IDENTITY_SERVICE_BASE + self.next - 1
-        });
+        let id = match previous {
+            Some(id) => {
+                self.taken.insert(id);
+                id
+            }
+            None => {
+                self.next += 1;
+                agent_common::IDENTITY_SERVICE_BASE + self.next - 1
+            }
+        };
         self.ids.insert(key, id);
         id
     }
@@ -111,6 +118,7 @@ impl ServiceIdentities {
     /// The first compile is done: the earlier agent's numbers are all taken up or gone.
     pub(crate) fn forget_previous(&mut self) {
         self.previous.clear();
+        self.taken.clear();
     }
 
     pub(crate) fn retain(&mut self, used: &BTreeSet<u32>) {
