@@ -273,6 +273,9 @@ pub struct FileSource {
     fingerprint: Option<Fingerprint>,
     /// Per file: a hash of its content at the last read, and the errors it gave.
     file_stamps: BTreeMap<PathBuf, FileStamp>,
+    /// Per file: the documents of kept kinds it gave good at its last read, so a file read
+    /// unchanged gives them again (another file's duplicate may have hidden them meanwhile).
+    file_documents: BTreeMap<PathBuf, Vec<(ObjectKey, KeptDocument)>>,
     /// The last load, for `Source`.
     current: Loaded,
     /// Where the last good documents of `kept_across_restarts` kinds are kept, if anywhere.
@@ -294,6 +297,7 @@ impl FileSource {
             previous_errors: BTreeSet::new(),
             fingerprint: None,
             file_stamps: BTreeMap::new(),
+            file_documents: BTreeMap::new(),
             current: Loaded::default(),
             store: None,
             documents: BTreeMap::new(),
@@ -416,8 +420,10 @@ impl FileSource {
         };
         let mut new_files = BTreeMap::new();
         let mut new_stamps = BTreeMap::new();
-        // Documents of the objects parsed good in this load (kept kinds only).
+        // Documents of the objects read good in this load (kept kinds only), the last
+        // definition winning as it does for the objects.
         let mut fresh_documents: BTreeMap<ObjectKey, KeptDocument> = BTreeMap::new();
+        let mut new_file_documents = BTreeMap::new();
         // The object errors of files that cannot be read now: not reported while the file
         // hides them, not counted again when it shows them unchanged.
         let mut hidden: BTreeSet<ErrorId> = BTreeSet::new();
@@ -452,6 +458,10 @@ impl FileSource {
                             "{key} is defined more than once; the last definition wins"
                         ));
                     }
+                }
+                if let Some(documents) = self.file_documents.get(&file) {
+                    fresh_documents.extend(documents.iter().cloned());
+                    new_file_documents.insert(file.clone(), documents.clone());
                 }
                 new_stamps.insert(file.clone(), (stamp, old_errors.clone()));
                 new_files.insert(file.clone(), objects_of_file.clone());
@@ -492,13 +502,15 @@ impl FileSource {
                         );
                     }
                     let mut good = Vec::new();
+                    let mut documents = Vec::new();
                     for (item, document) in items {
                         match item {
                             Ok((key, object)) => {
                                 if let Some(document) = document {
                                     let file = file.clone();
-                                    fresh_documents
-                                        .insert(key.clone(), KeptDocument { file, document });
+                                    let kept = KeptDocument { file, document };
+                                    fresh_documents.insert(key.clone(), kept.clone());
+                                    documents.push((key.clone(), kept));
                                 }
                                 good.push((key, object));
                             }
@@ -521,6 +533,7 @@ impl FileSource {
                             }
                         }
                     }
+                    new_file_documents.insert(file.clone(), documents);
                     good
                 }
                 Err(reason) => {
@@ -564,6 +577,7 @@ impl FileSource {
         }
         self.last_good_files = new_files;
         self.file_stamps = new_stamps;
+        self.file_documents = new_file_documents;
         // The document of every kept kind's object in force: parsed now, or the one kept
         // for it before (an unchanged file, a last good version).
         let documents = objects
@@ -1056,6 +1070,43 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The version kept for a restart is the one in force: when another file's duplicate of
+    /// an object goes away, the definition left (from a file read unchanged) is kept, never
+    /// the deleted duplicate.
+    #[test]
+    fn the_kept_version_follows_a_duplicate_removed() {
+        let dir = std::env::temp_dir().join(format!("tg-files-dup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let store = dir.join("kept.json");
+        let policy = |port: u32| {
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
+            )
+        };
+        let key = ("x".to_string(), "p".to_string());
+        let (main, extra) = (state.join("00-main.yaml"), state.join("20-extra.yaml"));
+        std::fs::write(&main, policy(8080)).unwrap();
+        let mut source = FileSource::new(&state).with_last_good_store(&store);
+        let strict = source.load().state.policies[&key].clone();
+        std::fs::write(&extra, policy(9090)).unwrap();
+        let both = source.load();
+        assert_ne!(
+            both.state.policies[&key], strict,
+            "the last definition wins"
+        );
+        std::fs::remove_file(&extra).unwrap();
+        assert_eq!(source.load().state.policies[&key], strict);
+
+        // Broken now, and the agent restarted: the strict version stays in force.
+        std::fs::write(&main, policy(99999)).unwrap();
+        let restarted = FileSource::new(&state).with_last_good_store(&store).load();
+        assert!(restarted.errors.iter().all(|e| e.kept_last_good));
+        assert_eq!(restarted.state.policies[&key], strict);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A process started while a policy (or a whole file) is broken enforces the last good
