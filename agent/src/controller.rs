@@ -33,6 +33,8 @@ use crate::{
 /// How often the agent reconciles even when the cluster state did not change (interfaces,
 /// routes and cgroups appear after the pods that use them).
 const RESYNC: Duration = Duration::from_secs(10);
+/// The first wait before reconciling again after a reconcile that left errors.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
 
 /// After the source signals news, how long the controller waits to let more of a burst
 /// arrive before it syncs (and the least time between two such syncs).
@@ -212,7 +214,9 @@ pub struct Controller {
     pub policy_errors: Arc<AtomicU64>,
     sync_seconds: crate::metrics::SyncHistogram,
     last_sync: Instant,
-    pending_errors: bool,
+    /// While the last reconcile left errors (a workload not attached, rules that do not
+    /// fit): when to try again, and the wait after that one if it fails too.
+    retry: Option<(Instant, Duration)>,
     reconciled: bool,
     cluster_overrides: BTreeMap<String, ModeOverrideInfo>,
     notices: Option<tokio::sync::mpsc::Sender<ModeNotice>>,
@@ -241,7 +245,7 @@ impl Controller {
             policy_errors,
             sync_seconds,
             last_sync: Instant::now(),
-            pending_errors: false,
+            retry: None,
             reconciled: false,
             cluster_overrides,
             notices: None,
@@ -351,7 +355,9 @@ impl Controller {
     /// Takes in what the source has and reconciles when something changed, every `RESYNC`,
     /// and at every poll while a workload could not be attached.
     fn sync(&mut self, force: bool) {
-        let due = force || self.last_sync.elapsed() >= RESYNC || self.pending_errors;
+        let due = force
+            || self.last_sync.elapsed() >= RESYNC
+            || self.retry.is_some_and(|(at, _)| Instant::now() >= at);
         let refresh = self.source.refresh(force);
         let source_health = (self.source.degraded(), self.source.ready());
         let health_changed = source_health != self.source_health;
@@ -394,14 +400,27 @@ impl Controller {
                 for e in &report.errors {
                     warn!(error = %e, "workload not reconciled; retrying");
                 }
-                self.pending_errors = !report.errors.is_empty();
+                self.retry_later(!report.errors.is_empty());
                 self.reconciled = true;
             }
             Err(e) => {
-                self.pending_errors = true;
+                self.retry_later(true);
                 error!(error = %e, "reconcile failed; will retry");
             }
         }
+    }
+
+    /// Schedules the next try after a reconcile that left errors: 1 s, then twice as long
+    /// each time up to `RESYNC`, so a state that cannot fit (a policy of 50,000 ipBlocks)
+    /// is not compiled again at every poll, holding up mode changes and the other work of
+    /// this thread.
+    fn retry_later(&mut self, failed: bool) {
+        self.retry = failed.then(|| {
+            let wait = self
+                .retry
+                .map_or(RETRY_FIRST, |(_, wait)| (wait * 2).min(RESYNC));
+            (Instant::now() + wait, wait)
+        });
     }
 
     fn modes(&self) -> BTreeMap<(String, String), Mode> {

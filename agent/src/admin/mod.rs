@@ -134,6 +134,7 @@ pub struct WorkloadStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
+    /// As `/readyz`: the policy synced and nothing degraded (`degraded` says why not).
     pub ready: bool,
     pub workloads: Vec<WorkloadStatus>,
     pub policies: usize,

@@ -271,13 +271,21 @@ pub fn compile_ruleset(
         prefixes.insert(*net);
         prefixes.extend(except.iter().map(IpNet::trunc));
     }
+    // The rules by CIDR: the rules whose CIDR holds a prefix are found among the prefix's
+    // own supernets (at most 33 or 129), not by testing every rule against every prefix,
+    // which made a policy of 50,000 ipBlocks take minutes.
+    let mut by_net: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+    for (i, (net, _, _)) in cidr_rules.iter().enumerate() {
+        by_net.entry(*net).or_default().push(i);
+    }
     let mut in_use = BTreeSet::new();
     for prefix in prefixes {
-        let mut ports: Vec<(PortMatch, u32)> = cidr_rules
-            .iter()
-            .filter(|(net, except, _)| {
-                net.contains(&prefix) && !except.iter().any(|e| e.trunc().contains(&prefix))
-            })
+        let mut ports: Vec<(PortMatch, u32)> = (0..=prefix.prefix_len())
+            .filter_map(|len| IpNet::new(prefix.addr(), len).ok().map(|n| n.trunc()))
+            .filter_map(|supernet| by_net.get(&supernet))
+            .flatten()
+            .map(|&i| &cidr_rules[i])
+            .filter(|(_, except, _)| !except.iter().any(|e| e.trunc().contains(&prefix)))
             .map(|(_, _, rule)| (rule.ports, rule.rule_id))
             .collect();
         ports.sort();

@@ -1418,7 +1418,8 @@ impl Observer {
             .collect();
         Status {
             node: view.node.clone(),
-            ready: view.ready,
+            // What `/readyz` says: synced and nothing degraded.
+            ready: view.ready && view.degraded.is_empty(),
             workloads,
             policies: view.policies,
             policy_errors: view.policy_errors.clone(),
