@@ -472,41 +472,61 @@ pub fn node(node: &Node) -> Result<NodeInfo> {
 }
 
 /// The pod's top owning controller, the way operators name services: a ReplicaSet's pod
-/// belongs to its Deployment (the ReplicaSet name less the pod-template hash), a Job named
-/// `NAME-<minutes>` to the CronJob NAME, StatefulSet and DaemonSet pods to them; a pod with
-/// no owner is its own workload.
+/// belongs to its Deployment (the ReplicaSet name less the pod-template hash, Deployment's
+/// `pod-template-hash` or Argo Rollouts' `rollouts-pod-template-hash`), a Job a CronJob
+/// created to that CronJob, StatefulSet and DaemonSet pods to them. A pod with no
+/// controller is its own workload: an owner that is not the controller (`controller:
+/// false`, a garbage-collection anchor), and the Node kubelet names as the owner of a
+/// static pod's mirror, do not name one.
 pub fn workload_name(pod: &Pod, pod_name: &str) -> String {
     let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
-    let Some(owner) = owners
+    // Hand-written objects may leave `controller` out: then an owner of a controller kind.
+    let owner = owners
         .iter()
         .find(|o| o.controller == Some(true))
-        .or_else(|| owners.first())
-    else {
+        .or_else(|| {
+            owners.iter().find(|o| {
+                o.controller.is_none()
+                    && matches!(
+                        o.kind.as_str(),
+                        "ReplicaSet"
+                            | "StatefulSet"
+                            | "DaemonSet"
+                            | "Job"
+                            | "ReplicationController"
+                    )
+            })
+        });
+    let Some(owner) = owner.filter(|o| o.kind != "Node") else {
         return pod_name.to_string();
     };
     match owner.kind.as_str() {
         "ReplicaSet" => {
-            let hash = pod
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("pod-template-hash"));
-            match hash.and_then(|h| owner.name.strip_suffix(&format!("-{h}"))) {
-                Some(deployment) => deployment.to_string(),
-                None => owner.name.clone(),
-            }
+            let labels = pod.metadata.labels.as_ref();
+            let hashes = ["pod-template-hash", "rollouts-pod-template-hash"]
+                .into_iter()
+                .filter_map(|label| labels.and_then(|l| l.get(label)));
+            hashes
+                .filter_map(|h| owner.name.strip_suffix(&format!("-{h}")))
+                .next()
+                .unwrap_or(&owner.name)
+                .to_string()
         }
-        "Job" => match owner.name.rsplit_once('-') {
-            // CronJobs name their Jobs NAME-<scheduled time in minutes>.
-            Some((cronjob, suffix))
-                if suffix.len() >= 8 && suffix.chars().all(|c| c.is_ascii_digit()) =>
-            {
-                cronjob.to_string()
-            }
-            _ => owner.name.clone(),
-        },
+        "Job" => cronjob_of(&owner.name).unwrap_or(&owner.name).to_string(),
         _ => owner.name.clone(),
     }
+}
+
+/// The CronJob that created a Job, from the Job's name: CronJobs name their Jobs
+/// `NAME-<scheduled time in minutes since 1970>`, 8 digits from 23,000,000 (2013) to year
+/// 2160. A date (`backup-20261126`: at most 21,000,000) or Unix seconds are not that: such
+/// a Job is its own workload. (A pod names its Job only; the Job's own owner is not in the
+/// pod.)
+fn cronjob_of(job: &str) -> Option<&str> {
+    let (cronjob, suffix) = job.rsplit_once('-')?;
+    let minutes: u64 = suffix.parse().ok()?;
+    (suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_digit()) && minutes >= 23_000_000)
+        .then_some(cronjob)
 }
 
 /// A label key as the API server takes it: an optional DNS-subdomain prefix and `/`, then
@@ -888,4 +908,80 @@ pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
     })
     .or_else(|| rules(spec, "ingress", "from"))
     .or_else(|| rules(spec, "egress", "to"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The workload a pod is named by, for the owners operators meet.
+    #[test]
+    fn workload_names_follow_the_controller() {
+        let cases = [
+            // (labels, ownerReferences, workload)
+            (
+                "{pod-template-hash: 7d9c8b5f4}",
+                "[{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9c8b5f4, uid: u, controller: true}]",
+                "web",
+            ),
+            (
+                "{rollouts-pod-template-hash: 6b8c9d7f5}",
+                "[{apiVersion: apps/v1, kind: ReplicaSet, name: checkout-6b8c9d7f5, uid: u, controller: true}]",
+                "checkout",
+            ),
+            (
+                "{}",
+                "[{apiVersion: apps/v1, kind: ReplicaSet, name: bare-rs, uid: u, controller: true}]",
+                "bare-rs",
+            ),
+            (
+                "{}",
+                "[{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: u, controller: true}]",
+                "db",
+            ),
+            (
+                "{}",
+                "[{apiVersion: batch/v1, kind: Job, name: report-29410560, uid: u, controller: true}]",
+                "report",
+            ),
+            (
+                "{}",
+                "[{apiVersion: batch/v1, kind: Job, name: backup-20261126, uid: u, controller: true}]",
+                "backup-20261126",
+            ),
+            (
+                "{}",
+                "[{apiVersion: batch/v1, kind: Job, name: import-1732600000, uid: u, controller: true}]",
+                "import-1732600000",
+            ),
+            (
+                "{}",
+                "[{apiVersion: v1, kind: Node, name: node-1, uid: u, controller: true}]",
+                "the-pod",
+            ),
+            (
+                "{}",
+                "[{apiVersion: v1, kind: ConfigMap, name: gc-anchor, uid: u}]",
+                "the-pod",
+            ),
+            (
+                "{}",
+                "[{apiVersion: v1, kind: ConfigMap, name: gc-anchor, uid: u, controller: false}, {apiVersion: apps/v1, kind: DaemonSet, name: agent, uid: v, controller: true}]",
+                "agent",
+            ),
+            (
+                "{}",
+                "[{apiVersion: apps/v1, kind: DaemonSet, name: handmade, uid: v}]",
+                "handmade",
+            ),
+            ("{}", "[]", "the-pod"),
+        ];
+        for (labels, owners, want) in cases {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: the-pod, namespace: x, labels: {labels}, ownerReferences: {owners}}}\n"
+            );
+            let pod: Pod = serde_norway::from_str(&yaml).unwrap();
+            assert_eq!(workload_name(&pod, "the-pod"), want, "{owners} {labels}");
+        }
+    }
 }
