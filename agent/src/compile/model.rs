@@ -257,6 +257,11 @@ pub struct PodInfo {
     pub workload: String,
     pub host_network: bool,
     pub node_name: Option<String>,
+    /// Being deleted (`metadata.deletionTimestamp`): its addresses may be another pod's
+    /// already.
+    pub terminating: bool,
+    /// `metadata.creationTimestamp`, seconds since 1970 (0 when not written).
+    pub created: i64,
 }
 
 impl PodInfo {

@@ -809,6 +809,26 @@ fn next_namespaces_version() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Which of the pods claiming one address names it (normally there is one; two while an
+/// address is reused before the old pod's deletion is seen, or when a pod is written with
+/// another's address): a pod not being deleted over one that is, then the newer, then the
+/// greater `NAMESPACE/NAME`. So a stale or terminating pod, or an old object naming a live
+/// pod's address, never lends that pod its labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct ClaimRank {
+    live: bool,
+    created: i64,
+}
+
+impl ClaimRank {
+    fn of(pod: &PodInfo) -> ClaimRank {
+        ClaimRank {
+            live: !pod.terminating,
+            created: pod.created,
+        }
+    }
+}
+
 /// Everything derived from pods and namespaces alone, kept up to date pod by pod when the
 /// source's change log says which pods changed, rebuilt when it cannot. The maps are
 /// persistent (`imbl`): handing them to a compile result is O(1), and one pod changes
@@ -819,9 +839,10 @@ struct IdentityPart {
     pod_identity: OrdMap<PodKey, u32>,
     identities: OrdMap<u32, IdentityInfo>,
     address_pods: OrdMap<IpAddr, PodKey>,
-    /// Every pod claiming an address (normally one); the greatest key wins, as it did when
-    /// the maps were built in key order.
-    claims: BTreeMap<IpAddr, BTreeSet<PodKey>>,
+    /// Every pod claiming an address (normally one), by rank: the greatest wins.
+    claims: BTreeMap<IpAddr, BTreeSet<(ClaimRank, PodKey)>>,
+    /// The rank each pod claimed its addresses with.
+    ranks: BTreeMap<PodKey, ClaimRank>,
     /// Per pod: the addresses it claimed and a hash of its named ports.
     seen: BTreeMap<PodKey, (Vec<IpAddr>, u64)>,
     /// Per identity: how many pods have it, addressed or not. It is released at zero.
@@ -942,10 +963,15 @@ impl IdentityPart {
                 pods.insert(at, key.clone());
             }
         }
+        let rank = ClaimRank::of(pod);
         for ip in &pod.ips {
-            self.claims.entry(*ip).or_default().insert(key.clone());
+            self.claims
+                .entry(*ip)
+                .or_default()
+                .insert((rank.clone(), key.clone()));
             self.settle(*ip, nets);
         }
+        self.ranks.insert(key.clone(), rank);
         self.seen
             .insert(key.clone(), (pod.ips.clone(), hash_of(&pod.ports)));
     }
@@ -960,9 +986,10 @@ impl IdentityPart {
             return;
         };
         let (ips, _) = self.seen.remove(key).unwrap_or_default();
+        let rank = self.ranks.remove(key).unwrap_or_default();
         for ip in &ips {
             if let Some(claims) = self.claims.get_mut(ip) {
-                claims.remove(key);
+                claims.remove(&(rank.clone(), key.clone()));
                 if claims.is_empty() {
                     self.claims.remove(ip);
                 }
@@ -985,7 +1012,7 @@ impl IdentityPart {
     /// Points an address at the pod that wins it, if any still claims it.
     fn settle(&mut self, ip: IpAddr, nets: &mut BTreeSet<IpNet>) {
         let net = single_address(ip);
-        let winner = self.claims.get(&ip).and_then(|c| c.last());
+        let winner = self.claims.get(&ip).and_then(|c| c.last()).map(|(_, k)| k);
         match winner.and_then(|w| Some((w, *self.pod_identity.get(w)?))) {
             Some((w, id)) => {
                 if self.address_pods.get(&ip) != Some(w) {
@@ -2016,6 +2043,70 @@ mod tests {
                 ((namespace.into(), name.into()), policy)
             })
             .collect()
+    }
+
+    /// Two pods claiming one address: the live one, then the newer, names it, whatever
+    /// their names; a full compile and an incremental one agree.
+    #[test]
+    fn an_address_is_named_by_its_live_newest_pod() {
+        let pod = |name: &str, app: &str, created: &str, deleting: bool| {
+            let deletion = if deleting {
+                ", deletionTimestamp: \"2026-11-26T15:00:00Z\""
+            } else {
+                ""
+            };
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: b, labels: {{app: {app}}}, creationTimestamp: \"{created}\"{deletion}}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.10.1.13}}]}}\n"
+            )
+        };
+        let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n".to_string();
+        let live = pod("b3n", "gone", "2026-11-26T12:00:00Z", false);
+        let owner_of = |compiled: &Compiled| {
+            let id = compiled.addresses[&"10.10.1.13/32".parse::<IpNet>().unwrap()];
+            compiled.identities[&id].labels.clone()
+        };
+        let gone: Labels = [("app".to_string(), "gone".to_string())].into();
+        for other in [
+            // Terminating, and sorted after the live pod, as it won before.
+            pod("old-other", "other", "2026-11-20T12:00:00Z", true),
+            // Terminating though newer.
+            pod("old-other", "other", "2026-11-26T13:00:00Z", true),
+            // Live but older: a pod of a lost node whose address was given again.
+            pod("old-other", "other", "2026-11-20T12:00:00Z", false),
+        ] {
+            let full = store_of(&(namespace.clone() + &live + &other)).into_state();
+            let compiled = compile(
+                &full,
+                &mut IdentityAllocator::default(),
+                None,
+                &Default::default(),
+            );
+            assert_eq!(owner_of(&compiled), gone, "{other}");
+
+            // The same, the other pod arriving after the first compile.
+            let mut store = store_of(&(namespace.clone() + &live));
+            let (mut allocator, mut cache) =
+                (IdentityAllocator::default(), CompileCache::default());
+            let options = CompileOptions::default();
+            compile_cached(store.state(), &mut allocator, None, &options, &mut cache);
+            insert_yaml(&mut store, &other);
+            let compiled =
+                compile_cached(store.state(), &mut allocator, None, &options, &mut cache);
+            assert_eq!(owner_of(&compiled), gone, "incremental: {other}");
+        }
+        // A newer live pod takes the address over.
+        let newer = pod("a-new", "new", "2026-11-26T14:00:00Z", false);
+        let state = store_of(&(namespace + &live + &newer)).into_state();
+        let compiled = compile(
+            &state,
+            &mut IdentityAllocator::default(),
+            None,
+            &Default::default(),
+        );
+        assert_eq!(
+            owner_of(&compiled),
+            [("app".to_string(), "new".to_string())].into()
+        );
     }
 
     #[test]

@@ -269,6 +269,11 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
         ports,
         host_network,
         node_name: spec.and_then(|s| s.node_name.clone()),
+        terminating: meta.deletion_timestamp.is_some(),
+        created: meta
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second()),
     })
 }
 
