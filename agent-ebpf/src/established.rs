@@ -43,9 +43,10 @@ fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
 
 /// Writes the tracking key of a flow a 32-bit word at a time, zeros included. Built as a
 /// struct, LLVM merges its zero bytes into `memset`s, which the BPF backend emits as calls
-/// to a byte loop: more than the rest of this path together.
+/// to a byte loop: more than the rest of this path together. `local_mask` is 0 for a
+/// host-network pod, whose keys leave the local address out (`conntrack::key_of`).
 #[inline(always)]
-fn write_key(key: &mut MaybeUninit<CtKey>, slot: u32, flow: &Flow, direction: u8) {
+fn write_key(key: &mut MaybeUninit<CtKey>, slot: u32, flow: &Flow, direction: u8, local_mask: u32) {
     let (local, remote, local_port, remote_port) = if direction == DIR_EGRESS {
         (&flow.src, &flow.dst, flow.src_port, flow.dst_port)
     } else {
@@ -57,10 +58,10 @@ fn write_key(key: &mut MaybeUninit<CtKey>, slot: u32, flow: &Flow, direction: u8
         [l0, l1, r0, r1]
     });
     let words: [u32; 11] = [
-        local[0],
-        local[1],
-        local[2],
-        local[3],
+        local[0] & local_mask,
+        local[1] & local_mask,
+        local[2] & local_mask,
+        local[3] & local_mask,
         remote[0],
         remote[1],
         remote[2],
@@ -277,7 +278,12 @@ fn try_pass(
     }
 
     let mut key = MaybeUninit::<CtKey>::uninit();
-    write_key(&mut key, slot, &flow, direction);
+    let local_mask = if workload.flags & workload_flags::HOST_SOURCE != 0 {
+        0
+    } else {
+        u32::MAX
+    };
+    write_key(&mut key, slot, &flow, direction, local_mask);
     // SAFETY: every byte written just above.
     let key = unsafe { key.assume_init_ref() };
 

@@ -33,7 +33,7 @@ use agent_common::{
     LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_TCP,
     PROTO_UDP, PolicyKey, PolicyValue, RULESET_CAPACITY, ResolverKey, SLOT_CACHE_CAPACITY,
     SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
-    WorkloadConfig, diag, slot_cache_bucket, workload_flags,
+    WorkloadConfig, diag, is_service_identity, slot_cache_bucket, workload_flags,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -50,7 +50,7 @@ use core::mem::MaybeUninit;
 
 use crate::{
     established::FastPath,
-    parse::{Kind, Packet, ParseError},
+    parse::{Kind, Packet, ParseError, SocketView},
 };
 
 /// Per-workload configuration, by slot.
@@ -401,7 +401,34 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         counters::count(slot, direction, VERDICT_ALLOWED, segs, bytes);
         return Action::Pass;
     }
-    if direction == DIR_EGRESS && !source_is_own(workload, &pkt) {
+    let host_source = workload.flags & workload_flags::HOST_SOURCE != 0;
+    // An answer of a host-network pod as a Service backend, from a socket without a peer:
+    // its source is the ClusterIP again (the DNAT undone), and only a tracked flow makes it
+    // a reply (checked below).
+    let mut undone_dnat = false;
+    if l3 == 0
+        && direction == DIR_EGRESS
+        && pkt.kind == Kind::Flow
+        && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP)
+    {
+        // Past the node's NAT: decided and tracked as the socket sees it (`socket_view`).
+        // The fast path looked the packet's own view up, so the main table is looked up
+        // again.
+        match parse::socket_view(skb, pkt) {
+            SocketView::Same => {}
+            SocketView::Changed => fast = FastPath::General,
+            SocketView::LocalPort(port) => {
+                if host_source
+                    && is_service_identity(identity::identity_of(pkt.family, &pkt.tuple.src))
+                {
+                    pkt.tuple.src_port = port;
+                    undone_dnat = true;
+                    fast = FastPath::General;
+                }
+            }
+        }
+    }
+    if direction == DIR_EGRESS && !undone_dnat && !source_is_own(workload, &pkt) {
         return spoofed(workload, slot, &pkt, isolated, segs, bytes);
     }
 
@@ -445,9 +472,12 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
 
     let mut tracked = None;
-    let mut key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction);
+    let mut key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction, host_source);
+    if undone_dnat && conntrack::related(workload, &key, now).is_none() {
+        return spoofed(workload, slot, &pkt, isolated, segs, bytes);
+    }
     if pkt.kind == Kind::IcmpError {
-        let related = conntrack::key_of(&pkt.related, pkt.family, slot, direction);
+        let related = conntrack::key_of(&pkt.related, pkt.family, slot, direction, host_source);
         if !error_fits_flow(&key, &related, direction) {
             // Quoting a tracked flow is not enough: an error must travel between that
             // flow's ends, or any pod could smuggle packets to anyone as "related".

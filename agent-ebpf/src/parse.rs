@@ -359,3 +359,123 @@ fn quoted_ports(
     }
     Ok(())
 }
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// An IPv4 address as a socket holds it: `dst_ip4`, or the last word of a v4-mapped IPv6
+/// address (`::ffff:a.b.c.d`) on a dual-stack socket.
+#[inline(always)]
+fn socket_v4(family: u32, ip4: u32, ip6: &[u32; 4]) -> Option<u32> {
+    if family == AF_INET {
+        Some(ip4)
+    } else if family == AF_INET6 && ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0xffffu32.to_be() {
+        Some(ip6[3])
+    } else {
+        None
+    }
+}
+
+/// What a packet's socket says of it at a cgroup egress hook (`socket_view`).
+pub enum SocketView {
+    /// Nothing to add: no socket, or it agrees with the packet.
+    Same,
+    /// The packet now reads as its connected socket sees it.
+    Changed,
+    /// The socket has no peer (a listener answering with a SYN-ACK, an unconnected UDP
+    /// socket answering with `sendto`): only its local port is known.
+    LocalPort(u16),
+}
+
+/// At a cgroup egress hook, turns a TCP or UDP packet's addresses and ports into what its
+/// connected socket holds, when they differ: there the packet has been through the node's
+/// netfilter already, so a host-network pod's call to a Service ClusterIP leaves with the
+/// backend's address (kube-proxy's DNAT in OUTPUT), and its answer as a Service backend
+/// with the ClusterIP's (the DNAT undone in POSTROUTING), while its ingress hook sees the
+/// socket's side of both. Tracked and decided as the socket sees it, the two directions
+/// meet, and the call is decided as a flow to the Service, as at a pod's TC hook.
+#[inline(always)]
+pub fn socket_view(skb: &SkBuff, pkt: &mut Packet) -> SocketView {
+    // SAFETY: context field read; the kernel gives a socket pointer or null (the full
+    // socket: a listener for its SYN-ACKs).
+    let sk = unsafe { (*skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return SocketView::Same;
+    }
+    // SAFETY: a non-null `__sk_buff::sk` is a readable `bpf_sock` (its common part): each
+    // field read once, volatile so LLVM keeps the access sizes the verifier allows.
+    let (family, src_port, dst_port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sk).family),
+            core::ptr::read_volatile(&(*sk).src_port) as u16,
+            u16::from_be(core::ptr::read_volatile(&(*sk).dst_port)),
+        )
+    };
+    if src_port == 0 {
+        return SocketView::Same;
+    }
+    if dst_port == 0 {
+        return if src_port == pkt.tuple.src_port {
+            SocketView::Same
+        } else {
+            SocketView::LocalPort(src_port)
+        };
+    }
+    let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
+    if pkt.family == FAMILY_IPV4 {
+        // SAFETY: as above.
+        let (s4, d4, s6, d6) = unsafe {
+            (
+                core::ptr::read_volatile(&(*sk).src_ip4),
+                core::ptr::read_volatile(&(*sk).dst_ip4),
+                read_ip6(&(*sk).src_ip6),
+                read_ip6(&(*sk).dst_ip6),
+            )
+        };
+        let (Some(s), Some(d)) = (socket_v4(family, s4, &s6), socket_v4(family, d4, &d6)) else {
+            return SocketView::Same;
+        };
+        if s == 0 || d == 0 {
+            return SocketView::Same;
+        }
+        src[..4].copy_from_slice(&s.to_ne_bytes());
+        dst[..4].copy_from_slice(&d.to_ne_bytes());
+    } else {
+        if family != AF_INET6 {
+            return SocketView::Same;
+        }
+        // SAFETY: as above.
+        let (s6, d6) = unsafe { (read_ip6(&(*sk).src_ip6), read_ip6(&(*sk).dst_ip6)) };
+        if d6 == [0; 4] || s6 == [0; 4] {
+            return SocketView::Same;
+        }
+        for i in 0..4 {
+            src[i * 4..i * 4 + 4].copy_from_slice(&s6[i].to_ne_bytes());
+            dst[i * 4..i * 4 + 4].copy_from_slice(&d6[i].to_ne_bytes());
+        }
+    }
+    let t = &mut pkt.tuple;
+    if t.src == src && t.dst == dst && t.src_port == src_port && t.dst_port == dst_port {
+        return SocketView::Same;
+    }
+    t.src = src;
+    t.dst = dst;
+    t.src_port = src_port;
+    t.dst_port = dst_port;
+    SocketView::Changed
+}
+
+/// # Safety
+/// `words` points into a readable `bpf_sock`.
+#[inline(always)]
+unsafe fn read_ip6(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: as the caller promises; one 32-bit load per word, as the verifier allows.
+    unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    }
+}

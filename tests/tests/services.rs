@@ -425,3 +425,130 @@ fn a_change_of_backends_decides_new_connections_and_leaves_established_ones() {
     assert_eq!(r.echoed, 2, "{r:?}");
     eprintln!("a change of backends took {took:?} to decide new connections");
 }
+
+/// A host-network pod attached on its cgroup, isolated both ways in drop mode, calls the
+/// ledger's ClusterIP and serves a Service of its own. Its hook sees its packets past the
+/// node's netfilter: a call leaves with the backend's address (kube-proxy's DNAT in OUTPUT)
+/// and its answer as a backend with the ClusterIP's (the DNAT undone in POSTROUTING),
+/// while what arrives reads as its socket sees it; a listener's SYN-ACK and an unconnected
+/// UDP socket's answer name only their local port. Both directions meet as the socket sees
+/// them: nothing is dropped, nothing is taken for a spoof.
+#[test]
+fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
+    const METRICS_V4: &str = "10.96.0.70";
+    let mut bank = bank("services-host-network");
+    let exporter = bank.lab.add_host_pod("exporter");
+    bank.lab.serve(&exporter, &[9100], &[9101]);
+    let agent = bank.start("drop");
+    // The exporter's Service: its endpoint is the node's address, as a host-network pod's is.
+    let ledger = |proto, port, endpoints| ServicePort {
+        namespace: "bank".into(),
+        service: "ledger".into(),
+        port_name: if proto == Proto::Tcp { "web" } else { "dns" }.into(),
+        protocol: proto,
+        cluster_ip: ip(LEDGER_V4),
+        port,
+        endpoints,
+    };
+    let stable = |port| {
+        vec![
+            (bank.ledger_a.addr(false), port),
+            (
+                bank.ledger_b.addr(false),
+                if port == 8080 { 8081 } else { port },
+            ),
+        ]
+    };
+    kube_proxy::apply(
+        &bank.lab.node,
+        &[
+            ledger(Proto::Tcp, 80, stable(8080)),
+            ledger(Proto::Udp, 53, stable(5353)),
+            ServicePort {
+                namespace: "bank".into(),
+                service: "exporter".into(),
+                port_name: "metrics".into(),
+                protocol: Proto::Tcp,
+                cluster_ip: ip(METRICS_V4),
+                port: 80,
+                endpoints: vec![(IpAddr::V4(exporter.ipv4), 9100)],
+            },
+            ServicePort {
+                namespace: "bank".into(),
+                service: "exporter".into(),
+                port_name: "stats".into(),
+                protocol: Proto::Udp,
+                cluster_ip: ip(METRICS_V4),
+                port: 81,
+                endpoints: vec![(IpAddr::V4(exporter.ipv4), 9101)],
+            },
+        ],
+        "10.1.0.0/24",
+        "fd77:1::/64",
+    );
+    let exporter_policy = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: exporter, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: exporter}}\n  policyTypes: [Ingress, Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: ledger, track: stable}}}]\n    ports: [{port: http}, {port: dns, protocol: UDP}]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 9100}, {port: 9101, protocol: UDP}]\n";
+    let yaml = bank.yaml("drop", false)
+        + &cluster::pod(
+            &exporter,
+            "bank",
+            "exporter-0",
+            "{app: exporter}",
+            "{}",
+            &[],
+        )
+        + &cluster::service(
+            "bank",
+            "exporter",
+            &[ip(METRICS_V4)],
+            "{app: exporter}",
+            &[("metrics", 80, "TCP", "9100"), ("stats", 81, "UDP", "9101")],
+        )
+        + &cluster::endpoint_slice(
+            "bank",
+            "exporter-v4",
+            "exporter",
+            &[(IpAddr::V4(exporter.ipv4), "exporter-0")],
+            &[("metrics", 9100, "TCP"), ("stats", 9101, "UDP")],
+        )
+        + exporter_policy;
+    agent.apply(&yaml, &["client-0", "ledger-a", "ledger-b", "exporter-0"]);
+    assert_eq!(agent.workload("exporter-0").unwrap()["attach"], "cgroup");
+
+    let spoofed = || {
+        sample(
+            &agent.metrics_text(),
+            "tollgate_spoofed_packets_total",
+            &[("pod", "exporter-0")],
+        )
+        .unwrap_or(0.0)
+    };
+    let spoofed_before = spoofed();
+    let [got] = agent::measure(&bank.lab, &agent, ["exporter-0"], || {
+        // Its calls: TCP spread over both stable backends, UDP to the `dns` port.
+        for _ in 0..8 {
+            let r = traffic::tcp(&exporter, ip(LEDGER_V4), 80, 2, PATIENT);
+            assert_eq!(r.echoed, 2, "exporter to the ledger's ClusterIP: {r:?}");
+        }
+        let r = traffic::udp(&exporter, ip(LEDGER_V4), 53, 3, 64, PATIENT);
+        assert_eq!(r.echoed, 3, "UDP to the ledger's ClusterIP: {r:?}");
+        // Called: the client through the exporter's ClusterIP.
+        for _ in 0..4 {
+            let r = traffic::tcp(&bank.client, ip(METRICS_V4), 80, 2, PATIENT);
+            assert_eq!(r.echoed, 2, "client to the exporter's ClusterIP: {r:?}");
+        }
+        // Answered from an unconnected UDP socket.
+        let r = traffic::udp(&bank.client, ip(METRICS_V4), 81, 3, 64, PATIENT);
+        assert_eq!(r.echoed, 3, "UDP to the exporter's ClusterIP: {r:?}");
+    });
+    assert_eq!(
+        (got[1], got[2], got[4], got[5]),
+        (0, 0, 0, 0),
+        "nothing denied at the exporter: {got:?}"
+    );
+    assert!(got[0] > 0 && got[3] > 0, "{got:?}");
+    assert_eq!(
+        spoofed(),
+        spoofed_before,
+        "an answer as a backend is no spoof"
+    );
+}
