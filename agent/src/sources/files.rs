@@ -415,7 +415,8 @@ impl FileSource {
                     reason,
                     kept_last_good: !self.last_good_files.is_empty(),
                 });
-                self.last_good_files.keys().cloned().collect()
+                // Its files are not read one by one: each would fail the same way.
+                Vec::new()
             }
         };
         let mut new_files = BTreeMap::new();
@@ -575,6 +576,31 @@ impl FileSource {
             }
             new_files.insert(file, file_objects);
         }
+        if !listed {
+            // Everything stays as the last load had it, its errors too: hidden while the
+            // path cannot be read, not counted again when it can.
+            for objects_of_file in self.last_good_files.values() {
+                for (key, object) in objects_of_file {
+                    if objects.insert(key.clone(), object.clone()).is_some() {
+                        warnings.push(format!(
+                            "{key} is defined more than once; the last definition wins"
+                        ));
+                    }
+                }
+            }
+            for documents in self.file_documents.values() {
+                fresh_documents.extend(documents.iter().cloned());
+            }
+            new_files = self.last_good_files.clone();
+            new_stamps = self.file_stamps.clone();
+            new_file_documents = self.file_documents.clone();
+            hidden.extend(
+                self.previous_errors
+                    .iter()
+                    .filter(|(object, file, _)| object.is_some() || *file != self.path)
+                    .cloned(),
+            );
+        }
         self.last_good_files = new_files;
         self.file_stamps = new_stamps;
         self.file_documents = new_file_documents;
@@ -624,8 +650,11 @@ impl FileSource {
         // Rebuilt from scratch: readers compare, they do not replay.
         state.changes = Default::default();
         let current: BTreeSet<ErrorId> = errors.iter().map(error_id).chain(hidden).collect();
+        // A cluster state that cannot be read is no bad object: the source is degraded
+        // (`tollgate_source_degraded`), not counted in `tollgate_policy_errors_total`.
         let new_errors = errors
             .iter()
+            .filter(|e| e.object.is_some() || e.file != self.path)
             .filter(|e| !self.previous_errors.contains(&error_id(e)))
             .cloned()
             .collect();
@@ -1070,6 +1099,43 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A cluster state that cannot be read for a while (moved away, unmounted) degrades the
+    /// source and keeps everything as it was: no error counted for it, and the bad objects
+    /// it held are not counted again when it is back.
+    #[test]
+    fn a_cluster_state_gone_for_a_while_counts_no_errors() {
+        let dir = std::env::temp_dir().join(format!("tg-files-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (state, away) = (dir.join("cs"), dir.join("cs.away"));
+        std::fs::create_dir_all(&state).unwrap();
+        let policy = |name: &str, port: u32| {
+            format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
+            )
+        };
+        std::fs::write(state.join("good.yaml"), policy("good", 80)).unwrap();
+        std::fs::write(
+            state.join("bad.yaml"),
+            policy("bad1", 70000) + &policy("bad2", 0),
+        )
+        .unwrap();
+        let mut source = FileSource::new(&state);
+        assert!(source.refresh(true).new_errors.len() == 2);
+        for _ in 0..2 {
+            std::fs::rename(&state, &away).unwrap();
+            let gone = source.refresh(true);
+            assert!(gone.new_errors.is_empty(), "{:?}", gone.new_errors);
+            assert!(source.degraded().is_some());
+            assert_eq!(source.state().policies.len(), 1, "the last known state");
+            std::fs::rename(&away, &state).unwrap();
+            let back = source.refresh(true);
+            assert!(back.new_errors.is_empty(), "{:?}", back.new_errors);
+            assert!(source.degraded().is_none());
+            assert_eq!(source.errors().len(), 2, "still reported");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The version kept for a restart is the one in force: when another file's duplicate of
