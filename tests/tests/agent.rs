@@ -1277,6 +1277,30 @@ fn a_pod_attached_anew_under_its_name_continues_its_counters() {
     );
     bank.lab.settle();
     assert_eq!(counted(&agent.metrics_text()), (5.0, 5.0));
+
+    // Deleted, then made again under its name (a StatefulSet's pod): its series go on from
+    // where they were.
+    let yaml = std::fs::read_to_string(agent.cluster_state.join("bank.yaml")).unwrap();
+    let without: Vec<&str> = yaml
+        .split("---\n")
+        .filter(|doc| !(doc.contains("kind: Pod") && doc.contains(&format!("name: {LEDGER_POD}"))))
+        .collect();
+    std::fs::write(agent.cluster_state.join("bank.yaml"), without.join("---\n")).unwrap();
+    wait_for(Duration::from_secs(15), "detached", || {
+        agent.workload(LEDGER_POD).is_none().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(agent.cluster_state.join("bank.yaml"), yaml).unwrap();
+    wait_for(Duration::from_secs(15), "attached again", || {
+        agent.workload(LEDGER_POD)
+    });
+    assert_eq!(counted(&agent.metrics_text()), (5.0, 5.0), "continued");
+    assert_eq!(
+        traffic::udp(&bank.pot, moved.addr(false), 8080, 1, 64, PATIENT).echoed,
+        1
+    );
+    bank.lab.settle();
+    assert_eq!(counted(&agent.metrics_text()), (6.0, 6.0));
 }
 
 /// A rollout replaces a pod: the new pod of the same workload carries the workload's record

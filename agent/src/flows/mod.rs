@@ -88,6 +88,11 @@ type Counts = [[[u64; 2]; agent_common::VERDICTS]; agent_common::DIRECTIONS];
 struct CarriedCounts {
     last: Counts,
     carried: Counts,
+    /// When the pod was last seen detached (Unix seconds), while it is: its counts are
+    /// kept a while, so a pod deleted and made again under its name (a StatefulSet's)
+    /// continues its series instead of starting them over.
+    #[serde(default)]
+    detached_since: Option<u64>,
 }
 
 impl CarriedCounts {
@@ -99,6 +104,43 @@ impl CarriedCounts {
             carried[1] += last[1];
             *last = [0, 0];
         }
+    }
+}
+
+/// Detached pods' counts at most kept (the most recently detached), about 200 bytes each
+/// in `state.json`.
+const DETACHED_COUNTS_KEPT: usize = 2_000;
+
+/// A pod no longer attached has its counts carried (its slot counts from zero when it comes
+/// back) and kept until `oldest` (`--record-retention`), at most `DETACHED_COUNTS_KEPT` of
+/// them: its series continue if a pod of its name comes back.
+fn keep_detached_counts(
+    pod_counts: &mut BTreeMap<String, CarriedCounts>,
+    attached: &std::collections::BTreeSet<String>,
+    now: u64,
+    oldest: u64,
+) {
+    for (id, counts) in pod_counts.iter_mut() {
+        if attached.contains(id) {
+            counts.detached_since = None;
+        } else if counts.detached_since.is_none() {
+            counts.carry();
+            counts.detached_since = Some(now);
+        }
+    }
+    pod_counts.retain(|_, c| c.detached_since.is_none_or(|t| t >= oldest));
+    let detached = pod_counts
+        .values()
+        .filter(|c| c.detached_since.is_some())
+        .count();
+    if detached > DETACHED_COUNTS_KEPT {
+        let mut times: Vec<u64> = pod_counts
+            .values()
+            .filter_map(|c| c.detached_since)
+            .collect();
+        times.sort_unstable();
+        let cutoff = times[detached - DETACHED_COUNTS_KEPT];
+        pod_counts.retain(|_, c| c.detached_since.is_none_or(|t| t >= cutoff));
     }
 }
 
@@ -914,10 +956,8 @@ impl Observer {
         self.persisted
             .pod_would_drops
             .retain(|id, _| attached.contains(id));
-        self.persisted
-            .pod_counts
-            .retain(|id, _| attached.contains(id));
         let oldest = now.saturating_sub(self.limits.retention.as_secs());
+        keep_detached_counts(&mut self.persisted.pod_counts, &attached, now, oldest);
         self.persisted
             .workloads
             .retain(|_, r| r.last_seen >= oldest);
@@ -1497,6 +1537,36 @@ mod tests {
             last_would_drop: 0,
             world_addresses: Vec::new(),
         }
+    }
+
+    /// A detached pod's counts are carried at once and kept for the retention, at most
+    /// `DETACHED_COUNTS_KEPT` of them, the most recently detached.
+    #[test]
+    fn detached_pods_keep_their_counts_a_while() {
+        let mut counts = BTreeMap::new();
+        let mut c = CarriedCounts::default();
+        c.last[1][0] = [5, 500];
+        counts.insert("bank/ledger-0".to_string(), c);
+        let none = std::collections::BTreeSet::new();
+        keep_detached_counts(&mut counts, &none, 100, 0);
+        let c = &counts["bank/ledger-0"];
+        assert_eq!((c.last[1][0], c.carried[1][0]), ([0, 0], [5, 500]));
+        // Seen again: kept, not carried twice.
+        let attached = ["bank/ledger-0".to_string()].into();
+        keep_detached_counts(&mut counts, &attached, 101, 0);
+        keep_detached_counts(&mut counts, &none, 102, 0);
+        assert_eq!(counts["bank/ledger-0"].carried[1][0], [5, 500]);
+        // Past the retention: gone.
+        keep_detached_counts(&mut counts, &none, 200, 150);
+        assert!(counts.is_empty());
+        // Bounded: the oldest detached go first.
+        for i in 0..DETACHED_COUNTS_KEPT as u64 + 10 {
+            counts.insert(format!("churn/p-{i}"), CarriedCounts::default());
+            keep_detached_counts(&mut counts, &none, 1000 + i, 0);
+        }
+        assert_eq!(counts.len(), DETACHED_COUNTS_KEPT);
+        assert!(!counts.contains_key("churn/p-0"));
+        assert!(counts.contains_key(&format!("churn/p-{}", DETACHED_COUNTS_KEPT + 9)));
     }
 
     /// Counts read from pins made anew (another map id) are carried; from the same pins, or
