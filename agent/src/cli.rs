@@ -690,6 +690,13 @@ pub fn check_line(
     } = flow_protocol(port_proto)?;
     let prefer_v6 = ipv6 || proto == agent_common::PROTO_ICMPV6;
     let srcs = endpoints(ev, src, prefer_v6)?;
+    if srcs.iter().any(|e| e.domain.is_some()) {
+        // A name is where a flow goes, never where it comes from: answers name addresses
+        // for the pod that asked, not for the others that use them.
+        return Err(format!(
+            "{src:?}: SRC is NAMESPACE/POD, NAMESPACE/WORKLOAD or an IP address (a DNS name only as DST)"
+        ));
+    }
     let dsts = endpoints(ev, dst, prefer_v6)?;
     if let Some(e) = srcs
         .iter()

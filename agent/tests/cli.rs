@@ -708,6 +708,14 @@ pay/audit-0 evil.example.org 80/tcp
     // A mistyped address is no name either.
     let (code, _, err) = check_with(PAYMENTS, &["-o", "json"], "pay/card-0 999.1.1.1 443/tcp\n");
     assert_eq!(code, Some(2));
+    // A name only ever as DST.
+    let (code, _, named) = check_with(
+        PAYMENTS,
+        &["-o", "json"],
+        "api.stripe.com pay/card-0 443/tcp\n",
+    );
+    assert_eq!(code, Some(2), "{named}");
+    assert!(named.contains("a DNS name only as DST"), "{named}");
     assert!(err.contains("999.1.1.1"), "{err}");
 }
 
