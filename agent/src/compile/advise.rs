@@ -439,12 +439,22 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                         ));
                     } else if (sns.as_str(), swl.as_str()) == ("world", "world")
                         && !outside(dns, dwl)
+                        && pod_of(state, dns, dwl)
+                            .is_some_and(|p| !stable_selector(state, p).is_empty())
                     {
                         world_callers
                             .entry((dns.clone(), dwl.clone()))
                             .or_default()
                             .extend(ports.iter().cloned());
                     }
+                    continue;
+                }
+                // As in the default style: a destination whose pods share no stable label
+                // could only be selected with its whole namespace. Left out and said.
+                if !pod_of(state, dns, dwl).is_some_and(|p| !stable_selector(state, p).is_empty()) {
+                    advice.notes.push(format!(
+                        "left out ({dns}/{dwl}: its pods share no label that is not set per pod or revision, so only its whole namespace could be selected; label its pods and advise again): {sns}/{swl} -> {dns}/{dwl}"
+                    ));
                     continue;
                 }
                 let key = caller_label(dns, dwl);
@@ -1244,6 +1254,32 @@ spec:
         // and the proof says so.
         assert_eq!(advice.replayed, 1);
         assert_eq!(advice.denied.len(), 2, "{:?}", advice.denied);
+
+        // `--style labels` labels the callers, but must still select the destination: a
+        // ledger without a label of its own is left out the same way, never `{}`.
+        let bare_ledger = Store::from_yaml(&CANARY.replace(
+            "metadata: {name: ledger, namespace: bank, labels: {app: ledger}}",
+            "metadata: {name: ledger, namespace: bank, labels: {}}",
+        ))
+        .into_state();
+        let labels = advise(
+            &bare_ledger,
+            &observed,
+            &AdviseOptions {
+                style: Style::Labels,
+                ..Default::default()
+            },
+        );
+        assert!(labels.policies.is_empty(), "{}", labels.yaml);
+        assert!(labels.labels.is_empty(), "{:?}", labels.labels);
+        assert!(
+            labels
+                .notes
+                .iter()
+                .any(|n| n.starts_with("left out (bank/ledger:")),
+            "{:?}",
+            labels.notes
+        );
 
         // A record whose peer has no address left (its pods pending) cannot be proven: the
         // advice says so rather than claim it allowed.
