@@ -109,8 +109,9 @@ struct ServicePeer {
     namespace: String,
     /// The Service's own name, for ports it does not have.
     name: String,
-    /// (protocol, port) -> (backends' workload, their target port when they share one).
-    ports: HashMap<(u8, u16), (String, Option<u16>)>,
+    /// (protocol, port) -> (backends' namespace and workload, `world` outside the cluster,
+    /// their target port when they share one).
+    ports: HashMap<(u8, u16), (String, String, Option<u16>)>,
 }
 
 impl PeerNames {
@@ -126,11 +127,9 @@ impl PeerNames {
         }
         if let Some(svc) = self.services.get(&identity) {
             return match svc.ports.get(&(proto, port)) {
-                Some((workload, target)) => (
-                    svc.namespace.clone(),
-                    workload.clone(),
-                    target.unwrap_or(port),
-                ),
+                Some((namespace, workload, target)) => {
+                    (namespace.clone(), workload.clone(), target.unwrap_or(port))
+                }
                 None => (svc.namespace.clone(), svc.name.clone(), port),
             };
         }
@@ -918,11 +917,18 @@ impl Controller {
                 ports: HashMap::new(),
             };
             for port in &frontend.ports {
-                let ep = backends_endpoint(state, frontend, std::iter::once(port));
                 let targets: BTreeSet<u16> = port.backends.iter().map(|b| b.port).collect();
                 let target = (targets.len() == 1).then(|| *targets.first().expect("one"));
-                svc.ports
-                    .insert((port.protocol.number(), port.port), (ep.workload, target));
+                // Backends outside the cluster: `world`, as their addresses are.
+                let (namespace, workload) =
+                    match backends_endpoint(state, frontend, std::iter::once(port)) {
+                        Some(ep) => (ep.namespace, ep.workload),
+                        None => ("world".to_string(), "world".to_string()),
+                    };
+                svc.ports.insert(
+                    (port.protocol.number(), port.port),
+                    (namespace, workload, target),
+                );
             }
             peers.services.insert(frontend.identity, svc);
         }
@@ -980,17 +986,24 @@ fn save_cluster_overrides(
 }
 
 /// The backends of some ports of a Service as one endpoint: the pod when there is one, else
-/// the workload they all belong to (pod empty), else every workload's name joined with `+`.
+/// the workload they all belong to (pod empty), else every workload's name joined with `+`;
+/// a Service without backends is named after itself. `None` when every backend is outside
+/// the cluster (addresses no pod has): the flow's far end is then no workload.
 fn backends_endpoint<'a>(
     state: &ClusterState,
     frontend: &Frontend,
     ports: impl Iterator<Item = &'a FrontendPort>,
-) -> Endpoint {
+) -> Option<Endpoint> {
     let mut pods = BTreeSet::new();
+    let mut backends = 0;
     for b in ports.flat_map(|p| &p.backends) {
+        backends += 1;
         if let Some(k) = &b.pod {
             pods.insert(k.clone());
         }
+    }
+    if backends > 0 && pods.is_empty() {
+        return None;
     }
     let workloads: BTreeSet<String> = pods
         .iter()
@@ -1002,14 +1015,14 @@ fn backends_endpoint<'a>(
     } else {
         workloads.into_iter().collect::<Vec<_>>().join("+")
     };
-    Endpoint {
+    Some(Endpoint {
         namespace: frontend.service.0.clone(),
         pod: match pods.len() {
             1 => pods.into_iter().next().map(|k| k.1).unwrap_or_default(),
             _ => String::new(),
         },
         workload,
-    }
+    })
 }
 
 /// The datapath's direction code of a side (`ingress`, else egress).
@@ -1018,5 +1031,57 @@ fn direction_of(ingress: bool) -> u8 {
         agent_common::DIR_INGRESS
     } else {
         agent_common::DIR_EGRESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::{
+        model::{PodInfo, Protocol},
+        services::Backend,
+    };
+
+    /// A Service's backends name a flow's far end: the pod, the workload, or, when every
+    /// backend is outside the cluster, nobody (`null` in the flow log, `world` in flow
+    /// series).
+    #[test]
+    fn a_services_backends_name_the_far_end() {
+        let mut state = ClusterState::default();
+        let key = ("shop".to_string(), "db-0".to_string());
+        state.pods.insert(
+            key.clone(),
+            PodInfo {
+                namespace: "shop".into(),
+                name: "db-0".into(),
+                workload: "db".into(),
+                ..PodInfo::default()
+            },
+        );
+        let frontend = |backends: Vec<Backend>| Frontend {
+            service: ("shop".into(), "svc".into()),
+            identity: 7,
+            addresses: vec![],
+            ports: vec![FrontendPort {
+                name: "web".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                backends,
+            }],
+        };
+        let backend = |ip: &str, pod: Option<crate::compile::policy::PodKey>| Backend {
+            ip: ip.parse().unwrap(),
+            port: 8080,
+            pod,
+        };
+        let name = |f: &Frontend| backends_endpoint(&state, f, f.ports.iter());
+
+        let inside = frontend(vec![backend("10.1.0.5", Some(key.clone()))]);
+        let ep = name(&inside).expect("a pod");
+        assert_eq!((ep.pod.as_str(), ep.workload.as_str()), ("db-0", "db"));
+        let outside = frontend(vec![backend("203.0.113.50", None)]);
+        assert!(name(&outside).is_none(), "outside the cluster");
+        let empty = frontend(vec![]);
+        assert_eq!(name(&empty).expect("named").workload, "svc");
     }
 }

@@ -82,8 +82,9 @@ pub struct Naming {
     pub slots: std::collections::HashMap<u32, SlotNames>,
     pub addresses: std::collections::HashMap<std::net::IpAddr, Endpoint>,
     /// Service virtual addresses: `NAMESPACE/NAME`, and the backends as an endpoint (the pod
-    /// when there is one backend, else only the workload they share or all their names).
-    pub services: std::collections::HashMap<std::net::IpAddr, (String, Endpoint)>,
+    /// when there is one backend, else only the workload they share or all their names;
+    /// `None` when they are all outside the cluster).
+    pub services: std::collections::HashMap<std::net::IpAddr, (String, Option<Endpoint>)>,
     /// The node's own addresses: the peer `host`.
     pub host: std::collections::HashSet<std::net::IpAddr>,
 }
@@ -185,7 +186,11 @@ impl Naming {
             self.addresses
                 .get(ip)
                 .cloned()
-                .or_else(|| self.services.get(ip).map(|(_, backends)| backends.clone()))
+                .or_else(|| {
+                    self.services
+                        .get(ip)
+                        .and_then(|(_, backends)| backends.clone())
+                })
                 .or_else(|| self.host.contains(ip).then(|| host_endpoint(&self.node)))
         };
         let (src_ep, dst_ep) = if ingress {
