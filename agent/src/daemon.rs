@@ -264,15 +264,16 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         log.clone(),
     );
     let policy_errors = Arc::new(AtomicU64::new(persisted_errors));
+    let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
     let occupancy_task = tokio::spawn(crate::flows::count_occupancy(
         occupancy_readers,
         observer.occupancy.clone(),
         options.conntrack_census_interval,
+        view_rx.clone(),
     ));
     let sync_seconds = crate::metrics::SyncHistogram::continued_from(Some(
         options.state_dir.join("sync-histogram.json"),
     ));
-    let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
     let mut controller = Controller::new(
         rec,
         source,

@@ -1243,6 +1243,16 @@ fn a_flip_to_drop_waits_until_the_workload_has_been_quiet_long_enough() {
 fn a_pod_attached_anew_under_its_name_continues_its_counters() {
     let mut bank = bank("reattach");
     let agent = bank.start(&[]);
+    // Map occupancy is counted as soon as the first sync is done, not only after the first
+    // 30 s interval: never the empty maps of a cold start.
+    wait_for(Duration::from_secs(5), "map occupancy counted", || {
+        (sample(
+            &agent.metrics_text(),
+            "tollgate_map_entries",
+            &[("map", "WORKLOADS")],
+        )? >= 2.0)
+            .then_some(())
+    });
     assert_eq!(bank.to_ledger(&bank.pot, 3), 3);
     bank.lab.settle();
     let counted = |m: &str| {

@@ -524,8 +524,19 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 /// Every `interval`, with its own map handles and off every lock a scrape, a flip or a
 /// sync takes: the connection tracking census (dead entries deleted, each workload's share
-/// count corrected, `ConntrackCensus`) and map occupancy.
-pub async fn count_occupancy(readers: MapReaders, into: Occupancy, interval: std::time::Duration) {
+/// count corrected, `ConntrackCensus`) and map occupancy. The first count waits for the
+/// first reconcile: taken before, it would show maps about to be filled as empty for a
+/// whole interval.
+pub async fn count_occupancy(
+    readers: MapReaders,
+    into: Occupancy,
+    interval: std::time::Duration,
+    mut view: tokio::sync::watch::Receiver<std::sync::Arc<crate::controller::View>>,
+) {
+    // Closed (the controller is gone): the agent is stopping.
+    if view.wait_for(|v| v.ready).await.is_err() {
+        return;
+    }
     let mut readers = Some(readers);
     let mut tick = tokio::time::interval(interval);
     loop {
