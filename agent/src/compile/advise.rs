@@ -451,7 +451,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 }
                 // As in the default style: a destination whose pods share no stable label
                 // could only be selected with its whole namespace. Left out and said.
-                if !pod_of(state, dns, dwl).is_some_and(|p| !stable_selector(state, p).is_empty()) {
+                if pod_of(state, dns, dwl).is_none_or(|p| stable_selector(state, p).is_empty()) {
                     advice.notes.push(format!(
                         "left out ({dns}/{dwl}: its pods share no label that is not set per pod or revision, so only its whole namespace could be selected; label its pods and advise again): {sns}/{swl} -> {dns}/{dwl}"
                     ));
