@@ -683,7 +683,18 @@ fn write_reports(
          element off the LRU lists and writing it; 19% in the program itself. A new flow's \
          hash picks a bucket no recent packet touched, and the free element is memory \
          untouched since the table was made, so both are cache misses that no program change \
-         removes; a table of 2^16 instead of 2^21 measured 30 to 50 ns less.\n\
+         removes; a table of 2^16 instead of 2^21 measured 30 to 50 ns less. \
+         An open-addressing table in place of the LRU hash was built as a prototype and \
+         measured (2026-11-26): an mmapable array of 2^21 slots in groups of four, a \
+         slot's claim word taken with compare-and-swap, its key and entry on adjacent \
+         lines, the victim an empty, expired or soonest-expiring slot of the group. \
+         Alternating runs of both builds, new allowed flows: with the bench's 2^21 \
+         entries, +514 to +681 ns against +312 to +662 for the LRU hash; with 2^14 \
+         entries, which stay in the caches, +217 to +432 against +279 to +653. The \
+         insert's bookkeeping goes, but the first touch of a random line of a table this \
+         size stays, and it is most of the cost: +250 is within reach only for a table \
+         that fits in the caches, which a node tracking a million flows cannot have. Not \
+         kept.\n\
          - Peer addresses in a hash (2026-11-26): single addresses (pods, Service frontends, \
          the node's) in `IDENTITIES_EXACT`, looked up before the identity trie, which keeps \
          shorter prefixes only. The bench named its peer with one /16 until then, which kept \
