@@ -33,7 +33,7 @@ use agent_common::{
     LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_TCP,
     PROTO_UDP, PolicyKey, PolicyValue, RULESET_CAPACITY, ResolverKey, SLOT_CACHE_CAPACITY,
     SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
-    WorkloadConfig, diag, is_service_identity, slot_cache_bucket, workload_flags,
+    WorkloadConfig, diag, slot_cache_bucket, workload_flags,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -402,10 +402,11 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         return Action::Pass;
     }
     let host_source = workload.flags & workload_flags::HOST_SOURCE != 0;
-    // An answer of a host-network pod as a Service backend, from a socket without a peer:
-    // its source is the ClusterIP again (the DNAT undone), and only a tracked flow makes it
-    // a reply (checked below).
-    let mut undone_dnat = false;
+    // A host-network pod's answer as the backend of a ClusterIP or NodePort, from a socket
+    // without a peer (a listener's SYN-ACK, an unconnected UDP socket): the node's NAT gave
+    // it the Service's address or port again, and only the socket's own port says which
+    // flow it answers. It is that flow's reply only if that flow is tracked (below).
+    let mut reply_port = None;
     if l3 == 0
         && direction == DIR_EGRESS
         && pkt.kind == Kind::Flow
@@ -418,17 +419,14 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             SocketView::Same => {}
             SocketView::Changed => fast = FastPath::General,
             SocketView::LocalPort(port) => {
-                if host_source
-                    && is_service_identity(identity::identity_of(pkt.family, &pkt.tuple.src))
-                {
-                    pkt.tuple.src_port = port;
-                    undone_dnat = true;
+                if host_source {
+                    reply_port = Some(port);
                     fast = FastPath::General;
                 }
             }
         }
     }
-    if direction == DIR_EGRESS && !undone_dnat && !source_is_own(workload, &pkt) {
+    if direction == DIR_EGRESS && reply_port.is_none() && !source_is_own(workload, &pkt) {
         return spoofed(workload, slot, &pkt, isolated, segs, bytes);
     }
 
@@ -472,10 +470,19 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
 
     let mut tracked = None;
-    let mut key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction, host_source);
-    if undone_dnat && conntrack::related(workload, &key, now).is_none() {
-        return spoofed(workload, slot, &pkt, isolated, segs, bytes);
+    if let Some(port) = reply_port {
+        let sent_from = pkt.tuple.src_port;
+        pkt.tuple.src_port = port;
+        let key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction, host_source);
+        if conntrack::related(workload, &key, now).is_none() {
+            // No such flow: the packet as it is, a spoof unless its source is the pod's.
+            pkt.tuple.src_port = sent_from;
+            if !source_is_own(workload, &pkt) {
+                return spoofed(workload, slot, &pkt, isolated, segs, bytes);
+            }
+        }
     }
+    let mut key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction, host_source);
     if pkt.kind == Kind::IcmpError {
         let related = conntrack::key_of(&pkt.related, pkt.family, slot, direction, host_source);
         if !error_fits_flow(&key, &related, direction) {

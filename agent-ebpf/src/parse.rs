@@ -415,11 +415,8 @@ pub fn socket_view(skb: &SkBuff, pkt: &mut Packet) -> SocketView {
         return SocketView::Same;
     }
     if dst_port == 0 {
-        return if src_port == pkt.tuple.src_port {
-            SocketView::Same
-        } else {
-            SocketView::LocalPort(src_port)
-        };
+        // The port may be the packet's, and its source still the Service's address.
+        return SocketView::LocalPort(src_port);
     }
     let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
     if pkt.family == FAMILY_IPV4 {

@@ -438,6 +438,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
     const METRICS_V4: &str = "10.96.0.70";
     let mut bank = bank("services-host-network");
     let exporter = bank.lab.add_host_pod("exporter");
+    let uplink = bank.lab.add_uplink();
     bank.lab.serve(&exporter, &[9100], &[9101]);
     let agent = bank.start("drop");
     // The exporter's Service: its endpoint is the node's address, as a host-network pod's is.
@@ -482,11 +483,55 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 port: 81,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9101)],
             },
+            // The same ports on the Service as on the pod: only the source address differs.
+            ServicePort {
+                namespace: "bank".into(),
+                service: "exporter".into(),
+                port_name: "metrics-same".into(),
+                protocol: Proto::Tcp,
+                cluster_ip: ip(METRICS_V4),
+                port: 9100,
+                endpoints: vec![(IpAddr::V4(exporter.ipv4), 9100)],
+            },
+            ServicePort {
+                namespace: "bank".into(),
+                service: "exporter".into(),
+                port_name: "stats-same".into(),
+                protocol: Proto::Udp,
+                cluster_ip: ip(METRICS_V4),
+                port: 9101,
+                endpoints: vec![(IpAddr::V4(exporter.ipv4), 9101)],
+            },
         ],
         "10.1.0.0/24",
         "fd77:1::/64",
     );
-    let exporter_policy = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: exporter, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: exporter}}\n  policyTypes: [Ingress, Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: ledger, track: stable}}}]\n    ports: [{port: http}, {port: dns, protocol: UDP}]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 9100}, {port: 9101, protocol: UDP}]\n";
+    // A NodePort with externalTrafficPolicy Local, reduced to its DNAT: a client outside
+    // keeps its address, and the answer leaves from the node port, not the pod's.
+    tollgate_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &bank.lab.node,
+            "iptables",
+            "-t",
+            "nat",
+            "-I",
+            "PREROUTING",
+            "-i",
+            &uplink.iface,
+            "-p",
+            "tcp",
+            "--dport",
+            "30100",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{}:9100", exporter.ipv4),
+        ],
+    );
+    let exporter_policy = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: exporter, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: exporter}}\n  policyTypes: [Ingress, Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: ledger, track: stable}}}]\n    ports: [{port: http}, {port: dns, protocol: UDP}]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 9100}, {port: 9101, protocol: UDP}]\n  - from: [{ipBlock: {cidr: 10.250.0.2/32}}]\n    ports: [{port: 9100}]\n";
     let yaml = bank.yaml("drop", false)
         + &cluster::pod(
             &exporter,
@@ -501,14 +546,24 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
             "exporter",
             &[ip(METRICS_V4)],
             "{app: exporter}",
-            &[("metrics", 80, "TCP", "9100"), ("stats", 81, "UDP", "9101")],
+            &[
+                ("metrics", 80, "TCP", "9100"),
+                ("stats", 81, "UDP", "9101"),
+                ("metrics-same", 9100, "TCP", "9100"),
+                ("stats-same", 9101, "UDP", "9101"),
+            ],
         )
         + &cluster::endpoint_slice(
             "bank",
             "exporter-v4",
             "exporter",
             &[(IpAddr::V4(exporter.ipv4), "exporter-0")],
-            &[("metrics", 9100, "TCP"), ("stats", 9101, "UDP")],
+            &[
+                ("metrics", 9100, "TCP"),
+                ("stats", 9101, "UDP"),
+                ("metrics-same", 9100, "TCP"),
+                ("stats-same", 9101, "UDP"),
+            ],
         )
         + exporter_policy;
     agent.apply(&yaml, &["client-0", "ledger-a", "ledger-b", "exporter-0"]);
@@ -537,8 +592,19 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
             assert_eq!(r.echoed, 2, "client to the exporter's ClusterIP: {r:?}");
         }
         // Answered from an unconnected UDP socket.
-        let r = traffic::udp(&bank.client, ip(METRICS_V4), 81, 3, 64, PATIENT);
-        assert_eq!(r.echoed, 3, "UDP to the exporter's ClusterIP: {r:?}");
+        for port in [81, 9101] {
+            let r = traffic::udp(&bank.client, ip(METRICS_V4), port, 3, 64, PATIENT);
+            assert_eq!(
+                r.echoed, 3,
+                "UDP to the exporter's ClusterIP, {port}: {r:?}"
+            );
+        }
+        let r = traffic::tcp(&bank.client, ip(METRICS_V4), 9100, 2, PATIENT);
+        assert_eq!(r.echoed, 2, "the exporter's ClusterIP on 9100: {r:?}");
+        // From another node through the node port: allowed by its ipBlock, answered though
+        // the exporter's egress allows only the ledger.
+        let r = traffic::tcp(&uplink.far, IpAddr::V4(uplink.ipv4), 30100, 2, PATIENT);
+        assert_eq!(r.echoed, 2, "the node port from outside: {r:?}");
     });
     assert_eq!(
         (got[1], got[2], got[4], got[5]),
