@@ -128,6 +128,8 @@ pub struct Tracked {
 /// flows (and other flooders'), never the established flows of the rest.
 ///
 /// `main_missed`: the caller found no entry for `key` in the main table just before.
+/// `origin`: the direction a new flow is decided and recorded in: `direction`, but for the
+/// answer to a host-network pod's call that left DNATed (`parse::socket_called_source`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn track(
@@ -136,6 +138,7 @@ pub fn track(
     slot: u32,
     key: &CtKey,
     direction: u8,
+    origin: u8,
     tcp_flags: u8,
     now: u64,
     main_missed: bool,
@@ -156,20 +159,20 @@ pub fn track(
     let decision = policy::evaluate(
         workload,
         slot,
-        direction,
+        origin,
         key.family,
         &key.remote,
         key.proto,
-        key.service_port(direction),
+        key.service_port(origin),
         now,
         false,
     );
     if decision.decision == DECISION_ALLOW || workload.mode == MODE_LOG as u32 {
-        let state = next_state(0, key.proto, tcp_flags, true);
+        let state = next_state(0, key.proto, tcp_flags, origin == direction);
         let entry = CtEntry {
             expires_ns: now + lifetime_ns(config, key.proto, state),
             epoch: epoch_for(workload, decision.peer),
-            origin: direction,
+            origin,
             decision: decision.decision,
             tcp_state: state,
             _pad: 0,
@@ -180,7 +183,7 @@ pub fn track(
     }
     Tracked {
         decision,
-        origin: direction,
+        origin,
         new_flow: true,
     }
 }

@@ -33,7 +33,7 @@ use agent_common::{
     LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_TCP,
     PROTO_UDP, PolicyKey, PolicyValue, RULESET_CAPACITY, ResolverKey, SLOT_CACHE_CAPACITY,
     SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
-    WorkloadConfig, diag, slot_cache_bucket, workload_flags,
+    WorkloadConfig, diag, is_service_identity, slot_cache_bucket, workload_flags,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -50,7 +50,7 @@ use core::mem::MaybeUninit;
 
 use crate::{
     established::FastPath,
-    parse::{Kind, Packet, ParseError, SocketView},
+    parse::{Kind, Packet, ParseError},
 };
 
 /// Per-workload configuration, by slot.
@@ -402,31 +402,24 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         return Action::Pass;
     }
     let host_source = workload.flags & workload_flags::HOST_SOURCE != 0;
-    // A host-network pod's answer as the backend of a ClusterIP or NodePort, from a socket
-    // without a peer (a listener's SYN-ACK, an unconnected UDP socket): the node's NAT gave
-    // it the Service's address or port again, and only the socket's own port says which
-    // flow it answers. It is that flow's reply only if that flow is tracked (below).
-    let mut reply_port = None;
-    if l3 == 0
+    // A host-network pod shares the node's netfilter, which its cgroup hooks see the far
+    // side of: an answer it gives as the backend of a ClusterIP or NodePort leaves with the
+    // Service's address or port again, and only its socket's port says which flow it
+    // answers. A reply of a tracked flow only (below); else the packet as it is.
+    let mut answer_port = 0u16;
+    if host_source
+        && l3 == 0
         && direction == DIR_EGRESS
         && pkt.kind == Kind::Flow
         && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP)
     {
-        // Past the node's NAT: decided and tracked as the socket sees it (`socket_view`).
-        // The fast path looked the packet's own view up, so the main table is looked up
-        // again.
-        match parse::socket_view(skb, pkt) {
-            SocketView::Same => {}
-            SocketView::Changed => fast = FastPath::General,
-            SocketView::LocalPort(port) => {
-                if host_source {
-                    reply_port = Some(port);
-                    fast = FastPath::General;
-                }
-            }
+        answer_port = parse::socket_answer_port(skb, pkt);
+        if answer_port != 0 {
+            // The fast path looked the packet's own port up.
+            fast = FastPath::General;
         }
     }
-    if direction == DIR_EGRESS && reply_port.is_none() && !source_is_own(workload, &pkt) {
+    if direction == DIR_EGRESS && answer_port == 0 && !source_is_own(workload, &pkt) {
         return spoofed(workload, slot, &pkt, isolated, segs, bytes);
     }
 
@@ -470,9 +463,9 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
 
     let mut tracked = None;
-    if let Some(port) = reply_port {
+    if answer_port != 0 {
         let sent_from = pkt.tuple.src_port;
-        pkt.tuple.src_port = port;
+        pkt.tuple.src_port = answer_port;
         let key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction, host_source);
         if conntrack::related(workload, &key, now).is_none() {
             // No such flow: the packet as it is, a spoof unless its source is the pod's.
@@ -500,12 +493,28 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         None => {
             // The fast path looked this key up in the main table already, and missed.
             let main_missed = matches!(fast, FastPath::Untracked(_));
+            // From a ClusterIP a host-network pod's socket called: the call left DNATed and
+            // was tracked with the backend's address; this answer opens the flow of the
+            // call as its socket saw it, decided as that call (a flow to the Service).
+            let origin = if host_source
+                && l3 == 0
+                && direction == DIR_INGRESS
+                && pkt.kind == Kind::Flow
+                && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP)
+                && is_service_identity(identity::identity_of(pkt.family, &pkt.tuple.src))
+                && parse::socket_called_source(skb, pkt)
+            {
+                DIR_EGRESS
+            } else {
+                direction
+            };
             conntrack::track(
                 config,
                 workload,
                 slot,
                 &key,
                 direction,
+                origin,
                 pkt.tcp_flags,
                 now,
                 main_missed,

@@ -376,90 +376,94 @@ fn socket_v4(family: u32, ip4: u32, ip6: &[u32; 4]) -> Option<u32> {
     }
 }
 
-/// What a packet's socket says of it at a cgroup egress hook (`socket_view`).
-pub enum SocketView {
-    /// Nothing to add: no socket, or it agrees with the packet.
-    Same,
-    /// The packet now reads as its connected socket sees it.
-    Changed,
-    /// The socket has no peer (a listener answering with a SYN-ACK, an unconnected UDP
-    /// socket answering with `sendto`): only its local port is known.
-    LocalPort(u16),
+/// The socket of a packet at a cgroup hook, if it has one: a readable `bpf_sock` (its
+/// common part; the full socket, so a listener for its SYN-ACKs).
+#[inline(always)]
+fn socket_of(skb: &SkBuff) -> Option<*mut aya_ebpf::bindings::bpf_sock> {
+    // SAFETY: context field read; the kernel gives a socket pointer or null.
+    let sk = unsafe { (*skb.skb).__bindgen_anon_2.sk };
+    (!sk.is_null()).then_some(sk)
 }
 
-/// At a cgroup egress hook, turns a TCP or UDP packet's addresses and ports into what its
-/// connected socket holds, when they differ: there the packet has been through the node's
-/// netfilter already, so a host-network pod's call to a Service ClusterIP leaves with the
-/// backend's address (kube-proxy's DNAT in OUTPUT), and its answer as a Service backend
-/// with the ClusterIP's (the DNAT undone in POSTROUTING), while its ingress hook sees the
-/// socket's side of both. Tracked and decided as the socket sees it, the two directions
-/// meet, and the call is decided as a flow to the Service, as at a pod's TC hook.
+/// One side of a socket as the packet's 16-byte address field holds it (IPv4 in the first
+/// four bytes; a v4-mapped address of a dual-stack socket taken as IPv4), if the socket
+/// has that family.
+///
+/// # Safety
+/// `ip4` and `ip6` are fields of a readable `bpf_sock`.
 #[inline(always)]
-pub fn socket_view(skb: &SkBuff, pkt: &mut Packet) -> SocketView {
-    // SAFETY: context field read; the kernel gives a socket pointer or null (the full
-    // socket: a listener for its SYN-ACKs).
-    let sk = unsafe { (*skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return SocketView::Same;
+unsafe fn socket_addr(family: u32, pkt_family: u8, ip4: &u32, ip6: &[u32; 4]) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    if pkt_family == FAMILY_IPV4 {
+        // SAFETY: as the caller promises.
+        let (v4, v6) = unsafe { (core::ptr::read_volatile(ip4), read_ip6(ip6)) };
+        let v4 = socket_v4(family, v4, &v6)?;
+        out[..4].copy_from_slice(&v4.to_ne_bytes());
+    } else {
+        if family != AF_INET6 {
+            return None;
+        }
+        // SAFETY: as the caller promises.
+        let v6 = unsafe { read_ip6(ip6) };
+        for i in 0..4 {
+            out[i * 4..i * 4 + 4].copy_from_slice(&v6[i].to_ne_bytes());
+        }
     }
-    // SAFETY: a non-null `__sk_buff::sk` is a readable `bpf_sock` (its common part): each
-    // field read once, volatile so LLVM keeps the access sizes the verifier allows.
+    Some(out)
+}
+
+/// At a host-network pod's cgroup egress hook, the socket's own port when the packet
+/// leaves from another address or port than its socket's (past the node's netfilter: an
+/// answer as the backend of a ClusterIP or NodePort has the Service's address or port
+/// again) or from a socket without a peer (a listener's SYN-ACK, an unconnected UDP
+/// socket's answer), which names no flow. 0 when the socket and the packet agree. It names
+/// the flow the packet may answer; only a tracked one makes it a reply.
+#[inline(always)]
+pub fn socket_answer_port(skb: &SkBuff, pkt: &Packet) -> u16 {
+    let Some(sk) = socket_of(skb) else {
+        return 0;
+    };
+    // SAFETY: a readable `bpf_sock`; each field read once, volatile so LLVM keeps the
+    // access sizes the verifier allows.
     let (family, src_port, dst_port) = unsafe {
         (
             core::ptr::read_volatile(&(*sk).family),
             core::ptr::read_volatile(&(*sk).src_port) as u16,
+            core::ptr::read_volatile(&(*sk).dst_port),
+        )
+    };
+    if src_port == 0 || dst_port == 0 || src_port != pkt.tuple.src_port {
+        return src_port;
+    }
+    // SAFETY: as above.
+    match unsafe { socket_addr(family, pkt.family, &(*sk).src_ip4, &(*sk).src_ip6) } {
+        Some(src) if src == pkt.tuple.src => 0,
+        _ => src_port,
+    }
+}
+
+/// At a host-network pod's cgroup ingress hook, whether the packet comes from the very
+/// address and port its socket is connected to: the answer to a call the pod made, which
+/// the node's netfilter DNATed on the way out (so the call was tracked with the backend's
+/// address) and turns back into the address called on the way in.
+#[inline(always)]
+pub fn socket_called_source(skb: &SkBuff, pkt: &Packet) -> bool {
+    let Some(sk) = socket_of(skb) else {
+        return false;
+    };
+    // SAFETY: a readable `bpf_sock`, as in `socket_answer_port`.
+    let (family, dst_port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sk).family),
             u16::from_be(core::ptr::read_volatile(&(*sk).dst_port)),
         )
     };
-    if src_port == 0 {
-        return SocketView::Same;
+    if dst_port == 0 || dst_port != pkt.tuple.src_port {
+        return false;
     }
-    if dst_port == 0 {
-        // The port may be the packet's, and its source still the Service's address.
-        return SocketView::LocalPort(src_port);
-    }
-    let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
-    if pkt.family == FAMILY_IPV4 {
-        // SAFETY: as above.
-        let (s4, d4, s6, d6) = unsafe {
-            (
-                core::ptr::read_volatile(&(*sk).src_ip4),
-                core::ptr::read_volatile(&(*sk).dst_ip4),
-                read_ip6(&(*sk).src_ip6),
-                read_ip6(&(*sk).dst_ip6),
-            )
-        };
-        let (Some(s), Some(d)) = (socket_v4(family, s4, &s6), socket_v4(family, d4, &d6)) else {
-            return SocketView::Same;
-        };
-        if s == 0 || d == 0 {
-            return SocketView::Same;
-        }
-        src[..4].copy_from_slice(&s.to_ne_bytes());
-        dst[..4].copy_from_slice(&d.to_ne_bytes());
-    } else {
-        if family != AF_INET6 {
-            return SocketView::Same;
-        }
-        // SAFETY: as above.
-        let (s6, d6) = unsafe { (read_ip6(&(*sk).src_ip6), read_ip6(&(*sk).dst_ip6)) };
-        if d6 == [0; 4] || s6 == [0; 4] {
-            return SocketView::Same;
-        }
-        for i in 0..4 {
-            src[i * 4..i * 4 + 4].copy_from_slice(&s6[i].to_ne_bytes());
-            dst[i * 4..i * 4 + 4].copy_from_slice(&d6[i].to_ne_bytes());
-        }
-    }
-    let t = &mut pkt.tuple;
-    if t.src == src && t.dst == dst && t.src_port == src_port && t.dst_port == dst_port {
-        return SocketView::Same;
-    }
-    t.src = src;
-    t.dst = dst;
-    t.src_port = src_port;
-    t.dst_port = dst_port;
-    SocketView::Changed
+    // SAFETY: as above.
+    unsafe { socket_addr(family, pkt.family, &(*sk).dst_ip4, &(*sk).dst_ip6) }
+        .is_some_and(|dst| dst == pkt.tuple.src)
 }
 
 /// # Safety

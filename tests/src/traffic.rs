@@ -263,6 +263,52 @@ pub fn probe_from(pod: &Pod, bind: &[IpAddr], targets: &[String], timeout: Durat
     run_helper(pod, &args)
 }
 
+/// Sends `count` datagrams from `pod` to `to`:`port` through a UDP socket connected to
+/// `connected_to` (`sendto` past its peer, as a connected socket allows). Echoes are not
+/// received (a connected socket takes datagrams from its peer only).
+pub fn udp_past_peer(
+    pod: &Pod,
+    connected_to: std::net::SocketAddr,
+    to: IpAddr,
+    port: u16,
+    count: u32,
+) -> UdpResult {
+    let args: Vec<String> = vec![
+        "udp".into(),
+        "--to".into(),
+        to.to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--count".into(),
+        count.to_string(),
+        "--connected-to".into(),
+        connected_to.to_string(),
+    ];
+    run_helper(pod, &args)
+}
+
+/// `raw`, through a raw socket connected to `connect` first (its peer then says otherwise
+/// than the packets' headers).
+pub fn raw_connected(
+    pod: &Pod,
+    connect: std::net::SocketAddr,
+    packets: &[Vec<u8>],
+    count: u32,
+) -> RawResult {
+    let mut args = vec![
+        "raw".to_string(),
+        "--count".into(),
+        count.to_string(),
+        "--connect".into(),
+        connect.to_string(),
+    ];
+    for p in packets {
+        let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+        args.extend(["--packet".into(), hex]);
+    }
+    run_helper(pod, &args)
+}
+
 /// Sends each of `packets` (whole IPv4 or IPv6 packets, e.g. from `crate::packets`) `count`
 /// times from `pod` through a raw socket, to the destination in its header; the source
 /// address is whatever the packet says.

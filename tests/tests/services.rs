@@ -5,7 +5,7 @@
 //! the Service address pass as replies, and the backends' ingress sees what it always saw.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -15,6 +15,7 @@ use tollgate_tests::{
     agent::{self, Agent, sample},
     cluster,
     kube_proxy::{self, Proto, ServicePort},
+    packets,
     support::{FAIL_FAST, PATIENT, temp_dir},
     traffic, wait_for,
 };
@@ -616,5 +617,35 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
         spoofed(),
         spoofed_before,
         "an answer as a backend is no spoof"
+    );
+
+    // What the socket says never vouches for what a packet carries: a connected UDP
+    // socket's `sendto` elsewhere is decided where it goes (another node, which the
+    // exporter's egress does not allow), and a raw socket connected to an allowed Service
+    // writes a header with the exporter's Service as its source: a spoof.
+    let ledger_dns = SocketAddr::new(ip(LEDGER_V4), 53);
+    let far = IpAddr::V4(uplink.far.ipv4);
+    let [abuse] = agent::measure(&bank.lab, &agent, ["exporter-0"], || {
+        let r = traffic::udp_past_peer(&exporter, ledger_dns, far, 7777, 3);
+        assert_eq!(r.sent, 0, "each sendto refused at the cgroup hook: {r:?}");
+        let forged = packets::ipv4_udp(
+            METRICS_V4.parse().unwrap(),
+            uplink.far.ipv4,
+            80,
+            7777,
+            b"forged",
+        );
+        let r = traffic::raw_connected(&exporter, ledger_dns, &[forged], 1);
+        assert_eq!(r.sent, 0, "refused at the cgroup hook: {r:?}");
+    });
+    assert_eq!((abuse[0], abuse[3], abuse[4]), (0, 0, 0), "{abuse:?}");
+    assert!(
+        abuse[5] >= 3,
+        "the datagrams past the peer dropped: {abuse:?}"
+    );
+    assert_eq!(
+        spoofed() - spoofed_before,
+        1.0,
+        "the forged source is a spoof"
     );
 }

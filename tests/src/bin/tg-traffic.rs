@@ -63,6 +63,10 @@ enum Cmd {
         /// Source address (bound before connecting).
         #[arg(long)]
         bind: Option<IpAddr>,
+        /// Connect the socket here instead, and `sendto` the target past it (what a
+        /// connected socket allows): echoes are then not received.
+        #[arg(long)]
+        connected_to: Option<SocketAddr>,
     },
     /// Probes many targets at once (`IP:PORT/tcp|udp`): a TCP connect and echo, or a UDP
     /// datagram and its echo. Prints a JSON array of booleans in target order.
@@ -106,6 +110,10 @@ enum Cmd {
         packets: Vec<Packet>,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Connect the raw socket here first and `send` (its peer then says otherwise
+        /// than the header).
+        #[arg(long)]
+        connect: Option<SocketAddr>,
     },
     /// Looks `name` up at `server` (UDP, or TCP with --tcp) and, with --port, connects at
     /// once to the first address of the answer and exchanges a 1-byte echo; `times` rounds
@@ -164,6 +172,7 @@ fn main() {
             timeout_ms,
             source_port,
             bind,
+            connected_to,
         } => udp_client(
             to,
             port,
@@ -172,6 +181,7 @@ fn main() {
             Duration::from_millis(timeout_ms),
             source_port,
             bind,
+            connected_to,
         ),
         Cmd::Burst {
             to,
@@ -185,7 +195,11 @@ fn main() {
             bind,
         } => probe(&targets, Duration::from_millis(timeout_ms), &bind),
         Cmd::Crr { to, port, seconds } => crr(to, port, Duration::from_secs_f64(seconds)),
-        Cmd::Raw { packets, count } => raw(&packets, count),
+        Cmd::Raw {
+            packets,
+            count,
+            connect,
+        } => raw(&packets, count, connect),
         Cmd::Resolve {
             server,
             name,
@@ -600,6 +614,7 @@ fn udp_client(
     timeout: Duration,
     source_port: Option<u16>,
     bind: Option<IpAddr>,
+    connected_to: Option<SocketAddr>,
 ) {
     let socket = match udp_socket(to, bind, source_port.unwrap_or(0)) {
         Ok(s) => s,
@@ -608,6 +623,18 @@ fn udp_client(
             return;
         }
     };
+    if let Some(peer) = connected_to {
+        socket.connect(peer).expect("connect udp");
+        let (mut sent, mut error) = (0, None);
+        for _ in 0..count {
+            match socket.send_to(&vec![0x17u8; size], SocketAddr::new(to, port)) {
+                Ok(_) => sent += 1,
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        print_json(serde_json::json!({"sent": sent, "echoed": 0, "error": error}));
+        return;
+    }
     socket
         .connect(SocketAddr::new(to, port))
         .expect("connect udp");
@@ -768,7 +795,7 @@ fn parse_hex(s: &str) -> Result<Packet, String> {
 /// since Linux 4.5), so any source address goes out; it routes by the destination passed
 /// to sendto, taken from the header. IPv4 still gets its header checksum (and a zero id)
 /// filled in by the kernel.
-fn raw(packets: &[Packet], count: u32) {
+fn raw(packets: &[Packet], count: u32, connect: Option<SocketAddr>) {
     let mut sockets: [Option<Socket>; 2] = [None, None];
     let (mut sent, mut error) = (0u32, None);
     'out: for packet in packets {
@@ -788,8 +815,20 @@ fn raw(packets: &[Packet], count: u32) {
         let socket = sockets[slot].as_ref().expect("socket just made");
         // Port 0: on an IPPROTO_RAW IPv6 socket a non-zero port would name a protocol.
         let to = SockAddr::from(SocketAddr::new(packet.to, 0));
+        let connected = connect.filter(|c| c.is_ipv6() == packet.to.is_ipv6());
+        if let Some(peer) = connected
+            && let Err(e) = socket.connect(&SockAddr::from(peer))
+        {
+            error = Some(format!("connect to {peer}: {e}"));
+            break;
+        }
         for _ in 0..count {
-            match socket.send_to(&packet.bytes, &to) {
+            let result = if connected.is_some() {
+                socket.send(&packet.bytes)
+            } else {
+                socket.send_to(&packet.bytes, &to)
+            };
+            match result {
                 Ok(_) => sent += 1,
                 Err(e) => {
                     error = Some(format!("send to {}: {e}", packet.to));
