@@ -606,6 +606,7 @@ fn udp_socket(to: IpAddr, bind: Option<IpAddr>, source_port: u16) -> std::io::Re
     Ok(socket)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn udp_client(
     to: IpAddr,
     port: u16,
