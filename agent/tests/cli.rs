@@ -760,6 +760,16 @@ apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: deny, namespace: y}
 spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: y}
+spec: {clusterIP: 10.96.0.2, clusterIPs: [10.96.0.2], selector: {app: b}, ports: [{port: 80, targetPort: 9090}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: r, namespace: y}
+spec: {clusterIP: 10.96.0.5, clusterIPs: [10.96.0.5], selector: {app: r}, ports: [{port: 80, targetPort: 9090}]}
 "#;
 
 /// A host-network pod can be checked like any pod (its addresses are its node's, even
@@ -801,6 +811,17 @@ x/hn y/r 9090/tcp
         fix, "{from: [{ipBlock: {cidr: 10.250.0.1/32}}], ports: [{protocol: TCP, port: 9090}]}",
         "{r:#?}"
     );
+    // Through a Service, as directly: its backend on the node is the node's traffic for
+    // the host-network pod, the one on another node is decided by its egress.
+    let through = check_yaml(
+        HOST_NETWORK,
+        "x/hn 10.96.0.2 80/tcp\nx/hn 10.96.0.5 80/tcp\n",
+    );
+    let verdicts: Vec<&str> = through
+        .iter()
+        .map(|f| f["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(verdicts, ["allowed", "denied"], "{through:#?}");
     // Without its Node object, the pod has no address to check from: said so.
     let no_node = HOST_NETWORK.replacen("kind: Node\n", "kind: ConfigMap\n", 1);
     let (code, _, err) = check_with(&no_node, &["-o", "json"], "x/hn y/b 9090/tcp\n");

@@ -155,19 +155,13 @@ pub fn udp_from(
     timeout: Duration,
     source_port: Option<u16>,
 ) -> UdpResult {
-    let mut args = vec![
-        "udp".into(),
-        "--to".into(),
-        to.to_string(),
-        "--port".into(),
-        port.to_string(),
-        "--count".into(),
-        count.to_string(),
+    let mut args = udp_args(to, port, count);
+    args.extend([
         "--size".into(),
         size.to_string(),
         "--timeout-ms".into(),
         timeout.as_millis().to_string(),
-    ];
+    ]);
     if let Some(p) = source_port {
         args.extend(["--source-port".into(), p.to_string()]);
     }
@@ -273,7 +267,14 @@ pub fn udp_past_peer(
     port: u16,
     count: u32,
 ) -> UdpResult {
-    let args: Vec<String> = vec![
+    let mut args = udp_args(to, port, count);
+    args.extend(["--connected-to".into(), connected_to.to_string()]);
+    run_helper(pod, &args)
+}
+
+/// The helper's `udp` arguments every exchange gives.
+fn udp_args(to: IpAddr, port: u16, count: u32) -> Vec<String> {
+    vec![
         "udp".into(),
         "--to".into(),
         to.to_string(),
@@ -281,10 +282,7 @@ pub fn udp_past_peer(
         port.to_string(),
         "--count".into(),
         count.to_string(),
-        "--connected-to".into(),
-        connected_to.to_string(),
-    ];
-    run_helper(pod, &args)
+    ]
 }
 
 /// `raw`, through a raw socket connected to `connect` first (its peer then says otherwise
@@ -295,28 +293,24 @@ pub fn raw_connected(
     packets: &[Vec<u8>],
     count: u32,
 ) -> RawResult {
-    let mut args = vec![
-        "raw".to_string(),
-        "--count".into(),
-        count.to_string(),
-        "--connect".into(),
-        connect.to_string(),
-    ];
+    let mut args = raw_args(packets, count);
+    args.extend(["--connect".into(), connect.to_string()]);
+    run_helper(pod, &args)
+}
+
+/// The helper's `raw` arguments: the count and each packet in hex.
+fn raw_args(packets: &[Vec<u8>], count: u32) -> Vec<String> {
+    let mut args = vec!["raw".to_string(), "--count".into(), count.to_string()];
     for p in packets {
         let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
         args.extend(["--packet".into(), hex]);
     }
-    run_helper(pod, &args)
+    args
 }
 
 /// Sends each of `packets` (whole IPv4 or IPv6 packets, e.g. from `crate::packets`) `count`
 /// times from `pod` through a raw socket, to the destination in its header; the source
 /// address is whatever the packet says.
 pub fn raw(pod: &Pod, packets: &[Vec<u8>], count: u32) -> RawResult {
-    let mut args = vec!["raw".to_string(), "--count".into(), count.to_string()];
-    for p in packets {
-        let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
-        args.extend(["--packet".into(), hex]);
-    }
-    run_helper(pod, &args)
+    run_helper(pod, &raw_args(packets, count))
 }

@@ -468,6 +468,15 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
             ledger(Proto::Udp, 53, stable(5353)),
             ServicePort {
                 namespace: "bank".into(),
+                service: "other".into(),
+                port_name: "web".into(),
+                protocol: Proto::Tcp,
+                cluster_ip: ip(OTHER_V4),
+                port: 80,
+                endpoints: vec![(bank.other.addr(false), 8080)],
+            },
+            ServicePort {
+                namespace: "bank".into(),
                 service: "exporter".into(),
                 port_name: "metrics".into(),
                 protocol: Proto::Tcp,
@@ -567,6 +576,11 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
             ],
         )
         + exporter_policy;
+    // Every pod on the lab's node, as the kubelet writes it.
+    let yaml = yaml.replace(
+        "\nspec:\n  hostNetwork:",
+        "\nspec:\n  nodeName: lab-node\n  hostNetwork:",
+    );
     agent.apply(&yaml, &["client-0", "ledger-a", "ledger-b", "exporter-0"]);
     assert_eq!(agent.workload("exporter-0").unwrap()["attach"], "cgroup");
 
@@ -587,6 +601,13 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
         }
         let r = traffic::udp(&exporter, ip(LEDGER_V4), 53, 3, 64, PATIENT);
         assert_eq!(r.echoed, 3, "UDP to the ledger's ClusterIP: {r:?}");
+        // A Service whose backend its egress does not name, on its node: the node's own
+        // traffic, as directly.
+        let r = traffic::tcp(&exporter, ip(OTHER_V4), 80, 2, PATIENT);
+        assert_eq!(
+            r.echoed, 2,
+            "exporter to the other Service, on its node: {r:?}"
+        );
         // Called: the client through the exporter's ClusterIP.
         for _ in 0..4 {
             let r = traffic::tcp(&bank.client, ip(METRICS_V4), 80, 2, PATIENT);

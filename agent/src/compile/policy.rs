@@ -1540,8 +1540,18 @@ pub fn compile_cached(
             let node = options.node_addresses.of(pod.node_name.as_deref());
             let identity_of = |b: &Backend| {
                 // A pod reaching itself through its Service is not enforced (upstream's
-                // AllowLoopback), like the node itself.
-                if b.pod.as_ref() == Some(key) {
+                // AllowLoopback), like the node itself; for a host-network pod, a backend
+                // on its node is that pod's node traffic, as it is directly
+                // (`LOCAL_POD_SCOPE` in the datapath).
+                let on_its_node = || {
+                    pod.host_network
+                        && pod.node_name.is_some()
+                        && b.pod
+                            .as_ref()
+                            .and_then(|k| state.pods.get(k))
+                            .is_some_and(|backend| backend.node_name == pod.node_name)
+                };
+                if b.pod.as_ref() == Some(key) || on_its_node() {
                     agent_common::IDENTITY_HOST
                 } else {
                     backend_identity(part, node, b)
