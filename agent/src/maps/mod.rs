@@ -407,10 +407,12 @@ impl MapReaders {
         }
         Ok(out)
     }
-    /// Per peer-pair counters, summed over CPUs.
+    /// Per peer-pair counters, summed over CPUs. The walk is bounded as the census's is: a
+    /// key the LRU evicts under it starts the walk over.
     pub fn flow_counters(&self) -> Vec<(FlowCounterKey, Counter)> {
         self.flow_counters
             .iter()
+            .take(2 * agent_common::FLOW_COUNTER_CAPACITY as usize)
             .filter_map(Result::ok)
             .map(|(k, values)| (k, cpu_sum(&values)))
             .collect()
@@ -498,9 +500,19 @@ impl MapReaders {
         };
         let mut census = ConntrackCensus::default();
         let mut main = vec![0u64; MAX_WORKLOADS as usize];
-        for (table, overflow) in [(&mut self.conntrack, false), (&mut self.ct_overflow, true)] {
+        let limits = [self.conntrack_capacity, self.ct_overflow_capacity];
+        for ((table, overflow), limit) in
+            [(&mut self.conntrack, false), (&mut self.ct_overflow, true)]
+                .into_iter()
+                .zip(limits)
+        {
             let mut dead = Vec::new();
-            for (key, entry) in table.iter().filter_map(Result::ok) {
+            // A walk whose last key the datapath evicted meanwhile starts over from the
+            // first (the kernel's next-key of a missing key): under a flood of new flows it
+            // could go round for ever. Bounded, it ends; its counts are then approximate
+            // until the next census.
+            let walk_limit = (limit as usize).saturating_mul(2).max(1024);
+            for (key, entry) in table.iter().take(walk_limit).filter_map(Result::ok) {
                 if !live(&key, &entry) {
                     dead.push(key);
                     continue;
@@ -612,7 +624,12 @@ impl MapReaders {
             ),
             (
                 map_names::FLOW_COUNTERS,
-                count(self.flow_counters.keys().count()),
+                count(
+                    self.flow_counters
+                        .keys()
+                        .take(2 * agent_common::FLOW_COUNTER_CAPACITY as usize)
+                        .count(),
+                ),
                 agent_common::FLOW_COUNTER_CAPACITY as u64,
             ),
         ]
