@@ -406,13 +406,12 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     // side of: an answer it gives as the backend of a ClusterIP or NodePort leaves with the
     // Service's address or port again, and only its socket's port says which flow it
     // answers. A reply of a tracked flow only (below); else the packet as it is.
-    let mut answer_port = 0u16;
-    if host_source
+    let host_socket_flow = host_source
         && l3 == 0
-        && direction == DIR_EGRESS
         && pkt.kind == Kind::Flow
-        && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP)
-    {
+        && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP);
+    let mut answer_port = 0u16;
+    if host_socket_flow && direction == DIR_EGRESS {
         answer_port = parse::socket_answer_port(skb, pkt);
         if answer_port != 0 {
             // The fast path looked the packet's own port up.
@@ -496,11 +495,8 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             // From a ClusterIP a host-network pod's socket called: the call left DNATed and
             // was tracked with the backend's address; this answer opens the flow of the
             // call as its socket saw it, decided as that call (a flow to the Service).
-            let origin = if host_source
-                && l3 == 0
+            let origin = if host_socket_flow
                 && direction == DIR_INGRESS
-                && pkt.kind == Kind::Flow
-                && (pkt.tuple.proto == PROTO_TCP || pkt.tuple.proto == PROTO_UDP)
                 && is_service_identity(identity::identity_of(pkt.family, &pkt.tuple.src))
                 && parse::socket_called_source(skb, pkt)
             {

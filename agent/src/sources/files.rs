@@ -260,6 +260,22 @@ fn typed<K: serde::de::DeserializeOwned + ToObject>(
         .and_then(|k| k.to_object())
 }
 
+/// Takes a file's objects into the load, the last definition of an object winning, with a
+/// warning for each one defined again.
+fn take_objects(
+    objects: &mut BTreeMap<ObjectKey, Object>,
+    warnings: &mut Vec<String>,
+    file_objects: &[(ObjectKey, Object)],
+) {
+    for (key, object) in file_objects {
+        if objects.insert(key.clone(), object.clone()).is_some() {
+            warnings.push(format!(
+                "{key} is defined more than once; the last definition wins"
+            ));
+        }
+    }
+}
+
 /// File list and modification times: what changes when the cluster state changes.
 type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
 
@@ -453,13 +469,7 @@ impl FileSource {
                         .filter(|(object, f, _)| object.is_some() && *f == file)
                         .cloned(),
                 );
-                for (key, object) in objects_of_file {
-                    if objects.insert(key.clone(), object.clone()).is_some() {
-                        warnings.push(format!(
-                            "{key} is defined more than once; the last definition wins"
-                        ));
-                    }
-                }
+                take_objects(&mut objects, &mut warnings, objects_of_file);
                 if let Some(documents) = self.file_documents.get(&file) {
                     fresh_documents.extend(documents.iter().cloned());
                     new_file_documents.insert(file.clone(), documents.clone());
@@ -564,13 +574,7 @@ impl FileSource {
                     last.unwrap_or_default()
                 }
             };
-            for (key, object) in &file_objects {
-                if objects.insert(key.clone(), object.clone()).is_some() {
-                    warnings.push(format!(
-                        "{key} is defined more than once; the last definition wins"
-                    ));
-                }
-            }
+            take_objects(&mut objects, &mut warnings, &file_objects);
             if let Some(stamp) = stamp {
                 new_stamps.insert(file.clone(), (stamp, errors[errors_before..].to_vec()));
             }
@@ -580,13 +584,7 @@ impl FileSource {
             // Everything stays as the last load had it, its errors too: hidden while the
             // path cannot be read, not counted again when it can.
             for objects_of_file in self.last_good_files.values() {
-                for (key, object) in objects_of_file {
-                    if objects.insert(key.clone(), object.clone()).is_some() {
-                        warnings.push(format!(
-                            "{key} is defined more than once; the last definition wins"
-                        ));
-                    }
-                }
+                take_objects(&mut objects, &mut warnings, objects_of_file);
             }
             for documents in self.file_documents.values() {
                 fresh_documents.extend(documents.iter().cloned());
