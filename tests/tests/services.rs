@@ -646,6 +646,16 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
     // writes a header with the exporter's Service as its source: a spoof.
     let ledger_dns = SocketAddr::new(ip(LEDGER_V4), 53);
     let far = IpAddr::V4(uplink.far.ipv4);
+    let r = traffic::udp_from(
+        &exporter,
+        bank.ledger_a.addr(false),
+        5353,
+        1,
+        64,
+        PATIENT,
+        Some(255),
+    );
+    assert_eq!(r.echoed, 1, "{r:?}");
     let [abuse] = agent::measure(&bank.lab, &agent, ["exporter-0"], || {
         let r = traffic::udp_past_peer(&exporter, ledger_dns, far, 7777, 3);
         assert_eq!(r.sent, 0, "each sendto refused at the cgroup hook: {r:?}");
@@ -658,6 +668,11 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
         );
         let r = traffic::raw_connected(&exporter, ledger_dns, &[forged], 1);
         assert_eq!(r.sent, 0, "refused at the cgroup hook: {r:?}");
+        // A raw socket's port is its protocol (255): a flow tracked from that port to a
+        // ledger pod (just before) does not make another pod's address an answer's source.
+        let forged = packets::ipv4_udp(bank.client.ipv4, bank.ledger_a.ipv4, 4444, 5353, b"forged");
+        let r = traffic::raw(&exporter, &[forged], 1);
+        assert_eq!(r.sent, 0, "another pod's address, refused: {r:?}");
     });
     assert_eq!((abuse[0], abuse[3], abuse[4]), (0, 0, 0), "{abuse:?}");
     assert!(
@@ -666,7 +681,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
     );
     assert_eq!(
         spoofed() - spoofed_before,
-        1.0,
-        "the forged source is a spoof"
+        2.0,
+        "the forged sources are spoofs"
     );
 }
