@@ -22,7 +22,7 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// The tracking key of a packet seen by workload `slot` in `direction`. A host-network
 /// pod's (`host_source`) keys leave the local address out: every address of the node is its
 /// own, and its answers as a Service backend from a socket without a peer do not say which
-/// one a client's call was sent to (`parse::socket_view`).
+/// one a client's call was sent to (`parse::socket_answer_port`).
 #[inline(always)]
 pub fn key_of(t: &Tuple, family: u8, slot: u32, direction: u8, host_source: bool) -> CtKey {
     let mut key = directed_key(t, family, slot, direction);

@@ -413,15 +413,16 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     let mut answer_port = 0u16;
     if host_socket_flow && direction == DIR_EGRESS {
         answer_port = parse::socket_answer_port(skb, pkt);
-        // Only the sources the node's NAT gives an answer, the node's own (a NodePort) or
-        // a Service's address (a ClusterIP): any other is checked as written.
-        let source = identity::identity_of(pkt.family, &pkt.tuple.src);
-        if source != IDENTITY_HOST && !is_service_identity(source) {
-            answer_port = 0;
-        }
         if answer_port != 0 {
-            // The fast path looked the packet's own port up.
-            fast = FastPath::General;
+            // Only the sources the node's NAT gives an answer, the node's own (a NodePort)
+            // or a Service's address (a ClusterIP): any other is checked as written.
+            let source = identity::identity_of(pkt.family, &pkt.tuple.src);
+            if source != IDENTITY_HOST && !is_service_identity(source) {
+                answer_port = 0;
+            } else {
+                // The fast path looked the packet's own port up.
+                fast = FastPath::General;
+            }
         }
     }
     if direction == DIR_EGRESS && answer_port == 0 && !source_is_own(workload, &pkt) {

@@ -363,8 +363,8 @@ fn quoted_ports(
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
-/// An IPv4 address as a socket holds it: `dst_ip4`, or the last word of a v4-mapped IPv6
-/// address (`::ffff:a.b.c.d`) on a dual-stack socket.
+/// An IPv4 address as a socket holds it: its `*_ip4` field, or the last word of a
+/// v4-mapped IPv6 address (`::ffff:a.b.c.d`) on a dual-stack socket.
 #[inline(always)]
 fn socket_v4(family: u32, ip4: u32, ip6: &[u32; 4]) -> Option<u32> {
     if family == AF_INET {

@@ -586,9 +586,6 @@ impl FileSource {
             for objects_of_file in self.last_good_files.values() {
                 take_objects(&mut objects, &mut warnings, objects_of_file);
             }
-            for documents in self.file_documents.values() {
-                fresh_documents.extend(documents.iter().cloned());
-            }
             new_files = self.last_good_files.clone();
             new_stamps = self.file_stamps.clone();
             new_file_documents = self.file_documents.clone();
