@@ -127,7 +127,8 @@ pub struct Tracked {
 /// beyond that go to `CT_OVERFLOW`, so a flood toward one workload evicts that workload's
 /// flows (and other flooders'), never the established flows of the rest.
 ///
-/// `main_missed`: the caller found no entry for `key` in the main table just before.
+/// `untracked`: the caller found no entry for `key` in either table just before (the fast
+/// path, `established::pass`).
 /// `origin`: the direction a new flow is decided and recorded in: `direction`, but for the
 /// answer to a host-network pod's call that left DNATed (`parse::socket_called_source`).
 #[inline(always)]
@@ -141,16 +142,16 @@ pub fn track(
     origin: u8,
     tcp_flags: u8,
     now: u64,
-    main_missed: bool,
+    untracked: bool,
 ) -> Tracked {
-    if !main_missed
+    if !untracked
         && let Some(entry) = CONNTRACK.get_ptr_mut(key)
         && let Some(t) = established(config, workload, key, entry, direction, tcp_flags, now)
     {
         return t;
     }
-    if CT_OVERFLOWED.get(slot).is_some_and(|o| *o != 0)
-        && let Some(entry) = CT_OVERFLOW.get_ptr_mut(key)
+    if !untracked
+        && let Some(entry) = overflow_entry(slot, key)
         && let Some(t) = established(config, workload, key, entry, direction, tcp_flags, now)
     {
         return t;
@@ -185,6 +186,17 @@ pub fn track(
         decision,
         origin,
         new_flow: true,
+    }
+}
+
+/// The entry of `key` in the overflow table, looked up only for a workload that has put
+/// flows there.
+#[inline(always)]
+pub fn overflow_entry(slot: u32, key: &CtKey) -> Option<*mut CtEntry> {
+    if CT_OVERFLOWED.get(slot).is_some_and(|o| *o != 0) {
+        CT_OVERFLOW.get_ptr_mut(key)
+    } else {
+        None
     }
 }
 

@@ -90,9 +90,9 @@ const _: () = assert!(core::mem::offset_of!(CtKey, family) == 41);
 pub enum FastPath {
     /// Counted and passed.
     Passed,
-    /// A TCP or UDP packet the main tracking table has no entry for (a new flow, or
-    /// a denied one drop mode never records): the general pipeline need not parse it
-    /// (`Flow::fill`) or look it up in the main table again.
+    /// A TCP or UDP packet the tracking tables have no entry for (a new flow, or a denied
+    /// one drop mode never records): the general pipeline need not parse it (`Flow::fill`)
+    /// or look it up again.
     Untracked(Flow),
     /// Anything else, for the general pipeline.
     General,
@@ -289,7 +289,12 @@ fn try_pass(
 
     let config = CONFIG.get(0)?;
     let now = now_ns(config);
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+    // A workload past its share of the main table records its new flows in the overflow
+    // table (`conntrack::track`): their packets take this path too.
+    let Some(entry) = CONNTRACK
+        .get_ptr_mut(key)
+        .or_else(|| conntrack::overflow_entry(slot, key))
+    else {
         return Some(FastPath::Untracked(flow));
     };
     let (proto, tcp_flags) = (flow.proto, flow.tcp_flags);

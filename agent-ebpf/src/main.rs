@@ -497,8 +497,8 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     let tracked = match tracked {
         Some(t) => t,
         None => {
-            // The fast path looked this key up in the main table already, and missed.
-            let main_missed = matches!(fast, FastPath::Untracked(_));
+            // The fast path looked this key up in both tables already, and missed.
+            let untracked = matches!(fast, FastPath::Untracked(_));
             // From a ClusterIP a host-network pod's socket called: the call left DNATed and
             // was tracked with the backend's address; this answer opens the flow of the
             // call as its socket saw it, decided as that call (a flow to the Service).
@@ -520,7 +520,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
                 origin,
                 pkt.tcp_flags,
                 now,
-                main_missed,
+                untracked,
             )
         }
     };

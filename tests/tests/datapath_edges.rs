@@ -686,13 +686,36 @@ fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
         .expect("the TCP flow is tracked");
     assert_eq!(state, tcp_state::FIN_ORIGIN, "the FIN was seen");
 
+    // A workload past its share of the main table tracks its new flows in the overflow
+    // table: their packets are decided and counted the same.
+    let mut config = dp.maps.config().unwrap();
+    config.ct_share = 1;
+    dp.maps.set_config(&config).unwrap();
+    let overflowed = eth(0x0800, &ipv4(17, 0, &udp_header(1002, 8080, 100)));
+    let (in_main, overflow_inserts) = (
+        dp.maps.conntrack().len(),
+        dp.maps.diag().unwrap()[diag::CT_OVERFLOW as usize],
+    );
+    let before = Packets::read(&dp, 1);
+    for _ in 0..10 {
+        assert_eq!(runs(&dp, &overflowed), PASS);
+    }
+    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 10);
+    assert_eq!(dp.maps.conntrack().len(), in_main, "not in the main table");
+    assert_eq!(
+        dp.maps.diag().unwrap()[diag::CT_OVERFLOW as usize] - overflow_inserts,
+        1,
+        "tracked once, in the overflow table"
+    );
+
     // A policy change decides established flows again: without their rules, all drop.
     set(&mut dp, Mode::Drop, vec![]);
     let before = Packets::read(&dp, 1);
     assert_eq!(runs(&dp, &allowed), DROP);
     assert_eq!(runs(&dp, &allowed_v6), DROP);
     assert_eq!(runs(&dp, &ack), DROP);
-    assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 3);
+    assert_eq!(runs(&dp, &overflowed), DROP);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 4);
 }
 
 /// Single addresses (pods, Service frontends, the node) are named in a hash the programs
