@@ -220,6 +220,16 @@ impl Datapath {
         Some((tick as u32, offset))
     }
 
+    /// Attaches the empty program `tc_baseline` at `iface` (both directions, TCX) in the
+    /// caller's network namespace, for benchmarks: what the hook itself costs in real
+    /// traffic. Detached when the returned links drop.
+    pub fn attach_empty_tc(
+        &mut self,
+        iface: &str,
+    ) -> Result<Vec<aya::programs::links::FdLink>, DatapathError> {
+        Ok(attach::attach_empty_tc(&mut self.ebpf, iface)?)
+    }
+
     /// The options this datapath was loaded with.
     pub fn options(&self) -> &DatapathOptions {
         &self.options

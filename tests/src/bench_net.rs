@@ -113,7 +113,12 @@ impl ProgramTime {
 fn tc_program_stats() -> (u64, u64) {
     aya::programs::loaded_programs()
         .flatten()
-        .filter(|p| matches!(p.name_as_str(), Some("tc_from_pod" | "tc_to_pod")))
+        .filter(|p| {
+            matches!(
+                p.name_as_str(),
+                Some("tc_from_pod" | "tc_to_pod" | "tc_baseline")
+            )
+        })
         .fold((0, 0), |(t, n), p| {
             (t + p.run_time().as_nanos() as u64, n + p.run_count())
         })
@@ -173,8 +178,195 @@ fn spread(name: &str, v: &[f64]) -> Option<(String, f64, f64)> {
     Some((name.into(), min, max))
 }
 
+/// The CPU the client's processes run on, and the server's: pinned, so that neither the
+/// scheduler's placement (sharing a CPU or not) nor its moves land in one sample and not the
+/// one beside it. The packets' softirq work, the programs included, runs on the sender's
+/// CPU (veth hands a packet to the backlog of the CPU that sent it).
+const CLIENT_CPU: &str = "0";
+const SERVER_CPU: &str = "1";
+
+/// A command in `pod`, pinned to `cpu` (`taskset`); its program is the first argument.
+fn pinned(pod: &Pod, cpu: &str) -> Command {
+    let mut cmd = pod.command("taskset");
+    cmd.args(["-c", cpu]);
+    cmd
+}
+
+/// One sample of a metric sampled whole: a one-second test from its start.
+fn whole_sample(metric: Metric, a: &Pod, b: &Pod) -> Sample {
+    match metric {
+        Metric::Udp => Sample::Value(udp_kpps(a, b)),
+        Metric::Latency => {
+            let (p50, p99) = latency_us(a, b);
+            Sample::Latency(p50, p99)
+        }
+        Metric::Tcp | Metric::NewConnections => unreachable!("measured in windows"),
+    }
+}
+
+/// A load that runs in the client until it is stopped, for the metrics measured in
+/// windows: one TCP stream, or connections back to back.
+fn start_load(metric: Metric, client: &Pod, server: &Pod) -> std::process::Child {
+    let to = server.ipv4.to_string();
+    let mut cmd = pinned(client, CLIENT_CPU);
+    match metric {
+        Metric::Tcp => cmd.args(["iperf3", "-c", &to, "-t", "3600"]),
+        Metric::NewConnections => cmd
+            .args([crate::traffic::helper(), "crr", "--to", &to])
+            .args(["--port", "80", "--seconds", "3600"]),
+        Metric::Udp | Metric::Latency => unreachable!("sampled whole"),
+    };
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the load")
+}
+
+/// Stops a load with SIGTERM (iperf3 then ends its test with the server cleanly; SIGINT
+/// would do nothing when the benchmark was started in the background, which ignores it),
+/// killing it if it has not gone within 5 s.
+fn stop_load(mut load: std::process::Child) {
+    // SAFETY: signalling a child we spawned and have not reaped.
+    unsafe { libc::kill(load.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while load.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = load.kill();
+            let _ = load.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // iperf3's server takes a moment before it accepts the next test.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// What the server's namespace has received so far of what `metric` measures: bytes on its
+/// interfaces (TCP) or connections accepted.
+fn server_count(metric: Metric, server: &Pod) -> u64 {
+    let _ns = crate::NetNsGuard::enter(&server.netns);
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+            .unwrap_or_else(|e| panic!("read /proc/net/{file}: {e}"))
+    };
+    // /proc/net/snmp: a header line of names, then a line of values, per protocol.
+    let snmp = |protocol: &str, field: &str| {
+        let text = read("snmp");
+        let mut lines = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{protocol}: ")));
+        let (names, values) = (
+            lines.next().expect("snmp names"),
+            lines.next().expect("snmp values"),
+        );
+        let i = names
+            .split_whitespace()
+            .position(|n| n == field)
+            .expect(field);
+        values
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .expect(field)
+    };
+    match metric {
+        Metric::Tcp => read("dev")
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(name, _)| name.trim() != "lo")
+            .filter_map(|(_, v)| v.split_whitespace().next()?.parse::<u64>().ok())
+            .sum(),
+        Metric::NewConnections => snmp("Tcp", "PassiveOpens"),
+        Metric::Udp | Metric::Latency => unreachable!("sampled whole"),
+    }
+}
+
+/// `metric`'s rate over `window`, in the unit the report gives (Gbit/s, per second).
+fn rate_over(metric: Metric, server: &Pod, window: Duration) -> f64 {
+    let (before, started) = (server_count(metric, server), Instant::now());
+    std::thread::sleep(window);
+    let (after, seconds) = (
+        server_count(metric, server),
+        started.elapsed().as_secs_f64(),
+    );
+    let per_second = after.saturating_sub(before) as f64 / seconds;
+    match metric {
+        Metric::Tcp => per_second * 8.0 / 1e9,
+        _ => per_second,
+    }
+}
+
+/// Length of one window of a load measured in windows.
+pub const WINDOW: Duration = Duration::from_millis(500);
+/// Length of the window in which the programs' run time is counted.
+pub const STATS_WINDOW: Duration = Duration::from_secs(1);
+/// Time a window waits after the configuration changed, before it counts.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// Measures `metric` in windows of one running load, the configuration set up and taken
+/// down in turn: `pairs` pairs of adjacent windows, in turn first (so a trend weighs on
+/// both sides alike). One stream from start to end, so no window holds a test's start (TCP's
+/// slow start, process start-up), and a pair's two windows are a fraction of a second apart.
+/// Then, for Tollgate, the programs' run time over a window with the kernel's BPF run-time
+/// statistics on: they cost a clock read per run, so the windows of the ratios are taken
+/// without them.
+fn measure_in_windows(
+    setup: &mut Setup,
+    config: &Config,
+    metric: Metric,
+    pairs: usize,
+    into: &mut Pairs,
+) {
+    let (a, b) = (setup.a.clone(), setup.b.clone());
+    let load = start_load(metric, &a, &b);
+    // The load has started when the server counts it.
+    crate::wait_for(Duration::from_secs(10), "the load to start", || {
+        (rate_over(metric, &b, Duration::from_millis(100)) > 0.0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for k in 0..pairs {
+        let config_first = k % 2 == 0;
+        for config_turn in [config_first, !config_first] {
+            if config_turn {
+                apply(setup, config, true);
+                std::thread::sleep(SETTLE);
+                into.config
+                    .push(Sample::Value(rate_over(metric, &b, WINDOW)));
+                apply(setup, config, false);
+            } else {
+                std::thread::sleep(SETTLE);
+                into.baseline
+                    .push(Sample::Value(rate_over(metric, &b, WINDOW)));
+            }
+        }
+    }
+    if matches!(config, Config::Tollgate(..) | Config::EmptyProgram) {
+        apply(setup, config, true);
+        std::thread::sleep(SETTLE);
+        // The kernel counts programs' run time only while someone holds this.
+        let stats =
+            aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run-time statistics");
+        let (time_before, runs_before) = tc_program_stats();
+        let started = Instant::now();
+        std::thread::sleep(STATS_WINDOW);
+        let wall = started.elapsed();
+        let (time_after, runs_after) = tc_program_stats();
+        drop(stats);
+        apply(setup, config, false);
+        into.programs.run_ns += time_after.saturating_sub(time_before);
+        into.programs.runs += runs_after.saturating_sub(runs_before);
+        into.programs.wall_ns += wall.as_nanos() as u64;
+    }
+    stop_load(load);
+}
+
 fn json_of(pod: &Pod, program: &str, args: &[&str]) -> serde_json::Value {
-    let out = pod.command(program).args(args).output().expect(program);
+    let out = pinned(pod, CLIENT_CPU)
+        .arg(program)
+        .args(args)
+        .output()
+        .expect(program);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "{program} {args:?}: {e}: {}{}",
@@ -182,18 +374,6 @@ fn json_of(pod: &Pod, program: &str, args: &[&str]) -> serde_json::Value {
             String::from_utf8_lossy(&out.stderr)
         )
     })
-}
-
-fn tcp_gbps(client: &Pod, server: &Pod) -> f64 {
-    let v = json_of(
-        client,
-        "iperf3",
-        &["-c", &server.ipv4.to_string(), "-t", SAMPLE_SECONDS, "-J"],
-    );
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e9
 }
 
 fn udp_kpps(client: &Pod, server: &Pod) -> f64 {
@@ -221,9 +401,9 @@ fn udp_kpps(client: &Pod, server: &Pod) -> f64 {
 }
 
 fn latency_us(client: &Pod, server: &Pod) -> (f64, f64) {
-    let out = client
-        .command("sockperf")
+    let out = pinned(client, CLIENT_CPU)
         .args([
+            "sockperf",
             "ping-pong",
             "-i",
             &server.ipv4.to_string(),
@@ -244,23 +424,6 @@ fn latency_us(client: &Pod, server: &Pod) -> (f64, f64) {
             .unwrap_or(f64::NAN)
     };
     (pct("50.000"), pct("99.000"))
-}
-
-fn crr(client: &Pod, server: &Pod) -> f64 {
-    let v = json_of(
-        client,
-        crate::traffic::helper(),
-        &[
-            "crr",
-            "--to",
-            &server.ipv4.to_string(),
-            "--port",
-            "80",
-            "--seconds",
-            SAMPLE_SECONDS,
-        ],
-    );
-    v["per_second"].as_f64().unwrap_or(0.0)
 }
 
 /// Addresses of the peers of the policy set other than the client: 10.200.x.y.
@@ -352,6 +515,8 @@ fn tollgate_policy(mode: Mode, peer_identity: u32, rules: usize, own: &Pod) -> W
 
 enum Config {
     Baseline,
+    /// `tc_baseline`, an empty program, where Tollgate's go: the hook's own cost.
+    EmptyProgram,
     Tollgate(Mode, usize),
     Iptables(usize),
     Nftables(usize),
@@ -361,6 +526,7 @@ impl Config {
     fn name(&self) -> String {
         match self {
             Config::Baseline => "no program".into(),
+            Config::EmptyProgram => "empty TC program".into(),
             Config::Tollgate(Mode::Log, _) => "Tollgate, log mode".into(),
             Config::Tollgate(Mode::Drop, _) => "Tollgate, drop mode".into(),
             Config::Iptables(_) => "iptables (Calico-style chains, counted rule per peer)".into(),
@@ -369,7 +535,7 @@ impl Config {
     }
     fn rules(&self) -> usize {
         match self {
-            Config::Baseline => 0,
+            Config::Baseline | Config::EmptyProgram => 0,
             Config::Tollgate(_, n) | Config::Iptables(n) | Config::Nftables(n) => *n,
         }
     }
@@ -408,10 +574,36 @@ fn give_flow_series_buckets(dp: &mut Datapath, sides: [(u32, u32, u8); 2]) {
     }
 }
 
-/// Sets a configuration up (`Some`) or takes it down (`None` after it ran).
-fn apply(lab: &Lab, dp: &mut Datapath, config: &Config, a: &Pod, b: &Pod, up: bool) {
+/// The lab of the traffic benchmark: client `a`, server `b`, the datapath, and the empty
+/// program's links while that configuration is up.
+struct Setup {
+    lab: Lab,
+    dp: Datapath,
+    a: Pod,
+    b: Pod,
+    empty_program: Vec<aya::programs::links::FdLink>,
+}
+
+/// Sets a configuration up (`up`) or takes it down (after it ran).
+fn apply(setup: &mut Setup, config: &Config, up: bool) {
+    let Setup {
+        lab,
+        dp,
+        a,
+        b,
+        empty_program,
+    } = setup;
     match (config, up) {
         (Config::Baseline, _) => {}
+        (Config::EmptyProgram, true) => lab.in_node(|| {
+            for pod in [&*a, &*b] {
+                empty_program.extend(
+                    dp.attach_empty_tc(&pod.host_if)
+                        .expect("attach tc_baseline"),
+                );
+            }
+        }),
+        (Config::EmptyProgram, false) => empty_program.clear(),
         // The maps are written once per configuration; a sample attaches and detaches.
         (Config::Tollgate(..), true) => {
             attach_tc(lab, dp, 1, a);
@@ -443,28 +635,16 @@ fn apply(lab: &Lab, dp: &mut Datapath, config: &Config, a: &Pod, b: &Pod, up: bo
     }
 }
 
-fn measure(metric: Metric, a: &Pod, b: &Pod) -> Sample {
-    match metric {
-        Metric::Tcp => Sample::Value(tcp_gbps(a, b)),
-        Metric::Udp => Sample::Value(udp_kpps(a, b)),
-        Metric::Latency => {
-            let (p50, p99) = latency_us(a, b);
-            Sample::Latency(p50, p99)
-        }
-        Metric::NewConnections => Sample::Value(crr(a, b)),
-    }
-}
-
-/// Pairs a metric takes when the benchmark asks for `pairs`: new connections take twice as
-/// many. Their ratio is the noisiest (one pair lands anywhere from 0.8 to 1.05 where the
-/// median is 0.92) and sits closest to its goal, so its median needs more pairs to mean
-/// anything.
+/// Pairs a metric takes when the benchmark asks for `pairs`: UDP and latency take whole
+/// one-second samples, `pairs` of them; TCP takes windows of half a second, twice as many,
+/// and new connections twice that again: their ratio is the noisiest and sits closest to its
+/// goal, so its median needs more pairs to mean anything.
 pub fn pairs_for(metric: Metric, pairs: usize) -> usize {
     let pairs = pairs.max(1);
-    if metric == Metric::NewConnections {
-        2 * pairs
-    } else {
-        pairs
+    match metric {
+        Metric::Udp | Metric::Latency => pairs,
+        Metric::Tcp => 2 * pairs,
+        Metric::NewConnections => 4 * pairs,
     }
 }
 
@@ -477,17 +657,23 @@ pub fn run(pairs: usize) -> Vec<NetFigure> {
     let mut lab = Lab::new();
     let a = lab.add_pod("a");
     let b = lab.add_pod("b");
-    lab.serve(&b, &[80], &[]);
-    lab.spawn_background(&b, "iperf3", &["-s"]);
-    lab.spawn_background(
+    let helper = crate::traffic::helper();
+    lab.spawn_ready(
         &b,
-        "sockperf",
-        &["server", "-i", &b.ipv4.to_string(), "-p", "11111"],
+        "taskset",
+        &["-c", SERVER_CPU, helper, "serve", "--tcp", "80"],
     );
+    lab.spawn_background(&b, "taskset", &["-c", SERVER_CPU, "iperf3", "-s"]);
+    let b_addr = b.ipv4.to_string();
+    let sockperf = [
+        "-c", SERVER_CPU, "sockperf", "server", "-i", &b_addr, "-p", "11111",
+    ];
+    lab.spawn_background(&b, "taskset", &sockperf);
     std::thread::sleep(Duration::from_millis(500));
-    let mut dp: Datapath = lab.datapath(TcMode::Auto);
-    // The kernel counts programs' run time only while someone holds this.
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run-time statistics");
+    // The agent's defaults: connection tracking's capacity and each workload's share of it.
+    let mut options = tollgate::DatapathOptions::new(&lab.pin_dir);
+    options.tc_mode = TcMode::Auto;
+    let mut dp = Datapath::load(options).expect("load the datapath");
     let (id_a, id_b) = (300u32, 301u32);
     for (pod, id) in [(&a, id_a), (&b, id_b)] {
         for ip in [
@@ -498,7 +684,15 @@ pub fn run(pairs: usize) -> Vec<NetFigure> {
         }
     }
     give_flow_series_buckets(&mut dp, [(1, id_b, DIR_EGRESS), (2, id_a, DIR_INGRESS)]);
+    let mut setup = Setup {
+        lab,
+        dp,
+        a,
+        b,
+        empty_program: vec![],
+    };
     let configs = [
+        Config::EmptyProgram,
         Config::Tollgate(Mode::Log, 9300),
         Config::Tollgate(Mode::Drop, 9300),
         Config::Iptables(9300),
@@ -518,48 +712,57 @@ pub fn run(pairs: usize) -> Vec<NetFigure> {
     let mut baseline: [Vec<Sample>; 4] = Default::default();
     for (i, config) in configs.iter().enumerate() {
         if let Config::Tollgate(mode, rules) = config {
-            dp.maps
-                .set_workload(1, &tollgate_policy(*mode, id_b, *rules, &a))
+            let (a, b) = (&setup.a, &setup.b);
+            let maps = &mut setup.dp.maps;
+            maps.set_workload(1, &tollgate_policy(*mode, id_b, *rules, a))
                 .unwrap();
-            dp.maps
-                .set_workload(2, &tollgate_policy(*mode, id_a, *rules, &b))
+            maps.set_workload(2, &tollgate_policy(*mode, id_a, *rules, b))
                 .unwrap();
         }
-        // The figures at 9300 peers take every metric; the smaller rule sets only show
-        // how new connections grow with the rules.
-        let metrics: &[Metric] = if i < 4 { &all } else { &all[..1] };
+        // The figures at 9300 peers (and the empty program) take every metric; the
+        // smaller rule sets only show how new connections grow with the rules.
+        let metrics: &[Metric] = if i < 5 { &all } else { &all[..1] };
         let mut pairs_of: [Pairs; 4] = Default::default();
         for (m, metric) in all.iter().enumerate() {
             if !metrics.contains(metric) {
                 continue;
             }
-            for k in 0..pairs_for(*metric, pairs) {
+            // What the agent's census does every 30 s: without it a workload's share count
+            // only grows, and after the new-connection load its every later flow would be
+            // tracked in the overflow table.
+            setup
+                .dp
+                .maps
+                .conntrack_census(tollgate::flows::monotonic_ns());
+            let p = &mut pairs_of[m];
+            let pairs = pairs_for(*metric, pairs);
+            if matches!(metric, Metric::Tcp | Metric::NewConnections) {
+                let taken = p.baseline.len();
+                measure_in_windows(&mut setup, config, *metric, pairs, p);
+                baseline[m].extend_from_slice(&p.baseline[taken..]);
+                continue;
+            }
+            // A one-way UDP stream must start with the rules in place: conntrack takes it
+            // for established only from iperf3's opening exchange, and iptables would walk
+            // its chain for every packet of a stream it picked up halfway.
+            for k in 0..pairs {
                 let config_first = k % 2 == 0;
                 for config_turn in [config_first, !config_first] {
                     if config_turn {
-                        apply(&lab, &mut dp, config, &a, &b, true);
-                        let (time_before, runs_before) = tc_program_stats();
-                        let started = Instant::now();
-                        let sample = measure(*metric, &a, &b);
-                        let wall = started.elapsed();
-                        let (time_after, runs_after) = tc_program_stats();
-                        apply(&lab, &mut dp, config, &a, &b, false);
-                        let p = &mut pairs_of[m];
-                        p.config.push(sample);
-                        p.programs.run_ns += time_after.saturating_sub(time_before);
-                        p.programs.runs += runs_after.saturating_sub(runs_before);
-                        p.programs.wall_ns += wall.as_nanos() as u64;
+                        apply(&mut setup, config, true);
+                        p.config.push(whole_sample(*metric, &setup.a, &setup.b));
+                        apply(&mut setup, config, false);
                     } else {
-                        let sample = measure(*metric, &a, &b);
-                        pairs_of[m].baseline.push(sample);
+                        let sample = whole_sample(*metric, &setup.a, &setup.b);
+                        p.baseline.push(sample);
                         baseline[m].push(sample);
                     }
                 }
             }
         }
         if let Config::Tollgate(..) = config {
-            dp.maps.clear_workload(1).unwrap();
-            dp.maps.clear_workload(2).unwrap();
+            setup.dp.maps.clear_workload(1).unwrap();
+            setup.dp.maps.clear_workload(2).unwrap();
         }
         let figure = figure_of(config, &pairs_of);
         eprintln!(
@@ -584,6 +787,7 @@ pub fn run(pairs: usize) -> Vec<NetFigure> {
         }),
     );
     figures.insert(0, base);
+    let Setup { lab, dp, .. } = setup;
     lab.in_node(|| dp.remove()).unwrap();
     figures
 }

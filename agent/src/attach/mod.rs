@@ -357,6 +357,35 @@ pub fn attach(
     })
 }
 
+/// Attaches the empty program `tc_baseline` at `iface`, ingress and egress, with TCX
+/// links that go when the returned handles drop. Never done by the agent: benchmarks run
+/// real traffic through it to tell the hook's own cost from the programs'.
+pub fn attach_empty_tc(ebpf: &mut Ebpf, iface: &str) -> Result<Vec<FdLink>, AttachError> {
+    let prog = program_names::TC_BASELINE;
+    let program = classifier(ebpf, prog)?;
+    let tc_err = |source| AttachError::Tc {
+        prog,
+        iface: iface.into(),
+        source,
+    };
+    let mut links = vec![];
+    for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let id = program
+            .attach_with_options(
+                iface,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(tc_err)?;
+        let link = program.take_link(id).map_err(tc_err)?;
+        links.push(FdLink::try_from(link).map_err(|e| AttachError::Pin {
+            path: iface.into(),
+            reason: e.to_string(),
+        })?);
+    }
+    Ok(links)
+}
+
 fn attach_tcx(
     ebpf: &mut Ebpf,
     prog: &'static str,

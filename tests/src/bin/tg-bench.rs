@@ -819,32 +819,44 @@ fn net_section(md: &mut String, net: &[tollgate_tests::bench_net::NetFigure], ar
     writeln!(
         md,
         "\n## Traffic between two workloads over veth\n\n\
-         Client pod to server pod through the lab's node namespace (veth, routed). Each \
-         configuration and metric: {pairs} pairs of {seconds}-second samples ({crr_pairs} for new \
-         connections, whose ratio is the noisiest and nearest its goal), the \
-         configuration's and the no-program baseline's back to back, in turn first. A ratio is \
-         the median over the pairs of the configuration's sample divided by the baseline sample \
-         beside it, so a drift of the machine's speed (no-program TCP went from 12 to 17 Gbit/s \
-         between runs of one evening) weighs on both sides. The machine is shared: even a \
-         second apart, one pair's ratio lands anywhere from about 0.8 to 1.25 (each ratio's min \
-         and max are in `benchmarks.json`), so a median within a few percent of a goal is within \
-         the noise either way. The programs' own CPU time, in the second table, is the steadier \
-         account of what Tollgate costs. The absolute columns are medians of the samples. TCP throughput: \
-         `iperf3 -t {seconds}`. Small UDP packets: `iperf3 -u -b 0 -l 64 -t {seconds}`, packets \
-         received per second. Request/response latency: `sockperf ping-pong -m 64 -t {seconds}` \
-         (UDP), p50 and p99. New connections: TCP connect, 1-byte request and reply, close, back \
-         to back for {seconds} s (the cost of a new flow: where a linear rule chain shows).\n\n\
-         Tollgate: both workloads attached (TCX), isolated both ways, each with a policy of \
-         N allowed peers (the other workload among them); a sample attaches the programs and \
-         detaches them after. iptables: what Calico renders for the same job: a chain per \
-         workload and direction with a counted rule per allowed peer (calico-accountant reads \
-         those counters), the client's rule last, conntrack accepting established flows. \
-         nftables: the same with the peers in a set.\n",
+         Client pod to server pod through the lab's node namespace (veth, routed), the \
+         client's processes on CPU 0 and the server's on CPU 1 (`taskset`), so the scheduler's \
+         placement is the same in every sample. TCP throughput and new connections are measured \
+         in windows of one running load: one `iperf3` stream, or TCP connect, 1-byte request \
+         and reply, close, back to back (the cost of a new flow: where a linear rule chain \
+         shows). The configuration is set up and taken down in turn: {tcp_pairs} pairs of \
+         {window_ms} ms windows ({crr_pairs} for new connections, whose ratio is the noisiest and \
+         nearest its goal), each counted in the server's namespace (bytes received, accepted \
+         connections) after {settle_ms} ms to settle, a pair's two windows adjacent and in turn \
+         first. So no window holds a test's start (slow start, process start-up), and the two \
+         sides of a ratio are a fraction of a second apart. Small UDP packets (`iperf3 -u -b 0 \
+         -l 64 -t {seconds}`, packets received per second) and request/response latency \
+         (`sockperf ping-pong -m 64 -t {seconds}`, UDP, p50 and p99) take whole {seconds}-second \
+         samples, {pairs} pairs: a one-way UDP stream must start with the rules in place, as \
+         conntrack takes it for established only from iperf3's opening exchange. A ratio is the \
+         median over the pairs of the configuration's sample divided by the no-program sample \
+         beside it. The machine is shared, and one window moves by about 10% from the next with \
+         nothing changed (each ratio's min and max are in `benchmarks.json`), so a median \
+         within a few percent of a goal is within the noise either way. The absolute columns \
+         are medians of the samples.\n\n\
+         Empty TC program: `tc_baseline`, which does nothing, attached where Tollgate's programs \
+         go: what the hook itself costs. Tollgate: both workloads attached (TCX), isolated both \
+         ways, each with a policy of N allowed peers (the other workload among them); a \
+         window attaches the programs before it and detaches them after. iptables: what Calico \
+         renders for the same job: a chain per workload and direction with a counted rule per \
+         allowed peer (calico-accountant reads those counters), the client's rule last, \
+         conntrack accepting established flows. nftables: the same with the peers in a set.\n",
         pairs = args.net_runs,
+        tcp_pairs = tollgate_tests::bench_net::pairs_for(
+            tollgate_tests::bench_net::Metric::Tcp,
+            args.net_runs as usize
+        ),
         crr_pairs = tollgate_tests::bench_net::pairs_for(
             tollgate_tests::bench_net::Metric::NewConnections,
             args.net_runs as usize
         ),
+        window_ms = tollgate_tests::bench_net::WINDOW.as_millis(),
+        settle_ms = tollgate_tests::bench_net::SETTLE.as_millis(),
     )
     .unwrap();
     writeln!(
@@ -877,17 +889,24 @@ fn net_section(md: &mut String, net: &[tollgate_tests::bench_net::NetFigure], ar
     }
     writeln!(
         md,
-        "\nWhat Tollgate's programs themselves cost during those samples, from the kernel's BPF \
-         run-time statistics (`BPF_ENABLE_STATS`): their run time as a share of the CPU time \
-         the machine had (wall time x CPUs), and per program run (each packet runs one program \
-         on the way out of the client's interface and one on the way into the server's, and \
-         the same for the replies). Unlike the ratios, these do not move with the neighbours.\n\n\
+        "\nWhat the programs themselves cost, from the kernel's BPF run-time statistics \
+         (`BPF_ENABLE_STATS`), in a window of {stats_ms} ms per configuration and load after \
+         its ratio windows: their run time as a share of the CPU time the machine had (wall \
+         time x CPUs), and per program run (each packet runs one program on the way out of the \
+         client's interface and one on the way into the server's, and the same for the \
+         replies). The statistics cost two clock reads per run, so the windows of the ratios \
+         are taken without them. The empty program's row is the hook's own share of each \
+         figure.\n\n\
          | configuration | peers | CPU share, TCP | ns per run, TCP | CPU share, new connections | ns per run, new connections |\n\
-         |---|---:|---:|---:|---:|---:|"
+         |---|---:|---:|---:|---:|---:|",
+        stats_ms = tollgate_tests::bench_net::STATS_WINDOW.as_millis(),
     )
     .unwrap();
     let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", v * 100.0));
-    for f in net.iter().filter(|f| f.config.starts_with("Tollgate")) {
+    for f in net
+        .iter()
+        .filter(|f| f.config.starts_with("Tollgate") || f.config.starts_with("empty"))
+    {
         writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} |",
