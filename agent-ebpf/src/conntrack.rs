@@ -209,8 +209,14 @@ fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry) {
         if config.ct_share != 0 && unsafe { *entries } >= config.ct_share as u64 {
             crate::counters::diag(agent_common::diag::CT_OVERFLOW);
             if let Some(flag) = CT_OVERFLOWED.get_ptr_mut(slot) {
-                // SAFETY: as above; a whole u32 written, the same value by every CPU.
-                unsafe { *flag = 1 };
+                // SAFETY: as above; a whole u32 written, the same value by every CPU. Read
+                // first: a store on every insert would take the line from the other CPUs
+                // that read it for every packet they miss.
+                unsafe {
+                    if *flag == 0 {
+                        *flag = 1;
+                    }
+                }
             }
             if CT_OVERFLOW.insert(key, entry, 0).is_err() {
                 crate::counters::diag(agent_common::diag::CT_INSERT_FAILED);
