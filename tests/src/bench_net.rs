@@ -308,9 +308,9 @@ pub const SETTLE: Duration = Duration::from_millis(100);
 /// down in turn: `pairs` pairs of adjacent windows, in turn first (so a trend weighs on
 /// both sides alike). One stream from start to end, so no window holds a test's start (TCP's
 /// slow start, process start-up), and a pair's two windows are a fraction of a second apart.
-/// Then, for Tollgate, the programs' run time over a window with the kernel's BPF run-time
-/// statistics on: they cost a clock read per run, so the windows of the ratios are taken
-/// without them.
+/// Then, for Tollgate and the empty program, the programs' run time over a window with the
+/// kernel's BPF run-time statistics on: they cost two clock reads per run, so the windows of
+/// the ratios are taken without them.
 fn measure_in_windows(
     setup: &mut Setup,
     config: &Config,
@@ -654,6 +654,10 @@ pub fn pairs_for(metric: Metric, pairs: usize) -> usize {
 /// by more than the goals' margins within a minute; a ratio of two samples a second apart
 /// does not see that.
 pub fn run(pairs: usize) -> Vec<NetFigure> {
+    assert!(
+        std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2,
+        "the traffic benchmark pins its client and server to CPUs {CLIENT_CPU} and {SERVER_CPU}: it needs two"
+    );
     let mut lab = Lab::new();
     let a = lab.add_pod("a");
     let b = lab.add_pod("b");

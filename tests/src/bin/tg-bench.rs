@@ -714,7 +714,12 @@ fn write_reports(
          new flows beyond that go to an overflow table a quarter the size. \
          `tests/tests/fairness.rs` floods one workload until, with the limit off, the LRU \
          evicts another workload's established flow, then floods twice as much with the limit \
-         on and finds that flow still tracked and working.\n\
+         on and finds that flow still tracked and working. Flows tracked in the overflow \
+         table take the fast path too (2026-11-26): until then every packet of theirs took the \
+         general pipeline, and the traffic section, which had no census to correct the share \
+         counts as the agent's does every 30 s, tracked its TCP transfer there after the \
+         new-connection load and measured that: 308 to 324 ns per program run during TCP, \
+         against 182 to 240 with the fast path and the census, on the same host.\n\
          - Control plane: changes are applied as the Kubernetes source's change log names them \
          (pods, namespaces, Services, EndpointSlices), to persistent identity and frontend maps; \
          a cached pod result is recompiled only when a peer of its policies selects an identity \
