@@ -361,29 +361,18 @@ pub fn attach(
 /// links that go when the returned handles drop. Never done by the agent: benchmarks run
 /// real traffic through it to tell the hook's own cost from the programs'.
 pub fn attach_empty_tc(ebpf: &mut Ebpf, iface: &str) -> Result<Vec<FdLink>, AttachError> {
-    let prog = program_names::TC_BASELINE;
-    let program = classifier(ebpf, prog)?;
-    let tc_err = |source| AttachError::Tc {
-        prog,
-        iface: iface.into(),
-        source,
-    };
-    let mut links = vec![];
-    for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
-        let id = program
-            .attach_with_options(
+    [TcAttachType::Ingress, TcAttachType::Egress]
+        .into_iter()
+        .map(|attach_type| {
+            tcx_link(
+                ebpf,
+                program_names::TC_BASELINE,
                 iface,
                 attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                Path::new(iface),
             )
-            .map_err(tc_err)?;
-        let link = program.take_link(id).map_err(tc_err)?;
-        links.push(FdLink::try_from(link).map_err(|e| AttachError::Pin {
-            path: iface.into(),
-            reason: e.to_string(),
-        })?);
-    }
-    Ok(links)
+        })
+        .collect()
 }
 
 fn attach_tcx(
@@ -393,6 +382,18 @@ fn attach_tcx(
     attach_type: TcAttachType,
     pin: &Path,
 ) -> Result<LinkHandle, AttachError> {
+    let fd = tcx_link(ebpf, prog, iface, attach_type, pin)?;
+    pin_link(fd, pin, prog)
+}
+
+/// A TCX link of `prog` at `iface`, held by its file descriptor; `pin` names it in errors.
+fn tcx_link(
+    ebpf: &mut Ebpf,
+    prog: &'static str,
+    iface: &str,
+    attach_type: TcAttachType,
+    pin: &Path,
+) -> Result<FdLink, AttachError> {
     let program = classifier(ebpf, prog)?;
     let tc_err = |source| AttachError::Tc {
         prog,
@@ -407,11 +408,10 @@ fn attach_tcx(
         )
         .map_err(tc_err)?;
     let link = program.take_link(id).map_err(tc_err)?;
-    let fd = FdLink::try_from(link).map_err(|e| AttachError::Pin {
+    FdLink::try_from(link).map_err(|e| AttachError::Pin {
         path: pin.into(),
         reason: e.to_string(),
-    })?;
-    pin_link(fd, pin, prog)
+    })
 }
 
 fn attach_clsact(
