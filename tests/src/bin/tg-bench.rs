@@ -719,7 +719,7 @@ fn write_reports(
          general pipeline, and the traffic section, which had no census to correct the share \
          counts as the agent's does every 30 s, tracked its TCP transfer there after the \
          new-connection load and measured that: 308 to 324 ns per program run during TCP, \
-         against 182 to 240 with the fast path and the census, on the same host.\n\
+         against 182 to 258 with the fast path and the census, in four runs on the same host.\n\
          - Control plane: changes are applied as the Kubernetes source's change log names them \
          (pods, namespaces, Services, EndpointSlices), to persistent identity and frontend maps; \
          a cached pod result is recompiled only when a peer of its policies selects an identity \
