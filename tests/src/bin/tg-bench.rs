@@ -98,6 +98,17 @@ impl Bench<'_> {
             .duration_ns as f64
     }
 
+    /// The program's and the empty program's figure for `packet` repeated, each the fastest
+    /// of a few measurements taken in turn: the machine's noise only ever adds.
+    fn repeated(&self, packet: &[u8]) -> (f64, f64) {
+        let (mut ours, mut base) = (f64::MAX, f64::MAX);
+        for _ in 0..REPEATED_TAKES {
+            ours = ours.min(self.repeat(program_names::TC_FROM_POD, packet));
+            base = base.min(self.repeat(program_names::TC_BASELINE, packet));
+        }
+        (ours, base)
+    }
+
     /// Mean of `calls` single runs of the same packet: one syscall each, so the program
     /// starts with whatever the syscall path left in the caches.
     fn single_runs(&self, prog: &'static str, packet: &[u8]) -> f64 {
@@ -134,37 +145,61 @@ impl Bench<'_> {
         total as f64 / calls as f64
     }
 
-    fn figure(
+    /// One sample of a case: the program's figure and the empty program's, measured the
+    /// same way back to back.
+    fn sample(
         &mut self,
-        case: &str,
+        samples: &mut Vec<Sample>,
+        case: &'static str,
         policy: usize,
         ct: usize,
-        mut measure: impl FnMut(&mut Self) -> (f64, f64),
-    ) -> Figure {
-        let (mut ours, mut base) = (Vec::new(), Vec::new());
-        for _ in 0..self.args.runs {
-            let (o, b) = measure(self);
-            ours.push(o);
-            base.push(b);
-        }
-        let (median, min, max) = stats(ours);
-        let (baseline, _, _) = stats(base);
-        let f = Figure {
-            case: case.into(),
-            policy_entries: policy,
-            conntrack_entries: ct,
-            median_ns: median,
-            min_ns: min,
-            max_ns: max,
-            baseline_ns: baseline,
-            ratio: median / baseline,
-        };
-        eprintln!(
-            "{case:<28} policy {policy:>7} ct {ct:>8}: {median:>7.1} ns (min {min:.1}, max {max:.1}), empty program {baseline:.1} ns, x{:.2}",
-            f.ratio
-        );
-        f
+        measure: impl FnOnce(&mut Self) -> (f64, f64),
+    ) {
+        let (ours, base) = measure(self);
+        samples.push(Sample {
+            case,
+            policy,
+            ct,
+            ours,
+            base,
+        });
     }
+}
+
+/// One measurement of one row (case and table sizes) in one round.
+struct Sample {
+    case: &'static str,
+    policy: usize,
+    ct: usize,
+    ours: f64,
+    base: f64,
+}
+
+/// Rows from the rounds' samples: each round measured the rows in the same order.
+fn figures_of(rounds: Vec<Vec<Sample>>) -> Vec<Figure> {
+    let rows = rounds.first().map_or(0, Vec::len);
+    (0..rows)
+        .map(|row| {
+            let first = &rounds[0][row];
+            let (median, min, max) = stats(rounds.iter().map(|r| r[row].ours).collect());
+            let (baseline, _, _) = stats(rounds.iter().map(|r| r[row].base).collect());
+            let f = Figure {
+                case: first.case.into(),
+                policy_entries: first.policy,
+                conntrack_entries: first.ct,
+                median_ns: median,
+                min_ns: min,
+                max_ns: max,
+                baseline_ns: baseline,
+                ratio: median / baseline,
+            };
+            eprintln!(
+                "{:<28} policy {:>7} ct {:>8}: {median:>7.1} ns (min {min:.1}, max {max:.1}), empty program {baseline:.1} ns, x{:.2}",
+                f.case, f.policy_entries, f.conntrack_entries, f.ratio
+            );
+            f
+        })
+        .collect()
 }
 
 fn main() {
@@ -193,8 +228,41 @@ fn main() {
     write_reports(&args, &datapath, &control, &net, &dns);
 }
 
+/// Policy entries and tracked flows of the rows, in the order a round fills them.
+const DATAPATH_TABLES: [(usize, u32); 4] = [
+    (10, 0),
+    (1_000, 10_000),
+    (10_000, 100_000),
+    (100_000, 300_000),
+];
+/// Measurements of a repeated packet per row and round, the fastest kept.
+const REPEATED_TAKES: usize = 3;
+/// The full connection tracking table of the last rows.
+const FULL_CONNTRACK: u32 = 1_000_000;
+
+/// The datapath section: `runs` rounds, each loading the datapath afresh and measuring every
+/// row once in the same order, so that a noisy minute of this shared machine costs each row
+/// at most one of its samples instead of a whole row.
 fn datapath_figures(args: &Args) -> Vec<Figure> {
     let lab = Lab::new();
+    let mut rounds = Vec::new();
+    for round in 0..args.runs {
+        let started = Instant::now();
+        rounds.push(datapath_round(&lab, args));
+        eprintln!(
+            "datapath round {} of {} in {:.1}s",
+            round + 1,
+            args.runs,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    figures_of(rounds)
+}
+
+/// One round: the datapath loaded with the reference bank's pod addresses, the tables
+/// filled step by step, each row measured once (the program and the empty program back to
+/// back), the datapath removed.
+fn datapath_round(lab: &Lab, args: &Args) -> Vec<Sample> {
     let mut options = tollgate::DatapathOptions::new(&lab.pin_dir);
     options.conntrack_capacity = 1 << 21;
     options.tc_mode = TcMode::Auto;
@@ -286,16 +354,20 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
     }
 
     let mut bench = Bench {
-        lab: &lab,
+        lab,
         dp,
         args,
         next_source: 0,
     };
-    let mut figures = Vec::new();
+    let mut samples = Vec::new();
     let mut filled = bench.dp.maps.policy_entries().0;
+    // Flows in the table, counted as they go in (walking a table of a million is seconds):
+    // the bench's own established flow, the new flows of each measurement, the fill.
+    let mut tracked = 0u32;
+    let mut synthetic = 0u32;
     let mut inserted = std::collections::HashSet::new();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
-    for target in [10usize, 1_000, 10_000, 100_000] {
+    for (target, flows) in DATAPATH_TABLES {
         // Other rulesets' entries (the rulesets of slots 2 to 1023): single ports go to the
         // hash, and one in ten is a port range (a shorter prefix, in its ruleset's trie), so
         // both grow.
@@ -324,83 +396,68 @@ fn datapath_figures(args: &Args) -> Vec<Figure> {
             }
         }
         assert_eq!(filled, bench.dp.maps.policy_entries().0);
-        let ct = bench.dp.maps.conntrack().len();
-        figures.push(bench.figure("established flow", filled, ct, |b| {
-            (
-                b.repeat(program_names::TC_FROM_POD, &established),
-                b.repeat(program_names::TC_BASELINE, &established),
-            )
-        }));
-        figures.push(bench.figure("new allowed flow", filled, ct, |b| {
+        fill_conntrack(&mut bench, &mut synthetic, &mut tracked, flows);
+        let ct = tracked as usize;
+        bench.sample(&mut samples, "established flow", filled, ct, |b| {
+            b.repeated(&established)
+        });
+        // The first run of the established packet tracked its flow.
+        tracked = tracked.max(1);
+        bench.sample(&mut samples, "new allowed flow", filled, ct, |b| {
             (
                 b.new_flows(program_names::TC_FROM_POD),
                 b.new_flows(program_names::TC_BASELINE),
             )
-        }));
-        figures.push(bench.figure("denied flow (drop mode)", filled, ct, |b| {
-            (
-                b.repeat(program_names::TC_FROM_POD, &denied),
-                b.repeat(program_names::TC_BASELINE, &denied),
-            )
-        }));
+        });
+        tracked += args.calls;
+        bench.sample(&mut samples, "denied flow (drop mode)", filled, ct, |b| {
+            b.repeated(&denied)
+        });
         bench.dp.maps.set_workload(SLOT, &wide).unwrap();
-        figures.push(bench.figure(DENIED_WIDE, filled, ct, |b| {
-            (
-                b.repeat(program_names::TC_FROM_POD, &denied),
-                b.repeat(program_names::TC_BASELINE, &denied),
-            )
-        }));
+        bench.sample(&mut samples, DENIED_WIDE, filled, ct, |b| {
+            b.repeated(&denied)
+        });
         bench.dp.maps.set_workload(SLOT, &policy).unwrap();
     }
 
-    // A full connection tracking table: 1,000,000 other flows.
-    let started = Instant::now();
-    let have = bench.dp.maps.conntrack().len();
-    for i in have as u32..1_000_000 {
-        let (key, entry) = tollgate_tests::bench_control::synthetic_flow(i);
-        bench.dp.maps.insert_raw_conntrack(key, entry).unwrap();
-    }
-    eprintln!(
-        "filled conntrack in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    let ct = bench.dp.maps.conntrack().len();
-    figures.push(bench.figure("established flow", filled, ct, |b| {
-        (
-            b.repeat(program_names::TC_FROM_POD, &established),
-            b.repeat(program_names::TC_BASELINE, &established),
-        )
-    }));
-    figures.push(bench.figure("denied flow (drop mode)", filled, ct, |b| {
-        (
-            b.repeat(program_names::TC_FROM_POD, &denied),
-            b.repeat(program_names::TC_BASELINE, &denied),
-        )
-    }));
+    fill_conntrack(&mut bench, &mut synthetic, &mut tracked, FULL_CONNTRACK);
+    let ct = tracked as usize;
+    bench.sample(&mut samples, "established flow", filled, ct, |b| {
+        b.repeated(&established)
+    });
+    bench.sample(&mut samples, "denied flow (drop mode)", filled, ct, |b| {
+        b.repeated(&denied)
+    });
     bench.dp.maps.set_workload(SLOT, &wide).unwrap();
-    figures.push(bench.figure(DENIED_WIDE, filled, ct, |b| {
-        (
-            b.repeat(program_names::TC_FROM_POD, &denied),
-            b.repeat(program_names::TC_BASELINE, &denied),
-        )
-    }));
+    bench.sample(&mut samples, DENIED_WIDE, filled, ct, |b| {
+        b.repeated(&denied)
+    });
     bench.dp.maps.set_workload(SLOT, &policy).unwrap();
-    figures.push(bench.figure(ESTABLISHED_SINGLE, filled, ct, |b| {
+    bench.sample(&mut samples, ESTABLISHED_SINGLE, filled, ct, |b| {
         (
             b.single_runs(program_names::TC_FROM_POD, &established),
             b.single_runs(program_names::TC_BASELINE, &established),
         )
-    }));
-
-    figures.push(bench.figure("new allowed flow", filled, ct, |b| {
+    });
+    bench.sample(&mut samples, "new allowed flow", filled, ct, |b| {
         (
             b.new_flows(program_names::TC_FROM_POD),
             b.new_flows(program_names::TC_BASELINE),
         )
-    }));
+    });
     let Bench { dp, .. } = bench;
     lab.in_node(|| dp.remove()).expect("remove datapath");
-    figures
+    samples
+}
+
+/// Other workloads' flows, never expiring, until the table holds `flows`.
+fn fill_conntrack(bench: &mut Bench, synthetic: &mut u32, tracked: &mut u32, flows: u32) {
+    while *tracked < flows {
+        let (key, entry) = tollgate_tests::bench_control::synthetic_flow(*synthetic);
+        bench.dp.maps.insert_raw_conntrack(key, entry).unwrap();
+        *synthetic += 1;
+        *tracked += 1;
+    }
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -437,10 +494,15 @@ fn write_reports(
         md,
         "Written by `cargo xtask bench` (as root); do not edit by hand. Each figure is the median of \
          {} measurements (min and max beside it), next to the median of an empty TC program \
-         (`tc_baseline`) measured the same way in the same run. The ratio is what to compare \
+         (`tc_baseline`) measured the same way in the same run. The measurements are taken in \
+         rounds: each round loads the datapath afresh, fills the tables step by step and \
+         measures every row once, the program and the empty program back to back, so a noisy \
+         minute of the machine costs a row one sample, not the row. A repeated packet's \
+         measurement is the fastest of {} taken in turn with the empty program's (noise only \
+         adds to a loop this short); new flows and single runs are means of their runs. The ratio is what to compare \
          across machines: the absolute numbers include BPF_PROG_TEST_RUN's own cost and move \
          with whatever else the machine is doing.\n",
-        args.runs
+        args.runs, REPEATED_TAKES
     )
     .unwrap();
     writeln!(
