@@ -171,24 +171,25 @@ impl PodCgroups {
                 .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
                 .collect()
         };
-        // (hierarchy, its QoS levels, the prefix of pod directories at each level)
+        // (hierarchy, its QoS levels): a pod's directory is one of the hierarchy's or of a
+        // QoS level's, named for its UID as `pod_dir_name` says (checked by name, at the
+        // level it was found: no paths built per directory).
         for (base, qos_dirs) in [
             (
-                "kubepods.slice",
+                KUBEPODS_SLICE,
                 ["kubepods-burstable.slice", "kubepods-besteffort.slice"],
             ),
-            ("kubepods", ["burstable", "besteffort"]),
+            (KUBEPODS, ["burstable", "besteffort"]),
         ] {
-            let base = root.join(base);
-            for (name, path) in dirs(&base) {
-                let level: Vec<(String, PathBuf)> = if qos_dirs.contains(&name.as_str()) {
-                    dirs(&path)
+            for (name, path) in dirs(&root.join(base)) {
+                let (qos, level) = if qos_dirs.contains(&name.as_str()) {
+                    (Some(name.as_str()), dirs(&path))
                 } else {
-                    vec![(name, path)]
+                    (None, vec![(name.clone(), path)])
                 };
-                for (_, pod_dir) in level {
+                for (dir_name, pod_dir) in level {
                     if let Some(uid) = uid_of_cgroup(&pod_dir).filter(|u| valid_uid(u))
-                        && pod_cgroup_candidates(&root, &uid).contains(&pod_dir)
+                        && pod_dir_name(base, qos, &uid) == dir_name
                     {
                         by_uid.insert(uid, pod_dir);
                     }
@@ -237,24 +238,23 @@ impl PodCgroups {
     }
 }
 
-/// The cgroup v2 directories a pod of `uid` can have, for the systemd driver (`kubepods.slice`,
-/// QoS slices, dashes of the UID as underscores) and the cgroupfs driver (`kubepods`).
-fn pod_cgroup_candidates(root: &Path, uid: &str) -> [PathBuf; 6] {
+/// The systemd driver's hierarchy and the cgroupfs driver's, under the cgroup v2 root.
+const KUBEPODS_SLICE: &str = "kubepods.slice";
+const KUBEPODS: &str = "kubepods";
+
+/// The name of the cgroup v2 directory of a pod of `uid` in hierarchy `base`, directly
+/// (`qos` none: guaranteed) or in a QoS level's directory: for the systemd driver
+/// `kubepods-pod<uid_>.slice` or `kubepods-<qos>-pod<uid_>.slice` (dashes of the UID as
+/// underscores), for the cgroupfs driver `pod<uid>`.
+fn pod_dir_name(base: &str, qos: Option<&str>, uid: &str) -> String {
+    if base == KUBEPODS {
+        return format!("pod{uid}");
+    }
     let u = uid.replace('-', "_");
-    let slice = root.join("kubepods.slice");
-    let fs = root.join("kubepods");
-    [
-        slice.join(format!("kubepods-pod{u}.slice")),
-        slice
-            .join("kubepods-burstable.slice")
-            .join(format!("kubepods-burstable-pod{u}.slice")),
-        slice
-            .join("kubepods-besteffort.slice")
-            .join(format!("kubepods-besteffort-pod{u}.slice")),
-        fs.join(format!("pod{uid}")),
-        fs.join("burstable").join(format!("pod{uid}")),
-        fs.join("besteffort").join(format!("pod{uid}")),
-    ]
+    match qos.and_then(|q| q.strip_suffix(".slice")) {
+        Some(level) => format!("{level}-pod{u}.slice"),
+        None => format!("kubepods-pod{u}.slice"),
+    }
 }
 
 #[cfg(test)]
@@ -304,6 +304,23 @@ mod tests {
             "the cgroupfs driver's layout"
         );
         assert_eq!(cgroups.get("ffff"), None, "a symbolic link");
+        // A guaranteed pod (no QoS level) of the systemd driver; a pod's name at a level it
+        // cannot be at is not a pod's directory.
+        let guaranteed = root.join("kubepods.slice/kubepods-poda1.slice");
+        let misplaced = [
+            root.join("kubepods.slice/kubepods-burstable-podb2.slice"),
+            root.join("kubepods.slice/kubepods-besteffort.slice/kubepods-burstable-podc3.slice"),
+            root.join("kubepods.slice/podd4"),
+            root.join("kubepods/kubepods-pode5.slice"),
+        ];
+        for dir in misplaced.iter().chain([&guaranteed]) {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let cgroups = PodCgroups::scan(&root);
+        assert_eq!(cgroups.get("a1"), Some(&guaranteed.canonicalize().unwrap()));
+        for uid in ["b2", "c3", "d4", "e5"] {
+            assert_eq!(cgroups.get(uid), None, "{uid}");
+        }
         assert_eq!(uid_of_cgroup(&own).as_deref(), Some(uid));
         assert_eq!(uid_of_cgroup(&other).as_deref(), Some("0000"));
         std::fs::remove_dir_all(&root).unwrap();

@@ -1484,13 +1484,7 @@ pub fn compile_cached(
         cache.universe = universe;
     }
 
-    let mut policies_by_namespace: BTreeMap<&str, Vec<&Policy>> = BTreeMap::new();
-    for p in state.policies.values() {
-        policies_by_namespace
-            .entry(p.namespace.as_str())
-            .or_default()
-            .push(p);
-    }
+    let policy_index = PolicyIndex::new(state.policies.values());
     // Per policy, worked out once per compile: a hash of it and of the namespaces each of
     // its namespaceSelectors matches (all its pods' rules depend on of namespace labels).
     let mut selector_matches = HashMap::new();
@@ -1500,13 +1494,7 @@ pub fn compile_cached(
         None => Box::new(state.pods.iter()),
     };
     for (key, pod) in pods {
-        let selecting: Vec<&Policy> = policies_by_namespace
-            .get(pod.namespace.as_str())
-            .into_iter()
-            .flatten()
-            .filter(|p| p.pod_selector.matches(&pod.labels))
-            .copied()
-            .collect();
+        let selecting = policy_index.selecting(pod);
         let mode = mode_of(state, pod, options);
         let policies: Vec<u64> = selecting
             .iter()
@@ -1603,6 +1591,57 @@ pub fn compile_cached(
         cache.services.retain(|k, _| t.contains(k));
     }
     compiled
+}
+
+/// The policies of each namespace, indexed by the first label their podSelector requires:
+/// the policies selecting a pod are found among those its labels can match instead of among
+/// all of its namespace's (a namespace of a large cluster holds hundreds of policies, most
+/// selecting one app each).
+struct PolicyIndex<'a> {
+    by_namespace: HashMap<&'a str, NamespacePolicies<'a>>,
+}
+
+/// One namespace's policies, each with its place in the order of the cluster state's.
+#[derive(Default)]
+struct NamespacePolicies<'a> {
+    /// By the first (key, value) of the podSelector's matchLabels.
+    by_label: HashMap<(&'a str, &'a str), Vec<(usize, &'a Policy)>>,
+    /// podSelectors that require no label value (empty, or expressions only).
+    others: Vec<(usize, &'a Policy)>,
+}
+
+impl<'a> PolicyIndex<'a> {
+    fn new(policies: impl Iterator<Item = &'a Policy>) -> PolicyIndex<'a> {
+        let mut by_namespace: HashMap<&str, NamespacePolicies> = HashMap::new();
+        for (order, policy) in policies.enumerate() {
+            let ns = by_namespace.entry(policy.namespace.as_str()).or_default();
+            match policy.pod_selector.match_labels.iter().next() {
+                Some((key, value)) => ns
+                    .by_label
+                    .entry((key.as_str(), value.as_str()))
+                    .or_default()
+                    .push((order, policy)),
+                None => ns.others.push((order, policy)),
+            }
+        }
+        PolicyIndex { by_namespace }
+    }
+
+    /// The policies whose podSelector selects `pod`, in the cluster state's order.
+    fn selecting(&self, pod: &PodInfo) -> Vec<&'a Policy> {
+        let Some(ns) = self.by_namespace.get(pod.namespace.as_str()) else {
+            return Vec::new();
+        };
+        let mut found = ns.others.clone();
+        for (key, value) in pod.labels.iter() {
+            if let Some(policies) = ns.by_label.get(&(key.as_str(), value.as_str())) {
+                found.extend_from_slice(policies);
+            }
+        }
+        found.retain(|(_, p)| p.pod_selector.matches(&pod.labels));
+        found.sort_unstable_by_key(|(order, _)| *order);
+        found.into_iter().map(|(_, p)| p).collect()
+    }
 }
 
 /// Whether a pod's rules from `policy` may change when the pods of the `moved` identities
@@ -1721,6 +1760,86 @@ mod tests {
     use super::*;
 
     use crate::sources::{Kind, Object, ObjectKey, files::parse_file, store::Store};
+
+    /// The policy index finds exactly the policies whose podSelector selects a pod, in the
+    /// cluster state's order, whatever the selector holds: labels, several labels, only
+    /// expressions, nothing.
+    #[test]
+    fn the_policy_index_finds_what_a_walk_of_every_policy_finds() {
+        let labels = |pairs: &[(&str, &str)]| -> Labels {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let selector =
+            |pairs: &[(&str, &str)], expressions: Vec<super::super::model::Requirement>| Selector {
+                match_labels: pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                expressions,
+            };
+        let not_in = |key: &str, value: &str| super::super::model::Requirement {
+            key: key.into(),
+            operator: super::super::model::Operator::NotIn,
+            values: [value.to_string()].into(),
+        };
+        let policy = |ns: &str, name: &str, pod_selector: Selector| Policy {
+            namespace: ns.into(),
+            name: name.into(),
+            pod_selector,
+            ingress: Some(vec![]),
+            egress: None,
+        };
+        let policies: BTreeMap<PodKey, Policy> = [
+            policy("a", "all", selector(&[], vec![])),
+            policy("a", "web", selector(&[("app", "web")], vec![])),
+            policy(
+                "a",
+                "web-prod",
+                selector(&[("app", "web"), ("tier", "prod")], vec![]),
+            ),
+            policy("a", "tier-prod", selector(&[("tier", "prod")], vec![])),
+            policy("a", "not-db", selector(&[], vec![not_in("app", "db")])),
+            policy(
+                "a",
+                "web-not-canary",
+                selector(&[("app", "web")], vec![not_in("track", "canary")]),
+            ),
+            policy("b", "web", selector(&[("app", "web")], vec![])),
+        ]
+        .into_iter()
+        .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+        .collect();
+        let index = PolicyIndex::new(policies.values());
+        for (ns, pod_labels) in [
+            ("a", labels(&[])),
+            ("a", labels(&[("app", "web")])),
+            ("a", labels(&[("app", "web"), ("tier", "prod")])),
+            (
+                "a",
+                labels(&[("app", "web"), ("tier", "prod"), ("track", "canary")]),
+            ),
+            ("a", labels(&[("app", "db"), ("tier", "prod")])),
+            ("a", labels(&[("tier", "dev")])),
+            ("b", labels(&[("app", "web")])),
+            ("c", labels(&[("app", "web")])),
+        ] {
+            let pod = PodInfo {
+                namespace: ns.into(),
+                labels: pod_labels,
+                ..PodInfo::default()
+            };
+            let walked: Vec<String> = policies
+                .values()
+                .filter(|p| p.namespace == pod.namespace && p.pod_selector.matches(&pod.labels))
+                .map(Policy::id)
+                .collect();
+            let found: Vec<String> = index.selecting(&pod).into_iter().map(Policy::id).collect();
+            assert_eq!(found, walked, "{ns} {:?}", pod.labels);
+        }
+    }
 
     /// A new agent gives pods the numbers the pinned maps hold for their addresses, each
     /// once; new identities come after every pinned one, also once the hints are gone.
