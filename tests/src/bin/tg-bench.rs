@@ -109,6 +109,15 @@ impl Bench<'_> {
         (ours, base)
     }
 
+    /// The program's and the empty program's mean over single runs of new flows (the
+    /// program's tracked in the table; the empty program's never are).
+    fn new_flow_pair(&mut self) -> (f64, f64) {
+        (
+            self.new_flows(program_names::TC_FROM_POD),
+            self.new_flows(program_names::TC_BASELINE),
+        )
+    }
+
     /// Mean of `calls` single runs of the same packet: one syscall each, so the program
     /// starts with whatever the syscall path left in the caches.
     fn single_runs(&self, prog: &'static str, packet: &[u8]) -> f64 {
@@ -359,6 +368,13 @@ fn datapath_round(lab: &Lab, args: &Args) -> Vec<Sample> {
         args,
         next_source: 0,
     };
+    // The denied packet with the port range and the ipBlock in the workload's rules.
+    let denied_wide = |b: &mut Bench| {
+        b.dp.maps.set_workload(SLOT, &wide).unwrap();
+        let figures = b.repeated(&denied);
+        b.dp.maps.set_workload(SLOT, &policy).unwrap();
+        figures
+    };
     let mut samples = Vec::new();
     let mut filled = bench.dp.maps.policy_entries().0;
     // Flows in the table, counted as they go in (walking a table of a million is seconds):
@@ -403,21 +419,18 @@ fn datapath_round(lab: &Lab, args: &Args) -> Vec<Sample> {
         });
         // The first run of the established packet tracked its flow.
         tracked = tracked.max(1);
-        bench.sample(&mut samples, "new allowed flow", filled, ct, |b| {
-            (
-                b.new_flows(program_names::TC_FROM_POD),
-                b.new_flows(program_names::TC_BASELINE),
-            )
-        });
+        bench.sample(
+            &mut samples,
+            "new allowed flow",
+            filled,
+            ct,
+            Bench::new_flow_pair,
+        );
         tracked += args.calls;
         bench.sample(&mut samples, "denied flow (drop mode)", filled, ct, |b| {
             b.repeated(&denied)
         });
-        bench.dp.maps.set_workload(SLOT, &wide).unwrap();
-        bench.sample(&mut samples, DENIED_WIDE, filled, ct, |b| {
-            b.repeated(&denied)
-        });
-        bench.dp.maps.set_workload(SLOT, &policy).unwrap();
+        bench.sample(&mut samples, DENIED_WIDE, filled, ct, denied_wide);
     }
 
     fill_conntrack(&mut bench, &mut synthetic, &mut tracked, FULL_CONNTRACK);
@@ -428,23 +441,20 @@ fn datapath_round(lab: &Lab, args: &Args) -> Vec<Sample> {
     bench.sample(&mut samples, "denied flow (drop mode)", filled, ct, |b| {
         b.repeated(&denied)
     });
-    bench.dp.maps.set_workload(SLOT, &wide).unwrap();
-    bench.sample(&mut samples, DENIED_WIDE, filled, ct, |b| {
-        b.repeated(&denied)
-    });
-    bench.dp.maps.set_workload(SLOT, &policy).unwrap();
+    bench.sample(&mut samples, DENIED_WIDE, filled, ct, denied_wide);
     bench.sample(&mut samples, ESTABLISHED_SINGLE, filled, ct, |b| {
         (
             b.single_runs(program_names::TC_FROM_POD, &established),
             b.single_runs(program_names::TC_BASELINE, &established),
         )
     });
-    bench.sample(&mut samples, "new allowed flow", filled, ct, |b| {
-        (
-            b.new_flows(program_names::TC_FROM_POD),
-            b.new_flows(program_names::TC_BASELINE),
-        )
-    });
+    bench.sample(
+        &mut samples,
+        "new allowed flow",
+        filled,
+        ct,
+        Bench::new_flow_pair,
+    );
     let Bench { dp, .. } = bench;
     lab.in_node(|| dp.remove()).expect("remove datapath");
     samples
