@@ -17,7 +17,7 @@ use tollgate::{
     attach::TcMode,
     compile::model::{ClusterState, SliceEndpoint},
     reconcile::{Reconciler, ReconcilerOptions},
-    sources::{FileSource, Kind, Object, ObjectKey, store::Store},
+    sources::{FileSource, Kind, Object, ObjectKey, Source, store::Store},
 };
 
 use crate::{Lab, agent::Agent, cgroup2_root};
@@ -311,11 +311,12 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         let mut rec = reconciler(&pin_dir, &cluster.cgroup_root);
         let mut source = FileSource::new(&state_dir);
         let started = Instant::now();
-        let loaded = source.load();
+        // As the daemon starts: the source reads into a state of its own.
+        source.refresh(true);
         parse.push(ms(started.elapsed()));
-        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors.first());
+        assert!(source.errors().is_empty(), "{:?}", source.errors().first());
         let started = Instant::now();
-        let report = rec.reconcile(&loaded.state).unwrap();
+        let report = rec.reconcile(source.state()).unwrap();
         cold.push(ms(started.elapsed()));
         assert!(report.errors.is_empty(), "{:?}", report.errors.first());
         assert_eq!(rec.workloads().len(), cluster.local.len());
@@ -362,9 +363,10 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         let (file, text) = cluster.policy_file_with(dst, extra);
         let started = Instant::now();
         std::fs::write(state_dir.join(&file), text).unwrap();
-        let loaded = source.load();
+        // As the daemon reads a change: the source's own state, updated in place.
+        source.refresh(true);
         let loaded_at = Instant::now();
-        let report = rec.reconcile(&loaded.state).unwrap();
+        let report = rec.reconcile(source.state()).unwrap();
         change_apply.push(ms(loaded_at.elapsed()));
         change_total.push(ms(started.elapsed()));
         change_written.push((report.entries_written + report.entries_removed) as f64);
@@ -409,9 +411,9 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         } else {
             std::fs::remove_file(&path).unwrap();
         }
-        let loaded = source.load();
-        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors.first());
-        let (took, written) = timed_reconcile(&mut rec, &loaded.state);
+        source.refresh(true);
+        assert!(source.errors().is_empty(), "{:?}", source.errors().first());
+        let (took, written) = timed_reconcile(&mut rec, source.state());
         whole_apply.push(took);
         whole_written.push(written);
     }

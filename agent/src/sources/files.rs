@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -68,6 +69,15 @@ pub struct Loaded {
     pub new_errors: Vec<ObjectError>,
     /// Notes that are not errors (SCTP rules on a kernel without SCTP, duplicates).
     pub warnings: Vec<String>,
+}
+
+/// What one read of the files reported, as `Loaded` without the state: the state is the
+/// source's own (`FileSource::model`).
+#[derive(Clone, Debug, Default)]
+struct Report {
+    errors: Vec<ObjectError>,
+    new_errors: Vec<ObjectError>,
+    warnings: Vec<String>,
 }
 
 /// One parsed object, or why it was rejected.
@@ -262,17 +272,64 @@ fn typed<K: serde::de::DeserializeOwned + ToObject>(
 
 /// Takes a file's objects into the load, the last definition of an object winning, with a
 /// warning for each one defined again.
-fn take_objects(
-    objects: &mut BTreeMap<ObjectKey, Object>,
+/// The objects in force, by key, from the files' objects in path order: an object defined
+/// more than once is taken from its last definition, with a warning.
+fn in_force<'a>(
+    files: &'a BTreeMap<PathBuf, FileObjects>,
     warnings: &mut Vec<String>,
-    file_objects: &[(ObjectKey, Object)],
-) {
-    for (key, object) in file_objects {
-        if objects.insert(key.clone(), object.clone()).is_some() {
+) -> BTreeMap<&'a ObjectKey, &'a Object> {
+    let mut objects = BTreeMap::new();
+    for (key, object) in files.values().flat_map(|o| o.iter()) {
+        if objects.insert(key, object).is_some() {
             warnings.push(format!(
                 "{key} is defined more than once; the last definition wins"
             ));
         }
+    }
+    objects
+}
+
+/// The objects one file gave, shared between loads while the file stays as it was.
+type FileObjects = Arc<Vec<(ObjectKey, Object)>>;
+
+/// What `stat` says of a file. Equal to what it said before a read that came well after the
+/// file's last write (`SETTLED`), the file is the one read then and is not read again: a
+/// change shows in its size, its inode or its times (ctime, which no one can set back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileMeta {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How long after its last write a file's times are trusted to show the next one: some
+/// file systems keep times coarser than a second, and two writes within one tick would
+/// leave the same times behind.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl FileMeta {
+    /// The file's metadata, and whether its last write (or metadata change) was `SETTLED`
+    /// before now.
+    fn of(path: &Path) -> Option<(FileMeta, bool)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).ok()?;
+        let meta = FileMeta {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()?;
+        let latest = meta.mtime.max(meta.ctime);
+        let settled = latest.0 >= 0
+            && now.saturating_sub(std::time::Duration::new(latest.0 as u64, latest.1 as u32))
+                >= SETTLED;
+        Some((meta, settled))
     }
 }
 
@@ -282,7 +339,11 @@ type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
 /// Reads `--cluster-state`, remembering the last good version of every object and file.
 pub struct FileSource {
     path: PathBuf,
-    last_good_files: BTreeMap<PathBuf, Vec<(ObjectKey, Object)>>,
+    last_good_files: BTreeMap<PathBuf, FileObjects>,
+    /// Per file: its metadata when last read, if it was settled then (`FileMeta`).
+    file_meta: BTreeMap<PathBuf, FileMeta>,
+    /// Files the last load read (the others it knew unchanged from their metadata).
+    files_read: usize,
     /// The errors the last load reported (object, file, reason): an error counts once, also
     /// across restarts (they are kept in the store).
     previous_errors: BTreeSet<ErrorId>,
@@ -292,8 +353,13 @@ pub struct FileSource {
     /// Per file: the documents of kept kinds it gave good at its last read, so a file read
     /// unchanged gives them again (another file's duplicate may have hidden them meanwhile).
     file_documents: BTreeMap<PathBuf, Vec<(ObjectKey, KeptDocument)>>,
-    /// The last load, for `Source`.
-    current: Loaded,
+    /// The model of the objects in force, kept from load to load: a load changes only the
+    /// objects of the files that changed, so the compiler replays its change log and finds
+    /// the rest where it was (a model built afresh for every load is new memory, and every
+    /// object in it a cache miss for the compile that follows).
+    model: Store,
+    /// What the last load reported, for `Source`.
+    current: Report,
     /// Where the last good documents of `kept_across_restarts` kinds are kept, if anywhere.
     store: Option<PathBuf>,
     /// Those documents as last written there, by object.
@@ -310,11 +376,14 @@ impl FileSource {
         FileSource {
             path: path.into(),
             last_good_files: BTreeMap::new(),
+            file_meta: BTreeMap::new(),
+            files_read: 0,
             previous_errors: BTreeSet::new(),
             fingerprint: None,
             file_stamps: BTreeMap::new(),
             file_documents: BTreeMap::new(),
-            current: Loaded::default(),
+            model: Store::default(),
+            current: Report::default(),
             store: None,
             documents: BTreeMap::new(),
             restored: BTreeMap::new(),
@@ -414,12 +483,23 @@ impl FileSource {
     }
 
     /// Reads everything. Never fails as a whole: what cannot be read is reported and its
-    /// last good state used.
+    /// last good state used. The state returned is a copy of the source's own
+    /// (`Source::state`, which a long-running reader should use instead).
     pub fn load(&mut self) -> Loaded {
+        let report = self.read();
+        Loaded {
+            state: self.model.state().clone(),
+            errors: report.errors,
+            new_errors: report.new_errors,
+            warnings: report.warnings,
+        }
+    }
+
+    /// Reads the files that changed since the last read into the model.
+    fn read(&mut self) -> Report {
         self.fingerprint = Some(self.current_fingerprint());
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
-        let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
         let mut listed = true;
         let files = match self.files() {
             Ok(files) => files,
@@ -435,27 +515,49 @@ impl FileSource {
                 Vec::new()
             }
         };
-        let mut new_files = BTreeMap::new();
+        let mut new_files: BTreeMap<PathBuf, FileObjects> = BTreeMap::new();
         let mut new_stamps = BTreeMap::new();
+        let mut new_meta = BTreeMap::new();
+        let mut files_read = 0;
         // Documents of the objects read good in this load (kept kinds only), the last
         // definition winning as it does for the objects.
         let mut fresh_documents: BTreeMap<ObjectKey, KeptDocument> = BTreeMap::new();
         let mut new_file_documents = BTreeMap::new();
+        // Files parsed in this load (new or changed): only their objects can differ from
+        // the model's.
+        let mut reread: Vec<PathBuf> = Vec::new();
         // The object errors of files that cannot be read now: not reported while the file
         // hides them, not counted again when it shows them unchanged.
         let mut hidden: BTreeSet<ErrorId> = BTreeSet::new();
         for file in files {
             // A file whose content did not change since the last load keeps what it gave
             // then, errors included: only changed files are parsed and validated again. The
-            // content is compared, not the modification time, which can be too coarse to
-            // tell two quick writes apart.
-            let content = std::fs::read(&file).ok();
-            let stamp = content.as_ref().map(|c| {
-                use std::hash::{Hash as _, Hasher as _};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                c.hash(&mut h);
-                h.finish()
-            });
+            // content is compared, unless the file's metadata is what it was at a read well
+            // after its last write (`FileMeta`): then it is not read at all, and a load
+            // after a change to one file reads that file only.
+            let meta = FileMeta::of(&file);
+            let known = meta.is_some_and(|(m, _)| self.file_meta.get(&file) == Some(&m))
+                && self.last_good_files.contains_key(&file);
+            let (content, stamp) = match self.file_stamps.get(&file) {
+                Some((stamp, _)) if known => (None, Some(*stamp)),
+                _ => {
+                    files_read += 1;
+                    let content = std::fs::read(&file).ok();
+                    let stamp = content.as_ref().map(|c| {
+                        use std::hash::{Hash as _, Hasher as _};
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        c.hash(&mut h);
+                        h.finish()
+                    });
+                    (content, stamp)
+                }
+            };
+            // Read now, the file is trusted unread next time only if it was settled now.
+            if let Some((m, settled)) = meta
+                && (known || (settled && content.is_some()))
+            {
+                new_meta.insert(file.clone(), m);
+            }
             if let (Some(stamp), Some((old_stamp, old_errors))) =
                 (stamp, self.file_stamps.get(&file))
                 && stamp == *old_stamp
@@ -469,7 +571,6 @@ impl FileSource {
                         .filter(|(object, f, _)| object.is_some() && *f == file)
                         .cloned(),
                 );
-                take_objects(&mut objects, &mut warnings, objects_of_file);
                 if let Some(documents) = self.file_documents.get(&file) {
                     fresh_documents.extend(documents.iter().cloned());
                     new_file_documents.insert(file.clone(), documents.clone());
@@ -479,6 +580,7 @@ impl FileSource {
                 continue;
             }
             let errors_before = errors.len();
+            reread.push(file.clone());
             let parsed = match content {
                 Some(bytes) => String::from_utf8(bytes)
                     .map_err(|e| format!("not UTF-8: {e}"))
@@ -531,7 +633,7 @@ impl FileSource {
                                 let last = e.object.as_ref().and_then(|k| {
                                     self.last_good_files
                                         .values()
-                                        .flatten()
+                                        .flat_map(|o| o.iter())
                                         .find(|(key, _)| key == k)
                                         .map(|(_, o)| o)
                                         .or_else(|| self.restored.get(k).map(|(_, o)| o))
@@ -556,15 +658,19 @@ impl FileSource {
                     );
                     // What the previous load took from the file, else what an earlier
                     // process kept of it.
-                    let last = self.last_good_files.get(&file).cloned().or_else(|| {
-                        let kept: Vec<(ObjectKey, Object)> = self
-                            .restored
-                            .iter()
-                            .filter(|(_, (doc, _))| doc.file == file)
-                            .map(|(key, (_, object))| (key.clone(), object.clone()))
-                            .collect();
-                        (!kept.is_empty()).then_some(kept)
-                    });
+                    let last = self
+                        .last_good_files
+                        .get(&file)
+                        .map(|o| Vec::clone(o))
+                        .or_else(|| {
+                            let kept: Vec<(ObjectKey, Object)> = self
+                                .restored
+                                .iter()
+                                .filter(|(_, (doc, _))| doc.file == file)
+                                .map(|(key, (_, object))| (key.clone(), object.clone()))
+                                .collect();
+                            (!kept.is_empty()).then_some(kept)
+                        });
                     errors.push(ObjectError {
                         object: None,
                         file: file.clone(),
@@ -574,19 +680,16 @@ impl FileSource {
                     last.unwrap_or_default()
                 }
             };
-            take_objects(&mut objects, &mut warnings, &file_objects);
             if let Some(stamp) = stamp {
                 new_stamps.insert(file.clone(), (stamp, errors[errors_before..].to_vec()));
             }
-            new_files.insert(file, file_objects);
+            new_files.insert(file, Arc::new(file_objects));
         }
         if !listed {
             // Everything stays as the last load had it, its errors too: hidden while the
             // path cannot be read, not counted again when it can.
-            for objects_of_file in self.last_good_files.values() {
-                take_objects(&mut objects, &mut warnings, objects_of_file);
-            }
             new_files = self.last_good_files.clone();
+            new_meta = self.file_meta.clone();
             new_stamps = self.file_stamps.clone();
             new_file_documents = self.file_documents.clone();
             hidden.extend(
@@ -596,9 +699,33 @@ impl FileSource {
                     .cloned(),
             );
         }
-        self.last_good_files = new_files;
-        self.file_stamps = new_stamps;
-        self.file_documents = new_file_documents;
+        let objects = in_force(&new_files, &mut warnings);
+        // The objects of the files read in this load, as they are and as they were (a
+        // removed file's among them): the model changes for those only. An object of an
+        // unchanged file is the same object, unless a changed file defined it too.
+        let mut touched: BTreeSet<&ObjectKey> = BTreeSet::new();
+        let removed = self
+            .last_good_files
+            .keys()
+            .filter(|f| !new_files.contains_key(*f));
+        for file in reread.iter().chain(removed) {
+            for files in [&self.last_good_files, &new_files] {
+                touched.extend(
+                    files
+                        .get(file)
+                        .into_iter()
+                        .flat_map(|o| o.iter())
+                        .map(|(k, _)| k),
+                );
+            }
+        }
+        let changed_objects = touched.len();
+        for key in touched {
+            match objects.get(key) {
+                Some(object) => self.model.insert(key.clone(), Object::clone(object)),
+                None => self.model.remove(key),
+            };
+        }
         // The document of every kept kind's object in force: parsed now, or the one kept
         // for it before (an unchanged file, a last good version).
         let documents = objects
@@ -606,11 +733,23 @@ impl FileSource {
             .filter(|key| kept_across_restarts(key.kind))
             .filter_map(|key| {
                 let doc = fresh_documents
-                    .remove(key)
-                    .or_else(|| self.documents.get(key).cloned())?;
-                Some((key.clone(), doc))
+                    .remove(*key)
+                    .or_else(|| self.documents.get(*key).cloned())?;
+                Some((ObjectKey::clone(key), doc))
             })
             .collect();
+        drop(objects);
+        self.last_good_files = new_files;
+        self.file_stamps = new_stamps;
+        self.file_meta = new_meta;
+        self.files_read = files_read;
+        tracing::debug!(
+            files_read,
+            files = self.last_good_files.len(),
+            changed_objects,
+            "cluster state read"
+        );
+        self.file_documents = new_file_documents;
         // A path that cannot be listed says nothing about which objects exist.
         let mut changed = false;
         if listed && documents != self.documents {
@@ -618,32 +757,7 @@ impl FileSource {
             changed = true;
         }
 
-        // Files holding pods or namespaces (Services or EndpointSlices), by content: equal
-        // lists, equal objects.
-        let version_of = |kinds: &[Kind]| {
-            use std::hash::{Hash as _, Hasher as _};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            for (file, file_objects) in &self.last_good_files {
-                if file_objects.iter().any(|(k, _)| kinds.contains(&k.kind)) {
-                    file.hash(&mut h);
-                    self.file_stamps.get(file).map(|s| s.0).hash(&mut h);
-                    file_objects.len().hash(&mut h);
-                }
-            }
-            h.finish()
-        };
-        let pods_version = version_of(&[Kind::Pod, Kind::Namespace]);
-        let services_version = version_of(&[Kind::Service, Kind::EndpointSlice]);
-        let mut store = Store::default();
-        for (key, object) in objects {
-            store.insert(key, object);
-        }
-        warnings.extend(store.warnings());
-        let mut state = store.into_state();
-        state.pods_version = Some(pods_version);
-        state.services_version = Some(services_version);
-        // Rebuilt from scratch: readers compare, they do not replay.
-        state.changes = Default::default();
+        warnings.extend(self.model.warnings());
         let current: BTreeSet<ErrorId> = errors.iter().map(error_id).chain(hidden).collect();
         // A cluster state that cannot be read is no bad object: the source is degraded
         // (`tollgate_source_degraded`), not counted in `tollgate_policy_errors_total`.
@@ -660,8 +774,7 @@ impl FileSource {
         if changed {
             self.keep();
         }
-        Loaded {
-            state,
+        Report {
             errors,
             new_errors,
             warnings,
@@ -674,9 +787,9 @@ impl Source for FileSource {
         if !force && !self.changed() {
             return Refresh::default();
         }
-        let loaded = self.load();
-        let new_errors = loaded.new_errors.clone();
-        self.current = loaded;
+        let report = self.read();
+        let new_errors = report.new_errors.clone();
+        self.current = report;
         Refresh {
             changed: true,
             new_errors,
@@ -684,7 +797,7 @@ impl Source for FileSource {
     }
 
     fn state(&self) -> &ClusterState {
-        &self.current.state
+        self.model.state()
     }
 
     fn errors(&self) -> &[ObjectError] {
@@ -1167,6 +1280,115 @@ mod tests {
         let restarted = FileSource::new(&state).with_last_good_store(&store).load();
         assert!(restarted.errors.iter().all(|e| e.kept_last_good));
         assert_eq!(restarted.state.policies[&key], strict);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A load changes the source's model only where files changed, and in place: the
+    /// compiler replays the change log instead of comparing 20,000 pods, and finds the rest
+    /// of the model where it was. What it ends with is what a fresh load reads.
+    #[test]
+    fn a_load_changes_the_model_only_where_files_changed() {
+        let dir = std::env::temp_dir().join(format!("tg-files-model-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pod = |name: &str, app: &str, ip: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {app}}}}}\nspec: {{nodeName: n1, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+            )
+        };
+        let policy = |port: u32| {
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
+            )
+        };
+        let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n";
+        let write = |file: &str, text: &str| std::fs::write(dir.join(file), text).unwrap();
+        write(
+            "10-pods.yaml",
+            &format!(
+                "{namespace}{}{}",
+                pod("a", "a", "10.0.0.1"),
+                pod("b", "b", "10.0.0.2")
+            ),
+        );
+        write("20-policy.yaml", &policy(80));
+        // A later file redefines pod b: the last definition wins.
+        write("30-override.yaml", &pod("b", "b2", "10.0.0.2"));
+        let mut source = FileSource::new(&dir);
+        source.refresh(true);
+        assert!(source.errors().is_empty(), "{:?}", source.errors());
+        let pair = |name: &str| ("x".to_string(), name.to_string());
+        assert_eq!(
+            source.state().pods[&pair("b")].labels.get("app"),
+            Some(&"b2".to_string())
+        );
+        let before = source.state().changes.position();
+
+        // The policy changed, the override is gone (b is as 10-pods.yaml says again) and a
+        // pod came in a new file; 10-pods.yaml is untouched.
+        write("20-policy.yaml", &policy(81));
+        std::fs::remove_file(dir.join("30-override.yaml")).unwrap();
+        write("40-new.yaml", &pod("c", "c", "10.0.0.3"));
+        source.refresh(true);
+        let state = source.state();
+        let changed = state
+            .changes
+            .since(before)
+            .expect("the same log, replayable");
+        assert_eq!(changed.pods, [pair("b"), pair("c")].into_iter().collect());
+        assert!(changed.namespaces.is_empty(), "{changed:?}");
+
+        let fresh = FileSource::new(&dir).load().state;
+        assert_eq!(state.pods, fresh.pods);
+        assert_eq!(state.namespaces, fresh.namespaces);
+        assert_eq!(state.policies, fresh.policies);
+        assert_eq!(
+            state.pods[&pair("b")].labels.get("app"),
+            Some(&"b".to_string())
+        );
+
+        // A load with nothing changed changes nothing.
+        let now = source.state().changes.position();
+        source.refresh(true);
+        assert_eq!(source.state().changes.position(), now);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file whose metadata is what it was at a read well after its last write is not read
+    /// again; one written since, or written just before its last read, is.
+    #[test]
+    fn only_files_that_may_have_changed_are_read() {
+        let dir = std::env::temp_dir().join(format!("tg-files-meta-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let policy = |name: &str, port: u32| {
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
+            )
+        };
+        let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+        std::fs::write(&a, policy("a", 80)).unwrap();
+        std::fs::write(&b, policy("b", 80)).unwrap();
+        std::thread::sleep(SETTLED + std::time::Duration::from_millis(100));
+        let mut source = FileSource::new(&dir);
+        source.refresh(true);
+        assert_eq!(source.files_read, 2);
+        source.refresh(true);
+        assert_eq!(source.files_read, 0, "both settled and unchanged");
+
+        // Same size, new content: read, and read again at the next load, since it was
+        // written just before this one.
+        std::fs::write(&b, policy("b", 81)).unwrap();
+        for _ in 0..2 {
+            source.refresh(true);
+            assert_eq!(source.files_read, 1);
+            let port = &source.state().policies[&("x".to_string(), "b".to_string())]
+                .ingress
+                .as_ref()
+                .unwrap()[0]
+                .ports[0];
+            assert_eq!(port.port, crate::compile::model::PortRef::Range(81, 81));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

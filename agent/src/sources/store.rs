@@ -1,6 +1,6 @@
 //! The objects every source produces, and the one store that turns them into the model.
-//! Both sources go through it: the file source builds a fresh store per load, the
-//! Kubernetes source keeps one and applies watch events to it. A rejected object never
+//! Both sources keep one and change it in place: the file source with the objects of the
+//! files that changed, the Kubernetes source with watch events. A rejected object never
 //! replaces the version in the store: the last good version of an object stays in force.
 
 use std::{collections::BTreeMap, path::PathBuf};
