@@ -249,8 +249,7 @@ fn established(
     // one. Packets are counted per CPU elsewhere (`counters`), never here: an established
     // packet writes into the shared entry only when its state or expiry moves.
     let entry: &mut CtEntry = unsafe { &mut *entry };
-    let reopened_tcp = key.proto == PROTO_TCP
-        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    let reopened_tcp = opens_tcp(key.proto, tcp_flags)
         && entry.tcp_state & (tcp_state::RST | tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY) != 0;
     if entry.expires_ns <= now || entry.generation != workload.generation || reopened_tcp {
         return None;
@@ -273,18 +272,14 @@ fn established(
         entry.peer = d.peer;
         entry.epoch = epoch_for(workload, d.peer);
     }
-    let state = next_state(
-        entry.tcp_state,
+    advance(
+        config,
+        entry,
         key.proto,
         tcp_flags,
         direction == entry.origin,
+        now,
     );
-    if state != entry.tcp_state {
-        entry.tcp_state = state;
-        entry.expires_ns = now + lifetime_ns(config, key.proto, state);
-    } else {
-        refresh(config, entry, key.proto, now);
-    }
     Some(Tracked {
         decision: Decision {
             decision: entry.decision,
@@ -293,6 +288,33 @@ fn established(
         origin: entry.origin,
         new_flow,
     })
+}
+
+/// A bare SYN (no ACK): it opens a TCP connection, or opens again one whose tracked state
+/// says it closed, to be decided anew (`established`).
+#[inline(always)]
+pub fn opens_tcp(proto: u8, tcp_flags: u8) -> bool {
+    proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// The packet's move of a live entry: its TCP state by the packet's flags and, with a new
+/// state, the expiry of that state; else the expiry refreshed (`refresh`).
+#[inline(always)]
+pub fn advance(
+    config: &Config,
+    entry: &mut CtEntry,
+    proto: u8,
+    tcp_flags: u8,
+    from_origin: bool,
+    now: u64,
+) {
+    let state = next_state(entry.tcp_state, proto, tcp_flags, from_origin);
+    if state != entry.tcp_state {
+        entry.tcp_state = state;
+        entry.expires_ns = now + lifetime_ns(config, proto, state);
+    } else {
+        refresh(config, entry, proto, now);
+    }
 }
 
 /// Extends a live entry whose state stays as it is by its lifetime from `now`, writing into

@@ -1,5 +1,7 @@
 //! The fast path: a packet of a TCP or UDP flow that connection tracking already holds,
-//! whose cached decision stands and whose state does not move. Most packets are such, and
+//! whose cached decision stands: it moves the flow's state (a SYN-ACK, a FIN, a RST) as the
+//! general pipeline would, but a bare SYN, which may open a closed connection again, is
+//! left to that pipeline. Most packets are such, and
 //! the general pipeline (a `Packet` built field by field, fragments, DNS, ICMP errors, the
 //! 44-byte key copied a byte at a time) costs them more than the lookup itself.
 //!
@@ -24,8 +26,6 @@ const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
 const ETH_P_IPV6_BE: u32 = 0x86DDu16.to_be() as u32;
 /// Version 4, header length 5 words: no options.
 const IPV4_NO_OPTIONS: u8 = 0x45;
-/// TCP flags that may change a tracked connection's state (the rest never do).
-const TCP_STATE_FLAGS: u8 = parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST;
 
 /// Reads a `T` at `offset` of the linear packet data if all of it lies there.
 ///
@@ -218,8 +218,8 @@ fn source_is_own(workload: &WorkloadConfig, flow: &Flow) -> bool {
 const _: () = assert!(core::mem::offset_of!(WorkloadConfig, ipv6).is_multiple_of(4));
 
 /// Counts and passes the packet if it belongs to a tracked TCP or UDP flow of the workload
-/// whose decision stands (allowed, or a would-drop in log mode) and whose state needs no
-/// write.
+/// whose decision stands (allowed, or a would-drop in log mode), moving the flow's state as
+/// the general pipeline would; a bare SYN is that pipeline's.
 #[inline(always)]
 pub fn pass(
     skb: &SkBuff,
@@ -298,11 +298,11 @@ fn try_pass(
         return Some(FastPath::Untracked(flow));
     };
     let (proto, tcp_flags) = (flow.proto, flow.tcp_flags);
-    if tcp_flags & TCP_STATE_FLAGS != 0 {
+    if conntrack::opens_tcp(proto, tcp_flags) {
         return None;
     }
-    // SAFETY: a value of a successful lookup, valid for the program run; only the expiry is
-    // written, whole, as the general pipeline does.
+    // SAFETY: a value of a successful lookup, valid for the program run; the state and the
+    // expiry are written, each whole, as the general pipeline does.
     let entry: &mut CtEntry = unsafe { &mut *entry };
     // A drop needs its event: the general pipeline's.
     let verdict = crate::verdict_of(entry.decision, workload.mode);
@@ -312,12 +312,17 @@ fn try_pass(
     if entry.expires_ns <= now
         || entry.generation != workload.generation
         || entry.epoch != conntrack::epoch_for(workload, entry.peer)
-        || conntrack::next_state(entry.tcp_state, proto, tcp_flags, direction == entry.origin)
-            != entry.tcp_state
     {
         return None;
     }
-    conntrack::refresh(config, entry, proto, now);
+    conntrack::advance(
+        config,
+        entry,
+        proto,
+        tcp_flags,
+        direction == entry.origin,
+        now,
+    );
 
     let segs = crate::segments(skb);
     let bytes = skb.len().saturating_sub(l3);

@@ -685,6 +685,28 @@ fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
         .map(|(_, e)| e.tcp_state)
         .expect("the TCP flow is tracked");
     assert_eq!(state, tcp_state::FIN_ORIGIN, "the FIN was seen");
+    // A RST closes it, and a bare SYN then opens it again: a new flow, decided anew (the
+    // general pipeline's, which the fast path leaves it to), from a fresh state.
+    let tcp_entry = |dp: &tollgate::Datapath| {
+        dp.maps
+            .conntrack()
+            .into_iter()
+            .find(|(k, _)| k.proto == 6)
+            .map(|(_, e)| e)
+            .expect("the TCP flow is tracked")
+    };
+    let before = Packets::read(&dp, 1);
+    assert_eq!(runs(&dp, &tcp(0x14)), PASS);
+    let closed = tcp_entry(&dp);
+    assert_eq!(closed.tcp_state, tcp_state::FIN_ORIGIN | tcp_state::RST);
+    assert_eq!(runs(&dp, &syn), PASS);
+    let reopened = tcp_entry(&dp);
+    assert_eq!(reopened.tcp_state, 0, "opened again");
+    assert!(
+        reopened.expires_ns > closed.expires_ns,
+        "an opening connection outlives a closed one"
+    );
+    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 2);
 
     // A workload past its share of the main table tracks its new flows in the overflow
     // table: their packets are decided and counted the same.
