@@ -238,8 +238,8 @@ pub struct Compiled {
     pub identities: OrdMap<u32, IdentityInfo>,
     /// Per compiled pod.
     pub pods: BTreeMap<PodKey, PodPolicy>,
-    /// Rule ids (map values) to the policy they came from.
-    pub rule_policies: Arc<Vec<String>>,
+    /// Rule ids (map values) to the policy they came from (empty: a free id).
+    pub rule_policies: Arc<Vec<Arc<str>>>,
     /// Pod addresses to their pod.
     pub address_pods: OrdMap<IpAddr, PodKey>,
     /// Numbers the compiles of one cache, so a reader of `address_changes` knows whether
@@ -260,7 +260,10 @@ pub struct AddressChanges {
 impl Compiled {
     /// The policy a rule id came from.
     pub fn policy_of_rule(&self, rule: u32) -> Option<&str> {
-        self.rule_policies.get(rule as usize).map(String::as_str)
+        self.rule_policies
+            .get(rule as usize)
+            .map(|name| &**name)
+            .filter(|name| !name.is_empty())
     }
 
     /// The pod that owns an address, if any.
@@ -753,8 +756,9 @@ struct RuleIds {
     keys: BTreeSet<PodKey>,
     free: Vec<u32>,
     next: u32,
-    /// Id to policy (`Compiled::rule_policies`).
-    policies: Arc<Vec<String>>,
+    /// Id to policy (`Compiled::rule_policies`). Names are shared: the previous compile
+    /// still holds the list when a policy comes or goes, and copying it copies pointers.
+    policies: Arc<Vec<Arc<str>>>,
 }
 
 impl RuleIds {
@@ -780,7 +784,7 @@ impl RuleIds {
         for key in gone {
             if let Some(id) = self.ids.remove(&name(&key)) {
                 self.free.push(id);
-                by_id[id as usize].clear();
+                by_id[id as usize] = Arc::from("");
             }
             self.keys.remove(&key);
         }
@@ -792,13 +796,13 @@ impl RuleIds {
                 self.next - 1
             });
             if by_id.len() <= id as usize {
-                by_id.resize(id as usize + 1, String::new());
+                by_id.resize(id as usize + 1, Arc::from(""));
             }
-            by_id[id as usize] = name(&key);
+            by_id[id as usize] = Arc::from(name(&key));
             self.ids.insert(name(&key), id);
             self.keys.insert(key);
         }
-        while by_id.last().is_some_and(String::is_empty) {
+        while by_id.last().is_some_and(|name| name.is_empty()) {
             by_id.pop();
         }
     }
@@ -2252,7 +2256,7 @@ mod tests {
         // A deleted policy's id is reused by the next new one; the rest stay.
         ids.sync(&policies(&["a/a", "a/x", "c/z"]));
         assert_eq!(
-            ids.policies[before["b/y"] as usize], "",
+            &*ids.policies[before["b/y"] as usize], "",
             "a gone policy names no id"
         );
         ids.sync(&policies(&["a/a", "a/x", "c/z", "d/w"]));
@@ -2261,7 +2265,8 @@ mod tests {
         assert_eq!(ids.ids.len(), 4);
         for (p, id) in &ids.ids {
             assert_eq!(
-                ids.policies[*id as usize], *p,
+                &*ids.policies[*id as usize],
+                p.as_str(),
                 "rule id {id} names its policy"
             );
         }
