@@ -1073,8 +1073,10 @@ fn control_section(
          service-to-service connections (one ingress policy per called service, a peer per \
          caller, named port), as Kubernetes YAML files; {} of the pods are local to this node \
          and attached through their cgroup directories. Cold sync starts from empty pins; a \
-         single change adds or removes one caller of a service that has a local pod; the \
-         agent figures come from `tollgate run` itself. Median of {} runs (min, max).\n",
+         single change adds or removes one caller of a service that has a local pod; a file \
+         change is read as the daemon reads it (`Source::refresh`: the files that changed, \
+         into the state the source keeps); the agent figures come from `tollgate run` \
+         itself. Median of {} runs (min, max).\n",
         tollgate_tests::bench_control::SERVICES,
         tollgate_tests::bench_control::NAMESPACES,
         tollgate_tests::bench_control::PODS,
