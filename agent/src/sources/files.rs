@@ -270,8 +270,6 @@ fn typed<K: serde::de::DeserializeOwned + ToObject>(
         .and_then(|k| k.to_object())
 }
 
-/// Takes a file's objects into the load, the last definition of an object winning, with a
-/// warning for each one defined again.
 /// The objects in force, by key, from the files' objects in path order: an object defined
 /// more than once is taken from its last definition, with a warning.
 fn in_force<'a>(
