@@ -827,6 +827,13 @@ mod tests {
 
     const SAMPLE: &str = include_str!("../../../tests/fixtures/kubectl-dump.yaml");
 
+    /// A NetworkPolicy in namespace x allowing ingress to one port, as a YAML document.
+    fn policy_yaml(name: &str, port: u32) -> String {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
+        )
+    }
+
     #[test]
     fn egress_allowlists_are_read_and_bad_ones_refused_with_the_field() {
         let one = |spec: &str| {
@@ -1216,11 +1223,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (state, away) = (dir.join("cs"), dir.join("cs.away"));
         std::fs::create_dir_all(&state).unwrap();
-        let policy = |name: &str, port: u32| {
-            format!(
-                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
-            )
-        };
+        let policy = policy_yaml;
         std::fs::write(state.join("good.yaml"), policy("good", 80)).unwrap();
         std::fs::write(
             state.join("bad.yaml"),
@@ -1254,11 +1257,7 @@ mod tests {
         let state = dir.join("state");
         std::fs::create_dir_all(&state).unwrap();
         let store = dir.join("kept.json");
-        let policy = |port: u32| {
-            format!(
-                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
-            )
-        };
+        let policy = |port| policy_yaml("p", port);
         let key = ("x".to_string(), "p".to_string());
         let (main, extra) = (state.join("00-main.yaml"), state.join("20-extra.yaml"));
         std::fs::write(&main, policy(8080)).unwrap();
@@ -1294,11 +1293,7 @@ mod tests {
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {app}}}}}\nspec: {{nodeName: n1, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
             )
         };
-        let policy = |port: u32| {
-            format!(
-                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
-            )
-        };
+        let policy = |port| policy_yaml("p", port);
         let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n";
         let write = |file: &str, text: &str| std::fs::write(dir.join(file), text).unwrap();
         write(
@@ -1359,11 +1354,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tg-files-meta-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let policy = |name: &str, port: u32| {
-            format!(
-                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
-            )
-        };
+        let policy = policy_yaml;
         let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
         std::fs::write(&a, policy("a", 80)).unwrap();
         std::fs::write(&b, policy("b", 80)).unwrap();
@@ -1400,11 +1391,7 @@ mod tests {
         std::fs::create_dir_all(&state).unwrap();
         let store = dir.join("kept.json");
         let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n";
-        let policy = |name: &str, port: u32| {
-            format!(
-                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
-            )
-        };
+        let policy = policy_yaml;
         let (main, other) = (state.join("main.yaml"), state.join("other.yaml"));
         std::fs::write(&main, format!("{namespace}{}", policy("p", 80))).unwrap();
         std::fs::write(&other, format!("{}{}", policy("q", 81), policy("gone", 82))).unwrap();
