@@ -308,11 +308,10 @@ struct FileMeta {
 const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl FileMeta {
-    /// The file's metadata, and whether its last write (or metadata change) was `SETTLED`
-    /// before now.
-    fn of(path: &Path) -> Option<(FileMeta, bool)> {
+    /// A file's metadata as `stat` gave it, and whether its last write (or metadata change)
+    /// was `SETTLED` before now.
+    fn of(m: &std::fs::Metadata) -> (FileMeta, bool) {
         use std::os::unix::fs::MetadataExt as _;
-        let m = std::fs::metadata(path).ok()?;
         let meta = FileMeta {
             dev: m.dev(),
             ino: m.ino(),
@@ -320,15 +319,25 @@ impl FileMeta {
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
         };
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .ok()?;
         let latest = meta.mtime.max(meta.ctime);
         let settled = latest.0 >= 0
-            && now.saturating_sub(std::time::Duration::new(latest.0 as u64, latest.1 as u32))
-                >= SETTLED;
-        Some((meta, settled))
+            && SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .is_ok_and(|now| {
+                    now.saturating_sub(std::time::Duration::new(latest.0 as u64, latest.1 as u32))
+                        >= SETTLED
+                });
+        (meta, settled)
     }
+}
+
+/// A file's entry in the `Fingerprint`, from its `stat` (`None`: it could not be had).
+fn fingerprint_entry(
+    path: &Path,
+    m: Option<&std::fs::Metadata>,
+) -> (PathBuf, Option<SystemTime>, u64) {
+    let modified = m.and_then(|m| m.modified().ok());
+    (path.to_path_buf(), modified, m.map_or(0, |m| m.len()))
 }
 
 /// File list and modification times: what changes when the cluster state changes.
@@ -456,13 +465,8 @@ impl FileSource {
     fn current_fingerprint(&self) -> Fingerprint {
         self.files()
             .unwrap_or_default()
-            .into_iter()
-            .map(|p| {
-                let meta = std::fs::metadata(&p).ok();
-                let modified = meta.as_ref().and_then(|m| m.modified().ok());
-                let len = meta.map(|m| m.len()).unwrap_or(0);
-                (p, modified, len)
-            })
+            .iter()
+            .map(|p| fingerprint_entry(p, std::fs::metadata(p).ok().as_ref()))
             .collect()
     }
 
@@ -495,7 +499,8 @@ impl FileSource {
 
     /// Reads the files that changed since the last read into the model.
     fn read(&mut self) -> Report {
-        self.fingerprint = Some(self.current_fingerprint());
+        // The poll's fingerprint, from the same listing and `stat`s the read uses.
+        let mut fingerprint = Vec::new();
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
         let mut listed = true;
@@ -533,7 +538,9 @@ impl FileSource {
             // content is compared, unless the file's metadata is what it was at a read well
             // after its last write (`FileMeta`): then it is not read at all, and a load
             // after a change to one file reads that file only.
-            let meta = FileMeta::of(&file);
+            let stat = std::fs::metadata(&file).ok();
+            fingerprint.push(fingerprint_entry(&file, stat.as_ref()));
+            let meta = stat.as_ref().map(FileMeta::of);
             let known = meta.is_some_and(|(m, _)| self.file_meta.get(&file) == Some(&m))
                 && self.last_good_files.contains_key(&file);
             let (content, stamp) = match self.file_stamps.get(&file) {
@@ -740,6 +747,7 @@ impl FileSource {
         self.last_good_files = new_files;
         self.file_stamps = new_stamps;
         self.file_meta = new_meta;
+        self.fingerprint = Some(fingerprint);
         self.files_read = files_read;
         tracing::debug!(
             files_read,
