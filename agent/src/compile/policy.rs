@@ -798,8 +798,9 @@ impl RuleIds {
             if by_id.len() <= id as usize {
                 by_id.resize(id as usize + 1, Arc::from(""));
             }
-            by_id[id as usize] = Arc::from(name(&key));
-            self.ids.insert(name(&key), id);
+            let name = name(&key);
+            by_id[id as usize] = Arc::from(name.as_str());
+            self.ids.insert(name, id);
             self.keys.insert(key);
         }
         while by_id.last().is_some_and(|name| name.is_empty()) {
