@@ -294,8 +294,7 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     let cgroups = cgroup2_root().join(format!("{}-bench", lab.id));
     std::fs::create_dir_all(&cgroups).unwrap();
     let cluster = BankCluster::generate(&cgroups);
-    let dir = std::env::temp_dir().join(format!("tollgate-bench-control-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = crate::support::temp_dir("bench-control");
     let state_dir = dir.join("cluster");
     cluster.write(&state_dir);
     let yaml_bytes: usize = cluster.files.iter().map(|(_, t)| t.len()).sum();
@@ -666,7 +665,6 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
     drop(agent);
     drop(api);
     cluster.remove_cgroups();
-    let _ = std::fs::remove_dir_all(&dir);
     out
 }
 

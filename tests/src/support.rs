@@ -2,6 +2,8 @@
 
 use std::{
     net::IpAddr,
+    ops::Deref,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -202,10 +204,39 @@ pub fn attach_cgroup(dp: &mut Datapath, slot: u32, pod: &Pod) {
     .unwrap_or_else(|e| panic!("attach cgroup of {}: {}", pod.name, crate::chain(&e)));
 }
 
-/// A fresh scratch directory for one test (removed first if a killed run left it).
-pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+/// A fresh scratch directory for one test (removed first if a killed run left it),
+/// removed again when the test drops it, passed or failed: a suite run would otherwise
+/// leave about forty behind. Set `TOLLGATE_KEEP_SCRATCH=1` to keep them for a look.
+pub fn temp_dir(tag: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("tollgate-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch directory");
-    dir
+    Scratch(dir)
+}
+
+/// A test's scratch directory (`temp_dir`): a path, removed with its contents on drop.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("TOLLGATE_KEEP_SCRATCH").is_some_and(|v| v == "1") {
+            eprintln!("kept scratch directory {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -11,8 +11,8 @@ use std::{
 use tollgate_tests::{
     Lab, Pod,
     agent::{Agent, sample},
-    support::temp_dir,
     support::{FAIL_FAST, PATIENT},
+    support::{Scratch, temp_dir},
     traffic, wait_for,
 };
 
@@ -24,7 +24,7 @@ struct Bank {
     pot: Pod,
     frontend: Pod,
     prometheus: Pod,
-    dir: PathBuf,
+    dir: Scratch,
 }
 
 const LEDGER_POD: &str = "ledger-7d9c8b5f4-x2x9q";

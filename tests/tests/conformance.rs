@@ -100,7 +100,7 @@ fn every_scenario_on_real_traffic_in_drop_mode() {
         },
     );
     let dir = temp_dir("conformance-e2e");
-    let mut source = FileSource::new(&dir);
+    let mut source = FileSource::new(&*dir);
     let mut failures = Vec::new();
     let all = scenarios();
     for scenario in &all {

@@ -5,14 +5,13 @@
 
 use std::{
     net::IpAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use tollgate_tests::{
     Lab, Pod,
     agent::{Agent, measure, sample},
-    support::{FAIL_FAST, PATIENT, temp_dir},
+    support::{FAIL_FAST, PATIENT, Scratch, temp_dir},
     traffic, wait_for,
 };
 
@@ -28,7 +27,7 @@ struct Internet {
     hostile: Pod,
     rogue: Pod,
     sites: Vec<(&'static str, Pod)>,
-    dir: PathBuf,
+    dir: Scratch,
 }
 
 /// Names dnsmasq knows, each on a host of its own (`*` lines are allowed for `card`).

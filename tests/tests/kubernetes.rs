@@ -14,7 +14,7 @@ use tollgate_tests::{
     agent::{Agent, measure, sample, tollgate_bin},
     apiserver::{ApiServer, Health},
     cluster,
-    support::{PATIENT, temp_dir},
+    support::{PATIENT, Scratch, temp_dir},
     traffic, wait_for,
 };
 
@@ -32,7 +32,7 @@ struct Shop {
     client: Pod,
     /// A pod of node-2: its interface is here, but it is not this node's to attach.
     far: Pod,
-    dir: std::path::PathBuf,
+    dir: Scratch,
 }
 
 fn shop(tag: &str) -> Shop {

@@ -4,7 +4,7 @@
 //! own mode stricter; spoofed sources, ICMP errors that do not fit their flow and full maps
 //! change nothing they should not. Each on real traffic, through `tollgate run`.
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use agent_common::{PROTO_TCP, PolicyKey, PolicyValue, map_names};
 use aya::maps::{Map, MapData};
@@ -12,7 +12,7 @@ use tollgate_tests::{
     Lab, Pod,
     agent::{Agent, measure, sample},
     cluster, packets,
-    support::{FAIL_FAST, PATIENT, temp_dir},
+    support::{FAIL_FAST, PATIENT, Scratch, temp_dir},
     traffic, wait_for,
 };
 
@@ -699,7 +699,7 @@ fn a_full_policy_map_leaves_the_last_complete_rules_in_force() {
     assert_eq!(agent.http("/readyz").map(|r| r.0), Some(200));
     assert!(reaches(&frontend, &ledger));
     assert!(reaches(&pot, &late));
-    let _: PathBuf = dir;
+    let _: Scratch = dir;
 }
 
 /// A pod whose cgroup the kubelet creates after the pod is in the cluster state is attached

@@ -43,15 +43,6 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 const INSTALL: &str = "apt-get install --no-install-recommends qemu-system-x86 \
                        linux-image-amd64 busybox-static cpio kmod xz-utils (`cargo xtask test` does)";
 
-/// Removes the scratch directory (initramfs tree, archive, console) also when a check panics.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn the_agent_runs_on_the_stock_6_1_kernel_with_clsact_and_cgroup_attachments() {
     for program in ["qemu-system-x86_64", "cpio", "ldd"] {
@@ -68,11 +59,11 @@ fn the_agent_runs_on_the_stock_6_1_kernel_with_clsact_and_cgroup_attachments() {
         );
     }
     let (vmlinuz, modules) = kernel_6_1();
-    let scratch = Scratch(temp_dir("old-kernel-vm"));
-    let initrd = build_initramfs(&scratch.0, &modules);
+    let scratch = temp_dir("old-kernel-vm");
+    let initrd = build_initramfs(&scratch, &modules);
 
     let started = Instant::now();
-    let console = boot(&scratch.0, &vmlinuz, &initrd);
+    let console = boot(&scratch, &vmlinuz, &initrd);
     let elapsed = started.elapsed();
     eprintln!("old kernel VM: {elapsed:.1?} from qemu start to power off");
     let vm = Console(console);

@@ -93,7 +93,7 @@ fn no_transient_drops_while_policies_labels_and_pods_churn() {
     let mut rec = reconciler(&lab, Mode::Drop);
     let dir = temp_dir("churn");
     let file = dir.join("state.yaml");
-    let mut source = FileSource::new(&dir);
+    let mut source = FileSource::new(&*dir);
 
     let base = || Churn {
         ns1_labels: "{team: core}",
@@ -272,7 +272,7 @@ fn a_change_rewrites_only_the_entries_it_affects() {
         .collect();
     let mut rec = reconciler(&lab, Mode::Log);
     let dir = temp_dir("incremental");
-    let mut source = FileSource::new(&dir);
+    let mut source = FileSource::new(&*dir);
     let mut scenario = Scenario {
         name: "incremental".into(),
         policies: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-from-y, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: 80}]}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: z-deny, namespace: z}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n".into(),
@@ -483,7 +483,7 @@ fn check_agrees_with_the_kernel_on_random_policies_and_flows() {
     let mut rec = reconciler(&lab, Mode::Log);
     let dir = temp_dir("differential");
     let file = dir.join("state.yaml");
-    let mut source = FileSource::new(&dir);
+    let mut source = FileSource::new(&*dir);
     let mut compared = 0;
     let mut disagreements = Vec::new();
     for seed in 1..=30u64 {

@@ -6,7 +6,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -16,7 +15,7 @@ use tollgate_tests::{
     cluster,
     kube_proxy::{self, Proto, ServicePort},
     packets,
-    support::{FAIL_FAST, PATIENT, temp_dir},
+    support::{FAIL_FAST, PATIENT, Scratch, temp_dir},
     traffic, wait_for,
 };
 
@@ -35,7 +34,7 @@ struct Bank {
     ledger_b: Pod,
     canary: Pod,
     other: Pod,
-    dir: PathBuf,
+    dir: Scratch,
 }
 
 fn ip(s: &str) -> IpAddr {
