@@ -767,7 +767,14 @@ fn write_reports(
          arrays would have changed the pinned maps' layout (an upgrade would need \
          `--reset-state`): none kept. The cost is spread over a dozen cache lines and the \
          code, a few percent each; TCP at 0.97 of no program, about two points beyond the \
-         empty program's 0.988, needs about half of today's cost a run. New flows: about +650 ns where the goal is +250. Taking the \
+         empty program's 0.988, needs about half of today's cost a run. Through \
+         back-to-back connections (the same profile, 15 s) the largest single cost was the \
+         kernel's walk of a conntrack bucket (`lookup_nulls_elem_raw`, 2.3% of the samples, \
+         more than both programs' 1.9%): two thirds of it under the fast path's lookup in \
+         the main table and a fifth under its lookup in the overflow table (a workload \
+         opening 12,000 connections a second holds more than its share), where a \
+         connection's first packet at each end misses in buckets and elements no recent \
+         packet touched: the new flows' cost below, in real traffic. New flows: about +650 ns where the goal is +250. Taking the \
          conntrack insert out measured 391 ns instead of 630, so the LRU insert (a node \
          popped under the LRU list lock, the bucket lock, the element written) is about \
          240 ns; taking the policy evaluation out changed nothing measurable in single runs \
