@@ -379,20 +379,115 @@ x/loner-0 10.250.0.1 10250/tcp
     assert_eq!(r[0]["explanations"][0]["fix"]["kind"], "serviceport");
 }
 
+/// A Service without a selector whose EndpointSlice (written by the Service's owners, not
+/// by the control plane) names its backends: in another namespace, and once falsely.
+const HANDWRITTEN_SLICES: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {containers: [{name: c, image: i}]}
+status: {podIPs: [{ip: 10.0.1.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: x, labels: {pod: c}}
+spec: {containers: [{name: c, image: i}]}
+status: {podIPs: [{ip: 10.0.1.3}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: y, labels: {pod: a}}
+spec: {containers: [{name: c, image: i}]}
+status: {podIPs: [{ip: 10.0.2.1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: elsewhere, namespace: x}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 8000, targetPort: 81}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: elsewhere-1, namespace: x, labels: {kubernetes.io/service-name: elsewhere}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.2.1], targetRef: {kind: Pod, namespace: y, name: a}}]
+ports: [{port: 81, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: disguised, namespace: x}
+spec: {clusterIP: 10.96.0.21, ports: [{port: 8000, targetPort: 81}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: disguised-1, namespace: x, labels: {kubernetes.io/service-name: disguised}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.2.1], targetRef: {kind: Pod, name: a}}]
+ports: [{port: 81, protocol: TCP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: y-closed, namespace: y}
+spec: {podSelector: {}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c-to-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {pod: a}}}]}]
+"#;
+
+/// kube-proxy sends a Service's traffic to the addresses of its EndpointSlices: a backend is
+/// the pod that holds the address. A `targetRef` names a pod of its own namespace when it
+/// says so, and counts only for a pod that holds the address: a slice naming x/a at y/a's
+/// address must not make y/a's traffic x/a's.
+#[test]
+fn check_takes_a_services_backend_as_the_pod_holding_its_address() {
+    let r = check_yaml(
+        HANDWRITTEN_SLICES,
+        "x/c 10.96.0.20 8000/tcp\nx/c 10.96.0.21 8000/tcp\nx/c y/a 81/tcp\nx/c x/a 81/tcp\n",
+    );
+    let sides = |i: usize| {
+        (
+            r[i]["egress"].as_str().unwrap().to_string(),
+            r[i]["ingress"].as_str().unwrap().to_string(),
+        )
+    };
+    let denied_both = ("denied".to_string(), "denied".to_string());
+    assert_eq!(sides(0), denied_both, "the backend is y/a: {:?}", r[0]);
+    assert_eq!(
+        sides(1),
+        denied_both,
+        "still y/a, whatever the slice claims: {:?}",
+        r[1]
+    );
+    assert_eq!(sides(2), denied_both, "{:?}", r[2]);
+    assert_eq!(r[3]["verdict"], "allowed", "{:?}", r[3]);
+    assert!(
+        r[0]["ingress_policies"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("y/y-closed")),
+        "{:?}",
+        r[0]
+    );
+}
+
 /// Runs `check` with extra arguments on a cluster state given as YAML text: exit code and
 /// standard output, standard error.
 fn check_with(yaml: &str, args: &[&str], flows: &str) -> (Option<i32>, String, String) {
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // Tests run in parallel: a file of its own per call.
+    // Tests run in parallel: a directory of its own per call, removed after.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let file = dir.join(format!("with-{call}.yaml"));
+    let dir = std::env::temp_dir().join(format!("tollgate-cli{call}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("state.yaml");
     std::fs::write(&file, yaml).unwrap();
     let mut all = vec!["check", "--cluster-state", file.to_str().unwrap()];
     all.extend_from_slice(args);
     let out = tollgate(&all, flows);
-    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(&dir);
     (
         out.status.code(),
         String::from_utf8(out.stdout).unwrap(),

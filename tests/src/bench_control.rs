@@ -464,7 +464,7 @@ pub fn run(runs: usize) -> Vec<ControlFigure> {
         ready: true,
         serving: true,
         terminating: false,
-        pod: Some(pod.name.clone()),
+        pod: Some((pod.namespace.clone(), pod.name.clone())),
     });
     let pod_key = key(Kind::Pod, &pod.namespace, &pod.name);
     let slice_object_key = key(Kind::EndpointSlice, &slice_key.0, &slice_key.1);

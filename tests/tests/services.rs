@@ -157,7 +157,12 @@ impl Bank {
 
     /// kube-proxy's rules for both Services in both families.
     fn kube_proxy(&self, canary_ready: bool) {
-        let mut ports = Vec::new();
+        self.kube_proxy_with(canary_ready, Vec::new());
+    }
+
+    /// kube-proxy's rules for both Services in both families, and for `extra`.
+    fn kube_proxy_with(&self, canary_ready: bool, extra: Vec<ServicePort>) {
+        let mut ports = extra;
         for v6 in [false, true] {
             let (ledger, other) = if v6 {
                 (LEDGER_V6, OTHER_V6)
@@ -424,6 +429,74 @@ fn a_change_of_backends_decides_new_connections_and_leaves_established_ones() {
     let r = traffic::tcp(&bank.client, ip(LEDGER_V4), 80, 2, PATIENT);
     assert_eq!(r.echoed, 2, "{r:?}");
     eprintln!("a change of backends took {took:?} to decide new connections");
+}
+
+/// A Service without a selector gets the EndpointSlices its owners write, `targetRef`
+/// included. A slice that names a pod the client may reach (ledger-a) at another pod's
+/// address (other-0's) must not pass the client's calls as ledger-a's: kube-proxy forwards
+/// them to the address, and the backend is the pod that holds it. The same slice naming
+/// ledger-a at its own address is ledger-a.
+#[test]
+fn a_slice_naming_an_allowed_pod_at_another_pods_address_is_decided_by_the_address() {
+    const GENUINE_V4: &str = "10.96.0.70";
+    const DISGUISED_V4: &str = "10.96.0.71";
+    // The ledger by number: a named port resolves per pod, and so would tell the two
+    // addresses apart on its own.
+    const CLIENT_TO_8080: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client-8080, namespace: bank}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: ledger, track: stable}}}]\n    ports: [{port: 8080}]\n";
+    let bank = bank("service-disguised");
+    let agent = bank.start("drop");
+    let handwritten = |name: &str, vip: &str, backend: &Pod| {
+        cluster::service(
+            "bank",
+            name,
+            &[ip(vip)],
+            "null",
+            &[("web", 80, "TCP", "8080")],
+        ) + &cluster::endpoint_slice(
+            "bank",
+            &format!("{name}-v4"),
+            name,
+            &[(backend.addr(false), "ledger-a")],
+            &[("web", 8080, "TCP")],
+        )
+    };
+    let port = |name: &str, vip: &str, backend: &Pod| ServicePort {
+        namespace: "bank".into(),
+        service: name.into(),
+        port_name: "web".into(),
+        protocol: Proto::Tcp,
+        cluster_ip: ip(vip),
+        port: 80,
+        endpoints: vec![(backend.addr(false), 8080)],
+    };
+    bank.kube_proxy_with(
+        false,
+        vec![
+            port("genuine", GENUINE_V4, &bank.ledger_a),
+            port("disguised", DISGUISED_V4, &bank.other),
+        ],
+    );
+    let yaml = bank.yaml("drop", false)
+        + CLIENT_TO_8080
+        + &handwritten("genuine", GENUINE_V4, &bank.ledger_a)
+        + &handwritten("disguised", DISGUISED_V4, &bank.other);
+    std::fs::write(agent.cluster_state.join("cluster.yaml"), yaml).unwrap();
+    // Both Services came with one write: once the genuine one passes, both are in force.
+    wait_for(
+        Duration::from_secs(10),
+        "the genuine Service allowed",
+        || (traffic::tcp(&bank.client, ip(GENUINE_V4), 80, 1, FAIL_FAST).echoed == 1).then_some(()),
+    );
+
+    let got = measure(&bank, &agent, "client-0", || {
+        let r = traffic::tcp(&bank.client, ip(DISGUISED_V4), 80, 1, FAIL_FAST);
+        assert!(!r.connected, "{r:?}");
+    });
+    assert_eq!(got[3], 0, "nothing allowed at the client's egress: {got:?}");
+    assert!(
+        got[5] > 0,
+        "the SYN dropped at the client's egress: {got:?}"
+    );
 }
 
 /// A host-network pod attached on its cgroup, isolated both ways in drop mode, calls the

@@ -334,8 +334,10 @@ pub struct SliceEndpoint {
     /// `conditions.serving` (unset: as `ready`).
     pub serving: bool,
     pub terminating: bool,
-    /// `targetRef` when it names a Pod: the pod's name (in the slice's namespace).
-    pub pod: Option<String>,
+    /// `targetRef` when it names a Pod: (namespace, name), the slice's namespace when the
+    /// reference names none. A claim only: the backend is whoever holds the address
+    /// (`services::service_frontends`).
+    pub pod: Option<(String, String)>,
 }
 
 /// One port of an EndpointSlice: the backends' port for the Service port of that name.

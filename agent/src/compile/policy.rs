@@ -1105,8 +1105,8 @@ impl FrontendsPart {
         part
     }
 
-    /// Recomputes the Services that changed, whose slices changed, whose slices name a
-    /// changed pod or its address, or that select pods of a changed pod's namespace
+    /// Recomputes the Services that changed, whose slices changed, whose slices hold an
+    /// address a changed pod had or has, or that select pods of a changed pod's namespace
     /// themselves (no slices: selectors and named target ports are resolved on the pods).
     /// Returns the frontends whose Service rules may differ now: changed ones (gone ones
     /// included) and those with a backend at a touched address or one whose identity moved.
@@ -1137,21 +1137,8 @@ impl FrontendsPart {
                     .map(|(k, _)| k.clone()),
             );
         }
-        // Whether a slice's targetRef names an existing pod decides its backends' identity.
-        // Slices name pods of their own namespace; a slice that stopped naming one changed.
-        for (ns, name) in &changes.pods {
-            let in_namespace = |(k, _): &(&PodKey, &EndpointSliceInfo)| k.0 == *ns;
-            affected.extend(
-                state
-                    .endpoint_slices
-                    .range((ns.clone(), String::new())..)
-                    .take_while(in_namespace)
-                    .filter(|(_, slice)| {
-                        slice.endpoints.iter().any(|e| e.pod.as_ref() == Some(name))
-                    })
-                    .map(|(_, slice)| (slice.namespace.clone(), slice.service.clone())),
-            );
-        }
+        // A backend's pod is whoever holds its address (a slice's targetRef counts only for
+        // a pod that holds it): a pod that came, went or moved has its addresses touched.
         for ip in touched {
             affected.extend(self.address_services.get(ip).into_iter().flatten().cloned());
         }

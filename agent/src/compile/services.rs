@@ -143,7 +143,7 @@ fn ready_backends<'a>(
     name: &str,
     protocol: Protocol,
     v6: bool,
-) -> Vec<(&'a EndpointSliceInfo, IpAddr, u16, Option<&'a str>, bool)> {
+) -> Vec<(IpAddr, u16, Option<&'a PodKey>, bool)> {
     let mut out = Vec::new();
     for slice in slices {
         let Some(port) = slice
@@ -158,13 +158,13 @@ fn ready_backends<'a>(
                 // (ready, or serving while terminating: the fallback kube-proxy uses when a
                 // Service has no ready endpoint at all)
                 if e.ready || (e.serving && e.terminating) {
-                    out.push((*slice, *ip, port.port, e.pod.as_deref(), e.ready));
+                    out.push((*ip, port.port, e.pod.as_ref(), e.ready));
                 }
             }
         }
     }
-    if out.iter().any(|b| b.4) {
-        out.retain(|b| b.4);
+    if out.iter().any(|b| b.3) {
+        out.retain(|b| b.3);
     }
     out
 }
@@ -200,12 +200,18 @@ pub fn service_frontends(
                 let mut backends: Vec<Backend> = if !own_slices.is_empty() {
                     ready_backends(own_slices, &p.name, p.protocol, v6)
                         .into_iter()
-                        .map(|(slice, ip, port, pod, _)| Backend {
+                        .map(|(ip, port, pod, _)| Backend {
                             ip,
                             port,
+                            // kube-proxy forwards to the address: the backend is the pod
+                            // holding it. The slice's `targetRef` only tells apart pods that
+                            // share one (host-network pods share their node's), and only
+                            // when the pod it names holds the address: whoever writes a
+                            // slice (for a Service without a selector, its namespace's
+                            // users) must not pass one pod's address off as another's.
                             pod: pod
-                                .map(|name| (slice.namespace.clone(), name.to_string()))
-                                .filter(|k| state.pods.contains_key(k))
+                                .filter(|k| state.pods.get(*k).is_some_and(|p| p.ips.contains(&ip)))
+                                .cloned()
                                 .or_else(|| address_pods.get(&ip).cloned()),
                         })
                         .collect()

@@ -416,7 +416,10 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<EndpointSliceInfo>
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.name.clone()),
+                .and_then(|r| {
+                    let pod_namespace = r.namespace.clone().unwrap_or_else(|| namespace.clone());
+                    Some((pod_namespace, r.name.clone()?))
+                }),
         });
     }
     let mut ports = Vec::new();

@@ -1050,7 +1050,11 @@ mod tests {
         };
         assert_eq!(slice.service, "ledger");
         assert!(!slice.endpoints[0].ready && slice.endpoints[0].terminating);
-        assert_eq!(slice.endpoints[0].pod.as_deref(), Some("ledger-0"));
+        assert_eq!(
+            slice.endpoints[0].pod,
+            Some(("bank".to_string(), "ledger-0".to_string())),
+            "a targetRef without a namespace names a pod of the slice's"
+        );
         let Object::Node(node) = &objects[3] else {
             panic!()
         };
