@@ -379,6 +379,50 @@ x/loner-0 10.250.0.1 10250/tcp
     assert_eq!(r[0]["explanations"][0]["fix"]["kind"], "serviceport");
 }
 
+/// A DNS name may stand for any address outside the cluster: a NetworkPolicy allows it only
+/// through ipBlocks that hold every address, never through one that holds some, however
+/// wide, or the whole range but for exceptions.
+#[test]
+fn check_allows_a_name_only_by_ipblocks_that_hold_every_address() {
+    let state = |blocks: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: x, labels: {{pod: a}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{podIPs: [{{ip: 10.0.1.1}}]}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: out, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress: [{{to: [{blocks}], ports: [{{port: 443}}]}}]\n"
+        )
+    };
+    let egress = |blocks: &str, flow: &str| {
+        check_yaml(&state(blocks), flow)[0]["egress"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let name = "x/a api.example.com 443/tcp\n";
+    for partial in [
+        "{ipBlock: {cidr: 0.0.0.0/32}}",
+        "{ipBlock: {cidr: 0.0.0.0/1}}",
+        "{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}",
+    ] {
+        assert_eq!(egress(partial, name), "denied", "{partial}");
+    }
+    let every = "{ipBlock: {cidr: 0.0.0.0/0}}";
+    assert_eq!(egress(every, name), "allowed");
+    assert_eq!(egress(every, "x/a api.example.com 80/tcp\n"), "denied");
+    // Blocks that together hold every address do.
+    assert_eq!(
+        egress(
+            "{ipBlock: {cidr: 0.0.0.0/1}}, {ipBlock: {cidr: 128.0.0.0/1}}",
+            name
+        ),
+        "allowed"
+    );
+    assert_eq!(
+        egress(
+            "{ipBlock: {cidr: 0.0.0.0/1}}, {ipBlock: {cidr: 192.0.0.0/2}}",
+            name
+        ),
+        "denied"
+    );
+}
+
 /// A Service without a selector whose EndpointSlice (written by the Service's owners, not
 /// by the control plane) names its backends: in another namespace, and once falsely.
 const HANDWRITTEN_SLICES: &str = r#"

@@ -166,7 +166,7 @@ impl Evaluator {
         proto: u8,
         port: u16,
     ) -> Option<SideDecision> {
-        let np = self.decide_policies(pod, direction, peer, proto, port)?;
+        let np = self.decide_policies(pod, direction, peer, domain.is_some(), proto, port)?;
         let Some(allowlist) = (direction == DIR_EGRESS)
             .then(|| self.allowlist_toward(pod, peer))
             .flatten()
@@ -194,12 +194,15 @@ impl Evaluator {
         })
     }
 
-    /// What the NetworkPolicies alone decide.
+    /// What the NetworkPolicies alone decide. `any_address`: the peer is a DNS name, which
+    /// may stand for any address outside the cluster (`peer` only gives its family): an
+    /// ipBlock allows it only if its rules allow every address of that family.
     fn decide_policies(
         &self,
         pod: &PodKey,
         direction: u8,
         peer: IpAddr,
+        any_address: bool,
         proto: u8,
         port: u16,
     ) -> Option<SideDecision> {
@@ -230,7 +233,9 @@ impl Evaluator {
             rule = policy_lookup(entries, ruleset, identity, proto, port);
         }
         // A Service address is allowed by its own entries only, as in the datapath.
-        if rule.is_none()
+        if any_address {
+            rule = every_address_rule(entries, ruleset, peer, proto, port);
+        } else if rule.is_none()
             && !is_service_identity(identity)
             && let Some(set) = cidr_lookup(entries, ruleset, peer)
         {
@@ -540,6 +545,59 @@ fn cidr_lookup(entries: &RulesetEntries, ruleset: u32, ip: IpAddr) -> Option<u32
         })
         .max_by_key(|(k, _)| k.0)
         .map(|(_, set)| *set)
+}
+
+/// The rule that allows `proto`/`port` toward every address of `family_of`'s family, if
+/// the ipBlocks of the ruleset do: every prefix of the family (an `except` is one too)
+/// allows it, and together they cover the whole address space. The rule of the widest
+/// prefix names it.
+fn every_address_rule(
+    entries: &RulesetEntries,
+    ruleset: u32,
+    family_of: IpAddr,
+    proto: u8,
+    port: u16,
+) -> Option<u32> {
+    let (family, width) = if family_of.is_ipv4() {
+        (FAMILY_IPV4, 32)
+    } else {
+        (FAMILY_IPV6, 128)
+    };
+    let mut ranges = Vec::new();
+    let mut widest: Option<(u32, u32)> = None;
+    for (k, set) in entries
+        .cidr
+        .iter()
+        .filter(|(k, _)| k.1.scope == ruleset && k.1.family == family as u32)
+    {
+        let rule = policy_lookup(entries, ruleset, *set, proto, port)?;
+        let bits = k.0 - LPM_ADDR_FIXED_BITS;
+        if widest.is_none_or(|(b, _)| bits < b) {
+            widest = Some((bits, rule));
+        }
+        // The prefix as a range of the family's addresses, the address read as a number.
+        let start = u128::from_be_bytes(k.1.addr) >> (128 - width);
+        let span = if bits == 0 {
+            u128::MAX >> (128 - width)
+        } else {
+            (1u128 << (width - bits)) - 1
+        };
+        ranges.push((start, start + span));
+    }
+    ranges.sort();
+    // Covered when the sorted ranges leave no gap from the first address to the last.
+    let last = u128::MAX >> (128 - width);
+    let mut next = 0u128;
+    for (start, end) in ranges {
+        if start > next {
+            return None;
+        }
+        if end >= last {
+            return widest.map(|(_, rule)| rule);
+        }
+        next = next.max(end + 1);
+    }
+    None
 }
 
 fn prefix_matches(a: &[u8; 16], b: &[u8; 16], bits: usize) -> bool {
