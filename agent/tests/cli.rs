@@ -423,6 +423,30 @@ fn check_allows_a_name_only_by_ipblocks_that_hold_every_address() {
     );
 }
 
+/// A document that is not YAML is one bad object (named by the kind and name its lines
+/// give), not the end of its file: the other policies of the file still decide, and the
+/// exit code says the input was bad.
+#[test]
+fn check_rejects_a_document_that_is_not_yaml_and_keeps_the_rest_of_its_file() {
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIPs: [{ip: 10.0.1.1}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {pod: b}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIPs: [{ip: 10.0.1.2}]}\n---\n: : : not yaml [\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: x}\nspec: {podSelector: {}, ingress: [\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-closed, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n";
+    let (code, out, err) = check_with(yaml, &["-o", "json"], "x/a x/b 80/tcp\nx/b x/a 80/tcp\n");
+    assert_eq!(code, Some(2), "bad input: {err}");
+    assert!(
+        err.contains("NetworkPolicy x/broken") && err.contains("not valid YAML"),
+        "{err}"
+    );
+    let r: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        r[0]["ingress"], "denied",
+        "b-closed still decides: {:?}",
+        r[0]
+    );
+    assert_eq!(r[1]["verdict"], "allowed", "{:?}", r[1]);
+}
+
 /// A Service without a selector whose EndpointSlice (written by the Service's owners, not
 /// by the control plane) names its backends: in another namespace, and once falsely.
 const HANDWRITTEN_SLICES: &str = r#"

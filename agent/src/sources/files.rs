@@ -3,8 +3,10 @@
 //! Namespaces, Pods, NetworkPolicies, Services, EndpointSlices and Nodes.
 //!
 //! A bad object is rejected with its kind, namespace/name and the reason; the last good
-//! version of that object stays in force. A file that is not YAML at all keeps the last good
-//! version of everything it held.
+//! version of that object stays in force. So is a document that is not YAML, named by the
+//! kind and name its lines give; one that names nothing could have been any object of its
+//! file, which then keeps the last good version of everything it held (with none, its other
+//! documents are read).
 //!
 //! The last good versions of the objects that decide enforcement (NetworkPolicies,
 //! EgressAllowlists, ModeOverrides, Namespaces) are also kept in `--state-dir`
@@ -83,18 +85,36 @@ struct Report {
 /// One parsed object, or why it was rejected.
 pub type Parsed = Result<(ObjectKey, Object), ObjectError>;
 
-/// Parses the documents of one file into objects and per-object errors. Fails as a whole
-/// only when the text is not YAML.
+/// Parses the documents of one file into objects and per-object errors. A document that is
+/// not YAML is rejected as the object it names (`broken_documents_apart`); the file fails as
+/// a whole only when such a document names none.
 pub fn parse_file(text: &str, file: &Path) -> Result<Vec<Parsed>, String> {
-    Ok(parse_documents(text, file)?
+    Ok(parse_documents(text, file)
+        .map_err(|unreadable| unreadable.reason)?
         .into_iter()
         .map(|(parsed, _)| parsed)
         .collect())
 }
 
+/// A file the YAML parser gave up on that no per-object error accounts for: a broken
+/// document names no object. `documents`: the rest of it, read a document at a time, for a
+/// file with no last good version to keep instead.
+#[derive(Debug)]
+struct Unreadable {
+    reason: String,
+    documents: Vec<(Parsed, Option<String>)>,
+}
+
 /// `parse_file`, each good object of a kind whose last good version is kept across restarts
 /// (`kept_across_restarts`) with its own document, as YAML.
-fn parse_documents(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String>)>, String> {
+fn parse_documents(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String>)>, Unreadable> {
+    parse_stream(text, file).or_else(|reason| match broken_documents_apart(text, file) {
+        (documents, true) => Ok(documents),
+        (documents, false) => Err(Unreadable { reason, documents }),
+    })
+}
+
+fn parse_stream(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String>)>, String> {
     let mut out = Vec::new();
     for document in serde_norway::Deserializer::from_str(text) {
         let value = Value::deserialize(document).map_err(|e| format!("not valid YAML: {e}"))?;
@@ -104,6 +124,164 @@ fn parse_documents(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String
         collect(value, file, &mut out);
     }
     Ok(out)
+}
+
+/// A stream the YAML parser gave up on, taken a document at a time (a `---` or `...` line
+/// ends a document wherever it stands, even inside a block scalar): every good document
+/// stands, and a broken one is rejected as the object its lines name (`named_object`), so
+/// the last good version of that object stays in force and the rest of the file is read as
+/// usual. A broken document of a kind that is no policy input is only reported. The flag
+/// is false when a broken document names no object: then it could have been any object,
+/// and the file stands or falls as a whole where it has a last good version.
+fn broken_documents_apart(text: &str, file: &Path) -> (Vec<(Parsed, Option<String>)>, bool) {
+    let mut out = Vec::new();
+    let mut all_named = true;
+    for (first_line, document) in documents_of(text) {
+        match parse_stream(&document, file) {
+            Ok(items) => out.extend(items),
+            Err(reason) => {
+                let reason = lines_of_file(&document, first_line).unwrap_or(reason);
+                let (reason, object) = match named_object(&document) {
+                    Some((kind, object)) => (
+                        format!("{reason} (the {kind} document from line {first_line})"),
+                        object,
+                    ),
+                    None => {
+                        all_named = false;
+                        (
+                            format!(
+                                "{reason} (a document from line {first_line} that names no kind and name)"
+                            ),
+                            None,
+                        )
+                    }
+                };
+                out.push((
+                    Err(ObjectError {
+                        object,
+                        file: file.to_path_buf(),
+                        reason,
+                        kept_last_good: false,
+                    }),
+                    None,
+                ));
+            }
+        }
+    }
+    (out, all_named)
+}
+
+/// The YAML error of a document that starts at line `first_line` of its file, its line
+/// counted in the file.
+fn lines_of_file(document: &str, first_line: usize) -> Option<String> {
+    let error =
+        serde_norway::Deserializer::from_str(document).find_map(|d| Value::deserialize(d).err())?;
+    let location = error.location()?;
+    let (line, column) = (location.line(), location.column());
+    let at = format!(" at line {line} column {column}");
+    let in_file = format!(" at line {} column {column}", line + first_line - 1);
+    Some(format!(
+        "not valid YAML: {}",
+        error.to_string().replacen(&at, &in_file, 1)
+    ))
+}
+
+/// The documents of a YAML stream, each with the number of its first line.
+fn documents_of(text: &str) -> Vec<(usize, String)> {
+    let mut out: Vec<(usize, String)> = vec![(1, String::new())];
+    for (i, line) in text.lines().enumerate() {
+        let marker = |m: &str| {
+            line.strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+        };
+        if marker("---") {
+            out.push((i + 1, String::new()));
+        } else if marker("...") {
+            out.push((i + 2, String::new()));
+            continue;
+        }
+        let current = &mut out.last_mut().expect("one document at least").1;
+        current.push_str(line);
+        current.push('\n');
+    }
+    out
+}
+
+/// The kind and object a document's lines name, read without a YAML parser: a top-level
+/// `kind:`, and `name:` and `namespace:` under `metadata:` (block or flow style). `None`
+/// unless the kind is readable and, for a kind Tollgate reads, the name too (the object
+/// is then `Some`); a kind it does not read names no object of its.
+fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
+    let scalar = |value: &str| {
+        let value = value.split(" #").next().unwrap_or("").trim();
+        let value = value.trim_matches(|c| c == '"' || c == '\'');
+        (!value.is_empty()).then(|| value.to_string())
+    };
+    let mut kind = None;
+    let (mut name, mut namespace) = (None, None);
+    let mut in_metadata = false;
+    let mut metadata_indent = None;
+    for line in document.lines() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        if indent == 0 {
+            in_metadata = false;
+            if let Some(value) = line.strip_prefix("kind:") {
+                kind = scalar(value);
+            } else if let Some(value) = line.strip_prefix("metadata:") {
+                let value = value.trim();
+                if let Some(flow) = value.strip_prefix('{') {
+                    for field in flow.trim_end_matches('}').split(',') {
+                        match field.trim().split_once(':') {
+                            Some(("name", v)) => name = scalar(v),
+                            Some(("namespace", v)) => namespace = scalar(v),
+                            _ => {}
+                        }
+                    }
+                } else {
+                    in_metadata = value.is_empty();
+                    metadata_indent = None;
+                }
+            }
+        } else if in_metadata && *metadata_indent.get_or_insert(indent) == indent {
+            match line.trim().split_once(':') {
+                Some(("name", v)) => name = scalar(v),
+                Some(("namespace", v)) => namespace = scalar(v),
+                _ => {}
+            }
+        }
+    }
+    let kind = kind?;
+    let Some(input) = input_kind(&kind) else {
+        return (!kind.ends_with("List")).then_some((kind, None));
+    };
+    let key = ObjectKey {
+        kind: input,
+        namespace: if input.cluster_scoped() {
+            String::new()
+        } else {
+            namespace.unwrap_or_else(|| "default".into())
+        },
+        name: name?,
+    };
+    Some((kind, Some(key)))
+}
+
+/// The kinds Tollgate reads, by their `kind:`.
+fn input_kind(kind: &str) -> Option<Kind> {
+    Some(match kind {
+        "Namespace" => Kind::Namespace,
+        "Pod" => Kind::Pod,
+        "NetworkPolicy" => Kind::NetworkPolicy,
+        "Service" => Kind::Service,
+        "EndpointSlice" => Kind::EndpointSlice,
+        "Node" => Kind::Node,
+        "ModeOverride" => Kind::ModeOverride,
+        "EgressAllowlist" => Kind::EgressAllowlist,
+        _ => return None,
+    })
 }
 
 /// Kinds that decide what is enforced, few and small: their last good versions are kept in
@@ -161,7 +339,9 @@ impl KeptState {
     pub fn objects(&self) -> Vec<(ObjectKey, KeptDocument, Object)> {
         let mut out = Vec::new();
         for doc in &self.documents {
-            for (item, _) in parse_documents(&doc.document, &doc.file).unwrap_or_default() {
+            for (item, _) in
+                parse_documents(&doc.document, &doc.file).unwrap_or_else(|_| Vec::new())
+            {
                 if let Ok((key, object)) = item {
                     out.push((key, doc.clone(), object));
                 }
@@ -197,17 +377,9 @@ fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
         }
         return;
     }
-    let kind = match kind.as_str() {
-        "Namespace" => Kind::Namespace,
-        "Pod" => Kind::Pod,
-        "NetworkPolicy" => Kind::NetworkPolicy,
-        "Service" => Kind::Service,
-        "EndpointSlice" => Kind::EndpointSlice,
-        "Node" => Kind::Node,
-        "ModeOverride" => Kind::ModeOverride,
-        "EgressAllowlist" => Kind::EgressAllowlist,
-        // Deployments, ConfigMaps... are not policy inputs.
-        _ => return,
+    // Deployments, ConfigMaps... are not policy inputs.
+    let Some(kind) = input_kind(&kind) else {
+        return;
     };
     let namespace = if kind.cluster_scoped() {
         String::new()
@@ -586,13 +758,31 @@ impl FileSource {
             }
             let errors_before = errors.len();
             reread.push(file.clone());
+            let unreadable = |reason: String| Unreadable {
+                reason,
+                documents: Vec::new(),
+            };
             let parsed = match content {
                 Some(bytes) => String::from_utf8(bytes)
-                    .map_err(|e| format!("not UTF-8: {e}"))
+                    .map_err(|e| unreadable(format!("not UTF-8: {e}")))
                     .and_then(|text| parse_documents(&text, &file)),
                 None => std::fs::read(&file)
                     .map(|_| Vec::new())
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| unreadable(e.to_string())),
+            };
+            // A file with a document that names no object stands as it was, if it was
+            // anything: that document could have been any of its objects. With nothing to
+            // keep, its other documents are better than none.
+            let had_objects = self
+                .last_good_files
+                .get(&file)
+                .is_some_and(|o| !o.is_empty())
+                || self.restored.values().any(|(doc, _)| doc.file == file);
+            let parsed = match parsed {
+                Err(Unreadable { documents, .. }) if !had_objects && !documents.is_empty() => {
+                    Ok(documents)
+                }
+                other => other.map_err(|u| u.reason),
             };
             let file_objects = match parsed {
                 Ok(items) => {
@@ -840,6 +1030,83 @@ mod tests {
         format!(
             "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
         )
+    }
+
+    /// A document the YAML parser gives up on is one bad object: rejected by the kind and
+    /// name its lines give, its last good version kept, and the file's other documents read
+    /// as usual (they were all dropped or all frozen with it before). Only a broken document
+    /// that names no object still takes its file down as a whole.
+    #[test]
+    fn a_document_that_is_not_yaml_is_one_bad_object_of_its_file() {
+        let dir = std::env::temp_dir().join(format!("tg-files-broken-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policies.yaml");
+        let broken_p = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  # edited by hand\n  name: p\n  labels: {team: a}\n  namespace: x\nspec: : : [\n";
+        std::fs::write(&file, policy_yaml("p", 80) + &policy_yaml("q", 81)).unwrap();
+        let mut source = FileSource::new(&dir);
+        let first = source.load();
+        assert!(first.errors.is_empty(), "{:?}", first.errors);
+
+        std::fs::write(
+            &file,
+            policy_yaml("q", 82)
+                + broken_p
+                + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: x}\nspec: : [\n"
+                + &policy_yaml("r", 83),
+        )
+        .unwrap();
+        let second = source.load();
+        let reasons: Vec<String> = second.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(second.errors.len(), 2, "{reasons:?}");
+        let p = ObjectKey {
+            kind: Kind::NetworkPolicy,
+            namespace: "x".into(),
+            name: "p".into(),
+        };
+        assert_eq!(second.errors[0].object.as_ref(), Some(&p), "{reasons:?}");
+        assert!(second.errors[0].kept_last_good, "{reasons:?}");
+        assert!(
+            second.errors[0].reason.contains("not valid YAML")
+                && second.errors[0].reason.contains("at line 17 column 7")
+                && second.errors[0].reason.contains("document from line 9"),
+            "{reasons:?}"
+        );
+        assert_eq!(second.errors[1].object, None, "the Deployment is no input");
+        assert_eq!(
+            second.state.policies[&("x".to_string(), "p".to_string())],
+            first.state.policies[&("x".to_string(), "p".to_string())],
+            "p's last good version stays"
+        );
+        let port = |name: &str| {
+            format!(
+                "{:?}",
+                second.state.policies[&("x".to_string(), name.to_string())]
+            )
+        };
+        assert!(port("q").contains("82"), "q moved on: {}", port("q"));
+        assert!(port("r").contains("83"), "r is read: {}", port("r"));
+
+        // Nothing to name the broken document by: the file stands as it was.
+        std::fs::write(&file, policy_yaml("q", 84) + "---\n: : [\n").unwrap();
+        let third = source.load();
+        assert_eq!(third.errors.len(), 1);
+        assert_eq!(third.errors[0].object, None);
+        assert_eq!(third.state.policies, second.state.policies);
+        // ... unless it has nothing to stand on: a first read takes its other documents.
+        let fresh = FileSource::new(&dir).load();
+        assert_eq!(fresh.errors.len(), 1);
+        assert!(
+            fresh.errors[0].reason.contains("names no kind and name"),
+            "{:?}",
+            fresh.errors
+        );
+        let q = format!(
+            "{:?}",
+            fresh.state.policies[&("x".to_string(), "q".to_string())]
+        );
+        assert!(q.contains("84"), "{q}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
