@@ -236,13 +236,20 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
 
     let mut ports = Vec::new();
     if let Some(spec) = spec {
-        let containers = spec.containers.iter().map(|c| ("containers", c)).chain(
-            spec.init_containers
-                .iter()
-                .flatten()
-                .map(|c| ("initContainers", c)),
-        );
-        for (ci, (field, container)) in containers.enumerate() {
+        // Each list counted on its own, as the field path names them.
+        let containers = spec
+            .containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ("containers", i, c))
+            .chain(
+                spec.init_containers
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .map(|(i, c)| ("initContainers", i, c)),
+            );
+        for (field, ci, container) in containers {
             for (pi, p) in container.ports.iter().flatten().enumerate() {
                 let at = format!("spec.{field}[{ci}].ports[{pi}]");
                 let number = port_number(p.container_port, &format!("{at}.containerPort"))?;
@@ -991,5 +998,17 @@ mod tests {
             let pod: Pod = serde_norway::from_str(&yaml).unwrap();
             assert_eq!(workload_name(&pod, "the-pod"), want, "{owners} {labels}");
         }
+    }
+
+    /// A bad port is named by the path of its field, each container list counted apart.
+    #[test]
+    fn a_bad_container_port_is_named_by_its_field() {
+        let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x}\nspec:\n  containers: [{name: a, image: i}, {name: b, image: i, ports: [{containerPort: 80}]}]\n  initContainers: [{name: init, image: i, ports: [{containerPort: 8080}, {containerPort: 0}]}]\n";
+        let parsed: Pod = serde_norway::from_str(yaml).unwrap();
+        let error = pod(&parsed).unwrap_err();
+        assert!(
+            error.starts_with("spec.initContainers[0].ports[1].containerPort"),
+            "{error}"
+        );
     }
 }
