@@ -447,6 +447,35 @@ fn check_rejects_a_document_that_is_not_yaml_and_keeps_the_rest_of_its_file() {
     assert_eq!(r[1]["verdict"], "allowed", "{:?}", r[1]);
 }
 
+/// A Service flow one backend denies names the policies that denied it, not those of the
+/// backends that would have let it in.
+#[test]
+fn check_names_only_the_denying_backends_policies_for_a_denied_service_flow() {
+    let pod = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: web, pod: {name}}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{podIPs: [{{ip: {ip}}}]}}\n---\n"
+        )
+    };
+    let yaml = pod("w1", "10.0.1.1")
+        + &pod("w2", "10.0.1.2")
+        + &pod("client", "10.0.1.3")
+        + "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: w1-open, namespace: x}\nspec: {podSelector: {matchLabels: {pod: w1}}, ingress: [{}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: w2-closed, namespace: x}\nspec: {podSelector: {matchLabels: {pod: w2}}}\n";
+    let r = check_yaml(&yaml, "x/client 10.96.0.10 80/tcp\n");
+    assert_eq!(r[0]["ingress"], "denied", "{:?}", r[0]);
+    assert_eq!(
+        r[0]["ingress_policies"],
+        serde_json::json!(["x/w2-closed"]),
+        "{:?}",
+        r[0]
+    );
+    assert_eq!(
+        r[0]["policies"],
+        serde_json::json!(["x/w2-closed"]),
+        "{:?}",
+        r[0]
+    );
+}
+
 /// A Service without a selector whose EndpointSlice (written by the Service's owners, not
 /// by the control plane) names its backends: in another namespace, and once falsely.
 const HANDWRITTEN_SLICES: &str = r#"

@@ -308,25 +308,32 @@ impl Evaluator {
                 policies: vec![],
             };
         };
-        let mut out = SideDecision {
-            allowed: !fport.backends.is_empty(),
-            policies: vec![],
-        };
+        // The policies that decided: of the backends that deny, when one does; else of all.
+        let (mut allowing, mut denying) = (Vec::new(), Vec::new());
+        let mut denied = fport.backends.is_empty();
         for b in &fport.backends {
             let Some(pod) = &b.pod else { continue };
             if src.pod.as_ref() == Some(pod) {
                 continue;
             }
             if let Some(d) = self.decide(pod, DIR_INGRESS, src.ip, proto, b.port) {
-                out.allowed &= d.allowed;
+                denied |= !d.allowed;
+                let into = if d.allowed {
+                    &mut allowing
+                } else {
+                    &mut denying
+                };
                 for p in d.policies {
-                    if !out.policies.contains(&p) {
-                        out.policies.push(p);
+                    if !into.contains(&p) {
+                        into.push(p);
                     }
                 }
             }
         }
-        out
+        SideDecision {
+            allowed: !denied,
+            policies: if denied { denying } else { allowing },
+        }
     }
 
     /// The pods of a `NAMESPACE/NAME` endpoint: the pod of that name, else every pod of the
