@@ -503,6 +503,23 @@ fn spoofed_sources_are_counted_never_believed_and_dropped_when_they_claim_someon
         traffic::raw(&a, &[udp4(&a.ipv4.to_string())], 2);
     });
     assert_eq!([a_got[3], a_got[5]], [2, 3]);
+
+    // Deleted and made again under its name (a StatefulSet's pod): its count goes on where
+    // it was, as its packet counts do, though its slot counts from zero.
+    let total = spoofed_metric();
+    assert_eq!(total, 11.0 + 3.0);
+    let without_a = cluster::namespace("x", "{}", "{tollgate.io/mode: drop}")
+        + &cluster::pod(&b, "x", "b-0", "{app: b}", "{}", &[])
+        + &cluster::pod(&c, "x", "c-0", "{app: c}", "{}", &[]);
+    std::fs::write(agent.cluster_state.join("cluster.yaml"), without_a).unwrap();
+    wait_for(Duration::from_secs(10), "a detached", || {
+        agent.workload("a-0").is_none().then_some(())
+    });
+    agent.apply(&yaml(egress), &["a-0", "b-0", "c-0"]);
+    assert_eq!(spoofed_metric(), total, "continued, not started over");
+    traffic::raw(&a, &[udp4("10.1.0.99")], 1);
+    lab.settle();
+    assert_eq!(spoofed_metric(), total + 1.0);
 }
 
 #[test]

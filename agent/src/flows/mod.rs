@@ -88,6 +88,11 @@ type Counts = [[[u64; 2]; agent_common::VERDICTS]; agent_common::DIRECTIONS];
 struct CarriedCounts {
     last: Counts,
     carried: Counts,
+    /// The same for the pod's other per-slot counters, `SLOT_COUNTERS` in order.
+    #[serde(default)]
+    slot_last: [u64; SLOT_COUNTERS],
+    #[serde(default)]
+    slot_carried: [u64; SLOT_COUNTERS],
     /// When the pod was last seen detached (Unix seconds), while it is: its counts are
     /// kept a while, so a pod deleted and made again under its name (a StatefulSet's)
     /// continues its series instead of starting them over.
@@ -104,8 +109,16 @@ impl CarriedCounts {
             carried[1] += last[1];
             *last = [0, 0];
         }
+        for (carried, last) in self.slot_carried.iter_mut().zip(&mut self.slot_last) {
+            *carried += std::mem::take(last);
+        }
     }
 }
+
+/// Per-slot counters besides the packet counts, carried like them: packets sent from
+/// addresses not the pod's own, and new connections to a learned address whose name had
+/// expired.
+const SLOT_COUNTERS: usize = 2;
 
 /// Detached pods' counts at most kept (the most recently detached), about 200 bytes each
 /// in `state.json`.
@@ -1281,6 +1294,32 @@ impl Observer {
         Some(c)
     }
 
+    /// A pod's spoofed-source packets and expired-name connections as exported: the
+    /// kernel's, plus what its earlier slots or pins counted.
+    fn pod_slot_counters(&mut self, namespace: &str, pod: &str, slot: u32) -> [u64; SLOT_COUNTERS] {
+        let read = [
+            self.readers.spoofed(slot).ok(),
+            self.readers.egress_expired(slot).ok(),
+        ];
+        let counts = self
+            .persisted
+            .pod_counts
+            .entry(format!("{namespace}/{pod}"))
+            .or_default();
+        let mut out = [0; SLOT_COUNTERS];
+        for (i, now) in read.into_iter().enumerate() {
+            if let Some(now) = now {
+                // Below what was last read: the slot counts from zero again.
+                if now < counts.slot_last[i] {
+                    counts.slot_carried[i] += counts.slot_last[i];
+                }
+                counts.slot_last[i] = now;
+            }
+            out[i] = counts.slot_last[i] + counts.slot_carried[i];
+        }
+        out
+    }
+
     /// The datapath diagnostics as exported: the kernel's plus what earlier pins counted.
     fn diagnostics(&mut self) -> [u64; diag::COUNT as usize] {
         let counts = &mut self.persisted.diag_counts;
@@ -1346,18 +1385,11 @@ impl Observer {
             }
             s.degraded
                 .push((ns.clone(), name.clone(), w.degraded.is_some()));
-            s.spoofed.push((
-                ns.clone(),
-                name.clone(),
-                self.readers.spoofed(w.slot).unwrap_or(0),
-            ));
+            let [spoofed, expired] = self.pod_slot_counters(ns, name, w.slot);
+            s.spoofed.push((ns.clone(), name.clone(), spoofed));
             if w.egress_allowlist.is_some() {
-                s.egress_expired.push((
-                    ns.clone(),
-                    name.clone(),
-                    w.workload.clone(),
-                    self.readers.egress_expired(w.slot).unwrap_or(0),
-                ));
+                s.egress_expired
+                    .push((ns.clone(), name.clone(), w.workload.clone(), expired));
             }
         }
         s.workloads = view.workloads.len() as u64;
@@ -1423,6 +1455,8 @@ impl Observer {
                 let c = self
                     .pod_counters(&w.namespace, &w.pod, w.slot)
                     .unwrap_or_default();
+                let [spoofed, egress_expired] =
+                    self.pod_slot_counters(&w.namespace, &w.pod, w.slot);
                 let record = self.record(&w.namespace, &w.workload);
                 let dir = |d: usize| DirectionCounters {
                     allowed: c[d][0].packets,
@@ -1456,13 +1490,13 @@ impl Observer {
                     would_drop_last_day: record.map_or(0, |r| r.would_drops_within(now, 86_400)),
                     latest_would_drop: None,
                     latest_would_drop_explanation: None,
-                    spoofed: self.readers.spoofed(w.slot).unwrap_or(0),
+                    spoofed,
                     egress_allowlists: w
                         .egress_allowlist
                         .as_ref()
                         .map(|a| a.names.clone())
                         .unwrap_or_default(),
-                    egress_expired: self.readers.egress_expired(w.slot).unwrap_or(0),
+                    egress_expired,
                     degraded: w.degraded.clone(),
                 }
             })

@@ -1154,14 +1154,21 @@ impl DatapathMaps {
         self.event_buckets
             .set(slot, EventBucket::default(), 0)
             .map_err(map_err(map_names::EVENT_BUCKETS))?;
-        let zero = zero_per_cpu::<u64>().map_err(|source| MapsError::Io {
-            what: "per-CPU counter values",
-            source,
-        })?;
+        let zero = || {
+            zero_per_cpu::<u64>().map_err(|source| MapsError::Io {
+                what: "per-CPU counter values",
+                source,
+            })
+        };
         self.r
             .spoofed
-            .set(slot, zero, 0)
+            .set(slot, zero()?, 0)
             .map_err(map_err(map_names::SPOOFED))?;
+        // A slot's next workload counts from zero (`flows` carries what this one counted).
+        self.r
+            .egress_expired
+            .set(slot, zero()?, 0)
+            .map_err(map_err(map_names::EGRESS_EXPIRED))?;
         Ok(())
     }
 
