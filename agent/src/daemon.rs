@@ -255,6 +255,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     rec.overrides = Overrides::load(&options.state_dir.join("overrides.json"))?;
 
     let log = Arc::new(FlowLogStats::default());
+    let event_stats = Arc::new(crate::recorder::EventStats::default());
     let (observer, persisted_errors) = Observer::new(
         readers,
         &options.state_dir,
@@ -262,6 +263,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.flow_series_idle,
         options.records,
         log.clone(),
+        event_stats.clone(),
     );
     let policy_errors = Arc::new(AtomicU64::new(persisted_errors));
     let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
@@ -293,8 +295,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             },
             Some(client),
         ) => {
-            let (recorder, task) =
-                Recorder::start(client, options.node_name.clone(), *event_dedup_window);
+            let (recorder, task) = Recorder::start(
+                client,
+                options.node_name.clone(),
+                *event_dedup_window,
+                event_stats,
+            );
             let (tx, mut rx) = tokio::sync::mpsc::channel(256);
             controller.notify_mode_changes(tx);
             let r = recorder.clone();

@@ -50,6 +50,19 @@ pub struct EventStats {
 }
 
 impl EventStats {
+    /// Adds the counts an earlier process reached (`outcomes` order), so they go on.
+    pub fn continue_from(&self, counts: &[u64]) {
+        let fields = [
+            &self.created,
+            &self.updated,
+            &self.rate_limited,
+            &self.failed,
+        ];
+        for (field, n) in fields.into_iter().zip(counts) {
+            field.fetch_add(*n, Ordering::Relaxed);
+        }
+    }
+
     /// (outcome, count) pairs.
     pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
         vec![
@@ -153,14 +166,14 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts the recorder task on a client.
+    /// Starts the recorder task on a client, counting outcomes into `stats`.
     pub fn start(
         client: Client,
         node: String,
         window: Duration,
+        stats: Arc<EventStats>,
     ) -> (Recorder, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let stats = Arc::new(EventStats::default());
         let task = tokio::spawn(run(client, node, window, rx, stats.clone()));
         (Recorder { tx, stats }, task)
     }

@@ -355,16 +355,15 @@ fn denied_flows_become_deduplicated_events_on_the_pod_whose_policy_denied_them()
         "{dropped}"
     );
     let metrics = agent.metrics_text();
-    assert!(
+    let created = |metrics: &str| {
         sample(
-            &metrics,
+            metrics,
             "tollgate_kube_events_total",
-            &[("outcome", "created")]
+            &[("outcome", "created")],
         )
         .unwrap_or(0.0)
-            >= 2.0,
-        "{metrics}"
-    );
+    };
+    assert!(created(&metrics) >= 2.0, "{metrics}");
     assert_eq!(
         sample(
             &metrics,
@@ -373,6 +372,13 @@ fn denied_flows_become_deduplicated_events_on_the_pod_whose_policy_denied_them()
         ),
         Some(0.0)
     );
+    // A counter never goes backwards, across restarts too.
+    let mut agent = agent;
+    let before = created(&agent.metrics_text());
+    assert!(agent.stop().success());
+    agent.restart();
+    let after = created(&agent.metrics_text());
+    assert!(after >= before, "{after} after a restart, {before} before");
     drop(agent);
 }
 

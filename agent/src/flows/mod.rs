@@ -31,6 +31,7 @@ use crate::{
     flowlog::{FlowRecord, protocol_name},
     maps::{MapReaders, WorkloadCounters},
     metrics::Snapshot,
+    recorder::EventStats,
 };
 
 /// Counters kept in user space, persisted in the state directory.
@@ -39,6 +40,9 @@ struct Persisted {
     flow_log_written: u64,
     flow_log_lost: u64,
     policy_errors: u64,
+    /// Kubernetes Events by outcome, in `EventStats::outcomes` order.
+    #[serde(default)]
+    kube_events: Vec<u64>,
     flow_overflow: u64,
     /// Packets per flow series (labels in `SERIES_LABELS` order).
     flow_series: Vec<(Vec<String>, u64)>,
@@ -637,6 +641,8 @@ pub struct Observer {
     limits: RecordLimits,
     /// The flow log's counts, and the `world` addresses its events saw.
     log: std::sync::Arc<FlowLogStats>,
+    /// The Kubernetes Events' counts (`--kubernetes`).
+    events: std::sync::Arc<EventStats>,
 }
 
 impl Observer {
@@ -649,6 +655,7 @@ impl Observer {
         series_idle: std::time::Duration,
         limits: RecordLimits,
         log: std::sync::Arc<FlowLogStats>,
+        events: std::sync::Arc<EventStats>,
     ) -> (Observer, u64) {
         let state_file = state_dir.join("state.json");
         let observed_file = state_dir.join("observed.json");
@@ -656,6 +663,7 @@ impl Observer {
         log.written
             .store(persisted.flow_log_written, Ordering::Relaxed);
         log.lost.store(persisted.flow_log_lost, Ordering::Relaxed);
+        events.continue_from(&persisted.kube_events);
         let policy_errors = persisted.policy_errors;
         let mut persisted = persisted;
         carry_over_new_pins(&mut persisted, readers.counters_map_id());
@@ -719,6 +727,7 @@ impl Observer {
             persisted,
             occupancy: Occupancy::default(),
             log,
+            events,
         };
         observer.retire_beyond_limit();
         (observer, policy_errors)
@@ -782,6 +791,7 @@ impl Observer {
         self.persisted.retired_series = self.retired.iter().map(|(k, v)| (k.clone(), *v)).collect();
         self.persisted.flow_log_written = log.written.load(Ordering::Relaxed);
         self.persisted.flow_log_lost = log.lost.load(Ordering::Relaxed);
+        self.persisted.kube_events = self.events.outcomes().iter().map(|(_, n)| *n).collect();
         self.persisted.policy_errors = policy_errors;
         let data = serde_json::to_vec(&self.persisted).expect("serializable");
         if let Err(e) = admin::write_atomic(&self.state_file, &data) {
