@@ -186,7 +186,7 @@ pub enum Command {
     /// Exit status: 0, or 1 with --fail-on-deny when a flow is denied, or 2 for bad input.
     Check {
         /// File or directory of Kubernetes YAML (Namespaces, Pods, NetworkPolicies, and
-        /// optionally Services, EndpointSlices and Nodes).
+        /// optionally Services, EndpointSlices, Nodes, ModeOverrides and EgressAllowlists).
         #[arg(long)]
         cluster_state: std::path::PathBuf,
         /// Flows to evaluate (default: standard input).
@@ -219,8 +219,8 @@ pub enum Command {
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// File or directory of Kubernetes YAML (Namespaces, Pods with status.podIPs,
-    /// NetworkPolicies, and optionally Services, EndpointSlices and Nodes; multi-document
-    /// and `kind: List`), re-read when it changes. Its `tollgate.io/interface` and
+    /// NetworkPolicies, and optionally Services, EndpointSlices, Nodes, ModeOverrides and
+    /// EgressAllowlists; multi-document and `kind: List`), re-read when it changes. Its `tollgate.io/interface` and
     /// `tollgate.io/cgroup` pod annotations choose where a pod attaches, checked against
     /// what the node says (a host route to the pod's IP, the cgroup its UID names).
     #[arg(
@@ -230,8 +230,9 @@ pub struct RunArgs {
     )]
     pub cluster_state: Option<PathBuf>,
     /// Watch the API server instead (in-cluster config or KUBECONFIG): Pods, Namespaces,
-    /// NetworkPolicies, Services, EndpointSlices, Nodes and ModeOverrides. Only this node's
-    /// pods (--node-name) are attached; every pod of the cluster has an identity.
+    /// NetworkPolicies, Services, EndpointSlices, Nodes, ModeOverrides and EgressAllowlists.
+    /// Only this node's pods (--node-name) are attached; every pod of the cluster has an
+    /// identity.
     #[arg(long)]
     pub kubernetes: bool,
     /// With --kubernetes: believe the tollgate.io/interface and tollgate.io/cgroup pod

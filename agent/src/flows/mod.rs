@@ -1190,7 +1190,12 @@ impl Observer {
             .map(|w| (w.namespace.as_str(), w.pod.as_str()))
             .collect();
         for (ns, workload) in &workloads {
+            // No record yet (its counters could not be read): observed for no time at all.
             let Some(r) = self.record(ns, workload) else {
+                refusal.reasons.push(format!(
+                    "{ns}/{workload}: not observed yet, less than {}",
+                    human(window)
+                ));
                 continue;
             };
             let observed = now.saturating_sub(r.observed_since);

@@ -1,5 +1,6 @@
 //! The Kubernetes source (`--kubernetes`): kube-rs watchers on Pods, Namespaces,
-//! NetworkPolicies, Services, EndpointSlices, Nodes and ModeOverrides, in-cluster config or
+//! NetworkPolicies, Services, EndpointSlices, Nodes, ModeOverrides and EgressAllowlists,
+//! in-cluster config or
 //! `KUBECONFIG`.
 //!
 //! Each watcher task converts objects to the model as they arrive (the API object is dropped
