@@ -274,7 +274,9 @@ pub struct RunArgs {
     pub max_flow_series: usize,
     /// Once --max-flow-series is reached, a new series takes the place of the one idle
     /// longest if it has been idle this long (a port scan's series give way to live
-    /// traffic); one that comes back continues from its last value.
+    /// traffic); one that comes back continues from its last value, if it is among the
+    /// --max-flow-series retired series kept (the smallest go first; one gone starts over,
+    /// which Prometheus reads as a counter reset).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub flow_series_idle: std::time::Duration,
     /// How long the records behind `advise`, `graph` and `--if-quiet` keep what they saw:
