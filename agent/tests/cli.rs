@@ -1014,6 +1014,22 @@ x/hn y/r 9090/tcp
         .map(|f| f["verdict"].as_str().unwrap())
         .collect();
     assert_eq!(verdicts, ["allowed", "denied"], "{through:#?}");
+    // A Service whose slice names the host-network pod at its node's address: that pod is
+    // the backend, its ingress decides. Named at another address, it is not.
+    let slice = |address: &str| {
+        format!(
+            "{HOST_NETWORK}---\napiVersion: v1\nkind: Service\nmetadata: {{name: hns, namespace: x}}\nspec: {{clusterIP: 10.96.0.9, ports: [{{port: 80, targetPort: 7070}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: hns-1, namespace: x, labels: {{kubernetes.io/service-name: hns}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{address}], targetRef: {{kind: Pod, name: hn}}}}]\nports: [{{port: 7070, protocol: TCP}}]\n"
+        )
+    };
+    let r = check_yaml(&slice("10.250.0.1"), "y/r 10.96.0.9 80/tcp\n");
+    assert_eq!(r[0]["ingress"], "denied", "{:?}", r[0]);
+    assert_eq!(r[0]["ingress_policies"], serde_json::json!(["x/hn-deny"]));
+    let r = check_yaml(&slice("10.250.0.9"), "y/r 10.96.0.9 80/tcp\n");
+    assert_eq!(
+        r[0]["ingress"], "allowed",
+        "no pod holds 10.250.0.9: {:?}",
+        r[0]
+    );
     // Without its Node object, the pod has no address to check from: said so.
     let no_node = HOST_NETWORK.replacen("kind: Node\n", "kind: ConfigMap\n", 1);
     let (code, _, err) = check_with(&no_node, &["-o", "json"], "x/hn y/b 9090/tcp\n");

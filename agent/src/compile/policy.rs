@@ -1076,6 +1076,10 @@ struct FrontendsPart {
     /// EndpointSlice (namespace, name) to its Service, and back.
     slice_service: BTreeMap<PodKey, PodKey>,
     service_slices: BTreeMap<PodKey, BTreeSet<PodKey>>,
+    /// Pod a slice's `targetRef` names: those slices, and back (whether the pod holds the
+    /// address, a host-network pod its node's, decides whether the reference counts).
+    target_slices: BTreeMap<PodKey, BTreeSet<PodKey>>,
+    slice_targets: BTreeMap<PodKey, BTreeSet<PodKey>>,
 }
 
 /// What `FrontendsPart` indexed of one Service, to take it out again.
@@ -1106,7 +1110,8 @@ impl FrontendsPart {
     }
 
     /// Recomputes the Services that changed, whose slices changed, whose slices hold an
-    /// address a changed pod had or has, or that select pods of a changed pod's namespace
+    /// address a changed pod had or has or name a changed pod, or that select pods of a
+    /// changed pod's namespace
     /// themselves (no slices: selectors and named target ports are resolved on the pods).
     /// Returns the frontends whose Service rules may differ now: changed ones (gone ones
     /// included) and those with a backend at a touched address or one whose identity moved.
@@ -1137,8 +1142,15 @@ impl FrontendsPart {
                     .map(|(k, _)| k.clone()),
             );
         }
-        // A backend's pod is whoever holds its address (a slice's targetRef counts only for
-        // a pod that holds it): a pod that came, went or moved has its addresses touched.
+        // A backend's pod is whoever holds its address: a pod that came, went or moved has
+        // its addresses touched. A slice's targetRef counts only for a pod that holds the
+        // address (a host-network pod, its node's, which are not the pod's to touch): the
+        // Services whose slices name a changed pod.
+        for pod in &changes.pods {
+            for slice in self.target_slices.get(pod).into_iter().flatten() {
+                affected.extend(self.slice_service.get(slice).cloned());
+            }
+        }
         for ip in touched {
             affected.extend(self.address_services.get(ip).into_iter().flatten().cloned());
         }
@@ -1175,6 +1187,14 @@ impl FrontendsPart {
             }
             affected.insert(old);
         }
+        for pod in self.slice_targets.remove(key).unwrap_or_default() {
+            if let Some(slices) = self.target_slices.get_mut(&pod) {
+                slices.remove(key);
+                if slices.is_empty() {
+                    self.target_slices.remove(&pod);
+                }
+            }
+        }
         if let Some(slice) = state.endpoint_slices.get(key) {
             let service = (slice.namespace.clone(), slice.service.clone());
             self.slice_service.insert(key.clone(), service.clone());
@@ -1183,6 +1203,20 @@ impl FrontendsPart {
                 .or_default()
                 .insert(key.clone());
             affected.insert(service);
+            let targets: BTreeSet<PodKey> = slice
+                .endpoints
+                .iter()
+                .filter_map(|e| e.pod.clone())
+                .collect();
+            for pod in &targets {
+                self.target_slices
+                    .entry(pod.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            if !targets.is_empty() {
+                self.slice_targets.insert(key.clone(), targets);
+            }
         }
     }
 

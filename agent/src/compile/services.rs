@@ -18,7 +18,7 @@ use imbl::OrdMap;
 use ipnet::IpNet;
 
 use super::{
-    model::{ClusterState, EndpointSliceInfo, Protocol, ServiceInfo, TargetPort},
+    model::{ClusterState, EndpointSliceInfo, PodInfo, Protocol, ServiceInfo, TargetPort},
     policy::PodKey,
     rules::{AllowRule, Peer, PortMatch},
 };
@@ -169,6 +169,18 @@ fn ready_backends<'a>(
     out
 }
 
+/// Whether `pod` holds `ip`: one of its own addresses, or for a host-network pod one of its
+/// node's.
+fn holds(state: &ClusterState, pod: &PodInfo, ip: IpAddr) -> bool {
+    pod.ips.contains(&ip)
+        || (pod.host_network
+            && pod
+                .node_name
+                .as_ref()
+                .and_then(|n| state.nodes.get(n))
+                .is_some_and(|node| node.addresses.contains(&ip)))
+}
+
 /// The frontends of one Service (one per address family it has a virtual address in).
 /// Backends come from the Service's EndpointSlices (what kube-proxy programs); a Service that
 /// has none in the cluster state but a selector gets the pods it selects, with named target
@@ -210,7 +222,7 @@ pub fn service_frontends(
                             // slice (for a Service without a selector, its namespace's
                             // users) must not pass one pod's address off as another's.
                             pod: pod
-                                .filter(|k| state.pods.get(*k).is_some_and(|p| p.ips.contains(&ip)))
+                                .filter(|k| state.pods.get(*k).is_some_and(|p| holds(state, p, ip)))
                                 .cloned()
                                 .or_else(|| address_pods.get(&ip).cloned()),
                         })
@@ -414,9 +426,7 @@ pub fn frontend_rules(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::model::{
-        Labels, NamedPort, PodInfo, ServicePort, SliceEndpoint, SlicePort,
-    };
+    use crate::compile::model::{Labels, NamedPort, ServicePort, SliceEndpoint, SlicePort};
 
     /// The frontends of every Service in a state.
     fn frontends(
