@@ -89,11 +89,12 @@ pub type Parsed = Result<(ObjectKey, Object), ObjectError>;
 /// not YAML is rejected as the object it names (`broken_documents_apart`); the file fails as
 /// a whole only when such a document names none.
 pub fn parse_file(text: &str, file: &Path) -> Result<Vec<Parsed>, String> {
-    Ok(parse_documents(text, file)
-        .map_err(|unreadable| unreadable.reason)?
-        .into_iter()
-        .map(|(parsed, _)| parsed)
-        .collect())
+    let documents = match parse_documents(text, file) {
+        Ok(documents) => documents,
+        Err(u) if u.all_named => u.documents,
+        Err(u) => return Err(u.reason),
+    };
+    Ok(documents.into_iter().map(|(parsed, _)| parsed).collect())
 }
 
 /// A file the YAML parser gave up on that no per-object error accounts for: a broken
@@ -103,14 +104,20 @@ pub fn parse_file(text: &str, file: &Path) -> Result<Vec<Parsed>, String> {
 struct Unreadable {
     reason: String,
     documents: Vec<(Parsed, Option<String>)>,
+    /// Every broken document named the object it held (`named_object`).
+    all_named: bool,
 }
 
 /// `parse_file`, each good object of a kind whose last good version is kept across restarts
 /// (`kept_across_restarts`) with its own document, as YAML.
 fn parse_documents(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String>)>, Unreadable> {
-    parse_stream(text, file).or_else(|reason| match broken_documents_apart(text, file) {
-        (documents, true) => Ok(documents),
-        (documents, false) => Err(Unreadable { reason, documents }),
+    parse_stream(text, file).map_err(|reason| {
+        let (documents, all_named) = broken_documents_apart(text, file);
+        Unreadable {
+            reason,
+            documents,
+            all_named,
+        }
     })
 }
 
@@ -176,14 +183,22 @@ fn broken_documents_apart(text: &str, file: &Path) -> (Vec<(Parsed, Option<Strin
 fn lines_of_file(document: &str, first_line: usize) -> Option<String> {
     let error =
         serde_norway::Deserializer::from_str(document).find_map(|d| Value::deserialize(d).err())?;
-    let location = error.location()?;
-    let (line, column) = (location.line(), location.column());
-    let at = format!(" at line {line} column {column}");
-    let in_file = format!(" at line {} column {column}", line + first_line - 1);
-    Some(format!(
-        "not valid YAML: {}",
-        error.to_string().replacen(&at, &in_file, 1)
-    ))
+    // Every "line N" of the message (the problem's, and the context's after "while").
+    let text = error.to_string();
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("line ") {
+        let (before, after) = rest.split_at(at + "line ".len());
+        out.push_str(before);
+        let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        match after[..digits].parse::<usize>() {
+            Ok(line) => out.push_str(&(line + first_line - 1).to_string()),
+            Err(_) => out.push_str(&after[..digits]),
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    Some(format!("not valid YAML: {out}"))
 }
 
 /// The documents of a YAML stream, each with the number of its first line.
@@ -221,6 +236,8 @@ fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
     let (mut name, mut namespace) = (None, None);
     let mut in_metadata = false;
     let mut metadata_indent = None;
+    // Two objects run together (a `---` left out) name neither reliably.
+    let mut tops = 0;
     for line in document.lines() {
         if line.trim_start().starts_with('#') || line.trim().is_empty() {
             continue;
@@ -228,11 +245,21 @@ fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
         let indent = line.len() - line.trim_start().len();
         if indent == 0 {
             in_metadata = false;
+            if ["kind:", "apiVersion:", "metadata:"]
+                .iter()
+                .any(|k| line.starts_with(k))
+            {
+                tops += 1;
+            }
             if let Some(value) = line.strip_prefix("kind:") {
                 kind = scalar(value);
             } else if let Some(value) = line.strip_prefix("metadata:") {
                 let value = value.trim();
                 if let Some(flow) = value.strip_prefix('{') {
+                    // Nested maps or lists (labels) could hold a `name:` of their own.
+                    if flow.trim_end().trim_end_matches('}').contains(['{', '[']) {
+                        return None;
+                    }
                     for field in flow.trim_end_matches('}').split(',') {
                         match field.trim().split_once(':') {
                             Some(("name", v)) => name = scalar(v),
@@ -253,7 +280,10 @@ fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
             }
         }
     }
-    let kind = kind?;
+    let kind = kind.filter(|k| k.chars().all(|c| c.is_ascii_alphanumeric()))?;
+    if tops > 3 {
+        return None;
+    }
     let Some(input) = input_kind(&kind) else {
         return (!kind.ends_with("List")).then_some((kind, None));
     };
@@ -761,6 +791,7 @@ impl FileSource {
             let unreadable = |reason: String| Unreadable {
                 reason,
                 documents: Vec::new(),
+                all_named: false,
             };
             let parsed = match content {
                 Some(bytes) => String::from_utf8(bytes)
@@ -778,9 +809,14 @@ impl FileSource {
                 .get(&file)
                 .is_some_and(|o| !o.is_empty())
                 || self.restored.values().any(|(doc, _)| doc.file == file);
+            // Its broken documents all named their objects: those keep their last good
+            // versions, and so does every object of the file this read does not produce (a
+            // broken document might have held it, whatever its lines said).
+            let mut keep_previous = false;
             let parsed = match parsed {
-                Err(Unreadable { documents, .. }) if !had_objects && !documents.is_empty() => {
-                    Ok(documents)
+                Err(u) if !u.documents.is_empty() && (u.all_named || !had_objects) => {
+                    keep_previous = had_objects;
+                    Ok(u.documents)
                 }
                 other => other.map_err(|u| u.reason),
             };
@@ -840,6 +876,18 @@ impl FileSource {
                                 errors.push(e);
                             }
                         }
+                    }
+                    if keep_previous {
+                        let produced: BTreeSet<ObjectKey> =
+                            good.iter().map(|(key, _)| key.clone()).collect();
+                        good.extend(
+                            self.last_good_files
+                                .get(&file)
+                                .into_iter()
+                                .flat_map(|o| o.iter())
+                                .filter(|(key, _)| !produced.contains(key))
+                                .cloned(),
+                        );
                     }
                     new_file_documents.insert(file.clone(), documents);
                     good
@@ -1086,6 +1134,36 @@ mod tests {
         };
         assert!(port("q").contains("82"), "q moved on: {}", port("q"));
         assert!(port("r").contains("83"), "r is read: {}", port("r"));
+
+        // A broken document's lines may name another object than the one it held (p,
+        // renamed and broken in one edit): every object of the file the read does not
+        // produce keeps its last good version too.
+        std::fs::write(
+            &file,
+            policy_yaml("q", 82) + &broken_p.replace("name: p", "name: p2") + &policy_yaml("r", 83),
+        )
+        .unwrap();
+        let renamed = source.load();
+        assert_eq!(renamed.errors.len(), 1, "{:?}", renamed.errors);
+        assert_eq!(
+            renamed.errors[0].object.as_ref().map(|k| k.name.as_str()),
+            Some("p2")
+        );
+        assert_eq!(
+            renamed.state.policies, second.state.policies,
+            "p kept, q and r as read"
+        );
+        // Two objects run together (a `---` left out) name neither: the file stands as it
+        // was, as below.
+        std::fs::write(
+            &file,
+            policy_yaml("q", 85) + &policy_yaml("r", 86).replace("---\n", ""),
+        )
+        .unwrap();
+        let joined = source.load();
+        assert_eq!(joined.errors.len(), 1, "{:?}", joined.errors);
+        assert_eq!(joined.errors[0].object, None);
+        assert_eq!(joined.state.policies, second.state.policies);
 
         // Nothing to name the broken document by: the file stands as it was.
         std::fs::write(&file, policy_yaml("q", 84) + "---\n: : [\n").unwrap();
