@@ -958,6 +958,9 @@ impl Observer {
             let Some(c) = self.pod_counters(&w.namespace, &w.pod, w.slot) else {
                 continue;
             };
+            // Read at every poll, not only when scraped: what a slot counted is carried
+            // when its pod goes, up to the last read.
+            self.pod_slot_counters(&w.namespace, &w.pod, w.slot);
             let id = format!("{}/{}", w.namespace, w.pod);
             let would = c[0][VERDICT_WOULD_DROP as usize].packets
                 + c[1][VERDICT_WOULD_DROP as usize].packets;
