@@ -1030,6 +1030,13 @@ x/hn y/r 9090/tcp
         "no pod holds 10.250.0.9: {:?}",
         r[0]
     );
+    // Toward it from another node, rules take it by its node's address, through its
+    // Service as directly: a podSelector naming its labels allows neither.
+    let by_labels = slice("10.250.0.1")
+        + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: r-to-hn, namespace: y}\nspec:\n  podSelector: {matchLabels: {app: r}}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: hn}}}]}]\n";
+    let r = check_yaml(&by_labels, "y/r x/hn 7070/tcp\ny/r 10.96.0.9 80/tcp\n");
+    assert_eq!(r[0]["egress"], "denied", "{:?}", r[0]);
+    assert_eq!(r[1]["egress"], "denied", "{:?}", r[1]);
     // Without its Node object, the pod has no address to check from: said so.
     let no_node = HOST_NETWORK.replacen("kind: Node\n", "kind: ConfigMap\n", 1);
     let (code, _, err) = check_with(&no_node, &["-o", "json"], "x/hn y/b 9090/tcp\n");
