@@ -195,7 +195,8 @@ pub enum Command {
         /// Output format: text, json (one object per line), json-array or yaml.
         #[arg(short = 'o', long, value_enum, default_value_t = CheckOutput::Text)]
         output: CheckOutput,
-        /// For NAMESPACE/POD endpoints, use the pod's IPv6 address where it has one.
+        /// For NAMESPACE/POD endpoints, use the pod's IPv6 address where it has one. A line
+        /// whose ends do not both have one is checked over IPv4, as its connection would go.
         #[arg(long)]
         ipv6: bool,
         /// Exit with status 1 when any flow is denied (for CI).
@@ -692,7 +693,7 @@ pub fn check_line(
         port,
     } = flow_protocol(port_proto)?;
     let prefer_v6 = ipv6 || proto == agent_common::PROTO_ICMPV6;
-    let srcs = endpoints(ev, src, prefer_v6)?;
+    let mut srcs = endpoints(ev, src, prefer_v6)?;
     if srcs.iter().any(|e| e.domain.is_some()) {
         // A name is where a flow goes, never where it comes from: answers name addresses
         // for the pod that asked, not for the others that use them.
@@ -700,7 +701,28 @@ pub fn check_line(
             "{src:?}: SRC is NAMESPACE/POD, NAMESPACE/WORKLOAD or an IP address (a DNS name only as DST)"
         ));
     }
-    let dsts = endpoints(ev, dst, prefer_v6)?;
+    let mut dsts = endpoints(ev, dst, prefer_v6)?;
+    // One family for the line, as a connection has: the one asked for, unless an end has
+    // no address of it (a pod without IPv6, an address or Service of the other family);
+    // then the other, if both ends have that one.
+    let one_family = |srcs: &[crate::compile::eval::Endpoint],
+                      dsts: &[crate::compile::eval::Endpoint]| {
+        srcs.iter()
+            .chain(dsts)
+            .all(|e| e.ip.is_ipv6() == srcs[0].ip.is_ipv6())
+    };
+    if protocol.is_some() && !one_family(&srcs, &dsts) {
+        let (other_srcs, other_dsts) = (
+            endpoints(ev, src, !prefer_v6)?,
+            endpoints(ev, dst, !prefer_v6)?,
+        );
+        if !one_family(&other_srcs, &other_dsts) {
+            return Err(format!(
+                "{src} and {dst} have no address family in common (one is IPv4 only, the other IPv6 only)"
+            ));
+        }
+        (srcs, dsts) = (other_srcs, other_dsts);
+    }
     if let Some(e) = srcs
         .iter()
         .chain(&dsts)

@@ -476,6 +476,38 @@ fn check_names_only_the_denying_backends_policies_for_a_denied_service_flow() {
     );
 }
 
+/// With --ipv6, a pod without an IPv6 address reaches a dual-stack pod over IPv4, as its
+/// connection would: the line is checked over the family both ends have, never over an
+/// IPv4 source toward an IPv6 destination.
+#[test]
+fn check_takes_a_flow_over_the_address_family_both_ends_have() {
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIPs: [{ip: 10.0.1.1}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {pod: b}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIPs: [{ip: 10.0.1.2}, {ip: 'fd77:1::2'}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: six, namespace: x, labels: {pod: six}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIPs: [{ip: 'fd77:1::6'}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-out, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 'fd77:1::/64'}}]}]\n";
+    let (code, out, err) = check_with(
+        yaml,
+        &["-o", "json", "--ipv6"],
+        "x/a x/b 80/tcp\nx/b x/six 80/tcp\nx/a x/six 80/tcp\n",
+    );
+    assert_eq!(
+        code,
+        Some(2),
+        "the last line has no family in common: {err}"
+    );
+    assert!(err.contains("no address family in common"), "{err}");
+    let r: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        r[0]["egress"], "denied",
+        "a reaches b over IPv4 only: {:?}",
+        r[0]
+    );
+    assert_eq!(r[1]["verdict"], "allowed", "{:?}", r[1]);
+    // Without --ipv6, an IPv6-only pod is still checked over IPv6.
+    let r = check_yaml(yaml, "x/six x/b 80/tcp\n");
+    assert_eq!(r[0]["verdict"], "allowed", "{:?}", r[0]);
+}
+
 /// A Service without a selector whose EndpointSlice (written by the Service's owners, not
 /// by the control plane) names its backends: in another namespace, and once falsely.
 const HANDWRITTEN_SLICES: &str = r#"
