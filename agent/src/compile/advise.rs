@@ -378,9 +378,25 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         advice.policies.push(format!("{namespace}/{name}"));
     }
 
-    // In-cluster edges (caller, callee) with their ports, for the other styles.
+    // In-cluster edges (caller, callee) with their ports, for the other styles. They allow
+    // at both ends, so an edge whose record at one end was left out (seen only denied
+    // there) is no edge: the other end's record alone must not bring it back.
+    let key = |f: &ObservedFlow| {
+        (
+            f.src_namespace.clone(),
+            f.src_workload.clone(),
+            f.dst_namespace.clone(),
+            f.dst_workload.clone(),
+            f.protocol.clone(),
+            f.port,
+        )
+    };
+    let denied_somewhere: BTreeSet<_> = left_out.iter().map(|f| key(f)).collect();
     let mut edges: BTreeMap<(PodKey, PodKey), BTreeSet<(String, u16)>> = BTreeMap::new();
-    for flow in &replay {
+    for flow in replay
+        .iter()
+        .filter(|f| !denied_somewhere.contains(&key(f)))
+    {
         edges
             .entry((
                 (flow.src_namespace.clone(), flow.src_workload.clone()),
@@ -1579,5 +1595,50 @@ spec:
             labels.yaml
         );
         assert!(labels.denied.is_empty(), "{:?}", labels.denied);
+    }
+
+    /// A call allowed at the caller's egress but seen only as a would-drop at the callee's
+    /// ingress is left out by every style: the caller's record alone makes no edge.
+    #[test]
+    fn an_edge_denied_at_one_end_is_left_out_by_every_style() {
+        let state = state(SHOP);
+        let observed = [
+            flow(
+                "egress",
+                ("ops", "scraper-0"),
+                ("shop", "db-0"),
+                5432,
+                [4, 0, 0],
+            ),
+            flow(
+                "ingress",
+                ("ops", "scraper-0"),
+                ("shop", "db-0"),
+                5432,
+                [0, 4, 0],
+            ),
+        ];
+        for style in [Style::RuleFiles, Style::Labels] {
+            let advice = advise(
+                &state,
+                &observed,
+                &AdviseOptions {
+                    style,
+                    ..Default::default()
+                },
+            );
+            assert!(advice.files.is_empty(), "{style:?}: {:?}", advice.files);
+            assert!(
+                !advice.policies.iter().any(|p| p.starts_with("shop/")),
+                "{style:?}: nothing admits it at the database\n{}",
+                advice.yaml
+            );
+            assert!(advice.labels.is_empty(), "{style:?}: {:?}", advice.labels);
+            assert!(
+                advice.notes.iter().any(|n| n.contains("seen only denied")),
+                "{style:?}: {:?}",
+                advice.notes
+            );
+        }
     }
 }
