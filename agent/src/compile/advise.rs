@@ -554,6 +554,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             flow_map(&stable_selector(state, local)),
         );
         for (ports, domains) in by_ports {
+            let domains: Vec<String> = domains.iter().map(|d| super::explain::quoted(d)).collect();
             yaml += &format!("  - domains: [{}]\n", domains.join(", "));
             if ports.iter().all(|(p, _)| has_ports(p)) {
                 yaml += &format!("    ports: {}\n", ports_yaml(ports));

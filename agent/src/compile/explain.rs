@@ -406,11 +406,13 @@ pub(super) fn flow_map(labels: &BTreeMap<String, String>) -> String {
     format!("{{{}}}", items.join(", "))
 }
 
-/// A label value as YAML reads it back as the same string (`"true"`, `"8080"`).
+/// A label value (or a name) as every YAML parser reads it back as the same string: plain
+/// only when it starts with a letter and holds nothing else than letters, digits and
+/// `-_./`, and is no YAML 1.1 boolean or null (kubectl's parser reads `y` and `off` as
+/// booleans); quoted otherwise (`"true"`, `"8080"`, `"0x1F"`, `"1_000"`, `"*.example.com"`).
 pub(super) fn quoted(v: &str) -> String {
-    let plain = !v.is_empty()
-        && v.parse::<f64>().is_err()
-        && !["true", "false", "yes", "no", "on", "off", "null", "~"]
+    let plain = v.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !["y", "n", "true", "false", "yes", "no", "on", "off", "null"]
             .contains(&v.to_ascii_lowercase().as_str())
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
@@ -636,5 +638,31 @@ status: {{podIP: 10.0.1.2}}
             rule,
             "{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ops}}, podSelector: {matchLabels: {app: report, team: fin}}}], ports: [{protocol: UDP, port: 53}]}"
         );
+    }
+
+    /// Values YAML 1.1 parsers (kubectl's among them) read as numbers, booleans or
+    /// aliases are quoted; plain names stay plain. Either way they read back as written.
+    #[test]
+    fn values_are_quoted_wherever_a_yaml_parser_could_read_them_otherwise() {
+        for (value, plain) in [
+            ("web", true),
+            ("v1.2", true),
+            ("app.kubernetes.io", true),
+            ("0x1F", false),
+            ("1_000", false),
+            ("8080", false),
+            ("2026-11-27", false),
+            ("y", false),
+            ("Off", false),
+            ("true", false),
+            ("*.example.com", false),
+            ("a: b", false),
+            ("", false),
+        ] {
+            let written = quoted(value);
+            assert_eq!(written == value, plain, "{value:?} written as {written}");
+            let read: String = serde_norway::from_str(&written).unwrap();
+            assert_eq!(read, value);
+        }
     }
 }
