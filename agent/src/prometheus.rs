@@ -21,7 +21,37 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
         crate::flows::SERIES_LABELS.join(", "),
         grew_within("tollgate_flow_packets_total", window)
     );
-    Ok(flows_of(&query_vector(url, &query)?, unix_now(), window))
+    let series = query_vector(url, &query)?;
+    let flows = flows_of(&series, unix_now(), window);
+    let skipped = series
+        .iter()
+        .filter(|(labels, value)| !usable(labels, *value))
+        .count();
+    if skipped > 0 {
+        eprintln!(
+            "tollgate: left out {skipped} series of {url} with labels or values no agent writes (a direction, a verdict, a protocol, a port 1-65535 for tcp/udp/sctp, a count)"
+        );
+    }
+    Ok(flows)
+}
+
+/// Whether a series is one an agent writes: a direction and a verdict of their words, a
+/// protocol name or number, a port of 1 to 65535 where the protocol has ports (0 where it
+/// has none), and a finite count. Anything else would become a rule no one meant.
+fn usable(labels: &BTreeMap<String, String>, value: f64) -> bool {
+    let get = |k: &str| labels.get(k).map(String::as_str).unwrap_or_default();
+    let protocol = get("protocol");
+    let named = matches!(protocol, "tcp" | "udp" | "sctp" | "icmp" | "icmpv6");
+    let port = get("port").parse::<u16>();
+    matches!(get("direction"), "ingress" | "egress")
+        && matches!(get("verdict"), "allowed" | "would_drop" | "dropped")
+        && (named || protocol.parse::<u8>().is_ok())
+        && match protocol {
+            "tcp" | "udp" | "sctp" => port.is_ok_and(|p| p > 0),
+            _ => port == Ok(0),
+        }
+        && value.is_finite()
+        && value >= 0.0
 }
 
 fn unix_now() -> u64 {
@@ -39,7 +69,7 @@ fn flows_of(
     window: Duration,
 ) -> Vec<ObservedFlow> {
     let mut flows: BTreeMap<Vec<String>, ObservedFlow> = BTreeMap::new();
-    for (labels, value) in series {
+    for (labels, value) in series.iter().filter(|(l, v)| usable(l, *v)) {
         let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
         // One record per series of the query's `sum by`, whatever its verdict.
         let key: Vec<String> = crate::flows::SERIES_LABELS
@@ -69,7 +99,7 @@ fn flows_of(
             "dropped" => 2,
             _ => 0,
         };
-        flow.packets[verdict] += value.round().max(0.0) as u64;
+        flow.packets[verdict] = flow.packets[verdict].saturating_add(value.round() as u64);
     }
     flows
         .into_values()
@@ -191,7 +221,8 @@ fn quiet_decision(
     }
     let mut dropped: BTreeMap<(String, String), u64> = BTreeMap::new();
     for f in &flows {
-        *dropped.entry(local(f)).or_insert(0) += f.packets[1];
+        let n = dropped.entry(local(f)).or_insert(0);
+        *n = n.saturating_add(f.packets[1]);
     }
     let human = |s: u64| humantime::format_duration(Duration::from_secs(s)).to_string();
     let mut reasons = Vec::new();
@@ -509,6 +540,61 @@ mod tests {
                 &flows
             )
             .is_err()
+        );
+    }
+
+    /// Series with labels or values no agent writes are left out, never turned into rules
+    /// (a port 0, a verdict counted as allowed, a portless "TCP") or an overflow.
+    #[test]
+    fn series_no_agent_writes_are_left_out() {
+        let series = |changes: &[(&str, &str)], v: f64| {
+            let mut labels: BTreeMap<String, String> = [
+                ("direction", "egress"),
+                ("verdict", "allowed"),
+                ("src_namespace", "shop"),
+                ("src_workload", "web"),
+                ("dst_namespace", "shop"),
+                ("dst_workload", "db"),
+                ("protocol", "tcp"),
+                ("port", "5432"),
+                ("dst_domain", ""),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            for (k, v) in changes {
+                labels.insert(k.to_string(), v.to_string());
+            }
+            (labels, v)
+        };
+        let bad = [
+            series(&[("port", "")], 1.0),
+            series(&[("port", "70000")], 1.0),
+            series(&[("port", "0")], 1.0),
+            series(&[("verdict", "bogus")], 1.0),
+            series(&[("direction", "Ingress")], 1.0),
+            series(&[("protocol", "TCP")], 1.0),
+            series(&[("protocol", "icmp")], 1.0),
+            series(&[], f64::INFINITY),
+            series(&[], -3.0),
+        ];
+        for (labels, value) in &bad {
+            assert!(!usable(labels, *value), "{labels:?} {value}");
+        }
+        assert!(flows_of(&bad, 100, Duration::from_secs(10)).is_empty());
+        let good = [
+            series(&[], 4.0),
+            series(&[("verdict", "would_drop")], 2.0),
+            series(&[("protocol", "icmp"), ("port", "0")], 1.0),
+            series(&[("protocol", "47"), ("port", "0")], 1.0),
+            series(&[], 1e30),
+            series(&[], 1e30),
+        ];
+        let flows = flows_of(&good, 100, Duration::from_secs(10));
+        assert_eq!(flows.len(), 3, "{flows:?}");
+        assert_eq!(
+            flows.iter().find(|f| f.protocol == "tcp").unwrap().packets[0],
+            u64::MAX
         );
     }
 
