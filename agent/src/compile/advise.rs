@@ -322,7 +322,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
 
     for ((namespace, workload), directions) in &wanted {
         let local = pod_of(state, namespace, workload).expect("checked above");
-        let name = advised_name(state, namespace, workload);
+        let name = advised_name(state, namespace, workload, workload, false);
         let mut yaml = format!(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  annotations:\n    tollgate.io/advised-for: {namespace}/{workload}\nspec:\n  podSelector:\n    matchLabels: {}\n  policyTypes: [{}]\n",
             flow_map(&stable_selector(state, local)),
@@ -497,7 +497,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 let Some(pod) = pod_of(state, dns, dwl) else {
                     continue;
                 };
-                let name = advised_name(state, dns, &format!("{dwl}-callers"));
+                let name = advised_name(state, dns, &format!("{dwl}-callers"), dwl, false);
                 if !yaml.is_empty() {
                     yaml += "---\n";
                 }
@@ -544,7 +544,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         let Some(local) = pod_of(state, namespace, workload) else {
             continue;
         };
-        let name = advised_name(state, namespace, workload);
+        let name = advised_name(state, namespace, workload, workload, true);
         let mut by_ports: BTreeMap<&BTreeSet<(String, u16)>, Vec<&str>> = BTreeMap::new();
         for (domain, ports) in domains {
             by_ports.entry(ports).or_default().push(domain);
@@ -846,13 +846,26 @@ fn pod_of<'a>(state: &'a ClusterState, namespace: &str, workload: &str) -> Optio
         .min_by_key(|p| (p.workload != workload, p.ips.is_empty(), p.name.clone()))
 }
 
-/// `WORKLOAD-observed`, unless a policy of another origin has that name: then numbered.
-fn advised_name(state: &ClusterState, namespace: &str, workload: &str) -> String {
+/// `WORKLOAD-observed`, unless an object of that kind and name advised for another
+/// workload, or written by hand, has it: then numbered. One advised for the same workload
+/// keeps its name, so applying the advice again replaces it.
+fn advised_name(
+    state: &ClusterState,
+    namespace: &str,
+    workload: &str,
+    for_workload: &str,
+    allowlist: bool,
+) -> String {
     let base = format!("{workload}-observed");
+    let target = format!("{namespace}/{for_workload}");
     let taken = |name: &str| {
-        state
-            .policies
-            .contains_key(&(namespace.to_string(), name.to_string()))
+        let key = (namespace.to_string(), name.to_string());
+        let origin = if allowlist {
+            state.egress_allowlists.get(&key).map(|a| &a.advised_for)
+        } else {
+            state.policies.get(&key).map(|p| &p.advised_for)
+        };
+        origin.is_some_and(|o| o.as_deref() != Some(target.as_str()))
     };
     if !taken(&base) {
         return base;
@@ -1596,6 +1609,47 @@ spec:
             labels.yaml
         );
         assert!(labels.denied.is_empty(), "{:?}", labels.denied);
+    }
+
+    /// Advice applied and advised again keeps its names, so applying it replaces what it
+    /// wrote; a policy of that name written by hand (or for another workload) is never
+    /// overwritten.
+    #[test]
+    fn advising_again_reuses_the_names_it_wrote() {
+        let observed = [
+            flow(
+                "egress",
+                ("shop", "web"),
+                ("shop", "db-0"),
+                5432,
+                [10, 0, 0],
+            ),
+            flow(
+                "ingress",
+                ("shop", "web"),
+                ("shop", "db-0"),
+                5432,
+                [10, 0, 0],
+            ),
+        ];
+        let first = advise(&state(SHOP), &observed, &AdviseOptions::default());
+        assert!(
+            first.policies.contains(&"shop/web-observed".to_string()),
+            "{:?}",
+            first.policies
+        );
+        let applied = format!("{SHOP}\n---\n{}", first.yaml);
+        let again = advise(&state(&applied), &observed, &AdviseOptions::default());
+        assert_eq!(again.policies, first.policies);
+        let by_hand = format!(
+            "{SHOP}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web-observed, namespace: shop}}\nspec: {{podSelector: {{}}}}\n"
+        );
+        let beside = advise(&state(&by_hand), &observed, &AdviseOptions::default());
+        assert!(
+            beside.policies.contains(&"shop/web-observed-2".to_string()),
+            "{:?}",
+            beside.policies
+        );
     }
 
     /// A call allowed at the caller's egress but seen only as a would-drop at the callee's

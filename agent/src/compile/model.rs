@@ -223,6 +223,9 @@ pub struct Policy {
     pub pod_selector: Selector,
     pub ingress: Option<Vec<RuleSpec>>,
     pub egress: Option<Vec<RuleSpec>>,
+    /// `tollgate.io/advised-for`: the workload (`NAMESPACE/NAME`) `tollgate advise` wrote
+    /// it for, so advising again updates it instead of writing a second one.
+    pub advised_for: Option<String>,
 }
 
 impl Policy {
@@ -505,6 +508,8 @@ pub struct EgressAllowlistInfo {
     pub name: String,
     pub pod_selector: Selector,
     pub egress: Vec<AllowlistRule>,
+    /// `tollgate.io/advised-for`, as on `Policy`.
+    pub advised_for: Option<String>,
 }
 
 /// One `spec.egress[]` entry. Empty `ports`: every port.

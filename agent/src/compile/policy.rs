@@ -1817,6 +1817,7 @@ mod tests {
             pod_selector,
             ingress: Some(vec![]),
             egress: None,
+            advised_for: None,
         };
         let policies: BTreeMap<PodKey, Policy> = [
             policy("a", "all", selector(&[], vec![])),
@@ -2194,6 +2195,7 @@ mod tests {
                     pod_selector: Selector::default(),
                     ingress: None,
                     egress: None,
+                    advised_for: None,
                 };
                 ((namespace.into(), name.into()), policy)
             })

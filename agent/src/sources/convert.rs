@@ -155,6 +155,7 @@ pub fn egress_allowlist(o: &EgressAllowlist) -> Result<EgressAllowlistInfo> {
         name,
         pod_selector,
         egress,
+        advised_for: advised_for(o.metadata.annotations.as_ref()),
     })
 }
 
@@ -819,7 +820,13 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<Policy> {
         pod_selector,
         ingress: wants_ingress.then_some(ingress),
         egress: wants_egress.then_some(egress),
+        advised_for: advised_for(np.metadata.annotations.as_ref()),
     })
+}
+
+/// The `tollgate.io/advised-for` annotation `tollgate advise` writes on what it advises.
+fn advised_for(annotations: Option<&std::collections::BTreeMap<String, String>>) -> Option<String> {
+    annotations?.get("tollgate.io/advised-for").cloned()
 }
 
 /// Field names NetworkPolicy knows, by path shape; anything else is a typo the API server
