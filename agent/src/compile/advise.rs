@@ -856,7 +856,17 @@ fn advised_name(
     for_workload: &str,
     allowlist: bool,
 ) -> String {
-    let base = format!("{workload}-observed");
+    // An object name is 253 characters at most: a long workload name is cut to leave room
+    // for the suffix and a number (a cut that meets another's is numbered like any).
+    const NAME_MAX: usize = 253;
+    let suffix = "-observed";
+    let keep = NAME_MAX - suffix.len() - "-99".len();
+    let cut = workload
+        .char_indices()
+        .nth(keep)
+        .map_or(workload, |(at, _)| &workload[..at])
+        .trim_end_matches(['-', '.']);
+    let base = format!("{cut}{suffix}");
     let target = format!("{namespace}/{for_workload}");
     let taken = |name: &str| {
         let key = (namespace.to_string(), name.to_string());
@@ -1649,6 +1659,21 @@ spec:
             beside.policies.contains(&"shop/web-observed-2".to_string()),
             "{:?}",
             beside.policies
+        );
+    }
+
+    /// A workload name near the 253 characters of an object name is cut to leave room for
+    /// the suffix: the advice stays valid.
+    #[test]
+    fn advised_names_stay_within_an_object_names_length() {
+        let state = state(SHOP);
+        let long = "w".repeat(250);
+        let name = advised_name(&state, "shop", &format!("{long}-callers"), &long, false);
+        assert!(name.len() <= 253 - 3, "{}", name.len());
+        assert!(name.ends_with("-observed"), "{name}");
+        assert_eq!(
+            advised_name(&state, "shop", "web", "web", false),
+            "web-observed"
         );
     }
 
