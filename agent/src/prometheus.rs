@@ -36,8 +36,9 @@ pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>
 }
 
 /// Whether a series is one an agent writes: a direction and a verdict of their words, a
-/// protocol name or number, a port of 1 to 65535 where the protocol has ports (0 where it
-/// has none), and a finite count. Anything else would become a rule no one meant.
+/// protocol name or number, a port of 1 to 65535 where the protocol has ports (none, an
+/// empty label, where it has none), and a finite count. Anything else would become a rule
+/// no one meant.
 fn usable(labels: &BTreeMap<String, String>, value: f64) -> bool {
     let get = |k: &str| labels.get(k).map(String::as_str).unwrap_or_default();
     let protocol = get("protocol");
@@ -48,7 +49,7 @@ fn usable(labels: &BTreeMap<String, String>, value: f64) -> bool {
         && (named || protocol.parse::<u8>().is_ok())
         && match protocol {
             "tcp" | "udp" | "sctp" => port.is_ok_and(|p| p > 0),
-            _ => port == Ok(0),
+            _ => matches!(get("port"), "" | "0"),
         }
         && value.is_finite()
         && value >= 0.0
@@ -585,7 +586,7 @@ mod tests {
         let good = [
             series(&[], 4.0),
             series(&[("verdict", "would_drop")], 2.0),
-            series(&[("protocol", "icmp"), ("port", "0")], 1.0),
+            series(&[("protocol", "icmp"), ("port", "")], 1.0),
             series(&[("protocol", "47"), ("port", "0")], 1.0),
             series(&[], 1e30),
             series(&[], 1e30),
