@@ -405,11 +405,15 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             .or_default()
             .insert((flow.protocol.clone(), flow.port));
     }
+    // A protocol without ports (ICMP) is an entry of its own: an edge of ICMP alone must
+    // not read as one with no ports named.
     let ports_yaml = |ports: &BTreeSet<(String, u16)>| {
         let ports: Vec<String> = ports
             .iter()
-            .filter(|(p, _)| has_ports(p))
-            .map(|(p, n)| format!("{{protocol: {}, port: {n}}}", p.to_ascii_uppercase()))
+            .map(|(p, n)| match has_ports(p) {
+                true => format!("{{protocol: {}, port: {n}}}", p.to_ascii_uppercase()),
+                false => format!("{{protocol: {}}}", p.to_ascii_uppercase()),
+            })
             .collect();
         format!("[{}]", ports.join(", "))
     };
@@ -1483,7 +1487,7 @@ spec:
                 [2, 0, 0],
             )
         };
-        let advice = advise(&state, &[gre], &AdviseOptions::default());
+        let advice = advise(&state, &[gre.clone()], &AdviseOptions::default());
         assert!(
             advice.denied.is_empty(),
             "{:?}\n{}",
@@ -1494,6 +1498,22 @@ spec:
         let rule = &policy["spec"]["egress"][0];
         assert!(rule.get("ports").is_none(), "{}", advice.yaml);
         assert_eq!(advice.replayed, 1);
+        // A rule file names the protocol: an edge of GRE alone is not one of no ports.
+        let files = advise(
+            &state,
+            &[gre],
+            &AdviseOptions {
+                style: Style::RuleFiles,
+                ..Default::default()
+            },
+        );
+        let file: serde_json::Value = serde_norway::from_str(&files.files[0].1).unwrap();
+        assert_eq!(
+            file["ports"],
+            serde_json::json!([{"protocol": 47}]),
+            "{}",
+            files.files[0].1
+        );
     }
 
     #[test]
