@@ -1487,7 +1487,11 @@ spec:
                 [2, 0, 0],
             )
         };
-        let advice = advise(&state, &[gre.clone()], &AdviseOptions::default());
+        let advice = advise(
+            &state,
+            std::slice::from_ref(&gre),
+            &AdviseOptions::default(),
+        );
         assert!(
             advice.denied.is_empty(),
             "{:?}\n{}",
