@@ -393,10 +393,26 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
     };
     let denied_somewhere: BTreeSet<_> = left_out.iter().map(|f| key(f)).collect();
     let mut edges: BTreeMap<(PodKey, PodKey), BTreeSet<(String, u16)>> = BTreeMap::new();
+    // Edges to a DNS name outside the cluster, apart: the name is what a reviewer allows
+    // (an EgressAllowlist's domain), not `world`.
+    let mut named_edges: BTreeMap<(PodKey, String), BTreeSet<(String, u16)>> = BTreeMap::new();
     for flow in replay
         .iter()
         .filter(|f| !denied_somewhere.contains(&key(f)))
     {
+        if flow.direction == "egress"
+            && (flow.dst_namespace.as_str(), flow.dst_workload.as_str()) == ("world", "world")
+            && !flow.dst_domain.is_empty()
+        {
+            named_edges
+                .entry((
+                    (flow.src_namespace.clone(), flow.src_workload.clone()),
+                    flow.dst_domain.to_ascii_lowercase(),
+                ))
+                .or_default()
+                .insert((flow.protocol.clone(), flow.port));
+            continue;
+        }
         edges
             .entry((
                 (flow.src_namespace.clone(), flow.src_workload.clone()),
@@ -436,6 +452,25 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                     format!("{}/egress/{}.rule", name(sns, swl), name(dns, dwl)),
                     format!(
                         "# {sns}/{swl} may call {dns}/{dwl} (observed; tollgate advise --style rule-files)\nsource: {{namespace: {sns}, workload: {swl}}}\ndestination: {{namespace: {dns}, workload: {dwl}}}\nports: {}\n",
+                        ports_yaml(ports)
+                    ),
+                ));
+            }
+            for (((sns, swl), domain), ports) in &named_edges {
+                // A name from a series is not trusted to be a file name: anything but a
+                // DNS name's characters becomes `_`.
+                let file: String = domain
+                    .chars()
+                    .map(|c| match c {
+                        'a'..='z' | '0'..='9' | '-' | '.' | '*' | '_' => c,
+                        _ => '_',
+                    })
+                    .collect();
+                advice.files.push((
+                    format!("service.{sns}.{swl}/egress/world.{file}.rule"),
+                    format!(
+                        "# {sns}/{swl} may call {domain} outside the cluster (observed; tollgate advise --style rule-files)\nsource: {{namespace: {sns}, workload: {swl}}}\ndestination: {{domain: {}}}\nports: {}\n",
+                        super::explain::quoted(domain),
                         ports_yaml(ports)
                     ),
                 ));
@@ -1552,6 +1587,17 @@ spec:
                 443,
                 [7, 0, 0],
             ),
+            // Reached by name: the name is the rule's destination, not `world`.
+            ObservedFlow {
+                dst_domain: "API.Stripe.com".into(),
+                ..flow(
+                    "egress",
+                    ("shop", "web"),
+                    ("world", "world"),
+                    443,
+                    [3, 0, 0],
+                )
+            },
         ];
         let files = advise(
             &state,
@@ -1568,6 +1614,7 @@ spec:
                 "service.ops.scraper-0/egress/service.shop.db-0.rule",
                 "service.shop.web/egress/service.shop.db-0.rule",
                 "service.shop.web/egress/world.rule",
+                "service.shop.web/egress/world.api.stripe.com.rule",
             ]
         );
         let rule: serde_json::Value = serde_norway::from_str(&files.files[1].1).unwrap();
@@ -1575,11 +1622,21 @@ spec:
             rule["ports"],
             serde_json::json!([{"protocol": "TCP", "port": 5432}])
         );
+        let named: serde_json::Value = serde_norway::from_str(&files.files[3].1).unwrap();
+        assert_eq!(
+            named["destination"],
+            serde_json::json!({"domain": "api.stripe.com"})
+        );
+        assert_eq!(
+            named["ports"],
+            serde_json::json!([{"protocol": "TCP", "port": 443}])
+        );
         assert!(files.denied.is_empty(), "{:?}", files.denied);
 
+        // (The name reached outside the cluster comes as an EgressAllowlist in this style.)
         let labels = advise(
             &state,
-            &observed,
+            &observed[..4],
             &AdviseOptions {
                 style: Style::Labels,
                 ..Default::default()
@@ -1613,7 +1670,7 @@ spec:
         );
 
         // Callers from outside the cluster carry no label: an ipBlock rule keeps them.
-        let mut with_world = observed.to_vec();
+        let mut with_world = observed[..4].to_vec();
         with_world.push(flow(
             "ingress",
             ("world", "world"),
