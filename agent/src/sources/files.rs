@@ -233,6 +233,7 @@ fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
         (!value.is_empty()).then(|| value.to_string())
     };
     let mut kind = None;
+    let mut api_version = None;
     let (mut name, mut namespace) = (None, None);
     let mut in_metadata = false;
     let mut metadata_indent = None;
@@ -253,6 +254,8 @@ fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
             }
             if let Some(value) = line.strip_prefix("kind:") {
                 kind = scalar(value);
+            } else if let Some(value) = line.strip_prefix("apiVersion:") {
+                api_version = scalar(value);
             } else if let Some(value) = line.strip_prefix("metadata:") {
                 let value = value.trim();
                 if let Some(flow) = value.strip_prefix('{') {
@@ -284,7 +287,7 @@ fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
     if tops > 3 {
         return None;
     }
-    let Some(input) = input_kind(&kind) else {
+    let Some(input) = input_kind_in(api_version.as_deref(), &kind) else {
         return (!kind.ends_with("List")).then_some((kind, None));
     };
     let key = ObjectKey {
@@ -312,6 +315,25 @@ fn input_kind(kind: &str) -> Option<Kind> {
         "EgressAllowlist" => Kind::EgressAllowlist,
         _ => return None,
     })
+}
+
+/// The kind Tollgate reads an object as, by its `kind:` and the API group of its
+/// `apiVersion:`: another group's kind of the same name (Calico's `projectcalico.org/v3`
+/// NetworkPolicy, Knative's `serving.knative.dev` Service) is not one of ours and is passed
+/// over like a Deployment. An object without `apiVersion` is taken by its kind.
+fn input_kind_in(api_version: Option<&str>, kind: &str) -> Option<Kind> {
+    let kind = input_kind(kind)?;
+    let Some(api_version) = api_version else {
+        return Some(kind);
+    };
+    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+    let ours = match kind {
+        Kind::Namespace | Kind::Pod | Kind::Service | Kind::Node => "",
+        Kind::NetworkPolicy => "networking.k8s.io",
+        Kind::EndpointSlice => "discovery.k8s.io",
+        Kind::ModeOverride | Kind::EgressAllowlist => "tollgate.io",
+    };
+    (group == ours).then_some(kind)
 }
 
 /// Kinds that decide what is enforced, few and small: their last good versions are kept in
@@ -407,8 +429,8 @@ fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
         }
         return;
     }
-    // Deployments, ConfigMaps... are not policy inputs.
-    let Some(kind) = input_kind(&kind) else {
+    // Deployments, ConfigMaps, other groups' kinds... are not policy inputs.
+    let Some(kind) = input_kind_in(str_at(&value, &["apiVersion"]), &kind) else {
         return;
     };
     let namespace = if kind.cluster_scoped() {
@@ -1078,6 +1100,47 @@ mod tests {
         format!(
             "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
         )
+    }
+
+    /// Another API group's kind of the same name (Calico's NetworkPolicy, Knative's
+    /// Service) is not one of ours: passed over, neither read as ours nor an error, even
+    /// broken, where it must not be taken for our object of its name.
+    #[test]
+    fn kinds_of_another_api_group_are_passed_over() {
+        let dir = std::env::temp_dir().join(format!("tg-files-groups-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mixed.yaml");
+        let calico = "---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  selector: app == 'web'\n  types: [Ingress]\n";
+        let knative = "---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: hello, namespace: x}\nspec:\n  template: {spec: {containers: [{image: hello}]}}\n";
+        std::fs::write(&file, policy_yaml("p", 80) + calico + knative).unwrap();
+        let mut source = FileSource::new(&dir);
+        let first = source.load();
+        assert!(first.errors.is_empty(), "{:?}", first.errors);
+        assert_eq!(first.state.policies.len(), 1);
+        assert!(first.state.services.is_empty());
+        let p = ("x".to_string(), "p".to_string());
+        let port_of = |state: &ClusterState| format!("{:?}", state.policies[&p]);
+        assert!(port_of(&first.state).contains("80"));
+
+        // Ours edited, Calico's broken: ours is read anew, not kept as Calico's last good.
+        std::fs::write(
+            &file,
+            policy_yaml("p", 90) + &calico.replace("types: [Ingress]", "types: : [") + knative,
+        )
+        .unwrap();
+        let second = source.load();
+        assert!(
+            second.errors.iter().all(|e| e.object.is_none()),
+            "{:?}",
+            second.errors
+        );
+        assert!(
+            port_of(&second.state).contains("90"),
+            "{:?}",
+            second.state.policies
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A document the YAML parser gives up on is one bad object: rejected by the kind and
