@@ -20,7 +20,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Container, Namespace, PodSpec, ServiceAccount},
+        core::v1::{Container, Namespace, PodSpec, ResourceQuota, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -225,6 +225,7 @@ fn every_listed_manifest_parses_into_its_kubernetes_type_with_no_unknown_field()
         let result = match (m.api_version(), m.kind()) {
             ("v1", "Namespace") => strict::<Namespace>(&m.doc).map(drop),
             ("v1", "ServiceAccount") => strict::<ServiceAccount>(&m.doc).map(drop),
+            ("v1", "ResourceQuota") => strict::<ResourceQuota>(&m.doc).map(drop),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
                 strict::<ClusterRole>(&m.doc).map(drop)
             }
@@ -271,6 +272,7 @@ fn every_listed_manifest_parses_into_its_kubernetes_type_with_no_unknown_field()
 
     let expected: BTreeSet<(String, String)> = [
         ("Namespace", NAMESPACE),
+        ("ResourceQuota", "tollgate-critical-pods"),
         ("CustomResourceDefinition", "modeoverrides.tollgate.io"),
         ("CustomResourceDefinition", "egressallowlists.tollgate.io"),
         ("ServiceAccount", "tollgate"),
@@ -638,7 +640,7 @@ fn agent_rbac_is_exactly_read_access_and_events() {
             &["modeoverrides", "egressallowlists"],
             &read,
         ),
-        triples(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
+        triples(&[""], &["events"], &["create", "patch"]),
     ]
     .concat()
     .into_iter()
@@ -668,6 +670,31 @@ fn agent_rbac_is_exactly_read_access_and_events() {
     );
 }
 
+/// A pod of a critical priority class outside kube-system is admitted only where a
+/// ResourceQuota names the class (GKE; any cluster limiting critical classes): the install
+/// carries one for the agent's class, with room for one agent per node.
+#[test]
+fn a_resource_quota_admits_the_agents_priority_class() {
+    let class = pod_spec(&daemonset())
+        .priority_class_name
+        .expect("the agent has a priority class");
+    let quota: ResourceQuota = object("ResourceQuota", "tollgate-critical-pods");
+    assert_eq!(quota.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let spec = quota.spec.expect("spec");
+    let scopes = spec
+        .scope_selector
+        .and_then(|s| s.match_expressions)
+        .unwrap_or_default();
+    assert!(
+        scopes.iter().any(|e| e.scope_name == "PriorityClass"
+            && e.operator == "In"
+            && e.values.as_ref().is_some_and(|v| v.contains(&class))),
+        "{scopes:?} does not name {class}"
+    );
+    let pods = &spec.hard.expect("hard")["pods"].0;
+    assert_eq!(pods, "10k", "one agent per node, up to 10,000 nodes");
+}
+
 #[test]
 fn mode_admin_example_rbac_is_exact() {
     let role: ClusterRole = object("ClusterRole", "tollgate-mode-admin");
@@ -679,7 +706,7 @@ fn mode_admin_example_rbac_is_exact() {
                 "get", "list", "watch", "create", "update", "patch", "delete",
             ],
         ),
-        triples(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
+        triples(&[""], &["events"], &["create"]),
     ]
     .concat()
     .into_iter()
