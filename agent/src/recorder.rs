@@ -84,6 +84,23 @@ pub struct Notice {
     pub kind: &'static str,
     pub reason: &'static str,
     pub message: String,
+    /// What tells repeats apart besides the pod and reason: for a denied flow its direction,
+    /// peer, port and protocol (the message also names the policies, the Service and the
+    /// mode, which may change between repeats of the same flow).
+    pub repeat_key: String,
+}
+
+impl Notice {
+    /// The Event a repeat of this notice counts in.
+    fn dedup_key(&self) -> (String, String, String, &'static str, String) {
+        (
+            self.namespace.clone(),
+            self.pod.clone(),
+            self.uid.clone(),
+            self.reason,
+            self.repeat_key.clone(),
+        )
+    }
 }
 
 impl Notice {
@@ -131,6 +148,7 @@ impl Notice {
             uid: uid.to_string(),
             kind: "Warning",
             reason,
+            repeat_key: format!("{} {peer} {port}", record.direction),
             message: format!(
                 "{verb} {} {} {peer}{service} on {port} (mode {}{policies})",
                 record.direction,
@@ -143,6 +161,7 @@ impl Notice {
     /// The Event of a mode change.
     pub fn mode_changed(n: &ModeNotice) -> Notice {
         Notice {
+            repeat_key: format!("{} {} {}", n.old.as_str(), n.new.as_str(), n.by),
             namespace: n.namespace.clone(),
             pod: n.pod.clone(),
             uid: n.uid.clone(),
@@ -186,7 +205,11 @@ impl Recorder {
     }
 }
 
+/// (namespace, pod, uid, reason, repeat key): what repeats of one Event share.
+type DedupKey = (String, String, String, &'static str, String);
+
 struct Recorded {
+    namespace: String,
     /// The Event's name once created.
     name: String,
     first: Instant,
@@ -226,7 +249,7 @@ async fn run(
     mut rx: mpsc::Receiver<Notice>,
     stats: Arc<EventStats>,
 ) {
-    let mut recorded: HashMap<Notice, Recorded> = HashMap::new();
+    let mut recorded: HashMap<DedupKey, Recorded> = HashMap::new();
     let mut bucket = Bucket {
         tokens: BURST,
         at: Instant::now(),
@@ -237,12 +260,19 @@ async fn run(
         tokio::select! {
             notice = rx.recv() => {
                 let Some(notice) = notice else { return };
-                if let Some(r) = recorded.get_mut(&notice)
-                    && r.first.elapsed() < window
-                {
-                    r.count += 1;
-                    r.pending = true;
-                    continue;
+                let key = notice.dedup_key();
+                if let Some(r) = recorded.get_mut(&key) {
+                    if r.first.elapsed() < window {
+                        r.count += 1;
+                        r.pending = true;
+                        continue;
+                    }
+                    // Its window is over: repeats not written yet go to its count first, or
+                    // the new Event would take its place with them.
+                    if r.pending && bucket.take() {
+                        r.pending = false;
+                        update_count(&client, &notice.namespace, r, &stats).await;
+                    }
                 }
                 if !bucket.take() {
                     stats.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -252,7 +282,7 @@ async fn run(
                 match create(&client, &node, &notice, sequence).await {
                     Ok(name) => {
                         stats.created.fetch_add(1, Ordering::Relaxed);
-                        recorded.insert(notice, Recorded { name, first: Instant::now(), count: 1, pending: false });
+                        recorded.insert(key, Recorded { namespace: notice.namespace.clone(), name, first: Instant::now(), count: 1, pending: false });
                     }
                     Err(e) => {
                         stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -262,24 +292,43 @@ async fn run(
             }
             _ = flush.tick() => {
                 recorded.retain(|_, r| r.pending || r.first.elapsed() < window);
-                for (notice, r) in recorded.iter_mut().filter(|(_, r)| r.pending) {
+                for r in recorded.values_mut().filter(|r| r.pending) {
                     if !bucket.take() {
                         break;
                     }
                     r.pending = false;
-                    let api: Api<Event> = Api::namespaced(client.clone(), &notice.namespace);
-                    let patch = json!({"count": r.count, "lastTimestamp": now_rfc3339()});
-                    match api.patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                        Ok(_) | Err(kube::Error::SerdeError(_)) => { stats.updated.fetch_add(1, Ordering::Relaxed); }
-                        Err(e) => {
-                            stats.failed.fetch_add(1, Ordering::Relaxed);
-                            debug!(event = r.name, error = %e, "could not update an Event");
-                        }
-                    }
+                    let namespace = r.namespace.clone();
+                    update_count(&client, &namespace, r, &stats).await;
                 }
             }
         }
     }
+}
+
+/// Writes an Event's count of repeats.
+async fn update_count(client: &Client, namespace: &str, r: &Recorded, stats: &EventStats) {
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let patch = json!({"count": r.count, "lastTimestamp": now_rfc3339()});
+    match api
+        .patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) | Err(kube::Error::SerdeError(_)) => {
+            stats.updated.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            debug!(event = r.name, error = %e, "could not update an Event");
+        }
+    }
+}
+
+/// The name of an Event: the pod's, then a suffix unique to the agent, within the 253
+/// characters of an object name (a pod's own name may take them all).
+fn event_name(pod: &str, suffix: &str) -> String {
+    let room = 253 - suffix.len() - 1;
+    let pod: String = pod.chars().take(room).collect();
+    format!("{}.{suffix}", pod.trim_end_matches(['.', '-']))
 }
 
 /// Creates the Event of a notice; returns its name.
@@ -291,15 +340,15 @@ async fn create(
 ) -> Result<String, kube::Error> {
     let now = now_rfc3339();
     // Unique per agent: the pod, the node's hash and a sequence.
-    let name = format!(
-        "{}.tollgate-{:x}-{sequence}",
-        notice.pod,
+    let suffix = format!(
+        "tollgate-{:x}-{sequence}",
         fnv(node.as_bytes())
             ^ SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
     );
+    let name = event_name(&notice.pod, &suffix);
     let event: Event = serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": notice.namespace},
         "involvedObject": {
@@ -387,6 +436,33 @@ mod tests {
         assert_eq!(Notice::denied(&record("egress", "allowed"), "uid-1"), None);
         // Ingress: the destination's Event; a record without it names no pod of ours.
         assert_eq!(Notice::denied(&record("ingress", "dropped"), "uid-1"), None);
+    }
+
+    /// Repeats of one flow are one Event even when what the message says besides changes
+    /// (the policies isolating the pod, the mode); another port is another Event.
+    #[test]
+    fn repeats_are_told_apart_by_pod_verdict_peer_port_and_protocol_only() {
+        let first = Notice::denied(&record("egress", "would_drop"), "uid-1").unwrap();
+        let mut later = record("egress", "would_drop");
+        later.policies = vec!["bank/ledger-egress".into(), "bank/deny-all".into()];
+        let later = Notice::denied(&later, "uid-1").unwrap();
+        assert_ne!(first.message, later.message);
+        assert_eq!(first.dedup_key(), later.dedup_key());
+        let mut other_port = record("egress", "would_drop");
+        other_port.dst_port = 444;
+        let other_port = Notice::denied(&other_port, "uid-1").unwrap();
+        assert_ne!(first.dedup_key(), other_port.dedup_key());
+        let dropped = Notice::denied(&record("egress", "dropped"), "uid-1").unwrap();
+        assert_ne!(first.dedup_key(), dropped.dedup_key());
+    }
+
+    #[test]
+    fn an_event_name_stays_a_valid_name_for_the_longest_pod_name() {
+        let pod = format!("{}-{}", "a".repeat(240), "b".repeat(12));
+        let name = event_name(&pod, "tollgate-1f2e3d4c5b6a7988-12345");
+        assert!(crate::compile::model::valid_name(&name), "{name}");
+        assert!(name.ends_with(".tollgate-1f2e3d4c5b6a7988-12345"), "{name}");
+        assert_eq!(event_name("web-0", "tollgate-1-1"), "web-0.tollgate-1-1");
     }
 
     #[test]
