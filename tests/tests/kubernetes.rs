@@ -193,10 +193,20 @@ fn the_kubernetes_source_attaches_this_nodes_pods_and_follows_every_change() {
         mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "log" && s == "cluster-override")
     });
     assert!(took <= CHANGE_BOUND, "ModeOverride took {took:?}");
-    // Setting the same target again updates the same object.
+    // A second override of the target, written by hand (GitOps), whose name sorts last:
+    // the CLI's changes must reach it too, or it decides.
+    shop.api.apply_yaml(
+        "apiVersion: tollgate.io/v1alpha1\nkind: ModeOverride\nmetadata: {name: zz-web}\nspec: {target: shop/web-0, mode: log}\n",
+    );
+    // Setting the same target again updates the same objects, both.
     let out = shop.mode_cli(&["set", "shop/web-0", "drop"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(shop.api.list("ModeOverride").len(), 1);
+    let overrides = shop.api.list("ModeOverride");
+    assert_eq!(overrides.len(), 2, "{overrides:#?}");
+    assert!(
+        overrides.iter().all(|o| o["spec"]["mode"] == "drop"),
+        "{overrides:#?}"
+    );
     within(CHANGE_BOUND, "the updated ModeOverride applied", || {
         mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "drop" && s == "cluster-override")
     });
@@ -238,15 +248,15 @@ fn the_kubernetes_source_attaches_this_nodes_pods_and_follows_every_change() {
         .collect();
     assert_eq!(
         reasons.iter().filter(|r| *r == "ModeOverrideSet").count(),
-        2,
-        "{reasons:?}"
+        3,
+        "an Event on each override written: {reasons:?}"
     );
     assert_eq!(
         reasons
             .iter()
             .filter(|r| *r == "ModeOverrideCleared")
             .count(),
-        1,
+        2,
         "{reasons:?}"
     );
     let web_events = |reason: &str| -> Vec<Value> {
@@ -485,6 +495,39 @@ fn an_empty_relist_is_not_believed_and_nothing_is_detached() {
     );
     assert!(agent.workload("web-0").is_some(), "still attached");
     assert!(agent.workload("client-0").is_some(), "still attached");
+    drop(agent);
+}
+
+/// A 404 to the list of a custom resource whose objects are known (API servers give one for
+/// a moment now and then) is not "there are none": the ModeOverride in force stays, and the
+/// agent says it is degraded until a list is believed again.
+#[test]
+fn a_404_for_known_mode_overrides_keeps_them_in_force() {
+    let shop = shop("kube-404");
+    shop.api.apply_yaml(
+        "apiVersion: tollgate.io/v1alpha1\nkind: ModeOverride\nmetadata: {name: web-drop}\nspec: {target: shop/web-0, mode: drop}\n",
+    );
+    let agent = shop.start(&[]);
+    within(CHANGE_BOUND, "the ModeOverride applied", || {
+        mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "drop" && s == "cluster-override")
+    });
+    shop.api.unserve("ModeOverride");
+    shop.api.compact(); // every watch lists again
+    wait_for(
+        Duration::from_secs(10),
+        "degraded on a 404 for known ModeOverrides",
+        || {
+            agent
+                .http("/readyz")
+                .is_some_and(|(c, b)| c == 503 && b.contains("answered 404"))
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        mode_of(&agent, "web-0"),
+        Some(("drop".to_string(), "cluster-override".to_string())),
+        "the override stays in force"
+    );
     drop(agent);
 }
 

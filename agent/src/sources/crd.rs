@@ -64,27 +64,42 @@ pub struct Written {
     pub old: Option<crate::compile::model::Mode>,
 }
 
-/// The object name for a new override of a target: readable, a valid Kubernetes name.
+/// The object name for a new override of a target: readable, a valid Kubernetes name, and
+/// the target's own (a hash of it ends the name: `bank/*` and `bank/all`, or `team-a/api`
+/// and `team/a-api`, read alike).
 pub fn object_name(target: &str) -> String {
-    let mut name: String = target
+    let readable: String = target
         .chars()
         .map(|c| match c {
             '*' => "all".to_string(),
             '/' => "-".to_string(),
-            c => c.to_string(),
+            c => c.to_ascii_lowercase().to_string(),
         })
         .collect();
-    name.truncate(200);
-    format!("tollgate-{}", name.trim_matches('-'))
+    // FNV-1a: the same name for the same target, whatever the build.
+    let hash = target.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let readable: String = readable.chars().take(200).collect();
+    let readable = readable.trim_matches(|c| c == '-' || c == '.');
+    format!("tollgate-{readable}-{hash:08x}")
 }
 
-/// Finds the ModeOverride whose `spec.target` is `target`.
+/// Every ModeOverride whose `spec.target` is `target`, by name. More than one can exist (one
+/// written by hand or by GitOps beside the CLI's): a change must reach them all, or the one
+/// left decides.
 async fn find(
     api: &kube::Api<ModeOverride>,
     target: &str,
-) -> Result<Option<ModeOverride>, kube::Error> {
+) -> Result<Vec<ModeOverride>, kube::Error> {
     let list = api.list(&kube::api::ListParams::default()).await?;
-    Ok(list.items.into_iter().find(|o| o.spec.target == target))
+    let mut found: Vec<ModeOverride> = list
+        .items
+        .into_iter()
+        .filter(|o| o.spec.target == target)
+        .collect();
+    found.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    Ok(found)
 }
 
 /// Writes the cluster's override of a target: updates the ModeOverride whose `spec.target`
@@ -108,38 +123,53 @@ pub async fn set_override(
         reason: reason.clone(),
     };
     let annotations = serde_json::json!({ "tollgate.io/set-by": who });
-    let (written, object) = match existing {
-        Some(o) => {
+    let (written, objects) = if existing.is_empty() {
+        let name = object_name(target);
+        let mut object = ModeOverride::new(&name, spec);
+        object.metadata.annotations = serde_json::from_value(annotations).ok();
+        let created = api
+            .create(&PostParams::default(), &object)
+            .await
+            .with_context(|| format!("create ModeOverride {name}"))?;
+        (Written { name, old: None }, vec![created])
+    } else {
+        let patch = serde_json::json!({
+            "metadata": {"annotations": annotations},
+            "spec": spec,
+        });
+        let mut updated = Vec::new();
+        for o in &existing {
             let name = o.metadata.name.clone().unwrap_or_default();
-            let patch = serde_json::json!({
-                "metadata": {"annotations": annotations},
-                "spec": spec,
-            });
-            let updated = api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .with_context(|| format!("update ModeOverride {name}"))?;
-            let old = o.spec.mode.parse().ok();
-            (Written { name, old }, updated)
+            updated.push(
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .with_context(|| format!("update ModeOverride {name}"))?,
+            );
         }
-        None => {
-            let name = object_name(target);
-            let mut object = ModeOverride::new(&name, spec);
-            object.metadata.annotations = serde_json::from_value(annotations).ok();
-            let created = api
-                .create(&PostParams::default(), &object)
-                .await
-                .with_context(|| format!("create ModeOverride {name}"))?;
-            (Written { name, old: None }, created)
-        }
+        (written_of(&existing), updated)
     };
     let message = format!(
         "{who} set {target} to {}{}",
         mode.as_str(),
         reason.map(|r| format!(": {r}")).unwrap_or_default()
     );
-    record(client, &object, "ModeOverrideSet", &message).await;
+    for object in &objects {
+        record(client, object, "ModeOverrideSet", &message).await;
+    }
     Ok(written)
+}
+
+/// What a change of these overrides (several when several name the target) replaced: their
+/// names, and the mode of the one in force (the agent takes the last by name of equals).
+fn written_of(existing: &[ModeOverride]) -> Written {
+    let names: Vec<String> = existing
+        .iter()
+        .map(|o| o.metadata.name.clone().unwrap_or_default())
+        .collect();
+    Written {
+        name: names.join(", "),
+        old: existing.last().and_then(|o| o.spec.mode.parse().ok()),
+    }
 }
 
 /// Deletes the cluster's override of a target, if there is one. Records a Normal Event
@@ -151,25 +181,24 @@ pub async fn clear_override(
 ) -> anyhow::Result<Option<Written>> {
     use anyhow::Context as _;
     let api: kube::Api<ModeOverride> = kube::Api::all(client.clone());
-    let Some(existing) = find(&api, target)
+    let existing = find(&api, target)
         .await
-        .context("list ModeOverrides (is the CRD installed? kubectl apply -k deploy/)")?
-    else {
+        .context("list ModeOverrides (is the CRD installed? kubectl apply -k deploy/)")?;
+    if existing.is_empty() {
         return Ok(None);
-    };
-    let name = existing.metadata.name.clone().unwrap_or_default();
-    api.delete(&name, &kube::api::DeleteParams::default())
-        .await
-        .with_context(|| format!("delete ModeOverride {name}"))?;
-    let message = format!(
-        "{who} cleared the override of {target} (was {})",
-        existing.spec.mode
-    );
-    record(client, &existing, "ModeOverrideCleared", &message).await;
-    Ok(Some(Written {
-        name,
-        old: existing.spec.mode.parse().ok(),
-    }))
+    }
+    for o in &existing {
+        let name = o.metadata.name.clone().unwrap_or_default();
+        api.delete(&name, &kube::api::DeleteParams::default())
+            .await
+            .with_context(|| format!("delete ModeOverride {name}"))?;
+        let message = format!(
+            "{who} cleared the override of {target} (was {})",
+            o.spec.mode
+        );
+        record(client, o, "ModeOverrideCleared", &message).await;
+    }
+    Ok(Some(written_of(&existing)))
 }
 
 /// A Normal Event on a ModeOverride (in namespace `default`, where Events of cluster-scoped
@@ -202,5 +231,40 @@ async fn record(client: &kube::Client, object: &ModeOverride, reason: &str, mess
         && let Err(e) = api.create(&kube::api::PostParams::default(), &event).await
     {
         tracing::warn!(error = %e, "could not record the Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::object_name;
+    use crate::compile::model::valid_name;
+
+    /// Targets that read alike get names of their own (one was refused as taken, 409), and
+    /// every name is a valid Kubernetes name, long targets too.
+    #[test]
+    fn every_target_gets_a_valid_name_of_its_own() {
+        let long = format!("ns/{}", "a".repeat(253));
+        let dotted = format!("ns/{}.b", "a".repeat(196));
+        let targets = [
+            "bank/*",
+            "bank/all",
+            "team-a/api",
+            "team/a-api",
+            "*",
+            long.as_str(),
+            dotted.as_str(),
+        ];
+        let names: Vec<String> = targets.iter().map(|t| object_name(t)).collect();
+        for (target, name) in targets.iter().zip(&names) {
+            assert!(valid_name(name) && name.len() <= 253, "{target}: {name}");
+            assert!(
+                !name.ends_with(['-', '.']) && !name.contains(".-") && !name.contains("-."),
+                "{target}: {name}"
+            );
+        }
+        let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        assert_eq!(object_name("bank/ledger"), object_name("bank/ledger"));
+        assert!(object_name("bank/ledger").starts_with("tollgate-bank-ledger-"));
     }
 }

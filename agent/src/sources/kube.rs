@@ -68,9 +68,11 @@ type Converted = Result<Option<Object>, String>;
 /// An object as a watcher hands it over: converted, and for the kinds whose last good
 /// version is kept across restarts (`files::kept_across_restarts`), the object as the API
 /// server sent it (JSON).
-type Item = (ObjectKey, Converted, Option<String>);
+/// Last, the object's uid: an object deleted and made again under its name is another.
+type Item = (ObjectKey, Converted, Option<String>, Option<String>);
 
-/// What a watcher task reports.
+/// What a watcher task reports (with the generation of the task: a task restarted leaves
+/// what its aborted predecessor still sends behind, see `KubeSource::generations`).
 #[derive(Debug)]
 enum Update {
     Apply(Item),
@@ -79,16 +81,35 @@ enum Update {
     InitApply(Item),
     InitDone(Kind),
     Failed(Kind, String),
-    /// The API server does not serve the kind (404: Tollgate's CRD not installed).
-    NotServed(Kind, String),
+    /// The API server does not serve the kind (404: Tollgate's CRD not installed), or
+    /// forbids listing it (403: RBAC without it); the status code and message.
+    NotServed(Kind, u16, String),
+}
+
+impl Update {
+    fn kind(&self) -> Kind {
+        match self {
+            Update::Apply((key, ..)) | Update::InitApply((key, ..)) => key.kind,
+            Update::Delete(key) => key.kind,
+            Update::Init(kind)
+            | Update::InitDone(kind)
+            | Update::Failed(kind, _)
+            | Update::NotServed(kind, _, _) => *kind,
+        }
+    }
 }
 
 /// Reads the cluster through the API server.
 pub struct KubeSource {
     client: Client,
-    tx: mpsc::Sender<Update>,
-    rx: mpsc::Receiver<Update>,
+    tx: mpsc::Sender<(u64, Update)>,
+    rx: mpsc::Receiver<(u64, Update)>,
     tasks: BTreeMap<Kind, JoinHandle<()>>,
+    /// The generation of each kind's current watch task. An aborted task stops only at its
+    /// next await, so what it still sends (a partial list's `InitDone`, a `Failed`) must not
+    /// be taken for the new task's.
+    generations: BTreeMap<Kind, u64>,
+    next_generation: u64,
     last_restart: BTreeMap<Kind, Instant>,
     store: Store,
     /// Objects of a relist in progress, by kind.
@@ -99,14 +120,16 @@ pub struct KubeSource {
     documents: BTreeMap<ObjectKey, super::files::KeptDocument>,
     documents_changed: bool,
     /// What an earlier process kept: the last good version of an object rejected now that
-    /// this process never saw good.
-    restored: BTreeMap<ObjectKey, Object>,
+    /// this process never saw good, with its uid (only the same object, not one made again
+    /// under its name, gets it back).
+    restored: BTreeMap<ObjectKey, (Option<String>, Object)>,
     /// Kinds listed completely at least once.
     synced: BTreeSet<Kind>,
     /// Kinds whose watch failed since their last event: why, and since when.
     failing: BTreeMap<Kind, (String, Instant)>,
-    /// Kinds the API server does not serve (a CRD not installed).
-    not_served: BTreeSet<Kind>,
+    /// Kinds the API server does not serve (a CRD not installed: 404) or lets the agent
+    /// list (403), with the status code.
+    not_served: BTreeMap<Kind, u16>,
     /// Kinds whose latest complete list was not believed.
     distrusted: BTreeMap<Kind, String>,
     probe: Arc<Probe>,
@@ -147,6 +170,8 @@ impl KubeSource {
             tx,
             rx,
             tasks: BTreeMap::new(),
+            generations: BTreeMap::new(),
+            next_generation: 0,
             last_restart: BTreeMap::new(),
             store: Store::default(),
             listing: BTreeMap::new(),
@@ -157,7 +182,7 @@ impl KubeSource {
             synced: BTreeSet::new(),
             failing: BTreeMap::new(),
             distrusted: BTreeMap::new(),
-            not_served: BTreeSet::new(),
+            not_served: BTreeMap::new(),
             probe,
             recoveries_seen: 0,
             probe_task,
@@ -180,8 +205,11 @@ impl KubeSource {
         let path = path.into();
         let kept = super::files::KeptState::read(&path);
         for (key, doc, object) in kept.objects() {
+            let uid = serde_norway::from_str::<serde_json::Value>(&doc.document)
+                .ok()
+                .and_then(|v| v["metadata"]["uid"].as_str().map(str::to_string));
             self.documents.insert(key.clone(), doc);
-            self.restored.insert(key, object);
+            self.restored.insert(key, (uid, object));
         }
         self.reported = kept
             .errors
@@ -210,8 +238,10 @@ impl KubeSource {
         self.documents_changed = false;
     }
 
-    /// Forgets the kept document of an object gone from the cluster.
+    /// Forgets the kept document of an object gone from the cluster, and what an earlier
+    /// process kept of it.
     fn forget(&mut self, key: &ObjectKey) {
+        self.restored.remove(key);
         if self.documents.remove(key).is_some() {
             self.documents_changed = true;
         }
@@ -224,8 +254,11 @@ impl KubeSource {
 
     fn spawn(&mut self, kind: Kind) {
         let client = self.client.clone();
+        self.next_generation += 1;
+        self.generations.insert(kind, self.next_generation);
         let tx = Handover {
             tx: self.tx.clone(),
+            generation: self.next_generation,
             wake: self.wake.clone(),
         };
         let task = match kind {
@@ -246,7 +279,7 @@ impl KubeSource {
     }
 
     /// Applies one converted object; returns whether the model changed.
-    fn apply(&mut self, (key, converted, document): Item) -> bool {
+    fn apply(&mut self, (key, converted, document, uid): Item) -> bool {
         match converted {
             Ok(Some(object)) => {
                 if let Some(document) = document
@@ -269,10 +302,13 @@ impl KubeSource {
                 self.store.remove(&key)
             }
             Err(reason) => {
-                // Never seen good by this process: the version an earlier one kept.
+                // Never seen good by this process: the version an earlier one kept, if it
+                // is of this very object.
                 let restored = (!self.store.contains(&key))
                     .then(|| self.restored.get(&key).cloned())
-                    .flatten();
+                    .flatten()
+                    .filter(|(kept_uid, _)| kept_uid.is_none() || *kept_uid == uid)
+                    .map(|(_, object)| object);
                 let changed = restored.is_some_and(|object| self.store.insert(key.clone(), object));
                 self.store.reject(key, origin(), reason);
                 changed
@@ -294,9 +330,18 @@ impl KubeSource {
             return false;
         }
         self.distrusted.remove(&kind);
-        let listed: BTreeSet<ObjectKey> = items.iter().map(|(k, _, _)| k.clone()).collect();
+        let listed: BTreeSet<ObjectKey> = items.iter().map(|(k, ..)| k.clone()).collect();
         let mut changed = false;
-        for key in had.into_iter().filter(|k| !listed.contains(k)) {
+        // Gone: the objects in force, the rejected ones never good (their errors), and what
+        // is kept of objects deleted while no process watched.
+        let gone: BTreeSet<ObjectKey> = had
+            .into_iter()
+            .chain(self.store.error_keys(kind))
+            .chain(self.documents.keys().filter(|k| k.kind == kind).cloned())
+            .chain(self.restored.keys().filter(|k| k.kind == kind).cloned())
+            .filter(|k| !listed.contains(k))
+            .collect();
+        for key in gone {
             self.forget(&key);
             changed |= self.store.remove(&key);
         }
@@ -322,7 +367,9 @@ impl KubeSource {
                 .last_restart
                 .get(&kind)
                 .is_some_and(|t| t.elapsed() < MIN_RESTART_INTERVAL);
-            if recovered || (stale && !api_down && !recently) {
+            // A list not believed is asked again (the watch goes on from it otherwise).
+            let distrusted = self.distrusted.contains_key(&kind);
+            if recovered || ((stale || distrusted) && !api_down && !recently) {
                 info!(
                     kind = kind.as_str(),
                     recovered, "restarting the watch with a relist"
@@ -350,7 +397,10 @@ impl Source for KubeSource {
     fn refresh(&mut self, force: bool) -> Refresh {
         self.restart_failing();
         let mut changed = force;
-        while let Ok(update) = self.rx.try_recv() {
+        while let Ok((generation, update)) = self.rx.try_recv() {
+            if self.generations.get(&update.kind()) != Some(&generation) {
+                continue; // from a task restarted since
+            }
             match update {
                 Update::Apply(item) => {
                     self.failing.remove(&item.0.kind);
@@ -374,17 +424,34 @@ impl Source for KubeSource {
                     self.synced.insert(kind);
                     changed |= self.replace_kind(kind, items);
                 }
-                Update::NotServed(kind, why) => {
-                    // Tollgate's own CRD missing: nothing of that kind exists, and everything
-                    // else goes on (the watcher keeps retrying, so installing it later works).
-                    if self.not_served.insert(kind) {
-                        warn!(
-                            kind = kind.as_str(),
-                            why, "not served by the API server (CRD not installed?)"
-                        );
-                    }
+                Update::NotServed(kind, code, why) => {
                     self.failing.remove(&kind);
                     self.synced.insert(kind);
+                    let known = self.store.keys(kind).len();
+                    if known > 0 {
+                        // Known objects of the kind, and now a 404 or 403: API servers answer
+                        // 404 for served custom resources for a moment now and then, and a
+                        // role can lose a rule. Either way the objects were not deleted:
+                        // the last known state stays (the watcher keeps retrying).
+                        let why = format!(
+                            "the API server answered {code} to the list of {}s ({why}) while {known} were known; keeping the last known state",
+                            kind.as_str()
+                        );
+                        warn!(kind = kind.as_str(), known, "{why}");
+                        self.distrusted.insert(kind, why);
+                        continue;
+                    }
+                    // Tollgate's own CRD missing, or not granted: nothing of that kind
+                    // exists, and everything else goes on (the watcher keeps retrying, so
+                    // installing it later works).
+                    if self.not_served.insert(kind, code).is_none() {
+                        warn!(
+                            kind = kind.as_str(),
+                            code,
+                            why,
+                            "not served by the API server (CRD not installed?) or not granted"
+                        );
+                    }
                     changed |= self.replace_kind(kind, Vec::new());
                 }
                 Update::Failed(kind, why) => {
@@ -401,11 +468,17 @@ impl Source for KubeSource {
         }
         self.errors = self.store.errors().cloned().collect();
         self.warnings = self.store.warnings();
-        for kind in &self.not_served {
-            self.warnings.push(format!(
-                "the API server does not serve {}s (kubectl apply -k deploy/ installs the CRD); there are none",
-                kind.as_str()
-            ));
+        for (kind, code) in &self.not_served {
+            self.warnings.push(match code {
+                403 => format!(
+                    "the agent may not list {}s (kubectl apply -k deploy/ grants it); there are none",
+                    kind.as_str()
+                ),
+                _ => format!(
+                    "the API server does not serve {}s (kubectl apply -k deploy/ installs the CRD); there are none",
+                    kind.as_str()
+                ),
+            });
         }
         let new_errors: Vec<ObjectError> = self
             .errors
@@ -469,13 +542,17 @@ impl Source for KubeSource {
 
 /// How a watcher hands updates to the source: the channel, then a wake-up.
 struct Handover {
-    tx: mpsc::Sender<Update>,
+    tx: mpsc::Sender<(u64, Update)>,
+    generation: u64,
     wake: Arc<std::sync::OnceLock<super::Waker>>,
 }
 
 impl Handover {
     async fn send(&self, update: Update) -> Result<(), ()> {
-        self.tx.send(update).await.map_err(|_| ())?;
+        self.tx
+            .send((self.generation, update))
+            .await
+            .map_err(|_| ())?;
         if let Some(wake) = self.wake.get() {
             wake();
         }
@@ -490,7 +567,9 @@ where
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::all(client);
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    // Lists from the API server's watch cache, as client-go's informers do: after an
+    // outage every node relists at once, and quorum reads of every pod would land on etcd.
+    let stream = watcher(api, watcher::Config::default().any_semantic()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let key = |o: &K| ObjectKey {
         kind,
@@ -508,7 +587,8 @@ where
             && matches!(converted, Ok(Some(_))))
         .then(|| serde_json::to_string(&o).ok())
         .flatten();
-        (key(&o), converted, document)
+        let uid = o.meta().uid.clone();
+        (key(&o), converted, document, uid)
     };
     while let Some(event) = stream.next().await {
         let update = match event {
@@ -518,10 +598,10 @@ where
             Ok(watcher::Event::InitApply(o)) => Update::InitApply(item(o)),
             Ok(watcher::Event::InitDone) => Update::InitDone(kind),
             Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if status.code == 404
+                if matches!(status.code, 403 | 404)
                     && matches!(kind, Kind::ModeOverride | Kind::EgressAllowlist) =>
             {
-                Update::NotServed(kind, status.message.clone())
+                Update::NotServed(kind, status.code, status.message.clone())
             }
             Err(e) => {
                 warn!(kind = kind.as_str(), error = %e, "watch failed; retrying");

@@ -155,6 +155,11 @@ impl Store {
         self.errors.values()
     }
 
+    /// The objects of a kind whose latest version was rejected.
+    pub fn error_keys(&self, kind: Kind) -> impl Iterator<Item = ObjectKey> + '_ {
+        self.errors.keys().filter(move |k| k.kind == kind).cloned()
+    }
+
     /// Whether the store holds a version of the object.
     pub fn contains(&self, key: &ObjectKey) -> bool {
         let pair = || (key.namespace.clone(), key.name.clone());
