@@ -249,8 +249,13 @@ fn established(
     // one. Packets are counted per CPU elsewhere (`counters`), never here: an established
     // packet writes into the shared entry only when its state or expiry moves.
     let entry: &mut CtEntry = unsafe { &mut *entry };
+    // A bare SYN opens anew a connection that closed, and is decided on its own when it
+    // comes from the side that did not open the flow: no TCP stack sends one there (short of
+    // a simultaneous open), and taken as a reply it would let the flow's answering side open
+    // connections its own policy denies.
     let reopened_tcp = opens_tcp(key.proto, tcp_flags)
-        && entry.tcp_state & (tcp_state::RST | tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY) != 0;
+        && (entry.tcp_state & (tcp_state::RST | tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY) != 0
+            || direction != entry.origin);
     if entry.expires_ns <= now || entry.generation != workload.generation || reopened_tcp {
         return None;
     }

@@ -383,6 +383,14 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             ParseError::BadHeader => diag::BAD_HEADER,
             _ => diag::IPV6_EXT_UNPARSED,
         });
+        // An IPv6 packet whose extension headers go on too long had its addresses read:
+        // its source is checked like any other's.
+        if err == ParseError::Ipv6ExtUnparsed
+            && direction == DIR_EGRESS
+            && !source_is_own(workload, pkt)
+        {
+            return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
+        }
         // No policy can allow what cannot be read (or is not IP at all): denied where the
         // workload is isolated.
         return finish_unmatched(workload, slot, direction, isolated, segs, bytes);
@@ -426,7 +434,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         }
     }
     if direction == DIR_EGRESS && answer_port == 0 && !source_is_own(workload, &pkt) {
-        return spoofed(workload, slot, &pkt, isolated, segs, bytes);
+        return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
     }
 
     let Some(config) = CONFIG.get(0) else {
@@ -477,7 +485,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             // No such flow: the packet as it is, a spoof unless its source is the pod's.
             pkt.tuple.src_port = sent_from;
             if !source_is_own(workload, &pkt) {
-                return spoofed(workload, slot, &pkt, isolated, segs, bytes);
+                return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
             }
         }
     }
@@ -594,22 +602,33 @@ fn source_is_own(workload: &WorkloadConfig, pkt: &Packet) -> bool {
 
 /// A packet leaving the workload from an address that is not its own: counted, never tracked
 /// or counted as the flow of the identity it claims. Dropped in either mode when it claims
-/// an address Tollgate knows (another workload, the node, a Service, a resolver), and by
-/// mode where the workload is isolated for egress.
+/// an address Tollgate knows (another workload, the node, a Service, a resolver), or leaves a
+/// pod's own interface (TC) whose address of that family is known: a pod's interface
+/// carries its own addresses only (as Calico's and Cilium's source checks hold), and a
+/// forged outside source would pass an ipBlock rule at its peer or open a flow its peer
+/// then "answers". At a cgroup (a host-network pod, a bridge CNI's, other interfaces of
+/// the pod's namespace) by mode where the workload is isolated for egress.
 #[inline(always)]
 fn spoofed(
     workload: &WorkloadConfig,
     slot: u32,
     pkt: &Packet,
+    l3: u32,
     isolated: bool,
     segs: u32,
     bytes: u32,
 ) -> Action {
     counters::diag(diag::SPOOFED);
     counters::spoofed(slot, segs);
+    let own_family_known = if pkt.family == FAMILY_IPV4 {
+        workload.flags & workload_flags::HAS_IPV4 != 0
+    } else {
+        workload.flags & workload_flags::HAS_IPV6 != 0
+    };
     // Claiming a resolver's address: it could answer its own query and teach itself any
     // address (its packet to itself comes back through its own interface).
-    if identity::identity_of(pkt.family, &pkt.tuple.src) != IDENTITY_WORLD
+    if (l3 != 0 && own_family_known)
+        || identity::identity_of(pkt.family, &pkt.tuple.src) != IDENTITY_WORLD
         || dns::is_resolver(pkt.family, &pkt.tuple.src)
     {
         counters::count(slot, DIR_EGRESS, VERDICT_DROPPED, segs, bytes);

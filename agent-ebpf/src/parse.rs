@@ -263,14 +263,24 @@ fn parse_l4(skb: &SkBuff, off: u32, pkt: &mut Packet) -> Result<(), ParseError> 
                 // destination unreachable, packet too big, time exceeded, parameter problem
                 1..=4 => parse_icmp_error(skb, off + 8, FAMILY_IPV6, pkt),
                 // MLD query/report/done, router/neighbour solicitation/advertisement,
-                // redirect, MLDv2 report
-                130..=137 | 143 => pkt.kind = Kind::LinkControl,
+                // redirect, MLDv2 report: plumbing of the link only when it cannot leave
+                // it (else any pod could pass anything through as an MLD query).
+                130..=137 | 143 if link_scoped(pkt) => pkt.kind = Kind::LinkControl,
                 _ => {}
             }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Whether an IPv6 packet stays on its link: addressed to a link-scope multicast group or a
+/// link-local address, or sent from a link-local address (never forwarded).
+#[inline(always)]
+fn link_scoped(pkt: &Packet) -> bool {
+    let (src, dst) = (&pkt.tuple.src, &pkt.tuple.dst);
+    let link_local = |a: &[u8; 16]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+    (dst[0] == 0xff && dst[1] & 0x0f == 0x02) || link_local(dst) || link_local(src)
 }
 
 #[inline(always)]

@@ -423,7 +423,23 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     let arp = eth(0x0806, &[0u8; 28]);
     // LLDP: neither IP nor ARP.
     let lldp = eth(0x88cc, &[0u8; 32]);
-    let neighbour_solicitation = eth(0x86DD, &ipv6(58, &[135, 0, 0, 0, 0, 0, 0, 0]));
+    // To the solicited-node group of fd77:1::b: link plumbing, which never leaves the link.
+    let neighbour_solicitation = {
+        let mut f = eth(0x86DD, &ipv6(58, &[135, 0, 0, 0, 0, 0, 0, 0]));
+        f[14 + 24..14 + 40]
+            .copy_from_slice(&[0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0x0b]);
+        f
+    };
+    // The same type to a routed address: the node would forward it, so it is an ICMPv6
+    // packet like any other (any payload could ride in it past a policy).
+    let forged_solicitation = eth(0x86DD, &ipv6(58, &[135, 0, 0, 0, 0, 0, 0, 0]));
+    // Seven hop-by-hop headers, from an address not the workload's: unreadable, and still
+    // a spoof (its source was read).
+    let deep_v6_spoofed = {
+        let mut f = deep_v6.clone();
+        f[14 + 23] = 0x99;
+        f
+    };
     let valid = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 53, 8)));
     // IPv4 with 8 bytes of options (IHL 7): the UDP header starts after them.
     let with_options = {
@@ -449,12 +465,17 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         &arp,
         &lldp,
         &neighbour_solicitation,
+        &forged_solicitation,
         &valid,
         &with_options,
     ] {
         assert_eq!(runs(&dp, frame), PASS);
     }
-    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 8);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 9);
+    // A spoof leaving a pod's own interface is dropped in either mode, isolated or not.
+    assert_eq!(runs(&dp, &deep_v6_spoofed), DROP);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 1);
+    assert_eq!(dp.maps.diag().unwrap()[diag::SPOOFED as usize], 1);
     let d = dp.maps.diag().unwrap();
     assert_eq!(
         d[diag::TRUNCATED as usize],
@@ -462,7 +483,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         "short IPv4 packet and short TCP header"
     );
     assert_eq!(d[diag::BAD_HEADER as usize], 1);
-    assert_eq!(d[diag::IPV6_EXT_UNPARSED as usize], 1);
+    assert_eq!(d[diag::IPV6_EXT_UNPARSED as usize], 2);
     assert_eq!(d[diag::FRAGMENT_UNKNOWN as usize], 1);
     assert_eq!(d[diag::NON_IP as usize], 1, "LLDP");
     assert_eq!(d[diag::ARP as usize], 1);
@@ -476,8 +497,8 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     tracked.sort();
     assert_eq!(
         tracked,
-        vec![(1000, 53), (2000, 5353)],
-        "only the valid packets opened flows, with the ports behind the IPv4 options"
+        vec![(0, 0), (1000, 53), (2000, 5353)],
+        "only the valid packets opened flows (the routed solicitation one of ICMPv6), with the ports behind the IPv4 options"
     );
 
     // Isolated in drop mode: what cannot be read cannot be allowed.
@@ -494,6 +515,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         &deep_v6,
         &orphan_fragment,
         &lldp,
+        &forged_solicitation,
     ] {
         assert_eq!(runs(&dp, frame), DROP);
     }
@@ -506,7 +528,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     assert_eq!(
         Packets::read(&dp, 1).since(before),
         Packets {
-            out_dropped: 6,
+            out_dropped: 7,
             ..Default::default()
         }
     );
@@ -527,9 +549,82 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     assert_eq!(Packets::read(&dp, 1).since(before).out_would_drop, 6);
     assert_eq!(
         dp.maps.conntrack().len(),
-        2,
+        3,
         "malformed packets track nothing"
     );
+}
+
+/// A connection a peer opened to the workload does not let the workload open one back to
+/// that peer on the same ports: its bare SYN is decided on its own, by its egress policy,
+/// not taken as a reply (a peer forging such a flow's first packet would otherwise open the
+/// workload's way out). Its answers to the peer pass as ever.
+#[test]
+fn a_bare_syn_from_the_answering_side_is_decided_on_its_own() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    // Packets of BPF_PROG_TEST_RUN arrive on ifindex 1: slot 1's ingress at tc_to_pod, its
+    // egress at tc_from_pod. The workload is 10.1.0.10, its peer 10.1.0.11 (ID_B).
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    dp.maps
+        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
+        .unwrap();
+    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
+    dp.maps
+        .set_workload(
+            1,
+            &WorkloadPolicy {
+                mode: Mode::Drop,
+                isolated_ingress: true,
+                isolated_egress: true,
+                ingress: vec![allow_tcp(ID_B, 2000)],
+                ..Default::default()
+            }
+            .sending_from(&own),
+        )
+        .unwrap();
+    // 10.1.0.10:2000 <-> 10.1.0.11:80, leaving the workload as written, arriving turned
+    // around.
+    let leaving = |flags: u8| {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&2000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&80u16.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        eth(0x0800, &ipv4(6, 0, &t))
+    };
+    let arriving = |flags: u8| {
+        let mut f = leaving(flags);
+        let (ip, tcp) = (14, 14 + 20);
+        let src: [u8; 4] = f[ip + 12..ip + 16].try_into().unwrap();
+        f.copy_within(ip + 16..ip + 20, ip + 12);
+        f[ip + 16..ip + 20].copy_from_slice(&src);
+        let sport: [u8; 2] = f[tcp..tcp + 2].try_into().unwrap();
+        f.copy_within(tcp + 2..tcp + 4, tcp);
+        f[tcp + 2..tcp + 4].copy_from_slice(&sport);
+        f
+    };
+    let run = |program: &'static str, frame: &[u8]| {
+        lab.in_node(|| dp.test_run(program, frame, 1))
+            .unwrap()
+            .retval
+    };
+    // The peer's connection, allowed at ingress, and the workload's answer.
+    assert_eq!(run(program_names::TC_TO_POD, &arriving(0x02)), PASS);
+    assert_eq!(run(program_names::TC_FROM_POD, &leaving(0x12)), PASS);
+    assert_eq!(run(program_names::TC_TO_POD, &arriving(0x10)), PASS);
+    // A bare SYN from the workload on the same ports: its egress allows nothing.
+    let before = Packets::read(&dp, 1);
+    assert_eq!(run(program_names::TC_FROM_POD, &leaving(0x02)), DROP);
+    assert_eq!(
+        Packets::read(&dp, 1).since(before),
+        Packets {
+            out_dropped: 1,
+            ..Default::default()
+        }
+    );
+    // The connection itself goes on.
+    assert_eq!(run(program_names::TC_FROM_POD, &leaving(0x10)), PASS);
+    assert_eq!(run(program_names::TC_TO_POD, &arriving(0x10)), PASS);
 }
 
 /// Established TCP and UDP packets take a shorter path (`agent-ebpf/src/established.rs`)

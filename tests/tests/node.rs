@@ -407,7 +407,7 @@ fn a_pods_own_mode_annotation_may_only_make_it_stricter() {
 }
 
 #[test]
-fn spoofed_sources_are_counted_never_believed_and_dropped_when_they_claim_someone() {
+fn spoofed_sources_are_counted_never_believed_and_dropped() {
     let mut lab = Lab::new();
     let a = lab.add_pod("a");
     let b = lab.add_pod("b");
@@ -449,9 +449,9 @@ fn spoofed_sources_are_counted_never_believed_and_dropped_when_they_claim_someon
         .unwrap()
     };
 
-    // a is not isolated. A made-up source passes (nothing it claims is anyone's) but is
-    // counted spoofed; claiming another workload's or the node's address is dropped in any
-    // mode; its own address is a normal flow.
+    // a is not isolated. A source not its own is dropped in any mode (its interface carries
+    // its own addresses only), made up or claiming another workload's or the node's, and
+    // counted spoofed; its own address is a normal flow.
     let [a_got, b_got] = measure(&lab, &agent, ["a-0", "b-0"], || {
         for (src, count) in [
             ("10.1.0.99", 3),
@@ -467,10 +467,10 @@ fn spoofed_sources_are_counted_never_believed_and_dropped_when_they_claim_someon
     });
     assert_eq!(
         [a_got[3], a_got[4], a_got[5]],
-        [3 + 3 + 2, 0, 6],
-        "a's egress: made-up and own sources pass, claimed ones dropped"
+        [3, 0, 3 + 3 + 3 + 2],
+        "a's egress: its own source passes, every other is dropped"
     );
-    assert_eq!(b_got[0], 3 + 3 + 2, "what b received");
+    assert_eq!(b_got[0], 3, "what b received");
     assert_eq!(spoofed_metric(), 3.0 + 3.0 + 3.0 + 2.0);
     let m = agent.metrics_text();
     assert_eq!(
@@ -492,7 +492,7 @@ fn spoofed_sources_are_counted_never_believed_and_dropped_when_they_claim_someon
             >= 11.0
     );
 
-    // Isolated for egress in drop mode: a made-up source is dropped too.
+    // Isolated for egress in drop mode: the same.
     let egress = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  policyTypes: [Egress]\n  egress: [{to: [{podSelector: {matchLabels: {app: b}}}]}]\n";
     std::fs::write(agent.cluster_state.join("cluster.yaml"), yaml(egress)).unwrap();
     wait_for(Duration::from_secs(5), "a isolated for egress", || {
