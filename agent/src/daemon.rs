@@ -459,6 +459,8 @@ impl prometheus_client::collector::Collector for Collector {
                 ("answer", st.answers),
                 ("unsolicited", st.unsolicited),
                 ("malformed", st.malformed),
+                ("query_not_followed", st.queries_not_followed),
+                ("tcp_stream_lost", st.tcp_streams_lost),
             ];
             snapshot.dns_handed_back =
                 vec![("ok", dns.reinjected), ("failed", dns.reinject_failed)];

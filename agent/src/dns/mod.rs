@@ -155,6 +155,11 @@ pub struct DnsStats {
     pub addresses: u64,
     /// Addresses that did not fit a workload's bound.
     pub overflow: u64,
+    /// Queries not waited for: their workload had `MAX_PENDING_PER_SLOT` waiting, or the
+    /// node `MAX_PENDING` (their answers then teach nothing).
+    pub queries_not_followed: u64,
+    /// DNS-over-TCP streams read no further after a gap, or seen first mid-way.
+    pub tcp_streams_lost: u64,
 }
 
 /// One address a workload learned.
@@ -190,6 +195,10 @@ struct QueryKey {
 struct Stream {
     next_seq: Option<u32>,
     buf: Vec<u8>,
+    /// Its framing is lost (a gap, or data before any SYN was seen): nothing more is read
+    /// from it until it starts again. Guessing where a message starts would read whatever
+    /// the bytes there say, such as a message a pod hid in an answer's data.
+    lost: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -208,8 +217,13 @@ pub enum LearnedWrite {
 }
 
 const MAX_PENDING: usize = 16_384;
+/// Queries one workload may have waiting for their answers: a pod flooding its resolver
+/// with queries must not fill the table the answers of every other pod are matched in.
+const MAX_PENDING_PER_SLOT: usize = 1024;
 const PENDING_TIMEOUT_NS: u64 = 30_000_000_000;
 const MAX_STREAMS: usize = 1024;
+/// DNS-over-TCP streams of one workload followed at once.
+const MAX_STREAMS_PER_SLOT: usize = 64;
 const MAX_DOMAINS: usize = 1 << 16;
 
 /// Everything the agent learned from DNS, per workload.
@@ -218,6 +232,8 @@ pub struct Learner {
     options: DnsOptions,
     pending: HashMap<QueryKey, (String, u64)>,
     pending_order: VecDeque<(QueryKey, u64)>,
+    /// Queries waiting per slot (`MAX_PENDING_PER_SLOT`).
+    pending_per_slot: HashMap<u32, usize>,
     workloads: HashMap<u32, Workload>,
     streams: HashMap<StreamKey, Stream>,
     pub stats: DnsStats,
@@ -455,7 +471,8 @@ impl Learner {
                 break;
             }
             if self.pending.get(key).is_some_and(|(_, t)| t == at) {
-                self.pending.remove(key);
+                let key = key.clone();
+                self.unpend(&key);
             }
             self.pending_order.pop_front();
         }
@@ -507,10 +524,15 @@ impl Learner {
                 match wire::parse_question(&msg) {
                     Ok(q) if !q.response => {
                         self.stats.queries += 1;
-                        if self.pending.len() < MAX_PENDING {
+                        let waiting = self.pending_per_slot.entry(capture.slot).or_default();
+                        if self.pending.len() < MAX_PENDING && *waiting < MAX_PENDING_PER_SLOT {
                             let k = key(q.id);
-                            self.pending.insert(k.clone(), (q.name, now_ns));
+                            if self.pending.insert(k.clone(), (q.name, now_ns)).is_none() {
+                                *waiting += 1;
+                            }
                             self.pending_order.push_back((k, now_ns));
+                        } else {
+                            self.stats.queries_not_followed += 1;
                         }
                     }
                     Ok(_) => {}
@@ -528,7 +550,7 @@ impl Learner {
             };
             match self.pending.get(&key(answer.question.id)) {
                 Some((name, _)) if *name == answer.question.name => {
-                    self.pending.remove(&key(answer.question.id));
+                    self.unpend(&key(answer.question.id));
                 }
                 _ => {
                     self.stats.unsolicited += 1;
@@ -541,6 +563,18 @@ impl Learner {
         writes
     }
 
+    /// Takes a query off the waiting ones.
+    fn unpend(&mut self, key: &QueryKey) {
+        if self.pending.remove(key).is_some()
+            && let Some(n) = self.pending_per_slot.get_mut(&key.slot)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending_per_slot.remove(&key.slot);
+            }
+        }
+    }
+
     fn tcp_messages(&mut self, key: StreamKey, pkt: &Decoded<'_>) -> Vec<Vec<u8>> {
         const SYN: u8 = 0x02;
         const FIN: u8 = 0x01;
@@ -549,9 +583,24 @@ impl Learner {
             self.streams.remove(&key);
             return vec![];
         }
-        if !self.streams.contains_key(&key) && self.streams.len() >= MAX_STREAMS {
-            // A flood of half-open streams: the oldest is not worth more than this one.
-            if let Some(k) = self.streams.keys().next().cloned() {
+        if !self.streams.contains_key(&key) {
+            // A flood of half-open streams: one of the flooder's own goes first (a workload
+            // holds at most `MAX_STREAMS_PER_SLOT`), else any, never more than the cap.
+            let own: Vec<StreamKey> = self
+                .streams
+                .keys()
+                .filter(|k| k.slot == key.slot)
+                .take(MAX_STREAMS_PER_SLOT)
+                .cloned()
+                .collect();
+            let evict = if own.len() >= MAX_STREAMS_PER_SLOT {
+                own.first().cloned()
+            } else if self.streams.len() >= MAX_STREAMS {
+                self.streams.keys().next().cloned()
+            } else {
+                None
+            };
+            if let Some(k) = evict {
                 self.streams.remove(&k);
             }
         }
@@ -559,17 +608,24 @@ impl Learner {
         if pkt.tcp_flags & SYN != 0 {
             stream.next_seq = Some(pkt.tcp_seq.wrapping_add(1));
             stream.buf.clear();
+            stream.lost = false;
         }
         let mut out = Vec::new();
-        if !pkt.payload.is_empty() {
-            let expected = *stream.next_seq.get_or_insert(pkt.tcp_seq);
-            if pkt.tcp_seq == expected {
-                stream.buf.extend_from_slice(pkt.payload);
-                stream.next_seq = Some(expected.wrapping_add(pkt.payload.len() as u32));
-            } else if (pkt.tcp_seq.wrapping_sub(expected) as i32) > 0 {
-                // A gap: what is buffered can no longer be completed.
-                stream.buf.clear();
-                stream.next_seq = Some(pkt.tcp_seq.wrapping_add(pkt.payload.len() as u32));
+        if !pkt.payload.is_empty() && !stream.lost {
+            match stream.next_seq {
+                Some(expected) if pkt.tcp_seq == expected => {
+                    stream.buf.extend_from_slice(pkt.payload);
+                    stream.next_seq = Some(expected.wrapping_add(pkt.payload.len() as u32));
+                }
+                // A retransmission of what was read already.
+                Some(expected) if (pkt.tcp_seq.wrapping_sub(expected) as i32) < 0 => {}
+                // A gap, or data of a stream whose start was never seen: where its next
+                // message starts is unknown, so it is read no further.
+                _ => {
+                    stream.lost = true;
+                    stream.buf.clear();
+                    self.stats.tcp_streams_lost += 1;
+                }
             }
             while stream.buf.len() >= 2 {
                 let n = u16::from_be_bytes([stream.buf[0], stream.buf[1]]) as usize;
@@ -964,6 +1020,150 @@ mod tests {
             )
             .is_empty()
         );
+    }
+
+    /// A TCP segment (IPv4, no L2 header) as the datapath captures it.
+    #[allow(clippy::too_many_arguments)]
+    fn tcp_capture(
+        kind: u8,
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        seq: u32,
+        flags: u8,
+        data: &[u8],
+    ) -> DnsCapture {
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, PROTO_TCP, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let total = 20 + 20 + data.len();
+        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        ip.extend_from_slice(&sport.to_be_bytes());
+        ip.extend_from_slice(&dport.to_be_bytes());
+        ip.extend_from_slice(&seq.to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0, 0, 5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        ip.extend_from_slice(data);
+        let mut c = capture(kind, src, sport, dst, dport, &[]);
+        c.data = [0u8; agent_common::DNS_CAPTURE_BYTES];
+        c.data[..ip.len()].copy_from_slice(&ip);
+        c.len = ip.len() as u32;
+        c
+    }
+
+    /// A DNS message framed for TCP (its length first).
+    fn framed(msg: &[u8]) -> Vec<u8> {
+        let mut f = (msg.len() as u16).to_be_bytes().to_vec();
+        f.extend_from_slice(msg);
+        f
+    }
+
+    /// Over TCP a message is read only where the stream says one starts: from a SYN on, in
+    /// order. After a gap, or on a stream whose start was never seen, where the next one
+    /// starts is unknown, and a well-formed answer found there (one a pod could have hidden
+    /// in the data of another answer, a TXT record) teaches nothing.
+    #[test]
+    fn a_tcp_stream_is_read_in_order_from_its_start_and_no_further_after_a_gap() {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        let mut l = Learner::new(DnsOptions::default());
+        l.set_workload(3, 7, Some(allowlist(&[("api.example.com", Some(443))])));
+        let q = framed(&build::query(1, "api.example.com", wire::TYPE_A));
+        let a = framed(&build::answer(
+            1,
+            "api.example.com",
+            wire::TYPE_A,
+            1,
+            &[build::record(
+                &build::QNAME,
+                wire::TYPE_A,
+                60,
+                &[203, 0, 113, 7],
+            )],
+        ));
+        let ask = |l: &mut Learner, port: u16| {
+            l.packet(
+                &tcp_capture(capture_kind::QUERY, POD, port, DNS, 53, 100, SYN, &[]),
+                0,
+            );
+            l.packet(
+                &tcp_capture(capture_kind::QUERY, POD, port, DNS, 53, 101, ACK, &q),
+                0,
+            );
+        };
+        let answer = |l: &mut Learner, port: u16, seq: u32| {
+            l.packet(
+                &tcp_capture(capture_kind::ANSWER_HELD, DNS, 53, POD, port, seq, ACK, &a),
+                0,
+            )
+        };
+        // In order from the SYN-ACK: learned.
+        ask(&mut l, 41000);
+        l.packet(
+            &tcp_capture(
+                capture_kind::ANSWER_HELD,
+                DNS,
+                53,
+                POD,
+                41000,
+                500,
+                SYN | ACK,
+                &[],
+            ),
+            0,
+        );
+        assert_eq!(answer(&mut l, 41000, 501).len(), 1);
+        // A gap before it: not read, nor anything after on that stream.
+        ask(&mut l, 41001);
+        l.packet(
+            &tcp_capture(
+                capture_kind::ANSWER_HELD,
+                DNS,
+                53,
+                POD,
+                41001,
+                500,
+                SYN | ACK,
+                &[],
+            ),
+            0,
+        );
+        assert!(answer(&mut l, 41001, 601).is_empty());
+        assert!(answer(&mut l, 41001, 601 + a.len() as u32).is_empty());
+        // A stream first seen mid-way (its SYN-ACK never captured): not read.
+        ask(&mut l, 41002);
+        assert!(answer(&mut l, 41002, 501).is_empty());
+        assert_eq!(l.stats.tcp_streams_lost, 2);
+        assert_eq!(l.stats.answers, 1);
+    }
+
+    /// One workload flooding its resolver with queries holds at most its share of the
+    /// queries waiting for answers: another's answer is still matched and learned from.
+    #[test]
+    fn a_flood_of_queries_from_one_workload_leaves_room_for_the_others() {
+        let mut l = Learner::new(DnsOptions::default());
+        l.set_workload(3, 7, Some(allowlist(&[("api.example.com", Some(443))])));
+        for i in 0..20_000u32 {
+            let q = build::query(i as u16, "flood.example.com", wire::TYPE_A);
+            let mut c = capture(
+                capture_kind::QUERY,
+                [10, 1, 0, 99],
+                10_000 + (i / 65_536) as u16 + (i % 7) as u16,
+                DNS,
+                53,
+                &q,
+            );
+            c.slot = 9;
+            l.packet(&c, 0);
+        }
+        assert_eq!(l.stats.queries, 20_000);
+        assert!(
+            l.stats.queries_not_followed >= 20_000 - MAX_PENDING_PER_SLOT as u64,
+            "{:?}",
+            l.stats
+        );
+        let writes = ask_and_answer(&mut l, 1, "api.example.com", [203, 0, 113, 7], 60);
+        assert_eq!(writes.len(), 1, "{writes:?}");
     }
 
     #[test]

@@ -272,7 +272,7 @@ impl Snapshot {
         counter_family(
             e,
             "tollgate_dns_messages",
-            "DNS messages between workloads and their resolvers: query, answer (learned from), unsolicited (no matching query: ignored), malformed (ignored)",
+            "DNS messages between workloads and their resolvers: query, answer (learned from), unsolicited (no matching query: ignored), malformed (ignored), query_not_followed (over the workload's 1,024 or the node's 16,384 waiting queries: its answer teaches nothing), tcp_stream_lost (a DNS-over-TCP stream read no further after a gap)",
             self.dns_messages
                 .iter()
                 .map(|(o, v)| (labels(&[("outcome", o)]), *v)),
