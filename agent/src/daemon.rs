@@ -162,6 +162,38 @@ fn reset_state(bpffs: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes sure no other agent runs on the same state directory or admin socket: two would
+/// drive the same pinned maps, and the second's exit would remove the first's admin socket
+/// (no `status`, no break-glass `mode set` until it restarts). Returns the locked file.
+fn claim_instance(options: &RunOptions) -> anyhow::Result<std::fs::File> {
+    use std::io::Write as _;
+    let path = options.state_dir.join("agent.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    if let Err(e) = file.try_lock() {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        anyhow::bail!(
+            "another tollgate agent runs on the state directory {} (pid {}): {e}; stop it first",
+            options.state_dir.display(),
+            holder.trim()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(&options.admin_socket).is_ok() {
+        anyhow::bail!(
+            "another tollgate agent answers on the admin socket {}; stop it first, or give this one --admin-socket of its own",
+            options.admin_socket.display()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // glibc gives each thread that allocates its own arena; with the controller, the
@@ -171,6 +203,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     std::fs::create_dir_all(&options.state_dir)
         .with_context(|| format!("create state directory {}", options.state_dir.display()))?;
+    // Held until the agent exits (the kernel lets go of it however the process ends).
+    let _instance = claim_instance(&options)?;
     if options.reset_state {
         reset_state(&options.bpffs)?;
     }

@@ -102,6 +102,41 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
+        let child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("agent.log")).unwrap())
+            .spawn()
+            .expect("spawn tollgate run");
+        self.child = Some(child);
+    }
+
+    /// `tollgate run` once more with this agent's command line, while it runs: waits up to
+    /// 15 s for it to exit (it is killed then) and returns its exit status and stderr.
+    pub fn run_second_instance(&self) -> (Option<std::process::ExitStatus>, String) {
+        let log = self.dir.join("second-agent.log");
+        let mut child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn tollgate run");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    fn command(&self) -> Command {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net=/run/netns/{}", self.node))
@@ -127,7 +162,7 @@ impl Agent {
                     .arg("200");
             }
         }
-        let child = command
+        command
             .arg("--metrics-addr")
             .arg(self.metrics.to_string())
             .arg("--bpffs")
@@ -138,12 +173,8 @@ impl Agent {
             .arg(&self.admin_socket)
             .arg("--flow-log")
             .arg(&self.flow_log)
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("agent.log")).unwrap())
-            .spawn()
-            .expect("spawn tollgate run");
-        self.child = Some(child);
+            .args(&self.args);
+        command
     }
 
     /// Waits until /readyz answers 200.

@@ -600,6 +600,15 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     let bank = bank("agent-stop");
     let mut agent = bank.start(&["--default-mode", "drop"]);
     assert!(!bank.frontend_reaches_ledger());
+    // A second agent on the same paths is refused, and the first keeps its admin socket.
+    let (second, err) = agent.run_second_instance();
+    assert_eq!(second.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(err.contains("another tollgate agent runs"), "{err}");
+    assert!(
+        agent.status()["workloads"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty())
+    );
     bank.lab.settle();
     let dropped_before = ledger_packets(&agent.metrics_text(), "ingress", "dropped");
     assert!(dropped_before > 0.0);

@@ -259,11 +259,9 @@ fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
             } else if let Some(value) = line.strip_prefix("metadata:") {
                 let value = value.trim();
                 if let Some(flow) = value.strip_prefix('{') {
-                    // Nested maps or lists (labels) could hold a `name:` of their own.
-                    if flow.trim_end().trim_end_matches('}').contains(['{', '[']) {
-                        return None;
-                    }
-                    for field in flow.trim_end_matches('}').split(',') {
+                    // Only the mapping's own fields: nested ones (labels) may have a
+                    // `name:` of their own.
+                    for field in top_level_fields(flow) {
                         match field.trim().split_once(':') {
                             Some(("name", v)) => name = scalar(v),
                             Some(("namespace", v)) => namespace = scalar(v),
@@ -300,6 +298,34 @@ fn named_object(document: &str) -> Option<(String, Option<ObjectKey>)> {
         name: name?,
     };
     Some((kind, Some(key)))
+}
+
+/// The fields of a flow mapping (the text after its `{`), split at its own commas: those
+/// inside nested mappings, lists or quotes are not its own. Ends at its closing `}`, or
+/// with the text when that is missing (the document is broken).
+fn top_level_fields(flow: &str) -> Vec<&str> {
+    let (mut fields, mut start, mut depth) = (Vec::new(), 0, 0usize);
+    let mut quote = None;
+    for (i, c) in flow.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '{' | '[') => depth += 1,
+            (None, '}' | ']') if depth == 0 => {
+                fields.push(&flow[start..i]);
+                return fields;
+            }
+            (None, '}' | ']') => depth -= 1,
+            (None, ',') if depth == 0 => {
+                fields.push(&flow[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    fields.push(&flow[start..]);
+    fields
 }
 
 /// The kinds Tollgate reads, by their `kind:`.
@@ -1100,6 +1126,34 @@ mod tests {
         format!(
             "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: [{{port: {port}}}]\n"
         )
+    }
+
+    /// A broken document is named by its metadata's own `name:` and `namespace:`, in flow
+    /// style too, where nested labels or annotations (a Namespace's `tollgate.io/mode`) sit
+    /// beside them, and never by a `name:` inside those.
+    #[test]
+    fn a_broken_documents_flow_style_metadata_names_it_past_nested_fields() {
+        let key = |doc: &str| named_object(doc).and_then(|(_, key)| key);
+        let ns = |name: &str| ObjectKey {
+            kind: Kind::Namespace,
+            namespace: String::new(),
+            name: name.into(),
+        };
+        assert_eq!(
+            key("apiVersion: v1\nkind: Namespace\nmetadata: {name: third, labels: {team: x}\n"),
+            Some(ns("third"))
+        );
+        assert_eq!(
+            key(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {annotations: {tollgate.io/mode: drop, name: 'x, y'}, name: \"third\"}\nspec: : [\n"
+            ),
+            Some(ns("third"))
+        );
+        assert_eq!(
+            key("apiVersion: v1\nkind: Namespace\nmetadata: {labels: {name: other}}\nspec: : [\n"),
+            None,
+            "a nested name is not the object's"
+        );
     }
 
     /// Another API group's kind of the same name (Calico's NetworkPolicy, Knative's
