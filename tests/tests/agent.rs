@@ -677,7 +677,8 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
 
 /// A policy broken while the agent runs stays in force as its last good version, and so it
 /// does after a restart: the new process has never seen it good, but the state directory
-/// kept it, so enforcement does not lapse until the file is mended.
+/// kept it, so enforcement does not lapse until the file is mended. The same for the pod it
+/// isolates, whose document broke too: a restart still attaches and enforces it as it was.
 #[test]
 fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
     let bank = bank("agent-kept");
@@ -686,7 +687,15 @@ fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
     assert!(!bank.frontend_reaches_ledger(), "and isolates the ledger");
     let broken = LEDGER_POLICY.replace("ports: [{port: 9090}]", "ports: [{port: 99999}]");
     assert_ne!(broken, LEDGER_POLICY);
-    let cluster = bank.cluster_yaml("").replace(LEDGER_POLICY, &broken);
+    let ledger_labels = "  labels: {app: ledger, pod-template-hash: 7d9c8b5f4}";
+    let cluster = bank
+        .cluster_yaml("")
+        .replace(LEDGER_POLICY, &broken)
+        .replace(
+            ledger_labels,
+            &format!("{ledger_labels}\n  annotations: [oops"),
+        );
+    assert!(cluster.contains("[oops"));
     std::fs::write(agent.cluster_state.join("bank.yaml"), &cluster).unwrap();
     wait_for(
         Duration::from_secs(10),
@@ -707,17 +716,25 @@ fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
         status.contains("99999") && status.contains("the last good version stays in force"),
         "{status}"
     );
+    assert!(
+        restarted.workload(LEDGER_POD).is_some(),
+        "the pod whose document broke is still attached: {status}"
+    );
+    assert!(
+        status.contains(&format!("Pod bank/{LEDGER_POD}")),
+        "its error is shown: {status}"
+    );
     assert_eq!(bank.to_ledger(&bank.pot, 1), 1);
     assert!(
         !bank.frontend_reaches_ledger(),
         "still isolated by the last good version"
     );
-    // The same error, reported before the restart, is counted once.
+    // The same errors, reported before the restart, are counted once.
     let text = restarted.metrics_text();
     assert!(
         text.lines()
             .any(|l| l.starts_with("tollgate_policy_errors_total")
-                && l.split_whitespace().last() == Some("1")),
+                && l.split_whitespace().last() == Some("2")),
         "{text}"
     );
     drop(restarted);

@@ -12,7 +12,18 @@ use ipnet::IpNet;
 
 /// Labels of a pod or namespace: a few pairs, sorted by key. A vector, not a `BTreeMap`: a
 /// map's node costs over 500 bytes even for two labels, and 20,000 pods carry them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Labels(Vec<(String, String)>);
 
 impl Labels {
@@ -138,7 +149,9 @@ impl Requirement {
 }
 
 /// Transport protocols of NetworkPolicy ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -236,7 +249,9 @@ impl Policy {
 }
 
 /// A named container port of a pod.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct NamedPort {
     pub name: String,
     pub port: u16,
@@ -244,7 +259,7 @@ pub struct NamedPort {
 }
 
 /// A pod as policy sees it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
@@ -291,7 +306,9 @@ pub struct NamespaceInfo {
 }
 
 /// The port a Service port forwards to on its backends.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum TargetPort {
     Number(u16),
     /// A named container port, resolved per backend pod.
@@ -299,7 +316,9 @@ pub enum TargetPort {
 }
 
 /// One port of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ServicePort {
     /// `name`, empty for a Service with a single unnamed port.
     pub name: String,
@@ -309,7 +328,7 @@ pub struct ServicePort {
 }
 
 /// A Service as policy sees it: its virtual addresses and ports.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
@@ -329,7 +348,7 @@ impl ServiceInfo {
 }
 
 /// One endpoint of an EndpointSlice.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SliceEndpoint {
     pub addresses: Vec<IpAddr>,
     /// `conditions.ready` (unset counts as ready, as in Kubernetes).
@@ -344,7 +363,7 @@ pub struct SliceEndpoint {
 }
 
 /// One port of an EndpointSlice: the backends' port for the Service port of that name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SlicePort {
     pub name: String,
     pub protocol: Protocol,
@@ -352,7 +371,7 @@ pub struct SlicePort {
 }
 
 /// A `discovery.k8s.io/v1` EndpointSlice: backends of one Service, as kube-proxy sees them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct EndpointSliceInfo {
     pub namespace: String,
     pub name: String,
@@ -363,7 +382,7 @@ pub struct EndpointSliceInfo {
 }
 
 /// A Node: its name and addresses (`status.addresses` that are IP addresses).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     pub name: String,
     pub addresses: Vec<IpAddr>,

@@ -390,6 +390,55 @@ fn error_id(e: &ObjectError) -> ErrorId {
 pub(super) struct KeptState {
     pub documents: Vec<KeptDocument>,
     pub errors: Vec<ErrorId>,
+    /// The last good versions, as the model holds them, of objects of the other kinds
+    /// (Pods, Services, EndpointSlices, Nodes) while their latest version is rejected: too
+    /// many to keep all, but one broken at a restart must not lose its pod's enforcement
+    /// or a Service's backends.
+    pub rejected: Vec<KeptModel>,
+}
+
+/// The last good version of a rejected object whose document is not kept (`KeptState`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(super) struct KeptModel {
+    pub file: PathBuf,
+    pub key: ObjectKey,
+    pub object: ModelObject,
+}
+
+/// The kinds a `KeptModel` holds.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(super) enum ModelObject {
+    Pod(crate::compile::model::PodInfo),
+    Service(crate::compile::model::ServiceInfo),
+    EndpointSlice(crate::compile::model::EndpointSliceInfo),
+    Node(crate::compile::model::NodeInfo),
+}
+
+impl KeptModel {
+    /// An object in force for a rejected key, if its kind is one a `KeptModel` holds.
+    pub fn of(file: &Path, key: &ObjectKey, object: Object) -> Option<KeptModel> {
+        let object = match object {
+            Object::Pod(p) => ModelObject::Pod(p),
+            Object::Service(s) => ModelObject::Service(s),
+            Object::EndpointSlice(s) => ModelObject::EndpointSlice(s),
+            Object::Node(n) => ModelObject::Node(n),
+            _ => return None,
+        };
+        Some(KeptModel {
+            file: file.to_path_buf(),
+            key: key.clone(),
+            object,
+        })
+    }
+
+    fn object(&self) -> Object {
+        match self.object.clone() {
+            ModelObject::Pod(p) => Object::Pod(p),
+            ModelObject::Service(s) => Object::Service(s),
+            ModelObject::EndpointSlice(s) => Object::EndpointSlice(s),
+            ModelObject::Node(n) => Object::Node(n),
+        }
+    }
 }
 
 impl KeptState {
@@ -426,6 +475,16 @@ impl KeptState {
             }
         }
         out
+    }
+
+    /// The kept last good versions of rejected objects of the other kinds, by key, with
+    /// the file they came from.
+    pub fn rejected_objects(&self) -> Vec<(ObjectKey, PathBuf, Object)> {
+        self.rejected
+            .iter()
+            .filter(|m| !kept_across_restarts(m.key.kind))
+            .map(|m| (m.key.clone(), m.file.clone(), m.object()))
+            .collect()
     }
 }
 
@@ -624,6 +683,9 @@ pub struct FileSource {
     /// What an earlier process kept there: the last good version of an object that is
     /// rejected now and that this process never saw good.
     restored: BTreeMap<ObjectKey, (KeptDocument, Object)>,
+    /// The last good versions of rejected objects of kinds whose documents are not kept, as
+    /// last written there.
+    rejected: Vec<KeptModel>,
 }
 
 type FileStamp = (u64, Vec<ObjectError>);
@@ -644,6 +706,7 @@ impl FileSource {
             store: None,
             documents: BTreeMap::new(),
             restored: BTreeMap::new(),
+            rejected: Vec::new(),
         }
     }
 
@@ -660,6 +723,14 @@ impl FileSource {
             self.documents.insert(key.clone(), doc.clone());
             self.restored.insert(key, (doc, object));
         }
+        for (key, file, object) in kept.rejected_objects() {
+            let doc = KeptDocument {
+                file,
+                document: String::new(),
+            };
+            self.restored.insert(key, (doc, object));
+        }
+        self.rejected = kept.rejected.clone();
         self.previous_errors = kept.errors.into_iter().collect();
         self.store = Some(path);
         self
@@ -671,6 +742,7 @@ impl FileSource {
         KeptState {
             documents: self.documents.values().cloned().collect(),
             errors: self.previous_errors.iter().cloned().collect(),
+            rejected: self.rejected.clone(),
         }
         .write(path);
     }
@@ -1061,6 +1133,19 @@ impl FileSource {
             .collect();
         if current != self.previous_errors {
             self.previous_errors = current;
+            changed = true;
+        }
+        // The last good versions in force of rejected objects whose documents are not kept.
+        let rejected: Vec<KeptModel> = errors
+            .iter()
+            .filter(|e| e.kept_last_good)
+            .filter_map(|e| {
+                let key = e.object.as_ref()?;
+                KeptModel::of(&e.file, key, self.model.get(key)?)
+            })
+            .collect();
+        if listed && rejected != self.rejected {
+            self.rejected = rejected;
             changed = true;
         }
         if changed {

@@ -211,6 +211,9 @@ impl KubeSource {
             self.documents.insert(key.clone(), doc);
             self.restored.insert(key, (uid, object));
         }
+        for (key, _, object) in kept.rejected_objects() {
+            self.restored.insert(key, (None, object));
+        }
         self.reported = kept
             .errors
             .into_iter()
@@ -226,7 +229,18 @@ impl KubeSource {
         if !(self.documents_changed || errors_changed) {
             return;
         }
+        // The last good versions in force of rejected objects whose documents are not kept.
+        let rejected = self
+            .store
+            .errors()
+            .filter(|e| e.kept_last_good)
+            .filter_map(|e| {
+                let key = e.object.as_ref()?;
+                super::files::KeptModel::of(&origin(), key, self.store.get(key)?)
+            })
+            .collect();
         super::files::KeptState {
+            rejected,
             documents: self.documents.values().cloned().collect(),
             errors: self
                 .reported

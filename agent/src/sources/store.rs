@@ -12,7 +12,9 @@ use crate::compile::model::{
 };
 
 /// What kind of object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Kind {
     Namespace,
     Pod,
@@ -57,7 +59,9 @@ impl Kind {
 }
 
 /// Identity of an object across reloads.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ObjectKey {
     pub kind: Kind,
     pub namespace: String,
@@ -153,6 +157,24 @@ impl Store {
     /// Objects whose latest version was rejected.
     pub fn errors(&self) -> impl Iterator<Item = &ObjectError> {
         self.errors.values()
+    }
+
+    /// The version of an object in the store.
+    pub fn get(&self, key: &ObjectKey) -> Option<Object> {
+        let pair = (key.namespace.clone(), key.name.clone());
+        let s = &self.state;
+        Some(match key.kind {
+            Kind::Namespace => Object::Namespace(s.namespaces.get(&key.name)?.clone()),
+            Kind::Pod => Object::Pod(s.pods.get(&pair)?.clone()),
+            Kind::NetworkPolicy => Object::Policy(s.policies.get(&pair)?.clone()),
+            Kind::Service => Object::Service(s.services.get(&pair)?.clone()),
+            Kind::EndpointSlice => Object::EndpointSlice(s.endpoint_slices.get(&pair)?.clone()),
+            Kind::Node => Object::Node(s.nodes.get(&key.name)?.clone()),
+            Kind::ModeOverride => Object::ModeOverride(s.mode_overrides.get(&key.name)?.clone()),
+            Kind::EgressAllowlist => {
+                Object::EgressAllowlist(s.egress_allowlists.get(&pair)?.clone())
+            }
+        })
     }
 
     /// The objects of a kind whose latest version was rejected.
