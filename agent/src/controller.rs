@@ -102,7 +102,15 @@ pub struct WorkloadView {
 pub struct PeerNames {
     identities: HashMap<u32, (String, String)>,
     services: HashMap<u32, ServicePeer>,
+    /// Names of identities and Services gone from the cluster state, for
+    /// `RETIRED_NAMES_KEEP` since: their numbers are never given again, and packets the
+    /// kernel counted for them just before (harvested at the next poll) still name them.
+    retired_identities: HashMap<u32, ((String, String), Instant)>,
+    retired_services: HashMap<u32, (ServicePeer, Instant)>,
 }
+
+/// How long the names of a peer gone from the cluster state are kept.
+const RETIRED_NAMES_KEEP: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug, Default)]
 struct ServicePeer {
@@ -125,7 +133,11 @@ impl PeerNames {
         if identity == IDENTITY_HOST {
             return ("host".into(), "host".into(), port);
         }
-        if let Some(svc) = self.services.get(&identity) {
+        let service = self
+            .services
+            .get(&identity)
+            .or_else(|| self.retired_services.get(&identity).map(|(svc, _)| svc));
+        if let Some(svc) = service {
             return match svc.ports.get(&(proto, port)) {
                 Some((namespace, workload, target)) => {
                     (namespace.clone(), workload.clone(), target.unwrap_or(port))
@@ -133,9 +145,42 @@ impl PeerNames {
                 None => (svc.namespace.clone(), svc.name.clone(), port),
             };
         }
-        match self.identities.get(&identity) {
+        let names = self
+            .identities
+            .get(&identity)
+            .or_else(|| self.retired_identities.get(&identity).map(|(n, _)| n));
+        match names {
             Some((ns, wl)) => (ns.clone(), wl.clone(), port),
             None => ("unknown".into(), "unknown".into(), port),
+        }
+    }
+
+    /// Keeps the names `before` had that these lack, for `RETIRED_NAMES_KEEP`.
+    fn retire_from(&mut self, before: &PeerNames, now: Instant) {
+        let fresh = |at: &Instant| now.duration_since(*at) < RETIRED_NAMES_KEEP;
+        for (id, names) in &before.identities {
+            if !self.identities.contains_key(id) {
+                self.retired_identities.insert(*id, (names.clone(), now));
+            }
+        }
+        for (id, (names, at)) in &before.retired_identities {
+            if !self.identities.contains_key(id) && fresh(at) {
+                self.retired_identities
+                    .entry(*id)
+                    .or_insert_with(|| (names.clone(), *at));
+            }
+        }
+        for (id, svc) in &before.services {
+            if !self.services.contains_key(id) {
+                self.retired_services.insert(*id, (svc.clone(), now));
+            }
+        }
+        for (id, (svc, at)) in &before.retired_services {
+            if !self.services.contains_key(id) && fresh(at) {
+                self.retired_services
+                    .entry(*id)
+                    .or_insert_with(|| (svc.clone(), *at));
+            }
         }
     }
 }
@@ -932,6 +977,7 @@ impl Controller {
             }
             peers.services.insert(frontend.identity, svc);
         }
+        peers.retire_from(&self.view.borrow().peers, Instant::now());
         peers
     }
 }
@@ -1083,5 +1129,27 @@ mod tests {
         assert!(name(&outside).is_none(), "outside the cluster");
         let empty = frontend(vec![]);
         assert_eq!(name(&empty).expect("named").workload, "svc");
+    }
+
+    /// A peer deleted from the cluster state just after the kernel counted its packets is
+    /// still named when the agent harvests them (not `unknown`), for a while.
+    #[test]
+    fn a_peer_gone_from_the_state_keeps_its_names_for_a_while() {
+        let mut before = PeerNames::default();
+        before.identities.insert(4242, ("shop".into(), "db".into()));
+        let now = Instant::now();
+        let mut after = PeerNames::default();
+        after.retire_from(&before, now);
+        assert_eq!(
+            after.name(4242, 6, 5432),
+            ("shop".into(), "db".into(), 5432)
+        );
+        // Carried from view to view, then let go.
+        let mut later = PeerNames::default();
+        later.retire_from(&after, now + Duration::from_secs(60));
+        assert_eq!(later.name(4242, 6, 5432).1, "db");
+        let mut much_later = PeerNames::default();
+        much_later.retire_from(&later, now + RETIRED_NAMES_KEEP + Duration::from_secs(1));
+        assert_eq!(much_later.name(4242, 6, 5432).1, "unknown");
     }
 }
