@@ -386,7 +386,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         shared.clone(),
     ));
     let admin_task = tokio::spawn(serve_admin(options.admin_socket.clone(), shared.clone()));
-    let events_task = tokio::spawn(flow_log(events, shared.clone(), options.flow_log.clone()));
+    let counts = crate::flows::FlowLogCounts::open(&options.state_dir);
+    let events_task = tokio::spawn(flow_log(
+        events,
+        shared.clone(),
+        options.flow_log.clone(),
+        counts,
+    ));
     let poll_shared = shared.clone();
     let poll_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -907,6 +913,7 @@ async fn flow_log(
     reader: crate::flowlog::EventReader,
     shared: Arc<Shared>,
     path: Option<PathBuf>,
+    counts: crate::flows::FlowLogCounts,
 ) -> anyhow::Result<()> {
     let mut out: Box<dyn std::io::Write + Send> = match &path {
         Some(p) => Box::new(
@@ -960,5 +967,6 @@ async fn flow_log(
             shared.log.remember(record);
         }
         let _ = out.flush();
+        counts.store(&shared.log);
     }
 }

@@ -489,6 +489,21 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
         });
         std::thread::sleep(Duration::from_millis(300));
         let before = agent.metrics_text();
+        // Drops logged just before the kill, after the scrape (and most likely after the
+        // agent's last write of its counters): their lines and their count must both stay.
+        let logged = agent.flow_records().len();
+        let denied = traffic::udp(
+            &bank.frontend,
+            bank.ledger.addr(false),
+            8080,
+            3,
+            64,
+            FAIL_FAST,
+        );
+        assert_eq!(denied.echoed, 0);
+        wait_for(Duration::from_secs(2), "the drops logged", || {
+            (agent.flow_records().len() >= logged + 3).then_some(())
+        });
         agent.kill9();
         // While the agent is down, enforcement goes on.
         let denied = traffic::udp(
@@ -548,7 +563,7 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
     }
     // Exact: every datagram of the stream, before, during and after the kill.
     assert_eq!(ledger_packets(&after, "ingress", "allowed"), 2500.0);
-    assert_eq!(ledger_packets(&after, "ingress", "dropped"), 2.0);
+    assert_eq!(ledger_packets(&after, "ingress", "dropped"), 3.0 + 2.0);
     // And so are the peer pairs: what the kernel counted while no agent ran is named by
     // the identities it was counted under (both directions of each flow count).
     let at_ledger: Vec<(String, f64)> = after
@@ -574,7 +589,7 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
             .sum::<f64>()
     };
     assert_eq!(from("pot-0", "allowed"), 5000.0, "{at_ledger:#?}");
-    assert_eq!(from("frontend-0", "dropped"), 2.0, "{at_ledger:#?}");
+    assert_eq!(from("frontend-0", "dropped"), 3.0 + 2.0, "{at_ledger:#?}");
     assert_eq!(at_ledger.len(), 2, "no other peer: {at_ledger:#?}");
     // The flow log names the pods of the drops made while no agent ran.
     wait_for(Duration::from_secs(5), "the outage's drops logged", || {
@@ -592,6 +607,14 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
         );
         Some(())
     });
+    // Every line of the flow log, before and after the kill, is counted as written.
+    let written = sample(
+        &agent.metrics_text(),
+        "tollgate_flow_log_events_total",
+        &[("outcome", "written")],
+    )
+    .unwrap();
+    assert_eq!(written, agent.flow_records().len() as f64);
     assert!(agent.stop().success());
 }
 
