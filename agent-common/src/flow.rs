@@ -55,6 +55,10 @@ pub mod tcp_state {
     pub const FIN_REPLY: u8 = 1 << 2;
     /// RST seen in either direction.
     pub const RST: u8 = 1 << 3;
+    /// The opening side acknowledged after the reply was seen: the handshake completed
+    /// (until then a flow keeps the opening lifetime, so a SYN flood that the listener
+    /// answers does not hold the table for the established one).
+    pub const ESTABLISHED: u8 = 1 << 4;
 }
 
 /// Policy decision cached in a connection tracking entry.

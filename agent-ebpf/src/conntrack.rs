@@ -80,7 +80,7 @@ fn lifetime_ns(config: &Config, proto: u8, state: u8) -> u64 {
             == (tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY)
     {
         config.ct_tcp_closing_s
-    } else if state & tcp_state::REPLY_SEEN != 0 {
+    } else if state & tcp_state::ESTABLISHED != 0 {
         config.ct_tcp_established_s
     } else {
         config.ct_tcp_opening_s
@@ -96,6 +96,8 @@ pub fn next_state(state: u8, proto: u8, flags: u8, from_origin: bool) -> u8 {
     let mut s = state;
     if !from_origin {
         s |= tcp_state::REPLY_SEEN;
+    } else if state & tcp_state::REPLY_SEEN != 0 && flags & TCP_ACK != 0 {
+        s |= tcp_state::ESTABLISHED;
     }
     if flags & TCP_RST != 0 {
         s |= tcp_state::RST;
@@ -180,7 +182,16 @@ pub fn track(
             peer: decision.peer,
             generation: workload.generation,
         };
-        insert(config, slot, key, &entry);
+        // A would-drop flow goes to the overflow table: the main one is for flows policy
+        // allows, so a flood of would-drops toward workloads in log mode fills no share
+        // there and evicts no one's allowed connections.
+        insert(
+            config,
+            slot,
+            key,
+            &entry,
+            decision.decision != DECISION_ALLOW,
+        );
     }
     Tracked {
         decision,
@@ -201,13 +212,15 @@ pub fn overflow_entry(slot: u32, key: &CtKey) -> Option<*mut CtEntry> {
 }
 
 /// Records a new flow in the main table, or in the overflow table once the workload holds
-/// its share of the main one.
+/// its share of the main one (or when `overflow` says so).
 #[inline(always)]
-fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry) {
+fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry, overflow: bool) {
     if let Some(entries) = CT_SHARES.get_ptr_mut(slot) {
         // SAFETY: a value of a successful array lookup, valid for the program run.
-        if config.ct_share != 0 && unsafe { *entries } >= config.ct_share as u64 {
-            crate::counters::diag(agent_common::diag::CT_OVERFLOW);
+        if overflow || (config.ct_share != 0 && unsafe { *entries } >= config.ct_share as u64) {
+            if !overflow {
+                crate::counters::diag(agent_common::diag::CT_OVERFLOW);
+            }
             if let Some(flag) = CT_OVERFLOWED.get_ptr_mut(slot) {
                 // SAFETY: as above; a whole u32 written, the same value by every CPU. Read
                 // first: a store on every insert would take the line from the other CPUs

@@ -1,6 +1,6 @@
 //! Connection tracking under a flood: one workload flooded with new flows cannot evict the
-//! established flows of the others (`--conntrack-share`), on real traffic through the real
-//! programs.
+//! established flows of the others (`--conntrack-share`; would-drops go to the overflow
+//! table), on real traffic through the real programs.
 //!
 //! Needs root and a kernel with BPF (CI has both): nothing here is skipped.
 
@@ -48,14 +48,13 @@ fn setup() -> Flood {
     register(&mut dp, &flooded, ID_FLOODED);
     register(&mut dp, &client, ID_CLIENT);
     register(&mut dp, &server, ID_SERVER);
-    // The flooded workload is in log mode and isolated for ingress: every flood flow is a
-    // would-drop that must be tracked. The client is isolated both ways in drop mode: it may
-    // reach the server on UDP 53 and nothing may come in, so its replies pass only while
-    // its flow is tracked.
+    // The flooded workload is in log mode and not isolated: every flood flow is allowed and
+    // tracked (`isolate_flooded` makes them would-drops). The client is isolated both ways
+    // in drop mode: it may reach the server on UDP 53 and nothing may come in, so its
+    // replies pass only while its flow is tracked.
     let flooded_policy = WorkloadPolicy {
         addresses: WorkloadAddresses::Pod(flooded.addrs()),
         mode: Mode::Log,
-        isolated_ingress: true,
         ..Default::default()
     };
     dp.maps.set_workload(SLOT_FLOODED, &flooded_policy).unwrap();
@@ -81,6 +80,28 @@ fn setup() -> Flood {
 }
 
 impl Flood {
+    /// The flooded workload isolated for ingress, still in log mode: the flood's flows are
+    /// would-drops.
+    fn isolate_flooded(&mut self) {
+        let policy = WorkloadPolicy {
+            addresses: WorkloadAddresses::Pod(self.flooded.addrs()),
+            mode: Mode::Log,
+            isolated_ingress: true,
+            ..Default::default()
+        };
+        self.dp.maps.set_workload(SLOT_FLOODED, &policy).unwrap();
+    }
+
+    /// Flows of the flooded workload in the main table.
+    fn flooded_in_main(&self) -> u32 {
+        self.dp
+            .maps
+            .conntrack()
+            .iter()
+            .filter(|(k, _)| k.slot == SLOT_FLOODED)
+            .count() as u32
+    }
+
     fn set_share(&mut self, share: u32) {
         let mut config = self.dp.maps.config().unwrap();
         config.ct_share = share;
@@ -154,12 +175,7 @@ fn a_flood_of_new_flows_cannot_evict_other_workloads_established_flows() {
     while sent < 2 * evicting {
         sent += f.flood_round();
     }
-    let in_main =
-        f.dp.maps
-            .conntrack()
-            .iter()
-            .filter(|(k, _)| k.slot == SLOT_FLOODED)
-            .count() as u32;
+    let in_main = f.flooded_in_main();
     let overflowed = f.dp.maps.diag().unwrap()[diag::CT_OVERFLOW as usize] - overflow_before;
     assert!(
         in_main <= SHARE + 16,
@@ -181,6 +197,23 @@ fn a_flood_of_new_flows_cannot_evict_other_workloads_established_flows() {
         .map(|d| after[d][2].packets - before[d][2].packets)
         .sum();
     assert_eq!(dropped, 0, "nothing of the client was dropped");
+
+    // Would-drops (the flooded workload isolated, in log mode) take no room in the main
+    // table at all, share or not: the same flood, with the share off, leaves the client's
+    // flow alone.
+    f.dp.maps.flush_conntrack();
+    f.set_share(0);
+    f.isolate_flooded();
+    f.talk();
+    let mut sent = 0;
+    while sent < 2 * evicting {
+        sent += f.flood_round();
+    }
+    assert_eq!(f.flooded_in_main(), 0, "no would-drop in the main table");
+    assert!(
+        f.client_flow().is_some(),
+        "the client's flow survived a flood of {sent} would-drops"
+    );
     let Flood { lab, dp, .. } = f;
     lab.in_node(|| dp.remove()).expect("remove datapath");
 }
