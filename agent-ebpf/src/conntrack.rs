@@ -182,16 +182,7 @@ pub fn track(
             peer: decision.peer,
             generation: workload.generation,
         };
-        // A would-drop flow goes to the overflow table: the main one is for flows policy
-        // allows, so a flood of would-drops toward workloads in log mode fills no share
-        // there and evicts no one's allowed connections.
-        insert(
-            config,
-            slot,
-            key,
-            &entry,
-            decision.decision != DECISION_ALLOW,
-        );
+        insert(config, slot, key, &entry);
     }
     Tracked {
         decision,
@@ -212,15 +203,13 @@ pub fn overflow_entry(slot: u32, key: &CtKey) -> Option<*mut CtEntry> {
 }
 
 /// Records a new flow in the main table, or in the overflow table once the workload holds
-/// its share of the main one (or when `overflow` says so).
+/// its share of the main one.
 #[inline(always)]
-fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry, overflow: bool) {
+fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry) {
     if let Some(entries) = CT_SHARES.get_ptr_mut(slot) {
         // SAFETY: a value of a successful array lookup, valid for the program run.
-        if overflow || (config.ct_share != 0 && unsafe { *entries } >= config.ct_share as u64) {
-            if !overflow {
-                crate::counters::diag(agent_common::diag::CT_OVERFLOW);
-            }
+        if config.ct_share != 0 && unsafe { *entries } >= config.ct_share as u64 {
+            crate::counters::diag(agent_common::diag::CT_OVERFLOW);
             if let Some(flag) = CT_OVERFLOWED.get_ptr_mut(slot) {
                 // SAFETY: as above; a whole u32 written, the same value by every CPU. Read
                 // first: a store on every insert would take the line from the other CPUs

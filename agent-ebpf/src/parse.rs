@@ -175,7 +175,7 @@ fn parse_ipv4(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError>
         return Ok(());
     }
     pkt.first_fragment = frag & 0x2000 != 0;
-    parse_l4(skb, l3 + header_len, pkt)
+    parse_l4(skb, l3 + header_len, 0, pkt)
 }
 
 #[inline(always)]
@@ -229,11 +229,12 @@ fn parse_ipv6(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError>
         return Err(ParseError::Ipv6ExtUnparsed);
     }
     pkt.tuple.proto = next;
-    parse_l4(skb, off, pkt)
+    parse_l4(skb, off, h[7], pkt)
 }
 
 #[inline(always)]
-fn parse_l4(skb: &SkBuff, off: u32, pkt: &mut Packet) -> Result<(), ParseError> {
+/// `hop_limit`: the IPv6 header's (0 for IPv4).
+fn parse_l4(skb: &SkBuff, off: u32, hop_limit: u8, pkt: &mut Packet) -> Result<(), ParseError> {
     match pkt.tuple.proto {
         PROTO_TCP => {
             let t: [u8; 14] = load(skb, off)?;
@@ -263,9 +264,13 @@ fn parse_l4(skb: &SkBuff, off: u32, pkt: &mut Packet) -> Result<(), ParseError> 
                 // destination unreachable, packet too big, time exceeded, parameter problem
                 1..=4 => parse_icmp_error(skb, off + 8, FAMILY_IPV6, pkt),
                 // MLD query/report/done, router/neighbour solicitation/advertisement,
-                // redirect, MLDv2 report: plumbing of the link only when it cannot leave
-                // it (else any pod could pass anything through as an MLD query).
+                // redirect, MLDv2 report: plumbing of the link only when it stays on it
+                // (else any pod could pass anything through as an MLD query). Neighbour
+                // discovery also between global addresses (a router port or a neighbour
+                // on the pod's link answers there), with the hop limit 255 it must carry:
+                // a packet routed to the pod has less.
                 130..=137 | 143 if link_scoped(pkt) => pkt.kind = Kind::LinkControl,
+                133..=137 if hop_limit == 255 => pkt.kind = Kind::LinkControl,
                 _ => {}
             }
         }

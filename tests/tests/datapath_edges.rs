@@ -430,9 +430,16 @@ fn malformed_packets_are_counted_and_never_misattributed() {
             .copy_from_slice(&[0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0x0b]);
         f
     };
-    // The same type to a routed address: the node would forward it, so it is an ICMPv6
+    // The same type to a routed address with a routed packet's hop limit (64): an ICMPv6
     // packet like any other (any payload could ride in it past a policy).
     let forged_solicitation = eth(0x86DD, &ipv6(58, &[135, 0, 0, 0, 0, 0, 0, 0]));
+    // With the hop limit 255 neighbour discovery carries (RFC 4861): between global
+    // addresses on the link (a router port's, a neighbour pod's), still plumbing.
+    let global_solicitation = {
+        let mut f = forged_solicitation.clone();
+        f[14 + 7] = 255;
+        f
+    };
     // Seven hop-by-hop headers, from an address not the workload's: unreadable, and still
     // a spoof (its source was read).
     let deep_v6_spoofed = {
@@ -525,6 +532,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         PASS,
         "IPv6 must keep resolving neighbours"
     );
+    assert_eq!(runs(&dp, &global_solicitation), PASS, "on the link too");
     assert_eq!(
         Packets::read(&dp, 1).since(before),
         Packets {
@@ -763,11 +771,7 @@ fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
     let before = Packets::read(&dp, 1);
     assert_eq!(runs(&dp, &with_options), PASS);
     assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 1);
-    assert_eq!(
-        dp.maps.conntrack().len(),
-        2,
-        "no flow of its own (the two allowed flows; the would-drop one is in the overflow table)"
-    );
+    assert_eq!(dp.maps.conntrack().len(), 3, "no flow of its own");
 
     // The flip: the tracked would-drop flow is dropped from its next packet on.
     set(&mut dp, Mode::Drop, rules());

@@ -1,6 +1,6 @@
 //! Connection tracking under a flood: one workload flooded with new flows cannot evict the
-//! established flows of the others (`--conntrack-share`; would-drops go to the overflow
-//! table), on real traffic through the real programs.
+//! established flows of the others (`--conntrack-share`), allowed flows or would-drops,
+//! on real traffic through the real programs.
 //!
 //! Needs root and a kernel with BPF (CI has both): nothing here is skipped.
 
@@ -198,18 +198,20 @@ fn a_flood_of_new_flows_cannot_evict_other_workloads_established_flows() {
         .sum();
     assert_eq!(dropped, 0, "nothing of the client was dropped");
 
-    // Would-drops (the flooded workload isolated, in log mode) take no room in the main
-    // table at all, share or not: the same flood, with the share off, leaves the client's
-    // flow alone.
+    // Would-drops (the flooded workload isolated, in log mode) are tracked as allowed flows
+    // are, within the same share: twice the flood leaves the client's flow alone.
     f.dp.maps.flush_conntrack();
-    f.set_share(0);
     f.isolate_flooded();
     f.talk();
     let mut sent = 0;
     while sent < 2 * evicting {
         sent += f.flood_round();
     }
-    assert_eq!(f.flooded_in_main(), 0, "no would-drop in the main table");
+    let in_main = f.flooded_in_main();
+    assert!(
+        in_main > 0 && in_main <= SHARE + 16,
+        "{in_main} would-drops in the main table"
+    );
     assert!(
         f.client_flow().is_some(),
         "the client's flow survived a flood of {sent} would-drops"

@@ -1384,13 +1384,18 @@ impl DatapathMaps {
         self.r.conntrack.iter().filter_map(Result::ok).collect()
     }
 
-    /// Forgets every tracked flow: each one is decided again from its next packet.
+    /// Forgets every tracked flow: each one is decided again from its next packet. Each
+    /// workload's count of its flows in the main table starts over with them.
     pub fn flush_conntrack(&mut self) {
         for table in [&mut self.r.conntrack, &mut self.r.ct_overflow] {
             let keys: Vec<CtKey> = table.keys().filter_map(Result::ok).collect();
             for key in keys {
                 let _ = table.remove(&key);
             }
+        }
+        for slot in 0..MAX_WORKLOADS {
+            let _ = self.r.ct_shares.set(slot, 0, 0);
+            let _ = self.r.ct_overflowed.set(slot, 0, 0);
         }
     }
 
