@@ -175,13 +175,19 @@ fn claim_instance(options: &RunOptions) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("open {}", path.display()))?;
-    if let Err(e) = file.try_lock() {
-        let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        anyhow::bail!(
-            "another tollgate agent runs on the state directory {} (pid {}): {e}; stop it first",
-            options.state_dir.display(),
-            holder.trim()
-        );
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "another tollgate agent runs on the state directory {} (pid {}); stop it first",
+                options.state_dir.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("lock {}", path.display()));
+        }
     }
     if std::os::unix::net::UnixStream::connect(&options.admin_socket).is_ok() {
         anyhow::bail!(

@@ -284,9 +284,14 @@ impl Agent {
 
     /// Starts the agent again with the same options.
     pub fn restart(&mut self) {
+        self.restart_unready();
+        self.wait_ready();
+    }
+
+    /// Starts the agent again, without waiting for it to be ready.
+    pub fn restart_unready(&mut self) {
         assert!(self.child.is_none(), "stop or kill first");
         self.spawn();
-        self.wait_ready();
     }
 
     /// `tollgate status -o json` of this agent.

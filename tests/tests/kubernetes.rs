@@ -528,6 +528,23 @@ fn a_404_for_known_mode_overrides_keeps_them_in_force() {
         Some(("drop".to_string(), "cluster-override".to_string())),
         "the override stays in force"
     );
+    // A restart meanwhile: the override the last run kept is what is known, and stays.
+    let mut agent = agent;
+    assert!(agent.stop().success());
+    agent.restart_unready();
+    wait_for(
+        Duration::from_secs(20),
+        "the restarted agent degraded on the 404",
+        || {
+            agent
+                .http("/readyz")
+                .is_some_and(|(c, b)| c == 503 && b.contains("answered 404"))
+                .then_some(())
+        },
+    );
+    within(Duration::from_secs(5), "the kept override in force", || {
+        mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "drop" && s == "cluster-override")
+    });
     drop(agent);
 }
 

@@ -394,7 +394,9 @@ pub(super) struct KeptState {
     /// (Pods, Services, EndpointSlices, Nodes) while their latest version is rejected: too
     /// many to keep all, but one broken at a restart must not lose its pod's enforcement
     /// or a Service's backends.
-    pub rejected: Vec<KeptModel>,
+    /// Each a `KeptModel`, read one by one: one a later version cannot read (a field
+    /// added to the model) is passed over, never the rest of the file with it.
+    pub rejected: Vec<serde_json::Value>,
 }
 
 /// The last good version of a rejected object whose document is not kept (`KeptState`).
@@ -482,6 +484,7 @@ impl KeptState {
     pub fn rejected_objects(&self) -> Vec<(ObjectKey, PathBuf, Object)> {
         self.rejected
             .iter()
+            .filter_map(|v| serde_json::from_value::<KeptModel>(v.clone()).ok())
             .filter(|m| !kept_across_restarts(m.key.kind))
             .map(|m| (m.key.clone(), m.file.clone(), m.object()))
             .collect()
@@ -515,7 +518,18 @@ fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
         return;
     }
     // Deployments, ConfigMaps, other groups' kinds... are not policy inputs.
-    let Some(kind) = input_kind_in(str_at(&value, &["apiVersion"]), &kind) else {
+    let api_version = str_at(&value, &["apiVersion"]);
+    let Some(kind) = input_kind_in(api_version, &kind) else {
+        if input_kind(&kind).is_some() {
+            // Calico's NetworkPolicy, or a typo in ours: said, in case it is the latter.
+            tracing::warn!(
+                file = %file.display(),
+                kind,
+                api_version = api_version.unwrap_or(""),
+                name = str_at(&value, &["metadata", "name"]).unwrap_or(""),
+                "passed over: not the API group Tollgate reads this kind from"
+            );
+        }
         return;
     };
     let namespace = if kind.cluster_scoped() {
@@ -730,7 +744,11 @@ impl FileSource {
             };
             self.restored.insert(key, (doc, object));
         }
-        self.rejected = kept.rejected.clone();
+        self.rejected = kept
+            .rejected
+            .iter()
+            .filter_map(|v| serde_json::from_value(v.clone()).ok())
+            .collect();
         self.previous_errors = kept.errors.into_iter().collect();
         self.store = Some(path);
         self
@@ -742,7 +760,11 @@ impl FileSource {
         KeptState {
             documents: self.documents.values().cloned().collect(),
             errors: self.previous_errors.iter().cloned().collect(),
-            rejected: self.rejected.clone(),
+            rejected: self
+                .rejected
+                .iter()
+                .filter_map(|m| serde_json::to_value(m).ok())
+                .collect(),
         }
         .write(path);
     }
@@ -1147,6 +1169,17 @@ impl FileSource {
         if listed && rejected != self.rejected {
             self.rejected = rejected;
             changed = true;
+        }
+        // What an earlier process kept of an object no file holds any more is forgotten: the
+        // object was deleted, and one made again under its name is another.
+        if listed {
+            let present: BTreeSet<&ObjectKey> = self
+                .last_good_files
+                .values()
+                .flat_map(|o| o.iter().map(|(k, _)| k))
+                .chain(errors.iter().filter_map(|e| e.object.as_ref()))
+                .collect();
+            self.restored.retain(|k, _| present.contains(k));
         }
         if changed {
             self.keep();

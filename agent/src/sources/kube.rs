@@ -212,7 +212,11 @@ impl KubeSource {
             self.restored.insert(key, (uid, object));
         }
         for (key, _, object) in kept.rejected_objects() {
-            self.restored.insert(key, (None, object));
+            let uid = match &object {
+                Object::Pod(p) if !p.uid.is_empty() => Some(p.uid.clone()),
+                _ => None,
+            };
+            self.restored.insert(key, (uid, object));
         }
         self.reported = kept
             .errors
@@ -238,6 +242,7 @@ impl KubeSource {
                 let key = e.object.as_ref()?;
                 super::files::KeptModel::of(&origin(), key, self.store.get(key)?)
             })
+            .filter_map(|m| serde_json::to_value(m).ok())
             .collect();
         super::files::KeptState {
             rejected,
@@ -441,6 +446,19 @@ impl Source for KubeSource {
                 Update::NotServed(kind, code, why) => {
                     self.failing.remove(&kind);
                     self.synced.insert(kind);
+                    if self.store.keys(kind).is_empty() {
+                        // At a start: what the last process kept of the kind is what is
+                        // known, and stays in force as it was.
+                        let kept: Vec<(ObjectKey, Object)> = self
+                            .restored
+                            .iter()
+                            .filter(|(k, _)| k.kind == kind)
+                            .map(|(k, (_, o))| (k.clone(), o.clone()))
+                            .collect();
+                        for (key, object) in kept {
+                            changed |= self.store.insert(key, object);
+                        }
+                    }
                     let known = self.store.keys(kind).len();
                     if known > 0 {
                         // Known objects of the kind, and now a 404 or 403: API servers answer
@@ -581,9 +599,9 @@ where
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::all(client);
-    // Lists from the API server's watch cache, as client-go's informers do: after an
-    // outage every node relists at once, and quorum reads of every pod would land on etcd.
-    let stream = watcher(api, watcher::Config::default().any_semantic()).default_backoff();
+    // Lists are quorum reads (the default): a list from the watch cache (`resourceVersion=0`)
+    // can be older than what the agent saw, on every relist, and bring back what was deleted.
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let key = |o: &K| ObjectKey {
         kind,
