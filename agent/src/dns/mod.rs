@@ -838,26 +838,15 @@ mod tests {
         })
     }
 
-    /// A UDP packet (IPv4, no L2 header) from `src:sport` to `dst:dport` as the datapath
-    /// captures it.
-    fn capture(
-        kind: u8,
-        src: [u8; 4],
-        sport: u16,
-        dst: [u8; 4],
-        dport: u16,
-        msg: &[u8],
-    ) -> DnsCapture {
-        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, PROTO_UDP, 0, 0];
+    /// An IPv4 packet (no L2 header) of `proto` from `src` to `dst` carrying `l4`, as the
+    /// datapath captures it.
+    fn ipv4_capture(kind: u8, src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> DnsCapture {
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, proto, 0, 0];
         ip.extend_from_slice(&src);
         ip.extend_from_slice(&dst);
-        let total = 20 + 8 + msg.len();
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        ip.extend_from_slice(&sport.to_be_bytes());
-        ip.extend_from_slice(&dport.to_be_bytes());
-        ip.extend_from_slice(&((8 + msg.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&[0, 0]);
-        ip.extend_from_slice(msg);
+        ip.extend_from_slice(l4);
+        let total = ip.len() as u16;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
         let mut data = [0u8; agent_common::DNS_CAPTURE_BYTES];
         data[..ip.len()].copy_from_slice(&ip);
         DnsCapture {
@@ -870,6 +859,25 @@ mod tests {
             _pad: [0; 2],
             data,
         }
+    }
+
+    /// A UDP packet (IPv4, no L2 header) from `src:sport` to `dst:dport` as the datapath
+    /// captures it.
+    fn capture(
+        kind: u8,
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        msg: &[u8],
+    ) -> DnsCapture {
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&sport.to_be_bytes());
+        udp.extend_from_slice(&dport.to_be_bytes());
+        udp.extend_from_slice(&((8 + msg.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(msg);
+        ipv4_capture(kind, src, dst, PROTO_UDP, &udp)
     }
 
     const POD: [u8; 4] = [10, 1, 0, 10];
@@ -1034,21 +1042,13 @@ mod tests {
         flags: u8,
         data: &[u8],
     ) -> DnsCapture {
-        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, PROTO_TCP, 0, 0];
-        ip.extend_from_slice(&src);
-        ip.extend_from_slice(&dst);
-        let total = 20 + 20 + data.len();
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        ip.extend_from_slice(&sport.to_be_bytes());
-        ip.extend_from_slice(&dport.to_be_bytes());
-        ip.extend_from_slice(&seq.to_be_bytes());
-        ip.extend_from_slice(&[0, 0, 0, 0, 5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
-        ip.extend_from_slice(data);
-        let mut c = capture(kind, src, sport, dst, dport, &[]);
-        c.data = [0u8; agent_common::DNS_CAPTURE_BYTES];
-        c.data[..ip.len()].copy_from_slice(&ip);
-        c.len = ip.len() as u32;
-        c
+        let mut tcp = Vec::new();
+        tcp.extend_from_slice(&sport.to_be_bytes());
+        tcp.extend_from_slice(&dport.to_be_bytes());
+        tcp.extend_from_slice(&seq.to_be_bytes());
+        tcp.extend_from_slice(&[0, 0, 0, 0, 5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        tcp.extend_from_slice(data);
+        ipv4_capture(kind, src, dst, PROTO_TCP, &tcp)
     }
 
     /// A DNS message framed for TCP (its length first).
