@@ -87,19 +87,22 @@ impl Bank {
         traffic::udp(from, self.ledger.addr(false), 8080, datagrams, 64, PATIENT).echoed
     }
 
-    /// Whether one datagram from the frontend (which the ledger's policy does not allow)
-    /// reaches the ledger, given up on soon.
-    fn frontend_reaches_ledger(&self) -> bool {
+    /// Datagrams from the frontend (which the ledger's policy does not allow) to the
+    /// ledger's port 8080, each given up on soon.
+    fn frontend_to_ledger(&self, datagrams: u32) -> traffic::UdpResult {
         traffic::udp(
             &self.frontend,
             self.ledger.addr(false),
             8080,
-            1,
+            datagrams,
             64,
             FAIL_FAST,
         )
-        .echoed
-            == 1
+    }
+
+    /// Whether one datagram from the frontend reaches the ledger.
+    fn frontend_reaches_ledger(&self) -> bool {
+        self.frontend_to_ledger(1).echoed == 1
     }
 
     fn write_state(&self, agent: &Agent, extra: &str) {
@@ -300,14 +303,7 @@ fn the_agent_counts_logs_flips_modes_and_follows_the_cluster_state() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = traffic::udp(
-        &bank.frontend,
-        bank.ledger.addr(false),
-        8080,
-        3,
-        64,
-        FAIL_FAST,
-    );
+    let r = bank.frontend_to_ledger(3);
     assert_eq!(r.echoed, 0, "dropped right after the flip: {r:?}");
     assert_eq!(bank.to_ledger(&bank.pot, 3), 3);
     bank.lab.settle();
@@ -492,28 +488,14 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
         // Drops logged just before the kill, after the scrape (and most likely after the
         // agent's last write of its counters): their lines and their count must both stay.
         let logged = agent.flow_records().len();
-        let denied = traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            3,
-            64,
-            FAIL_FAST,
-        );
+        let denied = bank.frontend_to_ledger(3);
         assert_eq!(denied.echoed, 0);
         wait_for(Duration::from_secs(2), "the drops logged", || {
             (agent.flow_records().len() >= logged + 3).then_some(())
         });
         agent.kill9();
         // While the agent is down, enforcement goes on.
-        let denied = traffic::udp(
-            &bank.frontend,
-            bank.ledger.addr(false),
-            8080,
-            2,
-            64,
-            FAIL_FAST,
-        );
+        let denied = bank.frontend_to_ledger(2);
         assert_eq!(denied.echoed, 0, "still enforced while the agent is down");
         std::thread::sleep(Duration::from_millis(300));
         agent.restart();
