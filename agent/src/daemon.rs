@@ -88,7 +88,7 @@ pub struct RunOptions {
 /// What the servers share: the published view, the observer, and the agent's health.
 struct Shared {
     view: watch::Receiver<Arc<View>>,
-    observer: Mutex<Observer>,
+    observer: Arc<Mutex<Observer>>,
     log: Arc<FlowLogStats>,
     policy_errors: Arc<AtomicU64>,
     commands: Mutex<std::sync::mpsc::Sender<Command>>,
@@ -316,6 +316,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let sync_seconds = crate::metrics::SyncHistogram::continued_from(Some(
         options.state_dir.join("sync-histogram.json"),
     ));
+    let observer = Arc::new(Mutex::new(observer));
+    {
+        // The view published before a reconcile still names the workloads it detaches:
+        // what their slots counted since the last read is read under those names first.
+        let observer = observer.clone();
+        let view = view_rx.clone();
+        rec.before_detach = Some(Box::new(move || {
+            let view = view.borrow().clone();
+            if let Ok(mut observer) = observer.lock() {
+                observer.poll(&view);
+            }
+        }));
+    }
     let mut controller = Controller::new(
         rec,
         source,
@@ -368,7 +381,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let shared = Arc::new(Shared {
         view: view_rx,
-        observer: Mutex::new(observer),
+        observer,
         log,
         policy_errors,
         commands: Mutex::new(commands_tx),

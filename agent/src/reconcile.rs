@@ -152,6 +152,9 @@ pub struct Reconciler {
     placements: Option<Placements>,
     /// Runtime mode overrides (set through the admin socket), above annotations.
     pub overrides: Overrides,
+    /// Called before workloads are detached and their slots cleared: the agent reads what
+    /// their slots counted since its last read, while they still have their names.
+    pub before_detach: Option<Box<dyn FnMut() + Send>>,
 }
 
 /// Where each pod of the last reconcile attaches (pods elsewhere left out), and what that
@@ -223,6 +226,7 @@ impl Reconciler {
             refused: BTreeMap::new(),
             placements: None,
             overrides: Overrides::default(),
+            before_detach: None,
         }
     }
 
@@ -524,6 +528,11 @@ impl Reconciler {
             .filter(|(k, w)| local.get(*k) != Some(&w.point))
             .map(|(k, _)| k.clone())
             .collect();
+        if !gone.is_empty()
+            && let Some(read_counters) = &mut self.before_detach
+        {
+            read_counters();
+        }
         for key in gone {
             let w = self.workloads.remove(&key).expect("listed");
             self.datapath.detach(w.slot)?;

@@ -600,6 +600,42 @@ fn kill_9_under_traffic_loses_nothing_and_counters_continue() {
     assert!(agent.stop().success());
 }
 
+/// What a pod counted between the agent's last read (every 2 s) and its deletion is read
+/// before its slot is cleared: the peer pair at its end holds every packet it exchanged.
+#[test]
+fn a_pods_last_packets_before_it_is_detached_are_counted() {
+    let bank = bank("agent-last");
+    let agent = bank.start(&[]);
+    let at_ledger = |text: &str| {
+        sample(
+            text,
+            "tollgate_flow_packets_total",
+            &[
+                ("direction", "ingress"),
+                ("verdict", "allowed"),
+                ("src_workload", "pot-0"),
+                ("dst_workload", "ledger"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = at_ledger(&agent.metrics_text());
+    assert_eq!(bank.to_ledger(&bank.pot, 20), 20);
+    // The ledger's pod deleted at once, most likely before the agent's next read.
+    let without_ledger: String = bank
+        .cluster_yaml("")
+        .split_inclusive("---\n")
+        .filter(|doc| !doc.contains(&format!("name: {LEDGER_POD}")))
+        .collect();
+    std::fs::write(agent.cluster_state.join("bank.yaml"), without_ledger).unwrap();
+    // Nothing asked of the agent meanwhile: a status or a scrape would read the counters.
+    // The cluster state is polled every 200 ms here.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(agent.workload(LEDGER_POD).is_none(), "the ledger detached");
+    // Each datagram and its echo, counted at the ledger's end.
+    assert_eq!(at_ledger(&agent.metrics_text()) - before, 40.0);
+}
+
 #[test]
 fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     let bank = bank("agent-stop");
