@@ -157,30 +157,40 @@ impl PeerNames {
 
     /// Keeps the names `before` had that these lack, for `RETIRED_NAMES_KEEP`.
     fn retire_from(&mut self, before: &PeerNames, now: Instant) {
-        let fresh = |at: &Instant| now.duration_since(*at) < RETIRED_NAMES_KEEP;
-        for (id, names) in &before.identities {
-            if !self.identities.contains_key(id) {
-                self.retired_identities.insert(*id, (names.clone(), now));
-            }
+        retire(
+            &self.identities,
+            &mut self.retired_identities,
+            &before.identities,
+            &before.retired_identities,
+            now,
+        );
+        retire(
+            &self.services,
+            &mut self.retired_services,
+            &before.services,
+            &before.retired_services,
+            now,
+        );
+    }
+}
+
+/// Into `retired`: what `was` named that `current` no longer does (retired `now`), and what
+/// `was_retired` still holds younger than `RETIRED_NAMES_KEEP` that `current` lacks.
+fn retire<V: Clone>(
+    current: &HashMap<u32, V>,
+    retired: &mut HashMap<u32, (V, Instant)>,
+    was: &HashMap<u32, V>,
+    was_retired: &HashMap<u32, (V, Instant)>,
+    now: Instant,
+) {
+    for (id, v) in was {
+        if !current.contains_key(id) {
+            retired.insert(*id, (v.clone(), now));
         }
-        for (id, (names, at)) in &before.retired_identities {
-            if !self.identities.contains_key(id) && fresh(at) {
-                self.retired_identities
-                    .entry(*id)
-                    .or_insert_with(|| (names.clone(), *at));
-            }
-        }
-        for (id, svc) in &before.services {
-            if !self.services.contains_key(id) {
-                self.retired_services.insert(*id, (svc.clone(), now));
-            }
-        }
-        for (id, (svc, at)) in &before.retired_services {
-            if !self.services.contains_key(id) && fresh(at) {
-                self.retired_services
-                    .entry(*id)
-                    .or_insert_with(|| (svc.clone(), *at));
-            }
+    }
+    for (id, (v, at)) in was_retired {
+        if !current.contains_key(id) && now.duration_since(*at) < RETIRED_NAMES_KEEP {
+            retired.entry(*id).or_insert_with(|| (v.clone(), *at));
         }
     }
 }
