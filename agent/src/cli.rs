@@ -794,9 +794,18 @@ pub fn check_line(
             let denied = !(egress.allowed && ingress.allowed);
             egress_allowed &= egress.allowed;
             ingress_allowed &= ingress.allowed;
-            // The first denied pair stands for the rest (pods of a workload share policies).
-            if denied && explanations.is_empty() {
-                explanations = ev.explain(src_ep, dst_ep, proto, protocol, number);
+            // Every denied pair: pods of a workload, a named port's numbers on them and a
+            // Service's backends can differ; `merge` lists each change once.
+            if denied {
+                let port_name = port.filter(|p| p.parse::<u16>().is_err());
+                explanations.extend(ev.explain(
+                    src_ep,
+                    dst_ep,
+                    proto,
+                    protocol,
+                    number,
+                    port_name.filter(|_| frontend.is_none()),
+                ));
             }
         }
     }
@@ -814,6 +823,7 @@ pub fn check_line(
     let egress_policies = pick(egress_side, egress_allowed);
     let ingress_policies = pick(ingress_side, ingress_allowed);
     let allowed = egress_allowed && ingress_allowed;
+    let explanations = crate::compile::explain::merge(explanations);
     // What decided the verdict: both sides' allowing policies, or only the denying side's
     // (an allowing policy on the other side is not the file to open).
     let mut policies = Vec::new();

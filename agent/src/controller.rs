@@ -608,6 +608,7 @@ impl Controller {
                 peer,
                 protocol,
                 port,
+                None,
             )
             .summary(),
         )

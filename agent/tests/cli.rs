@@ -1078,3 +1078,183 @@ x/hn y/r 9090/tcp
         "{err}"
     );
 }
+
+/// A cluster where the first denied pair of a flow does not stand for the rest: a named
+/// port with another number on each pod of the workload, a Service whose backends carry
+/// different labels, a peer a label would put under another policy, a workload whose pods
+/// share no label, a CronJob's pod labelled per run.
+const EXPLAINED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-h1-a
+  namespace: a
+  labels: {app: web, pod-template-hash: h1}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-h1, controller: true, uid: r1}]
+spec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIPs: [{ip: 10.1.0.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-h1-b
+  namespace: a
+  labels: {app: web, pod-template-hash: h1}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-h1, controller: true, uid: r1}]
+spec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 8081}]}]}
+status: {podIPs: [{ip: 10.1.0.2}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-in, namespace: a}
+spec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Ingress]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-v1, namespace: a, labels: {app: api}}
+status: {podIPs: [{ip: 10.1.0.10}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-canary, namespace: a, labels: {app: api-canary}}
+status: {podIPs: [{ip: 10.1.0.11}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: a}
+spec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10], ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, namespace: a, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.10]}, {addresses: [10.1.0.11]}]
+ports: [{name: "", port: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: a, labels: {app: db}}
+status: {podIPs: [{ip: 10.1.0.20}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-in, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: db-client}}}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: b, labels: {app: client}}
+status: {podIPs: [{ip: 10.1.1.5}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-out, namespace: b}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  egress: [{to: [{ipBlock: {cidr: 203.0.113.0/24}}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-clients-out, namespace: b}
+spec:
+  podSelector: {matchLabels: {role: db-client}}
+  egress: [{to: [{ipBlock: {cidr: 8.8.8.8/32}}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: backup-28934520-xk2pq
+  namespace: a
+  labels: {job-name: backup-28934520, batch.kubernetes.io/job-name: backup-28934520, controller-uid: u1}
+  ownerReferences: [{apiVersion: batch/v1, kind: Job, name: backup-28934520, controller: true, uid: j1}]
+status: {podIPs: [{ip: 10.1.0.30}]}
+"#;
+
+/// Every change `check` lists for a denied flow, applied, allows it, and leaves what was
+/// allowed allowed: an added rule is applied as a policy of its own selecting the same pods
+/// (policies add up), labels by adding them to the pods.
+#[test]
+fn applying_every_change_an_explanation_lists_allows_the_flow() {
+    let flows = "\
+b/client a/web http/tcp
+b/client 10.96.0.10 80/tcp
+b/client a/db-0 5432/tcp
+a/backup-28934520-xk2pq a/web-h1-a 8080/tcp
+b/client 203.0.113.9 443/tcp
+";
+    let r = check_yaml(EXPLAINED, flows);
+    let fixes: Vec<serde_json::Value> = r
+        .iter()
+        .flat_map(|f| f["explanations"].as_array().cloned().unwrap_or_default())
+        .map(|e| e["fix"].clone())
+        .collect();
+    let fix_of = |i: usize, policy: &str| -> serde_json::Value {
+        assert_eq!(r[i]["verdict"], "denied", "{}", r[i]);
+        let all = r[i]["explanations"].as_array().unwrap();
+        let mine: Vec<_> = all
+            .iter()
+            .filter(|e| e["fix"]["policy"] == policy)
+            .collect();
+        assert_eq!(mine.len(), 1, "{policy}: {all:?}");
+        mine[0]["fix"].clone()
+    };
+    // A named port: the rule names it, as 8080 would leave the pod where it is 8081 denied.
+    assert_eq!(
+        fix_of(0, "a/web-in")["rule"],
+        "{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: b}}, podSelector: {matchLabels: {app: client}}}], ports: [{protocol: TCP, port: http}]}"
+    );
+    // A Service: one rule taking in both backends, not the first one's labels alone.
+    assert_eq!(
+        fix_of(1, "b/client-out")["rule"],
+        "{to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: a}}, podSelector: {matchLabels: {app: api}}}, {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: a}}, podSelector: {matchLabels: {app: api-canary}}}], ports: [{protocol: TCP, port: 8080}]}"
+    );
+    // role=db-client would make db-clients-out select the client and deny it at its egress:
+    // a rule instead of the label.
+    assert_eq!(fix_of(2, "a/db-in")["kind"], "rule");
+    // A CronJob's pod: its per-run labels are no selector; its pods share no other label,
+    // so one to add first.
+    let backup = fix_of(3, "a/web-in");
+    assert!(!backup["rule"].to_string().contains("job-name"), "{backup}");
+    assert_eq!(
+        backup["label_first"],
+        serde_json::json!({"workload": "a/backup", "labels": {"app.kubernetes.io/name": "backup"}})
+    );
+    let text = r[3]["explanation"].as_str().unwrap();
+    assert!(
+        text.contains("add the label app.kubernetes.io/name=backup to a/backup"),
+        "{text}"
+    );
+
+    // Applied: each rule as a policy of its own beside the one it names, the labels on the
+    // pods.
+    let selector_of = |policy: &str| match policy {
+        "a/web-in" => "{app: web}",
+        "a/db-in" => "{app: db}",
+        "b/client-out" => "{app: client}",
+        other => panic!("a fix for {other}"),
+    };
+    let mut fixed = EXPLAINED.to_string();
+    for (n, fix) in fixes.iter().enumerate() {
+        assert_eq!(fix["kind"], "rule", "{fix}");
+        let (ns, _) = fix["policy"].as_str().unwrap().split_once('/').unwrap();
+        let (key, kind) = match fix["direction"].as_str().unwrap() {
+            "ingress" => ("ingress", "Ingress"),
+            _ => ("egress", "Egress"),
+        };
+        fixed.push_str(&format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: fix-{n}, namespace: {ns}}}\nspec: {{podSelector: {{matchLabels: {}}}, policyTypes: [{kind}], {key}: [{}]}}\n",
+            selector_of(fix["policy"].as_str().unwrap()),
+            fix["rule"].as_str().unwrap()
+        ));
+    }
+    let fixed = fixed.replace(
+        "labels: {job-name: backup-28934520,",
+        "labels: {app.kubernetes.io/name: backup, job-name: backup-28934520,",
+    );
+    let after = check_yaml(&fixed, flows);
+    for (i, line) in flows.lines().enumerate() {
+        assert_eq!(after[i]["verdict"], "allowed", "{line}: {}", after[i]);
+    }
+}

@@ -179,9 +179,42 @@ enum AdvisedPeer {
     World,
 }
 
+/// Whether `name` is empty or a host name an EgressAllowlist can hold as itself: labels of
+/// letters, digits, `-` and `_`, nothing that reads as a wildcard.
+fn plain_host_name(name: &str) -> bool {
+    name.is_empty()
+        || (name.len() <= 253
+            && name.trim_end_matches('.').split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            }))
+}
+
 /// Policies that allow exactly the `observed` flows whose enforcement side is a workload of
 /// `state` (the local side of each record), and the replay of those flows.
 pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseOptions) -> Advice {
+    // A name that is no plain host name (a literal `*`, escaped bytes: a query can ask
+    // anything) would read back as a wildcard or not at all: such a flow is advised by its
+    // addresses, as one whose name is unknown.
+    let plain: Vec<ObservedFlow>;
+    let observed = if observed.iter().any(|f| !plain_host_name(&f.dst_domain)) {
+        plain = observed
+            .iter()
+            .cloned()
+            .map(|mut f| {
+                if !plain_host_name(&f.dst_domain) {
+                    f.dst_domain.clear();
+                }
+                f
+            })
+            .collect();
+        &plain[..]
+    } else {
+        observed
+    };
     let mut advice = Advice::default();
     // (namespace, workload) -> direction -> peer -> ports (protocol, port; port 0: none).
     let mut wanted: BTreeMap<(String, String), BTreeMap<&str, PeerPorts>> = BTreeMap::new();
@@ -836,7 +869,7 @@ impl<'a> Replayer<'a> {
             let protocol = super::model::Protocol::parse(&flow.protocol.to_ascii_uppercase());
             let why: Vec<String> = self
                 .ev
-                .explain(&src, &dst, proto, protocol, flow.port)
+                .explain(&src, &dst, proto, protocol, flow.port, None)
                 .into_iter()
                 .filter(|e| e.side == flow.direction)
                 .map(|e| e.summary())
@@ -1373,6 +1406,40 @@ spec:
             advice.denied,
             ["ingress bank/pot -> bank/ledger 8080/tcp: an end has no address to replay it with"]
         );
+    }
+
+    /// A query can ask for any bytes: a literal `*.evil.net` or `**.com` observed is no
+    /// wildcard to allow, and escaped bytes are no name to write. Such flows are advised by
+    /// their addresses; the plain names beside them still make the allowlist.
+    #[test]
+    fn names_that_would_read_as_wildcards_are_never_advised_as_names() {
+        let state = state(SHOP);
+        let named = |domain: &str| ObservedFlow {
+            dst_domain: domain.into(),
+            world_addresses: vec!["203.0.113.7".parse().unwrap()],
+            ..flow(
+                "egress",
+                ("shop", "web"),
+                ("world", "world"),
+                443,
+                [9, 0, 0],
+            )
+        };
+        let observed = [
+            named("api.stripe.com"),
+            named("*.evil.net"),
+            named("**.com"),
+            named("ctl\\027.org"),
+        ];
+        let advice = advise(&state, &observed, &AdviseOptions::default());
+        let yaml = &advice.yaml;
+        assert!(yaml.contains("domains: [api.stripe.com]"), "{yaml}");
+        for odd in ["evil.net", "**", "ctl"] {
+            assert!(!yaml.contains(odd), "{odd}: {yaml}");
+        }
+        // Their addresses are allowed as addresses, and the whole advice reads back.
+        assert!(yaml.contains("203.0.113.7"), "{yaml}");
+        assert!(advice.denied.is_empty(), "{:?}", advice.denied);
     }
 
     #[test]

@@ -351,8 +351,9 @@ impl Evaluator {
     }
 
     /// Why a flow `flow` denied is denied, side by side, and what would allow it. At a
-    /// Service address, the first backend a side denies stands for the Service (with its
-    /// target port). `protocol` is `None` for protocols without ports (ICMP).
+    /// Service address, every backend a side denies (with its target port), the changes
+    /// merged where they can be. `protocol` is `None` for protocols without ports (ICMP). `port_name`:
+    /// the port as the flow named it, a container port of the destination pod.
     pub fn explain(
         &self,
         src: &Endpoint,
@@ -360,6 +361,7 @@ impl Evaluator {
         proto: u8,
         protocol: Option<Protocol>,
         port: u16,
+        port_name: Option<&str>,
     ) -> Vec<Explanation> {
         let pod_of = |key: &PodKey| self.state.pods.get(key);
         // A host-network pod's address is its node's: rules take it by ipBlock only.
@@ -438,11 +440,11 @@ impl Evaluator {
         }
         if let Some(pod) = src.pod.as_ref().and_then(pod_of) {
             let key = (pod.namespace.clone(), pod.name.clone());
-            let denied = targets.iter().find_map(|(ip, target, port)| {
+            let denied = targets.iter().filter_map(|(ip, target, port)| {
                 let d = self.decide(&key, DIR_EGRESS, *ip, proto, *port)?;
                 (!d.allowed).then(|| (d, peer_of(target, *ip), *port))
             });
-            if let Some((d, peer, port)) = denied {
+            for (d, peer, port) in denied {
                 let mut explanation = explain::explain(
                     &self.state,
                     pod,
@@ -451,6 +453,7 @@ impl Evaluator {
                     &peer,
                     protocol,
                     port,
+                    port_name.filter(|_| frontend.is_none()),
                 );
                 // A name has no address here: an ipBlock of the unspecified address would
                 // allow nothing. Names are allowed by EgressAllowlists.
@@ -465,12 +468,14 @@ impl Evaluator {
                 out.push(explanation);
             }
         }
-        let denied = targets.iter().find_map(|(_, target, port)| {
+        // Every backend a side denies: a Service's backends may be selected by different
+        // labels, and a fix for the first alone would leave the others denied.
+        let denied = targets.iter().filter_map(|(_, target, port)| {
             let pod = target.as_ref().and_then(pod_of)?;
             let d = self.decide(target.as_ref()?, DIR_INGRESS, src.ip, proto, *port)?;
             (!d.allowed).then_some((pod, d, *port))
         });
-        if let Some((pod, d, port)) = denied {
+        for (pod, d, port) in denied {
             out.push(explain::explain(
                 &self.state,
                 pod,
@@ -479,9 +484,10 @@ impl Evaluator {
                 &peer_of(&src.pod, src.ip),
                 protocol,
                 port,
+                port_name.filter(|_| frontend.is_none()),
             ));
         }
-        out
+        explain::merge(out)
     }
 }
 

@@ -19,6 +19,9 @@ const UNSTABLE_LABELS: &[&str] = &[
     "batch.kubernetes.io/controller-uid",
     "controller-uid",
     "batch.kubernetes.io/job-completion-index",
+    // A CronJob's Jobs: each run has a name (and these labels) of its own.
+    "job-name",
+    "batch.kubernetes.io/job-name",
 ];
 
 /// Labels that name an application, tried first as a one-label selector.
@@ -41,11 +44,17 @@ pub enum Fix {
         workload: String,
         labels: BTreeMap<String, String>,
     },
-    /// Add a rule (flow-style YAML, an item of `ingress` or `egress`) to `policy`.
+    /// Add a rule (flow-style YAML, an item of `ingress` or `egress`) to `policy`; first,
+    /// when the peer's pods share no label that selects them, `label_first` on them.
     Rule {
         policy: String,
         direction: &'static str,
         rule: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        label_first: Option<WorkloadLabels>,
+        /// `rule` in parts, so rules for several peers of one denied flow merge into one.
+        #[serde(skip)]
+        parts: RuleParts,
     },
     /// Add an entry (flow-style YAML, an item of `spec.egress`) to EgressAllowlist
     /// `allowlist`, for a DNS name outside the cluster.
@@ -68,6 +77,90 @@ pub enum Fix {
     /// An address resolved from `name`, which EgressAllowlist `allowlist` allows, used for
     /// a new connection after its DNS answer had expired: no policy change is missing.
     Expired { allowlist: String, name: String },
+}
+
+/// Labels to add to a workload's pods.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct WorkloadLabels {
+    /// `NAMESPACE/WORKLOAD`.
+    pub workload: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A rule as its parts: `to` or `from`, its peers and its ports (flow-style YAML).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleParts {
+    key: &'static str,
+    peers: Vec<String>,
+    ports: Option<String>,
+}
+
+impl RuleParts {
+    fn yaml(&self) -> String {
+        let peers = self.peers.join(", ");
+        match &self.ports {
+            Some(ports) => format!("{{{}: [{peers}], ports: [{ports}]}}", self.key),
+            None => format!("{{{}: [{peers}]}}", self.key),
+        }
+    }
+}
+
+impl Fix {
+    /// Takes `other` into this fix when both add a rule with the same ports to the same
+    /// policy, for other peers (the backends of a Service with different labels): one rule
+    /// for all of them. False when they do not combine.
+    pub fn absorb(&mut self, other: &Fix) -> bool {
+        let (
+            Fix::Rule {
+                policy,
+                direction,
+                rule,
+                label_first: None,
+                parts,
+            },
+            Fix::Rule {
+                policy: other_policy,
+                direction: other_direction,
+                label_first: None,
+                parts: other_parts,
+                ..
+            },
+        ) = (self, other)
+        else {
+            return false;
+        };
+        if policy != other_policy
+            || direction != other_direction
+            || parts.key != other_parts.key
+            || parts.ports != other_parts.ports
+            || parts.key.is_empty()
+        {
+            return false;
+        }
+        for peer in &other_parts.peers {
+            if !parts.peers.contains(peer) {
+                parts.peers.push(peer.clone());
+            }
+        }
+        *rule = parts.yaml();
+        true
+    }
+}
+
+/// Explanations of the denied pairs of one flow (the pods of a workload, the backends of a
+/// Service): each change once, rules with the same ports for the same policy merged into one,
+/// so that applying every change listed allows every pair.
+pub fn merge(explanations: impl IntoIterator<Item = Explanation>) -> Vec<Explanation> {
+    let mut out: Vec<Explanation> = Vec::new();
+    'next: for e in explanations {
+        for kept in &mut out {
+            if kept.side == e.side && (kept.fix == e.fix || kept.fix.absorb(&e.fix)) {
+                continue 'next;
+            }
+        }
+        out.push(e);
+    }
+    out
 }
 
 /// The EgressAllowlist entry (flow-style YAML, an item of `spec.egress`) that allows `name`
@@ -115,7 +208,23 @@ impl Explanation {
                 policy,
                 direction,
                 rule,
+                label_first: None,
+                ..
             } => format!("add to {policy} the {direction} rule {rule}"),
+            Fix::Rule {
+                policy,
+                direction,
+                rule,
+                label_first: Some(WorkloadLabels { workload, labels }),
+                ..
+            } => format!(
+                "add the label {} to {workload} (its pods share no label that selects them alone), then add to {policy} the {direction} rule {rule}",
+                labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Fix::Domain { allowlist, rule } => {
                 format!("add to EgressAllowlist {allowlist} the entry {rule}")
             }
@@ -155,7 +264,10 @@ impl Explanation {
 
 /// Explains why `pod` denied a new flow in `direction` with `peer` on `port` (`protocol`
 /// `None`: a protocol without ports, such as ICMP). `isolated_by` are the policies
-/// isolating it in that direction (`NAMESPACE/NAME`).
+/// isolating it in that direction (`NAMESPACE/NAME`). `port_name`: the flow's port was named
+/// (a container port of the destination pod), so a rule names it too: a name can stand for
+/// other numbers on the workload's other pods.
+#[allow(clippy::too_many_arguments)]
 pub fn explain(
     state: &ClusterState,
     pod: &PodInfo,
@@ -164,6 +276,7 @@ pub fn explain(
     peer: &Peer,
     protocol: Option<Protocol>,
     port: u16,
+    port_name: Option<&str>,
 ) -> Explanation {
     let policies: Vec<&Policy> = policies_of(state, isolated_by).collect();
     let side = if direction == DIR_INGRESS {
@@ -175,10 +288,15 @@ pub fn explain(
         Peer::Pod(peer) => label_fix(state, pod, direction, &policies, peer, protocol, port),
         Peer::Address(_) => None,
     }
-    .unwrap_or_else(|| Fix::Rule {
-        policy: isolated_by.first().cloned().unwrap_or_default(),
-        direction: side,
-        rule: rule_for(state, pod, direction, peer, protocol, port),
+    .unwrap_or_else(|| {
+        let (parts, label_first) = rule_for(state, pod, direction, peer, protocol, port, port_name);
+        Fix::Rule {
+            policy: isolated_by.first().cloned().unwrap_or_default(),
+            direction: side,
+            rule: parts.yaml(),
+            label_first,
+            parts,
+        }
     });
     Explanation {
         side,
@@ -288,7 +406,7 @@ fn label_fix(
             let Some(missing) = missing_labels(selector, &peer.labels) else {
                 continue;
             };
-            if !namespace_fits || missing.is_empty() {
+            if !namespace_fits || missing.is_empty() || selected_anew(state, peer, &missing) {
                 continue;
             }
             if best.as_ref().is_none_or(|(n, _)| missing.len() < *n) {
@@ -302,6 +420,29 @@ fn label_fix(
         }
     }
     best.map(|(_, fix)| fix)
+}
+
+/// Whether `added` labels would make a NetworkPolicy or an EgressAllowlist of the peer's
+/// namespace select it that does not now: it would be isolated where it is not today, which
+/// could deny this very flow at its own end and others it has now.
+fn selected_anew(state: &ClusterState, peer: &PodInfo, added: &BTreeMap<String, String>) -> bool {
+    let mut labels = peer.labels.clone();
+    for (k, v) in added {
+        labels.insert(k.clone(), v.clone());
+    }
+    let in_namespace = |(ns, _): &(String, String)| *ns == peer.namespace;
+    let anew = |selector: &Selector| !selector.matches(&peer.labels) && selector.matches(&labels);
+    let from = (peer.namespace.clone(), String::new());
+    state
+        .policies
+        .range(from.clone()..)
+        .take_while(|(k, _)| in_namespace(k))
+        .any(|(_, p)| anew(&p.pod_selector))
+        || state
+            .egress_allowlists
+            .range(from..)
+            .take_while(|(k, _)| in_namespace(k))
+            .any(|(_, a)| anew(&a.pod_selector))
 }
 
 /// The matchLabels a pod lacks for `selector`; `None` when adding labels cannot make it
@@ -349,7 +490,8 @@ fn ports_fit(
 }
 
 /// The rule to add: the peer by its workload's stable labels (and its namespace by name when
-/// it is another), or its address; the flow's port.
+/// it is another), or its address; the flow's port (by name when it was named). When the
+/// peer's pods share no label that selects them, the label to give them first.
 fn rule_for(
     state: &ClusterState,
     pod: &PodInfo,
@@ -357,12 +499,27 @@ fn rule_for(
     peer: &Peer,
     protocol: Option<Protocol>,
     port: u16,
-) -> String {
-    let peer_yaml = match peer {
-        Peer::Pod(peer) => pod_peer(state, &pod.namespace, peer),
+    port_name: Option<&str>,
+) -> (RuleParts, Option<WorkloadLabels>) {
+    let (peer_yaml, label_first) = match peer {
+        Peer::Pod(peer) => {
+            let stable = stable_selector(state, peer);
+            if stable.is_empty() {
+                // An empty selector would take in every pod of the namespace.
+                let labels = workload_label(state, peer);
+                let yaml = peer_by_labels(&pod.namespace, peer, &labels);
+                let first = WorkloadLabels {
+                    workload: format!("{}/{}", peer.namespace, peer.workload),
+                    labels,
+                };
+                (yaml, Some(first))
+            } else {
+                (peer_by_labels(&pod.namespace, peer, &stable), None)
+            }
+        }
         Peer::Address(ip) => {
             let bits = if ip.is_ipv4() { 32 } else { 128 };
-            format!("{{ipBlock: {{cidr: {ip}/{bits}}}}}")
+            (format!("{{ipBlock: {{cidr: {ip}/{bits}}}}}"), None)
         }
     };
     let key = if direction == DIR_EGRESS {
@@ -370,23 +527,59 @@ fn rule_for(
     } else {
         "from"
     };
-    match protocol {
-        Some(protocol) => format!(
-            "{{{key}: [{peer_yaml}], ports: [{{protocol: {}, port: {port}}}]}}",
-            protocol.as_str()
-        ),
-        // ICMP and other protocols without ports: only a rule without ports allows them.
-        None => format!("{{{key}: [{peer_yaml}]}}"),
-    }
+    // ICMP and other protocols without ports: only a rule without ports allows them.
+    let ports = protocol.map(|protocol| {
+        let port = port_name.map_or_else(|| port.to_string(), quoted);
+        format!("{{protocol: {}, port: {port}}}", protocol.as_str())
+    });
+    let parts = RuleParts {
+        key,
+        peers: vec![peer_yaml],
+        ports,
+    };
+    (parts, label_first)
+}
+
+/// A label that would select exactly the pods of `peer`'s workload, for a workload whose pods
+/// share none: the first of the naming labels none of them has, with the workload's name
+/// (kept to a label value's 63 characters) as its value.
+fn workload_label(state: &ClusterState, peer: &PodInfo) -> BTreeMap<String, String> {
+    let value: String = peer
+        .workload
+        .chars()
+        .take(63)
+        .collect::<String>()
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    let workload_pods = || {
+        state
+            .pods
+            .range((peer.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == peer.namespace)
+            .map(|(_, p)| p)
+            .filter(|p| p.workload == peer.workload)
+    };
+    let key = NAME_LABELS
+        .iter()
+        .copied()
+        .find(|key| workload_pods().all(|p| p.labels.get(key).is_none()))
+        .unwrap_or("tollgate.io/workload");
+    BTreeMap::from([(key.to_string(), value)])
 }
 
 /// A pod peer of a rule of a policy in `policy_namespace`, as flow-style YAML: its
 /// workload's stable labels, and its namespace by name when it is another.
 pub(super) fn pod_peer(state: &ClusterState, policy_namespace: &str, peer: &PodInfo) -> String {
-    let pods = format!(
-        "podSelector: {{matchLabels: {}}}",
-        flow_map(&stable_selector(state, peer))
-    );
+    peer_by_labels(policy_namespace, peer, &stable_selector(state, peer))
+}
+
+/// A pod peer selected by `labels`, and by its namespace's name when it is another.
+fn peer_by_labels(
+    policy_namespace: &str,
+    peer: &PodInfo,
+    labels: &BTreeMap<String, String>,
+) -> String {
+    let pods = format!("podSelector: {{matchLabels: {}}}", flow_map(labels));
     if peer.namespace == policy_namespace {
         format!("{{{pods}}}")
     } else {
@@ -417,10 +610,23 @@ pub(super) fn quoted(v: &str) -> String {
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
     if plain {
-        v.to_string()
-    } else {
-        format!("{v:?}")
+        return v.to_string();
     }
+    // YAML's double-quoted escapes (Rust's `{:?}` writes `\u{1b}`, which YAML rejects).
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}') => {
+                out.push_str(&format!("\\u{:04X}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The labels that select a pod's workload: one naming label when it selects exactly the
@@ -469,6 +675,21 @@ mod tests {
         Store::from_yaml(yaml).into_state()
     }
 
+    /// A rule fix as (policy, direction, rule, labels to add first).
+    fn rule_fix(fix: &Fix) -> (&str, &str, &str, Option<&WorkloadLabels>) {
+        let Fix::Rule {
+            policy,
+            direction,
+            rule,
+            label_first,
+            ..
+        } = fix
+        else {
+            panic!("not a rule: {fix:?}")
+        };
+        (policy, direction, rule, label_first.as_ref())
+    }
+
     const CLUSTER: &str = "
 apiVersion: v1
 kind: Pod
@@ -504,6 +725,7 @@ spec:
             &Peer::Pod(web),
             Some(Protocol::Tcp),
             5432,
+            None,
         );
         assert_eq!(e.side, "ingress");
         assert_eq!(e.pod, "shop/db-0");
@@ -575,14 +797,16 @@ spec:
             &Peer::Pod(web),
             Some(Protocol::Tcp),
             8080,
+            None,
         );
         assert_eq!(
-            e.fix,
-            Fix::Rule {
-                policy: "shop/db-in".into(),
-                direction: "ingress",
-                rule: "{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{protocol: TCP, port: 8080}]}".into(),
-            }
+            rule_fix(&e.fix),
+            (
+                "shop/db-in",
+                "ingress",
+                "{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{protocol: TCP, port: 8080}]}",
+                None
+            )
         );
     }
 
@@ -591,15 +815,25 @@ spec:
         let state = state(CLUSTER);
         let web = &state.pods[&("shop".into(), "web-7d9f-abc".into())];
         let peer = Peer::Address("203.0.113.7".parse().unwrap());
-        let e = explain(&state, web, DIR_EGRESS, &["shop/x".into()], &peer, None, 0);
+        let e = explain(
+            &state,
+            web,
+            DIR_EGRESS,
+            &["shop/x".into()],
+            &peer,
+            None,
+            0,
+            None,
+        );
         assert_eq!(e.side, "egress");
         assert_eq!(
-            e.fix,
-            Fix::Rule {
-                policy: "shop/x".into(),
-                direction: "egress",
-                rule: "{to: [{ipBlock: {cidr: 203.0.113.7/32}}]}".into(),
-            }
+            rule_fix(&e.fix),
+            (
+                "shop/x",
+                "egress",
+                "{to: [{ipBlock: {cidr: 203.0.113.7/32}}]}",
+                None
+            )
         );
     }
 
@@ -629,6 +863,7 @@ status: {{podIP: 10.0.1.2}}
             &Peer::Pod(job),
             Some(Protocol::Udp),
             53,
+            None,
         );
         // `app: report` also selects another workload: every stable label, not the uid.
         let Fix::Rule { rule, .. } = &e.fix else {
@@ -658,6 +893,9 @@ status: {{podIP: 10.0.1.2}}
             ("*.example.com", false),
             ("a: b", false),
             ("", false),
+            ("ctl\u{1b}.org", false),
+            ("say \"hi\" \\ back", false),
+            ("line\u{2028}break", false),
         ] {
             let written = quoted(value);
             assert_eq!(written == value, plain, "{value:?} written as {written}");
