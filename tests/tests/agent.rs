@@ -1839,3 +1839,68 @@ fn the_observed_record_survives_a_restart_and_ages_out() {
         waited.elapsed()
     );
 }
+
+/// A pod deleted while no agent ran (its interface gone with it, as a CNI does during an
+/// agent rollout) leaves a pinned link whose interface is gone: the next agent unpins it and
+/// starts, adopting the others, instead of failing to start until `--reset-state`.
+#[test]
+fn a_pod_deleted_while_the_agent_was_down_does_not_keep_it_from_starting() {
+    let bank = bank("deleted-while-down");
+    let mut agent = bank.start(&["--default-mode", "drop"]);
+    assert!(!bank.frontend_reaches_ledger(), "denied in drop mode");
+    agent.stop();
+    // The frontend goes: its pod object and its interface on the node.
+    let frontend = pod_yaml(&bank.frontend, "bank", "frontend-0", "{app: frontend}", "");
+    std::fs::write(
+        agent.cluster_state.join("bank.yaml"),
+        bank.cluster_yaml("").replace(&frontend, ""),
+    )
+    .unwrap();
+    let out = Command::new("ip")
+        .args(["-n", &bank.lab.node, "link", "del", &bank.frontend.host_if])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    agent.restart_unready();
+    let started = wait_for(Duration::from_secs(20), "the agent ready or gone", || {
+        if let Some(status) = agent.wait_exit(Duration::from_millis(100)) {
+            return Some(Err(status));
+        }
+        agent
+            .http("/readyz")
+            .filter(|(code, _)| *code == 200)
+            .map(Ok)
+    });
+    assert!(
+        started.is_ok(),
+        "the agent exited: {started:?}\n{}",
+        agent.log()
+    );
+    wait_for(Duration::from_secs(10), "three workloads", || {
+        (agent.status()["workloads"].as_array()?.len() == 3).then_some(())
+    });
+    // The others were adopted and still enforce: the pot reaches the ledger, the
+    // monitoring pod only on the port its rule names.
+    assert_eq!(bank.to_ledger(&bank.pot, 2), 2);
+    let denied = traffic::udp(
+        &bank.prometheus,
+        bank.ledger.addr(false),
+        8080,
+        2,
+        64,
+        FAIL_FAST,
+    );
+    assert_eq!(denied.echoed, 0, "still dropped after the restart");
+    assert!(
+        agent
+            .log()
+            .contains("a pinned link's interface or cgroup is gone"),
+        "{}",
+        agent.log()
+    );
+}

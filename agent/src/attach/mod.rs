@@ -33,6 +33,12 @@ use aya::{
 /// Errors of attach and detach.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
+    #[error("pin {path}: switch to the new program: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("program {prog}: {source}")]
@@ -589,6 +595,21 @@ fn link_update_pinned(path: &Path, prog_fd: std::os::fd::BorrowedFd<'_>) -> std:
     Ok(())
 }
 
+/// Whether an error says a link's interface or cgroup is gone (`ENOLINK`, "link has been
+/// severed"), anywhere in its chain of causes.
+fn severed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::ENOLINK)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Adopts what an earlier agent left attached: every pinned link under `pin_dir` (switched to
 /// this agent's programs in place, so new code takes over without a gap), and clsact filters
 /// on the interfaces of `tc_slots` that have no pinned links. Returns the attachments by slot.
@@ -629,32 +650,47 @@ pub fn adopt(
         })?;
         let fd: FdLink = pinned.into();
         let is_tc = prog == program_names::TC_FROM_POD || prog == program_names::TC_TO_POD;
-        let link = if is_tc {
+        let switched = if is_tc {
             let program = classifier(ebpf, prog)?;
             let tc_link = SchedClassifierLink::try_from(fd).map_err(|e| AttachError::Pin {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            let id = program
+            program
                 .attach_to_link(tc_link)
-                .map_err(|source| AttachError::Program { prog, source })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| AttachError::Program { prog, source })?;
-            FdLink::try_from(link).map_err(|e| AttachError::Pin {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?
+                .map_err(|source| AttachError::Program { prog, source })
+                .and_then(|id| {
+                    let link = program
+                        .take_link(id)
+                        .map_err(|source| AttachError::Program { prog, source })?;
+                    FdLink::try_from(link).map_err(|e| AttachError::Pin {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })
+                })
         } else {
             let program = cgroup_program(ebpf, prog)?;
             let prog_fd = program
                 .fd()
                 .map_err(|source| AttachError::Program { prog, source })?;
-            link_update_pinned(&path, prog_fd.as_fd()).map_err(|e| AttachError::Pin {
-                path: path.clone(),
-                reason: format!("switch to the new program: {e}"),
-            })?;
-            fd
+            link_update_pinned(&path, prog_fd.as_fd())
+                .map(|()| fd)
+                .map_err(|e| AttachError::Link {
+                    path: path.clone(),
+                    source: e,
+                })
+        };
+        let link = match switched {
+            Ok(link) => link,
+            // The interface or cgroup went while no agent ran (a pod deleted during an
+            // upgrade): the link is dead and enforces nothing. Its pin goes, and its slot
+            // is left to the reconcile like any other no pod claims.
+            Err(e) if severed(&e) => {
+                tracing::warn!(slot, prog, path = %path.display(), "a pinned link's interface or cgroup is gone: unpinned");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         let key = if is_tc {
             tc_slots
