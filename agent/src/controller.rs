@@ -795,10 +795,19 @@ impl Controller {
             Some(m) => self.rec.overrides.targets.insert(target.to_string(), m),
             None => self.rec.overrides.targets.remove(target),
         };
-        self.rec
+        if let Err(e) = self
+            .rec
             .overrides
             .save(&self.options.state_dir.join("overrides.json"))
-            .map_err(|e| format!("persist overrides: {e}"))?;
+        {
+            // Not saved, not in force: a change a restart would undo must not apply now
+            // (nor at the next reconcile), and it has no audit record.
+            match old {
+                Some(m) => self.rec.overrides.targets.insert(target.to_string(), m),
+                None => self.rec.overrides.targets.remove(target),
+            };
+            return Err(format!("persist overrides: {e} (nothing changed)"));
+        }
         self.rec
             .apply_modes(self.source.state())
             .map_err(|e| format!("apply the mode: {e}"))?;

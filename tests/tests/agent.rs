@@ -1904,3 +1904,44 @@ fn a_pod_deleted_while_the_agent_was_down_does_not_keep_it_from_starting() {
         agent.log()
     );
 }
+
+/// A break-glass override the agent cannot save (a full disk, here a directory where its
+/// file goes) is refused and changes nothing: not now, not at the next reconcile, and no
+/// restart can undo what never applied.
+#[test]
+fn a_mode_change_that_cannot_be_saved_is_refused_and_changes_nothing() {
+    let bank = bank("mode-unsaved");
+    let agent = bank.start(&[]);
+    let mode_of = |agent: &Agent| agent.workload(LEDGER_POD).expect("ledger")["mode"].clone();
+    assert_eq!(mode_of(&agent), "log");
+    let blocker = agent.dir.join("state/overrides.tmp");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let out = agent.cli(&["mode", "set", "bank/ledger", "drop"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("persist overrides"), "{err}");
+    assert_eq!(mode_of(&agent), "log");
+    assert!(
+        agent.status()["overrides"]
+            .as_object()
+            .is_none_or(|o| o.is_empty()),
+        "{}",
+        agent.status()
+    );
+    // Two reconciles later, still as it was, and the frontend still only would-drops.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(mode_of(&agent), "log");
+    assert!(bank.frontend_reaches_ledger());
+    let audit = std::fs::read_to_string(agent.dir.join("state/audit.log")).unwrap_or_default();
+    assert!(!audit.contains("bank/ledger"), "{audit}");
+    // Once it can be saved, it applies.
+    std::fs::remove_dir(&blocker).unwrap();
+    let out = agent.cli(&["mode", "set", "bank/ledger", "drop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode_of(&agent), "drop");
+    assert!(!bank.frontend_reaches_ledger());
+}
