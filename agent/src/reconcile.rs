@@ -799,45 +799,50 @@ impl Reconciler {
                 .or_else(|| compiled.addresses.get(net))
                 .copied()
         };
-        let mut written: Vec<(IpNet, Option<u32>)> = Vec::new();
+        let mut writes: Vec<(IpNet, u32, Option<u32>)> = Vec::new();
         let mut gone: Vec<IpNet> = Vec::new();
-        let mut failed = None;
         for net in &candidates {
             let before = old.merged.get(net).copied();
             match wanted(net) {
                 want if want == before => {}
                 None => gone.push(*net),
-                Some(id) => match self.datapath.maps.set_identity(*net, id) {
-                    Ok(()) => written.push((*net, before)),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
+                Some(id) => writes.push((*net, id, before)),
+            }
+        }
+        let mut written = self.try_identity_writes(&writes);
+        if written.is_err() && !gone.is_empty() {
+            // A full table: what is no longer wanted goes first (it is only removed after the
+            // rules otherwise, so they never name a missing entry), then the writes again.
+            // Without this a full table would stay full for good: the removals waited for
+            // writes that could not happen.
+            for net in std::mem::take(&mut gone) {
+                match self.datapath.maps.remove_identity(net) {
+                    Ok(()) => {
+                        self.identities.merged.remove(&net);
+                        report.identities_changed += 1;
                     }
-                },
+                    Err(_) => gone.push(net),
+                }
             }
+            written = self.try_identity_writes(&writes);
         }
-        if let Some(e) = failed {
-            for (net, before) in written.into_iter().rev() {
-                let _ = match before {
-                    Some(id) => self.datapath.maps.set_identity(net, id),
-                    None => self.datapath.maps.remove_identity(net),
-                };
+        let written = match written {
+            Ok(written) => written,
+            Err(e) => {
+                warn!(error = %e, "identity entries not updated; the previous ones stay in force");
+                report.errors.push(format!("identities: {e}"));
+                self.identities_degraded = Some(format!(
+                    "identity entries could not be written ({e}); the previous ones stay in force"
+                ));
+                return report.identities_changed;
             }
-            warn!(error = %e, "identity entries not updated; the previous ones stay in force");
-            report.errors.push(format!("identities: {e}"));
-            self.identities_degraded = Some(format!(
-                "identity entries could not be written ({e}); the previous ones stay in force"
-            ));
-            return 0;
-        }
+        };
         self.identities_degraded = None;
-        let changed = written.len() + gone.len();
+        let changed = report.identities_changed + written.len() + gone.len();
         report.identities_changed = changed;
         let identities = &mut self.identities;
-        for (net, _) in &written {
-            identities
-                .merged
-                .insert(*net, wanted(net).expect("written"));
+        for (net, id) in written {
+            identities.merged.insert(net, id);
         }
         for net in gone {
             identities.merged.remove(&net);
@@ -846,6 +851,28 @@ impl Reconciler {
         identities.generation = compiled.generation;
         identities.host = host;
         changed
+    }
+
+    /// Writes identity entries (address, identity, the one it had): all of them, or on the
+    /// first failure none (those written are put back) and the error.
+    fn try_identity_writes(
+        &mut self,
+        writes: &[(IpNet, u32, Option<u32>)],
+    ) -> Result<Vec<(IpNet, u32)>, crate::maps::MapsError> {
+        let mut written: Vec<(IpNet, u32, Option<u32>)> = Vec::new();
+        for &(net, id, before) in writes {
+            if let Err(e) = self.datapath.maps.set_identity(net, id) {
+                for (net, _, before) in written.into_iter().rev() {
+                    let _ = match before {
+                        Some(id) => self.datapath.maps.set_identity(net, id),
+                        None => self.datapath.maps.remove_identity(net),
+                    };
+                }
+                return Err(e);
+            }
+            written.push((net, id, before));
+        }
+        Ok(written.into_iter().map(|(net, id, _)| (net, id)).collect())
     }
 
     /// Phase 4 for identities: entries no longer wanted go (an address that came back in the

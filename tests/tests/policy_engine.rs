@@ -568,3 +568,53 @@ fn check_agrees_with_the_kernel_on_random_policies_and_flows() {
         disagreements.join("\n")
     );
 }
+
+// --- a full identity table -------------------------------------------------------------
+
+/// A full identity table does not stay full: when a new address cannot be written, the
+/// addresses no longer wanted (a deleted pod's) are removed first and the write tried again.
+/// They used to wait for the writes to succeed, which they never could: no new pod got an
+/// identity again, even after whatever filled the table was deleted.
+#[test]
+fn a_full_identity_table_makes_room_from_the_addresses_no_longer_wanted() {
+    let mut lab = Lab::new();
+    let a = lab.add_pod("a");
+    let mut rec = reconciler(&lab, Mode::Log);
+    let dir = temp_dir("identities-full");
+    let mut source = FileSource::new(&*dir);
+    let state = |elsewhere: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: x, labels: {{app: a}}}}\nstatus: {{podIPs: [{{ip: {}}}]}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: b, namespace: x, labels: {{app: b}}}}\nspec: {{nodeName: another-node}}\nstatus: {{podIPs: [{{ip: {elsewhere}}}]}}\n",
+            a.ipv4
+        )
+    };
+    let apply = |rec: &mut Reconciler, source: &mut FileSource, yaml: &str| {
+        std::fs::write(dir.join("state.yaml"), yaml).unwrap();
+        let loaded = source.load();
+        lab.in_node(|| rec.reconcile(&loaded.state)).unwrap()
+    };
+    let (old, new): (IpAddr, IpAddr) = ("10.98.0.1".parse().unwrap(), "10.98.0.2".parse().unwrap());
+    let first = apply(&mut rec, &mut source, &state("10.98.0.1"));
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    // Whatever fills it (a flood of Services, say): entries of an address range no pod has.
+    let mut filled = 0u32;
+    loop {
+        let filler = ipnet::IpNet::from(IpAddr::from(std::net::Ipv4Addr::from(
+            0x6440_0000u32 + filled,
+        )));
+        if rec.datapath.maps.set_identity(filler, 7).is_err() {
+            break;
+        }
+        filled += 1;
+        assert!(filled <= agent_common::IDENTITY_CAPACITY, "never full");
+    }
+    // b is deleted and comes back at another address (a new pod of its workload).
+    let report = apply(&mut rec, &mut source, &state("10.98.0.2"));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let pinned = rec.datapath.maps.pinned_identities();
+    assert!(
+        pinned.contains_key(&new),
+        "the new address has its identity"
+    );
+    assert!(!pinned.contains_key(&old), "the old one made room");
+}
