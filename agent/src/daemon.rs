@@ -216,6 +216,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     // The source first: a cluster state that cannot be read at all stops the agent before it
     // touches the datapath.
+    let mut empty_files = false;
     let (source, trust_attach_annotations, recorder_client): (Box<dyn Source>, bool, _) =
         match &options.source {
             SourceOptions::Files(path) => {
@@ -230,6 +231,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 // state).
                 let source = FileSource::new(path)
                     .with_last_good_store(options.state_dir.join(LAST_GOOD_OBJECTS));
+                empty_files = source.holds_no_files();
                 (Box::new(source), true, None)
             }
             SourceOptions::Kubernetes {
@@ -252,6 +254,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     dp_options.conntrack_capacity = options.conntrack_capacity;
     let mut datapath = Datapath::load(dp_options).context("loading the datapath")?;
     let adopted = datapath.attached().len();
+    if adopted > 0 && empty_files {
+        // The first reconcile would detach them all: what a missing path gets (a refusal,
+        // enforcement left as it is), not an empty cluster.
+        return Err(BadInput(format!(
+            "--cluster-state {} holds no YAML files, and {adopted} workloads an earlier agent attached are enforcing: not starting on an empty cluster state, which would detach them all (a volume not mounted yet?). Fix the path, or stop the earlier agent with --detach-on-exit first",
+            match &options.source {
+                SourceOptions::Files(path) => path.display().to_string(),
+                SourceOptions::Kubernetes { .. } => String::new(),
+            }
+        ))
+        .into());
+    }
     if adopted > 0 {
         info!(workloads = adopted, "adopted the running datapath");
     }

@@ -1945,3 +1945,48 @@ fn a_mode_change_that_cannot_be_saved_is_refused_and_changes_nothing() {
     assert_eq!(mode_of(&agent), "drop");
     assert!(!bank.frontend_reaches_ledger());
 }
+
+/// Cluster-state files that all vanish (a volume not mounted, a directory being replaced)
+/// are not an empty cluster: the last good state stays in force and the source reports
+/// degraded; an agent started on an empty directory over workloads an earlier one attached
+/// refuses to start (exit 2), and their enforcement stays.
+#[test]
+fn an_emptied_cluster_state_is_not_believed() {
+    let bank = bank("emptied-state");
+    let mut agent = bank.start(&["--default-mode", "drop"]);
+    assert!(!bank.frontend_reaches_ledger());
+    let file = agent.cluster_state.join("bank.yaml");
+    let kept = std::fs::read_to_string(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    wait_for(Duration::from_secs(10), "the source degraded", || {
+        (sample(&agent.metrics_text(), "tollgate_source_degraded", &[]) == Some(1.0)).then_some(())
+    });
+    assert_eq!(agent.status()["workloads"].as_array().unwrap().len(), 4);
+    assert!(!bank.frontend_reaches_ledger(), "still enforced");
+    assert_eq!(bank.to_ledger(&bank.pot, 1), 1);
+
+    agent.stop();
+    agent.restart_unready();
+    let status = agent
+        .wait_exit(Duration::from_secs(20))
+        .expect("refused to start");
+    assert_eq!(status.code(), Some(2), "{}", agent.log());
+    assert!(
+        agent.log().contains("holds no YAML files"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        !bank.frontend_reaches_ledger(),
+        "enforcement left as it was"
+    );
+    assert_eq!(bank.to_ledger(&bank.pot, 1), 1);
+
+    // The files back: it starts and adopts.
+    std::fs::write(&file, kept).unwrap();
+    agent.restart();
+    wait_for(Duration::from_secs(10), "four workloads", || {
+        (agent.status()["workloads"].as_array()?.len() == 4).then_some(())
+    });
+    assert!(!bank.frontend_reaches_ledger());
+}

@@ -806,6 +806,11 @@ impl FileSource {
         Ok(files)
     }
 
+    /// Whether the cluster state holds no YAML file at all (an empty directory).
+    pub fn holds_no_files(&self) -> bool {
+        self.files().is_ok_and(|files| files.is_empty())
+    }
+
     fn current_fingerprint(&self) -> Fingerprint {
         self.files()
             .unwrap_or_default()
@@ -849,6 +854,18 @@ impl FileSource {
         let mut warnings = Vec::new();
         let mut listed = true;
         let files = match self.files() {
+            // Files that held objects, all gone at once: a volume not mounted (yet), a
+            // directory being replaced. Believing it would detach every workload.
+            Ok(files) if files.is_empty() && !self.last_good_files.is_empty() => {
+                listed = false;
+                errors.push(ObjectError {
+                    object: None,
+                    file: self.path.clone(),
+                    reason: "holds no YAML files any more: an empty cluster state is not believed after one that held objects (a volume not mounted?); the last good state stays in force".into(),
+                    kept_last_good: true,
+                });
+                Vec::new()
+            }
             Ok(files) => files,
             Err(reason) => {
                 listed = false;
