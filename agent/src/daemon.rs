@@ -200,6 +200,25 @@ fn claim_instance(options: &RunOptions) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Makes sure no other agent drives the pinned datapath under `bpffs`, whatever its state
+/// directory: two would each write their own view into the same maps (one's modes and rules
+/// over the other's, each reporting its own), and a second's `--reset-state` would take the
+/// first's programs off. Returns the locked directory.
+fn claim_datapath(bpffs: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    crate::pins::ensure_bpffs_dir(bpffs).with_context(|| format!("--bpffs {}", bpffs.display()))?;
+    let dir = std::fs::File::open(bpffs).with_context(|| format!("open {}", bpffs.display()))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(dir),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another tollgate agent drives the pinned datapath under {} (--bpffs); stop it first",
+            bpffs.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("lock {}", bpffs.display()))
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // glibc gives each thread that allocates its own arena; with the controller, the
@@ -211,8 +230,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .with_context(|| format!("create state directory {}", options.state_dir.display()))?;
     // Held until the agent exits (the kernel lets go of it however the process ends).
     let _instance = claim_instance(&options)?;
+    let mut _datapath_claim = claim_datapath(&options.bpffs)?;
     if options.reset_state {
         reset_state(&options.bpffs)?;
+        // The directory went with the pins: the claim is on the one made anew.
+        _datapath_claim = claim_datapath(&options.bpffs)?;
     }
     // The source first: a cluster state that cannot be read at all stops the agent before it
     // touches the datapath.

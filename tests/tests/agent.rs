@@ -645,6 +645,17 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     let (second, err) = agent.run_second_instance();
     assert_eq!(second.and_then(|s| s.code()), Some(1), "{err}");
     assert!(err.contains("another tollgate agent runs"), "{err}");
+    // Also with a state directory and admin socket of its own: it would write its own modes
+    // and rules into the same pinned maps (or take them off with --reset-state).
+    let mut second = Agent::start(&bank.lab, &bank.dir.join("second"), &["--reset-state"]);
+    let status = second.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", second.log());
+    assert!(
+        second.log().contains("drives the pinned datapath"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(our_links(&agent.bpffs), 8, "nothing reset");
     assert!(
         agent.status()["workloads"]
             .as_array()
