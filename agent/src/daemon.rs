@@ -555,6 +555,7 @@ impl prometheus_client::collector::Collector for Collector {
                 ("unsolicited", st.unsolicited),
                 ("malformed", st.malformed),
                 ("query_not_followed", st.queries_not_followed),
+                ("query_evicted", st.queries_evicted),
                 ("tcp_stream_lost", st.tcp_streams_lost),
             ];
             snapshot.dns_handed_back =

@@ -158,6 +158,9 @@ pub struct DnsStats {
     /// Queries not waited for: their workload had `MAX_PENDING_PER_SLOT` waiting, or the
     /// node `MAX_PENDING` (their answers then teach nothing).
     pub queries_not_followed: u64,
+    /// Queries no longer waited for, the oldest of the workload holding the most, to make
+    /// room for another workload's when the node's table was full.
+    pub queries_evicted: u64,
     /// DNS-over-TCP streams read no further after a gap, or seen first mid-way.
     pub tcp_streams_lost: u64,
 }
@@ -524,6 +527,9 @@ impl Learner {
                 match wire::parse_question(&msg) {
                     Ok(q) if !q.response => {
                         self.stats.queries += 1;
+                        if self.pending.len() >= MAX_PENDING {
+                            self.make_room_for(capture.slot);
+                        }
                         let waiting = self.pending_per_slot.entry(capture.slot).or_default();
                         if self.pending.len() < MAX_PENDING && *waiting < MAX_PENDING_PER_SLOT {
                             let k = key(q.id);
@@ -561,6 +567,31 @@ impl Learner {
             writes.extend(self.learn(capture.slot, capture.generation, &answer, now_ns));
         }
         writes
+    }
+
+    /// A full table of waiting queries: the oldest query of the workload holding the most
+    /// gives way to one of `slot`, when `slot` holds fewer. A few workloads flooding their
+    /// resolver with queries never answered (every one up to its own limit) would otherwise
+    /// fill the table, and every other workload's answers would teach nothing.
+    fn make_room_for(&mut self, slot: u32) {
+        let mine = self.pending_per_slot.get(&slot).copied().unwrap_or(0);
+        let Some((&biggest, &most)) = self.pending_per_slot.iter().max_by_key(|(_, n)| **n) else {
+            return;
+        };
+        if most <= mine + 1 {
+            return;
+        }
+        let oldest = self
+            .pending_order
+            .iter()
+            .find(|(key, at)| {
+                key.slot == biggest && self.pending.get(key).is_some_and(|(_, t)| t == at)
+            })
+            .map(|(key, _)| key.clone());
+        if let Some(key) = oldest {
+            self.unpend(&key);
+            self.stats.queries_evicted += 1;
+        }
     }
 
     /// Takes a query off the waiting ones.
@@ -1164,6 +1195,34 @@ mod tests {
         );
         let writes = ask_and_answer(&mut l, 1, "api.example.com", [203, 0, 113, 7], 60);
         assert_eq!(writes.len(), 1, "{writes:?}");
+    }
+
+    /// Many workloads flooding at once, each within its own limit, fill the node's table:
+    /// a quiet workload's query then takes the place of the oldest of the biggest holder,
+    /// and its answer is learned from.
+    #[test]
+    fn many_workloads_flooding_at_once_leave_room_for_a_quiet_one() {
+        let mut l = Learner::new(DnsOptions::default());
+        l.set_workload(3, 7, Some(allowlist(&[("api.example.com", Some(443))])));
+        let flooders = (MAX_PENDING / MAX_PENDING_PER_SLOT + 4) as u32;
+        for slot in 0..flooders {
+            for i in 0..MAX_PENDING_PER_SLOT as u32 {
+                let q = build::query(i as u16, "flood.example.com", wire::TYPE_A);
+                let mut c = capture(capture_kind::QUERY, [10, 1, 0, 99], 10_000, DNS, 53, &q);
+                c.slot = 100 + slot;
+                l.packet(&c, 0);
+            }
+        }
+        assert_eq!(l.pending.len(), MAX_PENDING, "the node's table is full");
+        let writes = ask_and_answer(&mut l, 1, "api.example.com", [203, 0, 113, 7], 60);
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert!(l.stats.queries_evicted >= 1, "{:?}", l.stats);
+        // The flooders only ever give way to one another's equals: none grows past them.
+        assert!(
+            l.pending_per_slot
+                .values()
+                .all(|n| *n <= MAX_PENDING_PER_SLOT)
+        );
     }
 
     #[test]
