@@ -174,6 +174,10 @@ fn carry_over_new_pins(persisted: &mut Persisted, counters_map_id: Option<u32>) 
         for (last, carried) in &mut persisted.diag_counts {
             *carried += std::mem::take(last);
         }
+        // The per-flow counters start from zero too: what was last read from the old ones
+        // is no baseline (a new count above it would lose that much).
+        persisted.flow_last_seen.clear();
+        persisted.series_buckets.clear();
         info!("the datapath's counters were pinned anew: exported counters continue");
     }
     persisted.counters_map_id = id;
@@ -1656,6 +1660,24 @@ mod tests {
 
     /// A detached pod's counts are carried at once and kept for the retention, at most
     /// `DETACHED_COUNTS_KEPT` of them, the most recently detached.
+    /// Pins made anew (`--reset-state`, a reboot): the per-flow counters count from zero,
+    /// so the values last read from the old ones are dropped as baselines.
+    #[test]
+    fn new_pins_drop_the_old_per_flow_baselines() {
+        let mut persisted = Persisted {
+            counters_map_id: 7,
+            flow_last_seen: vec![([1, 2, 3, 4, 5, 6, 7], 10)],
+            series_buckets: vec![(3, [1, 2, 3, 4, 5, 6, 7], 10)],
+            ..Persisted::default()
+        };
+        carry_over_new_pins(&mut persisted, Some(7));
+        assert_eq!(persisted.flow_last_seen.len(), 1, "the same pins: kept");
+        carry_over_new_pins(&mut persisted, Some(8));
+        assert!(persisted.flow_last_seen.is_empty());
+        assert!(persisted.series_buckets.is_empty());
+        assert_eq!(persisted.counters_map_id, 8);
+    }
+
     #[test]
     fn detached_pods_keep_their_counts_a_while() {
         let mut counts = BTreeMap::new();
