@@ -121,6 +121,12 @@ pub enum Command {
         /// instead of this node's agent; needs --cluster-state for the labels and policies.
         #[arg(long, value_name = "URL", requires = "cluster_state", value_parser = prometheus_url)]
         prometheus: Option<String>,
+        /// With --prometheus: label matchers every series read must also have (PromQL,
+        /// without braces, e.g. 'job="tollgate-system/tollgate"'): only the agents' own
+        /// series, not those of whatever else Prometheus scrapes, which anyone who can get a
+        /// pod scraped could fill with made-up pairs.
+        #[arg(long, value_name = "MATCHERS", requires = "prometheus", value_parser = prometheus_matchers)]
+        prometheus_match: Option<String>,
         /// With --prometheus: the cluster state to advise with (file or directory of
         /// Kubernetes YAML, e.g. `kubectl get ns,pods,netpol -A -o yaml`).
         #[arg(long, requires = "prometheus")]
@@ -162,6 +168,12 @@ pub enum Command {
         /// this node's agent.
         #[arg(long, value_name = "URL", value_parser = prometheus_url)]
         prometheus: Option<String>,
+        /// With --prometheus: label matchers every series read must also have (PromQL,
+        /// without braces, e.g. 'job="tollgate-system/tollgate"'): only the agents' own
+        /// series, not those of whatever else Prometheus scrapes, which anyone who can get a
+        /// pod scraped could fill with made-up pairs.
+        #[arg(long, value_name = "MATCHERS", requires = "prometheus", value_parser = prometheus_matchers)]
+        prometheus_match: Option<String>,
         /// Admin socket of the running agent.
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
@@ -401,6 +413,12 @@ pub enum ModeAction {
         /// node's agent; the check covers every node's record through it.
         #[arg(long, value_name = "URL", requires = "if_quiet", value_parser = prometheus_url)]
         prometheus: Option<String>,
+        /// With --prometheus: label matchers every series read must also have (PromQL,
+        /// without braces, e.g. 'job="tollgate-system/tollgate"'): only the agents' own
+        /// series, not those of whatever else Prometheus scrapes, which anyone who can get a
+        /// pod scraped could fill with made-up pairs.
+        #[arg(long, value_name = "MATCHERS", requires = "prometheus", value_parser = prometheus_matchers)]
+        prometheus_match: Option<String>,
         /// With --prometheus: the cluster state (file or directory of Kubernetes YAML, e.g.
         /// `kubectl get ns,pods,netpol,egressallowlists -A -o yaml`) to explain each
         /// would-drop of a refusal with: the policies isolating its side and the smallest
@@ -472,9 +490,14 @@ pub fn main() -> ExitCode {
             output,
             out,
             prometheus,
+            prometheus_match,
             admin_socket,
         } => graph(
-            Record::of(&admin_socket, prometheus.as_deref()),
+            Record::of(
+                &admin_socket,
+                prometheus.as_deref(),
+                prometheus_match.as_deref(),
+            ),
             window,
             crate::graph::GraphFilter {
                 namespaces: namespace,
@@ -492,6 +515,7 @@ pub fn main() -> ExitCode {
             style,
             out,
             prometheus,
+            prometheus_match,
             cluster_state,
             dns_servers,
             admin_socket,
@@ -499,9 +523,10 @@ pub fn main() -> ExitCode {
             match (prometheus.as_deref(), cluster_state.as_deref()) {
                 (Some(url), Some(state)) => Record::Prometheus {
                     url,
+                    matchers: prometheus_match.as_deref().unwrap_or_default(),
                     state: Some(state),
                 },
-                _ => Record::of(&admin_socket, None),
+                _ => Record::of(&admin_socket, None, None),
             },
             window,
             crate::compile::advise::AdviseOptions {
@@ -565,6 +590,62 @@ fn prometheus_url(s: &str) -> Result<String, String> {
             Ok(s.to_string())
         }
         _ => Err(format!("{s:?}: give Prometheus as http://HOST:PORT")),
+    }
+}
+
+/// PromQL label matchers without braces: `label="value"`, `=`, `!=`, `=~` or `!~`, comma
+/// separated; values double-quoted (backslash escapes).
+fn prometheus_matchers(s: &str) -> Result<String, String> {
+    let bad = || {
+        format!(
+            "{s:?}: give label matchers as PromQL writes them inside braces, e.g. 'job=\"tollgate\"' or 'job=\"tollgate\",node=~\"a.*\"'"
+        )
+    };
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    loop {
+        let name_len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let name = &rest[..name_len];
+        if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        rest = rest[name_len..].trim_start();
+        let op = ["=~", "!~", "!=", "="]
+            .into_iter()
+            .find(|op| rest.starts_with(op))
+            .ok_or_else(bad)?;
+        rest = rest[op.len()..].trim_start();
+        let mut chars = rest.char_indices();
+        if chars.next().map(|(_, c)| c) != Some('"') {
+            return Err(bad());
+        }
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in chars {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    end = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let end = end.ok_or_else(bad)?;
+        rest = rest[end + 1..].trim_start();
+        match rest.strip_prefix(',') {
+            Some(more) => rest = more.trim_start(),
+            None if rest.is_empty() => return Ok(s.trim().to_string()),
+            None => return Err(bad()),
+        }
+        if rest.is_empty() {
+            return Ok(s.trim().trim_end_matches(',').to_string());
+        }
     }
 }
 
@@ -1047,14 +1128,24 @@ enum Record<'a> {
     /// Every node's series in Prometheus; the cluster state to advise with.
     Prometheus {
         url: &'a str,
+        /// `--prometheus-match`: PromQL label matchers (may be empty).
+        matchers: &'a str,
         state: Option<&'a std::path::Path>,
     },
 }
 
 impl<'a> Record<'a> {
-    fn of(socket: &'a std::path::Path, prometheus: Option<&'a str>) -> Record<'a> {
+    fn of(
+        socket: &'a std::path::Path,
+        prometheus: Option<&'a str>,
+        matchers: Option<&'a str>,
+    ) -> Record<'a> {
         match prometheus {
-            Some(url) => Record::Prometheus { url, state: None },
+            Some(url) => Record::Prometheus {
+                url,
+                matchers: matchers.unwrap_or_default(),
+                state: None,
+            },
             None => Record::Agent(socket),
         }
     }
@@ -1076,7 +1167,9 @@ impl<'a> Record<'a> {
                 };
                 Ok(flows)
             }
-            Record::Prometheus { url, .. } => crate::prometheus::observed(url, window),
+            Record::Prometheus { url, matchers, .. } => {
+                crate::prometheus::observed(url, matchers, window)
+            }
         }
     }
 }
@@ -1515,6 +1608,7 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
     if let ModeAction::Set {
         if_quiet: Some(window),
         prometheus,
+        prometheus_match,
         cluster_state,
         mode: Mode::Drop,
         ..
@@ -1529,7 +1623,8 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         };
         let parsed = admin::Target::parse(&target).expect("checked above");
-        match crate::prometheus::quiet(url, &parsed, *window)? {
+        let matchers = prometheus_match.as_deref().unwrap_or_default();
+        match crate::prometheus::quiet(url, matchers, &parsed, *window)? {
             Ok(_) => {}
             Err(not_quiet) => {
                 let window = humantime::format_duration(*window);

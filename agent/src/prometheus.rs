@@ -15,11 +15,13 @@ use crate::compile::advise::ObservedFlow;
 
 /// The peer pairs every agent scraped into Prometheus at `url` saw within `window`: pairs
 /// whose packets grew in it, or whose series appeared in it.
-pub fn observed(url: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>> {
+/// `matchers` (PromQL, without braces; may be empty) narrow every series read to the
+/// agents' own.
+pub fn observed(url: &str, matchers: &str, window: Duration) -> anyhow::Result<Vec<ObservedFlow>> {
     let query = format!(
         "sum by ({}) ({})",
         crate::flows::SERIES_LABELS.join(", "),
-        grew_within("tollgate_flow_packets_total", window)
+        grew_within(&series("tollgate_flow_packets_total", &[matchers]), window)
     );
     let series = query_vector(url, &query)?;
     let flows = flows_of(&series, unix_now(), window);
@@ -108,6 +110,16 @@ fn flows_of(
         .collect()
 }
 
+/// A series selector: `name{matchers...}`, the empty ones left out.
+fn series(name: &str, matchers: &[&str]) -> String {
+    let matchers: Vec<&str> = matchers.iter().copied().filter(|m| !m.is_empty()).collect();
+    if matchers.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{}}}", matchers.join(","))
+    }
+}
+
 /// The counters of `selector` that grew within `window`: their increase, or all of a series
 /// that appeared in it (Prometheus saw no sample before it, so `increase` alone misses it).
 fn grew_within(selector: &str, window: Duration) -> String {
@@ -132,19 +144,35 @@ pub struct NotQuiet {
 /// `Ok` names the workloads checked.
 pub fn quiet(
     url: &str,
+    matchers: &str,
     target: &crate::admin::Target,
     window: Duration,
 ) -> anyhow::Result<Result<Vec<String>, NotQuiet>> {
     let now = unix_now();
-    let observed = query_vector(url, "tollgate_workload_observed_since_timestamp_seconds")?;
-    let last = query_vector(url, "tollgate_workload_last_would_drop_timestamp_seconds")?;
+    let observed = query_vector(
+        url,
+        &series(
+            "tollgate_workload_observed_since_timestamp_seconds",
+            &[matchers],
+        ),
+    )?;
+    let last = query_vector(
+        url,
+        &series(
+            "tollgate_workload_last_would_drop_timestamp_seconds",
+            &[matchers],
+        ),
+    )?;
     let drops = query_vector(
         url,
         &format!(
             "sum by ({}) ({})",
             crate::flows::SERIES_LABELS.join(", "),
             grew_within(
-                "tollgate_flow_packets_total{verdict=\"would_drop\"}",
+                &series(
+                    "tollgate_flow_packets_total",
+                    &["verdict=\"would_drop\"", matchers]
+                ),
                 window
             )
         ),

@@ -1061,6 +1061,36 @@ fn prometheus_scrapes_what_the_traffic_was() {
             "{err}"
         );
         assert!(err.contains(": all allowed"), "{err}");
+        // Only the agents' own series, when told which: the same advice from the job that
+        // scrapes them, none from another (whatever it exported), bad matchers refused.
+        let matched = |matchers: &str| {
+            in_node(&[
+                "advise",
+                "--prometheus",
+                url,
+                "--prometheus-match",
+                matchers,
+                "--cluster-state",
+                state,
+                "--window",
+                "1h",
+            ])
+        };
+        let ours = matched("job=\"tollgate\"");
+        assert!(
+            ours.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ours.stderr)
+        );
+        assert_eq!(String::from_utf8(ours.stdout).unwrap(), yaml);
+        let theirs = matched("job=\"elsewhere\"");
+        assert!(theirs.status.success());
+        assert!(
+            theirs.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&theirs.stdout)
+        );
+        assert_eq!(matched("job=tollgate").status.code(), Some(2));
         let out = in_node(&["graph", "--prometheus", url, "--window", "1h"]);
         assert!(
             out.status.success(),
