@@ -33,6 +33,12 @@ use crate::{controller::ModeNotice, flowlog::FlowRecord};
 pub const RATE_PER_SECOND: f64 = 5.0;
 /// API writes allowed at once.
 pub const BURST: f64 = 20.0;
+/// New Events per second one pod may have written: a pod whose denied flows are many and
+/// varied (a port sweep) takes at most this share of the node's budget, so the other pods'
+/// drops still get their Events.
+const POD_RATE_PER_SECOND: f64 = 1.0;
+/// New Events one pod may have written at once.
+const POD_BURST: f64 = 5.0;
 /// How often pending repeats are written to their Event's count.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// Notices waiting for the recorder; beyond this they are counted as rate-limited.
@@ -221,20 +227,79 @@ struct Recorded {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    rate: f64,
+    burst: f64,
 }
 
 impl Bucket {
-    fn take(&mut self) -> bool {
+    fn full(rate: f64, burst: f64) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: Instant::now(),
+            rate,
+            burst,
+        }
+    }
+
+    fn refill(&mut self) {
         let now = Instant::now();
         self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * RATE_PER_SECOND).min(BURST);
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
         self.at = now;
+    }
+
+    fn take(&mut self) -> bool {
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+}
+
+/// The node's budget of API writes, and each pod's share of it for new Events.
+struct Budget {
+    node: Bucket,
+    pods: HashMap<(String, String), Bucket>,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget {
+            node: Bucket::full(RATE_PER_SECOND, BURST),
+            pods: HashMap::new(),
+        }
+    }
+
+    /// A write that is no new Event of a pod (a count, a mode change).
+    fn take(&mut self) -> bool {
+        self.node.take()
+    }
+
+    /// A new Event on `pod`: within the pod's share and the node's budget.
+    fn take_for(&mut self, namespace: &str, pod: &str) -> bool {
+        let key = (namespace.to_string(), pod.to_string());
+        let share = self
+            .pods
+            .entry(key)
+            .or_insert_with(|| Bucket::full(POD_RATE_PER_SECOND, POD_BURST));
+        share.refill();
+        if share.tokens < 1.0 || !self.node.take() {
+            return false;
+        }
+        share.tokens -= 1.0;
+        true
+    }
+
+    /// Forgets the shares that are full again (their pods quiet): the map stays as small
+    /// as the pods currently writing.
+    fn forget_quiet(&mut self) {
+        self.pods.retain(|_, b| {
+            b.refill();
+            b.tokens < b.burst
+        });
     }
 }
 
@@ -250,10 +315,7 @@ async fn run(
     stats: Arc<EventStats>,
 ) {
     let mut recorded: HashMap<DedupKey, Recorded> = HashMap::new();
-    let mut bucket = Bucket {
-        tokens: BURST,
-        at: Instant::now(),
-    };
+    let mut bucket = Budget::new();
     let mut flush = tokio::time::interval(FLUSH_INTERVAL);
     let mut sequence: u64 = 0;
     loop {
@@ -274,7 +336,7 @@ async fn run(
                         update_count(&client, &notice.namespace, r, &stats).await;
                     }
                 }
-                if !bucket.take() {
+                if !bucket.take_for(&notice.namespace, &notice.pod) {
                     stats.rate_limited.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -291,6 +353,7 @@ async fn run(
                 }
             }
             _ = flush.tick() => {
+                bucket.forget_quiet();
                 recorded.retain(|_, r| r.pending || r.first.elapsed() < window);
                 for r in recorded.values_mut().filter(|r| r.pending) {
                     if !bucket.take() {
@@ -465,12 +528,26 @@ mod tests {
         assert_eq!(event_name("web-0", "tollgate-1-1"), "web-0.tollgate-1-1");
     }
 
+    /// One pod sweeping ports gets its share of new Events, not the node's whole budget:
+    /// another pod's drop right after still gets its Event.
+    #[test]
+    fn one_pod_takes_its_share_of_new_events_not_the_nodes_budget() {
+        let mut budget = Budget::new();
+        let sweeper = (0..100).filter(|_| budget.take_for("x", "scanner")).count();
+        assert!(
+            sweeper >= POD_BURST as usize && sweeper <= POD_BURST as usize + 1,
+            "{sweeper}"
+        );
+        assert!(budget.take_for("y", "victim"), "another pod's Event");
+        // Counts of repeats and mode changes draw on the node's budget only.
+        assert!(budget.take());
+        budget.forget_quiet();
+        assert!(budget.pods.contains_key(&("x".into(), "scanner".into())));
+    }
+
     #[test]
     fn the_node_wide_bucket_allows_a_burst_then_the_rate() {
-        let mut bucket = Bucket {
-            tokens: BURST,
-            at: Instant::now(),
-        };
+        let mut bucket = Bucket::full(RATE_PER_SECOND, BURST);
         let allowed = (0..100).filter(|_| bucket.take()).count();
         assert!(
             allowed >= BURST as usize && allowed <= BURST as usize + 1,
