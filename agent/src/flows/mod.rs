@@ -766,7 +766,16 @@ impl Observer {
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
             observed: std::fs::read(&observed_file)
                 .ok()
-                .and_then(|data| serde_json::from_slice::<Vec<ObservedFlow>>(&data).ok())
+                .and_then(|data| {
+                    serde_json::from_slice::<Vec<ObservedFlow>>(&data)
+                        .inspect_err(|e| {
+                            warn!(
+                                "{}: unreadable ({e}); the observed-flow record behind advise, graph and --if-quiet starts afresh",
+                                observed_file.display()
+                            );
+                        })
+                        .ok()
+                })
                 .unwrap_or_else(|| persisted.observed.clone())
                 .into_iter()
                 .map(|mut f| {
