@@ -965,12 +965,8 @@ impl Controller {
         let compiled = self.rec.compiled();
         let mut peers = PeerNames::default();
         for (id, info) in compiled.identities.iter() {
-            let workload = info
-                .pods
-                .first()
-                .and_then(|k| state.pods.get(k))
-                .map(|p| p.workload.clone())
-                .unwrap_or_else(|| "unknown".into());
+            // One workload per identity: pods of two workloads never share one.
+            let workload = info.workload.clone();
             peers
                 .identities
                 .insert(*id, (info.namespace.clone(), workload));

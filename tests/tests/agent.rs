@@ -2031,3 +2031,33 @@ fn an_emptied_cluster_state_is_not_believed() {
     });
     assert!(!bank.frontend_reaches_ledger());
 }
+
+/// Two workloads whose pods carry the same labels are counted apart: the peer of a flow
+/// series is the workload that sent, not whichever of the two sorts first.
+#[test]
+fn workloads_with_the_same_labels_are_told_apart_in_flow_series() {
+    let bank = bank("same-labels");
+    let agent = bank.start(&[]);
+    // A bare pod elsewhere, labelled as the frontend, named to sort before it.
+    let twin = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: a-twin, namespace: bank, labels: {app: frontend}}\nspec: {nodeName: another-node}\nstatus: {podIPs: [{ip: 10.99.0.7}]}\n";
+    bank.write_state(&agent, twin);
+    // The cluster state is polled every 200 ms here.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(bank.frontend_to_ledger(3).echoed, 3, "log mode");
+    bank.lab.settle();
+    let m = agent.metrics_text();
+    let from = |workload: &str| {
+        sample(
+            &m,
+            "tollgate_flow_packets_total",
+            &[
+                ("direction", "ingress"),
+                ("verdict", "would_drop"),
+                ("src_workload", workload),
+                ("dst_workload", "ledger"),
+            ],
+        )
+    };
+    assert!(from("frontend-0").is_some_and(|v| v >= 3.0), "{m}");
+    assert_eq!(from("a-twin"), None, "{m}");
+}

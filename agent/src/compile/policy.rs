@@ -28,14 +28,16 @@ use super::{
 /// (namespace, name) of a pod.
 pub type PodKey = (String, String);
 
-/// Identities: pods with the same namespace and labels share one number; each Service has
-/// one per address family. Numbers are stable while the (namespace, labels) or the Service
-/// exists and never reused afterwards.
+/// Identities: pods of one workload with the same namespace and labels share one number
+/// (two workloads whose pods carry the same labels get one each, so what the kernel counts
+/// per peer names the right one); each Service has one per address family. Numbers are
+/// stable while the (namespace, labels, workload) or the Service exists and never reused
+/// afterwards.
 #[derive(Clone, Debug, Default)]
 pub struct IdentityAllocator {
-    /// By namespace, then labels: looked up without building a key (20,000 pods per
-    /// compile).
-    ids: BTreeMap<String, BTreeMap<Labels, u32>>,
+    /// By namespace, then labels, then workload: looked up without building a key (20,000
+    /// pods per compile).
+    ids: BTreeMap<String, BTreeMap<Labels, BTreeMap<String, u32>>>,
     next: u32,
     services: ServiceIdentities,
     /// The numbers an earlier agent gave pod addresses (`seed`), until the first compile
@@ -46,18 +48,25 @@ pub struct IdentityAllocator {
 }
 
 impl IdentityAllocator {
-    /// The identity of (namespace, labels), allocated on first use.
-    pub fn get(&mut self, namespace: &str, labels: &Labels) -> u32 {
-        self.get_for(namespace, labels, &[])
-    }
-
-    /// Like `get`, for a pod with `addresses`: a new (namespace, labels) takes the number an
-    /// earlier agent gave one of them, if another has not taken it already.
-    pub fn get_for(&mut self, namespace: &str, labels: &Labels, addresses: &[IpAddr]) -> u32 {
+    /// The identity of (namespace, labels, workload) for a pod with `addresses`, allocated
+    /// on first use: a new one takes the number an earlier agent gave one of them, if
+    /// another has not taken it already.
+    pub fn get_for(
+        &mut self,
+        namespace: &str,
+        labels: &Labels,
+        workload: &str,
+        addresses: &[IpAddr],
+    ) -> u32 {
         if self.next < IDENTITY_FIRST_WORKLOAD {
             self.next = IDENTITY_FIRST_WORKLOAD;
         }
-        if let Some(id) = self.ids.get(namespace).and_then(|m| m.get(labels)) {
+        if let Some(id) = self
+            .ids
+            .get(namespace)
+            .and_then(|m| m.get(labels))
+            .and_then(|w| w.get(workload))
+        {
             return *id;
         }
         let previous = addresses
@@ -78,7 +87,9 @@ impl IdentityAllocator {
         self.ids
             .entry(namespace.to_string())
             .or_default()
-            .insert(labels.clone(), id);
+            .entry(labels.clone())
+            .or_default()
+            .insert(workload.to_string(), id);
         id
     }
 
@@ -110,10 +121,16 @@ impl IdentityAllocator {
         self.services.forget_previous();
     }
 
-    /// Forgets (namespace, labels) once no pod has them; the number is never reused.
-    fn release(&mut self, namespace: &str, labels: &Labels) {
+    /// Forgets (namespace, labels, workload) once no pod has them; the number is never
+    /// reused.
+    fn release(&mut self, namespace: &str, labels: &Labels, workload: &str) {
         if let Some(m) = self.ids.get_mut(namespace) {
-            m.remove(labels);
+            if let Some(w) = m.get_mut(labels) {
+                w.remove(workload);
+                if w.is_empty() {
+                    m.remove(labels);
+                }
+            }
             if m.is_empty() {
                 self.ids.remove(namespace);
             }
@@ -122,7 +139,10 @@ impl IdentityAllocator {
 
     fn retain(&mut self, used: &BTreeSet<u32>) {
         for m in self.ids.values_mut() {
-            m.retain(|_, id| used.contains(id));
+            for w in m.values_mut() {
+                w.retain(|_, id| used.contains(id));
+            }
+            m.retain(|_, w| !w.is_empty());
         }
         self.ids.retain(|_, m| !m.is_empty());
     }
@@ -133,6 +153,8 @@ impl IdentityAllocator {
 pub struct IdentityInfo {
     pub namespace: String,
     pub labels: Labels,
+    /// The workload of its pods (`PodInfo::workload`).
+    pub workload: String,
     /// Its pods with addresses (shared: several maps hold the same identities).
     pub pods: Arc<Vec<PodKey>>,
 }
@@ -923,7 +945,7 @@ impl IdentityPart {
             if self.members.get(&id) == Some(&0) {
                 self.members.remove(&id);
                 if let Some(info) = self.identities.remove(&id) {
-                    allocator.release(&info.namespace, &info.labels);
+                    allocator.release(&info.namespace, &info.labels, &info.workload);
                 }
             }
         }
@@ -954,12 +976,13 @@ impl IdentityPart {
         allocator: &mut IdentityAllocator,
         nets: &mut BTreeSet<IpNet>,
     ) {
-        let id = allocator.get_for(&pod.namespace, &pod.labels, &pod.ips);
+        let id = allocator.get_for(&pod.namespace, &pod.labels, &pod.workload, &pod.ips);
         self.pod_identity.insert(key.clone(), id);
         *self.members.entry(id).or_default() += 1;
         let info = self.identities.entry(id).or_insert_with(|| IdentityInfo {
             namespace: pod.namespace.clone(),
             labels: pod.labels.clone(),
+            workload: pod.workload.clone(),
             pods: Arc::new(Vec::new()),
         });
         if !pod.ips.is_empty() {
@@ -1895,13 +1918,19 @@ mod tests {
             ("a", "relabelled", "10.0.0.1", 303),
         ] {
             assert_eq!(
-                allocator.get_for(namespace, &labels(app), &[ip(address)]),
+                allocator.get_for(namespace, &labels(app), app, &[ip(address)]),
                 want,
                 "{namespace}/{app} at {address}"
             );
         }
         allocator.forget_previous();
-        assert_eq!(allocator.get_for("d", &labels("x"), &[ip("10.0.0.2")]), 304);
+        assert_eq!(
+            allocator.get_for("d", &labels("x"), "x", &[ip("10.0.0.2")]),
+            304
+        );
+        // The same labels in the same namespace, another workload: an identity of its own.
+        assert_eq!(allocator.get_for("d", &labels("x"), "other", &[]), 305);
+        assert_eq!(allocator.get_for("d", &labels("x"), "x", &[]), 304);
     }
 
     /// A small random number generator: the same cluster and changes every run.
