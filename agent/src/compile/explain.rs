@@ -551,18 +551,13 @@ fn workload_label(state: &ClusterState, peer: &PodInfo) -> BTreeMap<String, Stri
         .collect::<String>()
         .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
         .to_string();
-    let workload_pods = || {
-        state
-            .pods
-            .range((peer.namespace.clone(), String::new())..)
-            .take_while(|((ns, _), _)| *ns == peer.namespace)
-            .map(|(_, p)| p)
-            .filter(|p| p.workload == peer.workload)
-    };
     let key = NAME_LABELS
         .iter()
         .copied()
-        .find(|key| workload_pods().all(|p| p.labels.get(key).is_none()))
+        .find(|key| {
+            super::advise::pods_of(state, &peer.namespace, &peer.workload)
+                .all(|p| p.labels.get(key).is_none())
+        })
         .unwrap_or("tollgate.io/workload");
     BTreeMap::from([(key.to_string(), value)])
 }
