@@ -203,12 +203,16 @@ fn claim_instance(options: &RunOptions) -> anyhow::Result<std::fs::File> {
 /// Makes sure no other agent drives the pinned datapath under `bpffs`, whatever its state
 /// directory: two would each write their own view into the same maps (one's modes and rules
 /// over the other's, each reporting its own), and a second's `--reset-state` would take the
-/// first's programs off. Returns the locked directory.
-fn claim_datapath(bpffs: &std::path::Path) -> anyhow::Result<std::fs::File> {
+/// first's programs off. Returns the locked directory; none when there is no directory yet
+/// and `create` is false (nothing pinned to guard: bad input found later leaves no trace).
+fn claim_datapath(bpffs: &std::path::Path, create: bool) -> anyhow::Result<Option<std::fs::File>> {
+    if !create && !bpffs.is_dir() {
+        return Ok(None);
+    }
     crate::pins::ensure_bpffs_dir(bpffs).with_context(|| format!("--bpffs {}", bpffs.display()))?;
     let dir = std::fs::File::open(bpffs).with_context(|| format!("open {}", bpffs.display()))?;
     match dir.try_lock() {
-        Ok(()) => Ok(dir),
+        Ok(()) => Ok(Some(dir)),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "another tollgate agent drives the pinned datapath under {} (--bpffs); stop it first",
             bpffs.display()
@@ -230,11 +234,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .with_context(|| format!("create state directory {}", options.state_dir.display()))?;
     // Held until the agent exits (the kernel lets go of it however the process ends).
     let _instance = claim_instance(&options)?;
-    let mut _datapath_claim = claim_datapath(&options.bpffs)?;
+    let mut datapath_claim = claim_datapath(&options.bpffs, false)?;
     if options.reset_state {
         reset_state(&options.bpffs)?;
         // The directory went with the pins: the claim is on the one made anew.
-        _datapath_claim = claim_datapath(&options.bpffs)?;
+        datapath_claim = claim_datapath(&options.bpffs, true)?;
     }
     // The source first: a cluster state that cannot be read at all stops the agent before it
     // touches the datapath.
@@ -275,6 +279,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     dp_options.tc_mode = options.tc_mode;
     dp_options.conntrack_capacity = options.conntrack_capacity;
     let mut datapath = Datapath::load(dp_options).context("loading the datapath")?;
+    // A first start: the directory exists now, claimed before anything is attached.
+    let _datapath_claim = match datapath_claim {
+        Some(claim) => claim,
+        None => claim_datapath(&options.bpffs, true)?.expect("created"),
+    };
     let adopted = datapath.attached().len();
     if adopted > 0 && empty_files {
         // The first reconcile would detach them all: what a missing path gets (a refusal,
