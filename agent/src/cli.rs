@@ -121,12 +121,8 @@ pub enum Command {
         /// instead of this node's agent; needs --cluster-state for the labels and policies.
         #[arg(long, value_name = "URL", requires = "cluster_state", value_parser = prometheus_url)]
         prometheus: Option<String>,
-        /// With --prometheus: label matchers every series read must also have (PromQL,
-        /// without braces, e.g. 'job="tollgate-system/tollgate"'): only the agents' own
-        /// series, not those of whatever else Prometheus scrapes, which anyone who can get a
-        /// pod scraped could fill with made-up pairs.
-        #[arg(long, value_name = "MATCHERS", requires = "prometheus", value_parser = prometheus_matchers)]
-        prometheus_match: Option<String>,
+        #[command(flatten)]
+        prometheus_match: PrometheusMatch,
         /// With --prometheus: the cluster state to advise with (file or directory of
         /// Kubernetes YAML, e.g. `kubectl get ns,pods,netpol -A -o yaml`).
         #[arg(long, requires = "prometheus")]
@@ -168,12 +164,8 @@ pub enum Command {
         /// this node's agent.
         #[arg(long, value_name = "URL", value_parser = prometheus_url)]
         prometheus: Option<String>,
-        /// With --prometheus: label matchers every series read must also have (PromQL,
-        /// without braces, e.g. 'job="tollgate-system/tollgate"'): only the agents' own
-        /// series, not those of whatever else Prometheus scrapes, which anyone who can get a
-        /// pod scraped could fill with made-up pairs.
-        #[arg(long, value_name = "MATCHERS", requires = "prometheus", value_parser = prometheus_matchers)]
-        prometheus_match: Option<String>,
+        #[command(flatten)]
+        prometheus_match: PrometheusMatch,
         /// Admin socket of the running agent.
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
@@ -413,12 +405,8 @@ pub enum ModeAction {
         /// node's agent; the check covers every node's record through it.
         #[arg(long, value_name = "URL", requires = "if_quiet", value_parser = prometheus_url)]
         prometheus: Option<String>,
-        /// With --prometheus: label matchers every series read must also have (PromQL,
-        /// without braces, e.g. 'job="tollgate-system/tollgate"'): only the agents' own
-        /// series, not those of whatever else Prometheus scrapes, which anyone who can get a
-        /// pod scraped could fill with made-up pairs.
-        #[arg(long, value_name = "MATCHERS", requires = "prometheus", value_parser = prometheus_matchers)]
-        prometheus_match: Option<String>,
+        #[command(flatten)]
+        prometheus_match: PrometheusMatch,
         /// With --prometheus: the cluster state (file or directory of Kubernetes YAML, e.g.
         /// `kubectl get ns,pods,netpol,egressallowlists -A -o yaml`) to explain each
         /// would-drop of a refusal with: the policies isolating its side and the smallest
@@ -496,7 +484,7 @@ pub fn main() -> ExitCode {
             Record::of(
                 &admin_socket,
                 prometheus.as_deref(),
-                prometheus_match.as_deref(),
+                prometheus_match.matchers(),
             ),
             window,
             crate::graph::GraphFilter {
@@ -523,10 +511,10 @@ pub fn main() -> ExitCode {
             match (prometheus.as_deref(), cluster_state.as_deref()) {
                 (Some(url), Some(state)) => Record::Prometheus {
                     url,
-                    matchers: prometheus_match.as_deref().unwrap_or_default(),
+                    matchers: prometheus_match.matchers(),
                     state: Some(state),
                 },
-                _ => Record::of(&admin_socket, None, None),
+                _ => Record::of(&admin_socket, None, ""),
             },
             window,
             crate::compile::advise::AdviseOptions {
@@ -593,6 +581,24 @@ fn prometheus_url(s: &str) -> Result<String, String> {
     }
 }
 
+/// `--prometheus-match`, beside each `--prometheus`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PrometheusMatch {
+    /// With --prometheus: label matchers every series read must also have (PromQL,
+    /// without braces, e.g. 'job="tollgate-system/tollgate"'): only the agents' own
+    /// series, not those of whatever else Prometheus scrapes, which anyone who can get a
+    /// pod scraped could fill with made-up pairs.
+    #[arg(long, value_name = "MATCHERS", requires = "prometheus", value_parser = prometheus_matchers)]
+    prometheus_match: Option<String>,
+}
+
+impl PrometheusMatch {
+    /// The matchers; empty when none were given.
+    fn matchers(&self) -> &str {
+        self.prometheus_match.as_deref().unwrap_or_default()
+    }
+}
+
 /// PromQL label matchers without braces: `label="value"`, `=`, `!=`, `=~` or `!~`, comma
 /// separated; values double-quoted (backslash escapes).
 fn prometheus_matchers(s: &str) -> Result<String, String> {
@@ -638,10 +644,8 @@ fn prometheus_matchers(s: &str) -> Result<String, String> {
         }
         let end = end.ok_or_else(bad)?;
         rest = rest[end + 1..].trim_start();
-        match rest.strip_prefix(',') {
-            Some(more) => rest = more.trim_start(),
-            None if rest.is_empty() => return Ok(s.trim().to_string()),
-            None => return Err(bad()),
+        if !rest.is_empty() {
+            rest = rest.strip_prefix(',').ok_or_else(bad)?.trim_start();
         }
         if rest.is_empty() {
             return Ok(s.trim().trim_end_matches(',').to_string());
@@ -879,14 +883,7 @@ pub fn check_line(
             // Service's backends can differ; `merge` lists each change once.
             if denied {
                 let port_name = port.filter(|p| p.parse::<u16>().is_err());
-                explanations.extend(ev.explain(
-                    src_ep,
-                    dst_ep,
-                    proto,
-                    protocol,
-                    number,
-                    port_name.filter(|_| frontend.is_none()),
-                ));
+                explanations.extend(ev.explain(src_ep, dst_ep, proto, protocol, number, port_name));
             }
         }
     }
@@ -1138,12 +1135,12 @@ impl<'a> Record<'a> {
     fn of(
         socket: &'a std::path::Path,
         prometheus: Option<&'a str>,
-        matchers: Option<&'a str>,
+        matchers: &'a str,
     ) -> Record<'a> {
         match prometheus {
             Some(url) => Record::Prometheus {
                 url,
-                matchers: matchers.unwrap_or_default(),
+                matchers,
                 state: None,
             },
             None => Record::Agent(socket),
@@ -1623,8 +1620,7 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         };
         let parsed = admin::Target::parse(&target).expect("checked above");
-        let matchers = prometheus_match.as_deref().unwrap_or_default();
-        match crate::prometheus::quiet(url, matchers, &parsed, *window)? {
+        match crate::prometheus::quiet(url, prometheus_match.matchers(), &parsed, *window)? {
             Ok(_) => {}
             Err(not_quiet) => {
                 let window = humantime::format_duration(*window);

@@ -376,6 +376,9 @@ impl Evaluator {
                 .frontend_of_address(dst.ip)
                 .and_then(|f| f.port(proto, port)),
         };
+        // A Service's port name is no container port of its backends: rules take their
+        // target ports by number.
+        let port_name = port_name.filter(|_| frontend.is_none());
         // The peers a side decides on, as (address, pod, port on the policy's side).
         let targets: Vec<(IpAddr, Option<PodKey>, u16)> = match frontend {
             Some(fport) => fport
@@ -453,7 +456,7 @@ impl Evaluator {
                     &peer,
                     protocol,
                     port,
-                    port_name.filter(|_| frontend.is_none()),
+                    port_name,
                 );
                 // A name has no address here: an ipBlock of the unspecified address would
                 // allow nothing. Names are allowed by EgressAllowlists.
@@ -484,7 +487,7 @@ impl Evaluator {
                 &peer_of(&src.pod, src.ip),
                 protocol,
                 port,
-                port_name.filter(|_| frontend.is_none()),
+                port_name,
             ));
         }
         explain::merge(out)
