@@ -242,7 +242,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     // The source first: a cluster state that cannot be read at all stops the agent before it
     // touches the datapath.
-    let mut empty_files = false;
+    // A files source whose path holds no YAML file (refused over adopted workloads).
+    let mut empty_files = None;
     let (source, trust_attach_annotations, recorder_client): (Box<dyn Source>, bool, _) =
         match &options.source {
             SourceOptions::Files(path) => {
@@ -257,7 +258,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 // state).
                 let source = FileSource::new(path)
                     .with_last_good_store(options.state_dir.join(LAST_GOOD_OBJECTS));
-                empty_files = source.holds_no_files();
+                empty_files = source.holds_no_files().then_some(path);
                 (Box::new(source), true, None)
             }
             SourceOptions::Kubernetes {
@@ -285,15 +286,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         None => claim_datapath(&options.bpffs, true)?.expect("created"),
     };
     let adopted = datapath.attached().len();
-    if adopted > 0 && empty_files {
+    if let Some(path) = empty_files
+        && adopted > 0
+    {
         // The first reconcile would detach them all: what a missing path gets (a refusal,
         // enforcement left as it is), not an empty cluster.
         return Err(BadInput(format!(
             "--cluster-state {} holds no YAML files, and {adopted} workloads an earlier agent attached are enforcing: not starting on an empty cluster state, which would detach them all (a volume not mounted yet?). Fix the path, or stop the earlier agent with --detach-on-exit first",
-            match &options.source {
-                SourceOptions::Files(path) => path.display().to_string(),
-                SourceOptions::Kubernetes { .. } => String::new(),
-            }
+            path.display()
         ))
         .into());
     }

@@ -826,22 +826,19 @@ impl Reconciler {
             }
             written = self.try_identity_writes(&writes);
         }
-        let written = match written {
-            Ok(written) => written,
-            Err(e) => {
-                warn!(error = %e, "identity entries not updated; the previous ones stay in force");
-                report.errors.push(format!("identities: {e}"));
-                self.identities_degraded = Some(format!(
-                    "identity entries could not be written ({e}); the previous ones stay in force"
-                ));
-                return report.identities_changed;
-            }
-        };
+        if let Err(e) = written {
+            warn!(error = %e, "identity entries not updated; the previous ones stay in force");
+            report.errors.push(format!("identities: {e}"));
+            self.identities_degraded = Some(format!(
+                "identity entries could not be written ({e}); the previous ones stay in force"
+            ));
+            return report.identities_changed;
+        }
         self.identities_degraded = None;
-        let changed = report.identities_changed + written.len() + gone.len();
+        let changed = report.identities_changed + writes.len() + gone.len();
         report.identities_changed = changed;
         let identities = &mut self.identities;
-        for (net, id) in written {
+        for (net, id, _) in writes {
             identities.merged.insert(net, id);
         }
         for net in gone {
@@ -858,11 +855,10 @@ impl Reconciler {
     fn try_identity_writes(
         &mut self,
         writes: &[(IpNet, u32, Option<u32>)],
-    ) -> Result<Vec<(IpNet, u32)>, crate::maps::MapsError> {
-        let mut written: Vec<(IpNet, u32, Option<u32>)> = Vec::new();
-        for &(net, id, before) in writes {
+    ) -> Result<(), crate::maps::MapsError> {
+        for (done, &(net, id, _)) in writes.iter().enumerate() {
             if let Err(e) = self.datapath.maps.set_identity(net, id) {
-                for (net, _, before) in written.into_iter().rev() {
+                for &(net, _, before) in writes[..done].iter().rev() {
                     let _ = match before {
                         Some(id) => self.datapath.maps.set_identity(net, id),
                         None => self.datapath.maps.remove_identity(net),
@@ -870,9 +866,8 @@ impl Reconciler {
                 }
                 return Err(e);
             }
-            written.push((net, id, before));
         }
-        Ok(written.into_iter().map(|(net, id, _)| (net, id)).collect())
+        Ok(())
     }
 
     /// Phase 4 for identities: entries no longer wanted go (an address that came back in the
