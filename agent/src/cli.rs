@@ -728,8 +728,8 @@ struct FlowProtocol<'a> {
     port: Option<&'a str>,
 }
 
-/// Parses `PORT/PROTOCOL`, or `icmp` / `icmpv6` (a number before them, such as an ICMP type,
-/// is accepted and ignored).
+/// Parses `PORT/PROTOCOL`, or `icmp` / `icmpv6` (an ICMP type number before them is accepted
+/// and ignored; a name or a port beyond 255 is an error).
 fn flow_protocol(spec: &str) -> Result<FlowProtocol<'_>, String> {
     use crate::compile::model::Protocol;
     let (port, proto) = match spec.split_once('/') {
@@ -742,10 +742,23 @@ fn flow_protocol(spec: &str) -> Result<FlowProtocol<'_>, String> {
         name: name.into(),
         port: None,
     };
-    match proto.to_ascii_lowercase().as_str() {
-        "icmp" => return Ok(icmp(agent_common::PROTO_ICMP, "icmp")),
-        "icmpv6" | "icmp6" | "ipv6-icmp" => return Ok(icmp(agent_common::PROTO_ICMPV6, "icmpv6")),
-        _ => {}
+    let icmp_number = match proto.to_ascii_lowercase().as_str() {
+        "icmp" => Some(agent_common::PROTO_ICMP),
+        "icmpv6" | "icmp6" | "ipv6-icmp" => Some(agent_common::PROTO_ICMPV6),
+        _ => None,
+    };
+    if let Some(number) = icmp_number {
+        if port.is_some_and(|p| p.parse::<u8>().is_err()) {
+            return Err(format!(
+                "{spec:?}: ICMP has no ports (write {proto}; a type number 0-255 before it is accepted and ignored)"
+            ));
+        }
+        let name = if number == agent_common::PROTO_ICMP {
+            "icmp"
+        } else {
+            "icmpv6"
+        };
+        return Ok(icmp(number, name));
     }
     let protocol = Protocol::parse(&proto.to_ascii_uppercase())
         .ok_or_else(|| format!("{proto:?} is not tcp, udp, sctp, icmp or icmpv6"))?;

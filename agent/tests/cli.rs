@@ -761,6 +761,19 @@ fn check_takes_icmp_and_a_pod_reaching_itself_is_allowed() {
     let (code, _, err) = check_with(SHOP, &[], "ops/backup-0 shop/db-0 icmpv6\n");
     assert_eq!(code, Some(2), "backup-0 has no IPv6 address");
     assert!(err.contains("use icmp"), "{err}");
+
+    // An ICMP type before the protocol is taken and ignored; a port name or a number no
+    // ICMP type has is a mistake, not a flow.
+    let r = check_yaml(SHOP, "shop/web-7d9f-a shop/db-0 8/icmp\n");
+    assert_eq!(r[0]["protocol"], "icmp");
+    for line in [
+        "shop/web-7d9f-a shop/db-0 http/icmp\n",
+        "shop/web-7d9f-a shop/db-0 8080/icmpv6\n",
+    ] {
+        let (code, _, err) = check_with(SHOP, &[], line);
+        assert_eq!(code, Some(2), "{line}");
+        assert!(err.contains("ICMP has no ports"), "{err}");
+    }
 }
 
 #[test]

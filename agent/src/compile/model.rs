@@ -488,12 +488,31 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// A Kubernetes name (DNS subdomain: lowercase letters, digits, `-` and `.`).
+/// A Kubernetes object name (a DNS subdomain).
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    dns_subdomain(s)
+}
+
+/// A DNS label as Kubernetes checks it (namespace names): 1 to 63 lowercase letters, digits
+/// and `-`, a letter or digit at both ends.
+pub fn dns_label(s: &str) -> bool {
+    s.len() <= 63 && dns_part(s)
+}
+
+/// A DNS subdomain as Kubernetes checks it (most object names, label key prefixes): parts
+/// as in a DNS label joined by `.`, at most 253 characters in all (Kubernetes does not
+/// limit a part to 63 here).
+pub fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns_part)
+}
+
+fn dns_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.iter().all(|c| alnum(c) || *c == b'-')
+        && b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
 }
 
 /// The most specific of several (target, mode) pairs that covers a pod.

@@ -10,7 +10,10 @@ use k8s_openapi::{
         discovery::v1::EndpointSlice,
         networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     },
-    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
 };
 
 use super::{
@@ -21,7 +24,7 @@ use crate::compile::model::{
     AllowlistRule, EgressAllowlistInfo, EndpointSliceInfo, Mode, ModeOverrideInfo, NamedPort,
     NamespaceInfo, NodeInfo, Operator, PeerSpec, PodInfo, Policy, PortRef, PortSpec, Protocol,
     Requirement, RuleSpec, Selector, ServiceInfo, ServicePort, SliceEndpoint, SlicePort, Target,
-    TargetPort,
+    TargetPort, dns_label, dns_subdomain,
 };
 
 /// Annotation that sets a workload's mode (on pods and namespaces).
@@ -35,6 +38,43 @@ pub const CGROUP_ANNOTATION: &str = "tollgate.io/cgroup";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 type Result<T> = std::result::Result<T, String>;
+
+/// `metadata.name`, checked as the API server checks it: names end up in metric labels,
+/// `NAMESPACE/NAME` targets and `check`'s space-separated lines, so a name the API server
+/// would refuse is refused here too.
+fn object_name(meta: &ObjectMeta) -> Result<String> {
+    let name = meta.name.as_deref().ok_or("metadata.name is missing")?;
+    if !dns_subdomain(name) {
+        return Err(format!(
+            "metadata.name {name:?} is not a valid name (lowercase letters, digits, '-' and '.', \
+             starting and ending with a letter or digit, at most 253 characters)"
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// A Namespace's own name: a DNS label, as the API server requires.
+fn namespace_name(meta: &ObjectMeta) -> Result<String> {
+    let name = meta.name.as_deref().ok_or("metadata.name is missing")?;
+    if !dns_label(name) {
+        return Err(format!(
+            "metadata.name {name:?} is not a valid namespace name (lowercase letters, digits \
+             and '-', starting and ending with a letter or digit, at most 63 characters)"
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// `metadata.namespace`, `default` when it is not given (as `kubectl apply` does).
+fn object_namespace(meta: &ObjectMeta) -> Result<String> {
+    match meta.namespace.as_deref() {
+        None => Ok("default".into()),
+        Some(ns) if dns_label(ns) => Ok(ns.to_string()),
+        Some(ns) => Err(format!(
+            "metadata.namespace {ns:?} is not a valid namespace name"
+        )),
+    }
+}
 
 /// Why a `tollgate.io/mode` annotation is ignored, if it is: a value that is not a mode is
 /// reported, never a reason to reject the object (the pod is still attached and enforced
@@ -112,12 +152,8 @@ impl ToObject for EgressAllowlist {
 
 /// An `EgressAllowlist`: selector, domain patterns and numeric ports checked.
 pub fn egress_allowlist(o: &EgressAllowlist) -> Result<EgressAllowlistInfo> {
-    let name = o.metadata.name.clone().ok_or("metadata.name is missing")?;
-    let namespace = o
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let name = object_name(&o.metadata)?;
+    let namespace = object_namespace(&o.metadata)?;
     let pod_selector = selector(&o.spec.pod_selector, "spec.podSelector")?;
     let mut egress = Vec::new();
     for (i, r) in o.spec.egress.iter().enumerate() {
@@ -174,7 +210,7 @@ fn own_annotations(
 
 /// A cluster `ModeOverride`.
 pub fn mode_override(o: &ModeOverride) -> Result<ModeOverrideInfo> {
-    let name = o.metadata.name.clone().ok_or("metadata.name is missing")?;
+    let name = object_name(&o.metadata)?;
     let target = Target::parse(&o.spec.target).map_err(|e| format!("spec.target: {e}"))?;
     let mode = o
         .spec
@@ -191,7 +227,7 @@ pub fn mode_override(o: &ModeOverride) -> Result<ModeOverrideInfo> {
 
 /// A Namespace.
 pub fn namespace(ns: &Namespace) -> Result<NamespaceInfo> {
-    let name = ns.metadata.name.clone().ok_or("metadata.name is missing")?;
+    let name = namespace_name(&ns.metadata)?;
     let annotations = own_annotations(ns.metadata.annotations.as_ref());
     Ok(NamespaceInfo {
         name,
@@ -211,8 +247,8 @@ pub fn pod_is_terminated(pod: &Pod) -> bool {
 /// A Pod.
 pub fn pod(pod: &Pod) -> Result<PodInfo> {
     let meta = &pod.metadata;
-    let name = meta.name.clone().ok_or("metadata.name is missing")?;
-    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = object_name(meta)?;
+    let namespace = object_namespace(meta)?;
     let annotations = own_annotations(meta.annotations.as_ref());
     let labels = meta.labels.clone().unwrap_or_default();
     let spec = pod.spec.as_ref();
@@ -306,16 +342,8 @@ fn address(s: &str, at: &str) -> Result<IpAddr> {
 
 /// A Service: its virtual addresses (none for headless and ExternalName Services) and ports.
 pub fn service(svc: &Service) -> Result<ServiceInfo> {
-    let name = svc
-        .metadata
-        .name
-        .clone()
-        .ok_or("metadata.name is missing")?;
-    let namespace = svc
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let name = object_name(&svc.metadata)?;
+    let namespace = object_namespace(&svc.metadata)?;
     let spec = svc.spec.as_ref().ok_or("spec is missing")?;
     let external_name = spec.type_.as_deref() == Some("ExternalName");
     let listed: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
@@ -381,8 +409,8 @@ pub fn service(svc: &Service) -> Result<ServiceInfo> {
 /// nothing kube-proxy would DNAT to.
 pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<EndpointSliceInfo>> {
     let meta = &slice.metadata;
-    let name = meta.name.clone().ok_or("metadata.name is missing")?;
-    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = object_name(meta)?;
+    let namespace = object_namespace(meta)?;
     let Some(service) = meta
         .labels
         .as_ref()
@@ -452,11 +480,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<EndpointSliceInfo>
 
 /// A Node: its IP addresses (`Hostname` and other non-IP entries are skipped).
 pub fn node(node: &Node) -> Result<NodeInfo> {
-    let name = node
-        .metadata
-        .name
-        .clone()
-        .ok_or("metadata.name is missing")?;
+    let name = object_name(&node.metadata)?;
     let mut addresses = Vec::new();
     for a in node
         .status
@@ -513,7 +537,9 @@ pub fn workload_name(pod: &Pod, pod_name: &str) -> String {
                     )
             })
         });
-    let Some(owner) = owner.filter(|o| o.kind != "Node") else {
+    // The API server checks an owner's name for being set only; a hand-written one that is
+    // no object name cannot name a workload (it would not parse as a `mode set` target).
+    let Some(owner) = owner.filter(|o| o.kind != "Node" && dns_subdomain(&o.name)) else {
         return pod_name.to_string();
     };
     match owner.kind.as_str() {
@@ -553,15 +579,7 @@ fn label_key_error(key: &str) -> Option<String> {
         None => (None, key),
     };
     if let Some(prefix) = prefix {
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        };
-        if prefix.len() > 253 || !prefix.split('.').all(label_ok) {
+        if !dns_subdomain(prefix) {
             return Some(format!(
                 "{key:?}: the prefix must be a DNS subdomain (lowercase alphanumerics, '-' and '.')"
             ));
@@ -764,12 +782,8 @@ fn rule(
 /// A NetworkPolicy, validated, with policyTypes defaulted as the API server does: Ingress
 /// always, Egress when the policy has egress rules.
 pub fn network_policy(np: &NetworkPolicy) -> Result<Policy> {
-    let name = np.metadata.name.clone().ok_or("metadata.name is missing")?;
-    let namespace = np
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let name = object_name(&np.metadata)?;
+    let namespace = object_namespace(&np.metadata)?;
     let spec = np.spec.as_ref().ok_or("spec is missing")?;
     let pod_selector = spec
         .pod_selector
@@ -997,6 +1011,11 @@ mod tests {
                 "handmade",
             ),
             ("{}", "[]", "the-pod"),
+            (
+                "{}",
+                "[{apiVersion: apps/v1, kind: StatefulSet, name: 'db prod', uid: v, controller: true}]",
+                "the-pod",
+            ),
         ];
         for (labels, owners, want) in cases {
             let yaml = format!(
@@ -1005,6 +1024,50 @@ mod tests {
             let pod: Pod = serde_norway::from_str(&yaml).unwrap();
             assert_eq!(workload_name(&pod, "the-pod"), want, "{owners} {labels}");
         }
+    }
+
+    /// Names the API server would refuse are refused: they would end up in metric labels,
+    /// `NAMESPACE/NAME` targets and `check`'s space-separated lines.
+    #[test]
+    fn names_the_api_server_would_refuse_are_refused() {
+        let policy = |meta: &str| {
+            let yaml = format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {meta}\nspec: {{podSelector: {{}}}}\n"
+            );
+            let np: NetworkPolicy = serde_norway::from_str(&yaml).unwrap();
+            network_policy(&np).map(|p| (p.namespace, p.name))
+        };
+        assert_eq!(
+            policy("{name: deny.all-1, namespace: team-a}"),
+            Ok(("team-a".into(), "deny.all-1".into()))
+        );
+        assert_eq!(
+            policy("{name: deny}"),
+            Ok(("default".into(), "deny".into()))
+        );
+        for meta in [
+            "{name: 'deny all', namespace: x}",
+            "{name: Deny, namespace: x}",
+            "{name: deny_all, namespace: x}",
+            "{name: -deny, namespace: x}",
+            "{name: 'deny..all', namespace: x}",
+            "{name: '', namespace: x}",
+            "{name: deny, namespace: 'a/b'}",
+            "{name: deny, namespace: team.a}",
+        ] {
+            let error = policy(meta).unwrap_err();
+            assert!(error.starts_with("metadata."), "{meta}: {error}");
+        }
+        let long = "a".repeat(254);
+        assert!(policy(&format!("{{name: {long}, namespace: x}}")).is_err());
+        let ns: Namespace =
+            serde_norway::from_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: a.b}\n")
+                .unwrap();
+        assert!(
+            namespace(&ns)
+                .unwrap_err()
+                .contains("not a valid namespace name")
+        );
     }
 
     /// A bad port is named by the path of its field, each container list counted apart.
