@@ -578,12 +578,10 @@ fn label_key_error(key: &str) -> Option<String> {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    if let Some(prefix) = prefix {
-        if !dns_subdomain(prefix) {
-            return Some(format!(
-                "{key:?}: the prefix must be a DNS subdomain (lowercase alphanumerics, '-' and '.')"
-            ));
-        }
+    if prefix.is_some_and(|prefix| !dns_subdomain(prefix)) {
+        return Some(format!(
+            "{key:?}: the prefix must be a DNS subdomain (lowercase alphanumerics, '-' and '.')"
+        ));
     }
     if name.is_empty() {
         return Some(format!("{key:?}: the name part must not be empty"));
