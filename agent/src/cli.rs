@@ -1685,7 +1685,7 @@ fn cluster_mode(action: ModeAction) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = kube::Client::try_default()
+        let client = crate::sources::kube::client()
             .await
             .context("--kubernetes: no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
         match action {

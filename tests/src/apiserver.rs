@@ -130,6 +130,12 @@ struct State {
     /// Answer every request for a list's next page (`continue=`) with 500: lists break off
     /// after their first page.
     fail_continued: bool,
+    /// Kinds answered with 403 (a ClusterRole without them).
+    forbidden: Vec<&'static str>,
+    /// How long each page of a list takes (an API server under load, a large cluster).
+    page_delay: Duration,
+    /// How long the next `/version` takes to answer (a slow moment of the API server).
+    version_delay: Option<Duration>,
 }
 
 struct Inner {
@@ -237,6 +243,9 @@ impl ApiServer {
                 next_uid: 1,
                 unserved: Vec::new(),
                 fail_continued: false,
+                forbidden: Vec::new(),
+                page_delay: Duration::ZERO,
+                version_delay: None,
             }),
             changed: Condvar::new(),
         });
@@ -338,6 +347,23 @@ impl ApiServer {
     pub fn unserve(&self, kind: &str) {
         let c = collection_of_kind(kind).expect("a served kind");
         self.inner.state.lock().unwrap().unserved.push(c.kind);
+    }
+
+    /// Forbids every request for a kind (403), as a ClusterRole without it does.
+    pub fn forbid(&self, kind: &str) {
+        let c = collection_of_kind(kind).expect("a served kind");
+        self.inner.state.lock().unwrap().forbidden.push(c.kind);
+    }
+
+    /// Makes every page of a list take `delay` to come.
+    pub fn slow_pages(&self, delay: Duration) {
+        self.inner.state.lock().unwrap().page_delay = delay;
+    }
+
+    /// Makes the next `/version` answer only after `delay`: an API server slow for a
+    /// moment, not down.
+    pub fn slow_next_version(&self, delay: Duration) {
+        self.inner.state.lock().unwrap().version_delay = Some(delay);
     }
 
     /// Goes down or comes back.
@@ -505,6 +531,7 @@ fn respond(stream: &mut TcpStream, code: u16, body: &Value) {
     let reason = match code {
         200 => "OK",
         201 => "Created",
+        403 => "Forbidden",
         404 => "Not Found",
         409 => "Conflict",
         _ => "Error",
@@ -541,6 +568,10 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
         s.cut
     };
     if req.path == "/version" {
+        let delay = inner.state.lock().unwrap().version_delay.take();
+        if let Some(delay) = delay {
+            thread::sleep(delay);
+        }
         respond(
             &mut stream,
             200,
@@ -569,6 +600,16 @@ fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
         .copied()
         .find(|c| req.path.starts_with(c.path))
         .filter(|c| !inner.state.lock().unwrap().unserved.contains(&c.kind));
+    if let Some(c) = served
+        && inner.state.lock().unwrap().forbidden.contains(&c.kind)
+    {
+        let message = format!(
+            "{}s is forbidden: User \"system:serviceaccount:tollgate:tollgate\" cannot list resource",
+            c.kind.to_lowercase()
+        );
+        respond(&mut stream, 403, &status(403, "Forbidden", &message));
+        return;
+    }
     let Some(c) = served else {
         respond(
             &mut stream,
@@ -758,6 +799,8 @@ fn events_request(
 }
 
 fn list(inner: &Arc<Inner>, stream: &mut TcpStream, req: &Request, c: Collection) {
+    let delay = inner.state.lock().unwrap().page_delay;
+    thread::sleep(delay);
     let s = inner.state.lock().unwrap();
     if s.fail_continued && req.query.contains_key("continue") {
         drop(s);

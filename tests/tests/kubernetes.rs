@@ -207,6 +207,11 @@ fn the_kubernetes_source_attaches_this_nodes_pods_and_follows_every_change() {
         overrides.iter().all(|o| o["spec"]["mode"] == "drop"),
         "{overrides:#?}"
     );
+    // This change gave no reason: the first one's is not left behind to be credited to it.
+    assert!(
+        overrides.iter().all(|o| o["spec"].get("reason").is_none()),
+        "{overrides:#?}"
+    );
     within(CHANGE_BOUND, "the updated ModeOverride applied", || {
         mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "drop" && s == "cluster-override")
     });
@@ -796,6 +801,111 @@ fn a_missing_mode_override_crd_is_a_warning_not_an_outage() {
         "{status:#}"
     );
     assert_eq!(agent.http("/readyz").map(|(c, _)| c), Some(200));
+    // The missing CRD is asked for again, ever less often (doubling waits up to 30 s), not
+    // about once a second by every node of the cluster.
+    let asked = || {
+        shop.api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /apis/tollgate.io/v1alpha1/modeoverrides"))
+            .count()
+    };
+    let before = asked();
+    std::thread::sleep(Duration::from_secs(20));
+    let in_20s = asked() - before;
+    assert!(
+        (1..=8).contains(&in_20s),
+        "{in_20s} lists of the missing CRD in 20 s"
+    );
+}
+
+/// A ClusterRole without ModeOverrides (403) says nothing of which exist: the agent
+/// enforces everything else but says it is degraded, since a security team's `drop`
+/// override may be missed. (A 404, a CRD not installed, means there are none: a warning.)
+#[test]
+fn a_forbidden_list_of_mode_overrides_is_degraded_not_none() {
+    let shop = shop("kube-403");
+    shop.api.forbid("ModeOverride");
+    let kubeconfig = shop.api.kubeconfig(&shop.dir);
+    let args = ["--cgroup-root", shop.lab.cgroup_dir.to_str().unwrap()];
+    let agent = Agent::start_kubernetes(&shop.lab, &shop.dir, &kubeconfig, &args);
+    wait_for(
+        Duration::from_secs(20),
+        "degraded on a forbidden list",
+        || {
+            agent
+                .http("/readyz")
+                .is_some_and(|(c, b)| c == 503 && b.contains("may not list ModeOverrides"))
+                .then_some(())
+        },
+    );
+    assert!(
+        agent.workload("web-0").is_some(),
+        "everything else enforced"
+    );
+    assert_eq!(
+        sample(&agent.metrics_text(), "tollgate_source_degraded", &[]),
+        Some(1.0)
+    );
+}
+
+/// An API server slow to answer for a moment (one probe without an answer in time) is not
+/// an outage that makes every agent of the cluster list every kind again.
+#[test]
+fn a_moment_of_a_slow_api_server_makes_no_relist() {
+    let shop = shop("kube-blip");
+    let agent = shop.start(&[]);
+    let lists = || {
+        shop.api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /ap") && !r.contains("watch=true"))
+            .count()
+    };
+    let before = lists();
+    shop.api.slow_next_version(Duration::from_secs(4));
+    wait_for(Duration::from_secs(10), "the probe's answer late", || {
+        agent
+            .log()
+            .contains("the API server answers again")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lists(), before, "{:#?}", shop.api.requests());
+    // Still watching: a change comes through.
+    shop.api.delete("Pod", "shop", "client-0");
+    within(CHANGE_BOUND, "a change after the slow moment", || {
+        agent.workload("client-0").is_none()
+    });
+}
+
+/// A relist slower than the agent's patience with a failing watch (a 410 on a large
+/// cluster, an API server under load) completes: its pages are progress.
+#[test]
+fn a_slow_relist_after_410_completes() {
+    let shop = shop("kube-slow");
+    let many: String = (0..1100)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: filler-{i}, namespace: aaa, labels: {{app: filler}}}}\nspec: {{nodeName: node-2, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.9.{}.{}}}]}}\n",
+                i / 250,
+                i % 250 + 1
+            )
+        })
+        .collect();
+    shop.api.apply_yaml(&many);
+    let agent = shop.start(&[]);
+    assert!(agent.workload("client-0").is_some());
+    // Every page now takes 6 s: the pod list (3 pages) takes 18 s after the 410.
+    shop.api.slow_pages(Duration::from_secs(6));
+    shop.api.compact();
+    shop.api.delete("Pod", "shop", "client-0");
+    within(Duration::from_secs(45), "the slow relist applied", || {
+        agent.workload("client-0").is_none()
+    });
+    within(Duration::from_secs(10), "ready again", || {
+        agent.http("/readyz").map(|(c, _)| c) == Some(200)
+    });
 }
 
 #[test]

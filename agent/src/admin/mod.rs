@@ -408,5 +408,8 @@ mod tests {
         assert!(Target::parse("bank").is_err());
         assert!(Target::parse("Bank/x").is_err());
         assert!(Target::parse("/x").is_err());
+        // A namespace is a DNS label: no dots (the CRD's pattern says so too).
+        assert!(Target::parse("team.a/api").is_err());
+        assert!(Target::parse("team-a/api.v2").is_ok());
     }
 }

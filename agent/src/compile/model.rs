@@ -445,8 +445,8 @@ impl Target {
             return Ok(Target::All);
         }
         match s.split_once('/') {
-            Some((ns, "*")) if valid_name(ns) => Ok(Target::Namespace(ns.into())),
-            Some((ns, name)) if valid_name(ns) && valid_name(name) => {
+            Some((ns, "*")) if dns_label(ns) => Ok(Target::Namespace(ns.into())),
+            Some((ns, name)) if dns_label(ns) && valid_name(name) => {
                 Ok(Target::Named(ns.into(), name.into()))
             }
             _ => Err(format!(

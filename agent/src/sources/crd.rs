@@ -114,7 +114,7 @@ pub async fn set_override(
     use anyhow::Context as _;
     use kube::api::{Patch, PatchParams, PostParams};
     let api: kube::Api<ModeOverride> = kube::Api::all(client.clone());
-    let existing = find(&api, target)
+    let mut existing = find(&api, target)
         .await
         .context("list ModeOverrides (is the CRD installed? kubectl apply -k deploy/)")?;
     let spec = ModeOverrideSpec {
@@ -123,19 +123,33 @@ pub async fn set_override(
         reason: reason.clone(),
     };
     let annotations = serde_json::json!({ "tollgate.io/set-by": who });
-    let (written, objects) = if existing.is_empty() {
+    let mut created = None;
+    if existing.is_empty() {
         let name = object_name(target);
-        let mut object = ModeOverride::new(&name, spec);
-        object.metadata.annotations = serde_json::from_value(annotations).ok();
-        let created = api
-            .create(&PostParams::default(), &object)
-            .await
-            .with_context(|| format!("create ModeOverride {name}"))?;
-        (Written { name, old: None }, vec![created])
+        let mut object = ModeOverride::new(&name, spec.clone());
+        object.metadata.annotations = serde_json::from_value(annotations.clone()).ok();
+        match api.create(&PostParams::default(), &object).await {
+            Ok(object) => created = Some((name, object)),
+            // Another `mode set` of the same target created it meanwhile: update that one.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                existing = find(&api, target).await.context("list ModeOverrides")?;
+                if existing.is_empty() {
+                    anyhow::bail!(
+                        "create ModeOverride {name}: the name is taken by a ModeOverride of another target; rename or delete it"
+                    );
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("create ModeOverride {name}")),
+        }
+    }
+    let (written, objects) = if let Some((name, object)) = created {
+        (Written { name, old: None }, vec![object])
     } else {
+        // A merge patch leaves out what it does not name: the reason is always named (null
+        // when none is given), so an earlier change's reason is never credited to this one.
         let patch = serde_json::json!({
             "metadata": {"annotations": annotations},
-            "spec": spec,
+            "spec": {"target": spec.target, "mode": spec.mode, "reason": spec.reason},
         });
         let mut updated = Vec::new();
         for o in &existing {

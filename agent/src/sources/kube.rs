@@ -34,10 +34,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
-use kube::{
-    Api, Client, Resource, ResourceExt as _,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Api, Client, Resource, ResourceExt as _, runtime::watcher};
 use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
@@ -54,10 +51,24 @@ use crate::compile::model::ClusterState;
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long it has to answer.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A watch failing this long (without an event since) is restarted with a relist.
+/// A watch failing this long without progress (an event, or a page of a list) is
+/// restarted with a relist: its requests may hang on a connection that died.
 const RESTART_FAILING_AFTER: Duration = Duration::from_secs(5);
+/// A list that has made no progress (no page) this long is restarted: its request hangs.
+const RESTART_STALLED_LIST_AFTER: Duration = Duration::from_secs(30);
 /// At most one restart per kind in this time.
 const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(10);
+/// An outage at least this long restarts every watch that made no progress since it began
+/// (their connections may have died with it); after a shorter one only failing watches are
+/// restarted, so a blip of the API server does not make every node relist the cluster.
+const OUTAGE_RESTARTS_QUIET_WATCHES: Duration = Duration::from_secs(8);
+/// Retries of a failing watch wait from this long, doubling up to `RETRY_MAX`, with jitter.
+const RETRY_FIRST: Duration = Duration::from_millis(800);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// No answer (not even a header) in this long ends a request: a list on a connection that
+/// died would otherwise wait for TCP to give up. Longer than the server's watch timeout
+/// (290 s), so a quiet watch is never cut.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(300);
 /// Kinds a real cluster always has objects of: an empty list of them is not believed.
 const NEVER_EMPTY: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::Node];
 
@@ -125,8 +136,15 @@ pub struct KubeSource {
     restored: BTreeMap<ObjectKey, (Option<String>, Object)>,
     /// Kinds listed completely at least once.
     synced: BTreeSet<Kind>,
-    /// Kinds whose watch failed since their last event: why, and since when.
+    /// Kinds whose watch failed since their last event: why, and when it last made progress
+    /// (failed first, or listed a page since).
     failing: BTreeMap<Kind, (String, Instant)>,
+    /// When each kind's watch last made progress of any kind (an event, a page, a list).
+    progress: BTreeMap<Kind, Instant>,
+    /// Kinds listing now, since the last page of the list.
+    list_progress: BTreeMap<Kind, Instant>,
+    /// When the API server stopped answering, while it does not.
+    outage_since: Option<Instant>,
     /// Kinds the API server does not serve (a CRD not installed: 404) or lets the agent
     /// list (403), with the status code.
     not_served: BTreeMap<Kind, u16>,
@@ -155,8 +173,7 @@ impl KubeSource {
     /// Connects (in-cluster config or `KUBECONFIG`) and starts every watch. Must run inside
     /// a Tokio runtime.
     pub async fn connect() -> Result<KubeSource, kube::Error> {
-        let client = Client::try_default().await?;
-        Ok(KubeSource::start(client))
+        Ok(KubeSource::start(client().await?))
     }
 
     /// Starts every watch on a client.
@@ -181,6 +198,9 @@ impl KubeSource {
             restored: BTreeMap::new(),
             synced: BTreeSet::new(),
             failing: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            list_progress: BTreeMap::new(),
+            outage_since: None,
             distrusted: BTreeMap::new(),
             not_served: BTreeMap::new(),
             probe,
@@ -272,6 +292,11 @@ impl KubeSource {
     }
 
     fn spawn(&mut self, kind: Kind) {
+        // The new task starts afresh: what the old one failed at or listed is its own.
+        if let Some((_, since)) = self.failing.get_mut(&kind) {
+            *since = Instant::now();
+        }
+        self.list_progress.remove(&kind);
         let client = self.client.clone();
         self.next_generation += 1;
         self.generations.insert(kind, self.next_generation);
@@ -370,28 +395,50 @@ impl KubeSource {
         changed
     }
 
-    /// Restarts watches that keep failing, and every watch once the API server answers
-    /// again after an outage.
+    /// Restarts watches whose requests may hang: one failing without progress, a list that
+    /// stalled, a list not believed (asked again), and once the API server answers again
+    /// after an outage, the failing watches and, after a long outage, every watch that made
+    /// no progress since it began.
     fn restart_failing(&mut self) {
+        let api_down = self.probe.failure.lock().expect("probe").is_some();
         let recoveries = self.probe.recoveries.load(Ordering::Relaxed);
         let recovered = recoveries != self.recoveries_seen;
         self.recoveries_seen = recoveries;
-        let api_down = self.probe.failure.lock().expect("probe").is_some();
+        let outage = match (api_down, self.outage_since) {
+            (true, None) => {
+                self.outage_since = Some(Instant::now());
+                None
+            }
+            (false, Some(since)) => {
+                self.outage_since = None;
+                Some(since)
+            }
+            // Answered again and already failing again, between two refreshes.
+            (true, Some(since)) if recovered => Some(since),
+            _ => None,
+        };
         for kind in Kind::ALL {
-            let stale = self
-                .failing
-                .get(&kind)
-                .is_some_and(|(_, since)| since.elapsed() >= RESTART_FAILING_AFTER);
+            let failing = self.failing.get(&kind);
+            // A list in progress is judged by its pages, however long the whole takes.
+            let listing = self.list_progress.get(&kind);
+            let stale = listing.is_none()
+                && failing.is_some_and(|(_, since)| since.elapsed() >= RESTART_FAILING_AFTER);
+            let stalled = listing.is_some_and(|t| t.elapsed() >= RESTART_STALLED_LIST_AFTER);
             let recently = self
                 .last_restart
                 .get(&kind)
                 .is_some_and(|t| t.elapsed() < MIN_RESTART_INTERVAL);
             // A list not believed is asked again (the watch goes on from it otherwise).
             let distrusted = self.distrusted.contains_key(&kind);
-            if recovered || ((stale || distrusted) && !api_down && !recently) {
+            let after_outage = outage.is_some_and(|since| {
+                failing.is_some()
+                    || (since.elapsed() >= OUTAGE_RESTARTS_QUIET_WATCHES
+                        && self.progress.get(&kind).is_none_or(|p| *p < since))
+            });
+            if after_outage || ((stale || stalled || distrusted) && !api_down && !recently) {
                 info!(
                     kind = kind.as_str(),
-                    recovered, "restarting the watch with a relist"
+                    after_outage, stale, stalled, distrusted, "restarting the watch with a relist"
                 );
                 self.spawn(kind);
             }
@@ -414,11 +461,27 @@ fn origin() -> PathBuf {
 
 impl Source for KubeSource {
     fn refresh(&mut self, force: bool) -> Refresh {
-        self.restart_failing();
         let mut changed = force;
+        // What the current tasks sent first: an InitDone waiting here is not thrown away by
+        // a restart that its own progress would have made needless.
         while let Ok((generation, update)) = self.rx.try_recv() {
             if self.generations.get(&update.kind()) != Some(&generation) {
                 continue; // from a task restarted since
+            }
+            if !matches!(update, Update::Failed(..)) {
+                let kind = update.kind();
+                self.progress.insert(kind, Instant::now());
+                if let Some((_, since)) = self.failing.get_mut(&kind) {
+                    *since = Instant::now();
+                }
+                match update {
+                    Update::Init(_) | Update::InitApply(_) => {
+                        self.list_progress.insert(kind, Instant::now());
+                    }
+                    _ => {
+                        self.list_progress.remove(&kind);
+                    }
+                }
             }
             match update {
                 Update::Apply(item) => {
@@ -489,6 +552,7 @@ impl Source for KubeSource {
                 Update::Failed(kind, why) => {
                     // A list that broke off is started again from scratch by the watcher.
                     self.listing.remove(&kind);
+                    self.list_progress.remove(&kind);
                     let since = self
                         .failing
                         .get(&kind)
@@ -498,19 +562,16 @@ impl Source for KubeSource {
                 }
             }
         }
+        self.restart_failing();
         self.errors = self.store.errors().cloned().collect();
         self.warnings = self.store.warnings();
         for (kind, code) in &self.not_served {
-            self.warnings.push(match code {
-                403 => format!(
-                    "the agent may not list {}s (kubectl apply -k deploy/ grants it); there are none",
-                    kind.as_str()
-                ),
-                _ => format!(
+            if *code != 403 {
+                self.warnings.push(format!(
                     "the API server does not serve {}s (kubectl apply -k deploy/ installs the CRD); there are none",
                     kind.as_str()
-                ),
-            });
+                ));
+            }
         }
         let new_errors: Vec<ObjectError> = self
             .errors
@@ -549,6 +610,16 @@ impl Source for KubeSource {
             why.push(format!("the watch of {}s fails: {failure}", kind.as_str()));
         }
         why.extend(self.distrusted.values().cloned());
+        // A CRD not installed means none of its objects can exist; a list forbidden says
+        // nothing of what exists: the security team's ModeOverrides may be missed.
+        for (kind, code) in &self.not_served {
+            if *code == 403 {
+                why.push(format!(
+                    "the agent may not list {}s (its ClusterRole lacks them: kubectl apply -k deploy/)",
+                    kind.as_str()
+                ));
+            }
+        }
         (!why.is_empty())
             .then(|| format!("{}; the last known state stays in force", why.join("; ")))
     }
@@ -601,8 +672,9 @@ where
     let api: Api<K> = Api::all(client);
     // Lists are quorum reads (the default): a list from the watch cache (`resourceVersion=0`)
     // can be older than what the agent saw, on every relist, and bring back what was deleted.
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let stream = watcher(api, watcher::Config::default());
     let mut stream = std::pin::pin!(stream);
+    let mut retry = Retry::default();
     let key = |o: &K| ObjectKey {
         kind,
         namespace: if kind.cluster_scoped() {
@@ -623,12 +695,23 @@ where
         (key(&o), converted, document, uid)
     };
     while let Some(event) = stream.next().await {
+        // Only what a list or a watch brought resets the wait between retries: the watcher
+        // reports `Init` before every attempt at a list, failing or not.
         let update = match event {
-            Ok(watcher::Event::Apply(o)) => Update::Apply(item(o)),
-            Ok(watcher::Event::Delete(o)) => Update::Delete(key(&o)),
+            Ok(watcher::Event::Apply(o)) => {
+                retry.reset();
+                Update::Apply(item(o))
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                retry.reset();
+                Update::Delete(key(&o))
+            }
             Ok(watcher::Event::Init) => Update::Init(kind),
             Ok(watcher::Event::InitApply(o)) => Update::InitApply(item(o)),
-            Ok(watcher::Event::InitDone) => Update::InitDone(kind),
+            Ok(watcher::Event::InitDone) => {
+                retry.reset();
+                Update::InitDone(kind)
+            }
             Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
                 if matches!(status.code, 403 | 404)
                     && matches!(kind, Kind::ModeOverride | Kind::EgressAllowlist) =>
@@ -640,10 +723,51 @@ where
                 Update::Failed(kind, e.to_string())
             }
         };
+        let failed = matches!(update, Update::Failed(..) | Update::NotServed(..));
         if tx.send(update).await.is_err() {
             return;
         }
+        if failed {
+            tokio::time::sleep(retry.next()).await;
+        }
     }
+}
+
+/// The wait before a failing watch tries again: doubling from `RETRY_FIRST` to `RETRY_MAX`,
+/// each wait drawn between half and all of it, so the agents of a cluster do not retry in
+/// step; back to the start once a list or an event comes through.
+#[derive(Default)]
+struct Retry {
+    failures: u32,
+}
+
+impl Retry {
+    fn next(&mut self) -> Duration {
+        let full = RETRY_FIRST
+            .saturating_mul(1 << self.failures.min(16))
+            .min(RETRY_MAX);
+        self.failures = self.failures.saturating_add(1);
+        let jitter = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        full / 2 + full / 2 * (jitter % 1000) / 1000
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A client (in-cluster config or `KUBECONFIG`) whose requests end when no answer comes in
+/// `READ_TIMEOUT`.
+pub async fn client() -> Result<Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.read_timeout = Some(READ_TIMEOUT);
+    config.reset_reader_on_write = true;
+    Client::try_from(config)
 }
 
 /// Asks the API server for its version every `PROBE_INTERVAL`.
