@@ -455,12 +455,35 @@ impl Controller {
                     warn!(error = %e, "workload not reconciled; retrying");
                 }
                 self.retry_later(!report.errors.is_empty());
+                if !self.reconciled {
+                    self.remove_stale_links();
+                }
                 self.reconciled = true;
             }
             Err(e) => {
                 self.retry_later(true);
                 error!(error = %e, "reconcile failed; will retry");
             }
+        }
+    }
+
+    /// Once the workloads are attached: another agent's programs still linked at their
+    /// attachment points (an earlier agent with another `--bpffs`) come off, or they would
+    /// go on enforcing that agent's last rules beside ours.
+    fn remove_stale_links(&self) {
+        match self.rec.datapath.remove_stale_links() {
+            Ok(removed) => {
+                for link in removed {
+                    warn!(
+                        link = link.link_id,
+                        program = %link.prog,
+                        program_id = link.prog_id,
+                        at = ?link.at,
+                        "detached another agent's program from a workload this agent attached (an earlier agent with another --bpffs?)"
+                    );
+                }
+            }
+            Err(e) => warn!(error = %e, "could not look for other agents' programs"),
         }
     }
 

@@ -332,6 +332,14 @@ impl Datapath {
             .collect()
     }
 
+    /// Takes another agent's Tollgate programs off this agent's attachment points (see
+    /// `attach::stale`); returns what it took off.
+    pub fn remove_stale_links(&self) -> std::io::Result<Vec<attach::stale::StaleLink>> {
+        let ours = self.program_ids().into_iter().collect();
+        let points = self.attachments.values().map(|a| a.key).collect();
+        attach::stale::remove_stale_links(&ours, &points)
+    }
+
     /// The reader of flow events. The ring buffer has one consumer: call once.
     pub fn events(&mut self) -> Result<EventReader, DatapathError> {
         let map = self

@@ -45,6 +45,12 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent in the lab's node namespace on `cluster_state` (a directory).
     pub fn start(lab: &Lab, dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_on_bpffs(lab, dir, &lab.pin_dir, extra)
+    }
+
+    /// `start`, with its pins under `bpffs` (inside the lab's pin directory, so the lab
+    /// removes them) instead of the lab's pin directory itself.
+    pub fn start_on_bpffs(lab: &Lab, dir: &Path, bpffs: &Path, extra: &[&str]) -> Agent {
         let cluster_state = dir.join("cluster");
         std::fs::create_dir_all(&cluster_state).unwrap();
         let mut agent = Agent {
@@ -55,7 +61,7 @@ impl Agent {
             metrics: "127.0.0.1:9402".parse().unwrap(),
             admin_socket: dir.join("admin.sock"),
             flow_log: dir.join("flows.log"),
-            bpffs: lab.pin_dir.clone(),
+            bpffs: bpffs.into(),
             args: extra.iter().map(|s| s.to_string()).collect(),
             kubeconfig: None,
             wrapper: Vec::new(),

@@ -731,6 +731,37 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
 /// does after a restart: the new process has never seen it good, but the state directory
 /// kept it, so enforcement does not lapse until the file is mended. The same for the pod it
 /// isolates, whose document broke too: a restart still attaches and enforces it as it was.
+/// An agent started with another `--bpffs` does not adopt what the earlier one left
+/// attached: it takes that agent's programs off the workloads it attaches, or they would go
+/// on enforcing the earlier agent's last rules beside its own.
+#[test]
+fn a_restart_on_another_bpffs_takes_the_earlier_agents_programs_off() {
+    let bank = bank("agent-moved");
+    let mut agent = bank.start(&["--default-mode", "drop"]);
+    assert!(!bank.frontend_reaches_ledger());
+    assert!(agent.stop().success());
+    assert!(!bank.frontend_reaches_ledger(), "enforced after a stop");
+    // The next agent, on other pins, in log mode: nothing is dropped.
+    let moved = bank.lab.pin_dir.join("moved");
+    let mut next = Agent::start_on_bpffs(&bank.lab, &bank.dir, &moved, &["--default-mode", "log"]);
+    next.wait_ready();
+    Bank::wait_for_workloads(&next);
+    wait_for(
+        Duration::from_secs(5),
+        "the frontend reaching the ledger",
+        || bank.frontend_reaches_ledger().then_some(()),
+    );
+    assert!(
+        next.log().contains("detached another agent's program"),
+        "{}",
+        next.log()
+    );
+    // Counted by the agent that now runs, as a would-drop.
+    wait_for(Duration::from_secs(5), "the would-drop counted", || {
+        (ledger_packets(&next.metrics_text(), "ingress", "would_drop") > 0.0).then_some(())
+    });
+}
+
 #[test]
 fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
     let bank = bank("agent-kept");

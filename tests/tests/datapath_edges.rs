@@ -53,6 +53,82 @@ fn tc_filters(lab: &Lab, iface: &str, hook: &str) -> String {
     )
 }
 
+/// The ids of the programs TCX runs at an interface of the lab's node, both directions.
+fn tcx_programs(lab: &Lab, iface: &str) -> Vec<u64> {
+    use aya::programs::{SchedClassifier, tc::TcAttachType};
+    let mut ids: Vec<u64> = lab.in_node(|| {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .flat_map(|t| SchedClassifier::query_tcx(iface, t).expect("query TCX").1)
+            .map(|p| u64::from(p.id()))
+            .collect()
+    });
+    ids.sort();
+    ids
+}
+
+/// An agent on other pins (another `--bpffs`) takes an earlier agent's programs off the
+/// points it attaches, TCX and cgroup, and leaves that agent's programs elsewhere alone.
+#[test]
+fn another_agents_programs_come_off_the_points_this_one_attaches_and_only_those() {
+    let mut lab = Lab::new();
+    let a = lab.add_pod("a");
+    let b = lab.add_pod("b");
+    let mut old = lab.datapath(TcMode::Auto);
+    assert_eq!(attach_tc(&lab, &mut old, 1, &a), AttachMethod::Tcx);
+    attach_cgroup(&mut old, 2, &a);
+    attach_tc(&lab, &mut old, 3, &b);
+    let old_ids: Vec<u64> = old.program_ids().into_iter().map(u64::from).collect();
+    // Dropped, as by a process that exits: the pinned links stay attached.
+    drop(old);
+
+    let mut options = tollgate::datapath::DatapathOptions::new(lab.pin_dir.join("other"));
+    options.conntrack_capacity = 65536;
+    let mut new = tollgate::datapath::Datapath::load(options).expect("load a second datapath");
+    attach_tc(&lab, &mut new, 1, &a);
+    attach_cgroup(&mut new, 2, &a);
+    let new_ids: Vec<u64> = new.program_ids().into_iter().map(u64::from).collect();
+    assert_eq!(
+        tcx_programs(&lab, &a.host_if).len(),
+        4,
+        "both agents' programs at a"
+    );
+
+    let removed = lab
+        .in_node(|| new.remove_stale_links())
+        .expect("remove stale links");
+    let mut kinds: Vec<String> = removed
+        .iter()
+        .map(|l| {
+            format!("{}@{:?}", l.prog, l.at)
+                .split('(')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "cg_egress@Cgroup",
+            "cg_ingress@Cgroup",
+            "tc_from_pod@Ifindex",
+            "tc_to_pod@Ifindex"
+        ],
+        "{removed:?}"
+    );
+    let at_a = tcx_programs(&lab, &a.host_if);
+    assert!(at_a.iter().all(|id| new_ids.contains(id)), "{at_a:?}");
+    assert_eq!(at_a.len(), 2);
+    // b is not this datapath's: the earlier programs stay there.
+    let at_b = tcx_programs(&lab, &b.host_if);
+    assert!(at_b.iter().all(|id| old_ids.contains(id)), "{at_b:?}");
+    assert_eq!(at_b.len(), 2);
+    // Nothing left to take off.
+    assert!(lab.in_node(|| new.remove_stale_links()).unwrap().is_empty());
+}
+
 #[test]
 fn detach_leaves_nothing_behind() {
     let mut lab = Lab::new();

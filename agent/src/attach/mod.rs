@@ -9,6 +9,7 @@
 pub mod netlink;
 pub mod points;
 pub mod routes;
+pub mod stale;
 
 use std::{
     collections::BTreeMap,
@@ -159,7 +160,7 @@ pub const CLSACT_PRIORITY: u16 = 0x7467;
 pub const CLSACT_HANDLE: TcHandle = TcHandle::new(0x7467, 1);
 
 /// What an attachment is keyed by in the datapath's routing maps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RouteKey {
     /// Interface index of a TC attachment.
     Ifindex(u32),
