@@ -272,6 +272,8 @@ pub struct Controller {
     /// fit): when to try again, and the wait after that one if it fails too.
     retry: Option<(Instant, Duration)>,
     reconciled: bool,
+    /// Another agent's programs were looked for after a reconcile that attached everything.
+    stale_links_swept: bool,
     cluster_overrides: BTreeMap<String, ModeOverrideInfo>,
     notices: Option<tokio::sync::mpsc::Sender<ModeNotice>>,
     /// The source's (degraded, not ready) reasons at the last sync: a change is published.
@@ -301,6 +303,7 @@ impl Controller {
             last_sync: Instant::now(),
             retry: None,
             reconciled: false,
+            stale_links_swept: false,
             cluster_overrides,
             notices: None,
             source_health: (None, None),
@@ -455,8 +458,11 @@ impl Controller {
                     warn!(error = %e, "workload not reconciled; retrying");
                 }
                 self.retry_later(!report.errors.is_empty());
-                if !self.reconciled {
+                // Until every workload is attached: one that failed the first time gets its
+                // sweep when a retry attaches it.
+                if !self.stale_links_swept {
                     self.remove_stale_links();
+                    self.stale_links_swept = report.errors.is_empty();
                 }
                 self.reconciled = true;
             }
@@ -471,19 +477,18 @@ impl Controller {
     /// attachment points (an earlier agent with another `--bpffs`) come off, or they would
     /// go on enforcing that agent's last rules beside ours.
     fn remove_stale_links(&self) {
-        match self.rec.datapath.remove_stale_links() {
-            Ok(removed) => {
-                for link in removed {
-                    warn!(
-                        link = link.link_id,
-                        program = %link.prog,
-                        program_id = link.prog_id,
-                        at = ?link.at,
-                        "detached another agent's program from a workload this agent attached (an earlier agent with another --bpffs?)"
-                    );
-                }
-            }
-            Err(e) => warn!(error = %e, "could not look for other agents' programs"),
+        let sweep = self.rec.datapath.remove_stale_links();
+        for link in sweep.removed {
+            warn!(
+                link = link.link_id,
+                program = %link.prog,
+                program_id = link.prog_id,
+                at = ?link.at,
+                "detached another agent's program from a workload this agent attached (an earlier agent with another --bpffs?)"
+            );
+        }
+        for e in sweep.errors {
+            warn!(error = %e, "could not look for or detach another agent's programs");
         }
     }
 

@@ -334,7 +334,7 @@ impl Datapath {
 
     /// Takes another agent's Tollgate programs off this agent's attachment points (see
     /// `attach::stale`); returns what it took off.
-    pub fn remove_stale_links(&self) -> std::io::Result<Vec<attach::stale::StaleLink>> {
+    pub fn remove_stale_links(&self) -> attach::stale::Sweep {
         let ours = self.program_ids().into_iter().collect();
         let points = self.attachments.values().map(|a| a.key).collect();
         attach::stale::remove_stale_links(&ours, &points)

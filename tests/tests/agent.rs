@@ -727,10 +727,6 @@ fn a_graceful_stop_keeps_enforcing_and_only_detach_on_exit_removes_it() {
     drop(agent);
 }
 
-/// A policy broken while the agent runs stays in force as its last good version, and so it
-/// does after a restart: the new process has never seen it good, but the state directory
-/// kept it, so enforcement does not lapse until the file is mended. The same for the pod it
-/// isolates, whose document broke too: a restart still attaches and enforces it as it was.
 /// An agent started with another `--bpffs` does not adopt what the earlier one left
 /// attached: it takes that agent's programs off the workloads it attaches, or they would go
 /// on enforcing the earlier agent's last rules beside its own.
@@ -762,6 +758,10 @@ fn a_restart_on_another_bpffs_takes_the_earlier_agents_programs_off() {
     });
 }
 
+/// A policy broken while the agent runs stays in force as its last good version, and so it
+/// does after a restart: the new process has never seen it good, but the state directory
+/// kept it, so enforcement does not lapse until the file is mended. The same for the pod it
+/// isolates, whose document broke too: a restart still attaches and enforces it as it was.
 #[test]
 fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
     let bank = bank("agent-kept");

@@ -1,8 +1,8 @@
 //! Links of another agent's programs at this agent's attachment points: an earlier agent
 //! that ran with another `--bpffs` (its pins, so its links, are somewhere this agent does
 //! not adopt from) left its programs attached, enforcing its last rules beside ours. A
-//! Tollgate program (by name) that is not one this process loaded, linked (TCX or cgroup)
-//! where one of our workloads is attached, is detached, as Cilium takes its own old
+//! Tollgate program (by its name and the names of its maps) that is not one this process
+//! loaded, linked (TCX or cgroup) where one of our workloads is attached, is detached, as Cilium takes its own old
 //! programs off when it attaches. Programs of other names, and Tollgate programs attached
 //! anywhere else, are left alone.
 
@@ -12,7 +12,7 @@ use std::{
     os::fd::{AsRawFd as _, OwnedFd},
 };
 
-use agent_common::program_names;
+use agent_common::{map_names, program_names};
 use aya::programs::loaded_programs;
 
 use super::RouteKey;
@@ -46,25 +46,30 @@ pub struct StaleLink {
     pub at: RouteKey,
 }
 
+/// What a sweep did: the links it detached, and what it could not look at or detach.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    pub removed: Vec<StaleLink>,
+    pub errors: Vec<String>,
+}
+
 /// Detaches the links of Tollgate programs other than `ours` (program ids) at `points`.
-/// Returns what it detached. One walk of the loaded programs; the links are walked only
-/// when a Tollgate program not ours is loaded at all.
-pub fn remove_stale_links(
-    ours: &BTreeSet<u32>,
-    points: &BTreeSet<RouteKey>,
-) -> io::Result<Vec<StaleLink>> {
+/// One walk of the loaded programs; the links are looked at only when a Tollgate program
+/// not ours is loaded at all. An error on one hook or link does not stop the rest.
+pub fn remove_stale_links(ours: &BTreeSet<u32>, points: &BTreeSet<RouteKey>) -> Sweep {
+    let mut sweep = Sweep::default();
     let foreign: Vec<(u32, String)> = loaded_programs()
         .filter_map(Result::ok)
+        .filter(|p| !ours.contains(&p.id()))
         .filter_map(|p| {
             let name = p.name_as_str()?.to_string();
-            (WORKLOAD_PROGRAMS.contains(&name.as_str()) && !ours.contains(&p.id()))
+            (WORKLOAD_PROGRAMS.contains(&name.as_str()) && uses_tollgate_maps(&p))
                 .then(|| (p.id(), name))
         })
         .collect();
     if foreign.is_empty() || points.is_empty() {
-        return Ok(Vec::new());
+        return sweep;
     }
-    let mut removed = Vec::new();
     // Interfaces are asked what they run, in this agent's network namespace: a link's own
     // interface index does not say which namespace it is in (another node namespace, as in
     // the tests, can hold an interface of the same index).
@@ -73,28 +78,39 @@ pub fn remove_stale_links(
             continue;
         };
         for attach_type in [BPF_TCX_INGRESS, BPF_TCX_EGRESS] {
-            for (prog_id, link_id) in tcx_links(ifindex, attach_type)? {
+            let links = match tcx_links(ifindex, attach_type) {
+                Ok(links) => links,
+                Err(e) => {
+                    sweep
+                        .errors
+                        .push(format!("TCX programs of interface {ifindex}: {e}"));
+                    continue;
+                }
+            };
+            for (prog_id, link_id) in links {
                 let Some((_, prog)) = foreign.iter().find(|(p, _)| *p == prog_id) else {
                     continue;
                 };
                 // Gone meanwhile: nothing to do.
                 let Ok(fd) = link_fd(link_id) else { continue };
-                detach(&fd)?;
-                removed.push(StaleLink {
-                    link_id,
-                    prog_id,
-                    prog: prog.clone(),
-                    at: *point,
-                });
+                sweep.detach(&fd, link_id, prog_id, prog, *point);
             }
         }
     }
     // cgroup ids are the same in every namespace: the links are walked.
     if !points.iter().any(|p| matches!(p, RouteKey::Cgroup(_))) {
-        return Ok(removed);
+        return sweep;
     }
     let mut id = 0;
-    while let Some(next) = next_link_id(id)? {
+    loop {
+        let next = match next_link_id(id) {
+            Ok(Some(next)) => next,
+            Ok(None) => break,
+            Err(e) => {
+                sweep.errors.push(format!("links: {e}"));
+                break;
+            }
+        };
         id = next;
         // Gone meanwhile: nothing to do.
         let Ok(fd) = link_fd(id) else { continue };
@@ -105,15 +121,41 @@ pub fn remove_stale_links(
         if !matches!(info.at, RouteKey::Cgroup(_)) || !points.contains(&info.at) {
             continue;
         }
-        detach(&fd)?;
-        removed.push(StaleLink {
-            link_id: id,
-            prog_id: info.prog_id,
-            prog: prog.clone(),
-            at: info.at,
-        });
+        sweep.detach(&fd, id, info.prog_id, prog, info.at);
     }
-    Ok(removed)
+    sweep
+}
+
+impl Sweep {
+    fn detach(&mut self, fd: &OwnedFd, link_id: u32, prog_id: u32, prog: &str, at: RouteKey) {
+        match detach(fd) {
+            Ok(()) => self.removed.push(StaleLink {
+                link_id,
+                prog_id,
+                prog: prog.to_string(),
+                at,
+            }),
+            Err(e) => self
+                .errors
+                .push(format!("detach link {link_id} ({prog}): {e}")),
+        }
+    }
+}
+
+/// Whether a program uses maps of Tollgate's names: its workload table and its connection
+/// tracking table. Program names alone are short and plain; another tool's could match.
+fn uses_tollgate_maps(program: &aya::programs::ProgramInfo) -> bool {
+    let Ok(Some(ids)) = program.map_ids() else {
+        return false;
+    };
+    let names: Vec<String> = ids
+        .into_iter()
+        .filter_map(|id| aya::maps::MapInfo::from_id(id).ok())
+        .filter_map(|m| m.name_as_str().map(str::to_string))
+        .collect();
+    [map_names::WORKLOADS, map_names::CONNTRACK]
+        .iter()
+        .all(|wanted| names.iter().any(|n| n == wanted))
 }
 
 #[repr(C)]

@@ -51,8 +51,8 @@ use crate::compile::model::ClusterState;
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long it has to answer.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A watch failing this long without progress (an event, or a page of a list) is
-/// restarted with a relist: its requests may hang on a connection that died.
+/// A failing watch that has not reported again this long after its retry was due is
+/// restarted with a relist: its request may hang on a connection that died.
 const RESTART_FAILING_AFTER: Duration = Duration::from_secs(5);
 /// A list that has made no progress (no page) this long is restarted: its request hangs.
 const RESTART_STALLED_LIST_AFTER: Duration = Duration::from_secs(30);
@@ -91,7 +91,8 @@ enum Update {
     Init(Kind),
     InitApply(Item),
     InitDone(Kind),
-    Failed(Kind, String),
+    /// Why, and how long the task waits before it tries again.
+    Failed(Kind, String, Duration),
     /// The API server does not serve the kind (404: Tollgate's CRD not installed), or
     /// forbids listing it (403: RBAC without it); the status code and message.
     NotServed(Kind, u16, String),
@@ -104,7 +105,7 @@ impl Update {
             Update::Delete(key) => key.kind,
             Update::Init(kind)
             | Update::InitDone(kind)
-            | Update::Failed(kind, _)
+            | Update::Failed(kind, ..)
             | Update::NotServed(kind, _, _) => *kind,
         }
     }
@@ -136,15 +137,13 @@ pub struct KubeSource {
     restored: BTreeMap<ObjectKey, (Option<String>, Object)>,
     /// Kinds listed completely at least once.
     synced: BTreeSet<Kind>,
-    /// Kinds whose watch failed since their last event: why, and when it last made progress
-    /// (failed first, or listed a page since).
+    /// Kinds whose watch failed since their last event: why, and when its task was due to
+    /// try again.
     failing: BTreeMap<Kind, (String, Instant)>,
     /// When each kind's watch last made progress of any kind (an event, a page, a list).
     progress: BTreeMap<Kind, Instant>,
     /// Kinds listing now, since the last page of the list.
     list_progress: BTreeMap<Kind, Instant>,
-    /// When the API server stopped answering, while it does not.
-    outage_since: Option<Instant>,
     /// Kinds the API server does not serve (a CRD not installed: 404) or lets the agent
     /// list (403), with the status code.
     not_served: BTreeMap<Kind, u16>,
@@ -167,6 +166,11 @@ struct Probe {
     failure: Mutex<Option<String>>,
     /// Times the API server answered again after failing.
     recoveries: AtomicU64,
+    /// Since when it does not answer, while it does not.
+    down_since: Mutex<Option<Instant>>,
+    /// The outages that ended and the source has not looked at yet: the earliest start and
+    /// the longest outage.
+    recovered_from: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl KubeSource {
@@ -200,7 +204,6 @@ impl KubeSource {
             failing: BTreeMap::new(),
             progress: BTreeMap::new(),
             list_progress: BTreeMap::new(),
-            outage_since: None,
             distrusted: BTreeMap::new(),
             not_served: BTreeMap::new(),
             probe,
@@ -292,9 +295,9 @@ impl KubeSource {
     }
 
     fn spawn(&mut self, kind: Kind) {
-        // The new task starts afresh: what the old one failed at or listed is its own.
-        if let Some((_, since)) = self.failing.get_mut(&kind) {
-            *since = Instant::now();
+        // The new task starts at once: what the old one failed at or listed is its own.
+        if let Some((_, due)) = self.failing.get_mut(&kind) {
+            *due = Instant::now();
         }
         self.list_progress.remove(&kind);
         let client = self.client.clone();
@@ -402,27 +405,17 @@ impl KubeSource {
     fn restart_failing(&mut self) {
         let api_down = self.probe.failure.lock().expect("probe").is_some();
         let recoveries = self.probe.recoveries.load(Ordering::Relaxed);
-        let recovered = recoveries != self.recoveries_seen;
+        // The outages the probe saw end since the last look: the earliest start, the longest.
+        let outage = (recoveries != self.recoveries_seen)
+            .then(|| self.probe.recovered_from.lock().expect("probe").take())
+            .flatten();
         self.recoveries_seen = recoveries;
-        let outage = match (api_down, self.outage_since) {
-            (true, None) => {
-                self.outage_since = Some(Instant::now());
-                None
-            }
-            (false, Some(since)) => {
-                self.outage_since = None;
-                Some(since)
-            }
-            // Answered again and already failing again, between two refreshes.
-            (true, Some(since)) if recovered => Some(since),
-            _ => None,
-        };
         for kind in Kind::ALL {
             let failing = self.failing.get(&kind);
             // A list in progress is judged by its pages, however long the whole takes.
             let listing = self.list_progress.get(&kind);
             let stale = listing.is_none()
-                && failing.is_some_and(|(_, since)| since.elapsed() >= RESTART_FAILING_AFTER);
+                && failing.is_some_and(|(_, due)| due.elapsed() >= RESTART_FAILING_AFTER);
             let stalled = listing.is_some_and(|t| t.elapsed() >= RESTART_STALLED_LIST_AFTER);
             let recently = self
                 .last_restart
@@ -430,11 +423,12 @@ impl KubeSource {
                 .is_some_and(|t| t.elapsed() < MIN_RESTART_INTERVAL);
             // A list not believed is asked again (the watch goes on from it otherwise).
             let distrusted = self.distrusted.contains_key(&kind);
-            let after_outage = outage.is_some_and(|since| {
-                failing.is_some()
-                    || (since.elapsed() >= OUTAGE_RESTARTS_QUIET_WATCHES
-                        && self.progress.get(&kind).is_none_or(|p| *p < since))
-            });
+            let after_outage = listing.is_none()
+                && outage.is_some_and(|(since, lasted)| {
+                    failing.is_some()
+                        || (lasted >= OUTAGE_RESTARTS_QUIET_WATCHES
+                            && self.progress.get(&kind).is_none_or(|p| *p < since))
+                });
             if after_outage || ((stale || stalled || distrusted) && !api_down && !recently) {
                 info!(
                     kind = kind.as_str(),
@@ -471,9 +465,6 @@ impl Source for KubeSource {
             if !matches!(update, Update::Failed(..)) {
                 let kind = update.kind();
                 self.progress.insert(kind, Instant::now());
-                if let Some((_, since)) = self.failing.get_mut(&kind) {
-                    *since = Instant::now();
-                }
                 match update {
                     Update::Init(_) | Update::InitApply(_) => {
                         self.list_progress.insert(kind, Instant::now());
@@ -549,16 +540,11 @@ impl Source for KubeSource {
                     }
                     changed |= self.replace_kind(kind, Vec::new());
                 }
-                Update::Failed(kind, why) => {
+                Update::Failed(kind, why, retry_in) => {
                     // A list that broke off is started again from scratch by the watcher.
                     self.listing.remove(&kind);
                     self.list_progress.remove(&kind);
-                    let since = self
-                        .failing
-                        .get(&kind)
-                        .map(|(_, since)| *since)
-                        .unwrap_or_else(Instant::now);
-                    self.failing.insert(kind, (why, since));
+                    self.failing.insert(kind, (why, Instant::now() + retry_in));
                 }
             }
         }
@@ -719,16 +705,21 @@ where
                 Update::NotServed(kind, status.code, status.message.clone())
             }
             Err(e) => {
-                warn!(kind = kind.as_str(), error = %e, "watch failed; retrying");
-                Update::Failed(kind, e.to_string())
+                let wait = retry.next();
+                warn!(kind = kind.as_str(), error = %e, retry_in = ?wait, "watch failed; retrying");
+                Update::Failed(kind, e.to_string(), wait)
             }
         };
-        let failed = matches!(update, Update::Failed(..) | Update::NotServed(..));
+        let wait = match &update {
+            Update::Failed(_, _, wait) => Some(*wait),
+            Update::NotServed(..) => Some(retry.next()),
+            _ => None,
+        };
         if tx.send(update).await.is_err() {
             return;
         }
-        if failed {
-            tokio::time::sleep(retry.next()).await;
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -747,9 +738,10 @@ impl Retry {
             .saturating_mul(1 << self.failures.min(16))
             .min(RETRY_MAX);
         self.failures = self.failures.saturating_add(1);
+        // Microseconds of the clock: its lowest digits may not move on every machine.
         let jitter = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
+            .map(|d| d.subsec_micros())
             .unwrap_or(0);
         full / 2 + full / 2 * (jitter % 1000) / 1000
     }
@@ -779,6 +771,7 @@ async fn run_probe(
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     loop {
         tick.tick().await;
+        let asked = Instant::now();
         let failure = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
             Ok(Ok(_)) => None,
             // An answer, even an error status (a server that does not serve /version, or
@@ -792,9 +785,26 @@ async fn run_probe(
         match (&*current, &failure) {
             (Some(_), None) => {
                 info!("the API server answers again");
+                let since = probe
+                    .down_since
+                    .lock()
+                    .expect("probe")
+                    .take()
+                    .unwrap_or(asked);
+                let lasted = since.elapsed();
+                let mut recovered = probe.recovered_from.lock().expect("probe");
+                *recovered = Some(match *recovered {
+                    Some((earlier, longest)) => (earlier.min(since), longest.max(lasted)),
+                    None => (since, lasted),
+                });
+                drop(recovered);
                 probe.recoveries.fetch_add(1, Ordering::Relaxed);
             }
-            (None, Some(why)) => warn!(error = %why, "the API server does not answer"),
+            (None, Some(why)) => {
+                warn!(error = %why, "the API server does not answer");
+                // It stopped answering at the latest when this probe asked.
+                *probe.down_since.lock().expect("probe") = Some(asked);
+            }
             _ => {}
         }
         *current = failure;
