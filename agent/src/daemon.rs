@@ -974,6 +974,69 @@ async fn refusal(
     out
 }
 
+/// The `--flow-log` file, opened again when the path no longer names it: logrotate's
+/// default moves the file away and expects the writer to make a new one (its
+/// `copytruncate` needs nothing: the file is appended to). Checked at most once a second,
+/// before a write.
+struct FlowLogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Device and inode of the open file.
+    id: (u64, u64),
+    checked: std::time::Instant,
+}
+
+impl FlowLogFile {
+    fn open(path: &std::path::Path) -> anyhow::Result<FlowLogFile> {
+        use std::os::unix::fs::MetadataExt as _;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("open the flow log {}", path.display()))?;
+        let meta = file.metadata()?;
+        Ok(FlowLogFile {
+            path: path.into(),
+            file,
+            id: (meta.dev(), meta.ino()),
+            checked: std::time::Instant::now(),
+        })
+    }
+
+    /// Opens the path again if it names another file now, or none.
+    fn follow_path(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if self.checked.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.checked = std::time::Instant::now();
+        let same = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if same {
+            return;
+        }
+        match FlowLogFile::open(&self.path) {
+            Ok(reopened) => {
+                info!(path = %self.path.display(), "the flow log was moved away; writing to a new file");
+                *self = reopened;
+            }
+            Err(e) => {
+                warn!(error = %e, "could not open the flow log again; writing to the old file")
+            }
+        }
+    }
+}
+
+impl std::io::Write for FlowLogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.follow_path();
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 async fn flow_log(
     reader: crate::flowlog::EventReader,
     shared: Arc<Shared>,
@@ -981,13 +1044,7 @@ async fn flow_log(
     counts: crate::flows::FlowLogCounts,
 ) -> anyhow::Result<()> {
     let mut out: Box<dyn std::io::Write + Send> = match &path {
-        Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("open the flow log {}", p.display()))?,
-        ),
+        Some(p) => Box::new(FlowLogFile::open(p)?),
         None => Box::new(std::io::stdout()),
     };
     // SAFETY: the AsyncFd owns the reader, so its descriptor stays open while registered.

@@ -824,6 +824,47 @@ fn a_broken_policy_stays_in_force_as_it_was_across_a_restart() {
     drop(agent);
 }
 
+/// logrotate's default moves the flow log away and expects the writer to make a new file:
+/// the lines after the move go to a new file at `--flow-log`, none is lost.
+#[test]
+fn a_flow_log_moved_away_is_written_anew() {
+    let bank = bank("agent-rotate");
+    let agent = bank.start(&[]);
+    let r = bank.frontend_to_ledger(1);
+    assert_eq!(r.echoed, 1, "log mode lets it through");
+    wait_for(Duration::from_secs(5), "a first would-drop logged", || {
+        (!agent.flow_records().is_empty()).then_some(())
+    });
+    let rotated = agent.flow_log.with_extension("log.1");
+    std::fs::rename(&agent.flow_log, &rotated).unwrap();
+    // Past the writer's once-a-second look at the path.
+    std::thread::sleep(Duration::from_millis(1100));
+    let first = bank.frontend_to_ledger(1);
+    assert_eq!(first.echoed, 1);
+    wait_for(
+        Duration::from_secs(5),
+        "a would-drop in the new file",
+        || (!agent.flow_records().is_empty()).then_some(()),
+    );
+    let old_lines = std::fs::read_to_string(&rotated).unwrap().lines().count();
+    let new_records = agent.flow_records();
+    assert!(
+        new_records.iter().all(|r| r["verdict"] == "would_drop"),
+        "{new_records:?}"
+    );
+    let written = sample(
+        &agent.metrics_text(),
+        "tollgate_flow_log_events_total",
+        &[("outcome", "written")],
+    )
+    .unwrap();
+    assert_eq!(
+        written,
+        (old_lines + new_records.len()) as f64,
+        "every line in one file or the other"
+    );
+}
+
 #[test]
 fn a_flood_of_would_drops_does_not_flood_the_flow_log() {
     let bank = bank("agent-flood");
