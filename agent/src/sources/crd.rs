@@ -154,13 +154,29 @@ pub async fn set_override(
         let mut updated = Vec::new();
         for o in &existing {
             let name = o.metadata.name.clone().unwrap_or_default();
-            updated.push(
-                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .with_context(|| format!("update ModeOverride {name}"))?,
-            );
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(object) => updated.push(object),
+                // Deleted since it was listed (a `mode clear` meanwhile): not this set's.
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(e).with_context(|| format!("update ModeOverride {name}")),
+            }
         }
-        (written_of(&existing), updated)
+        if updated.is_empty() {
+            // Every one was deleted meanwhile: the target gets an override of its own.
+            let name = object_name(target);
+            let mut object = ModeOverride::new(&name, spec);
+            object.metadata.annotations = serde_json::from_value(annotations).ok();
+            let created = api
+                .create(&PostParams::default(), &object)
+                .await
+                .with_context(|| format!("create ModeOverride {name}"))?;
+            (Written { name, old: None }, vec![created])
+        } else {
+            (written_of(&existing), updated)
+        }
     };
     let message = format!(
         "{who} set {target} to {}{}",
