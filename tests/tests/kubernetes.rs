@@ -674,12 +674,10 @@ fn the_daemonsets_capabilities_are_all_the_agent_needs() {
     );
 }
 
-#[test]
-fn a_list_that_breaks_off_midway_changes_nothing() {
-    let shop = shop("kube-partial");
-    // 600 pods of another node in a namespace listed before shop: a pod list takes two
-    // pages (the watcher asks for 500 at a time), and shop's pods are on the second.
-    let many: String = (0..600)
+/// `n` running pods of node-2 in namespace `aaa`, which sorts before the others: lists of
+/// pods take more pages (500 a page), shop's on the last.
+fn filler_pods(n: usize) -> String {
+    (0..n)
         .map(|i| {
             format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: filler-{i}, namespace: aaa, labels: {{app: filler}}}}\nspec: {{nodeName: node-2, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.9.{}.{}}}]}}\n",
@@ -687,7 +685,15 @@ fn a_list_that_breaks_off_midway_changes_nothing() {
                 i % 250 + 1
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn a_list_that_breaks_off_midway_changes_nothing() {
+    let shop = shop("kube-partial");
+    // 600 pods of another node in a namespace listed before shop: a pod list takes two
+    // pages (the watcher asks for 500 at a time), and shop's pods are on the second.
+    let many = filler_pods(600);
     shop.api.apply_yaml(&many);
     let agent = shop.start(&[]);
     assert!(agent.workload("web-0").is_some());
@@ -900,15 +906,7 @@ fn a_moment_of_a_slow_api_server_makes_no_relist() {
 #[test]
 fn a_slow_relist_after_410_completes() {
     let shop = shop("kube-slow");
-    let many: String = (0..1100)
-        .map(|i| {
-            format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: filler-{i}, namespace: aaa, labels: {{app: filler}}}}\nspec: {{nodeName: node-2, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.9.{}.{}}}]}}\n",
-                i / 250,
-                i % 250 + 1
-            )
-        })
-        .collect();
+    let many = filler_pods(1100);
     shop.api.apply_yaml(&many);
     let agent = shop.start(&[]);
     assert!(agent.workload("client-0").is_some());
