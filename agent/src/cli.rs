@@ -175,8 +175,10 @@ pub enum Command {
     ///
     /// Each input line is `SRC DST PORT/PROTOCOL`, SRC and DST being NAMESPACE/POD,
     /// NAMESPACE/WORKLOAD (every pod of that Deployment, StatefulSet...: allowed only when
-    /// allowed between all their pods) or an IP address, e.g. `x/a y/b 80/tcp`,
-    /// `x/a 10.0.0.7 443/tcp` or `x/a y/b icmp`; PORT a number, or a named port of the
+    /// allowed between all their pods) or an IP address, DST also a DNS name outside the
+    /// cluster (decided as EgressAllowlists and ipBlocks would decide its addresses), e.g.
+    /// `x/a y/b 80/tcp`, `x/a 10.0.0.7 443/tcp`, `pay/card api.stripe.com 443/tcp` or
+    /// `x/a y/b icmp`; PORT a number, or a named port of the
     /// destination (a Service's port name when DST is a Service address); PROTOCOL tcp, udp,
     /// sctp, or icmp / icmpv6 (no port). A flow to a Service address is decided against its
     /// backends: allowed at the source's egress only when every backend is, and at each
@@ -1291,11 +1293,25 @@ fn advise(
         return Ok(ExitCode::SUCCESS);
     }
     if advice.denied.is_empty() {
+        let count = |n: usize, one: &str, many: &str| match n {
+            1 => format!("this {one}"),
+            n => format!("these {n} {many}"),
+        };
+        let mut advised = vec![];
+        if !advice.policies.is_empty() {
+            advised.push(count(advice.policies.len(), "policy", "policies"));
+        }
+        if !advice.allowlists.is_empty() {
+            advised.push(count(
+                advice.allowlists.len(),
+                "EgressAllowlist",
+                "EgressAllowlists",
+            ));
+        }
         eprintln!(
-            "tollgate: replayed {} observed flows against the policies in force plus these {} policies and {} EgressAllowlists: all allowed",
+            "tollgate: replayed {} observed flows against the policies in force plus {}: all allowed",
             advice.replayed,
-            advice.policies.len(),
-            advice.allowlists.len()
+            advised.join(" and ")
         );
         Ok(ExitCode::SUCCESS)
     } else {

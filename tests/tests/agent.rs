@@ -1585,7 +1585,9 @@ fn advised_policies_allow_the_observed_traffic_and_nothing_new() {
         serde_json::json!([{"to": [{"podSelector": {"matchLabels": {"app": "ledger"}}}], "ports": [{"protocol": "UDP", "port": 8080}]}])
     );
     assert!(
-        err.contains("observed flows against the policies in force plus these 3 policies and 0 EgressAllowlists: all allowed"),
+        err.contains(
+            "observed flows against the policies in force plus these 3 policies: all allowed"
+        ),
         "{err}"
     );
 

@@ -136,14 +136,18 @@ impl FlowRecord {
             (None, Some(domain)) => format!("{domain} ({})", self.dst_ip),
             _ => name(&self.dst, &self.dst_ip),
         };
+        // ICMP has no port: `icmp`, as `check` writes it, not `0/icmp`.
+        let port = if self.protocol.starts_with("icmp") {
+            self.protocol.clone()
+        } else {
+            format!("{}/{}", self.dst_port, self.protocol)
+        };
         format!(
-            "{} {} {} -> {} {}/{}",
+            "{} {} {} -> {} {port}",
             self.time,
             self.direction,
             name(&self.src, &self.src_ip),
             dst,
-            self.dst_port,
-            self.protocol
         )
     }
 }
