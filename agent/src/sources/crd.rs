@@ -123,13 +123,18 @@ pub async fn set_override(
         reason: reason.clone(),
     };
     let annotations = serde_json::json!({ "tollgate.io/set-by": who });
-    let mut created = None;
-    if existing.is_empty() {
-        let name = object_name(target);
+    // The target's own override, named after it.
+    let name = object_name(target);
+    let create = || {
         let mut object = ModeOverride::new(&name, spec.clone());
         object.metadata.annotations = serde_json::from_value(annotations.clone()).ok();
-        match api.create(&PostParams::default(), &object).await {
-            Ok(object) => created = Some((name, object)),
+        let api = api.clone();
+        async move { api.create(&PostParams::default(), &object).await }
+    };
+    let mut created = None;
+    if existing.is_empty() {
+        match create().await {
+            Ok(object) => created = Some(object),
             // Another `mode set` of the same target created it meanwhile: update that one.
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 existing = find(&api, target).await.context("list ModeOverrides")?;
@@ -142,7 +147,7 @@ pub async fn set_override(
             Err(e) => return Err(e).with_context(|| format!("create ModeOverride {name}")),
         }
     }
-    let (written, objects) = if let Some((name, object)) = created {
+    let (written, objects) = if let Some(object) = created {
         (Written { name, old: None }, vec![object])
     } else {
         // A merge patch leaves out what it does not name: the reason is always named (null
@@ -166,11 +171,7 @@ pub async fn set_override(
         }
         if updated.is_empty() {
             // Every one was deleted meanwhile: the target gets an override of its own.
-            let name = object_name(target);
-            let mut object = ModeOverride::new(&name, spec);
-            object.metadata.annotations = serde_json::from_value(annotations).ok();
-            let created = api
-                .create(&PostParams::default(), &object)
+            let created = create()
                 .await
                 .with_context(|| format!("create ModeOverride {name}"))?;
             (Written { name, old: None }, vec![created])
