@@ -97,6 +97,16 @@ impl Shop {
     }
 }
 
+/// Waits until `/readyz` answers 503 with a body that says each of `says`.
+fn wait_degraded(agent: &Agent, bound: Duration, what: &str, says: &[&str]) {
+    wait_for(bound, what, || {
+        agent
+            .http("/readyz")
+            .is_some_and(|(c, b)| c == 503 && says.iter().all(|s| b.contains(s)))
+            .then_some(())
+    });
+}
+
 /// Waits for `f` and returns how long it took (printed); fails after `bound` plus a margin.
 fn within(bound: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
@@ -505,15 +515,11 @@ fn an_empty_relist_is_not_believed_and_nothing_is_detached() {
     let agent = shop.start(&[]);
     assert!(agent.workload("web-0").is_some());
     shop.api.lose_all("Pod");
-    wait_for(
+    wait_degraded(
+        &agent,
         Duration::from_secs(10),
         "degraded on an empty pod list",
-        || {
-            agent
-                .http("/readyz")
-                .is_some_and(|(c, b)| c == 503 && b.contains("listed no Pods"))
-                .then_some(())
-        },
+        &["listed no Pods"],
     );
     assert!(agent.workload("web-0").is_some(), "still attached");
     assert!(agent.workload("client-0").is_some(), "still attached");
@@ -535,17 +541,13 @@ fn a_404_for_known_mode_overrides_keeps_them_in_force() {
     });
     shop.api.unserve("ModeOverride");
     shop.api.compact(); // every watch lists again
-    wait_for(
+    // The resumed watch is refused (404) and retried, or a relist is, and
+    // says "answered 404".
+    wait_degraded(
+        &agent,
         Duration::from_secs(10),
         "degraded on a 404 for known ModeOverrides",
-        || {
-            agent
-                .http("/readyz")
-                // The resumed watch is refused (404) and retried, or a relist is, and
-                // says "answered 404".
-                .is_some_and(|(c, b)| c == 503 && b.contains("ModeOverride") && b.contains("404"))
-                .then_some(())
-        },
+        &["ModeOverride", "404"],
     );
     assert_eq!(
         mode_of(&agent, "web-0"),
@@ -556,15 +558,11 @@ fn a_404_for_known_mode_overrides_keeps_them_in_force() {
     let mut agent = agent;
     assert!(agent.stop().success());
     agent.restart_unready();
-    wait_for(
+    wait_degraded(
+        &agent,
         Duration::from_secs(20),
         "the restarted agent degraded on the 404",
-        || {
-            agent
-                .http("/readyz")
-                .is_some_and(|(c, b)| c == 503 && b.contains("answered 404"))
-                .then_some(())
-        },
+        &["answered 404"],
     );
     within(Duration::from_secs(5), "the kept override in force", || {
         mode_of(&agent, "web-0").is_some_and(|(m, s)| m == "drop" && s == "cluster-override")
@@ -714,15 +712,11 @@ fn a_list_that_breaks_off_midway_changes_nothing() {
     wait_for(Duration::from_secs(15), "relists that break off", || {
         (lists() >= before + 2).then_some(())
     });
-    wait_for(
+    wait_degraded(
+        &agent,
         Duration::from_secs(10),
         "degraded while lists break off",
-        || {
-            agent
-                .http("/readyz")
-                .is_some_and(|(c, b)| c == 503 && b.contains("Pods"))
-                .then_some(())
-        },
+        &["Pods"],
     );
     assert!(
         agent.workload("web-0").is_some(),
@@ -851,15 +845,11 @@ fn a_forbidden_list_of_mode_overrides_is_degraded_not_none() {
     let kubeconfig = shop.api.kubeconfig(&shop.dir);
     let args = ["--cgroup-root", shop.lab.cgroup_dir.to_str().unwrap()];
     let agent = Agent::start_kubernetes(&shop.lab, &shop.dir, &kubeconfig, &args);
-    wait_for(
+    wait_degraded(
+        &agent,
         Duration::from_secs(20),
         "degraded on a forbidden list",
-        || {
-            agent
-                .http("/readyz")
-                .is_some_and(|(c, b)| c == 503 && b.contains("may not list ModeOverrides"))
-                .then_some(())
-        },
+        &["may not list ModeOverrides"],
     );
     assert!(
         agent.workload("web-0").is_some(),
