@@ -1002,7 +1002,10 @@ fn check(
     }
     if bad_input {
         // Exit status 2 says so too; the verdicts still help find the rest of the problem.
-        eprintln!("tollgate: the verdicts below leave the rejected objects out");
+        eprintln!(
+            "tollgate: the verdicts below leave the rejected definitions out (an object \
+             defined validly elsewhere too is taken from that definition)"
+        );
     }
     for w in loaded
         .warnings
@@ -1091,8 +1094,7 @@ fn check(
 /// Policies whose namespaceSelector names (by `kubernetes.io/metadata.name`) a namespace the
 /// cluster state does not have: nothing there is selected, often a typo.
 pub fn missing_namespace_warnings(state: &crate::compile::model::ClusterState) -> Vec<String> {
-    use crate::compile::model::{Operator, PeerSpec};
-    const NAME: &str = "kubernetes.io/metadata.name";
+    use crate::compile::model::{NAMESPACE_NAME_LABEL as NAME, Operator, PeerSpec};
     let known = |ns: &String| {
         state.namespaces.contains_key(ns)
             || state

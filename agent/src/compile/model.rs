@@ -100,6 +100,9 @@ impl<'a> IntoIterator for &'a Labels {
     }
 }
 
+/// The label the API server gives every namespace, its name as the value.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
 /// A label selector (`matchLabels` AND every `matchExpressions` requirement). The empty
 /// selector matches everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -728,16 +731,13 @@ impl ClusterState {
     /// Labels of a namespace. A namespace the state does not list still has the label
     /// `kubernetes.io/metadata.name`, which the API server sets on every namespace.
     pub fn namespace_labels(&self, namespace: &str) -> Labels {
-        match self.namespaces.get(namespace) {
-            Some(ns) => {
-                let mut labels = ns.labels.clone();
-                if !labels.contains_key("kubernetes.io/metadata.name") {
-                    labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
-                }
-                labels
-            }
-            None => Labels::from([("kubernetes.io/metadata.name".into(), namespace.into())]),
-        }
+        let mut labels = self
+            .namespaces
+            .get(namespace)
+            .map(|ns| ns.labels.clone())
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.into(), namespace.into());
+        labels
     }
 }
 
@@ -790,9 +790,7 @@ mod tests {
     fn every_namespace_has_its_name_label() {
         let state = ClusterState::default();
         assert_eq!(
-            state
-                .namespace_labels("x")
-                .get("kubernetes.io/metadata.name"),
+            state.namespace_labels("x").get(NAMESPACE_NAME_LABEL),
             Some(&"x".to_string())
         );
     }

@@ -21,10 +21,10 @@ use super::{
     store::Object,
 };
 use crate::compile::model::{
-    AllowlistRule, EgressAllowlistInfo, EndpointSliceInfo, Mode, ModeOverrideInfo, NamedPort,
-    NamespaceInfo, NodeInfo, Operator, PeerSpec, PodInfo, Policy, PortRef, PortSpec, Protocol,
-    Requirement, RuleSpec, Selector, ServiceInfo, ServicePort, SliceEndpoint, SlicePort, Target,
-    TargetPort, dns_label, dns_subdomain,
+    AllowlistRule, EgressAllowlistInfo, EndpointSliceInfo, Mode, ModeOverrideInfo,
+    NAMESPACE_NAME_LABEL, NamedPort, NamespaceInfo, NodeInfo, Operator, PeerSpec, PodInfo, Policy,
+    PortRef, PortSpec, Protocol, Requirement, RuleSpec, Selector, ServiceInfo, ServicePort,
+    SliceEndpoint, SlicePort, Target, TargetPort, dns_label, dns_subdomain,
 };
 
 /// Annotation that sets a workload's mode (on pods and namespaces).
@@ -229,9 +229,14 @@ pub fn mode_override(o: &ModeOverride) -> Result<ModeOverrideInfo> {
 pub fn namespace(ns: &Namespace) -> Result<NamespaceInfo> {
     let name = namespace_name(&ns.metadata)?;
     let annotations = own_annotations(ns.metadata.annotations.as_ref());
+    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+    // The API server sets this label to the name on every create and update, whatever the
+    // object said: a file that says otherwise would put the namespace's pods under
+    // another namespace's selectors.
+    labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
     Ok(NamespaceInfo {
         name,
-        labels: ns.metadata.labels.clone().unwrap_or_default().into(),
+        labels: labels.into(),
         annotations,
     })
 }
@@ -783,13 +788,17 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<Policy> {
     let name = object_name(&np.metadata)?;
     let namespace = object_namespace(&np.metadata)?;
     let spec = np.spec.as_ref().ok_or("spec is missing")?;
-    let pod_selector = spec
-        .pod_selector
-        .as_ref()
-        .ok_or("spec.podSelector is missing (use {} to select every pod)")?;
-    let pod_selector = selector(pod_selector, "spec.podSelector")?;
+    // A missing podSelector is the empty one, as the API server stores it (the field is not
+    // a pointer in its types): every pod of the namespace.
+    let pod_selector = match spec.pod_selector.as_ref() {
+        Some(s) => selector(s, "spec.podSelector")?,
+        None => Selector::default(),
+    };
     let (mut wants_ingress, mut wants_egress) = (false, false);
     match &spec.policy_types {
+        Some(types) if types.len() > 2 => {
+            return Err("spec.policyTypes: may not specify more than two policyTypes".into());
+        }
         Some(types) if !types.is_empty() => {
             for (i, t) in types.iter().enumerate() {
                 match t.as_str() {

@@ -1607,10 +1607,13 @@ mod tests {
                 "  podSelector: {matchExpressions: [{key: 'Example.com/app', operator: Exists}]}",
                 "the prefix must be a DNS subdomain",
             ),
-            ("  ingress: []", "podSelector is missing"),
             (
                 "  podSelector: {}\n  policyTypes: [Sideways]",
                 "policyTypes[0]",
+            ),
+            (
+                "  podSelector: {}\n  policyTypes: [Ingress, Egress, Ingress]",
+                "may not specify more than two policyTypes",
             ),
         ];
         for (spec, expected) in cases {
@@ -1618,6 +1621,33 @@ mod tests {
             assert!(err.contains("NetworkPolicy x/p"), "{err}");
             assert!(err.contains(expected), "{spec}: {err}");
         }
+    }
+
+    /// What the API server accepts and stores differently from what the file says.
+    #[test]
+    fn objects_are_taken_as_the_api_server_stores_them() {
+        // No podSelector: stored as `{}`, every pod of the namespace, isolated for ingress.
+        let Ok(Object::Policy(p)) = policy("  policyTypes: [Ingress]") else {
+            panic!("a policy without podSelector is accepted")
+        };
+        assert_eq!(p.pod_selector, crate::compile::model::Selector::default());
+        assert!(p.ingress.as_ref().is_some_and(|rules| rules.is_empty()));
+        // A repeated type within two is legal.
+        assert!(policy("  podSelector: {}\n  policyTypes: [Egress, Egress]").is_ok());
+        // The name label is the namespace's name, whatever the object said.
+        let Ok(Object::Namespace(ns)) = load_one(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {kubernetes.io/metadata.name: y, team: a}}",
+        ) else {
+            panic!("namespace loads")
+        };
+        let labels: Vec<_> = ns.labels.iter().collect();
+        assert_eq!(
+            labels,
+            [
+                (&"kubernetes.io/metadata.name".to_string(), &"x".to_string()),
+                (&"team".to_string(), &"a".to_string())
+            ]
+        );
     }
 
     #[test]
