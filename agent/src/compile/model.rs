@@ -281,6 +281,10 @@ pub struct PodInfo {
     /// Being deleted (`metadata.deletionTimestamp`): its addresses may be another pod's
     /// already.
     pub terminating: bool,
+    /// Its `Ready` condition is there and not `True` (a pod written without conditions
+    /// counts as ready): the EndpointSlice controller would not make it a ready endpoint.
+    #[serde(default)]
+    pub unready: bool,
     /// `metadata.creationTimestamp`, seconds since 1970 (0 when not written).
     pub created: i64,
 }

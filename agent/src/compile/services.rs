@@ -18,7 +18,10 @@ use imbl::OrdMap;
 use ipnet::IpNet;
 
 use super::{
-    model::{ClusterState, EndpointSliceInfo, PodInfo, Protocol, ServiceInfo, TargetPort},
+    model::{
+        ClusterState, EndpointSliceInfo, Labels, PodInfo, Protocol, ServiceInfo, ServicePort,
+        TargetPort,
+    },
     policy::PodKey,
     rules::{AllowRule, Peer, PortMatch},
 };
@@ -169,6 +172,66 @@ fn ready_backends<'a>(
     out
 }
 
+/// The backends of a Service port without EndpointSlices in the cluster state: the endpoints
+/// the EndpointSlice controller would write for the pods its selector picks (a host-network
+/// pod at its node's addresses; ready: the pod is ready and not being deleted; serving and
+/// terminating: ready and being deleted), of which kube-proxy takes the ready ones, or with
+/// none ready the serving ones that are terminating, as `ready_backends` does for slices.
+fn selected_backends(
+    state: &ClusterState,
+    svc: &ServiceInfo,
+    selector: &Labels,
+    port: &ServicePort,
+    v6: bool,
+) -> Vec<Backend> {
+    let mut out = Vec::new();
+    let mut any_ready = false;
+    // Pods are keyed by (namespace, name): the namespace's pods are one range.
+    let candidates = state
+        .pods
+        .range((svc.namespace.clone(), String::new())..)
+        .take_while(|((ns, _), _)| *ns == svc.namespace);
+    for (key, pod) in candidates {
+        if pod.unready || !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
+            continue;
+        }
+        let target = match &port.target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Named(name) => pod.named_port(name, port.protocol),
+        };
+        let Some(target) = target else { continue };
+        // A host-network pod's address is its node's first of the family (kubelet's
+        // `status.podIPs` for it).
+        let addresses: Vec<IpAddr> = if pod.host_network {
+            pod.node_name
+                .as_ref()
+                .and_then(|n| state.nodes.get(n))
+                .and_then(|node| node.addresses.iter().find(|ip| ip.is_ipv6() == v6))
+                .into_iter()
+                .copied()
+                .collect()
+        } else {
+            pod.ips.clone()
+        };
+        let ready = !pod.terminating;
+        for ip in addresses.iter().filter(|ip| ip.is_ipv6() == v6) {
+            any_ready |= ready;
+            out.push((
+                ready,
+                Backend {
+                    ip: *ip,
+                    port: target,
+                    pod: Some(key.clone()),
+                },
+            ));
+        }
+    }
+    out.into_iter()
+        .filter(|(ready, _)| *ready || !any_ready)
+        .map(|(_, b)| b)
+        .collect()
+}
+
 /// Whether `pod` holds `ip`: one of its own addresses, or for a host-network pod one of its
 /// node's.
 fn holds(state: &ClusterState, pod: &PodInfo, ip: IpAddr) -> bool {
@@ -228,32 +291,7 @@ pub fn service_frontends(
                         })
                         .collect()
                 } else if let Some(selector) = &svc.selector {
-                    let mut b = Vec::new();
-                    // Pods are keyed by (namespace, name): the namespace's pods are one range.
-                    let candidates = state
-                        .pods
-                        .range((svc.namespace.clone(), String::new())..)
-                        .take_while(|((ns, _), _)| *ns == svc.namespace);
-                    for (key, pod) in candidates {
-                        if pod.host_network
-                            || !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
-                        {
-                            continue;
-                        }
-                        let port = match &p.target {
-                            TargetPort::Number(n) => Some(*n),
-                            TargetPort::Named(name) => pod.named_port(name, p.protocol),
-                        };
-                        let Some(port) = port else { continue };
-                        for ip in pod.ips.iter().filter(|ip| ip.is_ipv6() == v6) {
-                            b.push(Backend {
-                                ip: *ip,
-                                port,
-                                pod: Some(key.clone()),
-                            });
-                        }
-                    }
-                    b
+                    selected_backends(state, svc, selector, p, v6)
                 } else {
                     Vec::new()
                 };
@@ -368,23 +406,27 @@ fn decide_with(
     let mut denied = Vec::new();
     for b in &port.backends {
         let identity = identity_of(b);
-        let allowed = if identity == IDENTITY_HOST {
-            Some(0)
-        } else {
-            index.allows(identity, &b.ip, proto, b.port)
-        };
-        match allowed {
+        // The node (or the source itself) is allowed by no rule: it names no policy.
+        if identity == IDENTITY_HOST {
+            continue;
+        }
+        match index.allows(identity, &b.ip, proto, b.port) {
             Some(rule) => {
                 first.get_or_insert(rule);
             }
             None => denied.push(b.clone()),
         }
     }
-    match (denied.is_empty(), first) {
-        (true, Some(rule)) => ServiceDecision::Allowed(rule),
-        _ => ServiceDecision::Denied(denied),
+    if denied.is_empty() {
+        ServiceDecision::Allowed(first.unwrap_or(NO_RULE))
+    } else {
+        ServiceDecision::Denied(denied)
     }
 }
+
+/// The rule id of a Service port allowed because every backend is the node or the source
+/// itself: no policy's (`Compiled::policy_of_rule` names none).
+pub const NO_RULE: u32 = u32::MAX;
 
 /// The egress allow rules toward Service frontends for a source whose egress rules are
 /// `rules`: one per Service port all of whose backends `rules` allow.
@@ -510,6 +552,70 @@ mod tests {
         );
     }
 
+    /// Without slices, the backends are the endpoints the EndpointSlice controller would
+    /// write for the selected pods.
+    #[test]
+    fn the_selector_picks_the_endpoints_the_slice_controller_would_write() {
+        let backends = |pods: Vec<PodInfo>| {
+            let mut s = state(pods, service(TargetPort::Number(8080)));
+            s.nodes.insert(
+                "n2".into(),
+                crate::compile::model::NodeInfo {
+                    name: "n2".into(),
+                    addresses: vec![
+                        "10.250.0.2".parse().unwrap(),
+                        "203.0.113.9".parse().unwrap(),
+                    ],
+                    pod_cidrs: vec![],
+                },
+            );
+            let f = frontends(&s, &OrdMap::new(), &mut ServiceIdentities::default());
+            f[0].ports[0]
+                .backends
+                .iter()
+                .map(|b| b.ip.to_string())
+                .collect::<Vec<_>>()
+        };
+        let ready = pod("bank", "ledger-a", "ledger", "10.1.0.10", 8080);
+        let unready = PodInfo {
+            unready: true,
+            ..pod("bank", "ledger-b", "ledger", "10.1.0.11", 8080)
+        };
+        let leaving = PodInfo {
+            terminating: true,
+            ..pod("bank", "ledger-c", "ledger", "10.1.0.12", 8080)
+        };
+        let exporter = PodInfo {
+            ips: vec![],
+            host_network: true,
+            node_name: Some("n2".into()),
+            ..pod("bank", "ledger-h", "ledger", "10.1.0.13", 8080)
+        };
+        // Ready pods only; a terminating one (serving) only when none is ready.
+        assert_eq!(
+            backends(vec![ready.clone(), unready.clone(), leaving.clone()]),
+            ["10.1.0.10"]
+        );
+        assert_eq!(
+            backends(vec![unready.clone(), leaving.clone()]),
+            ["10.1.0.12"]
+        );
+        assert!(backends(vec![unready]).is_empty());
+        // A host-network pod at its node's first address of the family.
+        assert_eq!(backends(vec![ready, exporter]), ["10.1.0.10", "10.250.0.2"]);
+        // An empty selector is none: no backends (the API's "external process").
+        let mut s = state(
+            vec![pod("bank", "ledger-a", "ledger", "10.1.0.10", 8080)],
+            ServiceInfo {
+                selector: None,
+                ..service(TargetPort::Number(8080))
+            },
+        );
+        s.endpoint_slices.clear();
+        let f = frontends(&s, &OrdMap::new(), &mut ServiceIdentities::default());
+        assert!(f[0].ports[0].backends.is_empty());
+    }
+
     #[test]
     fn endpoint_slices_win_over_the_selector_and_ready_endpoints_over_terminating() {
         let mut s = state(
@@ -592,11 +698,24 @@ mod tests {
             ServiceDecision::Denied(d) => assert_eq!(d.len(), 1),
             other => panic!("{other:?}"),
         }
+        // The node (or the source itself) is allowed by no policy: a port whose every
+        // backend is names none, and one with another backend names that backend's rule.
         let on_the_node = |_: &Backend| IDENTITY_HOST;
-        assert!(matches!(
-            decide_port(&[], &port, &on_the_node),
-            ServiceDecision::Allowed(_)
-        ));
+        assert_eq!(
+            decide_port(&[allow(300)], &port, &on_the_node),
+            ServiceDecision::Allowed(NO_RULE)
+        );
+        let first_on_the_node = |b: &Backend| {
+            if b.ip.to_string().ends_with(".10") {
+                IDENTITY_HOST
+            } else {
+                301
+            }
+        };
+        assert_eq!(
+            decide_port(&[allow(300), allow(301)], &port, &first_on_the_node),
+            ServiceDecision::Allowed(301)
+        );
         let empty = FrontendPort {
             backends: vec![],
             ..port

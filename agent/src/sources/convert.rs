@@ -319,6 +319,12 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
         host_network,
         node_name: spec.and_then(|s| s.node_name.clone()),
         terminating: meta.deletion_timestamp.is_some(),
+        unready: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status != "True"),
         created: meta
             .creation_timestamp
             .as_ref()
@@ -403,9 +409,12 @@ pub fn service(svc: &Service) -> Result<ServiceInfo> {
         name,
         cluster_ips,
         ports,
+        // An empty selector is no selector: "the service is assumed to have an external
+        // process managing its endpoints" (ServiceSpec), not every pod of the namespace.
         selector: spec
             .selector
             .as_ref()
+            .filter(|s| !s.is_empty())
             .map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
     })
 }

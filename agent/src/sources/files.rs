@@ -1648,6 +1648,25 @@ mod tests {
                 (&"team".to_string(), &"a".to_string())
             ]
         );
+        // `selector: {}` is no selector (endpoints managed by someone else).
+        let Ok(Object::Service(svc)) = load_one(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: x}\nspec: {clusterIP: 10.96.0.9, selector: {}, ports: [{port: 80}]}",
+        ) else {
+            panic!("service loads")
+        };
+        assert_eq!(svc.selector, None);
+        // A pod is unready only when its Ready condition says so.
+        let unready = |status: &str| {
+            let Ok(Object::Pod(pod)) = load_one(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: x}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.1{status}}}"
+            )) else {
+                panic!("pod loads")
+            };
+            pod.unready
+        };
+        assert!(!unready(""));
+        assert!(!unready(", conditions: [{type: Ready, status: 'True'}]"));
+        assert!(unready(", conditions: [{type: Ready, status: 'False'}]"));
     }
 
     #[test]
