@@ -117,6 +117,7 @@ pub mod map_names {
     pub const DNS_CONTROL: &str = "DNS_CONTROL";
     pub const LEARNED: &str = "LEARNED";
     pub const EGRESS_EXPIRED: &str = "EGRESS_EXPIRED";
+    pub const SERVICES_OUTSIDE: &str = "SERVICES_OUTSIDE";
     /// One u64: `LAYOUT_VERSION` of the agent that created the pins.
     pub const LAYOUT: &str = "LAYOUT";
 }
@@ -180,6 +181,9 @@ pub const LOCAL_POD_SCOPE: u32 = 1;
 /// agent writes for it after checking every backend, never by an ipBlock on the virtual
 /// address itself.
 pub const IDENTITY_SERVICE_BASE: u32 = 0x4000_0000;
+/// Capacity of `SERVICES_OUTSIDE`: Services with a backend outside the cluster (an
+/// EndpointSlice written by hand that points out of it).
+pub const SERVICES_OUTSIDE_CAPACITY: u32 = 1 << 14;
 /// First identity the agent hands out to a set of workloads (namespace + labels).
 pub const IDENTITY_FIRST_WORKLOAD: u32 = 256;
 /// Peers of the policy trie at or above this value are ipBlock sets of one ruleset (the CIDR

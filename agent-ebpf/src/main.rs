@@ -31,9 +31,10 @@ use agent_common::{
     FLOW_COUNTER_CAPACITY, FLOW_SERIES_CAPACITY, FRAGMENT_CAPACITY, FlowCounterKey, FragKey,
     FragPorts, IDENTITY_CAPACITY, IDENTITY_HOST, IDENTITY_WORLD, LEARNED_CAPACITY, LearnedKey,
     LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_TCP,
-    PROTO_UDP, PolicyKey, PolicyValue, RULESET_CAPACITY, ResolverKey, SLOT_CACHE_CAPACITY,
-    SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
-    WorkloadConfig, diag, is_service_identity, slot_cache_bucket, workload_flags,
+    PROTO_UDP, PolicyKey, PolicyValue, RULESET_CAPACITY, ResolverKey, SERVICES_OUTSIDE_CAPACITY,
+    SLOT_CACHE_CAPACITY, SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED,
+    VERDICT_WOULD_DROP, WorkloadConfig, diag, is_service_identity, slot_cache_bucket,
+    workload_flags,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -163,6 +164,10 @@ static DNS_CONTROL: Array<DnsControl> = Array::pinned(1, 0);
 /// What each workload learned from its DNS answers: (slot, address) to name and ports.
 #[map]
 static LEARNED: HashMap<LearnedKey, LearnedValue> = HashMap::pinned(LEARNED_CAPACITY, 0);
+/// Service identities with a backend outside the cluster: for a workload an EgressAllowlist
+/// selects, a connection to them is one to the outside (`policy::evaluate`).
+#[map]
+static SERVICES_OUTSIDE: HashMap<u32, u8> = HashMap::pinned(SERVICES_OUTSIDE_CAPACITY, 0);
 /// New connections per slot to an address whose learned name had expired.
 #[map]
 static EGRESS_EXPIRED: PerCpuArray<u64> = PerCpuArray::pinned(MAX_WORKLOADS, 0);

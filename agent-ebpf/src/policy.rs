@@ -13,7 +13,16 @@ use agent_common::{
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
-use crate::{CIDR_RULES, EGRESS_EXPIRED, POLICY, POLICY_EXACT, counters, dns, identity};
+use crate::{
+    CIDR_RULES, EGRESS_EXPIRED, POLICY, POLICY_EXACT, SERVICES_OUTSIDE, counters, dns, identity,
+};
+
+/// Whether a Service identity has a backend outside the cluster.
+#[inline(always)]
+fn reaches_outside(service: u32) -> bool {
+    // SAFETY: a read of a value the agent writes whole.
+    unsafe { SERVICES_OUTSIDE.get(&service) }.is_some()
+}
 
 /// A policy decision and the peer identity it was taken for.
 pub struct Decision {
@@ -107,8 +116,13 @@ pub fn evaluate(
     if let Some(l) = learned {
         peer = IDENTITY_WORLD_NAMED | (l.domain & DOMAIN_ID_MASK);
     }
-    let allowlisted =
-        world && direction == DIR_EGRESS && workload.flags & workload_flags::EGRESS_ALLOWLIST != 0;
+    // A Service with a backend outside the cluster is the outside too for an allowlisted
+    // workload: kube-proxy's DNAT would take the connection there. (Where the workload's
+    // NetworkPolicies isolate its egress, the Service's entry exists only when an ipBlock
+    // allows every such backend.)
+    let allowlisted = direction == DIR_EGRESS
+        && workload.flags & workload_flags::EGRESS_ALLOWLIST != 0
+        && (world || (is_service_identity(peer) && reaches_outside(peer)));
     if workload.flags & workload_flags::isolated(direction) == 0 {
         if !allowlisted {
             return Decision {

@@ -986,6 +986,13 @@ impl Controller {
             }
         }
         naming.host = self.rec.host_addresses().iter().copied().collect();
+        let compiled = self.rec.compiled();
+        let outside = compiled.outside_services(Some(self.rec.host_addresses()));
+        naming.services_outside = outside
+            .iter()
+            .filter_map(|id| compiled.frontends.get(id))
+            .flat_map(|f| f.addresses.iter().copied())
+            .collect();
         naming
     }
 

@@ -624,6 +624,13 @@ impl Reconciler {
         // (Services new since the last compile, bound by IPVS too.)
         let mut host = host;
         host.retain(|ip| !compiled.service_addresses.contains_key(&IpNet::from(*ip)));
+        let outside = compiled.outside_services(Some(&host));
+        if let Err(e) = self.datapath.maps.set_services_outside(&outside) {
+            warn!(error = %e, "Services with a backend outside the cluster not written");
+            report
+                .errors
+                .push(format!("Services with a backend outside the cluster: {e}"));
+        }
         let identities_changed = self.write_identities(&compiled, host, &mut report);
         let resolvers = self.resolvers(state);
         if let Err(e) = self.datapath.maps.set_resolvers(&resolvers) {

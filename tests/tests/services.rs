@@ -757,3 +757,87 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
         "the forged sources are spoofs"
     );
 }
+
+/// A Service whose hand-written EndpointSlice points outside the cluster is the outside for
+/// a workload an EgressAllowlist selects: kube-proxy's DNAT would take the connection there,
+/// past the allowlist, if the Service's address were decided as inside the cluster.
+#[test]
+fn a_service_pointing_outside_the_cluster_is_the_outside_for_an_allowlisted_workload() {
+    const VENDOR_V4: &str = "10.96.0.70";
+    let mut bank = bank("service-outside");
+    let site = bank.lab.add_outside("vendor");
+    bank.lab.serve(&site, &[443], &[]);
+    let site_ip = IpAddr::V4(site.ipv4);
+    bank.kube_proxy_with(
+        false,
+        vec![ServicePort {
+            namespace: "bank".into(),
+            service: "vendor".into(),
+            port_name: "".into(),
+            protocol: Proto::Tcp,
+            cluster_ip: ip(VENDOR_V4),
+            port: 443,
+            endpoints: vec![(site_ip, 443)],
+        }],
+    );
+    let mut agent = Agent::start(
+        &bank.lab,
+        &bank.dir,
+        &["--cgroup-root", bank.lab.cgroup_dir.to_str().unwrap()],
+    );
+    agent.wait_ready();
+    // bank/other: selected by an allowlist (and by no egress policy); the canary by none.
+    let vendor = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: vendor, namespace: bank}}\nspec: {{clusterIP: {VENDOR_V4}, ports: [{{port: 443}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: vendor-1, namespace: bank, labels: {{kubernetes.io/service-name: vendor}}}}\naddressType: IPv4\nendpoints: [{{addresses: ['{site_ip}']}}]\nports: [{{name: '', port: 443, protocol: TCP}}]\n---\napiVersion: tollgate.io/v1alpha1\nkind: EgressAllowlist\nmetadata: {{name: other-egress, namespace: bank}}\nspec:\n  podSelector: {{matchLabels: {{app: other}}}}\n  egress: [{{domains: [api.example.com], ports: [{{port: 443}}]}}]\n"
+    );
+    agent.apply(
+        &(bank.yaml("drop", false) + &vendor),
+        &[
+            "client-0",
+            "ledger-a",
+            "ledger-b",
+            "ledger-canary",
+            "other-0",
+        ],
+    );
+
+    // The DNAT to the outside works: the canary, which no allowlist selects, gets through.
+    let r = traffic::tcp(&bank.canary, ip(VENDOR_V4), 443, 1, PATIENT);
+    assert_eq!(r.echoed, 1, "{r:?}");
+
+    // bank/other may not reach it: dropped at its egress, in drop mode.
+    let got = measure(&bank, &agent, "other-0", || {
+        let r = traffic::tcp(&bank.other, ip(VENDOR_V4), 443, 1, FAIL_FAST);
+        assert!(!r.connected, "{r:?}");
+    });
+    assert!(
+        got[5] >= 1 && got[3] == 0,
+        "dropped at its egress, none allowed: {got:?}"
+    );
+    let record = wait_for(Duration::from_secs(5), "the flow log record", || {
+        agent
+            .flow_records()
+            .into_iter()
+            .find(|r| r["dst_ip"] == VENDOR_V4 && r["src"]["pod"] == "other-0")
+    });
+    assert_eq!(record["verdict"], "dropped", "{record}");
+    assert_eq!(record["dst_service"], "bank/vendor", "{record}");
+    assert!(
+        record["policies"].to_string().contains("bank/other-egress"),
+        "{record}"
+    );
+
+    // `tollgate check` agrees, and says what would allow it.
+    let answers = agent.check(&format!(
+        "bank/other-0 {VENDOR_V4} 443/tcp\nbank/ledger-canary {VENDOR_V4} 443/tcp\n"
+    ));
+    assert_eq!(answers[0]["egress"], "denied", "{:?}", answers[0]);
+    assert!(
+        answers[0]["explanation"]
+            .as_str()
+            .is_some_and(|e| e.contains(&site_ip.to_string())),
+        "{:?}",
+        answers[0]
+    );
+    assert_eq!(answers[1]["verdict"], "allowed", "{:?}", answers[1]);
+}

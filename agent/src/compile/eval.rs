@@ -150,7 +150,20 @@ impl Evaluator {
     /// is outside the cluster and not the pod's node.
     fn allowlist_toward(&self, pod: &PodKey, peer: IpAddr) -> Option<&crate::dns::Allowlist> {
         let a = self.allowlists.get(pod)?;
-        (self.identity_of(peer) == IDENTITY_WORLD && !self.is_node_of(pod, peer)).then_some(a)
+        let identity = self.identity_of(peer);
+        let outside = if identity == IDENTITY_WORLD {
+            !self.is_node_of(pod, peer)
+        } else {
+            // A Service with a backend outside the cluster, as in the datapath
+            // (`SERVICES_OUTSIDE`): kube-proxy's DNAT takes the connection there.
+            let node = self.pods.get(pod).and_then(|(_, node)| node.as_deref());
+            agent_common::is_service_identity(identity)
+                && self
+                    .compiled
+                    .outside_services(self.nodes.of(node))
+                    .contains(&identity)
+        };
+        outside.then_some(a)
     }
 
     /// `decide`, with the DNS name the peer was reached by (`domain`: then `peer` is a
@@ -423,10 +436,21 @@ impl Evaluator {
                 self.decide_named(&key, DIR_EGRESS, dst.ip, dst.domain.as_deref(), proto, port)
             && !d.allowed
         {
+            let service = self.compiled.frontend_of_address(dst.ip);
             let fix = match (&dst.domain, allowlist.names.first()) {
                 (Some(name), Some(first)) => explain::Fix::Domain {
                     allowlist: first.clone(),
                     rule: explain::domain_entry(name, protocol, port),
+                },
+                (None, Some(first)) if service.is_some() => explain::Fix::ServiceOutside {
+                    allowlist: first.clone(),
+                    outside: service
+                        .and_then(|f| self.compiled.podless_backends.get(&f.identity))
+                        .into_iter()
+                        .flatten()
+                        .filter(|ip| !self.is_node_of(&key, **ip))
+                        .map(|ip| ip.to_string())
+                        .collect(),
                 },
                 (None, Some(first)) => explain::Fix::ResolveName {
                     allowlist: first.clone(),

@@ -63,6 +63,14 @@ pub enum Fix {
     /// only once the workload resolves an allowed name to it (or by a NetworkPolicy
     /// ipBlock); `check` the name instead.
     ResolveName { allowlist: String },
+    /// A Service whose backends include addresses outside the cluster (`outside`), from a
+    /// workload an EgressAllowlist selects: kube-proxy would take the connection there, so
+    /// only a NetworkPolicy ipBlock for those addresses allows it.
+    #[serde(rename = "service_outside")]
+    ServiceOutside {
+        allowlist: String,
+        outside: Vec<String>,
+    },
     /// A DNS name outside the cluster from a workload no EgressAllowlist selects: its
     /// NetworkPolicies allow addresses, not names. `rule` is the allowlist entry.
     NameWithoutAllowlist {
@@ -230,6 +238,10 @@ impl Explanation {
             }
             Fix::Expired { allowlist, name } => format!(
                 "nothing is missing from EgressAllowlist {allowlist}, which allows {name}: the workload connected to an address its DNS answer for {name} gave after that answer had expired (its TTL, at least --dns-min-ttl, plus --dns-grace); have it resolve the name again before it connects (tollgate_egress_expired_total counts these)"
+            ),
+            Fix::ServiceOutside { allowlist, outside } => format!(
+                "the Service's backends {} are outside the cluster, where EgressAllowlist {allowlist} isolates the workload: add an ipBlock for them to a NetworkPolicy selecting it (which isolates its egress), or reach the outside by a name the allowlist allows",
+                outside.join(", ")
             ),
             Fix::ResolveName { allowlist } => format!(
                 "reach it by a name EgressAllowlist {allowlist} allows (an address is allowed once the workload's own DNS answer for an allowed name gives it), or add an ipBlock for it to a NetworkPolicy"

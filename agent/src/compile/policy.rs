@@ -260,6 +260,11 @@ pub struct Compiled {
     pub identities: OrdMap<u32, IdentityInfo>,
     /// Per compiled pod.
     pub pods: BTreeMap<PodKey, PodPolicy>,
+    /// Per frontend with such backends: its backend addresses that no pod of the cluster
+    /// holds (a slice written by hand, or a node's address without a `targetRef`). Those
+    /// that are not the source's node are outside the cluster: an EgressAllowlist's to
+    /// decide (`outside_services`).
+    pub podless_backends: OrdMap<u32, Vec<IpAddr>>,
     /// Rule ids (map values) to the policy they came from (empty: a free id).
     pub rule_policies: Arc<Vec<Arc<str>>>,
     /// Pod addresses to their pod.
@@ -286,6 +291,16 @@ impl Compiled {
             .get(rule as usize)
             .map(|name| &**name)
             .filter(|name| !name.is_empty())
+    }
+
+    /// The frontends with a backend outside the cluster for a source on the node whose
+    /// addresses are `node` (a backend there is the node itself).
+    pub fn outside_services(&self, node: Option<&BTreeSet<IpAddr>>) -> BTreeSet<u32> {
+        self.podless_backends
+            .iter()
+            .filter(|(_, ips)| ips.iter().any(|ip| node.is_none_or(|n| !n.contains(ip))))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// The pod that owns an address, if any.
@@ -1083,6 +1098,8 @@ struct FrontendsPart {
     /// is compared by it.
     inputs: Option<u64>,
     frontends: OrdMap<u32, Frontend>,
+    /// `Compiled::podless_backends`.
+    podless: OrdMap<u32, Vec<IpAddr>>,
     addresses: OrdMap<IpNet, u32>,
     /// Per virtual address, every Service claiming it (normally one) with its identity; the
     /// greatest key wins, as it did when the map was built in Service order.
@@ -1284,6 +1301,9 @@ impl FrontendsPart {
             .iter()
             .filter_map(|id| self.frontends.remove(id))
             .collect();
+        for id in &old_ids {
+            self.podless.remove(id);
+        }
         for f in &old {
             for b in f.ports.iter().flat_map(|p| &p.backends) {
                 if let Some(fs) = self.backend_frontends.get_mut(&b.ip) {
@@ -1355,6 +1375,18 @@ impl FrontendsPart {
         let changed = old != new;
         let new_ids: Vec<u32> = new.iter().map(|f| f.identity).collect();
         for f in new {
+            let mut podless: Vec<IpAddr> = f
+                .ports
+                .iter()
+                .flat_map(|p| &p.backends)
+                .filter(|b| b.pod.is_none())
+                .map(|b| b.ip)
+                .collect();
+            if !podless.is_empty() {
+                podless.sort_unstable();
+                podless.dedup();
+                self.podless.insert(f.identity, podless);
+            }
             for b in f.ports.iter().flat_map(|p| &p.backends) {
                 self.backend_frontends
                     .entry(b.ip)
@@ -1498,6 +1530,7 @@ pub fn compile_cached(
     }
     let services_part = cache.frontends.as_ref().expect("just set");
     compiled.frontends = services_part.frontends.clone();
+    compiled.podless_backends = services_part.podless.clone();
     compiled.service_addresses = services_part.addresses.clone();
     compiled.generation = cache.generation + 1;
     compiled.address_changes = nets.map(|nets| AddressChanges {

@@ -87,6 +87,9 @@ pub struct Naming {
     pub services: std::collections::HashMap<std::net::IpAddr, (String, Option<Endpoint>)>,
     /// The node's own addresses: the peer `host`.
     pub host: std::collections::HashSet<std::net::IpAddr>,
+    /// Virtual addresses of the Services with a backend outside the cluster (which an
+    /// EgressAllowlist isolates its workloads toward, as the outside).
+    pub services_outside: std::collections::HashSet<std::net::IpAddr>,
 }
 
 /// The name of the node as a peer (`host`): its namespace and workload are `host`, its pod
@@ -235,6 +238,7 @@ impl Naming {
                 slot.ingress_policies
             } else if e.peer_identity == agent_common::IDENTITY_WORLD
                 || agent_common::is_world_named(e.peer_identity)
+                || self.services_outside.contains(&dst)
             {
                 let mut all = slot.egress_allowlists;
                 all.extend(slot.egress_policies);

@@ -177,6 +177,9 @@ pub struct DatapathMaps {
     dns_resolvers: HashMap<MapData, agent_common::ResolverKey, u8>,
     /// What `set_resolvers` last made `DNS_RESOLVERS`: an unchanged set costs nothing.
     resolvers_written: Option<std::collections::BTreeSet<IpAddr>>,
+    services_outside: HashMap<MapData, u32, u8>,
+    /// What `set_services_outside` last made `SERVICES_OUTSIDE`.
+    services_outside_written: Option<std::collections::BTreeSet<u32>>,
     /// What this process wrote per ruleset, to diff the next update against.
     written: StdHashMap<u32, RulesetEntries>,
     /// Which lookups the newest staged entries of each ruleset need
@@ -743,6 +746,8 @@ impl DatapathMaps {
             clock: (0, 0),
             dns_resolvers: take(ebpf, map_names::DNS_RESOLVERS)?,
             resolvers_written: None,
+            services_outside: take(ebpf, map_names::SERVICES_OUTSIDE)?,
+            services_outside_written: None,
             written: StdHashMap::new(),
             lookups: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
@@ -822,6 +827,35 @@ impl DatapathMaps {
                 .map_err(map_err(map_names::DNS_RESOLVERS))?;
         }
         self.resolvers_written = Some(resolvers.clone());
+        Ok(())
+    }
+
+    /// Makes `services` the Service identities with a backend outside the cluster
+    /// (`SERVICES_OUTSIDE`), added before anything is removed: what is missing is added,
+    /// what is no longer wanted removed.
+    pub fn set_services_outside(
+        &mut self,
+        services: &std::collections::BTreeSet<u32>,
+    ) -> Result<(), MapsError> {
+        if self.services_outside_written.as_ref() == Some(services) {
+            return Ok(());
+        }
+        let present: std::collections::BTreeSet<u32> = self
+            .services_outside
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for id in services.difference(&present) {
+            self.services_outside
+                .insert(id, 1, 0)
+                .map_err(map_err(map_names::SERVICES_OUTSIDE))?;
+        }
+        for id in present.difference(services) {
+            self.services_outside
+                .remove(id)
+                .map_err(map_err(map_names::SERVICES_OUTSIDE))?;
+        }
+        self.services_outside_written = Some(services.clone());
         Ok(())
     }
 
