@@ -175,7 +175,8 @@ pub enum Command {
     ///
     /// Each input line is `SRC DST PORT/PROTOCOL`, SRC and DST being NAMESPACE/POD,
     /// NAMESPACE/WORKLOAD (every pod of that Deployment, StatefulSet...: allowed only when
-    /// allowed between all their pods) or an IP address, DST also a DNS name outside the
+    /// allowed between all their pods) or an IP address, DST also a Service's DNS name
+    /// (`NAME.NAMESPACE.svc[.cluster.local]`: its virtual address) or a DNS name outside the
     /// cluster (decided as EgressAllowlists and ipBlocks would decide its addresses), e.g.
     /// `x/a y/b 80/tcp`, `x/a 10.0.0.7 443/tcp`, `pay/card api.stripe.com 443/tcp` or
     /// `x/a y/b icmp`; PORT a number, or a named port of the
@@ -799,6 +800,18 @@ pub fn check_line(
         // for the pod that asked, not for the others that use them.
         return Err(format!(
             "{src:?}: SRC is NAMESPACE/POD, NAMESPACE/WORKLOAD or an IP address (a DNS name only as DST)"
+        ));
+    }
+    if let Some(f) = srcs.iter().find_map(|e| {
+        ev.compiled
+            .frontend_of_address(e.ip)
+            .filter(|_| e.pod.is_none())
+    }) {
+        // Connections to it leave from its backends, and its replies are un-DNATed to it
+        // by the node: no flow starts at a virtual address.
+        return Err(format!(
+            "{src:?} is the virtual address of Service {}, which starts no flow: give one of its backends as SRC",
+            f.service_id()
         ));
     }
     let mut dsts = endpoints(ev, dst, prefer_v6)?;

@@ -377,6 +377,27 @@ x/loner-0 10.250.0.1 10250/tcp
         r[0]
     );
     assert_eq!(r[0]["explanations"][0]["fix"]["kind"], "serviceport");
+
+    // A Service's DNS name inside the cluster is its virtual address, as the cluster's DNS
+    // answers: decided by its backends, not as a name outside the cluster.
+    let r = check_yaml(
+        &both,
+        "x/client-0 web.x.svc.cluster.local 80/tcp\nx/client-0 web.x.svc 80/tcp\n",
+    );
+    for answer in &r {
+        assert_eq!(answer["verdict"], "allowed", "{answer:?}");
+        assert_eq!(answer["dst_service"], "x/web", "{answer:?}");
+    }
+    let (code, _, err) = check_with(&both, &[], "x/client-0 nope.x.svc 80/tcp\n");
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("Service x/nope, which is not in the cluster state"),
+        "{err}"
+    );
+    // No flow starts at a virtual address (replies are un-DNATed to it by the node).
+    let (code, _, err) = check_with(&both, &[], "10.96.0.10 x/web-7c6b5-b 8080/tcp\n");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("virtual address of Service x/web"), "{err}");
 }
 
 /// A DNS name may stand for any address outside the cluster: a NetworkPolicy allows it only

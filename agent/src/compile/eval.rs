@@ -649,6 +649,45 @@ fn prefix_matches(a: &[u8; 16], b: &[u8; 16], bits: usize) -> bool {
     rest == 0 || (a[full] >> (8 - rest)) == (b[full] >> (8 - rest))
 }
 
+/// A Service's DNS name inside the cluster (`NAME.NAMESPACE.svc`, and with the cluster's
+/// domain after it, `cluster.local` or another): its virtual address, of the family asked
+/// for when it has one, as the cluster's DNS answers. `None` for any other name.
+fn service_by_dns_name(
+    ev: &Evaluator,
+    spec: &str,
+    prefer_v6: bool,
+) -> Result<Option<Endpoint>, String> {
+    let lower = spec.trim_end_matches('.').to_ascii_lowercase();
+    let labels: Vec<&str> = lower.split('.').collect();
+    let [name, namespace, "svc", ..] = labels.as_slice() else {
+        return Ok(None);
+    };
+    let Some(service) = ev
+        .state
+        .services
+        .get(&(namespace.to_string(), name.to_string()))
+    else {
+        return Err(format!(
+            "{spec:?} names Service {namespace}/{name}, which is not in the cluster state"
+        ));
+    };
+    let ip = service
+        .cluster_ips
+        .iter()
+        .find(|ip| ip.is_ipv6() == prefer_v6)
+        .or(service.cluster_ips.first())
+        .ok_or_else(|| {
+            format!(
+                "{spec:?}: Service {namespace}/{name} has no virtual address (headless): give its pods"
+            )
+        })?;
+    Ok(Some(Endpoint {
+        ip: *ip,
+        pod: None,
+        domain: None,
+    }))
+}
+
 /// Parses `NAMESPACE/POD` or an IP address into an endpoint of the evaluator's cluster; a
 /// workload (`NAMESPACE/WORKLOAD`) gives its first pod.
 pub fn endpoint(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Endpoint, String> {
@@ -680,6 +719,9 @@ pub fn endpoints(ev: &Evaluator, spec: &str, prefer_v6: bool) -> Result<Vec<Endp
             return Err(format!(
                 "{spec:?} is neither an IP address nor a DNS name (a top-level domain is never a number)"
             ));
+        }
+        if let Some(service) = service_by_dns_name(ev, spec, prefer_v6)? {
+            return Ok(vec![service]);
         }
         return match crate::dns::DomainPattern::parse(spec) {
             Ok(crate::dns::DomainPattern::Exact(name)) if name.contains('.') => {
