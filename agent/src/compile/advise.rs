@@ -297,9 +297,10 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
             ));
             continue;
         }
-        // A workload whose pods share no stable label could only be selected with its whole
-        // namespace: a policy for it would isolate every pod there, a rule for it allow
-        // every pod there. Left out and said, never widened.
+        // A workload whose stable labels do not select its pods alone (none shared, or
+        // shared with another workload) could only be selected with other pods: a policy
+        // for it would isolate them, a rule for it allow them. Left out and said, never
+        // widened.
         let unselectable = [
             Some(local),
             match &peer {
@@ -318,7 +319,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
         });
         if let Some((ns, wl)) = unselectable {
             advice.notes.push(format!(
-                "left out ({ns}/{wl}: its pods share no label that is not set per pod or revision, so only its whole namespace could be selected; label its pods and advise again): {}",
+                "left out ({ns}/{wl}: no label its pods share (but those set per pod or revision) selects them alone: a selector would take in other pods of its namespace; label its pods and advise again): {}",
                 describe(flow)
             ));
             // Still replayed: the other advice may isolate its workload, and the proof must
@@ -541,7 +542,7 @@ pub fn advise(state: &ClusterState, observed: &[ObservedFlow], options: &AdviseO
                 // could only be selected with its whole namespace. Left out and said.
                 if pod_of(state, dns, dwl).is_none_or(|p| stable_selector(state, p).is_empty()) {
                     advice.notes.push(format!(
-                        "left out ({dns}/{dwl}: its pods share no label that is not set per pod or revision, so only its whole namespace could be selected; label its pods and advise again): {sns}/{swl} -> {dns}/{dwl}"
+                        "left out ({dns}/{dwl}: no label its pods share (but those set per pod or revision) selects them alone: a selector would take in other pods of its namespace; label its pods and advise again): {sns}/{swl} -> {dns}/{dwl}"
                     ));
                     continue;
                 }
@@ -1352,7 +1353,7 @@ spec:
         let advice = advise(&bare, &observed, &AdviseOptions::default());
         assert!(
             advice.notes.iter().any(|n| n.starts_with(
-                "left out (bank/pot: its pods share no label that is not set per pod or revision"
+                "left out (bank/pot: no label its pods share (but those set per pod or revision) selects them alone"
             )),
             "{:?}",
             advice.notes
@@ -1366,6 +1367,22 @@ spec:
         // and the proof says so.
         assert_eq!(advice.replayed, 1);
         assert_eq!(advice.denied.len(), 2, "{:?}", advice.denied);
+
+        // Another Deployment labelled as pot is: no selector takes in pot alone, so the
+        // flow is left out rather than allowed for pot-batch too, which never called.
+        let twin = Store::from_yaml(&format!(
+            "{CANARY}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: pot-batch-x\n  namespace: bank\n  labels: {{app: pot, track: stable, pod-template-hash: 7d}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: pot-batch-7d, uid: v, controller: true}}]\nstatus: {{podIP: 10.0.0.3}}\n"
+        ))
+        .into_state();
+        let advice = advise(&twin, &observed, &AdviseOptions::default());
+        assert!(
+            advice.notes.iter().any(|n| n.starts_with(
+                "left out (bank/pot: no label its pods share (but those set per pod or revision) selects them alone"
+            )),
+            "{:?}",
+            advice.notes
+        );
+        assert!(!advice.yaml.contains("app: pot"), "{}", advice.yaml);
 
         // `--style labels` labels the callers, but must still select the destination: a
         // ledger without a label of its own is left out the same way, never `{}`.

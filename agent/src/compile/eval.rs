@@ -468,7 +468,9 @@ impl Evaluator {
         if let Some(pod) = src.pod.as_ref().and_then(pod_of) {
             let key = (pod.namespace.clone(), pod.name.clone());
             let denied = targets.iter().filter_map(|(ip, target, port)| {
-                let d = self.decide(&key, DIR_EGRESS, *ip, proto, *port)?;
+                // A name as the verdict took it: any address outside the cluster.
+                let d =
+                    self.decide_named(&key, DIR_EGRESS, *ip, dst.domain.as_deref(), proto, *port)?;
                 (!d.allowed).then(|| (d, peer_of(target, *ip), *port))
             });
             for (d, peer, port) in denied {

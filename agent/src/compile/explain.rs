@@ -66,7 +66,6 @@ pub enum Fix {
     /// A Service whose backends include addresses outside the cluster (`outside`), from a
     /// workload an EgressAllowlist selects: kube-proxy would take the connection there, so
     /// only a NetworkPolicy ipBlock for those addresses allows it.
-    #[serde(rename = "service_outside")]
     ServiceOutside {
         allowlist: String,
         outside: Vec<String>,
@@ -639,7 +638,9 @@ pub(super) fn quoted(v: &str) -> String {
 /// The labels that select a pod's workload: one naming label when it selects exactly the
 /// workload's pods in their namespace, else every label all its pods share but those
 /// controllers set per pod or revision (`pod-template-hash` and the like). A canary pod
-/// with a label of its own does not narrow its workload's selector to itself.
+/// with a label of its own does not narrow its workload's selector to itself. Empty when
+/// those also select another workload's pods there (two Deployments labelled alike): a
+/// selector of them would take in pods that never sent or received the flow.
 pub fn stable_selector(state: &ClusterState, pod: &PodInfo) -> BTreeMap<String, String> {
     let namespace_pods = || {
         state
@@ -670,7 +671,18 @@ pub fn stable_selector(state: &ClusterState, pod: &PodInfo) -> BTreeMap<String, 
             return BTreeMap::from([(key.to_string(), value.clone())]);
         }
     }
-    stable
+    let selects_only_the_workload = namespace_pods()
+        .filter(|p| {
+            stable
+                .iter()
+                .all(|(k, v)| p.labels.get(k.as_str()) == Some(v))
+        })
+        .all(|p| p.workload == pod.workload);
+    if selects_only_the_workload {
+        stable
+    } else {
+        BTreeMap::new()
+    }
 }
 
 #[cfg(test)]
