@@ -1000,7 +1000,6 @@ fn check(
     fail_on_deny: bool,
     dns_servers: &[std::net::IpAddr],
 ) -> anyhow::Result<ExitCode> {
-    use std::io::BufRead as _;
     let (ev, loaded) = match evaluator_for(cluster_state) {
         Ok((ev, loaded)) => (ev.with_dns_servers(dns_servers), loaded),
         Err(e) => {
@@ -1010,7 +1009,7 @@ fn check(
     };
     let mut bad_input = false;
     for e in &loaded.errors {
-        eprintln!("tollgate: rejected {e}");
+        eprintln!("tollgate: rejected {}", printable(&e.to_string()));
         bad_input = true;
     }
     if bad_input {
@@ -1040,8 +1039,26 @@ fn check(
     };
     let mut denied = false;
     let mut collected = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line.context("read flows")?;
+    let mut lines = FlowLines::new(reader);
+    loop {
+        let (n, line) = match lines.next_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(e) => {
+                // Bad input, not a denied flow: what came before still counts.
+                eprintln!("tollgate: read flows: {e}");
+                bad_input = true;
+                break;
+            }
+        };
+        let line = match line {
+            Ok(line) => line,
+            Err(why) => {
+                eprintln!("tollgate: line {n}: {why}");
+                bad_input = true;
+                continue;
+            }
+        };
         let trimmed = line.trim();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
@@ -1049,7 +1066,7 @@ fn check(
         let r = match check_line(&ev, trimmed, ipv6) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("tollgate: line {}: {e}", n + 1);
+                eprintln!("tollgate: line {n}: {}", printable(&e));
                 bad_input = true;
                 continue;
             }
@@ -1102,6 +1119,81 @@ fn check(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The longest flow line `check` reads: a flow is three short words.
+const MAX_FLOW_LINE: usize = 4096;
+
+/// Lines of flows, numbered from 1, each at most `MAX_FLOW_LINE` bytes: a longer one, or one
+/// that is not UTF-8, is an error of that line (the rest is still read); an error reading
+/// the input ends it.
+struct FlowLines<R> {
+    reader: R,
+    number: usize,
+}
+
+impl<R: std::io::BufRead> FlowLines<R> {
+    fn new(reader: R) -> Self {
+        FlowLines { reader, number: 0 }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn next_line(&mut self) -> std::io::Result<Option<(usize, Result<String, String>)>> {
+        use std::io::{BufRead as _, Read as _};
+        let mut bytes = Vec::new();
+        let read = (&mut self.reader)
+            .take(MAX_FLOW_LINE as u64 + 1)
+            .read_until(b'\n', &mut bytes)?;
+        if read == 0 {
+            return Ok(None);
+        }
+        self.number += 1;
+        if bytes.len() > MAX_FLOW_LINE && bytes.last() != Some(&b'\n') {
+            // Skip the rest of the line, a bounded piece at a time; a line with no end in
+            // sight (`/dev/zero`) is no list of flows.
+            for piece in 0.. {
+                if piece == 256 {
+                    return Err(std::io::Error::other(format!(
+                        "line {} goes on for more than {} KiB: not a list of flows",
+                        self.number,
+                        256 * MAX_FLOW_LINE / 1024
+                    )));
+                }
+                let mut rest = Vec::new();
+                let n = (&mut self.reader)
+                    .take(MAX_FLOW_LINE as u64)
+                    .read_until(b'\n', &mut rest)?;
+                if n == 0 || rest.last() == Some(&b'\n') {
+                    break;
+                }
+            }
+            let why = format!("longer than {MAX_FLOW_LINE} bytes");
+            return Ok(Some((self.number, Err(why))));
+        }
+        let line = String::from_utf8(bytes).map_err(|e| {
+            format!(
+                "not UTF-8 (an invalid byte at column {})",
+                e.utf8_error().valid_up_to() + 1
+            )
+        });
+        Ok(Some((self.number, line)))
+    }
+}
+
+/// Text from the input as it may be shown on a terminal: control characters escaped, so a
+/// line or a name cannot move the cursor, retitle the window or hide what follows.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\n'
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            {
+                c.escape_unicode().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// Policies whose namespaceSelector names (by `kubernetes.io/metadata.name`) a namespace the

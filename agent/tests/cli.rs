@@ -250,6 +250,54 @@ fn check_reports_bad_lines_and_keeps_going() {
     assert!(text.contains("allowed"));
 }
 
+/// Flow input that is no list of flows: a line that is not UTF-8 or too long is an error of
+/// its own (exit 2, not the 1 of a denied flow) and the lines after it are still read; what
+/// the input says is echoed with its control characters escaped; an input with no line end
+/// in sight ends the read.
+#[test]
+fn check_reads_odd_flow_input_line_by_line() {
+    let good = "bank/pot-5c6d7e8f9-q4r7t bank/ledger-7d9c8b5f4-x2x9q 8080/tcp\n";
+    let mut input = Vec::new();
+    input.extend_from_slice(b"\xff\xfe bank/a 80/tcp\n");
+    input.extend_from_slice(&vec![b'x'; 10_000]);
+    input.extend_from_slice(b"\nbank/\x1b]0;title\x07 bank/b 80/tcp\n");
+    input.extend_from_slice(good.as_bytes());
+    let path = std::env::temp_dir().join(format!("tg-cli-flows-{}", std::process::id()));
+    std::fs::write(&path, &input).unwrap();
+    let out = tollgate(
+        &[
+            "check",
+            "--cluster-state",
+            DUMP,
+            "--flows",
+            path.to_str().unwrap(),
+        ],
+        "",
+    );
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 1: not UTF-8"), "{err}");
+    assert!(err.contains("line 2: longer than 4096 bytes"), "{err}");
+    assert!(err.contains("line 3: bank/\\u{1b}]0;title\\u{7}"), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "a control character reached the terminal: {err}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 1, "line 4 still evaluated: {text}");
+
+    let out = tollgate(
+        &["check", "--cluster-state", DUMP, "--flows", "/dev/zero"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a list of flows"),
+        "{out:?}"
+    );
+}
+
 /// Runs `check -o json` on a cluster state given as YAML text.
 fn check_yaml(yaml: &str, flows: &str) -> Vec<serde_json::Value> {
     let (code, out, err) = check_with(yaml, &["-o", "json"], flows);

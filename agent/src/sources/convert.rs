@@ -863,42 +863,6 @@ fn advised_for(annotations: Option<&std::collections::BTreeMap<String, String>>)
 /// would reject (strict field validation), not something to ignore silently.
 pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
     use serde_norway::Value;
-    fn keys(v: &Value) -> Vec<String> {
-        match v {
-            Value::Mapping(m) => m
-                .keys()
-                .filter_map(|k| k.as_str().map(str::to_string))
-                .collect(),
-            _ => vec![],
-        }
-    }
-    fn check(v: &Value, allowed: &[&str], at: &str) -> Option<String> {
-        keys(v)
-            .into_iter()
-            .find(|k| !allowed.contains(&k.as_str()))
-            .map(|k| {
-                format!(
-                    "{at}.{k}: unknown field (expected one of {})",
-                    allowed.join(", ")
-                )
-            })
-    }
-    fn selector(v: &Value, at: &str) -> Option<String> {
-        check(v, &["matchLabels", "matchExpressions"], at).or_else(|| {
-            v.get("matchExpressions")
-                .and_then(Value::as_sequence)
-                .into_iter()
-                .flatten()
-                .enumerate()
-                .find_map(|(i, e)| {
-                    check(
-                        e,
-                        &["key", "operator", "values"],
-                        &format!("{at}.matchExpressions[{i}]"),
-                    )
-                })
-        })
-    }
     fn rules(v: &Value, field: &str, peer_field: &str) -> Option<String> {
         v.get(field)
             .and_then(Value::as_sequence)
@@ -907,7 +871,7 @@ pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
             .enumerate()
             .find_map(|(i, r)| {
                 let at = format!("spec.{field}[{i}]");
-                check(r, &[peer_field, "ports"], &at)
+                unknown_key(r, &[peer_field, "ports"], &at)
                     .or_else(|| {
                         r.get(peer_field)
                             .and_then(Value::as_sequence)
@@ -916,50 +880,111 @@ pub fn unknown_policy_fields(spec: &serde_norway::Value) -> Option<String> {
                             .enumerate()
                             .find_map(|(j, p)| {
                                 let at = format!("{at}.{peer_field}[{j}]");
-                                check(p, &["podSelector", "namespaceSelector", "ipBlock"], &at)
-                                    .or_else(|| {
-                                        p.get("podSelector")
-                                            .and_then(|s| selector(s, &format!("{at}.podSelector")))
-                                    })
-                                    .or_else(|| {
-                                        p.get("namespaceSelector").and_then(|s| {
-                                            selector(s, &format!("{at}.namespaceSelector"))
-                                        })
-                                    })
-                                    .or_else(|| {
-                                        p.get("ipBlock").and_then(|b| {
-                                            check(b, &["cidr", "except"], &format!("{at}.ipBlock"))
-                                        })
-                                    })
-                            })
-                    })
-                    .or_else(|| {
-                        r.get("ports")
-                            .and_then(Value::as_sequence)
-                            .into_iter()
-                            .flatten()
-                            .enumerate()
-                            .find_map(|(j, p)| {
-                                check(
+                                unknown_key(
                                     p,
-                                    &["protocol", "port", "endPort"],
-                                    &format!("{at}.ports[{j}]"),
+                                    &["podSelector", "namespaceSelector", "ipBlock"],
+                                    &at,
                                 )
+                                .or_else(|| {
+                                    p.get("podSelector").and_then(|s| {
+                                        unknown_selector_key(s, &format!("{at}.podSelector"))
+                                    })
+                                })
+                                .or_else(|| {
+                                    p.get("namespaceSelector").and_then(|s| {
+                                        unknown_selector_key(s, &format!("{at}.namespaceSelector"))
+                                    })
+                                })
+                                .or_else(|| {
+                                    p.get("ipBlock").and_then(|b| {
+                                        unknown_key(
+                                            b,
+                                            &["cidr", "except"],
+                                            &format!("{at}.ipBlock"),
+                                        )
+                                    })
+                                })
                             })
                     })
+                    .or_else(|| unknown_port_key(r, &at))
             })
     }
-    check(
+    unknown_key(
         spec,
         &["podSelector", "ingress", "egress", "policyTypes"],
         "spec",
     )
     .or_else(|| {
         spec.get("podSelector")
-            .and_then(|s| selector(s, "spec.podSelector"))
+            .and_then(|s| unknown_selector_key(s, "spec.podSelector"))
     })
     .or_else(|| rules(spec, "ingress", "from"))
     .or_else(|| rules(spec, "egress", "to"))
+}
+
+/// The first field of an EgressAllowlist's spec its schema does not have, nested ones
+/// included (a `matchLabel` typo would leave a selector of every pod), as a rejection.
+pub fn unknown_allowlist_fields(spec: &serde_norway::Value) -> Option<String> {
+    spec.get("podSelector")
+        .and_then(|s| unknown_selector_key(s, "spec.podSelector"))
+        .or_else(|| {
+            spec.get("egress")
+                .and_then(serde_norway::Value::as_sequence)
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .find_map(|(i, r)| unknown_port_key(r, &format!("spec.egress[{i}]")))
+        })
+}
+
+/// The first key of a mapping not in `allowed`, as a rejection at `at`.
+fn unknown_key(v: &serde_norway::Value, allowed: &[&str], at: &str) -> Option<String> {
+    let serde_norway::Value::Mapping(m) = v else {
+        return None;
+    };
+    m.keys()
+        .filter_map(|k| k.as_str())
+        .find(|k| !allowed.contains(k))
+        .map(|k| {
+            format!(
+                "{at}.{k}: unknown field (expected one of {})",
+                allowed.join(", ")
+            )
+        })
+}
+
+/// An unknown field of a label selector or of its `matchExpressions`.
+fn unknown_selector_key(v: &serde_norway::Value, at: &str) -> Option<String> {
+    unknown_key(v, &["matchLabels", "matchExpressions"], at).or_else(|| {
+        v.get("matchExpressions")
+            .and_then(serde_norway::Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .find_map(|(i, e)| {
+                unknown_key(
+                    e,
+                    &["key", "operator", "values"],
+                    &format!("{at}.matchExpressions[{i}]"),
+                )
+            })
+    })
+}
+
+/// An unknown field of the `ports` of a rule at `at`.
+fn unknown_port_key(rule: &serde_norway::Value, at: &str) -> Option<String> {
+    rule.get("ports")
+        .and_then(serde_norway::Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .find_map(|(j, p)| {
+            unknown_key(
+                p,
+                &["protocol", "port", "endPort"],
+                &format!("{at}.ports[{j}]"),
+            )
+        })
 }
 
 #[cfg(test)]

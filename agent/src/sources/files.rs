@@ -112,7 +112,7 @@ struct Unreadable {
 /// (`kept_across_restarts`) with its own document, as YAML.
 fn parse_documents(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String>)>, Unreadable> {
     parse_stream(text, file).map_err(|reason| {
-        let (documents, all_named) = broken_documents_apart(text, file);
+        let (documents, all_named) = broken_documents_apart(text, file, false);
         Unreadable {
             reason,
             documents,
@@ -139,15 +139,35 @@ fn parse_stream(text: &str, file: &Path) -> Result<Vec<(Parsed, Option<String>)>
 /// the last good version of that object stays in force and the rest of the file is read as
 /// usual. A broken document of a kind that is no policy input is only reported. The flag
 /// is false when a broken document names no object: then it could have been any object,
-/// and the file stands or falls as a whole where it has a last good version.
-fn broken_documents_apart(text: &str, file: &Path) -> (Vec<(Parsed, Option<String>)>, bool) {
+/// and the file stands or falls as a whole where it has a last good version. `lossy`: the
+/// text was decoded with replacement characters where the file's bytes were not UTF-8,
+/// and a document holding one is broken.
+fn broken_documents_apart(
+    text: &str,
+    file: &Path,
+    lossy: bool,
+) -> (Vec<(Parsed, Option<String>)>, bool) {
     let mut out = Vec::new();
     let mut all_named = true;
     for (first_line, document) in documents_of(text) {
-        match parse_stream(&document, file) {
+        let parsed = match document
+            .lines()
+            .position(|l| lossy && l.contains('\u{fffd}'))
+        {
+            Some(at) => Err(format!(
+                "not UTF-8: bytes that are no UTF-8 at line {}",
+                first_line + at
+            )),
+            None => parse_stream(&document, file),
+        };
+        match parsed {
             Ok(items) => out.extend(items),
             Err(reason) => {
-                let reason = lines_of_file(&document, first_line).unwrap_or(reason);
+                let reason = if reason.starts_with("not UTF-8") {
+                    reason
+                } else {
+                    lines_of_file(&document, first_line).unwrap_or(reason)
+                };
                 let (reason, object) = match named_object(&document) {
                     Some((kind, object)) => (
                         format!("{reason} (the {kind} document from line {first_line})"),
@@ -343,6 +363,35 @@ fn input_kind(kind: &str) -> Option<Kind> {
     })
 }
 
+/// The kind a `kind:` that is none of ours was meant as: one of ours but for letter case,
+/// spaces around it or a plural.
+fn misspelt_kind(kind: &str) -> Option<Kind> {
+    if input_kind(kind).is_some() {
+        return None;
+    }
+    let folded = kind.trim().to_ascii_lowercase();
+    [
+        "Namespace",
+        "Pod",
+        "NetworkPolicy",
+        "Service",
+        "EndpointSlice",
+        "Node",
+        "ModeOverride",
+        "EgressAllowlist",
+    ]
+    .into_iter()
+    .find(|ours| {
+        let ours = ours.to_ascii_lowercase();
+        let plural = match ours.strip_suffix('y') {
+            Some(stem) => format!("{stem}ies"),
+            None => format!("{ours}s"),
+        };
+        folded == ours || folded == plural
+    })
+    .and_then(input_kind)
+}
+
 /// The kind Tollgate reads an object as, by its `kind:` and the API group of its
 /// `apiVersion:`: another group's kind of the same name (Calico's `projectcalico.org/v3`
 /// NetworkPolicy, Knative's `serving.knative.dev` Service) is not one of ours and is passed
@@ -520,6 +569,34 @@ fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
     // Deployments, ConfigMaps, other groups' kinds... are not policy inputs.
     let api_version = str_at(&value, &["apiVersion"]);
     let Some(kind) = input_kind_in(api_version, &kind) else {
+        if let Some(meant) = misspelt_kind(&kind) {
+            // `networkpolicy`, `NetworkPolicies`: meant as ours, refused by the API server
+            // (kinds are case-sensitive and singular), so an error, not passed over.
+            let namespace = if meant.cluster_scoped() {
+                String::new()
+            } else {
+                str_at(&value, &["metadata", "namespace"])
+                    .unwrap_or("default")
+                    .to_string()
+            };
+            out.push((
+                Err(ObjectError {
+                    object: str_at(&value, &["metadata", "name"]).map(|name| ObjectKey {
+                        kind: meant,
+                        namespace,
+                        name: name.to_string(),
+                    }),
+                    file: file.to_path_buf(),
+                    reason: format!(
+                        "kind: {kind:?} is no kind; {} is (kinds are case-sensitive and singular)",
+                        meant.as_str()
+                    ),
+                    kept_last_good: false,
+                }),
+                None,
+            ));
+            return;
+        }
         if input_kind(&kind).is_some() {
             // Calico's NetworkPolicy, or a typo in ours: said, in case it is the latter.
             tracing::warn!(
@@ -569,7 +646,15 @@ fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
         Kind::EndpointSlice => typed::<EndpointSlice>(value),
         Kind::Node => typed::<Node>(value),
         Kind::ModeOverride => typed::<ModeOverride>(value),
-        Kind::EgressAllowlist => typed::<EgressAllowlist>(value),
+        Kind::EgressAllowlist => {
+            match value
+                .get("spec")
+                .and_then(convert::unknown_allowlist_fields)
+            {
+                Some(unknown) => Err(unknown),
+                None => typed::<EgressAllowlist>(value),
+            }
+        }
     };
     match converted {
         Ok(Some(object)) => out.push((Ok((key.expect("named"), object)), document)),
@@ -780,8 +865,12 @@ impl FileSource {
         if meta.is_file() {
             return Ok(vec![self.path.clone()]);
         }
+        use std::os::unix::fs::MetadataExt as _;
         let mut files = Vec::new();
         let mut dirs = vec![self.path.clone()];
+        // Directories by (device, inode): a symbolic link back up the tree is read once, not
+        // until the path is too long.
+        let mut seen = BTreeSet::from([(meta.dev(), meta.ino())]);
         while let Some(dir) = dirs.pop() {
             let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             for entry in entries.flatten() {
@@ -792,12 +881,23 @@ impl FileSource {
                 if hidden {
                     continue;
                 }
-                if p.is_dir() {
-                    dirs.push(p);
-                } else if matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "json")
-                ) {
+                // What a link points to; a broken link is nothing.
+                let Ok(meta) = std::fs::metadata(&p) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    if seen.insert((meta.dev(), meta.ino())) {
+                        dirs.push(p);
+                    }
+                } else if meta.is_file()
+                    && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        ["yaml", "yml", "json"]
+                            .iter()
+                            .any(|known| e.eq_ignore_ascii_case(known))
+                    })
+                {
+                    // Regular files only: a FIFO or a device would block the read, or never
+                    // end it.
                     files.push(p);
                 }
             }
@@ -953,9 +1053,25 @@ impl FileSource {
                 all_named: false,
             };
             let parsed = match content {
-                Some(bytes) => String::from_utf8(bytes)
-                    .map_err(|e| unreadable(format!("not UTF-8: {e}")))
-                    .and_then(|text| parse_documents(&text, &file)),
+                Some(bytes) => match String::from_utf8(bytes) {
+                    // A byte-order mark is no part of the first document.
+                    Ok(text) => parse_documents(text.trim_start_matches('\u{feff}'), &file),
+                    // The documents holding bytes that are not UTF-8 are broken, the others
+                    // stand.
+                    Err(e) => {
+                        let text = String::from_utf8_lossy(e.as_bytes());
+                        let (documents, all_named) = broken_documents_apart(
+                            text.trim_start_matches('\u{feff}'),
+                            &file,
+                            true,
+                        );
+                        Err(Unreadable {
+                            reason: format!("not UTF-8: {}", e.utf8_error()),
+                            documents,
+                            all_named,
+                        })
+                    }
+                },
                 None => std::fs::read(&file)
                     .map(|_| Vec::new())
                     .map_err(|e| unreadable(e.to_string())),
@@ -1481,6 +1597,15 @@ mod tests {
                 "extra",
             ),
             ("{egress: [{domains: [a.com]}]}", "podSelector"),
+            // Nested typos: a selector of every pod, a range that is not one.
+            (
+                "{podSelector: {matchLabel: {app: a}}, egress: [{domains: [a.com]}]}",
+                "spec.podSelector.matchLabel: unknown field",
+            ),
+            (
+                "{podSelector: {}, egress: [{domains: [a.com], ports: [{port: 80, endport: 90}]}]}",
+                "spec.egress[0].ports[0].endport: unknown field",
+            ),
         ] {
             let err = one(spec).unwrap_err();
             assert!(err.reason.contains(field), "{spec}: {}", err.reason);
@@ -2007,6 +2132,73 @@ mod tests {
 
     /// A file whose metadata is what it was at a read well after its last write is not read
     /// again; one written since, or written just before its last read, is.
+    /// What a directory may hold besides YAML files: links back up the tree, FIFOs, links
+    /// to devices, upper-case extensions; what a file may hold besides UTF-8 YAML.
+    #[test]
+    fn odd_files_neither_hang_nor_hide_the_rest() {
+        let dir = std::env::temp_dir().join(format!("tg-files-odd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/a.yaml"), policy_yaml("a", 80)).unwrap();
+        std::os::unix::fs::symlink("..", dir.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink(".", dir.join("sub/here")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join("zero.yaml")).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("fifo.yaml").to_str().unwrap()).unwrap();
+        // SAFETY: a valid path string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Upper case is YAML too; a byte-order mark is no part of the first document.
+        std::fs::write(
+            dir.join("B.YAML"),
+            format!(
+                "\u{feff}{}",
+                policy_yaml("b", 81).trim_start_matches("---\n")
+            ),
+        )
+        .unwrap();
+        // Bytes that are not UTF-8 break their document only.
+        let mut bad = policy_yaml("c", 82).into_bytes();
+        bad.extend_from_slice(
+            b"---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {a: \"\xff\"}}\n",
+        );
+        std::fs::write(dir.join("c.yaml"), bad).unwrap();
+        // Kinds that are ours but for case or number are errors, not other kinds.
+        std::fs::write(
+            dir.join("d.yaml"),
+            policy_yaml("d", 83).replace("kind: NetworkPolicy", "kind: networkpolicies"),
+        )
+        .unwrap();
+
+        let loaded = FileSource::new(&dir).load();
+        let mut names: Vec<_> = loaded
+            .state
+            .policies
+            .keys()
+            .map(|(_, n)| n.clone())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "c"], "{:?}", loaded.errors);
+        assert!(
+            !loaded.warnings.iter().any(|w| w.contains("more than once")),
+            "the link loop read a.yaml again: {:?}",
+            loaded.warnings
+        );
+        let reasons: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("Namespace x") && r.contains("not UTF-8")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("NetworkPolicy x/d") && r.contains("NetworkPolicy is")),
+            "{reasons:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn only_files_that_may_have_changed_are_read() {
         let dir = std::env::temp_dir().join(format!("tg-files-meta-{}", std::process::id()));
