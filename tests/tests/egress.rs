@@ -125,8 +125,11 @@ impl Internet {
         let mut y = String::from(
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: pay}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n",
         );
-        y += &pod_yaml(&self.card, "pay", "card", "{app: card}");
-        y += &pod_yaml(&self.card2, "pay", "card2", "{app: card}");
+        // Two workloads (bare pods) the allowlist selects together; each has a label of its
+        // own, or no selector could take in one without the other (`advise` leaves such
+        // workloads out).
+        y += &pod_yaml(&self.card, "pay", "card", "{app: card, replica: one}");
+        y += &pod_yaml(&self.card2, "pay", "card2", "{app: card, replica: two}");
         y += &pod_yaml(&self.other, "pay", "other", "{app: other}");
         // A DNS server in the cluster that is nobody's resolver.
         y += &pod_yaml(&self.rogue, "pay", "rogue", "{app: rogue}");

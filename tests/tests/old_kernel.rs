@@ -41,11 +41,11 @@ const BUSYBOX: &str = "/bin/busybox";
 /// About 17 s measured (init at 2-3 s); CI machines are shared, and emulation suffers most.
 const TIMEOUT: Duration = Duration::from_secs(180);
 const INSTALL: &str = "apt-get install --no-install-recommends qemu-system-x86 \
-                       linux-image-amd64 busybox-static cpio kmod xz-utils (`cargo xtask test` does)";
+                       linux-image-amd64 busybox-static cpio kmod xz-utils binutils (`cargo xtask test` does)";
 
 #[test]
 fn the_agent_runs_on_the_stock_6_1_kernel_with_clsact_and_cgroup_attachments() {
-    for program in ["qemu-system-x86_64", "cpio", "ldd"] {
+    for program in ["qemu-system-x86_64", "cpio", "ldd", "strip"] {
         assert!(on_path(program), "{program} is missing: {INSTALL}");
     }
     assert!(
@@ -290,6 +290,18 @@ fn build_initramfs(dir: &Path, modules: &Path) -> PathBuf {
         &root,
         Path::new(tollgate_bin()),
         Path::new("/usr/bin/tollgate"),
+    );
+    // A debug build's symbols are most of its 300 MB: the initramfs is unpacked into the
+    // guest's memory (1 GiB), where they do not fit beside everything else.
+    let out = Command::new("strip")
+        .arg("--strip-debug")
+        .arg(root.join("usr/bin/tollgate"))
+        .output()
+        .expect("run strip (binutils)");
+    assert!(
+        out.status.success(),
+        "strip the guest's tollgate: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     for tool in GUEST_TOOLS {
         copy_binary(&root, Path::new(tool), Path::new(tool));

@@ -78,6 +78,8 @@ const VM_PACKAGES: &[&str] = &[
     "cpio",
     "kmod",
     "xz-utils",
+    // `strip`: the guest's copy of the debug build without its symbols.
+    "binutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
