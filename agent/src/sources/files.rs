@@ -568,46 +568,28 @@ fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
     }
     // Deployments, ConfigMaps, other groups' kinds... are not policy inputs.
     let api_version = str_at(&value, &["apiVersion"]);
-    let Some(kind) = input_kind_in(api_version, &kind) else {
-        if let Some(meant) = misspelt_kind(&kind) {
-            // `networkpolicy`, `NetworkPolicies`: meant as ours, refused by the API server
-            // (kinds are case-sensitive and singular), so an error, not passed over.
-            let namespace = if meant.cluster_scoped() {
-                String::new()
-            } else {
-                str_at(&value, &["metadata", "namespace"])
-                    .unwrap_or("default")
-                    .to_string()
-            };
-            out.push((
-                Err(ObjectError {
-                    object: str_at(&value, &["metadata", "name"]).map(|name| ObjectKey {
-                        kind: meant,
-                        namespace,
-                        name: name.to_string(),
-                    }),
-                    file: file.to_path_buf(),
-                    reason: format!(
-                        "kind: {kind:?} is no kind; {} is (kinds are case-sensitive and singular)",
-                        meant.as_str()
-                    ),
-                    kept_last_good: false,
-                }),
-                None,
-            ));
-            return;
-        }
-        if input_kind(&kind).is_some() {
-            // Calico's NetworkPolicy, or a typo in ours: said, in case it is the latter.
-            tracing::warn!(
-                file = %file.display(),
-                kind,
-                api_version = api_version.unwrap_or(""),
-                name = str_at(&value, &["metadata", "name"]).unwrap_or(""),
-                "passed over: not the API group Tollgate reads this kind from"
-            );
-        }
-        return;
+    let written = kind;
+    // `networkpolicy`, `NetworkPolicies`: meant as ours, refused by the API server (kinds
+    // are case-sensitive and singular), so an error of that object, not another kind.
+    let (kind, misspelt) = match input_kind_in(api_version, &written) {
+        Some(kind) => (kind, false),
+        None => match misspelt_kind(&written) {
+            Some(meant) => (meant, true),
+            None => {
+                if input_kind(&written).is_some() {
+                    // Calico's NetworkPolicy, or a typo in ours: said, in case it is the
+                    // latter.
+                    tracing::warn!(
+                        file = %file.display(),
+                        kind = written,
+                        api_version = api_version.unwrap_or(""),
+                        name = str_at(&value, &["metadata", "name"]).unwrap_or(""),
+                        "passed over: not the API group Tollgate reads this kind from"
+                    );
+                }
+                return;
+            }
+        },
     };
     let namespace = if kind.cluster_scoped() {
         String::new()
@@ -628,6 +610,14 @@ fn collect(value: Value, file: &Path, out: &mut Vec<(Parsed, Option<String>)>) {
         reason,
         kept_last_good: false,
     };
+    if misspelt {
+        let reason = format!(
+            "kind: {written:?} is no kind; {} is (kinds are case-sensitive and singular)",
+            kind.as_str()
+        );
+        out.push((Err(error(reason)), None));
+        return;
+    }
     if name.is_none() {
         out.push((Err(error("metadata.name is missing".into())), None));
         return;
