@@ -156,14 +156,18 @@ impl Evaluator {
         } else {
             // A Service with a backend outside the cluster, as in the datapath
             // (`SERVICES_OUTSIDE`): kube-proxy's DNAT takes the connection there.
-            let node = self.pods.get(pod).and_then(|(_, node)| node.as_deref());
             agent_common::is_service_identity(identity)
-                && self
-                    .compiled
-                    .outside_services(self.nodes.of(node))
-                    .contains(&identity)
+                && self.outside_backends(pod, identity).next().is_some()
         };
         outside.then_some(a)
+    }
+
+    /// The backends of Service frontend `identity` outside the cluster for `pod` (those on
+    /// its node are the node).
+    fn outside_backends(&self, pod: &PodKey, identity: u32) -> impl Iterator<Item = IpAddr> + '_ {
+        let node = self.pods.get(pod).and_then(|(_, node)| node.as_deref());
+        self.compiled
+            .outside_backends(identity, self.nodes.of(node))
     }
 
     /// `decide`, with the DNS name the peer was reached by (`domain`: then `peer` is a
@@ -445,10 +449,8 @@ impl Evaluator {
                 (None, Some(first)) if service.is_some() => explain::Fix::ServiceOutside {
                     allowlist: first.clone(),
                     outside: service
-                        .and_then(|f| self.compiled.podless_backends.get(&f.identity))
                         .into_iter()
-                        .flatten()
-                        .filter(|ip| !self.is_node_of(&key, **ip))
+                        .flat_map(|f| self.outside_backends(&key, f.identity))
                         .map(|ip| ip.to_string())
                         .collect(),
                 },

@@ -297,10 +297,25 @@ impl Compiled {
     /// addresses are `node` (a backend there is the node itself).
     pub fn outside_services(&self, node: Option<&BTreeSet<IpAddr>>) -> BTreeSet<u32> {
         self.podless_backends
-            .iter()
-            .filter(|(_, ips)| ips.iter().any(|ip| node.is_none_or(|n| !n.contains(ip))))
-            .map(|(id, _)| *id)
+            .keys()
+            .filter(|id| self.outside_backends(**id, node).next().is_some())
+            .copied()
             .collect()
+    }
+
+    /// The backends of a frontend that are outside the cluster for a source on the node
+    /// whose addresses are `node`.
+    pub fn outside_backends<'a>(
+        &'a self,
+        frontend: u32,
+        node: Option<&'a BTreeSet<IpAddr>>,
+    ) -> impl Iterator<Item = IpAddr> + 'a {
+        self.podless_backends
+            .get(&frontend)
+            .into_iter()
+            .flatten()
+            .filter(move |ip| node.is_none_or(|n| !n.contains(ip)))
+            .copied()
     }
 
     /// The pod that owns an address, if any.
