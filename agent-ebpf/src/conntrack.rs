@@ -335,16 +335,27 @@ pub fn refresh(config: &Config, entry: &mut CtEntry, proto: u8, now: u64) {
     }
 }
 
-/// The flow an ICMP error relates to, if it is tracked: its decision as `Tracked`.
+/// The tracked flow of `key`, if it is live, as `Tracked`. `standing`: only if its decision
+/// also stands, as for an ICMP error about the flow (a flow whose rules or peers changed
+/// is decided again by its own next packet; its errors must not pass on the old decision
+/// meanwhile).
 #[inline(always)]
-pub fn related(workload: &WorkloadConfig, key: &CtKey, now: u64) -> Option<Tracked> {
+pub fn related(
+    workload: &WorkloadConfig,
+    key: &CtKey,
+    now: u64,
+    standing: bool,
+) -> Option<Tracked> {
     // SAFETY: read-only use of a value from a successful lookup.
     let entry = match unsafe { CONNTRACK.get(key) } {
         Some(e) => e,
         // SAFETY: as above.
         None => unsafe { CT_OVERFLOW.get(key) }?,
     };
-    if entry.expires_ns > now && entry.generation == workload.generation {
+    if entry.expires_ns > now
+        && entry.generation == workload.generation
+        && (!standing || entry.epoch == epoch_for(workload, entry.peer))
+    {
         Some(Tracked {
             decision: Decision {
                 decision: entry.decision,

@@ -132,9 +132,9 @@ impl Flow {
 }
 
 /// The flow of an IPv4 packet without options or fragmentation whose header starts at
-/// `ip`, with the offset of its transport header.
+/// `ip`, with the offsets of its transport header and of its end.
 #[inline(always)]
-fn ipv4_flow(skb: &SkBuff, start: usize, end: usize, ip: usize) -> Option<(Flow, usize)> {
+fn ipv4_flow(skb: &SkBuff, start: usize, end: usize, ip: usize) -> Option<(Flow, usize, usize)> {
     // Words as they lie in the packet; their bytes taken apart with shifts.
     let [version_ihl, _, len_hi, len_lo] = read::<u32>(start, end, ip)?.to_ne_bytes();
     let [id_hi, id_lo, flags_offset_hi, offset_lo] = read::<u32>(start, end, ip + 4)?.to_ne_bytes();
@@ -159,13 +159,13 @@ fn ipv4_flow(skb: &SkBuff, start: usize, end: usize, ip: usize) -> Option<(Flow,
         family: FAMILY_IPV4,
         tcp_flags: 0,
     };
-    Some((flow, ip + 20))
+    Some((flow, ip + 20, ip + total_len as usize))
 }
 
 /// The flow of an IPv6 packet whose transport header follows its fixed header directly (no
-/// extension headers), with the offset of its transport header.
+/// extension headers), with the offsets of its transport header and of its end.
 #[inline(always)]
-fn ipv6_flow(skb: &SkBuff, start: usize, end: usize, ip: usize) -> Option<(Flow, usize)> {
+fn ipv6_flow(skb: &SkBuff, start: usize, end: usize, ip: usize) -> Option<(Flow, usize, usize)> {
     let [version_class, _, _, _] = read::<u32>(start, end, ip)?.to_ne_bytes();
     let [len_hi, len_lo, next, _] = read::<u32>(start, end, ip + 4)?.to_ne_bytes();
     let payload_len = u16::from_be_bytes([len_hi, len_lo]) as u32;
@@ -194,7 +194,7 @@ fn ipv6_flow(skb: &SkBuff, start: usize, end: usize, ip: usize) -> Option<(Flow,
         family: FAMILY_IPV6,
         tcp_flags: 0,
     };
-    Some((flow, ip + 40))
+    Some((flow, ip + 40, ip + 40 + payload_len as usize))
 }
 
 /// Whether a packet leaving the workload comes from one of its own addresses, as
@@ -252,7 +252,7 @@ fn try_pass(
         return None;
     }
     let ip = l3 as usize;
-    let (mut flow, l4) = if protocol == ETH_P_IP_BE {
+    let (mut flow, l4, ip_end) = if protocol == ETH_P_IP_BE {
         ipv4_flow(skb, start, end, ip)?
     } else if protocol == ETH_P_IPV6_BE {
         ipv6_flow(skb, start, end, ip)?
@@ -262,14 +262,18 @@ fn try_pass(
     if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
         return None;
     }
+    // The general pipeline reads 14 bytes of a TCP header and 4 of a UDP one, within the IP
+    // packet's own length (`parse::load`): so must this one, to agree on what is truncated.
+    let header = if flow.proto == PROTO_TCP { 14 } else { 4 };
+    if l4 + header > ip_end {
+        return None;
+    }
     let [sp_hi, sp_lo, dp_hi, dp_lo] = read::<u32>(start, end, l4)?.to_ne_bytes();
     flow.src_port = u16::from_be_bytes([sp_hi, sp_lo]);
     flow.dst_port = u16::from_be_bytes([dp_hi, dp_lo]);
     if flow.src_port == DNS_PORT || flow.dst_port == DNS_PORT {
         return None;
     }
-    // The general pipeline reads 14 bytes of a TCP header: so must this one, to agree on
-    // what is truncated.
     if flow.proto == PROTO_TCP {
         flow.tcp_flags = read(start, end, l4 + 13)?;
     }

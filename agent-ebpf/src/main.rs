@@ -402,6 +402,15 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
 
     if pkt.kind == Kind::LinkControl {
+        // Plumbing of the link, from the pod's own addresses only (a link-local one, or
+        // none: duplicate address detection): a forged source would make a neighbour
+        // cache, or a pod on a bridge, take the packet as another's.
+        if direction == DIR_EGRESS
+            && !on_link_source(&pkt.tuple.src)
+            && !source_is_own(workload, pkt)
+        {
+            return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
+        }
         counters::diag(diag::ICMPV6_LINK_CONTROL);
         return Action::Pass;
     }
@@ -486,7 +495,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
         let sent_from = pkt.tuple.src_port;
         pkt.tuple.src_port = answer_port;
         let key = conntrack::key_of(&pkt.tuple, pkt.family, slot, direction, host_source);
-        if conntrack::related(workload, &key, now).is_none() {
+        if conntrack::related(workload, &key, now, false).is_none() {
             // No such flow: the packet as it is, a spoof unless its source is the pod's.
             pkt.tuple.src_port = sent_from;
             if !source_is_own(workload, &pkt) {
@@ -501,7 +510,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             // Quoting a tracked flow is not enough: an error must travel between that
             // flow's ends, or any pod could smuggle packets to anyone as "related".
             counters::diag(diag::ICMP_FOREIGN);
-        } else if let Some(t) = conntrack::related(workload, &related, now) {
+        } else if let Some(t) = conntrack::related(workload, &related, now, true) {
             counters::diag(diag::ICMP_RELATED);
             tracked = Some(t);
             key = related;
@@ -585,6 +594,12 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
         a.read_unaligned() == b.read_unaligned()
             && a.add(1).read_unaligned() == b.add(1).read_unaligned()
     }
+}
+
+/// An IPv6 source that names no routed address: unspecified (`::`) or link-local.
+#[inline(always)]
+fn on_link_source(a: &[u8; 16]) -> bool {
+    (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || same_addr(a, &[0; 16])
 }
 
 /// Whether a packet leaving the workload comes from one of its own addresses: its pod IPs

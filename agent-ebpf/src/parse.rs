@@ -119,8 +119,15 @@ pub const TCP_ACK: u8 = 0x10;
 /// direct read at a variable offset.
 const MAX_DIRECT_OFFSET: usize = 1024;
 
+/// Reads a `T` at `offset`, which must end by `end`: the end of the IP packet as its own
+/// header gives it. The frame may carry more (Ethernet padding, or bytes a hostile pod
+/// appends): the kernel trims them before the packet goes on, so ports read there would be
+/// ports no receiver sees.
 #[inline(always)]
-fn load<T>(skb: &SkBuff, offset: u32) -> Result<T, ParseError> {
+fn load<T>(skb: &SkBuff, offset: u32, end: u32) -> Result<T, ParseError> {
+    if offset + size_of::<T>() as u32 > end {
+        return Err(ParseError::Truncated);
+    }
     // SAFETY: context fields; the read below happens only inside [data, data_end).
     let (start, end) = unsafe { ((*skb.skb).data as usize, (*skb.skb).data_end as usize) };
     let off = offset as usize;
@@ -152,7 +159,7 @@ pub fn parse(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> 
 
 #[inline(always)]
 fn parse_ipv4(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> {
-    let h: [u8; 20] = load(skb, l3)?;
+    let h: [u8; 20] = load(skb, l3, skb.len())?;
     if h[0] >> 4 != 4 {
         return Err(ParseError::BadHeader);
     }
@@ -175,20 +182,25 @@ fn parse_ipv4(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError>
         return Ok(());
     }
     pkt.first_fragment = frag & 0x2000 != 0;
-    parse_l4(skb, l3 + header_len, 0, pkt)
+    parse_l4(skb, l3 + header_len, l3 + total_len, 0, pkt)
 }
 
 #[inline(always)]
 fn parse_ipv6(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> {
-    let h: [u8; 40] = load(skb, l3)?;
+    let h: [u8; 40] = load(skb, l3, skb.len())?;
     if h[0] >> 4 != 6 {
         return Err(ParseError::BadHeader);
     }
     let payload_len = be16(&h, 4) as u32;
-    // Payload length 0 is a jumbogram (hop-by-hop option): nothing to check here.
+    // Payload length 0 is a jumbogram (hop-by-hop option): the frame's end is its end.
     if payload_len != 0 && payload_len + 40 > skb.len().saturating_sub(l3) {
         return Err(ParseError::Truncated);
     }
+    let end = if payload_len == 0 {
+        skb.len()
+    } else {
+        l3 + 40 + payload_len
+    };
     pkt.family = FAMILY_IPV6;
     pkt.tuple.src.copy_from_slice(&h[8..24]);
     pkt.tuple.dst.copy_from_slice(&h[24..40]);
@@ -197,17 +209,17 @@ fn parse_ipv6(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError>
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let e: [u8; 2] = load(skb, off)?;
+                let e: [u8; 2] = load(skb, off, end)?;
                 next = e[0];
                 off += (e[1] as u32 + 1) * 8;
             }
             IPV6_AUTH => {
-                let e: [u8; 2] = load(skb, off)?;
+                let e: [u8; 2] = load(skb, off, end)?;
                 next = e[0];
                 off += (e[1] as u32 + 2) * 4;
             }
             IPV6_FRAGMENT => {
-                let f: [u8; 8] = load(skb, off)?;
+                let f: [u8; 8] = load(skb, off, end)?;
                 next = f[0];
                 let offset_flags = be16(&f, 2);
                 pkt.frag_id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
@@ -229,48 +241,65 @@ fn parse_ipv6(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError>
         return Err(ParseError::Ipv6ExtUnparsed);
     }
     pkt.tuple.proto = next;
-    parse_l4(skb, off, h[7], pkt)
+    parse_l4(skb, off, end, h[7], pkt)
 }
 
+/// Largest neighbour solicitation or advertisement between global addresses taken for link
+/// plumbing: the 24 bytes of the message and room for its options (a link-layer address,
+/// a nonce) and some more. Longer, it is an ICMPv6 packet like any other.
+const NEIGHBOUR_MESSAGE_MAX: u32 = 24 + 4 * 8;
+
+/// `end`: the end of the IP packet. `hop_limit`: the IPv6 header's (0 for IPv4).
 #[inline(always)]
-/// `hop_limit`: the IPv6 header's (0 for IPv4).
-fn parse_l4(skb: &SkBuff, off: u32, hop_limit: u8, pkt: &mut Packet) -> Result<(), ParseError> {
+fn parse_l4(
+    skb: &SkBuff,
+    off: u32,
+    end: u32,
+    hop_limit: u8,
+    pkt: &mut Packet,
+) -> Result<(), ParseError> {
     match pkt.tuple.proto {
         PROTO_TCP => {
-            let t: [u8; 14] = load(skb, off)?;
+            let t: [u8; 14] = load(skb, off, end)?;
             pkt.tuple.src_port = be16(&t, 0);
             pkt.tuple.dst_port = be16(&t, 2);
             pkt.tcp_flags = t[13];
         }
         PROTO_UDP => {
-            let u: [u8; 4] = load(skb, off)?;
+            let u: [u8; 4] = load(skb, off, end)?;
             pkt.tuple.src_port = be16(&u, 0);
             pkt.tuple.dst_port = be16(&u, 2);
         }
         PROTO_ICMP => {
-            let i: [u8; 8] = load(skb, off)?;
+            let i: [u8; 8] = load(skb, off, end)?;
             match i[0] {
                 // echo reply, echo request
                 0 | 8 => set_echo_id(pkt, be16(&i, 4)),
                 // destination unreachable, source quench, time exceeded, parameter problem
-                3 | 4 | 11 | 12 => parse_icmp_error(skb, off + 8, FAMILY_IPV4, pkt),
+                3 | 4 | 11 | 12 => parse_icmp_error(skb, off + 8, end, FAMILY_IPV4, pkt),
                 _ => {}
             }
         }
         PROTO_ICMPV6 => {
-            let i: [u8; 8] = load(skb, off)?;
+            let i: [u8; 8] = load(skb, off, end)?;
             match i[0] {
                 128 | 129 => set_echo_id(pkt, be16(&i, 4)),
                 // destination unreachable, packet too big, time exceeded, parameter problem
-                1..=4 => parse_icmp_error(skb, off + 8, FAMILY_IPV6, pkt),
+                1..=4 => parse_icmp_error(skb, off + 8, end, FAMILY_IPV6, pkt),
                 // MLD query/report/done, router/neighbour solicitation/advertisement,
                 // redirect, MLDv2 report: plumbing of the link only when it stays on it
-                // (else any pod could pass anything through as an MLD query). Neighbour
-                // discovery also between global addresses (a router port or a neighbour
-                // on the pod's link answers there), with the hop limit 255 it must carry:
-                // a packet routed to the pod has less.
+                // (else any pod could pass anything through as an MLD query).
                 130..=137 | 143 if link_scoped(pkt) => pkt.kind = Kind::LinkControl,
-                133..=137 if hop_limit == 255 => pkt.kind = Kind::LinkControl,
+                // Neighbour solicitations and advertisements also between global addresses
+                // (address resolution and reachability checks with a router port or a
+                // neighbour on the pod's link), with the hop limit 255 they must carry (a
+                // packet routed to the pod has less) and no payload beyond theirs. Router
+                // discovery and redirects come from link-local addresses only (RFC 4861),
+                // and the hop limit proves nothing about a packet leaving the pod, which
+                // the node may yet route anywhere: a longer one is a packet like any other.
+                135 | 136 if hop_limit == 255 && end - off <= NEIGHBOUR_MESSAGE_MAX => {
+                    pkt.kind = Kind::LinkControl
+                }
                 _ => {}
             }
         }
@@ -297,11 +326,11 @@ fn set_echo_id(pkt: &mut Packet, id: u16) {
 /// Reads the packet quoted by an ICMP error. When the quote is unreadable the error stays a
 /// plain ICMP packet of its own (`Kind::Flow`), evaluated like any other.
 #[inline(always)]
-fn parse_icmp_error(skb: &SkBuff, off: u32, family: u8, pkt: &mut Packet) {
+fn parse_icmp_error(skb: &SkBuff, off: u32, end: u32, family: u8, pkt: &mut Packet) {
     let inner = if family == FAMILY_IPV4 {
-        quoted_ipv4(skb, off)
+        quoted_ipv4(skb, off, end)
     } else {
-        quoted_ipv6(skb, off)
+        quoted_ipv6(skb, off, end)
     };
     if let Ok(quoted) = inner {
         // The quoted packet went the other way: turn it around.
@@ -317,8 +346,8 @@ fn parse_icmp_error(skb: &SkBuff, off: u32, family: u8, pkt: &mut Packet) {
 }
 
 #[inline(always)]
-fn quoted_ipv4(skb: &SkBuff, off: u32) -> Result<Tuple, ParseError> {
-    let h: [u8; 20] = load(skb, off)?;
+fn quoted_ipv4(skb: &SkBuff, off: u32, end: u32) -> Result<Tuple, ParseError> {
+    let h: [u8; 20] = load(skb, off, end)?;
     let header_len = ((h[0] & 0x0f) as u32) * 4;
     if h[0] >> 4 != 4 || header_len < 20 {
         return Err(ParseError::BadHeader);
@@ -330,6 +359,7 @@ fn quoted_ipv4(skb: &SkBuff, off: u32) -> Result<Tuple, ParseError> {
     quoted_ports(
         skb,
         off + header_len,
+        end,
         be16(&h, 6) & 0x1fff != 0,
         PROTO_ICMP,
         &mut t,
@@ -338,8 +368,8 @@ fn quoted_ipv4(skb: &SkBuff, off: u32) -> Result<Tuple, ParseError> {
 }
 
 #[inline(always)]
-fn quoted_ipv6(skb: &SkBuff, off: u32) -> Result<Tuple, ParseError> {
-    let h: [u8; 40] = load(skb, off)?;
+fn quoted_ipv6(skb: &SkBuff, off: u32, end: u32) -> Result<Tuple, ParseError> {
+    let h: [u8; 40] = load(skb, off, end)?;
     if h[0] >> 4 != 6 {
         return Err(ParseError::BadHeader);
     }
@@ -347,7 +377,7 @@ fn quoted_ipv6(skb: &SkBuff, off: u32) -> Result<Tuple, ParseError> {
     t.proto = h[6];
     t.src.copy_from_slice(&h[8..24]);
     t.dst.copy_from_slice(&h[24..40]);
-    quoted_ports(skb, off + 40, false, PROTO_ICMPV6, &mut t)?;
+    quoted_ports(skb, off + 40, end, false, PROTO_ICMPV6, &mut t)?;
     Ok(t)
 }
 
@@ -356,6 +386,7 @@ fn quoted_ipv6(skb: &SkBuff, off: u32) -> Result<Tuple, ParseError> {
 fn quoted_ports(
     skb: &SkBuff,
     off: u32,
+    end: u32,
     later_fragment: bool,
     icmp: u8,
     t: &mut Tuple,
@@ -364,11 +395,11 @@ fn quoted_ports(
         return Ok(());
     }
     if t.proto == PROTO_TCP || t.proto == PROTO_UDP {
-        let p: [u8; 4] = load(skb, off)?;
+        let p: [u8; 4] = load(skb, off, end)?;
         t.src_port = be16(&p, 0);
         t.dst_port = be16(&p, 2);
     } else if t.proto == icmp {
-        let i: [u8; 8] = load(skb, off)?;
+        let i: [u8; 8] = load(skb, off, end)?;
         t.src_port = be16(&i, 4);
         t.dst_port = t.src_port;
     }

@@ -442,6 +442,224 @@ fn a_packet_from_the_workloads_own_address_over_its_interface_is_decided_by_poli
     }
 }
 
+/// A hostile pod decides what its frames hold: bytes past the end its IP header gives are
+/// trimmed by the kernel before the packet goes on, so ports read there are ports no
+/// receiver sees. A first fragment whose headers end past the packet's own length passed
+/// as the allowed port it appended, and the receiver rebuilt a datagram to a denied one
+/// (found by sending IPv6 fragments with a second destination-options header that the
+/// receiver's check of the header chain gave up on). And neighbour discovery with the hop
+/// limit 255 passed unchecked to any address: it held any payload, from any source.
+#[test]
+fn headers_past_the_packets_own_length_are_never_read() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    // BPF_PROG_TEST_RUN frames arrive on ifindex 1: slot 1's egress at tc_from_pod. The
+    // frames come from 10.1.0.10 and fd77:1::a, to ID_B at 10.1.0.11 and fd77:1::b.
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    for peer in ["10.1.0.11/32", "fd77:1::b/128"] {
+        dp.maps.set_identity(peer.parse().unwrap(), ID_B).unwrap();
+    }
+    let own: Vec<std::net::IpAddr> =
+        vec!["10.1.0.10".parse().unwrap(), "fd77:1::a".parse().unwrap()];
+    dp.maps
+        .set_workload(
+            1,
+            &WorkloadPolicy {
+                mode: Mode::Drop,
+                isolated_egress: true,
+                egress: vec![allow_udp(ID_B, 5353)],
+                ..Default::default()
+            }
+            .sending_from(&own),
+        )
+        .unwrap();
+    let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
+        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, frame, 1))
+            .unwrap()
+            .retval
+    };
+    let with_length = |mut packet: Vec<u8>, at: usize, len: u16, appended: &[u8]| {
+        packet[at..at + 2].copy_from_slice(&len.to_be_bytes());
+        packet.extend(appended);
+        packet
+    };
+    let allowed_udp = udp_header(1000, 5353, 0);
+
+    // Controls: the allowed port passes, with Ethernet padding behind the packet too.
+    let honest_v4 = eth(0x0800, &ipv4(17, 0, &udp_header(1000, 5353, 8)));
+    let mut padded_v4 = honest_v4.clone();
+    padded_v4.extend([0u8; 20]);
+    let honest_v6 = eth(0x86DD, &ipv6(17, &udp_header(1000, 5353, 8)));
+    for frame in [&honest_v4, &padded_v4, &honest_v6] {
+        assert_eq!(runs(&dp, frame), PASS);
+    }
+
+    // IPv4 whose total length ends two bytes into the UDP header, the allowed ports behind.
+    let v4_short = eth(0x0800, &with_length(ipv4(17, 0, &[]), 2, 22, &allowed_udp));
+    // An IPv4 first fragment (more fragments) holding no transport header at all.
+    let v4_first = eth(
+        0x0800,
+        &with_length(ipv4(17, 0x2000, &[]), 2, 20, &allowed_udp),
+    );
+    // An IPv6 first fragment whose payload length covers its fragment header only.
+    let fragment_header = [17u8, 0, 0, 1, 0, 0, 0x43, 0x21];
+    let v6_first = eth(
+        0x86DD,
+        &with_length(ipv6(44, &fragment_header), 4, 8, &allowed_udp),
+    );
+    // The shape the receiver took: a fragment header, a destination-options header of 16
+    // bytes of which the payload length covers 8, a second one and the UDP header behind.
+    let v6_chain = {
+        let mut rest = vec![60u8, 0, 0, 1, 0, 0, 0x43, 0x22];
+        rest.extend([60u8, 1, 0x1e, 12, 0, 0, 0, 0]);
+        let mut p = ipv6(44, &rest);
+        p.extend([0u8; 8]);
+        p.extend([17u8, 0, 0x1e, 4, 0, 0, 0, 0]);
+        p.extend(&allowed_udp);
+        eth(0x86DD, &p)
+    };
+    let before = Packets::read(&dp, 1);
+    let truncated = dp.maps.diag().unwrap()[diag::TRUNCATED as usize];
+    for (name, frame) in [
+        ("IPv4 cut short", &v4_short),
+        ("IPv4 first fragment", &v4_first),
+        ("IPv6 first fragment", &v6_first),
+        ("IPv6 header chain", &v6_chain),
+    ] {
+        assert_eq!(runs(&dp, frame), DROP, "{name}");
+    }
+    assert_eq!(
+        dp.maps.diag().unwrap()[diag::TRUNCATED as usize] - truncated,
+        4,
+        "each is a truncated packet"
+    );
+    assert_eq!(
+        Packets::read(&dp, 1).since(before),
+        Packets {
+            out_dropped: 4,
+            ..Default::default()
+        }
+    );
+
+    // Neighbour discovery between global addresses, hop limit 255.
+    let neighbour = |icmp_type: u8, body: usize, src_last: u8| {
+        let mut message = vec![icmp_type, 0, 0, 0];
+        message.extend(vec![0u8; body]);
+        let mut p = ipv6(58, &message);
+        p[7] = 255;
+        p[23] = src_last;
+        eth(0x86DD, &p)
+    };
+    let solicitation = neighbour(135, 20 + 8, 10);
+    let advertisement = neighbour(136, 20 + 8, 10);
+    let with_payload = neighbour(135, 20 + 1200, 10);
+    let router_advertisement = neighbour(134, 12, 10);
+    let forged_source = neighbour(136, 20 + 8, 0x99);
+    let link_local_source = {
+        let mut f = neighbour(135, 20 + 8, 10);
+        f[14 + 8..14 + 10].copy_from_slice(&[0xfe, 0x80]);
+        f
+    };
+    // Duplicate address detection: from no address, to the solicited-node group.
+    let duplicate_address_detection = {
+        let mut f = neighbour(135, 20, 0);
+        f[14 + 8..14 + 24].fill(0);
+        f[14 + 24..14 + 40]
+            .copy_from_slice(&[0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0x0a]);
+        f
+    };
+    let before = Packets::read(&dp, 1);
+    let spoofed = dp.maps.diag().unwrap()[diag::SPOOFED as usize];
+    for (name, frame) in [
+        ("solicitation", &solicitation),
+        ("advertisement", &advertisement),
+        ("from the link-local address", &link_local_source),
+        ("duplicate address detection", &duplicate_address_detection),
+    ] {
+        assert_eq!(runs(&dp, frame), PASS, "{name} resolves neighbours");
+    }
+    for (name, frame) in [
+        ("a solicitation with a payload", &with_payload),
+        (
+            "a router advertisement (only ever from link-local)",
+            &router_advertisement,
+        ),
+        ("an advertisement from another's address", &forged_source),
+    ] {
+        assert_eq!(runs(&dp, frame), DROP, "{name} is no link plumbing");
+    }
+    assert_eq!(
+        dp.maps.diag().unwrap()[diag::SPOOFED as usize] - spoofed,
+        1,
+        "the forged source is a spoof"
+    );
+    assert_eq!(
+        Packets::read(&dp, 1).since(before),
+        Packets {
+            out_dropped: 3,
+            ..Default::default()
+        },
+        "link plumbing is not counted, the rest is"
+    );
+}
+
+/// An ICMP error about a tracked flow passes on the flow's decision only while that decision
+/// stands: once the workload's rules changed, the flow's own next packet decides it again,
+/// and an error meanwhile is an ICMP packet of its own.
+#[test]
+fn an_icmp_error_about_a_flow_whose_rules_changed_is_decided_on_its_own() {
+    use tollgate_tests::packets;
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    // ifindex 1: slot 1's egress at tc_from_pod, its ingress at tc_to_pod.
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    dp.maps
+        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
+        .unwrap();
+    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
+    let policy = |egress| {
+        WorkloadPolicy {
+            mode: Mode::Drop,
+            isolated_ingress: true,
+            isolated_egress: true,
+            egress,
+            ..Default::default()
+        }
+        .sending_from(&own)
+    };
+    dp.maps
+        .set_workload(1, &policy(vec![allow_udp(ID_B, 5353)]))
+        .unwrap();
+    let run_as = |dp: &tollgate::Datapath, program: &'static str, frame: &[u8]| {
+        lab.in_node(|| dp.test_run(program, frame, 1))
+            .unwrap()
+            .retval
+    };
+    let (a, b) = ("10.1.0.10".parse().unwrap(), "10.1.0.11".parse().unwrap());
+    let call = eth(0x0800, &packets::ipv4_udp(a, b, 1000, 5353, b"call"));
+    let unreachable = eth(
+        0x0800,
+        &packets::icmpv4_error(b, a, 3, 3, &packets::ipv4_udp(a, b, 1000, 5353, b"call")),
+    );
+    assert_eq!(run_as(&dp, program_names::TC_FROM_POD, &call), PASS);
+    assert_eq!(
+        run_as(&dp, program_names::TC_TO_POD, &unreachable),
+        PASS,
+        "the error of an allowed flow"
+    );
+    dp.maps.set_workload(1, &policy(vec![])).unwrap();
+    assert_eq!(
+        run_as(&dp, program_names::TC_TO_POD, &unreachable),
+        DROP,
+        "the flow is no longer allowed: its error is ICMP the workload's ingress denies"
+    );
+    assert_eq!(
+        run_as(&dp, program_names::TC_FROM_POD, &call),
+        DROP,
+        "and the flow's own next packet is denied"
+    );
+}
+
 #[test]
 fn malformed_packets_are_counted_and_never_misattributed() {
     let lab = Lab::new();
