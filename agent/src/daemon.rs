@@ -601,6 +601,17 @@ fn readiness(shared: &Shared) -> (u16, String) {
             .not_ready
             .clone()
             .unwrap_or_else(|| "policy not synced yet".into());
+        // An agent started while its source is away is both: not synced yet, and degraded
+        // (what is pinned stays enforced meanwhile).
+        if !view.degraded.is_empty() {
+            return (
+                503,
+                format!(
+                    "not ready: {why}\ndegraded:\n{}\n",
+                    view.degraded.join("\n")
+                ),
+            );
+        }
         return (503, format!("not ready: {why}\n"));
     }
     if !view.degraded.is_empty() {
@@ -628,6 +639,11 @@ async fn serve_metrics(
                 let registry = registry.clone();
                 let shared = shared.clone();
                 async move {
+                    let openmetrics = crate::metrics::format::accepts_openmetrics(
+                        req.headers()
+                            .get(hyper::header::ACCEPT)
+                            .and_then(|v| v.to_str().ok()),
+                    );
                     let (status, content_type, body) = match req.uri().path() {
                         "/metrics" => {
                             // Encoding reads maps: off the async threads.
@@ -638,10 +654,13 @@ async fn serve_metrics(
                             })
                             .await;
                             match encoded {
+                                Ok(Ok(text)) if openmetrics => {
+                                    (200, crate::metrics::format::OPENMETRICS, text)
+                                }
                                 Ok(Ok(text)) => (
                                     200,
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                    text,
+                                    crate::metrics::format::PROMETHEUS_TEXT,
+                                    crate::metrics::format::prometheus_text(&text),
                                 ),
                                 _ => (500, "text/plain", "encoding failed\n".into()),
                             }

@@ -211,16 +211,24 @@ impl Agent {
 
     /// A plain HTTP GET against the agent, from inside the node namespace.
     pub fn http(&self, path: &str) -> Option<(u16, String)> {
+        self.http_accepting(path, None)
+    }
+
+    /// `http`, with an `Accept` header.
+    pub fn http_accepting(&self, path: &str, accept: Option<&str>) -> Option<(u16, String)> {
         let node = self.node.clone();
         let addr = self.metrics;
         let path = path.to_string();
+        let accept = accept
+            .map(|a| format!("Accept: {a}\r\n"))
+            .unwrap_or_default();
         std::thread::spawn(move || {
             let _guard = crate::NetNsGuard::enter(&node);
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
             s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             write!(
                 s,
-                "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nHost: agent\r\n{accept}Connection: close\r\n\r\n"
             )
             .ok()?;
             let mut text = String::new();

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    io::Write as _,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -1017,6 +1018,39 @@ fn prometheus_scrapes_what_the_traffic_was() {
         2
     );
     bank.lab.settle();
+
+    // What curl gets is the Prometheus text format, which `promtool check metrics` lints
+    // clean; Prometheus, which asks for OpenMetrics first, gets that.
+    let plain = agent.metrics_text();
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (Debian package prometheus)");
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(plain.as_bytes())
+        .unwrap();
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    assert!(plain.contains("# TYPE tollgate_packets_total counter\n"));
+    let (code, openmetrics) = agent
+        .http_accepting(
+            "/metrics",
+            Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+        )
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(openmetrics.contains("# TYPE tollgate_packets counter\n"));
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
 
     let prom_dir = bank.dir.join("prometheus");
     std::fs::create_dir_all(&prom_dir).unwrap();

@@ -506,6 +506,25 @@ fn the_api_server_going_away_keeps_the_last_state_enforced_and_recovery_applies_
             far_blocked()
         });
     }
+
+    // Restarted while the API server is away: the pinned state stays enforced, and
+    // `/readyz` says degraded from the start, not only "not ready".
+    let mut agent = agent;
+    agent.stop();
+    shop.api.set_health(Health::Refusing);
+    agent.restart_unready();
+    wait_degraded(
+        &agent,
+        Duration::from_secs(10),
+        "degraded on a start without the API server",
+        &["not ready", "degraded", "API server"],
+    );
+    assert_eq!(degraded_metric(&agent), 1.0);
+    assert!(far_blocked(), "the pinned state stays enforced");
+    shop.api.set_health(Health::Up);
+    within(Duration::from_secs(8), "ready once it is back", || {
+        ready(&agent)
+    });
     drop(agent);
 }
 

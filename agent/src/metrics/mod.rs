@@ -2,6 +2,8 @@
 //! the kernel: counters come straight from the per-CPU maps, so they are exact and, being
 //! pinned, continue across agent restarts.
 
+pub mod format;
+
 use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
