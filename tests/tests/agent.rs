@@ -1912,8 +1912,10 @@ fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
     let m = agent.metrics_text();
     assert_eq!(series(&m, "pot-0", "allowed", "ingress"), Some(8.0), "{m}");
 
-    // Restarted with a lower limit: the largest series stay exported, the others wait,
-    // retired; back at the old limit, every series is there with its value.
+    // Restarted with a lower limit: the largest series stays exported, the others wait,
+    // retired, every one of them (more than the limit); back at the old limit, the largest
+    // it knows (the ones given way to before too) are there again with their values,
+    // before any traffic.
     let all_series = |m: &str| -> BTreeMap<String, f64> {
         m.lines()
             .filter_map(|l| l.strip_prefix("tollgate_flow_packets_total{"))
@@ -1927,16 +1929,29 @@ fn idle_flow_series_give_way_to_new_ones_and_come_back_where_they_were() {
     largest.sort_by(|a, b| b.total_cmp(a));
     assert!(agent.stop().success());
     drop(agent);
-    let mut lowered = bank.restart(&["--max-flow-series", "2"]);
+    let mut lowered = bank.restart(&["--max-flow-series", "1"]);
     let m = lowered.metrics_text();
     let kept = all_series(&m);
     let mut kept_values: Vec<f64> = kept.values().copied().collect();
     kept_values.sort_by(|a, b| b.total_cmp(a));
-    assert_eq!(kept_values, largest[..2], "the two largest: {m}");
+    assert_eq!(kept_values, largest[..1], "the largest: {m}");
     assert!(kept.iter().all(|(l, v)| before.get(l) == Some(v)), "{m}");
     assert!(lowered.stop().success());
     drop(lowered);
     let raised = bank.restart(&["--max-flow-series", "4"]);
+    let m = raised.metrics_text();
+    let back = all_series(&m);
+    assert_eq!(back.len(), 4, "as many as the limit: {m}");
+    assert!(
+        back.iter()
+            .all(|(l, v)| before.get(l).is_none_or(|b| b == v)),
+        "each with its value: {m}"
+    );
+    assert_eq!(
+        back.values().copied().fold(f64::MIN, f64::max),
+        largest[0],
+        "{m}"
+    );
     assert_eq!(
         traffic::udp(&bank.pot, ledger, 8080, 1, 64, PATIENT).echoed,
         1

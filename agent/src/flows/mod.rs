@@ -626,9 +626,12 @@ pub struct Observer {
     /// the place of the one idle longest (idle at least `series_idle`).
     series_grew: HashMap<Vec<String>, std::time::Instant>,
     series_idle: std::time::Duration,
-    /// Values of series given up for new ones (at most `max_flow_series`): a series that
+    /// Values of series given up for new ones (at most `retired_capacity`): a series that
     /// comes back continues from there, never backwards.
     retired: BTreeMap<Vec<String>, u64>,
+    /// `max_flow_series`, or more when an agent with a higher limit left more series than
+    /// that: every one of them keeps its value across the restart.
+    retired_capacity: usize,
     last_seen: HashMap<[u32; 7], u64>,
     /// Peer pairs counted in direct-mapped buckets (`FLOW_SERIES`), by bucket.
     buckets: HashMap<u32, SeriesBucket>,
@@ -762,6 +765,7 @@ impl Observer {
             series_idle,
             limits,
             retired: with_every_label(&persisted.retired_series),
+            retired_capacity: max_flow_series,
             series: with_every_label(&persisted.flow_series),
             last_seen: persisted.flow_last_seen.iter().cloned().collect(),
             observed: std::fs::read(&observed_file)
@@ -794,15 +798,32 @@ impl Observer {
             log,
             events,
         };
-        observer.retire_beyond_limit();
+        observer.fit_restored_series();
         (observer, policy_errors)
     }
 
-    /// Series restored from an agent with a higher `--max-flow-series`: the largest stay
-    /// exported, the rest are retired with their values (a series that comes back
-    /// continues from there).
-    fn retire_beyond_limit(&mut self) {
+    /// Fits the series restored from the last agent to `--max-flow-series`. Beyond it (an
+    /// agent with a higher limit), the largest stay exported and the rest are retired with
+    /// their values, every one of them: a series that comes back continues from there.
+    /// Below it (a higher limit now), the largest retired series are exported again at
+    /// their values.
+    fn fit_restored_series(&mut self) {
         let excess = self.series.len().saturating_sub(self.max_flow_series);
+        self.retired_capacity = self
+            .max_flow_series
+            .max(self.retired.len().saturating_add(excess));
+        let room = self.max_flow_series.saturating_sub(self.series.len());
+        if room > 0 && !self.retired.is_empty() {
+            let mut by_value: Vec<(Vec<String>, u64)> =
+                self.retired.iter().map(|(l, v)| (l.clone(), *v)).collect();
+            by_value.sort_by_key(|(_, v)| std::cmp::Reverse(*v));
+            let now = std::time::Instant::now();
+            for (labels, value) in by_value.into_iter().take(room) {
+                self.retired.remove(&labels);
+                self.series_grew.insert(labels.clone(), now);
+                self.series.insert(labels, value);
+            }
+        }
         if excess == 0 {
             return;
         }
@@ -1135,7 +1156,7 @@ impl Observer {
     /// Keeps a series given up with its value, among at most `max_flow_series` retired
     /// ones: when full, the smallest go (their loss costs the least).
     fn retire(&mut self, labels: Vec<String>, value: u64) {
-        if self.retired.len() >= self.max_flow_series
+        if self.retired.len() >= self.retired_capacity
             && let Some(smallest) = self
                 .retired
                 .iter()
