@@ -118,6 +118,7 @@ pub mod map_names {
     pub const LEARNED: &str = "LEARNED";
     pub const EGRESS_EXPIRED: &str = "EGRESS_EXPIRED";
     pub const SERVICES_OUTSIDE: &str = "SERVICES_OUTSIDE";
+    pub const NODE_PORTS: &str = "NODE_PORTS";
     /// One u64: `LAYOUT_VERSION` of the agent that created the pins.
     pub const LAYOUT: &str = "LAYOUT";
 }
@@ -184,6 +185,9 @@ pub const IDENTITY_SERVICE_BASE: u32 = 0x4000_0000;
 /// Capacity of `SERVICES_OUTSIDE`: Services with a backend outside the cluster (an
 /// EndpointSlice written by hand that points out of it).
 pub const SERVICES_OUTSIDE_CAPACITY: u32 = 1 << 14;
+/// Capacity of `NODE_PORTS`: NodePorts of every Service, per family (at most 2,768 of each
+/// protocol in the default range 30000-32767).
+pub const NODE_PORTS_CAPACITY: u32 = 1 << 14;
 /// First identity the agent hands out to a set of workloads (namespace + labels).
 pub const IDENTITY_FIRST_WORKLOAD: u32 = 256;
 /// Peers of the policy trie at or above this value are ipBlock sets of one ruleset (the CIDR

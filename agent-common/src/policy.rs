@@ -199,4 +199,37 @@ pub const fn slot_cache_bucket(id: u64) -> u32 {
     (id as u32) & (crate::SLOT_CACHE_CAPACITY - 1)
 }
 
-user_pod!(WorkloadConfig, LpmAddr, PolicyKey, PolicyValue, SlotRoute);
+/// Key of `NODE_PORTS`: a Service's NodePort on the node's addresses of one family.
+/// kube-proxy DNATs a connection to it, past the hooks of the pod that opens it, to a
+/// backend of the Service, as it does one to the Service's ClusterIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodePortKey {
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<NodePortKey>() == 4);
+
+/// Value of `NODE_PORTS`: the Service frontend of that family a NodePort leads to, and the
+/// Service port of the NodePort (what the frontend's rules name).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodePortTarget {
+    pub identity: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<NodePortTarget>() == 8);
+
+user_pod!(
+    WorkloadConfig,
+    LpmAddr,
+    PolicyKey,
+    PolicyValue,
+    SlotRoute,
+    NodePortKey,
+    NodePortTarget
+);

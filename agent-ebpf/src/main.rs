@@ -30,11 +30,11 @@ use agent_common::{
     DNS_RESOLVER_CAPACITY, DNS_RING_BYTES, DnsControl, EVENT_RING_BYTES, EventBucket, FAMILY_IPV4,
     FLOW_COUNTER_CAPACITY, FLOW_SERIES_CAPACITY, FRAGMENT_CAPACITY, FlowCounterKey, FragKey,
     FragPorts, IDENTITY_CAPACITY, IDENTITY_HOST, IDENTITY_WORLD, LEARNED_CAPACITY, LearnedKey,
-    LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, POLICY_CAPACITY, PROTO_TCP,
-    PROTO_UDP, PolicyKey, PolicyValue, RULESET_CAPACITY, ResolverKey, SERVICES_OUTSIDE_CAPACITY,
-    SLOT_CACHE_CAPACITY, SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED,
-    VERDICT_WOULD_DROP, WorkloadConfig, diag, is_service_identity, slot_cache_bucket,
-    workload_flags,
+    LearnedValue, LpmAddr, MAX_CGROUP_DEPTH, MAX_WORKLOADS, MODE_LOG, NODE_PORTS_CAPACITY,
+    NodePortKey, NodePortTarget, POLICY_CAPACITY, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
+    RULESET_CAPACITY, ResolverKey, SERVICES_OUTSIDE_CAPACITY, SLOT_CACHE_CAPACITY,
+    SLOT_UNREGISTERED, SlotRoute, VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_WOULD_DROP,
+    WorkloadConfig, diag, is_service_identity, slot_cache_bucket, workload_flags,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -168,6 +168,10 @@ static LEARNED: HashMap<LearnedKey, LearnedValue> = HashMap::pinned(LEARNED_CAPA
 /// selects, a connection to them is one to the outside (`policy::evaluate`).
 #[map]
 static SERVICES_OUTSIDE: HashMap<u32, u8> = HashMap::pinned(SERVICES_OUTSIDE_CAPACITY, 0);
+/// The NodePorts of every Service: a workload's connection to one on the node's address is
+/// decided as one to the Service (`policy::evaluate`).
+#[map]
+static NODE_PORTS: HashMap<NodePortKey, NodePortTarget> = HashMap::pinned(NODE_PORTS_CAPACITY, 0);
 /// New connections per slot to an address whose learned name had expired.
 #[map]
 static EGRESS_EXPIRED: PerCpuArray<u64> = PerCpuArray::pinned(MAX_WORKLOADS, 0);

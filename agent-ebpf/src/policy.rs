@@ -8,13 +8,14 @@
 
 use agent_common::{
     DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DNS_PORT, DOMAIN_ID_MASK, IDENTITY_HOST,
-    IDENTITY_WORLD, IDENTITY_WORLD_NAMED, POLICY_PREFIX_FULL, PolicyKey, WorkloadConfig, diag,
-    is_service_identity, policy_kind, workload_flags,
+    IDENTITY_WORLD, IDENTITY_WORLD_NAMED, NodePortKey, NodePortTarget, POLICY_PREFIX_FULL,
+    PolicyKey, WorkloadConfig, diag, is_service_identity, policy_kind, workload_flags,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{
-    CIDR_RULES, EGRESS_EXPIRED, POLICY, POLICY_EXACT, SERVICES_OUTSIDE, counters, dns, identity,
+    CIDR_RULES, EGRESS_EXPIRED, NODE_PORTS, POLICY, POLICY_EXACT, SERVICES_OUTSIDE, counters, dns,
+    identity,
 };
 
 /// Whether a Service identity has a backend outside the cluster.
@@ -22,6 +23,18 @@ use crate::{
 fn reaches_outside(service: u32) -> bool {
     // SAFETY: a read of a value the agent writes whole.
     unsafe { SERVICES_OUTSIDE.get(&service) }.is_some()
+}
+
+/// The Service frontend and port a NodePort of the node leads to.
+#[inline(always)]
+fn node_port(family: u8, proto: u8, port: u16) -> Option<NodePortTarget> {
+    let key = NodePortKey {
+        port,
+        proto,
+        family,
+    };
+    // SAFETY: a copy of a value the agent writes whole.
+    unsafe { NODE_PORTS.get(&key) }.copied()
 }
 
 /// A policy decision and the peer identity it was taken for.
@@ -96,12 +109,21 @@ pub fn evaluate(
     established: bool,
 ) -> Decision {
     let mut peer = identity::identity_of(family, remote);
+    let host_source = workload.flags & workload_flags::HOST_SOURCE != 0;
+    let mut port = port;
+    // A pod's connection to a NodePort of the node is one to the Service: kube-proxy DNATs
+    // it to a backend past this hook, as it does one to the ClusterIP.
+    if peer == IDENTITY_HOST
+        && direction == DIR_EGRESS
+        && !host_source
+        && let Some(target) = node_port(family, proto, port)
+    {
+        peer = target.identity;
+        port = target.port;
+    }
     // The node's own traffic (kubelet probes, host-network pods) can never be blocked; and
     // a host-network workload's traffic with a pod of this node is that pod's node traffic.
-    if peer == IDENTITY_HOST
-        || (workload.flags & workload_flags::HOST_SOURCE != 0
-            && identity::is_local_pod(family, remote))
-    {
+    if peer == IDENTITY_HOST || (host_source && identity::is_local_pod(family, remote)) {
         return Decision {
             decision: DECISION_ALLOW,
             peer,

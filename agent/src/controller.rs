@@ -984,6 +984,9 @@ impl Controller {
                     .services
                     .insert(*ip, (frontend.service_id(), backends.clone()));
             }
+            if let Some(ip) = frontend.addresses.first() {
+                naming.service_addresses.insert(frontend.identity, *ip);
+            }
         }
         naming.host = self.rec.host_addresses().iter().copied().collect();
         let compiled = self.rec.compiled();
@@ -1163,6 +1166,7 @@ mod tests {
                 name: "web".into(),
                 protocol: Protocol::Tcp,
                 port: 80,
+                node_port: None,
                 backends,
             }],
         };

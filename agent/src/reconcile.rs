@@ -631,6 +631,10 @@ impl Reconciler {
                 .errors
                 .push(format!("Services with a backend outside the cluster: {e}"));
         }
+        if let Err(e) = self.datapath.maps.set_node_ports(&compiled.node_ports()) {
+            warn!(error = %e, "NodePorts not written");
+            report.errors.push(format!("NodePorts: {e}"));
+        }
         let identities_changed = self.write_identities(&compiled, host, &mut report);
         let resolvers = self.resolvers(state);
         if let Err(e) = self.datapath.maps.set_resolvers(&resolvers) {

@@ -348,7 +348,7 @@ status: {phase: Running, podIPs: [{ip: 10.1.0.13}]}
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: x}
-spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: api, port: 80, targetPort: http}]}
+spec: {type: NodePort, clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: api, port: 80, targetPort: http, nodePort: 30080}]}
 ---
 apiVersion: v1
 kind: Service
@@ -378,6 +378,7 @@ x/client-0 x/web-7c6b5-b http/tcp
 x/loner-0 10.96.0.11 80/tcp
 x/client-0 10.250.0.1 10250/tcp
 x/loner-0 10.250.0.1 10250/tcp
+x/client-0 10.250.0.1 30080/tcp
 ";
     let r = check_yaml(SERVICES, flows);
     let verdict = |i: usize| r[i]["verdict"].as_str().unwrap();
@@ -405,15 +406,23 @@ x/loner-0 10.250.0.1 10250/tcp
     // address outside the pod network there, denied by its egress isolation.
     assert_eq!(verdict(5), "allowed", "{:?}", r[5]);
     assert_eq!(verdict(6), "denied", "{:?}", r[6]);
+    // The Service's NodePort on the pod's own node leads where its address does (kube-proxy
+    // DNATs it to a backend): decided as the Service, not as the node.
+    assert_eq!(verdict(7), "denied", "{:?}", r[7]);
+    assert_eq!(r[7]["egress"], "denied", "{:?}", r[7]);
 
     // Once the policy allows both versions, the Service is allowed.
     let both = SERVICES.replace(
         "{podSelector: {matchLabels: {app: web, version: v1}}}",
         "{podSelector: {matchLabels: {app: web}}}",
     );
-    let r = check_yaml(&both, "x/client-0 10.96.0.10 80/tcp\n");
+    let r = check_yaml(
+        &both,
+        "x/client-0 10.96.0.10 80/tcp\nx/client-0 10.250.0.1 30080/tcp\n",
+    );
     assert_eq!(r[0]["verdict"], "allowed", "{:?}", r[0]);
     assert_eq!(r[0]["egress_policies"], serde_json::json!(["x/client"]));
+    assert_eq!(r[1]["verdict"], "allowed", "the NodePort too: {:?}", r[1]);
 
     // A port the Service does not expose: denied whatever the policies say, and explained.
     let r = check_yaml(&both, "x/client-0 10.96.0.10 443/tcp\n");

@@ -9,7 +9,9 @@
 //! `KUBE-FIREWALL` rule), NodePorts on every local address, and the `KUBE-FORWARD` rule that
 //! drops conntrack-INVALID packets in FORWARD (`nf_conntrack_tcp_be_liberal` unset): a
 //! forged ICMP error about no flow the node's conntrack knows dies there, as on a real node.
-//! Left out: NodePorts, external and load-balancer IPs, session affinity, traffic policies,
+//! NodePorts with the default external traffic policy (`Cluster`: masqueraded, so the
+//! backend sees the node as the source). Left out: external and load-balancer IPs, session
+//! affinity, the `Local` traffic policies,
 //! the canary chains, nfacct counters, and the conntrack cleanup kube-proxy does when a UDP
 //! endpoint goes away (an existing UDP flow keeps its old backend here).
 //!
@@ -65,6 +67,8 @@ pub struct ServicePort {
     /// Endpoint addresses and target ports. Endpoints of the other family are ignored, as
     /// each family's kube-proxy only sees its own; none at all means REJECT.
     pub endpoints: Vec<(IpAddr, u16)>,
+    /// The NodePort of a NodePort Service, opened on every local address.
+    pub node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -82,6 +86,15 @@ impl ServicePort {
     pub fn svc_chain(&self) -> String {
         format!(
             "KUBE-SVC-{}",
+            hash16(&format!("{}{}", self.name(), self.protocol.as_str()))
+        )
+    }
+
+    /// The external traffic chain of a NodePort, `KUBE-EXT-` and the hash of the service
+    /// chain.
+    pub fn ext_chain(&self) -> String {
+        format!(
+            "KUBE-EXT-{}",
             hash16(&format!("{}{}", self.name(), self.protocol.as_str()))
         )
     }
@@ -211,6 +224,8 @@ fn render_with_stale(
         );
     }
 
+    // A NodePort with no endpoints is rejected on the node's addresses.
+    let local_dst = "-m addrtype --dst-type LOCAL";
     for sp in ports {
         let name = sp.name();
         let proto = sp.protocol.as_str();
@@ -224,9 +239,26 @@ fn render_with_stale(
             filter_rules.push(format!(
                 "-A KUBE-SERVICES -m comment --comment \"{name} has no endpoints\" {dest} -j REJECT"
             ));
+            if let Some(node_port) = sp.node_port {
+                filter_rules.push(format!(
+                    "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} has no endpoints\" {local_dst} -m {proto} -p {proto} --dport {node_port} -j REJECT"
+                ));
+            }
             continue;
         }
         let svc_chain = sp.svc_chain();
+        if let Some(node_port) = sp.node_port {
+            // Traffic policy Cluster: masqueraded, as a backend may be on another node.
+            let ext = sp.ext_chain();
+            nat_chains.push(chain(&ext));
+            nat_rules.push(format!(
+                "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+            ));
+            nat_rules.push(format!("-A {ext} -j {svc_chain}"));
+            nat_rules.push(format!(
+                "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {node_port} -j {ext}"
+            ));
+        }
         nat_rules.push(format!(
             "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" {dest} -j {svc_chain}"
         ));
@@ -548,6 +580,7 @@ mod tests {
                     (a.ip(), a.port())
                 })
                 .collect(),
+            node_port: None,
         }
     }
 

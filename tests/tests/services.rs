@@ -189,6 +189,7 @@ impl Bank {
                 cluster_ip: ip(vip),
                 port,
                 endpoints,
+                node_port: None,
             };
             ports.push(port("ledger", "web", Proto::Tcp, ledger, 80, web));
             ports.push(port("ledger", "dns", Proto::Udp, ledger, 53, dns));
@@ -468,6 +469,7 @@ fn a_slice_naming_an_allowed_pod_at_another_pods_address_is_decided_by_the_addre
         cluster_ip: ip(vip),
         port: 80,
         endpoints: vec![(backend.addr(false), 8080)],
+        node_port: None,
     };
     bank.kube_proxy_with(
         false,
@@ -499,6 +501,78 @@ fn a_slice_naming_an_allowed_pod_at_another_pods_address_is_decided_by_the_addre
     );
 }
 
+/// A NodePort on the node's address leads where the Service's ClusterIP does: kube-proxy
+/// DNATs the connection to a backend past the client's hook, and masquerades it, so the
+/// backend sees the node, whose traffic it always allows. The client's egress is the only
+/// place left to decide it: as a connection to the Service, by every backend. (Until late
+/// 2026-11-27 it was the node's own traffic: any pod reached any NodePort's backends
+/// whatever its policies or theirs.)
+#[test]
+fn a_nodeport_on_the_nodes_address_is_decided_as_its_service() {
+    const TO_LEDGER_V4: &str = "10.96.0.80";
+    const TO_OTHER_V4: &str = "10.96.0.81";
+    let node = ip("169.254.1.1");
+    let bank = bank("services-nodeport");
+    let agent = bank.start("drop");
+    let node_port_service = |name: &str, vip: &str, node_port: u16, app: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bank}}\nspec:\n  type: NodePort\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: web, port: 80, protocol: TCP, targetPort: 8080, nodePort: {node_port}}}]\n"
+        )
+    };
+    let port = |name: &str, vip: &str, node_port: u16, backend: &Pod| ServicePort {
+        namespace: "bank".into(),
+        service: name.into(),
+        port_name: "web".into(),
+        protocol: Proto::Tcp,
+        cluster_ip: ip(vip),
+        port: 80,
+        endpoints: vec![(backend.addr(false), 8080)],
+        node_port: Some(node_port),
+    };
+    bank.kube_proxy_with(
+        false,
+        vec![
+            port("to-ledger", TO_LEDGER_V4, 30081, &bank.ledger_a),
+            port("to-other", TO_OTHER_V4, 30080, &bank.other),
+        ],
+    );
+    // The ledger's stable pods (only ledger-a serves 8080) are what the client may call;
+    // the other pod is isolated for ingress and allows nobody.
+    let yaml = bank.yaml("drop", false)
+        + &node_port_service("to-ledger", TO_LEDGER_V4, 30081, "ledger, track: stable")
+        + &node_port_service("to-other", TO_OTHER_V4, 30080, "other");
+    std::fs::write(agent.cluster_state.join("cluster.yaml"), yaml).unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the ledger's NodePort allowed",
+        || (traffic::tcp(&bank.client, node, 30081, 1, FAIL_FAST).echoed == 1).then_some(()),
+    );
+    let got = measure(&bank, &agent, "client-0", || {
+        let r = traffic::tcp(&bank.client, node, 30080, 1, FAIL_FAST);
+        assert!(
+            !r.connected,
+            "the other pod reached through its NodePort: {r:?}"
+        );
+    });
+    assert_eq!(got[3], 0, "nothing allowed at the client's egress: {got:?}");
+    assert!(
+        got[5] > 0,
+        "the SYN dropped at the client's egress: {got:?}"
+    );
+    let named = |flows: &str| {
+        flows
+            .lines()
+            .any(|l| l.contains("\"dst_service\":\"bank/to-other\"") && l.contains("\"dropped\""))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut flows = String::new();
+    while Instant::now() < deadline && !named(&flows) {
+        std::thread::sleep(Duration::from_millis(100));
+        flows = std::fs::read_to_string(&agent.flow_log).unwrap_or_default();
+    }
+    assert!(named(&flows), "the drop names the Service: {flows}");
+}
+
 /// A host-network pod attached on its cgroup, isolated both ways in drop mode, calls the
 /// ledger's ClusterIP and serves a Service of its own. Its hook sees its packets past the
 /// node's netfilter: a call leaves with the backend's address (kube-proxy's DNAT in OUTPUT)
@@ -523,6 +597,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
         cluster_ip: ip(LEDGER_V4),
         port,
         endpoints,
+        node_port: None,
     };
     let stable = |port| {
         vec![
@@ -546,6 +621,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 cluster_ip: ip(OTHER_V4),
                 port: 80,
                 endpoints: vec![(bank.other.addr(false), 8080)],
+                node_port: None,
             },
             ServicePort {
                 namespace: "bank".into(),
@@ -555,6 +631,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 cluster_ip: ip(METRICS_V4),
                 port: 80,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9100)],
+                node_port: None,
             },
             ServicePort {
                 namespace: "bank".into(),
@@ -564,6 +641,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 cluster_ip: ip(METRICS_V4),
                 port: 81,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9101)],
+                node_port: None,
             },
             // The same ports on the Service as on the pod: only the source address differs.
             ServicePort {
@@ -574,6 +652,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 cluster_ip: ip(METRICS_V4),
                 port: 9100,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9100)],
+                node_port: None,
             },
             ServicePort {
                 namespace: "bank".into(),
@@ -583,6 +662,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 cluster_ip: ip(METRICS_V4),
                 port: 9101,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9101)],
+                node_port: None,
             },
         ],
         "10.1.0.0/24",
@@ -778,6 +858,7 @@ fn a_service_pointing_outside_the_cluster_is_the_outside_for_an_allowlisted_work
             cluster_ip: ip(VENDOR_V4),
             port: 443,
             endpoints: vec![(site_ip, 443)],
+            node_port: None,
         }],
     );
     let mut agent = Agent::start(

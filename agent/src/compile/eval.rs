@@ -43,6 +43,8 @@ pub struct Evaluator {
     resolvers: std::collections::BTreeSet<IpAddr>,
     /// What `compiled` came from: explanations read its policies and labels.
     pub state: ClusterState,
+    /// Every Service's NodePorts (`Compiled::node_ports`).
+    node_ports: crate::maps::NodePorts,
 }
 
 const INGRESS_RULESET: u32 = 0;
@@ -86,6 +88,7 @@ impl Evaluator {
             })
             .collect();
         Ok(Evaluator {
+            node_ports: compiled.node_ports(),
             compiled,
             entries,
             nodes,
@@ -120,6 +123,33 @@ impl Evaluator {
     fn is_node_of(&self, pod: &PodKey, ip: IpAddr) -> bool {
         let node = self.pods.get(pod).and_then(|(_, node)| node.as_deref());
         self.nodes.of(node).is_some_and(|set| set.contains(&ip))
+    }
+
+    /// The Service frontend and port a connection of `pod` to `peer` on `port` reaches when
+    /// `peer` is an address of its node and `port` a NodePort (not for a host-network pod,
+    /// which is the node).
+    pub fn node_port_of(
+        &self,
+        pod: &PodKey,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<agent_common::NodePortTarget> {
+        if !self.is_node_of(pod, peer) || self.state.pods.get(pod).is_some_and(|p| p.host_network) {
+            return None;
+        }
+        let family = if peer.is_ipv6() {
+            agent_common::FAMILY_IPV6
+        } else {
+            agent_common::FAMILY_IPV4
+        };
+        self.node_ports
+            .get(&agent_common::NodePortKey {
+                port,
+                proto,
+                family,
+            })
+            .copied()
     }
 
     /// Whether `pod` is a host-network pod and `peer` the address of a pod on its node:
@@ -237,14 +267,24 @@ impl Evaluator {
                 EGRESS_RULESET,
             )
         };
-        if !isolated || self.is_node_of(pod, peer) || self.is_host_pod_with_local_peer(pod, peer) {
+        // A NodePort on the pod's node is the Service it leads to, as in the datapath.
+        let node_port = (direction == DIR_EGRESS)
+            .then(|| self.node_port_of(pod, peer, proto, port))
+            .flatten();
+        if !isolated
+            || (node_port.is_none() && self.is_node_of(pod, peer))
+            || self.is_host_pod_with_local_peer(pod, peer)
+        {
             return Some(SideDecision {
                 allowed: true,
                 policies: vec![],
             });
         }
         let entries = &self.entries.get(pod)?[(direction & 1) as usize];
-        let identity = self.identity_of(peer);
+        let (identity, port) = match node_port {
+            Some(target) => (target.identity, target.port),
+            None => (self.identity_of(peer), port),
+        };
         let mut rule = None;
         if identity != IDENTITY_WORLD {
             rule = policy_lookup(entries, ruleset, identity, proto, port);

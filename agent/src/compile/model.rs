@@ -332,6 +332,9 @@ pub struct ServicePort {
     pub protocol: Protocol,
     pub port: u16,
     pub target: TargetPort,
+    /// `nodePort` of a NodePort or LoadBalancer Service.
+    #[serde(default)]
+    pub node_port: Option<u16>,
 }
 
 /// A Service as policy sees it: its virtual addresses and ports.

@@ -293,6 +293,39 @@ impl Compiled {
             .filter(|name| !name.is_empty())
     }
 
+    /// The NodePorts of every Service, per family: the frontend of that family each leads
+    /// to and the Service port. Two Services cannot share a NodePort (the API server
+    /// allocates each once); should a cluster state hold such, the first by identity wins.
+    pub fn node_ports(&self) -> crate::maps::NodePorts {
+        let mut out = crate::maps::NodePorts::new();
+        for (identity, frontend) in &self.frontends {
+            let Some(first) = frontend.addresses.first() else {
+                continue;
+            };
+            let family = if first.is_ipv6() {
+                agent_common::FAMILY_IPV6
+            } else {
+                agent_common::FAMILY_IPV4
+            };
+            for p in &frontend.ports {
+                let Some(node_port) = p.node_port else {
+                    continue;
+                };
+                let key = agent_common::NodePortKey {
+                    port: node_port,
+                    proto: p.protocol.number(),
+                    family,
+                };
+                out.entry(key).or_insert(agent_common::NodePortTarget {
+                    identity: *identity,
+                    port: p.port,
+                    _pad: 0,
+                });
+            }
+        }
+        out
+    }
+
     /// The frontends with a backend outside the cluster for a source on the node whose
     /// addresses are `node` (a backend there is the node itself).
     pub fn outside_services(&self, node: Option<&BTreeSet<IpAddr>>) -> BTreeSet<u32> {

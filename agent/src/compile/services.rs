@@ -42,6 +42,8 @@ pub struct FrontendPort {
     pub name: String,
     pub protocol: Protocol,
     pub port: u16,
+    /// The NodePort that leads to this port too, on the node's addresses of this family.
+    pub node_port: Option<u16>,
     /// Ready backends of this family (serving, terminating ones when none is ready, as
     /// kube-proxy does). Empty: connections are rejected by kube-proxy, and denied here.
     pub backends: Vec<Backend>,
@@ -301,6 +303,7 @@ pub fn service_frontends(
                     name: p.name.clone(),
                     protocol: p.protocol,
                     port: p.port,
+                    node_port: p.node_port,
                     backends,
                 }
             })
@@ -517,6 +520,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 port: 80,
                 target,
+                node_port: None,
             }],
             selector: Some(Labels::from([("app".to_string(), "ledger".to_string())])),
         }
@@ -660,6 +664,7 @@ mod tests {
         let port = FrontendPort {
             name: "http".into(),
             protocol: Protocol::Tcp,
+            node_port: None,
             port: 80,
             backends: vec![
                 Backend {

@@ -85,6 +85,9 @@ pub struct Naming {
     /// when there is one backend, else only the workload they share or all their names;
     /// `None` when they are all outside the cluster).
     pub services: std::collections::HashMap<std::net::IpAddr, (String, Option<Endpoint>)>,
+    /// A virtual address of each Service frontend, by identity: a flow to a NodePort is
+    /// decided as one to the frontend it leads to, named here.
+    pub service_addresses: std::collections::HashMap<u32, std::net::IpAddr>,
     /// The node's own addresses: the peer `host`.
     pub host: std::collections::HashSet<std::net::IpAddr>,
     /// Virtual addresses of the Services with a backend outside the cluster (which an
@@ -187,7 +190,17 @@ impl Naming {
         let dst = addr_from_bytes(e.family, &e.dst);
         let slot = self.slots.get(&e.slot).cloned().unwrap_or_default();
         let ingress = e.direction == agent_common::DIR_INGRESS;
-        let service = self.services.get(&dst);
+        // A flow to a NodePort of the node was decided as one to its Service (the peer the
+        // event names): it is named as a flow to the Service's address would be.
+        let node_port = !self.services.contains_key(&dst)
+            && agent_common::is_service_identity(e.peer_identity)
+            && self.host.contains(&dst);
+        let service_ip = if node_port {
+            self.service_addresses.get(&e.peer_identity).copied()
+        } else {
+            Some(dst)
+        };
+        let service = service_ip.and_then(|ip| self.services.get(&ip));
         // The workload is one end for sure; the other is named by its address.
         let name = |ip: &std::net::IpAddr| {
             self.addresses
@@ -202,6 +215,11 @@ impl Naming {
         };
         let (src_ep, dst_ep) = if ingress {
             (name(&src), slot.endpoint.clone().or_else(|| name(&dst)))
+        } else if node_port {
+            (
+                slot.endpoint.clone().or_else(|| name(&src)),
+                service_ip.and_then(|ip| name(&ip)),
+            )
         } else {
             (slot.endpoint.clone().or_else(|| name(&src)), name(&dst))
         };
@@ -238,7 +256,7 @@ impl Naming {
                 slot.ingress_policies
             } else if e.peer_identity == agent_common::IDENTITY_WORLD
                 || agent_common::is_world_named(e.peer_identity)
-                || self.services_outside.contains(&dst)
+                || service_ip.is_some_and(|ip| self.services_outside.contains(&ip))
             {
                 let mut all = slot.egress_allowlists;
                 all.extend(slot.egress_policies);

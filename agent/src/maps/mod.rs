@@ -167,6 +167,10 @@ pub const fn ruleset_of(slot: u32, direction: u8) -> u32 {
 
 /// Typed handles on every map of the datapath. Reads go through [`MapReaders`] (which it
 /// derefs to), so an observer can hold its own read handles, opened from the pins.
+/// The NodePorts of every Service and the frontend port each leads to (`NODE_PORTS`).
+pub type NodePorts =
+    std::collections::BTreeMap<agent_common::NodePortKey, agent_common::NodePortTarget>;
+
 pub struct DatapathMaps {
     r: MapReaders,
     event_buckets: Array<MapData, EventBucket>,
@@ -180,6 +184,9 @@ pub struct DatapathMaps {
     services_outside: HashMap<MapData, u32, u8>,
     /// What `set_services_outside` last made `SERVICES_OUTSIDE`.
     services_outside_written: Option<std::collections::BTreeSet<u32>>,
+    node_ports: HashMap<MapData, agent_common::NodePortKey, agent_common::NodePortTarget>,
+    /// What `set_node_ports` last made `NODE_PORTS`.
+    node_ports_written: Option<NodePorts>,
     /// What this process wrote per ruleset, to diff the next update against.
     written: StdHashMap<u32, RulesetEntries>,
     /// Which lookups the newest staged entries of each ruleset need
@@ -748,6 +755,8 @@ impl DatapathMaps {
             resolvers_written: None,
             services_outside: take(ebpf, map_names::SERVICES_OUTSIDE)?,
             services_outside_written: None,
+            node_ports: take(ebpf, map_names::NODE_PORTS)?,
+            node_ports_written: None,
             written: StdHashMap::new(),
             lookups: StdHashMap::new(),
             set_ids: CidrSetIds::default(),
@@ -857,6 +866,40 @@ impl DatapathMaps {
         }
         self.services_outside_written = Some(services.clone());
         Ok(())
+    }
+
+    /// Makes `ports` the NodePorts of the datapath (`NODE_PORTS`): every one wanted is
+    /// written (a NodePort moved to another Service in place, never missing for a moment),
+    /// then what is no longer wanted removed.
+    pub fn set_node_ports(&mut self, ports: &NodePorts) -> Result<(), MapsError> {
+        if self.node_ports_written.as_ref() == Some(ports) {
+            return Ok(());
+        }
+        for (key, target) in ports {
+            if self.node_ports.get(key, 0).ok().as_ref() != Some(target) {
+                self.node_ports
+                    .insert(key, target, 0)
+                    .map_err(map_err(map_names::NODE_PORTS))?;
+            }
+        }
+        let gone: Vec<agent_common::NodePortKey> = self
+            .node_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !ports.contains_key(k))
+            .collect();
+        for key in gone {
+            self.node_ports
+                .remove(&key)
+                .map_err(map_err(map_names::NODE_PORTS))?;
+        }
+        self.node_ports_written = Some(ports.clone());
+        Ok(())
+    }
+
+    /// The NodePorts in the datapath.
+    pub fn node_ports(&self) -> NodePorts {
+        self.node_ports.iter().filter_map(Result::ok).collect()
     }
 
     /// Node-wide datapath settings.

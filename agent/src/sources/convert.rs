@@ -397,11 +397,20 @@ pub fn service(svc: &Service) -> Result<ServiceInfo> {
                 }
             },
         };
+        // kube-proxy opens a NodePort on every address of every node (ClusterIP Services
+        // have none: the API server refuses one).
+        let node_port = match (spec.type_.as_deref(), p.node_port) {
+            (Some("NodePort" | "LoadBalancer"), Some(n)) if n != 0 => {
+                Some(port_number(n, &format!("{at}.nodePort"))?)
+            }
+            _ => None,
+        };
         ports.push(ServicePort {
             name: p.name.clone().unwrap_or_default(),
             protocol: protocol(p.protocol.as_deref(), &format!("{at}.protocol"))?,
             port,
             target,
+            node_port,
         });
     }
     Ok(ServiceInfo {
