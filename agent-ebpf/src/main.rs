@@ -454,6 +454,19 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     if direction == DIR_EGRESS && answer_port == 0 && !source_is_own(workload, &pkt) {
         return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
     }
+    // A pod's tunnel packet to its node (VXLAN, Geneve, IP in IP, GRE) carries a packet
+    // whose source nobody checks, which the node may decapsulate and forward to any pod as
+    // from any pod: dropped in either mode, as Calico drops them, and counted as a spoof.
+    if direction == DIR_EGRESS
+        && !host_source
+        && encapsulates(pkt)
+        && identity::identity_of(pkt.family, &pkt.tuple.dst) == IDENTITY_HOST
+    {
+        counters::diag(diag::SPOOFED);
+        counters::spoofed(slot, segs);
+        counters::count(slot, DIR_EGRESS, VERDICT_DROPPED, segs, bytes);
+        return Action::Drop;
+    }
 
     let Some(config) = CONFIG.get(0) else {
         return Action::Pass;
@@ -598,6 +611,16 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
         a.read_unaligned() == b.read_unaligned()
             && a.add(1).read_unaligned() == b.add(1).read_unaligned()
     }
+}
+
+/// Whether a packet is a tunnel's: IP in IP (4), IPv6 in IP (41), GRE (47), or UDP to the
+/// ports of VXLAN (4789, and Linux's 8472) and Geneve (6081).
+#[inline(always)]
+fn encapsulates(pkt: &Packet) -> bool {
+    let t = &pkt.tuple;
+    pkt.kind == Kind::Flow
+        && (matches!(t.proto, 4 | 41 | 47)
+            || (t.proto == PROTO_UDP && matches!(t.dst_port, 4789 | 8472 | 6081)))
 }
 
 /// An IPv6 source that names no routed address: unspecified (`::`) or link-local.

@@ -660,6 +660,76 @@ fn an_icmp_error_about_a_flow_whose_rules_changed_is_decided_on_its_own() {
     );
 }
 
+/// A pod's tunnel packets to its node (VXLAN, Geneve, IP in IP, GRE) carry packets whose
+/// sources nobody checks: a node that decapsulates them (a CNI's VXLAN device) forwards the
+/// inner packet to any pod as from any pod, past both ends' policies. They are dropped in
+/// either mode, isolated or not, and counted as spoofs; the same to another address, or UDP
+/// to the node on another port, is traffic like any other.
+#[test]
+fn a_pods_tunnel_packets_to_its_node_are_dropped_in_either_mode() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    // The frames go to 10.1.0.11, here the node, and to fd77:1::b, a pod.
+    dp.maps
+        .set_identity("10.1.0.11/32".parse().unwrap(), agent_common::IDENTITY_HOST)
+        .unwrap();
+    dp.maps
+        .set_identity("fd77:1::b/128".parse().unwrap(), ID_B)
+        .unwrap();
+    let own: Vec<std::net::IpAddr> =
+        vec!["10.1.0.10".parse().unwrap(), "fd77:1::a".parse().unwrap()];
+    dp.maps
+        .set_workload(1, &WorkloadPolicy::open(Mode::Log).sending_from(&own))
+        .unwrap();
+    let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
+        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, frame, 1))
+            .unwrap()
+            .retval
+    };
+    let inner = ipv4(17, 0, &udp_header(1000, 8080, 8));
+    let tunnels = [
+        (
+            "VXLAN",
+            eth(0x0800, &ipv4(17, 0, &udp_header(40000, 4789, 8 + 14 + 36))),
+        ),
+        (
+            "Linux VXLAN",
+            eth(0x0800, &ipv4(17, 0, &udp_header(40000, 8472, 64))),
+        ),
+        (
+            "Geneve",
+            eth(0x0800, &ipv4(17, 0, &udp_header(40000, 6081, 64))),
+        ),
+        ("IP in IP", eth(0x0800, &ipv4(4, 0, &inner))),
+        ("GRE", eth(0x0800, &ipv4(47, 0, &[0u8; 32]))),
+    ];
+    let spoofed = dp.maps.diag().unwrap()[diag::SPOOFED as usize];
+    let before = Packets::read(&dp, 1);
+    for (name, frame) in &tunnels {
+        assert_eq!(runs(&dp, frame), DROP, "{name} to the node, in log mode");
+    }
+    assert_eq!(
+        dp.maps.diag().unwrap()[diag::SPOOFED as usize] - spoofed,
+        tunnels.len() as u64
+    );
+    let others = [
+        eth(0x0800, &ipv4(17, 0, &udp_header(40000, 4790, 8))),
+        eth(0x86DD, &ipv6(17, &udp_header(40000, 4789, 8))),
+    ];
+    for frame in &others {
+        assert_eq!(runs(&dp, frame), PASS);
+    }
+    assert_eq!(
+        Packets::read(&dp, 1).since(before),
+        Packets {
+            out_dropped: tunnels.len() as u64,
+            out_allowed: 2,
+            ..Default::default()
+        }
+    );
+}
+
 #[test]
 fn malformed_packets_are_counted_and_never_misattributed() {
     let lab = Lab::new();
