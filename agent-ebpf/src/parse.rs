@@ -58,7 +58,8 @@ pub enum Kind {
 pub struct Tuple {
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// Host byte order. ICMP echo: both hold the identifier. Other ICMP: 0.
+    /// Host byte order. ICMP echo: the identifier, as the source port of a request and the
+    /// destination port of a reply (`set_echo_id`). Other ICMP: 0.
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -274,7 +275,7 @@ fn parse_l4(
             let i: [u8; 8] = load(skb, off, end)?;
             match i[0] {
                 // echo reply, echo request
-                0 | 8 => set_echo_id(pkt, be16(&i, 4)),
+                0 | 8 => set_echo_id(pkt, be16(&i, 4), i[0] == 8),
                 // destination unreachable, source quench, time exceeded, parameter problem
                 3 | 4 | 11 | 12 => parse_icmp_error(skb, off + 8, end, FAMILY_IPV4, pkt),
                 _ => {}
@@ -283,7 +284,7 @@ fn parse_l4(
         PROTO_ICMPV6 => {
             let i: [u8; 8] = load(skb, off, end)?;
             match i[0] {
-                128 | 129 => set_echo_id(pkt, be16(&i, 4)),
+                128 | 129 => set_echo_id(pkt, be16(&i, 4), i[0] == 128),
                 // destination unreachable, packet too big, time exceeded, parameter problem
                 1..=4 => parse_icmp_error(skb, off + 8, end, FAMILY_IPV6, pkt),
                 // MLD query/report/done, router/neighbour solicitation/advertisement,
@@ -317,10 +318,20 @@ fn link_scoped(pkt: &Packet) -> bool {
     (dst[0] == 0xff && dst[1] & 0x0f == 0x02) || link_local(dst) || link_local(src)
 }
 
+/// An echo request carries its identifier as its source "port", a reply as its
+/// destination's: a request and its reply share a tracking key from either end, while a
+/// request sent back the way a flow's requests came is a flow of its own (else a pod could
+/// ping out past its egress policy on the identifier of a ping it was sent).
 #[inline(always)]
-fn set_echo_id(pkt: &mut Packet, id: u16) {
-    pkt.tuple.src_port = id;
-    pkt.tuple.dst_port = id;
+fn set_echo_id(pkt: &mut Packet, id: u16, request: bool) {
+    let (src, dst) = echo_ports(id, request);
+    pkt.tuple.src_port = src;
+    pkt.tuple.dst_port = dst;
+}
+
+#[inline(always)]
+fn echo_ports(id: u16, request: bool) -> (u16, u16) {
+    if request { (id, 0) } else { (0, id) }
 }
 
 /// Reads the packet quoted by an ICMP error. When the quote is unreadable the error stays a
@@ -400,8 +411,14 @@ fn quoted_ports(
         t.dst_port = be16(&p, 2);
     } else if t.proto == icmp {
         let i: [u8; 8] = load(skb, off, end)?;
-        t.src_port = be16(&i, 4);
-        t.dst_port = t.src_port;
+        let (request, reply) = if icmp == PROTO_ICMP {
+            (8, 0)
+        } else {
+            (128, 129)
+        };
+        if i[0] == request || i[0] == reply {
+            (t.src_port, t.dst_port) = echo_ports(be16(&i, 4), i[0] == request);
+        }
     }
     Ok(())
 }

@@ -730,6 +730,65 @@ fn a_pods_tunnel_packets_to_its_node_are_dropped_in_either_mode() {
     );
 }
 
+/// An echo request and its reply share a flow; a request sent back the way a flow's requests
+/// came does not: it is a flow of its own, decided by the sender's policy. (A pod whose
+/// egress was isolated could otherwise ping out, with any payload, on the identifier of a
+/// ping it had been sent.)
+#[test]
+fn an_echo_request_is_never_taken_for_a_reply() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    dp.maps
+        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
+        .unwrap();
+    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
+    dp.maps
+        .set_workload(
+            1,
+            &WorkloadPolicy {
+                mode: Mode::Drop,
+                isolated_egress: true,
+                ..Default::default()
+            }
+            .sending_from(&own),
+        )
+        .unwrap();
+    let run_as = |dp: &tollgate::Datapath, program: &'static str, frame: &[u8]| {
+        lab.in_node(|| dp.test_run(program, frame, 1))
+            .unwrap()
+            .retval
+    };
+    // Echo messages of identifier 0x4242 from the workload (10.1.0.10) to B, and from B.
+    let echo = |icmp_type: u8, from_b: bool| {
+        let mut message = vec![icmp_type, 0, 0, 0, 0x42, 0x42, 0, 1];
+        message.extend(b"payload");
+        let mut p = ipv4(1, 0, &message);
+        if from_b {
+            let (src, dst) = (p[12..16].to_vec(), p[16..20].to_vec());
+            p[12..16].copy_from_slice(&dst);
+            p[16..20].copy_from_slice(&src);
+        }
+        eth(0x0800, &p)
+    };
+    let (request, reply) = (8, 0);
+    assert_eq!(
+        run_as(&dp, program_names::TC_TO_POD, &echo(request, true)),
+        PASS,
+        "B pings the workload (its ingress is open)"
+    );
+    assert_eq!(
+        run_as(&dp, program_names::TC_FROM_POD, &echo(reply, false)),
+        PASS,
+        "the workload answers"
+    );
+    assert_eq!(
+        run_as(&dp, program_names::TC_FROM_POD, &echo(request, false)),
+        DROP,
+        "a request of the workload's own on the same identifier: its egress denies it"
+    );
+}
+
 #[test]
 fn malformed_packets_are_counted_and_never_misattributed() {
     let lab = Lab::new();
