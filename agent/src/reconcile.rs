@@ -631,7 +631,11 @@ impl Reconciler {
                 .errors
                 .push(format!("Services with a backend outside the cluster: {e}"));
         }
-        if let Err(e) = self.datapath.maps.set_node_ports(&compiled.node_ports()) {
+        let mut node_ports = compiled.node_ports();
+        for (port, target) in compiled.host_ports(state, local.keys()) {
+            node_ports.entry(port).or_insert(target);
+        }
+        if let Err(e) = self.datapath.maps.set_node_ports(&node_ports) {
             warn!(error = %e, "NodePorts not written");
             report.errors.push(format!("NodePorts: {e}"));
         }

@@ -346,6 +346,12 @@ spec: {containers: [{name: c, image: i}]}
 status: {phase: Running, podIPs: [{ip: 10.1.0.13}]}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: door-0, namespace: x, labels: {app: door}}
+spec: {nodeName: n1, containers: [{name: c, image: i, ports: [{containerPort: 8080, hostPort: 8088}]}]}
+status: {phase: Running, podIPs: [{ip: 10.1.0.14}]}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: x}
 spec: {type: NodePort, clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: api, port: 80, targetPort: http, nodePort: 30080}]}
@@ -379,6 +385,7 @@ x/loner-0 10.96.0.11 80/tcp
 x/client-0 10.250.0.1 10250/tcp
 x/loner-0 10.250.0.1 10250/tcp
 x/client-0 10.250.0.1 30080/tcp
+x/client-0 10.250.0.1 8088/tcp
 ";
     let r = check_yaml(SERVICES, flows);
     let verdict = |i: usize| r[i]["verdict"].as_str().unwrap();
@@ -410,6 +417,9 @@ x/client-0 10.250.0.1 30080/tcp
     // DNATs it to a backend): decided as the Service, not as the node.
     assert_eq!(verdict(7), "denied", "{:?}", r[7]);
     assert_eq!(r[7]["egress"], "denied", "{:?}", r[7]);
+    // So does a hostPort of a pod on that node (the CNI's portmap DNATs it to the pod).
+    assert_eq!(verdict(8), "denied", "{:?}", r[8]);
+    assert_eq!(r[8]["egress"], "denied", "{:?}", r[8]);
 
     // Once the policy allows both versions, the Service is allowed.
     let both = SERVICES.replace(

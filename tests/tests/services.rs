@@ -504,19 +504,28 @@ fn a_slice_naming_an_allowed_pod_at_another_pods_address_is_decided_by_the_addre
 /// A NodePort on the node's address leads where the Service's ClusterIP does: kube-proxy
 /// DNATs the connection to a backend past the client's hook, and masquerades it, so the
 /// backend sees the node, whose traffic it always allows. The client's egress is the only
-/// place left to decide it: as a connection to the Service, by every backend. (Until late
-/// 2026-11-27 it was the node's own traffic: any pod reached any NodePort's backends
-/// whatever its policies or theirs.)
+/// place left to decide it: as a connection to the Service, by every backend. A pod's
+/// hostPort is the same: the CNI's portmap DNATs it to the pod (keeping the source). (Until
+/// late 2026-11-27 both were the node's own traffic: any pod reached them whatever its
+/// policies.)
 #[test]
-fn a_nodeport_on_the_nodes_address_is_decided_as_its_service() {
+fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
     const TO_LEDGER_V4: &str = "10.96.0.80";
     const TO_OTHER_V4: &str = "10.96.0.81";
     let node = ip("169.254.1.1");
     let bank = bank("services-nodeport");
     let agent = bank.start("drop");
-    let node_port_service = |name: &str, vip: &str, node_port: u16, app: &str| {
+    // Each Service's one backend by its EndpointSlice (no selector: ledger-b shares
+    // ledger-a's labels, and its 8080 the client may not call).
+    let node_port_service = |name: &str, vip: &str, node_port: u16, backend: &Pod, pod: &str| {
         format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bank}}\nspec:\n  type: NodePort\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: web, port: 80, protocol: TCP, targetPort: 8080, nodePort: {node_port}}}]\n"
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bank}}\nspec:\n  type: NodePort\n  clusterIP: {vip}\n  ports: [{{name: web, port: 80, protocol: TCP, targetPort: 8080, nodePort: {node_port}}}]\n"
+        ) + &cluster::endpoint_slice(
+            "bank",
+            &format!("{name}-v4"),
+            name,
+            &[(backend.addr(false), pod)],
+            &[("web", 8080, "TCP")],
         )
     };
     let port = |name: &str, vip: &str, node_port: u16, backend: &Pod| ServicePort {
@@ -538,14 +547,66 @@ fn a_nodeport_on_the_nodes_address_is_decided_as_its_service() {
     );
     // The ledger's stable pods (only ledger-a serves 8080) are what the client may call;
     // the other pod is isolated for ingress and allows nobody.
-    let yaml = bank.yaml("drop", false)
-        + &node_port_service("to-ledger", TO_LEDGER_V4, 30081, "ledger, track: stable")
-        + &node_port_service("to-other", TO_OTHER_V4, 30080, "other");
+    // hostPorts: 8089 to ledger-a's 8080, 8088 to the other pod's, as the portmap plugin
+    // writes them (DNAT to the pod on the node's own addresses).
+    let with_host_port = |yaml: String, pod: &str, host_port: u16| {
+        let at = yaml.find(&format!("name: {pod}\n")).unwrap();
+        let (head, tail) = yaml.split_at(at);
+        head.to_string()
+            + &tail.replacen(
+                "containerPort: 8080, protocol: TCP}",
+                &format!("containerPort: 8080, protocol: TCP, hostPort: {host_port}}}"),
+                1,
+            )
+    };
+    let yaml = with_host_port(bank.yaml("drop", false), "ledger-a", 8089);
+    let yaml = with_host_port(yaml, "other-0", 8088)
+        + &node_port_service("to-ledger", TO_LEDGER_V4, 30081, &bank.ledger_a, "ledger-a")
+        + &node_port_service("to-other", TO_OTHER_V4, 30080, &bank.other, "other-0");
+    for (host_port, pod) in [(8089, &bank.ledger_a), (8088, &bank.other)] {
+        tollgate_tests::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &bank.lab.node,
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-m",
+                "addrtype",
+                "--dst-type",
+                "LOCAL",
+                "-p",
+                "tcp",
+                "--dport",
+                &host_port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{}:8080", pod.addr(false)),
+            ],
+        );
+    }
     std::fs::write(agent.cluster_state.join("cluster.yaml"), yaml).unwrap();
+    // The NodePorts and hostPorts are written in the reconcile that gives the Service's
+    // ClusterIP its identity, before it: once the ClusterIP is allowed, they are in force
+    // (the node's address itself was allowed all along).
     wait_for(
         Duration::from_secs(10),
-        "the ledger's NodePort allowed",
-        || (traffic::tcp(&bank.client, node, 30081, 1, FAIL_FAST).echoed == 1).then_some(()),
+        "the to-ledger Service allowed",
+        || {
+            (traffic::tcp(&bank.client, ip(TO_LEDGER_V4), 80, 1, FAIL_FAST).echoed == 1)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        traffic::tcp(&bank.client, node, 30081, 1, FAIL_FAST).echoed,
+        1,
+        "the ledger's NodePort"
     );
     let got = measure(&bank, &agent, "client-0", || {
         let r = traffic::tcp(&bank.client, node, 30080, 1, FAIL_FAST);
@@ -559,6 +620,23 @@ fn a_nodeport_on_the_nodes_address_is_decided_as_its_service() {
         got[5] > 0,
         "the SYN dropped at the client's egress: {got:?}"
     );
+
+    // The hostPorts: the ledger's is allowed (the client may call ledger-a on 8080, and
+    // the ledger's ingress sees the client), the other pod's is not.
+    assert_eq!(
+        traffic::tcp(&bank.client, node, 8089, 1, FAIL_FAST).echoed,
+        1,
+        "the ledger's hostPort"
+    );
+    let got = measure(&bank, &agent, "client-0", || {
+        let r = traffic::tcp(&bank.client, node, 8088, 1, FAIL_FAST);
+        assert!(
+            !r.connected,
+            "the other pod reached through its hostPort: {r:?}"
+        );
+    });
+    assert_eq!(got[3], 0, "nothing allowed at the client's egress: {got:?}");
+    assert!(got[5] > 0, "dropped at the client's egress: {got:?}");
     let named = |flows: &str| {
         flows
             .lines()

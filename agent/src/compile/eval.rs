@@ -45,6 +45,10 @@ pub struct Evaluator {
     pub state: ClusterState,
     /// Every Service's NodePorts (`Compiled::node_ports`).
     node_ports: crate::maps::NodePorts,
+    /// The hostPorts of each node's pods (`Compiled::host_ports`).
+    host_ports: BTreeMap<String, crate::maps::NodePorts>,
+    /// The pod behind each hostPort of a node.
+    host_port_pods: BTreeMap<(String, agent_common::NodePortKey), PodKey>,
 }
 
 const INGRESS_RULESET: u32 = 0;
@@ -87,8 +91,32 @@ impl Evaluator {
                     .map(|a| (k.clone(), a))
             })
             .collect();
+        let mut on_node: BTreeMap<String, Vec<PodKey>> = BTreeMap::new();
+        for (key, pod) in &state.pods {
+            if let Some(node) = &pod.node_name
+                && !pod.host_ports.is_empty()
+            {
+                on_node.entry(node.clone()).or_default().push(key.clone());
+            }
+        }
+        let mut host_port_pods = BTreeMap::new();
+        for (node, pods) in &on_node {
+            for key in pods {
+                for port in compiled.host_ports(state, [key]).into_keys() {
+                    host_port_pods
+                        .entry((node.clone(), port))
+                        .or_insert_with(|| key.clone());
+                }
+            }
+        }
+        let host_ports = on_node
+            .into_iter()
+            .map(|(node, pods)| (node, compiled.host_ports(state, &pods)))
+            .collect();
         Ok(Evaluator {
             node_ports: compiled.node_ports(),
+            host_ports,
+            host_port_pods,
             compiled,
             entries,
             nodes,
@@ -126,8 +154,8 @@ impl Evaluator {
     }
 
     /// The Service frontend and port a connection of `pod` to `peer` on `port` reaches when
-    /// `peer` is an address of its node and `port` a NodePort (not for a host-network pod,
-    /// which is the node).
+    /// `peer` is an address of its node and `port` a NodePort, or the pod and port when it
+    /// is a hostPort of a pod on that node (not for a host-network pod, which is the node).
     pub fn node_port_of(
         &self,
         pod: &PodKey,
@@ -143,13 +171,43 @@ impl Evaluator {
         } else {
             agent_common::FAMILY_IPV4
         };
+        let key = agent_common::NodePortKey {
+            port,
+            proto,
+            family,
+        };
+        let node = self.pods.get(pod).and_then(|(_, node)| node.as_ref());
         self.node_ports
-            .get(&agent_common::NodePortKey {
-                port,
-                proto,
-                family,
-            })
+            .get(&key)
+            .or_else(|| node.and_then(|n| self.host_ports.get(n)?.get(&key)))
             .copied()
+    }
+
+    /// The pod and container port a connection of `pod` to `peer` on `port` reaches when
+    /// `peer` is an address of its node and `port` a hostPort of a pod there.
+    fn host_port_pod(
+        &self,
+        pod: &PodKey,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<(PodKey, u16)> {
+        let target = self.node_port_of(pod, peer, proto, port)?;
+        if is_service_identity(target.identity) {
+            return None;
+        }
+        let node = self.pods.get(pod)?.1.clone()?;
+        let key = agent_common::NodePortKey {
+            port,
+            proto,
+            family: if peer.is_ipv6() {
+                agent_common::FAMILY_IPV6
+            } else {
+                agent_common::FAMILY_IPV4
+            },
+        };
+        let target_pod = self.host_port_pods.get(&(node, key))?.clone();
+        Some((target_pod, target.port))
     }
 
     /// Whether `pod` is a host-network pod and `peer` the address of a pod on its node:
@@ -346,7 +404,18 @@ impl Evaluator {
                 .decide(pod, DIR_INGRESS, src.ip, proto, port)
                 .unwrap_or_else(open),
             (None, Some(frontend)) => self.backends_ingress(frontend, &src, proto, port),
-            (None, None) => open(),
+            // A hostPort of a pod on the source's node: the CNI's DNAT keeps the source, so
+            // the pod's ingress decides it on its container port.
+            (None, None) => match src
+                .pod
+                .as_ref()
+                .and_then(|p| self.host_port_pod(p, dst.ip, proto, port))
+            {
+                Some((pod, container_port)) => self
+                    .decide(&pod, DIR_INGRESS, src.ip, proto, container_port)
+                    .unwrap_or_else(open),
+                None => open(),
+            },
         };
         (egress, ingress)
     }

@@ -287,6 +287,10 @@ pub struct PodInfo {
     pub unready: bool,
     /// `metadata.creationTimestamp`, seconds since 1970 (0 when not written).
     pub created: i64,
+    /// `hostPort`s on every address of its node (no `hostIP`): protocol, host port and
+    /// container port. The CNI's portmap DNATs a connection to one to the pod.
+    #[serde(default)]
+    pub host_ports: Vec<(Protocol, u16, u16)>,
 }
 
 impl PodInfo {

@@ -326,6 +326,48 @@ impl Compiled {
         out
     }
 
+    /// The hostPorts of `pods` (one node's): the CNI's portmap DNATs a connection to one on
+    /// the node's addresses to the pod, past the caller's hooks, as kube-proxy does a
+    /// NodePort's; it leads to the pod's identity and container port.
+    pub fn host_ports<'a>(
+        &self,
+        state: &ClusterState,
+        pods: impl IntoIterator<Item = &'a PodKey>,
+    ) -> crate::maps::NodePorts {
+        let mut out = crate::maps::NodePorts::new();
+        for key in pods {
+            let (Some(pod), Some(identity)) = (state.pods.get(key), self.pod_identity.get(key))
+            else {
+                continue;
+            };
+            if pod.host_network {
+                continue;
+            }
+            for family in [agent_common::FAMILY_IPV4, agent_common::FAMILY_IPV6] {
+                let has = pod
+                    .ips
+                    .iter()
+                    .any(|ip| ip.is_ipv6() == (family == agent_common::FAMILY_IPV6));
+                if !has {
+                    continue;
+                }
+                for (protocol, host_port, container_port) in &pod.host_ports {
+                    let key = agent_common::NodePortKey {
+                        port: *host_port,
+                        proto: protocol.number(),
+                        family,
+                    };
+                    out.entry(key).or_insert(agent_common::NodePortTarget {
+                        identity: *identity,
+                        port: *container_port,
+                        _pad: 0,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// The frontends with a backend outside the cluster for a source on the node whose
     /// addresses are `node` (a backend there is the node itself).
     pub fn outside_services(&self, node: Option<&BTreeSet<IpAddr>>) -> BTreeSet<u32> {

@@ -277,6 +277,7 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
     }
 
     let mut ports = Vec::new();
+    let mut host_ports = Vec::new();
     if let Some(spec) = spec {
         // Each list counted on its own, as the field path names them.
         let containers = spec
@@ -303,6 +304,19 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
                         protocol,
                     });
                 }
+                // A host-network pod's hostPort is its own socket on the node; one bound
+                // to a single address (`hostIP`) is left to that address.
+                let any_address = p
+                    .host_ip
+                    .as_deref()
+                    .is_none_or(|ip| ip.is_empty() || ip == "0.0.0.0" || ip == "::");
+                if let Some(host_port) = p.host_port.filter(|n| *n != 0)
+                    && !host_network
+                    && any_address
+                {
+                    let host_port = port_number(host_port, &format!("{at}.hostPort"))?;
+                    host_ports.push((protocol, host_port, number));
+                }
             }
         }
     }
@@ -316,6 +330,7 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
         annotations,
         ips,
         ports,
+        host_ports,
         host_network,
         node_name: spec.and_then(|s| s.node_name.clone()),
         terminating: meta.deletion_timestamp.is_some(),
