@@ -18,9 +18,18 @@ pub struct CtKey {
     pub remote_port: u16,
     pub proto: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// For an ICMP echo flow, which end sent the requests (`echo_end`): a request and its
+    /// replies share a key, a request the other way is another flow. 0 for any other.
+    pub echo: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+
+/// `CtKey::echo`: the requests of an ICMP echo flow come from its local end, or its remote.
+pub mod echo_end {
+    pub const LOCAL: u8 = 1;
+    pub const REMOTE: u8 = 2;
+}
 
 impl CtKey {
     /// The port of the side that accepted the flow (`origin`: the direction of the packet
@@ -110,7 +119,9 @@ pub struct FragPorts {
     pub expires_ns: u64,
     pub src_port: u16,
     pub dst_port: u16,
-    pub _pad: u32,
+    /// `Tuple::echo` of an ICMP echo message's first fragment.
+    pub echo: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<FragPorts>() == 16);
 

@@ -34,6 +34,14 @@ pub fn key_of(t: &Tuple, family: u8, slot: u32, direction: u8, host_source: bool
 
 #[inline(always)]
 fn directed_key(t: &Tuple, family: u8, slot: u32, direction: u8) -> CtKey {
+    // The end that sent an echo flow's requests, from the workload's side: leaving it, the
+    // source is the local end (`ECHO_FROM_SRC` is `echo_end::LOCAL`); arriving, the other
+    // way round. Bit operations: branches here multiply the verifier's states.
+    let echo = if direction == DIR_EGRESS {
+        t.echo
+    } else {
+        crate::parse::turned_around(t.echo)
+    };
     if direction == DIR_EGRESS {
         CtKey {
             local: t.src,
@@ -43,7 +51,8 @@ fn directed_key(t: &Tuple, family: u8, slot: u32, direction: u8) -> CtKey {
             remote_port: t.dst_port,
             proto: t.proto,
             family,
-            _pad: [0; 2],
+            echo,
+            _pad: 0,
         }
     } else {
         CtKey {
@@ -54,7 +63,8 @@ fn directed_key(t: &Tuple, family: u8, slot: u32, direction: u8) -> CtKey {
             remote_port: t.src_port,
             proto: t.proto,
             family,
-            _pad: [0; 2],
+            echo,
+            _pad: 0,
         }
     }
 }

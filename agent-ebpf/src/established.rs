@@ -274,6 +274,10 @@ fn try_pass(
     if flow.src_port == DNS_PORT || flow.dst_port == DNS_PORT {
         return None;
     }
+    // A pod's tunnel packets are the general pipeline's to drop, tracked or not.
+    if direction == DIR_EGRESS && flow.proto == PROTO_UDP && crate::is_tunnel_port(flow.dst_port) {
+        return None;
+    }
     if flow.proto == PROTO_TCP {
         flow.tcp_flags = read(start, end, l4 + 13)?;
     }

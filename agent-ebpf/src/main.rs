@@ -393,12 +393,16 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             _ => diag::IPV6_EXT_UNPARSED,
         });
         // An IPv6 packet whose extension headers go on too long had its addresses read:
-        // its source is checked like any other's.
-        if err == ParseError::Ipv6ExtUnparsed
-            && direction == DIR_EGRESS
-            && !source_is_own(workload, pkt)
-        {
-            return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
+        // its source is checked like any other's. Leaving a pod, what it carries could be a
+        // tunnel's (above): dropped in either mode; no stack sends so many headers.
+        if err == ParseError::Ipv6ExtUnparsed && direction == DIR_EGRESS {
+            if !source_is_own(workload, pkt) {
+                return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
+            }
+            if workload.flags & workload_flags::HOST_SOURCE == 0 {
+                counters::count(slot, DIR_EGRESS, VERDICT_DROPPED, segs, bytes);
+                return Action::Drop;
+            }
         }
         // No policy can allow what cannot be read (or is not IP at all): denied where the
         // workload is isolated.
@@ -454,14 +458,11 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     if direction == DIR_EGRESS && answer_port == 0 && !source_is_own(workload, &pkt) {
         return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
     }
-    // A pod's tunnel packet to its node (VXLAN, Geneve, IP in IP, GRE) carries a packet
-    // whose source nobody checks, which the node may decapsulate and forward to any pod as
-    // from any pod: dropped in either mode, as Calico drops them, and counted as a spoof.
-    if direction == DIR_EGRESS
-        && !host_source
-        && encapsulates(pkt)
-        && identity::identity_of(pkt.family, &pkt.tuple.dst) == IDENTITY_HOST
-    {
+    // A pod's tunnel packet (VXLAN, Geneve, IP in IP to anyone; GRE to its node) carries a
+    // packet whose source nobody checks, which a node that decapsulates it (this one or
+    // another: a CNI's VXLAN device) forwards to any pod as from any pod: dropped in either
+    // mode, as Calico drops VXLAN and IP in IP from workloads, and counted as a spoof.
+    if direction == DIR_EGRESS && !host_source && tunnels(pkt) {
         counters::diag(diag::SPOOFED);
         counters::spoofed(slot, segs);
         counters::count(slot, DIR_EGRESS, VERDICT_DROPPED, segs, bytes);
@@ -481,6 +482,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
                 counters::diag(diag::FRAGMENT_MATCHED);
                 pkt.tuple.src_port = ports.src_port;
                 pkt.tuple.dst_port = ports.dst_port;
+                pkt.tuple.echo = ports.echo;
             }
             _ => {
                 counters::diag(diag::FRAGMENT_UNKNOWN);
@@ -502,7 +504,8 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
             expires_ns: now + config.fragment_timeout_s as u64 * 1_000_000_000,
             src_port: pkt.tuple.src_port,
             dst_port: pkt.tuple.dst_port,
-            _pad: 0,
+            echo: pkt.tuple.echo,
+            _pad: [0; 3],
         };
         let _ = FRAGMENTS.insert(frag_key(&pkt), ports, 0);
     }
@@ -613,14 +616,22 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     }
 }
 
-/// Whether a packet is a tunnel's: IP in IP (4), IPv6 in IP (41), GRE (47), or UDP to the
-/// ports of VXLAN (4789, and Linux's 8472) and Geneve (6081).
+/// Whether a packet is a tunnel's that a CNI may decapsulate: UDP to the ports of VXLAN
+/// (4789, and Linux's 8472) and Geneve (6081), IP in IP (4) and IPv6 in IP (41) to anyone,
+/// and GRE (47) to the node (GRE elsewhere is also VPN clients' and stays policy's).
 #[inline(always)]
-fn encapsulates(pkt: &Packet) -> bool {
+fn tunnels(pkt: &Packet) -> bool {
     let t = &pkt.tuple;
     pkt.kind == Kind::Flow
-        && (matches!(t.proto, 4 | 41 | 47)
-            || (t.proto == PROTO_UDP && matches!(t.dst_port, 4789 | 8472 | 6081)))
+        && (matches!(t.proto, 4 | 41)
+            || (t.proto == PROTO_UDP && is_tunnel_port(t.dst_port))
+            || (t.proto == 47 && identity::identity_of(pkt.family, &t.dst) == IDENTITY_HOST))
+}
+
+/// The UDP ports of VXLAN (4789, Linux's 8472) and Geneve (6081).
+#[inline(always)]
+pub fn is_tunnel_port(port: u16) -> bool {
+    matches!(port, 4789 | 8472 | 6081)
 }
 
 /// An IPv6 source that names no routed address: unspecified (`::`) or link-local.

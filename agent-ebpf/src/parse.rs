@@ -58,11 +58,25 @@ pub enum Kind {
 pub struct Tuple {
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// Host byte order. ICMP echo: the identifier, as the source port of a request and the
-    /// destination port of a reply (`set_echo_id`). Other ICMP: 0.
+    /// Host byte order. ICMP echo: both hold the identifier. Other ICMP: 0.
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
+    /// ICMP echo: which end sent the request (`ECHO_FROM_SRC`, `ECHO_FROM_DST`); 0 else.
+    pub echo: u8,
+}
+
+/// `Tuple::echo`: a request, sent by its source; a reply, to the request's sender. The
+/// same values as `echo_end::LOCAL` and `REMOTE` for a packet leaving the workload.
+pub const ECHO_FROM_SRC: u8 = agent_common::echo_end::LOCAL;
+pub const ECHO_FROM_DST: u8 = agent_common::echo_end::REMOTE;
+const _: () = assert!(ECHO_FROM_SRC == 1 && ECHO_FROM_DST == 2);
+
+/// `Tuple::echo` of the tuple turned around (source and destination swapped): 1 and 2
+/// swap, 0 stays.
+#[inline(always)]
+pub fn turned_around(echo: u8) -> u8 {
+    ((echo & 1) << 1) | ((echo >> 1) & 1)
 }
 
 impl Tuple {
@@ -72,6 +86,7 @@ impl Tuple {
         src_port: 0,
         dst_port: 0,
         proto: 0,
+        echo: 0,
     };
 }
 
@@ -318,20 +333,24 @@ fn link_scoped(pkt: &Packet) -> bool {
     (dst[0] == 0xff && dst[1] & 0x0f == 0x02) || link_local(dst) || link_local(src)
 }
 
-/// An echo request carries its identifier as its source "port", a reply as its
-/// destination's: a request and its reply share a tracking key from either end, while a
-/// request sent back the way a flow's requests came is a flow of its own (else a pod could
-/// ping out past its egress policy on the identifier of a ping it was sent).
+/// An echo message's identifier stands for both ports, and which end sent the request goes
+/// into the tracking key (`CtKey::echo`): a request and its replies share a key from either
+/// end, while a request sent back the way a flow's requests came is a flow of its own (else
+/// a pod could ping out past its egress policy on the identifier of a ping it was sent).
 #[inline(always)]
 fn set_echo_id(pkt: &mut Packet, id: u16, request: bool) {
-    let (src, dst) = echo_ports(id, request);
-    pkt.tuple.src_port = src;
-    pkt.tuple.dst_port = dst;
+    pkt.tuple.src_port = id;
+    pkt.tuple.dst_port = id;
+    pkt.tuple.echo = echo_of(request);
 }
 
 #[inline(always)]
-fn echo_ports(id: u16, request: bool) -> (u16, u16) {
-    if request { (id, 0) } else { (0, id) }
+fn echo_of(request: bool) -> u8 {
+    if request {
+        ECHO_FROM_SRC
+    } else {
+        ECHO_FROM_DST
+    }
 }
 
 /// Reads the packet quoted by an ICMP error. When the quote is unreadable the error stays a
@@ -351,6 +370,7 @@ fn parse_icmp_error(skb: &SkBuff, off: u32, end: u32, family: u8, pkt: &mut Pack
             src_port: quoted.dst_port,
             dst_port: quoted.src_port,
             proto: quoted.proto,
+            echo: turned_around(quoted.echo),
         };
         pkt.kind = Kind::IcmpError;
     }
@@ -417,7 +437,9 @@ fn quoted_ports(
             (128, 129)
         };
         if i[0] == request || i[0] == reply {
-            (t.src_port, t.dst_port) = echo_ports(be16(&i, 4), i[0] == request);
+            t.src_port = be16(&i, 4);
+            t.dst_port = t.src_port;
+            t.echo = echo_of(i[0] == request);
         }
     }
     Ok(())

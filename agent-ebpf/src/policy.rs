@@ -7,9 +7,10 @@
 //! the virtual address itself.
 
 use agent_common::{
-    DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DNS_PORT, DOMAIN_ID_MASK, IDENTITY_HOST,
-    IDENTITY_WORLD, IDENTITY_WORLD_NAMED, NodePortKey, NodePortTarget, POLICY_PREFIX_FULL,
-    PolicyKey, WorkloadConfig, diag, is_service_identity, policy_kind, workload_flags,
+    DECISION_ALLOW, DECISION_DENY, DIR_EGRESS, DNS_PORT, DOMAIN_ID_MASK, FAMILY_IPV4,
+    IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD_NAMED, NodePortKey, NodePortTarget,
+    POLICY_PREFIX_FULL, PROTO_TCP, PROTO_UDP, PolicyKey, WorkloadConfig, diag, is_service_identity,
+    policy_kind, workload_flags,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -112,8 +113,11 @@ pub fn evaluate(
     let host_source = workload.flags & workload_flags::HOST_SOURCE != 0;
     let mut port = port;
     // A pod's connection to a NodePort of the node is one to the Service: kube-proxy DNATs
-    // it to a backend past this hook, as it does one to the ClusterIP.
-    if peer == IDENTITY_HOST
+    // it to a backend past this hook, as it does one to the ClusterIP. On any address of
+    // 127.0.0.0/8 too: kube-proxy's rule takes every local address (and sets
+    // `route_localnet`), where the node's own identity holds only the addresses it has.
+    let loopback_v4 = family == FAMILY_IPV4 && remote[0] == 127;
+    if (peer == IDENTITY_HOST || loopback_v4)
         && direction == DIR_EGRESS
         && !host_source
         && let Some(target) = node_port(family, proto, port)
@@ -201,8 +205,12 @@ pub fn evaluate(
             unsafe { *c += 1 };
         }
     }
-    // Its resolvers are how it learns anything.
-    if port == DNS_PORT && dns::is_resolver(family, remote) {
+    // Its resolvers are how it learns anything (over UDP or TCP: an ICMP echo's identifier
+    // is no port).
+    if port == DNS_PORT
+        && (proto == PROTO_UDP || proto == PROTO_TCP)
+        && dns::is_resolver(family, remote)
+    {
         return Decision {
             decision: DECISION_ALLOW,
             peer,

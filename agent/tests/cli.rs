@@ -428,11 +428,13 @@ x/client-0 10.250.0.1 8088/tcp
     );
     let r = check_yaml(
         &both,
-        "x/client-0 10.96.0.10 80/tcp\nx/client-0 10.250.0.1 30080/tcp\n",
+        "x/client-0 10.96.0.10 80/tcp\nx/client-0 10.250.0.1 30080/tcp\nx/client-0 127.0.0.2 30080/tcp\n",
     );
     assert_eq!(r[0]["verdict"], "allowed", "{:?}", r[0]);
     assert_eq!(r[0]["egress_policies"], serde_json::json!(["x/client"]));
     assert_eq!(r[1]["verdict"], "allowed", "the NodePort too: {:?}", r[1]);
+    // kube-proxy takes a NodePort on any address of 127.0.0.0/8 (route_localnet).
+    assert_eq!(r[2]["verdict"], "allowed", "on 127.0.0.2 too: {:?}", r[2]);
 
     // A port the Service does not expose: denied whatever the policies say, and explained.
     let r = check_yaml(&both, "x/client-0 10.96.0.10 443/tcp\n");

@@ -163,7 +163,11 @@ impl Evaluator {
         proto: u8,
         port: u16,
     ) -> Option<agent_common::NodePortTarget> {
-        if !self.is_node_of(pod, peer) || self.state.pods.get(pod).is_some_and(|p| p.host_network) {
+        // Any address of 127.0.0.0/8 is the node's to kube-proxy, as in the datapath.
+        let loopback_v4 = matches!(peer, IpAddr::V4(v4) if v4.is_loopback());
+        if !(self.is_node_of(pod, peer) || loopback_v4)
+            || self.state.pods.get(pod).is_some_and(|p| p.host_network)
+        {
             return None;
         }
         let family = if peer.is_ipv6() {
