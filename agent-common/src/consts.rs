@@ -185,8 +185,9 @@ pub const IDENTITY_SERVICE_BASE: u32 = 0x4000_0000;
 /// Capacity of `SERVICES_OUTSIDE`: Services with a backend outside the cluster (an
 /// EndpointSlice written by hand that points out of it).
 pub const SERVICES_OUTSIDE_CAPACITY: u32 = 1 << 14;
-/// Capacity of `NODE_PORTS`: NodePorts of every Service, per family (at most 2,768 of each
-/// protocol in the default range 30000-32767).
+/// Capacity of `NODE_PORTS`: the NodePorts of every Service and the hostPorts of this
+/// node's pods, both families and every protocol (the default NodePort range holds 2,768
+/// ports of each protocol).
 pub const NODE_PORTS_CAPACITY: u32 = 1 << 14;
 /// First identity the agent hands out to a set of workloads (namespace + labels).
 pub const IDENTITY_FIRST_WORKLOAD: u32 = 256;

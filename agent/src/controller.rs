@@ -1024,6 +1024,14 @@ impl Controller {
                         Some(ep) => (ep.namespace, ep.workload),
                         None => ("world".to_string(), "world".to_string()),
                     };
+                // A call to its NodePort is counted with the NodePort as its port: named
+                // the same.
+                if let Some(node_port) = port.node_port {
+                    svc.ports.insert(
+                        (port.protocol.number(), node_port),
+                        (namespace.clone(), workload.clone(), target),
+                    );
+                }
                 svc.ports.insert(
                     (port.protocol.number(), port.port),
                     (namespace, workload, target),

@@ -354,7 +354,8 @@ status: {phase: Running, podIPs: [{ip: 10.1.0.14}]}
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: x}
-spec: {type: NodePort, clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: api, port: 80, targetPort: http, nodePort: 30080}]}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.10, externalIPs: [203.0.113.7], selector: {app: web}, ports: [{name: api, port: 80, targetPort: http, nodePort: 30080}]}
+status: {loadBalancer: {ingress: [{ip: 203.0.113.8}]}}
 ---
 apiVersion: v1
 kind: Service
@@ -386,6 +387,8 @@ x/client-0 10.250.0.1 10250/tcp
 x/loner-0 10.250.0.1 10250/tcp
 x/client-0 10.250.0.1 30080/tcp
 x/client-0 10.250.0.1 8088/tcp
+x/client-0 203.0.113.7 80/tcp
+x/client-0 203.0.113.8 80/tcp
 ";
     let r = check_yaml(SERVICES, flows);
     let verdict = |i: usize| r[i]["verdict"].as_str().unwrap();
@@ -420,6 +423,11 @@ x/client-0 10.250.0.1 8088/tcp
     // So does a hostPort of a pod on that node (the CNI's portmap DNATs it to the pod).
     assert_eq!(verdict(8), "denied", "{:?}", r[8]);
     assert_eq!(r[8]["egress"], "denied", "{:?}", r[8]);
+    // Its external IP and load-balancer address are DNATed like its ClusterIP.
+    for i in [9, 10] {
+        assert_eq!(verdict(i), "denied", "{:?}", r[i]);
+        assert_eq!(r[i]["dst_service"], "x/web", "{:?}", r[i]);
+    }
 
     // Once the policy allows both versions, the Service is allowed.
     let both = SERVICES.replace(
@@ -428,13 +436,18 @@ x/client-0 10.250.0.1 8088/tcp
     );
     let r = check_yaml(
         &both,
-        "x/client-0 10.96.0.10 80/tcp\nx/client-0 10.250.0.1 30080/tcp\nx/client-0 127.0.0.2 30080/tcp\n",
+        "x/client-0 10.96.0.10 80/tcp\nx/client-0 10.250.0.1 30080/tcp\nx/client-0 127.0.0.2 30080/tcp\nx/client-0 203.0.113.8 80/tcp\n",
     );
     assert_eq!(r[0]["verdict"], "allowed", "{:?}", r[0]);
     assert_eq!(r[0]["egress_policies"], serde_json::json!(["x/client"]));
     assert_eq!(r[1]["verdict"], "allowed", "the NodePort too: {:?}", r[1]);
     // kube-proxy takes a NodePort on any address of 127.0.0.0/8 (route_localnet).
     assert_eq!(r[2]["verdict"], "allowed", "on 127.0.0.2 too: {:?}", r[2]);
+    assert_eq!(
+        r[3]["verdict"], "allowed",
+        "the load balancer too: {:?}",
+        r[3]
+    );
 
     // A port the Service does not expose: denied whatever the policies say, and explained.
     let r = check_yaml(&both, "x/client-0 10.96.0.10 443/tcp\n");

@@ -238,11 +238,21 @@ impl Evaluator {
         self.decide_named(pod, direction, peer, None, proto, port)
     }
 
-    /// The EgressAllowlist that isolates `pod`'s egress toward `peer`, if one does: `peer`
-    /// is outside the cluster and not the pod's node.
-    fn allowlist_toward(&self, pod: &PodKey, peer: IpAddr) -> Option<&crate::dns::Allowlist> {
+    /// The EgressAllowlist that isolates `pod`'s egress toward `peer` on `port`, if one
+    /// does: `peer` is outside the cluster and not the pod's node, or a Service (by its
+    /// address or a NodePort) with a backend outside.
+    fn allowlist_toward(
+        &self,
+        pod: &PodKey,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<&crate::dns::Allowlist> {
         let a = self.allowlists.get(pod)?;
-        let identity = self.identity_of(peer);
+        let identity = match self.node_port_of(pod, peer, proto, port) {
+            Some(target) => target.identity,
+            None => self.identity_of(peer),
+        };
         let outside = if identity == IDENTITY_WORLD {
             !self.is_node_of(pod, peer)
         } else {
@@ -277,7 +287,7 @@ impl Evaluator {
     ) -> Option<SideDecision> {
         let np = self.decide_policies(pod, direction, peer, domain.is_some(), proto, port)?;
         let Some(allowlist) = (direction == DIR_EGRESS)
-            .then(|| self.allowlist_toward(pod, peer))
+            .then(|| self.allowlist_toward(pod, peer, proto, port))
             .flatten()
         else {
             return Some(np);
@@ -548,7 +558,7 @@ impl Evaluator {
         // allowlist (a name), or a name instead of an address.
         if let Some(pod) = src.pod.as_ref().and_then(pod_of)
             && let key = (pod.namespace.clone(), pod.name.clone())
-            && let Some(allowlist) = self.allowlist_toward(&key, dst.ip)
+            && let Some(allowlist) = self.allowlist_toward(&key, dst.ip, proto, port)
             && let Some(d) =
                 self.decide_named(&key, DIR_EGRESS, dst.ip, dst.domain.as_deref(), proto, port)
             && !d.allowed

@@ -346,8 +346,9 @@ pub struct ServicePort {
 pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
-    /// `spec.clusterIPs` (or `clusterIP`); empty for headless and ExternalName Services,
-    /// which have no virtual address to decide.
+    /// `spec.clusterIPs` (or `clusterIP`), then its external IPs and load-balancer
+    /// addresses (which kube-proxy DNATs alike); empty for headless and ExternalName
+    /// Services, which have no virtual address to decide.
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     /// `spec.selector`; `None` for a Service whose endpoints are managed by hand.

@@ -1153,7 +1153,7 @@ impl Observer {
         }
     }
 
-    /// Keeps a series given up with its value, among at most `max_flow_series` retired
+    /// Keeps a series given up with its value, among at most `retired_capacity` retired
     /// ones: when full, the smallest go (their loss costs the least).
     fn retire(&mut self, labels: Vec<String>, value: u64) {
         if self.retired.len() >= self.retired_capacity

@@ -165,12 +165,12 @@ pub const fn ruleset_of(slot: u32, direction: u8) -> u32 {
     slot * 2 + direction as u32
 }
 
-/// Typed handles on every map of the datapath. Reads go through [`MapReaders`] (which it
-/// derefs to), so an observer can hold its own read handles, opened from the pins.
 /// The NodePorts of every Service and the frontend port each leads to (`NODE_PORTS`).
 pub type NodePorts =
     std::collections::BTreeMap<agent_common::NodePortKey, agent_common::NodePortTarget>;
 
+/// Typed handles on every map of the datapath. Reads go through [`MapReaders`] (which it
+/// derefs to), so an observer can hold its own read handles, opened from the pins.
 pub struct DatapathMaps {
     r: MapReaders,
     event_buckets: Array<MapData, EventBucket>,
@@ -868,19 +868,13 @@ impl DatapathMaps {
         Ok(())
     }
 
-    /// Makes `ports` the NodePorts of the datapath (`NODE_PORTS`): every one wanted is
-    /// written (a NodePort moved to another Service in place, never missing for a moment),
-    /// then what is no longer wanted removed.
+    /// Makes `ports` the NodePorts of the datapath (`NODE_PORTS`): what is no longer wanted
+    /// is removed first (a full map must not keep stale ports for good), then every one
+    /// wanted is written (a NodePort moved to another Service is overwritten in place,
+    /// never missing for a moment).
     pub fn set_node_ports(&mut self, ports: &NodePorts) -> Result<(), MapsError> {
         if self.node_ports_written.as_ref() == Some(ports) {
             return Ok(());
-        }
-        for (key, target) in ports {
-            if self.node_ports.get(key, 0).ok().as_ref() != Some(target) {
-                self.node_ports
-                    .insert(key, target, 0)
-                    .map_err(map_err(map_names::NODE_PORTS))?;
-            }
         }
         let gone: Vec<agent_common::NodePortKey> = self
             .node_ports
@@ -892,6 +886,13 @@ impl DatapathMaps {
             self.node_ports
                 .remove(&key)
                 .map_err(map_err(map_names::NODE_PORTS))?;
+        }
+        for (key, target) in ports {
+            if self.node_ports.get(key, 0).ok().as_ref() != Some(target) {
+                self.node_ports
+                    .insert(key, target, 0)
+                    .map_err(map_err(map_names::NODE_PORTS))?;
+            }
         }
         self.node_ports_written = Some(ports.clone());
         Ok(())

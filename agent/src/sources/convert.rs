@@ -393,6 +393,37 @@ pub fn service(svc: &Service) -> Result<ServiceInfo> {
             }
         }
     }
+    // kube-proxy DNATs the external IPs and load-balancer addresses of a Service with a
+    // ClusterIP inside the node as it does the ClusterIP (and masquerades the call): to a
+    // pod they are more virtual addresses of the Service, decided by its backends. A
+    // load balancer that proxies (`ipMode: Proxy`) is reached for real.
+    if !cluster_ips.is_empty() {
+        let external = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip.clone()));
+        let balanced = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, i)| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|(n, i)| {
+                let ip = i.ip.clone()?;
+                Some((format!("status.loadBalancer.ingress[{n}].ip"), ip))
+            });
+        for (at, ip) in external.chain(balanced) {
+            let ip = address(&ip, &at)?;
+            if !cluster_ips.contains(&ip) {
+                cluster_ips.push(ip);
+            }
+        }
+    }
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let at = format!("spec.ports[{i}]");
