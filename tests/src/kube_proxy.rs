@@ -69,6 +69,9 @@ pub struct ServicePort {
     pub endpoints: Vec<(IpAddr, u16)>,
     /// The NodePort of a NodePort Service, opened on every local address.
     pub node_port: Option<u16>,
+    /// External IPs and load-balancer addresses of the cluster IP's family, DNATed inside
+    /// the node like the cluster IP (and masqueraded).
+    pub external_ips: Vec<IpAddr>,
 }
 
 impl ServicePort {
@@ -247,7 +250,13 @@ fn render_with_stale(
             continue;
         }
         let svc_chain = sp.svc_chain();
-        if let Some(node_port) = sp.node_port {
+        let external: Vec<IpAddr> = sp
+            .external_ips
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv6() == ipv6)
+            .collect();
+        if sp.node_port.is_some() || !external.is_empty() {
             // Traffic policy Cluster: masqueraded, as a backend may be on another node.
             let ext = sp.ext_chain();
             nat_chains.push(chain(&ext));
@@ -255,9 +264,17 @@ fn render_with_stale(
                 "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
             ));
             nat_rules.push(format!("-A {ext} -j {svc_chain}"));
-            nat_rules.push(format!(
-                "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {node_port} -j {ext}"
-            ));
+            for ip in &external {
+                nat_rules.push(format!(
+                    "-A KUBE-SERVICES -m comment --comment \"{name} external IP\" -m {proto} -p {proto} -d {ip} --dport {} -j {ext}",
+                    sp.port
+                ));
+            }
+            if let Some(node_port) = sp.node_port {
+                nat_rules.push(format!(
+                    "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {node_port} -j {ext}"
+                ));
+            }
         }
         nat_rules.push(format!(
             "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" {dest} -j {svc_chain}"
@@ -581,6 +598,7 @@ mod tests {
                 })
                 .collect(),
             node_port: None,
+            external_ips: vec![],
         }
     }
 

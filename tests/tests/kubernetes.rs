@@ -995,6 +995,7 @@ fn a_service_created_through_the_api_decides_calls_to_its_cluster_ip_within_two_
             port: 53,
             endpoints: vec![(shop.web.addr(false), 5353)],
             node_port: None,
+            external_ips: vec![],
         }],
         "10.1.0.0/24",
         "fd77:1::/64",

@@ -190,6 +190,7 @@ impl Bank {
                 port,
                 endpoints,
                 node_port: None,
+                external_ips: vec![],
             };
             ports.push(port("ledger", "web", Proto::Tcp, ledger, 80, web));
             ports.push(port("ledger", "dns", Proto::Udp, ledger, 53, dns));
@@ -470,6 +471,7 @@ fn a_slice_naming_an_allowed_pod_at_another_pods_address_is_decided_by_the_addre
         port: 80,
         endpoints: vec![(backend.addr(false), 8080)],
         node_port: None,
+        external_ips: vec![],
     };
     bank.kube_proxy_with(
         false,
@@ -512,14 +514,28 @@ fn a_slice_naming_an_allowed_pod_at_another_pods_address_is_decided_by_the_addre
 fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
     const TO_LEDGER_V4: &str = "10.96.0.80";
     const TO_OTHER_V4: &str = "10.96.0.81";
+    // The ledger's load-balancer address and the other's external IP: kube-proxy DNATs
+    // (and masquerades) them inside the node like the ClusterIP.
+    const TO_LEDGER_LB: &str = "203.0.113.80";
+    const TO_OTHER_EXTERNAL: &str = "203.0.113.81";
     let node = ip("169.254.1.1");
     let bank = bank("services-nodeport");
     let agent = bank.start("drop");
     // Each Service's one backend by its EndpointSlice (no selector: ledger-b shares
     // ledger-a's labels, and its 8080 the client may not call).
     let node_port_service = |name: &str, vip: &str, node_port: u16, backend: &Pod, pod: &str| {
+        let outside = if name == "to-ledger" {
+            format!("status: {{loadBalancer: {{ingress: [{{ip: {TO_LEDGER_LB}}}]}}}}\n")
+        } else {
+            String::new()
+        };
+        let external = if name == "to-other" {
+            format!("  externalIPs: [{TO_OTHER_EXTERNAL}]\n")
+        } else {
+            String::new()
+        };
         format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bank}}\nspec:\n  type: NodePort\n  clusterIP: {vip}\n  ports: [{{name: web, port: 80, protocol: TCP, targetPort: 8080, nodePort: {node_port}}}]\n"
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bank}}\nspec:\n  type: LoadBalancer\n  clusterIP: {vip}\n{external}  ports: [{{name: web, port: 80, protocol: TCP, targetPort: 8080, nodePort: {node_port}}}]\n{outside}"
         ) + &cluster::endpoint_slice(
             "bank",
             &format!("{name}-v4"),
@@ -528,7 +544,7 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
             &[("web", 8080, "TCP")],
         )
     };
-    let port = |name: &str, vip: &str, node_port: u16, backend: &Pod| ServicePort {
+    let port = |name: &str, vip: &str, node_port: u16, backend: &Pod, outside: &str| ServicePort {
         namespace: "bank".into(),
         service: name.into(),
         port_name: "web".into(),
@@ -537,12 +553,25 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
         port: 80,
         endpoints: vec![(backend.addr(false), 8080)],
         node_port: Some(node_port),
+        external_ips: vec![ip(outside)],
     };
     bank.kube_proxy_with(
         false,
         vec![
-            port("to-ledger", TO_LEDGER_V4, 30081, &bank.ledger_a),
-            port("to-other", TO_OTHER_V4, 30080, &bank.other),
+            port(
+                "to-ledger",
+                TO_LEDGER_V4,
+                30081,
+                &bank.ledger_a,
+                TO_LEDGER_LB,
+            ),
+            port(
+                "to-other",
+                TO_OTHER_V4,
+                30080,
+                &bank.other,
+                TO_OTHER_EXTERNAL,
+            ),
         ],
     );
     // The ledger's stable pods (only ledger-a serves 8080) are what the client may call;
@@ -608,6 +637,15 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
         1,
         "the ledger's NodePort"
     );
+    // Its load-balancer address is the Service too: allowed (as an address outside the
+    // cluster it would be denied, the client's egress allowing no ipBlock).
+    assert_eq!(
+        traffic::tcp(&bank.client, ip(TO_LEDGER_LB), 80, 1, FAIL_FAST).echoed,
+        1,
+        "the ledger's load-balancer address"
+    );
+    let r = traffic::tcp(&bank.client, ip(TO_OTHER_EXTERNAL), 80, 1, FAIL_FAST);
+    assert!(!r.connected, "the other's external IP: {r:?}");
     let got = measure(&bank, &agent, "client-0", || {
         let r = traffic::tcp(&bank.client, node, 30080, 1, FAIL_FAST);
         assert!(
@@ -676,6 +714,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
         port,
         endpoints,
         node_port: None,
+        external_ips: vec![],
     };
     let stable = |port| {
         vec![
@@ -700,6 +739,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 port: 80,
                 endpoints: vec![(bank.other.addr(false), 8080)],
                 node_port: None,
+                external_ips: vec![],
             },
             ServicePort {
                 namespace: "bank".into(),
@@ -710,6 +750,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 port: 80,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9100)],
                 node_port: None,
+                external_ips: vec![],
             },
             ServicePort {
                 namespace: "bank".into(),
@@ -720,6 +761,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 port: 81,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9101)],
                 node_port: None,
+                external_ips: vec![],
             },
             // The same ports on the Service as on the pod: only the source address differs.
             ServicePort {
@@ -731,6 +773,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 port: 9100,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9100)],
                 node_port: None,
+                external_ips: vec![],
             },
             ServicePort {
                 namespace: "bank".into(),
@@ -741,6 +784,7 @@ fn a_host_network_pod_calls_and_serves_through_cluster_ips() {
                 port: 9101,
                 endpoints: vec![(IpAddr::V4(exporter.ipv4), 9101)],
                 node_port: None,
+                external_ips: vec![],
             },
         ],
         "10.1.0.0/24",
@@ -937,6 +981,7 @@ fn a_service_pointing_outside_the_cluster_is_the_outside_for_an_allowlisted_work
             port: 443,
             endpoints: vec![(site_ip, 443)],
             node_port: None,
+            external_ips: vec![],
         }],
     );
     let mut agent = Agent::start(
