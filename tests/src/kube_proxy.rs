@@ -9,9 +9,9 @@
 //! `KUBE-FIREWALL` rule), NodePorts on every local address, and the `KUBE-FORWARD` rule that
 //! drops conntrack-INVALID packets in FORWARD (`nf_conntrack_tcp_be_liberal` unset): a
 //! forged ICMP error about no flow the node's conntrack knows dies there, as on a real node.
-//! NodePorts with the default external traffic policy (`Cluster`: masqueraded, so the
-//! backend sees the node as the source). Left out: external and load-balancer IPs, session
-//! affinity, the `Local` traffic policies,
+//! NodePorts, external IPs and load-balancer addresses with the default external traffic
+//! policy (`Cluster`: masqueraded, so the backend sees the node as the source). Left out:
+//! session affinity, the `Local` traffic policies,
 //! the canary chains, nfacct counters, and the conntrack cleanup kube-proxy does when a UDP
 //! endpoint goes away (an existing UDP flow keeps its old backend here).
 //!
