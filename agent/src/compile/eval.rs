@@ -51,6 +51,19 @@ pub struct Evaluator {
     host_port_pods: BTreeMap<(String, agent_common::NodePortKey), PodKey>,
 }
 
+/// The `NODE_PORTS` key of a connection to `peer` on `port`.
+fn node_port_key(peer: IpAddr, proto: u8, port: u16) -> agent_common::NodePortKey {
+    agent_common::NodePortKey {
+        port,
+        proto,
+        family: if peer.is_ipv6() {
+            agent_common::FAMILY_IPV6
+        } else {
+            agent_common::FAMILY_IPV4
+        },
+    }
+}
+
 const INGRESS_RULESET: u32 = 0;
 const EGRESS_RULESET: u32 = 1;
 
@@ -170,16 +183,7 @@ impl Evaluator {
         {
             return None;
         }
-        let family = if peer.is_ipv6() {
-            agent_common::FAMILY_IPV6
-        } else {
-            agent_common::FAMILY_IPV4
-        };
-        let key = agent_common::NodePortKey {
-            port,
-            proto,
-            family,
-        };
+        let key = node_port_key(peer, proto, port);
         let node = self.pods.get(pod).and_then(|(_, node)| node.as_ref());
         self.node_ports
             .get(&key)
@@ -201,15 +205,7 @@ impl Evaluator {
             return None;
         }
         let node = self.pods.get(pod)?.1.clone()?;
-        let key = agent_common::NodePortKey {
-            port,
-            proto,
-            family: if peer.is_ipv6() {
-                agent_common::FAMILY_IPV6
-            } else {
-                agent_common::FAMILY_IPV4
-            },
-        };
+        let key = node_port_key(peer, proto, port);
         let target_pod = self.host_port_pods.get(&(node, key))?.clone();
         Some((target_pod, target.port))
     }
