@@ -45,10 +45,10 @@ pub struct Evaluator {
     pub state: ClusterState,
     /// Every Service's NodePorts (`Compiled::node_ports`).
     node_ports: crate::maps::NodePorts,
-    /// The hostPorts of each node's pods (`Compiled::host_ports`).
-    host_ports: BTreeMap<String, crate::maps::NodePorts>,
-    /// The pod behind each hostPort of a node.
-    host_port_pods: BTreeMap<(String, agent_common::NodePortKey), PodKey>,
+    /// The hostPorts of each node's pods (`Compiled::host_ports`), by node: the pod behind
+    /// each and where it leads.
+    host_ports:
+        BTreeMap<(String, agent_common::NodePortKey), (PodKey, agent_common::NodePortTarget)>,
 }
 
 /// The `NODE_PORTS` key of a connection to `peer` on `port`.
@@ -104,32 +104,21 @@ impl Evaluator {
                     .map(|a| (k.clone(), a))
             })
             .collect();
-        let mut on_node: BTreeMap<String, Vec<PodKey>> = BTreeMap::new();
+        // The first pod of a node to claim a hostPort keeps it, as in the datapath.
+        let mut host_ports = BTreeMap::new();
         for (key, pod) in &state.pods {
-            if let Some(node) = &pod.node_name
-                && !pod.host_ports.is_empty()
-            {
-                on_node.entry(node.clone()).or_default().push(key.clone());
+            let Some(node) = &pod.node_name else {
+                continue;
+            };
+            for (port, target) in compiled.host_ports(state, [key]) {
+                host_ports
+                    .entry((node.clone(), port))
+                    .or_insert_with(|| (key.clone(), target));
             }
         }
-        let mut host_port_pods = BTreeMap::new();
-        for (node, pods) in &on_node {
-            for key in pods {
-                for port in compiled.host_ports(state, [key]).into_keys() {
-                    host_port_pods
-                        .entry((node.clone(), port))
-                        .or_insert_with(|| key.clone());
-                }
-            }
-        }
-        let host_ports = on_node
-            .into_iter()
-            .map(|(node, pods)| (node, compiled.host_ports(state, &pods)))
-            .collect();
         Ok(Evaluator {
             node_ports: compiled.node_ports(),
             host_ports,
-            host_port_pods,
             compiled,
             entries,
             nodes,
@@ -184,11 +173,20 @@ impl Evaluator {
             return None;
         }
         let key = node_port_key(peer, proto, port);
-        let node = self.pods.get(pod).and_then(|(_, node)| node.as_ref());
         self.node_ports
             .get(&key)
-            .or_else(|| node.and_then(|n| self.host_ports.get(n)?.get(&key)))
             .copied()
+            .or_else(|| self.host_port_on_node(pod, key).map(|(_, target)| *target))
+    }
+
+    /// The pod behind hostPort `key` on `pod`'s node, and where it leads.
+    fn host_port_on_node(
+        &self,
+        pod: &PodKey,
+        key: agent_common::NodePortKey,
+    ) -> Option<&(PodKey, agent_common::NodePortTarget)> {
+        let node = self.pods.get(pod)?.1.clone()?;
+        self.host_ports.get(&(node, key))
     }
 
     /// The pod and container port a connection of `pod` to `peer` on `port` reaches when
@@ -204,10 +202,8 @@ impl Evaluator {
         if is_service_identity(target.identity) {
             return None;
         }
-        let node = self.pods.get(pod)?.1.clone()?;
-        let key = node_port_key(peer, proto, port);
-        let target_pod = self.host_port_pods.get(&(node, key))?.clone();
-        Some((target_pod, target.port))
+        let (target_pod, _) = self.host_port_on_node(pod, node_port_key(peer, proto, port))?;
+        Some((target_pod.clone(), target.port))
     }
 
     /// Whether `pod` is a host-network pod and `peer` the address of a pod on its node:
