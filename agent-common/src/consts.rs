@@ -138,6 +138,9 @@ pub mod program_names {
     /// Writes the kernel's jiffies into the packet: run by the agent to tie them to
     /// CLOCK_MONOTONIC_COARSE (`Config::ns_per_jiffy`). Never attached.
     pub const TC_JIFFIES: &str = "tc_jiffies";
+    /// A connection tracking lookup and insert and nothing else: what the kernel's table
+    /// costs a new flow, for the benchmark. Never attached.
+    pub const TC_TABLE_FLOOR: &str = "tc_table_floor";
 }
 
 /// Direction, always the workload's: ingress is traffic into the workload.

@@ -222,6 +222,56 @@ pub fn tc_baseline(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// The connection tracking table's own cost for a new flow, for the benchmark to set
+/// Tollgate's against: an IPv4 UDP frame's addresses and ports (no options) made into a
+/// key, one lookup in `CONNTRACK`, and, unless the payload's first byte is 1, an insert when
+/// it misses. Nothing else: no parse, no policy, no counters. Never attached.
+#[classifier]
+pub fn tc_table_floor(ctx: TcContext) -> i32 {
+    const IP: usize = ETH_HLEN as usize;
+    const PAYLOAD: usize = IP + 20 + 8;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + PAYLOAD + 1 > end {
+        return TC_ACT_UNSPEC;
+    }
+    // SAFETY: every read lies in [data, data_end), checked just above.
+    let (src, dst, ports, lookup_only) = unsafe {
+        (
+            *((start + IP + 12) as *const [u8; 4]),
+            *((start + IP + 16) as *const [u8; 4]),
+            *((start + IP + 20) as *const [u16; 2]),
+            *((start + PAYLOAD) as *const u8) == 1,
+        )
+    };
+    let mut key = CtKey {
+        local: [0; 16],
+        remote: [0; 16],
+        slot: 0,
+        local_port: u16::from_be(ports[0]),
+        remote_port: u16::from_be(ports[1]),
+        proto: PROTO_UDP,
+        family: FAMILY_IPV4,
+        echo: 0,
+        _pad: 0,
+    };
+    key.local[..4].copy_from_slice(&src);
+    key.remote[..4].copy_from_slice(&dst);
+    if CONNTRACK.get_ptr_mut(&key).is_none() && !lookup_only {
+        let entry = CtEntry {
+            expires_ns: u64::MAX,
+            epoch: 0,
+            origin: DIR_EGRESS,
+            decision: DECISION_ALLOW,
+            tcp_state: 0,
+            _pad: 0,
+            peer: 0,
+            generation: 0,
+        };
+        let _ = CONNTRACK.insert(&key, &entry, 0);
+    }
+    TC_ACT_UNSPEC
+}
+
 /// Writes `bpf_jiffies64()` into the packet's first 8 bytes: the agent runs it with
 /// BPF_PROG_TEST_RUN to tie jiffies to CLOCK_MONOTONIC_COARSE (`Config::ns_per_jiffy`).
 /// Never attached.

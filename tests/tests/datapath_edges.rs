@@ -145,8 +145,9 @@ fn detach_leaves_nothing_behind() {
     let ids = dp.program_ids();
     assert_eq!(
         ids.len(),
-        6,
-        "four programs, the benchmark baseline and the clock reader"
+        7,
+        "four programs, the benchmark's two (the empty program and the table alone) and the \
+         clock reader"
     );
 
     assert_eq!(attach_tc(&lab, &mut dp, 1, &a), AttachMethod::Tcx);
@@ -367,6 +368,44 @@ fn a_flood_of_denied_flows_is_rate_limited_in_the_kernel_and_every_suppressed_ev
         "burst of 5 plus 1/s (and at most one per CPU racing): {} events in {elapsed}s",
         seen.len()
     );
+}
+
+/// The benchmark sets a new flow's cost against `tc_table_floor`'s, as what the table alone
+/// costs: it must track a flow (and only when asked), in the table the pipeline uses.
+#[test]
+fn the_benchmarks_table_alone_tracks_the_flows_it_is_given() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    let frame = |sport: u16, lookup_only: bool| {
+        let mut udp = udp_header(sport, 5353, 8);
+        udp[8] = u8::from(lookup_only);
+        eth(0x0800, &ipv4(agent_common::PROTO_UDP, 0, &udp))
+    };
+    let tracked_ports = |dp: &tollgate::Datapath| -> Vec<u16> {
+        dp.maps
+            .conntrack()
+            .into_iter()
+            .map(|(k, _)| k.local_port)
+            .collect()
+    };
+    for (sport, lookup_only) in [(40000, false), (40001, true), (40000, false)] {
+        let run = lab
+            .in_node(|| dp.test_run(program_names::TC_TABLE_FLOOR, &frame(sport, lookup_only), 1))
+            .expect("test run");
+        assert_eq!(run.retval, -1, "TC_ACT_UNSPEC: the packet goes on");
+    }
+    assert_eq!(
+        tracked_ports(&dp),
+        vec![40000],
+        "inserted once, looked up after"
+    );
+    let (key, entry) = dp.maps.conntrack().remove(0);
+    assert_eq!(key.local[..4], [10, 1, 0, 10]);
+    assert_eq!(key.remote[..4], [10, 1, 0, 11]);
+    assert_eq!(key.remote_port, 5353);
+    assert_eq!(entry.decision, agent_common::DECISION_ALLOW);
+    dp.maps.flush_conntrack();
+    lab.in_node(|| dp.remove()).expect("remove datapath");
 }
 
 // --- malformed packets through BPF_PROG_TEST_RUN -------------------------------------------

@@ -186,6 +186,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
         program_names::TC_TO_POD,
         program_names::TC_BASELINE,
         program_names::TC_JIFFIES,
+        program_names::TC_TABLE_FLOOR,
     ] {
         classifier(ebpf, prog)?
             .load()
