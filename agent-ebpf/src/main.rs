@@ -418,12 +418,26 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     } else {
         parse::parse(skb, l3, pkt)
     };
-    if parsed == Err(ParseError::Arp) {
-        counters::diag(diag::ARP);
-        return Action::Pass;
-    }
     let bytes = skb.len().saturating_sub(l3);
     let segs = segments(skb);
+    if parsed == Err(ParseError::Arp) {
+        counters::diag(diag::ARP);
+        // Leaving a pod's interface, for an address of the pod's only (or none: a probe
+        // before it takes one). Another's would make the node, and on a bridge every pod,
+        // send that address's traffic here.
+        if direction == DIR_EGRESS
+            && pkt.family == FAMILY_IPV4
+            && !same_addr(&pkt.tuple.src, &[0; 16])
+            && let Some(workload) = workload
+            && slot != SLOT_UNREGISTERED
+            && workload.flags & (workload_flags::ACTIVE | workload_flags::HAS_IPV4)
+                == workload_flags::ACTIVE | workload_flags::HAS_IPV4
+            && !source_is_own(workload, pkt)
+        {
+            return false_claim(slot, segs, bytes);
+        }
+        return Action::Pass;
+    }
 
     let Some(workload) = workload else {
         return Action::Pass;
@@ -460,14 +474,12 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     }
 
     if pkt.kind == Kind::LinkControl {
-        // Plumbing of the link, from the pod's own addresses only (a link-local one, or
-        // none: duplicate address detection): a forged source would make a neighbour
-        // cache, or a pod on a bridge, take the packet as another's.
-        if direction == DIR_EGRESS
-            && !on_link_source(&pkt.tuple.src)
-            && !source_is_own(workload, pkt)
-        {
-            return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
+        if direction == DIR_EGRESS && !link_claims_hold(workload, pkt) {
+            if workload.flags & (workload_flags::HAS_IPV6 | workload_flags::HOST_SOURCE) == 0 {
+                // Its IPv6 addresses unknown: as any packet from an address not its own.
+                return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
+            }
+            return false_claim(slot, segs, bytes);
         }
         counters::diag(diag::ICMPV6_LINK_CONTROL);
         return Action::Pass;
@@ -684,6 +696,39 @@ pub fn is_tunnel_port(port: u16) -> bool {
     matches!(port, 4789 | 8472 | 6081)
 }
 
+/// Whether link plumbing leaving the workload claims only what is its own:
+/// - sent from its own, a link-local or the unspecified address (duplicate address
+///   detection): a forged source would make a neighbour cache, or a pod on a bridge, take
+///   the packet as another's;
+/// - a neighbour advertisement for its own or a link-local address: its target is the
+///   address neighbours then reach at the sender;
+/// - no router advertisement or redirect, unless from a host-network pod: a pod is no
+///   router, and on a bridge other pods would take its routes.
+///
+/// Link-local addresses are not checked further: the agent does not know a pod's.
+#[inline(always)]
+fn link_claims_hold(workload: &WorkloadConfig, pkt: &Packet) -> bool {
+    let source = on_link_source(&pkt.tuple.src) || source_is_own(workload, pkt);
+    let target = &pkt.related.src;
+    let advertised = same_addr(target, &[0; 16]) || address_is_own(workload, pkt.family, target);
+    let icmp_type = pkt.related.proto;
+    let routing = (icmp_type == parse::ICMPV6_ROUTER_ADVERTISEMENT
+        || icmp_type == parse::ICMPV6_REDIRECT)
+        && workload.flags & workload_flags::HOST_SOURCE == 0;
+    source & advertised & !routing
+}
+
+/// Link plumbing or ARP leaving a workload with a claim that is not its to make
+/// (`link_claims_hold`, the ARP sender address): counted as a spoof and dropped in either
+/// mode. Nothing legitimate sends it, so no mode lets it pass.
+#[inline(always)]
+fn false_claim(slot: u32, segs: u32, bytes: u32) -> Action {
+    counters::diag(diag::SPOOFED);
+    counters::spoofed(slot, segs);
+    counters::count(slot, DIR_EGRESS, VERDICT_DROPPED, segs, bytes);
+    Action::Drop
+}
+
 /// An IPv6 source that names no routed address: unspecified (`::`) or link-local.
 #[inline(always)]
 fn on_link_source(a: &[u8; 16]) -> bool {
@@ -695,11 +740,16 @@ fn on_link_source(a: &[u8; 16]) -> bool {
 /// host-network workload.
 #[inline(always)]
 fn source_is_own(workload: &WorkloadConfig, pkt: &Packet) -> bool {
-    let src = &pkt.tuple.src;
+    address_is_own(workload, pkt.family, &pkt.tuple.src)
+}
+
+/// Whether `src` is one of the workload's own addresses, as `source_is_own` takes them.
+#[inline(always)]
+fn address_is_own(workload: &WorkloadConfig, family: u8, src: &[u8; 16]) -> bool {
     if workload.flags & workload_flags::HOST_SOURCE != 0 {
-        return identity::identity_of(pkt.family, src) == IDENTITY_HOST;
+        return identity::identity_of(family, src) == IDENTITY_HOST;
     }
-    if pkt.family == FAMILY_IPV4 {
+    if family == FAMILY_IPV4 {
         return workload.flags & workload_flags::HAS_IPV4 != 0
             && u32::from_ne_bytes([src[0], src[1], src[2], src[3]])
                 == u32::from_ne_bytes(workload.ipv4);

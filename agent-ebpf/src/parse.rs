@@ -16,6 +16,7 @@ use aya_ebpf::programs::sk_buff::SkBuff;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
+const ARP_HARDWARE_ETHERNET: u16 = 1;
 
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
@@ -97,7 +98,9 @@ pub struct Packet {
     pub kind: Kind,
     pub tuple: Tuple,
     /// For `Kind::IcmpError`: the quoted packet's flow, turned around so it reads in the
-    /// direction the error travels (as if it were a reply of that flow).
+    /// direction the error travels (as if it were a reply of that flow). For
+    /// `Kind::LinkControl`: the ICMPv6 type in `proto`, and a neighbour advertisement's
+    /// target in `src` (else zero).
     pub related: Tuple,
     pub tcp_flags: u8,
     /// IP identification, for fragments.
@@ -168,9 +171,28 @@ pub fn parse(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> 
     match ethertype {
         ETH_P_IP => parse_ipv4(skb, l3, pkt),
         ETH_P_IPV6 => parse_ipv6(skb, l3, pkt),
-        ETH_P_ARP => Err(ParseError::Arp),
+        ETH_P_ARP => parse_arp(skb, l3, pkt),
         _ => Err(ParseError::NonIp),
     }
+}
+
+/// ARP, which passes as link plumbing (`ParseError::Arp`). An Ethernet/IPv4 one speaks for
+/// its sender's address, which neighbours then reach at its sender's hardware address: that
+/// address goes into the tuple's source, for the check of what a pod may claim.
+#[inline(always)]
+fn parse_arp(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> {
+    // Hardware type, protocol type, their address lengths, operation, sender hardware
+    // address, sender protocol address.
+    if let Ok(a) = load::<[u8; 18]>(skb, l3, skb.len())
+        && be16(&a, 0) == ARP_HARDWARE_ETHERNET
+        && be16(&a, 2) == ETH_P_IP
+        && a[4] == 6
+        && a[5] == 4
+    {
+        pkt.family = FAMILY_IPV4;
+        pkt.tuple.src[..4].copy_from_slice(&a[14..18]);
+    }
+    Err(ParseError::Arp)
 }
 
 #[inline(always)]
@@ -305,7 +327,7 @@ fn parse_l4(
                 // MLD query/report/done, router/neighbour solicitation/advertisement,
                 // redirect, MLDv2 report: plumbing of the link only when it stays on it
                 // (else any pod could pass anything through as an MLD query).
-                130..=137 | 143 if link_scoped(pkt) => pkt.kind = Kind::LinkControl,
+                130..=137 | 143 if link_scoped(pkt) => link_control(skb, off, end, i[0], pkt),
                 // Neighbour solicitations and advertisements also between global addresses
                 // (address resolution and reachability checks with a router port or a
                 // neighbour on the pod's link), with the hop limit 255 they must carry (a
@@ -314,7 +336,7 @@ fn parse_l4(
                 // and the hop limit proves nothing about a packet leaving the pod, which
                 // the node may yet route anywhere: a longer one is a packet like any other.
                 135 | 136 if hop_limit == 255 && end - off <= NEIGHBOUR_MESSAGE_MAX => {
-                    pkt.kind = Kind::LinkControl
+                    link_control(skb, off, end, i[0], pkt)
                 }
                 _ => {}
             }
@@ -323,6 +345,24 @@ fn parse_l4(
     }
     Ok(())
 }
+
+/// Marks an ICMPv6 message of `icmp_type` at `off` as link plumbing, with what it claims
+/// for its sender (`Packet::related`): its type, and a neighbour advertisement's target
+/// (the address neighbours then reach at the sender).
+#[inline(always)]
+fn link_control(skb: &SkBuff, off: u32, end: u32, icmp_type: u8, pkt: &mut Packet) {
+    pkt.kind = Kind::LinkControl;
+    pkt.related.proto = icmp_type;
+    if icmp_type == ICMPV6_NEIGHBOUR_ADVERTISEMENT
+        && let Ok(target) = load::<[u8; 16]>(skb, off + 8, end)
+    {
+        pkt.related.src = target;
+    }
+}
+
+pub const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
+pub const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+pub const ICMPV6_REDIRECT: u8 = 137;
 
 /// Whether an IPv6 packet stays on its link: addressed to a link-scope multicast group or a
 /// link-local address, or sent from a link-local address (never forwarded).

@@ -1,5 +1,7 @@
 //! Whole IP packets with correct checksums, for [`crate::traffic::raw`]: UDP datagrams with
-//! any source address (spoofed ones included) and ICMP errors with chosen outer addresses.
+//! any source address (spoofed ones included) and ICMP errors with chosen outer addresses;
+//! and Ethernet frames of link plumbing (ARP, neighbour discovery) for
+//! [`crate::traffic::frames`].
 //! IPv4 headers carry no options, TTL/hop limit 64, no DF; the kernel fills in a zero IPv4
 //! id on a raw send.
 
@@ -141,6 +143,72 @@ pub fn icmpv6_error(
     let sum = checksum(&[&pseudo, &icmp]);
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     ipv6(outer_src, outer_dst, 58, &icmp)
+}
+
+/// An Ethernet frame from `src_mac` to `dst_mac` carrying `payload` as `ethertype`.
+pub fn ethernet(dst_mac: [u8; 6], src_mac: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend(dst_mac);
+    f.extend(src_mac);
+    f.extend(ethertype.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// An ARP reply (RFC 826) as an Ethernet frame to `target_mac`: "`sender_ip` is at
+/// `sender_mac`", sent from `sender_mac`.
+pub fn arp_reply(
+    sender_mac: [u8; 6],
+    sender_ip: Ipv4Addr,
+    target_mac: [u8; 6],
+    target_ip: Ipv4Addr,
+) -> Vec<u8> {
+    // Ethernet, IPv4, address lengths 6 and 4, operation 2 (reply).
+    let mut arp = vec![0, 1, 0x08, 0x00, 6, 4, 0, 2];
+    arp.extend(sender_mac);
+    arp.extend(sender_ip.octets());
+    arp.extend(target_mac);
+    arp.extend(target_ip.octets());
+    ethernet(target_mac, sender_mac, 0x0806, &arp)
+}
+
+/// An ICMPv6 message of `icmp_type` (code 0) with `body` after the checksum, from `src` to
+/// all nodes (ff02::1) with hop limit 255, as neighbour discovery sends it, in an Ethernet
+/// frame from `mac` (RFC 4861).
+fn neighbour_discovery(mac: [u8; 6], src: Ipv6Addr, icmp_type: u8, body: &[u8]) -> Vec<u8> {
+    let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let mut icmp = vec![icmp_type, 0, 0, 0];
+    icmp.extend(body);
+    let pseudo = ipv6_pseudo(src, dst, 58, icmp.len());
+    let sum = checksum(&[&pseudo, &icmp]);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = ipv6(src, dst, 58, &icmp);
+    ip[7] = 255;
+    ethernet([0x33, 0x33, 0, 0, 0, 1], mac, 0x86dd, &ip)
+}
+
+/// An unsolicited neighbour advertisement with the override flag: "`target` is at `mac`"
+/// (the target link-layer address option), from `src`.
+pub fn neighbour_advertisement(mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    // Flags: override; reserved.
+    let mut body = vec![0x20, 0, 0, 0];
+    body.extend(target.octets());
+    // Option 2 (target link-layer address), 1 unit of 8 bytes.
+    body.extend([2, 1]);
+    body.extend(mac);
+    neighbour_discovery(mac, src, 136, &body)
+}
+
+/// A router advertisement from `src`: a default router for 30 minutes, at `mac` (the source
+/// link-layer address option).
+pub fn router_advertisement(mac: [u8; 6], src: Ipv6Addr) -> Vec<u8> {
+    // Hop limit 64, no flags, router lifetime 1800 s, reachable time and retransmit timer
+    // unspecified.
+    let mut body = vec![64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    // Option 1 (source link-layer address).
+    body.extend([1, 1]);
+    body.extend(mac);
+    neighbour_discovery(mac, src, 134, &body)
 }
 
 #[cfg(test)]

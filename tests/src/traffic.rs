@@ -314,3 +314,22 @@ fn raw_args(packets: &[Vec<u8>], count: u32) -> Vec<String> {
 pub fn raw(pod: &Pod, packets: &[Vec<u8>], count: u32) -> RawResult {
     run_helper(pod, &raw_args(packets, count))
 }
+
+/// Sends each of `frames` (whole Ethernet frames) `count` times out of `iface` inside `pod`
+/// through a packet socket: past the pod's IP stack, as a pod with CAP_NET_RAW can.
+pub fn frames(pod: &Pod, iface: &str, frames: &[Vec<u8>], count: u32) -> RawResult {
+    let mut args = vec![
+        "frame".to_string(),
+        "--iface".into(),
+        iface.into(),
+        "--count".into(),
+        count.to_string(),
+    ];
+    for f in frames {
+        args.extend([
+            "--frame".into(),
+            f.iter().map(|b| format!("{b:02x}")).collect(),
+        ]);
+    }
+    run_helper(pod, &args)
+}

@@ -522,6 +522,114 @@ fn spoofed_sources_are_counted_never_believed_and_dropped() {
     assert_eq!(spoofed_metric(), total + 1.0);
 }
 
+/// The hardware address of `iface` in network namespace `netns`.
+fn mac_of(netns: &str, iface: &str) -> [u8; 6] {
+    let out = tollgate_tests::run("ip", &["-n", netns, "-j", "link", "show", iface]);
+    let links: serde_json::Value = serde_json::from_str(&out).expect("ip -j link");
+    let text = links[0]["address"].as_str().expect("a hardware address");
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("6 bytes")
+}
+
+#[test]
+fn a_pod_may_claim_only_its_own_addresses_on_its_link() {
+    let mut lab = Lab::new();
+    let a = lab.add_pod("a");
+    let c = lab.add_pod("c");
+    let dir = temp_dir("node-link-claims");
+    let agent = start(&lab, &dir, &[]);
+    // Log mode, nothing isolated: a false claim is dropped in either mode.
+    agent.apply(
+        &(cluster::namespace("x", "{}", "{}")
+            + &cluster::pod(&a, "x", "a-0", "{app: a}", "{}", &[])
+            + &cluster::pod(&c, "x", "c-0", "{app: c}", "{}", &[])),
+        &["a-0", "c-0"],
+    );
+    let a_mac = mac_of(&a.netns, "eth0");
+    let node_mac = mac_of(&lab.node, &a.host_if);
+    let gateway: std::net::Ipv4Addr = "169.254.1.1".parse().unwrap();
+    // What a's frames say, each believed by the node only if it reaches it: its own
+    // addresses, c's, the node's gateway address.
+    let arp = |ip| packets::arp_reply(a_mac, ip, node_mac, gateway);
+    let na = |target| packets::neighbour_advertisement(a_mac, a.ipv6, target);
+    let claims: [(IpAddr, Vec<u8>, bool); 5] = [
+        (a.ipv4.into(), arp(a.ipv4), true),
+        (c.ipv4.into(), arp(c.ipv4), false),
+        (gateway.into(), arp(gateway), false),
+        (a.ipv6.into(), na(a.ipv6), true),
+        (c.ipv6.into(), na(c.ipv6), false),
+    ];
+    // The node's neighbour entries on a's interface, each at a decoy address first: an
+    // entry the node already has is what a claim overrides.
+    let decoy = "02:00:00:00:00:99";
+    for (ip, _, _) in &claims {
+        tollgate_tests::run(
+            "ip",
+            &[
+                "-n",
+                &lab.node,
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                decoy,
+                "dev",
+                &a.host_if,
+                "nud",
+                "stale",
+            ],
+        );
+    }
+    // An ARP reply overrides an entry only once it is a second old (`locktime`).
+    std::thread::sleep(Duration::from_millis(1500));
+    let frames: Vec<Vec<u8>> = claims.iter().map(|(_, f, _)| f.clone()).collect();
+    let sent = traffic::frames(&a, "eth0", &frames, 1);
+    assert_eq!(sent.sent, 5, "{sent:?}");
+    // A router advertisement from a link-local address, as a router's would come.
+    let ra = packets::router_advertisement(a_mac, "fe80::bad".parse().unwrap());
+    assert_eq!(traffic::frames(&a, "eth0", &[ra], 1).sent, 1);
+    lab.settle();
+
+    let neighbours: serde_json::Value = serde_json::from_str(&tollgate_tests::run(
+        "ip",
+        &["-n", &lab.node, "-j", "neigh", "show", "dev", &a.host_if],
+    ))
+    .unwrap();
+    let a_mac_text = a_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    for (ip, _, own) in &claims {
+        let entry = neighbours
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["dst"] == ip.to_string())
+            .unwrap_or_else(|| panic!("an entry for {ip}: {neighbours}"));
+        let expected = if *own { a_mac_text.as_str() } else { decoy };
+        assert_eq!(
+            entry["lladdr"],
+            expected,
+            "{ip}: a's claim {} the node",
+            if *own { "reached" } else { "must never reach" }
+        );
+    }
+    let spoofed = sample(
+        &agent.metrics_text(),
+        "tollgate_spoofed_packets_total",
+        &[("pod", "a-0")],
+    );
+    assert_eq!(
+        spoofed,
+        Some(4.0),
+        "c's two addresses, the gateway, the router"
+    );
+}
+
 #[test]
 fn icmp_errors_must_travel_between_the_ends_of_the_flow_they_quote() {
     let mut lab = Lab::new();

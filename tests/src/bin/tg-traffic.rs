@@ -115,6 +115,18 @@ enum Cmd {
         #[arg(long)]
         connect: Option<SocketAddr>,
     },
+    /// Sends whole Ethernet frames (hex) out of `iface` through a packet socket, each
+    /// `count` times: what a pod with CAP_NET_RAW can put on its link (ARP, neighbour
+    /// discovery with any addresses). Prints `{"sent": N, "error": ...}`; stops at the
+    /// first error.
+    Frame {
+        #[arg(long)]
+        iface: String,
+        #[arg(long = "frame", value_parser = parse_frame, required = true)]
+        frames: Vec<Vec<u8>>,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
     /// Looks `name` up at `server` (UDP, or TCP with --tcp) and, with --port, connects at
     /// once to the first address of the answer and exchanges a 1-byte echo; `times` rounds
     /// back to back. Prints `{"resolved": N, "connected": N, "addresses": [...],
@@ -200,6 +212,11 @@ fn main() {
             count,
             connect,
         } => raw(&packets, count, connect),
+        Cmd::Frame {
+            iface,
+            frames,
+            count,
+        } => frame(&iface, &frames, count),
         Cmd::Resolve {
             server,
             name,
@@ -762,23 +779,17 @@ struct Packet {
 
 /// Parses a packet given as hex (whitespace and `:` ignored) and takes its destination from
 /// the IPv4 or IPv6 header.
-fn parse_hex(s: &str) -> Result<Packet, String> {
-    let digits: Vec<u8> = s
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace() && *b != b':')
-        .collect();
-    if !digits.len().is_multiple_of(2) {
-        return Err("odd number of hex digits".into());
+/// An Ethernet frame in hex: at least its 14-byte header.
+fn parse_frame(s: &str) -> Result<Vec<u8>, String> {
+    let bytes = hex_bytes(s)?;
+    if bytes.len() < 14 {
+        return Err("not an Ethernet frame (14+ bytes)".into());
     }
-    let bytes = digits
-        .chunks(2)
-        .map(|pair| {
-            std::str::from_utf8(pair)
-                .ok()
-                .and_then(|p| u8::from_str_radix(p, 16).ok())
-                .ok_or_else(|| format!("not hex: {}", String::from_utf8_lossy(pair)))
-        })
-        .collect::<Result<Vec<u8>, String>>()?;
+    Ok(bytes)
+}
+
+fn parse_hex(s: &str) -> Result<Packet, String> {
+    let bytes = hex_bytes(s)?;
     let to = match bytes.first().map(|b| b >> 4) {
         Some(4) if bytes.len() >= 20 => {
             IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&bytes[16..20]).unwrap()))
@@ -789,6 +800,77 @@ fn parse_hex(s: &str) -> Result<Packet, String> {
         _ => return Err("not an IPv4 (20+ bytes) or IPv6 (40+ bytes) packet".into()),
     };
     Ok(Packet { bytes, to })
+}
+
+/// Bytes from hex digits; whitespace and colons between them are ignored.
+fn hex_bytes(s: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = s
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace() && *b != b':')
+        .collect();
+    if !digits.len().is_multiple_of(2) {
+        return Err("odd number of hex digits".into());
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("not hex: {}", String::from_utf8_lossy(pair)))
+        })
+        .collect::<Result<Vec<u8>, String>>()
+}
+
+/// Sends each frame `count` times out of `iface` through `socket(AF_PACKET, SOCK_RAW, 0)`
+/// (protocol 0: it receives nothing): the kernel puts the frame on the link as given,
+/// past the IP stack and its hooks.
+fn frame(iface: &str, frames: &[Vec<u8>], count: u32) {
+    let (mut sent, mut error) = (0u32, None);
+    let name = std::ffi::CString::new(iface).expect("interface name without NUL");
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    // SAFETY: plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if ifindex == 0 {
+        error = Some(format!("no interface {iface}"));
+    } else if fd < 0 {
+        error = Some(format!(
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    'out: for f in frames.iter().filter(|_| error.is_none()) {
+        // SAFETY: all-zero is a valid sockaddr_ll, filled in below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = ifindex as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&f[..6]);
+        for _ in 0..count {
+            // SAFETY: the frame and the address live through the call, with their sizes.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&to as *const libc::sockaddr_ll).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n < 0 {
+                error = Some(format!("send: {}", std::io::Error::last_os_error()));
+                break 'out;
+            }
+            sent += 1;
+        }
+    }
+    if fd >= 0 {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(fd) };
+    }
+    print_json(serde_json::json!({"sent": sent, "error": error}));
 }
 
 /// Sends each packet `count` times through `socket(AF_INET[6], SOCK_RAW, IPPROTO_RAW)`:
