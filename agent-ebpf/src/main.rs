@@ -423,17 +423,21 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     if parsed == Err(ParseError::Arp) {
         counters::diag(diag::ARP);
         // Leaving a pod's interface, for an address of the pod's only (or none: a probe
-        // before it takes one). Another's would make the node, and on a bridge every pod,
-        // send that address's traffic here.
+        // before it takes one): another's would have its neighbours send that address's
+        // traffic here. A pod whose IPv4 address the agent does not know is held to the
+        // rule of any packet from an address not its own.
         if direction == DIR_EGRESS
             && pkt.family == FAMILY_IPV4
             && !same_addr(&pkt.tuple.src, &[0; 16])
             && let Some(workload) = workload
             && slot != SLOT_UNREGISTERED
-            && workload.flags & (workload_flags::ACTIVE | workload_flags::HAS_IPV4)
-                == workload_flags::ACTIVE | workload_flags::HAS_IPV4
+            && workload.flags & workload_flags::ACTIVE != 0
             && !source_is_own(workload, pkt)
         {
+            if workload.flags & workload_flags::HAS_IPV4 == 0 {
+                let isolated = workload.flags & workload_flags::isolated(direction) != 0;
+                return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
+            }
             return false_claim(slot, segs, bytes);
         }
         return Action::Pass;
@@ -451,7 +455,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
 
     if let Err(err) = parsed {
         counters::diag(match err {
-            ParseError::NonIp => diag::NON_IP,
+            ParseError::NonIp | ParseError::Stacked => diag::NON_IP,
             ParseError::Truncated => diag::TRUNCATED,
             ParseError::BadHeader => diag::BAD_HEADER,
             _ => diag::IPV6_EXT_UNPARSED,
@@ -468,6 +472,13 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
                 return Action::Drop;
             }
         }
+        // A frame with VLAN tags left after the kernel took one off leaving a pod's
+        // interface: what the node makes of it past this hook (it takes off further tags of
+        // VLAN 0) is not what this hook sees, so it could carry any ARP or IP packet past
+        // every check. No stack sends it: dropped in either mode, a spoof.
+        if err == ParseError::Stacked && direction == DIR_EGRESS && l3 != 0 {
+            return false_claim(slot, segs, bytes);
+        }
         // No policy can allow what cannot be read (or is not IP at all): denied where the
         // workload is isolated.
         return finish_unmatched(workload, slot, direction, isolated, segs, bytes);
@@ -475,8 +486,13 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
 
     if pkt.kind == Kind::LinkControl {
         if direction == DIR_EGRESS && !link_claims_hold(workload, pkt) {
-            if workload.flags & (workload_flags::HAS_IPV6 | workload_flags::HOST_SOURCE) == 0 {
-                // Its IPv6 addresses unknown: as any packet from an address not its own.
+            // A workload whose IPv6 address the agent does not know: what it sends from or
+            // for an address nobody holds is judged as any packet from an address not its
+            // own. A router's message, or a claim on another's address, is false from anyone.
+            if workload.flags & (workload_flags::HAS_IPV6 | workload_flags::HOST_SOURCE) == 0
+                && !routing_message(pkt)
+                && identity::identity_of(pkt.family, &pkt.related.src) == IDENTITY_WORLD
+            {
                 return spoofed(workload, slot, pkt, l3, isolated, segs, bytes);
             }
             return false_claim(slot, segs, bytes);
@@ -525,10 +541,7 @@ fn handle(skb: &SkBuff, l3: u32, direction: u8, slot: u32) -> Action {
     // another: a CNI's VXLAN device) forwards to any pod as from any pod: dropped in either
     // mode, as Calico drops VXLAN and IP in IP from workloads, and counted as a spoof.
     if direction == DIR_EGRESS && !host_source && tunnels(pkt) {
-        counters::diag(diag::SPOOFED);
-        counters::spoofed(slot, segs);
-        counters::count(slot, DIR_EGRESS, VERDICT_DROPPED, segs, bytes);
-        return Action::Drop;
+        return false_claim(slot, segs, bytes);
     }
 
     let Some(config) = CONFIG.get(0) else {
@@ -698,29 +711,40 @@ pub fn is_tunnel_port(port: u16) -> bool {
 
 /// Whether link plumbing leaving the workload claims only what is its own:
 /// - sent from its own, a link-local or the unspecified address (duplicate address
-///   detection): a forged source would make a neighbour cache, or a pod on a bridge, take
-///   the packet as another's;
+///   detection): a forged source would make a neighbour cache take the packet as another's;
 /// - a neighbour advertisement for its own or a link-local address: its target is the
 ///   address neighbours then reach at the sender;
-/// - no router advertisement or redirect, unless from a host-network pod: a pod is no
-///   router, and on a bridge other pods would take its routes.
+/// - no router's message (`routing_message`): a pod is no router, and a neighbour that
+///   takes router advertisements would route through it.
 ///
-/// Link-local addresses are not checked further: the agent does not know a pod's.
+/// A host-network pod speaks for the node, which may run a router or hold addresses of
+/// its own choosing (a load balancer's, VRRP's): only its source is checked. Link-local
+/// addresses are not checked further: the agent does not know a pod's.
 #[inline(always)]
 fn link_claims_hold(workload: &WorkloadConfig, pkt: &Packet) -> bool {
+    let host = workload.flags & workload_flags::HOST_SOURCE != 0;
     let source = on_link_source(&pkt.tuple.src) || source_is_own(workload, pkt);
     let target = &pkt.related.src;
-    let advertised = same_addr(target, &[0; 16]) || address_is_own(workload, pkt.family, target);
-    let icmp_type = pkt.related.proto;
-    let routing = (icmp_type == parse::ICMPV6_ROUTER_ADVERTISEMENT
-        || icmp_type == parse::ICMPV6_REDIRECT)
-        && workload.flags & workload_flags::HOST_SOURCE == 0;
-    source & advertised & !routing
+    let advertised =
+        host || same_addr(target, &[0; 16]) || address_is_own(workload, pkt.family, target);
+    source & advertised & (host || !routing_message(pkt))
 }
 
-/// Link plumbing or ARP leaving a workload with a claim that is not its to make
-/// (`link_claims_hold`, the ARP sender address): counted as a spoof and dropped in either
-/// mode. Nothing legitimate sends it, so no mode lets it pass.
+/// Link plumbing only a router sends: a router advertisement or a redirect, and neighbour
+/// discovery between global addresses longer than its own needs (`parse::link_control`).
+#[inline(always)]
+fn routing_message(pkt: &Packet) -> bool {
+    matches!(
+        pkt.related.proto,
+        parse::ICMPV6_ROUTER_ADVERTISEMENT
+            | parse::ICMPV6_REDIRECT
+            | parse::OVERSIZED_NEIGHBOUR_MESSAGE
+    )
+}
+
+/// A packet leaving a workload with a claim that is not its to make (link plumbing against
+/// `link_claims_hold`, an ARP sender address, a tunnel, stacked VLAN tags): counted as a
+/// spoof and dropped in either mode. Nothing legitimate sends it, so no mode lets it pass.
 #[inline(always)]
 fn false_claim(slot: u32, segs: u32, bytes: u32) -> Action {
     counters::diag(diag::SPOOFED);

@@ -16,7 +16,8 @@ use aya_ebpf::programs::sk_buff::SkBuff;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
-const ARP_HARDWARE_ETHERNET: u16 = 1;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
 
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
@@ -29,8 +30,11 @@ const IPV6_DEST_OPTS: u8 = 60;
 pub enum ParseError {
     /// ARP: link plumbing.
     Arp,
-    /// Neither IP nor ARP (LLDP, VLAN-tagged frames...).
+    /// Neither IP nor ARP (LLDP...).
     NonIp,
+    /// A VLAN tag still in the frame after the kernel took the outer one off (it does so
+    /// before any hook): tags in tags.
+    Stacked,
     /// A header runs past the end of the packet.
     Truncated,
     /// A header field is impossible (version, header length).
@@ -172,20 +176,22 @@ pub fn parse(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> 
         ETH_P_IP => parse_ipv4(skb, l3, pkt),
         ETH_P_IPV6 => parse_ipv6(skb, l3, pkt),
         ETH_P_ARP => parse_arp(skb, l3, pkt),
+        ETH_P_8021Q | ETH_P_8021AD => Err(ParseError::Stacked),
         _ => Err(ParseError::NonIp),
     }
 }
 
-/// ARP, which passes as link plumbing (`ParseError::Arp`). An Ethernet/IPv4 one speaks for
-/// its sender's address, which neighbours then reach at its sender's hardware address: that
-/// address goes into the tuple's source, for the check of what a pod may claim.
+/// ARP, which passes as link plumbing (`ParseError::Arp`). One with 6-byte hardware and
+/// 4-byte protocol addresses (all an Ethernet device takes) speaks for its sender's IPv4
+/// address, which neighbours then reach at its sender's hardware address: that address goes
+/// into the tuple's source, for the check of what a pod may claim. The hardware and
+/// protocol types are not looked at: Linux takes IEEE 802 beside Ethernet, and a claim in
+/// an ARP packet nobody takes is no loss.
 #[inline(always)]
 fn parse_arp(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError> {
     // Hardware type, protocol type, their address lengths, operation, sender hardware
     // address, sender protocol address.
     if let Ok(a) = load::<[u8; 18]>(skb, l3, skb.len())
-        && be16(&a, 0) == ARP_HARDWARE_ETHERNET
-        && be16(&a, 2) == ETH_P_IP
         && a[4] == 6
         && a[5] == 4
     {
@@ -282,9 +288,9 @@ fn parse_ipv6(skb: &SkBuff, l3: u32, pkt: &mut Packet) -> Result<(), ParseError>
     parse_l4(skb, off, end, h[7], pkt)
 }
 
-/// Largest neighbour solicitation or advertisement between global addresses taken for link
-/// plumbing: the 24 bytes of the message and room for its options (a link-layer address,
-/// a nonce) and some more. Longer, it is an ICMPv6 packet like any other.
+/// Largest neighbour solicitation or advertisement between global addresses a pod needs:
+/// the 24 bytes of the message and room for its options (a link-layer address, a nonce)
+/// and some more (`OVERSIZED_NEIGHBOUR_MESSAGE` beyond).
 const NEIGHBOUR_MESSAGE_MAX: u32 = 24 + 4 * 8;
 
 /// `end`: the end of the IP packet. `hop_limit`: the IPv6 header's (0 for IPv4).
@@ -332,11 +338,18 @@ fn parse_l4(
                 // (address resolution and reachability checks with a router port or a
                 // neighbour on the pod's link), with the hop limit 255 they must carry (a
                 // packet routed to the pod has less) and no payload beyond theirs. Router
-                // discovery and redirects come from link-local addresses only (RFC 4861),
-                // and the hop limit proves nothing about a packet leaving the pod, which
-                // the node may yet route anywhere: a longer one is a packet like any other.
+                // discovery and redirects come from link-local addresses only (RFC 4861).
+                // The hop limit proves nothing about a packet leaving the pod, which the
+                // node may yet route anywhere: hence the length.
                 135 | 136 if hop_limit == 255 && end - off <= NEIGHBOUR_MESSAGE_MAX => {
                     link_control(skb, off, end, i[0], pkt)
+                }
+                // Longer, a receiver on the link still takes it as neighbour discovery
+                // (Linux does not look at the length): plumbing nobody needs that long,
+                // which leaving a pod claims too much.
+                135 | 136 if hop_limit == 255 => {
+                    link_control(skb, off, end, i[0], pkt);
+                    pkt.related.proto = OVERSIZED_NEIGHBOUR_MESSAGE;
                 }
                 _ => {}
             }
@@ -363,6 +376,9 @@ fn link_control(skb: &SkBuff, off: u32, end: u32, icmp_type: u8, pkt: &mut Packe
 pub const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
 pub const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 pub const ICMPV6_REDIRECT: u8 = 137;
+/// `Packet::related.proto` of a neighbour solicitation or advertisement between global
+/// addresses longer than `NEIGHBOUR_MESSAGE_MAX`: no ICMPv6 type.
+pub const OVERSIZED_NEIGHBOUR_MESSAGE: u8 = 255;
 
 /// Whether an IPv6 packet stays on its link: addressed to a link-scope multicast group or a
 /// link-local address, or sent from a link-local address (never forwarded).

@@ -629,8 +629,8 @@ fn headers_past_the_packets_own_length_are_never_read() {
     }
     assert_eq!(
         dp.maps.diag().unwrap()[diag::SPOOFED as usize] - spoofed,
-        1,
-        "the forged source is a spoof"
+        2,
+        "the forged source is a spoof, and so is neighbour discovery longer than a pod needs"
     );
     assert_eq!(
         Packets::read(&dp, 1).since(before),
@@ -919,6 +919,20 @@ fn malformed_packets_are_counted_and_never_misattributed() {
         f[14 + 7] = 255;
         f
     };
+    // A neighbour advertisement for the pod's own address between global addresses, with
+    // hop limit 255 but 72 bytes long: neighbour discovery to its receiver, which does not
+    // look at the length, but longer than a pod needs.
+    let long_advertisement = {
+        let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+        icmp.extend([0xfd, 0x77, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10]);
+        icmp.extend([0u8; 48]);
+        let mut f = eth(0x86DD, &ipv6(58, &icmp));
+        f[14 + 7] = 255;
+        f
+    };
+    // A VLAN tag at the hook (on a pod's interface, the kernel took the outer one off
+    // before it), then ARP.
+    let stacked_tags = eth(0x8100, &[&[0u8, 0, 0x08, 0x06][..], &[0u8; 28]].concat());
     // Seven hop-by-hop headers, from an address not the workload's: unreadable, and still
     // a spoof (its source was read).
     let deep_v6_spoofed = {
@@ -959,10 +973,14 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     assert_eq!(Packets::read(&dp, 1).since(before).out_allowed, 8);
     // A spoof leaving a pod's own interface is dropped in either mode, isolated or not; so
     // is a packet with more extension headers than are read, which could hide a tunnel's.
+    // So are neighbour discovery longer than a pod needs and tags in tags, which the node
+    // would take off after the hook.
     assert_eq!(runs(&dp, &deep_v6_spoofed), DROP);
     assert_eq!(runs(&dp, &deep_v6), DROP);
-    assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 2);
-    assert_eq!(dp.maps.diag().unwrap()[diag::SPOOFED as usize], 1);
+    assert_eq!(runs(&dp, &long_advertisement), DROP);
+    assert_eq!(runs(&dp, &stacked_tags), DROP);
+    assert_eq!(Packets::read(&dp, 1).since(before).out_dropped, 4);
+    assert_eq!(dp.maps.diag().unwrap()[diag::SPOOFED as usize], 3);
     let d = dp.maps.diag().unwrap();
     assert_eq!(
         d[diag::TRUNCATED as usize],
@@ -972,7 +990,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     assert_eq!(d[diag::BAD_HEADER as usize], 1);
     assert_eq!(d[diag::IPV6_EXT_UNPARSED as usize], 2);
     assert_eq!(d[diag::FRAGMENT_UNKNOWN as usize], 1);
-    assert_eq!(d[diag::NON_IP as usize], 1, "LLDP");
+    assert_eq!(d[diag::NON_IP as usize], 2, "LLDP, the stacked tags");
     assert_eq!(d[diag::ARP as usize], 1);
     assert_eq!(d[diag::ICMPV6_LINK_CONTROL as usize], 1);
     let mut tracked: Vec<(u16, u16)> = dp

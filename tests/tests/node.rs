@@ -552,13 +552,30 @@ fn a_pod_may_claim_only_its_own_addresses_on_its_link() {
     let node_mac = mac_of(&lab.node, &a.host_if);
     let gateway: std::net::Ipv4Addr = "169.254.1.1".parse().unwrap();
     // What a's frames say, each believed by the node only if it reaches it: its own
-    // addresses, c's, the node's gateway address.
+    // addresses, c's, the node's gateway address, made-up ones.
     let arp = |ip| packets::arp_reply(a_mac, ip, node_mac, gateway);
+    // Hardware type IEEE 802 in place of Ethernet, which Linux takes on Ethernet too.
+    let arp_ieee802 = |ip| {
+        let mut f = arp(ip);
+        f[15] = 6;
+        f
+    };
+    let made_up: std::net::Ipv4Addr = "10.1.0.99".parse().unwrap();
+    // Behind two VLAN 0 tags: the kernel takes the outer one off before the hooks, and the
+    // inner one after them.
+    let stacked: std::net::Ipv4Addr = "10.1.0.98".parse().unwrap();
+    let arp_stacked = |ip| {
+        let mut f = arp(ip);
+        f.splice(12..12, [0x81, 0x00, 0, 0, 0x81, 0x00, 0, 0]);
+        f
+    };
     let na = |target| packets::neighbour_advertisement(a_mac, a.ipv6, target);
-    let claims: [(IpAddr, Vec<u8>, bool); 5] = [
-        (a.ipv4.into(), arp(a.ipv4), true),
+    let claims: [(IpAddr, Vec<u8>, bool); 7] = [
+        (a.ipv4.into(), arp_ieee802(a.ipv4), true),
         (c.ipv4.into(), arp(c.ipv4), false),
         (gateway.into(), arp(gateway), false),
+        (made_up.into(), arp_ieee802(made_up), false),
+        (stacked.into(), arp_stacked(stacked), false),
         (a.ipv6.into(), na(a.ipv6), true),
         (c.ipv6.into(), na(c.ipv6), false),
     ];
@@ -587,7 +604,7 @@ fn a_pod_may_claim_only_its_own_addresses_on_its_link() {
     std::thread::sleep(Duration::from_millis(1500));
     let frames: Vec<Vec<u8>> = claims.iter().map(|(_, f, _)| f.clone()).collect();
     let sent = traffic::frames(&a, "eth0", &frames, 1);
-    assert_eq!(sent.sent, 5, "{sent:?}");
+    assert_eq!(sent.sent, 7, "{sent:?}");
     // A router advertisement from a link-local address, as a router's would come.
     let ra = packets::router_advertisement(a_mac, "fe80::bad".parse().unwrap());
     assert_eq!(traffic::frames(&a, "eth0", &[ra], 1).sent, 1);
@@ -625,8 +642,8 @@ fn a_pod_may_claim_only_its_own_addresses_on_its_link() {
     );
     assert_eq!(
         spoofed,
-        Some(4.0),
-        "c's two addresses, the gateway, the router"
+        Some(6.0),
+        "c's two addresses, the gateway, two made-up addresses, the router"
     );
 }
 

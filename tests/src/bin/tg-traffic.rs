@@ -777,8 +777,6 @@ struct Packet {
     to: IpAddr,
 }
 
-/// Parses a packet given as hex (whitespace and `:` ignored) and takes its destination from
-/// the IPv4 or IPv6 header.
 /// An Ethernet frame in hex: at least its 14-byte header.
 fn parse_frame(s: &str) -> Result<Vec<u8>, String> {
     let bytes = hex_bytes(s)?;
@@ -788,6 +786,8 @@ fn parse_frame(s: &str) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
+/// Parses a packet given as hex (whitespace and `:` ignored) and takes its destination from
+/// the IPv4 or IPv6 header.
 fn parse_hex(s: &str) -> Result<Packet, String> {
     let bytes = hex_bytes(s)?;
     let to = match bytes.first().map(|b| b >> 4) {
