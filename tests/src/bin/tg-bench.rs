@@ -931,24 +931,27 @@ fn write_reports(
          no faster either (2026-11-27), two alternating runs each: +677 to +1,029 and +603 \
          to +949 ns against +740 to +895 and +597 to +1,036 for the LRU hash.\n\
          - The table alone (2026-11-27): `tc_table_floor`, measured with every new flow \
-         (the rows above), run by run in turn with Tollgate's program and the empty one. \
-         Tollgate's new allowed flow and the table's own lookup and insert came out the \
-         same within the noise in every run so far (first run: +559 to +713 ns against \
-         +546 to +716, row by row -74 to +13), though Tollgate's program does about 100 ns \
-         of other work for it (the denied flow's figure in the loop: parse, identity, \
-         policy, event bucket, counters): the processor goes on with that work while the \
-         bucket's line is on its way from memory. What is left is the kernel's table: the \
-         lookup's read of a bucket no recent packet touched, in an array of 32 MiB (a \
-         random read there, measured beside from user space with the 4 KiB pages the kernel \
-         maps a map with: 150-180 ns on this host; with 2 MiB pages 143 ns, a C program, \
-         2026-11-27, but the kernel has no flag to give a map's memory larger pages), then \
-         the insert: a free element taken off the LRU's lists (in the order the table was \
-         made, until it is full; then its oldest, somewhere among 240 MiB), the bucket \
-         locked, the element written. The table's own cost also grows as it fills (its lookup that misses: +248 \
-         ns empty, +366 ns with a million flows in that run), as a missed lookup more often \
-         walks an element of its bucket's chain. So +250 ns for a new flow, and flat from 1 \
-         to 1,000,000 tracked flows, is below what the kernel's table of that size costs \
-         on this machine, whatever the program does; it is kept as the goal, and missed.\n\
+         (the rows above), call by call with Tollgate's program and the empty one, in an \
+         order of its own each call. In the run committed with it the table alone, its \
+         lookup and insert, added +419 to +738 ns across rows, and its lookup alone +229 to \
+         +485; Tollgate's new flow added +155 to +236 ns beyond the table alone, row by row \
+         (its parse, identity, policy, share count, event bucket and counters, which take \
+         about 100 ns in a warm loop: the denied flow's figure). A first version turned the \
+         order round by one each call, which kept each program behind the same one, and \
+         showed Tollgate at the table's own cost (-74 to +13 ns row by row): not a figure to \
+         keep. The table's cost: the lookup reads a bucket no recent packet touched, in an \
+         array of 32 MiB (a random read there, measured beside from user space with the 4 \
+         KiB pages the kernel maps a map with: 150-180 ns on this host; with 2 MiB pages \
+         143 ns, a C program, 2026-11-27, but the kernel has no flag to give a map's memory \
+         larger pages); the insert takes a free element off the LRU's lists (in the order \
+         the table was made until it is full, then its oldest, somewhere among 240 MiB), \
+         locks the bucket and writes the element. It grows as the table fills (the lookup \
+         that misses: +229 ns empty, +485 ns with a million flows in that run), as a missed \
+         lookup more often walks an element of its bucket's chain. So +250 ns for a new \
+         flow, and flat from 1 to 1,000,000 tracked flows, is below what the kernel's table \
+         of that size costs on this machine before the program does anything; it is kept as \
+         the goal, and missed. Tollgate's own part could shrink by perhaps half (the warm \
+         loop's figure), which would not meet it either.\n\
          - Measured in rounds (2026-11-26): until then each row was measured five times in \
          one stretch, so a noisy minute of this shared host doubled whole rows (the report \
          before: established flows +46 to +103 ns across rows while the empty program held \
@@ -1128,8 +1131,8 @@ fn new_flow_floor(figures: &[Figure], memory: &[MemoryFigure]) -> String {
          touched, in an array of 32 MiB; the insert then takes a free element off the LRU's \
          lists, locks the bucket and writes the element. Random reads measured from user \
          space in this run, with the 4 KiB pages the kernel maps a map with: {reads} (the \
-         table's buckets; its elements, {} MiB, among which an insert into a full table takes \
-         the oldest).",
+         table's buckets take 32 MiB, its elements {} MiB, among which an insert into a full \
+         table takes the oldest).",
         range(|r| r.0),
         range(|r| r.1),
         range(|r| r.2),
