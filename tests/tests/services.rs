@@ -646,18 +646,20 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
     );
     let r = traffic::tcp(&bank.client, ip(TO_OTHER_EXTERNAL), 80, 1, FAIL_FAST);
     assert!(!r.connected, "the other's external IP: {r:?}");
-    let got = measure(&bank, &agent, "client-0", || {
-        let r = traffic::tcp(&bank.client, node, 30080, 1, FAIL_FAST);
-        assert!(
-            !r.connected,
-            "the other pod reached through its NodePort: {r:?}"
-        );
-    });
-    assert_eq!(got[3], 0, "nothing allowed at the client's egress: {got:?}");
-    assert!(
-        got[5] > 0,
-        "the SYN dropped at the client's egress: {got:?}"
-    );
+    // A call to the node's `port` that leads to the other pod: never connected, dropped at
+    // the client's egress (nothing allowed there).
+    let dropped_at_client_egress = |port: u16, through: &str| {
+        let got = measure(&bank, &agent, "client-0", || {
+            let r = traffic::tcp(&bank.client, node, port, 1, FAIL_FAST);
+            assert!(
+                !r.connected,
+                "the other pod reached through its {through}: {r:?}"
+            );
+        });
+        assert_eq!(got[3], 0, "nothing allowed at the client's egress: {got:?}");
+        assert!(got[5] > 0, "dropped at the client's egress: {got:?}");
+    };
+    dropped_at_client_egress(30080, "NodePort");
 
     // The hostPorts: the ledger's is allowed (the client may call ledger-a on 8080, and
     // the ledger's ingress sees the client), the other pod's is not.
@@ -666,15 +668,7 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
         1,
         "the ledger's hostPort"
     );
-    let got = measure(&bank, &agent, "client-0", || {
-        let r = traffic::tcp(&bank.client, node, 8088, 1, FAIL_FAST);
-        assert!(
-            !r.connected,
-            "the other pod reached through its hostPort: {r:?}"
-        );
-    });
-    assert_eq!(got[3], 0, "nothing allowed at the client's egress: {got:?}");
-    assert!(got[5] > 0, "dropped at the client's egress: {got:?}");
+    dropped_at_client_egress(8088, "hostPort");
     let named = |flows: &str| {
         flows
             .lines()
