@@ -756,7 +756,7 @@ fn false_claim(slot: u32, segs: u32, bytes: u32) -> Action {
 /// An IPv6 source that names no routed address: unspecified (`::`) or link-local.
 #[inline(always)]
 fn on_link_source(a: &[u8; 16]) -> bool {
-    (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || same_addr(a, &[0; 16])
+    parse::is_link_local(a) || same_addr(a, &[0; 16])
 }
 
 /// Whether a packet leaving the workload comes from one of its own addresses: its pod IPs
@@ -779,7 +779,7 @@ fn address_is_own(workload: &WorkloadConfig, family: u8, src: &[u8; 16]) -> bool
                 == u32::from_ne_bytes(workload.ipv4);
     }
     (workload.flags & workload_flags::HAS_IPV6 != 0 && same_addr(src, &workload.ipv6))
-        || (src[0] == 0xfe && src[1] & 0xc0 == 0x80)
+        || parse::is_link_local(src)
 }
 
 /// A packet leaving the workload from an address that is not its own: counted, never tracked

@@ -385,8 +385,13 @@ pub const OVERSIZED_NEIGHBOUR_MESSAGE: u8 = 255;
 #[inline(always)]
 fn link_scoped(pkt: &Packet) -> bool {
     let (src, dst) = (&pkt.tuple.src, &pkt.tuple.dst);
-    let link_local = |a: &[u8; 16]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
-    (dst[0] == 0xff && dst[1] & 0x0f == 0x02) || link_local(dst) || link_local(src)
+    (dst[0] == 0xff && dst[1] & 0x0f == 0x02) || is_link_local(dst) || is_link_local(src)
+}
+
+/// An IPv6 link-local address (fe80::/10).
+#[inline(always)]
+pub fn is_link_local(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
 }
 
 /// An echo message's identifier stands for both ports, and which end sent the request goes
