@@ -156,11 +156,11 @@ pub fn track(
     now: u64,
     untracked: bool,
 ) -> Tracked {
-    if !untracked
-        && let Some(entry) = CONNTRACK.get_ptr_mut(key)
-        && let Some(t) = established(config, workload, key, entry, direction, tcp_flags, now)
-    {
-        return t;
+    if !untracked && let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        if let Some(t) = established(config, workload, key, entry, direction, tcp_flags, now) {
+            return t;
+        }
+        release_share(workload, slot, entry, now);
     }
     if !untracked
         && let Some(entry) = overflow_entry(slot, key)
@@ -198,6 +198,40 @@ pub fn track(
         decision,
         origin,
         new_flow: true,
+    }
+}
+
+/// Takes an entry of the main table whose flow is over (expired, or a TCP connection closed
+/// by a RST or both FINs) off its workload's share when a packet opens the flow again: the
+/// insert that records the new flow replaces the entry and counts it once more. A client
+/// reusing its ports would otherwise count every connection again until the next census,
+/// and have its flows sent to the overflow table while it holds a few entries.
+///
+/// The entry is marked as of another generation, so it is taken off once: if the new flow
+/// is not recorded (denied in drop mode), the next packet opening it again finds it taken
+/// off, and the census deletes it. A live connection is never touched here (a bare SYN
+/// against it from its answering side is decided on its own, and may be denied).
+#[inline(always)]
+fn release_share(workload: &WorkloadConfig, slot: u32, entry: *mut CtEntry, now: u64) {
+    const BOTH_FINS: u8 = tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY;
+    // SAFETY: from a successful lookup, valid for the program run. An entry of an earlier
+    // generation was counted for the workload before, whose count started again at 0.
+    let entry = unsafe { &mut *entry };
+    let over = entry.expires_ns <= now
+        || entry.tcp_state & tcp_state::RST != 0
+        || entry.tcp_state & BOTH_FINS == BOTH_FINS;
+    if !over || entry.generation != workload.generation {
+        return;
+    }
+    entry.generation = !workload.generation;
+    if let Some(entries) = CT_SHARES.get_ptr_mut(slot) {
+        // SAFETY: a value of a successful array lookup; CPUs share the count, so it is
+        // changed atomically (a wrapping add of -1), never below 0.
+        unsafe {
+            if *entries > 0 {
+                crate::counters::atomic_add(entries, u64::MAX);
+            }
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::{
 
 use agent_common::{
     DIR_EGRESS, DIR_INGRESS, FlowCounterKey, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED,
+    VERDICT_DROPPED, VERDICT_WOULD_DROP, diag,
 };
 use ipnet::IpNet;
 use serde::Serialize;
@@ -50,8 +51,22 @@ pub struct NetFigure {
     /// The same during the new-connection samples.
     pub crr_program_cpu_share: Option<f64>,
     pub crr_program_ns_per_run: Option<f64>,
+    /// Tollgate's own counts over the configuration's samples.
+    pub checks: Option<Checks>,
     /// Each metric's and ratio's (min, max) over the samples.
     pub spread: Vec<(String, f64, f64)>,
+}
+
+/// What Tollgate counted over a configuration's samples, which must hold for its figures to
+/// be those of allowed traffic tracked as the agent tracks it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Checks {
+    /// Packets of both workloads counted as dropped or would-drop: 0, as the load is
+    /// allowed traffic.
+    pub denied: u64,
+    /// New flows tracked in the overflow table (`tollgate_datapath_diagnostics{reason="ct_overflow"}`): 0
+    /// while each workload holds no more than its share.
+    pub overflowed: u64,
 }
 
 /// What one sample measures.
@@ -715,6 +730,8 @@ pub fn run(pairs: usize) -> Vec<NetFigure> {
     let mut figures = vec![];
     let mut baseline: [Vec<Sample>; 4] = Default::default();
     for (i, config) in configs.iter().enumerate() {
+        let overflow_before = setup.dp.maps.diag().unwrap()[diag::CT_OVERFLOW as usize];
+        let mut checks = None;
         if let Config::Tollgate(mode, rules) = config {
             let (a, b) = (&setup.a, &setup.b);
             let maps = &mut setup.dp.maps;
@@ -765,10 +782,23 @@ pub fn run(pairs: usize) -> Vec<NetFigure> {
             }
         }
         if let Config::Tollgate(..) = config {
+            // Checks on the figures: the load is allowed traffic, so no packet of it may be
+            // denied, and a workload within its share tracks nothing in the overflow table.
+            let mut denied = 0;
+            for slot in [1u32, 2] {
+                let counters = setup.dp.maps.counters(slot).unwrap();
+                for per_direction in counters {
+                    denied += per_direction[VERDICT_WOULD_DROP as usize].packets
+                        + per_direction[VERDICT_DROPPED as usize].packets;
+                }
+            }
+            let overflowed =
+                setup.dp.maps.diag().unwrap()[diag::CT_OVERFLOW as usize] - overflow_before;
+            checks = Some(Checks { denied, overflowed });
             setup.dp.maps.clear_workload(1).unwrap();
             setup.dp.maps.clear_workload(2).unwrap();
         }
-        let figure = figure_of(config, &pairs_of);
+        let figure = figure_of(config, &pairs_of, checks);
         eprintln!(
             "{:<55} rules {:>5}: new conn x{}, tcp x{}, udp x{}, p99 {} us, programs {}% of CPU during tcp",
             figure.config,
@@ -789,6 +819,7 @@ pub fn run(pairs: usize) -> Vec<NetFigure> {
             baseline: samples,
             programs: ProgramTime::default(),
         }),
+        None,
     );
     figures.insert(0, base);
     let Setup { lab, dp, .. } = setup;
@@ -801,7 +832,7 @@ pub fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
-fn figure_of(config: &Config, pairs: &[Pairs; 4]) -> NetFigure {
+fn figure_of(config: &Config, pairs: &[Pairs; 4], checks: Option<Checks>) -> NetFigure {
     let [crr, tcp, udp, latency] = pairs;
     let values = |p: &Pairs| Pairs::values(&p.config);
     let p99_baseline = Pairs::values(&latency.baseline);
@@ -840,6 +871,7 @@ fn figure_of(config: &Config, pairs: &[Pairs; 4]) -> NetFigure {
         tcp_program_ns_per_run: tcp.programs.ns_per_run(),
         crr_program_cpu_share: crr.programs.cpu_share(),
         crr_program_ns_per_run: crr.programs.ns_per_run(),
+        checks,
         spread,
     }
 }

@@ -168,6 +168,42 @@ pub fn udp_from(
     run_helper(pod, &args)
 }
 
+/// Result of connections opened back to back (`crr`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct CrrResult {
+    pub connections: u64,
+    pub failed: u64,
+}
+
+/// Opens `count` TCP connections from `pod` to `to:port` back to back (connect, 1-byte
+/// request and echo, close with a RST), from source ports `first_source_port` and the next
+/// `source_ports - 1` in turn: a client reusing its ports.
+pub fn crr_from_ports(
+    pod: &Pod,
+    to: IpAddr,
+    port: u16,
+    count: u64,
+    first_source_port: u16,
+    source_ports: u16,
+) -> CrrResult {
+    let args = [
+        "crr".to_string(),
+        "--to".into(),
+        to.to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--seconds".into(),
+        "60".into(),
+        "--count".into(),
+        count.to_string(),
+        "--source-port".into(),
+        first_source_port.to_string(),
+        "--source-ports".into(),
+        source_ports.to_string(),
+    ];
+    run_helper(pod, &args)
+}
+
 /// Sends one datagram to each of `flows` consecutive destination ports, not waiting for
 /// echoes: a burst of distinct new flows.
 pub fn udp_burst(pod: &Pod, to: IpAddr, first_port: u16, flows: u32) -> UdpResult {

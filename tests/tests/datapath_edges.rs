@@ -1054,6 +1054,75 @@ fn malformed_packets_are_counted_and_never_misattributed() {
     );
 }
 
+/// A workload's share of the connection tracking table counts each flow once: a flow opened
+/// again on the ports of one that closed replaces its entry, and is counted once (else a
+/// client reusing its ports would count every connection until the next census). A flow
+/// opened again and denied is taken off once, however often its SYN is sent again.
+#[test]
+fn a_flow_opened_again_is_counted_once_in_the_workloads_share() {
+    let lab = Lab::new();
+    let mut dp = lab.datapath(TcMode::Auto);
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    dp.maps
+        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
+        .unwrap();
+    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
+    let policy = |egress: Vec<tollgate::compile::AllowRule>| {
+        WorkloadPolicy {
+            mode: Mode::Drop,
+            isolated_ingress: true,
+            isolated_egress: true,
+            egress,
+            ..Default::default()
+        }
+        .sending_from(&own)
+    };
+    dp.maps
+        .set_workload(1, &policy(vec![allow_tcp(ID_B, 80)]))
+        .unwrap();
+    // 10.1.0.10:`port` -> 10.1.0.11:80, leaving the workload.
+    let leaving = |port: u16, flags: u8| {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&port.to_be_bytes());
+        t[2..4].copy_from_slice(&80u16.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        eth(0x0800, &ipv4(6, 0, &t))
+    };
+    let send = |dp: &tollgate::Datapath, port: u16, flags: u8| {
+        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, &leaving(port, flags), 1))
+            .unwrap()
+            .retval
+    };
+    let share = |dp: &tollgate::Datapath| dp.maps.conntrack_share_count(1).unwrap();
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+
+    assert_eq!(send(&dp, 2000, SYN), PASS);
+    assert_eq!(send(&dp, 2001, SYN), PASS);
+    assert_eq!(share(&dp), 2, "two flows tracked");
+    for round in 0..3 {
+        assert_eq!(send(&dp, 2000, RST), PASS);
+        assert_eq!(send(&dp, 2000, SYN), PASS, "opened again, round {round}");
+        assert_eq!(share(&dp), 2, "the flow opened again is counted once");
+    }
+    assert_eq!(dp.maps.conntrack().len(), 2);
+
+    // Closed, then denied: taken off the share once, however often the SYN comes again.
+    assert_eq!(send(&dp, 2000, RST), PASS);
+    dp.maps.set_workload(1, &policy(vec![])).unwrap();
+    for _ in 0..3 {
+        assert_eq!(send(&dp, 2000, SYN), DROP);
+        assert_eq!(share(&dp), 1, "the closed flow is taken off once");
+    }
+    dp.maps
+        .set_workload(1, &policy(vec![allow_tcp(ID_B, 80)]))
+        .unwrap();
+    assert_eq!(send(&dp, 2000, SYN), PASS);
+    assert_eq!(share(&dp), 2, "allowed again, counted again");
+    assert_eq!(dp.maps.conntrack().len(), 2);
+}
+
 /// A connection a peer opened to the workload does not let the workload open one back to
 /// that peer on the same ports: its bare SYN is decided on its own, by its egress policy,
 /// not taken as a reply (a peer forging such a flow's first packet would otherwise open the

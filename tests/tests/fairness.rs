@@ -219,3 +219,43 @@ fn a_flood_of_new_flows_cannot_evict_other_workloads_established_flows() {
     let Flood { lab, dp, .. } = f;
     lab.in_node(|| dp.remove()).expect("remove datapath");
 }
+
+/// A busy client that reuses its source ports opens connection after connection on the same
+/// few tracking keys. Each is written over the closed one where it lies (counted in the
+/// workload's share already), so however many it opens, the workload keeps its flows in the
+/// main table; counted as new, every reused port would add to its share until the next
+/// census and send the workload's flows to the overflow table, where a flood evicts them.
+#[test]
+fn connections_opened_again_on_their_ports_stay_within_the_share() {
+    const SOURCE_PORTS: u16 = 8;
+    let mut f = setup();
+    f.set_share(SHARE);
+    f.lab.serve(&f.flooded, &[80], &[]);
+    let overflow_before = f.dp.maps.diag().unwrap()[diag::CT_OVERFLOW as usize];
+    let to = f.flooded.addr(false);
+    let opened =
+        traffic::crr_from_ports(&f.flooder, to, 80, 3 * SHARE as u64, 41_000, SOURCE_PORTS);
+    assert!(
+        opened.connections >= 2 * SHARE as u64,
+        "the client opened twice the share of connections at least: {opened:?}"
+    );
+    let overflowed = f.dp.maps.diag().unwrap()[diag::CT_OVERFLOW as usize] - overflow_before;
+    let in_main = f.flooded_in_main();
+    assert_eq!(
+        overflowed, 0,
+        "{} connections on {SOURCE_PORTS} source ports sent flows to the overflow table \
+         ({in_main} in the main table)",
+        opened.connections
+    );
+    assert!(
+        in_main >= 1 && in_main <= SOURCE_PORTS as u32,
+        "one tracked flow per source port: {in_main}"
+    );
+    let counted = f.dp.maps.conntrack_share_count(SLOT_FLOODED).unwrap();
+    assert_eq!(
+        counted, in_main as u64,
+        "the share counts the flows the workload holds"
+    );
+    let Flood { lab, dp, .. } = f;
+    lab.in_node(|| dp.remove()).expect("remove datapath");
+}

@@ -388,6 +388,14 @@ impl MapReaders {
         }
         Ok(out)
     }
+    /// Entries of the main connection tracking table a slot holds by the datapath's count
+    /// (`--conntrack-share`): set by every census, raised by each flow the slot records
+    /// there since.
+    pub fn conntrack_share_count(&self, slot: u32) -> Result<u64, MapsError> {
+        self.ct_shares
+            .get(&slot, 0)
+            .map_err(map_err(map_names::CT_SHARES))
+    }
     /// Packets a slot sent from addresses that are not its own, summed over CPUs.
     pub fn spoofed(&self, slot: u32) -> Result<u64, MapsError> {
         let values = self

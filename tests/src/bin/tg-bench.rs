@@ -1247,8 +1247,13 @@ fn net_section(md: &mut String, net: &[tollgate_tests::bench_net::NetFigure], ar
          replies). The statistics cost two clock reads per run, so the windows of the ratios \
          are taken without them. The empty program's row is the hook's own share of each \
          figure.\n\n\
-         | configuration | peers | CPU share, TCP | ns per run, TCP | CPU share, new connections | ns per run, new connections |\n\
-         |---|---:|---:|---:|---:|---:|",
+         Checks on every Tollgate row, over all its samples: the load is allowed traffic, so \
+         no packet of it may count as dropped or would-drop; and the new connections reuse the \
+         client's ephemeral ports (28,232 of them), so each workload holds fewer flows than \
+         its share of the connection tracking table (`--conntrack-share`, 25% of the agent's \
+         default table here) and none may be tracked in the overflow table.\n\n\
+         | configuration | peers | CPU share, TCP | ns per run, TCP | CPU share, new connections | ns per run, new connections | packets denied | flows in the overflow table |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|",
         stats_ms = tollgate_tests::bench_net::STATS_WINDOW.as_millis(),
     )
     .unwrap();
@@ -1259,13 +1264,15 @@ fn net_section(md: &mut String, net: &[tollgate_tests::bench_net::NetFigure], ar
     {
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             f.config,
             f.rules,
             pct(f.tcp_program_cpu_share),
             fmt(f.tcp_program_ns_per_run, 0),
             pct(f.crr_program_cpu_share),
             fmt(f.crr_program_ns_per_run, 0),
+            f.checks.map_or("-".into(), |c| c.denied.to_string()),
+            f.checks.map_or("-".into(), |c| c.overflowed.to_string()),
         )
         .unwrap();
     }

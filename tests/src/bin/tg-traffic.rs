@@ -89,6 +89,15 @@ enum Cmd {
         port: u16,
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
+        /// Stop after this many connections (completed or failed), if sooner.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Open them from this source port and the next `source-ports - 1`, in turn (a
+        /// client reusing its ports), instead of ephemeral ones.
+        #[arg(long)]
+        source_port: Option<u16>,
+        #[arg(long, default_value_t = 1)]
+        source_ports: u16,
     },
     /// One datagram to each of `flows` consecutive ports, no waiting; the whole round
     /// `rounds` times (so each flow sees that many packets).
@@ -206,7 +215,17 @@ fn main() {
             timeout_ms,
             bind,
         } => probe(&targets, Duration::from_millis(timeout_ms), &bind),
-        Cmd::Crr { to, port, seconds } => crr(to, port, Duration::from_secs_f64(seconds)),
+        Cmd::Crr {
+            to,
+            port,
+            seconds,
+            count,
+            source_port,
+            source_ports,
+        } => {
+            let sources = source_port.map(|first| (first, source_ports.max(1)));
+            crr(to, port, Duration::from_secs_f64(seconds), count, sources)
+        }
         Cmd::Raw {
             packets,
             count,
@@ -732,12 +751,29 @@ fn probe(targets: &[String], timeout: Duration, bind: &[IpAddr]) {
     print_json(serde_json::json!(results));
 }
 
-fn crr(to: IpAddr, port: u16, duration: Duration) {
+/// `sources`: the first source port and how many to take in turn, else ephemeral ports.
+fn crr(to: IpAddr, port: u16, duration: Duration, count: Option<u64>, sources: Option<(u16, u16)>) {
     let addr = SocketAddr::new(to, port);
     let started = std::time::Instant::now();
     let (mut done, mut failed) = (0u64, 0u64);
-    while started.elapsed() < duration {
-        let ok = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).and_then(|mut s| {
+    let connect = |n: u64| -> std::io::Result<TcpStream> {
+        let Some((first, ports)) = sources else {
+            return TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        };
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        let source = first.wrapping_add((n % ports as u64) as u16);
+        let any: IpAddr = if to.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        socket.bind(&SocketAddr::new(any, source).into())?;
+        socket.connect_timeout(&addr.into(), Duration::from_secs(1))?;
+        Ok(socket.into())
+    };
+    while started.elapsed() < duration && count.is_none_or(|c| done + failed < c) {
+        let ok = connect(done + failed).and_then(|mut s| {
             s.set_nodelay(true)?;
             s.write_all(b"x")?;
             let mut b = [0u8; 1];
