@@ -40,6 +40,10 @@ pub struct NetFigure {
     pub tcp_ratio: Option<f64>,
     pub udp_ratio: Option<f64>,
     pub new_connections_ratio: Option<f64>,
+    /// 95% confidence intervals of the two ratios' medians (`median_interval`): a goal
+    /// inside one is neither met nor missed by this run.
+    pub tcp_ratio_interval: Option<(f64, f64)>,
+    pub new_connections_ratio_interval: Option<(f64, f64)>,
     /// Median over the pairs of this configuration's p99 minus the no-program p99 beside it.
     pub p99_added_us: Option<f64>,
     /// The no-program p99's own noise: the interquartile range of its samples.
@@ -185,6 +189,27 @@ fn quantile(v: &[f64], q: f64) -> Option<f64> {
     s.sort_by(|a, b| a.total_cmp(b));
     let rank = ((s.len() - 1) as f64 * q).round() as usize;
     Some(s[rank])
+}
+
+/// A 95% confidence interval of the median of `v`, from the order statistics (no
+/// assumption on the samples' distribution, only that they are independent): the samples of
+/// ranks j and n + 1 - j, for the largest j with P(Binomial(n, 1/2) < j) <= 2.5%. None for
+/// fewer than 6 samples, too few for any interval at that level.
+pub fn median_interval(v: &[f64]) -> Option<(f64, f64)> {
+    let n = v.len();
+    // P(X = i) for X ~ Binomial(n, 1/2), summed from i = 0 while it stays within 2.5%.
+    let (mut below, mut p, mut j) = (0.0f64, 0.5f64.powi(n as i32), 0usize);
+    while j < n / 2 && below + p <= 0.025 {
+        below += p;
+        p = p * (n - j) as f64 / (j + 1) as f64;
+        j += 1;
+    }
+    if j == 0 {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    Some((s[j - 1], s[n - j]))
 }
 
 fn spread(name: &str, v: &[f64]) -> Option<(String, f64, f64)> {
@@ -865,6 +890,8 @@ fn figure_of(config: &Config, pairs: &[Pairs; 4], checks: Option<Checks>) -> Net
         tcp_ratio: median(&tcp.ratios()),
         udp_ratio: median(&udp.ratios()),
         new_connections_ratio: median(&crr.ratios()),
+        tcp_ratio_interval: median_interval(&tcp.ratios()),
+        new_connections_ratio_interval: median_interval(&crr.ratios()),
         p99_added_us: median(&latency.differences()),
         p99_noise_us: iqr,
         tcp_program_cpu_share: tcp.programs.cpu_share(),
@@ -873,5 +900,24 @@ fn figure_of(config: &Config, pairs: &[Pairs; 4], checks: Option<Checks>) -> Net
         crr_program_ns_per_run: crr.programs.ns_per_run(),
         checks,
         spread,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_interval;
+
+    #[test]
+    fn the_median_interval_takes_the_order_statistics_of_the_binomial() {
+        let ranks: Vec<f64> = (1..=24).map(f64::from).collect();
+        // Binomial(24, 1/2): P(X <= 6) = 1.1%, P(X <= 7) = 3.2%.
+        assert_eq!(median_interval(&ranks), Some((7.0, 18.0)));
+        // Binomial(12, 1/2): P(X <= 2) = 1.9%, P(X <= 3) = 7.3%.
+        assert_eq!(median_interval(&ranks[..12]), Some((3.0, 10.0)));
+        // Six samples: only min and max, at 96.9%; five cannot make a 95% interval.
+        assert_eq!(median_interval(&ranks[..6]), Some((1.0, 6.0)));
+        assert_eq!(median_interval(&ranks[..5]), None);
+        let shuffled = [5.0, 1.0, 6.0, 3.0, 2.0, 4.0];
+        assert_eq!(median_interval(&shuffled), Some((1.0, 6.0)));
     }
 }

@@ -1284,14 +1284,28 @@ fn net_section(md: &mut String, net: &[tollgate_tests::bench_net::NetFigure], ar
          Goals for Tollgate at 9300 peers, in log and drop mode: TCP throughput at least 0.97 \
          and new connections per second at least 0.9 of no program; p99 within the run-to-run \
          noise of no program (here: the interquartile range of the no-program p99 samples, \
-         {} us).\n",
+         {} us). A ratio's goal is called met or missed only when the 95% confidence interval \
+         of its median (from the order statistics of its pairs, assuming nothing of their \
+         distribution) lies on one side of it; else this run does not decide it.\n",
         fmt(base.p99_noise_us, 1)
     )
     .unwrap();
-    let verdict = |v: Option<f64>, goal: f64| match v {
-        Some(v) if v >= goal => format!("{v:.3} (met)"),
-        Some(v) => format!("{v:.3} (missed)"),
-        None => "-".into(),
+    // A ratio's goal is met or missed only when the 95% interval of its median is clear
+    // of it: a median within the noise of the goal decides nothing.
+    let verdict = |v: Option<f64>, interval: Option<(f64, f64)>, goal: f64| match (v, interval) {
+        (Some(v), Some((lo, hi))) => {
+            let call = if lo >= goal {
+                "met"
+            } else if hi < goal {
+                "missed"
+            } else {
+                "undecided: the interval holds the goal"
+            };
+            format!("{v:.3} (95% interval {lo:.3} to {hi:.3}: {call})")
+        }
+        (Some(v), None) if v >= goal => format!("{v:.3} (met, no interval)"),
+        (Some(v), None) => format!("{v:.3} (missed, no interval)"),
+        (None, _) => "-".into(),
     };
     for f in net
         .iter()
@@ -1306,8 +1320,12 @@ fn net_section(md: &mut String, net: &[tollgate_tests::bench_net::NetFigure], ar
             md,
             "- {}: TCP {}, new connections {}, p99 {}",
             f.config,
-            verdict(f.tcp_ratio, 0.97),
-            verdict(f.new_connections_ratio, 0.9),
+            verdict(f.tcp_ratio, f.tcp_ratio_interval, 0.97),
+            verdict(
+                f.new_connections_ratio,
+                f.new_connections_ratio_interval,
+                0.9
+            ),
             p99,
         )
         .unwrap();
