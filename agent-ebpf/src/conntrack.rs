@@ -156,11 +156,17 @@ pub fn track(
     now: u64,
     untracked: bool,
 ) -> Tracked {
+    // 1 when the main table holds an entry of this workload under the key that no longer
+    // holds (expired, a TCP connection opened again): counted in its share already, and
+    // the new flow replaces it (`insert`). Only ever used in arithmetic, never in a branch,
+    // so the verifier need not tell the two cases apart through the policy evaluation.
+    let mut replacing = 0u64;
     if !untracked && let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         if let Some(t) = established(config, workload, key, entry, direction, tcp_flags, now) {
             return t;
         }
-        release_share(workload, slot, entry, now);
+        // SAFETY: from a successful lookup, valid for the program run.
+        replacing = (unsafe { (*entry).generation } == workload.generation) as u64;
     }
     if !untracked
         && let Some(entry) = overflow_entry(slot, key)
@@ -192,46 +198,12 @@ pub fn track(
             peer: decision.peer,
             generation: workload.generation,
         };
-        insert(config, slot, key, &entry);
+        insert(config, slot, key, &entry, replacing);
     }
     Tracked {
         decision,
         origin,
         new_flow: true,
-    }
-}
-
-/// Takes an entry of the main table whose flow is over (expired, or a TCP connection closed
-/// by a RST or both FINs) off its workload's share when a packet opens the flow again: the
-/// insert that records the new flow replaces the entry and counts it once more. A client
-/// reusing its ports would otherwise count every connection again until the next census,
-/// and have its flows sent to the overflow table while it holds a few entries.
-///
-/// The entry is marked as of another generation, so it is taken off once: if the new flow
-/// is not recorded (denied in drop mode), the next packet opening it again finds it taken
-/// off, and the census deletes it. A live connection is never touched here (a bare SYN
-/// against it from its answering side is decided on its own, and may be denied).
-#[inline(always)]
-fn release_share(workload: &WorkloadConfig, slot: u32, entry: *mut CtEntry, now: u64) {
-    const BOTH_FINS: u8 = tcp_state::FIN_ORIGIN | tcp_state::FIN_REPLY;
-    // SAFETY: from a successful lookup, valid for the program run. An entry of an earlier
-    // generation was counted for the workload before, whose count started again at 0.
-    let entry = unsafe { &mut *entry };
-    let over = entry.expires_ns <= now
-        || entry.tcp_state & tcp_state::RST != 0
-        || entry.tcp_state & BOTH_FINS == BOTH_FINS;
-    if !over || entry.generation != workload.generation {
-        return;
-    }
-    entry.generation = !workload.generation;
-    if let Some(entries) = CT_SHARES.get_ptr_mut(slot) {
-        // SAFETY: a value of a successful array lookup; CPUs share the count, so it is
-        // changed atomically (a wrapping add of -1), never below 0.
-        unsafe {
-            if *entries > 0 {
-                crate::counters::atomic_add(entries, u64::MAX);
-            }
-        }
     }
 }
 
@@ -248,11 +220,18 @@ pub fn overflow_entry(slot: u32, key: &CtKey) -> Option<*mut CtEntry> {
 
 /// Records a new flow in the main table, or in the overflow table once the workload holds
 /// its share of the main one.
+///
+/// `replacing` (0 or 1): the flow replaces an entry of the workload in the main table,
+/// counted in its share already. It is counted once, and stays in the main table: a
+/// client reusing its ports would otherwise count every connection again until the next
+/// census, and have its flows sent to the overflow table while it holds a few entries.
 #[inline(always)]
-fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry) {
+fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry, replacing: u64) {
     if let Some(entries) = CT_SHARES.get_ptr_mut(slot) {
+        // Out of a replacement's reach (bit 63 set), without a branch on `replacing`.
+        let limit = config.ct_share as u64 | replacing << 63;
         // SAFETY: a value of a successful array lookup, valid for the program run.
-        if config.ct_share != 0 && unsafe { *entries } >= config.ct_share as u64 {
+        if config.ct_share != 0 && unsafe { *entries } >= limit {
             crate::counters::diag(agent_common::diag::CT_OVERFLOW);
             if let Some(flag) = CT_OVERFLOWED.get_ptr_mut(slot) {
                 // SAFETY: as above; a whole u32 written, the same value by every CPU. Read
@@ -269,8 +248,9 @@ fn insert(config: &Config, slot: u32, key: &CtKey, entry: &CtEntry) {
             }
             return;
         }
-        // SAFETY: as above; CPUs share the count, so it is added atomically.
-        unsafe { crate::counters::atomic_add(entries, 1) };
+        // SAFETY: as above; CPUs share the count, so it is added atomically (0 for a
+        // replacement).
+        unsafe { crate::counters::atomic_add(entries, 1 - replacing) };
     }
     if CONNTRACK.insert(key, entry, 0).is_err() {
         crate::counters::diag(agent_common::diag::CT_INSERT_FAILED);

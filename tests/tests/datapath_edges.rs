@@ -1055,9 +1055,10 @@ fn malformed_packets_are_counted_and_never_misattributed() {
 }
 
 /// A workload's share of the connection tracking table counts each flow once: a flow opened
-/// again on the ports of one that closed replaces its entry, and is counted once (else a
-/// client reusing its ports would count every connection until the next census). A flow
-/// opened again and denied is taken off once, however often its SYN is sent again.
+/// again on the ports of one that closed (a RST, a FIN) replaces its entry and is counted
+/// once (else a client reusing its ports would count every connection until the next
+/// census), and the count never falls below the entries the workload holds, whatever a peer
+/// sends on those ports (else a pod and a peer could fill the table past the share).
 #[test]
 fn a_flow_opened_again_is_counted_once_in_the_workloads_share() {
     let lab = Lab::new();
@@ -1080,23 +1081,37 @@ fn a_flow_opened_again_is_counted_once_in_the_workloads_share() {
     dp.maps
         .set_workload(1, &policy(vec![allow_tcp(ID_B, 80)]))
         .unwrap();
-    // 10.1.0.10:`port` -> 10.1.0.11:80, leaving the workload.
-    let leaving = |port: u16, flags: u8| {
+    // 10.1.0.10:`port` -> 10.1.0.11:80 leaving the workload, or the peer's packet back.
+    let frame = |port: u16, flags: u8, from_peer: bool| {
+        let (src, dst) = if from_peer { (80, port) } else { (port, 80) };
         let mut t = vec![0u8; 20];
-        t[0..2].copy_from_slice(&port.to_be_bytes());
-        t[2..4].copy_from_slice(&80u16.to_be_bytes());
+        t[0..2].copy_from_slice(&src.to_be_bytes());
+        t[2..4].copy_from_slice(&dst.to_be_bytes());
         t[12] = 5 << 4;
         t[13] = flags;
-        eth(0x0800, &ipv4(6, 0, &t))
+        let mut f = eth(0x0800, &ipv4(6, 0, &t));
+        if from_peer {
+            let ip = 14;
+            let a: [u8; 4] = f[ip + 12..ip + 16].try_into().unwrap();
+            f.copy_within(ip + 16..ip + 20, ip + 12);
+            f[ip + 16..ip + 20].copy_from_slice(&a);
+        }
+        f
     };
     let send = |dp: &tollgate::Datapath, port: u16, flags: u8| {
-        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, &leaving(port, flags), 1))
+        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, &frame(port, flags, false), 1))
+            .unwrap()
+            .retval
+    };
+    let receive = |dp: &tollgate::Datapath, port: u16, flags: u8| {
+        lab.in_node(|| dp.test_run(program_names::TC_TO_POD, &frame(port, flags, true), 1))
             .unwrap()
             .retval
     };
     let share = |dp: &tollgate::Datapath| dp.maps.conntrack_share_count(1).unwrap();
     const SYN: u8 = 0x02;
     const RST: u8 = 0x04;
+    const FIN_ACK: u8 = 0x11;
 
     assert_eq!(send(&dp, 2000, SYN), PASS);
     assert_eq!(send(&dp, 2001, SYN), PASS);
@@ -1104,23 +1119,45 @@ fn a_flow_opened_again_is_counted_once_in_the_workloads_share() {
     for round in 0..3 {
         assert_eq!(send(&dp, 2000, RST), PASS);
         assert_eq!(send(&dp, 2000, SYN), PASS, "opened again, round {round}");
-        assert_eq!(share(&dp), 2, "the flow opened again is counted once");
+        assert_eq!(
+            share(&dp),
+            2,
+            "a flow opened again after a RST is counted once"
+        );
     }
-    assert_eq!(dp.maps.conntrack().len(), 2);
+    assert_eq!(send(&dp, 2001, FIN_ACK), PASS);
+    assert_eq!(send(&dp, 2001, SYN), PASS);
+    assert_eq!(
+        share(&dp),
+        2,
+        "a flow opened again after a FIN is counted once"
+    );
 
-    // Closed, then denied: taken off the share once, however often the SYN comes again.
-    assert_eq!(send(&dp, 2000, RST), PASS);
-    dp.maps.set_workload(1, &policy(vec![])).unwrap();
+    // The peer closes the flow and opens it back: denied (nothing may come in), and the
+    // workload's entry stays counted.
     for _ in 0..3 {
-        assert_eq!(send(&dp, 2000, SYN), DROP);
-        assert_eq!(share(&dp), 1, "the closed flow is taken off once");
+        assert_eq!(receive(&dp, 2000, RST), PASS);
+        assert_eq!(receive(&dp, 2000, SYN), DROP);
+        assert_eq!(
+            share(&dp),
+            2,
+            "the peer's denied SYN leaves the count alone"
+        );
     }
+    // The workload's own SYN again, now denied: the entry it would have replaced stays, and
+    // stays counted until the census finds it over.
+    dp.maps.set_workload(1, &policy(vec![])).unwrap();
+    assert_eq!(send(&dp, 2000, SYN), DROP);
+    assert_eq!(share(&dp), 2);
     dp.maps
         .set_workload(1, &policy(vec![allow_tcp(ID_B, 80)]))
         .unwrap();
     assert_eq!(send(&dp, 2000, SYN), PASS);
-    assert_eq!(share(&dp), 2, "allowed again, counted again");
+    assert_eq!(share(&dp), 2, "allowed again, replacing its entry");
     assert_eq!(dp.maps.conntrack().len(), 2);
+    let census = dp.maps.conntrack_census(monotonic_ns());
+    assert_eq!(census.per_slot.get(&1).copied(), Some(2));
+    assert_eq!(share(&dp), 2, "the census agrees");
 }
 
 /// A connection a peer opened to the workload does not let the workload open one back to
