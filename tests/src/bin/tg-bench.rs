@@ -992,7 +992,13 @@ fn write_reports(
          general pipeline, and the traffic section, which had no census to correct the share \
          counts as the agent's does every 30 s, tracked its TCP transfer there after the \
          new-connection load and measured that: 308 to 324 ns per program run during TCP, \
-         against 182 to 258 with the fast path and the census, in four runs on the same host.\n\
+         against 182 to 258 with the fast path and the census, in four runs on the same host. \
+         A flow opened again on the key of one of the workload's entries that no longer holds \
+         (expired, or a TCP connection opened again on its ports) replaces it and is counted \
+         once (2026-11-27): until then each such connection counted again until the next \
+         census, and the new-connection load, whose client reuses its ports, sent 19,000 to \
+         26,000 flows of each Tollgate configuration to the overflow table (8 pairs of windows \
+         per configuration; the traffic section's checks now show 0).\n\
          - Control plane: changes are applied as the Kubernetes source's change log names them \
          (pods, namespaces, Services, EndpointSlices), to persistent identity and frontend maps; \
          a cached pod result is recompiled only when a peer of its policies selects an identity \
