@@ -577,48 +577,58 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
     // The ledger's stable pods (only ledger-a serves 8080) are what the client may call;
     // the other pod is isolated for ingress and allows nobody.
     // hostPorts: 8089 to ledger-a's 8080, 8088 to the other pod's, as the portmap plugin
-    // writes them (DNAT to the pod on the node's own addresses).
-    let with_host_port = |yaml: String, pod: &str, host_port: u16| {
+    // writes them (DNAT to the pod on the node's own addresses); 8087 to the canary's, bound
+    // to the node's address (`hostIP`): the client may not call the canary (not stable),
+    // whose ingress allows the client.
+    let with_host_port = |yaml: String, pod: &str, host_port: u16, host_ip: Option<&str>| {
         let at = yaml.find(&format!("name: {pod}\n")).unwrap();
         let (head, tail) = yaml.split_at(at);
+        let host_ip = host_ip.map_or(String::new(), |ip| format!(", hostIP: {ip}"));
         head.to_string()
             + &tail.replacen(
                 "containerPort: 8080, protocol: TCP}",
-                &format!("containerPort: 8080, protocol: TCP, hostPort: {host_port}}}"),
+                &format!("containerPort: 8080, protocol: TCP, hostPort: {host_port}{host_ip}}}"),
                 1,
             )
     };
-    let yaml = with_host_port(bank.yaml("drop", false), "ledger-a", 8089);
-    let yaml = with_host_port(yaml, "other-0", 8088)
+    let yaml = with_host_port(bank.yaml("drop", false), "ledger-a", 8089, None);
+    let yaml = with_host_port(yaml, "ledger-canary", 8087, Some("169.254.1.1"));
+    let yaml = with_host_port(yaml, "other-0", 8088, None)
         + &node_port_service("to-ledger", TO_LEDGER_V4, 30081, &bank.ledger_a, "ledger-a")
         + &node_port_service("to-other", TO_OTHER_V4, 30080, &bank.other, "other-0");
-    for (host_port, pod) in [(8089, &bank.ledger_a), (8088, &bank.other)] {
-        tollgate_tests::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &bank.lab.node,
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-m",
-                "addrtype",
-                "--dst-type",
-                "LOCAL",
-                "-p",
-                "tcp",
-                "--dport",
-                &host_port.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{}:8080", pod.addr(false)),
-            ],
-        );
+    for (host_port, pod, to) in [
+        (8089, &bank.ledger_a, None),
+        (8088, &bank.other, None),
+        (8087, &bank.canary, Some(node)),
+    ] {
+        // Bound to one address, the rule matches that address alone.
+        let destination = match to {
+            Some(address) => ["-d".to_string(), address.to_string()],
+            None => ["-m".into(), "addrtype".into()],
+        };
+        let local = if to.is_some() {
+            vec![]
+        } else {
+            vec!["--dst-type", "LOCAL"]
+        };
+        let mut args = vec![
+            "netns",
+            "exec",
+            &bank.lab.node,
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            &destination[0],
+            &destination[1],
+        ];
+        args.extend(local);
+        let (port, to_destination) = (host_port.to_string(), format!("{}:8080", pod.addr(false)));
+        args.extend(["-p", "tcp", "--dport", &port, "-j", "DNAT"]);
+        args.extend(["--to-destination", &to_destination]);
+        tollgate_tests::run("ip", &args);
     }
     std::fs::write(agent.cluster_state.join("cluster.yaml"), yaml).unwrap();
     // The NodePorts and hostPorts are written in the reconcile that gives the Service's
@@ -653,7 +663,7 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
             let r = traffic::tcp(&bank.client, node, port, 1, FAIL_FAST);
             assert!(
                 !r.connected,
-                "the other pod reached through its {through}: {r:?}"
+                "a pod the client may not call reached through its {through}: {r:?}"
             );
         });
         assert_eq!(got[3], 0, "nothing allowed at the client's egress: {got:?}");
@@ -669,6 +679,7 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
         "the ledger's hostPort"
     );
     dropped_at_client_egress(8088, "hostPort");
+    dropped_at_client_egress(8087, "hostPort on the node's address (hostIP)");
     let named = |flows: &str| {
         flows
             .lines()

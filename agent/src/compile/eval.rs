@@ -104,16 +104,17 @@ impl Evaluator {
                     .map(|a| (k.clone(), a))
             })
             .collect();
-        // The first pod of a node to claim a hostPort keeps it, as in the datapath.
-        let mut host_ports = BTreeMap::new();
+        // Each node's hostPorts as its agent writes them (`Compiled::host_ports`).
+        let mut pods_of_node: BTreeMap<&String, Vec<&PodKey>> = BTreeMap::new();
         for (key, pod) in &state.pods {
-            let Some(node) = &pod.node_name else {
-                continue;
-            };
-            for (port, target) in compiled.host_ports(state, [key]) {
-                host_ports
-                    .entry((node.clone(), port))
-                    .or_insert_with(|| (key.clone(), target));
+            if let Some(node) = &pod.node_name {
+                pods_of_node.entry(node).or_default().push(key);
+            }
+        }
+        let mut host_ports = BTreeMap::new();
+        for (node, pods) in pods_of_node {
+            for (port, claim) in compiled.host_port_claims(state, pods) {
+                host_ports.insert((node.clone(), port), claim);
             }
         }
         Ok(Evaluator {

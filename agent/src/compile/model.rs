@@ -291,6 +291,10 @@ pub struct PodInfo {
     /// container port. The CNI's portmap DNATs a connection to one to the pod.
     #[serde(default)]
     pub host_ports: Vec<(Protocol, u16, u16)>,
+    /// `hostPort`s bound to one address of the node (`hostIP`, not loopback): protocol,
+    /// host port, container port and that address.
+    #[serde(default)]
+    pub host_ports_bound: Vec<(Protocol, u16, u16, IpAddr)>,
 }
 
 impl PodInfo {

@@ -19,7 +19,7 @@ use super::model::{MODE_ANNOTATION, WorkloadAddresses};
 use super::{
     model::{
         ChangeSet, ClusterState, EndpointSliceInfo, Labels, LogPosition, Mode, NamedPort, PeerSpec,
-        PodInfo, Policy, PortRef, PortSpec, RuleSpec, Selector, ServiceInfo,
+        PodInfo, Policy, PortRef, PortSpec, Protocol, RuleSpec, Selector, ServiceInfo,
     },
     rules::{AllowRule, Peer, PortMatch},
     services::{self, Backend, Frontend, ServiceIdentities},
@@ -334,7 +334,28 @@ impl Compiled {
         state: &ClusterState,
         pods: impl IntoIterator<Item = &'a PodKey>,
     ) -> crate::maps::NodePorts {
-        let mut out = crate::maps::NodePorts::new();
+        self.host_port_claims(state, pods)
+            .into_iter()
+            .map(|(key, (_, target))| (key, target))
+            .collect()
+    }
+
+    /// `host_ports`, with the pod behind each.
+    ///
+    /// The map's keys name no address, so a hostPort bound to one address (`hostIP`) is
+    /// taken on every address of its family: stricter on the node's other addresses (a
+    /// call to the port there is decided as one to the pod), where leaving it out would let
+    /// a call to the bound address pass as one to the node. Pods binding one port to
+    /// different addresses leave it out (no one pod is behind it); a hostPort on every
+    /// address wins over one bound to a single address; of two on every address (which the
+    /// scheduler never places on one node) the first pod's is kept.
+    pub fn host_port_claims<'a>(
+        &self,
+        state: &ClusterState,
+        pods: impl IntoIterator<Item = &'a PodKey>,
+    ) -> BTreeMap<agent_common::NodePortKey, (PodKey, agent_common::NodePortTarget)> {
+        let mut every = BTreeMap::new();
+        let mut bound = BTreeMap::new();
         for key in pods {
             let (Some(pod), Some(identity)) = (state.pods.get(key), self.pod_identity.get(key))
             else {
@@ -343,29 +364,54 @@ impl Compiled {
             if pod.host_network {
                 continue;
             }
-            for family in [agent_common::FAMILY_IPV4, agent_common::FAMILY_IPV6] {
-                let has = pod
-                    .ips
-                    .iter()
-                    .any(|ip| ip.is_ipv6() == (family == agent_common::FAMILY_IPV6));
-                if !has {
-                    continue;
+            let family_of = |ip: &IpAddr| {
+                if ip.is_ipv6() {
+                    agent_common::FAMILY_IPV6
+                } else {
+                    agent_common::FAMILY_IPV4
                 }
+            };
+            let families: BTreeSet<u8> = pod.ips.iter().map(family_of).collect();
+            let claim = |protocol: &Protocol, port: u16, family: u8, container_port: u16| {
+                let target = agent_common::NodePortTarget {
+                    identity: *identity,
+                    port: container_port,
+                    _pad: 0,
+                };
+                let port = agent_common::NodePortKey {
+                    port,
+                    proto: protocol.number(),
+                    family,
+                };
+                (port, (key.clone(), target))
+            };
+            for family in &families {
                 for (protocol, host_port, container_port) in &pod.host_ports {
-                    let key = agent_common::NodePortKey {
-                        port: *host_port,
-                        proto: protocol.number(),
-                        family,
-                    };
-                    out.entry(key).or_insert(agent_common::NodePortTarget {
-                        identity: *identity,
-                        port: *container_port,
-                        _pad: 0,
-                    });
+                    let (port, claim) = claim(protocol, *host_port, *family, *container_port);
+                    every.entry(port).or_insert(claim);
                 }
             }
+            for (protocol, host_port, container_port, ip) in &pod.host_ports_bound {
+                if !families.contains(&family_of(ip)) {
+                    continue;
+                }
+                let (port, claim) = claim(protocol, *host_port, family_of(ip), *container_port);
+                bound
+                    .entry(port)
+                    .and_modify(|c: &mut Option<(PodKey, agent_common::NodePortTarget)>| {
+                        if c.as_ref().is_some_and(|(pod, _)| *pod != claim.0) {
+                            *c = None;
+                        }
+                    })
+                    .or_insert(Some(claim));
+            }
         }
-        out
+        for (port, claim) in bound {
+            if let Some(claim) = claim {
+                every.entry(port).or_insert(claim);
+            }
+        }
+        every
     }
 
     /// The frontends with a backend outside the cluster for a source on the node whose
@@ -2416,6 +2462,76 @@ mod tests {
             owner_of(&compiled),
             [("app".to_string(), "new".to_string())].into()
         );
+    }
+
+    /// A hostPort bound to one of the node's addresses (`hostIP`) leads to its pod from any
+    /// address of that family (the map names no address); one port bound by two pods to two
+    /// addresses leads to neither, one on loopback nowhere (pods cannot reach it), and one
+    /// on every address wins over one bound to a single address.
+    #[test]
+    fn host_ports_bound_to_one_address_lead_to_their_pod() {
+        let pod = |name: &str, ip: &str, ports: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}\nspec:\n  nodeName: n1\n  containers: [{{name: c, image: i, ports: [{ports}]}}]\nstatus: {{podIPs: [{{ip: {ip}}}]}}\n"
+            )
+        };
+        let yaml = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n".to_string()
+            + &pod(
+                "bound",
+                "10.1.0.1",
+                "{containerPort: 80, hostPort: 8001, hostIP: 10.0.0.5}",
+            )
+            + &pod(
+                "v6-only",
+                "10.1.0.2",
+                "{containerPort: 80, hostPort: 8002, hostIP: 'fd00:1::5'}",
+            )
+            + &pod(
+                "loop",
+                "10.1.0.3",
+                "{containerPort: 80, hostPort: 8003, hostIP: 127.0.0.1}",
+            )
+            + &pod(
+                "left",
+                "10.1.0.4",
+                "{containerPort: 80, hostPort: 8004, hostIP: 10.0.0.5}",
+            )
+            + &pod(
+                "right",
+                "10.1.0.5",
+                "{containerPort: 81, hostPort: 8004, hostIP: 10.0.0.6}",
+            )
+            + &pod("every", "10.1.0.6", "{containerPort: 90, hostPort: 8005}")
+            + &pod(
+                "one",
+                "10.1.0.7",
+                "{containerPort: 91, hostPort: 8005, hostIP: 10.0.0.5}",
+            );
+        let state = store_of(&yaml).into_state();
+        let compiled = compile(
+            &state,
+            &mut IdentityAllocator::default(),
+            None,
+            &Default::default(),
+        );
+        let keys: Vec<PodKey> = state.pods.keys().cloned().collect();
+        let ports = compiled.host_ports(&state, keys.iter());
+        let at = |port: u16| {
+            ports.get(&agent_common::NodePortKey {
+                port,
+                proto: agent_common::PROTO_TCP,
+                family: agent_common::FAMILY_IPV4,
+            })
+        };
+        let identity = |name: &str| compiled.pod_identity[&("x".to_string(), name.to_string())];
+        let bound = at(8001).expect("the bound hostPort");
+        assert_eq!((bound.identity, bound.port), (identity("bound"), 80));
+        assert_eq!(at(8002), None, "an IPv6 hostIP of a pod without IPv6");
+        assert_eq!(at(8003), None, "loopback");
+        assert_eq!(at(8004), None, "two pods behind one port");
+        let every = at(8005).expect("the hostPort on every address");
+        assert_eq!((every.identity, every.port), (identity("every"), 90));
+        assert_eq!(ports.len(), 2, "{ports:?}");
     }
 
     #[test]

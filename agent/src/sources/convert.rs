@@ -277,7 +277,7 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
     }
 
     let mut ports = Vec::new();
-    let mut host_ports = Vec::new();
+    let (mut host_ports, mut host_ports_bound) = (Vec::new(), Vec::new());
     if let Some(spec) = spec {
         // Each list counted on its own, as the field path names them.
         let containers = spec
@@ -304,18 +304,24 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
                         protocol,
                     });
                 }
-                // A host-network pod's hostPort is its own socket on the node; one bound
-                // to a single address (`hostIP`) is left to that address.
-                let any_address = p
-                    .host_ip
-                    .as_deref()
-                    .is_none_or(|ip| ip.is_empty() || ip == "0.0.0.0" || ip == "::");
-                if let Some(host_port) = p.host_port.filter(|n| *n != 0)
-                    && !host_network
-                    && any_address
-                {
-                    let host_port = port_number(host_port, &format!("{at}.hostPort"))?;
-                    host_ports.push((protocol, host_port, number));
+                // A host-network pod's hostPort is its own socket on the node.
+                let Some(host_port) = p.host_port.filter(|n| *n != 0) else {
+                    continue;
+                };
+                let host_port = port_number(host_port, &format!("{at}.hostPort"))?;
+                let host_ip = match p.host_ip.as_deref() {
+                    None | Some("" | "0.0.0.0" | "::") => None,
+                    Some(ip) => Some(
+                        ip.parse::<IpAddr>()
+                            .map_err(|_| format!("{at}.hostIP: {ip:?} is not an IP address"))?,
+                    ),
+                };
+                match host_ip {
+                    _ if host_network => {}
+                    None => host_ports.push((protocol, host_port, number)),
+                    // On loopback only the node's own processes reach it.
+                    Some(ip) if ip.is_loopback() => {}
+                    Some(ip) => host_ports_bound.push((protocol, host_port, number, ip)),
                 }
             }
         }
@@ -331,6 +337,7 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
         ips,
         ports,
         host_ports,
+        host_ports_bound,
         host_network,
         node_name: spec.and_then(|s| s.node_name.clone()),
         terminating: meta.deletion_timestamp.is_some(),
@@ -1163,6 +1170,18 @@ mod tests {
             namespace(&ns)
                 .unwrap_err()
                 .contains("not a valid namespace name")
+        );
+    }
+
+    /// A hostIP that is no address is refused, named by its field.
+    #[test]
+    fn a_bad_host_ip_is_named_by_its_field() {
+        let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x}\nspec:\n  containers: [{name: a, image: i, ports: [{containerPort: 80, hostPort: 80, hostIP: node-1}]}]\n";
+        let parsed: Pod = serde_norway::from_str(yaml).unwrap();
+        let error = pod(&parsed).unwrap_err();
+        assert!(
+            error.starts_with("spec.containers[0].ports[0].hostIP") && error.contains("node-1"),
+            "{error}"
         );
     }
 
