@@ -518,6 +518,16 @@ impl MapReaders {
         };
         let mut census = ConntrackCensus::default();
         let mut main = vec![0u64; MAX_WORKLOADS as usize];
+        // The programs count on during the walk: what they add meanwhile is added to what
+        // the walk counts (some of it twice, as the walk may see those flows too: the safe
+        // side, as a count short of the entries would let a workload past its share).
+        let shares = &self.ct_shares;
+        let counted = |slot: usize| shares.get(&(slot as u32), 0).unwrap_or(0);
+        let counted_before: Vec<u64> = generations
+            .iter()
+            .enumerate()
+            .map(|(slot, g)| g.map_or(0, |_| counted(slot)))
+            .collect();
         let limits = [self.conntrack_capacity, self.ct_overflow_capacity];
         for ((table, overflow), limit) in
             [(&mut self.conntrack, false), (&mut self.ct_overflow, true)]
@@ -532,7 +542,9 @@ impl MapReaders {
             let walk_limit = (limit as usize).saturating_mul(2).max(1024);
             for (key, entry) in table.iter().take(walk_limit).filter_map(Result::ok) {
                 if !live(&key, &entry) {
-                    dead.push(key);
+                    let own = generations.get(key.slot as usize).copied().flatten()
+                        == Some(entry.generation);
+                    dead.push((key, own));
                     continue;
                 }
                 *census.per_slot.entry(key.slot).or_default() += 1;
@@ -557,21 +569,34 @@ impl MapReaders {
                     }
                 }
             }
-            for key in dead {
+            for (key, own) in dead {
                 // Read again right before deleting: a packet may have tracked the flow anew
                 // since the walk saw it, and a live entry must stay (its replies would be
                 // decided as new flows).
-                if let Ok(entry) = table.get(&key, 0)
-                    && !live(&key, &entry)
-                    && table.remove(&key).is_ok()
-                {
-                    census.deleted += 1;
+                let Ok(entry) = table.get(&key, 0) else {
+                    continue;
+                };
+                if !live(&key, &entry) {
+                    if table.remove(&key).is_ok() {
+                        census.deleted += 1;
+                    }
+                } else if own && !overflow {
+                    // Opened again over the workload's own entry, which the programs do not
+                    // count again (`conntrack::insert`): counted here.
+                    if let Some(n) = main.get_mut(key.slot as usize) {
+                        *n += 1;
+                    }
                 }
             }
         }
+        let added: Vec<u64> = generations
+            .iter()
+            .enumerate()
+            .map(|(slot, g)| g.map_or(0, |_| counted(slot).saturating_sub(counted_before[slot])))
+            .collect();
         for (slot, generation) in generations.iter().enumerate() {
             if generation.is_some() {
-                let _ = self.ct_shares.set(slot as u32, main[slot], 0);
+                let _ = self.ct_shares.set(slot as u32, main[slot] + added[slot], 0);
             }
         }
         census
