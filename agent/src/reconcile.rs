@@ -632,7 +632,14 @@ impl Reconciler {
                 .push(format!("Services with a backend outside the cluster: {e}"));
         }
         let mut node_ports = compiled.node_ports();
-        for (port, target) in compiled.host_ports(state, local.keys()) {
+        // Every pod placed on this node, attached or refused: one whose attachment was
+        // refused holds its hostPorts all the same, and two pods on one port must both be
+        // seen for the port to be left out.
+        let on_node: Vec<PodKey> = match &self.placements {
+            Some(p) => p.placed.keys().cloned().collect(),
+            None => local.keys().cloned().collect(),
+        };
+        for (port, target) in compiled.host_ports(state, &on_node) {
             node_ports.entry(port).or_insert(target);
         }
         if let Err(e) = self.datapath.maps.set_node_ports(&node_ports) {

@@ -345,10 +345,11 @@ impl Compiled {
     /// The map's keys name no address, so a hostPort bound to one address (`hostIP`) is
     /// taken on every address of its family: stricter on the node's other addresses (a
     /// call to the port there is decided as one to the pod), where leaving it out would let
-    /// a call to the bound address pass as one to the node. Pods binding one port to
-    /// different addresses leave it out (no one pod is behind it); a hostPort on every
-    /// address wins over one bound to a single address; of two on every address (which the
-    /// scheduler never places on one node) the first pod's is kept.
+    /// a call to the bound address pass as one to the node. One port bound to different
+    /// addresses leads nowhere (no one pod and port are behind it: decided as the node's,
+    /// which is allowed); a hostPort on every address wins over one bound to a single
+    /// address; of two on every address (which the scheduler never places on one node) the
+    /// first pod's is kept.
     pub fn host_port_claims<'a>(
         &self,
         state: &ClusterState,
@@ -396,10 +397,15 @@ impl Compiled {
                     continue;
                 }
                 let (port, claim) = claim(protocol, *host_port, family_of(ip), *container_port);
+                // 0.0.0.0 and :: are every address of their family.
+                if ip.is_unspecified() {
+                    every.entry(port).or_insert(claim);
+                    continue;
+                }
                 bound
                     .entry(port)
                     .and_modify(|c: &mut Option<(PodKey, agent_common::NodePortTarget)>| {
-                        if c.as_ref().is_some_and(|(pod, _)| *pod != claim.0) {
+                        if c.as_ref() != Some(&claim) {
                             *c = None;
                         }
                     })
@@ -2465,47 +2471,64 @@ mod tests {
     }
 
     /// A hostPort bound to one of the node's addresses (`hostIP`) leads to its pod from any
-    /// address of that family (the map names no address); one port bound by two pods to two
-    /// addresses leads to neither, one on loopback nowhere (pods cannot reach it), and one
-    /// on every address wins over one bound to a single address.
+    /// address of that family (the map names no address); one port bound to two addresses,
+    /// by two pods or by one to two container ports, leads nowhere; one on loopback nowhere
+    /// (pods cannot reach it); 0.0.0.0 is every IPv4 address; and one on every address wins
+    /// over one bound to a single address.
     #[test]
     fn host_ports_bound_to_one_address_lead_to_their_pod() {
-        let pod = |name: &str, ip: &str, ports: &str| {
+        let pod = |name: &str, ips: &str, ports: &str| {
             format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}\nspec:\n  nodeName: n1\n  containers: [{{name: c, image: i, ports: [{ports}]}}]\nstatus: {{podIPs: [{{ip: {ip}}}]}}\n"
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}\nspec:\n  nodeName: n1\n  containers: [{{name: c, image: i, ports: [{ports}]}}]\nstatus: {{podIPs: [{ips}]}}\n"
             )
         };
+        let one = |ip: &str| format!("{{ip: '{ip}'}}");
+        let dual = format!("{}, {}", one("10.1.0.9"), one("fd00:2::9"));
         let yaml = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n".to_string()
             + &pod(
                 "bound",
-                "10.1.0.1",
+                &one("10.1.0.1"),
                 "{containerPort: 80, hostPort: 8001, hostIP: 10.0.0.5}",
             )
             + &pod(
                 "v6-only",
-                "10.1.0.2",
+                &one("10.1.0.2"),
                 "{containerPort: 80, hostPort: 8002, hostIP: 'fd00:1::5'}",
             )
             + &pod(
                 "loop",
-                "10.1.0.3",
+                &one("10.1.0.3"),
                 "{containerPort: 80, hostPort: 8003, hostIP: 127.0.0.1}",
             )
             + &pod(
                 "left",
-                "10.1.0.4",
+                &one("10.1.0.4"),
                 "{containerPort: 80, hostPort: 8004, hostIP: 10.0.0.5}",
             )
             + &pod(
                 "right",
-                "10.1.0.5",
+                &one("10.1.0.5"),
                 "{containerPort: 81, hostPort: 8004, hostIP: 10.0.0.6}",
             )
-            + &pod("every", "10.1.0.6", "{containerPort: 90, hostPort: 8005}")
+            + &pod(
+                "every",
+                &one("10.1.0.6"),
+                "{containerPort: 90, hostPort: 8005}",
+            )
             + &pod(
                 "one",
-                "10.1.0.7",
+                &one("10.1.0.7"),
                 "{containerPort: 91, hostPort: 8005, hostIP: 10.0.0.5}",
+            )
+            + &pod(
+                "twice",
+                &one("10.1.0.8"),
+                "{containerPort: 80, hostPort: 8006, hostIP: 10.0.0.5}, {containerPort: 81, hostPort: 8006, hostIP: 10.0.0.6}",
+            )
+            + &pod(
+                "v4-any",
+                &dual,
+                "{containerPort: 92, hostPort: 8007, hostIP: 0.0.0.0}",
             );
         let state = store_of(&yaml).into_state();
         let compiled = compile(
@@ -2516,22 +2539,30 @@ mod tests {
         );
         let keys: Vec<PodKey> = state.pods.keys().cloned().collect();
         let ports = compiled.host_ports(&state, keys.iter());
-        let at = |port: u16| {
-            ports.get(&agent_common::NodePortKey {
-                port,
-                proto: agent_common::PROTO_TCP,
-                family: agent_common::FAMILY_IPV4,
-            })
+        let at = |port: u16, family: u8| {
+            ports
+                .get(&agent_common::NodePortKey {
+                    port,
+                    proto: agent_common::PROTO_TCP,
+                    family,
+                })
+                .map(|t| (t.identity, t.port))
         };
+        let v4 = |port: u16| at(port, agent_common::FAMILY_IPV4);
         let identity = |name: &str| compiled.pod_identity[&("x".to_string(), name.to_string())];
-        let bound = at(8001).expect("the bound hostPort");
-        assert_eq!((bound.identity, bound.port), (identity("bound"), 80));
-        assert_eq!(at(8002), None, "an IPv6 hostIP of a pod without IPv6");
-        assert_eq!(at(8003), None, "loopback");
-        assert_eq!(at(8004), None, "two pods behind one port");
-        let every = at(8005).expect("the hostPort on every address");
-        assert_eq!((every.identity, every.port), (identity("every"), 90));
-        assert_eq!(ports.len(), 2, "{ports:?}");
+        assert_eq!(v4(8001), Some((identity("bound"), 80)));
+        assert_eq!(v4(8002), None, "an IPv6 hostIP of a pod without IPv6");
+        assert_eq!(v4(8003), None, "loopback");
+        assert_eq!(v4(8004), None, "two pods behind one port");
+        assert_eq!(v4(8005), Some((identity("every"), 90)));
+        assert_eq!(v4(8006), None, "one pod's two ports behind one port");
+        assert_eq!(v4(8007), Some((identity("v4-any"), 92)));
+        assert_eq!(
+            at(8007, agent_common::FAMILY_IPV6),
+            None,
+            "0.0.0.0 is IPv4 alone"
+        );
+        assert_eq!(ports.len(), 3, "{ports:?}");
     }
 
     #[test]

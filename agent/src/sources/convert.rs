@@ -309,12 +309,16 @@ pub fn pod(pod: &Pod) -> Result<PodInfo> {
                     continue;
                 };
                 let host_port = port_number(host_port, &format!("{at}.hostPort"))?;
+                // As the CNI's portmap plugin reads `hostIP`: none on every address of each
+                // family the pod has; an address (0.0.0.0 and :: for every address of their
+                // family) for that family alone; anything else (the API server does not
+                // check it) maps nothing for an IPv4 pod, and is left out here.
                 let host_ip = match p.host_ip.as_deref() {
-                    None | Some("" | "0.0.0.0" | "::") => None,
-                    Some(ip) => Some(
-                        ip.parse::<IpAddr>()
-                            .map_err(|_| format!("{at}.hostIP: {ip:?} is not an IP address"))?,
-                    ),
+                    None | Some("") => None,
+                    Some(ip) => match ip.parse::<IpAddr>() {
+                        Ok(ip) => Some(ip.to_canonical()),
+                        Err(_) => continue,
+                    },
                 };
                 match host_ip {
                     _ if host_network => {}
@@ -1173,15 +1177,20 @@ mod tests {
         );
     }
 
-    /// A hostIP that is no address is refused, named by its field.
+    /// hostIPs as portmap reads them: none on every address, an address for its family
+    /// (IPv4 in IPv6 as IPv4), loopback and what is no address left out, and the pod kept.
     #[test]
-    fn a_bad_host_ip_is_named_by_its_field() {
-        let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x}\nspec:\n  containers: [{name: a, image: i, ports: [{containerPort: 80, hostPort: 80, hostIP: node-1}]}]\n";
+    fn host_ips_are_read_as_portmap_reads_them() {
+        let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x}\nspec:\n  containers: [{name: a, image: i, ports: [{containerPort: 80, hostPort: 80}, {containerPort: 81, hostPort: 81, hostIP: node-1}, {containerPort: 82, hostPort: 82, hostIP: '::ffff:10.0.0.5'}, {containerPort: 83, hostPort: 83, hostIP: '::ffff:127.0.0.1'}, {containerPort: 84, hostPort: 84, hostIP: 0.0.0.0}]}]\n";
         let parsed: Pod = serde_norway::from_str(yaml).unwrap();
-        let error = pod(&parsed).unwrap_err();
-        assert!(
-            error.starts_with("spec.containers[0].ports[0].hostIP") && error.contains("node-1"),
-            "{error}"
+        let info = pod(&parsed).expect("the pod is kept");
+        assert_eq!(info.host_ports, vec![(Protocol::Tcp, 80, 80)]);
+        assert_eq!(
+            info.host_ports_bound,
+            vec![
+                (Protocol::Tcp, 82, 82, "10.0.0.5".parse().unwrap()),
+                (Protocol::Tcp, 84, 84, "0.0.0.0".parse().unwrap()),
+            ]
         );
     }
 
