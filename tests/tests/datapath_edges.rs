@@ -413,6 +413,44 @@ fn the_benchmarks_table_alone_tracks_the_flows_it_is_given() {
 const PASS: i32 = -1;
 const DROP: i32 = 2;
 
+/// What `program` returns for `frame`, run once through BPF_PROG_TEST_RUN in the lab's node.
+fn run_once(lab: &Lab, dp: &tollgate::Datapath, program: &'static str, frame: &[u8]) -> i32 {
+    lab.in_node(|| dp.test_run(program, frame, 1))
+        .unwrap()
+        .retval
+}
+
+/// A datapath whose slot 1 is the workload at ifindex 1, where BPF_PROG_TEST_RUN's packets
+/// arrive (its egress at tc_from_pod, its ingress at tc_to_pod): the packets' 10.1.0.10
+/// (`OWN`), talking to 10.1.0.11, known as `ID_B`.
+fn workload_at_ifindex_one(lab: &Lab) -> tollgate::Datapath {
+    let mut dp = lab.datapath(TcMode::Auto);
+    dp.maps.set_tc_slot(1, 1).unwrap();
+    dp.maps
+        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
+        .unwrap();
+    dp
+}
+
+/// The workload's own address in the frames of `packets`.
+const OWN: &str = "10.1.0.10";
+
+/// Drop mode, isolated both ways, allowing `ingress` and `egress`, sending from `OWN`.
+fn isolated_drop(
+    ingress: Vec<tollgate::compile::AllowRule>,
+    egress: Vec<tollgate::compile::AllowRule>,
+) -> WorkloadPolicy {
+    WorkloadPolicy {
+        mode: Mode::Drop,
+        isolated_ingress: true,
+        isolated_egress: true,
+        ingress,
+        egress,
+        ..Default::default()
+    }
+    .sending_from(&[OWN.parse().unwrap()])
+}
+
 /// A packet claiming the workload's own address as its source, arriving over its
 /// interface, is a spoof (a pod's own loopback never reaches TC): decided by policy like any
 /// other, never passed as the pod reaching itself. That pass is for loopback at cgroup
@@ -439,11 +477,8 @@ fn a_packet_from_the_workloads_own_address_over_its_interface_is_decided_by_poli
     };
     assert_eq!(&v4[26..30], &v4[30..34]);
     assert_eq!(&v6[22..38], &v6[38..54]);
-    let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
-        lab.in_node(|| dp.test_run(program_names::TC_TO_POD, frame, 1))
-            .unwrap()
-            .retval
-    };
+    let runs =
+        |dp: &tollgate::Datapath, frame: &[u8]| run_once(&lab, dp, program_names::TC_TO_POD, frame);
     for mode in [Mode::Drop, Mode::Log] {
         dp.maps
             .set_workload(
@@ -513,9 +548,7 @@ fn headers_past_the_packets_own_length_are_never_read() {
         )
         .unwrap();
     let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
-        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, frame, 1))
-            .unwrap()
-            .retval
+        run_once(&lab, dp, program_names::TC_FROM_POD, frame)
     };
     let with_length = |mut packet: Vec<u8>, at: usize, len: u16, appended: &[u8]| {
         packet[at..at + 2].copy_from_slice(&len.to_be_bytes());
@@ -649,30 +682,13 @@ fn headers_past_the_packets_own_length_are_never_read() {
 fn an_icmp_error_about_a_flow_whose_rules_changed_is_decided_on_its_own() {
     use tollgate_tests::packets;
     let lab = Lab::new();
-    let mut dp = lab.datapath(TcMode::Auto);
-    // ifindex 1: slot 1's egress at tc_from_pod, its ingress at tc_to_pod.
-    dp.maps.set_tc_slot(1, 1).unwrap();
-    dp.maps
-        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
-        .unwrap();
-    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
-    let policy = |egress| {
-        WorkloadPolicy {
-            mode: Mode::Drop,
-            isolated_ingress: true,
-            isolated_egress: true,
-            egress,
-            ..Default::default()
-        }
-        .sending_from(&own)
-    };
+    let mut dp = workload_at_ifindex_one(&lab);
+    let policy = |egress| isolated_drop(vec![], egress);
     dp.maps
         .set_workload(1, &policy(vec![allow_udp(ID_B, 5353)]))
         .unwrap();
     let run_as = |dp: &tollgate::Datapath, program: &'static str, frame: &[u8]| {
-        lab.in_node(|| dp.test_run(program, frame, 1))
-            .unwrap()
-            .retval
+        run_once(&lab, dp, program, frame)
     };
     let (a, b) = ("10.1.0.10".parse().unwrap(), "10.1.0.11".parse().unwrap());
     let call = eth(0x0800, &packets::ipv4_udp(a, b, 1000, 5353, b"call"));
@@ -722,9 +738,7 @@ fn a_pods_tunnel_packets_to_its_node_are_dropped_in_either_mode() {
         .set_workload(1, &WorkloadPolicy::open(Mode::Log).sending_from(&own))
         .unwrap();
     let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
-        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, frame, 1))
-            .unwrap()
-            .retval
+        run_once(&lab, dp, program_names::TC_FROM_POD, frame)
     };
     let inner = ipv4(17, 0, &udp_header(1000, 8080, 8));
     let tunnels = [
@@ -789,12 +803,7 @@ fn a_pods_tunnel_packets_to_its_node_are_dropped_in_either_mode() {
 #[test]
 fn an_echo_request_is_never_taken_for_a_reply() {
     let lab = Lab::new();
-    let mut dp = lab.datapath(TcMode::Auto);
-    dp.maps.set_tc_slot(1, 1).unwrap();
-    dp.maps
-        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
-        .unwrap();
-    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
+    let mut dp = workload_at_ifindex_one(&lab);
     dp.maps
         .set_workload(
             1,
@@ -803,13 +812,11 @@ fn an_echo_request_is_never_taken_for_a_reply() {
                 isolated_egress: true,
                 ..Default::default()
             }
-            .sending_from(&own),
+            .sending_from(&[OWN.parse().unwrap()]),
         )
         .unwrap();
     let run_as = |dp: &tollgate::Datapath, program: &'static str, frame: &[u8]| {
-        lab.in_node(|| dp.test_run(program, frame, 1))
-            .unwrap()
-            .retval
+        run_once(&lab, dp, program, frame)
     };
     // Echo messages from the workload (10.1.0.10) to B, and from B.
     let echo = |icmp_type: u8, from_b: bool, id: u16| {
@@ -869,9 +876,7 @@ fn malformed_packets_are_counted_and_never_misattributed() {
             .unwrap()
     };
     let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
-        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, frame, 1))
-            .unwrap()
-            .retval
+        run_once(&lab, dp, program_names::TC_FROM_POD, frame)
     };
 
     let truncated_v4 = {
@@ -1062,22 +1067,8 @@ fn malformed_packets_are_counted_and_never_misattributed() {
 #[test]
 fn a_flow_opened_again_is_counted_once_in_the_workloads_share() {
     let lab = Lab::new();
-    let mut dp = lab.datapath(TcMode::Auto);
-    dp.maps.set_tc_slot(1, 1).unwrap();
-    dp.maps
-        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
-        .unwrap();
-    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
-    let policy = |egress: Vec<tollgate::compile::AllowRule>| {
-        WorkloadPolicy {
-            mode: Mode::Drop,
-            isolated_ingress: true,
-            isolated_egress: true,
-            egress,
-            ..Default::default()
-        }
-        .sending_from(&own)
-    };
+    let mut dp = workload_at_ifindex_one(&lab);
+    let policy = |egress| isolated_drop(vec![], egress);
     dp.maps
         .set_workload(1, &policy(vec![allow_tcp(ID_B, 80)]))
         .unwrap();
@@ -1099,14 +1090,20 @@ fn a_flow_opened_again_is_counted_once_in_the_workloads_share() {
         f
     };
     let send = |dp: &tollgate::Datapath, port: u16, flags: u8| {
-        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, &frame(port, flags, false), 1))
-            .unwrap()
-            .retval
+        run_once(
+            &lab,
+            dp,
+            program_names::TC_FROM_POD,
+            &frame(port, flags, false),
+        )
     };
     let receive = |dp: &tollgate::Datapath, port: u16, flags: u8| {
-        lab.in_node(|| dp.test_run(program_names::TC_TO_POD, &frame(port, flags, true), 1))
-            .unwrap()
-            .retval
+        run_once(
+            &lab,
+            dp,
+            program_names::TC_TO_POD,
+            &frame(port, flags, true),
+        )
     };
     let share = |dp: &tollgate::Datapath| dp.maps.conntrack_share_count(1).unwrap();
     const SYN: u8 = 0x02;
@@ -1167,26 +1164,9 @@ fn a_flow_opened_again_is_counted_once_in_the_workloads_share() {
 #[test]
 fn a_bare_syn_from_the_answering_side_is_decided_on_its_own() {
     let lab = Lab::new();
-    let mut dp = lab.datapath(TcMode::Auto);
-    // Packets of BPF_PROG_TEST_RUN arrive on ifindex 1: slot 1's ingress at tc_to_pod, its
-    // egress at tc_from_pod. The workload is 10.1.0.10, its peer 10.1.0.11 (ID_B).
-    dp.maps.set_tc_slot(1, 1).unwrap();
+    let mut dp = workload_at_ifindex_one(&lab);
     dp.maps
-        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
-        .unwrap();
-    let own: Vec<std::net::IpAddr> = vec!["10.1.0.10".parse().unwrap()];
-    dp.maps
-        .set_workload(
-            1,
-            &WorkloadPolicy {
-                mode: Mode::Drop,
-                isolated_ingress: true,
-                isolated_egress: true,
-                ingress: vec![allow_tcp(ID_B, 2000)],
-                ..Default::default()
-            }
-            .sending_from(&own),
-        )
+        .set_workload(1, &isolated_drop(vec![allow_tcp(ID_B, 2000)], vec![]))
         .unwrap();
     // 10.1.0.10:2000 <-> 10.1.0.11:80, leaving the workload as written, arriving turned
     // around.
@@ -1209,11 +1189,7 @@ fn a_bare_syn_from_the_answering_side_is_decided_on_its_own() {
         f[tcp + 2..tcp + 4].copy_from_slice(&sport);
         f
     };
-    let run = |program: &'static str, frame: &[u8]| {
-        lab.in_node(|| dp.test_run(program, frame, 1))
-            .unwrap()
-            .retval
-    };
+    let run = |program: &'static str, frame: &[u8]| run_once(&lab, &dp, program, frame);
     // The peer's connection, allowed at ingress, and the workload's answer. Until the peer
     // acknowledges the answer the handshake is open, and so is the flow's lifetime: a SYN
     // flood a listener answers must not hold the table for hours.
@@ -1254,13 +1230,7 @@ fn a_bare_syn_from_the_answering_side_is_decided_on_its_own() {
 fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
     use agent_common::{DIR_EGRESS, FlowCounterKey, VERDICT_ALLOWED, VERDICT_WOULD_DROP};
     let lab = Lab::new();
-    let mut dp = lab.datapath(TcMode::Auto);
-    // BPF_PROG_TEST_RUN packets arrive on ifindex 1: tc_from_pod sees them as slot 1's egress,
-    // from 10.1.0.10 (the workload's own address) to 10.1.0.11 (identity ID_B).
-    dp.maps.set_tc_slot(1, 1).unwrap();
-    dp.maps
-        .set_identity("10.1.0.11/32".parse().unwrap(), ID_B)
-        .unwrap();
+    let mut dp = workload_at_ifindex_one(&lab);
     dp.maps
         .set_identity("fd77:1::b/128".parse().unwrap(), ID_B)
         .unwrap();
@@ -1283,9 +1253,7 @@ fn established_packets_are_decided_and_counted_as_the_general_pipeline_would() {
         };
     let rules = || vec![allow_udp(ID_B, 8080), allow_tcp(ID_B, 80)];
     let runs = |dp: &tollgate::Datapath, frame: &[u8]| {
-        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, frame, 1))
-            .unwrap()
-            .retval
+        run_once(&lab, dp, program_names::TC_FROM_POD, frame)
     };
     let tcp = |flags: u8| {
         let mut t = vec![0u8; 20];
@@ -1481,9 +1449,7 @@ fn single_addresses_and_prefixes_name_peers_as_one_longest_prefix_match() {
     let mut verdict = |dp: &tollgate::Datapath| {
         sport += 1;
         let frame = eth(0x0800, &ipv4(17, 0, &udp_header(sport, 8080, 100)));
-        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, &frame, 1))
-            .unwrap()
-            .retval
+        run_once(&lab, dp, program_names::TC_FROM_POD, &frame)
     };
     let entries = |dp: &tollgate::Datapath, map: &str| {
         dp.maps
@@ -1599,9 +1565,7 @@ fn whole_protocol_and_portless_rules_are_hash_keys_of_a_kind_of_their_own() {
             udp_header(sport, dport, 16)
         };
         let frame = eth(0x0800, &ipv4(proto, 0, &l4));
-        lab.in_node(|| dp.test_run(program_names::TC_FROM_POD, &frame, 1))
-            .unwrap()
-            .retval
+        run_once(&lab, dp, program_names::TC_FROM_POD, &frame)
     };
     let lookups = |dp: &tollgate::Datapath| {
         dp.maps.workload(1).unwrap().flags & workload_flags::lookups(DIR_EGRESS)
