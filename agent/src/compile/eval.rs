@@ -9,7 +9,7 @@ use agent_common::{
 };
 use ipnet::IpNet;
 
-use super::rules::addr_bytes;
+use super::rules::{addr_bytes, family_of};
 use super::{
     explain::{self, Explanation},
     model::{ClusterState, NamedPort, Protocol},
@@ -56,11 +56,7 @@ fn node_port_key(peer: IpAddr, proto: u8, port: u16) -> agent_common::NodePortKe
     agent_common::NodePortKey {
         port,
         proto,
-        family: if peer.is_ipv6() {
-            agent_common::FAMILY_IPV6
-        } else {
-            agent_common::FAMILY_IPV4
-        },
+        family: family_of(peer),
     }
 }
 
@@ -689,11 +685,7 @@ fn policy_lookup(
 }
 
 fn cidr_lookup(entries: &RulesetEntries, ruleset: u32, ip: IpAddr) -> Option<u32> {
-    let family = if ip.is_ipv4() {
-        FAMILY_IPV4
-    } else {
-        FAMILY_IPV6
-    } as u32;
+    let family = family_of(ip) as u32;
     let addr = addr_bytes(ip);
     entries
         .cidr

@@ -21,7 +21,7 @@ use super::{
         ChangeSet, ClusterState, EndpointSliceInfo, Labels, LogPosition, Mode, NamedPort, PeerSpec,
         PodInfo, Policy, PortRef, PortSpec, Protocol, RuleSpec, Selector, ServiceInfo,
     },
-    rules::{AllowRule, Peer, PortMatch},
+    rules::{self, AllowRule, Peer, PortMatch},
     services::{self, Backend, Frontend, ServiceIdentities},
 };
 
@@ -302,11 +302,7 @@ impl Compiled {
             let Some(first) = frontend.addresses.first() else {
                 continue;
             };
-            let family = if first.is_ipv6() {
-                agent_common::FAMILY_IPV6
-            } else {
-                agent_common::FAMILY_IPV4
-            };
+            let family = rules::family_of(*first);
             for p in &frontend.ports {
                 let Some(node_port) = p.node_port else {
                     continue;
@@ -365,14 +361,7 @@ impl Compiled {
             if pod.host_network {
                 continue;
             }
-            let family_of = |ip: &IpAddr| {
-                if ip.is_ipv6() {
-                    agent_common::FAMILY_IPV6
-                } else {
-                    agent_common::FAMILY_IPV4
-                }
-            };
-            let families: BTreeSet<u8> = pod.ips.iter().map(family_of).collect();
+            let families: BTreeSet<u8> = pod.ips.iter().copied().map(rules::family_of).collect();
             let claim = |protocol: &Protocol, port: u16, family: u8, container_port: u16| {
                 let target = agent_common::NodePortTarget {
                     identity: *identity,
@@ -393,10 +382,11 @@ impl Compiled {
                 }
             }
             for (protocol, host_port, container_port, ip) in &pod.host_ports_bound {
-                if !families.contains(&family_of(ip)) {
+                let family = rules::family_of(*ip);
+                if !families.contains(&family) {
                     continue;
                 }
-                let (port, claim) = claim(protocol, *host_port, family_of(ip), *container_port);
+                let (port, claim) = claim(protocol, *host_port, family, *container_port);
                 // 0.0.0.0 and :: are every address of their family.
                 if ip.is_unspecified() {
                     every.entry(port).or_insert(claim);

@@ -304,6 +304,15 @@ pub fn compile_ruleset(
     Ok(entries)
 }
 
+/// The family of an address as keys and events name it (`FAMILY_IPV4`, `FAMILY_IPV6`).
+pub fn family_of(ip: std::net::IpAddr) -> u8 {
+    if ip.is_ipv6() {
+        FAMILY_IPV6
+    } else {
+        FAMILY_IPV4
+    }
+}
+
 /// An IP address as the 16-byte field of keys and events (IPv4 in the first four bytes).
 pub fn addr_bytes(ip: std::net::IpAddr) -> [u8; 16] {
     let mut out = [0u8; 16];

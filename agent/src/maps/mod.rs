@@ -512,10 +512,11 @@ impl MapReaders {
                     .map(|w| w.generation)
             })
             .collect();
-        let live = |k: &CtKey, e: &CtEntry| {
-            e.expires_ns > now_ns
-                && generations.get(k.slot as usize).copied().flatten() == Some(e.generation)
+        // Of the workload that holds the entry's slot now.
+        let own = |k: &CtKey, e: &CtEntry| {
+            generations.get(k.slot as usize).copied().flatten() == Some(e.generation)
         };
+        let live = |k: &CtKey, e: &CtEntry| e.expires_ns > now_ns && own(k, e);
         let mut census = ConntrackCensus::default();
         let mut main = vec![0u64; MAX_WORKLOADS as usize];
         // The programs count on during the walk: what they add meanwhile is added to what
@@ -542,9 +543,7 @@ impl MapReaders {
             let walk_limit = (limit as usize).saturating_mul(2).max(1024);
             for (key, entry) in table.iter().take(walk_limit).filter_map(Result::ok) {
                 if !live(&key, &entry) {
-                    let own = generations.get(key.slot as usize).copied().flatten()
-                        == Some(entry.generation);
-                    dead.push((key, own));
+                    dead.push((key, own(&key, &entry)));
                     continue;
                 }
                 *census.per_slot.entry(key.slot).or_default() += 1;
@@ -846,11 +845,7 @@ impl DatapathMaps {
             return Ok(());
         }
         let key = |ip: &IpAddr| agent_common::ResolverKey {
-            family: if ip.is_ipv4() {
-                agent_common::FAMILY_IPV4
-            } else {
-                agent_common::FAMILY_IPV6
-            },
+            family: crate::compile::rules::family_of(*ip),
             _pad0: 0,
             _pad1: 0,
             addr: addr_bytes(*ip),
