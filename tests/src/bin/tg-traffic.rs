@@ -545,19 +545,31 @@ fn print_json(v: serde_json::Value) {
     println!("{v}");
 }
 
-/// A TCP connection to `addr`, from `bind` (any port) when given.
+/// A TCP connection to `addr`, from `bind` when given (port 0: any; a port of its own is
+/// taken again at once, as a client reusing its ports does).
 fn tcp_connect(
     addr: SocketAddr,
-    bind: Option<IpAddr>,
+    bind: Option<SocketAddr>,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
     let Some(bind) = bind else {
         return TcpStream::connect_timeout(&addr, timeout);
     };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SocketAddr::new(bind, 0).into())?;
+    if bind.port() != 0 {
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&bind.into())?;
     socket.connect_timeout(&addr.into(), timeout)?;
     Ok(socket.into())
+}
+
+/// The unspecified address of `to`'s family.
+fn any_address_for(to: IpAddr) -> IpAddr {
+    match to {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
 }
 
 fn tcp_client(
@@ -570,7 +582,8 @@ fn tcp_client(
     bind: Option<IpAddr>,
 ) {
     let addr = SocketAddr::new(to, port);
-    let mut stream = match tcp_connect(addr, bind, timeout) {
+    let from = bind.map(|ip| SocketAddr::new(ip, 0));
+    let mut stream = match tcp_connect(addr, from, timeout) {
         Ok(s) => s,
         Err(e) => {
             print_json(
@@ -611,10 +624,7 @@ fn tcp_client(
 /// A UDP socket for sending to `to`, bound to `bind` (default: any address) and
 /// `source_port` (0: any).
 fn udp_socket(to: IpAddr, bind: Option<IpAddr>, source_port: u16) -> std::io::Result<UdpSocket> {
-    let any = match to {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    };
+    let any = any_address_for(to);
     let socket = UdpSocket::bind(SocketAddr::new(bind.unwrap_or(any), source_port))?;
     // Let the kernel fragment datagrams larger than the MTU instead of refusing them.
     let (level, opt, val) = match to {
@@ -728,7 +738,8 @@ fn probe_one(target: &str, timeout: Duration, bind: &[IpAddr]) -> bool {
         let mut buf = [0u8; 16];
         matches!(socket.recv(&mut buf), Ok(5))
     } else {
-        let Ok(mut stream) = tcp_connect(addr, bind, timeout) else {
+        let from = bind.map(|ip| SocketAddr::new(ip, 0));
+        let Ok(mut stream) = tcp_connect(addr, from, timeout) else {
             return false;
         };
         stream.set_read_timeout(Some(timeout)).ok();
@@ -756,21 +767,12 @@ fn crr(to: IpAddr, port: u16, duration: Duration, count: Option<u64>, sources: O
     let addr = SocketAddr::new(to, port);
     let started = std::time::Instant::now();
     let (mut done, mut failed) = (0u64, 0u64);
-    let connect = |n: u64| -> std::io::Result<TcpStream> {
-        let Some((first, ports)) = sources else {
-            return TcpStream::connect_timeout(&addr, Duration::from_secs(1));
-        };
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        let source = first.wrapping_add((n % ports as u64) as u16);
-        let any: IpAddr = if to.is_ipv4() {
-            Ipv4Addr::UNSPECIFIED.into()
-        } else {
-            Ipv6Addr::UNSPECIFIED.into()
-        };
-        socket.bind(&SocketAddr::new(any, source).into())?;
-        socket.connect_timeout(&addr.into(), Duration::from_secs(1))?;
-        Ok(socket.into())
+    let connect = |n: u64| {
+        let from = sources.map(|(first, ports)| {
+            let source = first.wrapping_add((n % ports as u64) as u16);
+            SocketAddr::new(any_address_for(to), source)
+        });
+        tcp_connect(addr, from, Duration::from_secs(1))
     };
     while started.elapsed() < duration && count.is_none_or(|c| done + failed < c) {
         let ok = connect(done + failed).and_then(|mut s| {
