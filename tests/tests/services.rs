@@ -602,32 +602,16 @@ fn a_nodeport_or_host_port_on_the_nodes_address_is_decided_as_where_it_leads() {
         (8087, &bank.canary, Some(node)),
     ] {
         // Bound to one address, the rule matches that address alone.
-        let destination = match to {
-            Some(address) => ["-d".to_string(), address.to_string()],
-            None => ["-m".into(), "addrtype".into()],
+        let matching = match to {
+            Some(address) => format!("-d {address}"),
+            None => "-m addrtype --dst-type LOCAL".into(),
         };
-        let local = if to.is_some() {
-            vec![]
-        } else {
-            vec!["--dst-type", "LOCAL"]
-        };
-        let mut args = vec![
-            "netns",
-            "exec",
-            &bank.lab.node,
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            &destination[0],
-            &destination[1],
-        ];
-        args.extend(local);
-        let (port, to_destination) = (host_port.to_string(), format!("{}:8080", pod.addr(false)));
-        args.extend(["-p", "tcp", "--dport", &port, "-j", "DNAT"]);
-        args.extend(["--to-destination", &to_destination]);
+        let rule = format!(
+            "-t nat -A PREROUTING {matching} -p tcp --dport {host_port} -j DNAT --to-destination {}:8080",
+            pod.addr(false)
+        );
+        let mut args = vec!["netns", "exec", &bank.lab.node, "iptables", "-w"];
+        args.extend(rule.split(' '));
         tollgate_tests::run("ip", &args);
     }
     std::fs::write(agent.cluster_state.join("cluster.yaml"), yaml).unwrap();
