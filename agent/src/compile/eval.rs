@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use super::rules::{addr_bytes, family_of};
 use super::{
     explain::{self, Explanation},
-    model::{ClusterState, NamedPort, Protocol},
+    model::{ClusterState, NamedPort, PodInfo, Protocol},
     policy::{Compiled, NodeAddresses, PodKey},
     rules::{AllowRule, CidrSetIds, RuleError, RulesetEntries, compile_ruleset},
     services::Frontend,
@@ -101,15 +101,15 @@ impl Evaluator {
             })
             .collect();
         // Each node's hostPorts as its agent writes them (`Compiled::host_ports`).
-        let mut pods_of_node: BTreeMap<&String, Vec<&PodKey>> = BTreeMap::new();
+        let mut pods_of_node: BTreeMap<&String, Vec<(&PodKey, &PodInfo)>> = BTreeMap::new();
         for (key, pod) in &state.pods {
             if let Some(node) = &pod.node_name {
-                pods_of_node.entry(node).or_default().push(key);
+                pods_of_node.entry(node).or_default().push((key, pod));
             }
         }
         let mut host_ports = BTreeMap::new();
         for (node, pods) in pods_of_node {
-            for (port, claim) in compiled.host_port_claims(state, pods) {
+            for (port, claim) in compiled.host_port_claims(pods) {
                 host_ports.insert((node.clone(), port), claim);
             }
         }

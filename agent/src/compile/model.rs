@@ -636,6 +636,8 @@ pub enum Changed {
     Namespace(String),
     Service((String, String)),
     EndpointSlice((String, String)),
+    Policy((String, String)),
+    ModeOverride(String),
 }
 
 /// The objects that changed since a position in a [`ChangeLog`].
@@ -645,6 +647,8 @@ pub struct ChangeSet {
     pub namespaces: BTreeSet<String>,
     pub services: BTreeSet<(String, String)>,
     pub endpoint_slices: BTreeSet<(String, String)>,
+    pub policies: BTreeSet<(String, String)>,
+    pub mode_overrides: BTreeSet<String>,
 }
 
 impl ChangeSet {
@@ -653,6 +657,8 @@ impl ChangeSet {
             && self.namespaces.is_empty()
             && self.services.is_empty()
             && self.endpoint_slices.is_empty()
+            && self.policies.is_empty()
+            && self.mode_overrides.is_empty()
     }
 }
 
@@ -731,6 +737,8 @@ impl ChangeLog {
                 Changed::Namespace(n) => set.namespaces.insert(n.clone()),
                 Changed::Service(k) => set.services.insert(k.clone()),
                 Changed::EndpointSlice(k) => set.endpoint_slices.insert(k.clone()),
+                Changed::Policy(k) => set.policies.insert(k.clone()),
+                Changed::ModeOverride(n) => set.mode_overrides.insert(n.clone()),
             };
         }
         Some(set)

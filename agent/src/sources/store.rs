@@ -306,12 +306,14 @@ impl Store {
             Kind::Namespace => Changed::Namespace(key.name.clone()),
             Kind::Service => Changed::Service(pair()),
             Kind::EndpointSlice => Changed::EndpointSlice(pair()),
-            Kind::NetworkPolicy | Kind::Node | Kind::ModeOverride | Kind::EgressAllowlist => return,
+            Kind::NetworkPolicy => Changed::Policy(pair()),
+            Kind::ModeOverride => Changed::ModeOverride(key.name.clone()),
+            Kind::Node | Kind::EgressAllowlist => return,
         };
         if matches!(key.kind, Kind::Pod | Kind::Namespace) {
             self.pods_version = self.pods_version.wrapping_add(1);
             self.state.pods_version = Some(self.pods_version);
-        } else {
+        } else if matches!(key.kind, Kind::Service | Kind::EndpointSlice) {
             self.services_version = self.services_version.wrapping_add(1);
             self.state.services_version = Some(self.services_version);
         }
