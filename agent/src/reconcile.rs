@@ -150,6 +150,8 @@ pub struct Reconciler {
     /// Where each pod of the last reconcile attaches: a policy change at 20,000 pods never
     /// looks at each pod again, a pod change at the pods that changed.
     placements: Option<Placements>,
+    /// The Services' NodePorts of the last compile's frontends.
+    service_node_ports: Option<crate::maps::NodePorts>,
     /// Runtime mode overrides (set through the admin socket), above annotations.
     pub overrides: Overrides,
     /// Called before workloads are detached and their slots cleared: the agent reads what
@@ -232,6 +234,7 @@ impl Reconciler {
             identities_degraded: None,
             refused: BTreeMap::new(),
             placements: None,
+            service_node_ports: None,
             overrides: Overrides::default(),
             before_detach: None,
         }
@@ -640,7 +643,13 @@ impl Reconciler {
                 .errors
                 .push(format!("Services with a backend outside the cluster: {e}"));
         }
-        let mut node_ports = compiled.node_ports();
+        // The Services' NodePorts change only with the frontends (1,500 of them at the
+        // reference bank's size): the same map, the same ports.
+        if !compiled.frontends.ptr_eq(&self.compiled.frontends) || self.service_node_ports.is_none()
+        {
+            self.service_node_ports = Some(compiled.node_ports());
+        }
+        let mut node_ports = self.service_node_ports.clone().unwrap_or_default();
         // Every pod placed on this node, attached or refused: one whose attachment was
         // refused holds its hostPorts all the same, and two pods on one port must both be
         // seen for the port to be left out.

@@ -151,10 +151,22 @@ pub fn uid_of_cgroup(path: &Path) -> Option<String> {
 /// and the cgroupfs driver's `kubepods/[QOS/]pod<uid>`. One walk of at most two levels per
 /// reconcile, instead of path lookups for each of the cluster's pods; symbolic links are
 /// never followed, so nothing outside the hierarchy can pose as a pod's directory.
-#[derive(Clone, Debug, Default, Hash)]
+#[derive(Clone, Debug, Default)]
 pub struct PodCgroups {
     root: PathBuf,
     by_uid: BTreeMap<String, PathBuf>,
+}
+
+/// By the paths' bytes: every reconcile hashes the scan (the node's fingerprint), and a
+/// `Path` hashes component by component, a byte at a time. Equal scans give equal bytes.
+impl std::hash::Hash for PodCgroups {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.root.as_os_str().as_encoded_bytes().hash(state);
+        for (uid, path) in &self.by_uid {
+            uid.hash(state);
+            path.as_os_str().as_encoded_bytes().hash(state);
+        }
+    }
 }
 
 impl PodCgroups {
