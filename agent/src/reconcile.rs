@@ -150,8 +150,11 @@ pub struct Reconciler {
     /// Where each pod of the last reconcile attaches: a policy change at 20,000 pods never
     /// looks at each pod again, a pod change at the pods that changed.
     placements: Option<Placements>,
-    /// The Services' NodePorts of the last compile's frontends.
-    service_node_ports: Option<crate::maps::NodePorts>,
+    /// The Services' NodePorts, and the frontends they were read from.
+    service_node_ports: Option<(
+        imbl::OrdMap<u32, crate::compile::services::Frontend>,
+        crate::maps::NodePorts,
+    )>,
     /// Runtime mode overrides (set through the admin socket), above annotations.
     pub overrides: Overrides,
     /// Called before workloads are detached and their slots cleared: the agent reads what
@@ -175,6 +178,24 @@ struct Placements {
 struct LocalPod<'s> {
     point: AttachPoint,
     pod: &'s PodInfo,
+}
+
+/// An attachment point by its bytes, to group the pods that claim it: every point is an
+/// interface name or a cgroup directory as the node's scan spells it (canonical), so equal
+/// points have equal bytes, where a `Path` hashes component by component.
+#[derive(PartialEq, Eq, Hash)]
+enum PointBytes<'a> {
+    Tc(&'a str),
+    Cgroup(&'a [u8]),
+}
+
+impl<'a> PointBytes<'a> {
+    fn of(point: &'a AttachPoint) -> PointBytes<'a> {
+        match point {
+            AttachPoint::Tc { iface } => PointBytes::Tc(iface),
+            AttachPoint::Cgroup { path } => PointBytes::Cgroup(path.as_os_str().as_encoded_bytes()),
+        }
+    }
 }
 
 /// Where a pod attaches, or why it may not.
@@ -392,20 +413,26 @@ impl Reconciler {
                 Placement::Refused { claimed, why } => claims.push((key, claimed, why.clone())),
             }
         }
-        // Hashed, not ordered: ordering paths compares them component by component.
-        let mut owners: HashMap<&AttachPoint, &PodKey> = HashMap::new();
+        // Hashed by bytes, not ordered: ordering paths compares them component by component.
+        let mut owners: HashMap<PointBytes, &PodKey> = HashMap::new();
+        // Both in key order: walked side by side, not looked up.
+        let mut held = self.workloads.iter().peekable();
         for (key, point) in &wanted {
-            if self.workloads.get(*key).is_some_and(|w| w.point == **point) {
-                owners.insert(point, key);
+            while held.next_if(|(k, _)| k < key).is_some() {}
+            if held
+                .next_if(|(k, w)| k == key && w.point == **point)
+                .is_some()
+            {
+                owners.insert(PointBytes::of(point), key);
             }
         }
-        let mut local = BTreeMap::new();
+        let mut local = Vec::with_capacity(wanted.len());
         for (key, point) in wanted {
-            let owner = *owners.entry(point).or_insert(key);
-            if owner == key {
+            let owner = *owners.entry(PointBytes::of(point)).or_insert(key);
+            if std::ptr::eq(owner, key) {
                 if let Some(pod) = state.pods.get(key) {
                     let point = point.clone();
-                    local.insert(key.clone(), LocalPod { point, pod });
+                    local.push((key.clone(), LocalPod { point, pod }));
                 }
             } else {
                 let why = format!("{} is another workload's attachment point", subject(point));
@@ -416,7 +443,7 @@ impl Reconciler {
             .into_iter()
             .map(|(key, claimed, mut why)| {
                 let owner = owners
-                    .get(claimed)
+                    .get(&PointBytes::of(claimed))
                     .map(|o| (*o).clone())
                     .or_else(|| rightful_owner(state, network, claimed));
                 if let Some(owner) = owner.filter(|o| o != key) {
@@ -429,7 +456,8 @@ impl Reconciler {
             })
             .collect();
         self.placements = Some(placements);
-        (local, refused)
+        // In key order already: built in one pass, with no search per pod.
+        (local.into_iter().collect(), refused)
     }
 
     /// The addresses workloads resolve through (`resolvers_of`).
@@ -645,11 +673,14 @@ impl Reconciler {
         }
         // The Services' NodePorts change only with the frontends (1,500 of them at the
         // reference bank's size): the same map, the same ports.
-        if !compiled.frontends.ptr_eq(&self.compiled.frontends) || self.service_node_ports.is_none()
-        {
-            self.service_node_ports = Some(compiled.node_ports());
-        }
-        let mut node_ports = self.service_node_ports.clone().unwrap_or_default();
+        let mut node_ports = match &self.service_node_ports {
+            Some((frontends, ports)) if frontends.ptr_eq(&compiled.frontends) => ports.clone(),
+            _ => {
+                let ports = compiled.node_ports();
+                self.service_node_ports = Some((compiled.frontends.clone(), ports.clone()));
+                ports
+            }
+        };
         // Every pod placed on this node, attached or refused: one whose attachment was
         // refused holds its hostPorts all the same, and two pods on one port must both be
         // seen for the port to be left out.
@@ -657,7 +688,12 @@ impl Reconciler {
             .refused
             .keys()
             .filter_map(|k| state.pods.get_key_value(k));
-        let on_node = local.iter().map(|(k, l)| (k, l.pod)).chain(refused_here);
+        // In key order, as `check` takes them: of two pods on one port the first is kept.
+        let on_node: BTreeMap<&PodKey, &PodInfo> = local
+            .iter()
+            .map(|(k, l)| (k, l.pod))
+            .chain(refused_here)
+            .collect();
         for (port, target) in compiled.host_ports(on_node) {
             node_ports.entry(port).or_insert(target);
         }
